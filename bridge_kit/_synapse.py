@@ -1,0 +1,280 @@
+"""Run a real, throw-away Synapse in a directory: for the demo, the tests and the benchmarks.
+
+Synapse is an optional dependency (the ``demo`` and ``test`` extras). It reads
+appservice registrations only at start-up, so they are passed to the
+constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import importlib.util
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import aiohttp
+import yaml
+
+from bridge_kit.errors import BridgeKitError
+
+_GENEROUS = {"per_second": 10_000, "burst_count": 10_000}
+_START_TIMEOUT = 90.0
+
+
+class SynapseError(BridgeKitError):
+    """Synapse could not be installed, configured or started."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class SynapseServer:
+    """A Synapse homeserver on 127.0.0.1, on SQLite, in ``workdir``.
+
+    Use as ``async with SynapseServer(workdir, registrations=[path]) as hs:``;
+    ``hs.url`` is its client-server base URL.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        registrations: Sequence[Path] = (),
+        server_name: str = "test.local",
+        port: int | None = None,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.registrations = [Path(p).resolve() for p in registrations]
+        self.server_name = server_name
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process: asyncio.subprocess.Process | None = None
+        self._shared_secret = ""
+        self._admin_token: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._stderr: IO[bytes] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def log_path(self) -> Path:
+        """Synapse's own log file (warnings and errors)."""
+        return self.workdir / "homeserver.log"
+
+    async def start(self) -> None:
+        """Generate the configuration, start Synapse and wait until it answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = await self._write_config()
+        self._stderr = open(self.workdir / "stderr.log", "wb")  # noqa: SIM115, ASYNC230
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "synapse.app.homeserver",
+            "-c",
+            str(config_path),
+            cwd=self.workdir,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+        self._session = aiohttp.ClientSession()
+        await self._wait_until_up()
+
+    async def stop(self) -> None:
+        """Stop Synapse (SIGTERM, then SIGKILL after a grace period)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    async def _write_config(self) -> Path:
+        config_path = self.workdir / "homeserver.yaml"
+        generate = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "synapse.app.homeserver",
+            "--server-name",
+            self.server_name,
+            "--config-path",
+            str(config_path),
+            "--data-directory",
+            str(self.workdir),
+            "--generate-config",
+            "--report-stats=no",
+            cwd=self.workdir,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await generate.communicate()
+        if generate.returncode != 0:
+            raise SynapseError(
+                "could not generate a Synapse config (is matrix-synapse installed? "
+                f"pip install 'bridge-kit[demo]'): {err.decode(errors='replace').strip()[-500:]}"
+            )
+        config = yaml.safe_load(config_path.read_text())
+        self._shared_secret = config["registration_shared_secret"]
+        config.update(self._overrides())
+        config_path.write_text(yaml.safe_dump(config))
+        self._write_log_config()
+        return config_path
+
+    def _overrides(self) -> dict[str, Any]:
+        return {
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client"], "compress": False}],
+                }
+            ],
+            "app_service_config_files": [str(p) for p in self.registrations],
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "log_config": str(self.workdir / "log.config"),
+            "enable_metrics": False,
+            "report_stats": False,
+            # Tests and the demo act fast as ordinary users; Synapse's defaults
+            # would throttle them, which is not what they measure.
+            "rc_message": _GENEROUS,
+            "rc_registration": _GENEROUS,
+            "rc_login": {"address": _GENEROUS, "account": _GENEROUS, "failed_attempts": _GENEROUS},
+            "rc_joins": {"local": _GENEROUS, "remote": _GENEROUS},
+            "rc_invites": {"per_room": _GENEROUS, "per_user": _GENEROUS, "per_issuer": _GENEROUS},
+            "rc_admin_redaction": _GENEROUS,
+            "rc_presence": {"per_user": _GENEROUS},
+        }
+
+    def _write_log_config(self) -> None:
+        log_config = {
+            "version": 1,
+            "formatters": {"precise": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
+            "handlers": {
+                "file": {
+                    "class": "logging.FileHandler",
+                    "formatter": "precise",
+                    "filename": str(self.log_path),
+                }
+            },
+            "root": {"level": "WARNING", "handlers": ["file"]},
+            "disable_existing_loggers": False,
+        }
+        (self.workdir / "log.config").write_text(yaml.safe_dump(log_config))
+
+    async def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.returncode is not None:
+                raise SynapseError(f"Synapse exited at start-up:\n{self._log_tail()}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self.http.get(f"{self.url}/_matrix/client/versions") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+        await self.stop()
+        raise SynapseError(f"Synapse did not answer within {_START_TIMEOUT:.0f} s:\n{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        parts = []
+        for path in (self.workdir / "stderr.log", self.log_path):
+            if path.exists():
+                parts.append(path.read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """A plain HTTP session for talking to this Synapse."""
+        if self._session is None:
+            raise SynapseError("Synapse is not running")
+        return self._session
+
+    # -- ordinary users and the admin API ------------------------------------
+
+    async def create_user(self, localpart: str, password: str = "pw", admin: bool = False) -> str:
+        """Create an ordinary user with the shared secret; return its access token."""
+        endpoint = f"{self.url}/_synapse/admin/v1/register"
+        async with self.http.get(endpoint) as resp:
+            nonce = (await resp.json())["nonce"]
+        mac = hmac.new(self._shared_secret.encode(), digestmod=hashlib.sha1)
+        kind = b"admin" if admin else b"notadmin"
+        mac.update(b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), kind]))
+        body = {
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": admin,
+            "mac": mac.hexdigest(),
+        }
+        async with self.http.post(endpoint, json=body) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise SynapseError(f"could not create user {localpart}: {resp.status} {data}")
+            token: str = data["access_token"]
+            return token
+
+    async def admin_token(self) -> str:
+        """The access token of an admin user created on first use."""
+        if self._admin_token is None:
+            self._admin_token = await self.create_user("bk_admin", "admin-pw", admin=True)
+        return self._admin_token
+
+    async def user_exists(self, user_id: str) -> bool:
+        """Whether Synapse has this user (admin API)."""
+        headers = {"Authorization": f"Bearer {await self.admin_token()}"}
+        path = f"{self.url}/_synapse/admin/v2/users/{user_id}"
+        async with self.http.get(path, headers=headers) as resp:
+            return resp.status == 200
+
+    async def count_users(self, prefix: str) -> int:
+        """How many users have an ID containing ``@prefix`` (admin API)."""
+        headers = {"Authorization": f"Bearer {await self.admin_token()}"}
+        params = {"user_id": f"@{prefix}", "limit": "1", "guests": "false"}
+        path = f"{self.url}/_synapse/admin/v2/users"
+        async with self.http.get(path, headers=headers, params=params) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise SynapseError(f"admin user list failed: {resp.status} {data}")
+            total: int = data["total"]
+            return total
+
+
+def synapse_installed() -> bool:
+    """Whether matrix-synapse can be imported by this interpreter."""
+    return importlib.util.find_spec("synapse") is not None
+
+

@@ -1,0 +1,430 @@
+"""The appservice's HTTP client for the homeserver's client-server API.
+
+:class:`HomeserverClient` keeps one aiohttp session with a keep-alive
+connection pool, authenticates with the appservice's ``as_token``, maps error
+replies to :class:`~bridge_kit.errors.MatrixRequestError` subclasses and
+retries what is worth retrying (see :class:`RetryPolicy`)::
+
+    async with HomeserverClient("http://127.0.0.1:8008", as_token) as client:
+        me = await client.whoami()
+        await client.register(RegisterRequest.for_puppet("_bridge_alice"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Final, TypeVar
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import attrs
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn
+
+from bridge_kit.errors import (
+    ConfigError,
+    HomeserverUnreachable,
+    LimitExceeded,
+    MatrixRequestError,
+)
+from bridge_kit.types.converter import converter, describe_error
+from bridge_kit.types.register import RegisterRequest, RegisterResponse
+
+__all__ = ["ClientObserver", "HomeserverClient", "RetryPolicy", "WhoAmI", "quote_segment"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_GATEWAY_STATUSES: Final = frozenset({502, 503, 504})
+# Errcodes with which a homeserver *deliberately* answers 5xx (ping: the appservice is
+# unreachable) carry a verdict, not a transient outage; anything else is retried.
+_TRANSIENT_GATEWAY_ERRCODES: Final = frozenset({None, "M_UNKNOWN"})
+_TRANSIENT_EXCEPTIONS: Final = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    TimeoutError,
+)
+_SNIPPET_LENGTH: Final = 200
+
+
+@attrs.frozen
+class RetryPolicy:
+    """When and how long :class:`HomeserverClient` waits before sending a request again.
+
+    * 429 / ``M_LIMIT_EXCEEDED``: wait as long as the reply asks (``retry_after_ms``,
+      else the ``Retry-After`` header, else exponential backoff), at most
+      ``max_rate_limit_waits`` times per request; then the :class:`LimitExceeded` is raised.
+    * 502/503/504, connection errors and timeouts: exponential backoff with full
+      jitter (a random delay up to ``min(max_delay, base_delay * 2**n)``), at most
+      ``max_attempts`` attempts; then :class:`HomeserverUnreachable` (or the last 5xx
+      :class:`MatrixRequestError`) is raised.
+    * Any other 4xx is never retried.
+    """
+
+    max_attempts: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    base_delay: float = attrs.field(default=0.25, validator=attrs.validators.ge(0))
+    max_delay: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    max_rate_limit_waits: int = attrs.field(default=30, validator=attrs.validators.ge(0))
+
+    def backoff(self, failures: int, rng: random.Random) -> float:
+        """A full-jitter delay after the ``failures``-th consecutive failure (1-based)."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
+        return rng.uniform(0, ceiling)
+
+
+class ClientObserver:
+    """Hooks into every request a :class:`HomeserverClient` sends; the methods do nothing.
+
+    Subclass, override what you need and append an instance to
+    :attr:`HomeserverClient.observers` (for metrics, or to adapt concurrency).
+    The hooks run inline, so they must be quick and must not raise.
+
+    :meth:`on_response` sees every attempt that got an HTTP reply; an attempt
+    lost to a connection error or timeout shows up as :meth:`on_retry` instead
+    (or, for the last one, as the :class:`HomeserverUnreachable` raised).
+    """
+
+    def on_response(
+        self, method: str, endpoint: str, status: int, errcode: str | None, seconds: float
+    ) -> None:
+        """An attempt got an HTTP reply; ``endpoint`` is a low-cardinality path (no query)."""
+
+    def on_rate_limited(self, delay: float) -> None:
+        """A 429 arrived; the client now sleeps ``delay`` seconds before trying again."""
+
+    def on_retry(self, reason: str, delay: float) -> None:
+        """A transient failure; the client retries after ``delay`` seconds.
+
+        ``reason`` is a short label fit for a metric: ``"HTTP 503"``, ``"timeout"``
+        or the connection error's class name (``"ServerDisconnectedError"``).
+        """
+
+
+@attrs.frozen
+class WhoAmI:
+    """The reply of ``GET /account/whoami``."""
+
+    user_id: str
+    device_id: str | None = None
+    is_guest: bool = False
+
+
+@attrs.frozen
+class _PingRequest:
+    transaction_id: str | None = None
+
+
+@attrs.frozen
+class _PingResponse:
+    duration_ms: int
+
+
+converter.register_unstructure_hook(
+    _PingRequest, make_dict_unstructure_fn(_PingRequest, converter, _cattrs_omit_if_default=True)
+)
+
+
+def quote_segment(value: str) -> str:
+    """Percent-encode one path segment (a user ID, room alias, appservice id...)."""
+    return quote(value, safe="")
+
+
+@attrs.frozen
+class _Reply:
+    status: int
+    body: Any  # decoded JSON, or None when the body was not JSON
+    text: str
+    headers: Mapping[str, str]
+
+
+class HomeserverClient:
+    """An appservice's connection to its homeserver.
+
+    Use it as an async context manager, or call :meth:`close` when done. One
+    instance is meant to be shared by the whole bridge: it holds the pool of
+    keep-alive connections (at most ``max_connections``). ``timeout`` bounds
+    each attempt, in seconds.
+
+    ``request_count`` counts the attempts made, retries included; append
+    :class:`ClientObserver` instances to ``observers`` to watch each of them.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        as_token: str,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        max_connections: int = 100,
+        timeout: float = 60.0,
+    ) -> None:
+        self.base_url = _checked_base_url(base_url)
+        self.retry = retry
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self.observers: list[ClientObserver] = []
+        self.request_count = 0
+        self._headers = {"Authorization": f"Bearer {as_token}"}
+        self._session: aiohttp.ClientSession | None = None
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"<HomeserverClient {self.base_url}>"
+
+    async def __aenter__(self) -> HomeserverClient:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection pool. The client opens a new one if used again."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+    ) -> dict[str, Any]:
+        """Send a request, retrying per :attr:`retry`, and return the decoded JSON object.
+
+        ``path`` starts with ``/_matrix/`` and its variable segments must be quoted
+        with :func:`quote_segment`. ``body`` is an attrs model (unstructured with
+        the project's converter) or plain JSON data. ``user_id`` asserts the
+        identity of a puppet. ``endpoint`` names the route for observers, e.g.
+        ``/_matrix/client/v3/rooms/{roomId}/join``; it defaults to ``path``.
+
+        Raises a :class:`MatrixRequestError` subclass for an error reply, and
+        :class:`HomeserverUnreachable` when the homeserver could not be reached.
+        """
+        params = dict(query or {})
+        if user_id is not None:
+            params["user_id"] = user_id
+        data = None if body is None else json.dumps(_to_json(body)).encode()
+        reply = await self._send_with_retries(method, path, params, data, endpoint or path)
+        if not isinstance(reply.body, dict):
+            raise MatrixRequestError(
+                reply.status, None, f"expected a JSON object, got: {_snippet(reply.text)}"
+            )
+        return reply.body
+
+    async def register(self, request: RegisterRequest) -> RegisterResponse:
+        """``POST /_matrix/client/v3/register``; see :meth:`RegisterRequest.for_puppet`."""
+        reply = await self.request(
+            "POST", "/_matrix/client/v3/register", body=request.body(), query=request.query()
+        )
+        return _structure_reply(reply, RegisterResponse, "register")
+
+    async def whoami(self, user_id: str | None = None) -> WhoAmI:
+        """Who the as_token (or the asserted ``user_id``) is; proves the registration is loaded."""
+        reply = await self.request("GET", "/_matrix/client/v3/account/whoami", user_id=user_id)
+        return _structure_reply(reply, WhoAmI, "whoami")
+
+    async def ping_appservice(self, appservice_id: str, transaction_id: str | None = None) -> int:
+        """Ask the homeserver to ping this appservice; return the round trip in milliseconds.
+
+        Raises e.g. ``MatrixRequestError`` 502 ``M_CONNECTION_FAILED`` when the
+        homeserver cannot reach the appservice's ``url``.
+        """
+        reply = await self.request(
+            "POST",
+            f"/_matrix/client/v1/appservice/{quote_segment(appservice_id)}/ping",
+            body=_PingRequest(transaction_id),
+            endpoint="/_matrix/client/v1/appservice/{appserviceId}/ping",
+        )
+        return _structure_reply(reply, _PingResponse, "ping").duration_ms
+
+    async def _send_with_retries(
+        self, method: str, path: str, params: dict[str, str], data: bytes | None, endpoint: str
+    ) -> _Reply:
+        failures = 0
+        rate_limit_waits = 0
+        while True:
+            try:
+                reply = await self._send_once(method, path, params, data, endpoint)
+            except _TRANSIENT_EXCEPTIONS as exc:
+                # The request may have reached the homeserver before the connection
+                # broke, and is sent again anyway. That is safe for the one
+                # non-idempotent call bridge_kit makes, /register: a registration
+                # that did commit answers the retry with M_USER_IN_USE, which the
+                # puppet layer counts as success.
+                failures += 1
+                if failures >= self.retry.max_attempts:
+                    raise HomeserverUnreachable(
+                        f"{method} {self.base_url}{endpoint}: "
+                        f"{_describe_exception(exc, self.timeout)} "
+                        f"(gave up after {failures} attempts)"
+                    ) from exc
+                await self._pause_before_retry(_reason_label(exc), failures)
+                continue
+            if 200 <= reply.status < 300:
+                return reply
+            error = _error_from(reply)
+            if isinstance(error, LimitExceeded):
+                rate_limit_waits += 1
+                if rate_limit_waits > self.retry.max_rate_limit_waits:
+                    raise error
+                await self._pause_for_rate_limit(error, rate_limit_waits)
+                continue
+            if _is_transient(error):
+                failures += 1
+                if failures >= self.retry.max_attempts:
+                    raise error
+                await self._pause_before_retry(f"HTTP {reply.status}", failures)
+                continue
+            raise error
+
+    async def _send_once(
+        self, method: str, path: str, params: dict[str, str], data: bytes | None, endpoint: str
+    ) -> _Reply:
+        session = self._ensure_session()
+        headers = self._headers if data is None else {**self._headers, **_JSON_CONTENT}
+        self.request_count += 1
+        started = time.monotonic()
+        async with session.request(
+            method, self.base_url + path, params=params, data=data, headers=headers
+        ) as response:
+            text = await response.text(errors="replace")
+        seconds = time.monotonic() - started
+        reply = _Reply(response.status, _decode_json(text), text, response.headers)
+        errcode = _errcode_of(reply.body) if reply.status >= 400 else None
+        log.debug("%s %s -> %s (%.3f s)", method, endpoint, reply.status, seconds)
+        for observer in self.observers:
+            observer.on_response(method, endpoint, reply.status, errcode, seconds)
+        return reply
+
+    async def _pause_before_retry(self, reason: str, failures: int) -> None:
+        delay = self.retry.backoff(failures, self._rng)
+        for observer in self.observers:
+            observer.on_retry(reason, delay)
+        await asyncio.sleep(delay)
+
+    async def _pause_for_rate_limit(self, error: LimitExceeded, waits: int) -> None:
+        delay = error.retry_after
+        if delay is None:
+            delay = self.retry.backoff(waits, self._rng)
+        for observer in self.observers:
+            observer.on_rate_limited(delay)
+        await asyncio.sleep(delay)
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # The token goes in the header only, never in URLs that end up in logs.
+                headers={"Accept": "application/json"},
+            )
+            # aiohttp silently resends an idempotent request once when the connection
+            # breaks; that would bypass the retry policy, the observers and
+            # request_count, so the policy alone decides (no public switch exists).
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
+        return self._session
+
+
+_JSON_CONTENT: Final = {"Content-Type": "application/json"}
+
+
+def _checked_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"homeserver URL must look like http(s)://host[:port], got {base_url!r}")
+    return base_url.rstrip("/")
+
+
+def _to_json(body: Any) -> Any:
+    if attrs.has(type(body)):
+        return converter.unstructure(body)
+    return body
+
+
+def _decode_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _errcode_of(body: Any) -> str | None:
+    errcode = body.get("errcode") if isinstance(body, dict) else None
+    return errcode if isinstance(errcode, str) else None
+
+
+def _error_from(reply: _Reply) -> MatrixRequestError:
+    if isinstance(reply.body, dict):
+        error = MatrixRequestError.from_response(reply.status, reply.body)
+    else:
+        cls = LimitExceeded if reply.status == 429 else MatrixRequestError
+        error = cls(reply.status, None, f"non-JSON reply: {_snippet(reply.text)}")
+    if isinstance(error, LimitExceeded) and error.retry_after is None:
+        error.retry_after = _retry_after_header(reply.headers.get("Retry-After"))
+    return error
+
+
+def _is_transient(error: MatrixRequestError) -> bool:
+    return error.status in _GATEWAY_STATUSES and error.errcode in _TRANSIENT_GATEWAY_ERRCODES
+
+
+def _retry_after_header(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delay-seconds or an HTTP date."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _snippet(text: str) -> str:
+    flat = " ".join(text.split())
+    if not flat:
+        return "(empty body)"
+    if len(flat) > _SNIPPET_LENGTH:
+        return flat[:_SNIPPET_LENGTH] + "…"
+    return flat
+
+
+def _reason_label(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
+def _describe_exception(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no reply within {timeout:g} s"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _structure_reply(reply: dict[str, Any], cls: type[T], what: str) -> T:
+    try:
+        return converter.structure(reply, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        raise MatrixRequestError(
+            200, None, f"unexpected {what} reply: {describe_error(exc)}", reply
+        ) from exc

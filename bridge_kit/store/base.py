@@ -1,0 +1,116 @@
+"""The store interface: which puppets are registered, which transactions are done."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+from bridge_kit.errors import StoreError
+
+
+class Store(abc.ABC):
+    """Persistent state of one appservice.
+
+    Puppets are keyed by full user ID (``@alice:example.org``). Every method
+    takes and returns batches, because a bridge registers puppets by the
+    hundred thousand and one round trip per puppet would dominate.
+    Implementations must not load the whole puppet table into memory.
+    """
+
+    #: The schema version this code writes; :meth:`open` migrates older ones up to it.
+    SCHEMA_VERSION: int = 1
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create the schema or migrate it to :attr:`SCHEMA_VERSION`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and release connections. Safe to call twice."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- puppets -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
+        """The subset of ``user_ids`` known to be registered (one query per batch)."""
+
+    async def is_registered(self, user_id: str) -> bool:
+        """Whether one puppet is known to be registered."""
+        return bool(await self.registered_among([user_id]))
+
+    @abc.abstractmethod
+    async def mark_registered(self, user_ids: Iterable[str]) -> None:
+        """Record puppets as registered, durably, in one batch (idempotent)."""
+
+    @abc.abstractmethod
+    async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
+        """Forget some puppets, or all with ``None`` (e.g. after a homeserver reset)."""
+
+    @abc.abstractmethod
+    async def count_registered(self) -> int:
+        """How many puppets the store knows as registered."""
+
+    # -- transactions --------------------------------------------------------
+
+    @abc.abstractmethod
+    async def is_transaction_done(self, txn_id: str) -> bool:
+        """Whether this transaction id was processed successfully before."""
+
+    @abc.abstractmethod
+    async def mark_transaction_done(self, txn_id: str) -> None:
+        """Record a transaction as processed, durably, before it is acknowledged."""
+
+    @abc.abstractmethod
+    async def prune_transactions(self, keep: int) -> int:
+        """Delete all but the ``keep`` most recent transaction records; return how many went."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The schema version the open database is at."""
+
+
+def pending_migrations(found: int, latest: int, where: str) -> range:
+    """The migration steps (indices) that take a database from ``found`` to ``latest``.
+
+    Step ``i`` migrates version ``i`` to ``i + 1``; version 0 is an empty database.
+    A database written by a newer bridge_kit is refused rather than guessed at.
+    """
+    if found > latest:
+        raise StoreError(
+            f"{where}: database schema version {found} is newer than this bridge_kit "
+            f"supports ({latest}); upgrade bridge_kit"
+        )
+    return range(found, latest)
+
+
+def unique_chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of at most ``size``, each free of duplicates, streamed.
+
+    Duplicates are only dropped within a chunk, so memory stays bounded by ``size``.
+    """
+    chunk: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            continue
+        seen.add(item)
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+            seen = set()
+    if chunk:
+        yield chunk

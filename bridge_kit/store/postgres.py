@@ -1,0 +1,204 @@
+"""A store in PostgreSQL, through an asyncpg connection pool, for bridges that outgrow a file."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]
+
+from bridge_kit.errors import StoreError
+from bridge_kit.store.base import Store, pending_migrations, unique_chunks
+
+#: Lookups send one array parameter; chunking only bounds the size of one round trip.
+_LOOKUP_CHUNK = 10_000
+
+#: Serialises migrations of one database between processes starting at once.
+_MIGRATION_LOCK_KEY = 0x6272_6B73  # "brks"
+
+_V1 = (
+    "CREATE TABLE bridge_kit_puppets (user_id TEXT PRIMARY KEY)",
+    "CREATE TABLE bridge_kit_transactions ("
+    " txn_id TEXT PRIMARY KEY,"
+    " seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,"
+    " done_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+)
+
+_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class PostgresStore(Store):
+    """A :class:`Store` in a PostgreSQL database (``postgresql://user@host:port/db``).
+
+    The tables are prefixed ``bridge_kit_`` so the database can be shared with
+    the bridge's own tables.
+    """
+
+    #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1,)
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self._pool_args = {
+            "min_size": min_connections,
+            "max_size": max_connections,
+            "timeout": connect_timeout,
+        }
+        self._pool: Any = None
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact_dsn(self.dsn)!r})"
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(self.dsn, **self._pool_args)
+            await self._migrate()
+        except (*_ERRORS, ValueError) as error:
+            await self.close()
+            problem = _one_line(error)
+            if isinstance(error, ValueError):  # asyncpg's verdict on a malformed URL
+                problem = f"invalid URL: {problem}"
+            where = f"cannot open PostgreSQL store {redact_dsn(self.dsn)}"
+            raise StoreError(f"{where}: {problem}") from error
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS bridge_kit_schema (version INTEGER NOT NULL)"
+            )
+            found = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM bridge_kit_schema")
+            where = f"PostgreSQL store {redact_dsn(self.dsn)}"
+            steps = pending_migrations(found, self.SCHEMA_VERSION, where)
+            for step in steps:
+                for statement in self.MIGRATIONS[step]:
+                    await conn.execute(statement)
+            if steps:
+                await conn.execute("DELETE FROM bridge_kit_schema")
+                await conn.execute(
+                    "INSERT INTO bridge_kit_schema (version) VALUES ($1)", self.SCHEMA_VERSION
+                )
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _connected(self) -> Any:
+        if self._pool is None:
+            raise StoreError(f"PostgreSQL store {redact_dsn(self.dsn)} is not open")
+        return self._pool
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _ERRORS as error:
+            where = f"PostgreSQL store {redact_dsn(self.dsn)}"
+            raise StoreError(f"{where}: {_one_line(error)}") from error
+
+    async def _execute(self, sql: str, *args: object) -> str:
+        pool = self._connected()
+        with self._errors():
+            status: str = await pool.execute(sql, *args)
+        return status
+
+    async def _fetchval(self, sql: str, *args: object) -> Any:
+        pool = self._connected()
+        with self._errors():
+            return await pool.fetchval(sql, *args)
+
+    # -- puppets -------------------------------------------------------------
+
+    async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
+        pool = self._connected()
+        found: set[str] = set()
+        with self._errors():
+            for chunk in unique_chunks(user_ids, _LOOKUP_CHUNK):
+                rows = await pool.fetch(
+                    "SELECT user_id FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])", chunk
+                )
+                found.update(row[0] for row in rows)
+        return found
+
+    async def mark_registered(self, user_ids: Iterable[str]) -> None:
+        batch = list(set(user_ids))
+        if batch:
+            await self._execute(
+                "INSERT INTO bridge_kit_puppets (user_id)"
+                " SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                batch,
+            )
+
+    async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
+        if user_ids is None:
+            await self._execute("DELETE FROM bridge_kit_puppets")
+        else:
+            await self._execute(
+                "DELETE FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])", list(user_ids)
+            )
+
+    async def count_registered(self) -> int:
+        return int(await self._fetchval("SELECT COUNT(*) FROM bridge_kit_puppets"))
+
+    # -- transactions --------------------------------------------------------
+
+    async def is_transaction_done(self, txn_id: str) -> bool:
+        sql = "SELECT EXISTS (SELECT 1 FROM bridge_kit_transactions WHERE txn_id = $1)"
+        return bool(await self._fetchval(sql, txn_id))
+
+    async def mark_transaction_done(self, txn_id: str) -> None:
+        # A single statement commits on its own, and synchronous_commit is on by default.
+        await self._execute(
+            "INSERT INTO bridge_kit_transactions (txn_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            txn_id,
+        )
+
+    async def prune_transactions(self, keep: int) -> int:
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, not {keep}")
+        status = await self._execute(
+            "DELETE FROM bridge_kit_transactions WHERE seq <= ("
+            " SELECT seq FROM bridge_kit_transactions ORDER BY seq DESC LIMIT 1 OFFSET $1)",
+            keep,
+        )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def schema_version(self) -> int:
+        return int(await self._fetchval("SELECT MAX(version) FROM bridge_kit_schema"))
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***``, for messages and logs."""
+    try:
+        parts = urlsplit(dsn)
+        if parts.password is None:
+            return dsn
+        host = parts.netloc.rpartition("@")[2]
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        return urlunsplit(parts._replace(netloc=user + host))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,139 @@
+"""Shared fixtures: a real Synapse, the real PostgreSQL, unique names.
+
+Under ``CI=true`` a missing Synapse or PostgreSQL fails the run; locally it
+skips with the reason, so a contributor without them still runs the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
+
+IN_CI = os.environ.get("CI") == "true"
+SERVER_NAME = "test.local"
+
+
+def missing_service(reason: str) -> None:
+    """Fail under CI (the service is part of the contract there), skip locally."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: required)")
+    pytest.skip(reason)
+
+
+class TestHomeserver(SynapseServer):
+    """A Synapse with two appservices loaded: ours and a rival that owns ``shared_``."""
+
+    __test__ = False
+
+    def __init__(self, workdir: Path) -> None:
+        self.as_token = secrets.token_urlsafe(48)
+        self.hs_token = secrets.token_urlsafe(48)
+        self.other_as_token = secrets.token_urlsafe(48)
+        self.appservice_port = free_port()
+        self.appservice_id = "bridge_kit_test"
+        self.sender_localpart = "_bk_bot"
+        self.registration_path = workdir / "registration.yaml"
+        other_path = workdir / "other-registration.yaml"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.registration_path.write_text(yaml.safe_dump(self.registration_data()))
+        other_path.write_text(yaml.safe_dump(self._other_registration()))
+        super().__init__(
+            workdir / "synapse",
+            registrations=[self.registration_path, other_path],
+            server_name=SERVER_NAME,
+        )
+
+    @property
+    def appservice_url(self) -> str:
+        return f"http://127.0.0.1:{self.appservice_port}"
+
+    def registration_data(self) -> dict[str, Any]:
+        return {
+            "id": self.appservice_id,
+            "url": self.appservice_url,
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "sender_localpart": self.sender_localpart,
+            "rate_limited": False,
+            "namespaces": {
+                "users": [
+                    {"regex": r"^@_bk_.*:test\.local$", "exclusive": True},
+                    {"regex": r"^@shared_.*:test\.local$", "exclusive": False},
+                ],
+                "aliases": [{"regex": r"^#_bk_.*:test\.local$", "exclusive": True}],
+                "rooms": [],
+            },
+        }
+
+    def _other_registration(self) -> dict[str, Any]:
+        return {
+            "id": "rival_bridge",
+            "url": None,
+            "as_token": self.other_as_token,
+            "hs_token": secrets.token_urlsafe(48),
+            "sender_localpart": "_rival_bot",
+            "rate_limited": False,
+            "namespaces": {"users": [{"regex": r"^@shared_.*:test\.local$", "exclusive": True}]},
+        }
+
+
+@contextlib.asynccontextmanager
+async def _running_homeserver(workdir: Path) -> AsyncIterator[TestHomeserver]:
+    if not synapse_installed():
+        missing_service("matrix-synapse is not installed (pip install -e '.[test]')")
+    async with TestHomeserver(workdir) as homeserver:
+        yield homeserver
+
+
+@pytest.fixture(scope="session")
+async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
+    """One real Synapse shared by the whole session (use unique localparts)."""
+    async with _running_homeserver(tmp_path_factory.mktemp("synapse")) as homeserver:
+        yield homeserver
+
+
+@pytest.fixture
+def synapse_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[], contextlib.AbstractAsyncContextManager[TestHomeserver]]:
+    """Start a private Synapse: ``async with synapse_factory() as hs:``."""
+
+    def factory() -> contextlib.AbstractAsyncContextManager[TestHomeserver]:
+        return _running_homeserver(tmp_path_factory.mktemp("private-synapse"))
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn() -> AsyncIterator[str]:
+    """A fresh database on the local PostgreSQL, dropped after the session."""
+    import asyncpg
+
+    admin_dsn = os.environ.get("BRIDGE_KIT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        admin = await asyncpg.connect(admin_dsn, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        missing_service(f"PostgreSQL not reachable at {admin_dsn}: {exc}")
+    name = f"bk_test_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique string for localparts on the shared Synapse."""
+    return uuid.uuid4().hex[:8]

@@ -1,0 +1,186 @@
+"""The wire models serialise field for field as ruma's register types (the project seed) say."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import cattrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge_kit.types import (
+    AuthData,
+    Event,
+    LoginType,
+    MatrixErrorBody,
+    RegisterRequest,
+    RegisterResponse,
+    RegistrationKind,
+    Transaction,
+    UiaaResponse,
+    structure,
+    unstructure,
+)
+
+
+def test_for_puppet_is_exactly_the_appservice_body() -> None:
+    request = RegisterRequest.for_puppet("alice")
+    assert request.body() == {
+        "type": "m.login.application_service",
+        "username": "alice",
+        "inhibit_login": True,
+    }
+    assert request.query() == {}
+
+
+def test_default_request_serialises_to_an_empty_object() -> None:
+    # Every request field is skip_serializing_if None / is_default in ruma.
+    assert RegisterRequest().body() == {}
+
+
+def test_false_flags_are_omitted_and_true_flags_sent() -> None:
+    assert "inhibit_login" not in RegisterRequest(inhibit_login=False).body()
+    assert "refresh_token" not in RegisterRequest(refresh_token=False).body()
+    assert RegisterRequest(refresh_token=True).body() == {"refresh_token": True}
+
+
+def test_kind_travels_in_the_query_string_not_the_body() -> None:
+    guest = RegisterRequest(kind=RegistrationKind.GUEST)
+    assert guest.body() == {}
+    assert guest.query() == {"kind": "guest"}
+    assert RegisterRequest(kind=RegistrationKind.USER).query() == {}
+
+
+def test_every_request_field_has_its_wire_name() -> None:
+    request = RegisterRequest(
+        password="pw",
+        username="bob",
+        device_id="DEV",
+        initial_device_display_name="phone",
+        auth=AuthData(type="m.login.dummy", session="s1", extra={"stage_key": 1}),
+        inhibit_login=True,
+        login_type=LoginType.APPLICATION_SERVICE,
+        refresh_token=True,
+    )
+    assert request.body() == {
+        "password": "pw",
+        "username": "bob",
+        "device_id": "DEV",
+        "initial_device_display_name": "phone",
+        "auth": {"type": "m.login.dummy", "session": "s1", "stage_key": 1},
+        "inhibit_login": True,
+        "type": "m.login.application_service",
+        "refresh_token": True,
+    }
+
+
+def test_request_parses_back_from_json() -> None:
+    body = RegisterRequest.for_puppet("carol").body()
+    assert structure(body, RegisterRequest) == RegisterRequest.for_puppet("carol")
+
+
+def test_unknown_login_type_is_refused() -> None:
+    with pytest.raises(cattrs.BaseValidationError):
+        structure({"type": "m.login.password"}, RegisterRequest)
+
+
+def test_response_tolerates_home_server_and_reads_expires_in_ms() -> None:
+    response = structure(
+        {"user_id": "@a:hs", "home_server": "hs", "expires_in_ms": 1500, "access_token": "t"},
+        RegisterResponse,
+    )
+    assert response.user_id == "@a:hs"
+    assert response.expires_in == timedelta(milliseconds=1500)
+    assert response.access_token == "t"
+    assert response.device_id is None
+
+
+def test_response_always_serialises_device_id_and_omits_the_rest() -> None:
+    # ruma gives device_id no skip rule: it is present, as null, even when absent.
+    assert unstructure(RegisterResponse(user_id="@a:hs")) == {"user_id": "@a:hs", "device_id": None}
+    full = RegisterResponse(
+        user_id="@a:hs",
+        access_token="t",
+        device_id="D",
+        refresh_token="r",
+        expires_in=timedelta(seconds=2),
+    )
+    assert unstructure(full) == {
+        "user_id": "@a:hs",
+        "access_token": "t",
+        "device_id": "D",
+        "refresh_token": "r",
+        "expires_in_ms": 2000,
+    }
+
+
+def test_response_without_user_id_is_refused() -> None:
+    with pytest.raises(cattrs.BaseValidationError):
+        structure({"home_server": "hs"}, RegisterResponse)
+
+
+def test_error_body_keeps_extra_keys() -> None:
+    data = {"errcode": "M_LIMIT_EXCEEDED", "error": "slow", "retry_after_ms": 200, "x": [1]}
+    body = structure(data, MatrixErrorBody)
+    assert body.retry_after_ms == 200
+    assert body.extra == {"x": [1]}
+    assert unstructure(body) == data
+
+
+def test_uiaa_body_round_trips() -> None:
+    data = {
+        "flows": [{"stages": ["m.login.dummy"]}],
+        "params": {"m.login.terms": {}},
+        "session": "abc",
+        "completed": ["m.login.dummy"],
+    }
+    body = structure(data, UiaaResponse)
+    assert body.flows[0].stages == ["m.login.dummy"]
+    assert unstructure(body) == data
+
+
+def test_transaction_merges_stable_and_unstable_names() -> None:
+    txn = Transaction.from_json(
+        {
+            "events": [{"type": "m.room.message", "room_id": "!r:hs", "content": {"body": "hi"}}],
+            "ephemeral": [{"type": "m.typing", "room_id": "!r:hs", "content": {}}],
+            "de.sorunome.msc2409.ephemeral": [{"type": "m.receipt", "content": {}}],
+            "de.sorunome.msc2409.to_device": [],
+            "org.matrix.msc3202.device_lists": {"changed": ["@a:hs"], "left": []},
+            "org.matrix.msc3202.device_one_time_key_counts": {"@a:hs": {"D": {"curve": 1}}},
+            "org.matrix.msc3202.device_unused_fallback_key_types": {"@a:hs": {"D": []}},
+        }
+    )
+    assert [e.type for e in txn.ephemeral] == ["m.typing", "m.receipt"]
+    assert txn.device_lists is not None and txn.device_lists.changed == ["@a:hs"]
+    assert txn.device_one_time_keys_count == {"@a:hs": {"D": {"curve": 1}}}
+    assert txn.device_unused_fallback_key_types == {"@a:hs": {"D": []}}
+    assert txn.events[0].content == {"body": "hi"}
+
+
+def test_transaction_without_events_is_refused() -> None:
+    with pytest.raises(cattrs.BaseValidationError):
+        Transaction.from_json({"ephemeral": []})
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=10)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    extra=st.dictionaries(st.text(min_size=1, max_size=8), json_values, max_size=4),
+    content=st.dictionaries(st.text(max_size=5), json_values, min_size=1, max_size=3),
+)
+def test_event_round_trip_keeps_unknown_keys(extra: dict[str, Any], content: dict[str, Any]) -> None:
+    known = {"type", "content", "room_id", "sender", "event_id", "state_key", "origin_server_ts"}
+    extra = {k: v for k, v in extra.items() if k not in known}
+    data = {"type": "m.room.message", "content": content, "room_id": "!r:hs", **extra}
+    event = structure(data, Event)
+    assert event.extra == extra
+    assert unstructure(event) == data
