@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -54,6 +54,9 @@ _TRANSIENT_EXCEPTIONS: Final = (
 )
 _SNIPPET_LENGTH: Final = 200
 
+
+#: A query parameter value; a sequence repeats the parameter (``via=a&via=b``).
+QueryValue = str | Sequence[str]
 
 @attrs.frozen
 class RetryPolicy:
@@ -203,7 +206,7 @@ class HomeserverClient:
         path: str,
         *,
         body: Any = None,
-        query: Mapping[str, str] | None = None,
+        query: Mapping[str, QueryValue] | None = None,
         user_id: str | None = None,
         endpoint: str | None = None,
     ) -> dict[str, Any]:
@@ -218,7 +221,7 @@ class HomeserverClient:
         Raises a :class:`MatrixRequestError` subclass for an error reply, and
         :class:`HomeserverUnreachable` when the homeserver could not be reached.
         """
-        params = dict(query or {})
+        params: dict[str, QueryValue] = dict(query or {})
         if user_id is not None:
             params["user_id"] = user_id
         data = None if body is None else json.dumps(_to_json(body)).encode()
@@ -256,7 +259,7 @@ class HomeserverClient:
         return _structure_reply(reply, _PingResponse, "ping").duration_ms
 
     async def _send_with_retries(
-        self, method: str, path: str, params: dict[str, str], data: bytes | None, endpoint: str
+        self, method: str, path: str, params: dict[str, QueryValue], data: bytes | None, endpoint: str
     ) -> _Reply:
         failures = 0
         rate_limit_waits = 0
@@ -296,7 +299,7 @@ class HomeserverClient:
             raise error
 
     async def _send_once(
-        self, method: str, path: str, params: dict[str, str], data: bytes | None, endpoint: str
+        self, method: str, path: str, params: dict[str, QueryValue], data: bytes | None, endpoint: str
     ) -> _Reply:
         session = self._ensure_session()
         headers = self._headers if data is None else {**self._headers, **_JSON_CONTENT}

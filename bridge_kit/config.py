@@ -1,0 +1,529 @@
+"""The daemon's configuration: a YAML file, checked key by key, overridable from the environment.
+
+::
+
+    config = Config.load("config.yaml")
+    config.homeserver.url, config.appservice.port, config.registration_path
+
+Every mistake in the file (unknown or misspelt keys, wrong types, values out of
+range, malformed YAML) is reported at once, in one :class:`ConfigError` that
+names each key and its line. ``BRIDGE_KIT__SECTION__KEY=value`` environment
+variables override single keys; their values are read as YAML scalars, so
+``BRIDGE_KIT__APPSERVICE__PORT=8080`` is the integer 8080.
+
+Relative paths (``appservice.registration``, ``puppets.preregister`` and a
+``sqlite:///`` store) are resolved against the config file's directory when
+loading, so ``config.appservice.store`` is ready for
+:func:`~bridge_kit.store.open_store`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import types
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Final, get_args, get_type_hints
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+from bridge_kit.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "AppServiceConfig",
+    "Config",
+    "HomeserverConfig",
+    "LoggingConfig",
+    "PuppetsConfig",
+]
+
+ENV_PREFIX: Final = "BRIDGE_KIT__"
+"""Environment variables ``BRIDGE_KIT__SECTION__KEY`` override ``section.key``."""
+
+Check = Callable[[Any], str | None]
+"""Returns what is wrong with an (already well-typed) value, or ``None``."""
+
+
+# -- value checks -------------------------------------------------------------
+
+
+def _check_url(value: str) -> str | None:
+    if "://" not in value:
+        return f"{value!r} has no scheme; write it as http://host:port or https://host"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        return f"must use http:// or https://, not {parts.scheme}://"
+    if not parts.hostname:
+        return f"{value!r} has no host"
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return f"{value!r} has an invalid port"
+    return None
+
+
+def _check_domain(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value or any(c in value for c in "/@ \t") or value.count(":") > 1:
+        return f"must be a server name like example.org (as in @user:example.org), got {value!r}"
+    return None
+
+
+def _check_non_empty(value: str | None) -> str | None:
+    return "must not be empty" if value == "" else None
+
+
+def _check_port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"must be between 1 and 65535, got {value}"
+
+
+def _check_positive(value: int) -> str | None:
+    return None if value >= 1 else f"must be at least 1, got {value}"
+
+
+_STORE_SCHEMES: Final = ("memory", "sqlite", "postgresql", "postgres")
+_STORE_FORMS: Final = "memory://, sqlite:///path.db or postgresql://user@host/dbname"
+
+
+def _check_store(value: str) -> str | None:
+    # Only the scheme is ever echoed: a PostgreSQL URL may hold a password.
+    scheme, sep, rest = value.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        return f"has no scheme; expected {_STORE_FORMS}"
+    if scheme not in _STORE_SCHEMES:
+        hint = _did_you_mean(scheme, _STORE_SCHEMES)
+        return f"has unknown scheme {scheme!r}{hint}; expected {_STORE_FORMS}"
+    if scheme == "memory" and rest:
+        return "memory:// takes no path"
+    if scheme == "sqlite" and not rest.startswith("/"):
+        return (
+            "needs three slashes before the path: sqlite:///relative.db or sqlite:////absolute.db"
+        )
+    if scheme == "sqlite" and rest == "/":
+        return "has an empty SQLite path"
+    return None
+
+
+_LEVELS: Final = tuple(logging.getLevelNamesMapping())
+
+
+def _check_level(value: str) -> str | None:
+    if value.upper() in _LEVELS:
+        return None
+    hint = _did_you_mean(value.upper(), _LEVELS)
+    return f"must be a logging level ({', '.join(_LEVELS)}), got {value!r}{hint}"
+
+
+_FORMATS: Final = ("text", "json")
+
+
+def _check_format(value: str) -> str | None:
+    if value in _FORMATS:
+        return None
+    return f"must be text or json, got {value!r}{_did_you_mean(value, _FORMATS)}"
+
+
+def _upper_if_str(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _checked(default: Any = attrs.NOTHING, check: Check | None = None, **kwargs: Any) -> Any:
+    return attrs.field(default=default, metadata={"check": check}, **kwargs)
+
+
+# -- the sections ---------------------------------------------------------------
+
+
+class _Section:
+    """Validates its fields on construction, naming them as ``<section>.<key>``."""
+
+    section: ClassVar[str]
+
+    def __attrs_post_init__(self) -> None:
+        values = attrs.asdict(self, recurse=False)  # type: ignore[arg-type]
+        problems = [
+            f"{self.section}.{key} {problem}"
+            for key, problem in _value_problems(type(self), values).items()
+        ]
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@attrs.frozen
+class HomeserverConfig(_Section):
+    """``homeserver``: where the homeserver is and (optionally) its server name."""
+
+    section: ClassVar[str] = "homeserver"
+
+    url: str = _checked(check=_check_url)
+    domain: str | None = _checked(None, _check_domain)
+    """The server name; ``None``: ask the homeserver (``whoami``) at start-up."""
+
+
+@attrs.frozen
+class AppServiceConfig(_Section):
+    """``appservice``: the registration, where to listen, and the store."""
+
+    section: ClassVar[str] = "appservice"
+
+    registration: str = _checked(check=_check_non_empty)
+    host: str = _checked("127.0.0.1", _check_non_empty)
+    port: int = _checked(29333, _check_port)
+    store: str = _checked("sqlite:///bridge_kit.db", _check_store)
+    max_body_bytes: int = _checked(10 * 1024 * 1024, _check_positive)
+
+
+@attrs.frozen
+class PuppetsConfig(_Section):
+    """``puppets``: bulk registration and provisioning on ``/users`` queries."""
+
+    section: ClassVar[str] = "puppets"
+
+    concurrency: int = _checked(16, _check_positive)
+    preregister: str | None = _checked(None, _check_non_empty)
+    """A file of localparts, one a line, registered in the background at start-up."""
+    provision_on_query: bool = _checked(True)
+
+
+@attrs.frozen
+class LoggingConfig(_Section):
+    """``logging``: level and ``text`` or ``json`` lines."""
+
+    section: ClassVar[str] = "logging"
+
+    level: str = _checked("INFO", _check_level, converter=_upper_if_str)
+    format: str = _checked("text", _check_format)
+
+
+_SECTIONS: Final[dict[str, type[_Section]]] = {
+    "homeserver": HomeserverConfig,
+    "appservice": AppServiceConfig,
+    "puppets": PuppetsConfig,
+    "logging": LoggingConfig,
+}
+
+
+@attrs.frozen
+class Config:
+    """The whole daemon configuration; see ``config.yaml.example``.
+
+    Build it with :meth:`load` (or :meth:`loads`), which checks everything and
+    resolves relative paths, or directly from the section classes.
+    """
+
+    homeserver: HomeserverConfig
+    appservice: AppServiceConfig
+    puppets: PuppetsConfig = attrs.field(factory=PuppetsConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    source: Path | None = None
+    """The file this was loaded from, if any."""
+
+    @property
+    def registration_path(self) -> Path:
+        """The registration file (absolute when loaded from a file)."""
+        return Path(self.appservice.registration)
+
+    @property
+    def preregister_path(self) -> Path | None:
+        """The file of localparts to register at start-up, or ``None``."""
+        preregister = self.puppets.preregister
+        return None if preregister is None else Path(preregister)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        environ: Mapping[str, str] = os.environ,
+        *,
+        check_files: bool = True,
+    ) -> Config:
+        """Read, override from ``environ``, check and resolve a config file.
+
+        Raises :class:`ConfigError` for a missing or unreadable file and for
+        every problem in it. With ``check_files``, the registration and
+        preregister files must exist.
+        """
+        source = Path(path)
+        try:
+            text = source.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc}") from None
+        return cls.loads(
+            text, source.absolute().parent, environ, source=source, check_files=check_files
+        )
+
+    @classmethod
+    def loads(
+        cls,
+        text: str,
+        base_dir: str | os.PathLike[str] = ".",
+        environ: Mapping[str, str] = os.environ,
+        *,
+        source: str | os.PathLike[str] | None = None,
+        check_files: bool = True,
+    ) -> Config:
+        """Like :meth:`load`, for YAML text; relative paths are relative to ``base_dir``."""
+        label = str(source) if source is not None else "<config>"
+        loader = _Loader(label, Path(base_dir).absolute())
+        sections = loader.parse(text, environ)
+        if check_files:
+            loader.check_files(sections)
+        loader.raise_problems()
+        return cls(
+            homeserver=HomeserverConfig(**sections["homeserver"]),
+            appservice=AppServiceConfig(**sections["appservice"]),
+            puppets=PuppetsConfig(**sections["puppets"]),
+            logging=LoggingConfig(**sections["logging"]),
+            source=None if source is None else Path(source),
+        )
+
+
+# -- loading --------------------------------------------------------------------
+
+
+class _Loader:
+    """Collects every problem of one config text, then raises them together."""
+
+    def __init__(self, label: str, base_dir: Path) -> None:
+        self.label = label
+        self.base_dir = base_dir
+        self.lines: dict[str, int] = {}
+        self.origins: dict[str, str] = {}
+        self.problems: list[tuple[int, str]] = []
+
+    def parse(self, text: str, environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        data = self._read_yaml(text)
+        self._apply_environment(data, environ)
+        for name in data:
+            if name not in _SECTIONS:
+                self._problem(str(name), _unknown_key(str(name), str(name), _SECTIONS))
+        sections = {name: self._section(name, data.get(name)) for name in _SECTIONS}
+        self._resolve_paths(sections)
+        return sections
+
+    def check_files(self, sections: Mapping[str, Mapping[str, Any]]) -> None:
+        wanted = [
+            ("appservice.registration", sections["appservice"].get("registration")),
+            ("puppets.preregister", sections["puppets"].get("preregister")),
+        ]
+        for path, value in wanted:
+            if isinstance(value, str) and value and not Path(value).is_file():
+                self._problem(path, f"{path} names a file that does not exist: {value}")
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            count = len(self.problems)
+            header = f"{self.label}: invalid configuration ({count} problem{'s' * (count > 1)}):"
+            lines = [text for _, text in sorted(self.problems, key=lambda p: p[0])]
+            raise ConfigError(header + "\n  " + "\n  ".join(lines))
+
+    def _problem(self, path: str | None, message: str) -> None:
+        """Record a problem, prefixed by where the value came from; file lines sort first."""
+        origin = self.origins.get(path or "")
+        line = self.lines.get(path or "") if origin is None else None
+        if line is not None:
+            origin = f"line {line}"
+        self.problems.append((line or _UNPLACED, f"{origin}: {message}" if origin else message))
+
+    def _read_yaml(self, text: str) -> dict[str, Any]:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.label}: malformed YAML: {_yaml_problem(exc)}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{self.label}: the config must be a mapping of sections, got {_describe(data)}"
+            )
+        self._record_lines(root, "")
+        return data
+
+    def _record_lines(self, node: yaml.Node | None, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            path = prefix + key_node.value
+            duplicate = path in self.lines
+            self.lines[path] = key_node.start_mark.line + 1
+            if duplicate:
+                self._problem(path, f"duplicate key {path}")
+            self._record_lines(value_node, path + ".")
+
+    def _apply_environment(self, data: dict[str, Any], environ: Mapping[str, str]) -> None:
+        for name in sorted(environ):
+            if name.startswith(ENV_PREFIX):
+                self._apply_variable(data, name, environ[name])
+
+    def _apply_variable(self, data: dict[str, Any], name: str, raw: str) -> None:
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            message = f"environment variable {name}: expected the form {ENV_PREFIX}SECTION__KEY"
+            self._problem(None, message)
+            return
+        section, key = parts
+        path = f"{section}.{key}"
+        self.origins[path] = f"environment variable {name}"
+        if section not in _SECTIONS:
+            self._problem(path, _unknown_key(section, section, _SECTIONS))
+            return
+        if key not in _field_names(_SECTIONS[section]):
+            self._problem(path, _unknown_key(path, key, _field_names(_SECTIONS[section])))
+            return
+        target = data.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = _yaml_scalar(raw)
+
+    def _section(self, name: str, raw: Any) -> dict[str, Any]:
+        cls = _SECTIONS[name]
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self._problem(name, f"{name} must be a mapping of keys, got {_describe(raw)}")
+            return {}
+        known = _field_names(cls)
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            path = f"{name}.{key}"
+            if key in known:
+                values[key] = value
+            else:
+                self._problem(path, _unknown_key(path, str(key), known))
+        for key in sorted(_required_names(cls) - values.keys()):
+            self._problem(f"{name}.{key}", f"missing required key {name}.{key}")
+        for key, problem in _value_problems(cls, values).items():
+            self._problem(f"{name}.{key}", f"{name}.{key} {problem}")
+            del values[key]
+        return values
+
+    def _resolve_paths(self, sections: dict[str, dict[str, Any]]) -> None:
+        appservice, puppets = sections["appservice"], sections["puppets"]
+        if isinstance(appservice.get("registration"), str):
+            appservice["registration"] = self._path(appservice["registration"])
+        if isinstance(puppets.get("preregister"), str):
+            puppets["preregister"] = self._path(puppets["preregister"])
+        store = appservice.get("store", attrs.fields(AppServiceConfig).store.default)
+        if isinstance(store, str):
+            appservice["store"] = self._store_url(store)
+
+    def _path(self, value: str) -> str:
+        if not value:
+            return value
+        return os.path.normpath(self.base_dir / Path(value).expanduser())
+
+    def _store_url(self, url: str) -> str:
+        prefix = "sqlite:///"
+        if not url.lower().startswith(prefix):
+            return url
+        path = url[len(prefix) :]
+        if not path or path == ":memory:" or path.startswith("/"):
+            return url
+        return prefix + self._path(path)
+
+
+_UNPLACED: Final = 1 << 62
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _field_names(cls: type[_Section]) -> tuple[str, ...]:
+    return tuple(f.name for f in attrs.fields(cls))  # type: ignore[arg-type]
+
+
+def _required_names(cls: type[_Section]) -> set[str]:
+    return {f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING}  # type: ignore[arg-type]
+
+
+def _value_problems(cls: type[_Section], values: Mapping[str, Any]) -> dict[str, str]:
+    """What is wrong with each given value of a section: its type, then its check."""
+    hints = get_type_hints(cls)
+    problems: dict[str, str] = {}
+    for field in attrs.fields(cls):  # type: ignore[arg-type]
+        if field.name not in values:
+            continue
+        value = values[field.name]
+        problem = _type_problem(hints[field.name], value)
+        check: Check | None = field.metadata.get("check")
+        if problem is None and check is not None:
+            problem = check(value)
+        if problem is not None:
+            problems[field.name] = problem
+    return problems
+
+
+_TYPE_NAMES: Final[dict[type, str]] = {int: "an integer", str: "a string", bool: "true or false"}
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    allowed = get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+    elif any(_is_instance(value, t) for t in allowed if t is not type(None)):
+        return None
+    names = [_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed]
+    names = ["null" if t is type(None) else n for t, n in zip(allowed, names, strict=True)]
+    return f"must be {' or '.join(names)}, got {_describe(value)}"
+
+
+def _is_instance(value: Any, cls: Any) -> bool:
+    if cls is int and isinstance(value, bool):
+        return False
+    return isinstance(cls, type) and isinstance(value, cls)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _unknown_key(path: str, key: str, known: Iterable[str]) -> str:
+    hint = _did_you_mean(key, known)
+    if not hint:
+        hint = f" (expected one of: {', '.join(known)})"
+    return f"unknown key {path}{hint}"
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _yaml_scalar(raw: str) -> Any:
+    """An environment value read as YAML; anything that is not a plain scalar stays a string."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return value if value is None or isinstance(value, str | int | float | bool) else raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return str(exc)

@@ -1,0 +1,247 @@
+"""Act as one puppet (or the appservice's bot) on the homeserver.
+
+An :class:`Intent` sends client-server requests with the appservice's
+``as_token`` and ``?user_id=`` identity assertion. Before its first request
+it makes sure its puppet is registered, once::
+
+    puppet = Intent(client, "@_bridge_alice:example.org", ensure_registered=register_alice)
+    await puppet.set_displayname("Alice")
+    room_id = await puppet.join_room("#lobby:example.org")
+    await puppet.send_text(room_id, "hello")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+
+from bridge_kit.client import HomeserverClient, quote_segment
+from bridge_kit.errors import MatrixRequestError
+from bridge_kit.types.converter import converter, describe_error
+from bridge_kit.types.room import (
+    AvatarUrlUpdate,
+    CreateRoomRequest,
+    CreateRoomResponse,
+    DisplaynameUpdate,
+    InviteRequest,
+    JoinRoomResponse,
+    MembershipRequest,
+    SendEventResponse,
+    TextMessage,
+)
+
+__all__ = ["Intent"]
+
+T = TypeVar("T")
+
+_CLIENT = "/_matrix/client/v3"
+
+
+class Intent:
+    """One Matrix user the appservice acts as, through identity assertion.
+
+    ``ensure_registered`` is awaited before the first request (and again after
+    a failed attempt, never after a successful one); pass ``None`` for the
+    appservice's sender, which needs no registration. Every method raises the
+    :class:`~bridge_kit.errors.MatrixRequestError` subclass the homeserver's
+    reply maps to, e.g. :class:`~bridge_kit.errors.Forbidden`.
+    """
+
+    def __init__(
+        self,
+        client: HomeserverClient,
+        user_id: str,
+        ensure_registered: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self.client = client
+        self.user_id = user_id
+        self._register = ensure_registered
+        self._registered = ensure_registered is None
+        self._register_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Intent {self.user_id}>"
+
+    @property
+    def is_registered(self) -> bool:
+        """True once :meth:`ensure_registered` has succeeded (always, for the sender)."""
+        return self._registered
+
+    async def ensure_registered(self) -> None:
+        """Register the puppet unless this intent already did; concurrent callers share one try."""
+        if self._registered:
+            return
+        async with self._register_lock:
+            if self._registered or self._register is None:
+                return
+            await self._register()
+            self._registered = True
+
+    async def set_displayname(self, name: str | None) -> None:
+        """Set (or with ``None`` remove) the user's display name."""
+        await self._request(
+            "PUT",
+            f"{_CLIENT}/profile/{quote_segment(self.user_id)}/displayname",
+            "/profile/{userId}/displayname",
+            body=DisplaynameUpdate(name),
+        )
+
+    async def set_avatar_url(self, mxc: str) -> None:
+        """Set the user's avatar to an ``mxc://`` URI."""
+        await self._request(
+            "PUT",
+            f"{_CLIENT}/profile/{quote_segment(self.user_id)}/avatar_url",
+            "/profile/{userId}/avatar_url",
+            body=AvatarUrlUpdate(mxc),
+        )
+
+    async def join_room(
+        self, room_id_or_alias: str, *, via: Sequence[str] = (), reason: str | None = None
+    ) -> str:
+        """Join a room by ID or alias and return its room ID.
+
+        ``via`` names servers to join through, for a room this homeserver is not in.
+        """
+        query: dict[str, Any] = {}
+        if via:
+            # ``server_name`` is the pre-v1.12 name of ``via``; older homeservers know only it.
+            query = {"via": list(via), "server_name": list(via)}
+        reply = await self._request(
+            "POST",
+            f"{_CLIENT}/join/{quote_segment(room_id_or_alias)}",
+            "/join/{roomIdOrAlias}",
+            body=MembershipRequest(reason),
+            query=query,
+        )
+        return _structure(reply, JoinRoomResponse, "join").room_id
+
+    async def leave_room(self, room_id: str, reason: str | None = None) -> None:
+        """Leave a room (or reject an invite to it)."""
+        await self._request(
+            "POST",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/leave",
+            "/rooms/{roomId}/leave",
+            body=MembershipRequest(reason),
+        )
+
+    async def invite(self, room_id: str, user_id: str, reason: str | None = None) -> None:
+        """Invite ``user_id`` to a room."""
+        await self._request(
+            "POST",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/invite",
+            "/rooms/{roomId}/invite",
+            body=InviteRequest(user_id, reason),
+        )
+
+    async def create_room(self, request: CreateRoomRequest | None = None, **fields: Any) -> str:
+        """Create a room and return its ID.
+
+        Pass a :class:`~bridge_kit.types.room.CreateRoomRequest`, its fields as
+        keywords (``create_room(name="Lobby", invite=[bob])``), or both: the
+        keywords then replace the request's fields.
+        """
+        if request is None:
+            request = CreateRoomRequest(**fields)
+        elif fields:
+            request = attrs.evolve(request, **fields)
+        reply = await self._request("POST", f"{_CLIENT}/createRoom", "/createRoom", body=request)
+        return _structure(reply, CreateRoomResponse, "createRoom").room_id
+
+    async def send_event(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any] | Any,
+        *,
+        txn_id: str | None = None,
+        timestamp: int | None = None,
+    ) -> str:
+        """Send a message event and return its event ID.
+
+        ``content`` is a mapping or an attrs model (e.g. :class:`TextMessage`).
+        ``txn_id`` defaults to a fresh unique ID; sending again with the same one
+        is deduplicated by the homeserver. ``timestamp`` (ms since the epoch)
+        sets ``origin_server_ts``, for bridging history.
+        """
+        txn_id = txn_id or uuid.uuid4().hex
+        reply = await self._request(
+            "PUT",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/send/"
+            f"{quote_segment(event_type)}/{quote_segment(txn_id)}",
+            "/rooms/{roomId}/send/{eventType}/{txnId}",
+            body=_content_json(content),
+            query=_timestamp_query(timestamp),
+        )
+        return _structure(reply, SendEventResponse, "send").event_id
+
+    async def send_state(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any] | Any,
+        state_key: str = "",
+        *,
+        timestamp: int | None = None,
+    ) -> str:
+        """Set a piece of room state and return the state event's ID."""
+        reply = await self._request(
+            "PUT",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/state/"
+            f"{quote_segment(event_type)}/{quote_segment(state_key)}",
+            "/rooms/{roomId}/state/{eventType}/{stateKey}",
+            body=_content_json(content),
+            query=_timestamp_query(timestamp),
+        )
+        return _structure(reply, SendEventResponse, "state").event_id
+
+    async def send_text(
+        self, room_id: str, text: str, *, html: str | None = None, timestamp: int | None = None
+    ) -> str:
+        """Send an ``m.text`` message (with an HTML ``formatted_body`` when ``html`` is given)."""
+        content = TextMessage.plain(text) if html is None else TextMessage.html(text, html)
+        return await self.send_event(room_id, "m.room.message", content, timestamp=timestamp)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        body: Any,
+        query: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        await self.ensure_registered()
+        return await self.client.request(
+            method,
+            path,
+            body=body,
+            query=query,
+            user_id=self.user_id,
+            endpoint=_CLIENT + endpoint,
+        )
+
+
+def _content_json(content: Mapping[str, Any] | Any) -> Any:
+    if attrs.has(type(content)):
+        return converter.unstructure(content)
+    if isinstance(content, Mapping):
+        return dict(content)
+    raise TypeError(f"event content must be a mapping or an attrs model, not {type(content)!r}")
+
+
+def _timestamp_query(timestamp: int | None) -> dict[str, str]:
+    return {} if timestamp is None else {"ts": str(int(timestamp))}
+
+
+def _structure(reply: dict[str, Any], cls: type[T], what: str) -> T:
+    try:
+        return converter.structure(reply, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        raise MatrixRequestError(
+            200, None, f"unexpected {what} reply: {describe_error(exc)}", reply
+        ) from exc
