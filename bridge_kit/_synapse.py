@@ -207,7 +207,9 @@ class SynapseServer:
                         return
             await asyncio.sleep(0.2)
         await self.stop()
-        raise SynapseError(f"Synapse did not answer within {_START_TIMEOUT:.0f} s:\n{self._log_tail()}")
+        raise SynapseError(
+            f"Synapse did not answer within {_START_TIMEOUT:.0f} s:\n{self._log_tail()}"
+        )
 
     def _log_tail(self) -> str:
         parts = []
@@ -225,7 +227,12 @@ class SynapseServer:
 
     # -- ordinary users and the admin API ------------------------------------
 
-    async def create_user(self, localpart: str, password: str = "pw", admin: bool = False) -> str:
+    async def create_user(
+        self,
+        localpart: str,
+        password: str = "pw",  # noqa: S107 - a throw-away server's test user
+        admin: bool = False,
+    ) -> str:
         """Create an ordinary user with the shared secret; return its access token."""
         endpoint = f"{self.url}/_synapse/admin/v1/register"
         async with self.http.get(endpoint) as resp:
@@ -276,5 +283,3 @@ class SynapseServer:
 def synapse_installed() -> bool:
     """Whether matrix-synapse can be imported by this interpreter."""
     return importlib.util.find_spec("synapse") is not None
-
-

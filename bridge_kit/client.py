@@ -58,6 +58,7 @@ _SNIPPET_LENGTH: Final = 200
 #: A query parameter value; a sequence repeats the parameter (``via=a&via=b``).
 QueryValue = str | Sequence[str]
 
+
 @attrs.frozen
 class RetryPolicy:
     """When and how long :class:`HomeserverClient` waits before sending a request again.
@@ -259,7 +260,12 @@ class HomeserverClient:
         return _structure_reply(reply, _PingResponse, "ping").duration_ms
 
     async def _send_with_retries(
-        self, method: str, path: str, params: dict[str, QueryValue], data: bytes | None, endpoint: str
+        self,
+        method: str,
+        path: str,
+        params: dict[str, QueryValue],
+        data: bytes | None,
+        endpoint: str,
     ) -> _Reply:
         failures = 0
         rate_limit_waits = 0
@@ -299,7 +305,12 @@ class HomeserverClient:
             raise error
 
     async def _send_once(
-        self, method: str, path: str, params: dict[str, QueryValue], data: bytes | None, endpoint: str
+        self,
+        method: str,
+        path: str,
+        params: dict[str, QueryValue],
+        data: bytes | None,
+        endpoint: str,
     ) -> _Reply:
         session = self._ensure_session()
         headers = self._headers if data is None else {**self._headers, **_JSON_CONTENT}

@@ -37,9 +37,7 @@ def keep_unknown_keys(
     """
     fields = attrs.fields(cls)  # type: ignore[arg-type]
     known = {_wire_name(f.name, overrides) for f in fields if f.name != "extra"}
-    struct = make_dict_structure_fn(
-        cls, converter, extra=override(omit=True), **overrides
-    )
+    struct = make_dict_structure_fn(cls, converter, extra=override(omit=True), **overrides)
     unstruct = make_dict_unstructure_fn(
         cls,
         converter,
@@ -50,7 +48,9 @@ def keep_unknown_keys(
 
     def structure(value: Mapping[str, Any], _: Any) -> T:
         if not isinstance(value, Mapping):
-            raise TypeError(f"expected a JSON object for {cls.__name__}, got {type(value).__name__}")
+            raise TypeError(
+                f"expected a JSON object for {cls.__name__}, got {type(value).__name__}"
+            )
         obj = struct(value, cls)
         extra = {k: v for k, v in value.items() if k not in known}
         if extra:
@@ -88,5 +88,3 @@ def describe_error(exc: BaseException) -> str:
         parts = cattrs.transform_error(exc)
         return "; ".join(parts)
     return str(exc)
-
-

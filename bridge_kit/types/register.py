@@ -101,9 +101,7 @@ def _register_hooks() -> None:
     )
     converter.register_structure_hook(
         RegisterRequest,
-        make_dict_structure_fn(
-            RegisterRequest, converter, login_type=override(rename="type")
-        ),
+        make_dict_structure_fn(RegisterRequest, converter, login_type=override(rename="type")),
     )
     # device_id has no skip rule in ruma: it is always serialised, null included.
     converter.register_unstructure_hook(

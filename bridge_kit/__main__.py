@@ -1,0 +1,7 @@
+"""``python -m bridge_kit``: the same CLI as the ``bridge-kit`` command."""
+
+import sys
+
+from bridge_kit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""The ``bridge-kit`` command line.
+
+Each subcommand is a small ``_cmd_<name>(args) -> int`` function registered in
+:func:`_build_parser`; :func:`main` turns every
+:class:`~bridge_kit.errors.BridgeKitError` into a short message on stderr and
+exit status 1, so a user never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bridge_kit.commands import demo, register, run
+from bridge_kit.diagnose import check_against_homeserver
+from bridge_kit.errors import BridgeKitError, RegistrationError
+from bridge_kit.registration import Registration, check_file, generate_registration
+
+__all__ = ["main"]
+
+DEFAULT_REGISTRATION = "registration.yaml"
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.command
+    try:
+        return command(args)
+    except BridgeKitError as exc:
+        _report_error(exc)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge-kit",
+        description="Tools for Matrix application services (bridges).",
+    )
+    subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_generate_registration(subcommands)
+    _add_check(subcommands)
+    register.add_parser(subcommands)
+    run.add_parser(subcommands)
+    demo.add_parser(subcommands)
+    return parser
+
+
+def _report_error(exc: BridgeKitError) -> None:
+    if isinstance(exc, RegistrationError):
+        prefix = f"{exc.source}: " if exc.source else ""
+        for problem in exc.problems:
+            print(f"{prefix}{problem}", file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+
+
+# -- generate-registration -------------------------------------------------------
+
+
+def _add_generate_registration(
+    subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    parser = subcommands.add_parser(
+        "generate-registration",
+        help="write a new registration file with fresh tokens",
+        description=(
+            "Write a registration with 64-character random tokens and exclusive, anchored "
+            "namespaces (^@PREFIX.*:DOMAIN$). The file gets mode 0600."
+        ),
+    )
+    parser.add_argument("--id", help="unique appservice ID (not needed with --keep-tokens)")
+    parser.add_argument("--url", required=True, help="where the homeserver reaches the appservice")
+    parser.add_argument("--domain", required=True, help="the homeserver's server name")
+    parser.add_argument(
+        "--user-prefix", required=True, metavar="PREFIX", help="puppet localpart prefix, e.g. _irc_"
+    )
+    parser.add_argument(
+        "--alias-prefix", metavar="PREFIX", help="room alias prefix (no alias namespace without it)"
+    )
+    parser.add_argument(
+        "--sender-localpart", metavar="NAME", help="the bridge bot's localpart (default: <id>bot)"
+    )
+    parser.add_argument(
+        "--receive-ephemeral", action="store_true", help="ask for typing, receipts and presence"
+    )
+    parser.add_argument(
+        "--protocol",
+        action="append",
+        default=[],
+        metavar="NAME",
+        dest="protocols",
+        help="third-party protocol the bridge serves (repeatable)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=DEFAULT_REGISTRATION,
+        metavar="FILE",
+        help="output file, '-' for stdout (default: %(default)s)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    parser.add_argument(
+        "--keep-tokens",
+        action="store_true",
+        help="regenerate FILE in place, keeping its id, as_token and hs_token",
+    )
+    parser.set_defaults(command=_cmd_generate_registration)
+
+
+def _cmd_generate_registration(args: argparse.Namespace) -> int:
+    to_stdout = args.output == "-"
+    keep_from = None
+    if args.keep_tokens:
+        if to_stdout:
+            print(
+                "error: --keep-tokens needs -o FILE naming the existing registration",
+                file=sys.stderr,
+            )
+            return 1
+        keep_from = Registration.load(args.output)
+    elif args.id is None:
+        print(
+            "error: --id is required (unless --keep-tokens reuses an existing file's id)",
+            file=sys.stderr,
+        )
+        return 1
+    elif not to_stdout and Path(args.output).exists() and not args.force:
+        print(
+            f"{args.output}: already exists; use --force to overwrite it, "
+            "or --keep-tokens to regenerate it with the same id and tokens",
+            file=sys.stderr,
+        )
+        return 1
+    registration = generate_registration(
+        args.id,
+        args.url,
+        args.domain,
+        args.user_prefix,
+        alias_prefix=args.alias_prefix,
+        sender_localpart=args.sender_localpart,
+        receive_ephemeral=args.receive_ephemeral,
+        protocols=args.protocols,
+        keep_from=keep_from,
+    )
+    if to_stdout:
+        sys.stdout.write(registration.dump())
+        return 0
+    # --keep-tokens exists to rewrite that very file, so it implies replacing it.
+    registration.write(args.output, force=args.force or args.keep_tokens)
+    kept = " (id and tokens kept)" if keep_from else ""
+    print(
+        f"wrote {args.output}{kept}; add its absolute path to app_service_config_files "
+        "in homeserver.yaml and restart the homeserver"
+    )
+    return 0
+
+
+# -- check -------------------------------------------------------------------------
+
+
+def _add_check(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subcommands.add_parser(
+        "check",
+        help="validate and lint a registration file",
+        description=(
+            "Print one line per problem; exit 0 if the file is valid (warnings allowed), 1 if not."
+        ),
+    )
+    parser.add_argument(
+        "-r",
+        "--registration",
+        default=DEFAULT_REGISTRATION,
+        metavar="FILE",
+        help="registration file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--homeserver",
+        metavar="URL",
+        help="also ask this homeserver whoami and have it ping us (we serve /ping meanwhile)",
+    )
+    parser.set_defaults(command=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    result = check_file(args.registration)
+    for finding in result.findings:
+        print(finding.format(args.registration))
+    if not result.ok:
+        print(f"{args.registration}: invalid ({_count(len(result.errors), 'error')})")
+        return 1
+    warnings = len(result.warnings)
+    suffix = f" ({_count(warnings, 'warning')})" if warnings else ""
+    print(f"{args.registration}: valid{suffix}")
+    if args.homeserver and result.registration is not None:
+        lines = asyncio.run(check_against_homeserver(result.registration, args.homeserver))
+        print("\n".join(lines))
+    return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -1,0 +1,276 @@
+"""``bridge-kit register``: register puppets in bulk, resumably.
+
+Exit status: 0 when every localpart is registered (or already was); 1 when
+some were invalid or refused, or the run was aborted; 2 for a usage or
+set-up error (bad registration file, store, homeserver); 128 + the signal
+number (130, 143) when SIGINT or SIGTERM cancelled the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from bridge_kit.client import HomeserverClient
+from bridge_kit.diagnose import homeserver_domain
+from bridge_kit.errors import BridgeKitError
+from bridge_kit.progress import ProgressReporter
+from bridge_kit.puppets import BulkResult, PuppetRegistrar, localparts_from_lines
+from bridge_kit.registration import Registration
+from bridge_kit.store import open_store
+from bridge_kit.store.postgres import redact_dsn
+
+DEFAULT_STORE = "sqlite:///bridge_kit.db"
+DEFAULT_CONCURRENCY = 16
+MAX_CONCURRENCY = 1024
+#: Invalid localparts and failures listed on the terminal; --report has them all.
+LISTED = 50
+
+_EPILOG = f"""\
+Localparts come from the arguments and/or --from-file (one per line; blank
+lines and # comments are skipped). Each is checked locally first (spec
+grammar, 255-byte user IDs, the registration's user namespaces); invalid ones
+are listed and never sent. Puppets the store knows are skipped without a
+request, so running the same command again resumes an interrupted run.
+
+The store defaults to {DEFAULT_STORE}, i.e. the file bridge_kit.db in the
+current directory; use the same --store as the daemon's config.
+
+Exit status: 0 if nothing failed or was invalid; 1 otherwise (or aborted);
+2 for a usage or set-up error; 130/143 when cancelled by SIGINT/SIGTERM.
+"""
+
+
+class UsageError(BridgeKitError):
+    """The command line is wrong; the message says how."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``register`` to the ``bridge-kit`` sub-commands."""
+    parser = subparsers.add_parser(
+        "register",
+        help="register puppets in bulk (resumable)",
+        description="Register many puppets on the homeserver, streaming, resumably.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``register``, on any parser."""
+    parser.add_argument(
+        "-r",
+        "--registration",
+        default="registration.yaml",
+        help="the appservice registration file (default: registration.yaml)",
+    )
+    parser.add_argument(
+        "--homeserver",
+        required=True,
+        help="the homeserver's client-server URL, e.g. http://localhost:8008",
+    )
+    parser.add_argument("localparts", nargs="*", metavar="LOCALPART", help="puppets to register")
+    parser.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="read localparts from FILE, one per line ('-' for standard input)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"register requests in flight at most (default {DEFAULT_CONCURRENCY}; 429s lower it)",
+    )
+    parser.add_argument(
+        "--store", default=DEFAULT_STORE, metavar="URL", help=f"the store (default {DEFAULT_STORE})"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check and look up everything, send nothing"
+    )
+    parser.add_argument(
+        "--report", metavar="FILE.json", help="write the counts and every failure as JSON"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="print no progress lines")
+    parser.set_defaults(command=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``bridge-kit register``; returns the exit status."""
+    try:
+        _check_arguments(args)
+        return asyncio.run(_register(args))
+    except BridgeKitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if not args.localparts and not args.from_file:
+        raise UsageError(
+            "nothing to register: give localparts as arguments or --from-file FILE ('-' for stdin)"
+        )
+    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if args.from_file and args.from_file != "-" and not Path(args.from_file).is_file():
+        raise UsageError(f"--from-file {args.from_file}: no such file")
+    if args.report and not Path(args.report).absolute().parent.is_dir():
+        raise UsageError(f"--report {args.report}: its directory does not exist")
+
+
+async def _register(args: argparse.Namespace) -> int:
+    registration = Registration.load(args.registration)
+    store = open_store(args.store)
+    client = HomeserverClient(
+        args.homeserver, registration.as_token, max_connections=max(100, args.concurrency)
+    )
+    async with client, store:
+        domain = await homeserver_domain(client, registration)
+        registrar = PuppetRegistrar(client, store, registration, domain)
+        total = _count(args) if not args.no_progress else None
+        reporter = ProgressReporter(total=total, enabled=not args.no_progress)
+        with _cancel_on_signals(registrar) as received, _localparts(args) as localparts:
+            result = await registrar.register_many(
+                localparts,
+                concurrency=args.concurrency,
+                progress=reporter,
+                dry_run=args.dry_run,
+            )
+    reporter.finish(result)
+    _list_problems(result, sys.stdout)
+    if args.report:
+        _write_report(Path(args.report), _report(args, registration, result))
+    if result.cancelled and received:
+        return 128 + received[0]
+    return 0 if result.ok else 1
+
+
+@contextlib.contextmanager
+def _localparts(args: argparse.Namespace) -> Iterator[Iterable[str]]:
+    if not args.from_file:
+        yield args.localparts
+        return
+    with _open_input(args.from_file) as lines:
+        yield itertools.chain(args.localparts, localparts_from_lines(lines))
+
+
+@contextlib.contextmanager
+def _open_input(path: str) -> Iterator[TextIO]:
+    if path == "-":
+        yield sys.stdin
+        return
+    try:
+        file = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as error:
+        raise UsageError(f"--from-file {path}: {error.strerror}") from error
+    with file:
+        try:
+            yield file
+        except UnicodeDecodeError as error:
+            raise UsageError(f"--from-file {path} is not UTF-8 text: {error}") from error
+
+
+def _count(args: argparse.Namespace) -> int | None:
+    """How many localparts the input holds, for the ETA; unknown for stdin."""
+    if args.from_file == "-":
+        return None
+    count = len(args.localparts)
+    if args.from_file:
+        with _open_input(args.from_file) as lines:
+            count += sum(1 for _ in localparts_from_lines(lines))
+    return count
+
+
+@contextlib.contextmanager
+def _cancel_on_signals(registrar: PuppetRegistrar) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM cancel the run gracefully; a second one ends the process at once."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing the requests in flight and saving "
+            "progress (signal again to quit at once)",
+            file=sys.stderr,
+        )
+        for each in signals:
+            loop.remove_signal_handler(each)
+        registrar.cancel()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        yield received
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def _list_problems(result: BulkResult, out: TextIO) -> None:
+    for title, problems in (
+        ("invalid localparts (never sent)", result.invalid_reasons),
+        ("refused by the homeserver", result.failures),
+    ):
+        if not problems:
+            continue
+        out.write(f"{title}:\n")
+        for localpart, reason in itertools.islice(problems.items(), LISTED):
+            out.write(f"  {localpart!r}: {reason}\n")
+        if len(problems) > LISTED:
+            out.write(f"  ... and {len(problems) - LISTED:,} more (see --report)\n")
+
+
+def _report(
+    args: argparse.Namespace, registration: Registration, result: BulkResult
+) -> dict[str, Any]:
+    return {
+        "registration": registration.id,
+        "homeserver": args.homeserver,
+        "store": redact_dsn(args.store),
+        **result.to_json(),
+    }
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write atomically, so a reader never sees half a report."""
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=path.absolute().parent, delete=False, suffix=".tmp"
+        ) as out:
+            json.dump(report, out, indent=2, ensure_ascii=False)
+            out.write("\n")
+        os.replace(out.name, path)
+    except OSError as error:
+        raise UsageError(f"--report {path}: {error}") from error
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bridge_kit.commands.register``: the command on its own."""
+    parser = argparse.ArgumentParser(
+        prog="bridge-kit register",
+        description="Register many puppets on the homeserver, streaming, resumably.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

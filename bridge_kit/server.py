@@ -1,0 +1,544 @@
+"""The HTTP API an appservice serves to its homeserver, as an aiohttp application.
+
+:func:`create_app` builds the application from plain callables (a transaction
+handler, query hooks, third-party hooks), so it can be served and tested on its
+own. Every reply is JSON, errors included; transaction dedup lives in the
+:class:`~bridge_kit.store.base.Store`, so it survives restarts.
+
+Serve it with :class:`RedactingAccessLogger` so the legacy ``access_token``
+query parameter never reaches the access log::
+
+    runner = web.AppRunner(app, access_log_class=RedactingAccessLogger)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NoReturn
+
+import attrs
+import cattrs
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+from bridge_kit.metrics import Metrics
+from bridge_kit.store.base import Store
+from bridge_kit.types import MatrixErrorBody, Transaction, describe_error, unstructure
+
+__all__ = [
+    "PROCESSOR_KEY",
+    "MatrixHTTPError",
+    "RedactingAccessLogger",
+    "ThirdPartyHandlers",
+    "TransactionFailed",
+    "TransactionProcessor",
+    "create_app",
+]
+
+log = logging.getLogger("bridge_kit.server")
+
+TransactionHandler = Callable[[Transaction], Awaitable[None]]
+QueryHook = Callable[[str], Awaitable[bool]]
+JSONHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_APP_PREFIX = "/_matrix/app/v1"
+_LEGACY_THIRDPARTY_PREFIX = "/_matrix/app/unstable"
+_EMPTY_OBJECT = b"{}"
+
+
+@attrs.define
+class ThirdPartyHandlers:
+    """Hooks for the ``/thirdparty`` routes; a route whose hook is ``None`` answers 404.
+
+    Each hook returns JSON data or attrs models (unstructured with the converter).
+    """
+
+    #: ``GET /thirdparty/protocol/{protocol}``: the protocol's metadata, or ``None`` if unknown.
+    protocol: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None
+    #: ``GET /thirdparty/location/{protocol}``: ``(protocol, fields)`` to portal locations.
+    location: Callable[[str, dict[str, str]], Awaitable[list[dict[str, Any]]]] | None = None
+    #: ``GET /thirdparty/user/{protocol}``: ``(protocol, fields)`` to remote users.
+    user: Callable[[str, dict[str, str]], Awaitable[list[dict[str, Any]]]] | None = None
+    #: ``GET /thirdparty/location?alias=``: a Matrix room alias to remote locations.
+    location_by_alias: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None
+    #: ``GET /thirdparty/user?userid=``: a Matrix user ID to remote users.
+    user_by_id: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None
+
+
+class MatrixHTTPError(Exception):
+    """Raised inside a route to answer with a Matrix error body."""
+
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        self.status = status
+        self.errcode = errcode
+        self.message = message
+        super().__init__(f"{status} {errcode}: {message}")
+
+    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        """The JSON error response."""
+        body = unstructure(MatrixErrorBody(errcode=self.errcode, error=self.message))
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+class TransactionFailed(Exception):
+    """Processing a transaction failed; it was not marked done and must be retried."""
+
+    def __init__(self, txn_id: str) -> None:
+        self.txn_id = txn_id
+        super().__init__(f"transaction {txn_id} failed")
+
+
+class TransactionProcessor:
+    """Runs transactions through a handler exactly once, with dedup in the store.
+
+    A txnId already done is not processed again. A duplicate that arrives while
+    the first copy is in flight waits for it and shares its outcome. A
+    transaction is marked done only after its handler returned, so a failure
+    is retried by the homeserver and nothing is lost. Every ``prune_every``
+    successful transactions (and on the first one after start) the store's
+    dedup records are pruned to ``prune_keep``, in the background.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        handler: TransactionHandler,
+        *,
+        metrics: Metrics | None = None,
+        prune_every: int = 1000,
+        prune_keep: int = 10_000,
+    ) -> None:
+        if prune_every < 1 or prune_keep < 0:
+            raise ValueError("prune_every must be >= 1 and prune_keep >= 0")
+        self._store = store
+        self._handler = handler
+        self._metrics = metrics
+        self._prune_every = prune_every
+        self._prune_keep = prune_keep
+        self._in_flight: dict[str, asyncio.Future[bool]] = {}
+        self._waiting = 0
+        self._since_prune = prune_every - 1
+        self._prune_task: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """How many transactions are being processed right now."""
+        return len(self._in_flight)
+
+    @property
+    def waiting(self) -> int:
+        """How many duplicates are waiting for the first copy of their transaction."""
+        return self._waiting
+
+    async def process(self, txn_id: str, transaction: Transaction) -> bool:
+        """Process ``transaction`` unless ``txn_id`` is done; True if it was processed now.
+
+        Raises :class:`TransactionFailed` if the handler (or the dedup record) failed,
+        also for a duplicate that waited on a failing first copy.
+        """
+        pending = self._in_flight.get(txn_id)
+        if pending is not None:
+            self._waiting += 1
+            try:
+                # shield: a cancelled waiter must not cancel the outcome the others share.
+                succeeded = await asyncio.shield(pending)
+            finally:
+                self._waiting -= 1
+            if not succeeded:
+                raise TransactionFailed(txn_id)
+            self._count_duplicate()
+            return False
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._in_flight[txn_id] = outcome
+        succeeded = False
+        try:
+            if await self._store.is_transaction_done(txn_id):
+                succeeded = True
+                self._count_duplicate()
+                return False
+            await self._run(txn_id, transaction)
+            succeeded = True
+            return True
+        finally:
+            del self._in_flight[txn_id]
+            outcome.set_result(succeeded)
+
+    async def _run(self, txn_id: str, transaction: Transaction) -> None:
+        started = time.perf_counter()
+        try:
+            await self._handler(transaction)
+            await self._store.mark_transaction_done(txn_id)
+        except Exception as exc:
+            if self._metrics is not None:
+                self._metrics.count_handler_failure()
+            event_ids = [event.event_id for event in transaction.events]
+            log.exception(
+                "transaction %s failed (not acknowledged, the homeserver will retry); events: %s",
+                txn_id,
+                event_ids,
+            )
+            raise TransactionFailed(txn_id) from exc
+        if self._metrics is not None:
+            self._metrics.count_transaction(len(transaction.events), time.perf_counter() - started)
+        self._maybe_prune()
+
+    def _count_duplicate(self) -> None:
+        if self._metrics is not None:
+            self._metrics.count_duplicate()
+
+    def _maybe_prune(self) -> None:
+        self._since_prune += 1
+        if self._since_prune < self._prune_every:
+            return
+        if self._prune_task is not None and not self._prune_task.done():
+            return
+        self._since_prune = 0
+        self._prune_task = asyncio.create_task(self._prune())
+
+    async def _prune(self) -> None:
+        try:
+            removed = await self._store.prune_transactions(self._prune_keep)
+        except Exception:
+            log.exception("pruning transaction dedup records failed; will try again later")
+            return
+        log.debug("pruned %d transaction dedup records", removed)
+
+    async def wait_idle(self) -> None:
+        """Wait for a background prune, if one runs (for shutdown and tests)."""
+        if self._prune_task is not None:
+            await self._prune_task
+
+
+PROCESSOR_KEY = web.AppKey("bridge_kit.processor", TransactionProcessor)
+"""Where :func:`create_app` keeps its :class:`TransactionProcessor` (``app[PROCESSOR_KEY]``)."""
+
+
+def create_app(
+    *,
+    hs_token: str,
+    store: Store,
+    on_transaction: TransactionHandler,
+    on_user_query: QueryHook | None = None,
+    on_alias_query: QueryHook | None = None,
+    thirdparty: ThirdPartyHandlers | None = None,
+    max_body_bytes: int = 10 * 1024 * 1024,
+    metrics: Metrics | None = None,
+    health: Callable[[], dict[str, Any]] | None = None,
+    prune_keep: int = 10_000,
+    prune_every: int = 1000,
+) -> web.Application:
+    """Build the appservice API application.
+
+    ``store`` must already be open. ``on_transaction`` gets each new transaction
+    whole; if it raises, the homeserver gets 500 and retries. ``on_user_query``
+    and ``on_alias_query`` answer ``GET /users`` and ``GET /rooms`` (True means
+    200, otherwise 404); namespace checks belong to them. ``health`` feeds
+    ``GET /_bridge_kit/health`` (503 when its ``status`` is present and not
+    ``"ok"``); ``metrics`` enables ``GET /metrics``.
+    """
+    if not hs_token:
+        raise ValueError("hs_token must not be empty")
+    if max_body_bytes < 1:
+        raise ValueError("max_body_bytes must be positive")
+    processor = TransactionProcessor(
+        store, on_transaction, metrics=metrics, prune_every=prune_every, prune_keep=prune_keep
+    )
+    routes = _Routes(
+        hs_token=hs_token,
+        processor=processor,
+        on_user_query=on_user_query,
+        on_alias_query=on_alias_query,
+        thirdparty=thirdparty or ThirdPartyHandlers(),
+        max_body_bytes=max_body_bytes,
+    )
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+    app[PROCESSOR_KEY] = processor
+    routes.add_to(app)
+    app.router.add_get("/_bridge_kit/health", _health_route(health))
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics_route(metrics))
+
+    async def wait_for_prune(_: web.Application) -> None:
+        await processor.wait_idle()
+
+    app.on_cleanup.append(wait_for_prune)
+    return app
+
+
+@attrs.define
+class _Routes:
+    hs_token: str
+    processor: TransactionProcessor
+    on_user_query: QueryHook | None
+    on_alias_query: QueryHook | None
+    thirdparty: ThirdPartyHandlers
+    max_body_bytes: int
+
+    def add_to(self, app: web.Application) -> None:
+        add = app.router.add_route
+        for prefix in (_APP_PREFIX, ""):
+            add("PUT", f"{prefix}/transactions/{{txnId}}", self._auth(self.transaction))
+            add("GET", f"{prefix}/users/{{userId}}", self._auth(self.user_query))
+            add("GET", f"{prefix}/rooms/{{roomAlias}}", self._auth(self.alias_query))
+        for prefix in (_APP_PREFIX, _LEGACY_THIRDPARTY_PREFIX):
+            base = f"{prefix}/thirdparty"
+            add("GET", f"{base}/protocol/{{protocol}}", self._auth(self.protocol))
+            add("GET", f"{base}/location/{{protocol}}", self._auth(self.location))
+            add("GET", f"{base}/user/{{protocol}}", self._auth(self.user))
+            add("GET", f"{base}/location", self._auth(self.location_by_alias))
+            add("GET", f"{base}/user", self._auth(self.user_by_id))
+        add("POST", f"{_APP_PREFIX}/ping", self._auth(self.ping))
+
+    # -- auth ------------------------------------------------------------------
+
+    def _auth(self, handler: JSONHandler) -> JSONHandler:
+        async def authenticated(request: web.Request) -> web.StreamResponse:
+            self._check_token(request)
+            return await handler(request)
+
+        return authenticated
+
+    def _check_token(self, request: web.Request) -> None:
+        header_token = _bearer_token(request)
+        query_token = request.query.get("access_token")
+        token = header_token if header_token is not None else query_token
+        if not token:
+            raise MatrixHTTPError(401, "M_MISSING_TOKEN", "Missing access token")
+        if (
+            header_token is not None
+            and query_token is not None
+            and not _same(header_token, query_token)
+        ):
+            raise MatrixHTTPError(
+                403,
+                "M_FORBIDDEN",
+                "The Authorization header and the access_token parameter differ",
+            )
+        if not _same(token, self.hs_token):
+            raise MatrixHTTPError(403, "M_FORBIDDEN", "Invalid homeserver token")
+
+    # -- routes ----------------------------------------------------------------
+
+    async def transaction(self, request: web.Request) -> web.StreamResponse:
+        txn_id = request.match_info["txnId"]
+        transaction = _parse_transaction(await _read_json(request, self.max_body_bytes))
+        try:
+            await self.processor.process(txn_id, transaction)
+        except TransactionFailed:
+            raise MatrixHTTPError(
+                500, "M_UNKNOWN", f"Processing transaction {txn_id} failed; retry it"
+            ) from None
+        return _ok()
+
+    async def user_query(self, request: web.Request) -> web.StreamResponse:
+        user_id = request.match_info["userId"]
+        if self.on_user_query is None or not await self.on_user_query(user_id):
+            raise MatrixHTTPError(404, "M_NOT_FOUND", f"User {user_id} does not exist")
+        return _ok()
+
+    async def alias_query(self, request: web.Request) -> web.StreamResponse:
+        alias = request.match_info["roomAlias"]
+        if self.on_alias_query is None or not await self.on_alias_query(alias):
+            raise MatrixHTTPError(404, "M_NOT_FOUND", f"Room alias {alias} does not exist")
+        return _ok()
+
+    async def protocol(self, request: web.Request) -> web.StreamResponse:
+        protocol = request.match_info["protocol"]
+        hook = self.thirdparty.protocol or _no_thirdparty("protocol")
+        metadata = await hook(protocol)
+        if metadata is None:
+            raise MatrixHTTPError(404, "M_NOT_FOUND", f"Unknown protocol {protocol}")
+        return _json(_hook_result(metadata, dict, "protocol"))
+
+    async def location(self, request: web.Request) -> web.StreamResponse:
+        hook = self.thirdparty.location or _no_thirdparty("location")
+        found = await hook(request.match_info["protocol"], _fields(request))
+        return _json(_hook_result(found, list, "location"))
+
+    async def user(self, request: web.Request) -> web.StreamResponse:
+        hook = self.thirdparty.user or _no_thirdparty("user")
+        found = await hook(request.match_info["protocol"], _fields(request))
+        return _json(_hook_result(found, list, "user"))
+
+    async def location_by_alias(self, request: web.Request) -> web.StreamResponse:
+        hook = self.thirdparty.location_by_alias or _no_thirdparty("location")
+        found = await hook(_required_param(request, "alias"))
+        return _json(_hook_result(found, list, "location_by_alias"))
+
+    async def user_by_id(self, request: web.Request) -> web.StreamResponse:
+        hook = self.thirdparty.user_by_id or _no_thirdparty("user")
+        found = await hook(_required_param(request, "userid"))
+        return _json(_hook_result(found, list, "user_by_id"))
+
+    async def ping(self, request: web.Request) -> web.StreamResponse:
+        # The body ({"transaction_id": ...}) carries nothing we must act on, but a
+        # malformed one is still refused like on every other route.
+        if request.body_exists:
+            await _read_json(request, self.max_body_bytes)
+        return _ok()
+
+
+# -- request parsing --------------------------------------------------------------
+
+
+def _bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise MatrixHTTPError(
+            401, "M_MISSING_TOKEN", "The Authorization header must be 'Bearer <token>'"
+        )
+    return token.strip()
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: web.Request, max_bytes: int) -> Any:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    # Chunked bodies have no Content-Length: read() enforces client_max_size as it goes.
+    body = await request.read()
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise MatrixHTTPError(400, "M_NOT_JSON", f"Body is not valid JSON: {exc}") from None
+
+
+def _too_large(max_bytes: int) -> MatrixHTTPError:
+    return MatrixHTTPError(413, "M_TOO_LARGE", f"Body is larger than {max_bytes} bytes")
+
+
+def _parse_transaction(body: Any) -> Transaction:
+    if not isinstance(body, dict):
+        raise _bad_json(f"A transaction must be a JSON object, not {_json_type(body)}")
+    if "events" not in body:
+        raise _bad_json("A transaction must have an 'events' list")
+    if not isinstance(body["events"], list):
+        raise _bad_json(f"'events' must be a list, not {_json_type(body['events'])}")
+    try:
+        return Transaction.from_json(body)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
+        raise _bad_json(f"Invalid transaction: {describe_error(exc)}") from None
+
+
+def _bad_json(message: str) -> MatrixHTTPError:
+    return MatrixHTTPError(400, "M_BAD_JSON", message)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _fields(request: web.Request) -> dict[str, str]:
+    return {key: value for key, value in request.query.items() if key != "access_token"}
+
+
+def _required_param(request: web.Request, name: str) -> str:
+    value = request.query.get(name)
+    if not value:
+        raise MatrixHTTPError(400, "M_MISSING_PARAM", f"Missing query parameter '{name}'")
+    return value
+
+
+def _no_thirdparty(kind: str) -> NoReturn:
+    raise MatrixHTTPError(404, "M_NOT_FOUND", f"This bridge does not provide third-party {kind}s")
+
+
+def _hook_result(value: Any, expected: type, hook: str) -> Any:
+    data = unstructure(value)
+    if not isinstance(data, expected):
+        raise TypeError(
+            f"third-party hook {hook!r} returned {type(value).__name__}, "
+            f"expected {expected.__name__}"
+        )
+    return data
+
+
+# -- responses and middleware ---------------------------------------------------
+
+
+def _ok() -> web.Response:
+    return web.Response(body=_EMPTY_OBJECT, content_type="application/json")
+
+
+def _json(data: Any) -> web.Response:
+    return web.json_response(data)
+
+
+_HTTP_ERRCODES = {
+    404: ("M_UNRECOGNIZED", "Unrecognized request"),
+    405: ("M_UNRECOGNIZED", "Method not allowed on this endpoint"),
+}
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a Matrix JSON error body; never leak a traceback."""
+    try:
+        return await handler(request)
+    except MatrixHTTPError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(request.client_max_size).response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        errcode, message = _HTTP_ERRCODES.get(exc.status, ("M_UNKNOWN", exc.reason))
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return MatrixHTTPError(exc.status, errcode, message).response(allow)
+    except Exception:
+        # request.path, not the URL: the query may carry the legacy access_token.
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return MatrixHTTPError(500, "M_UNKNOWN", "Internal server error").response()
+
+
+def _health_route(health: Callable[[], dict[str, Any]] | None) -> JSONHandler:
+    async def route(_: web.Request) -> web.StreamResponse:
+        status = {"status": "ok"} if health is None else health()
+        healthy = status.get("status", "ok") == "ok"
+        return web.json_response(status, status=200 if healthy else 503)
+
+    return route
+
+
+def _metrics_route(metrics: Metrics) -> JSONHandler:
+    async def route(_: web.Request) -> web.StreamResponse:
+        body, content_type = metrics.render()
+        response = web.Response(body=body)
+        # Set whole: the exposition content type carries a version parameter.
+        response.headers["Content-Type"] = content_type
+        return response
+
+    return route
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """An access logger that never writes the query string (it may hold ``access_token``)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %d %.1fms',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time * 1000,
+        )

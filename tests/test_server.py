@@ -1,0 +1,816 @@
+"""Route tests of the appservice API: real HTTP on loopback, real Memory and SQLite stores."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from bridge_kit.client import ClientObserver
+from bridge_kit.metrics import Metrics
+from bridge_kit.server import (
+    PROCESSOR_KEY,
+    RedactingAccessLogger,
+    ThirdPartyHandlers,
+    TransactionProcessor,
+    create_app,
+)
+from bridge_kit.store import MemoryStore, Store, open_store
+from bridge_kit.types import Transaction
+
+HS_TOKEN = "hs-token-for-route-tests"
+AUTH = {"Authorization": f"Bearer {HS_TOKEN}"}
+V1 = "/_matrix/app/v1"
+
+Client = TestClient[web.Request, web.Application]
+
+
+def event(n: int, room: str = "!room:test.local") -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "event_id": f"$event{n}",
+        "room_id": room,
+        "sender": "@someone:test.local",
+        "content": {"msgtype": "m.text", "body": f"message {n}"},
+        "origin_server_ts": 1_700_000_000_000 + n,
+    }
+
+
+def txn_body(*numbers: int) -> dict[str, Any]:
+    return {"events": [event(n) for n in numbers]}
+
+
+class Recorder:
+    """A transaction handler that records what it gets, and can block or fail on demand."""
+
+    def __init__(self) -> None:
+        self.received: list[Transaction] = []
+        self.calls = 0
+        self.failures_left = 0
+        self.entered = asyncio.Event()
+        self.release: asyncio.Event | None = None
+
+    async def __call__(self, transaction: Transaction) -> None:
+        self.calls += 1
+        self.entered.set()
+        if self.release is not None:
+            await self.release.wait()
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("handler exploded")
+        self.received.append(transaction)
+
+    @property
+    def event_ids(self) -> list[str | None]:
+        return [e.event_id for t in self.received for e in t.events]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'bk.db'}"
+    async with open_store(url) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def memory_store() -> AsyncIterator[Store]:
+    async with MemoryStore() as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def serve_api(store: Store, **kwargs: Any) -> AsyncIterator[Client]:
+    kwargs.setdefault("on_transaction", Recorder())
+    async with serve(create_app(hs_token=HS_TOKEN, store=store, **kwargs)) as client:
+        yield client
+
+
+def processor_of(client: Client) -> TransactionProcessor:
+    app = client.app
+    assert app is not None
+    return app[PROCESSOR_KEY]
+
+
+async def expect_error(response: aiohttp.ClientResponse, status: int, errcode: str) -> str:
+    """Assert a Matrix JSON error reply; return its message."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert body["errcode"] == errcode, body
+    assert isinstance(body["error"], str) and body["error"]
+    return str(body["error"])
+
+
+async def expect_ok(response: aiohttp.ClientResponse) -> None:
+    assert response.status == 200, await response.text()
+    assert response.content_type == "application/json"
+    assert await response.json() == {}
+
+
+# -- authentication ------------------------------------------------------------
+
+AUTHED_ROUTES = [
+    ("PUT", f"{V1}/transactions/auth1"),
+    ("GET", f"{V1}/users/%40_bk_a%3Atest.local"),
+    ("GET", f"{V1}/rooms/%23_bk_a%3Atest.local"),
+    ("GET", f"{V1}/thirdparty/protocol/irc"),
+    ("GET", f"{V1}/thirdparty/location/irc"),
+    ("GET", f"{V1}/thirdparty/user/irc"),
+    ("GET", f"{V1}/thirdparty/location?alias=%23a%3Ab"),
+    ("GET", f"{V1}/thirdparty/user?userid=%40a%3Ab"),
+    ("POST", f"{V1}/ping"),
+    ("PUT", "/transactions/auth1"),
+    ("GET", "/users/%40_bk_a%3Atest.local"),
+    ("GET", "/rooms/%23_bk_a%3Atest.local"),
+    ("GET", "/_matrix/app/unstable/thirdparty/protocol/irc"),
+    ("GET", "/_matrix/app/unstable/thirdparty/user?userid=%40a%3Ab"),
+]
+
+
+def with_query(path: str, **params: str) -> URL:
+    return URL(path, encoded=True).update_query(params)
+
+
+@pytest.mark.parametrize(("method", "path"), AUTHED_ROUTES)
+async def test_every_api_route_requires_a_token(
+    memory_store: Store, method: str, path: str
+) -> None:
+    async with serve_api(memory_store) as client:
+        body = txn_body(1) if method == "PUT" else None
+        missing = await client.request(method, URL(path, encoded=True), json=body)
+        await expect_error(missing, 401, "M_MISSING_TOKEN")
+        wrong = await client.request(
+            method, URL(path, encoded=True), json=body, headers={"Authorization": "Bearer nope"}
+        )
+        await expect_error(wrong, 403, "M_FORBIDDEN")
+        wrong_query = await client.request(method, with_query(path, access_token="nope"), json=body)
+        await expect_error(wrong_query, 403, "M_FORBIDDEN")
+
+
+async def test_bearer_header_and_legacy_query_token_are_both_accepted(
+    memory_store: Store,
+) -> None:
+    async with serve_api(memory_store) as client:
+        await expect_ok(await client.post(f"{V1}/ping", headers=AUTH))
+        await expect_ok(await client.post(with_query(f"{V1}/ping", access_token=HS_TOKEN)))
+        both = await client.post(with_query(f"{V1}/ping", access_token=HS_TOKEN), headers=AUTH)
+        await expect_ok(both)
+
+
+async def test_header_and_query_token_must_match(memory_store: Store) -> None:
+    async with serve_api(memory_store) as client:
+        right_header = await client.post(
+            with_query(f"{V1}/ping", access_token="other"), headers=AUTH
+        )
+        message = await expect_error(right_header, 403, "M_FORBIDDEN")
+        assert "differ" in message
+        right_query = await client.post(
+            with_query(f"{V1}/ping", access_token=HS_TOKEN),
+            headers={"Authorization": "Bearer other"},
+        )
+        await expect_error(right_query, 403, "M_FORBIDDEN")
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "errcode"),
+    [
+        ("Basic aGk6dGhlcmU=", 401, "M_MISSING_TOKEN"),
+        ("Bearer ", 401, "M_MISSING_TOKEN"),
+        ("Bearer", 401, "M_MISSING_TOKEN"),
+        (f"bearer {HS_TOKEN}", 200, None),
+        (f"Bearer {HS_TOKEN}x", 403, "M_FORBIDDEN"),
+        ("Bearer tökén", 403, "M_FORBIDDEN"),
+    ],
+)
+async def test_authorization_header_shapes(
+    memory_store: Store, header: str, status: int, errcode: str | None
+) -> None:
+    async with serve_api(memory_store) as client:
+        # aiohttp refuses non-latin-1 header values client-side, so send raw UTF-8 bytes.
+        raw = header.encode().decode("latin-1")
+        response = await client.post(f"{V1}/ping", headers={"Authorization": raw})
+        if errcode is None:
+            await expect_ok(response)
+        else:
+            await expect_error(response, status, errcode)
+
+
+async def test_empty_query_token_is_missing(memory_store: Store) -> None:
+    async with serve_api(memory_store) as client:
+        response = await client.post(with_query(f"{V1}/ping", access_token=""))
+        await expect_error(response, 401, "M_MISSING_TOKEN")
+
+
+async def test_tokens_never_reach_the_logs(
+    memory_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    recorder.failures_left = 1
+
+    async def failing_query(user_id: str) -> bool:
+        raise RuntimeError("query hook broke")
+
+    caplog.set_level(logging.DEBUG)
+    async with serve_api(
+        memory_store, on_transaction=recorder, on_user_query=failing_query
+    ) as client:
+        url = with_query(f"{V1}/transactions/t1", access_token=HS_TOKEN)
+        await expect_error(await client.put(url, json=txn_body(1)), 500, "M_UNKNOWN")
+        url = with_query(f"{V1}/users/%40_bk_a%3Atest.local", access_token=HS_TOKEN)
+        await expect_error(await client.get(url), 500, "M_UNKNOWN")
+    # Our own log lines; aiohttp's default access log is covered by RedactingAccessLogger.
+    ours = "\n".join(
+        caplog.handler.format(record)
+        for record in caplog.records
+        if record.name.startswith("bridge_kit")
+    )
+    assert "handler exploded" in ours
+    assert "query hook broke" in ours
+    assert HS_TOKEN not in ours
+
+
+# -- every reply is JSON -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", f"{V1}/nothing-here"),
+        ("PUT", f"{V1}/transactions"),
+        ("GET", "/_matrix/client/v3/sync"),
+    ],
+)
+async def test_unknown_route_is_json_404_unrecognized(
+    memory_store: Store, method: str, path: str
+) -> None:
+    async with serve_api(memory_store) as client:
+        response = await client.request(method, path, headers=AUTH)
+        await expect_error(response, 404, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", f"{V1}/transactions/1"),
+        ("POST", f"{V1}/transactions/1"),
+        ("PUT", f"{V1}/users/%40a%3Ab"),
+        ("GET", f"{V1}/ping"),
+        ("DELETE", "/transactions/1"),
+    ],
+)
+async def test_wrong_method_is_json_405_unrecognized(
+    memory_store: Store, method: str, path: str
+) -> None:
+    async with serve_api(memory_store) as client:
+        response = await client.request(method, URL(path, encoded=True), headers=AUTH)
+        await expect_error(response, 405, "M_UNRECOGNIZED")
+        assert "Allow" in response.headers
+
+
+async def test_body_over_limit_by_content_length_is_413(memory_store: Store) -> None:
+    recorder = Recorder()
+    async with serve_api(memory_store, on_transaction=recorder, max_body_bytes=1000) as client:
+        big = json.dumps({"events": [], "padding": "x" * 5000}).encode()
+        response = await client.put(f"{V1}/transactions/big", data=big, headers=AUTH)
+        message = await expect_error(response, 413, "M_TOO_LARGE")
+        assert "1000" in message
+    assert recorder.calls == 0
+
+
+async def test_chunked_body_over_limit_is_413(memory_store: Store) -> None:
+    recorder = Recorder()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"events": [], "padding": "'
+        for _ in range(20):
+            yield b"x" * 500
+        yield b'"}'
+
+    async with serve_api(memory_store, on_transaction=recorder, max_body_bytes=4000) as client:
+        response = await client.put(f"{V1}/transactions/chunky", data=chunks(), headers=AUTH)
+        assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+        await expect_error(response, 413, "M_TOO_LARGE")
+    assert recorder.calls == 0
+
+
+async def test_body_at_the_limit_is_accepted(memory_store: Store) -> None:
+    body = json.dumps(txn_body(1)).encode()
+    async with serve_api(memory_store, max_body_bytes=len(body)) as client:
+        await expect_ok(await client.put(f"{V1}/transactions/exact", data=body, headers=AUTH))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b'{"events": [', b"\xff\xfe\xfa", b'{"events": [], "x": NaN}'],
+)
+async def test_non_json_body_is_400_not_json(memory_store: Store, body: bytes) -> None:
+    recorder = Recorder()
+    async with serve_api(memory_store, on_transaction=recorder) as client:
+        response = await client.put(f"{V1}/transactions/bad", data=body, headers=AUTH)
+        await expect_error(response, 400, "M_NOT_JSON")
+    assert recorder.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ([], "must be a JSON object, not an array"),
+        ("events", "must be a JSON object, not a string"),
+        ({}, "must have an 'events' list"),
+        ({"ephemeral": []}, "must have an 'events' list"),
+        ({"events": None}, "'events' must be a list, not null"),
+        ({"events": {"a": 1}}, "'events' must be a list, not an object"),
+        ({"events": [{"content": {}}]}, "$.events[0].type"),
+        ({"events": [event(1), 7]}, "$.events[1]"),
+    ],
+)
+async def test_malformed_transaction_is_400_bad_json(
+    memory_store: Store, body: Any, expected: str
+) -> None:
+    recorder = Recorder()
+    async with serve_api(memory_store, on_transaction=recorder) as client:
+        response = await client.put(f"{V1}/transactions/bad", json=body, headers=AUTH)
+        message = await expect_error(response, 400, "M_BAD_JSON")
+        assert expected in message
+    assert recorder.calls == 0
+    assert not await memory_store.is_transaction_done("bad")
+
+
+async def test_unexpected_exception_is_json_500_without_traceback(
+    memory_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(alias: str) -> bool:
+        raise ZeroDivisionError("secret internals")
+
+    async with serve_api(memory_store, on_alias_query=broken) as client:
+        response = await client.get(f"{V1}/rooms/%23_bk_x%3Atest.local", headers=AUTH)
+        message = await expect_error(response, 500, "M_UNKNOWN")
+        text = await response.text()
+    assert "secret" not in text and "Traceback" not in text and "ZeroDivision" not in text
+    assert message == "Internal server error"
+    assert "ZeroDivisionError: secret internals" in caplog.text
+
+
+# -- transactions and dedup ---------------------------------------------------
+
+
+async def test_transaction_reaches_the_handler_in_order(store: Store) -> None:
+    recorder = Recorder()
+    body = txn_body(1, 2, 3)
+    body["de.sorunome.msc2409.ephemeral"] = [{"type": "m.typing", "room_id": "!r:t"}]
+    body["org.matrix.msc3202.device_one_time_key_counts"] = {"@a:t": {"DEV": {"curve": 3}}}
+    async with serve_api(store, on_transaction=recorder) as client:
+        await expect_ok(await client.put(f"{V1}/transactions/1", json=body, headers=AUTH))
+    assert recorder.event_ids == ["$event1", "$event2", "$event3"]
+    [transaction] = recorder.received
+    assert [e.type for e in transaction.ephemeral] == ["m.typing"]
+    assert transaction.device_one_time_keys_count == {"@a:t": {"DEV": {"curve": 3}}}
+    assert await store.is_transaction_done("1")
+
+
+async def test_duplicate_transaction_is_acknowledged_without_processing(store: Store) -> None:
+    recorder = Recorder()
+    metrics = Metrics()
+    async with serve_api(store, on_transaction=recorder, metrics=metrics) as client:
+        for _ in range(3):
+            response = await client.put(f"{V1}/transactions/7", json=txn_body(1), headers=AUTH)
+            await expect_ok(response)
+        # The legacy path shares the dedup record.
+        await expect_ok(await client.put("/transactions/7", json=txn_body(1), headers=AUTH))
+    assert recorder.calls == 1
+    assert metric(metrics, "bridge_kit_duplicate_transactions_total") == 3
+    assert metric(metrics, "bridge_kit_transactions_total") == 1
+
+
+async def test_concurrent_duplicate_waits_for_the_first_copy(store: Store) -> None:
+    recorder = Recorder()
+    recorder.release = asyncio.Event()
+    async with serve_api(store, on_transaction=recorder) as client:
+        processor = processor_of(client)
+
+        async def put() -> aiohttp.ClientResponse:
+            return await client.put(f"{V1}/transactions/42", json=txn_body(1), headers=AUTH)
+
+        first = asyncio.create_task(put())
+        await asyncio.wait_for(recorder.entered.wait(), 10)
+        second = asyncio.create_task(put())
+        third = asyncio.create_task(put())
+        await wait_until(lambda: processor.waiting == 2)
+        assert not second.done() and not third.done()
+        recorder.release.set()
+        for task in (first, second, third):
+            await expect_ok(await task)
+    assert recorder.calls == 1
+    assert recorder.event_ids == ["$event1"]
+
+
+async def test_concurrent_duplicate_shares_a_failure(store: Store) -> None:
+    recorder = Recorder()
+    recorder.release = asyncio.Event()
+    recorder.failures_left = 1
+    async with serve_api(store, on_transaction=recorder) as client:
+        processor = processor_of(client)
+
+        async def put() -> aiohttp.ClientResponse:
+            return await client.put(f"{V1}/transactions/43", json=txn_body(5), headers=AUTH)
+
+        first = asyncio.create_task(put())
+        await asyncio.wait_for(recorder.entered.wait(), 10)
+        second = asyncio.create_task(put())
+        await wait_until(lambda: processor.waiting == 1)
+        recorder.release.set()
+        await expect_error(await first, 500, "M_UNKNOWN")
+        await expect_error(await second, 500, "M_UNKNOWN")
+        assert recorder.calls == 1
+        assert not await store.is_transaction_done("43")
+        # The homeserver's retry is processed for real this time.
+        await expect_ok(await put())
+    assert recorder.calls == 2
+    assert recorder.event_ids == ["$event5"]
+    assert await store.is_transaction_done("43")
+
+
+async def test_failed_transaction_is_not_acknowledged_and_retry_succeeds(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    recorder.failures_left = 1
+    metrics = Metrics()
+    async with serve_api(store, on_transaction=recorder, metrics=metrics) as client:
+        url = f"{V1}/transactions/9"
+        response = await client.put(url, json=txn_body(11, 12), headers=AUTH)
+        message = await expect_error(response, 500, "M_UNKNOWN")
+        assert "9" in message
+        assert not await store.is_transaction_done("9")
+        await expect_ok(await client.put(url, json=txn_body(11, 12), headers=AUTH))
+        await expect_ok(await client.put(url, json=txn_body(11, 12), headers=AUTH))
+    assert recorder.calls == 2
+    assert recorder.event_ids == ["$event11", "$event12"]
+    assert "$event11" in caplog.text and "$event12" in caplog.text
+    assert "RuntimeError: handler exploded" in caplog.text
+    assert metric(metrics, "bridge_kit_handler_failures_total") == 1
+    assert metric(metrics, "bridge_kit_transactions_total") == 1
+    assert metric(metrics, "bridge_kit_events_total") == 2
+
+
+class FlakyDedupStore(MemoryStore):
+    """A real MemoryStore whose first dedup write fails, as a full disk would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mark_failures = 1
+
+    async def mark_transaction_done(self, txn_id: str) -> None:
+        if self.mark_failures:
+            self.mark_failures -= 1
+            raise OSError("disk full")
+        await super().mark_transaction_done(txn_id)
+
+
+async def test_failed_dedup_record_is_not_acknowledged() -> None:
+    recorder = Recorder()
+    async with FlakyDedupStore() as flaky, serve_api(flaky, on_transaction=recorder) as client:
+        url = f"{V1}/transactions/d1"
+        await expect_error(await client.put(url, json=txn_body(1), headers=AUTH), 500, "M_UNKNOWN")
+        await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
+        await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
+        assert await flaky.is_transaction_done("d1")
+    # Processed twice (at-least-once), acknowledged only after the record was written.
+    assert recorder.calls == 2
+
+
+async def test_dedup_survives_a_restart_with_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'restart.db'}"
+    before = Recorder()
+    async with open_store(url) as store, serve_api(store, on_transaction=before) as client:
+        await expect_ok(await client.put(f"{V1}/transactions/1", json=txn_body(1), headers=AUTH))
+    after = Recorder()
+    async with open_store(url) as store, serve_api(store, on_transaction=after) as client:
+        await expect_ok(await client.put(f"{V1}/transactions/1", json=txn_body(1), headers=AUTH))
+        assert after.calls == 0
+        await expect_ok(await client.put(f"{V1}/transactions/2", json=txn_body(2), headers=AUTH))
+    assert before.event_ids == ["$event1"]
+    assert after.event_ids == ["$event2"]
+
+
+async def test_dedup_records_are_pruned_in_the_background(store: Store) -> None:
+    recorder = Recorder()
+    async with serve_api(store, on_transaction=recorder, prune_every=5, prune_keep=3) as client:
+        for n in range(1, 11):
+            response = await client.put(f"{V1}/transactions/{n}", json=txn_body(n), headers=AUTH)
+            await expect_ok(response)
+        await processor_of(client).wait_idle()
+        done = [n for n in range(1, 11) if await store.is_transaction_done(str(n))]
+        assert 3 <= len(done) < 10
+        assert done == list(range(11 - len(done), 11))
+        # A pruned id counts as new again (the homeserver's ids only count up).
+        await expect_ok(await client.put(f"{V1}/transactions/1", json=txn_body(1), headers=AUTH))
+    assert recorder.calls == 11
+
+
+# -- queries -------------------------------------------------------------------
+
+
+class QueryLog:
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def __call__(self, identifier: str) -> bool:
+        self.asked.append(identifier)
+        return self.answer
+
+
+async def raw_get(client: Client, path: str) -> tuple[int, dict[str, Any]]:
+    """GET with the path bytes exactly as given (aiohttp's client would normalise %40 to @)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {client.host}\r\n"
+        f"Authorization: Bearer {HS_TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(request.encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize("prefix", [V1, ""])
+async def test_user_query_decodes_percent_encoded_ids(memory_store: Store, prefix: str) -> None:
+    hook = QueryLog(answer=True)
+    async with serve_api(memory_store, on_user_query=hook) as client:
+        status, body = await raw_get(client, f"{prefix}/users/%40_bk_alice%3Atest.local")
+        assert (status, body) == (200, {})
+        status, _ = await raw_get(client, f"{prefix}/users/%40_bk_a%2Fb%3Dc%2Bd%3Atest.local")
+        assert status == 200
+        status, _ = await raw_get(client, f"{prefix}/users/@_bk_plain:test.local")
+        assert status == 200
+    assert hook.asked == [
+        "@_bk_alice:test.local",
+        "@_bk_a/b=c+d:test.local",
+        "@_bk_plain:test.local",
+    ]
+
+
+async def test_user_query_no_or_no_hook_is_404_not_found(memory_store: Store) -> None:
+    async with serve_api(memory_store, on_user_query=QueryLog(answer=False)) as client:
+        response = await client.get(f"{V1}/users/%40_bk_x%3Atest.local", headers=AUTH)
+        await expect_error(response, 404, "M_NOT_FOUND")
+    async with serve_api(memory_store) as client:
+        response = await client.get(f"{V1}/users/%40_bk_x%3Atest.local", headers=AUTH)
+        await expect_error(response, 404, "M_NOT_FOUND")
+
+
+@pytest.mark.parametrize("prefix", [V1, ""])
+async def test_alias_query(memory_store: Store, prefix: str) -> None:
+    yes, no = QueryLog(answer=True), QueryLog(answer=False)
+    async with serve_api(memory_store, on_alias_query=yes) as client:
+        status, body = await raw_get(client, f"{prefix}/rooms/%23_bk_room%3Atest.local")
+        assert (status, body) == (200, {})
+    async with serve_api(memory_store, on_alias_query=no) as client:
+        status, body = await raw_get(client, f"{prefix}/rooms/%23_bk_room%3Atest.local")
+        assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+    async with serve_api(memory_store) as client:
+        status, body = await raw_get(client, f"{prefix}/rooms/%23_bk_room%3Atest.local")
+        assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+    assert yes.asked == no.asked == ["#_bk_room:test.local"]
+
+
+# -- third party ---------------------------------------------------------------
+
+PROTOCOL = {
+    "user_fields": ["network", "nickname"],
+    "location_fields": ["network", "channel"],
+    "icon": "mxc://example.org/icon",
+    "field_types": {},
+    "instances": [],
+}
+
+
+class ThirdPartyLog:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def protocol(self, protocol: str) -> dict[str, Any] | None:
+        self.calls.append(("protocol", protocol))
+        return PROTOCOL if protocol == "irc" else None
+
+    async def location(self, protocol: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+        self.calls.append(("location", (protocol, fields)))
+        return [{"alias": "#irc_chan:test.local", "protocol": protocol, "fields": fields}]
+
+    async def user(self, protocol: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+        self.calls.append(("user", (protocol, fields)))
+        return [{"userid": "@irc_bob:test.local", "protocol": protocol, "fields": fields}]
+
+    async def location_by_alias(self, alias: str) -> list[dict[str, Any]]:
+        self.calls.append(("location_by_alias", alias))
+        return []
+
+    async def user_by_id(self, user_id: str) -> list[dict[str, Any]]:
+        self.calls.append(("user_by_id", user_id))
+        return [{"userid": user_id, "protocol": "irc", "fields": {"nickname": "bob"}}]
+
+    def handlers(self) -> ThirdPartyHandlers:
+        return ThirdPartyHandlers(
+            protocol=self.protocol,
+            location=self.location,
+            user=self.user,
+            location_by_alias=self.location_by_alias,
+            user_by_id=self.user_by_id,
+        )
+
+
+@pytest.mark.parametrize("prefix", [V1, "/_matrix/app/unstable"])
+async def test_thirdparty_routes_call_their_hooks(memory_store: Store, prefix: str) -> None:
+    hooks = ThirdPartyLog()
+    base = f"{prefix}/thirdparty"
+    async with serve_api(memory_store, thirdparty=hooks.handlers()) as client:
+        response = await client.get(f"{base}/protocol/irc", headers=AUTH)
+        assert response.status == 200 and await response.json() == PROTOCOL
+        await expect_error(
+            await client.get(f"{base}/protocol/xmpp", headers=AUTH), 404, "M_NOT_FOUND"
+        )
+        location = with_query(
+            f"{base}/location/irc", network="libera", channel="#x", access_token=HS_TOKEN
+        )
+        response = await client.get(location)
+        assert (await response.json())[0]["fields"] == {"network": "libera", "channel": "#x"}
+        response = await client.get(with_query(f"{base}/user/irc", nickname="bob"), headers=AUTH)
+        assert (await response.json())[0]["userid"] == "@irc_bob:test.local"
+        response = await client.get(with_query(f"{base}/location", alias="#a:b"), headers=AUTH)
+        assert response.status == 200 and await response.json() == []
+        response = await client.get(with_query(f"{base}/user", userid="@x:b"), headers=AUTH)
+        assert (await response.json())[0]["userid"] == "@x:b"
+    assert hooks.calls == [
+        ("protocol", "irc"),
+        ("protocol", "xmpp"),
+        ("location", ("irc", {"network": "libera", "channel": "#x"})),
+        ("user", ("irc", {"nickname": "bob"})),
+        ("location_by_alias", "#a:b"),
+        ("user_by_id", "@x:b"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{V1}/thirdparty/protocol/irc",
+        f"{V1}/thirdparty/location/irc",
+        f"{V1}/thirdparty/user/irc",
+        f"{V1}/thirdparty/location?alias=%23a%3Ab",
+        f"{V1}/thirdparty/user?userid=%40a%3Ab",
+    ],
+)
+async def test_thirdparty_route_without_hook_is_404(memory_store: Store, path: str) -> None:
+    async with serve_api(memory_store) as client:
+        response = await client.get(URL(path, encoded=True), headers=AUTH)
+        await expect_error(response, 404, "M_NOT_FOUND")
+
+
+@pytest.mark.parametrize(("path", "param"), [("location", "alias"), ("user", "userid")])
+async def test_thirdparty_lookup_without_its_parameter_is_400(
+    memory_store: Store, path: str, param: str
+) -> None:
+    hooks = ThirdPartyLog()
+    async with serve_api(memory_store, thirdparty=hooks.handlers()) as client:
+        response = await client.get(f"{V1}/thirdparty/{path}", headers=AUTH)
+        message = await expect_error(response, 400, "M_MISSING_PARAM")
+        assert param in message
+    assert hooks.calls == []
+
+
+async def test_thirdparty_hook_returning_the_wrong_shape_is_500(memory_store: Store) -> None:
+    async def not_a_list(protocol: str, fields: dict[str, str]) -> Any:
+        return {"oops": True}
+
+    handlers = ThirdPartyHandlers(user=not_a_list)
+    async with serve_api(memory_store, thirdparty=handlers) as client:
+        response = await client.get(f"{V1}/thirdparty/user/irc", headers=AUTH)
+        await expect_error(response, 500, "M_UNKNOWN")
+
+
+# -- ping, health, metrics -----------------------------------------------------
+
+
+async def test_ping_answers_empty_object(memory_store: Store) -> None:
+    async with serve_api(memory_store) as client:
+        ping = f"{V1}/ping"
+        await expect_ok(await client.post(ping, json={"transaction_id": None}, headers=AUTH))
+        await expect_ok(await client.post(ping, json={"transaction_id": "abc"}, headers=AUTH))
+        await expect_ok(await client.post(ping, headers=AUTH))
+        response = await client.post(ping, data=b"{nope", headers=AUTH)
+        await expect_error(response, 400, "M_NOT_JSON")
+
+
+async def test_health_needs_no_token(memory_store: Store) -> None:
+    async with serve_api(memory_store) as client:
+        response = await client.get("/_bridge_kit/health")
+        assert response.status == 200 and await response.json() == {"status": "ok"}
+    state = {"status": "starting", "store": "sqlite"}
+    async with serve_api(memory_store, health=lambda: state) as client:
+        response = await client.get("/_bridge_kit/health")
+        assert response.status == 503 and await response.json() == state
+        state["status"] = "ok"
+        response = await client.get("/_bridge_kit/health")
+        assert response.status == 200 and await response.json() == state
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_metrics_route_serves_the_counters(memory_store: Store) -> None:
+    metrics = Metrics()
+    recorder = Recorder()
+    recorder.failures_left = 1
+    async with serve_api(memory_store, on_transaction=recorder, metrics=metrics) as client:
+        url = f"{V1}/transactions/m1"
+        await client.put(url, json=txn_body(1, 2), headers=AUTH)
+        await client.put(url, json=txn_body(1, 2), headers=AUTH)
+        await client.put(url, json=txn_body(1, 2), headers=AUTH)
+        metrics.on_response("POST", "/_matrix/client/v3/register", 200, None, 0.02)
+        metrics.on_response("POST", "/_matrix/client/v3/register", 400, "M_USER_IN_USE", 0.01)
+        response = await client.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+    expected = [
+        "bridge_kit_transactions_total 1.0",
+        "bridge_kit_events_total 2.0",
+        "bridge_kit_duplicate_transactions_total 1.0",
+        "bridge_kit_handler_failures_total 1.0",
+        "bridge_kit_puppets_registered_total 1.0",
+        "bridge_kit_register_latency_seconds_count 2.0",
+        'bridge_kit_homeserver_errors_total{errcode="M_USER_IN_USE"} 1.0',
+    ]
+    for line in expected:
+        assert line in text, line
+
+
+async def test_metrics_route_is_absent_without_metrics(memory_store: Store) -> None:
+    async with serve_api(memory_store) as client:
+        await expect_error(await client.get("/metrics"), 404, "M_UNRECOGNIZED")
+
+
+def test_metrics_is_a_client_observer_with_its_own_registry() -> None:
+    first, second = Metrics(), Metrics()
+    assert isinstance(first, ClientObserver)
+    first.on_response("GET", "/_matrix/client/v3/account/whoami", 401, "M_UNKNOWN_TOKEN", 0.01)
+    first.on_response("PUT", "/_matrix/client/v3/rooms/{roomId}/send", 502, None, 0.5)
+    first.on_rate_limited(1.5)
+    first.on_retry("HTTP 502", 0.25)
+    assert metric(first, "bridge_kit_homeserver_errors_total", errcode="M_UNKNOWN_TOKEN") == 1
+    assert metric(first, "bridge_kit_homeserver_errors_total", errcode="HTTP_502") == 1
+    assert metric(first, "bridge_kit_rate_limited_total") == 1
+    assert metric(first, "bridge_kit_retries_total", reason="HTTP 502") == 1
+    assert metric(first, "bridge_kit_puppets_registered_total") == 0
+    assert metric(second, "bridge_kit_homeserver_errors_total", errcode="M_UNKNOWN_TOKEN") == 0
+
+
+# -- serving -------------------------------------------------------------------
+
+
+async def test_redacting_access_logger_omits_the_query(
+    memory_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(hs_token=HS_TOKEN, store=memory_store, on_transaction=Recorder())
+    runner = web.AppRunner(app, access_log_class=RedactingAccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    try:
+        port = runner.addresses[0][1]
+        url = URL(f"http://127.0.0.1:{port}{V1}/ping").with_query(access_token=HS_TOKEN)
+        async with aiohttp.ClientSession() as session, session.post(url) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+    assert f"POST {V1}/ping" in caplog.text
+    assert HS_TOKEN not in caplog.text
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
