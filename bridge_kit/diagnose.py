@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import yarl
 from aiohttp import web
 
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.errors import (
     BridgeKitError,
     Forbidden,
@@ -111,7 +111,9 @@ async def check_against_homeserver(registration: Registration, homeserver_url: s
     Returns the lines to print (what was confirmed); raises
     :class:`StartupCheckFailed` with the diagnosis on the first failure.
     """
-    async with HomeserverClient(homeserver_url, registration.as_token) as client:
+    # A one-off check should answer in seconds, not wait out a homeserver outage.
+    quick = RetryPolicy(max_attempts=2, base_delay=0.2)
+    async with HomeserverClient(homeserver_url, registration.as_token, retry=quick) as client:
         domain = await homeserver_domain(client, registration)
         sender = f"@{registration.sender_localpart}:{domain}"
         lines = [f"ok: the homeserver knows this registration (sender {sender})"]

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
-from bridge_kit import AppService, Config, Event
+from bridge_kit import AppService, BridgeKitError, Config, Event
 from bridge_kit.commands.run import serve
 from bridge_kit.logs import configure_logging
 
 
 def build(config: Config) -> AppService:
     app = AppService.from_config(config)
+    # room -> the puppet that echoes there; a real bridge keeps this mapping in its database.
+    echoers: dict[str, str] = {}
 
     def our_localpart(user_id: str | None) -> str | None:
         if user_id is None or not app.registration.is_user_in_namespace(user_id):
@@ -33,17 +36,15 @@ def build(config: Config) -> AppService:
         localpart = our_localpart(event.state_key)
         if localpart and event.room_id and event.content.get("membership") == "invite":
             await app.intent(localpart).join_room(event.room_id)
+            echoers[event.room_id] = localpart
 
     @app.on_event("m.room.message")
     async def echo(event: Event) -> None:
-        if our_localpart(event.sender) or event.room_id is None:
+        localpart = echoers.get(event.room_id or "")
+        if localpart is None or our_localpart(event.sender):
             return  # never answer a puppet, or two echo puppets would talk forever
-        members = await app.bot.joined_members(event.room_id)
-        for user_id in members:
-            localpart = our_localpart(user_id)
-            if localpart and user_id != app.bot.user_id:
-                body = event.content.get("body", "")
-                await app.intent(localpart).send_text(event.room_id, f"echo: {body}")
+        body = event.content.get("body", "")
+        await app.intent(localpart).send_text(event.room_id or "", f"echo: {body}")
 
     return app
 
@@ -51,9 +52,13 @@ def build(config: Config) -> AppService:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="config.yaml")
-    config = Config.load(parser.parse_args().config)
-    configure_logging(config.logging.level, config.logging.format)
-    return asyncio.run(serve(build(config)))
+    try:
+        config = Config.load(parser.parse_args().config)
+        configure_logging(config.logging.level, config.logging.format)
+        return asyncio.run(serve(build(config)))
+    except BridgeKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

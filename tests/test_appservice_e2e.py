@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
 
 from bridge_kit import AppService, Event, HomeserverClient, Intent, Registration
 from tests.conftest import TestHomeserver, _running_homeserver
@@ -142,3 +148,130 @@ async def test_user_query_outside_namespace_is_refused(
         assert await app._answer_user_query(f"@_bk_ok{unique}:test.local")
     assert await homeserver.user_exists(f"@_bk_ok{unique}:test.local")
     assert not await homeserver.user_exists(f"@someone{unique}:test.local")
+
+
+def write_config(hs: TestHomeserver, tmp_path: Path, **puppets: object) -> Path:
+    config = {
+        "homeserver": {"url": hs.url},
+        "appservice": {
+            "registration": str(hs.registration_path),
+            "port": hs.appservice_port,
+            "store": "sqlite:///bridge_kit.db",
+        },
+        "puppets": puppets,
+        "logging": {"level": "INFO", "format": "json"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def get_json(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+async def wait_until_healthy(url: str, daemon: asyncio.subprocess.Process) -> None:
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while asyncio.get_running_loop().time() < deadline:
+        assert daemon.returncode is None, "the daemon exited early"
+        with contextlib.suppress(aiohttp.ClientError):
+            status, _ = await get_json(f"{url}/_bridge_kit/health")
+            if status == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the daemon never became healthy")
+
+
+async def test_daemon_preregisters_serves_health_and_metrics_and_stops_on_sigterm(
+    homeserver: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    names = [f"_bk_pre{unique}_{i}" for i in range(25)]
+    (tmp_path / "puppets.txt").write_text("# bridged users\n\n" + "\n".join(names) + "\n")
+    config = write_config(homeserver, tmp_path, preregister="puppets.txt", concurrency=4)
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge_kit", "run", "-c", str(config),
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_until_healthy(homeserver.appservice_url, daemon)
+        for _ in range(int(TIMEOUT * 5)):
+            if await homeserver.count_users(f"_bk_pre{unique}_") == len(names):
+                break
+            await asyncio.sleep(0.2)
+        status, metrics = await get_json(f"{homeserver.appservice_url}/metrics")
+        assert status == 200
+        assert "bridge_kit_puppets_registered_total 25.0" in metrics
+    finally:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+        _stdout, stderr = await asyncio.wait_for(daemon.communicate(), TIMEOUT)
+    assert daemon.returncode == 0, stderr.decode()
+    log_lines = [json.loads(line) for line in stderr.decode().splitlines()]
+    messages = [line["message"] for line in log_lines]
+    assert any("pre-registration finished: 25 registered" in m for m in messages), messages
+    assert homeserver.as_token not in stderr.decode()
+    assert homeserver.hs_token not in stderr.decode()
+
+
+async def test_daemon_refuses_a_registration_the_homeserver_did_not_load(
+    homeserver: TestHomeserver, tmp_path: Path
+) -> None:
+    data = homeserver.registration_data() | {"as_token": "x" * 64}
+    (tmp_path / "registration.yaml").write_text(yaml.safe_dump(data))
+    config = write_config(homeserver, tmp_path)
+    config.write_text(
+        config.read_text().replace(str(homeserver.registration_path), "registration.yaml")
+    )
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge_kit", "run", "-c", str(config),
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(daemon.communicate(), TIMEOUT)
+    assert daemon.returncode == 1
+    assert "app_service_config_files" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
+async def test_echo_bridge_example_echoes(
+    homeserver: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    example = Path(__file__).parent.parent / "examples" / "echo_bridge.py"
+    config = write_config(homeserver, tmp_path)
+    bridge = await asyncio.create_subprocess_exec(
+        sys.executable, str(example), "-c", str(config),
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    client, alice = await user(homeserver, f"echoer{unique}")
+    try:
+        await wait_until_healthy(homeserver.appservice_url, bridge)
+        async with client:
+            room_id = await alice.create_room()
+            await alice.invite(room_id, f"@_bk_echo{unique}:test.local")
+            echo = await wait_for_message(client, room_id, f"echo: hi {unique}", send=alice)
+    finally:
+        if bridge.returncode is None:
+            bridge.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(bridge.communicate(), TIMEOUT)
+    assert echo["sender"] == f"@_bk_echo{unique}:test.local"
+    assert bridge.returncode == 0, stderr.decode()
+
+
+async def wait_for_message(
+    client: HomeserverClient, room_id: str, body: str, *, send: Intent
+) -> dict[str, object]:
+    """Send ``hi`` once the echo puppet has joined, then wait until ``body`` shows up."""
+    path = f"/_matrix/client/v3/rooms/{room_id}/messages"
+    sent = False
+    for _ in range(int(TIMEOUT * 5)):
+        chunk = (await client.request("GET", path, query={"dir": "b", "limit": "20"}))["chunk"]
+        joined = any(e["type"] == "m.room.member" and e["content"].get("membership") == "join"
+                     and e["state_key"].startswith("@_bk_echo") for e in chunk)  # fmt: skip
+        if joined and not sent:
+            await send.send_text(room_id, body.removeprefix("echo: "))
+            sent = True
+        for event in chunk:
+            if event["type"] == "m.room.message" and event["content"].get("body") == body:
+                return dict(event)
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{body!r} never arrived")

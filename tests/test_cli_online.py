@@ -1,0 +1,84 @@
+"""`bridge-kit check --homeserver` and `bridge-kit demo` against a real Synapse."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import TestHomeserver
+
+
+async def bridge_kit(*args: str, cwd: Path) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge_kit", *args,
+        cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 180)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def write_registration(tmp_path: Path, synapse: TestHomeserver, **changes: object) -> Path:
+    path = tmp_path / "registration.yaml"
+    path.write_text(yaml.safe_dump(synapse.registration_data() | changes))
+    path.chmod(0o600)
+    return path
+
+
+async def test_check_confirms_whoami_and_ping(synapse: TestHomeserver, tmp_path: Path) -> None:
+    path = write_registration(tmp_path, synapse)
+    code, out, err = await bridge_kit(
+        "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+    )
+    assert code == 0, out + err
+    assert "ok: the homeserver knows this registration (sender @_bk_bot:test.local)" in out
+    assert f"ok: the homeserver reached {synapse.appservice_url} in" in out
+
+
+async def test_check_diagnoses_a_registration_not_loaded(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    path = write_registration(tmp_path, synapse, as_token="n" * 64)
+    code, _out, err = await bridge_kit(
+        "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+    )
+    assert code == 1
+    assert "app_service_config_files" in err
+    assert "Traceback" not in err
+
+
+async def test_check_diagnoses_an_hs_token_mismatch(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    path = write_registration(tmp_path, synapse, hs_token="m" * 64)
+    code, _out, err = await bridge_kit(
+        "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+    )
+    assert code == 1
+    assert "hs_token" in err and "(403)" in err, err
+
+
+async def test_check_diagnoses_an_unreachable_homeserver(tmp_path: Path) -> None:
+    path = tmp_path / "registration.yaml"
+    code, out, _ = await bridge_kit(
+        "generate-registration", "--id", "x", "--url", "http://127.0.0.1:9", "--domain", "x.org",
+        "--user-prefix", "_x_", "-o", str(path), cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, out
+    code, out, err = await bridge_kit(
+        "check", "-r", str(path), "--homeserver", "http://127.0.0.1:9", cwd=tmp_path
+    )
+    assert code == 1
+    assert "cannot reach the homeserver at http://127.0.0.1:9" in err
+    assert "Traceback" not in err
+
+
+async def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
+    code, out, err = await bridge_kit("demo", "--puppets", "50", "--no-progress", cwd=tmp_path)
+    assert code == 0, out + err
+    assert "50 skipped, 0 requests" in out
+    assert "answered with $" in out
+    assert "Traceback" not in err
