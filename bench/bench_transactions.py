@@ -1,18 +1,24 @@
 """Events/s through ``PUT /_matrix/app/v1/transactions``: bridge_kit vs a bare aiohttp handler.
 
-Each run starts a fresh server in a subprocess (so the load generator and the
-server do not share one event loop) and pushes transactions of 100 events from
-several concurrent senders over loopback:
+Each run starts a fresh server in its own process (so the load generator and
+the server do not share one event loop) and pushes transactions of 100 events
+from several concurrent senders over loopback for a fixed time:
 
-- ``bridge``: bridge_kit's app (auth, JSON parsing into attrs models, SQLite
-  dedup lookup and durable dedup record, metrics) with a handler that does nothing;
-- ``bare``: an aiohttp handler that reads the body and answers ``{}`` (the target's baseline);
-- ``bare-json``: the same, but it also decodes the JSON body, the least any appservice must do
-  (shown for context: it separates bridge_kit's own cost from JSON decoding).
+- ``bridge``: bridge_kit's app as a bridge serves it: token check, JSON decoding,
+  validation into attrs ``Transaction``/``Event`` models, the dedup lookup and
+  the dedup record committed in SQLite before the 200, metrics, and a handler
+  that counts the events it got (checked against what was sent);
+- ``bare``: an aiohttp handler that reads the body and answers ``{}`` (the
+  baseline of the target: reading the body is the least any handler must do);
+- ``bare-json``: the same, but it also decodes the JSON body, for context: it
+  shows how much of the gap is JSON decoding alone.
 
-The two alternate for a few rounds; the medians are compared.
+The kinds alternate for a few rounds, so drift in machine load hits each alike,
+and the medians are compared. Each server also reports the CPU time it used, so
+the output gives server CPU per transaction, which other load on the machine
+disturbs much less than throughput. The load average is printed with each round.
 
-    .venv/bin/python bench/bench_transactions.py [--rounds 5] [--senders 4] [--transactions 400]
+    .venv/bin/python bench/bench_transactions.py [--rounds 5] [--senders 4] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -35,9 +42,23 @@ HS_TOKEN = "bench-hs-token"
 EVENTS_PER_TRANSACTION = 100
 ROOT = str(Path(__file__).resolve().parent.parent)
 KINDS = ("bridge", "bare", "bare-json")
+STATS_PATH = "/_bench/stats"
+BASELINES = {
+    "bridge": "bridge_kit: auth, JSON, attrs models, SQLite dedup check + record, metrics",
+    "bare": "bare aiohttp: read the body, answer {}",
+    "bare-json": "bare aiohttp: read the body, json.loads it, answer {}",
+}
 
 
 # -- server side (runs in the subprocess) -------------------------------------------
+
+
+def stats_route(events: list[int]) -> Any:
+    async def stats(_: web.Request) -> web.Response:
+        cpu = os.times()
+        return web.json_response({"cpu": cpu.user + cpu.system, "events": events[0]})
+
+    return stats
 
 
 async def serve_bare(port: int, *, decode: bool) -> None:
@@ -49,7 +70,7 @@ async def serve_bare(port: int, *, decode: bool) -> None:
 
     app = web.Application(client_max_size=10 * 1024 * 1024)
     app.router.add_put("/_matrix/app/v1/transactions/{txnId}", transaction)
-    app.router.add_get("/_bridge_kit/health", lambda _: web.json_response({}))
+    app.router.add_get(STATS_PATH, stats_route([-1]))
     await run_forever(app, port)
 
 
@@ -59,11 +80,14 @@ async def serve_bridge(port: int, db: Path) -> None:
     from bridge_kit.store import open_store
     from bridge_kit.types import Transaction
 
+    events = [0]
+
     async def handler(transaction: Transaction) -> None:
-        pass
+        events[0] += len(transaction.events)
 
     async with open_store(f"sqlite:///{db}") as store:
         app = create_app(hs_token=HS_TOKEN, store=store, on_transaction=handler, metrics=Metrics())
+        app.router.add_get(STATS_PATH, stats_route(events))
         await run_forever(app, port)
 
 
@@ -96,32 +120,49 @@ def transaction_body() -> bytes:
     return json.dumps({"events": events, "ephemeral": []}).encode()
 
 
-async def push(port: int, senders: int, transactions: int, body: bytes) -> float:
-    """Send ``transactions`` transactions from ``senders`` senders; return events/s."""
-    base = f"http://127.0.0.1:{port}/_matrix/app/v1/transactions"
-    headers = {"Authorization": f"Bearer {HS_TOKEN}", "Content-Type": "application/json"}
-    next_id = iter(range(transactions))
-    connector = aiohttp.TCPConnector(limit=senders)
+class Sender:
+    """Pushes transactions with fresh txnIds until a deadline; counts what was acknowledged."""
 
-    async def sender(session: aiohttp.ClientSession) -> None:
-        for txn_id in next_id:
-            async with session.put(f"{base}/{txn_id}", data=body, headers=headers) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"txn {txn_id}: {response.status} {await response.text()}")
-                await response.read()
+    def __init__(self, port: int, body: bytes) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.body = body
+        self.next_id = 0
+        self.acknowledged = 0
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async def push(self, session: aiohttp.ClientSession, senders: int, seconds: float) -> float:
+        """Push for ``seconds`` from ``senders`` senders; return acknowledged events/s."""
+        headers = {"Authorization": f"Bearer {HS_TOKEN}", "Content-Type": "application/json"}
+        acknowledged_before = self.acknowledged
         started = time.perf_counter()
-        await asyncio.gather(*(sender(session) for _ in range(senders)))
+        deadline = started + seconds
+
+        async def sender() -> None:
+            while time.perf_counter() < deadline:
+                txn_id, self.next_id = self.next_id, self.next_id + 1
+                url = f"{self.base}/_matrix/app/v1/transactions/{txn_id}"
+                async with session.put(url, data=self.body, headers=headers) as response:
+                    if response.status != 200:
+                        raise RuntimeError(
+                            f"txn {txn_id}: {response.status} {await response.text()}"
+                        )
+                    await response.read()
+                self.acknowledged += 1
+
+        await asyncio.gather(*(sender() for _ in range(senders)))
         elapsed = time.perf_counter() - started
-    return transactions * EVENTS_PER_TRANSACTION / elapsed
+        return (self.acknowledged - acknowledged_before) * EVENTS_PER_TRANSACTION / elapsed
+
+    async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(f"{self.base}{STATS_PATH}") as response:
+            stats: dict[str, Any] = await response.json()
+            return stats
 
 
-async def wait_ready(port: int) -> None:
-    async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+async def wait_ready(session: aiohttp.ClientSession, port: int) -> None:
+    async with asyncio.timeout(30):
         while True:
             try:
-                async with session.get(f"http://127.0.0.1:{port}/_bridge_kit/health") as response:
+                async with session.get(f"http://127.0.0.1:{port}{STATS_PATH}") as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientConnectionError:
@@ -136,50 +177,89 @@ def free_port() -> int:
         return port
 
 
-async def one_run(kind: str, args: argparse.Namespace, body: bytes, workdir: Path) -> float:
+async def one_run(
+    kind: str, args: argparse.Namespace, body: bytes, workdir: Path
+) -> tuple[float, float]:
+    """One server process, warmed up, then measured: (events/s, server CPU ms per transaction)."""
     port = free_port()
     db = workdir / f"bench-{kind}-{time.monotonic_ns()}.db"
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--db", str(db)]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = await asyncio.create_subprocess_exec(*command, env=env)
+    connector = aiohttp.TCPConnector(limit=args.senders)
     try:
-        await wait_ready(port)
-        # A short warm-up so every server has its imports and caches hot.
-        await push(port, args.senders, args.senders * 4, body)
-        return await push(port, args.senders, args.transactions, body)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await wait_ready(session, port)
+            sender = Sender(port, body)
+            # Warm-up: imports, caches, SQLite pages and the first dedup prune are done.
+            await sender.push(session, args.senders, 0.5)
+            before = await sender.stats(session)
+            acknowledged_before = sender.acknowledged
+            rate = await sender.push(session, args.senders, args.seconds)
+            after = await sender.stats(session)
+            measured = sender.acknowledged - acknowledged_before
+            if kind == "bridge" and after["events"] != sender.acknowledged * EVENTS_PER_TRANSACTION:
+                raise RuntimeError(
+                    f"the handler got {after['events']} events, "
+                    f"{sender.acknowledged * EVENTS_PER_TRANSACTION} were acknowledged"
+                )
+            cpu_ms = (after["cpu"] - before["cpu"]) * 1000 / measured
+            return rate, cpu_ms
     finally:
         server.terminate()
         await server.wait()
 
 
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.2f}/{five:.2f} on {os.cpu_count()} CPUs"
+
+
 async def main(args: argparse.Namespace) -> None:
     body = transaction_body()
     rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
     print(
-        f"{args.rounds} rounds x {args.transactions} transactions x {EVENTS_PER_TRANSACTION} "
-        f"events ({len(body)} bytes each), {args.senders} concurrent senders, loopback"
+        f"{args.rounds} rounds x {args.seconds:g} s per kind, {EVENTS_PER_TRANSACTION} events "
+        f"({len(body)} bytes) per transaction, {args.senders} concurrent senders, loopback; "
+        f"{load()} at start"
     )
+    for kind in KINDS:
+        print(f"  {kind:>9} = {BASELINES[kind]}")
     with tempfile.TemporaryDirectory(prefix="bk-bench-") as tmp:
         for round_number in range(args.rounds):
-            # Alternate the order so drift in machine load hits every kind alike.
             order = KINDS if round_number % 2 == 0 else KINDS[::-1]
             for kind in order:
-                rate = await one_run(kind, args, body, Path(tmp))
+                rate, cpu_ms = await one_run(kind, args, body, Path(tmp))
                 rates[kind].append(rate)
-                print(f"  round {round_number + 1} {kind:>9}: {rate:>10,.0f} events/s")
-    bridge, bare, bare_json = (statistics.median(rates[kind]) for kind in KINDS)
-    print(f"median bridge_kit (SQLite dedup):     {bridge:>10,.0f} events/s")
-    print(f"median bare aiohttp handler:          {bare:>10,.0f} events/s")
-    print(f"median bare handler + JSON decoding:  {bare_json:>10,.0f} events/s")
-    print(f"ratio bridge_kit / bare: {bridge / bare:.2f} (target >= 0.70)")
-    print(f"ratio bridge_kit / bare + JSON decoding: {bridge / bare_json:.2f}")
+                cpu[kind].append(cpu_ms)
+                print(
+                    f"  round {round_number + 1} {kind:>9}: {rate:>10,.0f} events/s, "
+                    f"server CPU {cpu_ms:.3f} ms/transaction ({load()})"
+                )
+    rate_of = {kind: statistics.median(rates[kind]) for kind in KINDS}
+    cpu_of = {kind: statistics.median(cpu[kind]) for kind in KINDS}
+    print(f"medians ({load()} at end):")
+    for kind in KINDS:
+        print(
+            f"  {kind:>9}: {rate_of[kind]:>10,.0f} events/s, "
+            f"server CPU {cpu_of[kind]:.3f} ms/transaction"
+        )
+    print(f"ratio bridge_kit / bare: {rate_of['bridge'] / rate_of['bare']:.2f} (target >= 0.70)")
+    print(
+        f"ratio bridge_kit / bare + JSON decoding: {rate_of['bridge'] / rate_of['bare-json']:.2f}"
+    )
+    print(
+        f"server CPU per transaction, bare / bridge_kit: {cpu_of['bare'] / cpu_of['bridge']:.2f}"
+        f" (bare + JSON decoding / bridge_kit: {cpu_of['bare-json'] / cpu_of['bridge']:.2f})"
+    )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--senders", type=int, default=4)
-    parser.add_argument("--transactions", type=int, default=400, help="per run")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured time per run")
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)

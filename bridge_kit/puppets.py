@@ -600,7 +600,8 @@ class _BulkRun:
                 if self.stopping:
                     return
         except Exception as error:  # a broken input or store ends the run
-            self.error = error
+            if self.error is None:
+                self.error = error
             self.stop()
             return
         for _ in self.workers:
@@ -644,6 +645,14 @@ class _BulkRun:
     # -- workers: send ---------------------------------------------------------
 
     async def _work(self) -> None:
+        try:
+            await self._send_queued()
+        except Exception as error:  # unexpected: end the run rather than leave it hanging
+            if self.error is None:
+                self.error = error
+            self.stop()
+
+    async def _send_queued(self) -> None:
         queue, limiter = self.queue, self.limiter
         register = self.registrar.client.register
         result, confirmed = self.result, self.confirmed
@@ -696,7 +705,8 @@ class _BulkRun:
         try:
             await self._flush()
         except Exception as error:  # a broken store ends the run
-            self.error = error
+            if self.error is None:
+                self.error = error
             self.stop()
 
     async def _flush(self) -> None:

@@ -119,7 +119,9 @@ async def postgres_dsn() -> AsyncIterator[str]:
     """A fresh database on the local PostgreSQL, dropped after the session."""
     import asyncpg
 
-    admin_dsn = os.environ.get("BRIDGE_KIT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin_dsn = os.environ.get(
+        "BRIDGE_KIT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     try:
         admin = await asyncpg.connect(admin_dsn, timeout=5)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:

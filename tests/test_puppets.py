@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from bridge_kit.errors import (
     NotInNamespace,
     RegistrationAborted,
     ResourceLimitExceeded,
+    StoreError,
 )
 from bridge_kit.progress import ProgressReporter, format_summary
 from bridge_kit.puppets import (
@@ -129,9 +130,7 @@ async def test_user_in_use_counts_as_already_existed(
     assert client.request_count - sent == 60
     assert (again.registered, again.already_existed, again.failed) == (0, 60, 0)
     assert again.ok
-    assert await registrar.store.registered_among(user_ids(localparts)) == set(
-        user_ids(localparts)
-    )
+    assert await registrar.store.registered_among(user_ids(localparts)) == set(user_ids(localparts))
     # ensure_registered takes the same path: in use is success, not "created".
     await registrar.store.forget_registered()
     assert await registrar.ensure_registered(localparts[0]) is False
@@ -385,6 +384,46 @@ async def test_an_endless_input_is_streamed_until_cancelled(
         assert result.registered >= 3000
         # Read ahead by a few chunks at most, never the whole input.
         assert consumed - result.registered < 10_000
+
+
+class BrokenStore(MemoryStore):
+    async def mark_registered(self, user_ids: Iterable[str]) -> None:
+        raise StoreError("disk full")
+
+
+async def test_a_broken_store_ends_the_run_with_its_error(
+    fault_registration: Registration,
+) -> None:
+    async with (
+        FaultHomeserver(as_token=TOKEN) as hs,
+        HomeserverClient(hs.url, TOKEN) as client,
+        BrokenStore() as store,
+    ):
+        registrar = PuppetRegistrar(client, store, fault_registration, SERVER)
+        async with asyncio.timeout(30):
+            with pytest.raises(StoreError, match="disk full"):
+                await registrar.register_many(names("_bk_s", 20_000))
+        assert len(hs.registered) < 20_000  # it stopped issuing
+
+
+async def test_a_broken_input_ends_the_run_with_its_error(
+    fault_registration: Registration,
+) -> None:
+    def lines() -> Iterator[str]:
+        yield from names("_bk_i", 1500)
+        raise OSError("input/output error")
+
+    async with (
+        FaultHomeserver(as_token=TOKEN) as hs,
+        HomeserverClient(hs.url, TOKEN) as client,
+        MemoryStore() as store,
+    ):
+        registrar = PuppetRegistrar(client, store, fault_registration, SERVER)
+        async with asyncio.timeout(30):
+            with pytest.raises(OSError, match="input/output error"):
+                await registrar.register_many(lines())
+        # What was registered before the error is saved, so a re-run resumes.
+        assert await store.count_registered() == len(hs.registered) > 0
 
 
 async def test_a_resource_limit_aborts_instead_of_failing_each_puppet() -> None:

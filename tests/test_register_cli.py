@@ -1,4 +1,4 @@
-"""``bridge-kit register`` as a user runs it: a subprocess, against Synapse or the fault homeserver."""
+"""``bridge-kit register`` as a user runs it: a subprocess, against Synapse or a fault server."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from bridge_kit.store import SQLiteStore
 from tests.conftest import TestHomeserver
 from tests.fault_homeserver import FaultHomeserver, Faults
 
-#: How the command is started (switch to ``-m bridge_kit register`` once wired into the CLI).
-COMMAND = [sys.executable, "-m", "bridge_kit.commands.register"]
+COMMAND = [sys.executable, "-m", "bridge_kit", "register"]
 SERVER = "test.local"
 TOKEN = "cli-fault-as-token"
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,9 +111,7 @@ async def test_registers_from_arguments_and_a_file_and_reports(
 
     # The same list without the invalid line: everything known, nothing sent, exit 0.
     write_lines(source, listed)
-    again = await cli(
-        *base, "--from-file", str(source), "--report", str(report_path), cwd=tmp_path
-    )
+    again = await cli(*base, "--from-file", str(source), "--report", str(report_path), cwd=tmp_path)
     assert again.status == 0, again
     report = json.loads(report_path.read_text())
     assert (report["skipped_known"], report["registered"], report["ok"]) == (300, 0, True)
@@ -176,6 +173,9 @@ async def test_a_registration_the_homeserver_did_not_load_is_diagnosed(
         (["_bk_a", "--report", "no/such/dir/r.json"], "its directory does not exist"),
         (["_bk_a", "-r", "missing.yaml"], "missing.yaml"),
         (["_bk_a", "--store", "redis://x"], "unsupported store URL"),
+        (["--from-file", "latin1.txt"], "latin1.txt is not UTF-8 text"),
+        (["--from-file", "."], "--from-file .: is a directory"),
+        (["_bk_a", "--homeserver", "localhost:8008"], "homeserver URL must look like"),
     ],
 )
 async def test_usage_errors_get_one_line_and_status_2(
@@ -183,6 +183,7 @@ async def test_usage_errors_get_one_line_and_status_2(
 ) -> None:
     registration = tmp_path / "registration.yaml"
     registration.write_text(yaml.safe_dump(_fault_registration()))
+    (tmp_path / "latin1.txt").write_bytes("_bk_a\n_bk_caf\xe9\n".encode("latin-1"))
     done = await cli("--homeserver", "http://127.0.0.1:9", *extra, cwd=tmp_path)
     assert done.status == 2, done
     assert message in done.stderr

@@ -168,7 +168,9 @@ def test_transaction_without_events_is_refused() -> None:
 json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=10)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -177,7 +179,9 @@ json_values = st.recursive(
     extra=st.dictionaries(st.text(min_size=1, max_size=8), json_values, max_size=4),
     content=st.dictionaries(st.text(max_size=5), json_values, min_size=1, max_size=3),
 )
-def test_event_round_trip_keeps_unknown_keys(extra: dict[str, Any], content: dict[str, Any]) -> None:
+def test_event_round_trip_keeps_unknown_keys(
+    extra: dict[str, Any], content: dict[str, Any]
+) -> None:
     known = {"type", "content", "room_id", "sender", "event_id", "state_key", "origin_server_ts"}
     extra = {k: v for k, v in extra.items() if k not in known}
     data = {"type": "m.room.message", "content": content, "room_id": "!r:hs", **extra}

@@ -127,13 +127,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
         raise UsageError(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
     if args.from_file and args.from_file != "-" and not Path(args.from_file).is_file():
-        raise UsageError(f"--from-file {args.from_file}: no such file")
+        problem = "is a directory" if Path(args.from_file).is_dir() else "no such file"
+        raise UsageError(f"--from-file {args.from_file}: {problem}")
     if args.report and not Path(args.report).absolute().parent.is_dir():
         raise UsageError(f"--report {args.report}: its directory does not exist")
 
 
 async def _register(args: argparse.Namespace) -> int:
     registration = Registration.load(args.registration)
+    # Counting reads the whole file once, so a bad file fails before anything is sent.
+    total = _count(args)
     store = open_store(args.store)
     client = HomeserverClient(
         args.homeserver, registration.as_token, max_connections=max(100, args.concurrency)
@@ -141,7 +144,6 @@ async def _register(args: argparse.Namespace) -> int:
     async with client, store:
         domain = await homeserver_domain(client, registration)
         registrar = PuppetRegistrar(client, store, registration, domain)
-        total = _count(args) if not args.no_progress else None
         reporter = ProgressReporter(total=total, enabled=not args.no_progress)
         with _cancel_on_signals(registrar) as received, _localparts(args) as localparts:
             result = await registrar.register_many(

@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 from cattrs.gen import override
 
-from bridge_kit.types.converter import keep_unknown_keys
+from bridge_kit.types.converter import WrongType, converter, keep_unknown_keys, refuse
 
 
 @attrs.frozen
@@ -59,14 +59,21 @@ class Transaction:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Transaction:
-        """Parse a transaction body, folding the unstable key names into the stable fields."""
-        from bridge_kit.types.converter import converter
+        """Parse a transaction body, folding the unstable key names into the stable fields.
 
+        Raises a cattrs validation error (see :func:`~bridge_kit.types.describe_error`)
+        naming each key whose value has the wrong shape.
+        """
         data = dict(body)
         for stable, unstable_names in _UNSTABLE_LISTS.items():
-            merged = list(data.pop(stable, None) or [])
-            for name in unstable_names:
-                merged.extend(data.pop(name, None) or [])
+            merged: list[Any] = []
+            for name in (stable, *unstable_names):
+                part = data.pop(name, None)
+                if part is None:
+                    continue
+                if not isinstance(part, list):
+                    raise refuse(cls, name, WrongType("an array", part))
+                merged.extend(part)
             data[stable] = merged
         for stable, unstable_names in _UNSTABLE_MAPS.items():
             for name in unstable_names:
@@ -91,6 +98,52 @@ _UNSTABLE_MAPS: dict[str, tuple[str, ...]] = {
     "device_unused_fallback_key_types": ("org.matrix.msc3202.device_unused_fallback_key_types",),
 }
 
-keep_unknown_keys(Event, omit_if_default=True, type=override(omit_if_default=False))
-keep_unknown_keys(DeviceLists)
-keep_unknown_keys(Transaction)
+_EVENT_KEYS = frozenset(
+    ("type", "content", "room_id", "sender", "event_id", "state_key", "origin_server_ts")
+)
+
+
+def _structure_event(value: Any, cls: type[Event]) -> Event:
+    """Build an Event in one go when every field has its JSON type, as in almost every event.
+
+    A transaction carries up to 100 events and this is the appservice's hot path,
+    so the types are checked by hand. Anything else, including every mistake, goes
+    to the converter's strict hook, which decides and names the offending field.
+    """
+    if value.__class__ is dict and cls is Event:
+        get = value.get
+        event_type = get("type")
+        content = get("content")
+        room_id = get("room_id")
+        sender = get("sender")
+        event_id = get("event_id")
+        state_key = get("state_key")
+        origin_server_ts = get("origin_server_ts")
+        if (
+            event_type.__class__ is str
+            and (content.__class__ is dict or (content is None and "content" not in value))
+            and (room_id is None or room_id.__class__ is str)
+            and (sender is None or sender.__class__ is str)
+            and (event_id is None or event_id.__class__ is str)
+            and (state_key is None or state_key.__class__ is str)
+            and (origin_server_ts is None or origin_server_ts.__class__ is int)
+        ):
+            return Event(
+                event_type,
+                {} if content is None else content,
+                room_id,
+                sender,
+                event_id,
+                state_key,
+                origin_server_ts,
+                {k: v for k, v in value.items() if k not in _EVENT_KEYS},
+            )
+    event: Event = _structure_event_checked(value, cls)
+    return event
+
+
+keep_unknown_keys(Event, omit_if_default=True, strict=True, type=override(omit_if_default=False))
+_structure_event_checked = converter.get_structure_hook(Event)
+converter.register_structure_hook(Event, _structure_event)
+keep_unknown_keys(DeviceLists, strict=True)
+keep_unknown_keys(Transaction, strict=True)
