@@ -20,9 +20,11 @@ from bridge_kit.types import (
     RegistrationKind,
     Transaction,
     UiaaResponse,
+    describe_error,
     structure,
     unstructure,
 )
+from bridge_kit.types.converter import converter
 
 
 def test_for_puppet_is_exactly_the_appservice_body() -> None:
@@ -166,11 +168,17 @@ def test_transaction_without_events_is_refused() -> None:
 
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=10)
+
+
+def json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    )
+
+
 json_values = st.recursive(
     json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
+    json_containers,
     max_leaves=8,
 )
 
@@ -188,3 +196,116 @@ def test_event_round_trip_keeps_unknown_keys(
     event = structure(data, Event)
     assert event.extra == extra
     assert unstructure(event) == data
+
+
+# -- strict transaction parsing ----------------------------------------------------------
+
+
+def refusal(body: dict[str, Any]) -> str:
+    with pytest.raises(cattrs.BaseValidationError) as excinfo:
+        Transaction.from_json(body)
+    return describe_error(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # Once turned into the string "1", silently.
+        ({"events": [{"type": 1}]}, "expected a string, got a number @ $.events[0].type"),
+        # Once iterated character by character.
+        ({"events": [], "ephemeral": "x"}, "expected an array, got a string @ $.ephemeral"),
+        (
+            {"events": [], "de.sorunome.msc2409.ephemeral": {"type": "m.typing"}},
+            "expected an array, got an object @ $.de.sorunome.msc2409.ephemeral",
+        ),
+        ({"events": "ab"}, "expected an array, got a string @ $.events"),
+        (
+            {"events": [{"type": "m.x", "origin_server_ts": True}]},
+            "expected an integer, got a boolean @ $.events[0].origin_server_ts",
+        ),
+        (
+            {"events": [{"type": "m.x", "origin_server_ts": "12"}]},
+            "expected an integer, got a string @ $.events[0].origin_server_ts",
+        ),
+        (
+            {"events": [{"type": "m.x", "room_id": "!r:hs"}, {"type": "m.x", "sender": ["@a:hs"]}]},
+            "expected a string, got an array @ $.events[1].sender",
+        ),
+        (
+            {"events": [{"type": "m.x", "content": None}]},
+            "expected an object, got null @ $.events[0].content",
+        ),
+        ({"events": [], "to_device": "ab"}, "expected an array, got a string @ $.to_device"),
+        (
+            {"events": [], "device_lists": {"changed": "@a:hs"}},
+            "expected an array, got a string @ $.device_lists.changed",
+        ),
+        (
+            {"events": [], "device_lists": {"changed": [1]}},
+            "expected a string, got a number @ $.device_lists.changed[0]",
+        ),
+        (
+            {"events": [], "device_one_time_keys_count": []},
+            "expected an object, got an array @ $.device_one_time_keys_count",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_refused_not_converted(
+    body: dict[str, Any], message: str
+) -> None:
+    assert refusal(body) == message
+
+
+def test_every_wrong_field_is_named() -> None:
+    message = refusal({"events": [{"type": 1}, {"type": "m.x"}, {"type": "m.x", "state_key": 2}]})
+    assert message == (
+        "expected a string, got a number @ $.events[0].type; "
+        "expected a string, got a number @ $.events[2].state_key"
+    )
+
+
+def test_null_optional_parts_count_as_absent() -> None:
+    txn = Transaction.from_json({"events": [], "ephemeral": None, "to_device": None})
+    assert txn.ephemeral == [] and txn.to_device == []
+
+
+event_keys = st.sampled_from(
+    ["type", "content", "room_id", "sender", "event_id", "state_key", "origin_server_ts", "x"]
+)
+
+
+@given(st.dictionaries(event_keys, json_values | st.dictionaries(st.text(max_size=3), json_values)))
+def test_event_fast_path_agrees_with_the_checked_path(data: dict[str, Any]) -> None:
+    # structure() takes the hand-written path for well-typed events; the converter's
+    # checked hook (kept for everything else) must give the same event or refuse too.
+    from bridge_kit.types.events import _structure_event_checked
+
+    try:
+        expected: Event | None = _structure_event_checked(data, Event)
+    except cattrs.BaseValidationError:
+        expected = None
+    if expected is None:
+        with pytest.raises(cattrs.BaseValidationError):
+            structure(data, Event)
+    else:
+        assert structure(data, Event) == expected
+
+
+def test_event_is_built_once_with_its_extra_keys() -> None:
+    built: list[Event] = []
+    original = Event.__init__
+
+    def counting_init(self: Event, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    Event.__init__ = counting_init  # type: ignore[method-assign]
+    try:
+        from bridge_kit.types.events import _structure_event_checked
+
+        event = _structure_event_checked({"type": "m.x", "unsigned": {"age": 1}}, Event)
+    finally:
+        Event.__init__ = original  # type: ignore[method-assign]
+    assert event.extra == {"unsigned": {"age": 1}}
+    assert len(built) == 1
+    assert converter.unstructure(event) == {"type": "m.x", "unsigned": {"age": 1}}
