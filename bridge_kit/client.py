@@ -238,12 +238,12 @@ class HomeserverClient:
         reply = await self.request(
             "POST", "/_matrix/client/v3/register", body=request.body(), query=request.query()
         )
-        return _structure_reply(reply, RegisterResponse, "register")
+        return structure_reply(reply, RegisterResponse, "register")
 
     async def whoami(self, user_id: str | None = None) -> WhoAmI:
         """Who the as_token (or the asserted ``user_id``) is; proves the registration is loaded."""
         reply = await self.request("GET", "/_matrix/client/v3/account/whoami", user_id=user_id)
-        return _structure_reply(reply, WhoAmI, "whoami")
+        return structure_reply(reply, WhoAmI, "whoami")
 
     async def ping_appservice(self, appservice_id: str, transaction_id: str | None = None) -> int:
         """Ask the homeserver to ping this appservice; return the round trip in milliseconds.
@@ -257,7 +257,7 @@ class HomeserverClient:
             body=_PingRequest(transaction_id),
             endpoint="/_matrix/client/v1/appservice/{appserviceId}/ping",
         )
-        return _structure_reply(reply, _PingResponse, "ping").duration_ms
+        return structure_reply(reply, _PingResponse, "ping").duration_ms
 
     async def _send_with_retries(
         self,
@@ -435,7 +435,8 @@ def _describe_exception(exc: BaseException, timeout: float) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _structure_reply(reply: dict[str, Any], cls: type[T], what: str) -> T:
+def structure_reply(reply: dict[str, Any], cls: type[T], what: str) -> T:
+    """Structure a success reply into ``cls``; a wrong shape is a MatrixRequestError."""
     try:
         return converter.structure(reply, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:

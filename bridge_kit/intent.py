@@ -18,11 +18,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
-import cattrs
 
-from bridge_kit.client import HomeserverClient, quote_segment
-from bridge_kit.errors import MatrixRequestError
-from bridge_kit.types.converter import converter, describe_error
+from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
+from bridge_kit.types.converter import converter
 from bridge_kit.types.room import (
     AvatarUrlUpdate,
     CreateRoomRequest,
@@ -118,7 +116,7 @@ class Intent:
             body=MembershipRequest(reason),
             query=query,
         )
-        return _structure(reply, JoinRoomResponse, "join").room_id
+        return structure_reply(reply, JoinRoomResponse, "join").room_id
 
     async def leave_room(self, room_id: str, reason: str | None = None) -> None:
         """Leave a room (or reject an invite to it)."""
@@ -150,7 +148,7 @@ class Intent:
         elif fields:
             request = attrs.evolve(request, **fields)
         reply = await self._request("POST", f"{_CLIENT}/createRoom", "/createRoom", body=request)
-        return _structure(reply, CreateRoomResponse, "createRoom").room_id
+        return structure_reply(reply, CreateRoomResponse, "createRoom").room_id
 
     async def send_event(
         self,
@@ -177,7 +175,7 @@ class Intent:
             body=_content_json(content),
             query=_timestamp_query(timestamp),
         )
-        return _structure(reply, SendEventResponse, "send").event_id
+        return structure_reply(reply, SendEventResponse, "send").event_id
 
     async def send_state(
         self,
@@ -197,7 +195,7 @@ class Intent:
             body=_content_json(content),
             query=_timestamp_query(timestamp),
         )
-        return _structure(reply, SendEventResponse, "state").event_id
+        return structure_reply(reply, SendEventResponse, "state").event_id
 
     async def send_text(
         self, room_id: str, text: str, *, html: str | None = None, timestamp: int | None = None
@@ -236,12 +234,3 @@ def _content_json(content: Mapping[str, Any] | Any) -> Any:
 
 def _timestamp_query(timestamp: int | None) -> dict[str, str]:
     return {} if timestamp is None else {"ts": str(int(timestamp))}
-
-
-def _structure(reply: dict[str, Any], cls: type[T], what: str) -> T:
-    try:
-        return converter.structure(reply, cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-        raise MatrixRequestError(
-            200, None, f"unexpected {what} reply: {describe_error(exc)}", reply
-        ) from exc
