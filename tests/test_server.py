@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,8 @@ async def test_non_json_body_is_400_not_json(memory_store: Store, body: bytes) -
         ({"events": {"a": 1}}, "'events' must be a list, not an object"),
         ({"events": [{"content": {}}]}, "$.events[0].type"),
         ({"events": [event(1), 7]}, "$.events[1]"),
+        ({"events": [{"type": 1}]}, "expected a string, got a number @ $.events[0].type"),
+        ({"events": [], "ephemeral": "x"}, "expected an array, got a string @ $.ephemeral"),
     ],
 )
 async def test_malformed_transaction_is_400_bad_json(
@@ -508,6 +511,27 @@ async def test_dedup_survives_a_restart_with_sqlite(tmp_path: Path) -> None:
         await expect_ok(await client.put(f"{V1}/transactions/2", json=txn_body(2), headers=AUTH))
     assert before.event_ids == ["$event1"]
     assert after.event_ids == ["$event2"]
+
+
+async def test_dedup_record_waits_for_a_busy_sqlite_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "busy.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+            marking = asyncio.create_task(store.mark_transaction_done("busy"))
+            await asyncio.sleep(0.05)  # the loop still runs while the record waits
+            assert not marking.done()
+            assert not await store.is_transaction_done("busy")
+            other.execute("COMMIT")
+            await marking
+        finally:
+            other.close()
+        assert await store.is_transaction_done("busy")
+    async with open_store(f"sqlite:///{path}") as store:
+        assert await store.is_transaction_done("busy")
 
 
 async def test_dedup_records_are_pruned_in_the_background(store: Store) -> None:

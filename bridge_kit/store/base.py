@@ -71,7 +71,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def mark_transaction_done(self, txn_id: str) -> None:
-        """Record a transaction as processed, durably, before it is acknowledged."""
+        """Record a transaction as processed, before it is acknowledged.
+
+        The record is committed when this returns and survives a crash of the
+        process; whether it also survives a power cut is the backend's choice
+        (SQLite: no, see :meth:`SQLiteStore.mark_transaction_done`).
+        """
 
     @abc.abstractmethod
     async def prune_transactions(self, keep: int) -> int:

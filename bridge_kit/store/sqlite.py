@@ -199,8 +199,9 @@ class SQLiteStore(Store):
     async def is_transaction_done(self, txn_id: str) -> bool:
         records = self._records_connection()
         with self._errors():
-            row = records.execute(_SELECT_TRANSACTION, (txn_id,)).fetchone()
-        return row is not None
+            # fetchall, not fetchone: a statement left unfinished keeps a read transaction open.
+            rows = records.execute(_SELECT_TRANSACTION, (txn_id,)).fetchall()
+        return bool(rows)
 
     async def mark_transaction_done(self, txn_id: str) -> None:
         """Record ``txn_id`` as done; the commit has happened when this returns.
@@ -216,11 +217,12 @@ class SQLiteStore(Store):
         parameters = (txn_id, time.time())
         records = self._records_connection()
         try:
-            records.execute(_INSERT_TRANSACTION, parameters)
+            with self._errors():
+                records.execute(_INSERT_TRANSACTION, parameters)
             return
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                raise StoreError(f"SQLite store {self.path}: {error}") from error
+        except StoreError as error:
+            if getattr(error.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
+                raise
         with self._errors():
             async with self._transaction() as conn:
                 await conn.execute(_INSERT_TRANSACTION, parameters)
