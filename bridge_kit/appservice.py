@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from bridge_kit.client import HomeserverClient, RetryPolicy
+from bridge_kit.config import Config
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
-from bridge_kit.errors import BridgeKitError, InvalidLocalpart, NotInNamespace
+from bridge_kit.errors import BridgeKitError, MatrixRequestError, RegistrationAborted
 from bridge_kit.ids import localpart_problem, split_user_id
 from bridge_kit.intent import Intent
 from bridge_kit.metrics import Metrics
@@ -96,7 +97,7 @@ class AppService:
         self._started_at: float | None = None
 
     @classmethod
-    def from_config(cls, config: Any) -> AppService:
+    def from_config(cls, config: Config) -> AppService:
         """Build an AppService from a :class:`bridge_kit.Config`."""
         registration = Registration.load(config.registration_path)
         return cls(
@@ -281,7 +282,9 @@ class AppService:
             return False
         try:
             await self.puppets.ensure_registered(localpart)
-        except (InvalidLocalpart, NotInNamespace):
+        except (MatrixRequestError, RegistrationAborted) as exc:
+            # The homeserver asked, so it must get an answer; "no such user" is the true one.
+            log.warning("could not provision %s on query: %s", user_id, exc)
             return False
         return True
 
