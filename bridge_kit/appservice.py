@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -41,7 +41,7 @@ log = logging.getLogger("bridge_kit.appservice")
 
 EventHandler = Callable[[Event], Awaitable[None]]
 QueryHook = Callable[[str], Awaitable[bool]]
-H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+INTENT_CACHE_SIZE = 10_000
 
 
 class AppService:
@@ -93,7 +93,8 @@ class AppService:
         self._registrar: PuppetRegistrar | None = None
         self._runner: web.AppRunner | None = None
         self._preregister_task: asyncio.Task[BulkResult] | None = None
-        self._intents: dict[str, Intent] = {}
+        self._intents: OrderedDict[str, Intent] = OrderedDict()
+        self._bot: Intent | None = None
         self._started_at: float | None = None
 
     @classmethod
@@ -163,20 +164,31 @@ class AppService:
     @property
     def bot(self) -> Intent:
         """The appservice's own user (``sender_localpart``); it needs no registration."""
-        return self._intent_for(self.registration.sender_localpart, bot=True)
+        if self._bot is None:
+            user_id = self.registration.sender_user_id(self.puppets.domain)
+            self._bot = Intent(self.client, user_id, None)
+        return self._bot
 
     def intent(self, localpart: str) -> Intent:
-        """The puppet with this localpart; it is registered on first use."""
-        return self._intent_for(localpart, bot=False)
+        """The puppet with this localpart; it is registered on first use.
 
-    def _intent_for(self, localpart: str, *, bot: bool) -> Intent:
-        registrar = self.puppets
+        Raises :class:`InvalidLocalpart` or :class:`NotInNamespace` at once.
+        """
         intent = self._intents.get(localpart)
-        if intent is None:
-            user_id = self.registration.user_id(localpart, registrar.domain)
-            ensure = None if bot else (lambda: registrar.ensure_registered(localpart))
-            intent = Intent(self.client, user_id, ensure)
-            self._intents[localpart] = intent
+        if intent is not None:
+            self._intents.move_to_end(localpart)
+            return intent
+        registrar = self.puppets
+        intent = Intent(
+            self.client,
+            registrar.user_id(localpart),
+            lambda: registrar.ensure_registered(localpart),
+        )
+        self._intents[localpart] = intent
+        # A bridge may touch millions of puppets; keep only the recently used
+        # intents (a dropped one costs one store lookup when it comes back).
+        if len(self._intents) > INTENT_CACHE_SIZE:
+            self._intents.popitem(last=False)
         return intent
 
     # -- lifecycle -------------------------------------------------------------

@@ -15,7 +15,16 @@ import aiohttp
 import pytest
 import yaml
 
-from bridge_kit import AppService, Event, HomeserverClient, Intent, Registration
+import bridge_kit.appservice as appservice_module
+from bridge_kit import (
+    AppService,
+    Event,
+    HomeserverClient,
+    Intent,
+    InvalidLocalpart,
+    NotInNamespace,
+    Registration,
+)
 from tests.conftest import TestHomeserver, _running_homeserver
 
 TIMEOUT = 60.0
@@ -275,3 +284,21 @@ async def wait_for_message(
                 return dict(event)
         await asyncio.sleep(0.2)
     raise AssertionError(f"{body!r} never arrived")
+
+
+async def test_intents_are_cached_within_a_bound_and_checked_at_once(
+    homeserver: TestHomeserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(appservice_module, "INTENT_CACHE_SIZE", 3)
+    app = make_app(homeserver, tmp_path / "bk.db")
+    async with app:
+        first = app.intent("_bk_cache_a")
+        assert app.intent("_bk_cache_a") is first
+        for name in "bcd":
+            app.intent(f"_bk_cache_{name}")
+        assert app.intent("_bk_cache_a") is not first, "the oldest intent must have been dropped"
+        assert app.bot.user_id == "@_bk_bot:test.local"
+        with pytest.raises(InvalidLocalpart):
+            app.intent("_bk_Upper")
+        with pytest.raises(NotInNamespace):
+            app.intent("outsider")

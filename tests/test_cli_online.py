@@ -79,6 +79,7 @@ async def test_check_diagnoses_an_unreachable_homeserver(tmp_path: Path) -> None
 async def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     code, out, err = await bridge_kit("demo", "--puppets", "50", "--no-progress", cwd=tmp_path)
     assert code == 0, out + err
+    assert "as @demo_bridge:demo.local" in out  # a sender outside the puppet namespace
     assert "50 skipped, 0 requests" in out
     assert "answered with $" in out
     assert "Traceback" not in err

@@ -129,6 +129,7 @@ class Demo:
         app.on_event("m.room.message")(self._on_message)
         with self.step("start the appservice; whoami and the homeserver's ping succeed"):
             await app.start()
+            print(f"  serving http://127.0.0.1:{self.port} as {app.bot.user_id}")
         self.app = app
         try:
             yield app
