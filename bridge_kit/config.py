@@ -29,8 +29,9 @@ from typing import Any, ClassVar, Final, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
 
+from bridge_kit._yaml import YamlError, describe, path_name
+from bridge_kit._yaml import load as load_yaml
 from bridge_kit.errors import ConfigError
 
 __all__ = [
@@ -326,41 +327,31 @@ class _Loader:
             lines = [text for _, text in sorted(self.problems, key=lambda p: p[0])]
             raise ConfigError(header + "\n  " + "\n  ".join(lines))
 
-    def _problem(self, path: str | None, message: str) -> None:
+    def _problem(self, path: str | None, message: str, *, line: int | None = None) -> None:
         """Record a problem, prefixed by where the value came from; file lines sort first."""
         origin = self.origins.get(path or "")
-        line = self.lines.get(path or "") if origin is None else None
+        if line is None and origin is None:
+            line = self.lines.get(path or "")
         if line is not None:
             origin = f"line {line}"
         self.problems.append((line or _UNPLACED, f"{origin}: {message}" if origin else message))
 
     def _read_yaml(self, text: str) -> dict[str, Any]:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{self.label}: malformed YAML: {_yaml_problem(exc)}") from None
-        if data is None:
+            document = load_yaml(text)
+        except YamlError as exc:
+            raise ConfigError(f"{self.label}: malformed YAML: {exc}") from None
+        if document is None or document.data is None:
             return {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{self.label}: the config must be a mapping of sections, got {_describe(data)}"
-            )
-        self._record_lines(root, "")
-        return data
-
-    def _record_lines(self, node: yaml.Node | None, prefix: str) -> None:
-        if not isinstance(node, yaml.MappingNode):
-            return
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            path = prefix + key_node.value
-            duplicate = path in self.lines
-            self.lines[path] = key_node.start_mark.line + 1
-            if duplicate:
-                self._problem(path, f"duplicate key {path}")
-            self._record_lines(value_node, path + ".")
+        if not isinstance(document.data, dict):
+            got = describe(document.data, typed=True)
+            raise ConfigError(f"{self.label}: the config must be a mapping of sections, got {got}")
+        self.lines = {path_name(path): line for path, line in document.lines.items() if path}
+        for duplicate in document.duplicates:
+            name = path_name(duplicate.path)
+            message = f"duplicate key {name} (also on line {duplicate.previous_line})"
+            self._problem(name, message, line=duplicate.line)
+        return document.data
 
     def _apply_environment(self, data: dict[str, Any], environ: Mapping[str, str]) -> None:
         for name in sorted(environ):
@@ -391,7 +382,8 @@ class _Loader:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            self._problem(name, f"{name} must be a mapping of keys, got {_describe(raw)}")
+            got = describe(raw, typed=True)
+            self._problem(name, f"{name} must be a mapping of keys, got {got}")
             return {}
         known = _field_names(cls)
         values: dict[str, Any] = {}
@@ -476,29 +468,13 @@ def _type_problem(hint: Any, value: Any) -> str | None:
         return None
     names = [_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed]
     names = ["null" if t is type(None) else n for t, n in zip(allowed, names, strict=True)]
-    return f"must be {' or '.join(names)}, got {_describe(value)}"
+    return f"must be {' or '.join(names)}, got {describe(value, typed=True)}"
 
 
 def _is_instance(value: Any, cls: Any) -> bool:
     if cls is int and isinstance(value, bool):
         return False
     return isinstance(cls, type) and isinstance(value, cls)
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, int | float):
-        return f"the number {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
 
 
 def _unknown_key(path: str, key: str, known: Iterable[str]) -> str:
@@ -516,14 +492,8 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 def _yaml_scalar(raw: str) -> Any:
     """An environment value read as YAML; anything that is not a plain scalar stays a string."""
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+        document = load_yaml(raw)
+    except YamlError:
         return raw
+    value = None if document is None else document.data
     return value if value is None or isinstance(value, str | int | float | bool) else raw
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-    return str(exc)

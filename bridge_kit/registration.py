@@ -14,7 +14,6 @@ True
 
 from __future__ import annotations
 
-import datetime
 import hmac
 import ipaddress
 import os
@@ -31,6 +30,8 @@ import attrs
 import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from bridge_kit._yaml import Duplicate, KeyPath, YamlError, describe, path_name
+from bridge_kit._yaml import load as load_yaml
 from bridge_kit.errors import NotInNamespace, RegistrationError
 from bridge_kit.ids import localpart_problem, server_name_problem, validate_localpart
 from bridge_kit.types.converter import converter, describe_error
@@ -48,7 +49,6 @@ __all__ = [
 
 T = TypeVar("T")
 Severity: TypeAlias = Literal["error", "warning"]
-_KeyPath: TypeAlias = tuple[str | int, ...]
 
 MAX_FILE_BYTES = 1024 * 1024
 """Registration files are a few hundred bytes; anything over this is refused unread."""
@@ -240,7 +240,7 @@ class Registration:
 @attrs.frozen
 class _Origin:
     source: str | None
-    lines: Mapping[_KeyPath, int]
+    lines: Mapping[KeyPath, int]
     notes: list[Finding]
 
 
@@ -281,9 +281,12 @@ def check_file(path: str | os.PathLike[str]) -> CheckResult:
 def check_text(text: str, source: str | None = None) -> CheckResult:
     """Validate and lint registration YAML, collecting every finding; never raises for content."""
     try:
-        data, lines, notes = _parse_yaml(text)
-    except _Unparsable as exc:
-        return CheckResult(source, [exc.finding], None)
+        document = load_yaml(text)
+    except YamlError as exc:
+        return CheckResult(source, [_unparsable(exc)], None)
+    if document is None:
+        return CheckResult(source, [Finding("error", None, None, "the file is empty")], None)
+    data, lines, notes = document.data, document.lines, _duplicate_notes(document.duplicates)
     if not isinstance(data, dict):
         return CheckResult(source, [_not_a_mapping(data)], None)
     errors = _validate(data, lines)
@@ -477,100 +480,24 @@ def _os_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-# -- YAML parsing with line numbers -------------------------------------------------
+# -- findings about the YAML itself ---------------------------------------------------
 
 
-class _Unparsable(Exception):
-    def __init__(self, finding: Finding) -> None:
-        super().__init__(str(finding))
-        self.finding = finding
+def _unparsable(exc: YamlError) -> Finding:
+    column = "" if exc.column is None else f" (column {exc.column})"
+    return Finding("error", None, exc.line, f"cannot parse YAML{column}: {exc.reason}")
 
 
-_LINE_DEPTH = 4  # deep enough for namespaces.users[0].regex
-_LINE_BUDGET = 100_000  # aliases can multiply nodes; stop recording long before that hurts
-
-
-def _parse_yaml(text: str) -> tuple[Any, dict[_KeyPath, int], list[Finding]]:
-    """Parse YAML safely, returning the data, the line of each key path, and load notes."""
-    loader: yaml.SafeLoader | None = None
-    try:
-        loader = yaml.SafeLoader(text)
-        node = loader.get_single_node()
-        if node is None:
-            raise _Unparsable(Finding("error", None, None, "the file is empty"))
-        lines, notes = _key_lines(node)
-        data = loader.construct_document(node)
-    except _Unparsable:
-        raise
-    except yaml.MarkedYAMLError as exc:
-        raise _Unparsable(_yaml_finding(exc)) from None
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        message = f"cannot parse YAML: {_reader_reason(exc)}"
-        raise _Unparsable(Finding("error", None, line, message)) from None
-    except RecursionError:
-        raise _Unparsable(
-            Finding("error", None, None, "cannot parse YAML: nested too deeply")
-        ) from None
-    except Exception as exc:  # PyYAML's constructors raise plain ValueErrors (e.g. bad dates)
-        raise _Unparsable(Finding("error", None, None, f"cannot parse YAML: {exc}")) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return data, lines, notes
-
-
-def _yaml_finding(exc: yaml.MarkedYAMLError) -> Finding:
-    mark = exc.problem_mark or exc.context_mark
-    problem = exc.problem or "invalid YAML"
-    if exc.context:
-        joined = problem.startswith("but ")
-        problem = f"{exc.context}, {problem}" if joined else f"{problem} ({exc.context})"
-    if mark is None:
-        return Finding("error", None, None, f"cannot parse YAML: {problem}")
-    return Finding(
-        "error", None, mark.line + 1, f"cannot parse YAML (column {mark.column + 1}): {problem}"
-    )
-
-
-def _reader_reason(exc: yaml.reader.ReaderError) -> str:
-    character = exc.character
-    if isinstance(character, bytes):
-        return f"cannot decode byte 0x{character[0]:02x}: {exc.reason}"
-    code = character if isinstance(character, int) else ord(character)
-    return f"unacceptable character U+{code:04X} ({exc.reason})"
-
-
-def _key_lines(root: yaml.Node) -> tuple[dict[_KeyPath, int], list[Finding]]:
-    """Map key paths (``("namespaces", "users", 0, "regex")``) to 1-based lines; note duplicates."""
-    lines: dict[_KeyPath, int] = {(): root.start_mark.line + 1}
-    notes: list[Finding] = []
-    stack: list[tuple[_KeyPath, yaml.Node]] = [((), root)]
-    while stack and len(lines) < _LINE_BUDGET:
-        path, node = stack.pop()
-        if len(path) >= _LINE_DEPTH:
-            continue
-        for key, line, child in _children(node):
-            child_path = (*path, key)
-            if isinstance(key, str) and child_path in lines and isinstance(node, yaml.MappingNode):
-                first = lines[child_path]
-                message = f"duplicate key (also on line {first}); the last one wins"
-                notes.append(Finding("warning", _field_name(child_path), line, message))
-            lines[child_path] = line
-            stack.append((child_path, child))
-    return lines, notes
-
-
-def _children(node: yaml.Node) -> list[tuple[str | int, int, yaml.Node]]:
-    if isinstance(node, yaml.MappingNode):
-        return [
-            (key.value, key.start_mark.line + 1, value)
-            for key, value in node.value
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge"
-        ]
-    if isinstance(node, yaml.SequenceNode):
-        return [(index, item.start_mark.line + 1, item) for index, item in enumerate(node.value)]
-    return []
+def _duplicate_notes(duplicates: list[Duplicate]) -> list[Finding]:
+    return [
+        Finding(
+            "warning",
+            path_name(duplicate.path),
+            duplicate.line,
+            f"duplicate key (also on line {duplicate.previous_line}); the last one wins",
+        )
+        for duplicate in duplicates
+    ]
 
 
 def _not_a_mapping(data: Any) -> Finding:
@@ -578,7 +505,7 @@ def _not_a_mapping(data: Any) -> Finding:
         "error",
         None,
         1,
-        f"the top level must be a mapping of keys (id, url, as_token, ...), not {_describe(data)}",
+        f"the top level must be a mapping of keys (id, url, as_token, ...), not {describe(data)}",
     )
 
 
@@ -599,23 +526,23 @@ _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 class _Report:
     """Collects findings, resolving each key path to its nearest known YAML line."""
 
-    def __init__(self, lines: Mapping[_KeyPath, int]) -> None:
+    def __init__(self, lines: Mapping[KeyPath, int]) -> None:
         self.lines = lines
         self.findings: list[Finding] = []
 
-    def error(self, path: _KeyPath, message: str) -> None:
-        self.findings.append(Finding("error", _field_name(path), self._line(path), message))
+    def error(self, path: KeyPath, message: str) -> None:
+        self.findings.append(Finding("error", path_name(path) or None, self._line(path), message))
 
-    def warn(self, path: _KeyPath, message: str) -> None:
-        self.findings.append(Finding("warning", _field_name(path), self._line(path), message))
+    def warn(self, path: KeyPath, message: str) -> None:
+        self.findings.append(Finding("warning", path_name(path) or None, self._line(path), message))
 
-    def _line(self, path: _KeyPath) -> int | None:
+    def _line(self, path: KeyPath) -> int | None:
         while path not in self.lines and path:
             path = path[:-1]
         return self.lines.get(path)
 
 
-def _validate(data: Mapping[Any, Any], lines: Mapping[_KeyPath, int]) -> list[Finding]:
+def _validate(data: Mapping[Any, Any], lines: Mapping[KeyPath, int]) -> list[Finding]:
     """Everything Synapse refuses at start-up, plus what would break puppet registration."""
     report = _Report(lines)
     for key, meaning in _REQUIRED_STRINGS.items():
@@ -624,10 +551,10 @@ def _validate(data: Mapping[Any, Any], lines: Mapping[_KeyPath, int]) -> list[Fi
     _check_namespaces(report, data)
     for key in _OPTIONAL_BOOLS:
         if data.get(key) is not None and not isinstance(data[key], bool):
-            report.error((key,), f"must be true or false, not {_describe(data[key])}")
+            report.error((key,), f"must be true or false, not {describe(data[key])}")
     for key in _STRICT_BOOLS:
         if key in data and not isinstance(data[key], bool):
-            report.error((key,), f"must be true or false if present, not {_describe(data[key])}")
+            report.error((key,), f"must be true or false if present, not {describe(data[key])}")
     _check_string_list(report, data, "protocols", allow_null=True)
     _check_string_list(report, data, "io.element.msc4502.scopes", allow_null=False)
     _check_proxy(report, data)
@@ -643,7 +570,7 @@ def _check_required_string(
         return
     value = data[key]
     if not isinstance(value, str):
-        report.error((key,), f"must be a string, not {_describe(value)}")
+        report.error((key,), f"must be a string, not {describe(value)}")
     elif not value:
         report.error((key,), "must not be empty")
     elif key == "id" and "|" in value:
@@ -663,7 +590,7 @@ def _check_url(report: _Report, data: Mapping[Any, Any]) -> None:
     if "url" not in data:
         report.error(("url",), "missing: required, the appservice's URL (or null for no traffic)")
     elif data["url"] is not None and not isinstance(data["url"], str):
-        report.error(("url",), f"must be a URL string or null, not {_describe(data['url'])}")
+        report.error(("url",), f"must be a URL string or null, not {describe(data['url'])}")
 
 
 def _check_namespaces(report: _Report, data: Mapping[Any, Any]) -> None:
@@ -674,32 +601,32 @@ def _check_namespaces(report: _Report, data: Mapping[Any, Any]) -> None:
     if not isinstance(namespaces, dict):
         report.error(
             ("namespaces",),
-            f"must be a mapping of users/aliases/rooms lists, not {_describe(namespaces)}",
+            f"must be a mapping of users/aliases/rooms lists, not {describe(namespaces)}",
         )
         return
     for kind in _NAMESPACE_KINDS:
         if kind not in namespaces:
             continue
         entries = namespaces[kind]
-        path: _KeyPath = ("namespaces", kind)
+        path: KeyPath = ("namespaces", kind)
         if not isinstance(entries, list):
             report.error(
-                path, f"must be a list of {{regex, exclusive}} entries, not {_describe(entries)}"
+                path, f"must be a list of {{regex, exclusive}} entries, not {describe(entries)}"
             )
             continue
         for index, entry in enumerate(entries):
             _check_namespace_entry(report, (*path, index), entry)
 
 
-def _check_namespace_entry(report: _Report, path: _KeyPath, entry: Any) -> None:
+def _check_namespace_entry(report: _Report, path: KeyPath, entry: Any) -> None:
     if not isinstance(entry, dict):
-        report.error(path, f"must be a mapping with regex and exclusive, not {_describe(entry)}")
+        report.error(path, f"must be a mapping with regex and exclusive, not {describe(entry)}")
         return
     regex = entry.get("regex")
     if "regex" not in entry:
         report.error((*path, "regex"), "missing: required, a regular expression string")
     elif not isinstance(regex, str):
-        report.error((*path, "regex"), f"must be a string, not {_describe(regex)}")
+        report.error((*path, "regex"), f"must be a string, not {describe(regex)}")
     else:
         try:
             re.compile(regex)
@@ -711,7 +638,7 @@ def _check_namespace_entry(report: _Report, path: _KeyPath, entry: Any) -> None:
         report.error((*path, "exclusive"), "missing: required, true or false")
     elif not isinstance(entry["exclusive"], bool):
         report.error(
-            (*path, "exclusive"), f"must be true or false, not {_describe(entry['exclusive'])}"
+            (*path, "exclusive"), f"must be true or false, not {describe(entry['exclusive'])}"
         )
 
 
@@ -722,11 +649,11 @@ def _check_string_list(
         return
     values = data[key]
     if not isinstance(values, list):
-        report.error((key,), f"must be a list of strings, not {_describe(values)}")
+        report.error((key,), f"must be a list of strings, not {describe(values)}")
         return
     for index, value in enumerate(values):
         if not isinstance(value, str):
-            report.error((key, index), f"must be a string, not {_describe(value)}")
+            report.error((key, index), f"must be a string, not {describe(value)}")
 
 
 def _check_proxy(report: _Report, data: Mapping[Any, Any]) -> None:
@@ -734,7 +661,7 @@ def _check_proxy(report: _Report, data: Mapping[Any, Any]) -> None:
     present = [key for key in keys if data.get(key) is not None]
     for key in present:
         if not isinstance(data[key], str) or not data[key]:
-            report.error((key,), f"must be a non-empty string, not {_describe(data[key])}")
+            report.error((key,), f"must be a non-empty string, not {describe(data[key])}")
     if len(present) == 1:
         missing = next(key for key in keys if key not in present)
         report.error((present[0],), f"must be set together with {missing}")
@@ -746,14 +673,14 @@ def _check_ip_ranges(report: _Report, data: Mapping[Any, Any]) -> None:
         return
     if not isinstance(ranges, list):
         report.error(
-            ("ip_range_whitelist",), f"must be a list of IP ranges, not {_describe(ranges)}"
+            ("ip_range_whitelist",), f"must be a list of IP ranges, not {describe(ranges)}"
         )
         return
     for index, value in enumerate(ranges):
         try:
             ipaddress.ip_network(value, strict=False)
         except (ValueError, TypeError):
-            report.error(("ip_range_whitelist", index), f"is not an IP range: {_describe(value)}")
+            report.error(("ip_range_whitelist", index), f"is not an IP range: {describe(value)}")
 
 
 # -- lints (warnings) -------------------------------------------------------------------
@@ -764,7 +691,7 @@ _REGEX_META = set(".^$*+?{}[]()|")
 _QUANTIFIERS = ("*", "?", "{")
 
 
-def _lint(reg: Registration, lines: Mapping[_KeyPath, int], domain: str | None) -> list[Finding]:
+def _lint(reg: Registration, lines: Mapping[KeyPath, int], domain: str | None) -> list[Finding]:
     report = _Report(lines)
     if not reg.namespaces.users:
         report.warn(
@@ -790,7 +717,7 @@ def _lint(reg: Registration, lines: Mapping[_KeyPath, int], domain: str | None) 
     return report.findings
 
 
-def _lint_regex(report: _Report, path: _KeyPath, regex: str, kind: str, sigil: str) -> None:
+def _lint_regex(report: _Report, path: KeyPath, regex: str, kind: str, sigil: str) -> None:
     noun = {"users": "user", "aliases": "alias", "rooms": "room"}[kind]
     if not _can_start_with(regex, sigil):
         report.warn(
@@ -979,35 +906,6 @@ def _in_namespaces(namespaces: list[Namespace], identifier: str, exclusive_only:
         if namespace.pattern.match(identifier):
             return namespace.exclusive or not exclusive_only
     return False
-
-
-def _field_name(path: _KeyPath) -> str | None:
-    name = ""
-    for part in path:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or None
-
-
-def _describe(value: Any) -> str:
-    """A short, YAML-flavoured description of a value for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= 40 else text[:36] + "...'"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, bytes):
-        return "binary data"
-    if isinstance(value, datetime.date):
-        return f"a date ({value.isoformat()})"
-    return f"a {type(value).__name__}"
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:
