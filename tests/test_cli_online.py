@@ -83,3 +83,24 @@ async def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert "50 skipped, 0 requests" in out
     assert "answered with $" in out
     assert "Traceback" not in err
+
+
+async def test_bulk_import_example_registers_and_resumes(
+    synapse: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    example = Path(__file__).parent.parent / "examples" / "bulk_import.py"
+    (tmp_path / "users.txt").write_text("".join(f"User{i}\n" for i in range(30)))
+    args = [
+        str(example), "-r", str(synapse.registration_path), "--homeserver", synapse.url,
+        "--prefix", f"_bk_imp{unique}_", "--store", "sqlite:///import.db", "users.txt",
+    ]  # fmt: skip
+    for run in ("first", "second"):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *args, cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, stderr.decode()
+        expected = "30 registered" if run == "first" else "30 skipped (known)"
+        assert expected in stdout.decode(), stdout.decode()
+    assert await synapse.count_users(f"_bk_imp{unique}_") == 30
