@@ -26,14 +26,14 @@ from aiohttp import web
 from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.config import Config
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
-from bridge_kit.errors import BridgeKitError, MatrixRequestError, RegistrationAborted
+from bridge_kit.errors import BridgeKitError
 from bridge_kit.ids import localpart_problem, split_user_id
 from bridge_kit.intent import Intent
 from bridge_kit.metrics import Metrics
 from bridge_kit.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.registration import Registration
-from bridge_kit.server import ThirdPartyHandlers, create_app
+from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import Store, open_store
 from bridge_kit.types import Event, Transaction
 
@@ -215,7 +215,9 @@ class AppService:
                 self.client, self.store, self.registration, self.domain
             )
             await self._listen()
-            if self.ping and self.registration.url:
+            if self.registration.url is None:
+                log.warning("the registration's url is null: the homeserver will send us nothing")
+            elif self.ping:
                 await ping_homeserver(self.client, self.registration)
         except BaseException:
             await self.stop()
@@ -225,11 +227,13 @@ class AppService:
             self._preregister_task = asyncio.create_task(
                 self._run_preregistration(self.preregister)
             )
+            self._preregister_task.add_done_callback(_log_preregistration_failure)
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight transactions, flush and close. Safe to call twice."""
         if self._preregister_task is not None:
             self.puppets.cancel()
+            # Its failure, if any, was logged when it happened.
             await asyncio.gather(self._preregister_task, return_exceptions=True)
             self._preregister_task = None
         if self._runner is not None:
@@ -251,10 +255,7 @@ class AppService:
             metrics=self.metrics,
             health=self._health,
         )
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=60)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        self._runner = await serve_app(app, self.host, self.port)
         log.info("listening on http://%s:%d", self.host, self.port)
 
     async def _run_preregistration(self, path: Path) -> BulkResult:
@@ -294,7 +295,7 @@ class AppService:
             return False
         try:
             await self.puppets.ensure_registered(localpart)
-        except (MatrixRequestError, RegistrationAborted) as exc:
+        except BridgeKitError as exc:
             # The homeserver asked, so it must get an answer; "no such user" is the true one.
             log.warning("could not provision %s on query: %s", user_id, exc)
             return False
@@ -326,6 +327,12 @@ class AppService:
             "user_id": self.bot.user_id if self._registrar else None,
             "uptime_seconds": round(time.monotonic() - started, 1) if started else 0,
         }
+
+
+def _log_preregistration_failure(task: asyncio.Task[BulkResult]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        expected = isinstance(error, BridgeKitError | OSError)
+        log.error("pre-registration failed: %s", error, exc_info=None if expected else error)
 
 
 class _ProgressLog:

@@ -11,19 +11,19 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import yarl
-from aiohttp import web
 
 from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.errors import (
     BridgeKitError,
     Forbidden,
     HomeserverUnreachable,
+    ListenError,
     MatrixRequestError,
     UnknownToken,
 )
 from bridge_kit.ids import split_user_id
 from bridge_kit.registration import Registration
-from bridge_kit.server import create_app
+from bridge_kit.server import create_app, serve_app
 from bridge_kit.store.memory import MemoryStore
 from bridge_kit.types import Transaction
 
@@ -138,19 +138,12 @@ async def _ping_responder(registration: Registration) -> AsyncIterator[None]:
     async def refuse(transaction: Transaction) -> None:
         raise StartupCheckFailed("bridge-kit check does not process transactions")
 
-    store = MemoryStore()
-    app = create_app(hs_token=registration.hs_token, store=store, on_transaction=refuse)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    app = create_app(hs_token=registration.hs_token, store=MemoryStore(), on_transaction=refuse)
     try:
-        site = web.TCPSite(runner, url.host, url.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupCheckFailed(
-                f"cannot listen on {url.host}:{url.port} to answer the ping ({exc.strerror}); "
-                "is the bridge already running there? Stop it, or check without --homeserver"
-            ) from exc
+        runner = await serve_app(app, url.host, url.port)
+    except ListenError as exc:
+        raise StartupCheckFailed(f"{exc} Stop it, or check without --homeserver.") from exc
+    try:
         yield
     finally:
         await runner.cleanup()

@@ -54,6 +54,10 @@ class StoreError(BridgeKitError):
     """The puppet/transaction store could not be opened or used."""
 
 
+class ListenError(BridgeKitError):
+    """The appservice could not listen on its host and port."""
+
+
 class HomeserverUnreachable(BridgeKitError):
     """The homeserver could not be reached, even after retries."""
 

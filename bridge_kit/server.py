@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from bridge_kit.errors import ListenError
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.types import MatrixErrorBody, Transaction, describe_error, unstructure
@@ -213,6 +214,28 @@ class TransactionProcessor:
         """Wait for a background prune, if one runs (for shutdown and tests)."""
         if self._prune_task is not None:
             await self._prune_task
+
+
+async def serve_app(
+    app: web.Application, host: str, port: int, *, shutdown_timeout: float = 60.0
+) -> web.AppRunner:
+    """Serve ``app`` on ``host:port``; stop it with ``await runner.cleanup()``.
+
+    Raises :class:`ListenError` with a plain message when the port is taken or
+    not allowed. aiohttp's access log stays off: it would print a legacy
+    ``?access_token=`` query string.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "is another process, perhaps another bridge, using that port?"
+        ) from exc
+    return runner
 
 
 PROCESSOR_KEY = web.AppKey("bridge_kit.processor", TransactionProcessor)
@@ -420,6 +443,8 @@ async def _read_json(request: web.Request, max_bytes: int) -> Any:
         return _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except ValueError as exc:
         raise MatrixHTTPError(400, "M_NOT_JSON", f"Body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MatrixHTTPError(400, "M_NOT_JSON", "Body is nested too deeply") from None
 
 
 def _too_large(max_bytes: int) -> MatrixHTTPError:

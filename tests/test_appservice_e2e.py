@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
+import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ from bridge_kit import (
     InvalidLocalpart,
     NotInNamespace,
     Registration,
+    StoreError,
 )
 from tests.conftest import TestHomeserver, _running_homeserver
 
@@ -302,3 +305,52 @@ async def test_intents_are_cached_within_a_bound_and_checked_at_once(
             app.intent("_bk_Upper")
         with pytest.raises(NotInNamespace):
             app.intent("outsider")
+
+
+async def test_daemon_on_a_taken_port_says_so_without_a_traceback(
+    homeserver: TestHomeserver, tmp_path: Path
+) -> None:
+    config = write_config(homeserver, tmp_path)
+    with socket.socket() as squatter:
+        # The previous test's listener may leave the port in TIME_WAIT.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", homeserver.appservice_port))
+        squatter.listen()
+        daemon = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge_kit", "run", "-c", str(config),
+            cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(daemon.communicate(), TIMEOUT)
+    assert daemon.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{homeserver.appservice_port}" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
+async def test_a_failing_preregistration_is_logged(
+    homeserver: TestHomeserver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "puppets.txt"
+    broken.write_bytes(b"_bk_fine\n\xff\xfe not utf-8\n")
+    app = make_app(homeserver, tmp_path / "bk.db")
+    app.preregister = broken
+    with caplog.at_level(logging.ERROR, logger="bridge_kit.appservice"):
+        async with app:
+            for _ in range(int(TIMEOUT * 10)):
+                if "pre-registration failed" in caplog.text:
+                    break
+                await asyncio.sleep(0.1)
+    assert "pre-registration failed" in caplog.text
+    assert "utf-8" in caplog.text
+
+
+async def test_a_user_query_that_cannot_be_provisioned_is_answered_no(
+    homeserver: TestHomeserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(homeserver, tmp_path / "bk.db")
+    async with app:
+
+        async def store_down(localpart: str) -> bool:
+            raise StoreError("the database went away")
+
+        monkeypatch.setattr(app.puppets, "ensure_registered", store_down)
+        assert not await app._answer_user_query("@_bk_nostore:test.local")

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from bridge_kit.client import ClientObserver
+from bridge_kit.errors import ListenError
 from bridge_kit.metrics import Metrics
 from bridge_kit.server import (
     PROCESSOR_KEY,
@@ -25,6 +26,7 @@ from bridge_kit.server import (
     ThirdPartyHandlers,
     TransactionProcessor,
     create_app,
+    serve_app,
 )
 from bridge_kit.store import MemoryStore, Store, open_store
 from bridge_kit.types import Transaction
@@ -319,7 +321,15 @@ async def test_body_at_the_limit_is_accepted(memory_store: Store) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"not json", b'{"events": [', b"\xff\xfe\xfa", b'{"events": [], "x": NaN}'],
+    [
+        b"",
+        b"not json",
+        b'{"events": [',
+        b"\xff\xfe\xfa",
+        b'{"events": [], "x": NaN}',
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+    ids=["empty", "text", "truncated", "binary", "nan", "nested-too-deep"],
 )
 async def test_non_json_body_is_400_not_json(memory_store: Store, body: bytes) -> None:
     recorder = Recorder()
@@ -838,3 +848,15 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.005)
+
+
+async def test_a_taken_port_is_a_listen_error_not_a_traceback(memory_store: Store) -> None:
+    app = create_app(hs_token="hs", store=memory_store, on_transaction=Recorder())
+    runner = await serve_app(app, "127.0.0.1", 0)
+    try:
+        port = runner.addresses[0][1]
+        second = create_app(hs_token="hs", store=memory_store, on_transaction=Recorder())
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await serve_app(second, "127.0.0.1", port)
+    finally:
+        await runner.cleanup()

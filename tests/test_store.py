@@ -15,6 +15,7 @@ import pytest
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store import MemoryStore, PostgresStore, SQLiteStore, Store, open_store
+from bridge_kit.store.postgres import redact_dsn
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
@@ -438,3 +439,18 @@ async def test_a_database_from_a_newer_version_is_refused(durable_url: str) -> N
     assert "schema version 99 is newer than this bridge_kit supports (1)" in message
     with pytest.raises(StoreError, match="not open"):
         await store.count_registered()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://u@h/db?password=s3cret&sslmode=disable",
+            "postgresql://u@h/db?password=***&sslmode=disable",
+        ),
+        ("postgresql://h/db", "postgresql://h/db"),
+    ],
+)
+def test_redact_dsn_hides_every_password(dsn: str, shown: str) -> None:
+    assert redact_dsn(dsn) == shown

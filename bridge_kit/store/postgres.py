@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -187,14 +187,18 @@ class PostgresStore(Store):
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***``, for messages and logs."""
+    """``dsn`` with any password (in the authority or a ``password=`` parameter) as ``***``."""
     try:
         parts = urlsplit(dsn)
-        if parts.password is None:
-            return dsn
-        host = parts.netloc.rpartition("@")[2]
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        return urlunsplit(parts._replace(netloc=user + host))
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = f"{parts.username}:***@" if parts.username else ":***@"
+            parts = parts._replace(netloc=user + host)
+        query = [
+            (key, "***" if key == "password" else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
     except ValueError:
         return "<unparsable URL>"
 
