@@ -37,7 +37,14 @@ from bridge_kit.errors import (
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.register import RegisterRequest, RegisterResponse
 
-__all__ = ["ClientObserver", "HomeserverClient", "RetryPolicy", "WhoAmI", "quote_segment"]
+__all__ = [
+    "REGISTER_ENDPOINT",
+    "ClientObserver",
+    "HomeserverClient",
+    "RetryPolicy",
+    "WhoAmI",
+    "quote_segment",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,12 @@ _TRANSIENT_EXCEPTIONS: Final = (
     aiohttp.ClientPayloadError,
     TimeoutError,
 )
+#: The one transient exception after which the request certainly never left the client.
+_NOT_SENT_EXCEPTIONS: Final = (aiohttp.ClientConnectorError,)
 _SNIPPET_LENGTH: Final = 200
+
+#: ``POST`` this to register a user (the endpoint name observers see for it).
+REGISTER_ENDPOINT: Final = "/_matrix/client/v3/register"
 
 
 #: A query parameter value; a sequence repeats the parameter (``via=a&via=b``).
@@ -66,17 +78,20 @@ class RetryPolicy:
     * 429 / ``M_LIMIT_EXCEEDED``: wait as long as the reply asks (``retry_after_ms``,
       else the ``Retry-After`` header, else exponential backoff), at most
       ``max_rate_limit_waits`` times per request; then the :class:`LimitExceeded` is raised.
+      A single wait lasts at most ``max_rate_limit_delay`` seconds, whatever the reply asks.
     * 502/503/504, connection errors and timeouts: exponential backoff with full
       jitter (a random delay up to ``min(max_delay, base_delay * 2**n)``), at most
       ``max_attempts`` attempts; then :class:`HomeserverUnreachable` (or the last 5xx
-      :class:`MatrixRequestError`) is raised.
-    * Any other 4xx is never retried.
+      :class:`MatrixRequestError`) is raised. A request sent with ``resend=False``
+      (see :meth:`HomeserverClient.request`) is retried only after a failed connect.
+    * Any other 4xx, and a reply that is not HTTP at all, is never retried.
     """
 
     max_attempts: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     base_delay: float = attrs.field(default=0.25, validator=attrs.validators.ge(0))
     max_delay: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     max_rate_limit_waits: int = attrs.field(default=30, validator=attrs.validators.ge(0))
+    max_rate_limit_delay: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
 
     def backoff(self, failures: int, rng: random.Random) -> float:
         """A full-jitter delay after the ``failures``-th consecutive failure (1-based)."""
@@ -210,6 +225,7 @@ class HomeserverClient:
         query: Mapping[str, QueryValue] | None = None,
         user_id: str | None = None,
         endpoint: str | None = None,
+        resend: bool = True,
     ) -> dict[str, Any]:
         """Send a request, retrying per :attr:`retry`, and return the decoded JSON object.
 
@@ -219,14 +235,23 @@ class HomeserverClient:
         identity of a puppet. ``endpoint`` names the route for observers, e.g.
         ``/_matrix/client/v3/rooms/{roomId}/join``; it defaults to ``path``.
 
+        ``resend=False`` is for requests that must not be carried out twice
+        (``createRoom``): it is sent again only when it certainly was not carried
+        out, i.e. after a failed connect (:class:`aiohttp.ClientConnectorError`)
+        or a 429, which refuses it. A timeout, a broken connection or a 502/503/504
+        may come after the homeserver acted, so they are raised at once.
+
         Raises a :class:`MatrixRequestError` subclass for an error reply, and
-        :class:`HomeserverUnreachable` when the homeserver could not be reached.
+        :class:`HomeserverUnreachable` when the homeserver could not be reached
+        or did not answer in HTTP at all.
         """
         params: dict[str, QueryValue] = dict(query or {})
         if user_id is not None:
             params["user_id"] = user_id
         data = None if body is None else json.dumps(_to_json(body)).encode()
-        reply = await self._send_with_retries(method, path, params, data, endpoint or path)
+        reply = await self._send_with_retries(
+            method, path, params, data, endpoint or path, resend=resend
+        )
         if not isinstance(reply.body, dict):
             raise MatrixRequestError(
                 reply.status, None, f"expected a JSON object, got: {_snippet(reply.text)}"
@@ -236,7 +261,7 @@ class HomeserverClient:
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         """``POST /_matrix/client/v3/register``; see :meth:`RegisterRequest.for_puppet`."""
         reply = await self.request(
-            "POST", "/_matrix/client/v3/register", body=request.body(), query=request.query()
+            "POST", REGISTER_ENDPOINT, body=request.body(), query=request.query()
         )
         return structure_reply(reply, RegisterResponse, "register")
 
@@ -266,27 +291,44 @@ class HomeserverClient:
         params: dict[str, QueryValue],
         data: bytes | None,
         endpoint: str,
+        *,
+        resend: bool,
     ) -> _Reply:
+        # After a timeout, a broken connection or a gateway error the request may
+        # have been carried out, and by default it is sent again anyway. That is
+        # safe for what bridge_kit sends this way: reads; PUTs, which set a value
+        # or carry a transaction ID the homeserver deduplicates; membership
+        # changes, which a repeat finds already made; and /register, whose repeat
+        # after a commit gets M_USER_IN_USE, which the puppet layer counts as
+        # success. A call that would be carried out twice (createRoom) passes
+        # resend=False.
+        where = f"{method} {self.base_url}{endpoint}"
         failures = 0
         rate_limit_waits = 0
         while True:
             try:
                 reply = await self._send_once(method, path, params, data, endpoint)
             except _TRANSIENT_EXCEPTIONS as exc:
-                # The request may have reached the homeserver before the connection
-                # broke, and is sent again anyway. That is safe for the one
-                # non-idempotent call bridge_kit makes, /register: a registration
-                # that did commit answers the retry with M_USER_IN_USE, which the
-                # puppet layer counts as success.
                 failures += 1
+                if not resend and not isinstance(exc, _NOT_SENT_EXCEPTIONS):
+                    raise HomeserverUnreachable(
+                        f"{where}: {_describe_exception(exc, self.timeout)} "
+                        "(not sent again: the homeserver may have carried it out)"
+                    ) from exc
                 if failures >= self.retry.max_attempts:
                     raise HomeserverUnreachable(
-                        f"{method} {self.base_url}{endpoint}: "
-                        f"{_describe_exception(exc, self.timeout)} "
+                        f"{where}: {_describe_exception(exc, self.timeout)} "
                         f"(gave up after {failures} attempts)"
                     ) from exc
                 await self._pause_before_retry(_reason_label(exc), failures)
                 continue
+            except aiohttp.ClientError as exc:
+                # Not HTTP (an SSH or database port), endless redirects, a URL aiohttp
+                # refuses: none gets better by asking again.
+                raise HomeserverUnreachable(
+                    f"{where}: not a Matrix homeserver reply ({_describe_client_error(exc)}); "
+                    "is this the client-server URL?"
+                ) from exc
             if 200 <= reply.status < 300:
                 return reply
             error = _error_from(reply)
@@ -296,7 +338,7 @@ class HomeserverClient:
                     raise error
                 await self._pause_for_rate_limit(error, rate_limit_waits)
                 continue
-            if _is_transient(error):
+            if _is_transient(error) and resend:
                 failures += 1
                 if failures >= self.retry.max_attempts:
                     raise error
@@ -338,6 +380,10 @@ class HomeserverClient:
         delay = error.retry_after
         if delay is None:
             delay = self.retry.backoff(waits, self._rng)
+        # ``not <=`` also catches NaN: a hint of a day, infinity or garbage must not stall us.
+        if not delay <= self.retry.max_rate_limit_delay:
+            delay = self.retry.max_rate_limit_delay
+        delay = max(delay, 0.0)
         for observer in self.observers:
             observer.on_rate_limited(delay)
         await asyncio.sleep(delay)
@@ -433,6 +479,14 @@ def _describe_exception(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"no reply within {timeout:g} s"
     return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _describe_client_error(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientResponseError) and exc.message:
+        detail = exc.message  # str() would add the request URL, already in the message
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    return _snippet(detail)
 
 
 def structure_reply(reply: dict[str, Any], cls: type[T], what: str) -> T:

@@ -142,12 +142,20 @@ class Intent:
         Pass a :class:`~bridge_kit.types.room.CreateRoomRequest`, its fields as
         keywords (``create_room(name="Lobby", invite=[bob])``), or both: the
         keywords then replace the request's fields.
+
+        Unlike the other methods, this one is not sent again after a timeout, a
+        broken connection or a 502/503/504, which may come after the room was
+        made: it raises instead (:class:`~bridge_kit.errors.HomeserverUnreachable`
+        or the :class:`~bridge_kit.errors.MatrixRequestError`), so that a retry
+        cannot create a second room.
         """
         if request is None:
             request = CreateRoomRequest(**fields)
         elif fields:
             request = attrs.evolve(request, **fields)
-        reply = await self._request("POST", f"{_CLIENT}/createRoom", "/createRoom", body=request)
+        reply = await self._request(
+            "POST", f"{_CLIENT}/createRoom", "/createRoom", body=request, resend=False
+        )
         return structure_reply(reply, CreateRoomResponse, "createRoom").room_id
 
     async def send_event(
@@ -212,7 +220,13 @@ class Intent:
         *,
         body: Any,
         query: Mapping[str, Any] | None = None,
+        resend: bool = True,
     ) -> dict[str, Any]:
+        # What may be resent after it possibly reached the homeserver (see
+        # HomeserverClient.request): the profile and state PUTs set a value, so a
+        # repeat sets the same one; send_event's PUT carries a txn ID the homeserver
+        # deduplicates; join, leave and invite find the membership already made.
+        # Only createRoom makes something new each time, so it passes resend=False.
         await self.ensure_registered()
         return await self.client.request(
             method,
@@ -221,6 +235,7 @@ class Intent:
             query=query,
             user_id=self.user_id,
             endpoint=_CLIENT + endpoint,
+            resend=resend,
         )
 
 

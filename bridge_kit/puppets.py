@@ -38,7 +38,7 @@ from typing import Any, Final
 
 import attrs
 
-from bridge_kit.client import ClientObserver, HomeserverClient
+from bridge_kit.client import REGISTER_ENDPOINT, ClientObserver, HomeserverClient
 from bridge_kit.errors import (
     Exclusive,
     Forbidden,
@@ -344,8 +344,10 @@ class PuppetRegistrar:
 
         Cancelling (:meth:`cancel`, or cancelling the task) stops issuing
         requests, lets those in flight finish, flushes the store and returns
-        the result with ``cancelled`` set. Raises only for a broken store or
-        input; everything else ends up in the :class:`BulkResult`.
+        the result with ``cancelled`` set. Raises for a broken store or input,
+        and re-raises an exception no part of bridge_kit expects (a bug) once the
+        run is stopped; whatever the homeserver answers, and its being unreachable
+        or not a homeserver at all, ends up in the :class:`BulkResult`.
         """
         if isinstance(localparts, str | bytes):
             raise TypeError("register_many takes an iterable of localparts, not one string")
@@ -430,15 +432,25 @@ class AimdLimiter:
 
 
 class _RateLimitWatch(ClientObserver):
-    """Feeds the client's 429s into a run's limiter."""
+    """Feeds the 429s of register requests into a run's limiter.
+
+    The client is shared: a 429 on another endpoint (a puppet sending messages)
+    says nothing about registration, so it does not slow the run down.
+    """
 
     def __init__(self, limiter: AimdLimiter, result: BulkResult) -> None:
         self._limiter = limiter
         self._result = result
 
-    def on_rate_limited(self, delay: float) -> None:
+    def on_response(
+        self, method: str, endpoint: str, status: int, errcode: str | None, seconds: float
+    ) -> None:
+        if status != 429 or method != "POST" or endpoint != REGISTER_ENDPOINT:
+            return
         self._result.rate_limited += 1
-        self._limiter.congestion(delay)
+        # 429s of requests already in flight at the cut arrive within about one
+        # round trip; like TCP, cut at most once per round trip.
+        self._limiter.congestion(seconds)
 
 
 # -- duplicate detection in bounded memory --------------------------------------

@@ -8,30 +8,39 @@ just enough of the client-server API for an appservice:
   ``m.login.application_service``; a second registration of a username gets 400
   ``M_USER_IN_USE``; a localpart outside ``user_namespace`` gets 400 ``M_EXCLUSIVE``);
 * ``GET /_matrix/client/v3/account/whoami`` (the sender, or the ``?user_id=``
-  asserted puppet if it is registered, else 403 ``M_FORBIDDEN``).
+  asserted puppet if it is registered, else 403 ``M_FORBIDDEN``);
+* ``POST /_matrix/client/v3/createRoom`` (as the sender or a registered puppet;
+  makes a new room ID each time and answers ``{"room_id": ...}``; the body is ignored).
 
-Both require the appservice token (``Authorization: Bearer`` or ``?access_token=``):
+All require the appservice token (``Authorization: Bearer`` or ``?access_token=``):
 none gives 401 ``M_MISSING_TOKEN``, a wrong one 401 ``M_UNKNOWN_TOKEN``.
 Any other path gets aiohttp's plain-text 404, i.e. a non-JSON error body.
 
 Faults are drawn per request, from a seeded :class:`random.Random`, with the
 probabilities of :class:`Faults`; :meth:`FaultHomeserver.inject` queues exact
-faults for the next requests (they come before the random draw)::
+faults for the next requests, or for the next requests to one path (they come
+before the random draw)::
 
     faults = Faults(p429=0.1, p503=0.05, p_reset=0.05, p_commit_reset=0.05)
     async with FaultHomeserver(as_token="secret", faults=faults, seed=1) as hs:
         client = HomeserverClient(hs.url, "secret")
         ...
         assert hs.registered == set(localparts)          # none lost
-        assert hs.commits_by_username.most_common(1)[0][1] == 1   # none twice
+        assert set(hs.replies_by_username.values()) == {1}   # none sent again after a reply
         assert hs.faults_injected[Fault.RESET] > 0        # the faults did happen
 
 What a test can inspect (plain attributes, updated as requests arrive):
 
 ``url``                   base URL, e.g. ``http://127.0.0.1:41234``
 ``registered``            set of registered localparts
-``commits_by_username``   Counter: successful registrations per localpart (never above 1)
+``commits_by_username``   Counter: successful registrations per localpart (never above 1 by
+                          construction: a repeat gets M_USER_IN_USE, so it proves nothing)
 ``requests_by_username``  Counter: register requests received per localpart, faulted ones included
+``replies_by_username``   Counter: register requests per localpart whose normal reply (200 or an
+                          error such as M_USER_IN_USE) reached the client. A client that never
+                          sends a puppet again once it has an answer keeps every count at 1.
+``rooms``                 room IDs created, in order (also by requests whose reply a fault lost)
+``create_room_requests``  createRoom requests received, faulted ones included
 ``total_requests``        every request received, on any path
 ``peers``                 client (host, port) pairs seen: one per TCP connection
 ``faults_injected``       Counter of :class:`Fault` values actually applied
@@ -40,6 +49,7 @@ What a test can inspect (plain attributes, updated as requests arrive):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import random
@@ -53,10 +63,11 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-__all__ = ["Fault", "FaultHomeserver", "Faults"]
+__all__ = ["Fault", "FaultHomeserver", "Faults", "NotHttpServer"]
 
 REGISTER_PATH = "/_matrix/client/v3/register"
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
+CREATE_ROOM_PATH = "/_matrix/client/v3/createRoom"
 
 
 class Fault(enum.Enum):
@@ -69,6 +80,7 @@ class Fault(enum.Enum):
     RESET = "TCP reset before the request is handled"
     DISCONNECT = "connection closed (FIN) before the request is handled"
     COMMIT_THEN_RESET = "register commits, then the connection is reset (other routes: RESET)"
+    COMMIT_THEN_504 = "the request is carried out, then a proxy's 504 HTML replaces the reply"
     SLOW = "the reply is delayed by Faults.slow_seconds, then handled normally"
 
 
@@ -83,6 +95,7 @@ class Faults:
     p_reset: float = 0.0
     p_disconnect: float = 0.0
     p_commit_reset: float = 0.0
+    p_commit_504: float = 0.0
     p_slow: float = 0.0
     retry_after_ms: int = 10
     retry_after_header: str = "1"  # whole seconds or an HTTP date; "" sends no header at all
@@ -103,6 +116,7 @@ class Faults:
             (Fault.RESET, self.p_reset),
             (Fault.DISCONNECT, self.p_disconnect),
             (Fault.COMMIT_THEN_RESET, self.p_commit_reset),
+            (Fault.COMMIT_THEN_504, self.p_commit_504),
             (Fault.SLOW, self.p_slow),
         ]
 
@@ -133,16 +147,27 @@ class FaultHomeserver:
         self.registered: set[str] = set()
         self.commits_by_username: Counter[str] = Counter()
         self.requests_by_username: Counter[str] = Counter()
+        self.replies_by_username: Counter[str] = Counter()
+        self.rooms: list[str] = []
+        self.create_room_requests = 0
         self.total_requests = 0
         self.peers: set[tuple[str, int]] = set()
         self.faults_injected: Counter[Fault] = Counter()
         self._random = random.Random(seed)
         self._queued: deque[Fault] = deque()
+        self._queued_by_path: dict[str, deque[Fault]] = {}
         self._runner: web.AppRunner | None = None
 
-    def inject(self, *faults: Fault) -> None:
-        """Apply these faults, in order, to the next requests (before any random draw)."""
-        self._queued.extend(faults)
+    def inject(self, *faults: Fault, path: str | None = None) -> None:
+        """Apply these faults, in order, to the next requests (before any random draw).
+
+        With ``path`` (e.g. ``WHOAMI_PATH``) only requests to that path get them,
+        before any fault injected for all paths.
+        """
+        if path is None:
+            self._queued.extend(faults)
+        else:
+            self._queued_by_path.setdefault(path, deque()).extend(faults)
 
     def user_id(self, localpart: str) -> str:
         """``@localpart:server_name``."""
@@ -152,6 +177,7 @@ class FaultHomeserver:
         app = web.Application()
         app.router.add_post(REGISTER_PATH, self._register)
         app.router.add_get(WHOAMI_PATH, self._whoami)
+        app.router.add_post(CREATE_ROOM_PATH, self._create_room)
         app.middlewares.append(self._count_requests)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -185,37 +211,66 @@ class FaultHomeserver:
         username = body.get("username") if isinstance(body, dict) else None
         if isinstance(username, str):
             self.requests_by_username[username] += 1
-        fault = self._next_fault()
+        fault = self._next_fault(request.path)
         if early := await self._early_reply(request, fault):
             return early
+        committed = False
         if not isinstance(body, dict) or body.get("type") != "m.login.application_service":
-            return _error(400, "M_UNKNOWN", "type must be m.login.application_service")
-        if not isinstance(username, str) or not username:
-            return _error(400, "M_UNKNOWN", "username is required")
-        if not self.user_namespace.match(self.user_id(username)):
-            return _error(
+            reply = _error(400, "M_UNKNOWN", "type must be m.login.application_service")
+        elif not isinstance(username, str) or not username:
+            reply = _error(400, "M_UNKNOWN", "username is required")
+        elif not self.user_namespace.match(self.user_id(username)):
+            reply = _error(
                 400, "M_EXCLUSIVE", "Invalid user localpart for this application service."
             )
-        if username in self.registered:
-            return _error(400, "M_USER_IN_USE", "User ID already taken.")
-        self.registered.add(username)
-        self.commits_by_username[username] += 1
-        if fault is Fault.COMMIT_THEN_RESET:
-            return _reset(request)
-        return web.json_response(
-            {"user_id": self.user_id(username), "home_server": self.server_name}
-        )
+        elif username in self.registered:
+            reply = _error(400, "M_USER_IN_USE", "User ID already taken.")
+        else:
+            self.registered.add(username)
+            self.commits_by_username[username] += 1
+            committed = True
+            reply = web.json_response(
+                {"user_id": self.user_id(username), "home_server": self.server_name}
+            )
+        if committed and (lost := _lose_reply(request, fault)):
+            return lost
+        if isinstance(username, str):
+            self.replies_by_username[username] += 1
+        return reply
 
     async def _whoami(self, request: web.Request) -> web.StreamResponse:
-        fault = self._next_fault()
-        if fault is Fault.COMMIT_THEN_RESET:
-            fault = Fault.RESET
+        fault = self._next_fault(request.path)
         if early := await self._early_reply(request, fault):
             return early
+        if lost := _lose_reply(request, fault):
+            return lost
         asserted = request.query.get("user_id")
-        sender = self.user_id(self.sender_localpart)
-        if asserted is None or asserted == sender:
-            return web.json_response({"user_id": sender, "is_guest": False})
+        if forbidden := self._identity_problem(asserted):
+            return forbidden
+        return web.json_response({"user_id": asserted or self.sender, "is_guest": False})
+
+    async def _create_room(self, request: web.Request) -> web.StreamResponse:
+        self.create_room_requests += 1
+        fault = self._next_fault(request.path)
+        if early := await self._early_reply(request, fault):
+            return early
+        if forbidden := self._identity_problem(request.query.get("user_id")):
+            return forbidden
+        room_id = f"!room{len(self.rooms) + 1}:{self.server_name}"
+        self.rooms.append(room_id)
+        if lost := _lose_reply(request, fault):
+            return lost
+        return web.json_response({"room_id": room_id})
+
+    @property
+    def sender(self) -> str:
+        """The appservice's own user ID."""
+        return self.user_id(self.sender_localpart)
+
+    def _identity_problem(self, asserted: str | None) -> web.Response | None:
+        """403 unless ``asserted`` (a ``?user_id=``) is the sender or a registered puppet."""
+        if asserted is None or asserted == self.sender:
+            return None
         if not self.user_namespace.match(asserted):
             return _error(
                 403, "M_FORBIDDEN", f"Application service cannot masquerade as {asserted}"
@@ -225,7 +280,7 @@ class FaultHomeserver:
             return _error(
                 403, "M_FORBIDDEN", f"Application service has not registered this user ({asserted})"
             )
-        return web.json_response({"user_id": asserted, "is_guest": False})
+        return None
 
     async def _early_reply(
         self, request: web.Request, fault: Fault | None
@@ -280,8 +335,14 @@ class FaultHomeserver:
             return _error(401, "M_UNKNOWN_TOKEN", "Invalid access token passed.", soft_logout=False)
         return None
 
-    def _next_fault(self) -> Fault | None:
-        fault = self._queued.popleft() if self._queued else self._draw_fault()
+    def _next_fault(self, path: str) -> Fault | None:
+        for_path = self._queued_by_path.get(path)
+        if for_path:
+            fault: Fault | None = for_path.popleft()
+        elif self._queued:
+            fault = self._queued.popleft()
+        else:
+            fault = self._draw_fault()
         if fault is not None:
             self.faults_injected[fault] += 1
         return fault
@@ -315,6 +376,19 @@ def _error(
     )
 
 
+def _lose_reply(request: web.Request, fault: Fault | None) -> web.Response | None:
+    """The reply that replaces a carried-out request's under a COMMIT_THEN_* fault, else None."""
+    if fault is Fault.COMMIT_THEN_RESET:
+        return _reset(request)
+    if fault is Fault.COMMIT_THEN_504:
+        return web.Response(
+            status=504,
+            text="<html><head><title>504 Gateway Time-out</title></head></html>",
+            content_type="text/html",
+        )
+    return None
+
+
 def _reset(request: web.Request) -> web.Response:
     """Abort the connection with a TCP RST (SO_LINGER 0): the client sees ECONNRESET."""
     transport = request.transport
@@ -323,3 +397,41 @@ def _reset(request: web.Request) -> web.Response:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
     return web.Response()
+
+
+class NotHttpServer:
+    """A TCP server on 127.0.0.1 that greets like SSH and hangs up: ``--homeserver`` gone wrong.
+
+    An async context manager; ``url`` is ``http://127.0.0.1:<port>`` and
+    ``connections`` counts the connections it accepted.
+    """
+
+    def __init__(self, greeting: bytes = b"SSH-2.0-OpenSSH_9.6\r\n") -> None:
+        self.greeting = greeting
+        self.url = ""
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> NotHttpServer:
+        self._server = await asyncio.start_server(self._greet, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(self.greeting)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from bridge_kit.client import ClientObserver, HomeserverClient, RetryPolicy, WhoAmI
 from bridge_kit.errors import (
@@ -25,7 +27,14 @@ from bridge_kit.errors import (
 )
 from bridge_kit.types import RegisterRequest
 from tests.conftest import TestHomeserver
-from tests.fault_homeserver import Fault, FaultHomeserver, Faults
+from tests.fault_homeserver import (
+    CREATE_ROOM_PATH,
+    REGISTER_PATH,
+    Fault,
+    FaultHomeserver,
+    Faults,
+    NotHttpServer,
+)
 
 TOKEN = "as-token-that-must-never-leak"
 FAST = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.005, max_rate_limit_waits=5)
@@ -157,6 +166,46 @@ async def test_429_without_any_hint_backs_off_exponentially() -> None:
     ceilings = [0.001, 0.002, 0.004]
     assert len(recorder.rate_limit_delays) == 3
     assert all(0 <= d <= c for d, c in zip(recorder.rate_limit_delays, ceilings, strict=True))
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        Faults(retry_after_header="86400"),
+        Faults(retry_after_header="inf"),
+        Faults(retry_after_header="Fri, 31 Dec 9999 23:59:59 GMT"),
+    ],
+    ids=["a-day", "infinity", "year-9999"],
+)
+async def test_a_huge_retry_after_is_capped_at_max_rate_limit_delay(faults: Faults) -> None:
+    capped = RetryPolicy(max_rate_limit_delay=0.01)
+    async with (
+        FaultHomeserver(as_token=TOKEN, faults=faults) as hs,
+        HomeserverClient(hs.url, TOKEN, retry=capped) as client,
+    ):
+        recorder = Recorder()
+        client.observers.append(recorder)
+        hs.inject(Fault.RATE_LIMIT_HEADER_ONLY)
+        async with asyncio.timeout(10):  # uncapped, it would sleep for a day or forever
+            assert await client.whoami() == WhoAmI("@_bk_bot:test.local")
+
+    assert recorder.rate_limit_delays == [0.01]
+
+
+async def test_a_huge_retry_after_ms_is_capped_too() -> None:
+    day = Faults(retry_after_ms=86_400_000)
+    async with (
+        FaultHomeserver(as_token=TOKEN, faults=day) as hs,
+        HomeserverClient(hs.url, TOKEN, retry=RetryPolicy(max_rate_limit_delay=0)) as client,
+    ):
+        recorder = Recorder()
+        client.observers.append(recorder)
+        hs.inject(Fault.RATE_LIMIT)
+        async with asyncio.timeout(10):
+            await client.whoami()
+
+    assert recorder.rate_limit_delays == [0.0]
+    assert RetryPolicy().max_rate_limit_delay == 300.0
 
 
 async def test_429_gives_up_after_max_rate_limit_waits() -> None:
@@ -304,11 +353,125 @@ async def test_many_puppets_under_random_faults_are_each_registered_exactly_once
         await asyncio.gather(*(register(lp) for lp in localparts))
 
     assert hs.registered == set(localparts)
-    assert set(hs.commits_by_username.values()) == {1}
+    # Once an answer (success or M_USER_IN_USE) reached the client, it never sent again.
+    assert hs.replies_by_username == Counter(dict.fromkeys(localparts, 1))
     assert client.request_count == hs.total_requests
     assert {Fault.RATE_LIMIT, Fault.UNAVAILABLE, Fault.RESET, Fault.COMMIT_THEN_RESET} <= set(
         hs.faults_injected
     )
+
+
+# -- requests that must not be carried out twice ---------------------------------------
+
+
+async def test_a_504_after_the_room_was_made_is_not_resent(
+    hs: FaultHomeserver, client: HomeserverClient
+) -> None:
+    hs.inject(Fault.COMMIT_THEN_504)
+
+    with pytest.raises(MatrixRequestError) as raised:
+        await client.request("POST", CREATE_ROOM_PATH, body={}, resend=False)
+
+    assert raised.value.status == 504
+    assert hs.create_room_requests == client.request_count == 1
+    assert len(hs.rooms) == 1
+
+
+async def test_a_reset_after_the_room_was_made_is_not_resent(
+    hs: FaultHomeserver, client: HomeserverClient
+) -> None:
+    hs.inject(Fault.COMMIT_THEN_RESET)
+
+    with pytest.raises(HomeserverUnreachable, match="not sent again"):
+        await client.request("POST", CREATE_ROOM_PATH, body={}, resend=False)
+
+    assert hs.create_room_requests == client.request_count == 1
+    assert len(hs.rooms) == 1
+
+
+async def test_a_timeout_is_not_resent_either() -> None:
+    slow = Faults(p_slow=1.0, slow_seconds=0.3)
+    async with (
+        FaultHomeserver(as_token=TOKEN, faults=slow) as hs,
+        HomeserverClient(hs.url, TOKEN, retry=FAST, timeout=0.05) as client,
+    ):
+        with pytest.raises(HomeserverUnreachable, match="not sent again"):
+            await client.request("POST", CREATE_ROOM_PATH, body={}, resend=False)
+
+        assert hs.create_room_requests == client.request_count == 1
+
+
+async def test_a_request_not_to_resend_is_still_retried_after_a_429(
+    hs: FaultHomeserver, client: HomeserverClient
+) -> None:
+    hs.inject(Fault.RATE_LIMIT)
+
+    reply = await client.request("POST", CREATE_ROOM_PATH, body={}, resend=False)
+
+    assert hs.rooms == [reply["room_id"]]
+    assert hs.create_room_requests == 2
+
+
+async def test_a_request_not_to_resend_is_still_retried_after_a_failed_connect() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with HomeserverClient(f"http://127.0.0.1:{port}", TOKEN, retry=FAST) as client:
+        with pytest.raises(HomeserverUnreachable, match="ClientConnectorError"):
+            await client.request("POST", CREATE_ROOM_PATH, body={}, resend=False)
+
+    assert client.request_count == FAST.max_attempts
+
+
+async def test_register_is_resent_after_a_504_and_finds_the_user_in_use(
+    hs: FaultHomeserver, client: HomeserverClient
+) -> None:
+    hs.inject(Fault.COMMIT_THEN_504, path=REGISTER_PATH)
+
+    with pytest.raises(UserInUse):
+        await client.register(puppet("_bk_gateway"))
+
+    assert hs.requests_by_username["_bk_gateway"] == 2
+    assert hs.registered == {"_bk_gateway"}
+
+
+# -- not a homeserver at all -----------------------------------------------------------
+
+
+async def test_a_server_that_does_not_speak_http_is_reported_at_once() -> None:
+    async with (
+        NotHttpServer() as ssh,
+        HomeserverClient(ssh.url, TOKEN, retry=FAST) as client,
+    ):
+        with pytest.raises(HomeserverUnreachable) as raised:
+            await client.whoami()
+
+    message = str(raised.value)
+    assert message.startswith(f"GET {ssh.url}{WHOAMI}: not a Matrix homeserver reply (")
+    assert "Bad status line" in message and "SSH-2.0-OpenSSH" in message
+    assert message.endswith("is this the client-server URL?")
+    assert "\n" not in message
+    assert client.request_count == ssh.connections == 1  # not retried
+
+
+async def test_a_redirect_loop_is_reported_at_once() -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.path)
+
+    app = web.Application()
+    app.router.add_get(WHOAMI, redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        async with HomeserverClient(f"http://{host}:{port}", TOKEN, retry=FAST) as client:
+            with pytest.raises(HomeserverUnreachable, match="TooManyRedirects"):
+                await client.whoami()
+    finally:
+        await runner.cleanup()
+
+    assert client.request_count == 1
 
 
 # -- errors that are never retried ------------------------------------------------

@@ -1,4 +1,7 @@
-"""Intent against a real Synapse: puppets registered on first use, acting via ``?user_id=``."""
+"""Intent against a real Synapse: puppets registered on first use, acting via ``?user_id=``.
+
+Then the fault homeserver, for what Synapse will not do on demand: lose a reply.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,13 @@ from typing import Any
 
 import pytest
 
-from bridge_kit.client import ClientObserver, HomeserverClient, quote_segment
-from bridge_kit.errors import Forbidden, UserInUse
+from bridge_kit.client import ClientObserver, HomeserverClient, RetryPolicy, quote_segment
+from bridge_kit.errors import Forbidden, HomeserverUnreachable, MatrixRequestError, UserInUse
 from bridge_kit.intent import Intent
 from bridge_kit.types.register import RegisterRequest
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, TextMessage
 from tests.conftest import TestHomeserver
-
-pytestmark = pytest.mark.synapse
+from tests.fault_homeserver import CREATE_ROOM_PATH, Fault, FaultHomeserver
 
 CLIENT = "/_matrix/client/v3"
 
@@ -75,6 +77,7 @@ async def get_event(client: HomeserverClient, user_id: str, room_id: str, event_
     )
 
 
+@pytest.mark.synapse
 async def test_puppet_is_registered_on_first_use_then_never_again(
     puppets: Puppets, client: HomeserverClient, synapse: TestHomeserver
 ) -> None:
@@ -93,6 +96,7 @@ async def test_puppet_is_registered_on_first_use_then_never_again(
     assert profile["displayname"] == "Alice Liddell"
 
 
+@pytest.mark.synapse
 async def test_concurrent_first_uses_share_one_registration(puppets: Puppets) -> None:
     carol = puppets.intent("carol")
 
@@ -101,6 +105,7 @@ async def test_concurrent_first_uses_share_one_registration(puppets: Puppets) ->
     assert puppets.registrations == {"carol": 1}
 
 
+@pytest.mark.synapse
 async def test_failed_registration_is_tried_again(
     client: HomeserverClient, synapse: TestHomeserver, unique: str
 ) -> None:
@@ -125,6 +130,7 @@ async def test_failed_registration_is_tried_again(
     assert await synapse.user_exists(flaky.user_id)
 
 
+@pytest.mark.synapse
 async def test_avatar_url(puppets: Puppets, client: HomeserverClient) -> None:
     dave = puppets.intent("dave")
 
@@ -134,6 +140,7 @@ async def test_avatar_url(puppets: Puppets, client: HomeserverClient) -> None:
     assert profile["avatar_url"] == "mxc://test.local/AvatarOfDave"
 
 
+@pytest.mark.synapse
 async def test_room_life_cycle(puppets: Puppets, client: HomeserverClient) -> None:
     alice, bob = puppets.intent("alice"), puppets.intent("bob")
 
@@ -164,6 +171,7 @@ async def test_room_life_cycle(puppets: Puppets, client: HomeserverClient) -> No
         await bob.send_text(room_id, "still here?")
 
 
+@pytest.mark.synapse
 async def test_join_by_alias_with_via(puppets: Puppets, synapse: TestHomeserver) -> None:
     alice, bob = puppets.intent("alice"), puppets.intent("bob")
     alias_name = f"_bk_lobby_{puppets.unique}"
@@ -176,6 +184,7 @@ async def test_join_by_alias_with_via(puppets: Puppets, synapse: TestHomeserver)
     assert joined == room_id
 
 
+@pytest.mark.synapse
 async def test_html_text_and_attrs_content(puppets: Puppets, client: HomeserverClient) -> None:
     alice = puppets.intent("alice")
     room_id = await alice.create_room()
@@ -196,6 +205,7 @@ async def test_html_text_and_attrs_content(puppets: Puppets, client: HomeserverC
     assert notice["content"] == {"msgtype": "m.text", "body": "n", "m.mentions": {}}
 
 
+@pytest.mark.synapse
 async def test_timestamp_sets_origin_server_ts(puppets: Puppets, client: HomeserverClient) -> None:
     alice = puppets.intent("alice")
     room_id = await alice.create_room()
@@ -210,6 +220,7 @@ async def test_timestamp_sets_origin_server_ts(puppets: Puppets, client: Homeser
     assert state["origin_server_ts"] == past + 1
 
 
+@pytest.mark.synapse
 async def test_same_txn_id_is_deduplicated(puppets: Puppets) -> None:
     alice = puppets.intent("alice")
     room_id = await alice.create_room()
@@ -222,6 +233,7 @@ async def test_same_txn_id_is_deduplicated(puppets: Puppets) -> None:
     assert other != first
 
 
+@pytest.mark.synapse
 async def test_odd_state_keys_and_types_are_quoted(
     puppets: Puppets, client: HomeserverClient
 ) -> None:
@@ -238,6 +250,7 @@ async def test_odd_state_keys_and_types_are_quoted(
     assert await get_as(client, alice.user_id, path) == {"v": 1}
 
 
+@pytest.mark.synapse
 async def test_requests_report_templated_endpoints(
     puppets: Puppets, client: HomeserverClient
 ) -> None:
@@ -256,6 +269,7 @@ async def test_requests_report_templated_endpoints(
     ]
 
 
+@pytest.mark.synapse
 async def test_sender_needs_no_registration(
     client: HomeserverClient, synapse: TestHomeserver
 ) -> None:
@@ -267,6 +281,7 @@ async def test_sender_needs_no_registration(
     assert bot.is_registered
 
 
+@pytest.mark.synapse
 async def test_unregistered_puppet_is_forbidden(
     client: HomeserverClient, synapse: TestHomeserver, unique: str
 ) -> None:
@@ -276,6 +291,7 @@ async def test_unregistered_puppet_is_forbidden(
         await ghost.set_displayname("Ghost")
 
 
+@pytest.mark.synapse
 async def test_user_outside_the_namespace_is_forbidden(
     client: HomeserverClient, synapse: TestHomeserver, unique: str
 ) -> None:
@@ -285,9 +301,61 @@ async def test_user_outside_the_namespace_is_forbidden(
         await stranger.create_room()
 
 
+@pytest.mark.synapse
 async def test_content_must_be_a_mapping_or_attrs_model(client: HomeserverClient) -> None:
     intent = Intent(client, "@_bk_x:test.local", None)
 
     with pytest.raises(TypeError, match="mapping or an attrs model"):
         await intent.send_event("!r:test.local", "m.room.message", ["not", "a", "dict"])
     assert client.request_count == 0
+
+
+# -- the fault homeserver: a reply lost after the room was made --------------------------
+
+FAULT_TOKEN = "intent-fault-token"
+FAST = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.005)
+
+
+@pytest.fixture
+async def fault_hs() -> AsyncIterator[FaultHomeserver]:
+    async with FaultHomeserver(as_token=FAULT_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+async def sender(fault_hs: FaultHomeserver) -> AsyncIterator[Intent]:
+    async with HomeserverClient(fault_hs.url, FAULT_TOKEN, retry=FAST) as fault_client:
+        yield Intent(fault_client, fault_hs.sender)
+
+
+async def test_create_room_is_not_sent_again_after_a_504(
+    fault_hs: FaultHomeserver, sender: Intent
+) -> None:
+    fault_hs.inject(Fault.COMMIT_THEN_504, path=CREATE_ROOM_PATH)
+
+    with pytest.raises(MatrixRequestError) as raised:
+        await sender.create_room(name="Lobby")
+
+    assert raised.value.status == 504
+    assert fault_hs.create_room_requests == 1
+    assert len(fault_hs.rooms) == 1  # made once; a retry would have made a second
+
+
+async def test_create_room_is_not_sent_again_after_a_reset(
+    fault_hs: FaultHomeserver, sender: Intent
+) -> None:
+    fault_hs.inject(Fault.COMMIT_THEN_RESET, path=CREATE_ROOM_PATH)
+
+    with pytest.raises(HomeserverUnreachable, match="not sent again"):
+        await sender.create_room(name="Lobby")
+
+    assert fault_hs.create_room_requests == len(fault_hs.rooms) == 1
+
+
+async def test_create_room_waits_out_a_429(fault_hs: FaultHomeserver, sender: Intent) -> None:
+    fault_hs.inject(Fault.RATE_LIMIT, path=CREATE_ROOM_PATH)
+
+    room_id = await sender.create_room(name="Lobby")
+
+    assert fault_hs.rooms == [room_id]
+    assert fault_hs.create_room_requests == 2

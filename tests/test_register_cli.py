@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 
 from bridge_kit.store import SQLiteStore
 from tests.conftest import TestHomeserver
-from tests.fault_homeserver import FaultHomeserver, Faults
+from tests.fault_homeserver import FaultHomeserver, Faults, NotHttpServer
 
 COMMAND = [sys.executable, "-m", "bridge_kit", "register"]
 SERVER = "test.local"
@@ -218,6 +219,19 @@ async def slow_hs() -> AsyncIterator[FaultHomeserver]:
         yield server
 
 
+async def test_a_homeserver_url_that_is_not_http_gets_a_diagnosis_not_a_traceback(
+    tmp_path: Path, fault_registration_path: Path
+) -> None:
+    async with NotHttpServer() as ssh:
+        done = await cli("--homeserver", ssh.url, "_bk_a", "--no-progress", cwd=tmp_path)
+
+    assert done.status == 2, done
+    assert_no_traceback(done)
+    assert "not a Matrix homeserver reply" in done.stderr
+    assert "is this the client-server URL?" in done.stderr
+    assert ssh.connections == 1
+
+
 async def test_stdin_and_dry_run_send_nothing(
     tmp_path: Path, fault_registration_path: Path
 ) -> None:
@@ -267,20 +281,26 @@ async def test_sigkill_mid_run_then_a_rerun_completes_correctly(
     await process.wait()
     killed_at = len(slow_hs.registered)
     assert killed_at < len(localparts), "the run finished before it could be killed"
+    all_ids = [f"@{lp}:{SERVER}" for lp in localparts]
+    held = {user_id[1:].split(":")[0] for user_id in await store_contents(store_path, all_ids)}
+    requests_before = Counter(slow_hs.requests_by_username)
 
     slow_hs.faults = Faults()
     report_path = tmp_path / "report.json"
     done = await cli(*args, "--report", str(report_path), cwd=tmp_path)
 
     assert done.status == 0, done
+    new_requests = Counter(slow_hs.requests_by_username)
+    new_requests.subtract(requests_before)
+    # The rerun sent nothing for a puppet the store held, and each other one exactly once.
+    assert {lp for lp in localparts if new_requests[lp]} == set(localparts) - held
+    assert set(new_requests.values()) <= {0, 1}
     report = json.loads(report_path.read_text())
-    assert report["skipped_known"] > 0  # the first run's flushed batches
+    assert report["skipped_known"] == len(held) > 0  # the first run's flushed batches
     assert report["registered"] + report["already_existed"] + report["skipped_known"] == 3000
     # Puppets committed but not yet flushed when killed come back as M_USER_IN_USE.
     assert report["already_existed"] <= killed_at
     assert slow_hs.registered == set(localparts)
-    assert max(slow_hs.commits_by_username.values()) == 1
-    all_ids = [f"@{lp}:{SERVER}" for lp in localparts]
     assert await store_contents(store_path, all_ids) == set(all_ids)
 
 
