@@ -70,7 +70,6 @@ class AppService:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.registration = registration
-        self.homeserver_url = homeserver_url
         self.domain = domain
         self.host = host
         self.port = port
