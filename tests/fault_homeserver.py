@@ -63,6 +63,8 @@ from typing import Any
 import attrs
 from aiohttp import web
 
+from bridge_kit.server import serve_app
+
 __all__ = ["Fault", "FaultHomeserver", "Faults", "NotHttpServer"]
 
 REGISTER_PATH = "/_matrix/client/v3/register"
@@ -179,9 +181,7 @@ class FaultHomeserver:
         app.router.add_get(WHOAMI_PATH, self._whoami)
         app.router.add_post(CREATE_ROOM_PATH, self._create_room)
         app.middlewares.append(self._count_requests)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self._runner = await serve_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
         return self

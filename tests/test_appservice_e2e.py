@@ -56,6 +56,14 @@ async def user(hs: TestHomeserver, name: str) -> tuple[HomeserverClient, Intent]
     return client, Intent(client, f"@{name}:test.local", None)
 
 
+async def room_with_puppet(app: AppService, creator: Intent, localpart: str) -> str:
+    """A new room of ``creator``'s that the puppet joined, so its events reach the appservice."""
+    room_id = await creator.create_room()
+    await creator.invite(room_id, f"@{localpart}:test.local")
+    await app.intent(localpart).join_room(room_id)
+    return room_id
+
+
 async def wait_for(condition: asyncio.Event) -> None:
     await asyncio.wait_for(condition.wait(), TIMEOUT)
 
@@ -76,9 +84,7 @@ async def test_event_is_delivered_exactly_once(
 
     client, alice = await user(homeserver, f"once{unique}")
     async with app, client:
-        room_id = await alice.create_room()
-        await alice.invite(room_id, f"@_bk_listener{unique}:test.local")
-        await app.intent(f"_bk_listener{unique}").join_room(room_id)
+        room_id = await room_with_puppet(app, alice, f"_bk_listener{unique}")
         event_id = await alice.send_text(room_id, f"once {unique}")
         await wait_for(arrived)
         await asyncio.sleep(1.0)  # a second delivery would have arrived by now
@@ -106,9 +112,7 @@ async def test_failed_transaction_is_retried_and_processed_once(
 
     client, alice = await user(homeserver, f"flaky{unique}")
     async with app, client:
-        room_id = await alice.create_room()
-        await alice.invite(room_id, f"@_bk_flaky{unique}:test.local")
-        await app.intent(f"_bk_flaky{unique}").join_room(room_id)
+        room_id = await room_with_puppet(app, alice, f"_bk_flaky{unique}")
         event_id = await alice.send_text(room_id, f"flaky {unique}")
         await wait_for(done)
         await asyncio.sleep(1.0)
