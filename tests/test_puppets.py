@@ -24,14 +24,13 @@ from bridge_kit.errors import (
 )
 from bridge_kit.progress import ProgressReporter, format_summary
 from bridge_kit.puppets import (
-    AimdLimiter,
     BulkProgress,
     BulkResult,
     PuppetRegistrar,
-    _SeenSet,
     diagnose_abort,
     localparts_from_lines,
 )
+from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.registration import Registration
 from bridge_kit.store import MemoryStore, PostgresStore, SQLiteStore, Store
 from tests.conftest import TestHomeserver
@@ -506,11 +505,23 @@ async def test_a_resource_limit_aborts_instead_of_failing_each_puppet() -> None:
 # -- the parts ---------------------------------------------------------------------------
 
 
+class FakeClock:
+    """A clock that stands still until a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_aimd_limiter_halves_on_congestion_and_grows_back_slowly() -> None:
-    limiter = AimdLimiter(16)
+    clock = FakeClock()
+    limiter = AimdLimiter(16, clock=clock)
     limiter.congestion(pause=0.0)
     assert limiter.limit == 8
-    limiter.congestion(pause=0.0)  # within the quiet period of the first cut: ignored
+    assert limiter.paused_until > clock.now  # even a zero pause lasts a moment
+    limiter.congestion(pause=0.0)  # within the pause after the first cut: ignored
     assert limiter.limit == 8
 
     for _ in range(8):
@@ -518,11 +529,28 @@ async def test_aimd_limiter_halves_on_congestion_and_grows_back_slowly() -> None
         limiter.release(success=True)
     assert limiter.limit == 9
     assert limiter.lowest == 8
+    assert limiter.in_flight == 0
 
     for _ in range(10):
-        limiter._quiet_until = 0.0
+        clock.now = limiter.paused_until
         limiter.congestion()
-    assert limiter.limit == 1
+    assert limiter.limit == limiter.lowest == 1
+    assert limiter.maximum == 16
+
+
+def test_aimd_limiter_counts_congestion_within_the_pause_once() -> None:
+    clock = FakeClock()
+    limiter = AimdLimiter(16, clock=clock)
+    limiter.congestion(pause=2.0)
+    assert limiter.paused_until == clock.now + 2.0
+
+    clock.now = limiter.paused_until - 0.1
+    limiter.congestion(pause=2.0)  # the 429 of a request already in flight at the cut
+    assert limiter.limit == 8
+
+    clock.now = limiter.paused_until
+    limiter.congestion(pause=2.0)
+    assert limiter.limit == 4
 
 
 async def test_aimd_limiter_holds_back_acquirers_beyond_the_limit() -> None:
@@ -532,13 +560,15 @@ async def test_aimd_limiter_holds_back_acquirers_beyond_the_limit() -> None:
     third = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0.01)
     assert not third.done()
+    assert limiter.in_flight == 2
     limiter.release(success=True)
     await asyncio.wait_for(third, 1)
+    assert limiter.in_flight == 2
 
 
 @given(st.lists(st.text(max_size=6), max_size=300))
 def test_seen_set_agrees_with_a_python_set(items: list[str]) -> None:
-    seen = _SeenSet(capacity=4)
+    seen = SeenSet(capacity=4)
     reference: set[str] = set()
     for item in items:
         assert seen.add(item) == (item not in reference)
@@ -546,7 +576,7 @@ def test_seen_set_agrees_with_a_python_set(items: list[str]) -> None:
 
 
 def test_seen_set_grows_to_many_items() -> None:
-    seen = _SeenSet()
+    seen = SeenSet()
     items = [f"_bk_{i}" for i in range(50_000)]
     random.Random(1).shuffle(items)
     assert all(seen.add(item) for item in items)

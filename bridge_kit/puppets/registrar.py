@@ -1,0 +1,156 @@
+"""The front door for puppets: :class:`PuppetRegistrar`.
+
+It checks every localpart locally (grammar, length, namespace) before anything
+is sent, asks the store before the homeserver, and records what the homeserver
+confirmed, so a puppet is never sent twice once it is known. One puppet is
+registered on demand by :meth:`~PuppetRegistrar.ensure_registered`; many go
+through :meth:`~PuppetRegistrar.register_many`, which hands them to a
+:class:`~bridge_kit.puppets.bulk.BulkRun`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Iterable, Sized
+
+from bridge_kit.client import HomeserverClient
+from bridge_kit.errors import (
+    Forbidden,
+    InvalidLocalpart,
+    NotInNamespace,
+    RegistrationAborted,
+    ResourceLimitExceeded,
+    UnknownToken,
+    UserInUse,
+)
+from bridge_kit.ids import localpart_problem
+from bridge_kit.puppets.bulk import BulkRun
+from bridge_kit.puppets.results import BulkResult, ProgressCallback, diagnose_abort
+from bridge_kit.registration import Registration
+from bridge_kit.store.base import Store
+from bridge_kit.types.register import RegisterRequest
+
+__all__ = ["PuppetRegistrar"]
+
+
+class PuppetRegistrar:
+    """Registers an appservice's puppets on its homeserver, remembering them in ``store``.
+
+    ``domain`` is the homeserver's server name (the part after ``:`` in user
+    IDs; :meth:`HomeserverClient.whoami` on the sender tells it). The store
+    must be open. One registrar can serve any number of concurrent callers.
+    """
+
+    def __init__(
+        self,
+        client: HomeserverClient,
+        store: Store,
+        registration: Registration,
+        domain: str,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.registration = registration
+        self.domain = domain
+        self._in_flight: dict[str, asyncio.Task[bool]] = {}
+        self._runs: set[BulkRun] = set()
+
+    def __repr__(self) -> str:
+        return f"<PuppetRegistrar {self.registration.id} on {self.domain}>"
+
+    def user_id(self, localpart: str) -> str:
+        """The full user ID of a puppet, after the local checks.
+
+        Raises :class:`InvalidLocalpart` or :class:`NotInNamespace`.
+        """
+        problem = localpart_problem(localpart, self.domain)
+        if problem is not None:
+            raise InvalidLocalpart(localpart, problem)
+        user_id = f"@{localpart}:{self.domain}"
+        if not self.registration.is_user_in_namespace(user_id):
+            raise NotInNamespace(user_id)
+        return user_id
+
+    async def ensure_registered(self, localpart: str) -> bool:
+        """Make sure the puppet exists; True if this call created it.
+
+        Checks the localpart and namespace locally first (raising
+        :class:`InvalidLocalpart` / :class:`NotInNamespace` without sending
+        anything), then the store. ``M_USER_IN_USE`` counts as success.
+        Concurrent calls for one puppet share one request. Raises
+        :class:`RegistrationAborted` when the homeserver refuses this
+        appservice as a whole, and :class:`MatrixRequestError` (e.g.
+        :class:`Exclusive`) when it refuses this puppet.
+        """
+        user_id = self.user_id(localpart)
+        task = self._in_flight.get(user_id)
+        if task is None:
+            task = asyncio.create_task(self._ensure(user_id, localpart))
+            self._in_flight[user_id] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(user_id, None))
+        # One caller giving up must not cancel the request the others wait on.
+        return await asyncio.shield(task)
+
+    async def _ensure(self, user_id: str, localpart: str) -> bool:
+        if await self.store.is_registered(user_id):
+            return False
+        try:
+            await self.client.register(RegisterRequest.for_puppet(localpart))
+            created = True
+        except UserInUse:
+            created = False
+        except (UnknownToken, Forbidden, ResourceLimitExceeded) as error:
+            raise RegistrationAborted(diagnose_abort(error) or str(error), error) from error
+        await self.store.mark_registered([user_id])
+        return created
+
+    async def register_many(
+        self,
+        localparts: Iterable[str] | AsyncIterable[str],
+        *,
+        concurrency: int = 16,
+        progress: ProgressCallback | None = None,
+        dry_run: bool = False,
+        total: int | None = None,
+    ) -> BulkResult:
+        """Register many puppets, streaming ``localparts`` (any iterable or async iterable).
+
+        At most ``concurrency`` register requests are in flight; a 429 halves
+        that, successes grow it back. ``progress`` is called about twice a
+        second with a :class:`BulkProgress`. ``dry_run`` checks everything and
+        asks the store, but sends nothing. ``total`` (the input length) helps
+        progress displays when ``localparts`` has no ``len()``.
+
+        Cancelling (:meth:`cancel`, or cancelling the task) stops issuing
+        requests, lets those in flight finish, flushes the store and returns
+        the result with ``cancelled`` set. Raises for a broken store or input,
+        and re-raises an exception no part of bridge_kit expects (a bug) once the
+        run is stopped; whatever the homeserver answers, and its being unreachable
+        or not a homeserver at all, ends up in the :class:`BulkResult`.
+        """
+        if isinstance(localparts, str | bytes):
+            raise TypeError("register_many takes an iterable of localparts, not one string")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        if total is None and isinstance(localparts, Sized):
+            total = len(localparts)
+        run = BulkRun(
+            self.client,
+            self.store,
+            self.registration,
+            self.domain,
+            concurrency=concurrency,
+            progress=progress,
+            dry_run=dry_run,
+            total=total,
+        )
+        self._runs.add(run)
+        try:
+            return await run.execute(localparts)
+        finally:
+            self._runs.discard(run)
+
+    def cancel(self) -> None:
+        """Stop every running :meth:`register_many` gracefully; safe in a signal handler."""
+        for run in list(self._runs):
+            run.stop(cancelled=True)

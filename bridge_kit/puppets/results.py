@@ -1,0 +1,190 @@
+"""What registering puppets came to: progress snapshots, results and diagnoses.
+
+:class:`BulkProgress` is a snapshot of a running bulk run, for progress
+displays; :class:`BulkResult` is what the run did, with every count and
+reason. :func:`diagnose_abort` tells the errors that doom every registration
+(and so stop a run at once) apart from those that concern one puppet, which
+:func:`describe_failure` words for :attr:`BulkResult.failures`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from bridge_kit.errors import (
+    Exclusive,
+    Forbidden,
+    HomeserverUnreachable,
+    LimitExceeded,
+    MatrixRequestError,
+    ResourceLimitExceeded,
+    UnknownToken,
+)
+from bridge_kit.types.converter import converter
+
+__all__ = [
+    "BulkProgress",
+    "BulkResult",
+    "ProgressCallback",
+    "describe_failure",
+    "diagnose_abort",
+]
+
+
+@attrs.frozen
+class BulkProgress:
+    """A snapshot of a running :meth:`PuppetRegistrar.register_many`, for progress displays.
+
+    ``done`` counts input localparts dealt with (duplicates included); ``total``
+    is known only when the input has a length (or one was given).
+    """
+
+    done: int
+    total: int | None
+    elapsed: float
+    registered: int
+    already_existed: int
+    skipped_known: int
+    invalid: int
+    failed: int
+    concurrency: int
+
+    @property
+    def rate(self) -> float:
+        """Localparts dealt with per second, since the start."""
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the current rate, when the total is known."""
+        if self.total is None or self.rate <= 0:
+            return None
+        return max(self.total - self.done, 0) / self.rate
+
+
+ProgressCallback = Callable[[BulkProgress], None]
+
+
+@attrs.define
+class BulkResult:
+    """What a :meth:`PuppetRegistrar.register_many` run did.
+
+    The five counts partition the distinct localparts dealt with:
+    ``registered`` (newly created), ``already_existed`` (the homeserver had
+    them: ``M_USER_IN_USE``), ``skipped_known`` (the store knew them; nothing
+    sent), ``invalid`` (refused locally, never sent; reason in
+    ``invalid_reasons``) and ``failed`` (the homeserver refused; reason in
+    ``failures``). ``duplicates`` counts repeated input lines, ignored.
+
+    ``aborted`` holds the diagnosis when an error no retry can fix stopped the
+    run; ``cancelled`` is true when it was cancelled. Either way a re-run
+    resumes where this one stopped. In a dry run, nothing is sent and
+    ``would_register`` counts what would have been.
+    """
+
+    registered: int = 0
+    already_existed: int = 0
+    skipped_known: int = 0
+    invalid: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    would_register: int = 0
+    invalid_reasons: dict[str, str] = attrs.field(factory=dict)
+    failures: dict[str, str] = attrs.field(factory=dict)
+    aborted: str | None = None
+    cancelled: bool = False
+    dry_run: bool = False
+    rate_limited: int = 0
+    lowest_concurrency: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed with nothing invalid, failed, aborted or cancelled."""
+        return not (self.invalid or self.failed or self.aborted or self.cancelled)
+
+    @property
+    def done(self) -> int:
+        """Input localparts dealt with, duplicates included."""
+        return (
+            self.registered
+            + self.already_existed
+            + self.skipped_known
+            + self.invalid
+            + self.failed
+            + self.duplicates
+            + self.would_register
+        )
+
+    def summary(self) -> str:
+        """One line with the five counts, and how the run ended if not normally."""
+        parts = [
+            f"{self.registered} registered",
+            f"{self.already_existed} already existed",
+            f"{self.skipped_known} skipped (known)",
+            f"{self.invalid} invalid",
+            f"{self.failed} failed",
+        ]
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicates ignored")
+        if self.dry_run:
+            parts.append(f"{self.would_register} would be registered (dry run)")
+        line = ", ".join(parts) + f" in {self.elapsed:.1f} s"
+        if self.aborted:
+            line += f"; ABORTED: {self.aborted}"
+        elif self.cancelled:
+            line += "; cancelled (run again to resume)"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data: every count, reason and failure, plus ``ok``."""
+        data: dict[str, Any] = converter.unstructure(self)
+        data["ok"] = self.ok
+        return data
+
+
+def diagnose_abort(error: BaseException) -> str | None:
+    """A plain-words diagnosis when ``error`` dooms every registration, else ``None``."""
+    if isinstance(error, UnknownToken):
+        return (
+            "the homeserver does not accept this appservice's as_token (401 M_UNKNOWN_TOKEN): "
+            "the homeserver has not loaded this registration: is it listed in "
+            "app_service_config_files, and was the homeserver restarted since? "
+            "Also check that the as_token in the file is the one the homeserver loaded."
+        )
+    if isinstance(error, Forbidden):
+        return (
+            f"the homeserver forbids this appservice to register users (403 M_FORBIDDEN: "
+            f"{error.message or 'no reason given'}): check that the as_token belongs to "
+            "this registration and that the homeserver allows its appservices to register"
+        )
+    if isinstance(error, ResourceLimitExceeded):
+        contact = error.body.get("admin_contact")
+        where = f" (admin contact: {contact})" if isinstance(contact, str) else ""
+        return (
+            f"the homeserver has reached a resource limit (M_RESOURCE_LIMIT_EXCEEDED: "
+            f"{error.message or 'no reason given'}), usually its monthly-active-user cap; "
+            f"no more users can be created until it is raised{where}"
+        )
+    if isinstance(error, HomeserverUnreachable):
+        return (
+            f"the homeserver could not be reached ({error}): check the homeserver URL "
+            "and that it is running, then run again to resume"
+        )
+    return None
+
+
+def describe_failure(error: MatrixRequestError) -> str:
+    """Why the homeserver refused one puppet, for :attr:`BulkResult.failures`."""
+    detail = f"{error.status} {error.errcode or 'no errcode'}: {error.message or 'no message'}"
+    if isinstance(error, Exclusive):
+        return (
+            f"{detail} (the ID is reserved by another appservice's exclusive namespace, "
+            "or outside the namespaces the homeserver loaded for us)"
+        )
+    if isinstance(error, LimitExceeded):
+        return f"{detail} (still rate limited after the client's retries)"
+    return detail
