@@ -31,6 +31,8 @@ from bridge_kit.registration import (
     check_text,
     generate_registration,
 )
+from bridge_kit.registration.lint import lint
+from bridge_kit.registration.validate import parse
 
 DOMAIN = "test.local"
 AS_TOKEN = "a" * 40 + "_as_token_for_tests_0123456789"
@@ -354,9 +356,8 @@ def test_yaml_syntax_errors_name_line_and_column() -> None:
 
 def test_duplicate_keys_are_warned_about_and_the_last_one_wins() -> None:
     text = dump(valid_data()) + "id: second\n"
-    registration = Registration.loads(text)
-    assert registration.id == "second"
-    [warning] = [w for w in registration.lint() if "duplicate" in w.message]
+    assert Registration.loads(text).id == "second"
+    [warning] = [w for w in warnings_of(text) if "duplicate" in w.message]
     assert warning.field == "id"
     assert warning.line == len(text.splitlines())
     assert "also on line 1" in warning.message
@@ -544,8 +545,9 @@ def test_each_lint_warns_but_the_file_still_loads(case: str) -> None:
     mutate, field, words = LINTS[case]
     data = valid_data()
     mutate(data)
-    registration = Registration.loads(dump(data))
-    findings = registration.lint()
+    result = check_text(dump(data))
+    assert result.ok, result.findings
+    findings = result.findings
     assert all(f.severity == "warning" for f in findings)
     matching = [f for f in findings if f.field == field and words in f.message]
     assert len(matching) == 1, findings
@@ -573,6 +575,22 @@ def test_well_formed_user_regexes_get_no_regex_warning(regex: str) -> None:
     put_user_entry(regex=regex, exclusive=True)(data)
     regex_warnings = [f for f in warnings_of(dump(data)) if f.field == "namespaces.users[0].regex"]
     assert regex_warnings == []
+
+
+def test_lines_come_from_the_source_map_not_from_the_registration() -> None:
+    data = valid_data()
+    data["url"] = None
+    text = dump(data)
+    parsed = parse(text)
+    assert not isinstance(parsed, Finding)
+    registration = Registration.loads(text)
+    url_line = text.splitlines().index("url: null") + 1
+
+    [with_map] = lint(registration, source_map=parsed.source_map)
+    [without] = registration.lint()
+    assert (with_map.field, with_map.line) == ("url", url_line)
+    assert (without.field, without.line) == ("url", None)
+    assert with_map.message == without.message
 
 
 def test_lint_with_an_explicit_domain_checks_the_sender_there() -> None:

@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import signal
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,6 +25,7 @@ from bridge_kit.errors import BridgeKitError
 from bridge_kit.progress import ProgressReporter
 from bridge_kit.puppets import BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.registration import Registration
+from bridge_kit.registration.files import os_reason, write_private
 from bridge_kit.store import open_store
 from bridge_kit.store.postgres import redact_dsn
 
@@ -250,16 +249,15 @@ def _report(
 
 
 def _write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically, so a reader never sees half a report."""
+    """Write atomically, so a reader never sees half a report, and privately (mode 0600).
+
+    The report names the homeserver and every refused localpart.
+    """
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     try:
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=path.absolute().parent, delete=False, suffix=".tmp"
-        ) as out:
-            json.dump(report, out, indent=2, ensure_ascii=False)
-            out.write("\n")
-        os.replace(out.name, path)
+        write_private(path, text, replace=True)
     except OSError as error:
-        raise UsageError(f"--report {path}: {error}") from error
+        raise UsageError(f"--report {path}: {os_reason(error)}") from error
 
 
 def main(argv: list[str] | None = None) -> int:

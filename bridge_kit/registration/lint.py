@@ -1,0 +1,213 @@
+"""Lints: warnings about registrations that load but are probably not what was meant.
+
+:func:`lint` is the full check of a :class:`~bridge_kit.registration.Registration`:
+the validation errors (for one built invalid in code) and every warning,
+placed at their YAML lines when given the loader's :class:`SourceMap`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from bridge_kit._yaml import KeyPath
+from bridge_kit.ids import localpart_problem
+from bridge_kit.registration.findings import Finding, Report, SourceMap, sorted_findings
+from bridge_kit.registration.validate import NAMESPACE_KINDS, validate
+
+if TYPE_CHECKING:
+    # Only for annotations: the model imports this module to implement Registration.lint.
+    from bridge_kit.registration.model import Registration
+
+__all__ = ["MIN_TOKEN_LENGTH", "is_http_url", "lint"]
+
+MIN_TOKEN_LENGTH = 32
+
+_UNESCAPED_SERVER_DOT = re.compile(r"(?<=[A-Za-z0-9-])(?<!\\)\.(?=[A-Za-z0-9])")
+_LITERAL_SERVER = re.compile(r"(?:[A-Za-z0-9-]|\\[.-])+(?:\\?:[0-9]+)?")
+_REGEX_META = set(".^$*+?{}[]()|")
+_QUANTIFIERS = ("*", "?", "{")
+
+
+def lint(
+    registration: Registration,
+    domain: str | None = None,
+    *,
+    source_map: SourceMap | None = None,
+) -> list[Finding]:
+    """Every finding about ``registration``: errors (if built invalid in code) and warnings.
+
+    ``domain`` is the homeserver's server name; without it, it is guessed
+    from the user namespaces (for the sender-in-namespace check).
+    ``source_map`` is where each key was in the YAML the registration was
+    loaded from; without it the findings have no line.
+    """
+    source_map = source_map or SourceMap()
+    findings = validate(registration.to_dict(), source_map)
+    findings += _warnings(registration, source_map, domain)
+    return sorted_findings(findings)
+
+
+def is_http_url(url: str) -> bool:
+    """Is ``url`` an ``http://`` or ``https://`` URL with a host?"""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _warnings(reg: Registration, source_map: SourceMap, domain: str | None) -> list[Finding]:
+    report = Report(source_map)
+    if not reg.namespaces.users:
+        report.warn(
+            ("namespaces", "users"),
+            "no user namespace: this appservice cannot register puppets (fine for a plain bot)",
+        )
+    for kind, sigil in NAMESPACE_KINDS.items():
+        for index, namespace in enumerate(getattr(reg.namespaces, kind)):
+            _lint_regex(report, ("namespaces", kind, index, "regex"), namespace.regex, kind, sigil)
+    for kind in reg.namespaces.extra:
+        report.warn(
+            ("namespaces", kind), "unknown namespace kind (Synapse knows users, aliases, rooms)"
+        )
+    _lint_tokens(report, reg)
+    _lint_sender(report, reg, domain)
+    _lint_url(report, reg.url)
+    if reg.rate_limited is None:
+        report.warn(
+            ("rate_limited",),
+            "missing: Synapse then defaults it to true and rate-limits every puppet; "
+            "set it to false for a bridge",
+        )
+    return report.findings
+
+
+def _lint_regex(report: Report, path: KeyPath, regex: str, kind: str, sigil: str) -> None:
+    noun = {"users": "user", "aliases": "alias", "rooms": "room"}[kind]
+    if not _can_start_with(regex, sigil):
+        report.warn(
+            path,
+            f"can never match: {noun} IDs start with '{sigil}' and Synapse matches from "
+            f"the start of the ID; write e.g. '^{sigil}_prefix_.*:example\\.org$'",
+        )
+        return
+    if kind == "rooms":
+        return
+    if not regex.endswith("$") or regex.endswith("\\$"):
+        report.warn(
+            path,
+            "is not anchored at the end ('$'): it also matches IDs on other servers "
+            "whose name merely starts with yours",
+        )
+    server = regex.rpartition(":")[2]
+    if ":" in regex and _UNESCAPED_SERVER_DOT.search(server):
+        report.warn(
+            path, "has an unescaped '.' in the server name; write '\\.' to match a dot only"
+        )
+    if kind == "users":
+        prefix = _literal_prefix(regex, sigil).partition(":")[0]
+        problem = localpart_problem(prefix) if prefix else None
+        if problem and problem != "must not be empty":
+            report.warn(
+                path,
+                f"every localpart it matches starts with {prefix!r}, which {problem}; "
+                "bridge_kit will refuse to register such puppets",
+            )
+
+
+def _lint_tokens(report: Report, reg: Registration) -> None:
+    if hmac.compare_digest(reg.as_token.encode(), reg.hs_token.encode()):
+        report.warn(
+            ("hs_token",),
+            "is the same as as_token; anyone who learns one can impersonate both sides",
+        )
+    for key in ("as_token", "hs_token"):
+        token: str = getattr(reg, key)
+        if len(token) < MIN_TOKEN_LENGTH:
+            report.warn(
+                (key,),
+                f"is only {len(token)} characters; use at least {MIN_TOKEN_LENGTH} random "
+                "characters (bridge-kit generate-registration makes 64)",
+            )
+
+
+def _lint_sender(report: Report, reg: Registration, domain: str | None) -> None:
+    problem = localpart_problem(reg.sender_localpart)
+    if problem:
+        report.warn(("sender_localpart",), f"is outside the user-ID grammar: it {problem}")
+    domains = [domain] if domain else _guess_domains(reg) or ["example.org"]
+    for server in domains:
+        sender = f"@{reg.sender_localpart}:{server}"
+        for namespace in reg.namespaces.users:
+            if namespace.exclusive and namespace.matches(sender):
+                report.warn(
+                    ("sender_localpart",),
+                    f"is inside this appservice's own exclusive user namespace "
+                    f"{namespace.regex!r}; harmless, but it is not a puppet",
+                )
+                return
+
+
+def _lint_url(report: Report, url: str | None) -> None:
+    if url is None:
+        report.warn(
+            ("url",), "is null: the homeserver will send no events or queries to the appservice"
+        )
+        return
+    if not is_http_url(url):
+        report.warn(("url",), f"is not an http(s) URL ({url!r}); the homeserver cannot reach it")
+
+
+def _can_start_with(regex: str, sigil: str) -> bool:
+    """False only when the regex surely needs a first character other than ``sigil``."""
+    if "|" in regex:
+        return True  # alternatives: each branch could start differently
+    rest = regex
+    while rest.startswith(("^", "\\A")):
+        rest = rest[1:] if rest.startswith("^") else rest[2:]
+    if not rest or rest[1:2] in _QUANTIFIERS:
+        return True
+    first = rest[0]
+    if first == "\\":
+        escaped = rest[1:2]
+        return escaped.isalnum() or escaped == sigil or not escaped
+    return first in _REGEX_META or first == sigil
+
+
+def _literal_prefix(regex: str, sigil: str) -> str:
+    """The literal text every match must start with after the sigil ('' when unsure)."""
+    rest = regex.removeprefix("^")
+    if not rest.startswith(sigil) or "|" in rest:
+        return ""
+    rest = rest[1:]
+    prefix: list[str] = []
+    index = 0
+    while index < len(rest):
+        char = rest[index]
+        if char == "\\":
+            literal = rest[index + 1 : index + 2]
+            if not literal or literal.isalnum():
+                break
+            step = 2
+        elif char in _REGEX_META:
+            break
+        else:
+            literal, step = char, 1
+        if rest[index + step : index + step + 1] in _QUANTIFIERS:
+            break
+        prefix.append(literal)
+        index += step
+    return "".join(prefix)
+
+
+def _guess_domains(reg: Registration) -> list[str]:
+    """Server names spelled out literally at the end of user namespace regexes."""
+    domains = []
+    for namespace in reg.namespaces.users:
+        server = namespace.regex.rpartition(":")[2].removesuffix("$")
+        if ":" in namespace.regex and _LITERAL_SERVER.fullmatch(server):
+            domains.append(re.sub(r"\\(.)", r"\1", server))
+    return domains
