@@ -1,18 +1,43 @@
 """bridge_kit: a fast, persistent framework for Matrix application services.
 
-The public API is re-exported here; everything else is private.
+The public API is what this package exports (``__all__``) plus these public
+modules, each with its own ``__all__``:
+
+- :mod:`bridge_kit.errors`: the exception tree;
+- :mod:`bridge_kit.types`: the wire models and the converter;
+- :mod:`bridge_kit.config`: the daemon configuration sections;
+- :mod:`bridge_kit.registration`: registration files (load, check, generate);
+- :mod:`bridge_kit.client`: the homeserver client;
+- :mod:`bridge_kit.store`: the stores;
+- :mod:`bridge_kit.puppets`: the puppet engine;
+- :mod:`bridge_kit.server`: the appservice HTTP API as an aiohttp application;
+- :mod:`bridge_kit.runner`: :func:`run_app`, signals and exit codes.
+
+Every other module (``cli``, ``commands``, ``diagnose``, ``progress``,
+``transactions``, ``_*``...) is private: it may change in any release.
 """
 
-from bridge_kit.appservice import AppService
-from bridge_kit.client import ClientObserver, HomeserverClient, RetryPolicy, WhoAmI
-from bridge_kit.config import Config
+from bridge_kit._preconf import configure_converter as _configure_converter
+from bridge_kit._preconf import make_converter
+from bridge_kit.appservice import AppService, AppState
+from bridge_kit.client import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
+from bridge_kit.config import (
+    AppServiceConfig,
+    Config,
+    HomeserverConfig,
+    LoggingConfig,
+    PuppetsConfig,
+)
 from bridge_kit.errors import (
     BridgeKitError,
+    ClientClosed,
     ConfigError,
+    ErrorReply,
     Exclusive,
     Forbidden,
     HomeserverUnreachable,
     InvalidLocalpart,
+    LifecycleError,
     LimitExceeded,
     ListenError,
     MatrixRequestError,
@@ -22,13 +47,20 @@ from bridge_kit.errors import (
     RegistrationAborted,
     RegistrationError,
     ResourceLimitExceeded,
+    StartupCheckFailed,
     StoreError,
+    TransactionFailed,
+    UnexpectedReply,
     UnknownDevice,
     UnknownToken,
+    UsageError,
     UserInUse,
+    WrongType,
+    YamlError,
 )
 from bridge_kit.ids import localpart_problem, split_user_id, user_id, validate_localpart
 from bridge_kit.intent import Intent
+from bridge_kit.logs import configure_logging
 from bridge_kit.metrics import Metrics
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar
 from bridge_kit.registration import (
@@ -40,32 +72,53 @@ from bridge_kit.registration import (
     check_file,
     generate_registration,
 )
+from bridge_kit.runner import ExitCode, StopSignals, run_app
 from bridge_kit.server import ThirdPartyHandlers
-from bridge_kit.store import Store, open_store
-from bridge_kit.types import Event, RegisterRequest, RegisterResponse, Transaction
+from bridge_kit.store import Store, open_store, parse_store_url
+from bridge_kit.types import (
+    Event,
+    MessageType,
+    RegisterRequest,
+    RegisterResponse,
+    TextMessage,
+    Transaction,
+)
+from bridge_kit.types.converter import converter as _shared_converter
+
+_configure_converter(_shared_converter)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AppService",
+    "AppServiceConfig",
+    "AppState",
     "BridgeKitError",
     "BulkProgress",
     "BulkResult",
     "CheckResult",
+    "ClientClosed",
     "ClientObserver",
+    "ClientState",
     "Config",
     "ConfigError",
+    "ErrorReply",
     "Event",
     "Exclusive",
+    "ExitCode",
     "Finding",
     "Forbidden",
     "HomeserverClient",
+    "HomeserverConfig",
     "HomeserverUnreachable",
     "Intent",
     "InvalidLocalpart",
+    "LifecycleError",
     "LimitExceeded",
     "ListenError",
+    "LoggingConfig",
     "MatrixRequestError",
+    "MessageType",
     "Metrics",
     "MissingToken",
     "Namespace",
@@ -73,6 +126,7 @@ __all__ = [
     "NotFound",
     "NotInNamespace",
     "PuppetRegistrar",
+    "PuppetsConfig",
     "RegisterRequest",
     "RegisterResponse",
     "Registration",
@@ -80,18 +134,30 @@ __all__ = [
     "RegistrationError",
     "ResourceLimitExceeded",
     "RetryPolicy",
+    "StartupCheckFailed",
+    "StopSignals",
     "Store",
     "StoreError",
+    "TextMessage",
     "ThirdPartyHandlers",
     "Transaction",
+    "TransactionFailed",
+    "UnexpectedReply",
     "UnknownDevice",
     "UnknownToken",
+    "UsageError",
     "UserInUse",
     "WhoAmI",
+    "WrongType",
+    "YamlError",
     "check_file",
+    "configure_logging",
     "generate_registration",
     "localpart_problem",
+    "make_converter",
     "open_store",
+    "parse_store_url",
+    "run_app",
     "split_user_id",
     "user_id",
     "validate_localpart",

@@ -23,14 +23,10 @@ from typing import IO, Any, Self
 import aiohttp
 import yaml
 
-from bridge_kit.errors import BridgeKitError
+from bridge_kit.errors import SynapseError
 
 _GENEROUS = {"per_second": 10_000, "burst_count": 10_000}
 _START_TIMEOUT = 90.0
-
-
-class SynapseError(BridgeKitError):
-    """Synapse could not be installed, configured or started."""
 
 
 def free_port() -> int:

@@ -11,6 +11,8 @@ from typing import Any, NamedTuple, TypeAlias
 
 import yaml
 
+from bridge_kit.errors import YamlError
+
 __all__ = ["Document", "Duplicate", "KeyPath", "YamlError", "describe", "load", "path_name"]
 
 KeyPath: TypeAlias = tuple[str | int, ...]
@@ -19,22 +21,6 @@ KeyPath: TypeAlias = tuple[str | int, ...]
 _MAX_DEPTH = 16  # aliases can make the node graph cyclic; real files are far shallower
 _MAX_PATHS = 100_000  # aliases can also multiply paths; stop recording long before that hurts
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class YamlError(Exception):
-    """Text that is not one valid YAML document: the ``reason``, and where (1-based) if known."""
-
-    def __init__(self, reason: str, line: int | None = None, column: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.line = line
-        self.column = column
-
-    def __str__(self) -> str:
-        if self.line is None:
-            return self.reason
-        column = "" if self.column is None else f", column {self.column}"
-        return f"line {self.line}{column}: {self.reason}"
 
 
 class Duplicate(NamedTuple):

@@ -1,18 +1,22 @@
 """``AppService``: the registration, the store, the homeserver client, the puppet
 engine and the HTTP routes, tied together with a lifecycle and handler registration.
 
-    app = AppService.from_config(Config.load("config.yaml"))
+    app = AppService(Config.load("config.yaml"))
 
     @app.on_event("m.room.message")
     async def on_message(event: Event) -> None: ...
 
     async with app:
         await app.intent("alice").send_text(room_id, "hello")
+
+or ``run_app(app)`` (:mod:`bridge_kit.runner`) to serve until SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -23,10 +27,11 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge_kit import defaults
 from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.config import Config
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
-from bridge_kit.errors import BridgeKitError
+from bridge_kit.errors import BridgeKitError, LifecycleError
 from bridge_kit.ids import localpart_problem, split_user_id
 from bridge_kit.intent import Intent
 from bridge_kit.metrics import Metrics
@@ -37,11 +42,20 @@ from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import Store, open_store
 from bridge_kit.types import Event, Transaction
 
-log = logging.getLogger("bridge_kit.appservice")
+log = logging.getLogger(__name__)
 
 EventHandler = Callable[[Event], Awaitable[None]]
 QueryHook = Callable[[str], Awaitable[bool]]
-INTENT_CACHE_SIZE = 10_000
+
+
+class AppState(enum.Enum):
+    """Where an :class:`AppService` is in its life; it runs once, in this order."""
+
+    CREATED = 1
+    STARTING = 2
+    RUNNING = 3
+    STOPPING = 4
+    STOPPED = 5
 
 
 class AppService:
@@ -55,34 +69,29 @@ class AppService:
 
     def __init__(
         self,
-        registration: Registration,
+        config: Config,
         *,
-        homeserver_url: str,
-        domain: str | None = None,
-        store: Store | str = "sqlite:///bridge_kit.db",
-        host: str = "127.0.0.1",
-        port: int = 29333,
-        max_body_bytes: int = 10 * 1024 * 1024,
-        concurrency: int = 16,
-        provision_on_query: bool = True,
-        preregister: Path | None = None,
-        ping: bool = True,
+        registration: Registration | None = None,
+        store: Store | None = None,
         retry: RetryPolicy | None = None,
+        ping: bool = True,
     ) -> None:
-        self.registration = registration
-        self.domain = domain
-        self.host = host
-        self.port = port
-        self.max_body_bytes = max_body_bytes
-        self.concurrency = concurrency
-        self.provision_on_query = provision_on_query
-        self.preregister = preregister
+        """Build the app from its configuration; nothing is opened until :meth:`start`.
+
+        ``registration`` defaults to the file ``config.registration_path`` names,
+        ``store`` to the one ``config.appservice.store`` names. ``ping=False``
+        skips the homeserver's start-up ping (for a homeserver that cannot reach us).
+        """
+        self.config = config
+        self.registration = registration or Registration.load(config.registration_path)
+        self.domain = config.homeserver.domain
         self.ping = ping
+        self.state = AppState.CREATED
         self.thirdparty = ThirdPartyHandlers()
         self.metrics = Metrics()
-        self.store = open_store(store) if isinstance(store, str) else store
+        self.store = store or open_store(config.appservice.store)
         self.client = HomeserverClient(
-            homeserver_url, registration.as_token, retry=retry or RetryPolicy()
+            config.homeserver.url, self.registration.as_token, retry=retry or RetryPolicy()
         )
         self.client.observers.append(self.metrics)
         self._handlers: dict[str | None, list[EventHandler]] = defaultdict(list)
@@ -90,28 +99,15 @@ class AppService:
         self._user_query: QueryHook | None = None
         self._alias_query: QueryHook | None = None
         self._registrar: PuppetRegistrar | None = None
-        self._runner: web.AppRunner | None = None
-        self._preregister_task: asyncio.Task[BulkResult] | None = None
+        self._running = contextlib.AsyncExitStack()
         self._intents: OrderedDict[str, Intent] = OrderedDict()
         self._bot: Intent | None = None
         self._started_at: float | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> AppService:
-        """Build an AppService from a :class:`bridge_kit.Config`."""
-        registration = Registration.load(config.registration_path)
-        return cls(
-            registration,
-            homeserver_url=config.homeserver.url,
-            domain=config.homeserver.domain,
-            store=config.appservice.store,
-            host=config.appservice.host,
-            port=config.appservice.port,
-            max_body_bytes=config.appservice.max_body_bytes,
-            concurrency=config.puppets.concurrency,
-            provision_on_query=config.puppets.provision_on_query,
-            preregister=config.preregister_path,
-        )
+        """The same as ``AppService(config)``."""
+        return cls(config)
 
     # -- handler registration ------------------------------------------------
 
@@ -157,7 +153,10 @@ class AppService:
     def puppets(self) -> PuppetRegistrar:
         """The puppet engine: ``ensure_registered`` and ``register_many``."""
         if self._registrar is None:
-            raise BridgeKitError("the AppService is not started: use 'async with app:'")
+            raise LifecycleError(
+                f"the AppService is {self.state.name.lower()}, not running: "
+                "use 'async with app:' or run_app(app)"
+            )
         return self._registrar
 
     @property
@@ -184,9 +183,8 @@ class AppService:
             lambda: registrar.ensure_registered(localpart),
         )
         self._intents[localpart] = intent
-        # A bridge may touch millions of puppets; keep only the recently used
-        # intents (a dropped one costs one store lookup when it comes back).
-        if len(self._intents) > INTENT_CACHE_SIZE:
+        # A bridge may touch millions of puppets; keep only the recently used ones.
+        if len(self._intents) > defaults.INTENT_CACHE_SIZE:
             self._intents.popitem(last=False)
         return intent
 
@@ -205,44 +203,60 @@ class AppService:
         await self.stop()
 
     async def start(self) -> None:
-        """Open the store, check the homeserver, listen, ping, start preregistration."""
-        await self.store.open()
+        """Open the store, check the homeserver, listen, ping, start preregistration.
+
+        Runs once: a second call raises :class:`LifecycleError` and leaves the
+        running app alone. If a step fails (or the start is cancelled), what
+        the earlier steps opened is closed again, in reverse order.
+        """
+        if self.state is not AppState.CREATED:
+            raise LifecycleError(f"cannot start an AppService that is {self.state.name.lower()}")
+        self.state = AppState.STARTING
         try:
-            domain = await homeserver_domain(self.client, self.registration)
-            self.domain = self.domain or domain
-            self._registrar = PuppetRegistrar(
-                self.client, self.store, self.registration, self.domain
-            )
-            await self._listen()
-            if self.registration.url is None:
-                log.warning("the registration's url is null: the homeserver will send us nothing")
-            elif self.ping:
-                await ping_homeserver(self.client, self.registration)
+            async with contextlib.AsyncExitStack() as steps:
+                await self._start_steps(steps)
+                self._running = steps.pop_all()
         except BaseException:
-            await self.stop()
+            self.state = AppState.STOPPED
             raise
+        self.state = AppState.RUNNING
         self._started_at = time.monotonic()
-        if self.preregister is not None:
-            self._preregister_task = asyncio.create_task(
-                self._run_preregistration(self.preregister)
-            )
-            self._preregister_task.add_done_callback(_log_preregistration_failure)
+
+    async def _start_steps(self, steps: contextlib.AsyncExitStack) -> None:
+        steps.push_async_callback(self.client.close)
+        await self.store.open()
+        steps.push_async_callback(self.store.close)
+        domain = await homeserver_domain(self.client, self.registration)
+        self.domain = self.domain or domain
+        self._registrar = PuppetRegistrar(self.client, self.store, self.registration, self.domain)
+        steps.push_async_callback(self._listen_stopped, await self._listen())
+        if self.registration.url is None:
+            log.warning("the registration's url is null: the homeserver will send us nothing")
+        elif self.ping:
+            await ping_homeserver(self.client, self.registration)
+        preregister = self.config.preregister_path
+        if preregister is not None:
+            steps.push_async_callback(self._stop_preregistration, self._preregister(preregister))
 
     async def stop(self) -> None:
-        """Stop accepting, finish in-flight transactions, flush and close. Safe to call twice."""
-        if self._preregister_task is not None:
-            self.puppets.cancel()
-            # Its failure, if any, was logged when it happened.
-            await asyncio.gather(self._preregister_task, return_exceptions=True)
-            self._preregister_task = None
-        if self._runner is not None:
-            # cleanup() stops the listener first, then waits for handlers in flight.
-            await self._runner.cleanup()
-            self._runner = None
-        await self.client.close()
-        await self.store.close()
+        """Stop accepting, finish in-flight transactions, flush and close.
 
-    async def _listen(self) -> None:
+        Every step runs even if an earlier one fails (the first failure is
+        raised at the end). Safe to call twice, and on an app never started.
+        """
+        if self.state is AppState.STARTING:
+            raise LifecycleError("the AppService is still starting; cancel the start instead")
+        if self.state is not AppState.RUNNING:
+            self.state = AppState.STOPPED
+            return
+        self.state = AppState.STOPPING
+        try:
+            await self._running.aclose()
+        finally:
+            self.state = AppState.STOPPED
+
+    async def _listen(self) -> web.AppRunner:
+        section = self.config.appservice
         app = create_app(
             hs_token=self.registration.hs_token,
             store=self.store,
@@ -250,18 +264,36 @@ class AppService:
             on_user_query=self._answer_user_query,
             on_alias_query=self._answer_alias_query,
             thirdparty=self.thirdparty,
-            max_body_bytes=self.max_body_bytes,
+            max_body_bytes=section.max_body_bytes,
             metrics=self.metrics,
             health=self._health,
         )
-        self._runner = await serve_app(app, self.host, self.port)
-        log.info("listening on http://%s:%d", self.host, self.port)
+        runner = await serve_app(app, section.host, section.port)
+        log.info("listening on http://%s:%d", section.host, section.port)
+        return runner
+
+    @staticmethod
+    async def _listen_stopped(runner: web.AppRunner) -> None:
+        # cleanup() stops the listener first, then waits for handlers in flight.
+        await runner.cleanup()
+
+    def _preregister(self, path: Path) -> asyncio.Task[BulkResult]:
+        task = asyncio.create_task(self._run_preregistration(path))
+        task.add_done_callback(_log_preregistration_failure)
+        return task
+
+    async def _stop_preregistration(self, task: asyncio.Task[BulkResult]) -> None:
+        self.puppets.cancel()
+        # Its failure, if any, was logged when it happened.
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _run_preregistration(self, path: Path) -> BulkResult:
         log.info("pre-registering the puppets listed in %s", path)
         with path.open(encoding="utf-8") as lines:
             result = await self.puppets.register_many(
-                localparts_from_lines(lines), concurrency=self.concurrency, progress=_ProgressLog()
+                localparts_from_lines(lines),
+                concurrency=self.config.puppets.concurrency,
+                progress=_ProgressLog(),
             )
         log.info("pre-registration finished: %s", result.summary())
         return result
@@ -290,7 +322,7 @@ class AppService:
         if self._user_query is not None:
             if not await self._user_query(user_id):
                 return False
-        elif not self.provision_on_query:
+        elif not self.config.puppets.provision_on_query:
             return False
         try:
             await self.puppets.ensure_registered(localpart)
@@ -321,7 +353,7 @@ class AppService:
     def _health(self) -> dict[str, Any]:
         started = self._started_at
         return {
-            "status": "ok" if started is not None else "starting",
+            "status": "ok" if self.state is AppState.RUNNING else self.state.name.lower(),
             "appservice_id": self.registration.id,
             "user_id": self.bot.user_id if self._registrar else None,
             "uptime_seconds": round(time.monotonic() - started, 1) if started else 0,

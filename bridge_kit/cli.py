@@ -3,7 +3,8 @@
 Each subcommand is a small ``_cmd_<name>(args) -> int`` function registered in
 :func:`_build_parser`; :func:`main` turns every
 :class:`~bridge_kit.errors.BridgeKitError` into a short message on stderr and
-exit status 1, so a user never sees a traceback.
+exit status 2, so a user never sees a traceback. Every command uses the one
+table of exit codes, :class:`~bridge_kit.runner.ExitCode`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bridge_kit import defaults
 from bridge_kit.commands import demo, register, run
 from bridge_kit.diagnose import check_against_homeserver
-from bridge_kit.errors import BridgeKitError, RegistrationError
+from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
 from bridge_kit.registration import Registration, check_file, generate_registration
+from bridge_kit.runner import ExitCode
 
 __all__ = ["main"]
-
-DEFAULT_REGISTRATION = "registration.yaml"
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -35,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except BridgeKitError as exc:
         _report_error(exc)
-        return 1
+        return ExitCode.SETUP
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.SIGINT
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -104,7 +105,7 @@ def _add_generate_registration(
     parser.add_argument(
         "-o",
         "--output",
-        default=DEFAULT_REGISTRATION,
+        default=defaults.REGISTRATION_FILE,
         metavar="FILE",
         help="output file, '-' for stdout (default: %(default)s)",
     )
@@ -122,25 +123,15 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
     keep_from = None
     if args.keep_tokens:
         if to_stdout:
-            print(
-                "error: --keep-tokens needs -o FILE naming the existing registration",
-                file=sys.stderr,
-            )
-            return 1
+            raise UsageError("--keep-tokens needs -o FILE naming the existing registration")
         keep_from = Registration.load(args.output)
     elif args.id is None:
-        print(
-            "error: --id is required (unless --keep-tokens reuses an existing file's id)",
-            file=sys.stderr,
-        )
-        return 1
+        raise UsageError("--id is required (unless --keep-tokens reuses an existing file's id)")
     elif not to_stdout and Path(args.output).exists() and not args.force:
-        print(
+        raise UsageError(
             f"{args.output}: already exists; use --force to overwrite it, "
-            "or --keep-tokens to regenerate it with the same id and tokens",
-            file=sys.stderr,
+            "or --keep-tokens to regenerate it with the same id and tokens"
         )
-        return 1
     registration = generate_registration(
         args.id,
         args.url,
@@ -154,7 +145,7 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
     )
     if to_stdout:
         sys.stdout.write(registration.dump())
-        return 0
+        return ExitCode.OK
     # --keep-tokens exists to rewrite that very file, so it implies replacing it.
     registration.write(args.output, force=args.force or args.keep_tokens)
     kept = " (id and tokens kept)" if keep_from else ""
@@ -162,7 +153,7 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
         f"wrote {args.output}{kept}; add its absolute path to app_service_config_files "
         "in homeserver.yaml and restart the homeserver"
     )
-    return 0
+    return ExitCode.OK
 
 
 # -- check -------------------------------------------------------------------------
@@ -179,7 +170,7 @@ def _add_check(subcommands: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.add_argument(
         "-r",
         "--registration",
-        default=DEFAULT_REGISTRATION,
+        default=defaults.REGISTRATION_FILE,
         metavar="FILE",
         help="registration file (default: %(default)s)",
     )
@@ -192,19 +183,24 @@ def _add_check(subcommands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    result = check_file(args.registration)
+    try:
+        result = check_file(args.registration)
+    except RegistrationError as exc:
+        # An unreadable file is what check is there to find, like an invalid one.
+        _report_error(exc)
+        return ExitCode.FAILED
     for finding in result.findings:
         print(finding.format(args.registration))
     if not result.ok:
         print(f"{args.registration}: invalid ({_count(len(result.errors), 'error')})")
-        return 1
+        return ExitCode.FAILED
     warnings = len(result.warnings)
     suffix = f" ({_count(warnings, 'warning')})" if warnings else ""
     print(f"{args.registration}: valid{suffix}")
     if args.homeserver and result.registration is not None:
         lines = asyncio.run(check_against_homeserver(result.registration, args.homeserver))
         print("\n".join(lines))
-    return 0
+    return ExitCode.OK
 
 
 def _count(number: int, noun: str) -> str:

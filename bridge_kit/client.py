@@ -13,6 +13,7 @@ retries what is worth retrying (see :class:`RetryPolicy`)::
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import random
@@ -29,10 +30,12 @@ import cattrs
 from cattrs.gen import make_dict_unstructure_fn
 
 from bridge_kit.errors import (
+    ClientClosed,
     ConfigError,
     HomeserverUnreachable,
     LimitExceeded,
     MatrixRequestError,
+    UnexpectedReply,
 )
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.register import RegisterRequest, RegisterResponse
@@ -40,6 +43,7 @@ from bridge_kit.types.register import RegisterRequest, RegisterResponse
 __all__ = [
     "REGISTER_ENDPOINT",
     "ClientObserver",
+    "ClientState",
     "HomeserverClient",
     "RetryPolicy",
     "WhoAmI",
@@ -127,6 +131,19 @@ class ClientObserver:
         """
 
 
+class ClientState(enum.Enum):
+    """Where a :class:`HomeserverClient` is in its life.
+
+    ``UNOPENED``: created, no connection yet (the first request opens the pool).
+    ``OPENED``: the pool is open. ``CLOSED``: :meth:`HomeserverClient.close` was
+    called; every further request raises :class:`~bridge_kit.errors.ClientClosed`.
+    """
+
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
 @attrs.frozen
 class WhoAmI:
     """The reply of ``GET /account/whoami``."""
@@ -146,9 +163,12 @@ class _PingResponse:
     duration_ms: int
 
 
-converter.register_unstructure_hook(
-    _PingRequest, make_dict_unstructure_fn(_PingRequest, converter, _cattrs_omit_if_default=True)
-)
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Register the hooks of this module's models on ``converter``."""
+    converter.register_unstructure_hook(
+        _PingRequest,
+        make_dict_unstructure_fn(_PingRequest, converter, _cattrs_omit_if_default=True),
+    )
 
 
 def quote_segment(value: str) -> str:
@@ -194,6 +214,7 @@ class HomeserverClient:
         self._headers = {"Authorization": f"Bearer {as_token}"}
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
+        self.state = ClientState.UNOPENED
 
     def __repr__(self) -> str:
         return f"<HomeserverClient {self.base_url}>"
@@ -211,7 +232,8 @@ class HomeserverClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the connection pool. The client opens a new one if used again."""
+        """Close the connection pool for good; later requests raise :class:`ClientClosed`."""
+        self.state = ClientState.CLOSED
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -253,8 +275,8 @@ class HomeserverClient:
             method, path, params, data, endpoint or path, resend=resend
         )
         if not isinstance(reply.body, dict):
-            raise MatrixRequestError(
-                reply.status, None, f"expected a JSON object, got: {_snippet(reply.text)}"
+            raise UnexpectedReply(
+                reply.status, f"expected a JSON object, got: {_snippet(reply.text)}", reply.body
             )
         return reply.body
 
@@ -389,6 +411,9 @@ class HomeserverClient:
         await asyncio.sleep(delay)
 
     def _ensure_session(self) -> aiohttp.ClientSession:
+        if self.state is ClientState.CLOSED:
+            raise ClientClosed(f"{self!r} is closed; create a new client")
+        self.state = ClientState.OPENED
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections),
@@ -490,10 +515,10 @@ def _describe_client_error(exc: aiohttp.ClientError) -> str:
 
 
 def structure_reply(reply: dict[str, Any], cls: type[T], what: str) -> T:
-    """Structure a success reply into ``cls``; a wrong shape is a MatrixRequestError."""
+    """Structure a success reply into ``cls``; a wrong shape is :class:`UnexpectedReply`."""
     try:
         return converter.structure(reply, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-        raise MatrixRequestError(
-            200, None, f"unexpected {what} reply: {describe_error(exc)}", reply
+        raise UnexpectedReply(
+            200, f"unexpected {what} reply: {describe_error(exc)}", reply
         ) from exc

@@ -30,9 +30,12 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from bridge_kit import defaults
 from bridge_kit._yaml import YamlError, describe, path_name
 from bridge_kit._yaml import load as load_yaml
 from bridge_kit.errors import ConfigError
+from bridge_kit.ids import server_name_problem
+from bridge_kit.store.url import STORE_FORMS, parse_store_url, store_url_problem
 
 __all__ = [
     "ENV_PREFIX",
@@ -69,11 +72,9 @@ def _check_url(value: str) -> str | None:
 
 
 def _check_domain(value: str | None) -> str | None:
-    if value is None:
+    if value is None or server_name_problem(value) is None:
         return None
-    if not value or any(c in value for c in "/@ \t") or value.count(":") > 1:
-        return f"must be a server name like example.org (as in @user:example.org), got {value!r}"
-    return None
+    return f"must be a server name like example.org (as in @user:example.org), got {value!r}"
 
 
 def _check_non_empty(value: str | None) -> str | None:
@@ -88,28 +89,9 @@ def _check_positive(value: int) -> str | None:
     return None if value >= 1 else f"must be at least 1, got {value}"
 
 
-_STORE_SCHEMES: Final = ("memory", "sqlite", "postgresql", "postgres")
-_STORE_FORMS: Final = "memory://, sqlite:///path.db or postgresql://user@host/dbname"
-
-
 def _check_store(value: str) -> str | None:
-    # Only the scheme is ever echoed: a PostgreSQL URL may hold a password.
-    scheme, sep, rest = value.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        return f"has no scheme; expected {_STORE_FORMS}"
-    if scheme not in _STORE_SCHEMES:
-        hint = _did_you_mean(scheme, _STORE_SCHEMES)
-        return f"has unknown scheme {scheme!r}{hint}; expected {_STORE_FORMS}"
-    if scheme == "memory" and rest:
-        return "memory:// takes no path"
-    if scheme == "sqlite" and not rest.startswith("/"):
-        return (
-            "needs three slashes before the path: sqlite:///relative.db or sqlite:////absolute.db"
-        )
-    if scheme == "sqlite" and rest == "/":
-        return "has an empty SQLite path"
-    return None
+    problem = store_url_problem(value)
+    return None if problem is None else f"{problem}; expected {STORE_FORMS}"
 
 
 _LEVELS: Final = tuple(logging.getLevelNamesMapping())
@@ -175,10 +157,11 @@ class AppServiceConfig(_Section):
     section: ClassVar[str] = "appservice"
 
     registration: str = _checked(check=_check_non_empty)
-    host: str = _checked("127.0.0.1", _check_non_empty)
-    port: int = _checked(29333, _check_port)
-    store: str = _checked("sqlite:///bridge_kit.db", _check_store)
-    max_body_bytes: int = _checked(10 * 1024 * 1024, _check_positive)
+    host: str = _checked(defaults.HOST, _check_non_empty)
+    port: int = _checked(defaults.PORT, _check_port)
+    store: str = _checked(defaults.STORE_URL, _check_store)
+    """A store URL; a relative SQLite path is resolved against the config file's folder."""
+    max_body_bytes: int = _checked(defaults.MAX_BODY_BYTES, _check_positive)
 
 
 @attrs.frozen
@@ -187,10 +170,10 @@ class PuppetsConfig(_Section):
 
     section: ClassVar[str] = "puppets"
 
-    concurrency: int = _checked(16, _check_positive)
+    concurrency: int = _checked(defaults.CONCURRENCY, _check_positive)
     preregister: str | None = _checked(None, _check_non_empty)
     """A file of localparts, one a line, registered in the background at start-up."""
-    provision_on_query: bool = _checked(True)
+    provision_on_query: bool = _checked(defaults.PROVISION_ON_QUERY)
 
 
 @attrs.frozen
@@ -199,8 +182,8 @@ class LoggingConfig(_Section):
 
     section: ClassVar[str] = "logging"
 
-    level: str = _checked("INFO", _check_level, converter=_upper_if_str)
-    format: str = _checked("text", _check_format)
+    level: str = _checked(defaults.LOG_LEVEL, _check_level, converter=_upper_if_str)
+    format: str = _checked(defaults.LOG_FORMAT, _check_format)
 
 
 _SECTIONS: Final[dict[str, type[_Section]]] = {
@@ -416,13 +399,8 @@ class _Loader:
         return os.path.normpath(self.base_dir / Path(value).expanduser())
 
     def _store_url(self, url: str) -> str:
-        prefix = "sqlite:///"
-        if not url.lower().startswith(prefix):
-            return url
-        path = url[len(prefix) :]
-        if not path or path == ":memory:" or path.startswith("/"):
-            return url
-        return prefix + self._path(path)
+        # Already checked; the one parser makes a relative SQLite path absolute.
+        return parse_store_url(url, self.base_dir).url
 
 
 _UNPLACED: Final = 1 << 62

@@ -14,11 +14,11 @@ import yarl
 
 from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.errors import (
-    BridgeKitError,
     Forbidden,
     HomeserverUnreachable,
     ListenError,
     MatrixRequestError,
+    StartupCheckFailed,
     UnknownToken,
 )
 from bridge_kit.ids import split_user_id
@@ -31,10 +31,6 @@ NOT_LOADED = (
     "the homeserver does not know this registration's as_token: is the registration "
     "listed in app_service_config_files, and was the homeserver restarted after that?"
 )
-
-
-class StartupCheckFailed(BridgeKitError):
-    """A start-up check failed; the message says what is wrong and how to fix it."""
 
 
 async def homeserver_domain(client: HomeserverClient, registration: Registration) -> str:

@@ -1,14 +1,78 @@
 """The one exception hierarchy of bridge_kit, rooted in :class:`BridgeKitError`.
 
-Matrix errors from the homeserver are mapped by errcode to subclasses of
-:class:`MatrixRequestError`, so a bridge can ``except UserInUse`` instead of
-comparing strings.
+Every exception bridge_kit raises on purpose lives here::
+
+    BridgeKitError
+    ├── ConfigError                  the daemon configuration is invalid
+    │   └── UsageError               the command line is wrong
+    ├── RegistrationError            the registration file is invalid
+    ├── InvalidLocalpart (ValueError)  a localpart bridge_kit will not create
+    ├── NotInNamespace (ValueError)  a user ID outside our user namespaces
+    ├── StoreError                   the store could not be opened or used
+    ├── ListenError                  the HTTP server could not listen
+    ├── LifecycleError               start() or stop() called in the wrong state
+    ├── ClientClosed                 a request on a closed HomeserverClient
+    ├── HomeserverUnreachable        no HTTP reply from the homeserver, even after retries
+    ├── StartupCheckFailed           whoami or the ping failed at start-up, with a diagnosis
+    ├── RegistrationAborted          a bulk registration run stopped at once
+    ├── TransactionFailed            a received transaction could not be processed
+    ├── ErrorReply                   what an appservice route answers with (status, errcode)
+    ├── UnexpectedReply              a 2xx reply of the wrong shape
+    ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
+    ├── YamlError                    text that is not one valid YAML document
+    ├── SynapseError                 the throw-away test Synapse could not start
+    └── MatrixRequestError           the homeserver answered with an error (by errcode:)
+        ├── UserInUse                M_USER_IN_USE
+        ├── Exclusive                M_EXCLUSIVE
+        ├── LimitExceeded            M_LIMIT_EXCEEDED (and any 429)
+        ├── UnknownToken             M_UNKNOWN_TOKEN
+        ├── MissingToken             M_MISSING_TOKEN
+        ├── Forbidden                M_FORBIDDEN
+        ├── ResourceLimitExceeded    M_RESOURCE_LIMIT_EXCEEDED
+        ├── NotFound                 M_NOT_FOUND
+        └── UnknownDevice            M_UNKNOWN_DEVICE
+
+Matrix errors are mapped by errcode with the :func:`errcode` decorator, so a
+bridge can ``except UserInUse`` instead of comparing strings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+__all__ = [
+    "BridgeKitError",
+    "ClientClosed",
+    "ConfigError",
+    "ErrorReply",
+    "Exclusive",
+    "Forbidden",
+    "HomeserverUnreachable",
+    "InvalidLocalpart",
+    "LifecycleError",
+    "LimitExceeded",
+    "ListenError",
+    "MatrixRequestError",
+    "MissingToken",
+    "NotFound",
+    "NotInNamespace",
+    "RegistrationAborted",
+    "RegistrationError",
+    "ResourceLimitExceeded",
+    "StartupCheckFailed",
+    "StoreError",
+    "SynapseError",
+    "TransactionFailed",
+    "UnexpectedReply",
+    "UnknownDevice",
+    "UnknownToken",
+    "UsageError",
+    "UserInUse",
+    "WrongType",
+    "YamlError",
+    "errcode",
+]
 
 
 class BridgeKitError(Exception):
@@ -17,6 +81,10 @@ class BridgeKitError(Exception):
 
 class ConfigError(BridgeKitError):
     """The daemon configuration is invalid; the message names every problem."""
+
+
+class UsageError(ConfigError):
+    """The command line is wrong; the message says how."""
 
 
 class RegistrationError(BridgeKitError):
@@ -51,15 +119,27 @@ class NotInNamespace(BridgeKitError, ValueError):
 
 
 class StoreError(BridgeKitError):
-    """The puppet/transaction store could not be opened or used."""
+    """The store could not be opened or used."""
 
 
 class ListenError(BridgeKitError):
     """The appservice could not listen on its host and port."""
 
 
+class LifecycleError(BridgeKitError):
+    """An :class:`~bridge_kit.AppService` was started or used in the wrong state."""
+
+
+class ClientClosed(BridgeKitError):
+    """A request on a :class:`~bridge_kit.HomeserverClient` that was closed."""
+
+
 class HomeserverUnreachable(BridgeKitError):
     """The homeserver could not be reached, even after retries."""
+
+
+class StartupCheckFailed(BridgeKitError):
+    """A start-up check failed; the message says what is wrong and how to fix it."""
 
 
 class RegistrationAborted(BridgeKitError):
@@ -72,6 +152,101 @@ class RegistrationAborted(BridgeKitError):
         self.diagnosis = diagnosis
         self.cause = cause
         super().__init__(diagnosis)
+
+
+class TransactionFailed(BridgeKitError):
+    """Processing a received transaction failed; it was not acknowledged."""
+
+    def __init__(self, txn_id: str) -> None:
+        self.txn_id = txn_id
+        super().__init__(f"transaction {txn_id} failed")
+
+
+class ErrorReply(BridgeKitError):
+    """Raised inside an appservice route: answer with this Matrix error body."""
+
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        self.status = status
+        self.errcode = errcode
+        self.message = message
+        super().__init__(f"{status} {errcode}: {message}")
+
+
+class UnexpectedReply(BridgeKitError):
+    """The homeserver answered 2xx, but not with what the endpoint promises.
+
+    ``body`` is the decoded reply (``None`` when it was not JSON).
+    """
+
+    def __init__(self, status: int, message: str, body: Any = None) -> None:
+        self.status = status
+        self.message = message
+        self.body = body
+        super().__init__(f"{status}: {message}")
+
+
+class WrongType(BridgeKitError, TypeError):
+    """A JSON value of the wrong type; the message names the expected and the found type."""
+
+    def __init__(self, expected: str, found: Any) -> None:
+        super().__init__(f"expected {expected}, got {json_type(found)}")
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of decoded ``value``, with its article, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+class YamlError(BridgeKitError):
+    """Text that is not one valid YAML document: the ``reason``, and where (1-based) if known."""
+
+    def __init__(self, reason: str, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.line = line
+        self.column = column
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.reason
+        column = "" if self.column is None else f", column {self.column}"
+        return f"line {self.line}{column}: {self.reason}"
+
+
+class SynapseError(BridgeKitError):
+    """The throw-away Synapse (demo, tests) could not be installed, configured or started."""
+
+
+# -- Matrix errors from the homeserver ------------------------------------------------
+
+_BY_ERRCODE: dict[str, type[MatrixRequestError]] = {}
+
+E = TypeVar("E", bound="type[MatrixRequestError]")
+
+
+def errcode(code: str) -> Callable[[E], E]:
+    """Class decorator: :meth:`MatrixRequestError.from_response` maps ``code`` to this class."""
+
+    def register(cls: E) -> E:
+        if code in _BY_ERRCODE:
+            raise ValueError(f"errcode {code} is already mapped to {_BY_ERRCODE[code].__name__}")
+        cls.errcode_handled = code
+        _BY_ERRCODE[code] = cls
+        return cls
+
+    return register
 
 
 class MatrixRequestError(BridgeKitError):
@@ -101,32 +276,29 @@ class MatrixRequestError(BridgeKitError):
     def from_response(status: int, body: Mapping[str, Any] | None) -> MatrixRequestError:
         """Build the most specific error for an HTTP error response."""
         body = body or {}
-        errcode = body.get("errcode")
-        errcode = errcode if isinstance(errcode, str) else None
+        code = body.get("errcode")
+        code = code if isinstance(code, str) else None
         message = body.get("error")
         message = message if isinstance(message, str) else ""
-        cls = _BY_ERRCODE.get(errcode or "", MatrixRequestError)
+        cls = _BY_ERRCODE.get(code or "", MatrixRequestError)
         if status == 429 and cls is MatrixRequestError:
             cls = LimitExceeded
-        return cls(status, errcode, message, body)
+        return cls(status, code, message, body)
 
 
+@errcode("M_USER_IN_USE")
 class UserInUse(MatrixRequestError):
     """``M_USER_IN_USE``: the user ID is already registered."""
 
-    errcode_handled = "M_USER_IN_USE"
 
-
+@errcode("M_EXCLUSIVE")
 class Exclusive(MatrixRequestError):
     """``M_EXCLUSIVE``: the ID is outside our namespace or reserved by another appservice."""
 
-    errcode_handled = "M_EXCLUSIVE"
 
-
+@errcode("M_LIMIT_EXCEEDED")
 class LimitExceeded(MatrixRequestError):
     """``M_LIMIT_EXCEEDED`` (429). ``retry_after`` is the delay asked for, in seconds."""
-
-    errcode_handled = "M_LIMIT_EXCEEDED"
 
     def __init__(
         self,
@@ -144,48 +316,31 @@ class LimitExceeded(MatrixRequestError):
         self.retry_after = retry_after
 
 
+@errcode("M_UNKNOWN_TOKEN")
 class UnknownToken(MatrixRequestError):
     """``M_UNKNOWN_TOKEN``: the homeserver does not know our as_token."""
 
-    errcode_handled = "M_UNKNOWN_TOKEN"
 
-
+@errcode("M_MISSING_TOKEN")
 class MissingToken(MatrixRequestError):
     """``M_MISSING_TOKEN``: no access token was sent."""
 
-    errcode_handled = "M_MISSING_TOKEN"
 
-
+@errcode("M_FORBIDDEN")
 class Forbidden(MatrixRequestError):
     """``M_FORBIDDEN``: the request is not allowed (e.g. masquerading outside the namespace)."""
 
-    errcode_handled = "M_FORBIDDEN"
 
-
+@errcode("M_RESOURCE_LIMIT_EXCEEDED")
 class ResourceLimitExceeded(MatrixRequestError):
     """``M_RESOURCE_LIMIT_EXCEEDED``: e.g. the homeserver's monthly-active-user limit."""
 
-    errcode_handled = "M_RESOURCE_LIMIT_EXCEEDED"
 
-
+@errcode("M_NOT_FOUND")
 class NotFound(MatrixRequestError):
     """``M_NOT_FOUND``."""
 
-    errcode_handled = "M_NOT_FOUND"
 
-
+@errcode("M_UNKNOWN_DEVICE")
 class UnknownDevice(MatrixRequestError):
     """``M_UNKNOWN_DEVICE``: an asserted ``device_id`` the homeserver does not know."""
-
-    errcode_handled = "M_UNKNOWN_DEVICE"
-
-
-def _errcode_table() -> dict[str, type[MatrixRequestError]]:
-    table: dict[str, type[MatrixRequestError]] = {}
-    for cls in MatrixRequestError.__subclasses__():
-        if cls.errcode_handled:
-            table[cls.errcode_handled] = cls
-    return table
-
-
-_BY_ERRCODE = _errcode_table()

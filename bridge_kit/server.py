@@ -2,49 +2,41 @@
 
 :func:`create_app` builds the application from plain callables (a transaction
 handler, query hooks, third-party hooks), so it can be served and tested on its
-own. Every reply is JSON, errors included; transaction dedup lives in the
-:class:`~bridge_kit.store.base.Store`, so it survives restarts.
-
-Serve it with :class:`RedactingAccessLogger` so the legacy ``access_token``
-query parameter never reaches the access log::
-
-    runner = web.AppRunner(app, access_log_class=RedactingAccessLogger)
+own. Every reply is JSON, errors included. Transactions go through a
+:class:`~bridge_kit.transactions.TransactionProcessor`, whose dedup lives in the
+store, so it survives restarts. :func:`serve_app` serves it without an access
+log, which would print the legacy ``access_token`` query parameter.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 
 import attrs
 import cattrs
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
-from bridge_kit.errors import ListenError
+from bridge_kit import defaults
+from bridge_kit.errors import ErrorReply, ListenError, TransactionFailed
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
+from bridge_kit.transactions import TransactionHandler, TransactionProcessor
 from bridge_kit.types import MatrixErrorBody, Transaction, describe_error, unstructure
 
 __all__ = [
     "PROCESSOR_KEY",
-    "MatrixHTTPError",
-    "RedactingAccessLogger",
     "ThirdPartyHandlers",
-    "TransactionFailed",
-    "TransactionProcessor",
     "create_app",
+    "serve_app",
 ]
 
-log = logging.getLogger("bridge_kit.server")
+log = logging.getLogger(__name__)
 
-TransactionHandler = Callable[[Transaction], Awaitable[None]]
 QueryHook = Callable[[str], Awaitable[bool]]
 JSONHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -72,152 +64,17 @@ class ThirdPartyHandlers:
     user_by_id: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None
 
 
-class MatrixHTTPError(Exception):
-    """Raised inside a route to answer with a Matrix error body."""
-
-    def __init__(self, status: int, errcode: str, message: str) -> None:
-        self.status = status
-        self.errcode = errcode
-        self.message = message
-        super().__init__(f"{status} {errcode}: {message}")
-
-    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
-        """The JSON error response."""
-        body = unstructure(MatrixErrorBody(errcode=self.errcode, error=self.message))
-        return web.json_response(body, status=self.status, headers=headers)
-
-
-class TransactionFailed(Exception):
-    """Processing a transaction failed; it was not marked done and must be retried."""
-
-    def __init__(self, txn_id: str) -> None:
-        self.txn_id = txn_id
-        super().__init__(f"transaction {txn_id} failed")
-
-
-class TransactionProcessor:
-    """Runs transactions through a handler exactly once, with dedup in the store.
-
-    A txnId already done is not processed again. A duplicate that arrives while
-    the first copy is in flight waits for it and shares its outcome. A
-    transaction is marked done only after its handler returned, so a failure
-    is retried by the homeserver and nothing is lost. Every ``prune_every``
-    successful transactions (and on the first one after start) the store's
-    dedup records are pruned to ``prune_keep``, in the background.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        handler: TransactionHandler,
-        *,
-        metrics: Metrics | None = None,
-        prune_every: int = 1000,
-        prune_keep: int = 10_000,
-    ) -> None:
-        if prune_every < 1 or prune_keep < 0:
-            raise ValueError("prune_every must be >= 1 and prune_keep >= 0")
-        self._store = store
-        self._handler = handler
-        self._metrics = metrics
-        self._prune_every = prune_every
-        self._prune_keep = prune_keep
-        self._in_flight: dict[str, asyncio.Future[bool]] = {}
-        self._waiting = 0
-        self._since_prune = prune_every - 1
-        self._prune_task: asyncio.Task[None] | None = None
-
-    @property
-    def in_flight(self) -> int:
-        """How many transactions are being processed right now."""
-        return len(self._in_flight)
-
-    @property
-    def waiting(self) -> int:
-        """How many duplicates are waiting for the first copy of their transaction."""
-        return self._waiting
-
-    async def process(self, txn_id: str, transaction: Transaction) -> bool:
-        """Process ``transaction`` unless ``txn_id`` is done; True if it was processed now.
-
-        Raises :class:`TransactionFailed` if the handler (or the dedup record) failed,
-        also for a duplicate that waited on a failing first copy.
-        """
-        pending = self._in_flight.get(txn_id)
-        if pending is not None:
-            self._waiting += 1
-            try:
-                # shield: a cancelled waiter must not cancel the outcome the others share.
-                succeeded = await asyncio.shield(pending)
-            finally:
-                self._waiting -= 1
-            if not succeeded:
-                raise TransactionFailed(txn_id)
-            self._count_duplicate()
-            return False
-        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._in_flight[txn_id] = outcome
-        succeeded = False
-        try:
-            if await self._store.is_transaction_done(txn_id):
-                succeeded = True
-                self._count_duplicate()
-                return False
-            await self._run(txn_id, transaction)
-            succeeded = True
-            return True
-        finally:
-            del self._in_flight[txn_id]
-            outcome.set_result(succeeded)
-
-    async def _run(self, txn_id: str, transaction: Transaction) -> None:
-        started = time.perf_counter()
-        try:
-            await self._handler(transaction)
-            await self._store.mark_transaction_done(txn_id)
-        except Exception as exc:
-            if self._metrics is not None:
-                self._metrics.count_handler_failure()
-            event_ids = [event.event_id for event in transaction.events]
-            log.exception(
-                "transaction %s failed (not acknowledged, the homeserver will retry); events: %s",
-                txn_id,
-                event_ids,
-            )
-            raise TransactionFailed(txn_id) from exc
-        if self._metrics is not None:
-            self._metrics.count_transaction(len(transaction.events), time.perf_counter() - started)
-        self._maybe_prune()
-
-    def _count_duplicate(self) -> None:
-        if self._metrics is not None:
-            self._metrics.count_duplicate()
-
-    def _maybe_prune(self) -> None:
-        self._since_prune += 1
-        if self._since_prune < self._prune_every:
-            return
-        if self._prune_task is not None and not self._prune_task.done():
-            return
-        self._since_prune = 0
-        self._prune_task = asyncio.create_task(self._prune())
-
-    async def _prune(self) -> None:
-        try:
-            removed = await self._store.prune_transactions(self._prune_keep)
-        except Exception:
-            log.exception("pruning transaction dedup records failed; will try again later")
-            return
-        log.debug("pruned %d transaction dedup records", removed)
-
-    async def wait_idle(self) -> None:
-        """Wait for a background prune, if one runs (for shutdown and tests)."""
-        if self._prune_task is not None:
-            await self._prune_task
+def _error_response(error: ErrorReply, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = unstructure(MatrixErrorBody(errcode=error.errcode, error=error.message))
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 async def serve_app(
-    app: web.Application, host: str, port: int, *, shutdown_timeout: float = 60.0
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT,
 ) -> web.AppRunner:
     """Serve ``app`` on ``host:port``; stop it with ``await runner.cleanup()``.
 
@@ -250,11 +107,11 @@ def create_app(
     on_user_query: QueryHook | None = None,
     on_alias_query: QueryHook | None = None,
     thirdparty: ThirdPartyHandlers | None = None,
-    max_body_bytes: int = 10 * 1024 * 1024,
+    max_body_bytes: int = defaults.MAX_BODY_BYTES,
     metrics: Metrics | None = None,
     health: Callable[[], dict[str, Any]] | None = None,
-    prune_keep: int = 10_000,
-    prune_every: int = 1000,
+    prune_keep: int = defaults.DEDUP_KEEP,
+    prune_every: int = defaults.DEDUP_PRUNE_EVERY,
 ) -> web.Application:
     """Build the appservice API application.
 
@@ -332,19 +189,19 @@ class _Routes:
         query_token = request.query.get("access_token")
         token = header_token if header_token is not None else query_token
         if not token:
-            raise MatrixHTTPError(401, "M_MISSING_TOKEN", "Missing access token")
+            raise ErrorReply(401, "M_MISSING_TOKEN", "Missing access token")
         if (
             header_token is not None
             and query_token is not None
             and not _same(header_token, query_token)
         ):
-            raise MatrixHTTPError(
+            raise ErrorReply(
                 403,
                 "M_FORBIDDEN",
                 "The Authorization header and the access_token parameter differ",
             )
         if not _same(token, self.hs_token):
-            raise MatrixHTTPError(403, "M_FORBIDDEN", "Invalid homeserver token")
+            raise ErrorReply(403, "M_FORBIDDEN", "Invalid homeserver token")
 
     # -- routes ----------------------------------------------------------------
 
@@ -354,7 +211,7 @@ class _Routes:
         try:
             await self.processor.process(txn_id, transaction)
         except TransactionFailed:
-            raise MatrixHTTPError(
+            raise ErrorReply(
                 500, "M_UNKNOWN", f"Processing transaction {txn_id} failed; retry it"
             ) from None
         return _ok()
@@ -362,13 +219,13 @@ class _Routes:
     async def user_query(self, request: web.Request) -> web.StreamResponse:
         user_id = request.match_info["userId"]
         if self.on_user_query is None or not await self.on_user_query(user_id):
-            raise MatrixHTTPError(404, "M_NOT_FOUND", f"User {user_id} does not exist")
+            raise ErrorReply(404, "M_NOT_FOUND", f"User {user_id} does not exist")
         return _ok()
 
     async def alias_query(self, request: web.Request) -> web.StreamResponse:
         alias = request.match_info["roomAlias"]
         if self.on_alias_query is None or not await self.on_alias_query(alias):
-            raise MatrixHTTPError(404, "M_NOT_FOUND", f"Room alias {alias} does not exist")
+            raise ErrorReply(404, "M_NOT_FOUND", f"Room alias {alias} does not exist")
         return _ok()
 
     async def protocol(self, request: web.Request) -> web.StreamResponse:
@@ -376,7 +233,7 @@ class _Routes:
         hook = self.thirdparty.protocol or _no_thirdparty("protocol")
         metadata = await hook(protocol)
         if metadata is None:
-            raise MatrixHTTPError(404, "M_NOT_FOUND", f"Unknown protocol {protocol}")
+            raise ErrorReply(404, "M_NOT_FOUND", f"Unknown protocol {protocol}")
         return _json(_hook_result(metadata, dict, "protocol"))
 
     async def location(self, request: web.Request) -> web.StreamResponse:
@@ -416,7 +273,7 @@ def _bearer_token(request: web.Request) -> str | None:
         return None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise MatrixHTTPError(
+        raise ErrorReply(
             401, "M_MISSING_TOKEN", "The Authorization header must be 'Bearer <token>'"
         )
     return token.strip()
@@ -442,13 +299,13 @@ async def _read_json(request: web.Request, max_bytes: int) -> Any:
         # What json.loads(body, parse_constant=...) does, without a new decoder per request.
         return _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except ValueError as exc:
-        raise MatrixHTTPError(400, "M_NOT_JSON", f"Body is not valid JSON: {exc}") from None
+        raise ErrorReply(400, "M_NOT_JSON", f"Body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise MatrixHTTPError(400, "M_NOT_JSON", "Body is nested too deeply") from None
+        raise ErrorReply(400, "M_NOT_JSON", "Body is nested too deeply") from None
 
 
-def _too_large(max_bytes: int) -> MatrixHTTPError:
-    return MatrixHTTPError(413, "M_TOO_LARGE", f"Body is larger than {max_bytes} bytes")
+def _too_large(max_bytes: int) -> ErrorReply:
+    return ErrorReply(413, "M_TOO_LARGE", f"Body is larger than {max_bytes} bytes")
 
 
 def _parse_transaction(body: Any) -> Transaction:
@@ -464,8 +321,8 @@ def _parse_transaction(body: Any) -> Transaction:
         raise _bad_json(f"Invalid transaction: {describe_error(exc)}") from None
 
 
-def _bad_json(message: str) -> MatrixHTTPError:
-    return MatrixHTTPError(400, "M_BAD_JSON", message)
+def _bad_json(message: str) -> ErrorReply:
+    return ErrorReply(400, "M_BAD_JSON", message)
 
 
 def _json_type(value: Any) -> str:
@@ -482,12 +339,12 @@ def _fields(request: web.Request) -> dict[str, str]:
 def _required_param(request: web.Request, name: str) -> str:
     value = request.query.get(name)
     if not value:
-        raise MatrixHTTPError(400, "M_MISSING_PARAM", f"Missing query parameter '{name}'")
+        raise ErrorReply(400, "M_MISSING_PARAM", f"Missing query parameter '{name}'")
     return value
 
 
 def _no_thirdparty(kind: str) -> NoReturn:
-    raise MatrixHTTPError(404, "M_NOT_FOUND", f"This bridge does not provide third-party {kind}s")
+    raise ErrorReply(404, "M_NOT_FOUND", f"This bridge does not provide third-party {kind}s")
 
 
 def _hook_result(value: Any, expected: type, hook: str) -> Any:
@@ -522,20 +379,20 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     """Turn every error into a Matrix JSON error body; never leak a traceback."""
     try:
         return await handler(request)
-    except MatrixHTTPError as exc:
-        return exc.response()
+    except ErrorReply as exc:
+        return _error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        return _too_large(request.client_max_size).response()
+        return _error_response(_too_large(request.client_max_size))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         errcode, message = _HTTP_ERRCODES.get(exc.status, ("M_UNKNOWN", exc.reason))
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return MatrixHTTPError(exc.status, errcode, message).response(allow)
+        return _error_response(ErrorReply(exc.status, errcode, message), allow)
     except Exception:
         # request.path, not the URL: the query may carry the legacy access_token.
         log.exception("unexpected error answering %s %s", request.method, request.path)
-        return MatrixHTTPError(500, "M_UNKNOWN", "Internal server error").response()
+        return _error_response(ErrorReply(500, "M_UNKNOWN", "Internal server error"))
 
 
 def _health_route(health: Callable[[], dict[str, Any]] | None) -> JSONHandler:
@@ -556,18 +413,3 @@ def _metrics_route(metrics: Metrics) -> JSONHandler:
         return response
 
     return route
-
-
-class RedactingAccessLogger(AbstractAccessLogger):
-    """An access logger that never writes the query string (it may hold ``access_token``)."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            '%s "%s %s" %d %d %.1fms',
-            request.remote,
-            request.method,
-            request.path,
-            response.status,
-            response.body_length,
-            time * 1000,
-        )

@@ -10,11 +10,18 @@ and run it again, and it resumes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge_kit import BulkProgress, HomeserverClient, PuppetRegistrar, Registration, open_store
+from bridge_kit import (
+    BulkProgress,
+    HomeserverClient,
+    PuppetRegistrar,
+    Registration,
+    StopSignals,
+    open_store,
+    run_app,
+)
 
 
 def localparts(path: Path, prefix: str) -> Iterator[str]:
@@ -29,7 +36,7 @@ def show(progress: BulkProgress) -> None:
     print(f"\r{progress.done:,} done, {progress.rate:,.0f}/s", end="", flush=True)
 
 
-async def main(args: argparse.Namespace) -> int:
+async def main(args: argparse.Namespace, stop: StopSignals) -> int:
     registration = Registration.load(args.registration)
     async with (
         HomeserverClient(args.homeserver, registration.as_token) as client,
@@ -37,6 +44,7 @@ async def main(args: argparse.Namespace) -> int:
     ):
         domain = (await client.whoami()).user_id.split(":", 1)[1]
         registrar = PuppetRegistrar(client, store, registration, domain)
+        stop.on_stop(registrar.cancel)  # Ctrl-C: finish what is in flight, save, return
         result = await registrar.register_many(
             localparts(args.names, args.prefix), concurrency=16, progress=show
         )
@@ -52,4 +60,5 @@ if __name__ == "__main__":
     parser.add_argument("--store", default="sqlite:///bridge_kit.db")
     parser.add_argument("--prefix", default="_bridge_", help="the puppet localpart prefix")
     parser.add_argument("names", type=Path)
-    raise SystemExit(asyncio.run(main(parser.parse_args())))
+    arguments = parser.parse_args()
+    raise SystemExit(run_app(lambda stop: main(arguments, stop)))

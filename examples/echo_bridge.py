@@ -13,16 +13,13 @@ bridge registers the puppet, the puppet joins, and it echoes what is said.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from bridge_kit import AppService, BridgeKitError, Config, Event
-from bridge_kit.commands.run import serve
-from bridge_kit.logs import configure_logging
+from bridge_kit import AppService, BridgeKitError, Config, Event, configure_logging, run_app
 
 
 def build(config: Config) -> AppService:
-    app = AppService.from_config(config)
+    app = AppService(config)
     # room -> the puppet that echoes there; a real bridge keeps this mapping in its database.
     echoers: dict[str, str] = {}
 
@@ -55,7 +52,7 @@ def main() -> int:
     try:
         config = Config.load(parser.parse_args().config)
         configure_logging(config.logging.level, config.logging.format)
-        return asyncio.run(serve(build(config)))
+        return run_app(build(config))
     except BridgeKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

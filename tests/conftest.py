@@ -23,6 +23,21 @@ IN_CI = os.environ.get("CI") == "true"
 SERVER_NAME = "test.local"
 
 
+_SYNAPSE_FIXTURES = frozenset({"synapse", "synapse_factory", "homeserver"})
+_SYNAPSE_MODULES = frozenset({"test_appservice_e2e", "test_cli_online", "test_examples"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts Synapse or PostgreSQL, so ``-m "not synapse"`` is quick."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if fixtures & _SYNAPSE_FIXTURES or module in _SYNAPSE_MODULES:
+            item.add_marker(pytest.mark.synapse)
+        if "postgres_dsn" in fixtures:
+            item.add_marker(pytest.mark.postgres)
+
+
 def missing_service(reason: str) -> None:
     """Fail under CI (the service is part of the contract there), skip locally."""
     if IN_CI:

@@ -12,21 +12,30 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 import yaml
+import yarl
 
-import bridge_kit.appservice as appservice_module
 from bridge_kit import (
     AppService,
+    AppServiceConfig,
+    AppState,
+    ClientClosed,
+    ClientState,
+    Config,
     Event,
     HomeserverClient,
+    HomeserverConfig,
     Intent,
     InvalidLocalpart,
+    LifecycleError,
+    ListenError,
     NotInNamespace,
-    Registration,
     StoreError,
+    defaults,
 )
 from tests.conftest import TestHomeserver, _running_homeserver
 
@@ -43,11 +52,27 @@ async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 def make_app(hs: TestHomeserver, db: Path) -> AppService:
     return AppService(
-        Registration.load(hs.registration_path),
-        homeserver_url=hs.url,
-        store=f"sqlite:///{db}",
-        port=hs.appservice_port,
+        Config(
+            homeserver=HomeserverConfig(url=hs.url),
+            appservice=AppServiceConfig(
+                registration=str(hs.registration_path),
+                store=f"sqlite:///{db}",
+                port=hs.appservice_port,
+            ),
+        )
     )
+
+
+async def user_query(app: AppService, user_id: str) -> bool:
+    """Ask the app's own ``GET /users/{userId}`` route, as the homeserver does."""
+    port = app.config.appservice.port
+    url = f"http://127.0.0.1:{port}/_matrix/app/v1/users/{quote(user_id, safe='')}"
+    auth = {"Authorization": f"Bearer {app.registration.hs_token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(yarl.URL(url, encoded=True), headers=auth) as response,
+    ):
+        return response.status == 200
 
 
 async def user(hs: TestHomeserver, name: str) -> tuple[HomeserverClient, Intent]:
@@ -158,10 +183,10 @@ async def test_user_query_outside_namespace_is_refused(
 ) -> None:
     app = make_app(homeserver, tmp_path / "bk.db")
     async with app:
-        assert not await app._answer_user_query(f"@someone{unique}:test.local")
-        assert not await app._answer_user_query(f"@_bk_UPPER{unique}:test.local")
-        assert not await app._answer_user_query(f"@_bk_x{unique}:elsewhere.org")
-        assert await app._answer_user_query(f"@_bk_ok{unique}:test.local")
+        assert not await user_query(app, f"@someone{unique}:test.local")
+        assert not await user_query(app, f"@_bk_UPPER{unique}:test.local")
+        assert not await user_query(app, f"@_bk_x{unique}:elsewhere.org")
+        assert await user_query(app, f"@_bk_ok{unique}:test.local")
     assert await homeserver.user_exists(f"@_bk_ok{unique}:test.local")
     assert not await homeserver.user_exists(f"@someone{unique}:test.local")
 
@@ -244,7 +269,7 @@ async def test_daemon_refuses_a_registration_the_homeserver_did_not_load(
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(daemon.communicate(), TIMEOUT)
-    assert daemon.returncode == 1
+    assert daemon.returncode == 2
     assert "app_service_config_files" in stderr.decode()
     assert "Traceback" not in stderr.decode()
 
@@ -296,7 +321,7 @@ async def wait_for_message(
 async def test_intents_are_cached_within_a_bound_and_checked_at_once(
     homeserver: TestHomeserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(appservice_module, "INTENT_CACHE_SIZE", 3)
+    monkeypatch.setattr(defaults, "INTENT_CACHE_SIZE", 3)
     app = make_app(homeserver, tmp_path / "bk.db")
     async with app:
         first = app.intent("_bk_cache_a")
@@ -325,7 +350,7 @@ async def test_daemon_on_a_taken_port_says_so_without_a_traceback(
             cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, stderr = await asyncio.wait_for(daemon.communicate(), TIMEOUT)
-    assert daemon.returncode == 1
+    assert daemon.returncode == 2
     assert f"cannot listen on 127.0.0.1:{homeserver.appservice_port}" in stderr.decode()
     assert "Traceback" not in stderr.decode()
 
@@ -357,4 +382,61 @@ async def test_a_user_query_that_cannot_be_provisioned_is_answered_no(
             raise StoreError("the database went away")
 
         monkeypatch.setattr(app.puppets, "ensure_registered", store_down)
-        assert not await app._answer_user_query("@_bk_nostore:test.local")
+        assert not await user_query(app, "@_bk_nostore:test.local")
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+async def test_a_second_start_is_refused_and_leaves_the_running_app_alone(
+    homeserver: TestHomeserver, tmp_path: Path
+) -> None:
+    app = make_app(homeserver, tmp_path / "bk.db")
+    async with app:
+        with pytest.raises(LifecycleError, match="cannot start an AppService that is running"):
+            await app.start()
+        assert app.state is AppState.RUNNING
+        assert app.client.state is ClientState.OPENED
+        assert await app.store.count_registered() >= 0  # still open
+        assert await user_query(app, "@_bk_still_served:test.local")
+    assert app.state is AppState.STOPPED
+    with pytest.raises(LifecycleError, match="stopped"):
+        await app.start()
+
+
+async def test_stop_runs_every_step_even_when_one_fails(
+    homeserver: TestHomeserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(homeserver, tmp_path / "bk.db")
+    await app.start()
+    real_close = app.store.close
+
+    async def failing_close() -> None:
+        await real_close()
+        raise StoreError("flush failed")
+
+    monkeypatch.setattr(app.store, "close", failing_close)
+    with pytest.raises(StoreError, match="flush failed"):
+        await app.stop()
+    assert app.state is AppState.STOPPED
+    assert app.client.state is ClientState.CLOSED  # closed after the failing step
+    with pytest.raises(ClientClosed):
+        await app.client.whoami()
+    with socket.socket() as probe:  # the listener was stopped before the store
+        assert probe.connect_ex(("127.0.0.1", app.config.appservice.port)) != 0
+
+
+async def test_a_failed_start_closes_what_it_opened(
+    homeserver: TestHomeserver, tmp_path: Path
+) -> None:
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", homeserver.appservice_port))
+        squatter.listen()
+        app = make_app(homeserver, tmp_path / "bk.db")
+        with pytest.raises(ListenError):
+            await app.start()
+    assert app.state is AppState.STOPPED
+    assert app.client.state is ClientState.CLOSED
+    with pytest.raises(StoreError, match="not open"):
+        await app.store.count_registered()

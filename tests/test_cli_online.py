@@ -45,7 +45,7 @@ async def test_check_diagnoses_a_registration_not_loaded(
     code, _out, err = await bridge_kit(
         "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
     )
-    assert code == 1
+    assert code == 2
     assert "app_service_config_files" in err
     assert "Traceback" not in err
 
@@ -57,7 +57,7 @@ async def test_check_diagnoses_an_hs_token_mismatch(
     code, _out, err = await bridge_kit(
         "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
     )
-    assert code == 1
+    assert code == 2
     assert "hs_token" in err and "(403)" in err, err
 
 
@@ -71,7 +71,7 @@ async def test_check_diagnoses_an_unreachable_homeserver(tmp_path: Path) -> None
     code, out, err = await bridge_kit(
         "check", "-r", str(path), "--homeserver", "http://127.0.0.1:9", cwd=tmp_path
     )
-    assert code == 1
+    assert code == 2
     assert "cannot reach the homeserver at http://127.0.0.1:9" in err
     assert "Traceback" not in err
 

@@ -70,7 +70,7 @@ def test_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     before = path.read_text()
 
     refused = bridge_kit(*GENERATE, cwd=tmp_path)
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert "already exists" in refused.stderr
     assert "--force" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
@@ -115,7 +115,7 @@ def test_keep_tokens_refuses_a_different_id(tmp_path: Path) -> None:
     before = (tmp_path / "registration.yaml").read_text()
     args = [a if a != "bk" else "other" for a in GENERATE]
     result = bridge_kit(*args, "--keep-tokens", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "differs" in result.stderr
     assert_no_traceback(result)
     assert (tmp_path / "registration.yaml").read_text() == before
@@ -123,7 +123,7 @@ def test_keep_tokens_refuses_a_different_id(tmp_path: Path) -> None:
 
 def test_keep_tokens_without_an_existing_file_fails_cleanly(tmp_path: Path) -> None:
     result = bridge_kit(*GENERATE, "--keep-tokens", "-o", "absent.yaml", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "absent.yaml" in result.stderr
     assert "no such file" in result.stderr
     assert_no_traceback(result)
@@ -161,7 +161,7 @@ def test_generate_bad_arguments_exit_1_with_a_message(
         else:
             argv += [flag, value]
     result = bridge_kit(*argv, cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert words in result.stderr
     assert_no_traceback(result)
     assert not (tmp_path / "registration.yaml").exists()
@@ -170,7 +170,7 @@ def test_generate_bad_arguments_exit_1_with_a_message(
 def test_generate_without_id_is_refused(tmp_path: Path) -> None:
     argv = [a for a in GENERATE if a not in ("--id", "bk")]
     result = bridge_kit(*argv, cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "--id" in result.stderr
     assert_no_traceback(result)
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge_kit.client import ClientObserver, HomeserverClient, RetryPolicy, WhoAmI
+from bridge_kit.client import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
 from bridge_kit.errors import (
+    ClientClosed,
     ConfigError,
     Exclusive,
     Forbidden,
@@ -583,14 +584,18 @@ def test_a_malformed_homeserver_url_is_refused(url: str) -> None:
         HomeserverClient(url, TOKEN)
 
 
-async def test_the_client_can_be_used_again_after_close(hs: FaultHomeserver) -> None:
+async def test_a_closed_client_refuses_requests(hs: FaultHomeserver) -> None:
     client = HomeserverClient(hs.url + "/", TOKEN)
+    assert client.state is ClientState.UNOPENED
     await client.whoami()
+    assert client.state is ClientState.OPENED
     await client.close()
-    await client.whoami()
-    await client.close()
+    assert client.state is ClientState.CLOSED
+    with pytest.raises(ClientClosed, match="is closed"):
+        await client.whoami()
+    await client.close()  # closing twice is fine
 
-    assert client.request_count == hs.total_requests == 2
+    assert client.request_count == hs.total_requests == 1
 
 
 # -- real Synapse -------------------------------------------------------------------

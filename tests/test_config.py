@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge_kit import defaults
 from bridge_kit.config import (
     AppServiceConfig,
     Config,
@@ -14,7 +15,9 @@ from bridge_kit.config import (
     LoggingConfig,
     PuppetsConfig,
 )
-from bridge_kit.errors import ConfigError
+from bridge_kit.errors import ConfigError, StoreError
+from bridge_kit.ids import server_name_problem
+from bridge_kit.store import parse_store_url
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.yaml.example"
 
@@ -395,3 +398,27 @@ def test_direct_construction_defaults() -> None:
     assert config.registration_path == Path("/etc/bk/registration.yaml")
     assert config.preregister_path is None
     assert config.appservice.store == "sqlite:///bridge_kit.db"
+
+
+def test_sqlite_memory_is_refused_with_the_way_that_works(config_dir: Path) -> None:
+    message = load_error(config_dir, MINIMAL + "  store: 'sqlite:///:memory:'\n")
+    assert "appservice.store names SQLite's :memory:" in message
+    assert "use memory:// instead" in message
+    with pytest.raises(StoreError, match="use memory:// instead"):
+        parse_store_url("sqlite:///:memory:")
+    assert not (config_dir / ":memory:").exists()
+
+
+def test_the_domain_follows_the_user_id_grammar(config_dir: Path) -> None:
+    message = load_error(config_dir, MINIMAL.replace("  url:", "  domain: my_server\n  url:"))
+    assert "homeserver.domain must be a server name" in message
+    assert server_name_problem("my_server") is not None  # the same grammar as ids.py
+
+
+def test_every_default_comes_from_the_defaults_module(config_dir: Path) -> None:
+    config = Config.loads(MINIMAL, config_dir, {})
+    assert config.appservice.port == defaults.PORT
+    assert config.appservice.host == defaults.HOST
+    assert config.appservice.max_body_bytes == defaults.MAX_BODY_BYTES
+    assert config.puppets.concurrency == defaults.CONCURRENCY
+    assert config.appservice.store == parse_store_url(defaults.STORE_URL, config_dir).url

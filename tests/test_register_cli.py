@@ -341,3 +341,55 @@ async def test_sigterm_finishes_in_flight_saves_and_summarises(
     expected = {f"@{lp}:{SERVER}" for lp in slow_hs.registered}
     assert await store_contents(store_path, all_ids) == expected
     assert len(expected) == report["registered"]
+
+
+async def test_with_a_config_the_store_is_the_daemons_whatever_the_cwd(
+    tmp_path: Path, fault_registration_path: Path
+) -> None:
+    bridge_dir = tmp_path / "bridge"
+    bridge_dir.mkdir()
+    fault_registration_path.rename(bridge_dir / "registration.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    async with FaultHomeserver(as_token=TOKEN) as hs:
+        config = bridge_dir / "config.yaml"
+        config.write_text(
+            f"homeserver: {{url: '{hs.url}'}}\n"
+            "appservice: {registration: registration.yaml, store: 'sqlite:///bk.db'}\n"
+            "puppets: {concurrency: 4}\n"
+        )
+        first = await cli("-c", str(config), "_bk_a", "_bk_b", "--no-progress", cwd=elsewhere)
+        again = await cli("-c", str(config), "_bk_a", "_bk_b", "--no-progress", cwd=tmp_path)
+
+    assert first.status == 0, first
+    assert again.status == 0, again
+    assert hs.registered == {"_bk_a", "_bk_b"}
+    user_ids = {hs.user_id("_bk_a"), hs.user_id("_bk_b")}
+    assert await store_contents(bridge_dir / "bk.db", sorted(user_ids)) == user_ids
+    assert not (elsewhere / "bk.db").exists()
+    assert sum(hs.requests_by_username.values()) == 2, "the rerun must find both in the store"
+
+
+async def test_flags_override_the_config(tmp_path: Path, fault_registration_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "homeserver: {url: 'http://127.0.0.1:9'}\n"
+        "appservice: {registration: registration.yaml, store: 'sqlite:///from-config.db'}\n"
+    )
+    async with FaultHomeserver(as_token=TOKEN) as hs:
+        done = await cli(
+            "-c", str(config), "--homeserver", hs.url, "--store", "sqlite:///flag.db",
+            "_bk_flag", "--no-progress", cwd=tmp_path,
+        )  # fmt: skip
+
+    assert done.status == 0, done
+    assert hs.registered == {"_bk_flag"}
+    assert (tmp_path / "flag.db").exists()
+    assert not (tmp_path / "from-config.db").exists()
+
+
+async def test_without_a_homeserver_it_says_how_to_give_one(tmp_path: Path) -> None:
+    done = await cli("_bk_a", cwd=tmp_path)
+    assert done.status == 2
+    assert "no homeserver: give --homeserver URL, or -c config.yaml" in done.stderr
+    assert_no_traceback(done)

@@ -15,7 +15,7 @@ import pytest
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store import MemoryStore, PostgresStore, SQLiteStore, Store, open_store
-from bridge_kit.store.postgres import redact_dsn
+from bridge_kit.store.url import redact_store_url as redact_dsn
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
@@ -130,9 +130,9 @@ def test_open_store_picks_the_backend_by_url() -> None:
     ("bad_url", "reason"),
     [
         ("mysql://u@h/db", "unknown scheme 'mysql'"),
-        ("bridge_kit.db", "it has no scheme"),
+        ("bridge_kit.db", "has no scheme"),
         ("sqlite://bk.db", "three slashes"),
-        ("sqlite:///", "the SQLite path is empty"),
+        ("sqlite:///", "has an empty SQLite path"),
         ("memory://somewhere", "memory:// takes no path"),
     ],
 )

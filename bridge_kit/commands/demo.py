@@ -18,10 +18,12 @@ from pathlib import Path
 from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
 from bridge_kit.appservice import AppService
 from bridge_kit.client import HomeserverClient
+from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.errors import BridgeKitError
 from bridge_kit.intent import Intent
 from bridge_kit.progress import ProgressReporter
 from bridge_kit.registration import generate_registration
+from bridge_kit.runner import ExitCode
 from bridge_kit.types import Event
 
 SERVER_NAME = "demo.local"
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(Demo(workdir, args.puppets, progress=not args.no_progress).run())
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up")
-        return 130
+        return ExitCode.SIGINT
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -117,14 +119,15 @@ class Demo:
     async def _appservice(
         self, synapse: SynapseServer, registration_path: Path
     ) -> AsyncIterator[AppService]:
-        from bridge_kit.registration import Registration
-
-        app = AppService(
-            Registration.load(registration_path),
-            homeserver_url=synapse.url,
-            store=f"sqlite:///{self.workdir / 'bridge_kit.db'}",
-            port=self.port,
+        config = Config(
+            homeserver=HomeserverConfig(url=synapse.url),
+            appservice=AppServiceConfig(
+                registration=str(registration_path),
+                store=f"sqlite:///{self.workdir / 'bridge_kit.db'}",
+                port=self.port,
+            ),
         )
+        app = AppService(config)
         app.on_event("m.room.member")(self._on_member)
         app.on_event("m.room.message")(self._on_message)
         with self.step("start the appservice; whoami and the homeserver's ping succeed"):

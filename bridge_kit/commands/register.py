@@ -1,15 +1,19 @@
 """``bridge-kit register``: register puppets in bulk, resumably.
 
-Exit status: 0 when every localpart is registered (or already was); 1 when
-some were invalid or refused, or the run was aborted; 2 for a usage or
-set-up error (bad registration file, store, homeserver); 128 + the signal
-number (130, 143) when SIGINT or SIGTERM cancelled the run.
+Exit status (:class:`~bridge_kit.runner.ExitCode`): 0 when every localpart is
+registered (or already was); 1 when some were invalid or refused, or the run
+was aborted; 2 for a usage or set-up error (bad registration file, config,
+store, homeserver); 128 + the signal number (130, 143) when SIGINT or SIGTERM
+cancelled the run.
+
+With ``-c config.yaml`` the homeserver, registration, store and concurrency
+come from the daemon's config (a relative store path is relative to the
+config file, as for the daemon); flags override them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import itertools
 import json
@@ -19,19 +23,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from bridge_kit import defaults
 from bridge_kit.client import HomeserverClient
+from bridge_kit.config import Config
 from bridge_kit.diagnose import homeserver_domain
-from bridge_kit.errors import BridgeKitError
+from bridge_kit.errors import UsageError
 from bridge_kit.progress import ProgressReporter
 from bridge_kit.puppets import BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.registration import Registration
 from bridge_kit.registration.files import os_reason, write_private
-from bridge_kit.store import open_store
-from bridge_kit.store.postgres import redact_dsn
+from bridge_kit.runner import ExitCode, StopSignals, run_app
+from bridge_kit.store import open_store, parse_store_url, redact_store_url
 
-DEFAULT_STORE = "sqlite:///bridge_kit.db"
-DEFAULT_CONCURRENCY = 16
-MAX_CONCURRENCY = 1024
 #: Invalid localparts and failures listed on the terminal; --report has them all.
 LISTED = 50
 
@@ -42,16 +45,14 @@ grammar, 255-byte user IDs, the registration's user namespaces); invalid ones
 are listed and never sent. Puppets the store knows are skipped without a
 request, so running the same command again resumes an interrupted run.
 
-The store defaults to {DEFAULT_STORE}, i.e. the file bridge_kit.db in the
-current directory; use the same --store as the daemon's config.
+With -c CONFIG the homeserver, registration, store and concurrency come from
+the daemon's config file (flags override them), so both use the same store.
+Without it the store defaults to {defaults.STORE_URL}, i.e. the file
+bridge_kit.db in the current directory.
 
 Exit status: 0 if nothing failed or was invalid; 1 otherwise (or aborted);
 2 for a usage or set-up error; 130/143 when cancelled by SIGINT/SIGTERM.
 """
-
-
-class UsageError(BridgeKitError):
-    """The command line is wrong; the message says how."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,14 +70,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``register``, on any parser."""
     parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="take the homeserver, registration, store and concurrency from the daemon config",
+    )
+    parser.add_argument(
         "-r",
         "--registration",
-        default="registration.yaml",
-        help="the appservice registration file (default: registration.yaml)",
+        help=f"the appservice registration file (default: {defaults.REGISTRATION_FILE})",
     )
     parser.add_argument(
         "--homeserver",
-        required=True,
         help="the homeserver's client-server URL, e.g. http://localhost:8008",
     )
     parser.add_argument("localparts", nargs="*", metavar="LOCALPART", help="puppets to register")
@@ -88,13 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=DEFAULT_CONCURRENCY,
         metavar="N",
-        help=f"register requests in flight at most (default {DEFAULT_CONCURRENCY}; 429s lower it)",
+        help=f"register requests in flight at most (default {defaults.CONCURRENCY}; 429s lower it)",
     )
-    parser.add_argument(
-        "--store", default=DEFAULT_STORE, metavar="URL", help=f"the store (default {DEFAULT_STORE})"
-    )
+    parser.add_argument("--store", metavar="URL", help=f"the store (default {defaults.STORE_URL})")
     parser.add_argument(
         "--dry-run", action="store_true", help="check and look up everything, send nothing"
     )
@@ -107,24 +109,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``bridge-kit register``; returns the exit status."""
-    try:
-        _check_arguments(args)
-        return asyncio.run(_register(args))
-    except BridgeKitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    _apply_config(args)
+    _check_arguments(args)
+    return run_app(lambda stop: _register(args, stop))
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill what the flags left unset from ``--config``, else from the defaults."""
+    if args.config is None:
+        args.registration = args.registration or defaults.REGISTRATION_FILE
+        args.store = parse_store_url(args.store or defaults.STORE_URL).url
+        if args.concurrency is None:
+            args.concurrency = defaults.CONCURRENCY
+        return
+    config = Config.load(args.config)
+    args.registration = args.registration or str(config.registration_path)
+    args.homeserver = args.homeserver or config.homeserver.url
+    args.store = parse_store_url(args.store).url if args.store else config.appservice.store
+    if args.concurrency is None:
+        args.concurrency = config.puppets.concurrency
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
+    if not args.homeserver:
+        raise UsageError("no homeserver: give --homeserver URL, or -c config.yaml")
     if not args.localparts and not args.from_file:
         raise UsageError(
             "nothing to register: give localparts as arguments or --from-file FILE ('-' for stdin)"
         )
-    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
-        raise UsageError(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if not 1 <= args.concurrency <= defaults.MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be between 1 and {defaults.MAX_CONCURRENCY}")
     if args.from_file and args.from_file != "-" and not Path(args.from_file).is_file():
         problem = "is a directory" if Path(args.from_file).is_dir() else "no such file"
         raise UsageError(f"--from-file {args.from_file}: {problem}")
@@ -132,7 +146,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--report {args.report}: its directory does not exist")
 
 
-async def _register(args: argparse.Namespace) -> int:
+async def _register(args: argparse.Namespace, stop: StopSignals) -> int:
     registration = Registration.load(args.registration)
     # Counting reads the whole file once, so a bad file fails before anything is sent.
     total = _count(args)
@@ -144,7 +158,8 @@ async def _register(args: argparse.Namespace) -> int:
         domain = await homeserver_domain(client, registration)
         registrar = PuppetRegistrar(client, store, registration, domain)
         reporter = ProgressReporter(total=total, enabled=not args.no_progress)
-        with _cancel_on_signals(registrar) as received, _localparts(args) as localparts:
+        stop.on_stop(lambda: _cancel(registrar, stop.received))
+        with _localparts(args) as localparts:
             result = await registrar.register_many(
                 localparts,
                 concurrency=args.concurrency,
@@ -155,9 +170,19 @@ async def _register(args: argparse.Namespace) -> int:
     _list_problems(result, sys.stdout)
     if args.report:
         _write_report(Path(args.report), _report(args, registration, result))
-    if result.cancelled and received:
-        return 128 + received[0]
-    return 0 if result.ok else 1
+    if result.cancelled and stop.received is not None:
+        return 128 + stop.received
+    return ExitCode.OK if result.ok else ExitCode.FAILED
+
+
+def _cancel(registrar: PuppetRegistrar, signum: int | None) -> None:
+    name = signal.Signals(signum).name if signum else "stop"
+    print(
+        f"\n{name}: finishing the requests in flight and saving progress "
+        "(signal again to quit at once)",
+        file=sys.stderr,
+    )
+    registrar.cancel()
 
 
 @contextlib.contextmanager
@@ -196,33 +221,6 @@ def _count(args: argparse.Namespace) -> int | None:
     return count
 
 
-@contextlib.contextmanager
-def _cancel_on_signals(registrar: PuppetRegistrar) -> Iterator[list[int]]:
-    """SIGINT/SIGTERM cancel the run gracefully; a second one ends the process at once."""
-    loop = asyncio.get_running_loop()
-    received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        print(
-            f"\n{signal.Signals(signum).name}: finishing the requests in flight and saving "
-            "progress (signal again to quit at once)",
-            file=sys.stderr,
-        )
-        for each in signals:
-            loop.remove_signal_handler(each)
-        registrar.cancel()
-
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        yield received
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-
-
 def _list_problems(result: BulkResult, out: TextIO) -> None:
     for title, problems in (
         ("invalid localparts (never sent)", result.invalid_reasons),
@@ -243,7 +241,7 @@ def _report(
     return {
         "registration": registration.id,
         "homeserver": args.homeserver,
-        "store": redact_dsn(args.store),
+        "store": redact_store_url(args.store),
         **result.to_json(),
     }
 
@@ -258,19 +256,3 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
         write_private(path, text, replace=True)
     except OSError as error:
         raise UsageError(f"--report {path}: {os_reason(error)}") from error
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bridge_kit.commands.register``: the command on its own."""
-    parser = argparse.ArgumentParser(
-        prog="bridge-kit register",
-        description="Register many puppets on the homeserver, streaming, resumably.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

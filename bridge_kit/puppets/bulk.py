@@ -20,7 +20,7 @@ from itertools import islice
 from typing import Final
 
 from bridge_kit.client import REGISTER_ENDPOINT, ClientObserver, HomeserverClient
-from bridge_kit.errors import HomeserverUnreachable, MatrixRequestError, UserInUse
+from bridge_kit.errors import HomeserverUnreachable, MatrixRequestError, UnexpectedReply, UserInUse
 from bridge_kit.ids import localpart_problem
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.results import (
@@ -235,7 +235,7 @@ class BulkRun:
                     await register(RegisterRequest.for_puppet(localpart))
                 except UserInUse:
                     result.already_existed += 1
-                except MatrixRequestError as error:
+                except (MatrixRequestError, UnexpectedReply) as error:
                     self._refused(localpart, error)
                     continue
                 except HomeserverUnreachable as error:
@@ -248,7 +248,7 @@ class BulkRun:
             finally:
                 limiter.release(success=success)
 
-    def _refused(self, localpart: str, error: MatrixRequestError) -> None:
+    def _refused(self, localpart: str, error: MatrixRequestError | UnexpectedReply) -> None:
         diagnosis = diagnose_abort(error)
         if diagnosis is not None:
             self.stop(aborted=diagnosis)

@@ -21,6 +21,7 @@ from bridge_kit.errors import (
     LimitExceeded,
     MatrixRequestError,
     ResourceLimitExceeded,
+    UnexpectedReply,
     UnknownToken,
 )
 from bridge_kit.types.converter import converter
@@ -177,8 +178,10 @@ def diagnose_abort(error: BaseException) -> str | None:
     return None
 
 
-def describe_failure(error: MatrixRequestError) -> str:
+def describe_failure(error: MatrixRequestError | UnexpectedReply) -> str:
     """Why the homeserver refused one puppet, for :attr:`BulkResult.failures`."""
+    if isinstance(error, UnexpectedReply):
+        return f"{error} (a success status, but not a register reply)"
     detail = f"{error.status} {error.errcode or 'no errcode'}: {error.message or 'no message'}"
     if isinstance(error, Exclusive):
         return (

@@ -324,7 +324,3 @@ def _register_hooks(
 
     converter.register_structure_hook(cls, structure)
     converter.register_unstructure_hook(cls, unstructure)
-
-
-# Wired centrally by the lead's make_converter(); see issue 12.
-configure_converter(converter)

@@ -8,52 +8,39 @@ Pick a backend by URL with :func:`open_store`::
 
 from __future__ import annotations
 
-from bridge_kit.errors import StoreError
+import os
+
 from bridge_kit.store.base import Store
 from bridge_kit.store.memory import MemoryStore
-from bridge_kit.store.postgres import PostgresStore, redact_dsn
+from bridge_kit.store.postgres import PostgresStore
 from bridge_kit.store.sqlite import SQLiteStore
+from bridge_kit.store.url import StoreURL, parse_store_url, redact_store_url
 
-__all__ = ["MemoryStore", "PostgresStore", "SQLiteStore", "Store", "open_store"]
+__all__ = [
+    "MemoryStore",
+    "PostgresStore",
+    "SQLiteStore",
+    "Store",
+    "StoreURL",
+    "open_store",
+    "parse_store_url",
+    "redact_store_url",
+]
 
-_SQLITE_PREFIX = "sqlite:///"
 
-
-def open_store(url: str) -> Store:
+def open_store(url: str | StoreURL, base_dir: str | os.PathLike[str] | None = None) -> Store:
     """The store a URL names, not yet opened (use ``async with`` or ``await store.open()``).
 
     - ``memory://``: in this process only, for tests;
-    - ``sqlite:///relative/path.db`` (from the current directory) or ``sqlite:////abs/path.db``;
+    - ``sqlite:///relative/path.db`` (from ``base_dir``, default the current
+      directory) or ``sqlite:////abs/path.db``;
     - ``postgresql://user@host:port/dbname`` (or ``postgres://``).
 
     Raises :class:`~bridge_kit.errors.StoreError` for any other URL.
     """
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise _unsupported(url, "it has no scheme")
-    if scheme == "memory":
-        if rest:
-            raise _unsupported(url, "memory:// takes no path")
+    parsed = url if isinstance(url, StoreURL) else parse_store_url(url, base_dir)
+    if parsed.kind == "memory":
         return MemoryStore()
-    if scheme == "sqlite":
-        return SQLiteStore(_sqlite_path(url))
-    if scheme in ("postgresql", "postgres"):
-        return PostgresStore(url)
-    raise _unsupported(url, f"unknown scheme {scheme!r}")
-
-
-def _sqlite_path(url: str) -> str:
-    if not url.lower().startswith(_SQLITE_PREFIX):
-        raise _unsupported(url, "a SQLite URL has three slashes before the path (sqlite:///x.db)")
-    path = url[len(_SQLITE_PREFIX) :]
-    if not path:
-        raise _unsupported(url, "the SQLite path is empty")
-    return path
-
-
-def _unsupported(url: str, reason: str) -> StoreError:
-    return StoreError(
-        f"unsupported store URL {redact_dsn(url)!r}: {reason}; expected memory://, "
-        "sqlite:///path.db or postgresql://user@host/dbname"
-    )
+    if parsed.kind == "sqlite":
+        return SQLiteStore(parsed.target)
+    return PostgresStore(parsed.target)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store.base import Store, pending_migrations, unique_chunks
+from bridge_kit.store.url import redact_store_url
 
 #: Lookups send one array parameter; chunking only bounds the size of one round trip.
 _LOOKUP_CHUNK = 10_000
@@ -56,7 +56,7 @@ class PostgresStore(Store):
         self._pool: Any = None
 
     def __repr__(self) -> str:
-        return f"PostgresStore({redact_dsn(self.dsn)!r})"
+        return f"PostgresStore({redact_store_url(self.dsn)!r})"
 
     # -- life cycle ----------------------------------------------------------
 
@@ -71,7 +71,7 @@ class PostgresStore(Store):
             problem = _one_line(error)
             if isinstance(error, ValueError):  # asyncpg's verdict on a malformed URL
                 problem = f"invalid URL: {problem}"
-            where = f"cannot open PostgreSQL store {redact_dsn(self.dsn)}"
+            where = f"cannot open PostgreSQL store {redact_store_url(self.dsn)}"
             raise StoreError(f"{where}: {problem}") from error
         except BaseException:
             await self.close()
@@ -89,7 +89,7 @@ class PostgresStore(Store):
                 "CREATE TABLE IF NOT EXISTS bridge_kit_schema (version INTEGER NOT NULL)"
             )
             found = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM bridge_kit_schema")
-            where = f"PostgreSQL store {redact_dsn(self.dsn)}"
+            where = f"PostgreSQL store {redact_store_url(self.dsn)}"
             steps = pending_migrations(found, self.SCHEMA_VERSION, where)
             for step in steps:
                 for statement in self.MIGRATIONS[step]:
@@ -104,7 +104,7 @@ class PostgresStore(Store):
 
     def _connected(self) -> Any:
         if self._pool is None:
-            raise StoreError(f"PostgreSQL store {redact_dsn(self.dsn)} is not open")
+            raise StoreError(f"PostgreSQL store {redact_store_url(self.dsn)} is not open")
         return self._pool
 
     @contextlib.contextmanager
@@ -112,7 +112,7 @@ class PostgresStore(Store):
         try:
             yield
         except _ERRORS as error:
-            where = f"PostgreSQL store {redact_dsn(self.dsn)}"
+            where = f"PostgreSQL store {redact_store_url(self.dsn)}"
             raise StoreError(f"{where}: {_one_line(error)}") from error
 
     async def _execute(self, sql: str, *args: object) -> str:
@@ -184,23 +184,6 @@ class PostgresStore(Store):
 
     async def schema_version(self) -> int:
         return int(await self._fetchval("SELECT MAX(version) FROM bridge_kit_schema"))
-
-
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password (in the authority or a ``password=`` parameter) as ``***``."""
-    try:
-        parts = urlsplit(dsn)
-        if parts.password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            user = f"{parts.username}:***@" if parts.username else ":***@"
-            parts = parts._replace(netloc=user + host)
-        query = [
-            (key, "***" if key == "password" else value)
-            for key, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
-    except ValueError:
-        return "<unparsable URL>"
 
 
 def _one_line(error: BaseException) -> str:

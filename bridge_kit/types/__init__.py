@@ -1,7 +1,7 @@
 """attrs models of the wire formats, and the cattrs converter that maps them to JSON."""
 
 from bridge_kit.types.converter import converter, describe_error, structure, unstructure
-from bridge_kit.types.errors import AuthFlow, MatrixErrorBody, UiaaResponse
+from bridge_kit.types.errors import MatrixErrorBody
 from bridge_kit.types.events import DeviceLists, Event, Transaction
 from bridge_kit.types.register import (
     AuthData,
@@ -10,19 +10,33 @@ from bridge_kit.types.register import (
     RegisterResponse,
     RegistrationKind,
 )
+from bridge_kit.types.room import (
+    CreateRoomRequest,
+    CreateRoomResponse,
+    MessageType,
+    RoomPreset,
+    RoomVisibility,
+    StateEventInput,
+    TextMessage,
+)
 
 __all__ = [
     "AuthData",
-    "AuthFlow",
+    "CreateRoomRequest",
+    "CreateRoomResponse",
     "DeviceLists",
     "Event",
     "LoginType",
     "MatrixErrorBody",
+    "MessageType",
     "RegisterRequest",
     "RegisterResponse",
     "RegistrationKind",
+    "RoomPreset",
+    "RoomVisibility",
+    "StateEventInput",
+    "TextMessage",
     "Transaction",
-    "UiaaResponse",
     "converter",
     "describe_error",
     "structure",

@@ -17,40 +17,24 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from cattrs.v import format_exception
 
+from bridge_kit.errors import WrongType
+
 T = TypeVar("T")
 StructureHook = Callable[[Any, Any], Any]
 
 converter = cattrs.Converter()
-
-converter.register_unstructure_hook(timedelta, lambda d: round(d.total_seconds() * 1000))
-converter.register_structure_hook(timedelta, lambda v, _: timedelta(milliseconds=v))
-
-
-class WrongType(TypeError):
-    """A JSON value of the wrong type; the message names the expected and the found type."""
-
-    def __init__(self, expected: str, found: Any) -> None:
-        super().__init__(f"expected {expected}, got {json_type(found)}")
+"""The shared converter. Configured once, by :func:`bridge_kit._preconf.configure_converter`
+when the package is imported; each module's hooks are in its ``configure_converter()``."""
 
 
-def json_type(value: Any) -> str:
-    """The JSON type of decoded ``value``, with its article, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return f"a {type(value).__name__}"
+def configure_converter(converter: cattrs.Converter) -> None:
+    """The hooks every wire format shares: durations travel as milliseconds."""
+    converter.register_unstructure_hook(timedelta, lambda d: round(d.total_seconds() * 1000))
+    converter.register_structure_hook(timedelta, lambda v, _: timedelta(milliseconds=v))
 
 
 def keep_unknown_keys(
+    converter: cattrs.Converter,
     cls: type[T],
     *,
     omit_if_default: bool = False,
@@ -71,7 +55,7 @@ def keep_unknown_keys(
     known = frozenset(_wire_name(f.name, overrides) for f in fields if f.name != "extra")
     struct_overrides = dict(overrides)
     if strict:
-        struct_overrides.update(_strict_overrides(cls, overrides))
+        struct_overrides.update(_strict_overrides(converter, cls, overrides))
     struct = make_dict_structure_fn(cls, converter, extra=override(omit=True), **struct_overrides)
     unstruct = make_dict_unstructure_fn(
         cls,
@@ -107,11 +91,13 @@ def _wire_name(name: str, overrides: Mapping[str, Any]) -> str:
     return rename or name
 
 
-def _strict_overrides(cls: type, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def _strict_overrides(
+    converter: cattrs.Converter, cls: type, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     attrs.resolve_types(cls)
     strict: dict[str, Any] = {}
     for field in attrs.fields(cls):
-        hook = strict_hook(field.type)
+        hook = strict_hook(converter, field.type)
         existing = overrides.get(field.name)
         if hook is None or field.name == "extra" or getattr(existing, "struct_hook", None):
             continue
@@ -123,7 +109,7 @@ def _strict_overrides(cls: type, overrides: Mapping[str, Any]) -> dict[str, Any]
     return strict
 
 
-def strict_hook(tp: Any) -> StructureHook | None:
+def strict_hook(converter: cattrs.Converter, tp: Any) -> StructureHook | None:
     """A structure hook for ``tp`` that refuses other JSON types, or None if ``tp`` has none.
 
     Handles ``str``, ``int`` (not ``bool``), ``list[X]``, ``dict[str, X]`` and ``X | None``.
@@ -134,17 +120,17 @@ def strict_hook(tp: Any) -> StructureHook | None:
         return _strict_int
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        inner = strict_hook(next(arg for arg in args if arg is not type(None)))
+        inner = strict_hook(converter, next(arg for arg in args if arg is not type(None)))
         return None if inner is None else _optional(inner)
     if origin is list:
-        element = strict_hook(args[0]) if args else None
+        element = strict_hook(converter, args[0]) if args else None
         if element is not None:
             return _strict_list(tp, element)
-        return _strict_container(tp, list, "an array")
+        return _strict_container(converter, tp, list, "an array")
     if origin is dict and args and args[0] is str:
         if args[1] is Any:
             return _json_object
-        return _strict_container(tp, dict, "an object")
+        return _strict_container(converter, tp, dict, "an object")
     return None
 
 
@@ -174,7 +160,9 @@ def _optional(hook: StructureHook) -> StructureHook:
     return structure_optional
 
 
-def _strict_container(tp: Any, container: type, expected: str) -> StructureHook:
+def _strict_container(
+    converter: cattrs.Converter, tp: Any, container: type, expected: str
+) -> StructureHook:
     elements: list[StructureHook] = []
 
     def structure_container(value: Any, _: Any) -> Any:

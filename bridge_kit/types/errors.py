@@ -1,11 +1,11 @@
-"""Error bodies: the standard Matrix error and the user-interactive-auth 401."""
+"""Error bodies: the standard Matrix error."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import attrs
-from cattrs.gen import override
+import cattrs
 
 from bridge_kit.types.converter import keep_unknown_keys
 
@@ -20,23 +20,6 @@ class MatrixErrorBody:
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
-@attrs.frozen
-class AuthFlow:
-    """One list of stages that completes user-interactive auth."""
-
-    stages: list[str] = attrs.field(factory=list)
-
-
-@attrs.frozen
-class UiaaResponse:
-    """The 401 body of user-interactive auth (``flows``, ``params``, ``session``, ``completed``)."""
-
-    flows: list[AuthFlow] = attrs.field(factory=list)
-    params: dict[str, Any] = attrs.field(factory=dict)
-    session: str | None = None
-    completed: list[str] = attrs.field(factory=list)
-    extra: dict[str, Any] = attrs.field(factory=dict)
-
-
-keep_unknown_keys(MatrixErrorBody, omit_if_default=True)
-keep_unknown_keys(UiaaResponse, session=override(omit_if_default=True))
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Register the hooks of this module's models on ``converter``."""
+    keep_unknown_keys(converter, MatrixErrorBody, omit_if_default=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import cattrs
 from cattrs.gen import override
 
-from bridge_kit.types.converter import WrongType, converter, keep_unknown_keys, refuse
+from bridge_kit.errors import WrongType
+from bridge_kit.types.converter import StructureHook, converter, keep_unknown_keys, refuse
 
 
 @attrs.frozen
@@ -103,7 +105,7 @@ _EVENT_KEYS = frozenset(
 )
 
 
-def _structure_event(value: Any, cls: type[Event]) -> Event:
+def _structure_event(value: Any, cls: type[Event], checked: StructureHook) -> Event:
     """Build an Event in one go when every field has its JSON type, as in almost every event.
 
     A transaction carries up to 100 events and this is the appservice's hot path,
@@ -138,12 +140,23 @@ def _structure_event(value: Any, cls: type[Event]) -> Event:
                 origin_server_ts,
                 {k: v for k, v in value.items() if k not in _EVENT_KEYS},
             )
-    event: Event = _structure_event_checked(value, cls)
+    event: Event = checked(value, cls)
     return event
 
 
-keep_unknown_keys(Event, omit_if_default=True, strict=True, type=override(omit_if_default=False))
-_structure_event_checked = converter.get_structure_hook(Event)
-converter.register_structure_hook(Event, _structure_event)
-keep_unknown_keys(DeviceLists, strict=True)
-keep_unknown_keys(Transaction, strict=True)
+def checked_event_hook(converter: cattrs.Converter) -> StructureHook:
+    """The strict hook that names every wrong field: the fast path's fallback."""
+    keep_unknown_keys(
+        converter, Event, omit_if_default=True, strict=True, type=override(omit_if_default=False)
+    )
+    return converter.get_structure_hook(Event)
+
+
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Register the hooks of this module's models on ``converter``."""
+    checked = checked_event_hook(converter)
+    converter.register_structure_hook(
+        Event, lambda value, cls: _structure_event(value, cls, checked)
+    )
+    keep_unknown_keys(converter, DeviceLists, strict=True)
+    keep_unknown_keys(converter, Transaction, strict=True)

@@ -1,9 +1,9 @@
 """``POST /_matrix/client/v3/register``: request and response, as ruma defines them.
 
-Field for field the ruma ``account::register::v3`` types (see the project's
-seed): every ``Option`` with ``skip_serializing_if = "Option::is_none"`` is
-omitted when ``None``, every ``is_default`` field is omitted when it has its
-default, and ``Response.device_id`` (no skip rule) is always present.
+Field for field the ruma ``account::register::v3`` types: every ``Option``
+with ``skip_serializing_if = "Option::is_none"`` is omitted when ``None``,
+every ``is_default`` field is omitted when it has its default, and
+``Response.device_id`` (no skip rule) is always present.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import attrs
+import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from bridge_kit.types.converter import converter, keep_unknown_keys
@@ -86,9 +87,10 @@ class RegisterResponse:
     expires_in: timedelta | None = None
 
 
-def _register_hooks() -> None:
-    keep_unknown_keys(AuthData, omit_if_default=True)
-    # Every request field is skip-if-None or skip-if-default in ruma.
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Register the hooks of this module's models on ``converter``."""
+    keep_unknown_keys(converter, AuthData, omit_if_default=True)
+    # Every request field is left out when None or at its default, as ruma does.
     converter.register_unstructure_hook(
         RegisterRequest,
         make_dict_unstructure_fn(
@@ -120,6 +122,3 @@ def _register_hooks() -> None:
             RegisterResponse, converter, expires_in=override(rename="expires_in_ms")
         ),
     )
-
-
-_register_hooks()

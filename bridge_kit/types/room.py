@@ -12,6 +12,7 @@ import enum
 from typing import Any
 
 import attrs
+import cattrs
 from cattrs.gen import override
 
 from bridge_kit.types.converter import keep_unknown_keys
@@ -161,12 +162,12 @@ class TextMessage:
         return cls(body=body, msgtype=msgtype, format=HTML_FORMAT, formatted_body=html)
 
 
-def _register_hooks() -> None:
-    keep_unknown_keys(CreateRoomRequest, omit_if_default=True)
-    keep_unknown_keys(MembershipRequest, omit_if_default=True)
-    keep_unknown_keys(InviteRequest, omit_if_default=True)
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Register the hooks of this module's models on ``converter``."""
+    keep_unknown_keys(converter, CreateRoomRequest, omit_if_default=True)
+    keep_unknown_keys(converter, MembershipRequest, omit_if_default=True)
+    keep_unknown_keys(converter, InviteRequest, omit_if_default=True)
     # msgtype is required on the wire even when it is the default m.text.
-    keep_unknown_keys(TextMessage, omit_if_default=True, msgtype=override(omit_if_default=False))
-
-
-_register_hooks()
+    keep_unknown_keys(
+        converter, TextMessage, omit_if_default=True, msgtype=override(omit_if_default=False)
+    )

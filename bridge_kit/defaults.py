@@ -1,0 +1,35 @@
+"""Every default value of bridge_kit, in one place.
+
+The config sections (:mod:`bridge_kit.config`), the CLI and the library all
+take their defaults from here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+CONFIG_FILE: Final = "config.yaml"
+REGISTRATION_FILE: Final = "registration.yaml"
+
+HOST: Final = "127.0.0.1"
+PORT: Final = 29333
+STORE_URL: Final = "sqlite:///bridge_kit.db"
+MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+
+#: Puppet registrations in flight at most in a bulk run (429s lower it).
+CONCURRENCY: Final = 16
+MAX_CONCURRENCY: Final = 1024
+PROVISION_ON_QUERY: Final = True
+
+LOG_LEVEL: Final = "INFO"
+LOG_FORMAT: Final = "text"
+
+#: Transaction dedup records kept, and how often (in transactions) the rest are pruned.
+DEDUP_KEEP: Final = 10_000
+DEDUP_PRUNE_EVERY: Final = 1000
+
+#: Seconds a stopping app waits for in-flight requests before closing them.
+SHUTDOWN_TIMEOUT: Final = 60.0
+
+#: Puppet intents kept in memory; a dropped one costs one store lookup when it comes back.
+INTENT_CACHE_SIZE: Final = 10_000

@@ -1,0 +1,152 @@
+"""Running an app until it is told to stop: signals and exit codes, in one place.
+
+:func:`run_app` does for an :class:`~bridge_kit.AppService` what
+``aiohttp.web.run_app`` does for a web application::
+
+    app = AppService(Config.load("config.yaml"))
+    raise SystemExit(run_app(app))
+
+It starts the app, serves until the first SIGTERM or SIGINT, then stops it
+cleanly. A signal during start-up cancels the start. A second signal exits at
+once. The same function runs a one-off job, ``async (stop) -> int``, which
+decides itself what a stop request means (``bridge-kit register`` saves its
+progress and returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
+
+from bridge_kit.appservice import AppService
+
+__all__ = ["ExitCode", "StopSignals", "run_app"]
+
+log = logging.getLogger(__name__)
+
+_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every ``bridge-kit`` command (and of :func:`run_app`)."""
+
+    #: Done: everything worked (a daemon stopped by a signal also exits 0).
+    OK = 0
+    #: The command ran but found problems: an invalid registration, puppets refused
+    #: or invalid, a bulk run aborted midway.
+    FAILED = 1
+    #: The command could not run: wrong arguments, or a bad config, registration
+    #: file or store, or a homeserver that is unreachable or has not loaded us.
+    SETUP = 2
+    #: A one-off job (``register``) cancelled by SIGINT or SIGTERM: 128 + the signal.
+    SIGINT = 128 + signal.SIGINT
+    SIGTERM = 128 + signal.SIGTERM
+
+
+class StopSignals:
+    """SIGTERM/SIGINT as a stop request: the first asks politely, a second exits at once.
+
+    Use as a context manager inside a running event loop. ``received`` is the
+    first signal's number (``None`` until one came); ``wait()`` returns when it
+    comes; ``on_stop(callback)`` runs ``callback()`` then.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._event = asyncio.Event()
+        self._callbacks: list[Callable[[], object]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Install the handlers for the duration of the block."""
+        loop = asyncio.get_running_loop()
+        for signum in _SIGNALS:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            yield self
+        finally:
+            for signum in _SIGNALS:
+                loop.remove_signal_handler(signum)
+
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` on the first signal (at once if it already came)."""
+        if self.received is not None:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    async def wait(self) -> int:
+        """Wait for the first signal; return its number."""
+        await self._event.wait()
+        assert self.received is not None
+        return self.received
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Act as if ``signum`` arrived (for an app that decides itself to stop)."""
+        self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            # The operator asked twice: whatever is still running is not worth waiting for.
+            print(f"\n{name} again: exiting at once", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        log.info("%s received: stopping (send it again to exit at once)", name)
+        self._event.set()
+        for callback in self._callbacks:
+            callback()
+
+
+Job = Callable[[StopSignals], Awaitable[int]]
+
+
+def run_app(app: AppService | Job) -> int:
+    """Run ``app`` in a new event loop until it is done; return the exit status.
+
+    An :class:`~bridge_kit.AppService` is started, served until SIGTERM or
+    SIGINT, and stopped (exit status 0). A job ``async (stop) -> int`` runs to
+    its end and its return value is the status. Errors propagate, as from
+    :func:`asyncio.run`.
+    """
+    return asyncio.run(serve(app))
+
+
+async def serve(app: AppService | Job) -> int:
+    """:func:`run_app` inside a running event loop."""
+    stop = StopSignals()
+    with stop.installed():
+        if isinstance(app, AppService):
+            return await _serve_app(app, stop)
+        return await app(stop)
+
+
+async def _serve_app(app: AppService, stop: StopSignals) -> int:
+    started = asyncio.ensure_future(app.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not started.done():
+        # Stopped while starting (e.g. the homeserver does not answer): cancelling
+        # the start unwinds whatever it had opened.
+        started.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await started
+        return ExitCode.OK
+    started.result()  # a failed start raises here
+    try:
+        log.info("%s is ready as %s", app.registration.id, app.bot.user_id)
+        await stop.wait()
+        log.info("stopping: finishing in-flight work and flushing the store")
+    finally:
+        await app.stop()
+    return ExitCode.OK
