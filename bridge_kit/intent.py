@@ -13,13 +13,13 @@ it makes sure its puppet is registered, once::
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
 from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
+from bridge_kit.delivery import next_txn_id
 from bridge_kit.types.converter import converter
 from bridge_kit.types.room import (
     AvatarUrlUpdate,
@@ -170,11 +170,13 @@ class Intent:
         """Send a message event and return its event ID.
 
         ``content`` is a mapping or an attrs model (e.g. :class:`TextMessage`).
-        ``txn_id`` defaults to a fresh unique ID; sending again with the same one
-        is deduplicated by the homeserver. ``timestamp`` (ms since the epoch)
-        sets ``origin_server_ts``, for bridging history.
+        Sending again with the same ``txn_id`` is deduplicated by the homeserver.
+        By default it is derived from the inbox event being handled, so a handler
+        that runs again posts nothing twice (see :mod:`bridge_kit.delivery`);
+        outside a handler it is random. ``timestamp`` (ms since the epoch) sets
+        ``origin_server_ts``, for bridging history.
         """
-        txn_id = txn_id or uuid.uuid4().hex
+        txn_id = txn_id or next_txn_id(self.user_id, room_id, event_type)
         reply = await self._request(
             "PUT",
             f"{_CLIENT}/rooms/{quote_segment(room_id)}/send/"

@@ -34,6 +34,7 @@ from bridge_kit import (
     LifecycleError,
     ListenError,
     NotInNamespace,
+    PuppetsConfig,
     StoreError,
     defaults,
 )
@@ -50,7 +51,7 @@ async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         yield hs
 
 
-def make_app(hs: TestHomeserver, db: Path) -> AppService:
+def make_app(hs: TestHomeserver, db: Path, puppets: PuppetsConfig | None = None) -> AppService:
     return AppService(
         Config(
             homeserver=HomeserverConfig(url=hs.url),
@@ -59,6 +60,7 @@ def make_app(hs: TestHomeserver, db: Path) -> AppService:
                 store=f"sqlite:///{db}",
                 port=hs.appservice_port,
             ),
+            puppets=puppets or PuppetsConfig(),
         )
     )
 
@@ -360,8 +362,7 @@ async def test_a_failing_preregistration_is_logged(
 ) -> None:
     broken = tmp_path / "puppets.txt"
     broken.write_bytes(b"_bk_fine\n\xff\xfe not utf-8\n")
-    app = make_app(homeserver, tmp_path / "bk.db")
-    app.preregister = broken
+    app = make_app(homeserver, tmp_path / "bk.db", PuppetsConfig(preregister=str(broken)))
     with caplog.at_level(logging.ERROR, logger="bridge_kit.appservice"):
         async with app:
             for _ in range(int(TIMEOUT * 10)):
@@ -408,7 +409,6 @@ async def test_stop_runs_every_step_even_when_one_fails(
     homeserver: TestHomeserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = make_app(homeserver, tmp_path / "bk.db")
-    await app.start()
     real_close = app.store.close
 
     async def failing_close() -> None:
@@ -416,6 +416,7 @@ async def test_stop_runs_every_step_even_when_one_fails(
         raise StoreError("flush failed")
 
     monkeypatch.setattr(app.store, "close", failing_close)
+    await app.start()
     with pytest.raises(StoreError, match="flush failed"):
         await app.stop()
     assert app.state is AppState.STOPPED

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bridge_kit.client import ClientObserver, HomeserverClient, RetryPolicy, quote_segment
+from bridge_kit.delivery import handling
 from bridge_kit.errors import Forbidden, HomeserverUnreachable, MatrixRequestError, UserInUse
 from bridge_kit.intent import Intent
 from bridge_kit.types.register import RegisterRequest
@@ -359,3 +360,40 @@ async def test_create_room_waits_out_a_429(fault_hs: FaultHomeserver, sender: In
 
     assert fault_hs.rooms == [room_id]
     assert fault_hs.create_room_requests == 2
+
+
+# -- derived transaction IDs -------------------------------------------------------
+
+
+async def room_messages(client: HomeserverClient, user_id: str, room_id: str) -> list[Any]:
+    reply = await client.request(
+        "GET",
+        f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/messages",
+        query={"dir": "b", "limit": "50"},
+        user_id=user_id,
+    )
+    return [e for e in reply["chunk"] if e["type"] == "m.room.message"]
+
+
+@pytest.mark.synapse
+async def test_a_handler_run_twice_posts_one_copy_on_synapse(
+    puppets: Puppets, client: HomeserverClient
+) -> None:
+    alice, bob = puppets.intent("alice_d"), puppets.intent("bob_d")
+    room_id = await alice.create_room()
+    await alice.invite(room_id, bob.user_id)
+    await bob.join_room(room_id)
+
+    async def handler_body() -> list[str]:
+        with handling("bridge_kit_test", "$incoming:test.local", "tests.echo"):
+            return [
+                await alice.send_text(room_id, "one"),
+                await bob.send_text(room_id, "two"),  # same room, type and counter: other user
+            ]
+
+    first = await handler_body()
+    again = await handler_body()  # as after a crash before the event was marked done
+
+    assert first == again
+    bodies = [e["content"]["body"] for e in await room_messages(client, alice.user_id, room_id)]
+    assert sorted(bodies) == ["one", "two"]
