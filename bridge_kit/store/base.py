@@ -31,6 +31,15 @@ class Store(abc.ABC):
     async def close(self) -> None:
         """Flush pending writes and release connections. Safe to call twice."""
 
+    async def lock_for_daemon(self) -> None:  # noqa: B027 (a no-op unless overridden)
+        """Claim the store for this process's daemon, or raise
+        :class:`~bridge_kit.errors.StoreError` if another daemon holds it.
+
+        A store that several daemons may share (PostgreSQL: lanes are leased)
+        does nothing; one that only a single process may work on (SQLite) takes
+        a lock that :meth:`close` releases. Call it once, before serving.
+        """
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self
@@ -174,6 +183,12 @@ def pending_migrations(found: int, latest: int, where: str) -> range:
             f"supports ({latest}); upgrade bridge_kit"
         )
     return range(found, latest)
+
+
+def check_limit(limit: int, name: str = "limit") -> None:
+    """Refuse a negative row count, which SQL backends would read differently."""
+    if limit < 0:
+        raise ValueError(f"{name} must be >= 0, not {limit}")
 
 
 def unique_chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
