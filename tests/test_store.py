@@ -20,7 +20,10 @@ from bridge_kit.store.url import redact_store_url as redact_dsn
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
 DurableStoreClass = type[SQLiteStore] | type[PostgresStore]
-BK_TABLES = "bridge_kit_puppets, bridge_kit_transactions, bridge_kit_schema, bridge_kit_extra"
+BK_TABLES = (
+    "bridge_kit_puppets, bridge_kit_transactions, bridge_kit_schema, bridge_kit_extra,"
+    " bridge_kit_inbox, bridge_kit_dead_letters, bridge_kit_lanes"
+)
 
 
 async def run_sql(url: str, *statements: str) -> list[tuple[Any, ...]]:
@@ -92,7 +95,8 @@ def ids(*numbers: int, prefix: str = "p") -> list[str]:
 def with_extra_migration(cls: DurableStoreClass, *statements: str) -> DurableStoreClass:
     """A store class whose code knows one schema version more than ``cls``."""
     migrations = (*cls.MIGRATIONS, statements)
-    return type(f"{cls.__name__}V2", (cls,), {"SCHEMA_VERSION": 2, "MIGRATIONS": migrations})
+    newer = {"SCHEMA_VERSION": cls.SCHEMA_VERSION + 1, "MIGRATIONS": migrations}
+    return type(f"{cls.__name__}Next", (cls,), newer)
 
 
 def store_class(url: str) -> DurableStoreClass:
@@ -274,7 +278,7 @@ async def test_recent_transactions_survive_pruning_of_a_refilled_table(store: St
 
 
 async def test_schema_version_is_current(store: Store) -> None:
-    assert await store.schema_version() == Store.SCHEMA_VERSION == 1
+    assert await store.schema_version() == Store.SCHEMA_VERSION == 2
 
 
 async def test_a_closed_store_refuses_work(url: str) -> None:
@@ -303,7 +307,7 @@ async def test_state_survives_close_and_reopen(durable_url: str) -> None:
         # The order of transactions survives the restart too.
         assert await store.prune_transactions(keep=1) == 2
         assert await store.is_transaction_done("t3")
-        assert await store.schema_version() == 1
+        assert await store.schema_version() == Store.SCHEMA_VERSION
 
 
 # -- opening failures -------------------------------------------------------------------
@@ -387,13 +391,14 @@ async def test_a_version_0_database_is_migrated(durable_url: str) -> None:
         "INSERT INTO bridge_kit_schema (version) VALUES (0)",
     )
     async with open_store(durable_url) as store:
-        assert await store.schema_version() == 1
+        assert await store.schema_version() == Store.SCHEMA_VERSION
         await store.mark_registered(ids(1))
         assert await store.count_registered() == 1
 
 
 async def test_a_version_1_database_is_migrated_to_a_newer_schema(durable_url: str) -> None:
     v1 = store_class(durable_url)
+    newer = v1.SCHEMA_VERSION + 1
     await run_sql(
         durable_url,
         *v1.MIGRATIONS[0],
@@ -403,11 +408,11 @@ async def test_a_version_1_database_is_migrated_to_a_newer_schema(durable_url: s
     )
     v2 = with_extra_migration(v1, "CREATE TABLE bridge_kit_extra (note TEXT)")
     async with store_at(v2, durable_url) as store:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == newer
         assert await store.registered_among(["@_bk_old:test.local"]) == {"@_bk_old:test.local"}
     assert await run_sql(durable_url, "SELECT COUNT(*) FROM bridge_kit_extra") == [(0,)]
-    # The migrated database is now too new for the v1 code.
-    with pytest.raises(StoreError, match="schema version 2 is newer"):
+    # The migrated database is now too new for the current code.
+    with pytest.raises(StoreError, match=f"schema version {newer} is newer"):
         await open_store(durable_url).open()
 
 
@@ -420,8 +425,9 @@ async def test_migration_steps_apply_in_one_transaction(durable_url: str) -> Non
     with pytest.raises(StoreError, match="cannot open") as excinfo:
         await store.open()
     one_line_store_error(excinfo)
-    # Nothing of the failed step remains: still version 1, no half-made table.
-    assert await run_sql(durable_url, "SELECT version FROM bridge_kit_schema") == [(1,)]
+    # Nothing of the failed step remains: still the current version, no half-made table.
+    version = await run_sql(durable_url, "SELECT version FROM bridge_kit_schema")
+    assert version == [(Store.SCHEMA_VERSION,)]
     with pytest.raises((sqlite3.Error, asyncpg.PostgresError)):
         await run_sql(durable_url, "SELECT * FROM bridge_kit_extra")
     with pytest.raises(StoreError, match="not open"):
@@ -436,7 +442,7 @@ async def test_a_database_from_a_newer_version_is_refused(durable_url: str) -> N
     with pytest.raises(StoreError) as excinfo:
         await store.open()
     message = one_line_store_error(excinfo)
-    assert "schema version 99 is newer than this bridge_kit supports (1)" in message
+    assert "schema version 99 is newer than this bridge_kit supports (2)" in message
     with pytest.raises(StoreError, match="not open"):
         await store.count_registered()
 

@@ -1,4 +1,5 @@
-"""Where bridge_kit remembers registered puppets and processed transactions.
+"""Where bridge_kit remembers registered puppets, processed transactions and the
+events waiting in the durable inbox.
 
 Pick a backend by URL with :func:`open_store`::
 

@@ -1,12 +1,14 @@
-"""The store interface: which puppets are registered, which transactions are done."""
+"""The store interface: which puppets are registered, which transactions are done,
+and the durable inbox of events waiting for their handlers."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from types import TracebackType
 
 from bridge_kit.errors import StoreError
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 
 
 class Store(abc.ABC):
@@ -19,7 +21,7 @@ class Store(abc.ABC):
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 1
+    SCHEMA_VERSION: int = 2
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -28,6 +30,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Flush pending writes and release connections. Safe to call twice."""
+
+    async def lock_for_daemon(self) -> None:  # noqa: B027 (a no-op unless overridden)
+        """Claim the store for this process's daemon, or raise
+        :class:`~bridge_kit.errors.StoreError` if another daemon holds it.
+
+        A store that several daemons may share (PostgreSQL: lanes are leased)
+        does nothing; one that only a single process may work on (SQLite) takes
+        a lock that :meth:`close` releases. Call it once, before serving.
+        """
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -86,6 +97,79 @@ class Store(abc.ABC):
     async def schema_version(self) -> int:
         """The schema version the open database is at."""
 
+    # -- the inbox -----------------------------------------------------------
+    #
+    # Events wait in the inbox, in lanes (a room each), until every handler
+    # returned for them. Several processes may share one database: a process
+    # works on a lane only while it holds the lane's lease, so each lane is
+    # worked on by one process at a time, in order.
+
+    @abc.abstractmethod
+    async def accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter] = (),
+    ) -> bool:
+        """Record ``txn_id``, append ``items`` to the inbox and ``rejected`` to the dead
+        letters, all in one commit. Returns False, writing nothing, when ``txn_id`` was
+        accepted (or marked done) before."""
+
+    @abc.abstractmethod
+    async def claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    ) -> list[str]:
+        """Take up to ``limit`` lanes whose oldest item is ready (``not_before`` has
+        passed) and that no other owner holds a live lease on (``exclude`` aside),
+        the lane with the oldest ready item first; ``owner`` now holds each for
+        ``lease`` seconds (re-claiming a lane it holds renews it). A lane whose
+        owner died is free once its lease ran out."""
+
+    @abc.abstractmethod
+    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        """Extend ``owner``'s leases on ``lanes`` by ``lease`` seconds from now; return the
+        lanes it still holds (one whose lease ran out and was taken is missing)."""
+
+    @abc.abstractmethod
+    async def release_lane(self, owner: str, lane: str) -> None:
+        """Give up ``owner``'s lease on ``lane`` (nothing happens if it holds none)."""
+
+    @abc.abstractmethod
+    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        """The oldest ``limit`` items of ``lane``, in arrival order."""
+
+    @abc.abstractmethod
+    async def complete_item(self, item_id: int) -> None:
+        """Every handler returned for this item: remove it from the inbox."""
+
+    @abc.abstractmethod
+    async def fail_item(
+        self, item_id: int, done_handlers: Sequence[str], not_before: float
+    ) -> None:
+        """An attempt failed: count it, remember which handlers succeeded, and do not
+        try again before the Unix time ``not_before``."""
+
+    @abc.abstractmethod
+    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+        """Move an item out of the inbox into the dead letters, in one commit."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+
+    @abc.abstractmethod
+    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        """Put these dead letters (all with ``None``) back at the end of their lanes,
+        with no attempts counted; return how many."""
+
+    @abc.abstractmethod
+    async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        """Delete these dead letters (all with ``None``); return how many."""
+
+    @abc.abstractmethod
+    async def inbox_stats(self) -> InboxStats:
+        """The inbox depth, its oldest item's arrival time and the dead-letter count."""
+
 
 def pending_migrations(found: int, latest: int, where: str) -> range:
     """The migration steps (indices) that take a database from ``found`` to ``latest``.
@@ -99,6 +183,12 @@ def pending_migrations(found: int, latest: int, where: str) -> range:
             f"supports ({latest}); upgrade bridge_kit"
         )
     return range(found, latest)
+
+
+def check_limit(limit: int, name: str = "limit") -> None:
+    """Refuse a negative row count, which SQL backends would read differently."""
+    if limit < 0:
+        raise ValueError(f"{name} must be >= 0, not {limit}")
 
 
 def unique_chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Collection, Iterable, Sequence
+
+import attrs
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store
+from bridge_kit.store.base import Store, check_limit
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 
 
 class MemoryStore(Store):
-    """The :class:`Store` interface over a set and a dict.
+    """The :class:`Store` interface over sets and dicts.
 
-    Nothing survives :meth:`close`; use it in tests and dry runs only.
+    Nothing survives :meth:`close`; use it in tests and dry runs only. No method
+    awaits between reading and writing its state, so each is atomic on the loop.
     """
 
     def __init__(self) -> None:
         self._puppets: set[str] = set()
         # dicts keep insertion order, which is the order transactions were done in.
         self._transactions: dict[str, None] = {}
+        # lane -> its items by id; ids only grow, so insertion order is arrival order.
+        # A lane whose last item went is removed, so every lane here has a head.
+        self._lanes: dict[str, dict[int, InboxItem]] = {}
+        self._item_lane: dict[int, str] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # lane -> (owner, lease_until)
+        self._letters: dict[int, DeadLetter] = {}
+        self._last_id = 0  # shared by items and letters: ids are never reused
         self._open = False
 
     def __repr__(self) -> str:
@@ -30,6 +42,10 @@ class MemoryStore(Store):
         self._open = False
         self._puppets.clear()
         self._transactions.clear()
+        self._lanes.clear()
+        self._item_lane.clear()
+        self._leases.clear()
+        self._letters.clear()
 
     def _check_open(self) -> None:
         if not self._open:
@@ -74,3 +90,166 @@ class MemoryStore(Store):
     async def schema_version(self) -> int:
         self._check_open()
         return self.SCHEMA_VERSION
+
+    # -- the inbox -----------------------------------------------------------
+
+    def _next_id(self) -> int:
+        self._last_id += 1
+        return self._last_id
+
+    def _append(self, new: NewInboxItem, now: float) -> None:
+        item_id = self._next_id()
+        item = InboxItem(item_id, new.lane, new.kind, new.event_json, received_at=now)
+        self._lanes.setdefault(new.lane, {})[item_id] = item
+        self._item_lane[item_id] = new.lane
+
+    def _remove(self, item_id: int) -> InboxItem | None:
+        lane = self._item_lane.pop(item_id, None)
+        if lane is None:
+            return None
+        items = self._lanes[lane]
+        item = items.pop(item_id)
+        if not items:
+            del self._lanes[lane]
+        return item
+
+    def _add_letter(self, letter: NewDeadLetter, first_failed_at: float | None, now: float) -> None:
+        letter_id = self._next_id()
+        self._letters[letter_id] = DeadLetter(
+            id=letter_id,
+            lane=letter.lane,
+            kind=letter.kind,
+            event_json=letter.event_json,
+            error=letter.error,
+            handler=letter.handler,
+            attempts=letter.attempts,
+            first_failed_at=first_failed_at if first_failed_at is not None else now,
+            last_failed_at=now,
+            event_id=letter.event_id,
+            event_type=letter.event_type,
+        )
+
+    async def accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter] = (),
+    ) -> bool:
+        self._check_open()
+        if txn_id in self._transactions:
+            return False
+        now = time.time()
+        self._transactions[txn_id] = None
+        for item in items:
+            self._append(item, now)
+        for letter in rejected:
+            self._add_letter(letter, letter.first_failed_at, now)
+        return True
+
+    def _holder(self, lane: str) -> str | None:
+        lease = self._leases.get(lane)
+        return None if lease is None else lease[0]
+
+    def _held_by_other(self, lane: str, owner: str, now: float) -> bool:
+        lease = self._leases.get(lane)
+        return lease is not None and lease[0] != owner and lease[1] > now
+
+    async def claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    ) -> list[str]:
+        self._check_open()
+        check_limit(limit)
+        now = time.time()
+        ready: list[tuple[int, str]] = []
+        for lane, items in self._lanes.items():
+            head = next(iter(items.values()))
+            if head.not_before > now or lane in exclude:
+                continue
+            if not self._held_by_other(lane, owner, now):
+                ready.append((head.id, lane))
+        claimed = [lane for _, lane in sorted(ready)[:limit]]
+        for lane in claimed:
+            self._leases[lane] = (owner, now + lease)
+        return claimed
+
+    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        self._check_open()
+        until = time.time() + lease
+        held = {lane for lane in lanes if self._holder(lane) == owner}
+        for lane in held:
+            self._leases[lane] = (owner, until)
+        return held
+
+    async def release_lane(self, owner: str, lane: str) -> None:
+        self._check_open()
+        if self._holder(lane) == owner:
+            del self._leases[lane]
+
+    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        self._check_open()
+        check_limit(limit)
+        return list(self._lanes.get(lane, {}).values())[:limit]
+
+    async def complete_item(self, item_id: int) -> None:
+        self._check_open()
+        self._remove(item_id)
+
+    async def fail_item(
+        self, item_id: int, done_handlers: Sequence[str], not_before: float
+    ) -> None:
+        self._check_open()
+        lane = self._item_lane.get(item_id)
+        if lane is None:
+            return
+        item = self._lanes[lane][item_id]
+        first = item.first_failed_at if item.first_failed_at is not None else time.time()
+        self._lanes[lane][item_id] = attrs.evolve(
+            item,
+            attempts=item.attempts + 1,
+            done_handlers=tuple(done_handlers),
+            not_before=not_before,
+            first_failed_at=first,
+        )
+
+    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+        self._check_open()
+        item = self._remove(item_id)
+        if item is None:
+            return  # completed or buried already, by a worker whose lease ran out
+        first = letter.first_failed_at
+        self._add_letter(letter, first if first is not None else item.first_failed_at, time.time())
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        self._check_open()
+        letters = list(self._letters.values())
+        if limit is not None:
+            check_limit(limit)
+            letters = letters[:limit]
+        return letters
+
+    def _letter_ids(self, ids: Collection[int] | None) -> list[int]:
+        if ids is None:
+            return list(self._letters)
+        return sorted(set(ids) & self._letters.keys())
+
+    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        self._check_open()
+        now = time.time()
+        chosen = self._letter_ids(ids)
+        for letter_id in chosen:
+            letter = self._letters.pop(letter_id)
+            self._append(NewInboxItem(letter.lane, letter.kind, letter.event_json), now)
+        return len(chosen)
+
+    async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        self._check_open()
+        chosen = self._letter_ids(ids)
+        for letter_id in chosen:
+            del self._letters[letter_id]
+        return len(chosen)
+
+    async def inbox_stats(self) -> InboxStats:
+        self._check_open()
+        items = (item for lane in self._lanes.values() for item in lane.values())
+        oldest = min((item.received_at for item in items), default=None)
+        return InboxStats(len(self._item_lane), oldest, len(self._letters))

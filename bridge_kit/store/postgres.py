@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store, pending_migrations, unique_chunks
+from bridge_kit.store import postgres_inbox
+from bridge_kit.store.base import Store, check_limit, pending_migrations, unique_chunks
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.url import redact_store_url
+
+_T = TypeVar("_T")
 
 #: Lookups send one array parameter; chunking only bounds the size of one round trip.
 _LOOKUP_CHUNK = 10_000
@@ -37,7 +42,7 @@ class PostgresStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1,)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, postgres_inbox.V2)
 
     def __init__(
         self,
@@ -126,6 +131,12 @@ class PostgresStore(Store):
         with self._errors():
             return await pool.fetchval(sql, *args)
 
+    async def _run(self, operation: Callable[[Any], Awaitable[_T]]) -> _T:
+        """``operation(pool)``, with the pool's errors as :class:`StoreError`."""
+        pool = self._connected()
+        with self._errors():
+            return await operation(pool)
+
     # -- puppets -------------------------------------------------------------
 
     async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
@@ -163,13 +174,13 @@ class PostgresStore(Store):
 
     async def is_transaction_done(self, txn_id: str) -> bool:
         sql = "SELECT EXISTS (SELECT 1 FROM bridge_kit_transactions WHERE txn_id = $1)"
-        return bool(await self._fetchval(sql, txn_id))
+        return bool(await self._fetchval(sql, _txn_key(txn_id)))
 
     async def mark_transaction_done(self, txn_id: str) -> None:
         # A single statement commits on its own, and synchronous_commit is on by default.
         await self._execute(
             "INSERT INTO bridge_kit_transactions (txn_id) VALUES ($1) ON CONFLICT DO NOTHING",
-            txn_id,
+            _txn_key(txn_id),
         )
 
     async def prune_transactions(self, keep: int) -> int:
@@ -184,6 +195,82 @@ class PostgresStore(Store):
 
     async def schema_version(self) -> int:
         return int(await self._fetchval("SELECT MAX(version) FROM bridge_kit_schema"))
+
+    # -- the inbox (SQL in postgres_inbox) -----------------------------------
+    #
+    # Times are this process's time.time(), like the not_before its caller computes;
+    # processes sharing the database need clocks in step (NTP) for leases to hold.
+
+    async def accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter] = (),
+    ) -> bool:
+        now = time.time()
+        return await self._run(
+            lambda pool: postgres_inbox.accept(pool, _txn_key(txn_id), items, rejected, now)
+        )
+
+    async def claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    ) -> list[str]:
+        check_limit(limit)
+        now = time.time()
+        return await self._run(
+            lambda pool: postgres_inbox.claim(pool, owner, now + lease, limit, exclude, now)
+        )
+
+    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        until = time.time() + lease
+        return await self._run(lambda pool: postgres_inbox.renew(pool, owner, lanes, until))
+
+    async def release_lane(self, owner: str, lane: str) -> None:
+        await self._run(lambda pool: postgres_inbox.release(pool, owner, lane))
+
+    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        check_limit(limit)
+        return await self._run(lambda pool: postgres_inbox.lane_items(pool, lane, limit))
+
+    async def complete_item(self, item_id: int) -> None:
+        await self._run(lambda pool: postgres_inbox.complete(pool, item_id))
+
+    async def fail_item(
+        self, item_id: int, done_handlers: Sequence[str], not_before: float
+    ) -> None:
+        now = time.time()
+        await self._run(
+            lambda pool: postgres_inbox.fail(pool, item_id, done_handlers, not_before, now)
+        )
+
+    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+        now = time.time()
+        await self._run(lambda pool: postgres_inbox.bury(pool, item_id, letter, now))
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        if limit is not None:
+            check_limit(limit)
+        return await self._run(lambda pool: postgres_inbox.dead_letters(pool, limit))
+
+    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        now = time.time()
+        return await self._run(lambda pool: postgres_inbox.replay(pool, ids, now))
+
+    async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        return await self._run(lambda pool: postgres_inbox.drop(pool, ids))
+
+    async def inbox_stats(self) -> InboxStats:
+        return await self._run(postgres_inbox.stats)
+
+
+def _txn_key(txn_id: str) -> bytes:
+    """How a txnId is stored: its UTF-8 bytes, so a NUL in it is no error.
+
+    surrogatepass keeps the encoding one-to-one for any str, even one with lone
+    surrogates from a percent-decoded path; other txnIds encode as plain UTF-8,
+    which is what version 1's text rows were converted to.
+    """
+    return txn_id.encode("utf-8", "surrogatepass")
 
 
 def _one_line(error: BaseException) -> str:

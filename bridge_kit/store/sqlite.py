@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store, pending_migrations, unique_chunks
+from bridge_kit.store import sqlite_inbox
+from bridge_kit.store.base import Store, check_limit, pending_migrations, unique_chunks
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 
-#: SQLite refuses statements with more than 999 variables on old builds; stay well below.
-_MAX_VARIABLES = 500
+_T = TypeVar("_T")
 
 _V1 = (
     # WITHOUT ROWID: the table *is* the primary-key b-tree, so a lookup is one descent
@@ -40,13 +51,14 @@ class SQLiteStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1,)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, sqlite_inbox.V2)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
+        self._daemon_lock: int | None = None  # the lock file's descriptor, see lock_for_daemon
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -73,12 +85,42 @@ class SQLiteStore(Store):
             raise
 
     async def close(self) -> None:
+        daemon_lock, self._daemon_lock = self._daemon_lock, None
+        if daemon_lock is not None:
+            os.close(daemon_lock)  # which releases the flock
         records, self._records = self._records, None
         if records is not None:
             records.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+
+    async def lock_for_daemon(self) -> None:
+        """Take an exclusive ``flock`` on ``<path>.lock``, held until :meth:`close`.
+
+        A SQLite file has one writer at a time, so a second daemon would not share
+        the work, only queue behind the first for every write. The lock belongs to
+        this open file description: it goes with the process however that ends, and
+        a second store on the same path conflicts even within one process.
+        """
+        if self._daemon_lock is not None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if isinstance(error, BlockingIOError):
+                raise StoreError(
+                    f"another bridge-kit daemon is using the SQLite store {self.path}"
+                    f" ({lock_path} is locked)"
+                ) from None
+            raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
+        self._daemon_lock = fd
 
     def _open_problem(self, error: sqlite3.Error) -> str:
         where = f"cannot open SQLite store {self.path}"
@@ -144,6 +186,21 @@ class SQLiteStore(Store):
                 with contextlib.suppress(sqlite3.Error):
                     await conn.execute("ROLLBACK")
                 raise
+
+    async def _locked(self, operation: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
+        """Run ``operation`` alone on the connection; each statement commits on its own."""
+        conn = self._connection()
+        with self._errors():
+            async with self._lock:
+                return await operation(conn)
+
+    async def _in_transaction(
+        self, operation: Callable[[aiosqlite.Connection], Awaitable[_T]]
+    ) -> _T:
+        """Run ``operation``'s statements in one write transaction."""
+        with self._errors():
+            async with self._transaction() as conn:
+                return await operation(conn)
 
     # -- puppets -------------------------------------------------------------
 
@@ -252,6 +309,81 @@ class SQLiteStore(Store):
             async with self._lock:
                 rows = list(await conn.execute_fetchall(sql, parameters))
         return int(rows[0][0])
+
+    # -- the inbox (SQL in sqlite_inbox) -------------------------------------
+
+    async def accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter] = (),
+    ) -> bool:
+        """Record ``txn_id`` and append the events in one commit (see
+        :meth:`mark_transaction_done` for what synchronous=NORMAL means for it)."""
+        now = time.time()
+
+        async def accept(conn: aiosqlite.Connection) -> bool:
+            # Under BEGIN IMMEDIATE no other writer runs, so a txnId already there means
+            # a duplicate, however many are in flight.
+            cursor = await conn.execute(_INSERT_TRANSACTION, (txn_id, now))
+            if cursor.rowcount == 0:
+                return False
+            await sqlite_inbox.append(conn, items, rejected, now)
+            return True
+
+        return await self._in_transaction(accept)
+
+    async def claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    ) -> list[str]:
+        check_limit(limit)
+        now = time.time()
+        return await self._in_transaction(
+            lambda conn: sqlite_inbox.claim(conn, owner, now + lease, limit, exclude, now)
+        )
+
+    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        until = time.time() + lease
+        return await self._in_transaction(
+            lambda conn: sqlite_inbox.renew(conn, owner, lanes, until)
+        )
+
+    async def release_lane(self, owner: str, lane: str) -> None:
+        await self._locked(lambda conn: sqlite_inbox.release(conn, owner, lane))
+
+    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        check_limit(limit)
+        return await self._locked(lambda conn: sqlite_inbox.lane_items(conn, lane, limit))
+
+    async def complete_item(self, item_id: int) -> None:
+        await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
+
+    async def fail_item(
+        self, item_id: int, done_handlers: Sequence[str], not_before: float
+    ) -> None:
+        now = time.time()
+        await self._locked(
+            lambda conn: sqlite_inbox.fail(conn, item_id, done_handlers, not_before, now)
+        )
+
+    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+        now = time.time()
+        await self._in_transaction(lambda conn: sqlite_inbox.bury(conn, item_id, letter, now))
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        if limit is not None:
+            check_limit(limit)
+        return await self._locked(lambda conn: sqlite_inbox.dead_letters(conn, limit))
+
+    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        now = time.time()
+        return await self._in_transaction(lambda conn: sqlite_inbox.replay(conn, ids, now))
+
+    async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        return await self._in_transaction(lambda conn: sqlite_inbox.drop(conn, ids))
+
+    async def inbox_stats(self) -> InboxStats:
+        return await self._locked(sqlite_inbox.stats)
 
 
 def _select_puppets(count: int) -> str:

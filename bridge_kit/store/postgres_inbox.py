@@ -1,0 +1,309 @@
+"""The durable inbox in PostgreSQL: the version 2 schema and the statements behind
+:class:`~bridge_kit.store.postgres.PostgresStore`'s inbox methods.
+
+Each function takes the store's asyncpg pool and runs one statement, which
+commits on its own: what must happen together is one statement (data-modifying
+``WITH``), so no connection is held across round trips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from bridge_kit.store.inbox_rows import (
+    ITEM_COLUMNS,
+    LETTER_COLUMNS,
+    encode_handlers,
+    item_from_row,
+    letter_from_row,
+)
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+
+V2 = (
+    # Bytes, not text: a txnId is whatever the homeserver put in the URL, NUL included,
+    # and PostgreSQL text cannot hold NUL. Version 1 rows convert in place.
+    "ALTER TABLE bridge_kit_transactions"
+    " ALTER COLUMN txn_id TYPE BYTEA USING convert_to(txn_id, 'UTF8')",
+    # Lanes collate as bytes: cheaper to compare, and the same order everywhere.
+    "CREATE TABLE bridge_kit_inbox ("
+    " id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+    ' lane TEXT COLLATE "C" NOT NULL,'
+    " kind TEXT NOT NULL,"
+    " event_json TEXT NOT NULL,"
+    " received_at DOUBLE PRECISION NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " done_handlers TEXT NOT NULL DEFAULT '[]',"
+    " not_before DOUBLE PRECISION NOT NULL DEFAULT 0,"
+    " first_failed_at DOUBLE PRECISION)",
+    "CREATE INDEX bridge_kit_inbox_lane ON bridge_kit_inbox (lane, id)",
+    "CREATE TABLE bridge_kit_dead_letters ("
+    " id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+    " lane TEXT NOT NULL,"
+    " kind TEXT NOT NULL,"
+    " event_json TEXT NOT NULL,"
+    " error TEXT NOT NULL,"
+    " handler TEXT,"
+    " attempts INTEGER NOT NULL,"
+    " first_failed_at DOUBLE PRECISION NOT NULL,"
+    " last_failed_at DOUBLE PRECISION NOT NULL,"
+    " event_id TEXT,"
+    " event_type TEXT)",
+    # A row is a lease, or a lane about to be claimed (no owner yet): claims lock
+    # these rows, and a row exists only while a lane is claimed or being claimed.
+    "CREATE TABLE bridge_kit_lanes ("
+    ' lane TEXT COLLATE "C" PRIMARY KEY,'
+    " owner TEXT,"
+    " lease_until DOUBLE PRECISION)",
+)
+
+
+def text(value: str) -> str:
+    """``value`` without NUL, which PostgreSQL text refuses (U+FFFD in its place).
+
+    Not one-to-one, which is harmless where it is used: two lanes that differ only
+    there become one (still in order), and the other columns are for people.
+    """
+    return value.replace("\x00", "\ufffd")
+
+
+def _optional_text(value: str | None) -> str | None:
+    return None if value is None else text(value)
+
+
+# One statement, so one commit: the txnId, the items and the letters, or, when the
+# txnId is there already (a concurrent duplicate waits for the first to commit, then
+# finds it), nothing. Rows go in the order given, so their ids keep arrival order.
+_ACCEPT = """
+WITH txn AS (
+    INSERT INTO bridge_kit_transactions (txn_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1
+), items AS (
+    INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)
+    SELECT lane, kind, event_json, $2
+    FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS t(lane, kind, event_json, n)
+    WHERE EXISTS (SELECT FROM txn)
+    ORDER BY n
+), letters AS (
+    INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,
+        event_id, event_type, first_failed_at, last_failed_at)
+    SELECT lane, kind, event_json, error, handler, attempts, event_id, event_type,
+        COALESCE(first_failed_at, $2), $2
+    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int[],
+        $12::text[], $13::text[], $14::float8[]) WITH ORDINALITY
+        AS t(lane, kind, event_json, error, handler, attempts, event_id, event_type,
+            first_failed_at, n)
+    WHERE EXISTS (SELECT FROM txn)
+    ORDER BY n
+)
+SELECT EXISTS (SELECT FROM txn)
+"""
+
+# Claiming, step 1: a lanes row for each of the oldest ready lanes that has none, so
+# that step 2 can lock it. Every lane of the inbox is visited by a skip scan (one index
+# descent per lane) instead of reading every item; its head (oldest item) is one more
+# descent. Sorted by lane, so that two claims inserting the same rows wait for each
+# other in the same order, never in a cycle.
+_ADD_CANDIDATES = """
+WITH RECURSIVE lanes(lane) AS (
+    (SELECT lane FROM bridge_kit_inbox ORDER BY lane LIMIT 1)
+    UNION ALL
+    SELECT (SELECT i.lane FROM bridge_kit_inbox i WHERE i.lane > lanes.lane
+            ORDER BY i.lane LIMIT 1)
+    FROM lanes WHERE lanes.lane IS NOT NULL
+), ready AS (
+    SELECT lanes.lane, head.id FROM lanes
+    CROSS JOIN LATERAL (
+        SELECT i.id, i.not_before FROM bridge_kit_inbox i
+        WHERE i.lane = lanes.lane ORDER BY i.id LIMIT 1
+    ) head
+    WHERE head.not_before <= $1 AND lanes.lane <> ALL($2::text[])
+      AND NOT EXISTS (SELECT FROM bridge_kit_lanes k WHERE k.lane = lanes.lane)
+    ORDER BY head.id LIMIT $3
+)
+INSERT INTO bridge_kit_lanes (lane) SELECT lane FROM ready ORDER BY lane
+ON CONFLICT DO NOTHING
+"""
+
+# Claiming, step 2: lock the free, ready rows oldest head first, skipping those another
+# claim has locked, and lease them. A row another claim leased since this statement's
+# snapshot is re-read once locked, and then fails the owner test: no lane goes twice.
+_TAKE_LEASES = """
+WITH picked AS (
+    SELECT k.lane, head.id FROM bridge_kit_lanes k
+    CROSS JOIN LATERAL (
+        SELECT i.id, i.not_before FROM bridge_kit_inbox i
+        WHERE i.lane = k.lane ORDER BY i.id LIMIT 1
+    ) head
+    WHERE head.not_before <= $1 AND k.lane <> ALL($2::text[])
+      AND (k.owner IS NULL OR k.owner = $3 OR k.lease_until <= $1)
+    ORDER BY head.id LIMIT $4
+    FOR UPDATE OF k SKIP LOCKED
+)
+UPDATE bridge_kit_lanes k SET owner = $3, lease_until = $5
+FROM picked WHERE k.lane = picked.lane
+RETURNING k.lane, picked.id
+"""
+
+
+async def accept(
+    pool: Any,
+    txn_key: bytes,
+    items: Sequence[NewInboxItem],
+    rejected: Sequence[NewDeadLetter],
+    now: float,
+) -> bool:
+    item_columns = (
+        [text(item.lane) for item in items],
+        [item.kind.value for item in items],
+        [text(item.event_json) for item in items],
+    )
+    letter_columns = (
+        [text(letter.lane) for letter in rejected],
+        [letter.kind.value for letter in rejected],
+        [text(letter.event_json) for letter in rejected],
+        [text(letter.error) for letter in rejected],
+        [_optional_text(letter.handler) for letter in rejected],
+        [letter.attempts for letter in rejected],
+        [_optional_text(letter.event_id) for letter in rejected],
+        [_optional_text(letter.event_type) for letter in rejected],
+        [letter.first_failed_at for letter in rejected],
+    )
+    accepted = await pool.fetchval(_ACCEPT, txn_key, now, *item_columns, *letter_columns)
+    return bool(accepted)
+
+
+async def claim(
+    pool: Any, owner: str, until: float, limit: int, exclude: Collection[str], now: float
+) -> list[str]:
+    if limit == 0:
+        return []
+    excluded = [text(lane) for lane in exclude]
+    # Two statements, each its own commit: step 1's rows must be committed before step 2
+    # runs, or a concurrent claim's step 1 would wait on them instead of moving on.
+    await pool.execute(_ADD_CANDIDATES, now, excluded, limit)
+    rows = await pool.fetch(_TAKE_LEASES, now, excluded, owner, limit, until)
+    return [row["lane"] for row in sorted(rows, key=lambda row: row["id"])]
+
+
+async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> set[str]:
+    rows = await pool.fetch(
+        "UPDATE bridge_kit_lanes SET lease_until = $3"
+        " WHERE owner = $1 AND lane = ANY($2::text[]) RETURNING lane",
+        owner,
+        [text(lane) for lane in lanes],
+        until,
+    )
+    return {row["lane"] for row in rows}
+
+
+async def release(pool: Any, owner: str, lane: str) -> None:
+    # Deleting rather than clearing the owner: the next claim adds the row again.
+    await pool.execute(
+        "DELETE FROM bridge_kit_lanes WHERE lane = $1 AND owner = $2", text(lane), owner
+    )
+
+
+async def lane_items(pool: Any, lane: str, limit: int) -> list[InboxItem]:
+    rows = await pool.fetch(
+        f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
+        " WHERE lane = $1 ORDER BY id LIMIT $2",
+        text(lane),
+        limit,
+    )
+    return [item_from_row(row) for row in rows]
+
+
+async def complete(pool: Any, item_id: int) -> None:
+    await pool.execute("DELETE FROM bridge_kit_inbox WHERE id = $1", item_id)
+
+
+async def fail(
+    pool: Any, item_id: int, done_handlers: Sequence[str], not_before: float, now: float
+) -> None:
+    await pool.execute(
+        "UPDATE bridge_kit_inbox SET attempts = attempts + 1, done_handlers = $2,"
+        " not_before = $3, first_failed_at = COALESCE(first_failed_at, $4) WHERE id = $1",
+        item_id,
+        encode_handlers(done_handlers),
+        not_before,
+        now,
+    )
+
+
+# The letter goes in only if the item was still there to delete: a worker whose
+# lease ran out may bury an item that another worker completed or buried already.
+_BURY = """
+WITH gone AS (DELETE FROM bridge_kit_inbox WHERE id = $1 RETURNING first_failed_at)
+INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,
+    event_id, event_type, last_failed_at, first_failed_at)
+SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::float8, gone.first_failed_at, $10)
+FROM gone
+"""
+
+
+async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> None:
+    await pool.execute(
+        _BURY,
+        item_id,
+        text(letter.lane),
+        letter.kind.value,
+        text(letter.event_json),
+        text(letter.error),
+        _optional_text(letter.handler),
+        letter.attempts,
+        _optional_text(letter.event_id),
+        _optional_text(letter.event_type),
+        now,
+        letter.first_failed_at,
+    )
+
+
+async def dead_letters(pool: Any, limit: int | None) -> list[DeadLetter]:
+    rows = await pool.fetch(
+        f"SELECT {LETTER_COLUMNS} FROM bridge_kit_dead_letters"  # noqa: S608 (a constant)
+        " ORDER BY id LIMIT $1",  # LIMIT NULL: all
+        limit,
+    )
+    return [letter_from_row(row) for row in rows]
+
+
+_PICK_LETTERS = "$1::bigint[] IS NULL OR id = ANY($1::bigint[])"
+
+
+def _letter_ids(ids: Collection[int] | None) -> list[int] | None:
+    return None if ids is None else sorted(set(ids))
+
+
+async def replay(pool: Any, ids: Collection[int] | None, now: float) -> int:
+    status: str = await pool.execute(
+        f"WITH gone AS (DELETE FROM bridge_kit_dead_letters WHERE {_PICK_LETTERS}"  # noqa: S608
+        " RETURNING id, lane, kind, event_json)"
+        " INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)"
+        " SELECT lane, kind, event_json, $2 FROM gone ORDER BY id",
+        _letter_ids(ids),
+        now,
+    )
+    return _count(status)
+
+
+async def drop(pool: Any, ids: Collection[int] | None) -> int:
+    status: str = await pool.execute(
+        f"DELETE FROM bridge_kit_dead_letters WHERE {_PICK_LETTERS}",  # noqa: S608
+        _letter_ids(ids),
+    )
+    return _count(status)
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag such as ``INSERT 0 3`` or ``DELETE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def stats(pool: Any) -> InboxStats:
+    row = await pool.fetchrow(
+        "SELECT (SELECT COUNT(*) FROM bridge_kit_inbox),"
+        " (SELECT MIN(received_at) FROM bridge_kit_inbox),"
+        " (SELECT COUNT(*) FROM bridge_kit_dead_letters)"
+    )
+    depth, oldest, letters = row
+    return InboxStats(depth=depth, oldest_received_at=oldest, dead_letters=letters)

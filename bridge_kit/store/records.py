@@ -1,0 +1,101 @@
+"""The records of the durable inbox, as the stores read and write them.
+
+An accepted transaction becomes :class:`NewInboxItem` rows (one per event),
+written in the same commit as its txnId. Workers read them back as
+:class:`InboxItem`, in order per *lane* (a room, or a lane for events without
+one). An item whose handlers keep failing, or that never was a valid event,
+becomes a :class:`DeadLetter`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+__all__ = [
+    "DeadLetter",
+    "InboxItem",
+    "InboxStats",
+    "ItemKind",
+    "NewDeadLetter",
+    "NewInboxItem",
+]
+
+
+class ItemKind(enum.Enum):
+    """Which part of a transaction an item came from (and so which handlers get it)."""
+
+    EVENT = "event"  # events: timeline and state events
+    EPHEMERAL = "ephemeral"  # ephemeral: typing, receipts, presence
+
+
+@attrs.frozen
+class NewInboxItem:
+    """An event to append to the inbox: ``event_json`` is its JSON text, as received."""
+
+    lane: str
+    kind: ItemKind
+    event_json: str
+
+
+@attrs.frozen
+class InboxItem:
+    """An event in the inbox, waiting for (or between) attempts.
+
+    ``id`` grows with arrival, so it orders a lane. ``attempts`` counts failed
+    attempts so far; ``done_handlers`` names the handlers that already
+    succeeded for it (they are not run again); ``not_before`` is the Unix time
+    before which it must not be tried again (0: now).
+    """
+
+    id: int
+    lane: str
+    kind: ItemKind
+    event_json: str
+    received_at: float
+    attempts: int = 0
+    done_handlers: tuple[str, ...] = ()
+    not_before: float = 0.0
+    first_failed_at: float | None = None
+
+
+@attrs.frozen
+class NewDeadLetter:
+    """An item set aside: its raw JSON, and why (with the traceback, for a handler)."""
+
+    lane: str
+    kind: ItemKind
+    event_json: str
+    error: str
+    handler: str | None = None
+    attempts: int = 0
+    first_failed_at: float | None = None
+    event_id: str | None = None
+    event_type: str | None = None
+
+
+@attrs.frozen
+class DeadLetter:
+    """A dead letter as stored; ``id`` is what replay and drop take."""
+
+    id: int
+    lane: str
+    kind: ItemKind
+    event_json: str
+    error: str
+    handler: str | None
+    attempts: int
+    first_failed_at: float
+    last_failed_at: float
+    event_id: str | None
+    event_type: str | None
+
+
+@attrs.frozen
+class InboxStats:
+    """How full the inbox is: ``oldest_received_at`` is ``None`` when it is empty."""
+
+    depth: int
+    oldest_received_at: float | None
+    dead_letters: int

@@ -1,0 +1,284 @@
+"""The durable inbox in SQLite: the version 2 schema and the statements behind
+:class:`~bridge_kit.store.sqlite.SQLiteStore`'s inbox methods.
+
+Each function takes the store's aiosqlite connection; the store decides which
+of them share one transaction, and holds its lock around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+
+import aiosqlite
+
+from bridge_kit.store.inbox_rows import (
+    ITEM_COLUMNS,
+    LETTER_COLUMNS,
+    encode_handlers,
+    item_from_row,
+    letter_from_row,
+)
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+
+#: SQLite refuses statements with more than 999 variables on old builds; stay well below.
+MAX_VARIABLES = 500
+
+V2 = (
+    # AUTOINCREMENT: an id is never handed out twice, so a worker that lost its lease
+    # and completes an item late cannot delete a newer item that reused the id.
+    "CREATE TABLE bridge_kit_inbox ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " lane TEXT NOT NULL,"
+    " kind TEXT NOT NULL,"
+    " event_json TEXT NOT NULL,"
+    " received_at REAL NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " done_handlers TEXT NOT NULL DEFAULT '[]',"
+    " not_before REAL NOT NULL DEFAULT 0,"
+    " first_failed_at REAL)",
+    "CREATE INDEX bridge_kit_inbox_lane ON bridge_kit_inbox (lane, id)",
+    "CREATE TABLE bridge_kit_dead_letters ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " lane TEXT NOT NULL,"
+    " kind TEXT NOT NULL,"
+    " event_json TEXT NOT NULL,"
+    " error TEXT NOT NULL,"
+    " handler TEXT,"
+    " attempts INTEGER NOT NULL,"
+    " first_failed_at REAL NOT NULL,"
+    " last_failed_at REAL NOT NULL,"
+    " event_id TEXT,"
+    " event_type TEXT)",
+    # A row is a lease: claiming writes it, releasing deletes it.
+    "CREATE TABLE bridge_kit_lanes ("
+    " lane TEXT PRIMARY KEY NOT NULL,"
+    " owner TEXT NOT NULL,"
+    " lease_until REAL NOT NULL) WITHOUT ROWID",
+)
+
+_INSERT_ITEM = (
+    "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at) VALUES (?, ?, ?, ?)"
+)
+_INSERT_LETTER = (
+    "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
+    " first_failed_at, last_failed_at, event_id, event_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# The oldest item of every lane, found by one index descent per lane (a skip scan)
+# rather than by reading the whole inbox; the ready ones that nobody else holds a
+# live lease on, oldest first.
+_CLAIMABLE = """
+WITH RECURSIVE lanes(lane) AS (
+    SELECT (SELECT lane FROM bridge_kit_inbox ORDER BY lane LIMIT 1)
+    UNION ALL
+    SELECT (SELECT i.lane FROM bridge_kit_inbox i WHERE i.lane > lanes.lane
+            ORDER BY i.lane LIMIT 1)
+    FROM lanes WHERE lanes.lane IS NOT NULL
+)
+SELECT head.lane FROM lanes
+JOIN bridge_kit_inbox head ON head.id = (
+    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = lanes.lane ORDER BY i.id LIMIT 1)
+LEFT JOIN bridge_kit_lanes lease ON lease.lane = head.lane
+WHERE head.not_before <= :now
+  AND (lease.lane IS NULL OR lease.owner = :owner OR lease.lease_until <= :now)
+ORDER BY head.id
+LIMIT :limit
+"""
+
+_TAKE_LEASE = (
+    "INSERT INTO bridge_kit_lanes (lane, owner, lease_until) VALUES (?, ?, ?)"
+    " ON CONFLICT (lane) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until"
+)
+
+
+def _chunks(values: Sequence[object]) -> Iterator[Sequence[object]]:
+    for start in range(0, len(values), MAX_VARIABLES):
+        yield values[start : start + MAX_VARIABLES]
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
+
+
+async def append(
+    conn: aiosqlite.Connection,
+    items: Sequence[NewInboxItem],
+    rejected: Sequence[NewDeadLetter],
+    now: float,
+) -> None:
+    """Add an accepted transaction's items and dead letters (the caller's transaction)."""
+    if items:
+        rows = [(item.lane, item.kind.value, item.event_json, now) for item in items]
+        await conn.executemany(_INSERT_ITEM, rows)
+    if rejected:
+        letters = [_letter_row(letter, letter.first_failed_at, now) for letter in rejected]
+        await conn.executemany(_INSERT_LETTER, letters)
+
+
+def _letter_row(
+    letter: NewDeadLetter, first_failed_at: float | None, now: float
+) -> tuple[object, ...]:
+    return (
+        letter.lane,
+        letter.kind.value,
+        letter.event_json,
+        letter.error,
+        letter.handler,
+        letter.attempts,
+        first_failed_at if first_failed_at is not None else now,
+        now,
+        letter.event_id,
+        letter.event_type,
+    )
+
+
+async def claim(
+    conn: aiosqlite.Connection,
+    owner: str,
+    until: float,
+    limit: int,
+    exclude: Collection[str],
+    now: float,
+) -> list[str]:
+    """Lease the oldest claimable lanes to ``owner`` (in the caller's transaction)."""
+    if limit == 0:
+        return []
+    # Each lane comes once, so reading len(exclude) more rows leaves ``limit`` after
+    # the excluded ones are dropped here (SQLite has no array parameter to do it in SQL).
+    parameters = {"now": now, "owner": owner, "limit": limit + len(exclude)}
+    rows = await conn.execute_fetchall(_CLAIMABLE, parameters)
+    lanes = [lane for (lane,) in rows if lane not in exclude][:limit]
+    await conn.executemany(_TAKE_LEASE, [(lane, owner, until) for lane in lanes])
+    return lanes
+
+
+async def renew(
+    conn: aiosqlite.Connection, owner: str, lanes: Collection[str], until: float
+) -> set[str]:
+    """Extend the leases ``owner`` still holds (in the caller's transaction)."""
+    held: set[str] = set()
+    for chunk in _chunks(sorted(set(lanes))):
+        where = f"WHERE owner = ? AND lane IN ({_marks(chunk)})"
+        rows = await conn.execute_fetchall(
+            f"SELECT lane FROM bridge_kit_lanes {where}",  # noqa: S608 (only "?" marks)
+            (owner, *chunk),
+        )
+        held.update(lane for (lane,) in rows)
+        await conn.execute(
+            f"UPDATE bridge_kit_lanes SET lease_until = ? {where}",  # noqa: S608
+            (until, owner, *chunk),
+        )
+    return held
+
+
+async def release(conn: aiosqlite.Connection, owner: str, lane: str) -> None:
+    # Deleting rather than clearing the owner: claim writes the row again when needed.
+    await conn.execute("DELETE FROM bridge_kit_lanes WHERE lane = ? AND owner = ?", (lane, owner))
+
+
+async def lane_items(conn: aiosqlite.Connection, lane: str, limit: int) -> list[InboxItem]:
+    rows = await conn.execute_fetchall(
+        f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
+        " WHERE lane = ? ORDER BY id LIMIT ?",
+        (lane, limit),
+    )
+    return [item_from_row(row) for row in rows]
+
+
+async def complete(conn: aiosqlite.Connection, item_id: int) -> None:
+    await conn.execute("DELETE FROM bridge_kit_inbox WHERE id = ?", (item_id,))
+
+
+async def fail(
+    conn: aiosqlite.Connection,
+    item_id: int,
+    done_handlers: Sequence[str],
+    not_before: float,
+    now: float,
+) -> None:
+    await conn.execute(
+        "UPDATE bridge_kit_inbox SET attempts = attempts + 1, done_handlers = ?,"
+        " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?) WHERE id = ?",
+        (encode_handlers(done_handlers), not_before, now, item_id),
+    )
+
+
+async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> None:
+    """Move an item to the dead letters (in the caller's transaction).
+
+    The letter is written only if the item was still there: a worker whose lease
+    ran out may bury an item another worker already completed or buried.
+    """
+    await conn.execute(
+        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
+        " event_id, event_type, last_failed_at, first_failed_at)"
+        # The item's own first failure stands in for a letter that names none.
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?)"
+        " FROM bridge_kit_inbox WHERE id = ?",
+        (
+            *(letter.lane, letter.kind.value, letter.event_json, letter.error, letter.handler),
+            *(letter.attempts, letter.event_id, letter.event_type, now),
+            *(letter.first_failed_at, now, item_id),
+        ),
+    )
+    await complete(conn, item_id)
+
+
+async def dead_letters(conn: aiosqlite.Connection, limit: int | None) -> list[DeadLetter]:
+    rows = await conn.execute_fetchall(
+        f"SELECT {LETTER_COLUMNS} FROM bridge_kit_dead_letters"  # noqa: S608 (a constant)
+        " ORDER BY id LIMIT ?",
+        (-1 if limit is None else limit,),  # -1: no limit
+    )
+    return [letter_from_row(row) for row in rows]
+
+
+def _letter_filters(ids: Collection[int] | None) -> Iterator[tuple[str, Sequence[object]]]:
+    """WHERE clauses (and their parameters) that pick these letters, oldest first."""
+    if ids is None:
+        yield "", ()
+        return
+    for chunk in _chunks(sorted(set(ids))):
+        yield f"WHERE id IN ({_marks(chunk)})", chunk
+
+
+async def replay(conn: aiosqlite.Connection, ids: Collection[int] | None, now: float) -> int:
+    """Move dead letters back into the inbox, in order (in the caller's transaction)."""
+    moved = 0
+    for where, parameters in _letter_filters(ids):
+        await conn.execute(
+            "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)"  # noqa: S608
+            f" SELECT lane, kind, event_json, ? FROM bridge_kit_dead_letters {where}"
+            " ORDER BY id",  # only "?" marks in ``where``
+            (now, *parameters),
+        )
+        moved += await _delete_letters(conn, where, parameters)
+    return moved
+
+
+async def drop(conn: aiosqlite.Connection, ids: Collection[int] | None) -> int:
+    dropped = 0
+    for where, parameters in _letter_filters(ids):
+        dropped += await _delete_letters(conn, where, parameters)
+    return dropped
+
+
+async def _delete_letters(
+    conn: aiosqlite.Connection, where: str, parameters: Sequence[object]
+) -> int:
+    cursor = await conn.execute(
+        f"DELETE FROM bridge_kit_dead_letters {where}",  # noqa: S608 (only "?" marks)
+        parameters,
+    )
+    return cursor.rowcount
+
+
+async def stats(conn: aiosqlite.Connection) -> InboxStats:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT COUNT(*), MIN(received_at),"
+            " (SELECT COUNT(*) FROM bridge_kit_dead_letters) FROM bridge_kit_inbox"
+        )
+    )
+    depth, oldest, letters = rows[0]
+    return InboxStats(depth=depth, oldest_received_at=oldest, dead_letters=letters)
