@@ -33,3 +33,15 @@ SHUTDOWN_TIMEOUT: Final = 60.0
 
 #: Puppet intents kept in memory; a dropped one costs one store lookup when it comes back.
 INTENT_CACHE_SIZE: Final = 10_000
+
+#: The durable inbox (see bridge_kit.inbox): rooms handled at once, attempts per
+#: event before it becomes a dead letter, the retry backoff (doubling, capped),
+#: the time a handler may run, a process's lease on a room, and how often it
+#: looks for work others left (replays, another daemon's accepted transactions).
+HANDLER_CONCURRENCY: Final = 32
+HANDLER_ATTEMPTS: Final = 5
+RETRY_BACKOFF: Final = 1.0
+RETRY_BACKOFF_MAX: Final = 300.0
+HANDLER_TIMEOUT: Final = 60.0
+LANE_LEASE: Final = 30.0
+INBOX_POLL: Final = 2.0

@@ -9,18 +9,23 @@ registrations, rate limits and retries by itself.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
 
 from bridge_kit.client import ClientObserver
+from bridge_kit.store.records import InboxStats
 
 _REGISTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TRANSACTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0)
+_HANDLER_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics(ClientObserver):
@@ -32,20 +37,20 @@ class Metrics(ClientObserver):
     def __init__(self, namespace: str = "bridge_kit") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.transactions = self._counter(
-            namespace, "transactions", "Transactions processed successfully"
+            namespace, "transactions", "Transactions accepted into the inbox"
         )
-        self.events = self._counter(namespace, "events", "Events in transactions processed")
+        self.events = self._counter(namespace, "events", "Events in accepted transactions")
         self.duplicate_transactions = self._counter(
             namespace,
             "duplicate_transactions",
             "Transactions answered without processing because their txnId was already done",
         )
         self.handler_failures = self._counter(
-            namespace, "handler_failures", "Transactions whose handler raised (answered 500)"
+            namespace, "handler_failures", "Transactions that could not be accepted (answered 500)"
         )
         self.transaction_seconds = Histogram(
             "transaction_seconds",
-            "Time to process one transaction, handler and dedup record included",
+            "Time to accept one transaction: parse, store in the inbox and dedup record",
             namespace=namespace,
             buckets=_TRANSACTION_BUCKETS,
             registry=self.registry,
@@ -78,6 +83,47 @@ class Metrics(ClientObserver):
             registry=self.registry,
         )
 
+        self._add_inbox_metrics(namespace)
+
+    def _add_inbox_metrics(self, namespace: str) -> None:
+        self._oldest_received_at: float | None = None
+        self.inbox_events = Gauge(
+            "inbox_events", "Events waiting in the inbox", namespace=namespace, registry=self.registry
+        )
+        oldest = Gauge(
+            "inbox_oldest_seconds",
+            "Age of the oldest event waiting in the inbox (0 when it is empty)",
+            namespace=namespace,
+            registry=self.registry,
+        )
+        oldest.set_function(self._oldest_age)
+        self.dead_letters = Gauge(
+            "dead_letters", "Events set aside as dead letters", namespace=namespace,
+            registry=self.registry,
+        )  # fmt: skip
+        self.dead_lettered = Counter(
+            "dead_lettered",
+            "Events made dead letters, by reason (handler: it kept failing; invalid: malformed)",
+            ["reason"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.handler_retries = self._counter(
+            namespace, "handler_retries", "Handler failures that will be retried"
+        )
+        self.handler_seconds = Histogram(
+            "handler_seconds",
+            "Time one handler took for one event, by event type",
+            ["event_type"],
+            namespace=namespace,
+            buckets=_HANDLER_BUCKETS,
+            registry=self.registry,
+        )
+
+    def _oldest_age(self) -> float:
+        oldest = self._oldest_received_at
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
     def _counter(self, namespace: str, name: str, documentation: str) -> Counter:
         return Counter(name, documentation, namespace=namespace, registry=self.registry)
 
@@ -96,6 +142,24 @@ class Metrics(ClientObserver):
     def count_handler_failure(self) -> None:
         """A transaction handler raised."""
         self.handler_failures.inc()
+
+    def set_inbox(self, stats: InboxStats) -> None:
+        """The inbox as last read from the store."""
+        self.inbox_events.set(stats.depth)
+        self.dead_letters.set(stats.dead_letters)
+        self._oldest_received_at = stats.oldest_received_at
+
+    def observe_handler(self, event_type: str, seconds: float) -> None:
+        """One handler ran for one event of ``event_type`` in ``seconds``."""
+        self.handler_seconds.labels(event_type=event_type).observe(seconds)
+
+    def count_handler_retry(self) -> None:
+        """A handler failed and its event will be tried again."""
+        self.handler_retries.inc()
+
+    def count_dead_letter(self, reason: str, count: int = 1) -> None:
+        """``count`` events became dead letters (``handler`` or ``invalid``)."""
+        self.dead_lettered.labels(reason=reason).inc(count)
 
     # -- homeserver side -------------------------------------------------------
 

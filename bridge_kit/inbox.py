@@ -1,0 +1,298 @@
+"""The durable inbox: events wait in the store until every handler for them returned.
+
+An accepted transaction's events are written to the store in one commit and
+acknowledged at once (see :mod:`bridge_kit.transactions`). :class:`Inbox` then
+works through them in *lanes*: one lane per room, handled strictly in order,
+one event at a time; different lanes run concurrently, up to
+``handler_concurrency``. A failing handler is retried with jittered
+exponential backoff; after ``handler_attempts`` failures its event becomes a
+dead letter and the lane moves on. A lane waiting for a retry holds no worker,
+so it never blocks other rooms.
+
+Several processes may share a PostgreSQL store: each works only on the lanes
+it holds a lease on, renews the leases while it works, and a lane whose
+process died is taken over once its lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import cattrs
+
+from bridge_kit import defaults
+from bridge_kit.delivery import handling
+from bridge_kit.metrics import Metrics
+from bridge_kit.store.base import Store
+from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter
+from bridge_kit.types import Event, describe_error
+from bridge_kit.types.converter import converter
+
+__all__ = ["EventHandler", "HandlerRoute", "Inbox", "InboxSettings", "handler_name"]
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[Event], Awaitable[None]]
+#: Which handlers an item gets, in order: ``route(kind, event_type)``.
+HandlerRoute = Callable[[ItemKind, str], Sequence[EventHandler]]
+
+_BATCH = 50
+
+
+@attrs.frozen
+class InboxSettings:
+    """How the inbox runs handlers; the config's ``appservice`` section sets these."""
+
+    concurrency: int = defaults.HANDLER_CONCURRENCY
+    attempts: int = defaults.HANDLER_ATTEMPTS
+    backoff: float = defaults.RETRY_BACKOFF
+    backoff_max: float = defaults.RETRY_BACKOFF_MAX
+    timeout: float = defaults.HANDLER_TIMEOUT
+    lease: float = defaults.LANE_LEASE
+    poll: float = defaults.INBOX_POLL
+
+    def retry_delay(self, failures: int, rng: random.Random) -> float:
+        """Jittered exponential backoff after the ``failures``-th failure (1-based)."""
+        ceiling = min(self.backoff_max, self.backoff * 2 ** (failures - 1))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+def handler_name(handler: EventHandler) -> str:
+    """The name a handler is recorded under: its module and qualified name."""
+    module = getattr(handler, "__module__", None) or "?"
+    return f"{module}.{getattr(handler, '__qualname__', repr(handler))}"
+
+
+class Inbox:
+    """Runs the handlers for the events in the store's inbox, lane by lane.
+
+    ``route`` says which handlers an item gets. :meth:`wake` tells the inbox new
+    items arrived; it also looks by itself every ``settings.poll`` seconds, for
+    items that other processes accepted or an operator replayed.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        route: HandlerRoute,
+        *,
+        appservice_id: str,
+        settings: InboxSettings = InboxSettings(),
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.route = route
+        self.appservice_id = appservice_id
+        self.settings = settings
+        self.metrics = metrics
+        self.owner = f"{appservice_id}/{uuid.uuid4().hex[:12]}"
+        self.stats = InboxStats(depth=0, oldest_received_at=None, dead_letters=0)
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rng = random.Random()
+
+    # -- life cycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start working through the inbox (it resumes whatever a previous run left)."""
+        await self.refresh_stats()
+        self._tasks = [
+            asyncio.create_task(self._schedule(), name="bridge_kit inbox scheduler"),
+            asyncio.create_task(self._keep_leases(), name="bridge_kit inbox leases"),
+        ]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking lanes, give running handlers ``grace`` seconds, then cancel them.
+
+        An event whose handler was cancelled stays in the inbox and is handled
+        again on the next start, with the same transaction IDs for its sends.
+        """
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self._workers.values())
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def wake(self) -> None:
+        """New items arrived: look for lanes to work on now."""
+        self._wakeup.set()
+
+    @property
+    def busy_lanes(self) -> int:
+        """How many lanes are being worked on in this process."""
+        return len(self._workers)
+
+    async def refresh_stats(self) -> InboxStats:
+        """Read the depth, oldest item and dead-letter count, and update the metrics."""
+        self.stats = await self.store.inbox_stats()
+        if self.metrics is not None:
+            self.metrics.set_inbox(self.stats)
+        return self.stats
+
+    # -- scheduling --------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            try:
+                await self._claim_free_lanes()
+                await self.refresh_stats()
+            except Exception:
+                log.exception("the inbox could not read the store; trying again shortly")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll)
+            self._wakeup.clear()
+
+    async def _claim_free_lanes(self) -> None:
+        free = self.settings.concurrency - len(self._workers)
+        if free <= 0:
+            return
+        lanes = await self.store.claim_lanes(
+            self.owner, self.settings.lease, free, exclude=tuple(self._workers)
+        )
+        for lane in lanes:
+            self._workers[lane] = asyncio.create_task(self._work_lane(lane))
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            lanes = tuple(self._workers)
+            if not lanes:
+                continue
+            try:
+                held = await self.store.renew_lanes(self.owner, lanes, self.settings.lease)
+            except Exception:
+                log.exception("could not renew the inbox leases; trying again shortly")
+                continue
+            for lane in set(lanes) - held:
+                # Another process took the lane over (our lease ran out): stop at once,
+                # or both would run its handlers.
+                log.warning("lost the lease on lane %s; another process handles it now", lane)
+                if (worker := self._workers.get(lane)) is not None:
+                    worker.cancel()
+
+    # -- one lane ----------------------------------------------------------------
+
+    async def _work_lane(self, lane: str) -> None:
+        try:
+            while await self._work_batch(lane):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the inbox could not work on lane %s; trying again shortly", lane)
+        finally:
+            del self._workers[lane]
+            with contextlib.suppress(Exception):
+                await self.store.release_lane(self.owner, lane)
+            self.wake()
+
+    async def _work_batch(self, lane: str) -> bool:
+        """Handle the lane's next items in order; False when the lane is done for now."""
+        items = await self.store.lane_items(lane, _BATCH)
+        for item in items:
+            if item.not_before > time.time() or not await self._handle(item):
+                return False
+        return len(items) == _BATCH
+
+    async def _handle(self, item: InboxItem) -> bool:
+        """Run the item's handlers; True when the lane may go on to the next item."""
+        try:
+            event = _parse_event(item.event_json)
+        except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
+            await self._bury(item, None, f"invalid event: {describe_error(exc)}", item.attempts)
+            return True
+        done = list(item.done_handlers)
+        for handler in self.route(item.kind, event.type):
+            name = handler_name(handler)
+            if name in done:
+                continue
+            failure = await self._run(handler, name, event, item)
+            if failure is not None:
+                return await self._failed(item, event, name, done, failure)
+            done.append(name)
+        await self.store.complete_item(item.id)
+        return True
+
+    async def _run(
+        self, handler: EventHandler, name: str, event: Event, item: InboxItem
+    ) -> str | None:
+        """Run one handler; the failure with its traceback, or None when it returned."""
+        started = time.perf_counter()
+        key = event.event_id or f"inbox:{item.id}"
+        try:
+            with handling(self.appservice_id, key, name):
+                async with asyncio.timeout(self.settings.timeout):
+                    await handler(event)
+        except TimeoutError:
+            return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
+        except Exception:
+            return traceback.format_exc()
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_handler(event.type, time.perf_counter() - started)
+        return None
+
+    async def _failed(
+        self, item: InboxItem, event: Event, name: str, done: list[str], failure: str
+    ) -> bool:
+        attempts = item.attempts + 1
+        summary = failure.strip().splitlines()[-1]
+        if attempts >= self.settings.attempts:
+            log.error(
+                "handler %s failed %d times for %s in %s; it is now a dead letter: %s",
+                name, attempts, event.event_id or event.type, item.lane, summary,
+            )  # fmt: skip
+            await self._bury(item, name, failure, attempts, event)
+            return True
+        delay = self.settings.retry_delay(attempts, self._rng)
+        log.warning(
+            "handler %s failed for %s in %s (attempt %d of %d); retrying in %.1f s: %s",
+            name, event.event_id or event.type, item.lane, attempts, self.settings.attempts,
+            delay, summary,
+        )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.count_handler_retry()
+        await self.store.fail_item(item.id, done, time.time() + delay)
+        return False
+
+    async def _bury(
+        self,
+        item: InboxItem,
+        handler: str | None,
+        error: str,
+        attempts: int,
+        event: Event | None = None,
+    ) -> None:
+        letter = NewDeadLetter(
+            lane=item.lane,
+            kind=item.kind,
+            event_json=item.event_json,
+            error=error,
+            handler=handler,
+            attempts=attempts,
+            first_failed_at=item.first_failed_at,
+            event_id=event.event_id if event else None,
+            event_type=event.type if event else None,
+        )
+        await self.store.bury_item(item.id, letter)
+        if self.metrics is not None:
+            self.metrics.count_dead_letter("handler" if handler else "invalid")
+
+
+def _parse_event(event_json: str) -> Event:
+    event: Event = converter.structure(json.loads(event_json), Event)
+    return event
