@@ -20,7 +20,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,10 +29,12 @@ from aiohttp import web
 
 from bridge_kit import defaults
 from bridge_kit.client import HomeserverClient, RetryPolicy
-from bridge_kit.config import Config
+from bridge_kit.config import AppServiceConfig, Config
+from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
 from bridge_kit.errors import BridgeKitError, LifecycleError
 from bridge_kit.ids import localpart_problem, split_user_id
+from bridge_kit.inbox import Inbox, InboxSettings
 from bridge_kit.intent import Intent
 from bridge_kit.metrics import Metrics
 from bridge_kit.progress import plain_line
@@ -40,7 +42,8 @@ from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localp
 from bridge_kit.registration import Registration
 from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import Store, open_store
-from bridge_kit.types import Event, Transaction
+from bridge_kit.store.records import ItemKind
+from bridge_kit.types import Event
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +97,18 @@ class AppService:
             config.homeserver.url, self.registration.as_token, retry=retry or RetryPolicy()
         )
         self.client.observers.append(self.metrics)
-        self._handlers: dict[str | None, list[EventHandler]] = defaultdict(list)
-        self._ephemeral_handlers: dict[str | None, list[EventHandler]] = defaultdict(list)
+        self._handlers: dict[ItemKind, dict[str | None, list[EventHandler]]] = {
+            kind: defaultdict(list) for kind in ItemKind
+        }
+        self.inbox = Inbox(
+            self.store,
+            self._handlers_for,
+            appservice_id=self.registration.id,
+            settings=inbox_settings(config.appservice),
+            metrics=self.metrics,
+        )
+        self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
+        """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
         self._user_query: QueryHook | None = None
         self._alias_query: QueryHook | None = None
         self._registrar: PuppetRegistrar | None = None
@@ -114,14 +127,15 @@ class AppService:
     def on_event(self, event_type: str | None = None) -> Callable[[EventHandler], EventHandler]:
         """Decorate a handler for timeline events of ``event_type`` (every event if None).
 
-        Handlers run in the order events arrive. A handler that raises makes the
-        whole transaction fail, so the homeserver retries it: nothing is lost.
+        Events come from the durable inbox: one room's events one at a time, in
+        order; a handler that raises is retried, and after ``handler_attempts``
+        failures its event becomes a dead letter. See :mod:`bridge_kit.inbox`.
         """
-        return self._decorator(self._handlers, event_type)
+        return self._decorator(self._handlers[ItemKind.EVENT], event_type)
 
     def on_ephemeral(self, event_type: str | None = None) -> Callable[[EventHandler], EventHandler]:
         """Decorate a handler for ephemeral events (typing, receipts, presence)."""
-        return self._decorator(self._ephemeral_handlers, event_type)
+        return self._decorator(self._handlers[ItemKind.EPHEMERAL], event_type)
 
     @staticmethod
     def _decorator(
@@ -226,9 +240,14 @@ class AppService:
         steps.push_async_callback(self.client.close)
         await self.store.open()
         steps.push_async_callback(self.store.close)
+        await self.store.lock_for_daemon()
         domain = await homeserver_domain(self.client, self.registration)
         self.domain = self.domain or domain
         self._registrar = PuppetRegistrar(self.client, self.store, self.registration, self.domain)
+        # Started before listening so that it stops after the listener: events
+        # accepted until the last moment are still handled (or left in the inbox).
+        await self.inbox.start()
+        steps.push_async_callback(self.inbox.stop)
         steps.push_async_callback(self._listen_stopped, await self._listen())
         if self.registration.url is None:
             log.warning("the registration's url is null: the homeserver will send us nothing")
@@ -260,7 +279,7 @@ class AppService:
         app = create_app(
             hs_token=self.registration.hs_token,
             store=self.store,
-            on_transaction=self._dispatch,
+            on_accepted=self.inbox.wake,
             on_user_query=self._answer_user_query,
             on_alias_query=self._answer_alias_query,
             thirdparty=self.thirdparty,
@@ -300,20 +319,9 @@ class AppService:
 
     # -- what the routes call --------------------------------------------------
 
-    async def _dispatch(self, transaction: Transaction) -> None:
-        for event in transaction.events:
-            for handler in self._handlers_for(self._handlers, event.type):
-                await handler(event)
-        for event in transaction.ephemeral:
-            for handler in self._handlers_for(self._ephemeral_handlers, event.type):
-                await handler(event)
-
-    @staticmethod
-    def _handlers_for(
-        table: dict[str | None, list[EventHandler]], event_type: str
-    ) -> Iterable[EventHandler]:
-        yield from table.get(event_type, ())
-        yield from table.get(None, ())
+    def _handlers_for(self, kind: ItemKind, event_type: str) -> Sequence[EventHandler]:
+        table = self._handlers[kind]
+        return [*table.get(event_type, ()), *table.get(None, ())]
 
     async def _answer_user_query(self, user_id: str) -> bool:
         localpart = self._provisionable_localpart(user_id)
@@ -357,7 +365,21 @@ class AppService:
             "appservice_id": self.registration.id,
             "user_id": self.bot.user_id if self._registrar else None,
             "uptime_seconds": round(time.monotonic() - started, 1) if started else 0,
+            "inbox_events": self.inbox.stats.depth,
+            "dead_letters": self.inbox.stats.dead_letters,
         }
+
+
+def inbox_settings(section: AppServiceConfig) -> InboxSettings:
+    """The inbox's settings from the config's ``appservice`` section."""
+    return InboxSettings(
+        concurrency=section.handler_concurrency,
+        attempts=section.handler_attempts,
+        backoff=section.retry_backoff,
+        backoff_max=section.retry_backoff_max,
+        timeout=section.handler_timeout,
+        lease=section.lane_lease,
+    )
 
 
 def _log_preregistration_failure(task: asyncio.Task[BulkResult]) -> None:

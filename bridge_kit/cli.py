@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
-from bridge_kit.commands import demo, register, run
+from bridge_kit.commands import dead_letters, demo, register, run
 from bridge_kit.diagnose import check_against_homeserver
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
 from bridge_kit.registration import Registration, check_file, generate_registration
@@ -52,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_check(subcommands)
     register.add_parser(subcommands)
     run.add_parser(subcommands)
+    dead_letters.add_parser(subcommands)
     demo.add_parser(subcommands)
     return parser
 

@@ -89,6 +89,12 @@ def _check_positive(value: int) -> str | None:
     return None if value >= 1 else f"must be at least 1, got {value}"
 
 
+def _check_seconds(value: float) -> str | None:
+    if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
+        return f"must be a finite number of seconds, got {value}"
+    return None if value > 0 else f"must be more than 0 seconds, got {value}"
+
+
 def _check_store(value: str) -> str | None:
     problem = store_url_problem(value)
     return None if problem is None else f"{problem}; expected {STORE_FORMS}"
@@ -162,6 +168,17 @@ class AppServiceConfig(_Section):
     store: str = _checked(defaults.STORE_URL, _check_store)
     """A store URL; a relative SQLite path is resolved against the config file's folder."""
     max_body_bytes: int = _checked(defaults.MAX_BODY_BYTES, _check_positive)
+    handler_concurrency: int = _checked(defaults.HANDLER_CONCURRENCY, _check_positive)
+    """Rooms whose events are handled at the same time (each room in order)."""
+    handler_attempts: int = _checked(defaults.HANDLER_ATTEMPTS, _check_positive)
+    """Failures of a handler for one event before the event becomes a dead letter."""
+    retry_backoff: float = _checked(defaults.RETRY_BACKOFF, _check_seconds)
+    """Seconds before the first retry of a failed handler; doubling, jittered."""
+    retry_backoff_max: float = _checked(defaults.RETRY_BACKOFF_MAX, _check_seconds)
+    handler_timeout: float = _checked(defaults.HANDLER_TIMEOUT, _check_seconds)
+    """Seconds a handler may run for one event; past that it counts as a failure."""
+    lane_lease: float = _checked(defaults.LANE_LEASE, _check_seconds)
+    """Seconds a daemon holds a room; another daemon sharing the store takes over after."""
 
 
 @attrs.frozen
@@ -434,7 +451,12 @@ def _value_problems(cls: type[_Section], values: Mapping[str, Any]) -> dict[str,
     return problems
 
 
-_TYPE_NAMES: Final[dict[type, str]] = {int: "an integer", str: "a string", bool: "true or false"}
+_TYPE_NAMES: Final[dict[type, str]] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+}
 
 
 def _type_problem(hint: Any, value: Any) -> str | None:
@@ -450,8 +472,10 @@ def _type_problem(hint: Any, value: Any) -> str | None:
 
 
 def _is_instance(value: Any, cls: Any) -> bool:
-    if cls is int and isinstance(value, bool):
+    if cls in (int, float) and isinstance(value, bool):
         return False
+    if cls is float and isinstance(value, int):
+        return True  # "retry_backoff: 2" means 2.0
     return isinstance(cls, type) and isinstance(value, cls)
 
 

@@ -25,7 +25,6 @@ from bridge_kit.ids import split_user_id
 from bridge_kit.registration import Registration
 from bridge_kit.server import create_app, serve_app
 from bridge_kit.store.memory import MemoryStore
-from bridge_kit.types import Transaction
 
 NOT_LOADED = (
     "the homeserver does not know this registration's as_token: is the registration "
@@ -131,10 +130,8 @@ async def _ping_responder(registration: Registration) -> AsyncIterator[None]:
             f"the registration's url {registration.url!r} has no host and port"
         )
 
-    async def refuse(transaction: Transaction) -> None:
-        raise StartupCheckFailed("bridge-kit check does not process transactions")
-
-    app = create_app(hs_token=registration.hs_token, store=MemoryStore(), on_transaction=refuse)
+    # Transactions get 503: the homeserver keeps them for the bridge itself.
+    app = create_app(hs_token=registration.hs_token, store=MemoryStore(), accept_transactions=False)
     try:
         runner = await serve_app(app, url.host, url.port)
     except ListenError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -25,6 +26,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import attrs
 import cattrs
@@ -46,6 +48,7 @@ EventHandler = Callable[[Event], Awaitable[None]]
 HandlerRoute = Callable[[ItemKind, str], Sequence[EventHandler]]
 
 _BATCH = 50
+_STATS_INTERVAL = 1.0
 
 
 @attrs.frozen
@@ -67,9 +70,19 @@ class InboxSettings:
 
 
 def handler_name(handler: EventHandler) -> str:
-    """The name a handler is recorded under: its module and qualified name."""
-    module = getattr(handler, "__module__", None) or "?"
-    return f"{module}.{getattr(handler, '__qualname__', repr(handler))}"
+    """The name a handler is recorded under: its module and qualified name.
+
+    It must be the same in every process (it keys the handler's progress and
+    its sends' transaction IDs), so it never contains a memory address: a
+    ``functools.partial`` is named after its function, a callable object after
+    its class.
+    """
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not hasattr(target, "__qualname__"):
+        target = type(target)
+    return f"{target.__module__}.{target.__qualname__}"
 
 
 class Inbox:
@@ -100,6 +113,7 @@ class Inbox:
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()
+        self._stopping = False
 
     # -- life cycle --------------------------------------------------------------
 
@@ -117,6 +131,7 @@ class Inbox:
         An event whose handler was cancelled stays in the inbox and is handled
         again on the next start, with the same transaction IDs for its sends.
         """
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -146,14 +161,21 @@ class Inbox:
     # -- scheduling --------------------------------------------------------------
 
     async def _schedule(self) -> None:
+        last_stats = 0.0
         while True:
             try:
                 await self._claim_free_lanes()
-                await self.refresh_stats()
+                # Counting the inbox costs a scan; once a second is plenty for gauges.
+                if time.monotonic() - last_stats >= _STATS_INTERVAL:
+                    await self.refresh_stats()
+                    last_stats = time.monotonic()
             except Exception:
                 log.exception("the inbox could not read the store; trying again shortly")
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the wake-up completes, and stop() would hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll)
+                async with asyncio.timeout(self.settings.poll):
+                    await self._wakeup.wait()
             self._wakeup.clear()
 
     async def _claim_free_lanes(self) -> None:
@@ -204,7 +226,9 @@ class Inbox:
         """Handle the lane's next items in order; False when the lane is done for now."""
         items = await self.store.lane_items(lane, _BATCH)
         for item in items:
-            if item.not_before > time.time() or not await self._handle(item):
+            if self._stopping or item.not_before > time.time():
+                return False
+            if not await self._handle(item):
                 return False
         return len(items) == _BATCH
 
@@ -216,8 +240,7 @@ class Inbox:
             await self._bury(item, None, f"invalid event: {describe_error(exc)}", item.attempts)
             return True
         done = list(item.done_handlers)
-        for handler in self.route(item.kind, event.type):
-            name = handler_name(handler)
+        for handler, name in _named(self.route(item.kind, event.type)):
             if name in done:
                 continue
             failure = await self._run(handler, name, event, item)
@@ -233,12 +256,15 @@ class Inbox:
         """Run one handler; the failure with its traceback, or None when it returned."""
         started = time.perf_counter()
         key = event.event_id or f"inbox:{item.id}"
+        deadline = asyncio.timeout(self.settings.timeout)
         try:
             with handling(self.appservice_id, key, name):
-                async with asyncio.timeout(self.settings.timeout):
+                async with deadline:
                     await handler(event)
         except TimeoutError:
-            return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
+            if deadline.expired():
+                return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
+            return traceback.format_exc()  # the handler's own, e.g. its HTTP client's
         except Exception:
             return traceback.format_exc()
         finally:
@@ -293,6 +319,24 @@ class Inbox:
             self.metrics.count_dead_letter("handler" if handler else "invalid")
 
 
+def _named(handlers: Sequence[EventHandler]) -> list[tuple[EventHandler, str]]:
+    """Each handler with the name its progress is recorded under; a name that
+    repeats (two lambdas, one function registered twice) gets ``#2``, ``#3``..."""
+    seen: dict[str, int] = {}
+    named = []
+    for handler in handlers:
+        name = handler_name(handler)
+        seen[name] = seen.get(name, 0) + 1
+        named.append((handler, name if seen[name] == 1 else f"{name}#{seen[name]}"))
+    return named
+
+
 def _parse_event(event_json: str) -> Event:
-    event: Event = converter.structure(json.loads(event_json), Event)
+    event: Event = converter.structure(
+        json.loads(event_json, parse_constant=_refuse_constant), Event
+    )
     return event
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")

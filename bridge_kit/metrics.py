@@ -88,7 +88,10 @@ class Metrics(ClientObserver):
     def _add_inbox_metrics(self, namespace: str) -> None:
         self._oldest_received_at: float | None = None
         self.inbox_events = Gauge(
-            "inbox_events", "Events waiting in the inbox", namespace=namespace, registry=self.registry
+            "inbox_events",
+            "Events waiting in the inbox",
+            namespace=namespace,
+            registry=self.registry,
         )
         oldest = Gauge(
             "inbox_oldest_seconds",

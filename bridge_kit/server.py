@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 
 import attrs
-import cattrs
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -25,8 +24,8 @@ from bridge_kit import defaults
 from bridge_kit.errors import ErrorReply, ListenError, TransactionFailed
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.transactions import TransactionHandler, TransactionProcessor
-from bridge_kit.types import MatrixErrorBody, Transaction, describe_error, unstructure
+from bridge_kit.transactions import TransactionProcessor
+from bridge_kit.types import MatrixErrorBody, unstructure
 
 __all__ = [
     "PROCESSOR_KEY",
@@ -103,7 +102,8 @@ def create_app(
     *,
     hs_token: str,
     store: Store,
-    on_transaction: TransactionHandler,
+    on_accepted: Callable[[], object] | None = None,
+    accept_transactions: bool = True,
     on_user_query: QueryHook | None = None,
     on_alias_query: QueryHook | None = None,
     thirdparty: ThirdPartyHandlers | None = None,
@@ -115,8 +115,11 @@ def create_app(
 ) -> web.Application:
     """Build the appservice API application.
 
-    ``store`` must already be open. ``on_transaction`` gets each new transaction
-    whole; if it raises, the homeserver gets 500 and retries. ``on_user_query``
+    ``store`` must already be open. Each new transaction goes into the store's
+    inbox in one commit, then ``on_accepted()`` is called (the inbox's wake-up);
+    if the store fails, the homeserver gets 500 and retries. With
+    ``accept_transactions=False`` every transaction gets 503, so the homeserver
+    keeps it for whoever serves the appservice for real. ``on_user_query``
     and ``on_alias_query`` answer ``GET /users`` and ``GET /rooms`` (True means
     200, otherwise 404); namespace checks belong to them. ``health`` feeds
     ``GET /_bridge_kit/health`` (503 when its ``status`` is present and not
@@ -127,11 +130,11 @@ def create_app(
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
     processor = TransactionProcessor(
-        store, on_transaction, metrics=metrics, prune_every=prune_every, prune_keep=prune_keep
+        store, on_accepted, metrics=metrics, prune_every=prune_every, prune_keep=prune_keep
     )
     routes = _Routes(
         hs_token=hs_token,
-        processor=processor,
+        processor=processor if accept_transactions else None,
         on_user_query=on_user_query,
         on_alias_query=on_alias_query,
         thirdparty=thirdparty or ThirdPartyHandlers(),
@@ -154,7 +157,7 @@ def create_app(
 @attrs.define
 class _Routes:
     hs_token: str
-    processor: TransactionProcessor
+    processor: TransactionProcessor | None
     on_user_query: QueryHook | None
     on_alias_query: QueryHook | None
     thirdparty: ThirdPartyHandlers
@@ -207,12 +210,14 @@ class _Routes:
 
     async def transaction(self, request: web.Request) -> web.StreamResponse:
         txn_id = request.match_info["txnId"]
-        transaction = _parse_transaction(await _read_json(request, self.max_body_bytes))
+        body = await _read_json(request, self.max_body_bytes)
+        if self.processor is None:
+            raise ErrorReply(503, "M_UNKNOWN", "Not accepting transactions now; retry later")
         try:
-            await self.processor.process(txn_id, transaction)
+            await self.processor.process(txn_id, body)
         except TransactionFailed:
             raise ErrorReply(
-                500, "M_UNKNOWN", f"Processing transaction {txn_id} failed; retry it"
+                500, "M_UNKNOWN", f"Storing transaction {txn_id} failed; retry it"
             ) from None
         return _ok()
 
@@ -306,30 +311,6 @@ async def _read_json(request: web.Request, max_bytes: int) -> Any:
 
 def _too_large(max_bytes: int) -> ErrorReply:
     return ErrorReply(413, "M_TOO_LARGE", f"Body is larger than {max_bytes} bytes")
-
-
-def _parse_transaction(body: Any) -> Transaction:
-    if not isinstance(body, dict):
-        raise _bad_json(f"A transaction must be a JSON object, not {_json_type(body)}")
-    if "events" not in body:
-        raise _bad_json("A transaction must have an 'events' list")
-    if not isinstance(body["events"], list):
-        raise _bad_json(f"'events' must be a list, not {_json_type(body['events'])}")
-    try:
-        return Transaction.from_json(body)
-    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
-        raise _bad_json(f"Invalid transaction: {describe_error(exc)}") from None
-
-
-def _bad_json(message: str) -> ErrorReply:
-    return ErrorReply(400, "M_BAD_JSON", message)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number")
 
 
 def _fields(request: web.Request) -> dict[str, str]:

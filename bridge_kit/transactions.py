@@ -1,45 +1,146 @@
-"""Transactions the homeserver pushes: processed once, with dedup that survives restarts.
+"""Transactions the homeserver pushes: validated, stored in the inbox, acknowledged.
 
-:class:`TransactionProcessor` runs each new transaction through a handler and
-records its txnId in the store only after the handler returned, so a failure
-is retried by the homeserver and nothing is lost.
+:class:`TransactionProcessor` is the inbox's front door. It splits a
+transaction into its events, writes them to the store's inbox together with
+the txnId in one commit, and returns; handlers run later (see
+:mod:`bridge_kit.inbox`). So the acknowledgement costs one commit, whatever
+the handlers do, and a txnId accepted before is acknowledged without storing
+anything twice.
+
+A malformed event does not stall the bridge: it becomes a dead letter with
+its raw JSON and the validation error, and the rest of the transaction is
+accepted. Only a body that is not a JSON object with an ``events`` list is
+refused (400), because nothing in it can be trusted to be a transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import cattrs
 
 from bridge_kit import defaults
-from bridge_kit.errors import TransactionFailed
+from bridge_kit.errors import ErrorReply, TransactionFailed, json_type
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.types import Transaction
+from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.types import Event, describe_error
+from bridge_kit.types.converter import converter
 
-__all__ = ["TransactionHandler", "TransactionProcessor"]
+__all__ = ["TransactionProcessor", "event_lane", "split_transaction"]
 
 log = logging.getLogger(__name__)
 
-TransactionHandler = Callable[[Transaction], Awaitable[None]]
+#: Where each kind of item comes from in a transaction body, stable name first.
+_SOURCES: Final = (
+    (ItemKind.EVENT, ("events",)),
+    (ItemKind.EPHEMERAL, ("ephemeral", "de.sorunome.msc2409.ephemeral")),
+)
+_INVALID_LANE: Final = "~invalid"
+_REPR_LIMIT: Final = 65_536
+
+
+def event_lane(kind: ItemKind, room_id: str | None) -> str:
+    """The lane an event is handled in: its room (events), or a lane of its own.
+
+    Ephemeral events get lanes apart from the room's timeline, so a typing
+    notice never waits behind a slow message handler.
+    """
+    if kind is ItemKind.EVENT:
+        return room_id or "~no-room"
+    return f"~ephemeral:{room_id}" if room_id else "~ephemeral"
+
+
+def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter]]:
+    """The inbox items of a transaction body, and the dead letters of its invalid items.
+
+    Raises :class:`~bridge_kit.errors.ErrorReply` (400 ``M_BAD_JSON``) for a body
+    that is not a JSON object with an ``events`` list.
+    """
+    if not isinstance(body, dict):
+        raise _bad_json(f"A transaction must be a JSON object, not {json_type(body)}")
+    if not isinstance(body.get("events"), list):
+        found = "none" if "events" not in body else json_type(body["events"])
+        raise _bad_json(f"A transaction must have an 'events' array (found {found})")
+    items: list[NewInboxItem] = []
+    rejected: list[NewDeadLetter] = []
+    for kind, keys in _SOURCES:
+        for key in keys:
+            value = body.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                rejected.append(
+                    _letter(kind, value, f"'{key}' must be an array, not {json_type(value)}")
+                )
+                continue
+            for index, raw in enumerate(value):
+                _split_item(kind, f"{key}[{index}]", raw, items, rejected)
+    return items, rejected
+
+
+def _split_item(
+    kind: ItemKind,
+    where: str,
+    raw: Any,
+    items: list[NewInboxItem],
+    rejected: list[NewDeadLetter],
+) -> None:
+    try:
+        event: Event = converter.structure(raw, Event)
+        # allow_nan=False: a number too large for a float (1e999) must not become
+        # "Infinity", which is not JSON, on its way to a handler.
+        text = json.dumps(raw, ensure_ascii=False, allow_nan=False)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
+        rejected.append(_letter(kind, raw, f"invalid event at {where}: {describe_error(exc)}"))
+        return
+    items.append(NewInboxItem(event_lane(kind, event.room_id), kind, text))
+
+
+def _letter(kind: ItemKind, raw: Any, error: str) -> NewDeadLetter:
+    fields = raw if isinstance(raw, Mapping) else {}
+    room_id, event_id, event_type = (fields.get(k) for k in ("room_id", "event_id", "type"))
+    return NewDeadLetter(
+        lane=room_id if isinstance(room_id, str) else _INVALID_LANE,
+        kind=kind,
+        event_json=_as_json(raw),
+        error=error,
+        event_id=event_id if isinstance(event_id, str) else None,
+        event_type=event_type if isinstance(event_type, str) else None,
+    )
+
+
+def _as_json(raw: Any) -> str:
+    """``raw`` as JSON text; what JSON cannot hold (1e999 became infinity) as its repr,
+    under a key no event has, so a replay finds it invalid again instead of handling it."""
+    try:
+        return json.dumps(raw, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps({"bridge_kit.not_json": repr(raw)[:_REPR_LIMIT]}, ensure_ascii=False)
+
+
+def _bad_json(message: str) -> ErrorReply:
+    return ErrorReply(400, "M_BAD_JSON", message)
 
 
 class TransactionProcessor:
-    """Runs transactions through a handler exactly once, with dedup in the store.
+    """Accepts transactions into the store's inbox, once per txnId.
 
-    A txnId already done is not processed again. A duplicate that arrives while
-    the first copy is in flight waits for it and shares its outcome. A
-    transaction is marked done only after its handler returned, so a failure
-    is retried by the homeserver and nothing is lost. Every ``prune_every``
-    successful transactions (and on the first one after start) the store's
-    dedup records are pruned to ``prune_keep``, in the background.
+    ``on_accepted`` is called after each newly accepted transaction (the
+    inbox's wake-up). Every ``prune_every`` accepted transactions (and on the
+    first after start) the dedup records are pruned to ``prune_keep``, in the
+    background.
     """
 
     def __init__(
         self,
         store: Store,
-        handler: TransactionHandler,
+        on_accepted: Callable[[], object] | None = None,
         *,
         metrics: Metrics | None = None,
         prune_every: int = defaults.DEDUP_PRUNE_EVERY,
@@ -48,80 +149,48 @@ class TransactionProcessor:
         if prune_every < 1 or prune_keep < 0:
             raise ValueError("prune_every must be >= 1 and prune_keep >= 0")
         self._store = store
-        self._handler = handler
+        self._on_accepted = on_accepted
         self._metrics = metrics
         self._prune_every = prune_every
         self._prune_keep = prune_keep
-        self._in_flight: dict[str, asyncio.Future[bool]] = {}
-        self._waiting = 0
         self._since_prune = prune_every - 1
         self._prune_task: asyncio.Task[None] | None = None
 
-    @property
-    def in_flight(self) -> int:
-        """How many transactions are being processed right now."""
-        return len(self._in_flight)
+    async def process(self, txn_id: str, body: Any) -> bool:
+        """Accept ``body`` under ``txn_id``; False when that txnId was accepted before.
 
-    @property
-    def waiting(self) -> int:
-        """How many duplicates are waiting for the first copy of their transaction."""
-        return self._waiting
-
-    async def process(self, txn_id: str, transaction: Transaction) -> bool:
-        """Process ``transaction`` unless ``txn_id`` is done; True if it was processed now.
-
-        Raises :class:`TransactionFailed` if the handler (or the dedup record) failed,
-        also for a duplicate that waited on a failing first copy.
+        Raises :class:`ErrorReply` for a malformed body and
+        :class:`TransactionFailed` when the store could not take it (then the
+        homeserver must send it again: it was not acknowledged).
         """
-        pending = self._in_flight.get(txn_id)
-        if pending is not None:
-            self._waiting += 1
-            try:
-                # shield: a cancelled waiter must not cancel the outcome the others share.
-                succeeded = await asyncio.shield(pending)
-            finally:
-                self._waiting -= 1
-            if not succeeded:
-                raise TransactionFailed(txn_id)
-            self._count_duplicate()
-            return False
-        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._in_flight[txn_id] = outcome
-        succeeded = False
-        try:
-            if await self._store.is_transaction_done(txn_id):
-                succeeded = True
-                self._count_duplicate()
-                return False
-            await self._run(txn_id, transaction)
-            succeeded = True
-            return True
-        finally:
-            del self._in_flight[txn_id]
-            outcome.set_result(succeeded)
-
-    async def _run(self, txn_id: str, transaction: Transaction) -> None:
+        items, rejected = split_transaction(body)
         started = time.perf_counter()
         try:
-            await self._handler(transaction)
-            await self._store.mark_transaction_done(txn_id)
+            accepted = await self._store.accept_transaction(txn_id, items, rejected)
         except Exception as exc:
             if self._metrics is not None:
                 self._metrics.count_handler_failure()
-            event_ids = [event.event_id for event in transaction.events]
-            log.exception(
-                "transaction %s failed (not acknowledged, the homeserver will retry); events: %s",
-                txn_id,
-                event_ids,
-            )
+            log.error("transaction %s could not be stored (not acknowledged): %s", txn_id, exc)
             raise TransactionFailed(txn_id) from exc
-        if self._metrics is not None:
-            self._metrics.count_transaction(len(transaction.events), time.perf_counter() - started)
-        self._maybe_prune()
+        if not accepted:
+            if self._metrics is not None:
+                self._metrics.count_duplicate()
+            return False
+        self._accepted(txn_id, len(items), rejected, time.perf_counter() - started)
+        return True
 
-    def _count_duplicate(self) -> None:
+    def _accepted(
+        self, txn_id: str, events: int, rejected: list[NewDeadLetter], seconds: float
+    ) -> None:
         if self._metrics is not None:
-            self._metrics.count_duplicate()
+            self._metrics.count_transaction(events, seconds)
+            if rejected:
+                self._metrics.count_dead_letter("invalid", len(rejected))
+        for letter in rejected:
+            log.warning("transaction %s: set aside as a dead letter: %s", txn_id, letter.error)
+        if self._on_accepted is not None:
+            self._on_accepted()
+        self._maybe_prune()
 
     def _maybe_prune(self) -> None:
         self._since_prune += 1

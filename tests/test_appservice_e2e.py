@@ -118,7 +118,7 @@ async def test_event_is_delivered_exactly_once(
     assert seen == {event_id: 1}
 
 
-async def test_failed_transaction_is_retried_and_processed_once(
+async def test_a_failed_handler_is_retried_by_the_inbox_and_completes_once(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
     app = make_app(homeserver, tmp_path / "bk.db")
@@ -143,10 +143,10 @@ async def test_failed_transaction_is_retried_and_processed_once(
         event_id = await alice.send_text(room_id, f"flaky {unique}")
         await wait_for(done)
         await asyncio.sleep(1.0)
-        failures = app.metrics.registry.get_sample_value("bridge_kit_handler_failures_total")
-    assert attempts[event_id] == 2, "Synapse must have retried the failed transaction"
+        retries = app.metrics.registry.get_sample_value("bridge_kit_handler_retries_total")
+    assert attempts[event_id] == 2, "the inbox must have retried the failed handler"
     assert processed == {event_id: 1}
-    assert failures is not None and failures >= 1
+    assert retries == 1
 
 
 async def test_homeserver_ping_reaches_us(homeserver: TestHomeserver, tmp_path: Path) -> None:

@@ -422,3 +422,28 @@ def test_every_default_comes_from_the_defaults_module(config_dir: Path) -> None:
     assert config.appservice.max_body_bytes == defaults.MAX_BODY_BYTES
     assert config.puppets.concurrency == defaults.CONCURRENCY
     assert config.appservice.store == parse_store_url(defaults.STORE_URL, config_dir).url
+
+
+@pytest.mark.parametrize(
+    ("addition", "expected"),
+    [
+        ("  handler_timeout: 0\n", "appservice.handler_timeout must be more than 0 seconds"),
+        ("  retry_backoff: fast\n", "appservice.retry_backoff must be a number, got the string"),
+        ("  retry_backoff_max: .inf\n", "retry_backoff_max must be a finite number of seconds"),
+        ("  handler_concurrency: 0\n", "appservice.handler_concurrency must be at least 1"),
+        ("  handler_attempts: 1.5\n", "appservice.handler_attempts must be an integer"),
+        ("  lane_lease: true\n", "appservice.lane_lease must be a number, got true"),
+    ],
+)
+def test_inbox_settings_are_checked(config_dir: Path, addition: str, expected: str) -> None:
+    assert expected in load_error(config_dir, MINIMAL + addition)
+
+
+def test_inbox_settings_take_whole_numbers_and_environment_overrides(config_dir: Path) -> None:
+    config = Config.load(
+        write(config_dir, MINIMAL + "  retry_backoff: 2\n"),
+        {"BRIDGE_KIT__APPSERVICE__HANDLER_TIMEOUT": "7.5"},
+    )
+    assert config.appservice.retry_backoff == 2.0
+    assert config.appservice.handler_timeout == 7.5
+    assert config.appservice.handler_concurrency == defaults.HANDLER_CONCURRENCY

@@ -14,7 +14,7 @@ import pytest
 from bridge_kit.errors import StoreError
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
 from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, NewInboxItem
-from tests.test_server import AUTH, V1, Recorder, expect_ok, serve_api, txn_body
+from tests.test_server import AUTH, V1, Wakeups, expect_ok, serve_api, txn_body
 from tests.test_store import backend_url, emptied, run_sql
 
 A, B, C = "!a:test.local", "!b:test.local", "!c:test.local"
@@ -499,13 +499,15 @@ async def test_nul_in_a_lane_or_a_letter_is_stored(store: Store) -> None:
 
 async def test_a_nul_in_a_txn_id_is_no_server_error_with_postgres(postgres_dsn: str) -> None:
     dsn = await emptied(postgres_dsn)
-    recorder = Recorder()
-    async with PostgresStore(dsn) as store, serve_api(store, on_transaction=recorder) as client:
+    wakeups = Wakeups()
+    async with PostgresStore(dsn) as store, serve_api(store, on_accepted=wakeups) as client:
         for _ in range(2):
             url = f"{V1}/transactions/a%00b"
             await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
         assert await store.is_transaction_done("a\x00b")
-    assert recorder.calls == 1
+        assert not await store.is_transaction_done("a\ufffdb")
+        assert (await store.inbox_stats()).depth == 1
+    assert wakeups.calls == 1
 
 
 # -- migration from version 1 -------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Route tests of the appservice API: real HTTP on loopback, real Memory and SQLite stores."""
+"""Route tests of the appservice API: real HTTP on loopback, real Memory and SQLite stores.
+
+Transactions are checked through the store: the route's job ends once the events
+are in the inbox (handlers run later, see tests/test_inbox.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,8 @@ from bridge_kit.errors import ListenError
 from bridge_kit.metrics import Metrics
 from bridge_kit.server import PROCESSOR_KEY, ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore, Store, open_store
+from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, NewInboxItem
 from bridge_kit.transactions import TransactionProcessor
-from bridge_kit.types import Transaction
 
 HS_TOKEN = "hs-token-for-route-tests"
 AUTH = {"Authorization": f"Bearer {HS_TOKEN}"}
@@ -47,29 +51,58 @@ def txn_body(*numbers: int) -> dict[str, Any]:
     return {"events": [event(n) for n in numbers]}
 
 
-class Recorder:
-    """A transaction handler that records what it gets, and can block or fail on demand."""
+class FlakyStore(MemoryStore):
+    """A real MemoryStore whose first ``failures`` accepts fail, as a full disk would."""
+
+    def __init__(self, failures: int = 1) -> None:
+        super().__init__()
+        self.failures = failures
+        self.accept_calls = 0
+
+    async def accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter] = (),
+    ) -> bool:
+        self.accept_calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError("disk full")
+        return await super().accept_transaction(txn_id, items, rejected)
+
+
+class Wakeups:
+    """An ``on_accepted`` callback that counts its calls."""
 
     def __init__(self) -> None:
-        self.received: list[Transaction] = []
         self.calls = 0
-        self.failures_left = 0
-        self.entered = asyncio.Event()
-        self.release: asyncio.Event | None = None
 
-    async def __call__(self, transaction: Transaction) -> None:
+    def __call__(self) -> None:
         self.calls += 1
-        self.entered.set()
-        if self.release is not None:
-            await self.release.wait()
-        if self.failures_left:
-            self.failures_left -= 1
-            raise RuntimeError("handler exploded")
-        self.received.append(transaction)
 
-    @property
-    def event_ids(self) -> list[str | None]:
-        return [e.event_id for t in self.received for e in t.events]
+
+async def inbox_lanes(store: Store) -> dict[str, list[InboxItem]]:
+    """Every lane of the inbox with its items in order, read the way a worker reads them."""
+    owner = "test_server/reader"
+    lanes = await store.claim_lanes(owner, 60.0, 10_000)
+    found: dict[str, list[InboxItem]] = {}
+    for lane in lanes:
+        found[lane] = await store.lane_items(lane, 10_000)
+        await store.release_lane(owner, lane)
+    return found
+
+
+def ids_by_lane(lanes: dict[str, list[InboxItem]]) -> dict[str, list[str | None]]:
+    return {
+        lane: [json.loads(item.event_json).get("event_id") for item in items]
+        for lane, items in lanes.items()
+    }
+
+
+async def expect_nothing_stored(store: Store, txn_id: str) -> None:
+    assert await store.inbox_stats() == InboxStats(0, None, 0)
+    assert not await store.is_transaction_done(txn_id)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -93,7 +126,6 @@ async def serve(app: web.Application) -> AsyncIterator[Client]:
 
 @contextlib.asynccontextmanager
 async def serve_api(store: Store, **kwargs: Any) -> AsyncIterator[Client]:
-    kwargs.setdefault("on_transaction", Recorder())
     async with serve(create_app(hs_token=HS_TOKEN, store=store, **kwargs)) as client:
         yield client
 
@@ -158,6 +190,7 @@ async def test_every_api_route_requires_a_token(
         await expect_error(wrong, 403, "M_FORBIDDEN")
         wrong_query = await client.request(method, with_query(path, access_token="nope"), json=body)
         await expect_error(wrong_query, 403, "M_FORBIDDEN")
+    await expect_nothing_stored(memory_store, "auth1")
 
 
 async def test_bearer_header_and_legacy_query_token_are_both_accepted(
@@ -214,19 +247,12 @@ async def test_empty_query_token_is_missing(memory_store: Store) -> None:
         await expect_error(response, 401, "M_MISSING_TOKEN")
 
 
-async def test_tokens_never_reach_the_logs(
-    memory_store: Store, caplog: pytest.LogCaptureFixture
-) -> None:
-    recorder = Recorder()
-    recorder.failures_left = 1
-
+async def test_tokens_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
     async def failing_query(user_id: str) -> bool:
         raise RuntimeError("query hook broke")
 
     caplog.set_level(logging.DEBUG)
-    async with serve_api(
-        memory_store, on_transaction=recorder, on_user_query=failing_query
-    ) as client:
+    async with FlakyStore() as flaky, serve_api(flaky, on_user_query=failing_query) as client:
         url = with_query(f"{V1}/transactions/t1", access_token=HS_TOKEN)
         await expect_error(await client.put(url, json=txn_body(1)), 500, "M_UNKNOWN")
         url = with_query(f"{V1}/users/%40_bk_a%3Atest.local", access_token=HS_TOKEN)
@@ -237,7 +263,7 @@ async def test_tokens_never_reach_the_logs(
         for record in caplog.records
         if record.name.startswith("bridge_kit")
     )
-    assert "handler exploded" in ours
+    assert "disk full" in ours
     assert "query hook broke" in ours
     assert HS_TOKEN not in ours
 
@@ -282,35 +308,33 @@ async def test_wrong_method_is_json_405_unrecognized(
 
 
 async def test_body_over_limit_by_content_length_is_413(memory_store: Store) -> None:
-    recorder = Recorder()
-    async with serve_api(memory_store, on_transaction=recorder, max_body_bytes=1000) as client:
-        big = json.dumps({"events": [], "padding": "x" * 5000}).encode()
+    async with serve_api(memory_store, max_body_bytes=1000) as client:
+        big = json.dumps({"events": [event(1)], "padding": "x" * 5000}).encode()
         response = await client.put(f"{V1}/transactions/big", data=big, headers=AUTH)
         message = await expect_error(response, 413, "M_TOO_LARGE")
         assert "1000" in message
-    assert recorder.calls == 0
+    await expect_nothing_stored(memory_store, "big")
 
 
 async def test_chunked_body_over_limit_is_413(memory_store: Store) -> None:
-    recorder = Recorder()
-
     async def chunks() -> AsyncIterator[bytes]:
-        yield b'{"events": [], "padding": "'
+        yield json.dumps({"events": [event(1)]}).encode()[:-1] + b', "padding": "'
         for _ in range(20):
             yield b"x" * 500
         yield b'"}'
 
-    async with serve_api(memory_store, on_transaction=recorder, max_body_bytes=4000) as client:
+    async with serve_api(memory_store, max_body_bytes=4000) as client:
         response = await client.put(f"{V1}/transactions/chunky", data=chunks(), headers=AUTH)
         assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
         await expect_error(response, 413, "M_TOO_LARGE")
-    assert recorder.calls == 0
+    await expect_nothing_stored(memory_store, "chunky")
 
 
 async def test_body_at_the_limit_is_accepted(memory_store: Store) -> None:
     body = json.dumps(txn_body(1)).encode()
     async with serve_api(memory_store, max_body_bytes=len(body)) as client:
         await expect_ok(await client.put(f"{V1}/transactions/exact", data=body, headers=AUTH))
+    assert (await memory_store.inbox_stats()).depth == 1
 
 
 @pytest.mark.parametrize(
@@ -321,16 +345,16 @@ async def test_body_at_the_limit_is_accepted(memory_store: Store) -> None:
         b'{"events": [',
         b"\xff\xfe\xfa",
         b'{"events": [], "x": NaN}',
+        b'{"events": [{"type": "m.x", "content": {"n": -Infinity}}]}',
         b"[" * 100_000 + b"]" * 100_000,
     ],
-    ids=["empty", "text", "truncated", "binary", "nan", "nested-too-deep"],
+    ids=["empty", "text", "truncated", "binary", "nan", "infinity", "nested-too-deep"],
 )
 async def test_non_json_body_is_400_not_json(memory_store: Store, body: bytes) -> None:
-    recorder = Recorder()
-    async with serve_api(memory_store, on_transaction=recorder) as client:
+    async with serve_api(memory_store) as client:
         response = await client.put(f"{V1}/transactions/bad", data=body, headers=AUTH)
         await expect_error(response, 400, "M_NOT_JSON")
-    assert recorder.calls == 0
+    await expect_nothing_stored(memory_store, "bad")
 
 
 @pytest.mark.parametrize(
@@ -338,26 +362,29 @@ async def test_non_json_body_is_400_not_json(memory_store: Store, body: bytes) -
     [
         ([], "must be a JSON object, not an array"),
         ("events", "must be a JSON object, not a string"),
-        ({}, "must have an 'events' list"),
-        ({"ephemeral": []}, "must have an 'events' list"),
-        ({"events": None}, "'events' must be a list, not null"),
-        ({"events": {"a": 1}}, "'events' must be a list, not an object"),
-        ({"events": [{"content": {}}]}, "$.events[0].type"),
-        ({"events": [event(1), 7]}, "$.events[1]"),
-        ({"events": [{"type": 1}]}, "expected a string, got a number @ $.events[0].type"),
-        ({"events": [], "ephemeral": "x"}, "expected an array, got a string @ $.ephemeral"),
+        (5, "must be a JSON object, not a number"),
+        (None, "must be a JSON object, not null"),
+        ({}, "must have an 'events' array (found none)"),
+        ({"ephemeral": [event(1)]}, "must have an 'events' array (found none)"),
+        ({"events": None}, "must have an 'events' array (found null)"),
+        ({"events": {"a": 1}}, "must have an 'events' array (found an object)"),
+        ({"events": "[]"}, "must have an 'events' array (found a string)"),
     ],
 )
-async def test_malformed_transaction_is_400_bad_json(
-    memory_store: Store, body: Any, expected: str
+async def test_a_body_that_is_no_transaction_is_400_bad_json(
+    store: Store, body: Any, expected: str
 ) -> None:
-    recorder = Recorder()
-    async with serve_api(memory_store, on_transaction=recorder) as client:
-        response = await client.put(f"{V1}/transactions/bad", json=body, headers=AUTH)
+    wakeups = Wakeups()
+    async with serve_api(store, on_accepted=wakeups) as client:
+        data = json.dumps(body).encode()  # json=None would send no body at all
+        response = await client.put(f"{V1}/transactions/bad", data=data, headers=AUTH)
         message = await expect_error(response, 400, "M_BAD_JSON")
         assert expected in message
-    assert recorder.calls == 0
-    assert not await memory_store.is_transaction_done("bad")
+        # Refused, not remembered: the same txnId with a real body is accepted.
+        await expect_ok(await client.put(f"{V1}/transactions/bad", json=txn_body(1), headers=AUTH))
+    assert wakeups.calls == 1
+    assert ids_by_lane(await inbox_lanes(store)) == {"!room:test.local": ["$event1"]}
+    assert (await store.inbox_stats()).dead_letters == 0
 
 
 async def test_unexpected_exception_is_json_500_without_traceback(
@@ -375,172 +402,287 @@ async def test_unexpected_exception_is_json_500_without_traceback(
     assert "ZeroDivisionError: secret internals" in caplog.text
 
 
-# -- transactions and dedup ---------------------------------------------------
+# -- transactions: into the inbox, once -------------------------------------
+
+A, B = "!a:test.local", "!b:test.local"
 
 
-async def test_transaction_reaches_the_handler_in_order(store: Store) -> None:
-    recorder = Recorder()
-    body = txn_body(1, 2, 3)
-    body["de.sorunome.msc2409.ephemeral"] = [{"type": "m.typing", "room_id": "!r:t"}]
-    body["org.matrix.msc3202.device_one_time_key_counts"] = {"@a:t": {"DEV": {"curve": 3}}}
-    async with serve_api(store, on_transaction=recorder) as client:
-        await expect_ok(await client.put(f"{V1}/transactions/1", json=body, headers=AUTH))
-    assert recorder.event_ids == ["$event1", "$event2", "$event3"]
-    [transaction] = recorder.received
-    assert [e.type for e in transaction.ephemeral] == ["m.typing"]
-    assert transaction.device_one_time_keys_count == {"@a:t": {"DEV": {"curve": 3}}}
-    assert await store.is_transaction_done("1")
+def typing(room: str) -> dict[str, Any]:
+    return {"type": "m.typing", "room_id": room, "content": {"user_ids": ["@x:test.local"]}}
 
 
-async def test_duplicate_transaction_is_acknowledged_without_processing(store: Store) -> None:
-    recorder = Recorder()
+def receipt(room: str) -> dict[str, Any]:
+    return {"type": "m.receipt", "room_id": room, "content": {}}
+
+
+async def test_events_land_in_the_inbox_in_order_per_lane(store: Store) -> None:
+    wakeups = Wakeups()
+    first = {
+        "events": [event(1, A), event(2, B), event(3, A), event(4, A)],
+        "ephemeral": [typing(A)],
+        "de.sorunome.msc2409.ephemeral": [receipt(B)],
+        "org.matrix.msc3202.device_one_time_key_counts": {"@a:t": {"DEV": {"curve": 3}}},
+    }
+    second = {"events": [event(5, B), event(6, A)], "ephemeral": [typing(A)]}
+    async with serve_api(store, on_accepted=wakeups) as client:
+        response = await client.put(f"{V1}/transactions/1", json=first, headers=AUTH)
+        await expect_ok(response)
+        # The legacy path (no /_matrix/app/v1) is the same route.
+        await expect_ok(await client.put("/transactions/2", json=second, headers=AUTH))
+    lanes = await inbox_lanes(store)
+    assert ids_by_lane(lanes) == {
+        A: ["$event1", "$event3", "$event4", "$event6"],
+        B: ["$event2", "$event5"],
+        f"~ephemeral:{A}": [None, None],
+        f"~ephemeral:{B}": [None],
+    }
+    assert {item.kind for item in lanes[A] + lanes[B]} == {ItemKind.EVENT}
+    ephemeral = lanes[f"~ephemeral:{A}"] + lanes[f"~ephemeral:{B}"]
+    assert {item.kind for item in ephemeral} == {ItemKind.EPHEMERAL}
+    assert [json.loads(i.event_json)["type"] for i in ephemeral] == ["m.typing"] * 2 + ["m.receipt"]
+    # Each item is the event as the homeserver sent it, not a re-serialised model.
+    assert json.loads(lanes[A][0].event_json) == event(1, A)
+    assert all(item.attempts == 0 and item.done_handlers == () for item in lanes[A])
+    stats = await store.inbox_stats()
+    assert (stats.depth, stats.dead_letters) == (9, 0)
+    assert await store.is_transaction_done("1") and await store.is_transaction_done("2")
+    assert wakeups.calls == 2
+
+
+async def test_an_empty_transaction_is_acknowledged_and_remembered(store: Store) -> None:
+    wakeups = Wakeups()
+    async with serve_api(store, on_accepted=wakeups) as client:
+        url = f"{V1}/transactions/e"
+        await expect_ok(await client.put(url, json={"events": []}, headers=AUTH))
+        await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
+    assert await store.inbox_stats() == InboxStats(0, None, 0)
+    assert await store.is_transaction_done("e")
+    assert wakeups.calls == 1
+
+
+async def test_a_duplicate_is_acknowledged_without_storing_again(store: Store) -> None:
     metrics = Metrics()
-    async with serve_api(store, on_transaction=recorder, metrics=metrics) as client:
+    wakeups = Wakeups()
+    async with serve_api(store, metrics=metrics, on_accepted=wakeups) as client:
         for _ in range(3):
             response = await client.put(f"{V1}/transactions/7", json=txn_body(1), headers=AUTH)
             await expect_ok(response)
-        # The legacy path shares the dedup record.
-        await expect_ok(await client.put("/transactions/7", json=txn_body(1), headers=AUTH))
-    assert recorder.calls == 1
+        # The legacy path shares the dedup record; a different body changes nothing.
+        await expect_ok(await client.put("/transactions/7", json=txn_body(2), headers=AUTH))
+    assert ids_by_lane(await inbox_lanes(store)) == {"!room:test.local": ["$event1"]}
+    assert wakeups.calls == 1
     assert metric(metrics, "bridge_kit_duplicate_transactions_total") == 3
     assert metric(metrics, "bridge_kit_transactions_total") == 1
+    assert metric(metrics, "bridge_kit_events_total") == 1
 
 
-async def test_concurrent_duplicate_waits_for_the_first_copy(store: Store) -> None:
-    recorder = Recorder()
-    recorder.release = asyncio.Event()
-    async with serve_api(store, on_transaction=recorder) as client:
-        processor = processor_of(client)
-
-        async def put() -> aiohttp.ClientResponse:
-            return await client.put(f"{V1}/transactions/42", json=txn_body(1), headers=AUTH)
-
-        first = asyncio.create_task(put())
-        await asyncio.wait_for(recorder.entered.wait(), 10)
-        second = asyncio.create_task(put())
-        third = asyncio.create_task(put())
-        await wait_until(lambda: processor.waiting == 2)
-        assert not second.done() and not third.done()
-        recorder.release.set()
-        for task in (first, second, third):
-            await expect_ok(await task)
-    assert recorder.calls == 1
-    assert recorder.event_ids == ["$event1"]
-
-
-async def test_concurrent_duplicate_shares_a_failure(store: Store) -> None:
-    recorder = Recorder()
-    recorder.release = asyncio.Event()
-    recorder.failures_left = 1
-    async with serve_api(store, on_transaction=recorder) as client:
-        processor = processor_of(client)
+async def test_concurrent_copies_of_a_transaction_are_stored_once(store: Store) -> None:
+    wakeups = Wakeups()
+    async with serve_api(store, on_accepted=wakeups) as client:
 
         async def put() -> aiohttp.ClientResponse:
-            return await client.put(f"{V1}/transactions/43", json=txn_body(5), headers=AUTH)
+            return await client.put(f"{V1}/transactions/42", json=txn_body(1, 2), headers=AUTH)
 
-        first = asyncio.create_task(put())
-        await asyncio.wait_for(recorder.entered.wait(), 10)
-        second = asyncio.create_task(put())
-        await wait_until(lambda: processor.waiting == 1)
-        recorder.release.set()
-        await expect_error(await first, 500, "M_UNKNOWN")
-        await expect_error(await second, 500, "M_UNKNOWN")
-        assert recorder.calls == 1
-        assert not await store.is_transaction_done("43")
-        # The homeserver's retry is processed for real this time.
-        await expect_ok(await put())
-    assert recorder.calls == 2
-    assert recorder.event_ids == ["$event5"]
-    assert await store.is_transaction_done("43")
-
-
-async def test_failed_transaction_is_not_acknowledged_and_retry_succeeds(
-    store: Store, caplog: pytest.LogCaptureFixture
-) -> None:
-    recorder = Recorder()
-    recorder.failures_left = 1
-    metrics = Metrics()
-    async with serve_api(store, on_transaction=recorder, metrics=metrics) as client:
-        url = f"{V1}/transactions/9"
-        response = await client.put(url, json=txn_body(11, 12), headers=AUTH)
-        message = await expect_error(response, 500, "M_UNKNOWN")
-        assert "9" in message
-        assert not await store.is_transaction_done("9")
-        await expect_ok(await client.put(url, json=txn_body(11, 12), headers=AUTH))
-        await expect_ok(await client.put(url, json=txn_body(11, 12), headers=AUTH))
-    assert recorder.calls == 2
-    assert recorder.event_ids == ["$event11", "$event12"]
-    assert "$event11" in caplog.text and "$event12" in caplog.text
-    assert "RuntimeError: handler exploded" in caplog.text
-    assert metric(metrics, "bridge_kit_handler_failures_total") == 1
-    assert metric(metrics, "bridge_kit_transactions_total") == 1
-    assert metric(metrics, "bridge_kit_events_total") == 2
-
-
-class FlakyDedupStore(MemoryStore):
-    """A real MemoryStore whose first dedup write fails, as a full disk would."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mark_failures = 1
-
-    async def mark_transaction_done(self, txn_id: str) -> None:
-        if self.mark_failures:
-            self.mark_failures -= 1
-            raise OSError("disk full")
-        await super().mark_transaction_done(txn_id)
-
-
-async def test_failed_dedup_record_is_not_acknowledged() -> None:
-    recorder = Recorder()
-    async with FlakyDedupStore() as flaky, serve_api(flaky, on_transaction=recorder) as client:
-        url = f"{V1}/transactions/d1"
-        await expect_error(await client.put(url, json=txn_body(1), headers=AUTH), 500, "M_UNKNOWN")
-        await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
-        await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
-        assert await flaky.is_transaction_done("d1")
-    # Processed twice (at-least-once), acknowledged only after the record was written.
-    assert recorder.calls == 2
+        for response in await asyncio.gather(*(put() for _ in range(8))):
+            await expect_ok(response)
+    assert ids_by_lane(await inbox_lanes(store)) == {"!room:test.local": ["$event1", "$event2"]}
+    assert wakeups.calls == 1
 
 
 async def test_dedup_survives_a_restart_with_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'restart.db'}"
-    before = Recorder()
-    async with open_store(url) as store, serve_api(store, on_transaction=before) as client:
+    async with open_store(url) as store, serve_api(store) as client:
         await expect_ok(await client.put(f"{V1}/transactions/1", json=txn_body(1), headers=AUTH))
-    after = Recorder()
-    async with open_store(url) as store, serve_api(store, on_transaction=after) as client:
+    wakeups = Wakeups()
+    async with open_store(url) as store, serve_api(store, on_accepted=wakeups) as client:
         await expect_ok(await client.put(f"{V1}/transactions/1", json=txn_body(1), headers=AUTH))
-        assert after.calls == 0
+        assert wakeups.calls == 0
         await expect_ok(await client.put(f"{V1}/transactions/2", json=txn_body(2), headers=AUTH))
-    assert before.event_ids == ["$event1"]
-    assert after.event_ids == ["$event2"]
+        assert wakeups.calls == 1
+        lanes = ids_by_lane(await inbox_lanes(store))
+    assert lanes == {"!room:test.local": ["$event1", "$event2"]}
 
 
-async def test_dedup_record_waits_for_a_busy_sqlite_without_blocking_the_loop(
+MALFORMED_TS = {**event(1, A), "event_id": "$float_ts", "origin_server_ts": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "letter_lane", "letter_json"),
+    [
+        pytest.param(
+            {"events": [MALFORMED_TS, event(2, A)]},
+            "origin_server_ts",
+            A,
+            MALFORMED_TS,
+            id="float-origin_server_ts",
+        ),
+        pytest.param(
+            {"events": [7, event(2, A)]},
+            "events[0]",
+            "~invalid",
+            7,
+            id="not-an-object",
+        ),
+        pytest.param(
+            {"events": [{"content": {}}, event(2, A)]},
+            "type",
+            "~invalid",
+            {"content": {}},
+            id="no-type",
+        ),
+        pytest.param(
+            {"events": [{"type": 1, "room_id": A}, event(2, A)]},
+            "expected a string, got a number @ $.type",
+            A,
+            {"type": 1, "room_id": A},
+            id="type-not-a-string",
+        ),
+        pytest.param(
+            {"events": [event(2, A)], "ephemeral": 5},
+            "'ephemeral' must be an array, not a number",
+            "~invalid",
+            5,
+            id="ephemeral-not-a-list",
+        ),
+        pytest.param(
+            {"events": [event(2, A)], "de.sorunome.msc2409.ephemeral": "x"},
+            "'de.sorunome.msc2409.ephemeral' must be an array, not a string",
+            "~invalid",
+            "x",
+            id="unstable-ephemeral-not-a-list",
+        ),
+    ],
+)
+async def test_a_malformed_item_becomes_a_dead_letter_and_the_rest_is_accepted(
+    store: Store, body: dict[str, Any], error: str, letter_lane: str, letter_json: Any
+) -> None:
+    metrics = Metrics()
+    async with serve_api(store, metrics=metrics) as client:
+        await expect_ok(await client.put(f"{V1}/transactions/m", json=body, headers=AUTH))
+        # Acknowledged, so a resend is a duplicate: the letter is not written twice.
+        await expect_ok(await client.put(f"{V1}/transactions/m", json=body, headers=AUTH))
+    assert ids_by_lane(await inbox_lanes(store)) == {A: ["$event2"]}
+    [letter] = await store.dead_letters()
+    assert error in letter.error
+    assert letter.lane == letter_lane
+    assert letter.kind is (ItemKind.EPHEMERAL if "ephemeral" in error else ItemKind.EVENT)
+    assert json.loads(letter.event_json) == letter_json
+    assert letter.handler is None
+    assert letter.first_failed_at <= letter.last_failed_at
+    assert metric(metrics, "bridge_kit_dead_lettered_total", reason="invalid") == 1
+    assert metric(metrics, "bridge_kit_dead_lettered_total", reason="handler") == 0
+    assert metric(metrics, "bridge_kit_transactions_total") == 1
+    assert metric(metrics, "bridge_kit_events_total") == 1
+    assert await store.is_transaction_done("m")
+
+
+async def test_a_float_timestamp_dead_letter_keeps_its_ids(store: Store) -> None:
+    async with serve_api(store) as client:
+        body = {"events": [MALFORMED_TS]}
+        await expect_ok(await client.put(f"{V1}/transactions/ts", json=body, headers=AUTH))
+    [letter] = await store.dead_letters()
+    assert (letter.event_id, letter.event_type) == ("$float_ts", "m.room.message")
+    assert "expected an integer" in letter.error
+    assert await store.inbox_stats() == InboxStats(0, None, 1)
+
+
+async def test_a_number_too_large_for_a_float_is_a_dead_letter(store: Store) -> None:
+    metrics = Metrics()
+    good = json.dumps(event(2, A))
+    raw = (
+        '{"events": [{"type": "m.room.message", "room_id": "' + A + '", "event_id": "$huge",'
+        ' "content": {"body": "big", "n": 1e999}}, ' + good + "]}"
+    )
+    async with serve_api(store, metrics=metrics) as client:
+        response = await client.put(f"{V1}/transactions/huge", data=raw.encode(), headers=AUTH)
+        await expect_ok(response)
+    lanes = await inbox_lanes(store)
+    assert ids_by_lane(lanes) == {A: ["$event2"]}
+    assert "Infinity" not in lanes[A][0].event_json
+    [letter] = await store.dead_letters()
+    assert (letter.lane, letter.event_id) == (A, "$huge")
+    assert "Out of range float" in letter.error
+    # The letter's JSON is JSON: no "Infinity" that a replay would hand to a handler.
+    assert "Infinity" not in letter.event_json
+    assert isinstance(json.loads(letter.event_json), dict)
+    assert metric(metrics, "bridge_kit_dead_lettered_total", reason="invalid") == 1
+
+
+async def test_a_store_failure_is_500_and_the_retry_is_accepted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    wakeups = Wakeups()
+    flaky = FlakyStore()
+    async with flaky, serve_api(flaky, metrics=metrics, on_accepted=wakeups) as client:
+        url = f"{V1}/transactions/d1"
+        response = await client.put(url, json=txn_body(1, 2), headers=AUTH)
+        message = await expect_error(response, 500, "M_UNKNOWN")
+        assert "d1" in message
+        assert "disk full" not in await response.text()
+        await expect_nothing_stored(flaky, "d1")
+        assert wakeups.calls == 0
+        await expect_ok(await client.put(url, json=txn_body(1, 2), headers=AUTH))
+        await expect_ok(await client.put(url, json=txn_body(1, 2), headers=AUTH))
+        lanes = ids_by_lane(await inbox_lanes(flaky))
+    assert lanes == {"!room:test.local": ["$event1", "$event2"]}
+    assert flaky.accept_calls == 3
+    assert wakeups.calls == 1
+    assert "d1" in caplog.text and "disk full" in caplog.text
+    assert metric(metrics, "bridge_kit_handler_failures_total") == 1
+    assert metric(metrics, "bridge_kit_transactions_total") == 1
+    assert metric(metrics, "bridge_kit_duplicate_transactions_total") == 1
+    assert metric(metrics, "bridge_kit_events_total") == 2
+
+
+async def test_not_accepting_transactions_is_503_and_stores_nothing(store: Store) -> None:
+    wakeups = Wakeups()
+    metrics = Metrics()
+    async with serve_api(
+        store, accept_transactions=False, on_accepted=wakeups, metrics=metrics
+    ) as client:
+        for path in (f"{V1}/transactions/s1", "/transactions/s1"):
+            response = await client.put(path, json=txn_body(1), headers=AUTH)
+            await expect_error(response, 503, "M_UNKNOWN")
+        # The other routes still answer.
+        await expect_ok(await client.post(f"{V1}/ping", headers=AUTH))
+    await expect_nothing_stored(store, "s1")
+    assert wakeups.calls == 0
+    assert metric(metrics, "bridge_kit_transactions_total") == 0
+    assert metric(metrics, "bridge_kit_duplicate_transactions_total") == 0
+    # The homeserver's retry, once someone accepts, is a new transaction.
+    async with serve_api(store) as client:
+        await expect_ok(await client.put(f"{V1}/transactions/s1", json=txn_body(1), headers=AUTH))
+    assert (await store.inbox_stats()).depth == 1
+
+
+async def test_an_accept_waits_for_a_busy_sqlite_without_blocking_the_loop(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "busy.db"
-    async with open_store(f"sqlite:///{path}") as store:
+    async with open_store(f"sqlite:///{path}") as store, serve_api(store) as client:
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
-            marking = asyncio.create_task(store.mark_transaction_done("busy"))
-            await asyncio.sleep(0.05)  # the loop still runs while the record waits
-            assert not marking.done()
-            assert not await store.is_transaction_done("busy")
+            url = f"{V1}/transactions/busy"
+            putting = asyncio.create_task(client.put(url, json=txn_body(1), headers=AUTH))
+            await asyncio.sleep(0.1)
+            # The loop still serves other requests while the accept waits for the lock.
+            health = await client.get("/_bridge_kit/health")
+            assert health.status == 200
+            assert not putting.done()
             other.execute("COMMIT")
-            await marking
+            await expect_ok(await asyncio.wait_for(putting, 10))
         finally:
             other.close()
-        assert await store.is_transaction_done("busy")
     async with open_store(f"sqlite:///{path}") as store:
         assert await store.is_transaction_done("busy")
+        assert ids_by_lane(await inbox_lanes(store)) == {"!room:test.local": ["$event1"]}
 
 
 async def test_dedup_records_are_pruned_in_the_background(store: Store) -> None:
-    recorder = Recorder()
-    async with serve_api(store, on_transaction=recorder, prune_every=5, prune_keep=3) as client:
+    wakeups = Wakeups()
+    async with serve_api(store, on_accepted=wakeups, prune_every=5, prune_keep=3) as client:
         for n in range(1, 11):
             response = await client.put(f"{V1}/transactions/{n}", json=txn_body(n), headers=AUTH)
             await expect_ok(response)
@@ -550,7 +692,9 @@ async def test_dedup_records_are_pruned_in_the_background(store: Store) -> None:
         assert done == list(range(11 - len(done), 11))
         # A pruned id counts as new again (the homeserver's ids only count up).
         await expect_ok(await client.put(f"{V1}/transactions/1", json=txn_body(1), headers=AUTH))
-    assert recorder.calls == 11
+    assert wakeups.calls == 11
+    # Pruning the dedup records leaves the inbox alone.
+    assert (await store.inbox_stats()).depth == 11
 
 
 # -- queries -------------------------------------------------------------------
@@ -767,15 +911,14 @@ def metric(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def test_metrics_route_serves_the_counters(memory_store: Store) -> None:
+async def test_metrics_route_serves_the_counters() -> None:
     metrics = Metrics()
-    recorder = Recorder()
-    recorder.failures_left = 1
-    async with serve_api(memory_store, on_transaction=recorder, metrics=metrics) as client:
+    async with FlakyStore() as flaky, serve_api(flaky, metrics=metrics) as client:
         url = f"{V1}/transactions/m1"
-        await client.put(url, json=txn_body(1, 2), headers=AUTH)
-        await client.put(url, json=txn_body(1, 2), headers=AUTH)
-        await client.put(url, json=txn_body(1, 2), headers=AUTH)
+        body = {"events": [event(1), event(2), {"type": "m.x", "origin_server_ts": "soon"}]}
+        for _ in range(3):  # 500 (the store failed), accepted, duplicate
+            await client.put(url, json=body, headers=AUTH)
+        metrics.set_inbox(await flaky.inbox_stats())
         metrics.on_response("POST", "/_matrix/client/v3/register", 200, None, 0.02)
         metrics.on_response("POST", "/_matrix/client/v3/register", 400, "M_USER_IN_USE", 0.01)
         response = await client.get("/metrics")
@@ -787,6 +930,10 @@ async def test_metrics_route_serves_the_counters(memory_store: Store) -> None:
         "bridge_kit_events_total 2.0",
         "bridge_kit_duplicate_transactions_total 1.0",
         "bridge_kit_handler_failures_total 1.0",
+        'bridge_kit_dead_lettered_total{reason="invalid"} 1.0',
+        "bridge_kit_inbox_events 2.0",
+        "bridge_kit_dead_letters 1.0",
+        "bridge_kit_transaction_seconds_count 1.0",
         "bridge_kit_puppets_registered_total 1.0",
         "bridge_kit_register_latency_seconds_count 2.0",
         'bridge_kit_homeserver_errors_total{errcode="M_USER_IN_USE"} 1.0',
@@ -821,7 +968,7 @@ def test_metrics_is_a_client_observer_with_its_own_registry() -> None:
 async def test_serve_app_writes_no_access_log_that_could_hold_a_token(
     memory_store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = create_app(hs_token=HS_TOKEN, store=memory_store, on_transaction=Recorder())
+    app = create_app(hs_token=HS_TOKEN, store=memory_store)
     runner = await serve_app(app, "127.0.0.1", 0)
     caplog.set_level(logging.DEBUG)
     try:
@@ -835,18 +982,12 @@ async def test_serve_app_writes_no_access_log_that_could_hold_a_token(
     assert not [r for r in caplog.records if r.name == "aiohttp.access"]
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
 async def test_a_taken_port_is_a_listen_error_not_a_traceback(memory_store: Store) -> None:
-    app = create_app(hs_token="hs", store=memory_store, on_transaction=Recorder())
+    app = create_app(hs_token="hs", store=memory_store)
     runner = await serve_app(app, "127.0.0.1", 0)
     try:
         port = runner.addresses[0][1]
-        second = create_app(hs_token="hs", store=memory_store, on_transaction=Recorder())
+        second = create_app(hs_token="hs", store=memory_store)
         with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}"):
             await serve_app(second, "127.0.0.1", port)
     finally:

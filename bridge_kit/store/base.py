@@ -37,7 +37,8 @@ class Store(abc.ABC):
 
         A store that several daemons may share (PostgreSQL: lanes are leased)
         does nothing; one that only a single process may work on (SQLite) takes
-        a lock that :meth:`close` releases. Call it once, before serving.
+        a lock that :meth:`close` releases, and voids the lane leases an earlier,
+        dead daemon left behind. Call it once, before serving.
         """
 
     async def __aenter__(self) -> Store:

@@ -121,6 +121,11 @@ class SQLiteStore(Store):
                 ) from None
             raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
         self._daemon_lock = fd
+        # Leases left by a daemon that died (SIGKILL, power loss) would hold its
+        # rooms for a whole lease; with the lock, nobody else can be working on them.
+        with self._errors():
+            async with self._transaction() as conn:
+                await conn.execute("DELETE FROM bridge_kit_lanes")
 
     def _open_problem(self, error: sqlite3.Error) -> str:
         where = f"cannot open SQLite store {self.path}"
