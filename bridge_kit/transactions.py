@@ -43,6 +43,13 @@ _SOURCES: Final = (
 )
 _INVALID_LANE: Final = "~invalid"
 _REPR_LIMIT: Final = 65_536
+# One encoder for every event: json.dumps with options builds a new one per call.
+# allow_nan=False: a number too large for a float (1e999) must not become "Infinity",
+# which is not JSON, on its way to a handler; check_circular=False: decoded JSON has
+# no cycles.
+_ENCODE: Final = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
+).encode
 
 
 def event_lane(kind: ItemKind, room_id: str | None) -> str:
@@ -93,9 +100,7 @@ def _split_item(
 ) -> None:
     try:
         event: Event = converter.structure(raw, Event)
-        # allow_nan=False: a number too large for a float (1e999) must not become
-        # "Infinity", which is not JSON, on its way to a handler.
-        text = json.dumps(raw, ensure_ascii=False, allow_nan=False)
+        text = _ENCODE(raw)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: {describe_error(exc)}"))
         return

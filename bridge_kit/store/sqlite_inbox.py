@@ -7,6 +7,7 @@ of them share one transaction, and holds its lock around them.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Collection, Iterator, Sequence
 
 import aiosqlite
@@ -108,11 +109,30 @@ async def append(
 ) -> None:
     """Add an accepted transaction's items and dead letters (the caller's transaction)."""
     if items:
-        rows = [(item.lane, item.kind.value, item.event_json, now) for item in items]
-        await conn.executemany(_INSERT_ITEM, rows)
+        await conn.executemany(_INSERT_ITEM, _item_rows(items, now))
     if rejected:
-        letters = [_letter_row(letter, letter.first_failed_at, now) for letter in rejected]
-        await conn.executemany(_INSERT_LETTER, letters)
+        await conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
+
+
+def append_now(
+    conn: sqlite3.Connection,
+    items: Sequence[NewInboxItem],
+    rejected: Sequence[NewDeadLetter],
+    now: float,
+) -> None:
+    """:func:`append` on a plain connection, on the calling thread."""
+    if items:
+        conn.executemany(_INSERT_ITEM, _item_rows(items, now))
+    if rejected:
+        conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
+
+
+def _item_rows(items: Sequence[NewInboxItem], now: float) -> list[tuple[object, ...]]:
+    return [(item.lane, item.kind.value, item.event_json, now) for item in items]
+
+
+def _letter_rows(rejected: Sequence[NewDeadLetter], now: float) -> list[tuple[object, ...]]:
+    return [_letter_row(letter, letter.first_failed_at, now) for letter in rejected]
 
 
 def _letter_row(
