@@ -7,7 +7,8 @@ RECORD_FILE as ``<process name> <room> <event id> <body>`` (one write, so lines
 of two processes sharing the file never mix). Bodies starting with ``echo``
 are answered by the puppet named in ``BK_TEST_PUPPET``; a body starting with
 ``crash`` is answered and then, the first time, the process kills itself (SIGKILL)
-before its event is marked done. ``BK_TEST_DELAY`` is the seconds each
+before its event is marked done. A body starting with ``fail`` raises until
+a file RECORD_FILE with the suffix ``.fixed`` exists. ``BK_TEST_DELAY`` is the seconds each
 handler sleeps; ``BK_TEST_NAME`` names the process in the record.
 """
 
@@ -34,6 +35,8 @@ def build(config: Config, record: Path) -> AppService:
         if app.registration.is_user_in_namespace(event.sender or ""):
             return
         body = str(event.content.get("body", ""))
+        if body.startswith("fail") and not record.with_suffix(".fixed").exists():
+            raise RuntimeError("the remote network refuses this message")
         line = f"{name}\t{event.room_id}\t{event.event_id}\t{body}\n".encode()
         fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

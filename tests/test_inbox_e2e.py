@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -439,6 +441,52 @@ async def test_a_second_daemon_on_the_same_sqlite_store_is_refused(
     assert second.returncode == 2
     assert "another bridge-kit daemon is using the SQLite store" in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+async def test_a_dead_letter_replayed_from_the_cli_is_handled_by_the_running_daemon(
+    homeserver: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    store = f"sqlite:///{tmp_path / 'bk.db'}"
+    config = bridge_config(
+        homeserver, tmp_path / "config.yaml", store, homeserver.appservice_port,
+        handler_attempts=1,
+    )  # fmt: skip
+    record = tmp_path / "record.tsv"
+    bridge = Bridge(config, record)
+    client, alice = await real_user(homeserver, f"replay{unique}")
+    async with client:
+        room = await alice.create_room()
+        await join_puppet(homeserver, room, f"_bk_replay{unique}", alice)
+        await bridge.start(homeserver.appservice_url)
+        try:
+            await alice.send_text(room, f"fail {unique}")
+            await eventually(lambda: dead_letter_count(config) == 1, "it became a dead letter")
+            record.with_suffix(".fixed").touch()
+            replay = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge_kit", "dead-letters", "replay", "--all",
+                "-c", str(config), env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(replay.communicate(), TIMEOUT)
+            replayed = time.monotonic()
+            await eventually(lambda: len(records(record, unique)) == 1, "the replay was handled")
+            picked_up = time.monotonic() - replayed
+        finally:
+            await bridge.stop()
+
+    assert replay.returncode == 0, err.decode()
+    assert out.decode().strip() == "replayed 1 dead letter"
+    assert picked_up < 10 * defaults.INBOX_POLL, picked_up
+    assert dead_letter_count(config) == 0
+
+
+def dead_letter_count(config: Path) -> int:
+    listed = subprocess.run(
+        [sys.executable, "-m", "bridge_kit", "dead-letters", "list", "--json", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    return len(json.loads(listed.stdout))
 
 
 # -- two daemons on PostgreSQL ----------------------------------------------------------
