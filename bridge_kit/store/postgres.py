@@ -13,7 +13,7 @@ from bridge_kit.errors import StoreError
 from bridge_kit.store import postgres_inbox
 from bridge_kit.store.base import Store, check_limit, pending_migrations, unique_chunks
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
-from bridge_kit.store.url import redact_store_url
+from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 
 _T = TypeVar("_T")
 
@@ -68,15 +68,21 @@ class PostgresStore(Store):
     async def open(self) -> None:
         if self._pool is not None:
             return
+        where = f"cannot open PostgreSQL store {redact_store_url(self.dsn)}"
+        # Checked here too, for a store built without parse_store_url: asyncpg would
+        # quote the misplaced piece of a password back in its error.
+        problem = store_url_problem(self.dsn)
+        if problem is not None:
+            raise StoreError(f"{where}: the URL {problem}")
         try:
             self._pool = await asyncpg.create_pool(self.dsn, **self._pool_args)
             await self._migrate()
         except (*_ERRORS, ValueError) as error:
             await self.close()
-            problem = _one_line(error)
+            # asyncpg may quote a piece of the URL back (a bad port, a query field).
+            problem = scrub_password(_one_line(error), self.dsn)
             if isinstance(error, ValueError):  # asyncpg's verdict on a malformed URL
                 problem = f"invalid URL: {problem}"
-            where = f"cannot open PostgreSQL store {redact_store_url(self.dsn)}"
             raise StoreError(f"{where}: {problem}") from error
         except BaseException:
             await self.close()
@@ -118,7 +124,8 @@ class PostgresStore(Store):
             yield
         except _ERRORS as error:
             where = f"PostgreSQL store {redact_store_url(self.dsn)}"
-            raise StoreError(f"{where}: {_one_line(error)}") from error
+            problem = scrub_password(_one_line(error), self.dsn)
+            raise StoreError(f"{where}: {problem}") from error
 
     async def _execute(self, sql: str, *args: object) -> str:
         pool = self._connected()

@@ -11,11 +11,13 @@ may carry a password.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Final, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import attrs
 
@@ -26,12 +28,14 @@ __all__ = [
     "StoreURL",
     "parse_store_url",
     "redact_store_url",
+    "scrub_password",
     "store_url_problem",
 ]
 
 STORE_FORMS: Final = "memory://, sqlite:///path.db or postgresql://user@host/dbname"
 _SCHEMES: Final = ("memory", "sqlite", "postgresql", "postgres")
 _SQLITE_PREFIX: Final = "sqlite:///"
+_SCRUBBABLE: Final = 4
 
 StoreKind = Literal["memory", "sqlite", "postgresql"]
 
@@ -93,7 +97,7 @@ def store_url_problem(url: str) -> str | None:
     if scheme == "memory":
         return "memory:// takes no path" if rest else None
     if scheme != "sqlite":
-        return None
+        return _ambiguity(url)
     if not url.lower().startswith(_SQLITE_PREFIX):
         return (
             "needs three slashes before the path: sqlite:///relative.db or sqlite:////absolute.db"
@@ -113,19 +117,17 @@ def redact_store_url(url: str) -> str:
 
     A SQLite or memory URL holds no secret and is returned whole. A URL that
     does not parse cleanly shows only its scheme and host, because a stray
-    ``#``, ``?`` or ``@`` can move a password into any other part.
+    ``#``, ``?``, ``/`` or ``@`` can move a password into any other part.
     """
     scheme = url.partition("://")[0].lower()
     if scheme in ("sqlite", "memory"):
         return url
     try:
         parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         return f"{scheme}://<unparsable URL>"
-    if parts.fragment or "@" in parts.path or "@" in parts.query or "#" in url:
-        return f"{scheme}://{host or '<no host>'}/…"
+    if _ambiguity(url) is not None:
+        return f"{scheme}://{_likely_host(url)}/…"
     if parts.password is not None:
         user = f"{parts.username}:***@" if parts.username else ":***@"
         parts = parts._replace(netloc=user + parts.netloc.rpartition("@")[2])
@@ -134,6 +136,75 @@ def redact_store_url(url: str) -> str:
         for key, value in parse_qsl(parts.query, keep_blank_values=True)
     ]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+def scrub_password(text: str, url: str) -> str:
+    """``text`` (say, a driver's error message about ``url``) with ``url``'s password,
+    as written and percent-decoded, replaced by ``***``.
+
+    A password shorter than 4 characters would match inside ordinary words, so
+    a text that contains one is withheld whole instead.
+    """
+    for secret in sorted(_passwords(url), key=len, reverse=True):
+        if len(secret) >= _SCRUBBABLE:
+            text = text.replace(secret, "***")
+        elif secret in text:
+            return "(details withheld: they might show the password)"
+    return text
+
+
+def _passwords(url: str) -> set[str]:
+    """Every form in which ``url``'s password could appear: the text between the
+    first ``:`` of the user part and the last ``@`` (what a person meant, however
+    it parses), and what :func:`urlsplit` makes of it."""
+    found: set[str] = set()
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
+    if ":" in userinfo:
+        found.add(userinfo.partition(":")[2])
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        found.update(p for p in (parts.password, _password_param(parts.query)) if p)
+    found |= {unquote(secret) for secret in found}
+    return {secret for secret in found if secret}
+
+
+def _password_param(query: str) -> str | None:
+    values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() == "password"]
+    return values[0] if values else None
+
+
+def _likely_host(url: str) -> str:
+    """The host an ambiguous URL most likely names: what follows its last ``@``, as far
+    as host characters go; never a piece of anything that may be a password."""
+    rest = url.partition("://")[2]
+    host = re.match(r"[\w.:\[\]-]*", rest.rpartition("@")[2])
+    shown = host.group() if host else ""
+    if not shown or any(shown in secret for secret in _passwords(url)):
+        return "<host not shown>"
+    return shown
+
+
+def _ambiguity(url: str) -> str | None:
+    """Why a PostgreSQL URL cannot be split into its parts for sure, or ``None``.
+
+    A password holding ``#``, ``?`` or ``/`` ends the host part early and the
+    rest of it lands in the path, query or fragment; one holding ``@`` makes two.
+    Each leaves an ``@`` (or a ``#``, which no DSN has) where none belongs, and
+    then the password may be shown as a port, a path or a query: refuse such a
+    URL, naming no part of it.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "is not a valid URL (check the brackets around an IPv6 address)"
+    stray = "#" in url or "@" in parts.path or "@" in parts.query
+    if stray or parts.netloc.count("@") > 1:
+        return (
+            "cannot be split into user, password and host for sure: percent-encode "
+            "@ # ? / in the user name and password (%40 %23 %3F %2F)"
+        )
+    return None
 
 
 def _did_you_mean(scheme: str) -> str:

@@ -1,0 +1,124 @@
+"""Secrets stay out of messages, logs and reprs (issue 10, defects 1 and 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge_kit.config import Config
+from bridge_kit.errors import ConfigError, StoreError
+from bridge_kit.registration import generate_registration
+from bridge_kit.store import PostgresStore, open_store
+from bridge_kit.store.url import redact_store_url, scrub_password
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Each form puts a character in the password that ends the host part early, or
+#: makes two '@'; the two halves of the password must never be shown.
+HALVES = ("Sekr", "et9Pw")
+FORMS = {
+    "hash": "postgresql://bridge:Sekr#et9Pw@127.0.0.1:1/bk",
+    "question": "postgresql://bridge:Sekr?et9Pw@127.0.0.1:1/bk",
+    "slash": "postgresql://bridge:Sekr/et9Pw@127.0.0.1:1/bk",
+    "at": "postgresql://bridge:Sekr@et9Pw@127.0.0.1:1/bk",
+}
+
+
+def assert_hidden(text: str) -> None:
+    for half in HALVES:
+        assert half not in text, text
+
+
+@pytest.fixture(scope="module")
+def registration_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "registration.yaml"
+    registration = generate_registration("secrets", "http://127.0.0.1:29999", "test.local", "_bk_")
+    registration.write(path)
+    return path
+
+
+@pytest.mark.parametrize("url", FORMS.values(), ids=FORMS.keys())
+async def test_the_register_command_never_prints_a_misplaced_password(
+    url: str, registration_file: Path
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bridge_kit", "register", "-r", str(registration_file)),
+        *("--homeserver", "http://127.0.0.1:1", "--store", url, "_bk_alice"),
+        cwd=registration_file.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert_hidden(out.decode() + err.decode())
+    assert "percent-encode" in err.decode()
+    # The operator still learns which server it was about.
+    assert "127.0.0.1" in err.decode()
+
+
+@pytest.mark.parametrize("url", FORMS.values(), ids=FORMS.keys())
+async def test_a_postgres_store_built_directly_never_shows_a_misplaced_password(
+    url: str,
+) -> None:
+    # Straight to the driver, without the URL check: asyncpg quotes pieces back.
+    store = PostgresStore(url)
+    with pytest.raises(StoreError) as excinfo:
+        await store.open()
+    assert_hidden(str(excinfo.value))
+    assert_hidden(repr(store))
+
+
+async def test_a_refused_connection_names_the_server_but_not_the_password() -> None:
+    store = PostgresStore("postgresql://bridge:Sekret9Pw@127.0.0.1:1/bk")
+    with pytest.raises(StoreError) as excinfo:
+        await store.open()
+    assert "Sekret9Pw" not in str(excinfo.value)
+    assert "bridge:***@127.0.0.1:1" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("url", FORMS.values(), ids=FORMS.keys())
+def test_parsing_refuses_an_ambiguous_url_without_showing_it(url: str) -> None:
+    with pytest.raises(StoreError, match="percent-encode") as excinfo:
+        open_store(url)
+    assert_hidden(str(excinfo.value))
+    assert "127.0.0.1" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("url", FORMS.values(), ids=FORMS.keys())
+def test_the_config_check_refuses_an_ambiguous_store_url_without_showing_it(
+    url: str, tmp_path: Path
+) -> None:
+    text = (
+        "homeserver: {url: 'http://127.0.0.1:8008'}\n"
+        f"appservice: {{registration: r.yaml, store: '{url}'}}\n"
+    )
+    with pytest.raises(ConfigError, match="percent-encode") as excinfo:
+        Config.loads(text, tmp_path, {}, check_files=False)
+    assert_hidden(str(excinfo.value))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        *((url, "postgresql://127.0.0.1:1/…") for url in FORMS.values()),
+        # A password in the query, with '@' in it: no piece of it is taken for a host.
+        ("postgresql://h/db?password=se@cr@et#x", "postgresql://<host not shown>/…"),
+        ("postgresql://u:pw@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+        ("postgresql://u:pa%40ss@h/db", "postgresql://u:***@h/db"),
+    ],
+)
+def test_redaction(url: str, shown: str) -> None:
+    assert redact_store_url(url) == shown
+
+
+def test_scrubbing_a_driver_message() -> None:
+    url = "postgresql://u:pa%40ssword@h/db"
+    assert scrub_password("bad pa@ssword and pa%40ssword", url) == "bad *** and ***"
+    # A password too short to replace safely hides the whole message.
+    assert "withheld" in scrub_password("no pw here", "postgresql://u:pw@h/db")
+    assert scrub_password("nothing to hide", "postgresql://u:pw@h/db") == "nothing to hide"
