@@ -42,6 +42,8 @@ JSONHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _APP_PREFIX = "/_matrix/app/v1"
 _LEGACY_THIRDPARTY_PREFIX = "/_matrix/app/unstable"
 _EMPTY_OBJECT = b"{}"
+#: How much of a request's own text (a path, an ID) an error message or log line repeats.
+_SHOWN_LENGTH = 200
 
 
 @attrs.define
@@ -182,7 +184,19 @@ class _Routes:
 
     def _auth(self, handler: JSONHandler) -> JSONHandler:
         async def authenticated(request: web.Request) -> web.StreamResponse:
-            self._check_token(request)
+            try:
+                self._check_token(request)
+            except ErrorReply as refused:
+                # One line, and never the token: the path without its query string
+                # (which may hold the legacy access_token), escaped.
+                log.warning(
+                    "refused %s %s from %s: %s",
+                    request.method,
+                    _loggable(request.rel_url.raw_path),
+                    request.remote,
+                    refused.message,
+                )
+                raise
             return await handler(request)
 
         return authenticated
@@ -217,20 +231,20 @@ class _Routes:
             await self.processor.process(txn_id, body)
         except TransactionFailed:
             raise ErrorReply(
-                500, "M_UNKNOWN", f"Storing transaction {txn_id} failed; retry it"
+                500, "M_UNKNOWN", f"Storing transaction {_shown(txn_id)} failed; retry it"
             ) from None
         return _ok()
 
     async def user_query(self, request: web.Request) -> web.StreamResponse:
         user_id = request.match_info["userId"]
         if self.on_user_query is None or not await self.on_user_query(user_id):
-            raise ErrorReply(404, "M_NOT_FOUND", f"User {user_id} does not exist")
+            raise ErrorReply(404, "M_NOT_FOUND", f"User {_shown(user_id)} does not exist")
         return _ok()
 
     async def alias_query(self, request: web.Request) -> web.StreamResponse:
         alias = request.match_info["roomAlias"]
         if self.on_alias_query is None or not await self.on_alias_query(alias):
-            raise ErrorReply(404, "M_NOT_FOUND", f"Room alias {alias} does not exist")
+            raise ErrorReply(404, "M_NOT_FOUND", f"Room alias {_shown(alias)} does not exist")
         return _ok()
 
     async def protocol(self, request: web.Request) -> web.StreamResponse:
@@ -238,7 +252,7 @@ class _Routes:
         hook = self.thirdparty.protocol or _no_thirdparty("protocol")
         metadata = await hook(protocol)
         if metadata is None:
-            raise ErrorReply(404, "M_NOT_FOUND", f"Unknown protocol {protocol}")
+            raise ErrorReply(404, "M_NOT_FOUND", f"Unknown protocol {_shown(protocol)}")
         return _json(_hook_result(metadata, dict, "protocol"))
 
     async def location(self, request: web.Request) -> web.StreamResponse:
@@ -285,7 +299,22 @@ def _bearer_token(request: web.Request) -> str | None:
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates
+    # (surrogateescape), and a percent-decoded query may hold any surrogate:
+    # surrogatepass encodes every str, so such a token is merely wrong.
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
+    )
+
+
+def _loggable(text: str) -> str:
+    """``text`` cut short and escaped, so a log line stays one line of ASCII."""
+    return text[:_SHOWN_LENGTH].encode("unicode_escape").decode("ascii")
+
+
+def _shown(value: str) -> str:
+    """A value from the request, cut short for an error message (the reply stays small)."""
+    return value if len(value) <= _SHOWN_LENGTH else value[:_SHOWN_LENGTH] + "…"
 
 
 def _reject_constant(name: str) -> NoReturn:
