@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import random
 import time
@@ -27,8 +26,10 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import attrs
 import cattrs
+import yarl
 from cattrs.gen import make_dict_unstructure_fn
 
+from bridge_kit._json import decode_json, encode_json
 from bridge_kit.errors import (
     ClientClosed,
     ConfigError,
@@ -66,6 +67,8 @@ _TRANSIENT_EXCEPTIONS: Final = (
 #: The one transient exception after which the request certainly never left the client.
 _NOT_SENT_EXCEPTIONS: Final = (aiohttp.ClientConnectorError,)
 _SNIPPET_LENGTH: Final = 200
+#: What a path may hold raw: RFC 3986 pchar and "/", plus "%" to keep existing escapes.
+_PATH_SAFE: Final = "/%:@!$&'()*+,;=~"
 
 #: ``POST`` this to register a user (the endpoint name observers see for it).
 REGISTER_ENDPOINT: Final = "/_matrix/client/v3/register"
@@ -172,8 +175,25 @@ def configure_converter(converter: cattrs.Converter) -> None:
 
 
 def quote_segment(value: str) -> str:
-    """Percent-encode one path segment (a user ID, room alias, appservice id...)."""
-    return quote(value, safe="")
+    """Percent-encode one path segment (a user ID, room alias, appservice id...).
+
+    ``.`` and ``..`` become ``%2E`` and ``%2E%2E``: left alone, a room ID or state
+    key of ``..`` would climb the path (``send_state("..", "..", {}, "whoami")``
+    would reach ``/_matrix/client/v3/whoami``). The client sends paths exactly as
+    given, so nothing on our side decodes them back.
+    """
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _request_url(base: str, path: str) -> yarl.URL:
+    """``base + path`` as sent: already encoded, so not normalised.
+
+    yarl would otherwise decode ``%2E`` and drop dot segments, undoing
+    :func:`quote_segment`. Characters a path may not hold raw (from a caller
+    that did not quote a segment) are still encoded; existing escapes are kept.
+    """
+    return yarl.URL(base + quote(path, safe=_PATH_SAFE), encoded=True)
 
 
 @attrs.frozen
@@ -206,6 +226,7 @@ class HomeserverClient:
         timeout: float = 60.0,
     ) -> None:
         self.base_url = _checked_base_url(base_url)
+        self._encoded_base = str(yarl.URL(self.base_url))
         self.retry = retry
         self.max_connections = max_connections
         self.timeout = timeout
@@ -270,7 +291,7 @@ class HomeserverClient:
         params: dict[str, QueryValue] = dict(query or {})
         if user_id is not None:
             params["user_id"] = user_id
-        data = None if body is None else json.dumps(_to_json(body)).encode()
+        data = None if body is None else encode_json(_to_json(body))
         reply = await self._send_with_retries(
             method, path, params, data, endpoint or path, resend=resend
         )
@@ -380,8 +401,9 @@ class HomeserverClient:
         headers = self._headers if data is None else {**self._headers, **_JSON_CONTENT}
         self.request_count += 1
         started = time.monotonic()
+        url = _request_url(self._encoded_base, path)
         async with session.request(
-            method, self.base_url + path, params=params, data=data, headers=headers
+            method, url, params=params, data=data, headers=headers
         ) as response:
             text = await response.text(errors="replace")
         seconds = time.monotonic() - started
@@ -447,8 +469,8 @@ def _to_json(body: Any) -> Any:
 
 def _decode_json(text: str) -> Any:
     try:
-        return json.loads(text)
-    except ValueError:
+        return decode_json(text)
+    except (ValueError, RecursionError):  # not JSON, or NaN, Infinity or 1e999 in it
         return None
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bridge_kit import defaults
+from bridge_kit._json import json_text
 from bridge_kit.errors import ErrorReply, ListenError, TransactionFailed
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
@@ -67,7 +68,7 @@ class ThirdPartyHandlers:
 
 def _error_response(error: ErrorReply, headers: Mapping[str, str] | None = None) -> web.Response:
     body = unstructure(MatrixErrorBody(errcode=error.errcode, error=error.message))
-    return web.json_response(body, status=error.status, headers=headers)
+    return web.json_response(body, status=error.status, headers=headers, dumps=json_text)
 
 
 async def serve_app(
@@ -321,6 +322,10 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# NaN and Infinity are not JSON: the body is refused. A number too large for a float
+# (1e999) is JSON, and is read as infinity here; in a transaction, the event holding
+# it is then refused on its own, as a dead letter (see bridge_kit.transactions), so
+# one bad number does not make the homeserver resend everything behind it forever.
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
@@ -375,7 +380,8 @@ def _ok() -> web.Response:
 
 
 def _json(data: Any) -> web.Response:
-    return web.json_response(data)
+    # allow_nan=False: a hook's NaN is a 500 here, not "NaN" (invalid JSON) for the homeserver.
+    return web.json_response(data, dumps=json_text)
 
 
 _HTTP_ERRCODES = {
@@ -409,7 +415,7 @@ def _health_route(health: Callable[[], dict[str, Any]] | None) -> JSONHandler:
     async def route(_: web.Request) -> web.StreamResponse:
         status = {"status": "ok"} if health is None else health()
         healthy = status.get("status", "ok") == "ok"
-        return web.json_response(status, status=200 if healthy else 503)
+        return web.json_response(status, status=200 if healthy else 503, dumps=json_text)
 
     return route
 

@@ -4,12 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aiohttp import web
 
-from bridge_kit.server import create_app, serve_app
+from bridge_kit.client import HomeserverClient, quote_segment
+from bridge_kit.errors import UnexpectedReply
+from bridge_kit.intent import Intent
+from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore
 
 HS_TOKEN = "hs-token-hostile"
@@ -85,3 +92,101 @@ async def test_an_echoed_path_is_cut_short(api_port: int) -> None:
     )
     assert status == b"HTTP/1.1 404 Not Found"
     assert len(body) < 400
+
+
+# -- a homeserver stand-in that records what reaches it ------------------------------
+
+
+class Recorder:
+    """A real HTTP server that records each raw request path and answers ``reply``."""
+
+    def __init__(self, reply: bytes = b'{"event_id": "$sent"}') -> None:
+        self.reply = reply
+        self.paths: list[str] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Recorder:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._record)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _record(self, request: web.Request) -> web.Response:
+        self.paths.append(request.raw_path)
+        return web.Response(body=self.reply, content_type="application/json")
+
+
+# -- defect 6: dot segments ----------------------------------------------------------
+
+
+def test_dot_segments_are_encoded() -> None:
+    assert quote_segment(".") == "%2E"
+    assert quote_segment("..") == "%2E%2E"
+    assert quote_segment("...") == "..."
+    assert quote_segment("a.b") == "a.b"
+
+
+async def test_dot_dot_room_and_type_do_not_climb_to_whoami() -> None:
+    async with Recorder() as homeserver, HomeserverClient(homeserver.url, "as") as client:
+        intent = Intent(client, "@_bk_bot:test.local", None)
+        await intent.send_state("..", "..", {}, state_key="whoami")
+        await intent.send_state("!room:test.local", ".", {}, state_key="..")
+    first, second = (path.partition("?")[0] for path in homeserver.paths)
+    assert first == "/_matrix/client/v3/rooms/%2E%2E/state/%2E%2E/whoami"
+    assert second == "/_matrix/client/v3/rooms/%21room%3Atest.local/state/%2E/%2E%2E"
+
+
+async def test_an_unquoted_path_from_a_caller_is_still_encoded() -> None:
+    async with Recorder(b"{}") as homeserver, HomeserverClient(homeserver.url, "as") as client:
+        await client.request("GET", "/_matrix/client/v3/some thing/é%2F")
+    assert homeserver.paths[0].partition("?")[0] == "/_matrix/client/v3/some%20thing/%C3%A9%2F"
+
+
+# -- defect 7: numbers that JSON cannot hold -------------------------------------------
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"NaN", b"Infinity"])
+async def test_a_reply_with_an_overflowing_number_is_refused(number: bytes) -> None:
+    reply = b'{"user_id": "@_bk_bot:test.local", "n": ' + number + b"}"
+    async with Recorder(reply) as homeserver, HomeserverClient(homeserver.url, "as") as client:
+        with pytest.raises(UnexpectedReply, match="expected a JSON object"):
+            await client.whoami()
+
+
+async def test_a_request_body_with_nan_or_infinity_is_never_sent() -> None:
+    async with Recorder() as homeserver, HomeserverClient(homeserver.url, "as") as client:
+        intent = Intent(client, "@_bk_bot:test.local", None)
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError, match="Out of range float"):
+                await intent.send_event("!r:test.local", "m.x", {"n": bad})
+    assert homeserver.paths == []
+
+
+async def test_a_hook_answering_nan_gets_a_500_not_invalid_json() -> None:
+    async def protocol(name: str) -> dict[str, Any]:
+        return {"instances": [], "weight": math.nan}
+
+    async with MemoryStore() as store:
+        app = create_app(
+            hs_token=HS_TOKEN, store=store, thirdparty=ThirdPartyHandlers(protocol=protocol)
+        )
+        runner = await serve_app(app, "127.0.0.1", 0)
+        try:
+            status, body = await raw_request(
+                runner.addresses[0][1],
+                b"GET /_matrix/app/v1/thirdparty/protocol/irc HTTP/1.1\r\n"
+                + f"Authorization: Bearer {HS_TOKEN}\r\n".encode(),
+            )
+        finally:
+            await runner.cleanup()
+    assert status == b"HTTP/1.1 500 Internal Server Error"
+    assert b"NaN" not in body and json.loads(body)["errcode"] == "M_UNKNOWN"
