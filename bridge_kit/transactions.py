@@ -43,6 +43,10 @@ _SOURCES: Final = (
 )
 _INVALID_LANE: Final = "~invalid"
 _REPR_LIMIT: Final = 65_536
+#: A dead letter's validation error is for a person: its first kilobyte says it all.
+_ERROR_LIMIT: Final = 1024
+#: Dead letters of one transaction logged one by one; the rest in one line.
+_LOGGED_LETTERS: Final = 20
 # One encoder for every event: json.dumps with options builds a new one per call.
 # allow_nan=False: a number too large for a float (1e999) must not become "Infinity",
 # which is not JSON, on its way to a handler; check_circular=False: decoded JSON has
@@ -50,6 +54,10 @@ _REPR_LIMIT: Final = 65_536
 _ENCODE: Final = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
 ).encode
+
+
+# For a dead letter's JSON: as received, bar the key order (readable, not compact).
+_ENCODE_AS_IS: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
 
 def event_lane(kind: ItemKind, room_id: str | None) -> str:
@@ -74,6 +82,7 @@ def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter
     if not isinstance(body.get("events"), list):
         found = "none" if "events" not in body else json_type(body["events"])
         raise _bad_json(f"A transaction must have an 'events' array (found {found})")
+    _check_size(body)
     items: list[NewInboxItem] = []
     rejected: list[NewDeadLetter] = []
     for kind, keys in _SOURCES:
@@ -89,6 +98,24 @@ def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter
             for index, raw in enumerate(value):
                 _split_item(kind, f"{key}[{index}]", raw, items, rejected)
     return items, rejected
+
+
+def _check_size(body: dict[str, Any]) -> None:
+    """Refuse a transaction with more items than any homeserver sends, before any
+    work on them (see :data:`~bridge_kit.defaults.MAX_TRANSACTION_ITEMS`)."""
+    count = sum(
+        len(value)
+        for _, keys in _SOURCES
+        for key in keys
+        if isinstance(value := body.get(key), list)
+    )
+    if count > defaults.MAX_TRANSACTION_ITEMS:
+        raise ErrorReply(
+            413,
+            "M_TOO_LARGE",
+            f"A transaction may carry at most {defaults.MAX_TRANSACTION_ITEMS} events "
+            f"and ephemeral events; this one has {count}",
+        )
 
 
 def _split_item(
@@ -110,6 +137,8 @@ def _split_item(
 def _letter(kind: ItemKind, raw: Any, error: str) -> NewDeadLetter:
     fields = raw if isinstance(raw, Mapping) else {}
     room_id, event_id, event_type = (fields.get(k) for k in ("room_id", "event_id", "type"))
+    if len(error) > _ERROR_LIMIT:
+        error = error[: _ERROR_LIMIT - 1] + "…"
     return NewDeadLetter(
         lane=room_id if isinstance(room_id, str) else _INVALID_LANE,
         kind=kind,
@@ -124,7 +153,7 @@ def _as_json(raw: Any) -> str:
     """``raw`` as JSON text; what JSON cannot hold (1e999 became infinity) as its repr,
     under a key no event has, so a replay finds it invalid again instead of handling it."""
     try:
-        return json.dumps(raw, ensure_ascii=False, allow_nan=False)
+        return _ENCODE_AS_IS(raw)
     except ValueError:
         return json.dumps({"bridge_kit.not_json": repr(raw)[:_REPR_LIMIT]}, ensure_ascii=False)
 
@@ -191,8 +220,15 @@ class TransactionProcessor:
             self._metrics.count_transaction(events, seconds)
             if rejected:
                 self._metrics.count_dead_letter("invalid", len(rejected))
-        for letter in rejected:
+        # A few lines say what is wrong; thousands would only flood the log.
+        for letter in rejected[:_LOGGED_LETTERS]:
             log.warning("transaction %s: set aside as a dead letter: %s", txn_id, letter.error)
+        if len(rejected) > _LOGGED_LETTERS:
+            log.warning(
+                "transaction %s: %d more invalid items set aside as dead letters",
+                txn_id,
+                len(rejected) - _LOGGED_LETTERS,
+            )
         if self._on_accepted is not None:
             self._on_accepted()
         self._maybe_prune()

@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from bridge_kit import defaults, transactions
 from bridge_kit.client import HomeserverClient, quote_segment
 from bridge_kit.errors import UnexpectedReply
 from bridge_kit.intent import Intent
 from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
-from bridge_kit.store import MemoryStore
+from bridge_kit.store import MemoryStore, Store
+from bridge_kit.store.records import InboxStats
+from bridge_kit.transactions import split_transaction
 
 HS_TOKEN = "hs-token-hostile"
 
@@ -190,3 +196,64 @@ async def test_a_hook_answering_nan_gets_a_500_not_invalid_json() -> None:
             await runner.cleanup()
     assert status == b"HTTP/1.1 500 Internal Server Error"
     assert b"NaN" not in body and json.loads(body)["errcode"] == "M_UNKNOWN"
+
+
+# -- defect 3: transactions full of invalid items ---------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def api(store: Store) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    async with TestClient(TestServer(create_app(hs_token=HS_TOKEN, store=store))) as client:
+        yield client
+
+
+async def put_transaction(
+    client: TestClient[web.Request, web.Application], txn_id: str, body: bytes
+) -> tuple[int, bytes]:
+    response = await client.put(
+        f"/_matrix/app/v1/transactions/{txn_id}",
+        data=body,
+        headers={"Authorization": f"Bearer {HS_TOKEN}"},
+    )
+    return response.status, await response.read()
+
+
+async def test_more_items_than_any_homeserver_sends_are_refused_at_once() -> None:
+    count = defaults.MAX_TRANSACTION_ITEMS + 1
+    # Split between the stable and unstable ephemeral names: every source counts.
+    body = json.dumps(
+        {"events": [1] * (count - 2), "ephemeral": [1], "de.sorunome.msc2409.ephemeral": [1]}
+    )
+    async with MemoryStore() as store, api(store) as client:
+        started = time.process_time()
+        status, reply = await put_transaction(client, "huge", body.encode())
+        assert time.process_time() - started < 1.0
+        assert status == 413 and len(reply) < 1024
+        assert json.loads(reply)["errcode"] == "M_TOO_LARGE"
+        assert await store.inbox_stats() == InboxStats(0, None, 0)
+
+
+async def test_every_invalid_item_up_to_the_limit_is_set_aside_and_logged_briefly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge_kit.transactions")
+    count = defaults.MAX_TRANSACTION_ITEMS
+    body = json.dumps({"events": [{"type": ["x"], "content": 5}] * count}).encode()
+    async with MemoryStore() as store, api(store) as client:
+        started = time.process_time()
+        status, reply = await put_transaction(client, "invalid", body)
+        seconds = time.process_time() - started
+        assert (status, reply) == (200, b"{}")
+        # Nothing lost: every item is a dead letter.
+        assert (await store.inbox_stats()).dead_letters == count
+    # About 0.2 s here; generous, for a busy machine.
+    assert seconds < 3.0
+    lines = [r for r in caplog.records if r.name == "bridge_kit.transactions"]
+    assert len(lines) == 21
+    assert f"{count - 20} more invalid items" in lines[-1].getMessage()
+
+
+def test_a_dead_letters_error_is_cut_to_a_kilobyte(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transactions, "describe_error", lambda exc: "x" * 100_000)
+    _, [letter] = split_transaction({"events": [{"type": 5}]})
+    assert 100 < len(letter.error) <= 1024
