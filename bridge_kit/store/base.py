@@ -4,8 +4,10 @@ and the durable inbox of events waiting for their handlers."""
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Final
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
@@ -190,6 +192,30 @@ def check_limit(limit: int, name: str = "limit") -> None:
     """Refuse a negative row count, which SQL backends would read differently."""
     if limit < 0:
         raise ValueError(f"{name} must be >= 0, not {limit}")
+
+
+#: No Matrix user ID holds NUL or a lone surrogate, and neither database could store
+#: one (PostgreSQL refuses NUL in text, no UTF-8 encoder takes a lone surrogate).
+_NOT_AN_ID: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_ids(user_ids: Iterable[str]) -> Iterator[str]:
+    """The user IDs a store can hold; the others cannot have been stored, so a
+    lookup or a removal just skips them."""
+    return (user_id for user_id in user_ids if not _NOT_AN_ID.search(user_id))
+
+
+def checked_ids(user_ids: Iterable[str]) -> list[str]:
+    """``user_ids`` without duplicates, or :class:`ValueError` for one that holds NUL
+    or a lone surrogate: recording it would only fail deeper down (every backend
+    behaves the same, whether or not its database would have taken it)."""
+    batch = list(set(user_ids))
+    for user_id in batch:
+        if _NOT_AN_ID.search(user_id):
+            raise ValueError(
+                f"not a user ID a store can hold (NUL or a lone surrogate): {user_id[:100]!r}"
+            )
+    return batch
 
 
 def unique_chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable, Sequence
 import attrs
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store, check_limit
+from bridge_kit.store.base import Store, check_limit, checked_ids, storable_ids
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 
 
@@ -53,18 +53,18 @@ class MemoryStore(Store):
 
     async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
         self._check_open()
-        return self._puppets.intersection(user_ids)
+        return self._puppets.intersection(storable_ids(user_ids))
 
     async def mark_registered(self, user_ids: Iterable[str]) -> None:
         self._check_open()
-        self._puppets.update(user_ids)
+        self._puppets.update(checked_ids(user_ids))
 
     async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
         self._check_open()
         if user_ids is None:
             self._puppets.clear()
         else:
-            self._puppets.difference_update(user_ids)
+            self._puppets.difference_update(storable_ids(user_ids))
 
     async def count_registered(self) -> int:
         self._check_open()

@@ -11,7 +11,14 @@ import asyncpg  # type: ignore[import-untyped]
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store import postgres_inbox
-from bridge_kit.store.base import Store, check_limit, pending_migrations, unique_chunks
+from bridge_kit.store.base import (
+    Store,
+    check_limit,
+    checked_ids,
+    pending_migrations,
+    storable_ids,
+    unique_chunks,
+)
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 
@@ -150,7 +157,7 @@ class PostgresStore(Store):
         pool = self._connected()
         found: set[str] = set()
         with self._errors():
-            for chunk in unique_chunks(user_ids, _LOOKUP_CHUNK):
+            for chunk in unique_chunks(storable_ids(user_ids), _LOOKUP_CHUNK):
                 rows = await pool.fetch(
                     "SELECT user_id FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])", chunk
                 )
@@ -158,7 +165,7 @@ class PostgresStore(Store):
         return found
 
     async def mark_registered(self, user_ids: Iterable[str]) -> None:
-        batch = list(set(user_ids))
+        batch = checked_ids(user_ids)
         if batch:
             await self._execute(
                 "INSERT INTO bridge_kit_puppets (user_id)"
@@ -171,7 +178,8 @@ class PostgresStore(Store):
             await self._execute("DELETE FROM bridge_kit_puppets")
         else:
             await self._execute(
-                "DELETE FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])", list(user_ids)
+                "DELETE FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])",
+                list(storable_ids(user_ids)),
             )
 
     async def count_registered(self) -> int:

@@ -14,10 +14,13 @@ from typing import Any
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
     LETTER_COLUMNS,
+    clean_json,
     encode_handlers,
     item_from_row,
     letter_from_row,
 )
+from bridge_kit.store.inbox_rows import clean_text as text
+from bridge_kit.store.inbox_rows import optional_text as _optional_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 
 V2 = (
@@ -56,19 +59,6 @@ V2 = (
     " owner TEXT,"
     " lease_until DOUBLE PRECISION)",
 )
-
-
-def text(value: str) -> str:
-    """``value`` without NUL, which PostgreSQL text refuses (U+FFFD in its place).
-
-    Not one-to-one, which is harmless where it is used: two lanes that differ only
-    there become one (still in order), and the other columns are for people.
-    """
-    return value.replace("\x00", "\ufffd")
-
-
-def _optional_text(value: str | None) -> str | None:
-    return None if value is None else text(value)
 
 
 # One statement, so one commit: the txnId, the items and the letters, or, when the
@@ -155,12 +145,12 @@ async def accept(
     item_columns = (
         [text(item.lane) for item in items],
         [item.kind.value for item in items],
-        [text(item.event_json) for item in items],
+        [clean_json(item.event_json) for item in items],
     )
     letter_columns = (
         [text(letter.lane) for letter in rejected],
         [letter.kind.value for letter in rejected],
-        [text(letter.event_json) for letter in rejected],
+        [clean_json(letter.event_json) for letter in rejected],
         [text(letter.error) for letter in rejected],
         [_optional_text(letter.handler) for letter in rejected],
         [letter.attempts for letter in rejected],
@@ -177,6 +167,7 @@ async def claim(
 ) -> list[str]:
     if limit == 0:
         return []
+    owner = text(owner)
     excluded = [text(lane) for lane in exclude]
     # Two statements, each its own commit: step 1's rows must be committed before step 2
     # runs, or a concurrent claim's step 1 would wait on them instead of moving on.
@@ -189,7 +180,7 @@ async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> 
     rows = await pool.fetch(
         "UPDATE bridge_kit_lanes SET lease_until = $3"
         " WHERE owner = $1 AND lane = ANY($2::text[]) RETURNING lane",
-        owner,
+        text(owner),
         [text(lane) for lane in lanes],
         until,
     )
@@ -199,7 +190,7 @@ async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> 
 async def release(pool: Any, owner: str, lane: str) -> None:
     # Deleting rather than clearing the owner: the next claim adds the row again.
     await pool.execute(
-        "DELETE FROM bridge_kit_lanes WHERE lane = $1 AND owner = $2", text(lane), owner
+        "DELETE FROM bridge_kit_lanes WHERE lane = $1 AND owner = $2", text(lane), text(owner)
     )
 
 
@@ -247,7 +238,7 @@ async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> No
         item_id,
         text(letter.lane),
         letter.kind.value,
-        text(letter.event_json),
+        clean_json(letter.event_json),
         text(letter.error),
         _optional_text(letter.handler),
         letter.attempts,

@@ -24,7 +24,14 @@ import aiosqlite
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store import sqlite_inbox
-from bridge_kit.store.base import Store, check_limit, pending_migrations, unique_chunks
+from bridge_kit.store.base import (
+    Store,
+    check_limit,
+    checked_ids,
+    pending_migrations,
+    storable_ids,
+    unique_chunks,
+)
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 
@@ -214,14 +221,14 @@ class SQLiteStore(Store):
         found: set[str] = set()
         with self._errors():
             async with self._lock:
-                for chunk in unique_chunks(user_ids, _MAX_VARIABLES):
+                for chunk in unique_chunks(storable_ids(user_ids), _MAX_VARIABLES):
                     rows = await conn.execute_fetchall(_select_puppets(len(chunk)), chunk)
                     found.update(row[0] for row in rows)
         return found
 
     async def mark_registered(self, user_ids: Iterable[str]) -> None:
         # Sorted, the rows go into the b-tree in key order: fewer page splits.
-        rows = [(user_id,) for user_id in sorted(set(user_ids))]
+        rows = [(user_id,) for user_id in sorted(checked_ids(user_ids))]
         if not rows:
             return
         with self._errors():
@@ -238,7 +245,7 @@ class SQLiteStore(Store):
                     return
                 await conn.executemany(
                     "DELETE FROM bridge_kit_puppets WHERE user_id = ?",
-                    [(user_id,) for user_id in set(user_ids)],
+                    [(user_id,) for user_id in set(storable_ids(user_ids))],
                 )
 
     async def count_registered(self) -> int:

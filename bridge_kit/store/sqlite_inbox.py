@@ -15,9 +15,12 @@ import aiosqlite
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
     LETTER_COLUMNS,
+    clean_json,
+    clean_text,
     encode_handlers,
     item_from_row,
     letter_from_row,
+    optional_text,
 )
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 
@@ -128,7 +131,10 @@ def append_now(
 
 
 def _item_rows(items: Sequence[NewInboxItem], now: float) -> list[tuple[object, ...]]:
-    return [(item.lane, item.kind.value, item.event_json, now) for item in items]
+    # Cleaned as in PostgreSQL: SQLite takes NUL, but no str with a lone surrogate.
+    return [
+        (clean_text(item.lane), item.kind.value, clean_json(item.event_json), now) for item in items
+    ]
 
 
 def _letter_rows(rejected: Sequence[NewDeadLetter], now: float) -> list[tuple[object, ...]]:
@@ -139,16 +145,16 @@ def _letter_row(
     letter: NewDeadLetter, first_failed_at: float | None, now: float
 ) -> tuple[object, ...]:
     return (
-        letter.lane,
+        clean_text(letter.lane),
         letter.kind.value,
-        letter.event_json,
-        letter.error,
-        letter.handler,
+        clean_json(letter.event_json),
+        clean_text(letter.error),
+        optional_text(letter.handler),
         letter.attempts,
         first_failed_at if first_failed_at is not None else now,
         now,
-        letter.event_id,
-        letter.event_type,
+        optional_text(letter.event_id),
+        optional_text(letter.event_type),
     )
 
 
@@ -163,6 +169,8 @@ async def claim(
     """Lease the oldest claimable lanes to ``owner`` (in the caller's transaction)."""
     if limit == 0:
         return []
+    owner = clean_text(owner)
+    exclude = {clean_text(lane) for lane in exclude}
     # Each lane comes once, so reading len(exclude) more rows leaves ``limit`` after
     # the excluded ones are dropped here (SQLite has no array parameter to do it in SQL).
     parameters = {"now": now, "owner": owner, "limit": limit + len(exclude)}
@@ -177,7 +185,8 @@ async def renew(
 ) -> set[str]:
     """Extend the leases ``owner`` still holds (in the caller's transaction)."""
     held: set[str] = set()
-    for chunk in _chunks(sorted(set(lanes))):
+    owner = clean_text(owner)
+    for chunk in _chunks(sorted({clean_text(lane) for lane in lanes})):
         where = f"WHERE owner = ? AND lane IN ({_marks(chunk)})"
         rows = await conn.execute_fetchall(
             f"SELECT lane FROM bridge_kit_lanes {where}",  # noqa: S608 (only "?" marks)
@@ -193,14 +202,17 @@ async def renew(
 
 async def release(conn: aiosqlite.Connection, owner: str, lane: str) -> None:
     # Deleting rather than clearing the owner: claim writes the row again when needed.
-    await conn.execute("DELETE FROM bridge_kit_lanes WHERE lane = ? AND owner = ?", (lane, owner))
+    await conn.execute(
+        "DELETE FROM bridge_kit_lanes WHERE lane = ? AND owner = ?",
+        (clean_text(lane), clean_text(owner)),
+    )
 
 
 async def lane_items(conn: aiosqlite.Connection, lane: str, limit: int) -> list[InboxItem]:
     rows = await conn.execute_fetchall(
         f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
         " WHERE lane = ? ORDER BY id LIMIT ?",
-        (lane, limit),
+        (clean_text(lane), limit),
     )
     return [item_from_row(row) for row in rows]
 
@@ -236,8 +248,9 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
         " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?)"
         " FROM bridge_kit_inbox WHERE id = ?",
         (
-            *(letter.lane, letter.kind.value, letter.event_json, letter.error, letter.handler),
-            *(letter.attempts, letter.event_id, letter.event_type, now),
+            *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
+            *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
+            *(optional_text(letter.event_id), optional_text(letter.event_type), now),
             *(letter.first_failed_at, now, item_id),
         ),
     )
