@@ -58,12 +58,18 @@ class PostgresStore(Store):
         min_connections: int = 1,
         max_connections: int = 10,
         connect_timeout: float = 10.0,
+        command_timeout: float = 30.0,
     ) -> None:
         self.dsn = dsn
+        self.command_timeout = command_timeout
+        # command_timeout bounds every statement: a database that stops answering (or a
+        # lock held elsewhere) fails the call with a StoreError instead of hanging it;
+        # asyncpg cancels the statement on the server too.
         self._pool_args = {
             "min_size": min_connections,
             "max_size": max_connections,
             "timeout": connect_timeout,
+            "command_timeout": command_timeout,
         }
         self._pool: Any = None
 
@@ -132,6 +138,8 @@ class PostgresStore(Store):
         except _ERRORS as error:
             where = f"PostgreSQL store {redact_store_url(self.dsn)}"
             problem = scrub_password(_one_line(error), self.dsn)
+            if isinstance(error, TimeoutError):
+                problem = f"no answer within {self.command_timeout:g} s (command_timeout)"
             raise StoreError(f"{where}: {problem}") from error
 
     async def _execute(self, sql: str, *args: object) -> str:
