@@ -33,6 +33,7 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit.delivery import handling
+from bridge_kit.errors import StoreError
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter
@@ -169,6 +170,8 @@ class Inbox:
                 if time.monotonic() - last_stats >= _STATS_INTERVAL:
                     await self.refresh_stats()
                     last_stats = time.monotonic()
+            except StoreError as exc:  # an outage, not a bug: one line, no traceback
+                log.error("the inbox could not read the store (trying again shortly): %s", exc)
             except Exception:
                 log.exception("the inbox could not read the store; trying again shortly")
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
@@ -196,6 +199,9 @@ class Inbox:
                 continue
             try:
                 held = await self.store.renew_lanes(self.owner, lanes, self.settings.lease)
+            except StoreError as exc:
+                log.error("could not renew the inbox leases (trying again shortly): %s", exc)
+                continue
             except Exception:
                 log.exception("could not renew the inbox leases; trying again shortly")
                 continue
@@ -214,6 +220,9 @@ class Inbox:
                 pass
         except asyncio.CancelledError:
             raise
+        except StoreError as exc:
+            log.error("the inbox could not work on lane %s (store failure; trying again "
+                      "shortly): %s", lane, exc)  # fmt: skip
         except Exception:
             log.exception("the inbox could not work on lane %s; trying again shortly", lane)
         finally:

@@ -25,7 +25,7 @@ from typing import Any, Final
 import cattrs
 
 from bridge_kit import defaults
-from bridge_kit.errors import ErrorReply, TransactionFailed, json_type
+from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem
@@ -204,7 +204,15 @@ class TransactionProcessor:
         except Exception as exc:
             if self._metrics is not None:
                 self._metrics.count_handler_failure()
-            log.error("transaction %s could not be stored (not acknowledged): %s", txn_id, exc)
+            # A store failure is an operations matter: one line says it. Anything else
+            # is a bug in bridge_kit, and its traceback is what finds it.
+            log.error(
+                "transaction %s could not be stored (not acknowledged; the homeserver "
+                "will send it again): %s",
+                txn_id,
+                exc,
+                exc_info=None if isinstance(exc, StoreError) else exc,
+            )
             raise TransactionFailed(txn_id) from exc
         if not accepted:
             if self._metrics is not None:

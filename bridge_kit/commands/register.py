@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import signal
 import sys
 from collections.abc import Iterable, Iterator
@@ -25,13 +24,14 @@ from typing import Any, TextIO
 
 from bridge_kit import defaults
 from bridge_kit.client import HomeserverClient
+from bridge_kit.commands.report import ReportWriter
 from bridge_kit.config import Config
 from bridge_kit.diagnose import homeserver_domain
 from bridge_kit.errors import UsageError
 from bridge_kit.progress import ProgressReporter
 from bridge_kit.puppets import BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.registration import Registration
-from bridge_kit.registration.files import os_reason, write_private
+from bridge_kit.registration.files import os_reason
 from bridge_kit.runner import ExitCode, StopSignals, run_app
 from bridge_kit.store import open_store, parse_store_url, redact_store_url
 
@@ -159,17 +159,18 @@ async def _register(args: argparse.Namespace, stop: StopSignals) -> int:
         registrar = PuppetRegistrar(client, store, registration, domain)
         reporter = ProgressReporter(total=total, enabled=not args.no_progress)
         stop.on_stop(lambda: _cancel(registrar, stop.received))
-        with _localparts(args) as localparts:
+        with _localparts(args) as localparts, _report_writer(args) as report:
             result = await registrar.register_many(
                 localparts,
                 concurrency=args.concurrency,
                 progress=reporter,
                 dry_run=args.dry_run,
+                on_problem=report,
             )
-    reporter.finish(result)
-    _list_problems(result, sys.stdout)
-    if args.report:
-        _write_report(Path(args.report), _report(args, registration, result))
+            reporter.finish(result)
+            _list_problems(result, sys.stdout)
+            if report is not None:
+                _write_report(report, _report(args, registration, result))
     if result.cancelled and stop.received is not None:
         return 128 + stop.received
     return ExitCode.OK if result.ok else ExitCode.FAILED
@@ -222,17 +223,18 @@ def _count(args: argparse.Namespace) -> int | None:
 
 
 def _list_problems(result: BulkResult, out: TextIO) -> None:
-    for title, problems in (
-        ("invalid localparts (never sent)", result.invalid_reasons),
-        ("refused by the homeserver", result.failures),
+    for title, problems, count in (
+        ("invalid localparts (never sent)", result.invalid_reasons, result.invalid),
+        ("refused by the homeserver", result.failures, result.failed),
     ):
         if not problems:
             continue
         out.write(f"{title}:\n")
         for localpart, reason in itertools.islice(problems.items(), LISTED):
             out.write(f"  {localpart!r}: {reason}\n")
-        if len(problems) > LISTED:
-            out.write(f"  ... and {len(problems) - LISTED:,} more (see --report)\n")
+        # The result keeps only the first ones: the count is the whole story.
+        if count > LISTED:
+            out.write(f"  ... and {count - LISTED:,} more (see --report)\n")
 
 
 def _report(
@@ -246,13 +248,25 @@ def _report(
     }
 
 
-def _write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically, so a reader never sees half a report, and privately (mode 0600).
+@contextlib.contextmanager
+def _report_writer(args: argparse.Namespace) -> Iterator[ReportWriter | None]:
+    """The report's writer, spooling every problem as the run finds it (or None)."""
+    if not args.report:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            writer = stack.enter_context(ReportWriter(Path(args.report)))
+        except OSError as error:
+            raise UsageError(f"--report {args.report}: {os_reason(error)}") from error
+        yield writer
 
-    The report names the homeserver and every refused localpart.
-    """
-    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+
+def _write_report(writer: ReportWriter, report: dict[str, Any]) -> None:
+    """Write atomically and privately (see :meth:`ReportWriter.write`)."""
+    if writer.path.is_dir():
+        raise UsageError(f"--report {writer.path}: is a directory")
     try:
-        write_private(path, text, replace=True)
+        writer.write(report)
     except OSError as error:
-        raise UsageError(f"--report {path}: {os_reason(error)}") from error
+        raise UsageError(f"--report {writer.path}: {os_reason(error)}") from error

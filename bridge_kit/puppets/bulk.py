@@ -26,6 +26,7 @@ from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.results import (
     BulkProgress,
     BulkResult,
+    ProblemCallback,
     ProgressCallback,
     describe_failure,
     diagnose_abort,
@@ -66,6 +67,7 @@ class BulkRun:
         progress: ProgressCallback | None,
         dry_run: bool,
         total: int | None,
+        on_problem: ProblemCallback | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -75,6 +77,7 @@ class BulkRun:
         self.progress = progress
         self.dry_run = dry_run
         self.total = total
+        self.on_problem = on_problem
         self.result = BulkResult(dry_run=dry_run, lowest_concurrency=concurrency)
         self.limiter = AimdLimiter(concurrency)
         self.started = time.monotonic()
@@ -189,8 +192,9 @@ class BulkRun:
                     fresh.append((user_id, localpart))
                     continue
                 problem = _NOT_IN_NAMESPACE
-            result.invalid += 1
-            result.invalid_reasons[localpart] = problem
+            result.add_invalid(localpart, problem)
+            if self.on_problem is not None:
+                self.on_problem("invalid", localpart, problem)
         return fresh
 
     async def _dispatch(self, fresh: list[_Item]) -> None:
@@ -253,8 +257,10 @@ class BulkRun:
         if diagnosis is not None:
             self.stop(aborted=diagnosis)
             return
-        self.result.failed += 1
-        self.result.failures[localpart] = describe_failure(error)
+        reason = describe_failure(error)
+        self.result.add_failure(localpart, reason)
+        if self.on_problem is not None:
+            self.on_problem("failed", localpart, reason)
 
     # -- persisting and reporting ------------------------------------------------
 

@@ -25,7 +25,12 @@ from bridge_kit.errors import (
 )
 from bridge_kit.ids import localpart_problem
 from bridge_kit.puppets.bulk import BulkRun
-from bridge_kit.puppets.results import BulkResult, ProgressCallback, diagnose_abort
+from bridge_kit.puppets.results import (
+    BulkResult,
+    ProblemCallback,
+    ProgressCallback,
+    diagnose_abort,
+)
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.register import RegisterRequest
@@ -112,6 +117,7 @@ class PuppetRegistrar:
         progress: ProgressCallback | None = None,
         dry_run: bool = False,
         total: int | None = None,
+        on_problem: ProblemCallback | None = None,
     ) -> BulkResult:
         """Register many puppets, streaming ``localparts`` (any iterable or async iterable).
 
@@ -119,7 +125,11 @@ class PuppetRegistrar:
         that, successes grow it back. ``progress`` is called about twice a
         second with a :class:`BulkProgress`. ``dry_run`` checks everything and
         asks the store, but sends nothing. ``total`` (the input length) helps
-        progress displays when ``localparts`` has no ``len()``.
+        progress displays when ``localparts`` has no ``len()``. The result keeps
+        the first :data:`~bridge_kit.puppets.results.KEPT_PROBLEMS` invalid and
+        refused localparts with their reasons; ``on_problem(kind, localpart,
+        reason)`` (``kind`` is ``"invalid"`` or ``"failed"``) gets every one, e.g.
+        to stream them to a report. It runs inline and must not raise.
 
         Cancelling (:meth:`cancel`, or cancelling the task) stops issuing
         requests, lets those in flight finish, flushes the store and returns
@@ -143,6 +153,7 @@ class PuppetRegistrar:
             progress=progress,
             dry_run=dry_run,
             total=total,
+            on_problem=on_problem,
         )
         self._runs.add(run)
         try:

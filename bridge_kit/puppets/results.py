@@ -10,7 +10,7 @@ reason. :func:`diagnose_abort` tells the errors that doom every registration
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Literal
 
 import attrs
 
@@ -27,12 +27,23 @@ from bridge_kit.errors import (
 from bridge_kit.types.converter import converter
 
 __all__ = [
+    "KEPT_PROBLEMS",
     "BulkProgress",
     "BulkResult",
+    "ProblemCallback",
     "ProgressCallback",
     "describe_failure",
     "diagnose_abort",
 ]
+
+#: Invalid localparts, and refusals, that a :class:`BulkResult` keeps with their
+#: reasons (each); a run over millions must not grow without limit. The counts
+#: cover all of them, and ``on_problem`` sees every one.
+KEPT_PROBLEMS: Final = 1000
+
+ProblemKind = Literal["invalid", "failed"]
+#: ``on_problem(kind, localpart, reason)``: called for every invalid or refused localpart.
+ProblemCallback = Callable[[ProblemKind, str, str], None]
 
 
 @attrs.frozen
@@ -79,6 +90,9 @@ class BulkResult:
     sent), ``invalid`` (refused locally, never sent; reason in
     ``invalid_reasons``) and ``failed`` (the homeserver refused; reason in
     ``failures``). ``duplicates`` counts repeated input lines, ignored.
+    ``invalid_reasons`` and ``failures`` hold the first :data:`KEPT_PROBLEMS`
+    each (``invalid`` and ``failed`` count them all; ``register_many``'s
+    ``on_problem`` gets every one).
 
     ``aborted`` holds the diagnosis when an error no retry can fix stopped the
     run; ``cancelled`` is true when it was cancelled. Either way a re-run
@@ -101,6 +115,18 @@ class BulkResult:
     rate_limited: int = 0
     lowest_concurrency: int = 0
     elapsed: float = 0.0
+
+    def add_invalid(self, localpart: str, reason: str) -> None:
+        """Count an invalid localpart; keep its reason if fewer than the limit are kept."""
+        self.invalid += 1
+        if len(self.invalid_reasons) < KEPT_PROBLEMS:
+            self.invalid_reasons[localpart] = reason
+
+    def add_failure(self, localpart: str, reason: str) -> None:
+        """Count a refused localpart; keep its reason if fewer than the limit are kept."""
+        self.failed += 1
+        if len(self.failures) < KEPT_PROBLEMS:
+            self.failures[localpart] = reason
 
     @property
     def ok(self) -> bool:

@@ -75,6 +75,7 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
+        _create_private(self.path)
         try:
             self._conn = await aiosqlite.connect(self.path, isolation_level=None)
             await self._conn.execute("PRAGMA journal_mode=WAL")
@@ -114,7 +115,7 @@ class SQLiteStore(Store):
             return
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
         try:
@@ -433,6 +434,18 @@ class SQLiteStore(Store):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._locked(sqlite_inbox.stats)
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file with mode 0600 if it does not exist yet.
+
+    It holds every puppet and every event in the inbox; SQLite would create it
+    readable by all (0644 under the usual umask), and gives its -wal and -shm files
+    the database file's mode. An existing file keeps the mode its owner chose.
+    Whatever fails here (no such directory...) fails again, explained, in connect.
+    """
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 def _select_puppets(count: int) -> str:
