@@ -21,6 +21,11 @@ KeyPath: TypeAlias = tuple[str | int, ...]
 _MAX_DEPTH = 16  # aliases can make the node graph cyclic; real files are far shallower
 _MAX_PATHS = 100_000  # aliases can also multiply paths; stop recording long before that hurts
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+#: Values a document may hold once its aliases are expanded. Aliases share one Python
+#: object, but whatever walks the data (repr, a dump, JSON) expands them: nine
+#: anchors of nine aliases each ("billion laughs") make 387 million values from 1 kB.
+#: Registration and config files hold hundreds.
+_MAX_VALUES = 100_000
 
 
 class Duplicate(NamedTuple):
@@ -52,6 +57,11 @@ def load(text: str) -> Document | None:
         root = loader.get_single_node()
         if root is None:
             return None
+        if _expanded_size(root) > _MAX_VALUES:
+            raise YamlError(
+                f"the document expands to more than {_MAX_VALUES:,} values through its "
+                "aliases (*name); a registration or config file needs far fewer"
+            )
         lines, duplicates = _key_lines(root)  # first: construction flattens merge keys in place
         return Document(loader.construct_document(root), lines, duplicates)
     except yaml.MarkedYAMLError as exc:
@@ -179,6 +189,38 @@ def _duplicates(path: KeyPath, node: yaml.MappingNode) -> list[Duplicate]:
 def _is_plain(key: yaml.Node) -> bool:
     """A scalar key, not ``<<`` (whose merged keys are the anchor's, not this mapping's)."""
     return isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values ``root`` holds with every alias expanded, counted without
+    expanding (each node once, post-order) and capped just past the limit.
+
+    A node met again on its own path (a recursive alias) counts once: Python
+    shows such a cycle as ``[...]`` rather than expanding it.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            total = 1 + sum(sizes.get(id(child), 1) for child in _child_nodes(node))
+            sizes[key] = min(total, _MAX_VALUES + 1)
+        elif key not in sizes and key not in on_path:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _child_nodes(node))
+    return sizes[id(root)]
+
+
+def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _line(node: yaml.Node) -> int:

@@ -38,6 +38,7 @@ from bridge_kit.errors import (
     MatrixRequestError,
     UnexpectedReply,
 )
+from bridge_kit.store.url import redact_store_url
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.register import RegisterRequest, RegisterResponse
 
@@ -227,6 +228,8 @@ class HomeserverClient:
     ) -> None:
         self.base_url = _checked_base_url(base_url)
         self._encoded_base = str(yarl.URL(self.base_url))
+        # For messages: a URL may carry basic-auth credentials (http://user:pw@host).
+        self._shown_base = redact_store_url(self.base_url)
         self.retry = retry
         self.max_connections = max_connections
         self.timeout = timeout
@@ -238,7 +241,7 @@ class HomeserverClient:
         self.state = ClientState.UNOPENED
 
     def __repr__(self) -> str:
-        return f"<HomeserverClient {self.base_url}>"
+        return f"<HomeserverClient {self._shown_base}>"
 
     async def __aenter__(self) -> HomeserverClient:
         self._ensure_session()
@@ -345,7 +348,7 @@ class HomeserverClient:
         # after a commit gets M_USER_IN_USE, which the puppet layer counts as
         # success. A call that would be carried out twice (createRoom) passes
         # resend=False.
-        where = f"{method} {self.base_url}{endpoint}"
+        where = f"{method} {self._shown_base}{endpoint}"
         failures = 0
         rate_limit_waits = 0
         while True:

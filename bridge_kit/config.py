@@ -35,7 +35,12 @@ from bridge_kit._yaml import YamlError, describe, path_name
 from bridge_kit._yaml import load as load_yaml
 from bridge_kit.errors import ConfigError
 from bridge_kit.ids import server_name_problem
-from bridge_kit.store.url import STORE_FORMS, parse_store_url, store_url_problem
+from bridge_kit.store.url import (
+    STORE_FORMS,
+    parse_store_url,
+    redact_store_url,
+    store_url_problem,
+)
 
 __all__ = [
     "ENV_PREFIX",
@@ -123,6 +128,11 @@ def _upper_if_str(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
 
+def _redacted(value: object) -> str:
+    """The repr of a URL field with any password as ``***``: configs get logged."""
+    return repr(redact_store_url(value)) if isinstance(value, str) else repr(value)
+
+
 def _checked(default: Any = attrs.NOTHING, check: Check | None = None, **kwargs: Any) -> Any:
     return attrs.field(default=default, metadata={"check": check}, **kwargs)
 
@@ -151,7 +161,7 @@ class HomeserverConfig(_Section):
 
     section: ClassVar[str] = "homeserver"
 
-    url: str = _checked(check=_check_url)
+    url: str = _checked(check=_check_url, repr=_redacted)
     domain: str | None = _checked(None, _check_domain)
     """The server name; ``None``: ask the homeserver (``whoami``) at start-up."""
 
@@ -165,7 +175,7 @@ class AppServiceConfig(_Section):
     registration: str = _checked(check=_check_non_empty)
     host: str = _checked(defaults.HOST, _check_non_empty)
     port: int = _checked(defaults.PORT, _check_port)
-    store: str = _checked(defaults.STORE_URL, _check_store)
+    store: str = _checked(defaults.STORE_URL, _check_store, repr=_redacted)
     """A store URL; a relative SQLite path is resolved against the config file's folder."""
     max_body_bytes: int = _checked(defaults.MAX_BODY_BYTES, _check_positive)
     handler_concurrency: int = _checked(defaults.HANDLER_CONCURRENCY, _check_positive)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bridge_kit._yaml import load as yaml_load
+from bridge_kit.client import HomeserverClient
 from bridge_kit.config import Config
-from bridge_kit.errors import ConfigError, StoreError
-from bridge_kit.registration import generate_registration
+from bridge_kit.errors import ConfigError, RegistrationError, StoreError
+from bridge_kit.registration import Registration, generate_registration
 from bridge_kit.store import PostgresStore, open_store
 from bridge_kit.store.url import redact_store_url, scrub_password
 
@@ -122,3 +125,59 @@ def test_scrubbing_a_driver_message() -> None:
     # A password too short to replace safely hides the whole message.
     assert "withheld" in scrub_password("no pw here", "postgresql://u:pw@h/db")
     assert scrub_password("nothing to hide", "postgresql://u:pw@h/db") == "nothing to hide"
+
+
+# -- defect 9: reprs ----------------------------------------------------------------------
+
+
+def test_a_config_repr_hides_the_store_and_homeserver_passwords(tmp_path: Path) -> None:
+    text = (
+        "homeserver: {url: 'https://bridge:Hs9Secret@matrix.example'}\n"
+        "appservice: {registration: r.yaml, store: 'postgresql://bk:Db9Secret@db/bk'}\n"
+    )
+    config = Config.loads(text, tmp_path, {}, check_files=False)
+    shown = repr(config)
+    assert "Hs9Secret" not in shown and "Db9Secret" not in shown
+    assert "postgresql://bk:***@db/bk" in shown and "matrix.example" in shown
+    # The values themselves are intact: only their repr is redacted.
+    assert config.appservice.store == "postgresql://bk:Db9Secret@db/bk"
+
+
+def test_a_client_repr_hides_basic_auth_credentials() -> None:
+    client = HomeserverClient("http://bridge:Hs9Secret@127.0.0.1:1", "as-token")
+    assert "Hs9Secret" not in repr(client)
+
+
+def alias_bomb(indent: str) -> str:
+    """Nine anchors of nine aliases each: 1 kB that expands to 387 million strings."""
+    lines = [f'{indent}a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 9):
+        aliases = ",".join([f"*a{level - 1}"] * 9)
+        lines.append(f"{indent}a{level}: &a{level} [{aliases}]")
+    return "\n".join(lines)
+
+
+def test_an_alias_bomb_in_an_unknown_registration_key_is_refused() -> None:
+    text = (
+        "id: bomb\nurl: null\nas_token: " + "x" * 64 + "\nhs_token: " + "y" * 64 + "\n"
+        "sender_localpart: bombbot\n"
+        "namespaces: {users: [{regex: '^@_bomb_.*:x\\.org$', exclusive: true}]}\n"
+        "unknown_key:\n" + alias_bomb("  ") + "\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(RegistrationError, match="expands to more than 100,000 values"):
+        Registration.loads(text)
+    assert time.monotonic() - started < 5
+
+
+def test_an_alias_bomb_in_a_config_is_refused(tmp_path: Path) -> None:
+    text = "homeserver: {url: 'http://127.0.0.1:8008'}\nextra:\n" + alias_bomb("  ") + "\n"
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        Config.loads(text, tmp_path, {}, check_files=False)
+
+
+def test_aliases_of_an_ordinary_size_and_recursive_ones_still_load() -> None:
+    document = yaml_load("base: &b {x: 1}\nuse: [*b, *b]\nloop: &l [1, *l]\n")
+    assert document is not None
+    assert document.data["use"] == [{"x": 1}, {"x": 1}]
+    assert document.data["loop"][1] is document.data["loop"]
