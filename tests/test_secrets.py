@@ -181,3 +181,21 @@ def test_aliases_of_an_ordinary_size_and_recursive_ones_still_load() -> None:
     assert document is not None
     assert document.data["use"] == [{"x": 1}, {"x": 1}]
     assert document.data["loop"][1] is document.data["loop"]
+
+
+def test_a_registration_repr_shows_no_unknown_key_values() -> None:
+    text = (
+        "id: extra\nurl: null\nas_token: " + "x" * 64 + "\nhs_token: " + "y" * 64 + "\n"
+        "sender_localpart: extrabot\n"
+        "namespaces:\n"
+        "  users: [{regex: '^@_e_.*:x\\.org$', exclusive: true, note: Ns9Secret}]\n"
+        "  widgets: [Kind9Secret]\n"
+        "bridge_db_password: Top9Secret\n"
+    )
+    registration = Registration.loads(text)
+    shown = repr(registration)
+    for secret in ("Ns9Secret", "Kind9Secret", "Top9Secret", "x" * 64, "y" * 64):
+        assert secret not in shown
+    assert "<1 unknown key>" in shown
+    # Still there, and written back.
+    assert registration.extra == {"bridge_db_password": "Top9Secret"}

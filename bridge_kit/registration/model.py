@@ -42,6 +42,12 @@ __all__ = [
 T = TypeVar("T")
 
 
+def _keys_only(extra: dict[str, Any]) -> str:
+    """The repr of unknown keys: how many, not what they hold (a secret, or an alias
+    bomb that a repr would expand)."""
+    return f"<{len(extra)} unknown key{'' if len(extra) == 1 else 's'}>"
+
+
 @attrs.frozen
 class Namespace:
     """One namespace entry: a ``regex`` matched with :func:`re.match` against full IDs.
@@ -51,7 +57,7 @@ class Namespace:
 
     regex: str
     exclusive: bool
-    extra: dict[str, Any] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
     pattern: re.Pattern[str] = attrs.field(init=False, eq=False, repr=False)
 
     @pattern.default
@@ -73,7 +79,7 @@ class Namespaces:
     users: list[Namespace] = attrs.field(factory=list)
     aliases: list[Namespace] = attrs.field(factory=list)
     rooms: list[Namespace] = attrs.field(factory=list)
-    extra: dict[str, Any] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
 
 
 @attrs.frozen
@@ -99,7 +105,7 @@ class Registration:
     msc4190: bool | None = None
     protocols: list[str] | None = None
     namespaces: Namespaces = attrs.field(factory=Namespaces)
-    extra: dict[str, Any] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
 
     # -- loading and saving -------------------------------------------------
 
