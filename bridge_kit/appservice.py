@@ -20,7 +20,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,7 +40,7 @@ from bridge_kit.metrics import Metrics
 from bridge_kit.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.registration import Registration
-from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
+from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, serve_app
 from bridge_kit.store import Store, open_store
 from bridge_kit.store.records import ItemKind
 from bridge_kit.types import Event
@@ -116,6 +116,8 @@ class AppService:
         self._intents: OrderedDict[str, Intent] = OrderedDict()
         self._bot: Intent | None = None
         self._started_at: float | None = None
+        self.stop_timeout = defaults.STOP_TIMEOUT
+        """Seconds :meth:`stop` may take in all (see :data:`~bridge_kit.defaults.STOP_TIMEOUT`)."""
 
     @classmethod
     def from_config(cls, config: Config) -> AppService:
@@ -257,11 +259,14 @@ class AppService:
         if preregister is not None:
             steps.push_async_callback(self._stop_preregistration, self._preregister(preregister))
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
         """Stop accepting, finish in-flight transactions, flush and close.
 
         Every step runs even if an earlier one fails (the first failure is
         raised at the end). Safe to call twice, and on an app never started.
+        The whole stop takes at most ``deadline`` seconds (default
+        :attr:`stop_timeout`): past it, each step still running is cancelled.
+        Requests to the homeserver are no longer retried once stopping began.
         """
         if self.state is AppState.STARTING:
             raise LifecycleError("the AppService is still starting; cancel the start instead")
@@ -269,8 +274,12 @@ class AppService:
             self.state = AppState.STOPPED
             return
         self.state = AppState.STOPPING
+        # A retry's wait (a 429 may ask for minutes) is not worth holding the stop for.
+        self.client.abort_retries()
         try:
-            await self._running.aclose()
+            await finish_within(
+                self._running.aclose(), self.stop_timeout if deadline is None else deadline
+            )
         finally:
             self.state = AppState.STOPPED
 
@@ -294,7 +303,15 @@ class AppService:
     @staticmethod
     async def _listen_stopped(runner: web.AppRunner) -> None:
         # cleanup() stops the listener first, then waits for handlers in flight.
-        await runner.cleanup()
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            # The stop is past its deadline: end the requests still being handled,
+            # so that the cleanup (shielded, still running) finishes now.
+            abort_requests(runner.app)
+            await asyncio.wait({cleanup}, timeout=1.0)
+            raise
 
     def _preregister(self, path: Path) -> asyncio.Task[BulkResult]:
         task = asyncio.create_task(self._run_preregistration(path))
@@ -380,6 +397,41 @@ def inbox_settings(section: AppServiceConfig) -> InboxSettings:
         timeout=section.handler_timeout,
         lease=section.lane_lease,
     )
+
+
+#: After the deadline, how long each remaining step of a stop gets before it is cancelled.
+_CANCEL_STEP = 0.1
+#: And how many such cancellations there are at most (a step may refuse them).
+_CANCEL_ROUNDS = 50
+
+
+async def finish_within(closing: Coroutine[Any, Any, None], seconds: float) -> None:
+    """Await ``closing`` for at most about ``seconds``; then cancel it again and again.
+
+    One cancellation would only end the step it is in: an exit stack goes on to
+    the next steps, and those may wait too. Each is cancelled in turn after
+    :data:`_CANCEL_STEP`, so every step still runs (the store is closed, the
+    client too) and the whole ends soon. A failing step's error is raised.
+    """
+    task = asyncio.ensure_future(closing)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            log.error(
+                "stopping took more than %g s; cancelling what is still running "
+                "(events not yet handled stay in the inbox)",
+                seconds,
+            )
+        for _ in range(_CANCEL_ROUNDS):
+            if task.done():
+                break
+            task.cancel()
+            await asyncio.wait({task}, timeout=_CANCEL_STEP)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done() and not task.cancelled():
+        task.result()
 
 
 def _log_preregistration_failure(task: asyncio.Task[BulkResult]) -> None:

@@ -13,6 +13,7 @@ retries what is worth retrying (see :class:`RetryPolicy`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
@@ -31,6 +32,7 @@ from cattrs.gen import make_dict_unstructure_fn
 
 from bridge_kit._json import decode_json, encode_json
 from bridge_kit.errors import (
+    BridgeKitError,
     ClientClosed,
     ConfigError,
     HomeserverUnreachable,
@@ -238,6 +240,7 @@ class HomeserverClient:
         self._headers = {"Authorization": f"Bearer {as_token}"}
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
+        self._retries_aborted = asyncio.Event()
         self.state = ClientState.UNOPENED
 
     def __repr__(self) -> str:
@@ -255,9 +258,24 @@ class HomeserverClient:
     ) -> None:
         await self.close()
 
+    def abort_retries(self) -> None:
+        """Retry nothing from now on: a request waiting to retry (a backoff, a 429's
+        wait of up to ``max_rate_limit_delay``) raises its error at once, and a
+        later failure is raised instead of retried.
+
+        For shutdown: a stopping app must not wait minutes for retries, so it
+        waits for each request at most one attempt (``timeout``).
+        """
+        self._retries_aborted.set()
+
     async def close(self) -> None:
-        """Close the connection pool for good; later requests raise :class:`ClientClosed`."""
+        """Close the connection pool for good; later requests raise :class:`ClientClosed`.
+
+        Requests in flight are cut off, and those waiting to retry stop waiting:
+        both raise :class:`ClientClosed` at once.
+        """
         self.state = ClientState.CLOSED
+        self._retries_aborted.set()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -366,7 +384,13 @@ class HomeserverClient:
                         f"{where}: {_describe_exception(exc, self.timeout)} "
                         f"(gave up after {failures} attempts)"
                     ) from exc
-                await self._pause_before_retry(_reason_label(exc), failures)
+                if not await self._pause_before_retry(_reason_label(exc), failures):
+                    raise self._not_retried(
+                        HomeserverUnreachable(
+                            f"{where}: {_describe_exception(exc, self.timeout)} "
+                            "(not retried: the client is stopping)"
+                        )
+                    ) from exc
                 continue
             except aiohttp.ClientError as exc:
                 # Not HTTP (an SSH or database port), endless redirects, a URL aiohttp
@@ -382,13 +406,15 @@ class HomeserverClient:
                 rate_limit_waits += 1
                 if rate_limit_waits > self.retry.max_rate_limit_waits:
                     raise error
-                await self._pause_for_rate_limit(error, rate_limit_waits)
+                if not await self._pause_for_rate_limit(error, rate_limit_waits):
+                    raise self._not_retried(error)
                 continue
             if _is_transient(error) and resend:
                 failures += 1
                 if failures >= self.retry.max_attempts:
                     raise error
-                await self._pause_before_retry(f"HTTP {reply.status}", failures)
+                if not await self._pause_before_retry(f"HTTP {reply.status}", failures):
+                    raise self._not_retried(error)
                 continue
             raise error
 
@@ -417,13 +443,15 @@ class HomeserverClient:
             observer.on_response(method, endpoint, reply.status, errcode, seconds)
         return reply
 
-    async def _pause_before_retry(self, reason: str, failures: int) -> None:
+    async def _pause_before_retry(self, reason: str, failures: int) -> bool:
+        """Wait out the backoff; False when the request must not be retried after all."""
         delay = self.retry.backoff(failures, self._rng)
         for observer in self.observers:
             observer.on_retry(reason, delay)
-        await asyncio.sleep(delay)
+        return await self._wait_to_retry(delay)
 
-    async def _pause_for_rate_limit(self, error: LimitExceeded, waits: int) -> None:
+    async def _pause_for_rate_limit(self, error: LimitExceeded, waits: int) -> bool:
+        """Wait as long as the 429 asks (capped); False when it must not be retried."""
         delay = error.retry_after
         if delay is None:
             delay = self.retry.backoff(waits, self._rng)
@@ -433,7 +461,23 @@ class HomeserverClient:
         delay = max(delay, 0.0)
         for observer in self.observers:
             observer.on_rate_limited(delay)
-        await asyncio.sleep(delay)
+        return await self._wait_to_retry(delay)
+
+    async def _wait_to_retry(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds, cut short by :meth:`abort_retries` or :meth:`close`;
+        True when the request may be sent again."""
+        if not self._retries_aborted.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._retries_aborted.wait()
+        return not self._retries_aborted.is_set()
+
+    def _not_retried(self, error: BridgeKitError) -> BridgeKitError:
+        """What a request raises when retries were aborted: ``error``, or
+        :class:`ClientClosed` when the client was closed meanwhile."""
+        if self.state is ClientState.CLOSED:
+            return ClientClosed(f"{self!r} was closed while a request waited to retry: {error}")
+        return error
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self.state is ClientState.CLOSED:

@@ -39,6 +39,12 @@ MAX_TRANSACTION_ITEMS: Final = 10_000
 #: Seconds a stopping app waits for in-flight requests before closing them.
 SHUTDOWN_TIMEOUT: Final = 60.0
 
+#: Seconds AppService.stop() may take in all. The listener (SHUTDOWN_TIMEOUT) and the
+#: inbox's grace for running handlers (10 s) fit in it; past it, whatever step is
+#: still running is cancelled, so a daemon stops before a service manager kills it
+#: (systemd's default is 90 s). Unfinished events stay in the inbox for next time.
+STOP_TIMEOUT: Final = 75.0
+
 #: Puppet intents kept in memory; a dropped one costs one store lookup when it comes back.
 INTENT_CACHE_SIZE: Final = 10_000
 

@@ -10,6 +10,7 @@ log, which would print the legacy ``access_token`` query parameter.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -31,6 +32,7 @@ from bridge_kit.types import MatrixErrorBody, unstructure
 __all__ = [
     "PROCESSOR_KEY",
     "ThirdPartyHandlers",
+    "abort_requests",
     "create_app",
     "serve_app",
 ]
@@ -100,6 +102,22 @@ async def serve_app(
 PROCESSOR_KEY = web.AppKey("bridge_kit.processor", TransactionProcessor)
 """Where :func:`create_app` keeps its :class:`TransactionProcessor` (``app[PROCESSOR_KEY]``)."""
 
+#: The tasks handling requests right now, for :func:`abort_requests`.
+_HANDLING = web.AppKey("bridge_kit.handling", set[asyncio.Task[Any]])
+
+
+def abort_requests(app: web.Application) -> int:
+    """Cancel the requests ``app`` is handling now; return how many.
+
+    For a stop past its deadline: aiohttp's own shutdown waits for them (up to
+    its ``shutdown_timeout``), and does not cancel them if that wait is itself
+    cancelled, which would leave them running, their connections open.
+    """
+    handling = app.get(_HANDLING, set())
+    for task in handling:
+        task.cancel()
+    return len(handling)
+
 
 def create_app(
     *,
@@ -145,6 +163,7 @@ def create_app(
     )
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
     app[PROCESSOR_KEY] = processor
+    app[_HANDLING] = set()
     routes.add_to(app)
     app.router.add_get("/_bridge_kit/health", _health_route(health))
     if metrics is not None:
@@ -393,6 +412,10 @@ _HTTP_ERRCODES = {
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a Matrix JSON error body; never leak a traceback."""
+    handling = request.app.get(_HANDLING)
+    task = asyncio.current_task()
+    if handling is not None and task is not None:
+        handling.add(task)
     try:
         return await handler(request)
     except ErrorReply as exc:
@@ -409,6 +432,9 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         # request.path, not the URL: the query may carry the legacy access_token.
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return _error_response(ErrorReply(500, "M_UNKNOWN", "Internal server error"))
+    finally:
+        if handling is not None:
+            handling.discard(task)
 
 
 def _health_route(health: Callable[[], dict[str, Any]] | None) -> JSONHandler:
