@@ -7,8 +7,6 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
-
 from bridge_kit.errors import StoreError
 from bridge_kit.store import postgres_inbox
 from bridge_kit.store.base import (
@@ -38,7 +36,27 @@ _V1 = (
     " done_at TIMESTAMPTZ NOT NULL DEFAULT now())",
 )
 
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: What a store without the driver says: asyncpg is an extra, so that bridges on
+#: SQLite do not install it.
+_NO_DRIVER = (
+    "a postgresql:// store needs the asyncpg driver, which bridge_kit installs with its "
+    "postgres extra: pip install 'bridge-kit[postgres]'"
+)
+
+
+def _driver() -> Any:
+    """The asyncpg module, imported on first use; a :class:`StoreError` naming the
+    extra when it is not installed."""
+    try:
+        import asyncpg  # type: ignore[import-untyped]  # lazy: an extra
+    except ImportError as error:
+        raise StoreError(_NO_DRIVER) from error
+    return asyncpg
+
+
+def _driver_errors(asyncpg: Any) -> tuple[type[BaseException], ...]:
+    """What a call through the pool raises when the database or the network fails."""
+    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 class PostgresStore(Store):
@@ -72,6 +90,7 @@ class PostgresStore(Store):
             "command_timeout": command_timeout,
         }
         self._pool: Any = None
+        self._failures: tuple[type[BaseException], ...] = ()  # set by open()
 
     def __repr__(self) -> str:
         return f"PostgresStore({redact_store_url(self.dsn)!r})"
@@ -87,10 +106,13 @@ class PostgresStore(Store):
         problem = store_url_problem(self.dsn)
         if problem is not None:
             raise StoreError(f"{where}: the URL {problem}")
+        asyncpg = _driver()
+        self._failures = _driver_errors(asyncpg)
+        failures: tuple[type[BaseException], ...] = (*self._failures, ValueError)
         try:
             self._pool = await asyncpg.create_pool(self.dsn, **self._pool_args)
             await self._migrate()
-        except (*_ERRORS, ValueError) as error:
+        except failures as error:
             await self.close()
             # asyncpg may quote a piece of the URL back (a bad port, a query field).
             problem = scrub_password(_one_line(error), self.dsn)
@@ -135,7 +157,7 @@ class PostgresStore(Store):
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except _ERRORS as error:
+        except self._failures as error:
             where = f"PostgreSQL store {redact_store_url(self.dsn)}"
             problem = scrub_password(_one_line(error), self.dsn)
             if isinstance(error, TimeoutError):
