@@ -106,6 +106,7 @@ class AppService:
             appservice_id=self.registration.id,
             settings=inbox_settings(config.appservice),
             metrics=self.metrics,
+            event_types=self._handled_types,
         )
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
         """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
@@ -318,6 +319,9 @@ class AppService:
         return result
 
     # -- what the routes call --------------------------------------------------
+
+    def _handled_types(self) -> set[str]:
+        return {t for table in self._handlers.values() for t in table if t is not None}
 
     def _handlers_for(self, kind: ItemKind, event_type: str) -> Sequence[EventHandler]:
         table = self._handlers[kind]

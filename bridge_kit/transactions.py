@@ -28,7 +28,7 @@ from bridge_kit import defaults
 from bridge_kit.errors import ErrorReply, TransactionFailed, json_type
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.types import Event, describe_error
 from bridge_kit.types.converter import converter
 
@@ -45,10 +45,11 @@ _INVALID_LANE: Final = "~invalid"
 _REPR_LIMIT: Final = 65_536
 # One encoder for every event: json.dumps with options builds a new one per call.
 # allow_nan=False: a number too large for a float (1e999) must not become "Infinity",
-# which is not JSON, on its way to a handler; check_circular=False: decoded JSON has
-# no cycles.
+# which is not JSON, on its way to a handler. ensure_ascii: a lone surrogate (valid
+# in JSON text, not in UTF-8) then travels as \udXXX, which every store can hold.
+# check_circular=False: decoded JSON has no cycles.
 _ENCODE: Final = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
+    ensure_ascii=True, allow_nan=False, check_circular=False, separators=(",", ":")
 ).encode
 
 
@@ -104,19 +105,23 @@ def _split_item(
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: {describe_error(exc)}"))
         return
-    items.append(NewInboxItem(event_lane(kind, event.room_id), kind, text))
+    lane = event_lane(kind, event.room_id)
+    if storable(lane) != lane:
+        rejected.append(_letter(kind, raw, f"invalid event at {where}: room_id is not Unicode"))
+        return
+    items.append(NewInboxItem(lane, kind, text))
 
 
 def _letter(kind: ItemKind, raw: Any, error: str) -> NewDeadLetter:
     fields = raw if isinstance(raw, Mapping) else {}
     room_id, event_id, event_type = (fields.get(k) for k in ("room_id", "event_id", "type"))
     return NewDeadLetter(
-        lane=room_id if isinstance(room_id, str) else _INVALID_LANE,
+        lane=storable(room_id) if isinstance(room_id, str) else _INVALID_LANE,
         kind=kind,
         event_json=_as_json(raw),
-        error=error,
-        event_id=event_id if isinstance(event_id, str) else None,
-        event_type=event_type if isinstance(event_type, str) else None,
+        error=storable(error),
+        event_id=storable(event_id) if isinstance(event_id, str) else None,
+        event_type=storable(event_type) if isinstance(event_type, str) else None,
     )
 
 
@@ -124,9 +129,9 @@ def _as_json(raw: Any) -> str:
     """``raw`` as JSON text; what JSON cannot hold (1e999 became infinity) as its repr,
     under a key no event has, so a replay finds it invalid again instead of handling it."""
     try:
-        return json.dumps(raw, ensure_ascii=False, allow_nan=False)
+        return json.dumps(raw, allow_nan=False)
     except ValueError:
-        return json.dumps({"bridge_kit.not_json": repr(raw)[:_REPR_LIMIT]}, ensure_ascii=False)
+        return json.dumps({"bridge_kit.not_json": repr(raw)[:_REPR_LIMIT]})
 
 
 def _bad_json(message: str) -> ErrorReply:
