@@ -191,14 +191,16 @@ def _lint_tokens(report: Report, reg: Registration) -> None:
 
 
 def _lint_sender(report: Report, reg: Registration, domain: str | None) -> None:
-    domains = [domain] if domain else _guess_domains(reg) or ["example.org"]
+    known = [domain] if domain else _guess_domains(reg)
+    domains = known or ["example.org"]
     problem = localpart_problem(reg.sender_localpart)
     if problem and localpart_problem(reg.sender_localpart.lower()) is None:
         # Every mautrix-generated registration has one: legal for a bot that exists.
+        server = known[0] if known else "<server>"
         report.note(
             ("sender_localpart",),
             f"has uppercase letters, so the bot's user ID (@{reg.sender_localpart}:"
-            f"{domains[0]}) has them too: the spec allows that for users that already "
+            f"{server}) has them too: the spec allows that for users that already "
             "exist, not for new ones; fine for an existing bridge, but a new registration "
             "should use lowercase",
         )
