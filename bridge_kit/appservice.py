@@ -39,6 +39,7 @@ from bridge_kit.intent import Intent
 from bridge_kit.metrics import Metrics
 from bridge_kit.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
+from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
 from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import Store, open_store
@@ -110,6 +111,9 @@ class AppService:
         )
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
         """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
+        self.provisioning = TokenBucket(config.puppets.provision_per_minute, 60.0)
+        """The limit on puppets registered because of user queries (replaceable, e.g. in tests)."""
+        self._refusing = False  # refused the last query: log only the first of a burst
         self._user_query: QueryHook | None = None
         self._alias_query: QueryHook | None = None
         self._registrar: PuppetRegistrar | None = None
@@ -336,6 +340,8 @@ class AppService:
                 return False
         elif not self.config.puppets.provision_on_query:
             return False
+        if not await self._may_provision(user_id):
+            return False
         try:
             await self.puppets.ensure_registered(localpart)
         except BridgeKitError as exc:
@@ -343,6 +349,28 @@ class AppService:
             log.warning("could not provision %s on query: %s", user_id, exc)
             return False
         return True
+
+    async def _may_provision(self, user_id: str) -> bool:
+        """Take a token for a new registration; a puppet the store knows costs none.
+
+        The limit holds whether or not a hook said yes: anyone on the homeserver
+        can make it ask about any ID in our namespace, by inviting it.
+        """
+        if await self.store.is_registered(user_id):
+            return True
+        if self.provisioning.try_take():
+            self._refusing = False
+            return True
+        self.metrics.count_provisioning_refused()
+        if not self._refusing:
+            self._refusing = True
+            log.warning(
+                "provisioning on query refused for %s and what follows: more than "
+                "puppets.provision_per_minute (%d) new puppets a minute were asked for",
+                user_id,
+                self.config.puppets.provision_per_minute,
+            )
+        return False
 
     def _provisionable_localpart(self, user_id: str) -> str | None:
         try:

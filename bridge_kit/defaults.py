@@ -20,6 +20,9 @@ MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 CONCURRENCY: Final = 16
 MAX_CONCURRENCY: Final = 1024
 PROVISION_ON_QUERY: Final = True
+#: Puppets registered because the homeserver asked about them (GET /users), per minute at
+#: most; each one may count against the homeserver's monthly-active-user quota.
+PROVISION_PER_MINUTE: Final = 60
 
 LOG_LEVEL: Final = "INFO"
 LOG_FORMAT: Final = "text"
