@@ -246,14 +246,6 @@ async def test_every_documented_response_matches_its_schema(
         validate(reply, response_schema(operation, status))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the spec documents 404 when a third-party lookup finds nothing; bridge_kit answers "
-        "200 [] (Synapse takes both as 'none'). A change to bridge_kit/server.py, left to "
-        "its owner: drop this mark with it"
-    ),
-)
 @pytest.mark.parametrize("path", LIST_LOOKUPS)
 async def test_an_empty_third_party_lookup_is_404_as_documented(
     server: tuple[str, Hooks, Store], path: str
