@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import cattrs
 
 from bridge_kit.client import quote_segment, structure_reply
@@ -91,15 +92,39 @@ async def get_state(actor: Actor, room_id: str) -> list[Event]:
         raise UnexpectedReply(200, f"unexpected state reply: {describe_error(exc)}", reply) from exc
 
 
+# Room versions before 12 give creators no special power; later ones (and MSC4289's
+# unstable versions) give them an infinite level.
+_LEGACY_ROOM_VERSIONS = frozenset(str(n) for n in range(1, 12))
+
+
 async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
     content = await get_state_event(actor, room_id, POWER_LEVELS, "")
-    return structure_reply(content, PowerLevels, "power levels")
+    levels = structure_reply(content, PowerLevels, "power levels")
+    reply = await actor._request(
+        "GET",
+        f"{room_path(room_id)}/state/m.room.create/",
+        "/rooms/{roomId}/state/{eventType}/{stateKey}",
+        body=None,
+        query={"format": "event"},
+    )
+    create = structure_reply(reply, Event, "m.room.create")
+    if str(create.content.get("room_version", "1")) in _LEGACY_ROOM_VERSIONS:
+        return levels
+    extra = create.content.get("additional_creators")
+    creators = {create.sender or "", *(extra if isinstance(extra, list) else [])}
+    return attrs.evolve(levels, creators=frozenset(c for c in creators if isinstance(c, str) and c))
 
 
 async def set_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:
-    # Read-modify-write: keys bridge_kit has no field for stay in ``extra`` and go back.
-    levels = await get_power_levels(actor, room_id)
-    return await actor.send_state(room_id, POWER_LEVELS, levels.with_user_level(user_id, level))
+    # Read-modify-write of the content as it is: every other key goes back untouched.
+    content = await get_state_event(actor, room_id, POWER_LEVELS, "")
+    default = structure_reply(content, PowerLevels, "power levels").users_default
+    users = dict(content.get("users") or {})
+    if level == default:
+        users.pop(user_id, None)
+    else:
+        users[user_id] = level
+    return await actor.send_state(room_id, POWER_LEVELS, {**content, "users": users})
 
 
 def _alias_path(alias: str) -> str:

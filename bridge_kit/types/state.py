@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
 import cattrs
+from cattrs.gen import override
 
 from bridge_kit.errors import WrongType
 from bridge_kit.types.converter import keep_unknown_keys
@@ -71,8 +73,12 @@ class PowerLevels:
     Levels below are what the spec says apply when a key is absent from the
     event. (A room with no power-levels event at all uses other rules: the
     creator has 100 and everything else 0; this model describes an event.)
-    Unknown keys stay in ``extra`` and are written back by
-    :meth:`~bridge_kit.intent.Intent.set_power_level`.
+    Unknown keys stay in ``extra``.
+
+    ``creators`` is not part of the event: from room version 12 on, the room's
+    creators (``m.room.create``'s sender and ``additional_creators``) have an
+    infinite level and are never listed in ``users``.
+    :meth:`~bridge_kit.intent.Intent.get_power_levels` fills it in.
     """
 
     users: dict[str, int] = attrs.field(factory=dict)
@@ -86,9 +92,13 @@ class PowerLevels:
     invite: int = 0
     notifications: dict[str, int] = attrs.field(factory=dict)
     extra: dict[str, Any] = attrs.field(factory=dict)
+    creators: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
 
-    def user_level(self, user_id: str) -> int:
-        """The power level of ``user_id``: its entry in ``users``, else ``users_default``."""
+    def user_level(self, user_id: str) -> int | float:
+        """The power level of ``user_id``: ``math.inf`` for a creator (room version 12+),
+        else its entry in ``users``, else ``users_default``."""
+        if user_id in self.creators:
+            return math.inf
         return self.users.get(user_id, self.users_default)
 
     def event_level(self, event_type: str, state: bool = False) -> int:
@@ -96,15 +106,6 @@ class PowerLevels:
         ``state_default`` for a state event or ``events_default`` for a message."""
         default = self.state_default if state else self.events_default
         return self.events.get(event_type, default)
-
-    def with_user_level(self, user_id: str, level: int) -> PowerLevels:
-        """A copy with ``user_id`` at ``level`` (the entry dropped when it equals the default)."""
-        users = dict(self.users)
-        if level == self.users_default:
-            users.pop(user_id, None)
-        else:
-            users[user_id] = level
-        return attrs.evolve(self, users=users)
 
 
 @attrs.frozen
@@ -162,7 +163,7 @@ class RoomTag:
 def configure_converter(converter: cattrs.Converter) -> None:
     """Register the hooks of this module's models on ``converter``."""
     keep_unknown_keys(converter, MembershipChange, omit_if_default=True)
-    keep_unknown_keys(converter, PowerLevels, omit_if_default=True)
+    keep_unknown_keys(converter, PowerLevels, omit_if_default=True, creators=override(omit=True))
     keep_unknown_keys(converter, RoomTag, omit_if_default=True)
     converter.register_unstructure_hook(
         RoomAvatar,
