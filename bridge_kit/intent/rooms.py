@@ -111,8 +111,9 @@ async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
     if str(create.content.get("room_version", "1")) in _LEGACY_ROOM_VERSIONS:
         return levels
     extra = create.content.get("additional_creators")
-    creators = {create.sender or "", *(extra if isinstance(extra, list) else [])}
-    return attrs.evolve(levels, creators=frozenset(c for c in creators if isinstance(c, str) and c))
+    named: list[Any] = [create.sender, *(extra if isinstance(extra, list) else [])]
+    creators: frozenset[str] = frozenset(c for c in named if isinstance(c, str) and c)
+    return attrs.evolve(levels, creators=creators)
 
 
 async def set_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:

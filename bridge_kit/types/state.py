@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -66,6 +67,10 @@ class MembershipChange:
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
+def _frozen(users: Iterable[str]) -> frozenset[str]:
+    return frozenset(users)
+
+
 @attrs.frozen
 class PowerLevels:
     """The content of ``m.room.power_levels``, with the spec's defaults for absent keys.
@@ -92,7 +97,7 @@ class PowerLevels:
     invite: int = 0
     notifications: dict[str, int] = attrs.field(factory=dict)
     extra: dict[str, Any] = attrs.field(factory=dict)
-    creators: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    creators: frozenset[str] = attrs.field(default=frozenset(), converter=_frozen)
 
     def user_level(self, user_id: str) -> int | float:
         """The power level of ``user_id``: ``math.inf`` for a creator (room version 12+),
