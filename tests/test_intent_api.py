@@ -7,17 +7,23 @@ account data, a plain ``client.request`` as that puppet).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import math
+import os
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bridge_kit.client import ClientObserver, HomeserverClient, quote_segment
-from bridge_kit.errors import InvalidMxc, NotFound, UserInUse
+from bridge_kit.errors import InvalidMxc, MediaTooLarge, NotFound, UserInUse
 from bridge_kit.intent import Intent
+from bridge_kit.types.media import MediaInfo
 from bridge_kit.types.register import RegisterRequest
 from bridge_kit.types.room import RoomPreset
 from bridge_kit.types.state import PowerLevels
@@ -352,11 +358,17 @@ async def test_joined_members_and_members(
     await alice.set_avatar_url("mxc://test.local/alice")
     await alice.invite(room, carol.user_id)
 
+    # Synapse copies a new profile into the rooms' member events in the background.
+    for _ in range(50):
+        seen = (await human.get(f"{CLIENT}/rooms/{q(room)}/joined_members"))["joined"]
+        if seen[alice.user_id].get("avatar_url"):
+            break
+        await asyncio.sleep(0.1)
+
     joined = await alice.get_joined_members(room)
     members = await alice.get_members(room)
     invited = await alice.get_members(room, membership="invite")
 
-    seen = (await human.get(f"{CLIENT}/rooms/{q(room)}/joined_members"))["joined"]
     assert set(joined) == set(seen) == {alice.user_id, human.user_id}
     assert joined[alice.user_id].displayname == seen[alice.user_id]["display_name"] == "Alice A."
     assert joined[alice.user_id].avatar_url == "mxc://test.local/alice"
@@ -509,3 +521,124 @@ async def test_room_tags(alice: Intent, room: str, client: HomeserverClient) -> 
     await alice.remove_room_tag(room, "m.favourite")
     tags = await client.request("GET", tags_path, user_id=alice.user_id)
     assert tags["tags"] == {"u.work": {}}
+
+
+# -- media -------------------------------------------------------------------------
+
+MB = 1024 * 1024
+
+
+async def _human_download(human: Human, mxc: str) -> bytes:
+    server, media_id = mxc.removeprefix("mxc://").split("/")
+    status, body = await human.call(
+        "GET", f"/_matrix/client/v1/media/download/{q(server)}/{q(media_id)}"
+    )
+    assert status == 200
+    assert isinstance(body, bytes)
+    return body
+
+
+@pytest.mark.synapse
+async def test_upload_bytes_and_download(alice: Intent, human: Human) -> None:
+    data = os.urandom(100_000)
+
+    mxc = await alice.upload_media(data, "application/octet-stream", "blob.bin")
+
+    assert mxc.startswith("mxc://test.local/")
+    assert await _human_download(human, mxc) == data
+    assert await alice.download_media(mxc) == data
+
+
+@pytest.mark.synapse
+async def test_upload_of_20_mb_from_a_file_is_streamed(
+    alice: Intent, human: Human, tmp_path: Path
+) -> None:
+    path = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with path.open("wb") as file:
+        for _ in range(20):
+            chunk = os.urandom(MB)
+            digest.update(chunk)
+            file.write(chunk)
+    await alice.media_config()  # fetched (and cached) outside the measurement
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        mxc = await alice.upload_media(path, "application/octet-stream", "big.bin")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak - before < 5 * MB, f"upload held {(peak - before) / MB:.1f} MB"
+    streamed = hashlib.sha256()
+    size = 0
+    async for chunk in alice.download_media_stream(mxc):
+        streamed.update(chunk)
+        size += len(chunk)
+    assert size == 20 * MB
+    assert streamed.hexdigest() == digest.hexdigest()
+    assert hashlib.sha256(await _human_download(human, mxc)).hexdigest() == digest.hexdigest()
+
+
+async def _chunks(data: bytes, size: int = 10_000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.mark.synapse
+async def test_upload_from_an_iterable_with_and_without_size(alice: Intent, human: Human) -> None:
+    data = os.urandom(123_456)
+
+    sized = await alice.upload_media(_chunks(data), "application/octet-stream", size=len(data))
+    spooled = await alice.upload_media(_chunks(data), "image/png", "x.png")
+
+    assert await _human_download(human, sized) == data
+    assert await _human_download(human, spooled) == data
+
+
+@pytest.mark.synapse
+async def test_upload_over_the_limit_is_refused_before_sending(
+    alice: Intent, client: HomeserverClient, tmp_path: Path
+) -> None:
+    limit = (await alice.media_config()).upload_size
+    assert limit is not None  # Synapse states one (max_upload_size, 50M by default)
+    recorder = Recorder()
+    client.observers.append(recorder)
+    path = tmp_path / "huge.bin"
+    with path.open("wb") as file:
+        file.truncate(limit + 1)  # sparse: nothing is written
+
+    with pytest.raises(MediaTooLarge, match=str(limit)):
+        await alice.upload_media(path, "application/octet-stream")
+    with pytest.raises(MediaTooLarge):
+        await alice.upload_media(_chunks(b"x" * (limit + 1), MB), "application/octet-stream")
+
+    assert recorder.endpoints == []
+
+
+@pytest.mark.synapse
+async def test_send_image_and_file(alice: Intent, human: Human, room: str) -> None:
+    image = await alice.upload_media(b"\x89PNG fake", "image/png", "cat.png")
+    info = MediaInfo(mimetype="image/png", size=10, w=4, h=3)
+
+    image_id = await alice.send_image(room, image, info, filename="cat.png")
+    file_id = await alice.send_file(
+        room, image, {"mimetype": "application/pdf", "size": 10}, body="the report"
+    )
+
+    assert (await human.event(room, image_id))["content"] == {
+        "msgtype": "m.image",
+        "body": "cat.png",
+        "url": image,
+        "info": {"mimetype": "image/png", "size": 10, "w": 4, "h": 3},
+    }
+    assert (await human.event(room, file_id))["content"] == {
+        "msgtype": "m.file",
+        "body": "the report",
+        "url": image,
+        "info": {"mimetype": "application/pdf", "size": 10},
+    }
+    with pytest.raises(InvalidMxc):
+        await alice.send_image(room, "mxc://nomediaid", info)
