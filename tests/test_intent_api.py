@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from bridge_kit.client import ClientObserver, HomeserverClient, quote_segment
-from bridge_kit.errors import InvalidMxc, MediaTooLarge, NotFound, UserInUse
+from bridge_kit.client import ClientObserver, HomeserverClient, RetryPolicy, quote_segment
+from bridge_kit.errors import InvalidMxc, LimitExceeded, MediaTooLarge, NotFound, UserInUse
 from bridge_kit.intent import Intent
 from bridge_kit.types.media import MediaInfo
 from bridge_kit.types.register import RegisterRequest
@@ -642,3 +643,71 @@ async def test_send_image_and_file(alice: Intent, human: Human, room: str) -> No
     }
     with pytest.raises(InvalidMxc):
         await alice.send_image(room, "mxc://nomediaid", info)
+
+
+# -- resend rules of raw bodies (a local fake: Synapse will not 429 on demand) -----
+
+UPLOAD_PATH = "/_matrix/media/v3/upload"
+
+
+class FlakyUpload:
+    """Answers the first ``failures`` uploads with 429 (or 503), then 200; records bodies."""
+
+    def __init__(self, failures: list[int]) -> None:
+        self.failures = list(failures)
+        self.bodies: list[bytes] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.read())
+        if self.failures:
+            status = self.failures.pop(0)
+            errcode = "M_LIMIT_EXCEEDED" if status == 429 else "M_UNKNOWN"
+            body = {"errcode": errcode, "error": "again", "retry_after_ms": 1}
+            return web.json_response(body, status=status)
+        return web.json_response({"content_uri": "mxc://fake/1"})
+
+
+@contextlib.asynccontextmanager
+async def flaky_upload(*failures: int) -> AsyncIterator[tuple[FlakyUpload, HomeserverClient]]:
+    fake = FlakyUpload(list(failures))
+    app = web.Application()
+    app.router.add_post(UPLOAD_PATH, fake.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    retry = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002)
+    try:
+        async with HomeserverClient(f"http://127.0.0.1:{port}", "t", retry=retry) as client:
+            yield fake, client
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_file_upload_is_sent_again_whole_after_a_429_and_a_503(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(300_000))
+    async with flaky_upload(429, 503) as (fake, client):
+        reply = await client.request_raw(
+            "POST", UPLOAD_PATH, data=path, content_type="application/octet-stream"
+        )
+
+    assert reply == {"content_uri": "mxc://fake/1"}
+    assert fake.bodies == [path.read_bytes()] * 3
+
+
+async def test_an_iterable_upload_is_never_sent_twice() -> None:
+    data = os.urandom(50_000)
+    async with flaky_upload(429) as (fake, client):
+        with pytest.raises(LimitExceeded):
+            await client.request_raw(
+                "POST",
+                UPLOAD_PATH,
+                data=_chunks(data),
+                content_type="application/octet-stream",
+                size=len(data),
+            )
+
+    assert fake.bodies == [data]
