@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -29,6 +29,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn
 
+from bridge_kit._transfer import Raw, RawBody, prepared, query_params, read_chunks
 from bridge_kit.errors import (
     ClientClosed,
     ConfigError,
@@ -45,6 +46,7 @@ __all__ = [
     "ClientObserver",
     "ClientState",
     "HomeserverClient",
+    "RawBody",
     "RetryPolicy",
     "WhoAmI",
     "quote_segment",
@@ -182,6 +184,8 @@ class _Reply:
     body: Any  # decoded JSON, or None when the body was not JSON
     text: str
     headers: Mapping[str, str]
+    # A 2xx reply whose body is left unread, for streaming; the caller releases it.
+    response: aiohttp.ClientResponse | None = None
 
 
 class HomeserverClient:
@@ -267,18 +271,84 @@ class HomeserverClient:
         :class:`HomeserverUnreachable` when the homeserver could not be reached
         or did not answer in HTTP at all.
         """
-        params: dict[str, QueryValue] = dict(query or {})
-        if user_id is not None:
-            params["user_id"] = user_id
+        reply = await self.request_json(
+            method, path, body=body, query=query, user_id=user_id, endpoint=endpoint, resend=resend
+        )
+        if not isinstance(reply, dict):
+            raise UnexpectedReply(
+                200, f"expected a JSON object, got: {_snippet(str(reply))}", reply
+            )
+        return reply
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, QueryValue] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+        resend: bool = True,
+    ) -> Any:
+        """:meth:`request` for a reply that may be any JSON value (``/state`` is an array)."""
         data = None if body is None else json.dumps(_to_json(body)).encode()
+        params, endpoint = query_params(query, user_id), endpoint or path
+        reply = await self._send_with_retries(method, path, params, data, endpoint, resend=resend)
+        if reply.body is None and reply.text.strip() != "null":
+            raise UnexpectedReply(reply.status, f"expected JSON, got: {_snippet(reply.text)}")
+        return reply.body
+
+    async def request_raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: RawBody,
+        content_type: str,
+        size: int | None = None,
+        query: Mapping[str, QueryValue] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+        resend: bool = True,
+    ) -> dict[str, Any]:
+        """:meth:`request` with a raw body: bytes, a file (reopened per attempt, read in
+        chunks) or an async iterable of chunks (``size`` is its length), which is sent
+        once only: any failure, even a 429, is raised."""
+        raw, params = Raw(data, content_type, size), query_params(query, user_id)
+        resend = resend and raw.reusable
         reply = await self._send_with_retries(
-            method, path, params, data, endpoint or path, resend=resend
+            method, path, params, raw, endpoint or path, resend=resend
         )
         if not isinstance(reply.body, dict):
-            raise UnexpectedReply(
-                reply.status, f"expected a JSON object, got: {_snippet(reply.text)}", reply.body
-            )
+            raise UnexpectedReply(reply.status, f"expected an object: {_snippet(reply.text)}")
         return reply.body
+
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, QueryValue] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield a read's reply body in chunks (downloads), retried as :meth:`request` until
+        the reply starts; a transfer that breaks off raises :class:`HomeserverUnreachable`."""
+        reply = await self._send_with_retries(
+            method,
+            path,
+            query_params(query, user_id),
+            None,
+            endpoint or path,
+            resend=True,
+            stream=True,
+        )
+        assert reply.response is not None  # a streamed 2xx comes with its open response
+        async for chunk in read_chunks(
+            reply.response, f"{method} {self.base_url}{endpoint or path}"
+        ):
+            yield chunk
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         """``POST /_matrix/client/v3/register``; see :meth:`RegisterRequest.for_puppet`."""
@@ -311,10 +381,11 @@ class HomeserverClient:
         method: str,
         path: str,
         params: dict[str, QueryValue],
-        data: bytes | None,
+        data: bytes | Raw | None,
         endpoint: str,
         *,
         resend: bool,
+        stream: bool = False,
     ) -> _Reply:
         # After a timeout, a broken connection or a gateway error the request may
         # have been carried out, and by default it is sent again anyway. That is
@@ -323,16 +394,17 @@ class HomeserverClient:
         # changes, which a repeat finds already made; and /register, whose repeat
         # after a commit gets M_USER_IN_USE, which the puppet layer counts as
         # success. A call that would be carried out twice (createRoom) passes
-        # resend=False.
+        # resend=False. A body streamed from an iterable is sent once at most.
         where = f"{method} {self.base_url}{endpoint}"
+        once = isinstance(data, Raw) and not data.reusable
         failures = 0
         rate_limit_waits = 0
         while True:
             try:
-                reply = await self._send_once(method, path, params, data, endpoint)
+                reply = await self._send_once(method, path, params, data, endpoint, stream)
             except _TRANSIENT_EXCEPTIONS as exc:
                 failures += 1
-                if not resend and not isinstance(exc, _NOT_SENT_EXCEPTIONS):
+                if once or (not resend and not isinstance(exc, _NOT_SENT_EXCEPTIONS)):
                     raise HomeserverUnreachable(
                         f"{where}: {_describe_exception(exc, self.timeout)} "
                         "(not sent again: the homeserver may have carried it out)"
@@ -356,7 +428,7 @@ class HomeserverClient:
             error = _error_from(reply)
             if isinstance(error, LimitExceeded):
                 rate_limit_waits += 1
-                if rate_limit_waits > self.retry.max_rate_limit_waits:
+                if once or rate_limit_waits > self.retry.max_rate_limit_waits:
                     raise error
                 await self._pause_for_rate_limit(error, rate_limit_waits)
                 continue
@@ -373,19 +445,26 @@ class HomeserverClient:
         method: str,
         path: str,
         params: dict[str, QueryValue],
-        data: bytes | None,
+        data: bytes | Raw | None,
         endpoint: str,
+        stream: bool = False,
     ) -> _Reply:
         session = self._ensure_session()
-        headers = self._headers if data is None else {**self._headers, **_JSON_CONTENT}
         self.request_count += 1
         started = time.monotonic()
-        async with session.request(
-            method, self.base_url + path, params=params, data=data, headers=headers
-        ) as response:
-            text = await response.text(errors="replace")
+        with prepared(data, self._headers, self.timeout, stream) as (body, headers, options):
+            response = await session.request(
+                method, self.base_url + path, params=params, data=body, headers=headers, **options
+            )
+            keep = stream and 200 <= response.status < 300  # handed over unread
+            try:
+                text = "" if keep else await response.text(errors="replace")
+            finally:
+                if not keep:
+                    response.release()
         seconds = time.monotonic() - started
-        reply = _Reply(response.status, _decode_json(text), text, response.headers)
+        decoded = None if keep else _decode_json(text)
+        reply = _Reply(response.status, decoded, text, response.headers, response if keep else None)
         errcode = _errcode_of(reply.body) if reply.status >= 400 else None
         log.debug("%s %s -> %s (%.3f s)", method, endpoint, reply.status, seconds)
         for observer in self.observers:
@@ -427,9 +506,6 @@ class HomeserverClient:
             if hasattr(self._session, "_retry_connection"):
                 self._session._retry_connection = False
         return self._session
-
-
-_JSON_CONTENT: Final = {"Content-Type": "application/json"}
 
 
 def _checked_base_url(base_url: str) -> str:
