@@ -184,12 +184,15 @@ async def check_against_homeserver(registration: Registration, homeserver_url: s
             lines.append("warning: url is null, so the homeserver sends this appservice nothing")
             return lines
         async with _ping_responder(registration) as already_there:
+            note = f"{registration.url} is served by {already_there}; the homeserver pings it there"
+            try:
+                duration_ms = await ping_homeserver(client, registration, retry=_CHECK_PING)
+            except StartupCheckFailed as exc:
+                if already_there is None:
+                    raise
+                raise StartupCheckFailed(f"{exc}\n  note: {note}") from exc
             if already_there is not None:
-                lines.append(
-                    f"note: {registration.url} is served by {already_there}; "
-                    "the homeserver pings it there"
-                )
-            duration_ms = await ping_homeserver(client, registration, retry=_CHECK_PING)
+                lines.append(f"note: {note}")
         lines.append(f"ok: the homeserver reached {registration.url} in {duration_ms} ms")
         return lines
 

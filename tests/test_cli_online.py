@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import yaml
+from aiohttp import web
 
+from bridge_kit.server import serve_app
 from tests.conftest import TestHomeserver
+from tests.daemons import Daemon, write_config
 
 
 async def bridge_kit(*args: str, cwd: Path) -> tuple[int, str, str]:
@@ -104,3 +107,39 @@ async def test_bulk_import_example_registers_and_resumes(
         expected = "30 registered" if run == "first" else "30 skipped (known)"
         assert expected in stdout.decode(), stdout.decode()
     assert await synapse.count_users(f"_bk_imp{unique}_") == 30
+
+
+async def test_check_with_the_bridge_running_has_the_homeserver_ping_the_bridge(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    path = write_registration(tmp_path, synapse)
+    config = write_config(synapse, tmp_path)
+    daemon = Daemon([sys.executable, "-m", "bridge_kit", "run", "-c", str(config)], tmp_path)
+    async with daemon:
+        code, out, err = await bridge_kit(
+            "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+        )
+        assert daemon.process is not None and daemon.process.returncode is None
+    assert code == 0, out + err
+    assert (
+        f"note: {synapse.appservice_url} is served by the running bridge_kit daemon of "
+        f"'{synapse.appservice_id}'; the homeserver pings it there"
+    ) in out
+    assert f"ok: the homeserver reached {synapse.appservice_url} in" in out
+
+
+async def test_check_with_another_server_on_the_port_says_so(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    path = write_registration(tmp_path, synapse)
+    squatter = await serve_app(web.Application(), "127.0.0.1", synapse.appservice_port)
+    try:
+        code, _out, err = await bridge_kit(
+            "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+        )
+    finally:
+        await squatter.cleanup()
+    assert code == 2
+    assert "is served by a process that is not a bridge_kit daemon" in err
+    assert "answered 404 to the ping: is something else listening on that port?" in err
+    assert "the homeserver said: 502 M_BAD_STATUS" in err
