@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
@@ -143,3 +144,25 @@ async def test_check_with_another_server_on_the_port_says_so(
     assert "is served by a process that is not a bridge_kit daemon" in err
     assert "answered 404 to the ping: is something else listening on that port?" in err
     assert "the homeserver said: 502 M_BAD_STATUS" in err
+
+
+async def test_every_command_finds_the_store_next_to_the_config(
+    synapse: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    bridge_dir, here, there = (tmp_path / name for name in ("bridge", "here", "there"))
+    for directory in (bridge_dir, here, there):
+        directory.mkdir()
+    config = str(write_config(synapse, bridge_dir))  # store: sqlite:///bridge_kit.db
+    puppet = f"_bk_storepath{unique}"
+    first = await bridge_kit("register", "-c", config, puppet, "--no-progress", cwd=here)
+    again = await bridge_kit("register", "-c", config, puppet, "--no-progress", cwd=there)
+    letters = await bridge_kit("dead-letters", "list", "-c", config, cwd=there)
+    daemon = Daemon([sys.executable, "-m", "bridge_kit", "run", "-c", config], there)
+    async with daemon:
+        started = daemon.messages(this_run=True)
+    assert first[0] == 0 and re.search(r"registered +1\n", first[1]), first
+    assert again[0] == 0 and re.search(r"skipped \(known\) +1\n", again[1]), again
+    assert letters[:2] == (0, "no dead letters\n"), letters
+    assert f"store: sqlite:///{bridge_dir / 'bridge_kit.db'}" in started
+    assert (bridge_dir / "bridge_kit.db").exists()
+    assert not (here / "bridge_kit.db").exists() and not (there / "bridge_kit.db").exists()
