@@ -80,13 +80,18 @@ async def test_check_diagnoses_an_unreachable_homeserver(tmp_path: Path) -> None
     assert "Traceback" not in err
 
 
-async def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
-    code, out, err = await bridge_kit("demo", "--puppets", "50", "--no-progress", cwd=tmp_path)
+async def test_demo_runs_the_whole_loop_and_reads_cleanly_when_piped(tmp_path: Path) -> None:
+    code, out, err = await bridge_kit("demo", "--puppets", "300", cwd=tmp_path)
     assert code == 0, out + err
     assert "as @demo_bridge:demo.local" in out  # a sender outside the puppet namespace
-    assert "50 skipped, 0 requests" in out
+    assert "300 skipped, 0 requests" in out
     assert "answered with $" in out
-    assert "Traceback" not in err
+    # A pipe gets plain lines: no redrawn frames, each step once, no progress on stderr.
+    assert "\r" not in out + err and "\x1b" not in out + err
+    steps = [line for line in out.splitlines() if line.startswith(("✓", "…", "✗"))]
+    assert len(steps) >= 9 and all(line.startswith("✓") for line in steps), steps
+    assert len({line.split(" (")[0] for line in steps}) == len(steps), steps
+    assert "progress" not in err and "Traceback" not in err, err
 
 
 async def test_bulk_import_example_registers_and_resumes(
