@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 from bridge_kit import HomeserverClient, Intent, RegisterRequest, UserInUse
@@ -48,10 +49,15 @@ class Daemon:
     runs the code under test whatever is installed.
     """
 
-    def __init__(self, args: Sequence[str], cwd: Path, *, name: str = "bridge") -> None:
+    def __init__(
+        self, args: Sequence[str], cwd: Path, *, name: str = "bridge", health: str | None = None
+    ) -> None:
         self.args = list(args)
         self.cwd = cwd
         self.name = name
+        #: Ready when this health URL answers 200 (for a bridge that logs nothing),
+        #: else when the log says so.
+        self.health = health
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.log_path = cwd / f"{name}.log"
@@ -69,7 +75,7 @@ class Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
         with log:
             self.process = await asyncio.create_subprocess_exec(
-                *self.args, cwd=self.cwd, env=_env(),
+                *self.args, cwd=self.cwd, env=child_env(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         await self._wait_ready(offset)
@@ -79,7 +85,7 @@ class Daemon:
         assert self.process is not None
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
-            if READY in self.log_since(offset):
+            if await self._ready(offset):
                 return
             if self.process.returncode is not None:
                 raise AssertionError(
@@ -88,6 +94,14 @@ class Daemon:
                 )
             await asyncio.sleep(0.05)
         raise AssertionError(f"{self.name} never became ready:\n{self.log_since(offset)}")
+
+    async def _ready(self, offset: int) -> bool:
+        if self.health is None:
+            return READY in self.log_since(offset)
+        with contextlib.suppress(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as http, http.get(self.health) as response:
+                return response.status == 200  # 503 until the app is running
+        return False
 
     def log_since(self, offset: int = 0) -> str:
         with open(self.log_path, "rb") as file:
@@ -124,7 +138,7 @@ class Daemon:
             await self.stop()
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": str(ROOT)}
 
 
