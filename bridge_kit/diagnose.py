@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
@@ -214,7 +215,10 @@ async def _ping_responder(registration: Registration) -> AsyncIterator[str | Non
     app = create_app(hs_token=registration.hs_token, store=MemoryStore(), accept_transactions=False)
     try:
         runner = await serve_app(app, url.host, url.port)
-    except ListenError:
+    except ListenError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno != errno.EADDRINUSE:
+            raise StartupCheckFailed(str(exc)) from exc  # e.g. a port we may not use
         runner = None
     if runner is None:
         yield await _who_serves(url, registration)
