@@ -34,15 +34,16 @@ from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
 from bridge_kit.errors import BridgeKitError, LifecycleError
 from bridge_kit.ids import localpart_problem, split_user_id
-from bridge_kit.inbox import Inbox, InboxSettings
+from bridge_kit.inbox import Inbox, InboxSettings, handler_name
 from bridge_kit.intent import Intent
+from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
 from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
-from bridge_kit.store import Store, open_store
+from bridge_kit.store import Store, open_store, redact_store_url
 from bridge_kit.store.records import ItemKind
 from bridge_kit.types import Event
 
@@ -94,6 +95,10 @@ class AppService:
         self.thirdparty = ThirdPartyHandlers()
         self.metrics = Metrics()
         self.store = store or open_store(config.appservice.store)
+        # Said on start, so an operator sees which file a relative path became.
+        self._store_label = (
+            redact_store_url(config.appservice.store) if store is None else repr(store)
+        )
         self.client = HomeserverClient(
             config.homeserver.url, self.registration.as_token, retry=retry or RetryPolicy()
         )
@@ -121,6 +126,7 @@ class AppService:
         self._intents: OrderedDict[str, Intent] = OrderedDict()
         self._bot: Intent | None = None
         self._started_at: float | None = None
+        self._event_log = LogLimiter(log, logging.DEBUG, what="events handled")
 
     @classmethod
     def from_config(cls, config: Config) -> AppService:
@@ -245,6 +251,7 @@ class AppService:
         steps.push_async_callback(self.client.close)
         await self.store.open()
         steps.push_async_callback(self.store.close)
+        log.info("store: %s", self._store_label)
         await self.store.lock_for_daemon()
         domain = await homeserver_domain(self.client, self.registration)
         self.domain = self.domain or domain
@@ -257,7 +264,8 @@ class AppService:
         if self.registration.url is None:
             log.warning("the registration's url is null: the homeserver will send us nothing")
         elif self.ping:
-            await ping_homeserver(self.client, self.registration)
+            duration_ms = await ping_homeserver(self.client, self.registration)
+            log.info("the homeserver reached %s in %d ms", self.registration.url, duration_ms)
         preregister = self.config.preregister_path
         if preregister is not None:
             steps.push_async_callback(self._stop_preregistration, self._preregister(preregister))
@@ -329,7 +337,11 @@ class AppService:
 
     def _handlers_for(self, kind: ItemKind, event_type: str) -> Sequence[EventHandler]:
         table = self._handlers[kind]
-        return [*table.get(event_type, ()), *table.get(None, ())]
+        handlers = [*table.get(event_type, ()), *table.get(None, ())]
+        if handlers and log.isEnabledFor(logging.DEBUG):
+            # The inbox completes an event when its last handler returns: log it there.
+            handlers[-1] = _logged(handlers[-1], self._event_log)
+        return handlers
 
     async def _answer_user_query(self, user_id: str) -> bool:
         localpart = self._provisionable_localpart(user_id)
@@ -412,6 +424,27 @@ def inbox_settings(section: AppServiceConfig) -> InboxSettings:
         timeout=section.handler_timeout,
         lease=section.lane_lease,
     )
+
+
+def _logged(handler: EventHandler, limiter: LogLimiter) -> EventHandler:
+    """``handler``, then one (rate-limited) DEBUG line for the event it completed.
+
+    The wrapper has the handler's name (:func:`~bridge_kit.inbox.handler_name`):
+    the inbox records a handler's progress, and derives its sends' transaction
+    IDs, under that name, so logging must not change it.
+    """
+
+    async def handled(event: Event) -> None:
+        await handler(event)
+        limiter.log(
+            "handled %s (%s) in %s from %s",
+            event.event_id or "an event", event.type, event.room_id, event.sender,
+        )  # fmt: skip
+
+    # handler_name() joins __module__ and __qualname__ with a dot; any split of the
+    # name at a dot gives the same name back.
+    handled.__module__, _, handled.__qualname__ = handler_name(handler).rpartition(".")
+    return handled
 
 
 def _log_preregistration_failure(task: asyncio.Task[BulkResult]) -> None:

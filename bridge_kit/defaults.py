@@ -48,3 +48,8 @@ RETRY_BACKOFF_MAX: Final = 300.0
 HANDLER_TIMEOUT: Final = 60.0
 LANE_LEASE: Final = 30.0
 INBOX_POLL: Final = 2.0
+
+#: The homeserver's start-up ping: attempts, and the first wait (doubling: 1 + 2 + 4 + 8
+#: = 15 s in all). A restart can race the homeserver's own retry of queued transactions.
+PING_ATTEMPTS: Final = 5
+PING_BACKOFF: Final = 1.0

@@ -26,6 +26,7 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit.errors import ErrorReply, TransactionFailed, json_type
+from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
@@ -165,6 +166,9 @@ class TransactionProcessor:
         self._prune_keep = prune_keep
         self._since_prune = prune_every - 1
         self._prune_task: asyncio.Task[None] | None = None
+        # One INFO line per transaction tells an operator that traffic flows; the
+        # limit keeps a flood from filling the disk.
+        self.log = LogLimiter(log, logging.INFO, what="transactions")
 
     async def process(self, txn_id: str, body: Any) -> bool:
         """Accept ``body`` under ``txn_id``; False when that txnId was accepted before.
@@ -173,8 +177,9 @@ class TransactionProcessor:
         :class:`TransactionFailed` when the store could not take it (then the
         homeserver must send it again: it was not acknowledged).
         """
-        items, rejected = split_transaction(body)
         started = time.perf_counter()
+        items, rejected = split_transaction(body)
+        stored = time.perf_counter()
         try:
             accepted = await self._store.accept_transaction(txn_id, items, rejected)
         except Exception as exc:
@@ -182,11 +187,21 @@ class TransactionProcessor:
                 self._metrics.count_handler_failure()
             log.error("transaction %s could not be stored (not acknowledged): %s", txn_id, exc)
             raise TransactionFailed(txn_id) from exc
+        done = time.perf_counter()
         if not accepted:
             if self._metrics is not None:
                 self._metrics.count_duplicate()
+            self.log.log(
+                "transaction %s was accepted before: acknowledged again, nothing stored",
+                txn_id, totals={"repeated": 1},
+            )  # fmt: skip
             return False
-        self._accepted(txn_id, len(items), rejected, time.perf_counter() - started)
+        self._accepted(txn_id, len(items), rejected, done - stored)
+        self.log.log(
+            "accepted transaction %s: %d events%s in %.1f ms",
+            txn_id, len(items), f" (+{len(rejected)} invalid)" if rejected else "",
+            (done - started) * 1000, totals={"events": len(items)},
+        )  # fmt: skip
         return True
 
     def _accepted(
