@@ -174,6 +174,9 @@ class SynapseServer:
             "rc_invites": {"per_room": _GENEROUS, "per_user": _GENEROUS, "per_issuer": _GENEROUS},
             "rc_admin_redaction": _GENEROUS,
             "rc_presence": {"per_user": _GENEROUS},
+            "rc_media_create": _GENEROUS,
+            # Synapse lets only admins publish rooms to the directory by default.
+            "room_list_publication_rules": [{"action": "allow"}],
         }
 
     def _write_log_config(self) -> None:

@@ -125,8 +125,17 @@ def path_name(path: KeyPath) -> str:
     return name
 
 
+# PyYAML's scanner calls the end of the input '\x00' (its sentinel; a real NUL is refused
+# earlier, by the reader) and its parser '<stream end>'. People call it the end of the file.
+_END_OF_INPUT = (
+    ("'\\x00'", "end of file"),
+    ("'<stream end>'", "end of file"),
+    ("end of stream", "end of file"),
+)
+
+
 def _marked_error(exc: yaml.MarkedYAMLError) -> YamlError:
-    problem = exc.problem or "invalid YAML"
+    problem = _plain_words(exc.problem or "invalid YAML")
     if exc.context:
         joined = problem.startswith("but ")  # "expected a single document, but found another"
         problem = f"{exc.context}, {problem}" if joined else f"{problem} ({exc.context})"
@@ -134,6 +143,12 @@ def _marked_error(exc: yaml.MarkedYAMLError) -> YamlError:
     if mark is None:
         return YamlError(problem)
     return YamlError(problem, mark.line + 1, mark.column + 1)
+
+
+def _plain_words(problem: str) -> str:
+    for jargon, plain in _END_OF_INPUT:
+        problem = problem.replace(jargon, plain)
+    return problem
 
 
 def _reader_error(exc: yaml.reader.ReaderError, text: str) -> YamlError:

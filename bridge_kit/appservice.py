@@ -34,14 +34,16 @@ from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
 from bridge_kit.errors import BridgeKitError, LifecycleError
 from bridge_kit.ids import localpart_problem, split_user_id
-from bridge_kit.inbox import Inbox, InboxSettings
+from bridge_kit.inbox import Inbox, InboxSettings, handler_name
 from bridge_kit.intent import Intent
+from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
+from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
 from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, serve_app
-from bridge_kit.store import Store, open_store
+from bridge_kit.store import Store, open_store, redact_store_url
 from bridge_kit.store.records import ItemKind
 from bridge_kit.types import Event
 
@@ -93,6 +95,10 @@ class AppService:
         self.thirdparty = ThirdPartyHandlers()
         self.metrics = Metrics()
         self.store = store or open_store(config.appservice.store)
+        # Said on start, so an operator sees which file a relative path became.
+        self._store_label = (
+            redact_store_url(config.appservice.store) if store is None else repr(store)
+        )
         self.client = HomeserverClient(
             config.homeserver.url, self.registration.as_token, retry=retry or RetryPolicy()
         )
@@ -106,9 +112,13 @@ class AppService:
             appservice_id=self.registration.id,
             settings=inbox_settings(config.appservice),
             metrics=self.metrics,
+            event_types=self._handled_types,
         )
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
         """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
+        self.provisioning = TokenBucket(config.puppets.provision_per_minute, 60.0)
+        """The limit on puppets registered because of user queries (replaceable, e.g. in tests)."""
+        self._refusing = False  # refused the last query: log only the first of a burst
         self._user_query: QueryHook | None = None
         self._alias_query: QueryHook | None = None
         self._registrar: PuppetRegistrar | None = None
@@ -118,6 +128,7 @@ class AppService:
         self._started_at: float | None = None
         self.stop_timeout = defaults.STOP_TIMEOUT
         """Seconds :meth:`stop` may take in all (see :data:`~bridge_kit.defaults.STOP_TIMEOUT`)."""
+        self._event_log = LogLimiter(log, logging.DEBUG, what="events handled")
 
     @classmethod
     def from_config(cls, config: Config) -> AppService:
@@ -242,6 +253,7 @@ class AppService:
         steps.push_async_callback(self.client.close)
         await self.store.open()
         steps.push_async_callback(self.store.close)
+        log.info("store: %s", self._store_label)
         await self.store.lock_for_daemon()
         domain = await homeserver_domain(self.client, self.registration)
         self.domain = self.domain or domain
@@ -254,7 +266,8 @@ class AppService:
         if self.registration.url is None:
             log.warning("the registration's url is null: the homeserver will send us nothing")
         elif self.ping:
-            await ping_homeserver(self.client, self.registration)
+            duration_ms = await ping_homeserver(self.client, self.registration)
+            log.info("the homeserver reached %s in %d ms", self.registration.url, duration_ms)
         preregister = self.config.preregister_path
         if preregister is not None:
             steps.push_async_callback(self._stop_preregistration, self._preregister(preregister))
@@ -336,9 +349,16 @@ class AppService:
 
     # -- what the routes call --------------------------------------------------
 
+    def _handled_types(self) -> set[str]:
+        return {t for table in self._handlers.values() for t in table if t is not None}
+
     def _handlers_for(self, kind: ItemKind, event_type: str) -> Sequence[EventHandler]:
         table = self._handlers[kind]
-        return [*table.get(event_type, ()), *table.get(None, ())]
+        handlers = [*table.get(event_type, ()), *table.get(None, ())]
+        if handlers and log.isEnabledFor(logging.DEBUG):
+            # The inbox completes an event when its last handler returns: log it there.
+            handlers[-1] = _logged(handlers[-1], self._event_log)
+        return handlers
 
     async def _answer_user_query(self, user_id: str) -> bool:
         localpart = self._provisionable_localpart(user_id)
@@ -349,6 +369,8 @@ class AppService:
                 return False
         elif not self.config.puppets.provision_on_query:
             return False
+        if not await self._may_provision(user_id):
+            return False
         try:
             await self.puppets.ensure_registered(localpart)
         except BridgeKitError as exc:
@@ -356,6 +378,28 @@ class AppService:
             log.warning("could not provision %s on query: %s", user_id, exc)
             return False
         return True
+
+    async def _may_provision(self, user_id: str) -> bool:
+        """Take a token for a new registration; a puppet the store knows costs none.
+
+        The limit holds whether or not a hook said yes: anyone on the homeserver
+        can make it ask about any ID in our namespace, by inviting it.
+        """
+        if await self.store.is_registered(user_id):
+            return True
+        if self.provisioning.try_take():
+            self._refusing = False
+            return True
+        self.metrics.count_provisioning_refused()
+        if not self._refusing:
+            self._refusing = True
+            log.warning(
+                "provisioning on query refused for %s and what follows: more than "
+                "puppets.provision_per_minute (%d) new puppets a minute were asked for",
+                user_id,
+                self.config.puppets.provision_per_minute,
+            )
+        return False
 
     def _provisionable_localpart(self, user_id: str) -> str | None:
         try:
@@ -432,6 +476,27 @@ async def finish_within(closing: Coroutine[Any, Any, None], seconds: float) -> N
         raise
     if task.done() and not task.cancelled():
         task.result()
+
+
+def _logged(handler: EventHandler, limiter: LogLimiter) -> EventHandler:
+    """``handler``, then one (rate-limited) DEBUG line for the event it completed.
+
+    The wrapper has the handler's name (:func:`~bridge_kit.inbox.handler_name`):
+    the inbox records a handler's progress, and derives its sends' transaction
+    IDs, under that name, so logging must not change it.
+    """
+
+    async def handled(event: Event) -> None:
+        await handler(event)
+        limiter.log(
+            "handled %s (%s) in %s from %s",
+            event.event_id or "an event", event.type, event.room_id, event.sender,
+        )  # fmt: skip
+
+    # handler_name() joins __module__ and __qualname__ with a dot; any split of the
+    # name at a dot gives the same name back.
+    handled.__module__, _, handled.__qualname__ = handler_name(handler).rpartition(".")
+    return handled
 
 
 def _log_preregistration_failure(task: asyncio.Task[BulkResult]) -> None:

@@ -10,16 +10,14 @@ table of exit codes, :class:`~bridge_kit.runner.ExitCode`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
-from bridge_kit.commands import dead_letters, demo, register, run
-from bridge_kit.diagnose import check_against_homeserver
+from bridge_kit.commands import check, dead_letters, demo, register, run
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
-from bridge_kit.registration import Registration, check_file, generate_registration
+from bridge_kit.registration import Registration, generate_registration
 from bridge_kit.runner import ExitCode
 
 __all__ = ["main"]
@@ -49,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_generate_registration(subcommands)
-    _add_check(subcommands)
+    check.add_parser(subcommands)
     register.add_parser(subcommands)
     run.add_parser(subcommands)
     dead_letters.add_parser(subcommands)
@@ -155,54 +153,3 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
         "in homeserver.yaml and restart the homeserver"
     )
     return ExitCode.OK
-
-
-# -- check -------------------------------------------------------------------------
-
-
-def _add_check(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subcommands.add_parser(
-        "check",
-        help="validate and lint a registration file",
-        description=(
-            "Print one line per problem; exit 0 if the file is valid (warnings allowed), 1 if not."
-        ),
-    )
-    parser.add_argument(
-        "-r",
-        "--registration",
-        default=defaults.REGISTRATION_FILE,
-        metavar="FILE",
-        help="registration file (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--homeserver",
-        metavar="URL",
-        help="also ask this homeserver whoami and have it ping us (we serve /ping meanwhile)",
-    )
-    parser.set_defaults(command=_cmd_check)
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    try:
-        result = check_file(args.registration)
-    except RegistrationError as exc:
-        # An unreadable file is what check is there to find, like an invalid one.
-        _report_error(exc)
-        return ExitCode.FAILED
-    for finding in result.findings:
-        print(finding.format(args.registration))
-    if not result.ok:
-        print(f"{args.registration}: invalid ({_count(len(result.errors), 'error')})")
-        return ExitCode.FAILED
-    warnings = len(result.warnings)
-    suffix = f" ({_count(warnings, 'warning')})" if warnings else ""
-    print(f"{args.registration}: valid{suffix}")
-    if args.homeserver and result.registration is not None:
-        lines = asyncio.run(check_against_homeserver(result.registration, args.homeserver))
-        print("\n".join(lines))
-    return ExitCode.OK
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"

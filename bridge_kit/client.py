@@ -18,11 +18,10 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
-from email.utils import parsedate_to_datetime
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import attrs
@@ -30,11 +29,23 @@ import cattrs
 import yarl
 from cattrs.gen import make_dict_unstructure_fn
 
-from bridge_kit._json import decode_json, encode_json
+from bridge_kit._json import encode_json
+from bridge_kit._transfer import Raw, RawBody, prepared, query_params, read_chunks
+from bridge_kit._wire import (
+    checked_base_url,
+    decode_json_reply,
+    describe_client_error,
+    describe_exception,
+    errcode_of,
+    is_transient,
+    reason_label,
+    request_url,
+    retry_after_header,
+    snippet,
+)
 from bridge_kit.errors import (
     BridgeKitError,
     ClientClosed,
-    ConfigError,
     HomeserverUnreachable,
     LimitExceeded,
     MatrixRequestError,
@@ -49,6 +60,7 @@ __all__ = [
     "ClientObserver",
     "ClientState",
     "HomeserverClient",
+    "RawBody",
     "RetryPolicy",
     "WhoAmI",
     "quote_segment",
@@ -58,10 +70,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_GATEWAY_STATUSES: Final = frozenset({502, 503, 504})
-# Errcodes with which a homeserver *deliberately* answers 5xx (ping: the appservice is
-# unreachable) carry a verdict, not a transient outage; anything else is retried.
-_TRANSIENT_GATEWAY_ERRCODES: Final = frozenset({None, "M_UNKNOWN"})
 _TRANSIENT_EXCEPTIONS: Final = (
     aiohttp.ClientConnectionError,
     aiohttp.ClientPayloadError,
@@ -69,9 +77,6 @@ _TRANSIENT_EXCEPTIONS: Final = (
 )
 #: The one transient exception after which the request certainly never left the client.
 _NOT_SENT_EXCEPTIONS: Final = (aiohttp.ClientConnectorError,)
-_SNIPPET_LENGTH: Final = 200
-#: What a path may hold raw: RFC 3986 pchar and "/", plus "%" to keep existing escapes.
-_PATH_SAFE: Final = "/%:@!$&'()*+,;=~"
 
 #: ``POST`` this to register a user (the endpoint name observers see for it).
 REGISTER_ENDPOINT: Final = "/_matrix/client/v3/register"
@@ -189,22 +194,14 @@ def quote_segment(value: str) -> str:
     return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
-def _request_url(base: str, path: str) -> yarl.URL:
-    """``base + path`` as sent: already encoded, so not normalised.
-
-    yarl would otherwise decode ``%2E`` and drop dot segments, undoing
-    :func:`quote_segment`. Characters a path may not hold raw (from a caller
-    that did not quote a segment) are still encoded; existing escapes are kept.
-    """
-    return yarl.URL(base + quote(path, safe=_PATH_SAFE), encoded=True)
-
-
 @attrs.frozen
 class _Reply:
     status: int
     body: Any  # decoded JSON, or None when the body was not JSON
     text: str
     headers: Mapping[str, str]
+    # A 2xx reply whose body is left unread, for streaming; the caller releases it.
+    response: aiohttp.ClientResponse | None = None
 
 
 class HomeserverClient:
@@ -228,7 +225,7 @@ class HomeserverClient:
         max_connections: int = 100,
         timeout: float = 60.0,
     ) -> None:
-        self.base_url = _checked_base_url(base_url)
+        self.base_url = checked_base_url(base_url)
         self._encoded_base = str(yarl.URL(self.base_url))
         # For messages: a URL may carry basic-auth credentials (http://user:pw@host).
         self._shown_base = redact_store_url(self.base_url)
@@ -309,18 +306,82 @@ class HomeserverClient:
         :class:`HomeserverUnreachable` when the homeserver could not be reached
         or did not answer in HTTP at all.
         """
-        params: dict[str, QueryValue] = dict(query or {})
-        if user_id is not None:
-            params["user_id"] = user_id
+        reply = await self.request_json(
+            method, path, body=body, query=query, user_id=user_id, endpoint=endpoint, resend=resend
+        )
+        if not isinstance(reply, dict):
+            raise UnexpectedReply(200, f"expected a JSON object, got: {snippet(str(reply))}", reply)
+        return reply
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, QueryValue] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+        resend: bool = True,
+    ) -> Any:
+        """:meth:`request` for a reply that may be any JSON value (``/state`` is an array)."""
         data = None if body is None else encode_json(_to_json(body))
+        params, endpoint = query_params(query, user_id), endpoint or path
+        reply = await self._send_with_retries(method, path, params, data, endpoint, resend=resend)
+        if reply.body is None and reply.text.strip() != "null":
+            raise UnexpectedReply(reply.status, f"expected JSON, got: {snippet(reply.text)}")
+        return reply.body
+
+    async def request_raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: RawBody,
+        content_type: str,
+        size: int | None = None,
+        query: Mapping[str, QueryValue] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+        resend: bool = True,
+    ) -> dict[str, Any]:
+        """:meth:`request` with a raw body: bytes, a file (reopened per attempt, read in
+        chunks) or an async iterable of chunks (``size`` is its length), which is sent
+        once only: any failure, even a 429, is raised."""
+        raw, params = Raw(data, content_type, size), query_params(query, user_id)
+        resend = resend and raw.reusable
         reply = await self._send_with_retries(
-            method, path, params, data, endpoint or path, resend=resend
+            method, path, params, raw, endpoint or path, resend=resend
         )
         if not isinstance(reply.body, dict):
-            raise UnexpectedReply(
-                reply.status, f"expected a JSON object, got: {_snippet(reply.text)}", reply.body
-            )
+            raise UnexpectedReply(reply.status, f"expected an object: {snippet(reply.text)}")
         return reply.body
+
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, QueryValue] | None = None,
+        user_id: str | None = None,
+        endpoint: str | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield a read's reply body in chunks (downloads), retried as :meth:`request` until
+        the reply starts; a transfer that breaks off raises :class:`HomeserverUnreachable`."""
+        reply = await self._send_with_retries(
+            method,
+            path,
+            query_params(query, user_id),
+            None,
+            endpoint or path,
+            resend=True,
+            stream=True,
+        )
+        assert reply.response is not None  # a streamed 2xx comes with its open response
+        async for chunk in read_chunks(
+            reply.response, f"{method} {self._shown_base}{endpoint or path}"
+        ):
+            yield chunk
 
     async def register(self, request: RegisterRequest) -> RegisterResponse:
         """``POST /_matrix/client/v3/register``; see :meth:`RegisterRequest.for_puppet`."""
@@ -353,10 +414,11 @@ class HomeserverClient:
         method: str,
         path: str,
         params: dict[str, QueryValue],
-        data: bytes | None,
+        data: bytes | Raw | None,
         endpoint: str,
         *,
         resend: bool,
+        stream: bool = False,
     ) -> _Reply:
         # After a timeout, a broken connection or a gateway error the request may
         # have been carried out, and by default it is sent again anyway. That is
@@ -365,29 +427,30 @@ class HomeserverClient:
         # changes, which a repeat finds already made; and /register, whose repeat
         # after a commit gets M_USER_IN_USE, which the puppet layer counts as
         # success. A call that would be carried out twice (createRoom) passes
-        # resend=False.
+        # resend=False. A body streamed from an iterable is sent once at most.
         where = f"{method} {self._shown_base}{endpoint}"
+        once = isinstance(data, Raw) and not data.reusable
         failures = 0
         rate_limit_waits = 0
         while True:
             try:
-                reply = await self._send_once(method, path, params, data, endpoint)
+                reply = await self._send_once(method, path, params, data, endpoint, stream)
             except _TRANSIENT_EXCEPTIONS as exc:
                 failures += 1
-                if not resend and not isinstance(exc, _NOT_SENT_EXCEPTIONS):
+                if once or (not resend and not isinstance(exc, _NOT_SENT_EXCEPTIONS)):
                     raise HomeserverUnreachable(
-                        f"{where}: {_describe_exception(exc, self.timeout)} "
+                        f"{where}: {describe_exception(exc, self.timeout)} "
                         "(not sent again: the homeserver may have carried it out)"
                     ) from exc
                 if failures >= self.retry.max_attempts:
                     raise HomeserverUnreachable(
-                        f"{where}: {_describe_exception(exc, self.timeout)} "
+                        f"{where}: {describe_exception(exc, self.timeout)} "
                         f"(gave up after {failures} attempts)"
                     ) from exc
-                if not await self._pause_before_retry(_reason_label(exc), failures):
+                if not await self._pause_before_retry(reason_label(exc), failures):
                     raise self._not_retried(
                         HomeserverUnreachable(
-                            f"{where}: {_describe_exception(exc, self.timeout)} "
+                            f"{where}: {describe_exception(exc, self.timeout)} "
                             "(not retried: the client is stopping)"
                         )
                     ) from exc
@@ -396,7 +459,7 @@ class HomeserverClient:
                 # Not HTTP (an SSH or database port), endless redirects, a URL aiohttp
                 # refuses: none gets better by asking again.
                 raise HomeserverUnreachable(
-                    f"{where}: not a Matrix homeserver reply ({_describe_client_error(exc)}); "
+                    f"{where}: not a Matrix homeserver reply ({describe_client_error(exc)}); "
                     "is this the client-server URL?"
                 ) from exc
             if 200 <= reply.status < 300:
@@ -404,12 +467,12 @@ class HomeserverClient:
             error = _error_from(reply)
             if isinstance(error, LimitExceeded):
                 rate_limit_waits += 1
-                if rate_limit_waits > self.retry.max_rate_limit_waits:
+                if once or rate_limit_waits > self.retry.max_rate_limit_waits:
                     raise error
                 if not await self._pause_for_rate_limit(error, rate_limit_waits):
                     raise self._not_retried(error)
                 continue
-            if _is_transient(error) and resend:
+            if is_transient(error.status, error.errcode) and resend:
                 failures += 1
                 if failures >= self.retry.max_attempts:
                     raise error
@@ -423,21 +486,32 @@ class HomeserverClient:
         method: str,
         path: str,
         params: dict[str, QueryValue],
-        data: bytes | None,
+        data: bytes | Raw | None,
         endpoint: str,
+        stream: bool = False,
     ) -> _Reply:
         session = self._ensure_session()
-        headers = self._headers if data is None else {**self._headers, **_JSON_CONTENT}
         self.request_count += 1
         started = time.monotonic()
-        url = _request_url(self._encoded_base, path)
-        async with session.request(
-            method, url, params=params, data=data, headers=headers
-        ) as response:
-            text = await response.text(errors="replace")
+        with prepared(data, self._headers, self.timeout, stream) as (body, headers, options):
+            response = await session.request(
+                method,
+                request_url(self._encoded_base, path),
+                params=params,
+                data=body,
+                headers=headers,
+                **options,
+            )
+            keep = stream and 200 <= response.status < 300  # handed over unread
+            try:
+                text = "" if keep else await response.text(errors="replace")
+            finally:
+                if not keep:
+                    response.release()
         seconds = time.monotonic() - started
-        reply = _Reply(response.status, _decode_json(text), text, response.headers)
-        errcode = _errcode_of(reply.body) if reply.status >= 400 else None
+        decoded = None if keep else decode_json_reply(text)
+        reply = _Reply(response.status, decoded, text, response.headers, response if keep else None)
+        errcode = errcode_of(reply.body) if reply.status >= 400 else None
         log.debug("%s %s -> %s (%.3f s)", method, endpoint, reply.status, seconds)
         for observer in self.observers:
             observer.on_response(method, endpoint, reply.status, errcode, seconds)
@@ -498,32 +572,10 @@ class HomeserverClient:
         return self._session
 
 
-_JSON_CONTENT: Final = {"Content-Type": "application/json"}
-
-
-def _checked_base_url(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"homeserver URL must look like http(s)://host[:port], got {base_url!r}")
-    return base_url.rstrip("/")
-
-
 def _to_json(body: Any) -> Any:
     if attrs.has(type(body)):
         return converter.unstructure(body)
     return body
-
-
-def _decode_json(text: str) -> Any:
-    try:
-        return decode_json(text)
-    except (ValueError, RecursionError):  # not JSON, or NaN, Infinity or 1e999 in it
-        return None
-
-
-def _errcode_of(body: Any) -> str | None:
-    errcode = body.get("errcode") if isinstance(body, dict) else None
-    return errcode if isinstance(errcode, str) else None
 
 
 def _error_from(reply: _Reply) -> MatrixRequestError:
@@ -531,56 +583,10 @@ def _error_from(reply: _Reply) -> MatrixRequestError:
         error = MatrixRequestError.from_response(reply.status, reply.body)
     else:
         cls = LimitExceeded if reply.status == 429 else MatrixRequestError
-        error = cls(reply.status, None, f"non-JSON reply: {_snippet(reply.text)}")
+        error = cls(reply.status, None, f"non-JSON reply: {snippet(reply.text)}")
     if isinstance(error, LimitExceeded) and error.retry_after is None:
-        error.retry_after = _retry_after_header(reply.headers.get("Retry-After"))
+        error.retry_after = retry_after_header(reply.headers.get("Retry-After"))
     return error
-
-
-def _is_transient(error: MatrixRequestError) -> bool:
-    return error.status in _GATEWAY_STATUSES and error.errcode in _TRANSIENT_GATEWAY_ERRCODES
-
-
-def _retry_after_header(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delay-seconds or an HTTP date."""
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _snippet(text: str) -> str:
-    flat = " ".join(text.split())
-    if not flat:
-        return "(empty body)"
-    if len(flat) > _SNIPPET_LENGTH:
-        return flat[:_SNIPPET_LENGTH] + "…"
-    return flat
-
-
-def _reason_label(exc: BaseException) -> str:
-    return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-
-
-def _describe_exception(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return f"no reply within {timeout:g} s"
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
-def _describe_client_error(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ClientResponseError) and exc.message:
-        detail = exc.message  # str() would add the request URL, already in the message
-    else:
-        detail = f"{type(exc).__name__}: {exc}"
-    return _snippet(detail)
 
 
 def structure_reply(reply: dict[str, Any], cls: type[T], what: str) -> T:

@@ -201,6 +201,8 @@ class PuppetsConfig(_Section):
     preregister: str | None = _checked(None, _check_non_empty)
     """A file of localparts, one a line, registered in the background at start-up."""
     provision_on_query: bool = _checked(defaults.PROVISION_ON_QUERY)
+    provision_per_minute: int = _checked(defaults.PROVISION_PER_MINUTE, _check_positive)
+    """Puppets registered on ``/users`` queries per minute at most; beyond it, "no such user"."""
 
 
 @attrs.frozen

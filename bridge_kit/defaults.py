@@ -20,6 +20,9 @@ MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 CONCURRENCY: Final = 16
 MAX_CONCURRENCY: Final = 1024
 PROVISION_ON_QUERY: Final = True
+#: Puppets registered because the homeserver asked about them (GET /users), per minute at
+#: most; each one may count against the homeserver's monthly-active-user quota.
+PROVISION_PER_MINUTE: Final = 60
 
 LOG_LEVEL: Final = "INFO"
 LOG_FORMAT: Final = "text"
@@ -59,3 +62,8 @@ RETRY_BACKOFF_MAX: Final = 300.0
 HANDLER_TIMEOUT: Final = 60.0
 LANE_LEASE: Final = 30.0
 INBOX_POLL: Final = 2.0
+
+#: The homeserver's start-up ping: attempts, and the first wait (doubling: 1 + 2 + 4 + 8
+#: = 15 s in all). A restart can race the homeserver's own retry of queued transactions.
+PING_ATTEMPTS: Final = 5
+PING_BACKOFF: Final = 1.0

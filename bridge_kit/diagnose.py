@@ -7,11 +7,18 @@ with the right hs_token (facts §6).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import errno
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
+import aiohttp
+import attrs
 import yarl
 
+from bridge_kit import defaults
 from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.errors import (
     Forbidden,
@@ -25,6 +32,10 @@ from bridge_kit.ids import split_user_id
 from bridge_kit.registration import Registration
 from bridge_kit.server import create_app, serve_app
 from bridge_kit.store.memory import MemoryStore
+
+log = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUT: Final = 5.0
 
 NOT_LOADED = (
     "the homeserver does not know this registration's as_token: is the registration "
@@ -54,19 +65,71 @@ async def homeserver_domain(client: HomeserverClient, registration: Registration
     return domain
 
 
-async def ping_homeserver(client: HomeserverClient, registration: Registration) -> int:
-    """Have the homeserver ping our ``url``; return the round trip in milliseconds."""
-    try:
-        return await client.ping_appservice(registration.id)
-    except MatrixRequestError as exc:
-        raise StartupCheckFailed(_ping_diagnosis(exc, registration)) from exc
+#: Ping failures that may pass by themselves: the homeserver could not connect, or got
+#: no answer in time (a listener that has just come up, a pooled connection to the
+#: process we replaced), or Synapse failed after reaching us (its own race when it
+#: resumes queued transactions, "AlreadyCalled"; it reports that as a failed connection).
+_TRANSIENT_PING: Final = frozenset({"M_CONNECTION_FAILED", "M_CONNECTION_TIMEOUT"})
+
+
+@attrs.frozen
+class PingRetry:
+    """How often the start-up ping is tried: ``attempts``, waiting ``backoff`` seconds
+    after the first failure and twice as long after each next one."""
+
+    attempts: int = attrs.field(default=defaults.PING_ATTEMPTS, validator=attrs.validators.ge(1))
+    backoff: float = attrs.field(default=defaults.PING_BACKOFF, validator=attrs.validators.ge(0))
+
+    def delay(self, failures: int) -> float:
+        """The wait after the ``failures``-th failure (1-based)."""
+        return float(self.backoff * 2 ** (failures - 1))
+
+
+async def ping_homeserver(
+    client: HomeserverClient,
+    registration: Registration,
+    *,
+    retry: PingRetry = PingRetry(),
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> int:
+    """Have the homeserver ping our ``url``; return the round trip in milliseconds.
+
+    A failure that may pass by itself (the homeserver could not connect, or timed
+    out) is retried per ``retry``; the :class:`StartupCheckFailed` raised at the
+    end quotes the homeserver's own errcode and error text and names the likely cause.
+    """
+    failures = 0
+    while True:
+        try:
+            return await client.ping_appservice(registration.id)
+        except MatrixRequestError as exc:
+            failures += 1
+            if failures >= retry.attempts or exc.errcode not in _TRANSIENT_PING:
+                raise StartupCheckFailed(_ping_failure(exc, registration, failures)) from exc
+            delay = retry.delay(failures)
+            log.warning(
+                "the homeserver's ping of %s failed (attempt %d of %d): %s; trying again in %g s",
+                registration.url, failures, retry.attempts, exc, delay,
+            )  # fmt: skip
+            await sleep(delay)
+
+
+def _ping_failure(error: MatrixRequestError, registration: Registration, attempts: int) -> str:
+    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    said = f"{error.status} {error.errcode or 'no errcode'}: {error.message or '(no error text)'}"
+    return f"{_ping_diagnosis(error, registration)}\n  the homeserver said{tries}: {said}"
 
 
 def _ping_diagnosis(error: MatrixRequestError, registration: Registration) -> str:
     url = registration.url
     if error.errcode == "M_URL_NOT_SET":
         return "the registration's url is null, so the homeserver sends us nothing"
-    if error.errcode in ("M_CONNECTION_FAILED", "M_CONNECTION_TIMEOUT"):
+    if "AlreadyCalled" in error.message:
+        return (
+            f"the homeserver reached this appservice at {url}, then failed in its own "
+            "retry of the transactions it had queued for us (a Synapse race after a restart)"
+        )
+    if error.errcode in _TRANSIENT_PING:
         return (
             f"the homeserver cannot reach this appservice at {url} "
             f"({error.errcode}): is the daemon listening there, and can the homeserver "
@@ -81,7 +144,7 @@ def _ping_diagnosis(error: MatrixRequestError, registration: Registration) -> st
         )
     if isinstance(error, UnknownToken):
         return NOT_LOADED
-    return f"the homeserver could not ping this appservice: {error}"
+    return "the homeserver could not ping this appservice"
 
 
 def _bad_status_diagnosis(error: MatrixRequestError, url: str | None) -> str:
@@ -100,11 +163,17 @@ def _bad_status_diagnosis(error: MatrixRequestError, url: str | None) -> str:
     return f"the homeserver reached {url} but it answered {status}: {error.body.get('body')}"
 
 
+#: A one-off check answers in seconds; it still rides out one Synapse race.
+_CHECK_PING: Final = PingRetry(attempts=3, backoff=0.5)
+
+
 async def check_against_homeserver(registration: Registration, homeserver_url: str) -> list[str]:
     """Run both checks once, serving ``/ping`` on the registration's URL meanwhile.
 
-    Returns the lines to print (what was confirmed); raises
-    :class:`StartupCheckFailed` with the diagnosis on the first failure.
+    When something already listens there (the bridge itself, running), the
+    homeserver pings that instead. Returns the lines to print (what was
+    confirmed); raises :class:`StartupCheckFailed` with the diagnosis on the
+    first failure.
     """
     # A one-off check should answer in seconds, not wait out a homeserver outage.
     quick = RetryPolicy(max_attempts=2, base_delay=0.2)
@@ -115,15 +184,27 @@ async def check_against_homeserver(registration: Registration, homeserver_url: s
         if registration.url is None:
             lines.append("warning: url is null, so the homeserver sends this appservice nothing")
             return lines
-        async with _ping_responder(registration):
-            duration_ms = await ping_homeserver(client, registration)
+        async with _ping_responder(registration) as already_there:
+            note = f"{registration.url} is served by {already_there}; the homeserver pings it there"
+            try:
+                duration_ms = await ping_homeserver(client, registration, retry=_CHECK_PING)
+            except StartupCheckFailed as exc:
+                if already_there is None:
+                    raise
+                raise StartupCheckFailed(f"{exc}\n  note: {note}") from exc
+            if already_there is not None:
+                lines.append(f"note: {note}")
         lines.append(f"ok: the homeserver reached {registration.url} in {duration_ms} ms")
         return lines
 
 
 @contextlib.asynccontextmanager
-async def _ping_responder(registration: Registration) -> AsyncIterator[None]:
-    """Serve the appservice routes (with real hs_token checks) on the registration's URL."""
+async def _ping_responder(registration: Registration) -> AsyncIterator[str | None]:
+    """Serve the appservice routes (with real hs_token checks) on the registration's URL.
+
+    Yields ``None``, or, when the port is taken, who serves it already: the
+    running bridge answers the homeserver's ping itself, which checks the same.
+    """
     url = yarl.URL(registration.url or "")
     if url.host is None or url.port is None:
         raise StartupCheckFailed(
@@ -135,8 +216,32 @@ async def _ping_responder(registration: Registration) -> AsyncIterator[None]:
     try:
         runner = await serve_app(app, url.host, url.port)
     except ListenError as exc:
-        raise StartupCheckFailed(f"{exc} Stop it, or check without --homeserver.") from exc
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno != errno.EADDRINUSE:
+            raise StartupCheckFailed(str(exc)) from exc  # e.g. a port we may not use
+        runner = None
+    if runner is None:
+        yield await _who_serves(url, registration)
+        return
     try:
-        yield
+        yield None
     finally:
         await runner.cleanup()
+
+
+async def _who_serves(url: yarl.URL, registration: Registration) -> str:
+    """Who listens on ``url`` already, in words, from its bridge_kit health route."""
+    health_url = url.with_path("/_bridge_kit/health")
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_HEALTH_TIMEOUT)) as http,
+            http.get(health_url) as response,
+        ):
+            health = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return "a process that is not a bridge_kit daemon"
+    if not isinstance(health, dict) or "appservice_id" not in health:
+        return "a process that is not a bridge_kit daemon"
+    if health["appservice_id"] != registration.id:
+        return f"a bridge_kit daemon of another appservice ({health['appservice_id']!r})"
+    return f"the running bridge_kit daemon of {registration.id!r}"

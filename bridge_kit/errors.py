@@ -21,6 +21,8 @@ Every exception bridge_kit raises on purpose lives here::
     ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
     ├── YamlError                    text that is not one valid YAML document
     ├── SynapseError                 the throw-away test Synapse could not start
+    ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
+    ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
     └── MatrixRequestError           the homeserver answered with an error (by errcode:)
         ├── UserInUse                M_USER_IN_USE
         ├── Exclusive                M_EXCLUSIVE
@@ -50,10 +52,12 @@ __all__ = [
     "Forbidden",
     "HomeserverUnreachable",
     "InvalidLocalpart",
+    "InvalidMxc",
     "LifecycleError",
     "LimitExceeded",
     "ListenError",
     "MatrixRequestError",
+    "MediaTooLarge",
     "MissingToken",
     "NotFound",
     "NotInNamespace",
@@ -227,6 +231,26 @@ class YamlError(BridgeKitError):
 
 class SynapseError(BridgeKitError):
     """The throw-away Synapse (demo, tests) could not be installed, configured or started."""
+
+
+class MediaTooLarge(BridgeKitError):
+    """An upload larger than the homeserver's ``m.upload.size``; nothing was sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the upload is {size} bytes, over the homeserver's limit of {limit} bytes "
+            "(m.upload.size in /_matrix/client/v1/media/config); not sent"
+        )
+
+
+class InvalidMxc(BridgeKitError, ValueError):
+    """A media URI that is not ``mxc://<server name>/<media id>``."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        super().__init__(f"not an mxc:// media URI (mxc://server/media_id): {uri!r}")
 
 
 # -- Matrix errors from the homeserver ------------------------------------------------

@@ -25,7 +25,7 @@ import random
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import attrs
@@ -36,7 +36,7 @@ from bridge_kit.delivery import handling
 from bridge_kit.errors import StoreError
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter
+from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, storable
 from bridge_kit.types import Event, describe_error
 from bridge_kit.types.converter import converter
 
@@ -50,6 +50,21 @@ HandlerRoute = Callable[[ItemKind, str], Sequence[EventHandler]]
 
 _BATCH = 50
 _STATS_INTERVAL = 1.0
+#: A lane is worked on only until this share of the lease after the last claim or
+#: renewal: past it the lease may run out and another process take the lane.
+_LEASE_SHARE = 0.5
+#: How often, as a share of the lease, leases are renewed and deadlines enforced.
+_RENEW_SHARE = 0.25
+#: After a stop's grace, how long cancelled handlers may take to finish unwinding.
+_UNWIND_SECONDS = 5.0
+
+
+@attrs.define
+class _Lane:
+    """A lane this process works on: its worker, and until when (monotonic) it may."""
+
+    task: asyncio.Task[None]
+    held_until: float
 
 
 @attrs.frozen
@@ -66,7 +81,8 @@ class InboxSettings:
 
     def retry_delay(self, failures: int, rng: random.Random) -> float:
         """Jittered exponential backoff after the ``failures``-th failure (1-based)."""
-        ceiling = min(self.backoff_max, self.backoff * 2 ** (failures - 1))
+        # The exponent is capped: 2 ** 1024 is no float, and the cap is reached long before.
+        ceiling = min(self.backoff_max, self.backoff * 2 ** min(failures - 1, 62))
         return rng.uniform(ceiling / 2, ceiling)
 
 
@@ -102,7 +118,10 @@ class Inbox:
         appservice_id: str,
         settings: InboxSettings = InboxSettings(),
         metrics: Metrics | None = None,
+        event_types: Callable[[], Collection[str]] | None = None,
     ) -> None:
+        """``event_types()`` names the types handlers are registered for; the
+        handler-time metric labels other types ``other``, so senders cannot grow it."""
         self.store = store
         self.route = route
         self.appservice_id = appservice_id
@@ -110,9 +129,12 @@ class Inbox:
         self.metrics = metrics
         self.owner = f"{appservice_id}/{uuid.uuid4().hex[:12]}"
         self.stats = InboxStats(depth=0, oldest_received_at=None, dead_letters=0)
-        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._event_types = event_types
+        self._lanes: dict[str, _Lane] = {}
+        self._cooling: dict[str, tuple[float, int]] = {}
         self._wakeup = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduler: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._stopping = False
 
@@ -121,27 +143,27 @@ class Inbox:
     async def start(self) -> None:
         """Start working through the inbox (it resumes whatever a previous run left)."""
         await self.refresh_stats()
-        self._tasks = [
-            asyncio.create_task(self._schedule(), name="bridge_kit inbox scheduler"),
-            asyncio.create_task(self._keep_leases(), name="bridge_kit inbox leases"),
-        ]
+        self._scheduler = asyncio.create_task(self._schedule(), name="bridge_kit inbox")
+        self._renewer = asyncio.create_task(self._keep_leases(), name="bridge_kit leases")
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking lanes, give running handlers ``grace`` seconds, then cancel them.
+        """Take no more lanes or events, give running handlers ``grace`` seconds, then
+        cancel them. Leases are kept renewed meanwhile.
 
         An event whose handler was cancelled stays in the inbox and is handled
         again on the next start, with the same transaction IDs for its sends.
         """
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        workers = list(self._workers.values())
+        await _cancelled(self._scheduler)
+        workers = [lane.task for lane in self._lanes.values()]
         if workers:
             _, pending = await asyncio.wait(workers, timeout=grace)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            _, stuck = await asyncio.wait(workers, timeout=_UNWIND_SECONDS)
+            if stuck:
+                log.error("%d handlers ignored their cancellation; abandoned", len(stuck))
+        await _cancelled(self._renewer)
 
     def wake(self) -> None:
         """New items arrived: look for lanes to work on now."""
@@ -150,7 +172,7 @@ class Inbox:
     @property
     def busy_lanes(self) -> int:
         """How many lanes are being worked on in this process."""
-        return len(self._workers)
+        return len(self._lanes)
 
     async def refresh_stats(self) -> InboxStats:
         """Read the depth, oldest item and dead-letter count, and update the metrics."""
@@ -182,35 +204,57 @@ class Inbox:
             self._wakeup.clear()
 
     async def _claim_free_lanes(self) -> None:
-        free = self.settings.concurrency - len(self._workers)
-        if free <= 0:
+        free = self.settings.concurrency - len(self._lanes)
+        if free <= 0 or self._stopping:
             return
-        lanes = await self.store.claim_lanes(
-            self.owner, self.settings.lease, free, exclude=tuple(self._workers)
-        )
+        now = time.monotonic()
+        self._cooling = {k: v for k, v in self._cooling.items() if v[0] > now}
+        exclude = (*self._lanes, *self._cooling)
+        claimed_at = time.monotonic()
+        lanes = await self.store.claim_lanes(self.owner, self.settings.lease, free, exclude)
+        held_until = claimed_at + self.settings.lease * _LEASE_SHARE
         for lane in lanes:
-            self._workers[lane] = asyncio.create_task(self._work_lane(lane))
+            task = asyncio.create_task(self._work_lane(lane))
+            self._lanes[lane] = _Lane(task, held_until)
 
     async def _keep_leases(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.lease / 3)
-            lanes = tuple(self._workers)
-            if not lanes:
-                continue
-            try:
-                held = await self.store.renew_lanes(self.owner, lanes, self.settings.lease)
-            except StoreError as exc:
-                log.error("could not renew the inbox leases (trying again shortly): %s", exc)
-                continue
-            except Exception:
-                log.exception("could not renew the inbox leases; trying again shortly")
-                continue
-            for lane in set(lanes) - held:
+            await asyncio.sleep(self.settings.lease * _RENEW_SHARE)
+            await self._renew()
+            self._enforce_deadlines()
+
+    async def _renew(self) -> None:
+        lanes = dict(self._lanes)
+        if not lanes:
+            return
+        started = time.monotonic()
+        try:
+            held = await self.store.renew_lanes(self.owner, tuple(lanes), self.settings.lease)
+        except StoreError as exc:  # an outage, not a bug: one line, no traceback
+            log.error("could not renew the inbox leases (trying again shortly): %s", exc)
+            return
+        except Exception:
+            log.exception("could not renew the inbox leases; trying again shortly")
+            return
+        for name, lane in lanes.items():
+            if name in held:
+                lane.held_until = max(lane.held_until, started + self.settings.lease * _LEASE_SHARE)
+            elif not lane.task.done():
                 # Another process took the lane over (our lease ran out): stop at once,
                 # or both would run its handlers.
-                log.warning("lost the lease on lane %s; another process handles it now", lane)
-                if (worker := self._workers.get(lane)) is not None:
-                    worker.cancel()
+                log.warning("lost the lease on lane %s; another process handles it now", name)
+                lane.task.cancel()
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for name, lane in self._lanes.items():
+            if now > lane.held_until and not lane.task.done():
+                log.warning("could not renew the lease on lane %s in time; stopping it", name)
+                lane.task.cancel()
+
+    def _holds(self, lane: str) -> bool:
+        held = self._lanes.get(lane)
+        return held is not None and time.monotonic() < held.held_until
 
     # -- one lane ----------------------------------------------------------------
 
@@ -218,24 +262,42 @@ class Inbox:
         try:
             while await self._work_batch(lane):
                 pass
+            self._cooling.pop(lane, None)
         except asyncio.CancelledError:
             raise
-        except StoreError as exc:
+        except StoreError as exc:  # an outage, not a bug: one line, no traceback
             log.error("the inbox could not work on lane %s (store failure; trying again "
-                      "shortly): %s", lane, exc)  # fmt: skip
+                      "later): %s", lane, exc)  # fmt: skip
+            self._cool_down(lane)
         except Exception:
-            log.exception("the inbox could not work on lane %s; trying again shortly", lane)
+            log.exception("the inbox could not work on lane %s; trying again later", lane)
+            self._cool_down(lane)
         finally:
-            del self._workers[lane]
+            await self._release(lane)
+
+    async def _release(self, lane: str) -> None:
+        # Release first, forget second: until the release is done the scheduler must
+        # not claim the lane again, or the release could delete the new lease.
+        try:
             with contextlib.suppress(Exception):
                 await self.store.release_lane(self.owner, lane)
+        finally:
+            held = self._lanes.get(lane)
+            if held is not None and held.task is asyncio.current_task():
+                del self._lanes[lane]
             self.wake()
+
+    def _cool_down(self, lane: str) -> None:
+        """The store failed for this lane: leave it alone for a while (backing off)."""
+        failures = self._cooling.get(lane, (0.0, 0))[1] + 1
+        delay = self.settings.retry_delay(failures, self._rng)
+        self._cooling[lane] = (time.monotonic() + delay, failures)
 
     async def _work_batch(self, lane: str) -> bool:
         """Handle the lane's next items in order; False when the lane is done for now."""
         items = await self.store.lane_items(lane, _BATCH)
         for item in items:
-            if self._stopping or item.not_before > time.time():
+            if self._stopping or not self._holds(lane) or item.not_before > time.time():
                 return False
             if not await self._handle(item):
                 return False
@@ -274,12 +336,23 @@ class Inbox:
             if deadline.expired():
                 return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
             return traceback.format_exc()  # the handler's own, e.g. its HTTP client's
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this worker is being stopped
+            return traceback.format_exc()  # e.g. a sub-task the handler awaited was cancelled
         except Exception:
             return traceback.format_exc()
         finally:
             if self.metrics is not None:
-                self.metrics.observe_handler(event.type, time.perf_counter() - started)
+                self.metrics.observe_handler(
+                    self._type_label(event.type), time.perf_counter() - started
+                )
         return None
+
+    def _type_label(self, event_type: str) -> str:
+        known = self._event_types() if self._event_types is not None else ()
+        return event_type if event_type in known else "other"
 
     async def _failed(
         self, item: InboxItem, event: Event, name: str, done: list[str], failure: str
@@ -316,16 +389,22 @@ class Inbox:
             lane=item.lane,
             kind=item.kind,
             event_json=item.event_json,
-            error=error,
-            handler=handler,
+            error=storable(error),
+            handler=handler and storable(handler),
             attempts=attempts,
             first_failed_at=item.first_failed_at,
-            event_id=event.event_id if event else None,
-            event_type=event.type if event else None,
+            event_id=storable(event.event_id) if event and event.event_id else None,
+            event_type=storable(event.type) if event else None,
         )
         await self.store.bury_item(item.id, letter)
         if self.metrics is not None:
             self.metrics.count_dead_letter("handler" if handler else "invalid")
+
+
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _named(handlers: Sequence[EventHandler]) -> list[tuple[EventHandler, str]]:

@@ -75,6 +75,11 @@ class Metrics(ClientObserver):
         self.rate_limited = self._counter(
             namespace, "rate_limited", "429 responses the client waited out"
         )
+        self.provisioning_refused = self._counter(
+            namespace,
+            "provisioning_refused",
+            "User queries answered 'no such user' because puppets.provision_per_minute was reached",
+        )
         self.retries = Counter(
             "retries",
             "Requests to the homeserver retried, by reason",
@@ -173,6 +178,10 @@ class Metrics(ClientObserver):
     def observe_register_latency(self, seconds: float) -> None:
         """One register request took ``seconds``."""
         self.register_latency.observe(seconds)
+
+    def count_provisioning_refused(self) -> None:
+        """A user query would have registered a puppet, but the provisioning limit said no."""
+        self.provisioning_refused.inc()
 
     def count_homeserver_error(self, errcode: str) -> None:
         """The homeserver answered an error with ``errcode``."""

@@ -1,15 +1,20 @@
-"""Progress display for bulk puppet registration, with no dependency beyond the stdlib.
+"""Progress display for bulk puppet registration and multi-step commands, stdlib only.
 
 On a terminal, :class:`ProgressReporter` redraws one line (a bar, the count,
 the rate and the time left) in place with ``\\r``; in a log or a pipe it
-prints a plain line every few seconds instead. :func:`format_summary` renders
-the final counts.
+writes one plain line at the end, so a captured output holds no half-drawn
+frames. :func:`format_summary` renders the final counts. :class:`Steps`
+prints one line per step of a command (the demo), updated in place on a
+terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 import attrs
@@ -17,21 +22,25 @@ import attrs
 if TYPE_CHECKING:
     from bridge_kit.puppets import BulkProgress, BulkResult
 
-__all__ = ["ProgressReporter", "format_duration", "format_summary"]
+__all__ = ["ProgressReporter", "Steps", "format_duration", "format_summary"]
 
 _BAR_WIDTH = 24
 _TTY_INTERVAL = 0.2
-_PLAIN_INTERVAL = 5.0
+#: Erase from the cursor to the end of the line (after a shorter redraw).
+_CLEAR_TO_END = "\x1b[K"
 
 
 class ProgressReporter:
     """A ``progress`` callback for :meth:`~bridge_kit.puppets.PuppetRegistrar.register_many`.
 
     Lines go to ``stream`` (default stderr). ``tty`` defaults to whether it is
-    a terminal; ``interval`` is the least time between two lines (default
-    0.2 s on a terminal, 5 s otherwise). ``total`` stands in for an input
-    length the run cannot know; ``enabled=False`` draws nothing. At the end,
-    :meth:`finish` prints the summary (to ``summary_stream``, default stdout).
+    a terminal. On a terminal the line is redrawn at most every ``interval``
+    seconds (default 0.2), after ``prefix``. Elsewhere only the last snapshot
+    is written, as one plain line when the run closes, unless an ``interval``
+    is given: then also a plain line at most that often. ``total`` stands in
+    for an input length the run cannot know; ``enabled=False`` draws nothing.
+    At the end, :meth:`finish` prints the summary (to ``summary_stream``,
+    default stdout).
     """
 
     def __init__(
@@ -43,13 +52,18 @@ class ProgressReporter:
         tty: bool | None = None,
         interval: float | None = None,
         summary_stream: TextIO | None = None,
+        prefix: str = "",
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.summary_stream = summary_stream
         self.total = total
         self.enabled = enabled
         self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = interval if interval is not None else _default_interval(self.tty)
+        self.prefix = prefix
+        # A pipe or a log gets no periodic lines unless asked: captured output
+        # should hold the outcome, not a stray snapshot from the middle of the run.
+        default = _TTY_INTERVAL if self.tty else float("inf")
+        self.interval = interval if interval is not None else default
         self._last_drawn = float("-inf")
         self._last_width = 0
         self._pending: BulkProgress | None = None
@@ -61,21 +75,20 @@ class ProgressReporter:
             progress = attrs.evolve(progress, total=self.total)
         self._pending = progress
         now = time.monotonic()
-        if now - self._last_drawn < self.interval:
-            return
+        if self.interval == math.inf or now - self._last_drawn < self.interval:
+            return  # drawn later, at the latest by close()
         self._last_drawn = now
         self._draw(progress)
 
-    def close(self) -> None:
-        """On a terminal, draw the last snapshot if it was throttled away and end the line."""
-        if not self.tty:
-            return
+    def close(self, *, end_line: bool = True) -> None:
+        """Draw the last snapshot if it was throttled away; on a terminal, end the line
+        (unless ``end_line`` is False: the caller rewrites it, as :class:`Steps` does)."""
         if self._pending is not None:
             self._draw(self._pending)
-        if self._last_width:
+        if self.tty and self._last_width and end_line:
             self.stream.write("\n")
             self.stream.flush()
-            self._last_width = 0
+        self._last_width = 0
 
     def finish(self, result: BulkResult) -> None:
         """:meth:`close`, then print the summary of ``result``."""
@@ -87,7 +100,7 @@ class ProgressReporter:
     def _draw(self, progress: BulkProgress) -> None:
         self._pending = None
         if self.tty:
-            line = bar_line(progress)
+            line = self.prefix + bar_line(progress)
             padding = " " * max(self._last_width - len(line), 0)
             self.stream.write("\r" + line + padding)
             self._last_width = len(line)
@@ -168,5 +181,43 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def _default_interval(tty: bool) -> float:
-    return _TTY_INTERVAL if tty else _PLAIN_INTERVAL
+class Steps:
+    """One line per step of a command: ``✓ what (1.23 s)``, with notes below it.
+
+    On a terminal the line reads ``… what`` while the step runs and is
+    rewritten in place when it ends; a pipe or a log gets only the finished
+    line, so nothing is printed twice. A step that raises ends with ``✗``.
+    Inside ``with steps.step(what) as notes:``, ``notes.append(line)`` queues
+    a line to print (indented) under the step's line.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[list[str]]:
+        """Run a step: its line, then its notes."""
+        notes: list[str] = []
+        if self.tty:
+            self.stream.write(self.running(what))
+            self.stream.flush()
+        began = time.monotonic()
+        try:
+            yield notes
+        except BaseException:
+            self._end("✗", what, began, notes)
+            raise
+        self._end("✓", what, began, notes)
+
+    @staticmethod
+    def running(what: str) -> str:
+        """The line of a step that runs (a progress bar may follow it on a terminal)."""
+        return f"… {what}"
+
+    def _end(self, mark: str, what: str, began: float, notes: list[str]) -> None:
+        line = f"{mark} {what} ({time.monotonic() - began:.2f} s)"
+        if self.tty:
+            line = f"\r{line}{_CLEAR_TO_END}"
+        self.stream.write(line + "\n" + "".join(f"  {note}\n" for note in notes))
+        self.stream.flush()

@@ -278,22 +278,22 @@ class _Routes:
     async def location(self, request: web.Request) -> web.StreamResponse:
         hook = self.thirdparty.location or _no_thirdparty("location")
         found = await hook(request.match_info["protocol"], _fields(request))
-        return _json(_hook_result(found, list, "location"))
+        return _found(_hook_result(found, list, "location"), "locations")
 
     async def user(self, request: web.Request) -> web.StreamResponse:
         hook = self.thirdparty.user or _no_thirdparty("user")
         found = await hook(request.match_info["protocol"], _fields(request))
-        return _json(_hook_result(found, list, "user"))
+        return _found(_hook_result(found, list, "user"), "users")
 
     async def location_by_alias(self, request: web.Request) -> web.StreamResponse:
         hook = self.thirdparty.location_by_alias or _no_thirdparty("location")
         found = await hook(_required_param(request, "alias"))
-        return _json(_hook_result(found, list, "location_by_alias"))
+        return _found(_hook_result(found, list, "location_by_alias"), "locations")
 
     async def user_by_id(self, request: web.Request) -> web.StreamResponse:
         hook = self.thirdparty.user_by_id or _no_thirdparty("user")
         found = await hook(_required_param(request, "userid"))
-        return _json(_hook_result(found, list, "user_by_id"))
+        return _found(_hook_result(found, list, "user_by_id"), "users")
 
     async def ping(self, request: web.Request) -> web.StreamResponse:
         # The body ({"transaction_id": ...}) carries nothing we must act on, but a
@@ -379,6 +379,13 @@ def _required_param(request: web.Request, name: str) -> str:
 
 def _no_thirdparty(kind: str) -> NoReturn:
     raise ErrorReply(404, "M_NOT_FOUND", f"This bridge does not provide third-party {kind}s")
+
+
+def _found(results: list[Any], what: str) -> web.Response:
+    # The spec answers "nothing found" with 404 (Synapse takes 200 [] the same way).
+    if not results:
+        raise ErrorReply(404, "M_NOT_FOUND", f"No {what} were found with the given parameters")
+    return _json(results)
 
 
 def _hook_result(value: Any, expected: type, hook: str) -> Any:

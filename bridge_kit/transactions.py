@@ -26,9 +26,10 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
+from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.types import Event, describe_error
 from bridge_kit.types.converter import converter
 
@@ -49,15 +50,16 @@ _ERROR_LIMIT: Final = 1024
 _LOGGED_LETTERS: Final = 20
 # One encoder for every event: json.dumps with options builds a new one per call.
 # allow_nan=False: a number too large for a float (1e999) must not become "Infinity",
-# which is not JSON, on its way to a handler; check_circular=False: decoded JSON has
-# no cycles.
+# which is not JSON, on its way to a handler. ensure_ascii: a lone surrogate (valid
+# in JSON text, not in UTF-8) then travels as \udXXX, which every store can hold.
+# check_circular=False: decoded JSON has no cycles.
 _ENCODE: Final = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
+    ensure_ascii=True, allow_nan=False, check_circular=False, separators=(",", ":")
 ).encode
 
 
-# For a dead letter's JSON: as received, bar the key order (readable, not compact).
-_ENCODE_AS_IS: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+# For a dead letter's JSON: readable, not compact; ASCII, so a lone surrogate is an escape.
+_ENCODE_AS_IS: Final = json.JSONEncoder(allow_nan=False).encode
 
 
 def event_lane(kind: ItemKind, room_id: str | None) -> str:
@@ -131,7 +133,11 @@ def _split_item(
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: {describe_error(exc)}"))
         return
-    items.append(NewInboxItem(event_lane(kind, event.room_id), kind, text))
+    lane = event_lane(kind, event.room_id)
+    if storable(lane) != lane:
+        rejected.append(_letter(kind, raw, f"invalid event at {where}: room_id is not Unicode"))
+        return
+    items.append(NewInboxItem(lane, kind, text))
 
 
 def _letter(kind: ItemKind, raw: Any, error: str) -> NewDeadLetter:
@@ -140,12 +146,12 @@ def _letter(kind: ItemKind, raw: Any, error: str) -> NewDeadLetter:
     if len(error) > _ERROR_LIMIT:
         error = error[: _ERROR_LIMIT - 1] + "…"
     return NewDeadLetter(
-        lane=room_id if isinstance(room_id, str) else _INVALID_LANE,
+        lane=storable(room_id) if isinstance(room_id, str) else _INVALID_LANE,
         kind=kind,
         event_json=_as_json(raw),
-        error=error,
-        event_id=event_id if isinstance(event_id, str) else None,
-        event_type=event_type if isinstance(event_type, str) else None,
+        error=storable(error),
+        event_id=storable(event_id) if isinstance(event_id, str) else None,
+        event_type=storable(event_type) if isinstance(event_type, str) else None,
     )
 
 
@@ -155,7 +161,7 @@ def _as_json(raw: Any) -> str:
     try:
         return _ENCODE_AS_IS(raw)
     except ValueError:
-        return json.dumps({"bridge_kit.not_json": repr(raw)[:_REPR_LIMIT]}, ensure_ascii=False)
+        return json.dumps({"bridge_kit.not_json": repr(raw)[:_REPR_LIMIT]})
 
 
 def _bad_json(message: str) -> ErrorReply:
@@ -189,6 +195,9 @@ class TransactionProcessor:
         self._prune_keep = prune_keep
         self._since_prune = prune_every - 1
         self._prune_task: asyncio.Task[None] | None = None
+        # One INFO line per transaction tells an operator that traffic flows; the
+        # limit keeps a flood from filling the disk.
+        self.log = LogLimiter(log, logging.INFO, what="transactions")
 
     async def process(self, txn_id: str, body: Any) -> bool:
         """Accept ``body`` under ``txn_id``; False when that txnId was accepted before.
@@ -197,8 +206,9 @@ class TransactionProcessor:
         :class:`TransactionFailed` when the store could not take it (then the
         homeserver must send it again: it was not acknowledged).
         """
-        items, rejected = split_transaction(body)
         started = time.perf_counter()
+        items, rejected = split_transaction(body)
+        stored = time.perf_counter()
         try:
             accepted = await self._store.accept_transaction(txn_id, items, rejected)
         except Exception as exc:
@@ -214,11 +224,21 @@ class TransactionProcessor:
                 exc_info=None if isinstance(exc, StoreError) else exc,
             )
             raise TransactionFailed(txn_id) from exc
+        done = time.perf_counter()
         if not accepted:
             if self._metrics is not None:
                 self._metrics.count_duplicate()
+            self.log.log(
+                "transaction %s was accepted before: acknowledged again, nothing stored",
+                txn_id, totals={"repeated": 1},
+            )  # fmt: skip
             return False
-        self._accepted(txn_id, len(items), rejected, time.perf_counter() - started)
+        self._accepted(txn_id, len(items), rejected, done - stored)
+        self.log.log(
+            "accepted transaction %s: %d events%s in %.1f ms",
+            txn_id, len(items), f" (+{len(rejected)} invalid)" if rejected else "",
+            (done - started) * 1000, totals={"events": len(items)},
+        )  # fmt: skip
         return True
 
     def _accepted(

@@ -10,6 +10,7 @@ and run it again, and it resumes.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def localparts(path: Path, prefix: str) -> Iterator[str]:
 
 
 def show(progress: BulkProgress) -> None:
-    print(f"\r{progress.done:,} done, {progress.rate:,.0f}/s", end="", flush=True)
+    # Redrawn in place on a terminal; a pipe or a log gets only the summary at the end.
+    if sys.stdout.isatty():
+        print(f"\r{progress.done:,} done, {progress.rate:,.0f}/s", end="", flush=True)
 
 
 async def main(args: argparse.Namespace, stop: StopSignals) -> int:
@@ -48,7 +51,8 @@ async def main(args: argparse.Namespace, stop: StopSignals) -> int:
         result = await registrar.register_many(
             localparts(args.names, args.prefix), concurrency=16, progress=show
         )
-    print()
+    if sys.stdout.isatty():
+        print()  # end the progress line
     print(result.summary())
     return 0 if result.ok else 1
 

@@ -276,50 +276,6 @@ async def test_daemon_refuses_a_registration_the_homeserver_did_not_load(
     assert "Traceback" not in stderr.decode()
 
 
-async def test_echo_bridge_example_echoes(
-    homeserver: TestHomeserver, tmp_path: Path, unique: str
-) -> None:
-    example = Path(__file__).parent.parent / "examples" / "echo_bridge.py"
-    config = write_config(homeserver, tmp_path)
-    bridge = await asyncio.create_subprocess_exec(
-        sys.executable, str(example), "-c", str(config),
-        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    client, alice = await user(homeserver, f"echoer{unique}")
-    try:
-        await wait_until_healthy(homeserver.appservice_url, bridge)
-        async with client:
-            room_id = await alice.create_room()
-            await alice.invite(room_id, f"@_bk_echo{unique}:test.local")
-            echo = await wait_for_message(client, room_id, f"echo: hi {unique}", send=alice)
-    finally:
-        if bridge.returncode is None:
-            bridge.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(bridge.communicate(), TIMEOUT)
-    assert echo["sender"] == f"@_bk_echo{unique}:test.local"
-    assert bridge.returncode == 0, stderr.decode()
-
-
-async def wait_for_message(
-    client: HomeserverClient, room_id: str, body: str, *, send: Intent
-) -> dict[str, object]:
-    """Send ``hi`` once the echo puppet has joined, then wait until ``body`` shows up."""
-    path = f"/_matrix/client/v3/rooms/{room_id}/messages"
-    sent = False
-    for _ in range(int(TIMEOUT * 5)):
-        chunk = (await client.request("GET", path, query={"dir": "b", "limit": "20"}))["chunk"]
-        joined = any(e["type"] == "m.room.member" and e["content"].get("membership") == "join"
-                     and e["state_key"].startswith("@_bk_echo") for e in chunk)  # fmt: skip
-        if joined and not sent:
-            await send.send_text(room_id, body.removeprefix("echo: "))
-            sent = True
-        for event in chunk:
-            if event["type"] == "m.room.message" and event["content"].get("body") == body:
-                return dict(event)
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{body!r} never arrived")
-
-
 async def test_intents_are_cached_within_a_bound_and_checked_at_once(
     homeserver: TestHomeserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
 import yaml
+from aiohttp import web
 
+from bridge_kit.server import serve_app
 from tests.conftest import TestHomeserver
+from tests.daemons import Daemon, write_config
 
 
 async def bridge_kit(*args: str, cwd: Path) -> tuple[int, str, str]:
@@ -76,13 +80,18 @@ async def test_check_diagnoses_an_unreachable_homeserver(tmp_path: Path) -> None
     assert "Traceback" not in err
 
 
-async def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
-    code, out, err = await bridge_kit("demo", "--puppets", "50", "--no-progress", cwd=tmp_path)
+async def test_demo_runs_the_whole_loop_and_reads_cleanly_when_piped(tmp_path: Path) -> None:
+    code, out, err = await bridge_kit("demo", "--puppets", "300", cwd=tmp_path)
     assert code == 0, out + err
     assert "as @demo_bridge:demo.local" in out  # a sender outside the puppet namespace
-    assert "50 skipped, 0 requests" in out
+    assert "300 skipped, 0 requests" in out
     assert "answered with $" in out
-    assert "Traceback" not in err
+    # A pipe gets plain lines: no redrawn frames, each step once, no progress on stderr.
+    assert "\r" not in out + err and "\x1b" not in out + err
+    steps = [line for line in out.splitlines() if line.startswith(("✓", "…", "✗"))]
+    assert len(steps) >= 9 and all(line.startswith("✓") for line in steps), steps
+    assert len({line.split(" (")[0] for line in steps}) == len(steps), steps
+    assert "progress" not in err and "Traceback" not in err, err
 
 
 async def test_bulk_import_example_registers_and_resumes(
@@ -104,3 +113,61 @@ async def test_bulk_import_example_registers_and_resumes(
         expected = "30 registered" if run == "first" else "30 skipped (known)"
         assert expected in stdout.decode(), stdout.decode()
     assert await synapse.count_users(f"_bk_imp{unique}_") == 30
+
+
+async def test_check_with_the_bridge_running_has_the_homeserver_ping_the_bridge(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    path = write_registration(tmp_path, synapse)
+    config = write_config(synapse, tmp_path)
+    daemon = Daemon([sys.executable, "-m", "bridge_kit", "run", "-c", str(config)], tmp_path)
+    async with daemon:
+        code, out, err = await bridge_kit(
+            "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+        )
+        assert daemon.process is not None and daemon.process.returncode is None
+    assert code == 0, out + err
+    assert (
+        f"note: {synapse.appservice_url} is served by the running bridge_kit daemon of "
+        f"'{synapse.appservice_id}'; the homeserver pings it there"
+    ) in out
+    assert f"ok: the homeserver reached {synapse.appservice_url} in" in out
+
+
+async def test_check_with_another_server_on_the_port_says_so(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    path = write_registration(tmp_path, synapse)
+    squatter = await serve_app(web.Application(), "127.0.0.1", synapse.appservice_port)
+    try:
+        code, _out, err = await bridge_kit(
+            "check", "-r", str(path), "--homeserver", synapse.url, cwd=tmp_path
+        )
+    finally:
+        await squatter.cleanup()
+    assert code == 2
+    assert "is served by a process that is not a bridge_kit daemon" in err
+    assert "answered 404 to the ping: is something else listening on that port?" in err
+    assert "the homeserver said: 502 M_BAD_STATUS" in err
+
+
+async def test_every_command_finds_the_store_next_to_the_config(
+    synapse: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    bridge_dir, here, there = (tmp_path / name for name in ("bridge", "here", "there"))
+    for directory in (bridge_dir, here, there):
+        directory.mkdir()
+    config = str(write_config(synapse, bridge_dir))  # store: sqlite:///bridge_kit.db
+    puppet = f"_bk_storepath{unique}"
+    first = await bridge_kit("register", "-c", config, puppet, "--no-progress", cwd=here)
+    again = await bridge_kit("register", "-c", config, puppet, "--no-progress", cwd=there)
+    letters = await bridge_kit("dead-letters", "list", "-c", config, cwd=there)
+    daemon = Daemon([sys.executable, "-m", "bridge_kit", "run", "-c", config], there)
+    async with daemon:
+        started = daemon.messages(this_run=True)
+    assert first[0] == 0 and re.search(r"registered +1\n", first[1]), first
+    assert again[0] == 0 and re.search(r"skipped \(known\) +1\n", again[1]), again
+    assert letters[:2] == (0, "no dead letters\n"), letters
+    assert f"store: sqlite:///{bridge_dir / 'bridge_kit.db'}" in started
+    assert (bridge_dir / "bridge_kit.db").exists()
+    assert not (here / "bridge_kit.db").exists() and not (there / "bridge_kit.db").exists()

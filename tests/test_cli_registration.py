@@ -191,6 +191,7 @@ def test_check_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
     del registration["rate_limited"]
     registration["url"] = None
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(registration, sort_keys=False))
+    (tmp_path / "r.yaml").chmod(0o600)  # a readable file would add a warning of its own
     result = bridge_kit("check", "-r", "r.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -205,6 +206,7 @@ def test_check_prints_each_error_with_its_line(tmp_path: Path) -> None:
     registration["id"] = "a|b"
     text = yaml.safe_dump(registration, sort_keys=False)
     (tmp_path / "registration.yaml").write_text(text)
+    (tmp_path / "registration.yaml").chmod(0o600)
     exclusive_line = text.splitlines().index("    exclusive: 'true'") + 1
 
     result = bridge_kit("check", cwd=tmp_path)

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
@@ -23,6 +24,7 @@ import pytest
 
 from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.delivery import next_txn_id
+from bridge_kit.errors import StoreError
 from bridge_kit.inbox import EventHandler, HandlerRoute, Inbox, InboxSettings, handler_name
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import MemoryStore, PostgresStore, Store, open_store
@@ -134,8 +136,10 @@ async def stop(inbox: Inbox, grace: float = 0) -> None:
 
 def _cancel_again(inbox: Inbox) -> None:
     """Cancel the inbox's tasks again, should one have swallowed a cancellation."""
-    for task in inbox._tasks:  # private, but only to clean up after a failed test
-        task.cancel()
+    # private, but only to clean up after a failed test
+    for task in (inbox._scheduler, inbox._renewer, *(lane.task for lane in inbox._lanes.values())):
+        if task is not None:
+            task.cancel()
 
 
 async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -794,8 +798,9 @@ async def test_metrics_count_retries_dead_letters_and_the_inbox_depth(store: Sto
             raise RuntimeError("no")
 
     inbox = Inbox(
-        store, route_to(handler), appservice_id=APPSERVICE, settings=SETTINGS, metrics=metrics
-    )
+        store, route_to(handler), appservice_id=APPSERVICE, settings=SETTINGS, metrics=metrics,
+        event_types=lambda: {"m.room.message"},
+    )  # fmt: skip
     events = [message("ok1", A), message("flaky", A), message("ok2", A), message("bad", B)]
     items, rejected = split_transaction({"events": [*events, {"type": None}]})
     before = time.time()
@@ -824,3 +829,205 @@ async def test_metrics_count_retries_dead_letters_and_the_inbox_depth(store: Sto
     assert runs == 2 + 2 + SETTINGS.attempts
     count = metric(metrics, "bridge_kit_handler_seconds_count", event_type="m.room.message")
     assert count == runs
+
+
+# -- found in review: failures around the handler, leases, odd text -------------------------
+
+
+async def test_a_traceback_that_no_store_can_encode_still_ends_as_a_dead_letter(
+    any_store: Store,
+) -> None:
+    calls = 0
+
+    async def handler(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+        name = os.fsdecode(b"/tmp/\xff.png")  # a lone surrogate, as from a non-UTF-8 file name
+        raise RuntimeError(f"upload of {name} failed")
+
+    async with running(any_store, route_to(handler)) as inbox:
+        await accept(any_store, "t1", [message("x", A)])
+        inbox.wake()
+        await drained(any_store)
+    [letter] = await any_store.dead_letters()
+    assert calls == SETTINGS.attempts
+    assert "upload of /tmp/\\udcff.png failed" in letter.error
+
+
+async def test_a_failing_store_backs_the_lane_off_instead_of_looping(memory: Store) -> None:
+    calls = 0
+
+    async def handler(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+
+    async def broken_complete(item_id: int) -> None:
+        raise StoreError("the disk is full")
+
+    memory.complete_item = broken_complete  # type: ignore[method-assign]
+    settings = attrs.evolve(SETTINGS, backoff=0.2, backoff_max=0.4)
+    async with running(memory, route_to(handler), settings) as inbox:
+        await accept(memory, "t1", [message("x", A)])
+        inbox.wake()
+        await asyncio.sleep(1.0)
+    # Without a back-off the handler ran hundreds of times a second.
+    assert 1 <= calls <= 15, calls
+
+
+async def test_a_cancelled_sub_task_counts_as_a_handler_failure(memory: Store) -> None:
+    calls = 0
+
+    async def handler(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+        task = asyncio.ensure_future(asyncio.sleep(10))
+        task.cancel()
+        await task  # raises CancelledError inside the handler, not for the worker
+
+    async with running(memory, route_to(handler)) as inbox:
+        await accept(memory, "t1", [message("x", A)])
+        inbox.wake()
+        await drained(memory)
+    [letter] = await memory.dead_letters()
+    assert calls == SETTINGS.attempts
+    assert "CancelledError" in letter.error
+
+
+def test_the_backoff_of_a_huge_attempt_number_is_the_cap() -> None:
+    settings = InboxSettings(backoff=1.0, backoff_max=300.0)
+    assert 150.0 <= settings.retry_delay(100_000, random.Random(1)) <= 300.0
+
+
+async def test_a_lease_that_cannot_be_renewed_stops_the_lane_before_it_runs_out(
+    memory: Store,
+) -> None:
+    started: list[str | None] = []
+
+    async def handler(event: Event) -> None:
+        started.append(event.event_id)
+        await asyncio.sleep(0.3)
+
+    async def unreachable(owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        raise StoreError("the database went away")
+
+    real_claim = memory.claim_lanes
+    claims = 0
+
+    async def claim_once(
+        owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    ) -> list[str]:
+        nonlocal claims
+        claims += 1
+        if claims > 1:
+            raise StoreError("the database went away")
+        return await real_claim(owner, lease, limit, exclude)
+
+    # The database is gone after the first claim: no renewal, no new claim.
+    memory.claim_lanes = claim_once  # type: ignore[method-assign]
+    memory.renew_lanes = unreachable  # type: ignore[method-assign]
+    settings = attrs.evolve(SETTINGS, lease=1.0)
+    async with running(memory, route_to(handler), settings) as inbox:
+        await accept(memory, "t1", [message(f"e{n}", A, n) for n in range(20)])
+        inbox.wake()
+        await asyncio.sleep(0.8)  # past half the lease, before it ends
+        during = len(started)
+        await asyncio.sleep(0.4)  # the lease has run out: another process may have the room
+        after = len(started)
+    # Work stopped at half the lease (a handler takes 0.3 s) and not later.
+    assert 1 <= during <= 3, started
+    assert after == during, started
+    assert len(set(started)) == len(started), started
+
+
+async def test_a_released_lane_is_not_claimed_again_before_the_release_is_done(
+    memory: Store,
+) -> None:
+    handled: list[str | None] = []
+    releases = 0
+    real_release = memory.release_lane
+
+    async def slow_release(owner: str, lane: str) -> None:
+        nonlocal releases
+        releases += 1
+        await asyncio.sleep(0.2)
+        await real_release(owner, lane)
+
+    async def handler(event: Event) -> None:
+        handled.append(event.event_id)
+
+    memory.release_lane = slow_release  # type: ignore[method-assign]
+    async with running(memory, route_to(handler)) as inbox:
+        await accept(memory, "t1", [message("first", A)])
+        inbox.wake()
+        await until(lambda: len(handled) == 1)
+        await asyncio.sleep(0.05)  # the release of the now empty lane is under way
+        await accept(memory, "t2", [message("second", A, 1)])
+        inbox.wake()
+        await until(lambda: len(handled) == 2)
+        await asyncio.sleep(0.5)
+        held = await memory.renew_lanes(inbox.owner, [A], 1.0)
+    assert handled == ["$first", "$second"]
+    assert held == set(), "a stale release must not leave a lease behind, nor delete a new one"
+
+
+async def test_stop_returns_even_when_a_handler_ignores_its_cancellation(memory: Store) -> None:
+    async def stubborn(event: Event) -> None:
+        for _ in range(3):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3)
+
+    inbox = Inbox(memory, route_to(stubborn), appservice_id=APPSERVICE, settings=SETTINGS)
+    await inbox.start()
+    await accept(memory, "t1", [message("x", A)])
+    inbox.wake()
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await stop(inbox, grace=0.1)
+    # The handler would have held stop() for about 9 s: it was abandoned instead.
+    assert time.monotonic() - started < 8
+
+
+async def test_the_handler_time_metric_names_only_handled_types(memory: Store) -> None:
+    metrics = Metrics()
+
+    async def handler(event: Event) -> None:
+        pass
+
+    inbox = Inbox(
+        memory, route_to(handler), appservice_id=APPSERVICE, settings=SETTINGS, metrics=metrics,
+        event_types=lambda: {"m.room.message"},
+    )  # fmt: skip
+    await inbox.start()
+    try:
+        odd = [{**message(f"x{n}", A, n), "type": f"x.random.{n}"} for n in range(30)]
+        await accept(memory, "t1", [message("m", A, 100), *odd])
+        inbox.wake()
+        await drained(memory)
+    finally:
+        await stop(inbox)
+    body = metrics.render()[0].decode()
+    assert 'event_type="m.room.message"' in body
+    assert 'event_type="other"' in body
+    assert "x.random" not in body
+
+
+async def test_a_lone_surrogate_is_stored_and_handled_not_refused_forever(any_store: Store) -> None:
+    got: list[Any] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event.content["body"])
+
+    body = json.loads(
+        '{"events": [{"type": "m.room.message", "room_id": "!a:test.local", "event_id": "$s",'
+        ' "content": {"body": "half a pair: \\ud800"}},'
+        ' {"type": "m.room.message", "room_id": "!\\udfff:test.local", "event_id": "$r",'
+        ' "content": {}}]}'
+    )
+    processor = TransactionProcessor(any_store)
+    assert await processor.process("t1", body)
+    async with running(any_store, route_to(handler)) as inbox:
+        inbox.wake()
+        await drained(any_store)
+    assert got == ["half a pair: \ud800"]
+    [letter] = await any_store.dead_letters()
+    assert "room_id is not Unicode" in letter.error

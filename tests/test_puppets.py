@@ -629,13 +629,34 @@ def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta() -> None:
     assert "100%" in text
 
 
-def test_progress_in_a_log_prints_plain_lines_at_most_every_interval() -> None:
+def test_progress_in_a_log_writes_only_the_final_line() -> None:
     out = io.StringIO()
-    reporter = ProgressReporter(out, tty=False, interval=3600, total=1000)
-    reporter(_snapshot(100, None))
-    reporter(_snapshot(200, None))  # within the interval: not printed
+    reporter = ProgressReporter(out, tty=False, total=1000)
+    for done in range(0, 1001, 100):
+        reporter(_snapshot(done, None))
+    assert out.getvalue() == ""  # nothing while it runs
+    reporter.close()
     reporter.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
     assert "\r" not in out.getvalue()
-    assert lines[0].startswith("progress: 100/1,000 (10%)")
+    assert lines[0].startswith("progress: 1,000/1,000 (100%)")
+
+
+def test_progress_in_a_log_with_an_interval_prints_plain_lines_at_most_that_often() -> None:
+    out = io.StringIO()
+    reporter = ProgressReporter(out, tty=False, interval=3600, total=1000)
+    reporter(_snapshot(100, None))
+    reporter(_snapshot(200, None))  # within the interval: not printed now
+    reporter.close()  # but the final state is
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert [line.split(",")[0] for line in lines] == ["progress: 100/1", "progress: 200/1"]
+
+
+def test_a_disabled_reporter_writes_nothing() -> None:
+    out = io.StringIO()
+    reporter = ProgressReporter(out, tty=False, enabled=False)
+    reporter(_snapshot(100, 1000))
+    reporter.close()
+    assert out.getvalue() == ""

@@ -100,11 +100,16 @@ def test_valid_file_loads_without_findings() -> None:
     assert not synapse_refuses(data)
 
 
-def test_example_file_is_valid_and_synapse_accepts_it() -> None:
+def test_example_file_is_refused_only_for_its_public_tokens() -> None:
+    # Synapse would load it, and that is the danger: its tokens are on the internet.
     path = Path(__file__).parent.parent / "registration.yaml.example"
-    result = check_file(path)
-    assert result.ok, result.findings
-    assert result.findings == []
+    result = check_text(path.read_text(), str(path))  # text: the checkout's file mode aside
+    assert not result.ok
+    assert [(f.severity, f.field) for f in result.findings] == [
+        ("error", "as_token"),
+        ("error", "hs_token"),
+    ]
+    assert all("public example token" in f.message for f in result.findings)
     assert not synapse_refuses(yaml.safe_load(path.read_text()))
 
 
@@ -464,10 +469,11 @@ def test_write_creates_a_private_file_and_refuses_to_overwrite(tmp_path: Path) -
 def test_forced_write_replaces_and_tightens_the_mode(tmp_path: Path) -> None:
     path = tmp_path / "registration.yaml"
     path.write_text("old")
-    path.chmod(0o644)
+    path.chmod(0o666)
     registration = generate_registration("bk", "http://127.0.0.1:9000", DOMAIN, "_bk_")
     registration.write(path, force=True)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Others lose everything; the group keeps reading (a homeserver may read it so).
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert Registration.load(path) == registration
     assert [p.name for p in tmp_path.iterdir()] == ["registration.yaml"]
 
@@ -509,6 +515,11 @@ LINTS: dict[str, tuple[Mutation, str, str]] = {
         "namespaces.aliases[0].regex",
         "can never match",
     ),
+    "nested quantifier": (
+        put_user_entry(regex=r"^@_(a+)+:test\.local$", exclusive=True),
+        "namespaces.users[0].regex",
+        "catastrophic backtracking",
+    ),
     "uppercase puppet prefix": (
         put_user_entry(regex=r"^@Bridge_.*:test\.local$", exclusive=True),
         "namespaces.users[0].regex",
@@ -518,7 +529,7 @@ LINTS: dict[str, tuple[Mutation, str, str]] = {
     "short as_token": (put("as_token", "short"), "as_token", "only 5 characters"),
     "short hs_token": (put("hs_token", "x" * 31), "hs_token", "only 31 characters"),
     "sender outside the grammar": (
-        put("sender_localpart", "BridgeBot"),
+        put("sender_localpart", "bridge~bot"),
         "sender_localpart",
         "grammar",
     ),
@@ -568,6 +579,9 @@ def test_each_lint_warns_but_the_file_still_loads(case: str) -> None:
         r"^\@x.*:test\.local$",
         r"^_x|^@y.*:test\.local$",
         r"^@X?y.*:test\.local$",
+        r"^@_(irc|xmpp)_.*:test\.local$",
+        r"^@_bk_[a-z0-9]+(_[0-9]{1,4})?:test\.local$",
+        r"^@_bk_(?:ab)+:test\.local$",
     ],
 )
 def test_well_formed_user_regexes_get_no_regex_warning(regex: str) -> None:

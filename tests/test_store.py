@@ -14,7 +14,14 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import MemoryStore, PostgresStore, SQLiteStore, Store, open_store
+from bridge_kit.store import (
+    MemoryStore,
+    PostgresStore,
+    SQLiteStore,
+    Store,
+    open_store,
+    parse_store_url,
+)
 from bridge_kit.store.url import redact_store_url as redact_dsn
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -456,7 +463,19 @@ async def test_a_database_from_a_newer_version_is_refused(durable_url: str) -> N
             "postgresql://u@h/db?password=***&sslmode=disable",
         ),
         ("postgresql://h/db", "postgresql://h/db"),
+        # A SQLite path is no secret, and the path must survive whole (issue 13).
+        ("sqlite:////srv/bridge/x.db", "sqlite:////srv/bridge/x.db"),
+        ("sqlite:///bridge_kit.db", "sqlite:///bridge_kit.db"),
+        ("sqlite:///../data/with:colon@and#hash.db", "sqlite:///../data/with:colon@and#hash.db"),
+        ("SQLITE:////srv/x.db", "SQLITE:////srv/x.db"),
+        ("memory://", "memory://"),
     ],
 )
 def test_redact_dsn_hides_every_password(dsn: str, shown: str) -> None:
     assert redact_dsn(dsn) == shown
+
+
+def test_a_parsed_sqlite_url_shows_its_absolute_path(tmp_path: Path) -> None:
+    parsed = parse_store_url("sqlite:///sub/x.db", base_dir=tmp_path)
+    assert str(parsed) == f"sqlite:///{tmp_path}/sub/x.db"
+    assert str(parsed).startswith("sqlite:////")

@@ -159,7 +159,7 @@ def test_a_but_problem_is_joined_to_its_context() -> None:
         ("a: !secret x\n", 1, "could not determine a constructor for the tag '!secret'"),
         ("a: !!python/name:os.system x\n", 1, "could not determine a constructor"),
         ("? [a, b]\n: c\n", 1, "found unhashable key (while constructing a mapping)"),
-        ("a: 'open\n", 2, "found unexpected end of stream (while scanning a quoted scalar)"),
+        ("a: 'open\n", 2, "found unexpected end of file (while scanning a quoted scalar)"),
         ("a: 1\nb: 2024-13-45\n", 2, "'2024-13-45' is invalid: month must be in 1..12"),
     ],
 )

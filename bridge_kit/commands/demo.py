@@ -10,9 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
@@ -21,7 +22,7 @@ from bridge_kit.client import HomeserverClient
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.errors import BridgeKitError
 from bridge_kit.intent import Intent
-from bridge_kit.progress import ProgressReporter
+from bridge_kit.progress import ProgressReporter, Steps, format_summary
 from bridge_kit.registration import generate_registration
 from bridge_kit.runner import ExitCode
 from bridge_kit.types import Event
@@ -65,21 +66,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 class Demo:
-    """One demo run; every step prints what it did and how long it took."""
+    """One demo run; every step prints one line: what it did and how long it took."""
 
     def __init__(self, workdir: Path, puppets: int, *, progress: bool = True) -> None:
         self.workdir = workdir
         self.puppet_count = puppets
         self.progress = progress
         self.port = free_port()
+        self.steps = Steps(sys.stdout)
+        self.step = self.steps.step
         self._started = time.monotonic()
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        print(f"… {what}", flush=True)
-        began = time.monotonic()
-        yield
-        print(f"✓ {what} ({time.monotonic() - began:.2f} s)", flush=True)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -130,9 +126,9 @@ class Demo:
         app = AppService(config)
         app.on_event("m.room.member")(self._on_member)
         app.on_event("m.room.message")(self._on_message)
-        with self.step("start the appservice; whoami and the homeserver's ping succeed"):
+        with self.step("start the appservice; whoami and the homeserver's ping succeed") as notes:
             await app.start()
-            print(f"  serving http://127.0.0.1:{self.port} as {app.bot.user_id}")
+            notes.append(f"serving http://127.0.0.1:{self.port} as {app.bot.user_id}")
         self.app = app
         try:
             yield app
@@ -142,18 +138,31 @@ class Demo:
 
     async def _bulk_register(self, app: AppService) -> None:
         localparts = (f"_demo_puppet_{i:05d}" for i in range(self.puppet_count))
-        with self.step(f"bulk-register {self.puppet_count:,} puppets"):
-            reporter = ProgressReporter(total=self.puppet_count, enabled=self.progress)
+        what = f"bulk-register {self.puppet_count:,} puppets"
+        with self.step(what) as notes:
+            # On a terminal the bar is drawn on the step's own line, which the
+            # step rewrites when it ends; a pipe gets the summary only.
+            reporter = ProgressReporter(
+                sys.stdout,
+                total=self.puppet_count,
+                enabled=self.progress and self.steps.tty,
+                prefix=f"{Steps.running(what)}  ",
+            )
             result = await app.puppets.register_many(localparts, progress=reporter)
-            reporter.finish(result)
+            reporter.close(end_line=False)
+            notes.extend(format_summary(result).splitlines())
         if not result.ok:
             raise BridgeKitError(f"bulk registration failed: {result.summary()}")
-        with self.step("run it again: every puppet is known to the store, no request sent"):
+        with self.step(
+            "run it again: every puppet is known to the store, no request sent"
+        ) as notes:
             sent = app.client.request_count
             again = await app.puppets.register_many(
                 f"_demo_puppet_{i:05d}" for i in range(self.puppet_count)
             )
-            print(f"  {again.skipped_known:,} skipped, {app.client.request_count - sent} requests")
+            notes.append(
+                f"{again.skipped_known:,} skipped, {app.client.request_count - sent} requests"
+            )
 
     async def _conversation(self, synapse: SynapseServer, app: AppService) -> None:
         with self.step("create the real user @alice (admin shared secret)"):
@@ -168,12 +177,13 @@ class Demo:
                 await asyncio.wait_for(asyncio.shield(self.invited), REPLY_TIMEOUT)
             with self.step(
                 "alice says hello; the handler gets it in a transaction; the puppet answers"
-            ):
+            ) as notes:
                 await alice.send_text(room_id, "hello, bridge")
                 event = await asyncio.wait_for(asyncio.shield(self.received), REPLY_TIMEOUT)
                 reply_id = await asyncio.wait_for(asyncio.shield(self.replied), REPLY_TIMEOUT)
-            print(f"  received {event.event_id} from {event.sender}: {event.content.get('body')!r}")
-            print(f"  {echo_id} answered with {reply_id}")
+                body = event.content.get("body")
+                notes.append(f"received {event.event_id} from {event.sender}: {body!r}")
+                notes.append(f"{echo_id} answered with {reply_id}")
 
     async def _on_member(self, event: Event) -> None:
         if event.state_key == f"@{ECHO_PUPPET}:{SERVER_NAME}" and (

@@ -16,12 +16,13 @@ from bridge_kit._yaml import KeyPath, path_name
 
 __all__ = ["Finding", "Report", "Severity", "SourceMap", "sorted_findings"]
 
-Severity: TypeAlias = Literal["error", "warning"]
+Severity: TypeAlias = Literal["error", "warning", "note"]
 
 
 @attrs.frozen
 class Finding:
-    """One problem in a registration: an ``"error"`` (refused) or a ``"warning"`` (lint).
+    """One finding about a registration: an ``"error"`` (refused), a ``"warning"`` (lint),
+    or a ``"note"`` (legal and deliberate in some set-ups, but with a consequence worth knowing).
 
     ``field`` is the dotted key path (``namespaces.users[0].regex``) and
     ``line`` the 1-based YAML line, each ``None`` when unknown.
@@ -74,6 +75,9 @@ class Report:
 
     def warn(self, path: KeyPath, message: str) -> None:
         self._add("warning", path, message)
+
+    def note(self, path: KeyPath, message: str) -> None:
+        self._add("note", path, message)
 
     def _add(self, severity: Severity, path: KeyPath, message: str) -> None:
         line = self.source_map.line_of(path)

@@ -1,7 +1,12 @@
-"""Lints: warnings about registrations that load but are probably not what was meant.
+"""Lints: findings about registrations that Synapse loads but that are probably not what was meant.
+
+Mostly warnings. Two kinds of finding are errors although Synapse accepts
+them: public or placeholder tokens (whoever reads them is the bridge, or its
+homeserver). Notes are for what is legal and usual, but worth knowing
+(an uppercase ``sender_localpart``).
 
 :func:`lint` is the full check of a :class:`~bridge_kit.registration.Registration`:
-the validation errors (for one built invalid in code) and every warning,
+the validation errors (for one built invalid in code) and every lint finding,
 placed at their YAML lines when given the loader's :class:`SourceMap`.
 """
 
@@ -15,15 +20,34 @@ from urllib.parse import urlsplit
 from bridge_kit._yaml import KeyPath
 from bridge_kit.ids import localpart_problem
 from bridge_kit.registration.findings import Finding, Report, SourceMap, sorted_findings
+from bridge_kit.registration.regex import nested_quantifier
 from bridge_kit.registration.validate import NAMESPACE_KINDS, validate
 
 if TYPE_CHECKING:
     # Only for annotations: the model imports this module to implement Registration.lint.
     from bridge_kit.registration.model import Registration
 
-__all__ = ["MIN_TOKEN_LENGTH", "is_http_url", "lint"]
+__all__ = ["EXAMPLE_TOKENS", "MIN_TOKEN_LENGTH", "is_http_url", "lint", "token_placeholder"]
 
 MIN_TOKEN_LENGTH = 32
+
+EXAMPLE_TOKENS = {
+    "as_token": "REPLACE_ME_as_token_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
+    "hs_token": "REPLACE_ME_hs_token_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
+}
+"""The tokens of ``registration.yaml.example``: public, so never acceptable (a test keeps them
+equal to the file's). The file is not installed with the package, hence the copy."""
+
+# Words people leave in a token they meant to replace, without case or separators. All
+# are 8+ letters: the chance that a random 64-character token contains one is negligible.
+_PLACEHOLDERS = {
+    "replaceme": "REPLACE_ME",
+    "changeme": "CHANGE_ME",
+    "changethis": "CHANGE_THIS",
+    "placeholder": "placeholder",
+    "yourtoken": "YOUR_TOKEN",
+    "tokenhere": "TOKEN_HERE",
+}
 
 _UNESCAPED_SERVER_DOT = re.compile(r"(?<=[A-Za-z0-9-])(?<!\\)\.(?=[A-Za-z0-9])")
 _LITERAL_SERVER = re.compile(r"(?:[A-Za-z0-9-]|\\[.-])+(?:\\?:[0-9]+)?")
@@ -94,6 +118,14 @@ def _lint_regex(report: Report, path: KeyPath, regex: str, kind: str, sigil: str
             f"the start of the ID; write e.g. '^{sigil}_prefix_.*:example\\.org$'",
         )
         return
+    if nested_quantifier(regex):
+        report.warn(
+            path,
+            "has a nested quantifier (a repeated group that contains a repeat, like (a+)+): "
+            "matching an ID that almost fits can take exponential time (catastrophic "
+            "backtracking), and the homeserver and the bridge match IDs against it on every "
+            f"event; repeat once, e.g. '^{sigil}_prefix_.*:example\\.org$'",
+        )
     if kind == "rooms":
         return
     if not regex.endswith("$") or regex.endswith("\\$"):
@@ -118,7 +150,31 @@ def _lint_regex(report: Report, path: KeyPath, regex: str, kind: str, sigil: str
             )
 
 
+def token_placeholder(key: str, token: str) -> str | None:
+    """Why ``token`` (the value of ``key``) is public or a placeholder, or ``None``."""
+    for example in EXAMPLE_TOKENS.values():
+        if hmac.compare_digest(token.encode(), example.encode()):
+            return (
+                "is the public example token of registration.yaml.example: anyone can "
+                "read it and impersonate "
+                + ("the appservice" if key == "as_token" else "the homeserver")
+                + "; generate fresh tokens (bridge-kit generate-registration)"
+            )
+    squashed = re.sub(r"[^a-z]", "", token.lower())
+    for word, shown in _PLACEHOLDERS.items():
+        if word in squashed:
+            return (
+                f"contains the placeholder {shown!r}: replace it with a long random token "
+                "(bridge-kit generate-registration makes them)"
+            )
+    return None
+
+
 def _lint_tokens(report: Report, reg: Registration) -> None:
+    for key in ("as_token", "hs_token"):
+        problem = token_placeholder(key, getattr(reg, key))
+        if problem:
+            report.error((key,), problem)
     if hmac.compare_digest(reg.as_token.encode(), reg.hs_token.encode()):
         report.warn(
             ("hs_token",),
@@ -135,10 +191,21 @@ def _lint_tokens(report: Report, reg: Registration) -> None:
 
 
 def _lint_sender(report: Report, reg: Registration, domain: str | None) -> None:
+    known = [domain] if domain else _guess_domains(reg)
+    domains = known or ["example.org"]
     problem = localpart_problem(reg.sender_localpart)
-    if problem:
+    if problem and localpart_problem(reg.sender_localpart.lower()) is None:
+        # Every mautrix-generated registration has one: legal for a bot that exists.
+        server = known[0] if known else "<server>"
+        report.note(
+            ("sender_localpart",),
+            f"has uppercase letters, so the bot's user ID (@{reg.sender_localpart}:"
+            f"{server}) has them too: the spec allows that for users that already "
+            "exist, not for new ones; fine for an existing bridge, but a new registration "
+            "should use lowercase",
+        )
+    elif problem:
         report.warn(("sender_localpart",), f"is outside the user-ID grammar: it {problem}")
-    domains = [domain] if domain else _guess_domains(reg) or ["example.org"]
     for server in domains:
         sender = f"@{reg.sender_localpart}:{server}"
         for namespace in reg.namespaces.users:

@@ -24,9 +24,9 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from bridge_kit.errors import NotInNamespace, RegistrationError
 from bridge_kit.ids import validate_localpart
 from bridge_kit.registration import files
-from bridge_kit.registration.findings import Finding, sorted_findings
+from bridge_kit.registration.findings import Finding, SourceMap, sorted_findings
 from bridge_kit.registration.lint import lint
-from bridge_kit.registration.validate import parse, validate
+from bridge_kit.registration.validate import parse, salvage, validate
 from bridge_kit.types.converter import converter, describe_error
 
 __all__ = [
@@ -123,7 +123,7 @@ class Registration:
     def loads(cls, text: str, source: str | None = None) -> Registration:
         """Parse and validate registration YAML; ``source`` names it in messages."""
         result = check_text(text, source)
-        if result.registration is None:
+        if result.registration is None or result.errors:
             raise RegistrationError([str(f) for f in result.errors], source)
         return result.registration
 
@@ -223,8 +223,13 @@ class CheckResult:
 
     @property
     def warnings(self) -> list[Finding]:
-        """The findings that still let the file load."""
+        """The findings that still let the file load, but are probably a mistake."""
         return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def notes(self) -> list[Finding]:
+        """The findings about what is legal, and usual, but has a consequence worth knowing."""
+        return [f for f in self.findings if f.severity == "note"]
 
     @property
     def ok(self) -> bool:
@@ -239,7 +244,11 @@ def check_file(path: str | os.PathLike[str]) -> CheckResult:
     cannot be read at all (missing, a directory, not UTF-8, too large).
     """
     source = os.fspath(path)
-    return check_text(files.read_text(source), source)
+    result = check_text(files.read_text(source), source)
+    exposure = files.permission_problem(source)
+    if exposure is not None:
+        result.findings.append(Finding("warning", None, None, exposure))
+    return result
 
 
 def check_text(text: str, source: str | None = None) -> CheckResult:
@@ -249,7 +258,8 @@ def check_text(text: str, source: str | None = None) -> CheckResult:
         return CheckResult(source, [parsed], None)
     errors = validate(parsed.data, parsed.source_map)
     if errors:
-        return CheckResult(source, sorted_findings(errors + parsed.warnings), None)
+        others = _lint_despite_errors(parsed.data, errors, parsed.source_map)
+        return CheckResult(source, sorted_findings(errors + others + parsed.warnings), None)
     try:
         registration = converter.structure(parsed.data, Registration)
     except Exception as exc:  # validation above should make this unreachable
@@ -259,6 +269,33 @@ def check_text(text: str, source: str | None = None) -> CheckResult:
         return CheckResult(source, [problem], None)
     findings = lint(registration, source_map=parsed.source_map) + parsed.warnings
     return CheckResult(source, sorted_findings(findings), registration)
+
+
+def _lint_despite_errors(
+    data: Mapping[Any, Any], errors: list[Finding], source_map: SourceMap
+) -> list[Finding]:
+    """The lint findings about the valid parts of a registration that has ``errors``.
+
+    An operator fixing the errors should not meet a second round of findings
+    afterwards. The invalid values are replaced by stand-ins, and whatever is
+    found at the key of an error is dropped (it is about a stand-in, or repeats it).
+    """
+    try:
+        stand_in = converter.structure(salvage(data), Registration)
+    except Exception:  # salvage makes the data valid; if not, lint nothing rather than fail
+        return []
+    failed = [f.field for f in errors if f.field]
+    return [
+        finding
+        for finding in lint(stand_in, source_map=source_map)
+        if not (finding.field and any(_same_key(finding.field, bad) for bad in failed))
+    ]
+
+
+def _same_key(a: str, b: str) -> bool:
+    """Is one of the dotted key names ``a``, ``b`` the other, or inside it?"""
+    short, long = sorted((a, b), key=len)
+    return long == short or long.startswith((f"{short}.", f"{short}["))
 
 
 def _in_namespaces(namespaces: list[Namespace], identifier: str, exclusive_only: bool) -> bool:

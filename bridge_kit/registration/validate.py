@@ -18,7 +18,7 @@ from bridge_kit._yaml import Duplicate, KeyPath, YamlError, describe, path_name
 from bridge_kit._yaml import load as load_yaml
 from bridge_kit.registration.findings import Finding, Report, SourceMap
 
-__all__ = ["NAMESPACE_KINDS", "ParsedText", "parse", "validate"]
+__all__ = ["NAMESPACE_KINDS", "ParsedText", "parse", "salvage", "validate"]
 
 NAMESPACE_KINDS = {"users": "@", "aliases": "#", "rooms": "!"}
 """The namespace kinds Synapse knows, each with the sigil its IDs start with."""
@@ -74,6 +74,67 @@ def validate(data: Mapping[Any, Any], source_map: SourceMap | None = None) -> li
     _check_proxy(report, data)
     _check_ip_ranges(report, data)
     return report.findings
+
+
+def salvage(data: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``data`` with every invalid value replaced by a valid stand-in, or left out if optional.
+
+    So that a file with errors can still be linted: the lints then report on
+    the valid parts, and whatever they say about a stand-in is dropped (it is
+    at the same key as the error that replaced it).
+    """
+    fixed = dict(data)
+    for key, meaning in _REQUIRED_STRINGS.items():
+        if _refused(_check_required_string, data, key, meaning):
+            fixed[key] = f"invalid-{key.replace('_', '-')}"  # each distinct, each valid
+    if _refused(_check_url, data):
+        fixed["url"] = None
+    for key in (*_OPTIONAL_BOOLS, *_STRICT_BOOLS):
+        if key in data and not isinstance(data[key], bool):
+            del fixed[key]
+    if _refused(_check_string_list, data, "protocols", allow_null=True):
+        del fixed["protocols"]
+    namespaces = data.get("namespaces")
+    fixed["namespaces"] = (
+        {
+            kind: _salvage_entries(value) if kind in NAMESPACE_KINDS else value
+            for kind, value in namespaces.items()
+        }
+        if isinstance(namespaces, dict)
+        else {}
+    )
+    return fixed
+
+
+_NEVER_MATCHES = "(?!)"  # a stand-in regex that matches no ID, so it changes no other check
+
+
+def _salvage_entries(entries: Any) -> Any:
+    if not isinstance(entries, list):
+        return []
+    salvaged = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            salvaged.append({"regex": _NEVER_MATCHES, "exclusive": False})
+            continue
+        problems = Report(SourceMap())
+        _check_namespace_entry(problems, (), entry)
+        fields = {finding.field for finding in problems.findings}
+        salvaged.append(
+            {
+                **entry,
+                "regex": _NEVER_MATCHES if "regex" in fields else entry["regex"],
+                "exclusive": False if "exclusive" in fields else entry["exclusive"],
+            }
+        )
+    return salvaged
+
+
+def _refused(check: Any, data: Mapping[Any, Any], *args: Any, **kwargs: Any) -> bool:
+    """Does ``check`` (one of the ``_check_*`` functions) find an error in ``data``?"""
+    scratch = Report(SourceMap())
+    check(scratch, data, *args, **kwargs)
+    return bool(scratch.findings)
 
 
 def _check_required_string(report: Report, data: Mapping[Any, Any], key: str, meaning: str) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "ItemKind",
     "NewDeadLetter",
     "NewInboxItem",
+    "storable",
 ]
 
 
@@ -99,3 +100,13 @@ class InboxStats:
     depth: int
     oldest_received_at: float | None
     dead_letters: int
+
+
+def storable(text: str) -> str:
+    """``text`` as every store can hold it: a lone surrogate (which UTF-8 cannot
+    encode, as in a file name decoded with ``os.fsdecode``) becomes ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

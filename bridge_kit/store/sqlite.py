@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -37,6 +38,11 @@ from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 
 _T = TypeVar("_T")
 
+log = logging.getLogger(__name__)
+
+#: Commits on the event loop's connection between two checkpoints on the thread.
+_CHECKPOINT_EVERY = 100
+
 _V1 = (
     # WITHOUT ROWID: the table *is* the primary-key b-tree, so a lookup is one descent
     # and millions of puppets cost no more memory than the page cache.
@@ -65,7 +71,11 @@ class SQLiteStore(Store):
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
-        self._daemon_lock: int | None = None  # the lock file's descriptor, see lock_for_daemon
+        self._daemon_lock: int | None = None
+        self._loop_commits = 0
+        self._checkpoint_task: asyncio.Task[None] | None = (
+            None  # the lock file's descriptor, see lock_for_daemon
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -93,6 +103,8 @@ class SQLiteStore(Store):
             raise
 
     async def close(self) -> None:
+        if self._checkpoint_task is not None:
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         daemon_lock, self._daemon_lock = self._daemon_lock, None
         if daemon_lock is not None:
             os.close(daemon_lock)  # which releases the flock
@@ -289,6 +301,7 @@ class SQLiteStore(Store):
         try:
             with self._errors():
                 records.execute(_INSERT_TRANSACTION, parameters)
+            self._after_loop_commit()
             return
         except StoreError as error:
             if getattr(error.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
@@ -381,7 +394,26 @@ class SQLiteStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 records.execute("ROLLBACK")
             raise
+        self._after_loop_commit()
         return True
+
+    def _after_loop_commit(self) -> None:
+        """Every so many commits on the loop's connection, checkpoint on the thread."""
+        self._loop_commits += 1
+        if self._loop_commits < _CHECKPOINT_EVERY:
+            return
+        if self._checkpoint_task is None or self._checkpoint_task.done():
+            self._loop_commits = 0
+            self._checkpoint_task = asyncio.create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        # PASSIVE: copies what it can without waiting for readers or blocking writers.
+        try:
+            with self._errors():
+                async with self._lock:
+                    await self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except StoreError as error:
+            log.warning("SQLite checkpoint failed; will try again later: %s", error)
 
     async def claim_lanes(
         self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
@@ -466,6 +498,9 @@ def _connect_records(path: Path) -> sqlite3.Connection:
     records = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
         records.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoints write pages back and fsync: not on the event loop. The store
+        # runs them on aiosqlite's thread instead (see _accept_now).
+        records.execute("PRAGMA wal_autocheckpoint=0")
     except BaseException:
         records.close()
         raise

@@ -3,6 +3,8 @@
 from bridge_kit.types.converter import converter, describe_error, structure, unstructure
 from bridge_kit.types.errors import MatrixErrorBody
 from bridge_kit.types.events import DeviceLists, Event, Transaction
+from bridge_kit.types.media import MediaConfig, MediaInfo, MediaMessage
+from bridge_kit.types.messages import Presence, RelatesTo
 from bridge_kit.types.register import (
     AuthData,
     LoginType,
@@ -19,6 +21,7 @@ from bridge_kit.types.room import (
     StateEventInput,
     TextMessage,
 )
+from bridge_kit.types.state import Member, PowerLevels, ResolvedAlias
 
 __all__ = [
     "AuthData",
@@ -28,10 +31,18 @@ __all__ = [
     "Event",
     "LoginType",
     "MatrixErrorBody",
+    "MediaConfig",
+    "MediaInfo",
+    "MediaMessage",
+    "Member",
     "MessageType",
+    "PowerLevels",
+    "Presence",
     "RegisterRequest",
     "RegisterResponse",
     "RegistrationKind",
+    "RelatesTo",
+    "ResolvedAlias",
     "RoomPreset",
     "RoomVisibility",
     "StateEventInput",

@@ -1,0 +1,541 @@
+"""Act as one puppet (or the appservice's bot) on the homeserver.
+
+An :class:`Intent` sends client-server requests with the appservice's
+``as_token`` and ``?user_id=`` identity assertion. Before its first request
+it makes sure its puppet is registered, once::
+
+    puppet = Intent(client, "@_bridge_alice:example.org", ensure_registered=register_alice)
+    await puppet.set_displayname("Alice")
+    room_id = await puppet.join_room("#lobby:example.org")
+    event_id = await puppet.send_text(room_id, "hello")
+    await puppet.edit_message(room_id, event_id, "hello, world")
+
+The calls are grouped by topic in helper modules (:mod:`.messages`,
+:mod:`.rooms`, :mod:`.media`); :class:`Intent`'s methods delegate to them.
+What may be sent again after a lost reply follows one rule: reads, PUTs that
+set a value or carry a transaction ID, and changes a repeat finds already made
+are resent; ``createRoom`` is not, and neither is an upload from an iterable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+
+from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
+from bridge_kit.delivery import next_txn_id
+from bridge_kit.intent import media, messages, rooms
+from bridge_kit.intent._actor import content_json as _content_json
+from bridge_kit.intent.media import MediaSource
+from bridge_kit.types.events import Event
+from bridge_kit.types.media import MediaConfig, MediaInfo
+from bridge_kit.types.messages import Presence
+from bridge_kit.types.room import (
+    AvatarUrlUpdate,
+    CreateRoomRequest,
+    CreateRoomResponse,
+    DisplaynameUpdate,
+    InviteRequest,
+    JoinRoomResponse,
+    MembershipRequest,
+    MessageType,
+    RoomVisibility,
+    SendEventResponse,
+)
+from bridge_kit.types.state import (
+    Member,
+    PowerLevels,
+    ResolvedAlias,
+    RoomAvatar,
+    RoomName,
+    RoomTopic,
+)
+
+__all__ = ["Intent", "MediaSource"]
+
+T = TypeVar("T")
+
+_CLIENT = "/_matrix/client/v3"
+
+
+class Intent:
+    """One Matrix user the appservice acts as, through identity assertion.
+
+    ``ensure_registered`` is awaited before the first request (and again after
+    a failed attempt, never after a successful one); pass ``None`` for the
+    appservice's sender, which needs no registration. Every method raises the
+    :class:`~bridge_kit.errors.MatrixRequestError` subclass the homeserver's
+    reply maps to, e.g. :class:`~bridge_kit.errors.Forbidden`.
+    """
+
+    def __init__(
+        self,
+        client: HomeserverClient,
+        user_id: str,
+        ensure_registered: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self.client = client
+        self.user_id = user_id
+        self._register = ensure_registered
+        self._registered = ensure_registered is None
+        self._register_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Intent {self.user_id}>"
+
+    @property
+    def is_registered(self) -> bool:
+        """True once :meth:`ensure_registered` has succeeded (always, for the sender)."""
+        return self._registered
+
+    async def ensure_registered(self) -> None:
+        """Register the puppet unless this intent already did; concurrent callers share one try."""
+        if self._registered:
+            return
+        async with self._register_lock:
+            if self._registered or self._register is None:
+                return
+            await self._register()
+            self._registered = True
+
+    async def set_displayname(self, name: str | None) -> None:
+        """Set (or with ``None`` remove) the user's display name."""
+        await self._request(
+            "PUT",
+            f"{_CLIENT}/profile/{quote_segment(self.user_id)}/displayname",
+            "/profile/{userId}/displayname",
+            body=DisplaynameUpdate(name),
+        )
+
+    async def set_avatar_url(self, mxc: str) -> None:
+        """Set the user's avatar to an ``mxc://`` URI."""
+        await self._request(
+            "PUT",
+            f"{_CLIENT}/profile/{quote_segment(self.user_id)}/avatar_url",
+            "/profile/{userId}/avatar_url",
+            body=AvatarUrlUpdate(mxc),
+        )
+
+    async def join_room(
+        self, room_id_or_alias: str, *, via: Sequence[str] = (), reason: str | None = None
+    ) -> str:
+        """Join a room by ID or alias and return its room ID.
+
+        ``via`` names servers to join through, for a room this homeserver is not in.
+        """
+        query: dict[str, Any] = {}
+        if via:
+            # ``server_name`` is the pre-v1.12 name of ``via``; older homeservers know only it.
+            query = {"via": list(via), "server_name": list(via)}
+        reply = await self._request(
+            "POST",
+            f"{_CLIENT}/join/{quote_segment(room_id_or_alias)}",
+            "/join/{roomIdOrAlias}",
+            body=MembershipRequest(reason),
+            query=query,
+        )
+        return structure_reply(reply, JoinRoomResponse, "join").room_id
+
+    async def leave_room(self, room_id: str, reason: str | None = None) -> None:
+        """Leave a room (or reject an invite to it)."""
+        await self._request(
+            "POST",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/leave",
+            "/rooms/{roomId}/leave",
+            body=MembershipRequest(reason),
+        )
+
+    async def invite(self, room_id: str, user_id: str, reason: str | None = None) -> None:
+        """Invite ``user_id`` to a room."""
+        await self._request(
+            "POST",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/invite",
+            "/rooms/{roomId}/invite",
+            body=InviteRequest(user_id, reason),
+        )
+
+    async def create_room(self, request: CreateRoomRequest | None = None, **fields: Any) -> str:
+        """Create a room and return its ID.
+
+        Pass a :class:`~bridge_kit.types.room.CreateRoomRequest`, its fields as
+        keywords (``create_room(name="Lobby", invite=[bob])``), or both: the
+        keywords then replace the request's fields.
+
+        Unlike the other methods, this one is not sent again after a timeout, a
+        broken connection or a 502/503/504, which may come after the room was
+        made: it raises instead (:class:`~bridge_kit.errors.HomeserverUnreachable`
+        or the :class:`~bridge_kit.errors.MatrixRequestError`), so that a retry
+        cannot create a second room.
+        """
+        if request is None:
+            request = CreateRoomRequest(**fields)
+        elif fields:
+            request = attrs.evolve(request, **fields)
+        reply = await self._request(
+            "POST", f"{_CLIENT}/createRoom", "/createRoom", body=request, resend=False
+        )
+        return structure_reply(reply, CreateRoomResponse, "createRoom").room_id
+
+    async def send_event(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any] | Any,
+        *,
+        txn_id: str | None = None,
+        timestamp: int | None = None,
+    ) -> str:
+        """Send a message event and return its event ID.
+
+        ``content`` is a mapping or an attrs model (e.g. :class:`TextMessage`).
+        Sending again with the same ``txn_id`` is deduplicated by the homeserver.
+        By default it is derived from the inbox event being handled, so a handler
+        that runs again posts nothing twice (see :mod:`bridge_kit.delivery`);
+        outside a handler it is random. ``timestamp`` (ms since the epoch) sets
+        ``origin_server_ts``, for bridging history.
+        """
+        txn_id = txn_id or next_txn_id(self.user_id, room_id, event_type)
+        reply = await self._request(
+            "PUT",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/send/"
+            f"{quote_segment(event_type)}/{quote_segment(txn_id)}",
+            "/rooms/{roomId}/send/{eventType}/{txnId}",
+            body=_content_json(content),
+            query=_timestamp_query(timestamp),
+        )
+        return structure_reply(reply, SendEventResponse, "send").event_id
+
+    async def send_state(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any] | Any,
+        state_key: str = "",
+        *,
+        timestamp: int | None = None,
+    ) -> str:
+        """Set a piece of room state and return the state event's ID."""
+        reply = await self._request(
+            "PUT",
+            f"{_CLIENT}/rooms/{quote_segment(room_id)}/state/"
+            f"{quote_segment(event_type)}/{quote_segment(state_key)}",
+            "/rooms/{roomId}/state/{eventType}/{stateKey}",
+            body=_content_json(content),
+            query=_timestamp_query(timestamp),
+        )
+        return structure_reply(reply, SendEventResponse, "state").event_id
+
+    # -- messaging ----------------------------------------------------------------
+
+    async def send_text(
+        self,
+        room_id: str,
+        text: str,
+        *,
+        html: str | None = None,
+        reply_to: str | None = None,
+        timestamp: int | None = None,
+    ) -> str:
+        """Send an ``m.text`` message and return its event ID.
+
+        ``html`` adds an HTML ``formatted_body`` (``text`` is its plain fallback);
+        ``reply_to`` (an event ID) makes it a reply (``m.in_reply_to``).
+        """
+        return await messages.send_message(
+            self, room_id, text, MessageType.TEXT, html=html, reply_to=reply_to, timestamp=timestamp
+        )
+
+    async def send_notice(
+        self,
+        room_id: str,
+        text: str,
+        *,
+        html: str | None = None,
+        reply_to: str | None = None,
+        timestamp: int | None = None,
+    ) -> str:
+        """Send an ``m.notice`` (a message from a bot: clients never answer it automatically)."""
+        return await messages.send_message(
+            self,
+            room_id,
+            text,
+            MessageType.NOTICE,
+            html=html,
+            reply_to=reply_to,
+            timestamp=timestamp,
+        )
+
+    async def send_emote(
+        self,
+        room_id: str,
+        text: str,
+        *,
+        html: str | None = None,
+        reply_to: str | None = None,
+        timestamp: int | None = None,
+    ) -> str:
+        """Send an ``m.emote`` (``/me waves``: ``text`` is ``"waves"``)."""
+        return await messages.send_message(
+            self,
+            room_id,
+            text,
+            MessageType.EMOTE,
+            html=html,
+            reply_to=reply_to,
+            timestamp=timestamp,
+        )
+
+    async def send_reaction(self, room_id: str, event_id: str, key: str) -> str:
+        """React to ``event_id`` with ``key`` (an emoji, usually): an ``m.annotation``."""
+        return await messages.send_reaction(self, room_id, event_id, key)
+
+    async def edit_message(
+        self,
+        room_id: str,
+        event_id: str,
+        new_text: str,
+        html: str | None = None,
+        *,
+        msgtype: MessageType = MessageType.TEXT,
+    ) -> str:
+        """Replace the text of ``event_id`` (an ``m.replace``) and return the edit's event ID.
+
+        The new text travels in ``m.new_content``; the event's own ``body`` is the
+        fallback for clients without edits: the new text prefixed with ``* ``.
+        """
+        return await messages.edit_message(self, room_id, event_id, new_text, html, msgtype)
+
+    async def redact(
+        self, room_id: str, event_id: str, reason: str | None = None, *, txn_id: str | None = None
+    ) -> str:
+        """Redact (delete) ``event_id`` and return the redaction's event ID.
+
+        Like :meth:`send_event`, the transaction ID is derived from the inbox
+        event being handled unless given, so a repeat redacts once.
+        """
+        return await messages.redact(self, room_id, event_id, reason, txn_id)
+
+    async def send_image(
+        self,
+        room_id: str,
+        mxc: str,
+        info: MediaInfo | Mapping[str, Any] | None = None,
+        *,
+        body: str | None = None,
+        filename: str | None = None,
+    ) -> str:
+        """Send an uploaded image (``m.image``); ``info`` has ``mimetype``, ``size``, ``w``, ``h``.
+
+        ``body`` is a caption (default: ``filename``, else ``"image"``).
+        """
+        return await media.send_media(self, room_id, "m.image", mxc, info, body, filename)
+
+    async def send_file(
+        self,
+        room_id: str,
+        mxc: str,
+        info: MediaInfo | Mapping[str, Any] | None = None,
+        *,
+        body: str | None = None,
+        filename: str | None = None,
+    ) -> str:
+        """Send an uploaded file (``m.file``); ``info`` has ``mimetype`` and ``size``.
+
+        ``body`` is a caption (default: ``filename``, else ``"file"``).
+        """
+        return await media.send_media(self, room_id, "m.file", mxc, info, body, filename)
+
+    # -- ephemeral ----------------------------------------------------------------
+
+    async def set_typing(self, room_id: str, timeout_ms: int | bool) -> None:
+        """Show the user as typing for ``timeout_ms`` ms (``True``: 30 s); ``False`` or 0 stops."""
+        await messages.set_typing(self, room_id, timeout_ms)
+
+    async def mark_read(self, room_id: str, event_id: str, private: bool = False) -> None:
+        """Move the read receipt (``m.read``, or ``m.read.private``) and ``m.fully_read``
+        to ``event_id``."""
+        await messages.mark_read(self, room_id, event_id, private)
+
+    async def set_presence(self, presence: Presence | str, status_msg: str | None = None) -> None:
+        """Set the user's presence (``online``, ``unavailable``, ``offline``) and status."""
+        await messages.set_presence(self, presence, status_msg)
+
+    # -- membership ---------------------------------------------------------------
+
+    async def kick(self, room_id: str, user_id: str, reason: str | None = None) -> None:
+        """Kick ``user_id`` out of a room (they may join again)."""
+        await rooms.change_membership(self, "kick", room_id, user_id, reason)
+
+    async def ban(self, room_id: str, user_id: str, reason: str | None = None) -> None:
+        """Ban ``user_id`` from a room (kicking them if they are in it)."""
+        await rooms.change_membership(self, "ban", room_id, user_id, reason)
+
+    async def unban(self, room_id: str, user_id: str, reason: str | None = None) -> None:
+        """Lift the ban on ``user_id`` (they are then out of the room, free to join)."""
+        await rooms.change_membership(self, "unban", room_id, user_id, reason)
+
+    async def get_joined_members(self, room_id: str) -> dict[str, Member]:
+        """The joined members of a room, by user ID, with display name and avatar."""
+        return await rooms.get_joined_members(self, room_id)
+
+    async def get_members(self, room_id: str, membership: str | None = None) -> dict[str, Member]:
+        """Every member of a room by user ID, or those with ``membership`` (``"invite"``...).
+
+        Each :class:`~bridge_kit.types.state.Member` carries its ``membership``.
+        """
+        return await rooms.get_members(self, room_id, membership)
+
+    # -- state --------------------------------------------------------------------
+
+    async def get_state_event(
+        self, room_id: str, event_type: str, state_key: str = ""
+    ) -> dict[str, Any]:
+        """The content of one state event; :class:`~bridge_kit.errors.NotFound` when absent."""
+        return await rooms.get_state_event(self, room_id, event_type, state_key)
+
+    async def get_state(self, room_id: str) -> list[Event]:
+        """Every current state event of a room."""
+        return await rooms.get_state(self, room_id)
+
+    async def get_power_levels(self, room_id: str) -> PowerLevels:
+        """The room's ``m.room.power_levels``, with the spec's defaults for absent keys."""
+        return await rooms.get_power_levels(self, room_id)
+
+    async def set_power_level(self, room_id: str, user_id: str, level: int) -> str:
+        """Set one user's power level (read, change, write back ``m.room.power_levels``).
+
+        Returns the new power-levels event's ID. Two concurrent writers can lose
+        one another's change: serialise them per room.
+        """
+        return await rooms.set_power_level(self, room_id, user_id, level)
+
+    async def set_room_name(self, room_id: str, name: str) -> str:
+        """Set ``m.room.name``; returns the state event's ID."""
+        return await self.send_state(room_id, "m.room.name", RoomName(name))
+
+    async def set_room_topic(self, room_id: str, topic: str) -> str:
+        """Set ``m.room.topic``; returns the state event's ID."""
+        return await self.send_state(room_id, "m.room.topic", RoomTopic(topic))
+
+    async def set_room_avatar(
+        self, room_id: str, mxc: str, info: Mapping[str, Any] | None = None
+    ) -> str:
+        """Set ``m.room.avatar`` to an ``mxc://`` URI; returns the state event's ID."""
+        media.parse_mxc(mxc)
+        avatar = RoomAvatar(mxc, None if info is None else dict(info))
+        return await self.send_state(room_id, "m.room.avatar", avatar)
+
+    # -- aliases and the room directory -------------------------------------------
+
+    async def create_alias(self, alias: str, room_id: str) -> None:
+        """Point ``#alias:server`` at a room.
+
+        Done already (the alias points at this room) counts as success, so a
+        repeat is harmless; an alias taken by another room raises the 409
+        :class:`~bridge_kit.errors.MatrixRequestError`.
+        """
+        await rooms.create_alias(self, alias, room_id)
+
+    async def delete_alias(self, alias: str) -> None:
+        """Remove an alias; :class:`~bridge_kit.errors.NotFound` if it does not exist."""
+        await rooms.delete_alias(self, alias)
+
+    async def resolve_alias(self, alias: str) -> ResolvedAlias:
+        """The room an alias points at, and servers to join it through."""
+        return await rooms.resolve_alias(self, alias)
+
+    async def set_room_directory_visibility(
+        self, room_id: str, visibility: RoomVisibility | str
+    ) -> None:
+        """List the room in the public room directory (``"public"``) or not (``"private"``)."""
+        await rooms.set_directory_visibility(self, room_id, visibility)
+
+    # -- account data and tags ----------------------------------------------------
+
+    async def get_account_data(self, event_type: str, room_id: str | None = None) -> dict[str, Any]:
+        """The user's account data of a type (per room with ``room_id``); ``NotFound`` if unset."""
+        return await rooms.get_account_data(self, event_type, room_id)
+
+    async def set_account_data(
+        self, event_type: str, content: Mapping[str, Any] | Any, room_id: str | None = None
+    ) -> None:
+        """Set the user's account data of a type (per room with ``room_id``)."""
+        await rooms.set_account_data(self, event_type, content, room_id)
+
+    async def set_room_tag(self, room_id: str, tag: str, order: float | None = None) -> None:
+        """Tag a room for the user (``m.favourite``, ``m.lowpriority``, ``u.custom``...)."""
+        await rooms.set_room_tag(self, room_id, tag, order)
+
+    async def remove_room_tag(self, room_id: str, tag: str) -> None:
+        """Remove a tag from a room."""
+        await rooms.remove_room_tag(self, room_id, tag)
+
+    # -- media --------------------------------------------------------------------
+
+    async def media_config(self) -> MediaConfig:
+        """The homeserver's media config (upload size limit), fetched once per client."""
+        return await media.media_config(self)
+
+    async def upload_media(
+        self,
+        data: MediaSource,
+        content_type: str,
+        filename: str | None = None,
+        *,
+        size: int | None = None,
+    ) -> str:
+        """Upload media and return its ``mxc://`` URI.
+
+        ``data`` is bytes, a file path (streamed in chunks, never read whole) or
+        an async iterable of chunks. An iterable with its ``size`` is streamed as
+        it comes and sent once only; without ``size`` it is first spooled to a
+        temporary file, since the homeserver needs the length up front.
+        Raises :class:`~bridge_kit.errors.MediaTooLarge`, sending nothing, when
+        the size is over the homeserver's ``m.upload.size``.
+        """
+        return await media.upload_media(self, data, content_type, filename, size)
+
+    async def download_media(self, mxc: str) -> bytes:
+        """Download media whole (for small files; see :meth:`download_media_stream`)."""
+        return await media.download_media(self, mxc)
+
+    def download_media_stream(self, mxc: str) -> AsyncGenerator[bytes, None]:
+        """Download media as an async iterator of chunks, for large files.
+
+        ``async for chunk in intent.download_media_stream(mxc): ...``; a transfer
+        that breaks off raises :class:`~bridge_kit.errors.HomeserverUnreachable`.
+        """
+        return media.download_media_stream(self, mxc)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        body: Any,
+        query: Mapping[str, Any] | None = None,
+        resend: bool = True,
+    ) -> dict[str, Any]:
+        # What may be resent after it possibly reached the homeserver (see
+        # HomeserverClient.request): the profile and state PUTs set a value, so a
+        # repeat sets the same one; send_event's PUT carries a txn ID the homeserver
+        # deduplicates; join, leave and invite find the membership already made.
+        # Only createRoom makes something new each time, so it passes resend=False.
+        await self.ensure_registered()
+        return await self.client.request(
+            method,
+            path,
+            body=body,
+            query=query,
+            user_id=self.user_id,
+            endpoint=_CLIENT + endpoint,
+            resend=resend,
+        )
+
+
+def _timestamp_query(timestamp: int | None) -> dict[str, str]:
+    return {} if timestamp is None else {"ts": str(int(timestamp))}

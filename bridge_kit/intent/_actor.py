@@ -1,0 +1,67 @@
+"""What the helper modules of :mod:`bridge_kit.intent` need from an :class:`Intent`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import attrs
+
+from bridge_kit.client import HomeserverClient, quote_segment
+from bridge_kit.types.converter import converter
+
+CLIENT = "/_matrix/client/v3"
+
+
+class Actor(Protocol):
+    """An :class:`~bridge_kit.intent.Intent`, as the module functions see it."""
+
+    client: HomeserverClient
+    user_id: str
+
+    async def ensure_registered(self) -> None: ...
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        body: Any,
+        query: Mapping[str, Any] | None = None,
+        resend: bool = True,
+    ) -> dict[str, Any]: ...
+
+    async def send_event(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any] | Any,
+        *,
+        txn_id: str | None = None,
+        timestamp: int | None = None,
+    ) -> str: ...
+
+    async def send_state(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any] | Any,
+        state_key: str = "",
+        *,
+        timestamp: int | None = None,
+    ) -> str: ...
+
+
+def room_path(room_id: str) -> str:
+    """``/_matrix/client/v3/rooms/{roomId}`` for this room."""
+    return f"{CLIENT}/rooms/{quote_segment(room_id)}"
+
+
+def content_json(content: Mapping[str, Any] | Any) -> Any:
+    """Event or account-data content as JSON: from a mapping or an attrs model."""
+    if attrs.has(type(content)):
+        return converter.unstructure(content)
+    if isinstance(content, Mapping):
+        return dict(content)
+    raise TypeError(f"event content must be a mapping or an attrs model, not {type(content)!r}")

@@ -1,0 +1,212 @@
+"""Membership, state, alias, directory and account-data calls of an Intent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import cattrs
+
+from bridge_kit.client import quote_segment, structure_reply
+from bridge_kit.errors import MatrixRequestError, UnexpectedReply, json_type
+from bridge_kit.intent._actor import CLIENT, Actor, content_json, room_path
+from bridge_kit.types.converter import converter, describe_error
+from bridge_kit.types.events import Event
+from bridge_kit.types.room import RoomVisibility
+from bridge_kit.types.state import (
+    DirectoryVisibilityRequest,
+    JoinedMembersResponse,
+    Member,
+    MembershipChange,
+    MembersResponse,
+    PowerLevels,
+    ResolvedAlias,
+    RoomAliasRequest,
+    RoomTag,
+)
+
+POWER_LEVELS = "m.room.power_levels"
+
+
+async def change_membership(
+    actor: Actor, action: str, room_id: str, user_id: str, reason: str | None
+) -> None:
+    # A repeat finds the membership already changed, so these may be resent.
+    await actor._request(
+        "POST",
+        f"{room_path(room_id)}/{action}",
+        f"/rooms/{{roomId}}/{action}",
+        body=MembershipChange(user_id, reason),
+    )
+
+
+async def get_joined_members(actor: Actor, room_id: str) -> dict[str, Member]:
+    reply = await actor._request(
+        "GET", f"{room_path(room_id)}/joined_members", "/rooms/{roomId}/joined_members", body=None
+    )
+    joined = structure_reply(reply, JoinedMembersResponse, "joined_members").joined
+    return {
+        user_id: Member(displayname=m.display_name, avatar_url=m.avatar_url)
+        for user_id, m in joined.items()
+    }
+
+
+async def get_members(actor: Actor, room_id: str, membership: str | None) -> dict[str, Member]:
+    query = {} if membership is None else {"membership": membership}
+    reply = await actor._request(
+        "GET", f"{room_path(room_id)}/members", "/rooms/{roomId}/members", body=None, query=query
+    )
+    chunk = structure_reply(reply, MembersResponse, "members").chunk
+    return {
+        event.state_key: Member.from_event(event)
+        for event in chunk
+        if event.type == "m.room.member" and event.state_key
+    }
+
+
+async def get_state_event(
+    actor: Actor, room_id: str, event_type: str, state_key: str
+) -> dict[str, Any]:
+    return await actor._request(
+        "GET",
+        f"{room_path(room_id)}/state/{quote_segment(event_type)}/{quote_segment(state_key)}",
+        "/rooms/{roomId}/state/{eventType}/{stateKey}",
+        body=None,
+    )
+
+
+async def get_state(actor: Actor, room_id: str) -> list[Event]:
+    await actor.ensure_registered()
+    reply = await actor.client.request_json(
+        "GET",
+        f"{room_path(room_id)}/state",
+        user_id=actor.user_id,
+        endpoint=f"{CLIENT}/rooms/{{roomId}}/state",
+    )
+    if not isinstance(reply, list):
+        raise UnexpectedReply(200, f"expected an array of state events, got {json_type(reply)}")
+    try:
+        return converter.structure(reply, list[Event])
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        raise UnexpectedReply(200, f"unexpected state reply: {describe_error(exc)}", reply) from exc
+
+
+# Room versions before 12 give creators no special power; later ones (and MSC4289's
+# unstable versions) give them an infinite level.
+_LEGACY_ROOM_VERSIONS = frozenset(str(n) for n in range(1, 12))
+
+
+async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
+    content = await get_state_event(actor, room_id, POWER_LEVELS, "")
+    levels = structure_reply(content, PowerLevels, "power levels")
+    reply = await actor._request(
+        "GET",
+        f"{room_path(room_id)}/state/m.room.create/",
+        "/rooms/{roomId}/state/{eventType}/{stateKey}",
+        body=None,
+        query={"format": "event"},
+    )
+    create = structure_reply(reply, Event, "m.room.create")
+    if str(create.content.get("room_version", "1")) in _LEGACY_ROOM_VERSIONS:
+        return levels
+    extra = create.content.get("additional_creators")
+    named: list[Any] = [create.sender, *(extra if isinstance(extra, list) else [])]
+    creators: frozenset[str] = frozenset(c for c in named if isinstance(c, str) and c)
+    return attrs.evolve(levels, creators=creators)
+
+
+async def set_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:
+    # Read-modify-write of the content as it is: every other key goes back untouched.
+    content = await get_state_event(actor, room_id, POWER_LEVELS, "")
+    default = structure_reply(content, PowerLevels, "power levels").users_default
+    users = dict(content.get("users") or {})
+    if level == default:
+        users.pop(user_id, None)
+    else:
+        users[user_id] = level
+    return await actor.send_state(room_id, POWER_LEVELS, {**content, "users": users})
+
+
+def _alias_path(alias: str) -> str:
+    return f"{CLIENT}/directory/room/{quote_segment(alias)}"
+
+
+async def create_alias(actor: Actor, alias: str, room_id: str) -> None:
+    try:
+        await actor._request(
+            "PUT",
+            _alias_path(alias),
+            "/directory/room/{roomAlias}",
+            body=RoomAliasRequest(room_id),
+        )
+    except MatrixRequestError as error:
+        # 409: the alias exists. If it already points at this room (a repeat after a
+        # lost reply, or a second call), the wanted state is there: not an error.
+        if error.status != 409 or (await resolve_alias(actor, alias)).room_id != room_id:
+            raise
+
+
+async def delete_alias(actor: Actor, alias: str) -> None:
+    await actor._request("DELETE", _alias_path(alias), "/directory/room/{roomAlias}", body=None)
+
+
+async def resolve_alias(actor: Actor, alias: str) -> ResolvedAlias:
+    reply = await actor._request(
+        "GET", _alias_path(alias), "/directory/room/{roomAlias}", body=None
+    )
+    return structure_reply(reply, ResolvedAlias, "directory")
+
+
+async def set_directory_visibility(
+    actor: Actor, room_id: str, visibility: RoomVisibility | str
+) -> None:
+    await actor._request(
+        "PUT",
+        f"{CLIENT}/directory/list/room/{quote_segment(room_id)}",
+        "/directory/list/room/{roomId}",
+        body=DirectoryVisibilityRequest(RoomVisibility(visibility)),
+    )
+
+
+def _account_data_path(actor: Actor, event_type: str, room_id: str | None) -> tuple[str, str]:
+    user = f"{CLIENT}/user/{quote_segment(actor.user_id)}"
+    if room_id is None:
+        return (
+            f"{user}/account_data/{quote_segment(event_type)}",
+            "/user/{userId}/account_data/{type}",
+        )
+    return (
+        f"{user}/rooms/{quote_segment(room_id)}/account_data/{quote_segment(event_type)}",
+        "/user/{userId}/rooms/{roomId}/account_data/{type}",
+    )
+
+
+async def get_account_data(actor: Actor, event_type: str, room_id: str | None) -> dict[str, Any]:
+    path, endpoint = _account_data_path(actor, event_type, room_id)
+    return await actor._request("GET", path, endpoint, body=None)
+
+
+async def set_account_data(
+    actor: Actor, event_type: str, content: Mapping[str, Any] | Any, room_id: str | None
+) -> None:
+    path, endpoint = _account_data_path(actor, event_type, room_id)
+    await actor._request("PUT", path, endpoint, body=content_json(content))
+
+
+def _tag_path(actor: Actor, room_id: str, tag: str) -> str:
+    return (
+        f"{CLIENT}/user/{quote_segment(actor.user_id)}/rooms/{quote_segment(room_id)}"
+        f"/tags/{quote_segment(tag)}"
+    )
+
+
+_TAG_ENDPOINT = "/user/{userId}/rooms/{roomId}/tags/{tag}"
+
+
+async def set_room_tag(actor: Actor, room_id: str, tag: str, order: float | None) -> None:
+    await actor._request("PUT", _tag_path(actor, room_id, tag), _TAG_ENDPOINT, body=RoomTag(order))
+
+
+async def remove_room_tag(actor: Actor, room_id: str, tag: str) -> None:
+    await actor._request("DELETE", _tag_path(actor, room_id, tag), _TAG_ENDPOINT, body=None)

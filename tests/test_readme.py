@@ -1,0 +1,107 @@
+"""The README's code blocks work as written (issue 13).
+
+Every ``python`` block in README.md is preceded by ``<!-- test: NAME -->``;
+NAME says how it is run here (``skip`` for one that is not). The library
+snippets run as subprocesses, in a temporary folder holding the ``config.yaml``
+they load, against the test Synapse; the walkthrough's config block is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+from bridge_kit import Config, generate_registration
+from tests.conftest import SERVER_NAME, TestHomeserver
+from tests.daemons import (
+    ROOT,
+    TIMEOUT,
+    Daemon,
+    child_env,
+    real_user,
+    wait_for_event,
+    write_config,
+)
+
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
+MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
+CHECKED = {"puppet-greets", "bulk-register", "config", "skip"}
+
+
+def marked_blocks() -> dict[str, list[str]]:
+    """Each marker's blocks, in README order; python blocks without one under ``""``."""
+    text = README.read_text(encoding="utf-8")
+    found: dict[str, list[str]] = {}
+    for fence in FENCE.finditer(text):
+        line_before = text[: fence.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        marker = MARKER.fullmatch(line_before)
+        name = marker.group(1) if marker else ""
+        if name or fence.group(1) == "python":
+            found.setdefault(name, []).append(fence.group(2))
+    return found
+
+
+def block(name: str) -> str:
+    (code,) = marked_blocks()[name]
+    return code
+
+
+def test_every_python_block_says_how_it_is_tested() -> None:
+    blocks = marked_blocks()
+    assert "" not in blocks, f"python blocks without a test marker: {blocks.get('')}"
+    assert set(blocks) <= CHECKED, f"unknown test markers: {set(blocks) - CHECKED}"
+    assert {"puppet-greets", "bulk-register", "config"} <= set(blocks)
+
+
+def test_the_walkthroughs_config_loads_next_to_its_registration(tmp_path: Path) -> None:
+    generate_registration("echo", "http://127.0.0.1:29333", "example.org", "_echo_").write(
+        tmp_path / "registration.yaml"
+    )
+    config = Config.loads(block("config"), base_dir=tmp_path)
+    assert config.registration_path == tmp_path / "registration.yaml"
+    assert config.appservice.store == f"sqlite:///{tmp_path / 'bridge_kit.db'}"
+    assert config.appservice.port == 29333  # the port of the registration's url
+
+
+async def test_the_library_snippet_runs_and_its_puppet_greets_when_invited(
+    synapse: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    write_config(synapse, tmp_path)
+    (tmp_path / "bridge.py").write_text(block("puppet-greets"))
+    bridge = Daemon(
+        [sys.executable, "bridge.py"], tmp_path,
+        health=f"{synapse.appservice_url}/_bridge_kit/health",
+    )  # fmt: skip
+    puppet = f"@_bk_readme{unique}:{SERVER_NAME}"
+    client, alice = await real_user(synapse, f"reader{unique}")
+    async with client, bridge:
+        room_id = await alice.create_room()
+        await alice.invite(room_id, puppet)
+        hello = await wait_for_event(
+            client, room_id, "the puppet's hello", sender=puppet, body="hello, I am a puppet"
+        )
+        assert bridge.process is not None
+        process = bridge.process
+    assert hello["type"] == "m.room.message"
+    assert process.returncode == 0, bridge.log_since()  # stopped cleanly by SIGTERM
+
+
+async def test_the_async_with_snippet_registers_the_listed_puppets(
+    synapse: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    write_config(synapse, tmp_path)
+    (tmp_path / "bulk.py").write_text(block("bulk-register"))
+    names = [f"_bk_readmebulk{unique}_{i}" for i in range(5)]
+    (tmp_path / "puppets.txt").write_text("# bridged users\n" + "\n".join(names) + "\n")
+    for run, expected in (("first", "5 registered"), ("again", "5 skipped (known)")):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "bulk.py", cwd=tmp_path, env=child_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        assert process.returncode == 0, (run, err.decode())
+        assert expected in out.decode(), (run, out.decode())
+    assert await synapse.count_users(f"_bk_readmebulk{unique}_") == 5
