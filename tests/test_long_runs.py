@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bridge_kit.client import HomeserverClient
+from bridge_kit.commands.report import ReportWriter
 from bridge_kit.errors import StoreError, TransactionFailed
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.results import KEPT_PROBLEMS
@@ -184,3 +185,15 @@ async def test_a_transaction_the_store_refuses_is_logged_as_a_store_failure(
     assert record.levelno == logging.ERROR
     assert "could not be stored" in record.getMessage()
     assert (record.exc_info is not None) is traceback
+
+
+def test_the_report_holds_a_localpart_that_is_not_utf8(tmp_path: Path) -> None:
+    # A command-line argument with bytes that are not UTF-8 arrives as lone surrogates.
+    path = tmp_path / "report.json"
+    with ReportWriter(path) as report:
+        report("invalid", "_bk_\udcff", "contains characters outside a-z 0-9 ._=-/+")
+        report.write({"invalid": 1, "invalid_reasons": {}, "failures": {}})
+    written = json.loads(path.read_text())
+    assert written["invalid_reasons"] == {
+        "_bk_\udcff": "contains characters outside a-z 0-9 ._=-/+"
+    }

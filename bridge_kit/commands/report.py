@@ -49,7 +49,7 @@ class ReportWriter:
 
     def __call__(self, kind: ProblemKind, localpart: str, reason: str) -> None:
         """Record one problem (the ``on_problem`` callback of ``register_many``)."""
-        self._spools[kind].write(json.dumps([localpart, reason], ensure_ascii=False) + "\n")
+        self._spools[kind].write(json.dumps([localpart, reason]) + "\n")
 
     def write(self, report: Mapping[str, Any]) -> None:
         """Write ``report`` with its problem lists taken from the spools, privately
@@ -71,14 +71,15 @@ class ReportWriter:
             raise
 
     def _json(self, report: Mapping[str, Any]) -> Iterator[str]:
-        """``report`` as indented JSON text, in pieces."""
+        """``report`` as indented JSON text, in pieces; ASCII, because a localpart from
+        the command line may hold bytes that are not UTF-8 (as lone surrogates)."""
         yield "{"
         for index, (key, value) in enumerate(report.items()):
             yield ("," if index else "") + f"\n  {json.dumps(key)}: "
             if key in _LISTS:
                 yield from self._listed(self._spools[_LISTS[key]])
             else:
-                yield json.dumps(value, ensure_ascii=False)
+                yield json.dumps(value)
         yield "\n}\n"
 
     @staticmethod
@@ -90,7 +91,7 @@ class ReportWriter:
         for line in spool:
             localpart, reason = json.loads(line)
             separator = "" if first else ","
-            yield f"{separator}\n    {json.dumps(localpart, ensure_ascii=False)}: "
-            yield json.dumps(reason, ensure_ascii=False)
+            yield f"{separator}\n    {json.dumps(localpart)}: "
+            yield json.dumps(reason)
             first = False
         yield "{}".format("}" if first else "\n  }")
