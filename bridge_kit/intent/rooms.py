@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
 import cattrs
 
 from bridge_kit.client import quote_segment, structure_reply
@@ -24,6 +23,7 @@ from bridge_kit.types.state import (
     ResolvedAlias,
     RoomAliasRequest,
     RoomTag,
+    with_creators,
 )
 
 POWER_LEVELS = "m.room.power_levels"
@@ -92,11 +92,6 @@ async def get_state(actor: Actor, room_id: str) -> list[Event]:
         raise UnexpectedReply(200, f"unexpected state reply: {describe_error(exc)}", reply) from exc
 
 
-# Room versions before 12 give creators no special power; later ones (and MSC4289's
-# unstable versions) give them an infinite level.
-_LEGACY_ROOM_VERSIONS = frozenset(str(n) for n in range(1, 12))
-
-
 async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
     content = await get_state_event(actor, room_id, POWER_LEVELS, "")
     levels = structure_reply(content, PowerLevels, "power levels")
@@ -107,13 +102,7 @@ async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
         body=None,
         query={"format": "event"},
     )
-    create = structure_reply(reply, Event, "m.room.create")
-    if str(create.content.get("room_version", "1")) in _LEGACY_ROOM_VERSIONS:
-        return levels
-    extra = create.content.get("additional_creators")
-    named: list[Any] = [create.sender, *(extra if isinstance(extra, list) else [])]
-    creators: frozenset[str] = frozenset(c for c in named if isinstance(c, str) and c)
-    return attrs.evolve(levels, creators=creators)
+    return with_creators(levels, structure_reply(reply, Event, "m.room.create"))
 
 
 async def set_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:

@@ -9,8 +9,14 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Final
 
+import cattrs
+
 from bridge_kit.errors import StoreError
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.state_records import CREATE, content_of
+from bridge_kit.types.converter import converter
+from bridge_kit.types.events import Event
+from bridge_kit.types.state import Member, PowerLevels, with_creators
 
 
 class Store(abc.ABC):
@@ -23,7 +29,7 @@ class Store(abc.ABC):
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 2
+    SCHEMA_VERSION: int = 3
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -172,6 +178,81 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def inbox_stats(self) -> InboxStats:
         """The inbox depth, its oldest item's arrival time and the dead-letter count."""
+
+    # -- room state (version 3) ----------------------------------------------
+    #
+    # What the bridge knows of each room's state, fed from transactions and from
+    # the intents' own changes; see bridge_kit.store.state_records for the rows.
+
+    @abc.abstractmethod
+    async def apply_state(
+        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    ) -> None:
+        """Record the tracked state events among ``events`` (one commit), each unless
+        the stored row for its (room, type, state key) has a newer ``origin_server_ts``.
+
+        ``complete`` says ``events`` hold every member of the room (a snapshot from
+        the homeserver); an ``m.room.create`` event says the same, since the room's
+        whole history follows it. Either makes :meth:`room_state_known` true.
+        """
+
+    @abc.abstractmethod
+    async def membership(self, room_id: str, user_id: str) -> Member | None:
+        """The stored membership of ``user_id`` in the room, or ``None`` if none is stored."""
+
+    @abc.abstractmethod
+    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
+        """The room's stored members with this ``membership``, by user ID."""
+
+    @abc.abstractmethod
+    async def state_event(self, room_id: str, event_type: str) -> Event | None:
+        """The stored room-wide state event of this type (content, sender, timestamp)."""
+
+    @abc.abstractmethod
+    async def room_state_known(self, room_id: str) -> bool:
+        """Whether the store saw the room's whole membership (see :meth:`apply_state`)."""
+
+    async def power_levels(self, room_id: str) -> PowerLevels | None:
+        """The stored power levels (creators filled in from ``m.room.create``), or ``None``."""
+        event = await self.state_event(room_id, "m.room.power_levels")
+        if event is None:
+            return None
+        try:
+            levels = converter.structure(event.content, PowerLevels)
+        except (cattrs.BaseValidationError, ValueError, TypeError):
+            return None  # a malformed event: as good as none, the homeserver is asked
+        create = await self.state_event(room_id, CREATE)
+        return levels if create is None else with_creators(levels, create)
+
+    async def is_encrypted(self, room_id: str) -> bool | None:
+        """True when ``m.room.encryption`` is stored; False when the room's state is
+        known without it; ``None`` when the store cannot tell."""
+        if await self.state_event(room_id, "m.room.encryption") is not None:
+            return True
+        return False if await self.room_state_known(room_id) else None
+
+    @abc.abstractmethod
+    async def profile(self, user_id: str) -> dict[str, str | None]:
+        """The profile fields (``displayname``, ``avatar_url``) this bridge last set for
+        its own user ``user_id``; a field never set is absent (``None``: removed)."""
+
+    @abc.abstractmethod
+    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
+        """Record that ``user_id``'s profile ``field`` is now ``value``."""
+
+
+def state_event_from(
+    room_id: str, event_type: str, content_json: str, sender: str | None, ts: int
+) -> Event:
+    """A stored state row as an :class:`Event` (no event ID: the store keeps none)."""
+    return Event(
+        type=event_type,
+        content=content_of(content_json),
+        room_id=room_id,
+        sender=sender,
+        state_key="",
+        origin_server_ts=ts,
+    )
 
 
 def pending_migrations(found: int, latest: int, where: str) -> range:

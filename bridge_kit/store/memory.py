@@ -8,8 +8,12 @@ from collections.abc import Collection, Iterable, Sequence
 import attrs
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store, check_limit, checked_ids, storable_ids
+from bridge_kit.store.base import Store, check_limit, checked_ids, state_event_from, storable_ids
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
+from bridge_kit.types.events import Event
+from bridge_kit.types.state import Member
 
 
 class MemoryStore(Store):
@@ -30,6 +34,10 @@ class MemoryStore(Store):
         self._leases: dict[str, tuple[str, float]] = {}  # lane -> (owner, lease_until)
         self._letters: dict[int, DeadLetter] = {}
         self._last_id = 0  # shared by items and letters: ids are never reused
+        self._members: dict[tuple[str, str], MemberRow] = {}  # (room, user) -> row
+        self._room_state: dict[tuple[str, str], StateRow] = {}  # (room, type) -> row
+        self._known_rooms: set[str] = set()
+        self._profiles: dict[tuple[str, str], str | None] = {}  # (user, field) -> value
         self._open = False
 
     def __repr__(self) -> str:
@@ -46,6 +54,10 @@ class MemoryStore(Store):
         self._item_lane.clear()
         self._leases.clear()
         self._letters.clear()
+        self._members.clear()
+        self._room_state.clear()
+        self._known_rooms.clear()
+        self._profiles.clear()
 
     def _check_open(self) -> None:
         if not self._open:
@@ -253,3 +265,59 @@ class MemoryStore(Store):
         items = (item for lane in self._lanes.values() for item in lane.values())
         oldest = min((item.received_at for item in items), default=None)
         return InboxStats(len(self._item_lane), oldest, len(self._letters))
+
+    # -- room state ----------------------------------------------------------
+
+    async def apply_state(
+        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    ) -> None:
+        self._check_open()
+        members, states = rows_of(room_id, events)
+        for member in members:
+            old = self._members.get((member.room_id, member.user_id))
+            if old is None or member.origin_ts >= old.origin_ts:  # the stale-state rule
+                self._members[member.room_id, member.user_id] = member
+        for state in states:
+            old_state = self._room_state.get((state.room_id, state.event_type))
+            if old_state is None or state.origin_ts >= old_state.origin_ts:
+                self._room_state[state.room_id, state.event_type] = state
+        known = known_room(room_id, states, complete)
+        if known is not None:
+            self._known_rooms.add(known)
+
+    async def membership(self, room_id: str, user_id: str) -> Member | None:
+        self._check_open()
+        row = self._members.get((clean_text(room_id), clean_text(user_id)))
+        return None if row is None else row.member
+
+    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
+        self._check_open()
+        room = clean_text(room_id)
+        # A scan: this store is for tests, where rooms hold a handful of members.
+        return {
+            user: row.member
+            for (row_room, user), row in self._members.items()
+            if row_room == room and row.member.membership == membership
+        }
+
+    async def state_event(self, room_id: str, event_type: str) -> Event | None:
+        self._check_open()
+        row = self._room_state.get((clean_text(room_id), event_type))
+        if row is None:
+            return None
+        return state_event_from(
+            row.room_id, event_type, row.content_json, row.sender, row.origin_ts
+        )
+
+    async def room_state_known(self, room_id: str) -> bool:
+        self._check_open()
+        return clean_text(room_id) in self._known_rooms
+
+    async def profile(self, user_id: str) -> dict[str, str | None]:
+        self._check_open()
+        user = clean_text(user_id)
+        return {field: value for (who, field), value in self._profiles.items() if who == user}
+
+    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
+        self._check_open()
+        self._profiles[clean_text(user_id), field] = None if value is None else clean_text(value)

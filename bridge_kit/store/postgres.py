@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from typing import Any, ClassVar, TypeVar
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import postgres_inbox
+from bridge_kit.store import postgres_inbox, postgres_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -17,8 +17,12 @@ from bridge_kit.store.base import (
     storable_ids,
     unique_chunks,
 )
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
+from bridge_kit.types.events import Event
+from bridge_kit.types.state import Member
 
 _T = TypeVar("_T")
 
@@ -67,7 +71,7 @@ class PostgresStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, postgres_inbox.V2)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, postgres_inbox.V2, postgres_state.V3)
 
     def __init__(
         self,
@@ -306,6 +310,41 @@ class PostgresStore(Store):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._run(postgres_inbox.stats)
+
+    # -- room state (SQL in postgres_state) -----------------------------------
+
+    async def apply_state(
+        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    ) -> None:
+        members, states = rows_of(room_id, events)
+        known = known_room(room_id, states, complete)
+        if not members and not states and known is None:
+            return
+        await self._run(lambda pool: postgres_state.apply(pool, members, states, known))
+
+    async def membership(self, room_id: str, user_id: str) -> Member | None:
+        room, user = clean_text(room_id), clean_text(user_id)
+        return await self._run(lambda pool: postgres_state.membership(pool, room, user))
+
+    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
+        room, wanted = clean_text(room_id), clean_text(membership)
+        return await self._run(lambda pool: postgres_state.members(pool, room, wanted))
+
+    async def state_event(self, room_id: str, event_type: str) -> Event | None:
+        room, kind = clean_text(room_id), clean_text(event_type)
+        return await self._run(lambda pool: postgres_state.state_event(pool, room, kind))
+
+    async def room_state_known(self, room_id: str) -> bool:
+        room = clean_text(room_id)
+        return await self._run(lambda pool: postgres_state.room_known(pool, room))
+
+    async def profile(self, user_id: str) -> dict[str, str | None]:
+        user = clean_text(user_id)
+        return await self._run(lambda pool: postgres_state.profile(pool, user))
+
+    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
+        user, text = clean_text(user_id), None if value is None else clean_text(value)
+        await self._run(lambda pool: postgres_state.set_profile(pool, user, field, text))
 
 
 def _txn_key(txn_id: str) -> bytes:

@@ -24,7 +24,7 @@ from typing import ClassVar, TypeVar
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_inbox
+from bridge_kit.store import sqlite_inbox, sqlite_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -33,8 +33,12 @@ from bridge_kit.store.base import (
     storable_ids,
     unique_chunks,
 )
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
+from bridge_kit.store.state_records import known_room, rows_of
+from bridge_kit.types.events import Event
+from bridge_kit.types.state import Member
 
 _T = TypeVar("_T")
 
@@ -64,7 +68,7 @@ class SQLiteStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, sqlite_inbox.V2)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, sqlite_inbox.V2, sqlite_state.V3)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
@@ -466,6 +470,41 @@ class SQLiteStore(Store):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._locked(sqlite_inbox.stats)
+
+    # -- room state (SQL in sqlite_state) -------------------------------------
+
+    async def apply_state(
+        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    ) -> None:
+        members, states = rows_of(room_id, events)
+        known = known_room(room_id, states, complete)
+        if not members and not states and known is None:
+            return  # no write transaction for a batch of untracked events
+        await self._in_transaction(lambda conn: sqlite_state.apply(conn, members, states, known))
+
+    async def membership(self, room_id: str, user_id: str) -> Member | None:
+        room, user = clean_text(room_id), clean_text(user_id)
+        return await self._locked(lambda conn: sqlite_state.membership(conn, room, user))
+
+    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
+        room = clean_text(room_id)
+        return await self._locked(lambda conn: sqlite_state.members(conn, room, membership))
+
+    async def state_event(self, room_id: str, event_type: str) -> Event | None:
+        room = clean_text(room_id)
+        return await self._locked(lambda conn: sqlite_state.state_event(conn, room, event_type))
+
+    async def room_state_known(self, room_id: str) -> bool:
+        room = clean_text(room_id)
+        return await self._locked(lambda conn: sqlite_state.room_known(conn, room))
+
+    async def profile(self, user_id: str) -> dict[str, str | None]:
+        user = clean_text(user_id)
+        return await self._locked(lambda conn: sqlite_state.profile(conn, user))
+
+    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
+        user, text = clean_text(user_id), None if value is None else clean_text(value)
+        await self._locked(lambda conn: sqlite_state.set_profile(conn, user, field, text))
 
 
 def _create_private(path: Path) -> None:

@@ -113,6 +113,21 @@ class PowerLevels:
         return self.events.get(event_type, default)
 
 
+# Room versions before 12 give creators no special power; later ones (and MSC4289's
+# unstable versions) give them an infinite level.
+_LEGACY_ROOM_VERSIONS = frozenset(str(n) for n in range(1, 12))
+
+
+def with_creators(levels: PowerLevels, create: Event) -> PowerLevels:
+    """``levels`` with ``creators`` filled in from the room's ``m.room.create`` event."""
+    if str(create.content.get("room_version", "1")) in _LEGACY_ROOM_VERSIONS:
+        return levels
+    extra = create.content.get("additional_creators")
+    named: list[Any] = [create.sender, *(extra if isinstance(extra, list) else [])]
+    creators: frozenset[str] = frozenset(c for c in named if isinstance(c, str) and c)
+    return attrs.evolve(levels, creators=creators)
+
+
 @attrs.frozen
 class RoomName:
     """The content of ``m.room.name``."""
