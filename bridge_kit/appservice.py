@@ -43,6 +43,7 @@ from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localp
 from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
 from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, serve_app
+from bridge_kit.state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
 from bridge_kit.store.records import ItemKind
 from bridge_kit.types import Event
@@ -115,6 +116,9 @@ class AppService:
             event_types=self._handled_types,
         )
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
+        self.room_state = RoomState(self.store, lambda: self.bot)
+        """Room membership, power levels and encryption from the store (``app.state``
+        is taken: it is the AppService's life-cycle state)."""
         """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
         self.provisioning = TokenBucket(config.puppets.provision_per_minute, 60.0)
         """The limit on puppets registered because of user queries (replaceable, e.g. in tests)."""
@@ -191,7 +195,7 @@ class AppService:
         """The appservice's own user (``sender_localpart``); it needs no registration."""
         if self._bot is None:
             user_id = self.registration.sender_user_id(self.puppets.domain)
-            self._bot = Intent(self.client, user_id, None)
+            self._bot = Intent(self.client, user_id, None, self.room_state)
         return self._bot
 
     def intent(self, localpart: str) -> Intent:
@@ -208,6 +212,7 @@ class AppService:
             self.client,
             registrar.user_id(localpart),
             lambda: registrar.ensure_registered(localpart),
+            self.room_state,
         )
         self._intents[localpart] = intent
         # A bridge may touch millions of puppets; keep only the recently used ones.
@@ -355,6 +360,10 @@ class AppService:
     def _handlers_for(self, kind: ItemKind, event_type: str) -> Sequence[EventHandler]:
         table = self._handlers[kind]
         handlers = [*table.get(event_type, ()), *table.get(None, ())]
+        if kind is ItemKind.EVENT and event_type in STATE_TYPES:
+            # First, so the bridge's handlers of this event see the store with it applied;
+            # from the inbox, so a room's state changes in the order its events came.
+            handlers.insert(0, self.room_state.observe_event)
         if handlers and log.isEnabledFor(logging.DEBUG):
             # The inbox completes an event when its last handler returns: log it there.
             handlers[-1] = _logged(handlers[-1], self._event_log)

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
 from bridge_kit.delivery import next_txn_id
-from bridge_kit.intent import media, messages, rooms
+from bridge_kit.intent import convenience, media, messages, rooms
 from bridge_kit.intent._actor import content_json as _content_json
 from bridge_kit.intent.media import MediaSource
+from bridge_kit.state import own_state_event
 from bridge_kit.types.events import Event
 from bridge_kit.types.media import MediaConfig, MediaInfo
 from bridge_kit.types.messages import Presence
@@ -58,6 +59,9 @@ __all__ = ["Intent", "MediaSource"]
 
 T = TypeVar("T")
 
+if TYPE_CHECKING:
+    from bridge_kit.state import RoomState
+
 _CLIENT = "/_matrix/client/v3"
 
 
@@ -76,9 +80,13 @@ class Intent:
         client: HomeserverClient,
         user_id: str,
         ensure_registered: Callable[[], Awaitable[object]] | None = None,
+        room_state: RoomState | None = None,
     ) -> None:
         self.client = client
         self.user_id = user_id
+        # Told of this intent's successful changes, and asked by ensure_joined and the
+        # profile setters; None (an Intent built by hand) keeps no state.
+        self.room_state = room_state
         self._register = ensure_registered
         self._registered = ensure_registered is None
         self._register_lock = asyncio.Lock()
@@ -102,22 +110,45 @@ class Intent:
             self._registered = True
 
     async def set_displayname(self, name: str | None) -> None:
-        """Set (or with ``None`` remove) the user's display name."""
+        """Set (or with ``None`` remove) the user's display name.
+
+        With a room-state store, nothing is sent when the store says this bridge
+        already set the same name (a change made outside the bridge goes unseen).
+        """
+        if await convenience.profile_is(self, "displayname", name):
+            return
         await self._request(
             "PUT",
             f"{_CLIENT}/profile/{quote_segment(self.user_id)}/displayname",
             "/profile/{userId}/displayname",
             body=DisplaynameUpdate(name),
         )
+        await convenience.profile_set(self, "displayname", name)
 
     async def set_avatar_url(self, mxc: str) -> None:
-        """Set the user's avatar to an ``mxc://`` URI."""
+        """Set the user's avatar to an ``mxc://`` URI (nothing is sent when the store
+        says it is set already, as for :meth:`set_displayname`)."""
+        if await convenience.profile_is(self, "avatar_url", mxc):
+            return
         await self._request(
             "PUT",
             f"{_CLIENT}/profile/{quote_segment(self.user_id)}/avatar_url",
             "/profile/{userId}/avatar_url",
             body=AvatarUrlUpdate(mxc),
         )
+        await convenience.profile_set(self, "avatar_url", mxc)
+
+    async def ensure_joined(self, room_id: str) -> None:
+        """Make sure this user is in the room: no request when the room-state store
+        says it is joined; otherwise join, and if that is forbidden, have the
+        appservice's bot invite it (unbanning it first if it was banned) and join again.
+        """
+        await convenience.ensure_joined(self, self.room_state, room_id)
+
+    async def ensure_power_level(self, room_id: str, user_id: str, level: int) -> None:
+        """Give ``user_id`` power ``level`` unless the room's power levels already do
+        (read from the room-state store when there is one)."""
+        await convenience.ensure_power_level(self, self.room_state, room_id, user_id, level)
 
     async def join_room(
         self, room_id_or_alias: str, *, via: Sequence[str] = (), reason: str | None = None
@@ -137,7 +168,9 @@ class Intent:
             body=MembershipRequest(reason),
             query=query,
         )
-        return structure_reply(reply, JoinRoomResponse, "join").room_id
+        room_id = structure_reply(reply, JoinRoomResponse, "join").room_id
+        await convenience.observe_membership(self, room_id, self.user_id, "join")
+        return room_id
 
     async def leave_room(self, room_id: str, reason: str | None = None) -> None:
         """Leave a room (or reject an invite to it)."""
@@ -147,6 +180,7 @@ class Intent:
             "/rooms/{roomId}/leave",
             body=MembershipRequest(reason),
         )
+        await convenience.observe_membership(self, room_id, self.user_id, "leave")
 
     async def invite(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Invite ``user_id`` to a room."""
@@ -156,6 +190,7 @@ class Intent:
             "/rooms/{roomId}/invite",
             body=InviteRequest(user_id, reason),
         )
+        await convenience.observe_membership(self, room_id, user_id, "invite")
 
     async def create_room(self, request: CreateRoomRequest | None = None, **fields: Any) -> str:
         """Create a room and return its ID.
@@ -218,15 +253,26 @@ class Intent:
         timestamp: int | None = None,
     ) -> str:
         """Set a piece of room state and return the state event's ID."""
+        body = _content_json(content)
         reply = await self._request(
             "PUT",
             f"{_CLIENT}/rooms/{quote_segment(room_id)}/state/"
             f"{quote_segment(event_type)}/{quote_segment(state_key)}",
             "/rooms/{roomId}/state/{eventType}/{stateKey}",
-            body=_content_json(content),
+            body=body,
             query=_timestamp_query(timestamp),
         )
-        return structure_reply(reply, SendEventResponse, "state").event_id
+        event_id = structure_reply(reply, SendEventResponse, "state").event_id
+        await self._observe_state(room_id, event_type, body, state_key, event_id)
+        return event_id
+
+    async def _observe_state(
+        self, room_id: str, event_type: str, content: Any, state_key: str, event_id: str
+    ) -> None:
+        if self.room_state is not None and isinstance(content, dict):
+            await self.room_state.observe(
+                room_id, [own_state_event(self.user_id, room_id, event_type, content, state_key)]
+            )
 
     # -- messaging ----------------------------------------------------------------
 
@@ -368,14 +414,17 @@ class Intent:
     async def kick(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Kick ``user_id`` out of a room (they may join again)."""
         await rooms.change_membership(self, "kick", room_id, user_id, reason)
+        await convenience.observe_membership(self, room_id, user_id, "leave")
 
     async def ban(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Ban ``user_id`` from a room (kicking them if they are in it)."""
         await rooms.change_membership(self, "ban", room_id, user_id, reason)
+        await convenience.observe_membership(self, room_id, user_id, "ban")
 
     async def unban(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Lift the ban on ``user_id`` (they are then out of the room, free to join)."""
         await rooms.change_membership(self, "unban", room_id, user_id, reason)
+        await convenience.observe_membership(self, room_id, user_id, "leave")
 
     async def get_joined_members(self, room_id: str) -> dict[str, Member]:
         """The joined members of a room, by user ID, with display name and avatar."""
