@@ -32,6 +32,7 @@ from bridge_kit.client import HomeserverClient, RetryPolicy
 from bridge_kit.config import AppServiceConfig, Config
 from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
+from bridge_kit.double_puppet import DoublePuppetClient
 from bridge_kit.errors import BridgeKitError, LifecycleError
 from bridge_kit.ids import localpart_problem, split_user_id
 from bridge_kit.inbox import Inbox, InboxSettings, handler_name
@@ -129,6 +130,7 @@ class AppService:
         self._running = contextlib.AsyncExitStack()
         self._intents: OrderedDict[str, Intent] = OrderedDict()
         self._bot: Intent | None = None
+        self._double_puppets: dict[str, Intent] = {}
         self._started_at: float | None = None
         self.stop_timeout = defaults.STOP_TIMEOUT
         """Seconds :meth:`stop` may take in all (see :data:`~bridge_kit.defaults.STOP_TIMEOUT`)."""
@@ -220,6 +222,36 @@ class AppService:
             self._intents.popitem(last=False)
         return intent
 
+    def double_puppet(self, user_id: str, as_token: str) -> Intent:
+        """The real user ``user_id`` acting through their own account (double puppeting).
+
+        ``as_token`` is that of a second registration, loaded by the user's homeserver,
+        whose user namespace (``exclusive: false``) holds ``user_id``. The intent logs
+        in once, keeps the access token in the store (a restart reuses it: no new
+        device), and logs in again once if the homeserver forgot the token. Raises
+        :class:`~bridge_kit.errors.DoublePuppetError` when the login is refused.
+        """
+        split_user_id(user_id)  # a ValueError now rather than a 400 later
+        intent = self._double_puppets.get(user_id)
+        if intent is None:
+            self.puppets  # noqa: B018 - raises LifecycleError unless running
+            client = DoublePuppetClient(
+                self.config.homeserver.url,
+                as_token,
+                user_id,
+                self.store,
+                retry=self.client.retry,
+            )
+            client.observers.append(self.metrics)
+            intent = Intent(client, user_id, None, self.room_state)
+            self._double_puppets[user_id] = intent
+        return intent
+
+    async def _close_double_puppets(self) -> None:
+        intents, self._double_puppets = self._double_puppets, {}
+        for intent in intents.values():
+            await intent.client.close()
+
     # -- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> AppService:
@@ -260,6 +292,7 @@ class AppService:
         steps.push_async_callback(self.store.close)
         log.info("store: %s", self._store_label)
         await self.store.lock_for_daemon()
+        steps.push_async_callback(self._close_double_puppets)
         domain = await homeserver_domain(self.client, self.registration)
         self.domain = self.domain or domain
         self._registrar = PuppetRegistrar(self.client, self.store, self.registration, self.domain)
@@ -294,6 +327,8 @@ class AppService:
         self.state = AppState.STOPPING
         # A retry's wait (a 429 may ask for minutes) is not worth holding the stop for.
         self.client.abort_retries()
+        for intent in self._double_puppets.values():
+            intent.client.abort_retries()
         try:
             await finish_within(
                 self._running.aclose(), self.stop_timeout if deadline is None else deadline

@@ -23,6 +23,7 @@ Every exception bridge_kit raises on purpose lives here::
     ├── SynapseError                 the throw-away test Synapse could not start
     ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
     ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
+    ├── DoublePuppetError            the homeserver would not let us log in as a real user
     └── MatrixRequestError           the homeserver answered with an error (by errcode:)
         ├── UserInUse                M_USER_IN_USE
         ├── Exclusive                M_EXCLUSIVE
@@ -47,6 +48,7 @@ __all__ = [
     "BridgeKitError",
     "ClientClosed",
     "ConfigError",
+    "DoublePuppetError",
     "ErrorReply",
     "Exclusive",
     "Forbidden",
@@ -243,6 +245,11 @@ class MediaTooLarge(BridgeKitError):
             f"the upload is {size} bytes, over the homeserver's limit of {limit} bytes "
             "(m.upload.size in /_matrix/client/v1/media/config); not sent"
         )
+
+
+class DoublePuppetError(BridgeKitError):
+    """An appservice login as a real user (double puppeting) was refused; the message
+    says why and what the operator can change."""
 
 
 class InvalidMxc(BridgeKitError, ValueError):

@@ -1,0 +1,166 @@
+"""Double puppeting: act as a real Matrix user's own account, with their access token.
+
+The user's homeserver lets an appservice log in as one of its users when a
+registration of that appservice has the user in its (non-exclusive) user
+namespace: ``POST /login`` with ``m.login.application_service``. The access
+token it gives is kept in the store, per user, so that a restart logs in no
+more (each login makes a new device). A token the homeserver no longer knows
+(``M_UNKNOWN_TOKEN``: logged out, device deleted) is replaced by one new login.
+
+:class:`DoublePuppetClient` is a :class:`~bridge_kit.client.HomeserverClient`
+that sends the user's token and no ``?user_id=`` assertion; wrap it in an
+:class:`~bridge_kit.intent.Intent` (``app.double_puppet(user_id, as_token)`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import attrs
+
+from bridge_kit._transfer import Raw
+from bridge_kit.client import HomeserverClient, QueryValue, RetryPolicy, _Reply, structure_reply
+from bridge_kit.errors import DoublePuppetError, MatrixRequestError, UnknownToken
+from bridge_kit.store import Store
+
+__all__ = ["LOGIN_ENDPOINT", "TOKEN_FIELD", "DoublePuppetClient"]
+
+#: The login route (the endpoint name observers see for it).
+LOGIN_ENDPOINT: Final = "/_matrix/client/v3/login"
+#: The per-user field of the store's profile table that holds the access token.
+TOKEN_FIELD: Final = "bridge_kit.double_puppet.access_token"  # noqa: S105 - a field name
+
+#: What Synapse answers an appservice login with when MSC4190 is on (and its old name).
+_MSC4190_ERRCODES: Final = frozenset(
+    {"M_APPSERVICE_LOGIN_UNSUPPORTED", "IO.ELEMENT.MSC4190.M_APPSERVICE_LOGIN_UNSUPPORTED"}
+)
+
+
+@attrs.frozen
+class _LoginResponse:
+    user_id: str
+    access_token: str
+    device_id: str | None = None
+
+
+class DoublePuppetClient(HomeserverClient):
+    """A client acting as the real user ``user_id`` with an access token of their own.
+
+    The token comes from the store, or else from one appservice login with
+    ``as_token`` (the token of the registration whose namespace holds the user);
+    it is stored for the next start. The login happens before the first request.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        as_token: str,
+        user_id: str,
+        store: Store,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        retry = retry or RetryPolicy()
+        super().__init__(base_url, "", retry=retry)
+        self.user_id = user_id
+        self.store = store
+        self.login_count = 0
+        """How many logins this client made (0 when the stored token served)."""
+        self._login = HomeserverClient(base_url, as_token, retry=retry)
+        self._login.observers = self.observers  # one set of observers sees both
+        self._token: str | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<DoublePuppetClient {self.user_id}>"
+
+    async def close(self) -> None:
+        await self._login.close()
+        await super().close()
+
+    def abort_retries(self) -> None:
+        self._login.abort_retries()
+        super().abort_retries()
+
+    async def access_token(self) -> str:
+        """The user's access token: the stored one, or a new login's."""
+        async with self._lock:
+            if self._token is None:
+                stored = (await self.store.profile(self.user_id)).get(TOKEN_FIELD)
+                self._use(stored if stored else await self._log_in())
+            assert self._token is not None
+            return self._token
+
+    async def _renew(self, rejected: str) -> None:
+        """Log in again after ``rejected`` was refused, unless another request did."""
+        async with self._lock:
+            if self._token == rejected:
+                self._use(await self._log_in())
+
+    def _use(self, token: str) -> None:
+        self._token = token
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    async def _log_in(self) -> str:
+        body = {
+            "type": "m.login.application_service",
+            "identifier": {"type": "m.id.user", "user": self.user_id},
+        }
+        self.login_count += 1
+        try:
+            # Not resent after a lost reply: each login that happens makes a device.
+            reply = await self._login.request("POST", LOGIN_ENDPOINT, body=body, resend=False)
+        except MatrixRequestError as exc:
+            raise _login_error(self.user_id, exc) from exc
+        login = structure_reply(reply, _LoginResponse, "login")
+        if login.user_id != self.user_id:
+            raise DoublePuppetError(
+                f"logging in as {self.user_id} gave a token for {login.user_id}"
+            )
+        await self.store.set_profile(self.user_id, TOKEN_FIELD, login.access_token)
+        return login.access_token
+
+    async def _send_with_retries(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, QueryValue],
+        data: bytes | Raw | None,
+        endpoint: str,
+        *,
+        resend: bool,
+        stream: bool = False,
+    ) -> _Reply:
+        # The user's own token says who we are: no identity assertion.
+        params.pop("user_id", None)
+        token = await self.access_token()
+        try:
+            return await super()._send_with_retries(
+                method, path, params, data, endpoint, resend=resend, stream=stream
+            )
+        except UnknownToken:
+            await self._renew(token)
+            if isinstance(data, Raw) and not data.reusable:
+                raise  # its chunks are gone; the next call has a valid token
+        # A refused token means nothing was carried out: send it once more.
+        return await super()._send_with_retries(
+            method, path, params, data, endpoint, resend=resend, stream=stream
+        )
+
+
+def _login_error(user_id: str, exc: MatrixRequestError) -> BaseException:
+    if exc.errcode in _MSC4190_ERRCODES:
+        return DoublePuppetError(
+            f"the homeserver refused to log the appservice in as {user_id} "
+            f"({exc.errcode}): the double-puppet registration has MSC4190 on "
+            "(io.element.msc4190: true), which forbids appservice logins; "
+            "remove that flag from that registration file"
+        )
+    if isinstance(exc, UnknownToken):
+        return DoublePuppetError(
+            f"the homeserver does not know the double-puppet as_token ({exc.errcode}): "
+            f"is its registration file in the app_service_config_files of the "
+            f"homeserver of {user_id}?"
+        )
+    return exc
