@@ -28,7 +28,7 @@ from tests.daemons import (
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
-CHECKED = {"puppet-greets", "bulk-register", "config", "skip"}
+CHECKED = {"puppet-greets", "greets-with-calls", "bulk-register", "config", "skip"}
 
 
 def marked_blocks() -> dict[str, list[str]]:
@@ -53,7 +53,7 @@ def test_every_python_block_says_how_it_is_tested() -> None:
     blocks = marked_blocks()
     assert "" not in blocks, f"python blocks without a test marker: {blocks.get('')}"
     assert set(blocks) <= CHECKED, f"unknown test markers: {set(blocks) - CHECKED}"
-    assert {"puppet-greets", "bulk-register", "config"} <= set(blocks)
+    assert {"puppet-greets", "greets-with-calls", "bulk-register", "config"} <= set(blocks)
 
 
 def test_the_walkthroughs_config_loads_next_to_its_registration(tmp_path: Path) -> None:
@@ -87,6 +87,35 @@ async def test_the_library_snippet_runs_and_its_puppet_greets_when_invited(
         process = bridge.process
     assert hello["type"] == "m.room.message"
     assert process.returncode == 0, bridge.log_since()  # stopped cleanly by SIGTERM
+
+
+async def test_the_handler_with_several_calls_answers_and_reacts(
+    synapse: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    write_config(synapse, tmp_path)
+    (tmp_path / "bridge.py").write_text(block("greets-with-calls"))
+    bridge = Daemon(
+        [sys.executable, "bridge.py"], tmp_path,
+        health=f"{synapse.appservice_url}/_bridge_kit/health",
+    )  # fmt: skip
+    puppet = f"@_bk_readmecalls{unique}:{SERVER_NAME}"
+    client, alice = await real_user(synapse, f"callreader{unique}")
+    async with client, bridge:
+        room_id = await alice.create_room()
+        await alice.invite(room_id, puppet)
+        notice = await wait_for_event(
+            client, room_id, "the puppet's notice", sender=puppet, body="Thanks for the invite"
+        )
+        reaction = await wait_for_event(
+            client, room_id, "the puppet's reaction", sender=puppet, type="m.reaction"
+        )
+        assert bridge.process is not None
+        process = bridge.process
+    assert notice["content"]["msgtype"] == "m.notice"
+    assert notice["content"]["formatted_body"] == "<b>Thanks</b>"
+    relates = reaction["content"]["m.relates_to"]
+    assert relates["rel_type"] == "m.annotation" and relates["key"] == "👋"
+    assert process.returncode == 0, bridge.log_since()
 
 
 async def test_the_async_with_snippet_registers_the_listed_puppets(
