@@ -129,9 +129,9 @@ def synapse_factory(
     return factory
 
 
-@pytest.fixture(scope="session")
-async def postgres_dsn() -> AsyncIterator[str]:
-    """A fresh database on the local PostgreSQL, dropped after the session."""
+@contextlib.asynccontextmanager
+async def scratch_database(prefix: str = "bk_test") -> AsyncIterator[str]:
+    """A new database on the local PostgreSQL, dropped on exit; its DSN."""
     import asyncpg
 
     admin_dsn = os.environ.get(
@@ -141,13 +141,20 @@ async def postgres_dsn() -> AsyncIterator[str]:
         admin = await asyncpg.connect(admin_dsn, timeout=5)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         missing_service(f"PostgreSQL not reachable at {admin_dsn}: {exc}")
-    name = f"bk_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield admin_dsn.rsplit("/", 1)[0] + f"/{name}"
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn() -> AsyncIterator[str]:
+    """A fresh database on the local PostgreSQL, dropped after the session."""
+    async with scratch_database() as dsn:
+        yield dsn
 
 
 @pytest.fixture

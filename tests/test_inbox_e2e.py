@@ -43,7 +43,7 @@ from bridge_kit._synapse import free_port
 from bridge_kit.client import quote_segment
 from bridge_kit.server import serve_app
 from bridge_kit.store import open_store
-from tests.conftest import TestHomeserver, _running_homeserver, missing_service
+from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
 
 TIMEOUT = 90.0
 BRIDGE = Path(__file__).parent / "inbox_bridge.py"
@@ -492,26 +492,6 @@ def dead_letter_count(config: Path) -> int:
 # -- two daemons on PostgreSQL ----------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    import asyncpg  # type: ignore[import-untyped]
-
-    admin_dsn = os.environ.get(
-        "BRIDGE_KIT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    try:
-        admin = await asyncpg.connect(admin_dsn, timeout=5)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        missing_service(f"PostgreSQL not reachable at {admin_dsn}: {exc}")
-    name = f"bk_inbox_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_dsn.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 _FORWARDED = frozenset({"Authorization", "Content-Type"})
 
 
@@ -557,7 +537,10 @@ async def test_two_daemons_on_postgres_share_the_work_and_survive_losing_one(
     record = tmp_path / "record.tsv"
     puppet = f"_bk_pair{unique}"
     ports = [free_port(), free_port()]
-    async with scratch_database() as dsn, round_robin_proxy(homeserver.appservice_port, ports):
+    async with (
+        scratch_database("bk_inbox") as dsn,
+        round_robin_proxy(homeserver.appservice_port, ports),
+    ):
         bridges = [
             Bridge(
                 bridge_config(homeserver, tmp_path / f"{name}.yaml", dsn, port,
