@@ -34,9 +34,6 @@ from bridge_kit import (
     Event,
     HomeserverClient,
     HomeserverConfig,
-    Intent,
-    RegisterRequest,
-    UserInUse,
     defaults,
 )
 from bridge_kit._synapse import free_port
@@ -44,6 +41,7 @@ from bridge_kit.client import quote_segment
 from bridge_kit.server import serve_app
 from bridge_kit.store import open_store
 from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
+from tests.daemons import join_puppet, real_user
 
 TIMEOUT = 90.0
 BRIDGE = Path(__file__).parent / "inbox_bridge.py"
@@ -66,22 +64,6 @@ def app_config(hs: TestHomeserver, store: str, **appservice: Any) -> Config:
             **appservice,
         ),
     )
-
-
-async def real_user(hs: TestHomeserver, name: str) -> tuple[HomeserverClient, Intent]:
-    token = await hs.create_user(name)
-    client = HomeserverClient(hs.url, token)
-    return client, Intent(client, f"@{name}:test.local", None)
-
-
-async def join_puppet(hs: TestHomeserver, room_id: str, localpart: str, inviter: Intent) -> None:
-    """Register ``localpart`` and have it join ``room_id``, as the appservice."""
-    async with HomeserverClient(hs.url, hs.as_token) as appservice:
-        with contextlib.suppress(UserInUse):
-            await appservice.register(RegisterRequest.for_puppet(localpart))
-        user_id = f"@{localpart}:test.local"
-        await inviter.invite(room_id, user_id)
-        await Intent(appservice, user_id).join_room(room_id)
 
 
 async def messages(client: HomeserverClient, room_id: str, limit: int = 1000) -> list[Any]:
