@@ -15,7 +15,7 @@ import importlib.util
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -51,8 +51,10 @@ class SynapseServer:
         registrations: Sequence[Path] = (),
         server_name: str = "test.local",
         port: int | None = None,
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.extra_config = dict(extra_config or {})
         self.registrations = [Path(p).resolve() for p in registrations]
         self.server_name = server_name
         self.port = port or free_port()
@@ -143,6 +145,7 @@ class SynapseServer:
         config = yaml.safe_load(config_path.read_text())
         self._shared_secret = config["registration_shared_secret"]
         config.update(self._overrides())
+        config.update(self.extra_config)
         config_path.write_text(yaml.safe_dump(config))
         self._write_log_config()
         return config_path

@@ -23,7 +23,23 @@ IN_CI = os.environ.get("CI") == "true"
 SERVER_NAME = "test.local"
 
 
-_SYNAPSE_FIXTURES = frozenset({"synapse", "synapse_factory", "homeserver"})
+_SYNAPSE_FIXTURES = frozenset({"synapse", "synapse_factory", "homeserver", "synapse_devices"})
+
+#: The homeserver options that push to-device events, device lists and one-time-key
+#: counts to appservices (appservice-facts.md §9).
+DEVICE_EXPERIMENTS = {
+    "experimental_features": {
+        "msc2409_to_device_messages_enabled": True,
+        "msc3202_transaction_extensions": True,
+    }
+}
+#: The registration flags for MSC4190 devices and the MSC3202/MSC2409 transaction data.
+DEVICE_FLAGS = {
+    "io.element.msc4190": True,
+    "org.matrix.msc3202": True,
+    "receive_ephemeral": True,
+    "de.sorunome.msc2409.push_ephemeral": True,
+}
 _SYNAPSE_MODULES = frozenset({"test_appservice_e2e", "test_cli_online", "test_examples"})
 
 
@@ -50,7 +66,8 @@ class TestHomeserver(SynapseServer):
 
     __test__ = False
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, devices: bool = False) -> None:
+        self.devices = devices
         self.as_token = secrets.token_urlsafe(48)
         self.hs_token = secrets.token_urlsafe(48)
         self.other_as_token = secrets.token_urlsafe(48)
@@ -66,6 +83,7 @@ class TestHomeserver(SynapseServer):
             workdir / "synapse",
             registrations=[self.registration_path, other_path],
             server_name=SERVER_NAME,
+            extra_config=DEVICE_EXPERIMENTS if devices else None,
         )
 
     @property
@@ -73,7 +91,8 @@ class TestHomeserver(SynapseServer):
         return f"http://127.0.0.1:{self.appservice_port}"
 
     def registration_data(self) -> dict[str, Any]:
-        return {
+        flags = DEVICE_FLAGS if self.devices else {}
+        return flags | {
             "id": self.appservice_id,
             "url": self.appservice_url,
             "as_token": self.as_token,
@@ -103,10 +122,12 @@ class TestHomeserver(SynapseServer):
 
 
 @contextlib.asynccontextmanager
-async def _running_homeserver(workdir: Path) -> AsyncIterator[TestHomeserver]:
+async def _running_homeserver(
+    workdir: Path, *, devices: bool = False
+) -> AsyncIterator[TestHomeserver]:
     if not synapse_installed():
         missing_service("matrix-synapse is not installed (pip install -e '.[test]')")
-    async with TestHomeserver(workdir) as homeserver:
+    async with TestHomeserver(workdir, devices=devices) as homeserver:
         yield homeserver
 
 
@@ -114,6 +135,17 @@ async def _running_homeserver(workdir: Path) -> AsyncIterator[TestHomeserver]:
 async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
     """One real Synapse shared by the whole session (use unique localparts)."""
     async with _running_homeserver(tmp_path_factory.mktemp("synapse")) as homeserver:
+        yield homeserver
+
+
+@pytest.fixture(scope="session")
+async def synapse_devices(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[TestHomeserver]:
+    """A second shared Synapse for devices and encryption: the experimental options on,
+    and the MSC4190/MSC3202/ephemeral flags in our registration."""
+    workdir = tmp_path_factory.mktemp("synapse-devices")
+    async with _running_homeserver(workdir, devices=True) as homeserver:
         yield homeserver
 
 
