@@ -24,6 +24,7 @@ from bridge_kit.client import ClientObserver, ClientState, HomeserverClient, Ret
 from bridge_kit.config import (
     AppServiceConfig,
     Config,
+    EncryptionConfig,
     HomeserverConfig,
     LoggingConfig,
     PuppetsConfig,
@@ -102,6 +103,7 @@ __all__ = [
     "ClientState",
     "Config",
     "ConfigError",
+    "EncryptionConfig",
     "ErrorReply",
     "Event",
     "Exclusive",

@@ -46,6 +46,7 @@ __all__ = [
     "ENV_PREFIX",
     "AppServiceConfig",
     "Config",
+    "EncryptionConfig",
     "HomeserverConfig",
     "LoggingConfig",
     "PuppetsConfig",
@@ -103,6 +104,12 @@ def _check_seconds(value: float) -> str | None:
 def _check_store(value: str) -> str | None:
     problem = store_url_problem(value)
     return None if problem is None else f"{problem}; expected {STORE_FORMS}"
+
+
+def _check_pickle_key(value: str | None) -> str | None:
+    if value is None or len(value) >= 16:
+        return None
+    return "must be a secret of at least 16 characters (e.g. `openssl rand -hex 32`), or null"
 
 
 _LEVELS: Final = tuple(logging.getLevelNamesMapping())
@@ -215,11 +222,25 @@ class LoggingConfig(_Section):
     format: str = _checked(defaults.LOG_FORMAT, _check_format)
 
 
+@attrs.frozen
+class EncryptionConfig(_Section):
+    """``encryption``: end-to-end encryption in encrypted rooms (the ``e2ee`` extra)."""
+
+    section: ClassVar[str] = "encryption"
+
+    enabled: bool = _checked(False)
+    pickle_key: str | None = _checked(None, _check_pickle_key, repr=False)
+    """Encrypts the stored crypto state; ``None``: derived from the registration's as_token."""
+    key_wait: float = _checked(defaults.KEY_WAIT, _check_seconds)
+    """Seconds an event waits for its room key before it becomes a dead letter."""
+
+
 _SECTIONS: Final[dict[str, type[_Section]]] = {
     "homeserver": HomeserverConfig,
     "appservice": AppServiceConfig,
     "puppets": PuppetsConfig,
     "logging": LoggingConfig,
+    "encryption": EncryptionConfig,
 }
 
 
@@ -235,6 +256,7 @@ class Config:
     appservice: AppServiceConfig
     puppets: PuppetsConfig = attrs.field(factory=PuppetsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    encryption: EncryptionConfig = attrs.field(factory=EncryptionConfig)
     source: Path | None = None
     """The file this was loaded from, if any."""
 
@@ -296,6 +318,7 @@ class Config:
             appservice=AppServiceConfig(**sections["appservice"]),
             puppets=PuppetsConfig(**sections["puppets"]),
             logging=LoggingConfig(**sections["logging"]),
+            encryption=EncryptionConfig(**sections["encryption"]),
             source=None if source is None else Path(source),
         )
 

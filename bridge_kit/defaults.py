@@ -67,3 +67,8 @@ INBOX_POLL: Final = 2.0
 #: = 15 s in all). A restart can race the homeserver's own retry of queued transactions.
 PING_ATTEMPTS: Final = 5
 PING_BACKOFF: Final = 1.0
+
+#: Seconds an encrypted event waits in the inbox for its room key before it becomes a
+#: dead letter ("no room key"); a key sent together with the message usually arrives
+#: in the same or the next transaction.
+KEY_WAIT: Final = 10.0

@@ -265,12 +265,32 @@ def daemon_findings(config: Config, path: str, registration: Registration) -> li
     report = Report(_source_map(path))
     _check_listener(report, config, registration)
     _check_domain(report, config, registration)
+    _check_encryption(report, config, registration)
     located = [(path, finding) for finding in report.findings]
     located += [(source, finding) for finding in _store_findings(config)]
     if not _same_file(str(config.registration_path), path):
         message = f"names the registration {config.registration_path}, not {path}"
         located.append((source, Finding("warning", "appservice.registration", None, message)))
     return located
+
+
+def _check_encryption(report: Report, config: Config, registration: Registration) -> None:
+    if not config.encryption.enabled:
+        return
+    missing = registration.missing_encryption_flags()
+    if missing:
+        report.error(
+            (missing[0],),
+            f"encryption.enabled is on in {config.source}, but the registration lacks "
+            f"{', '.join(missing)} (write it with `bridge-kit generate-registration "
+            "--encryption`, then restart the homeserver)",
+        )
+    if importlib.util.find_spec("vodozemac") is None:
+        report.error(
+            (),
+            f"encryption.enabled is on in {config.source}, but vodozemac is not installed: "
+            "pip install 'bridge-kit[e2ee]'",
+        )
 
 
 def _check_listener(report: Report, config: Config, registration: Registration) -> None:

@@ -24,6 +24,11 @@ Every exception bridge_kit raises on purpose lives here::
     ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
     ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
     ├── DoublePuppetError            the homeserver would not let us log in as a real user
+    ├── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
+    │   ├── EncryptionUnavailable (ConfigError)  encryption enabled without the e2ee extra
+    │   ├── WrongPickleKey           stored crypto state does not open with this pickle key
+    │   └── UndecryptableEvent       an encrypted event bridge_kit cannot (or will not) decrypt
+    │       └── NoRoomKey            its Megolm room key has not arrived (yet)
     └── MatrixRequestError           the homeserver answered with an error (by errcode:)
         ├── UserInUse                M_USER_IN_USE
         ├── Exclusive                M_EXCLUSIVE
@@ -48,7 +53,9 @@ __all__ = [
     "BridgeKitError",
     "ClientClosed",
     "ConfigError",
+    "CryptoError",
     "DoublePuppetError",
+    "EncryptionUnavailable",
     "ErrorReply",
     "Exclusive",
     "Forbidden",
@@ -61,6 +68,7 @@ __all__ = [
     "MatrixRequestError",
     "MediaTooLarge",
     "MissingToken",
+    "NoRoomKey",
     "NotFound",
     "NotInNamespace",
     "RegistrationAborted",
@@ -70,11 +78,13 @@ __all__ = [
     "StoreError",
     "SynapseError",
     "TransactionFailed",
+    "UndecryptableEvent",
     "UnexpectedReply",
     "UnknownDevice",
     "UnknownToken",
     "UsageError",
     "UserInUse",
+    "WrongPickleKey",
     "WrongType",
     "YamlError",
     "errcode",
@@ -250,6 +260,39 @@ class MediaTooLarge(BridgeKitError):
 class DoublePuppetError(BridgeKitError):
     """An appservice login as a real user (double puppeting) was refused; the message
     says why and what the operator can change."""
+
+
+class CryptoError(BridgeKitError):
+    """End-to-end encryption failed; the subclasses say how."""
+
+
+class EncryptionUnavailable(CryptoError, ConfigError):
+    """``encryption.enabled`` is on, but the ``e2ee`` extra (vodozemac) is not installed."""
+
+
+class WrongPickleKey(CryptoError):
+    """Stored crypto state does not decrypt with the configured pickle key.
+
+    The key changed (``encryption.pickle_key``, or the as_token it defaults to
+    being derived from) since the state was written; the old key opens it again.
+    """
+
+
+class UndecryptableEvent(CryptoError):
+    """An encrypted event that cannot or must not be decrypted; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class NoRoomKey(UndecryptableEvent):
+    """The Megolm session of a room event is unknown: its room key has not arrived."""
+
+    def __init__(self, room_id: str, session_id: str) -> None:
+        self.room_id = room_id
+        self.session_id = session_id
+        super().__init__("no room key")
 
 
 class InvalidMxc(BridgeKitError, ValueError):

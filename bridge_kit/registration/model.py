@@ -107,6 +107,19 @@ class Registration:
     namespaces: Namespaces = attrs.field(factory=Namespaces)
     extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
 
+    def missing_encryption_flags(self) -> list[str]:
+        """The keys ``generate-registration --encryption`` writes that are not on:
+        end-to-end encryption needs devices (MSC4190), device lists and one-time-key
+        counts (MSC3202) and to-device events (ephemeral) in transactions."""
+        missing = []
+        if not self.msc4190:
+            missing.append("io.element.msc4190")
+        if not self.msc3202:
+            missing.append("org.matrix.msc3202")
+        if not (self.receive_ephemeral or self.push_ephemeral):
+            missing.append("receive_ephemeral")
+        return missing
+
     # -- loading and saving -------------------------------------------------
 
     @classmethod

@@ -1,0 +1,52 @@
+"""End-to-end encryption for bridges, built on vodozemac (the ``e2ee`` extra).
+
+Importing this package needs vodozemac; the rest of bridge_kit does not, and only
+imports it when ``encryption.enabled`` is on.
+"""
+
+from bridge_kit.crypto.account import (
+    MEGOLM_ALGORITHM,
+    OLM_ALGORITHM,
+    SIGNED_CURVE25519,
+    KeyUpload,
+    OlmAccount,
+)
+from bridge_kit.crypto.devices import Device, DeviceTracker, verified_device
+from bridge_kit.crypto.machine import ROOM_KEY, CryptoMachine, KeysApi
+from bridge_kit.crypto.megolm import (
+    DecryptedRoomEvent,
+    InboundGroupSessions,
+    OutboundGroupSessions,
+    OutboundSession,
+    RotationSettings,
+)
+from bridge_kit.crypto.olm import OlmPayload, OlmSessions
+from bridge_kit.crypto.signing import canonical_json, sign_json, verify_json
+from bridge_kit.crypto.vault import CryptoStore, CryptoVault, derive_pickle_key
+
+__all__ = [
+    "MEGOLM_ALGORITHM",
+    "OLM_ALGORITHM",
+    "ROOM_KEY",
+    "SIGNED_CURVE25519",
+    "CryptoMachine",
+    "CryptoStore",
+    "CryptoVault",
+    "DecryptedRoomEvent",
+    "Device",
+    "DeviceTracker",
+    "InboundGroupSessions",
+    "KeyUpload",
+    "KeysApi",
+    "OlmAccount",
+    "OlmPayload",
+    "OlmSessions",
+    "OutboundGroupSessions",
+    "OutboundSession",
+    "RotationSettings",
+    "canonical_json",
+    "derive_pickle_key",
+    "sign_json",
+    "verified_device",
+    "verify_json",
+]

@@ -1,0 +1,184 @@
+"""The devices of other users: what ``/keys/query`` answered, kept only when each
+device's keys carry a valid signature by the device's own ed25519 key, refreshed
+when the homeserver says a user's device list changed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import attrs
+
+from bridge_kit.crypto.signing import verify_json
+from bridge_kit.crypto.vault import CryptoVault
+
+__all__ = ["Device", "DeviceTracker", "verified_device"]
+
+_log = logging.getLogger(__name__)
+
+_KIND: Final = "devices"
+
+
+@attrs.frozen
+class Device:
+    """One device's public identity keys, checked against its self-signature."""
+
+    user_id: str
+    device_id: str
+    curve25519: str
+    ed25519: str
+    algorithms: tuple[str, ...] = ()
+    display_name: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "curve25519": self.curve25519,
+            "ed25519": self.ed25519,
+            "algorithms": list(self.algorithms),
+            "display_name": self.display_name,
+        }
+
+    @classmethod
+    def from_record(cls, user_id: str, device_id: str, record: Mapping[str, Any]) -> Device:
+        return cls(
+            user_id,
+            device_id,
+            record["curve25519"],
+            record["ed25519"],
+            tuple(record.get("algorithms", ())),
+            record.get("display_name"),
+        )
+
+
+def verified_device(user_id: str, device_id: str, payload: Any) -> Device | str:
+    """The :class:`Device` in one ``device_keys[user_id][device_id]`` entry of a
+    ``/keys/query`` answer, or the reason it is refused."""
+    if not isinstance(payload, Mapping):
+        return "not an object"
+    if payload.get("user_id") != user_id or payload.get("device_id") != device_id:
+        return "its user_id or device_id is not the one it is listed under"
+    keys = payload.get("keys")
+    if not isinstance(keys, Mapping):
+        return "no keys"
+    curve = keys.get(f"curve25519:{device_id}")
+    ed25519 = keys.get(f"ed25519:{device_id}")
+    if not isinstance(curve, str) or not isinstance(ed25519, str):
+        return "no curve25519 or ed25519 key"
+    if not verify_json(payload, user_id, device_id, ed25519):
+        return "no valid self-signature"
+    algorithms = payload.get("algorithms")
+    unsigned = payload.get("unsigned")
+    name = unsigned.get("device_display_name") if isinstance(unsigned, Mapping) else None
+    return Device(
+        user_id,
+        device_id,
+        curve,
+        ed25519,
+        tuple(a for a in algorithms if isinstance(a, str)) if isinstance(algorithms, list) else (),
+        name if isinstance(name, str) else None,
+    )
+
+
+class DeviceTracker:
+    """Verified devices per user, in memory and in the vault.
+
+    A user is *outdated* until a ``/keys/query`` answer for them was applied, and
+    again after a device-list change; :meth:`outdated_among` says whom to query.
+    """
+
+    def __init__(self, vault: CryptoVault) -> None:
+        self.vault = vault
+        self._devices: dict[str, dict[str, Device]] = {}
+        self._outdated: set[str] = set()
+        self._loaded = False
+
+    async def load(self) -> None:
+        for user_id, record in (await self.vault.json_items(_KIND)).items():
+            self._devices[user_id] = {
+                device_id: Device.from_record(user_id, device_id, entry)
+                for device_id, entry in record["devices"].items()
+            }
+            if record.get("outdated"):
+                self._outdated.add(user_id)
+        self._loaded = True
+
+    def devices(self, user_id: str) -> dict[str, Device]:
+        """The known devices of ``user_id`` (empty if never queried)."""
+        return dict(self._devices.get(user_id, {}))
+
+    def device_by_curve25519(self, user_id: str, curve25519: str) -> Device | None:
+        for device in self._devices.get(user_id, {}).values():
+            if device.curve25519 == curve25519:
+                return device
+        return None
+
+    def outdated_among(self, user_ids: Iterable[str]) -> list[str]:
+        """Those of ``user_ids`` never queried or whose device list changed since."""
+        return sorted({u for u in user_ids if u not in self._devices or u in self._outdated})
+
+    async def mark_outdated(self, user_ids: Iterable[str]) -> None:
+        """Device lists changed: query these users again before trusting their list."""
+        changed = {u for u in user_ids if u in self._devices and u not in self._outdated}
+        self._outdated |= changed
+        await self._save(changed)
+
+    async def forget(self, user_ids: Iterable[str]) -> None:
+        """We no longer share a room with these users: drop their devices."""
+        for user_id in user_ids:
+            if self._devices.pop(user_id, None) is not None:
+                await self.vault.delete(_KIND, user_id)
+            self._outdated.discard(user_id)
+
+    async def apply_query(self, answer: Mapping[str, Any]) -> dict[str, list[str]]:
+        """Take in a ``/keys/query`` answer; return the devices new since the last one.
+
+        A device refused by :func:`verified_device`, or whose ed25519 key differs from
+        the one first seen for its id, is left out (the spec: such a device must be
+        ignored, a changed ed25519 key means someone else holds the device id).
+        """
+        device_keys = answer.get("device_keys")
+        if not isinstance(device_keys, Mapping):
+            return {}
+        added: dict[str, list[str]] = {}
+        for user_id, listed in device_keys.items():
+            if not isinstance(listed, Mapping):
+                continue
+            devices = self._accepted_devices(user_id, listed)
+            new = sorted(devices.keys() - self._devices.get(user_id, {}).keys())
+            if new:
+                added[user_id] = new
+            self._devices[user_id] = devices
+            self._outdated.discard(user_id)
+        await self._save(set(device_keys) & self._devices.keys())
+        return added
+
+    def _accepted_devices(self, user_id: str, listed: Mapping[str, Any]) -> dict[str, Device]:
+        known = self._devices.get(user_id, {})
+        accepted: dict[str, Device] = {}
+        for device_id, payload in listed.items():
+            device = verified_device(user_id, str(device_id), payload)
+            if isinstance(device, str):
+                _log.warning("ignoring device %s of %s: %s", device_id, user_id, device)
+                continue
+            previous = known.get(device.device_id)
+            if previous is not None and previous.ed25519 != device.ed25519:
+                _log.warning(
+                    "ignoring device %s of %s: its ed25519 key changed", device_id, user_id
+                )
+                accepted[previous.device_id] = previous
+                continue
+            accepted[device.device_id] = device
+        return accepted
+
+    async def _save(self, user_ids: Iterable[str]) -> None:
+        records = {
+            user_id: {
+                "devices": {d.device_id: d.record() for d in self._devices[user_id].values()},
+                "outdated": user_id in self._outdated,
+            }
+            for user_id in user_ids
+            if user_id in self._devices
+        }
+        if records:
+            await self.vault.put_json_many(_KIND, records)

@@ -1,0 +1,275 @@
+"""The crypto of one device, put together: the account and its key uploads, device
+tracking, Olm to-device messages, room keys in and out, and room event encryption.
+
+It talks to the homeserver through :class:`KeysApi` (the ``/keys`` and
+``/sendToDevice`` calls as that device), so it does not care how requests are made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Collection, Mapping
+from typing import Any, Final, Protocol
+
+from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
+from bridge_kit.crypto.devices import Device, DeviceTracker
+from bridge_kit.crypto.megolm import (
+    DecryptedRoomEvent,
+    InboundGroupSessions,
+    OutboundGroupSessions,
+    OutboundSession,
+    RotationSettings,
+)
+from bridge_kit.crypto.olm import OlmPayload, OlmSessions
+from bridge_kit.crypto.vault import CryptoStore, CryptoVault
+
+__all__ = ["ROOM_KEY", "CryptoMachine", "KeysApi"]
+
+_log = logging.getLogger(__name__)
+
+ROOM_KEY: Final = "m.room_key"
+ENCRYPTED: Final = "m.room.encrypted"
+#: Seconds before a device whose one-time key could not be claimed is tried again.
+CLAIM_RETRY: Final = 300.0
+
+
+class KeysApi(Protocol):
+    """The homeserver calls the machine makes, as its own device."""
+
+    async def upload_keys(
+        self,
+        device_keys: dict[str, Any] | None,
+        one_time_keys: dict[str, Any],
+        fallback_keys: dict[str, Any],
+    ) -> Mapping[str, int]:
+        """``POST /keys/upload``; the one-time key counts by algorithm."""
+
+    async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
+        """``POST /keys/query``: the answer body (``device_keys`` by user and device)."""
+
+    async def claim_keys(self, wanted: Mapping[str, Mapping[str, str]]) -> Mapping[str, Any]:
+        """``POST /keys/claim``: the answer's ``one_time_keys`` by user and device."""
+
+    async def send_to_device(
+        self, event_type: str, messages: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """``PUT /sendToDevice/{event_type}/{txnId}``."""
+
+
+def owner_of(user_id: str, device_id: str) -> str:
+    """The store owner key of one device's crypto state."""
+    return f"{user_id}|{device_id}"
+
+
+class CryptoMachine:
+    """End-to-end encryption for ``user_id``'s device ``device_id``."""
+
+    def __init__(
+        self,
+        store: CryptoStore,
+        user_id: str,
+        device_id: str,
+        pickle_key: bytes,
+        api: KeysApi,
+    ) -> None:
+        self.user_id = user_id
+        self.device_id = device_id
+        self.api = api
+        self.vault = CryptoVault(store, owner_of(user_id, device_id), pickle_key)
+        self.tracker = DeviceTracker(self.vault)
+        self.inbound = InboundGroupSessions(self.vault)
+        self._account: OlmAccount | None = None
+        self._olm: OlmSessions | None = None
+        self._outbound: OutboundGroupSessions | None = None
+        self._olm_lock = asyncio.Lock()  # the account and Olm sessions change on every use
+        self._room_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._claim_failed: dict[tuple[str, str], float] = {}
+
+    # -- start-up and keys ---------------------------------------------------
+
+    async def start(self) -> None:
+        """Load (or create) the account and sessions, then upload what the server lacks."""
+        self._account = await OlmAccount.load_or_create(self.vault, self.user_id, self.device_id)
+        self._olm = OlmSessions(self._account, self.vault, self.tracker)
+        self._outbound = OutboundGroupSessions(self._account, self.vault, self.inbound)
+        await self.tracker.load()
+        await self._olm.load()
+        counts = await self.api.upload_keys(None, {}, {})
+        await self.top_up(counts.get(SIGNED_CURVE25519, 0))
+
+    @property
+    def account(self) -> OlmAccount:
+        if self._account is None:
+            raise RuntimeError("CryptoMachine.start() was not called")
+        return self._account
+
+    @property
+    def olm(self) -> OlmSessions:
+        if self._olm is None:
+            raise RuntimeError("CryptoMachine.start() was not called")
+        return self._olm
+
+    @property
+    def outbound(self) -> OutboundGroupSessions:
+        if self._outbound is None:
+            raise RuntimeError("CryptoMachine.start() was not called")
+        return self._outbound
+
+    def identity_keys(self) -> dict[str, str]:
+        return {"curve25519": self.account.curve25519, "ed25519": self.account.ed25519}
+
+    async def top_up(
+        self, server_count: int, unused_fallback_types: Collection[str] | None = None
+    ) -> int:
+        """Upload device keys (once), one-time keys up to the target and a fresh
+        fallback key if the last was used; return the server's count afterwards."""
+        async with self._olm_lock:
+            upload = await self.account.keys_to_upload(server_count, unused_fallback_types)
+            if upload.empty:
+                return server_count
+            counts = await self.api.upload_keys(
+                upload.device_keys, upload.one_time_keys, upload.fallback_keys
+            )
+            await self.account.mark_published()
+        return int(counts.get(SIGNED_CURVE25519, 0))
+
+    # -- devices ---------------------------------------------------------------
+
+    async def on_device_lists(self, changed: Collection[str], left: Collection[str]) -> None:
+        await self.tracker.mark_outdated(changed)
+        await self.tracker.forget(left)
+
+    async def refresh_devices(self, user_ids: Collection[str]) -> None:
+        """``/keys/query`` the users whose device list is unknown or changed."""
+        outdated = self.tracker.outdated_among(user_ids)
+        if outdated:
+            await self.tracker.apply_query(await self.api.query_keys(outdated))
+
+    # -- incoming --------------------------------------------------------------
+
+    async def decrypt_to_device(self, sender: str, content: Mapping[str, Any]) -> OlmPayload:
+        """Decrypt a to-device ``m.room.encrypted``; an ``m.room_key`` in it becomes an
+        inbound Megolm session (only when its sender is the device the Olm session
+        is with, which is what Olm proves)."""
+        async with self._olm_lock:
+            payload = await self.olm.decrypt(sender, content)
+        if payload.type == ROOM_KEY:
+            await self.inbound.add_room_key(payload)
+        return payload
+
+    async def decrypt_room_event(
+        self, room_id: str, event_id: str, sender: str, content: Mapping[str, Any]
+    ) -> DecryptedRoomEvent:
+        return await self.inbound.decrypt(room_id, event_id, sender, content)
+
+    def sender_device(self, sender: str, sender_key: str) -> Device | None:
+        return self.tracker.device_by_curve25519(sender, sender_key)
+
+    # -- outgoing --------------------------------------------------------------
+
+    async def encrypt_room_event(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any],
+        members: Collection[str],
+        settings: RotationSettings | None = None,
+    ) -> dict[str, Any]:
+        """The ``m.room.encrypted`` content for one event, after the room key reached
+        every device of ``members`` (the room's joined users) that lacks it."""
+        async with self._room_locks[room_id]:
+            session = await self.prepare_room(room_id, members, settings or RotationSettings())
+            return await self.outbound.encrypt(session, event_type, content)
+
+    async def prepare_room(
+        self, room_id: str, members: Collection[str], settings: RotationSettings
+    ) -> OutboundSession:
+        """The room's outbound session, rotated if a device that had its key is no
+        longer in the room, and shared with every member device that lacks it."""
+        await self.refresh_devices(members)
+        devices = self._room_devices(members)
+        session = await self.outbound.current(room_id, settings)
+        current = {(d.user_id, d.device_id, d.curve25519) for d in devices}
+        if _shared_set(session) - current:
+            await self.outbound.discard(room_id)
+            session = await self.outbound.current(room_id, settings)
+        missing = [
+            d for d in devices if (d.user_id, d.device_id, d.curve25519) not in _shared_set(session)
+        ]
+        if missing:
+            await self.share_room_key(session, missing)
+        return session
+
+    def _room_devices(self, members: Collection[str]) -> list[Device]:
+        devices = []
+        for user_id in sorted(set(members)):
+            for device in self.tracker.devices(user_id).values():
+                ours = user_id == self.user_id and device.device_id == self.device_id
+                supports = (
+                    OLM_ALGORITHM in device.algorithms and MEGOLM_ALGORITHM in device.algorithms
+                )
+                if not ours and supports:
+                    devices.append(device)
+        return devices
+
+    async def share_room_key(self, session: OutboundSession, devices: list[Device]) -> None:
+        """Send ``m.room_key`` over Olm to ``devices``; the ones it reached are recorded
+        in the session (the rest are tried again on the next message)."""
+        async with self._olm_lock:
+            await self._ensure_olm_sessions(devices)
+            room_key = self.outbound.room_key_content(session)
+            messages: dict[str, dict[str, Any]] = {}
+            reached: list[Device] = []
+            for device in devices:
+                if not self.olm.has_session(device.curve25519):
+                    continue
+                content = await self.olm.encrypt(device, ROOM_KEY, room_key)
+                messages.setdefault(device.user_id, {})[device.device_id] = content
+                reached.append(device)
+        if messages:
+            await self.api.send_to_device(ENCRYPTED, messages)
+        for device in reached:
+            session.shared_with.setdefault(device.user_id, {})[device.device_id] = device.curve25519
+        await self.outbound.save(session)
+
+    async def _ensure_olm_sessions(self, devices: list[Device]) -> None:
+        now = time.monotonic()
+        wanted: dict[str, dict[str, str]] = {}
+        for device in devices:
+            failed_at = self._claim_failed.get((device.user_id, device.device_id))
+            if self.olm.has_session(device.curve25519):
+                continue
+            if failed_at is not None and now - failed_at < CLAIM_RETRY:
+                continue
+            wanted.setdefault(device.user_id, {})[device.device_id] = SIGNED_CURVE25519
+        if not wanted:
+            return
+        claimed = await self.api.claim_keys(wanted)
+        for device in devices:
+            if device.device_id not in wanted.get(device.user_id, {}):
+                continue
+            keys = claimed.get(device.user_id, {}).get(device.device_id)
+            problem = "no one-time key" if not isinstance(keys, Mapping) else None
+            if problem is None:
+                problem = await self.olm.create_outbound(device, keys)
+            if problem is not None:
+                _log.warning(
+                    "no Olm session with %s %s: %s", device.user_id, device.device_id, problem
+                )
+                self._claim_failed[(device.user_id, device.device_id)] = now
+
+    async def forget_room_session(self, room_id: str) -> None:
+        """Rotate the room's session now (a member left, or the settings changed)."""
+        async with self._room_locks[room_id]:
+            await self.outbound.discard(room_id)
+
+
+def _shared_set(session: OutboundSession) -> set[tuple[str, str, str]]:
+    return {
+        (user_id, device_id, curve)
+        for user_id, devices in session.shared_with.items()
+        for device_id, curve in devices.items()
+    }

@@ -1,0 +1,321 @@
+"""Megolm room keys: inbound sessions from ``m.room_key`` to decrypt room events,
+and the outbound session of each room, with the room's rotation settings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import vodozemac
+
+from bridge_kit._json import decode_json
+from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OlmAccount
+from bridge_kit.crypto.olm import OlmPayload
+from bridge_kit.crypto.signing import canonical_json
+from bridge_kit.crypto.vault import CryptoVault
+from bridge_kit.errors import NoRoomKey, UndecryptableEvent
+
+__all__ = [
+    "DecryptedRoomEvent",
+    "InboundGroupSessions",
+    "OutboundGroupSessions",
+    "OutboundSession",
+    "RotationSettings",
+]
+
+_INBOUND: Final = "megolm_inbound"
+_SEEN: Final = "megolm_seen"
+_OUTBOUND: Final = "megolm_outbound"
+_RELATION: Final = "m.relates_to"
+
+
+@attrs.frozen
+class DecryptedRoomEvent:
+    """The inner event of a room ``m.room.encrypted`` and where its key came from."""
+
+    type: str
+    content: dict[str, Any]
+    sender_key: str
+    """The curve25519 key of the device that shared the room key."""
+    sender_ed25519: str
+    session_id: str
+    message_index: int
+
+
+@attrs.frozen
+class _Inbound:
+    session: vodozemac.InboundGroupSession
+    sender: str
+    sender_key: str
+    sender_ed25519: str
+
+
+def _room_key_fields(content: Mapping[str, Any]) -> tuple[str, str, str]:
+    if content.get("algorithm") != MEGOLM_ALGORITHM:
+        raise UndecryptableEvent(f"room key of unsupported algorithm {content.get('algorithm')!r}")
+    fields = content.get("room_id"), content.get("session_id"), content.get("session_key")
+    if not all(isinstance(f, str) for f in fields):
+        raise UndecryptableEvent("the room key has no room_id, session_id or session_key")
+    return fields  # type: ignore[return-value]
+
+
+class InboundGroupSessions:
+    """Room keys others shared with us, by room and session id."""
+
+    def __init__(self, vault: CryptoVault) -> None:
+        self.vault = vault
+        self._cache: dict[tuple[str, str], _Inbound] = {}
+
+    async def get(self, room_id: str, session_id: str) -> _Inbound | None:
+        key = (room_id, session_id)
+        if key not in self._cache:
+            record = await self.vault.get_json(_INBOUND, f"{room_id}|{session_id}")
+            if record is None:
+                return None
+            session = self.vault.unseal(
+                vodozemac.InboundGroupSession.from_pickle,
+                record["pickle"].encode("ascii"),
+                "Megolm session",
+            )
+            sender = record["sender"]
+            self._cache[key] = _Inbound(session, sender, record["sender_key"], record["ed25519"])
+        return self._cache[key]
+
+    async def add_room_key(self, payload: OlmPayload) -> tuple[str, str] | None:
+        """Take in an ``m.room_key`` that arrived over Olm; return its (room, session)
+        ids if it is new or starts at an earlier index than the one known."""
+        room_id, session_id, session_key = _room_key_fields(payload.content)
+        try:
+            session = vodozemac.InboundGroupSession(vodozemac.SessionKey(session_key))
+        except ValueError as exc:
+            raise UndecryptableEvent(f"invalid room key: {exc}") from None
+        if session.session_id != session_id:
+            raise UndecryptableEvent("the room key's session_id does not match its key")
+        known = await self.get(room_id, session_id)
+        if known is not None:
+            if known.sender_key != payload.sender_key:
+                raise UndecryptableEvent("the room key was already shared by another device")
+            if known.session.first_known_index <= session.first_known_index:
+                return None
+        await self.add(room_id, session, payload.sender, payload.sender_key, payload.sender_ed25519)
+        return room_id, session_id
+
+    async def add(
+        self,
+        room_id: str,
+        session: vodozemac.InboundGroupSession,
+        sender: str,
+        sender_key: str,
+        sender_ed25519: str,
+    ) -> None:
+        record = {
+            "pickle": self.vault.seal(session).decode("ascii"),
+            "sender": sender,
+            "sender_key": sender_key,
+            "ed25519": sender_ed25519,
+        }
+        await self.vault.put_json(_INBOUND, f"{room_id}|{session.session_id}", record)
+        self._cache[(room_id, session.session_id)] = _Inbound(
+            session, sender, sender_key, sender_ed25519
+        )
+
+    async def decrypt(
+        self, room_id: str, event_id: str, sender: str, content: Mapping[str, Any]
+    ) -> DecryptedRoomEvent:
+        """Decrypt a room event's ``m.megolm.v1.aes-sha2`` content; :class:`NoRoomKey`
+        when its session is unknown, :class:`UndecryptableEvent` for anything wrong."""
+        if content.get("algorithm") != MEGOLM_ALGORITHM:
+            raise UndecryptableEvent(f"unsupported algorithm {content.get('algorithm')!r}")
+        session_id, ciphertext = content.get("session_id"), content.get("ciphertext")
+        if not isinstance(session_id, str) or not isinstance(ciphertext, str):
+            raise UndecryptableEvent("no session_id or ciphertext")
+        inbound = await self.get(room_id, session_id)
+        if inbound is None:
+            raise NoRoomKey(room_id, session_id)
+        if inbound.sender != sender:
+            raise UndecryptableEvent("the room key belongs to another user than the sender")
+        claimed_key = content.get("sender_key")
+        if claimed_key is not None and claimed_key != inbound.sender_key:
+            raise UndecryptableEvent("the sender_key is not the room key's sender device")
+        try:
+            decrypted = inbound.session.decrypt(vodozemac.MegolmMessage.from_base64(ciphertext))
+        except ValueError as exc:
+            raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
+        await self._refuse_replay(room_id, session_id, decrypted.message_index, event_id)
+        return self._inner_event(room_id, content, inbound, session_id, decrypted)
+
+    async def _refuse_replay(
+        self, room_id: str, session_id: str, index: int, event_id: str
+    ) -> None:
+        """A message index decrypts once: the same ciphertext under another event id
+        is a replay (the spec's check; the same event again is a redelivery)."""
+        key = f"{room_id}|{session_id}|{index}"
+        seen = await self.vault.get_json(_SEEN, key)
+        if seen is not None and seen != event_id:
+            raise UndecryptableEvent(f"replayed message index {index} (first in {seen})")
+        if seen is None:
+            await self.vault.put_json(_SEEN, key, event_id)
+
+    @staticmethod
+    def _inner_event(
+        room_id: str,
+        content: Mapping[str, Any],
+        inbound: _Inbound,
+        session_id: str,
+        decrypted: Any,
+    ) -> DecryptedRoomEvent:
+        try:
+            payload = decode_json(bytes(decrypted.plaintext).decode("utf-8"))
+        except ValueError:
+            raise UndecryptableEvent("the plaintext is not JSON") from None
+        if not isinstance(payload, Mapping) or payload.get("room_id") != room_id:
+            raise UndecryptableEvent("the plaintext is for another room")
+        event_type, inner = payload.get("type"), payload.get("content")
+        if not isinstance(event_type, str) or not isinstance(inner, dict):
+            raise UndecryptableEvent("the plaintext has no type or content")
+        relation = content.get(_RELATION)
+        if isinstance(relation, dict) and _RELATION not in inner:
+            inner = {**inner, _RELATION: relation}
+        return DecryptedRoomEvent(
+            event_type,
+            inner,
+            inbound.sender_key,
+            inbound.sender_ed25519,
+            session_id,
+            decrypted.message_index,
+        )
+
+
+_WEEK_MS: Final = 604_800_000
+_MESSAGES: Final = 100
+
+
+@attrs.frozen
+class RotationSettings:
+    """When to replace a room's outbound session (``m.room.encryption``; the spec's
+    defaults: a week or 100 messages)."""
+
+    period_ms: int = _WEEK_MS
+    period_msgs: int = _MESSAGES
+
+    @classmethod
+    def from_content(cls, content: Mapping[str, Any] | None) -> RotationSettings:
+        content = content or {}
+        period_ms, period_msgs = (
+            content.get("rotation_period_ms"),
+            content.get("rotation_period_msgs"),
+        )
+        valid_ms = isinstance(period_ms, int) and not isinstance(period_ms, bool) and period_ms > 0
+        valid_msgs = (
+            isinstance(period_msgs, int) and not isinstance(period_msgs, bool) and period_msgs > 0
+        )
+        return cls(
+            period_ms if valid_ms else _WEEK_MS,  # type: ignore[arg-type]
+            period_msgs if valid_msgs else _MESSAGES,  # type: ignore[arg-type]
+        )
+
+
+@attrs.define
+class OutboundSession:
+    """Our current Megolm session in one room, and who got its key."""
+
+    room_id: str
+    session: vodozemac.GroupSession
+    created_ms: int
+    shared_with: dict[str, dict[str, str]] = attrs.field(factory=dict)
+    """user id -> device id -> curve25519 key of each device that got the key."""
+
+    def expired(self, settings: RotationSettings, now_ms: int) -> bool:
+        return (
+            self.session.message_index >= settings.period_msgs
+            or now_ms - self.created_ms >= settings.period_ms
+        )
+
+
+class OutboundGroupSessions:
+    """Our outbound session per room: created on demand, rotated by the room's
+    settings or on request (a member left), saved after every message."""
+
+    def __init__(self, account: OlmAccount, vault: CryptoVault, inbound: InboundGroupSessions):
+        self.account = account
+        self.vault = vault
+        self.inbound = inbound
+        self._cache: dict[str, OutboundSession] = {}
+
+    async def current(
+        self, room_id: str, settings: RotationSettings, now_ms: int | None = None
+    ) -> OutboundSession:
+        """The session to encrypt the next message with: a new one if there was none
+        or the last one expired."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        session = self._cache.get(room_id) or await self._load(room_id)
+        if session is None or session.expired(settings, now_ms):
+            session = await self._create(room_id, now_ms)
+        return session
+
+    async def discard(self, room_id: str) -> None:
+        """Rotate: the next message in ``room_id`` starts a new session."""
+        self._cache.pop(room_id, None)
+        await self.vault.delete(_OUTBOUND, room_id)
+
+    async def save(self, session: OutboundSession) -> None:
+        record = {
+            "pickle": self.vault.seal(session.session).decode("ascii"),
+            "created_ms": session.created_ms,
+            "shared_with": session.shared_with,
+        }
+        await self.vault.put_json(_OUTBOUND, session.room_id, record)
+        self._cache[session.room_id] = session
+
+    async def _load(self, room_id: str) -> OutboundSession | None:
+        record = await self.vault.get_json(_OUTBOUND, room_id)
+        if record is None:
+            return None
+        group = self.vault.unseal(
+            vodozemac.GroupSession.from_pickle, record["pickle"].encode("ascii"), "Megolm session"
+        )
+        session = OutboundSession(room_id, group, record["created_ms"], record["shared_with"])
+        self._cache[room_id] = session
+        return session
+
+    async def _create(self, room_id: str, now_ms: int) -> OutboundSession:
+        group = vodozemac.GroupSession()
+        # Our own copy, so the bridge can read back what its puppets sent.
+        own = vodozemac.InboundGroupSession(group.session_key)
+        account = self.account
+        await self.inbound.add(room_id, own, account.user_id, account.curve25519, account.ed25519)
+        session = OutboundSession(room_id, group, now_ms)
+        await self.save(session)
+        return session
+
+    def room_key_content(self, session: OutboundSession) -> dict[str, Any]:
+        """The ``m.room_key`` content that shares ``session``."""
+        return {
+            "algorithm": MEGOLM_ALGORITHM,
+            "room_id": session.room_id,
+            "session_id": session.session.session_id,
+            "session_key": session.session.session_key.to_base64(),
+        }
+
+    async def encrypt(
+        self, session: OutboundSession, event_type: str, content: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The ``m.room.encrypted`` content for one room event; the session is saved
+        (its ratchet moved on) before the content is returned."""
+        plaintext = {"type": event_type, "content": dict(content), "room_id": session.room_id}
+        ciphertext = session.session.encrypt(canonical_json(plaintext)).to_base64()
+        await self.save(session)
+        encrypted: dict[str, Any] = {
+            "algorithm": MEGOLM_ALGORITHM,
+            "sender_key": self.account.curve25519,
+            "ciphertext": ciphertext,
+            "session_id": session.session.session_id,
+            "device_id": self.account.device_id,
+        }
+        # The spec keeps relations readable by the server (threads, edits, reactions).
+        relation = content.get(_RELATION)
+        if isinstance(relation, Mapping):
+            encrypted[_RELATION] = dict(relation)
+        return encrypted

@@ -1,0 +1,203 @@
+"""Olm sessions with other devices: decrypting to-device ``m.room.encrypted``
+(``m.olm.v1.curve25519-aes-sha2``) and encrypting to-device payloads to a device."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import vodozemac
+
+from bridge_kit._json import decode_json
+from bridge_kit.crypto.account import OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
+from bridge_kit.crypto.devices import Device, DeviceTracker
+from bridge_kit.crypto.signing import (
+    canonical_json,
+    unpadded_b64decode,
+    unpadded_b64encode,
+    verify_json,
+)
+from bridge_kit.crypto.vault import CryptoVault
+from bridge_kit.errors import UndecryptableEvent
+
+__all__ = ["OlmPayload", "OlmSessions"]
+
+_KIND: Final = "olm_sessions"
+_PRE_KEY: Final = 0
+_NORMAL: Final = 1
+
+
+@attrs.frozen
+class OlmPayload:
+    """A decrypted to-device payload, checked against the envelope it came in."""
+
+    sender: str
+    sender_key: str
+    """The sending device's curve25519 key (proven by the Olm session)."""
+    sender_ed25519: str
+    """The ed25519 key the sender claims inside the encryption."""
+    type: str
+    content: dict[str, Any]
+    sender_device: Device | None = None
+    """The sender's device, when the tracker knows one with ``sender_key``."""
+
+
+def _olm_message(content: Mapping[str, Any], our_key: str) -> tuple[str, vodozemac.AnyOlmMessage]:
+    """The sender key and the Olm message for our key in a to-device content."""
+    if content.get("algorithm") != OLM_ALGORITHM:
+        raise UndecryptableEvent(f"unsupported algorithm {content.get('algorithm')!r}")
+    sender_key = content.get("sender_key")
+    ciphertexts = content.get("ciphertext")
+    if not isinstance(sender_key, str) or not isinstance(ciphertexts, Mapping):
+        raise UndecryptableEvent("no sender_key or ciphertext")
+    mine = ciphertexts.get(our_key)
+    if not isinstance(mine, Mapping):
+        raise UndecryptableEvent("not encrypted for this device")
+    kind, body = mine.get("type"), mine.get("body")
+    if kind not in (_PRE_KEY, _NORMAL) or isinstance(kind, bool) or not isinstance(body, str):
+        raise UndecryptableEvent("the ciphertext has no valid type or body")
+    try:
+        return sender_key, vodozemac.AnyOlmMessage.from_parts(kind, unpadded_b64decode(body))
+    except ValueError as exc:
+        raise UndecryptableEvent(f"malformed Olm message: {exc}") from None
+
+
+class OlmSessions:
+    """The Olm sessions of one device (ours), by the other device's curve25519 key."""
+
+    def __init__(self, account: OlmAccount, vault: CryptoVault, tracker: DeviceTracker) -> None:
+        self.account = account
+        self.vault = vault
+        self.tracker = tracker
+        # Oldest first; the newest is used to encrypt (it is the one the peer last set up).
+        self._sessions: dict[str, list[tuple[str, vodozemac.Session]]] = {}
+
+    async def load(self) -> None:
+        stored = await self.vault.store.crypto_items(self.vault.owner, _KIND)
+        for key in sorted(stored):
+            curve = key.split("|", 1)[0]
+            session = self.vault.unseal(vodozemac.Session.from_pickle, stored[key], "Olm session")
+            self._sessions.setdefault(curve, []).append((key, session))
+
+    def has_session(self, curve25519: str) -> bool:
+        return bool(self._sessions.get(curve25519))
+
+    async def _add(self, curve25519: str, session: vodozemac.Session) -> None:
+        key = f"{curve25519}|{time.time_ns():020d}|{session.session_id}"
+        self._sessions.setdefault(curve25519, []).append((key, session))
+        await self.vault.put_pickle(_KIND, key, session)
+
+    # -- incoming --------------------------------------------------------------
+
+    async def decrypt(self, sender: str, content: Mapping[str, Any]) -> OlmPayload:
+        """Decrypt a to-device ``m.room.encrypted`` sent by ``sender``; raises
+        :class:`UndecryptableEvent` with the reason for anything else."""
+        sender_key, message = _olm_message(content, self.account.curve25519)
+        plaintext = await self._plaintext(sender_key, message)
+        try:
+            payload = decode_json(plaintext.decode("utf-8"))
+        except ValueError:
+            raise UndecryptableEvent("the plaintext is not JSON") from None
+        return self._checked_payload(sender, sender_key, payload)
+
+    async def _plaintext(self, sender_key: str, message: vodozemac.AnyOlmMessage) -> bytes:
+        pre_key = message.to_pre_key()
+        for key, session in reversed(self._sessions.get(sender_key, [])):
+            if pre_key is not None and not session.session_matches(pre_key):
+                continue
+            try:
+                plaintext = session.decrypt(message)
+            except ValueError:
+                continue
+            await self.vault.store.crypto_put(
+                self.vault.owner, _KIND, key, self.vault.seal(session)
+            )
+            return plaintext
+        if pre_key is None:
+            raise UndecryptableEvent("no Olm session with the sender decrypts it")
+        return await self._new_inbound(sender_key, pre_key)
+
+    async def _new_inbound(self, sender_key: str, pre_key: vodozemac.PreKeyMessage) -> bytes:
+        try:
+            identity = vodozemac.Curve25519PublicKey.from_base64(sender_key)
+            session, plaintext = self.account.account.create_inbound_session(identity, pre_key)
+        except ValueError as exc:
+            raise UndecryptableEvent(f"cannot start an Olm session: {exc}") from None
+        # The one-time key it used is gone from the account: save both together.
+        await self._add(sender_key, session)
+        await self.account.save()
+        return plaintext
+
+    def _checked_payload(self, sender: str, sender_key: str, payload: Any) -> OlmPayload:
+        """The spec's checks of a decrypted Olm payload against its envelope."""
+        if not isinstance(payload, Mapping):
+            raise UndecryptableEvent("the plaintext is not a JSON object")
+        if payload.get("sender") != sender:
+            raise UndecryptableEvent("the encrypted sender is not the event's sender")
+        if payload.get("recipient") != self.account.user_id:
+            raise UndecryptableEvent("encrypted for another recipient")
+        recipient_keys = payload.get("recipient_keys")
+        if not isinstance(recipient_keys, Mapping) or (
+            recipient_keys.get("ed25519") != self.account.ed25519
+        ):
+            raise UndecryptableEvent("encrypted for another recipient device")
+        keys = payload.get("keys")
+        sender_ed25519 = keys.get("ed25519") if isinstance(keys, Mapping) else None
+        event_type, inner = payload.get("type"), payload.get("content")
+        if not isinstance(sender_ed25519, str) or not isinstance(event_type, str):
+            raise UndecryptableEvent("the plaintext has no sender ed25519 key or type")
+        if not isinstance(inner, dict):
+            raise UndecryptableEvent("the plaintext has no content object")
+        device = self.tracker.device_by_curve25519(sender, sender_key)
+        if device is not None and device.ed25519 != sender_ed25519:
+            raise UndecryptableEvent("the sender's ed25519 key is not its device's key")
+        return OlmPayload(sender, sender_key, sender_ed25519, event_type, inner, device)
+
+    # -- outgoing --------------------------------------------------------------
+
+    async def create_outbound(self, device: Device, claimed: Mapping[str, Any]) -> str | None:
+        """Start a session with ``device`` from its ``/keys/claim`` entry; return why
+        not (the key is missing, unsigned or signed by another key), or ``None``."""
+        for key_id, body in claimed.items():
+            if not key_id.startswith(f"{SIGNED_CURVE25519}:") or not isinstance(body, Mapping):
+                continue
+            if not verify_json(body, device.user_id, device.device_id, device.ed25519):
+                return f"the one-time key {key_id} has no valid signature by the device"
+            key = body.get("key")
+            if not isinstance(key, str):
+                return f"the one-time key {key_id} has no key"
+            try:
+                session = self.account.account.create_outbound_session(
+                    vodozemac.Curve25519PublicKey.from_base64(device.curve25519),
+                    vodozemac.Curve25519PublicKey.from_base64(key),
+                )
+            except ValueError as exc:
+                return f"cannot start an Olm session: {exc}"
+            await self._add(device.curve25519, session)
+            return None
+        return "no signed_curve25519 one-time key was claimed"
+
+    async def encrypt(
+        self, device: Device, event_type: str, content: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The to-device ``m.room.encrypted`` content carrying ``event_type`` and
+        ``content`` to ``device``, over the newest session with it (which must exist)."""
+        key, session = self._sessions[device.curve25519][-1]
+        payload = {
+            "type": event_type,
+            "content": dict(content),
+            "sender": self.account.user_id,
+            "sender_device": self.account.device_id,
+            "keys": {"ed25519": self.account.ed25519},
+            "recipient": device.user_id,
+            "recipient_keys": {"ed25519": device.ed25519},
+        }
+        kind, body = session.encrypt(canonical_json(payload)).to_parts()
+        await self.vault.store.crypto_put(self.vault.owner, _KIND, key, self.vault.seal(session))
+        return {
+            "algorithm": OLM_ALGORITHM,
+            "sender_key": self.account.curve25519,
+            "ciphertext": {device.curve25519: {"type": kind, "body": unpadded_b64encode(body)}},
+        }

@@ -1,0 +1,126 @@
+"""Where the crypto state lives: the store's opaque key-value table, with every
+secret (Olm account, Olm and Megolm sessions) pickled and encrypted with the pickle key.
+
+The pickle key is 32 bytes derived with HKDF-SHA256 from ``encryption.pickle_key``,
+or, when that is unset, from the registration's as_token. So with the default,
+whoever holds the as_token and a copy of the database can read every key; and
+changing the as_token without setting ``pickle_key`` to the old token first makes
+the stored state unreadable (:class:`~bridge_kit.errors.WrongPickleKey`): the bridge
+would need a new device, and everything encrypted to the old one is lost.
+
+Only pickles hold secret material. The JSON records stored beside them (device
+lists, which devices got which room key, seen message indices) hold public keys,
+ids and counters.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol, TypeVar
+
+from bridge_kit._json import decode_json
+from bridge_kit.crypto.signing import canonical_json
+from bridge_kit.errors import WrongPickleKey
+
+__all__ = ["CryptoStore", "CryptoVault", "derive_pickle_key"]
+
+_SALT: Final = b"bridge_kit e2ee pickle key"
+_INFO: Final = b"vodozemac pickle v1"
+
+
+class CryptoStore(Protocol):
+    """The store methods the crypto state needs: one opaque bytes table, keyed by
+    ``(owner, kind, key)``, where ``owner`` is one device's state."""
+
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None: ...
+
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None: ...
+
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None: ...
+
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]: ...
+
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None: ...
+
+
+def _hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 HKDF with SHA-256 (extract, then expand)."""
+    prk = hmac.digest(salt, secret, "sha256")
+    out, block = b"", b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def derive_pickle_key(secret: str) -> bytes:
+    """The 32-byte pickle key for a configured ``pickle_key`` or an as_token."""
+    return _hkdf_sha256(secret.encode("utf-8"), _SALT, _INFO)
+
+
+Pickled = TypeVar("Pickled")
+
+
+class CryptoVault:
+    """One device's crypto state in a :class:`CryptoStore`: encrypted pickles and
+    public JSON records, each under a ``kind``."""
+
+    def __init__(self, store: CryptoStore, owner: str, pickle_key: bytes) -> None:
+        if len(pickle_key) != 32:
+            raise ValueError("the pickle key must be 32 bytes")
+        self.store = store
+        self.owner = owner
+        self._pickle_key = pickle_key
+
+    def __repr__(self) -> str:  # never show the key
+        return f"CryptoVault(owner={self.owner!r})"
+
+    # -- pickles -------------------------------------------------------------
+
+    def seal(self, obj: Any) -> bytes:
+        """The encrypted pickle of a vodozemac object (its ``pickle(key)``), as bytes."""
+        text: str = obj.pickle(self._pickle_key)
+        return text.encode("ascii")
+
+    def unseal(self, loader: Callable[[str, bytes], Pickled], sealed: bytes, what: str) -> Pickled:
+        """Open a sealed pickle with ``loader`` (a ``from_pickle``); a wrong key is
+        :class:`WrongPickleKey`."""
+        try:
+            return loader(sealed.decode("ascii"), self._pickle_key)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WrongPickleKey(
+                f"the stored {what} of {self.owner} does not open with this pickle key "
+                f"({exc}); was encryption.pickle_key or the as_token changed?"
+            ) from None
+
+    async def put_pickle(self, kind: str, key: str, obj: Any) -> None:
+        await self.store.crypto_put(self.owner, kind, key, self.seal(obj))
+
+    async def get_pickle(
+        self, kind: str, key: str, loader: Callable[[str, bytes], Pickled]
+    ) -> Pickled | None:
+        sealed = await self.store.crypto_get(self.owner, kind, key)
+        return None if sealed is None else self.unseal(loader, sealed, kind)
+
+    # -- public JSON records -------------------------------------------------
+
+    async def put_json(self, kind: str, key: str, value: Any) -> None:
+        await self.store.crypto_put(self.owner, kind, key, canonical_json(value))
+
+    async def put_json_many(self, kind: str, items: Mapping[str, Any]) -> None:
+        encoded = {key: canonical_json(value) for key, value in items.items()}
+        await self.store.crypto_put_many(self.owner, kind, encoded)
+
+    async def get_json(self, kind: str, key: str) -> Any:
+        raw = await self.store.crypto_get(self.owner, kind, key)
+        return None if raw is None else decode_json(raw.decode("utf-8"))
+
+    async def json_items(self, kind: str) -> dict[str, Any]:
+        raw = await self.store.crypto_items(self.owner, kind)
+        return {key: decode_json(value.decode("utf-8")) for key, value in raw.items()}
+
+    async def delete(self, kind: str, key: str) -> None:
+        await self.store.crypto_delete(self.owner, kind, key)

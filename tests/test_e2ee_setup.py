@@ -1,0 +1,137 @@
+"""Setting encryption up: the config section, `check` refusing a registration that lacks
+the flags, and bridge_kit working without vodozemac while encryption is off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge_kit.config import Config, EncryptionConfig
+from bridge_kit.errors import ConfigError
+from tests.test_doctor import bridge_kit, registration_data, write
+
+FLAGS = {
+    "io.element.msc4190": True,
+    "org.matrix.msc3202": True,
+    "receive_ephemeral": True,
+    "de.sorunome.msc2409.push_ephemeral": True,
+}
+
+
+def _setup(tmp_path: Path, encryption: dict[str, Any], **registration: Any) -> None:
+    data = registration_data("ours", "_ours_", **registration)
+    write(tmp_path / "registration.yaml", data)
+    port = int(data["url"].split(":")[2].split("/")[0])
+    write(
+        tmp_path / "config.yaml",
+        {
+            "homeserver": {"url": "http://127.0.0.1:8008", "domain": "test.local"},
+            "appservice": {"registration": "registration.yaml", "port": port},
+            "encryption": encryption,
+        },
+    )
+
+
+def test_the_section_defaults_to_off_and_hides_the_pickle_key(tmp_path: Path) -> None:
+    config = Config.loads(
+        "homeserver: {url: http://h}\nappservice: {registration: r}\n", check_files=False
+    )
+    assert config.encryption == EncryptionConfig(enabled=False, pickle_key=None, key_wait=10.0)
+    on = EncryptionConfig(enabled=True, pickle_key="0123456789abcdef-secret", key_wait=2)
+    assert "0123456789abcdef-secret" not in repr(on)
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        ("{enabled: yes please}", "encryption.enabled must be true or false"),
+        ("{pickle_key: short}", "encryption.pickle_key must be a secret of at least 16 characters"),
+        ("{pickle_key: 12}", "encryption.pickle_key must be a string or null"),
+        ("{key_wait: 0}", "encryption.key_wait must be more than 0 seconds"),
+        ("{key_wiat: 3}", "unknown key encryption.key_wiat (did you mean key_wait?)"),
+    ],
+)
+def test_bad_encryption_settings_are_named(section: str, words: str) -> None:
+    text = (
+        f"homeserver: {{url: http://h}}\nappservice: {{registration: r}}\nencryption: {section}\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        Config.loads(text, check_files=False)
+    assert words in str(error.value)
+
+
+def test_the_environment_sets_the_pickle_key() -> None:
+    text = "homeserver: {url: http://h}\nappservice: {registration: r}\n"
+    environ = {
+        "BRIDGE_KIT__ENCRYPTION__PICKLE_KEY": "k" * 32,
+        "BRIDGE_KIT__ENCRYPTION__ENABLED": "true",
+    }
+    config = Config.loads(text, environ=environ, check_files=False)
+    assert config.encryption.enabled and config.encryption.pickle_key == "k" * 32
+
+
+def test_check_refuses_encryption_with_a_registration_lacking_the_flags(tmp_path: Path) -> None:
+    _setup(tmp_path, {"enabled": True})
+    result = bridge_kit("check", "-c", "config.yaml", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "io.element.msc4190, org.matrix.msc3202, receive_ephemeral" in result.stdout
+    assert "generate-registration --encryption" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_check_accepts_encryption_with_the_flags_and_ignores_them_when_off(tmp_path: Path) -> None:
+    _setup(tmp_path, {"enabled": True}, **FLAGS)
+    result = bridge_kit("check", "-c", "config.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _setup(tmp_path, {"enabled": False})
+    assert bridge_kit("check", "-c", "config.yaml", cwd=tmp_path).returncode == 0
+    partial = {k: v for k, v in FLAGS.items() if k != "org.matrix.msc3202"}
+    _setup(tmp_path, {"enabled": True}, **partial)
+    result = bridge_kit("check", "-c", "config.yaml", cwd=tmp_path)
+    assert result.returncode == 1 and "lacks org.matrix.msc3202 " in result.stdout
+
+
+_WITHOUT_VODOZEMAC = textwrap.dedent(
+    """
+    import sys
+    sys.modules["vodozemac"] = None  # as if the e2ee extra were not installed
+    import bridge_kit, bridge_kit.appservice, bridge_kit.config, bridge_kit.commands.check
+    assert "bridge_kit.crypto" not in sys.modules, "imported without being asked for"
+    try:
+        import bridge_kit.crypto
+    except ImportError:
+        print("crypto needs vodozemac")
+    """
+)
+
+
+def test_bridge_kit_imports_without_vodozemac() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_VODOZEMAC],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "crypto needs vodozemac"
+
+
+def test_the_registration_reports_its_missing_encryption_flags() -> None:
+    from bridge_kit.registration import Registration
+
+    bare = Registration.loads(yaml.safe_dump(registration_data("ours", "_ours_")))
+    assert bare.missing_encryption_flags() == [
+        "io.element.msc4190",
+        "org.matrix.msc3202",
+        "receive_ephemeral",
+    ]
+    unstable = {**FLAGS, "receive_ephemeral": False}
+    flagged = Registration.loads(yaml.safe_dump(registration_data("ours", "_ours_", **unstable)))
+    assert flagged.missing_encryption_flags() == []
