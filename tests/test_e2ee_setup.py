@@ -135,3 +135,15 @@ def test_the_registration_reports_its_missing_encryption_flags() -> None:
     unstable = {**FLAGS, "receive_ephemeral": False}
     flagged = Registration.loads(yaml.safe_dump(registration_data("ours", "_ours_", **unstable)))
     assert flagged.missing_encryption_flags() == []
+
+
+def test_the_decryption_marks_on_an_event_never_reach_its_json() -> None:
+    import attrs
+
+    from bridge_kit.types import Event
+    from bridge_kit.types.converter import converter
+
+    event = converter.structure({"type": "m.room.message", "content": {"body": "x"}}, Event)
+    assert (event.encrypted, event.sender_device) == (False, None)
+    decrypted = attrs.evolve(event, encrypted=True, sender_device="PHONE")
+    assert converter.unstructure(decrypted) == {"type": "m.room.message", "content": {"body": "x"}}

@@ -18,6 +18,11 @@ class Event:
 
     ``room_id`` is absent for some ephemeral events; unknown keys (``unsigned``,
     ``redacts``, ...) are kept in ``extra`` and re-emitted.
+
+    ``encrypted`` is true for an event that arrived as ``m.room.encrypted`` and that
+    bridge_kit decrypted (its ``type`` and ``content`` are then the inner event's);
+    ``sender_device`` is the device that encrypted it, when bridge_kit knows it.
+    Neither is part of the event's JSON.
     """
 
     type: str
@@ -28,6 +33,8 @@ class Event:
     state_key: str | None = None
     origin_server_ts: int | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
+    encrypted: bool = False
+    sender_device: str | None = None
 
     @property
     def is_state(self) -> bool:
@@ -147,7 +154,14 @@ def _structure_event(value: Any, cls: type[Event], checked: StructureHook) -> Ev
 def checked_event_hook(converter: cattrs.Converter) -> StructureHook:
     """The strict hook that names every wrong field: the fast path's fallback."""
     keep_unknown_keys(
-        converter, Event, omit_if_default=True, strict=True, type=override(omit_if_default=False)
+        converter,
+        Event,
+        omit_if_default=True,
+        strict=True,
+        type=override(omit_if_default=False),
+        # Set by the decryption layer, never read from or written to JSON.
+        encrypted=override(omit=True),
+        sender_device=override(omit=True),
     )
     return converter.get_structure_hook(Event)
 
