@@ -1,0 +1,206 @@
+"""Encryption wired into an :class:`~bridge_kit.AppService`: the bot's device, the
+inbox seams that decrypt to-device and room events before handlers see them, the
+key-tracking subscribers, and the encryption of what intents send to encrypted rooms.
+
+Which device messages come from: the bot's one device. Puppets send their
+``m.room.encrypted`` events as themselves, encrypted with the Megolm session of
+the bot's device (``device_id`` and ``sender_key`` in the content are the bot's).
+Clients decrypt them, and show them as sent by a device that is not the sender's
+own (Element: "encrypted by a device not verified by its owner"). Room keys from
+users reach the bot's device only when the bot is joined to the room: it must be
+a member of every encrypted room it bridges.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from bridge_kit.config import EncryptionConfig
+from bridge_kit.crypto.account import SIGNED_CURVE25519
+from bridge_kit.crypto.machine import ENCRYPTED, CryptoMachine
+from bridge_kit.crypto.megolm import RotationSettings
+from bridge_kit.crypto.vault import derive_pickle_key
+from bridge_kit.errors import NoRoomKey, NotReady, UndecryptableEvent
+from bridge_kit.store.records import InboxItem, ItemKind
+from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
+from bridge_kit.types.converter import converter
+
+if TYPE_CHECKING:
+    from bridge_kit.appservice import AppService
+    from bridge_kit.intent import Intent
+
+__all__ = ["BridgeEncryption"]
+
+log = logging.getLogger(__name__)
+
+_BRIDGE_KIND: Final = "bridge"
+_DEVICE_KEY: Final = "device_id"
+_DEVICE_NAME: Final = "bridge_kit"
+#: Decrypted to-device events kept by inbox record id: Olm decrypts a message once,
+#: and a retried item (a later handler failed) must not be decrypted again.
+_DECRYPTED_CACHE: Final = 1024
+#: Seconds between tries of an event whose room key has not arrived.
+_KEY_POLL: Final = 1.0
+
+
+class _IntentKeys:
+    """The machine's homeserver calls, made by the bot as its device."""
+
+    def __init__(self, device: Intent) -> None:
+        self.device = device
+
+    async def upload_keys(
+        self,
+        device_keys: dict[str, Any] | None,
+        one_time_keys: dict[str, Any],
+        fallback_keys: dict[str, Any],
+    ) -> Mapping[str, int]:
+        return await self.device.keys_upload(device_keys, one_time_keys or None, fallback_keys or None)
+
+    async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
+        reply = await self.device.keys_query(list(user_ids))
+        # The signatures are checked over the objects as the homeserver sent them.
+        return {"device_keys": converter.unstructure(reply.device_keys)}
+
+    async def claim_keys(self, wanted: Mapping[str, Mapping[str, str]]) -> Mapping[str, Any]:
+        reply = await self.device.keys_claim(wanted)
+        claimed: Mapping[str, Any] = converter.unstructure(reply.one_time_keys)
+        return claimed
+
+    async def send_to_device(
+        self, event_type: str, messages: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        await self.device.send_to_device(event_type, messages)
+
+
+class BridgeEncryption:
+    """The crypto of one AppService; :meth:`start` makes the device and hooks it in."""
+
+    def __init__(self, app: AppService, settings: EncryptionConfig) -> None:
+        self.app = app
+        self.settings = settings
+        secret = settings.pickle_key or app.registration.as_token
+        self._pickle_key = derive_pickle_key(secret)
+        self._machine: CryptoMachine | None = None
+        self._decrypted: OrderedDict[int, ToDeviceEvent] = OrderedDict()
+
+    @property
+    def machine(self) -> CryptoMachine:
+        if self._machine is None:
+            raise RuntimeError("BridgeEncryption.start() was not called")
+        return self._machine
+
+    @property
+    def device_id(self) -> str:
+        return self.machine.device_id
+
+    async def start(self) -> None:
+        """Make (or find) the bot's device, load or create its keys, upload what the
+        homeserver lacks, and add the inbox seams. Before the inbox starts."""
+        bot = self.app.bot
+        device_id = await self._device_id(bot.user_id)
+        await bot.create_device(device_id, _DEVICE_NAME)
+        device = bot.with_device(device_id)
+        self._machine = CryptoMachine(
+            self.app.store, bot.user_id, device_id, self._pickle_key, _IntentKeys(device)
+        )
+        await self._machine.start()
+        log.info(
+            "encryption: the bot's device is %s (ed25519 %s)", device_id, self._machine.account.ed25519
+        )
+        inbox, handlers = self.app.inbox, self.app.handlers
+        inbox.add_preprocessor(ItemKind.TO_DEVICE, self.decrypt_to_device)
+        inbox.add_preprocessor(ItemKind.EVENT, self.decrypt_event)
+        handlers.add_internal(ItemKind.DEVICE_LISTS, self.on_device_lists)
+        handlers.add_internal(ItemKind.OTK_COUNTS, self.on_otk_counts)
+
+    async def _device_id(self, bot_user_id: str) -> str:
+        """The bot's device id: made once, then kept in the store."""
+        store = self.app.store
+        stored = await store.crypto_get(bot_user_id, _BRIDGE_KIND, _DEVICE_KEY)
+        if stored is not None:
+            return stored.decode("utf-8")
+        device_id = "BK" + secrets.token_hex(5).upper()
+        await store.crypto_put(bot_user_id, _BRIDGE_KIND, _DEVICE_KEY, device_id.encode("utf-8"))
+        return device_id
+
+    def _is_ours(self, user_id: str, device_id: str) -> bool:
+        return user_id == self.machine.user_id and device_id == self.machine.device_id
+
+    # -- the inbox seams ---------------------------------------------------------
+
+    async def decrypt_to_device(self, event: ToDeviceEvent, record: InboxItem) -> ToDeviceEvent:
+        """An Olm ``m.room.encrypted`` to the bot's device becomes the event inside it
+        (a room key is taken in on the way); anything else passes unchanged."""
+        if event.type != ENCRYPTED or not self._is_ours(event.to_user_id, event.to_device_id):
+            return event
+        cached = self._decrypted.get(record.id)
+        if cached is not None:
+            return cached
+        # Knowing the sender's devices lets the payload's ed25519 key be checked, and
+        # the room events this key opens be attributed to their device.
+        await self.machine.refresh_devices([event.sender])
+        try:
+            payload = await self.machine.decrypt_to_device(event.sender, event.content)
+        except UndecryptableEvent as exc:
+            raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
+        decrypted = attrs.evolve(event, type=payload.type, content=payload.content)
+        self._decrypted[record.id] = decrypted
+        if len(self._decrypted) > _DECRYPTED_CACHE:
+            self._decrypted.popitem(last=False)
+        return decrypted
+
+    async def decrypt_event(self, event: Event, record: InboxItem) -> Event:
+        """A room ``m.room.encrypted`` becomes the event inside it, marked ``encrypted``;
+        without its room key it waits up to ``key_wait`` seconds, then is a dead letter."""
+        if event.type != ENCRYPTED or event.room_id is None or event.state_key is not None:
+            return event
+        try:
+            decrypted = await self.machine.decrypt_room_event(
+                event.room_id, event.event_id or "", event.sender or "", event.content
+            )
+        except NoRoomKey as exc:
+            wait = self.settings.key_wait
+            raise NotReady(exc.reason, retry_after=min(_KEY_POLL, wait), give_up_after=wait) from None
+        except UndecryptableEvent as exc:
+            raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
+        device = self.machine.sender_device(event.sender or "", decrypted.sender_key)
+        return attrs.evolve(
+            event,
+            type=decrypted.type,
+            content=decrypted.content,
+            encrypted=True,
+            sender_device=None if device is None else device.device_id,
+        )
+
+    async def on_device_lists(self, update: DeviceListUpdate) -> None:
+        await self.machine.on_device_lists(update.changed, update.left)
+
+    async def on_otk_counts(self, counts: OtkCounts) -> None:
+        if self._is_ours(counts.user_id, counts.device_id):
+            count = counts.counts.get(SIGNED_CURVE25519, 0)
+            await self.machine.top_up(count, counts.unused_fallback_key_types)
+
+    # -- outgoing ----------------------------------------------------------------
+
+    async def outgoing(
+        self, intent: Intent, room_id: str, event_type: str, content: Any
+    ) -> tuple[str, Any]:
+        """What ``intent`` sends to ``room_id``: encrypted when the room is (the room key
+        shared first with every device of its joined members), else as it is."""
+        room_state = self.app.room_state
+        if event_type == ENCRYPTED or not await room_state.is_encrypted(room_id, intent):
+            return event_type, content
+        members = await room_state.get_members(room_id, intent)
+        setting = await self.app.store.state_event(room_id, "m.room.encryption")
+        rotation = RotationSettings.from_content(None if setting is None else setting.content)
+        encrypted = await self.machine.encrypt_room_event(
+            room_id, event_type, content, list(members), rotation
+        )
+        return ENCRYPTED, encrypted
