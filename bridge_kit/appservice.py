@@ -197,7 +197,13 @@ class AppService:
         """The appservice's own user (``sender_localpart``); it needs no registration."""
         if self._bot is None:
             user_id = self.registration.sender_user_id(self.puppets.domain)
-            self._bot = Intent(self.client, user_id, None, self.room_state)
+            self._bot = Intent(
+                self.client,
+                user_id,
+                None,
+                self.room_state,
+                device_management=self.registration.device_management,
+            )
         return self._bot
 
     def intent(self, localpart: str) -> Intent:
@@ -215,6 +221,7 @@ class AppService:
             registrar.user_id(localpart),
             lambda: registrar.ensure_registered(localpart),
             self.room_state,
+            device_management=self.registration.device_management,
         )
         self._intents[localpart] = intent
         # A bridge may touch millions of puppets; keep only the recently used ones.

@@ -24,6 +24,7 @@ Every exception bridge_kit raises on purpose lives here::
     ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
     ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
     ├── DoublePuppetError            the homeserver would not let us log in as a real user
+    ├── DevicesUnavailable           devices (MSC4190) are off in the registration or homeserver
     └── MatrixRequestError           the homeserver answered with an error (by errcode:)
         ├── UserInUse                M_USER_IN_USE
         ├── Exclusive                M_EXCLUSIVE
@@ -48,6 +49,7 @@ __all__ = [
     "BridgeKitError",
     "ClientClosed",
     "ConfigError",
+    "DevicesUnavailable",
     "DoublePuppetError",
     "ErrorReply",
     "Exclusive",
@@ -250,6 +252,27 @@ class MediaTooLarge(BridgeKitError):
 class DoublePuppetError(BridgeKitError):
     """An appservice login as a real user (double puppeting) was refused; the message
     says why and what the operator can change."""
+
+
+class DevicesUnavailable(BridgeKitError):
+    """The appservice may not create or delete its users' devices (MSC4190).
+
+    Either the registration lacks ``io.element.msc4190: true`` (bridge_kit then
+    refuses before asking), or the homeserver refused ``PUT /devices/{deviceId}``
+    (it does not implement MSC4190, or did not load the flag); the homeserver's
+    error is then the ``__cause__``. The message says what to set.
+    """
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(
+            f"{problem}. Devices for appservice users need MSC4190: set "
+            "'io.element.msc4190: true' in the registration (bridge-kit generate-registration "
+            "--device-management, or --encryption), and restart the homeserver so that it "
+            "loads it (Synapse 1.163 does). Encrypted bridges also need, in homeserver.yaml, "
+            "experimental_features: {msc2409_to_device_messages_enabled: true, "
+            "msc3202_transaction_extensions: true}"
+        )
 
 
 class InvalidMxc(BridgeKitError, ValueError):
