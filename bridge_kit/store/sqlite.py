@@ -445,11 +445,18 @@ class SQLiteStore(Store):
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         now = time.time()
         await self._locked(
-            lambda conn: sqlite_inbox.fail(conn, item_id, done_handlers, not_before, now)
+            lambda conn: sqlite_inbox.fail(
+                conn, item_id, done_handlers, not_before, now, count_attempt
+            )
         )
 
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:

@@ -1,6 +1,7 @@
 """attrs models of the wire formats, and the cattrs converter that maps them to JSON."""
 
 from bridge_kit.types.converter import converter, describe_error, structure, unstructure
+from bridge_kit.types.device_events import DeviceListUpdate, OtkCounts, ToDeviceEvent
 from bridge_kit.types.errors import MatrixErrorBody
 from bridge_kit.types.events import DeviceLists, Event, Transaction
 from bridge_kit.types.media import MediaConfig, MediaInfo, MediaMessage
@@ -27,6 +28,7 @@ __all__ = [
     "AuthData",
     "CreateRoomRequest",
     "CreateRoomResponse",
+    "DeviceListUpdate",
     "DeviceLists",
     "Event",
     "LoginType",
@@ -36,6 +38,7 @@ __all__ = [
     "MediaMessage",
     "Member",
     "MessageType",
+    "OtkCounts",
     "PowerLevels",
     "Presence",
     "RegisterRequest",
@@ -47,6 +50,7 @@ __all__ = [
     "RoomVisibility",
     "StateEventInput",
     "TextMessage",
+    "ToDeviceEvent",
     "Transaction",
     "converter",
     "describe_error",
