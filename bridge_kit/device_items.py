@@ -174,7 +174,7 @@ def _split_otk_counts(
         for problem in _merge_per_device(key, per_user, field, parts):
             rejected.append(_letter(kind, problem[1], problem[0]))
     for (user_id, device_id), raw in parts.items():
-        where = f"the one-time-key counts of {user_id}'s device {device_id}"
+        where = f"one-time-key counts of {user_id}'s device {device_id}"
         try:
             converter.structure(raw, OtkCounts)
             text = _ENCODE(raw)

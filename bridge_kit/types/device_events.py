@@ -12,8 +12,10 @@ from typing import Any
 
 import attrs
 import cattrs
+from cattrs.gen import override
 
-from bridge_kit.types.converter import keep_unknown_keys
+from bridge_kit.errors import WrongType
+from bridge_kit.types.converter import keep_unknown_keys, refuse
 
 __all__ = ["DeviceListUpdate", "OtkCounts", "ToDeviceEvent"]
 
@@ -55,7 +57,19 @@ class OtkCounts:
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
+def _key_counts(value: Any, _: Any) -> dict[str, int]:
+    """``{algorithm: count}``, refusing what is not a whole number (``"3"``, ``true``):
+    a bridge topping up its keys must not act on a count it guessed."""
+    if not isinstance(value, dict):
+        raise WrongType("an object", value)
+    for algorithm, count in value.items():
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise refuse(OtkCounts, algorithm, WrongType("an integer", count))
+    return value
+
+
 def configure_converter(converter: cattrs.Converter) -> None:
     """Register the hooks of this module's models on ``converter`` (strict types)."""
-    for cls in (ToDeviceEvent, DeviceListUpdate, OtkCounts):
-        keep_unknown_keys(converter, cls, strict=True)
+    keep_unknown_keys(converter, ToDeviceEvent, strict=True)
+    keep_unknown_keys(converter, DeviceListUpdate, strict=True)
+    keep_unknown_keys(converter, OtkCounts, strict=True, counts=override(struct_hook=_key_counts))
