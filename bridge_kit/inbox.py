@@ -54,7 +54,7 @@ import cattrs
 from bridge_kit import defaults
 from bridge_kit.delivery import handling
 from bridge_kit.errors import NotReady, StoreError
-from bridge_kit.items import Item, describe_item, item_event_id, item_type, parse_item
+from bridge_kit.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, storable
@@ -359,6 +359,9 @@ class Inbox:
             for preprocessor, name in _named(self._preprocessors[item.kind]):
                 step = functools.partial(preprocessor, parsed, item)
                 result, failure = await self._attempt(name, key, step)
+                if failure is None and not isinstance(result, MODELS[item.kind]):
+                    wanted = MODELS[item.kind].__name__
+                    failure = f"TypeError: {name} returned {type(result).__name__}, not {wanted}"
                 if failure is not None:
                     return await self._failed(item, parsed, name, done, failure)
                 parsed = result

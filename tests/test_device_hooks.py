@@ -538,15 +538,19 @@ async def test_a_preprocessor_that_raises_is_retried_then_named_in_the_dead_lett
     registry.decorator(ItemKind.TO_DEVICE)(_record(calls))
 
     async def broken(event: ToDeviceEvent, record: InboxItem) -> ToDeviceEvent:
-        raise ValueError("bad olm message")
+        if event.content["n"] == 1:
+            raise ValueError("bad olm message")
+        return None  # type: ignore[return-value]  # a bug: it forgot to return the event
 
     async with running(store, registry) as (inbox, processor):
         inbox.add_preprocessor(ItemKind.TO_DEVICE, broken)
-        assert await processor.process("t", {"events": [], "to_device": [to_device(1)]})
+        body = {"events": [], "to_device": [to_device(1), to_device(2, "OTHER")]}
+        assert await processor.process("t", body)
         await drained(store)
-    [letter] = await store.dead_letters()
-    assert letter.handler == handler_name(broken) and letter.attempts == SETTINGS.attempts
-    assert "ValueError: bad olm message" in letter.error
+    first, second = sorted(await store.dead_letters(), key=lambda letter: letter.lane)
+    assert first.handler == handler_name(broken) and first.attempts == SETTINGS.attempts
+    assert "ValueError: bad olm message" in first.error
+    assert second.error == f"TypeError: {handler_name(broken)} returned NoneType, not ToDeviceEvent"
     assert calls == []
 
 
