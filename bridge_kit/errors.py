@@ -16,6 +16,7 @@ Every exception bridge_kit raises on purpose lives here::
     ├── StartupCheckFailed           whoami or the ping failed at start-up, with a diagnosis
     ├── RegistrationAborted          a bulk registration run stopped at once
     ├── TransactionFailed            a received transaction could not be processed
+    ├── NotReady                     an inbox item cannot be handled yet (wait, then retry)
     ├── ErrorReply                   what an appservice route answers with (status, errcode)
     ├── UnexpectedReply              a 2xx reply of the wrong shape
     ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
@@ -65,6 +66,7 @@ __all__ = [
     "MissingToken",
     "NotFound",
     "NotInNamespace",
+    "NotReady",
     "RegistrationAborted",
     "RegistrationError",
     "ResourceLimitExceeded",
@@ -168,6 +170,25 @@ class TransactionFailed(BridgeKitError):
     def __init__(self, txn_id: str) -> None:
         self.txn_id = txn_id
         super().__init__(f"transaction {txn_id} failed")
+
+
+class NotReady(BridgeKitError):
+    """Raised by an inbox preprocessor: this item cannot be handled *yet*.
+
+    The inbox tries the item again after ``retry_after`` seconds, counting no
+    attempt; its lane's later items wait behind it, so their order holds. Once
+    ``give_up_after`` seconds have passed since the item was first found not ready
+    (or first failed), it becomes a dead letter with ``reason`` as its error.
+    A replayed dead letter gets the full wait again.
+    """
+
+    def __init__(self, reason: str, *, retry_after: float, give_up_after: float) -> None:
+        if not retry_after > 0 or not give_up_after >= 0:
+            raise ValueError("retry_after must be > 0 and give_up_after >= 0")
+        self.reason = reason
+        self.retry_after = retry_after
+        self.give_up_after = give_up_after
+        super().__init__(reason)
 
 
 class ErrorReply(BridgeKitError):

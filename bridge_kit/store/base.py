@@ -153,10 +153,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         """An attempt failed: count it, remember which handlers succeeded, and do not
-        try again before the Unix time ``not_before``."""
+        try again before the Unix time ``not_before``. The first failure's time is
+        kept. ``count_attempt=False``: the item was only not ready yet (a deferral)."""
 
     @abc.abstractmethod
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:

@@ -220,7 +220,12 @@ class MemoryStore(Store):
         self._remove(item_id)
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         self._check_open()
         lane = self._item_lane.get(item_id)
@@ -230,7 +235,7 @@ class MemoryStore(Store):
         first = item.first_failed_at if item.first_failed_at is not None else time.time()
         self._lanes[lane][item_id] = attrs.evolve(
             item,
-            attempts=item.attempts + 1,
+            attempts=item.attempts + count_attempt,
             done_handlers=tuple(done_handlers),
             not_before=not_before,
             first_failed_at=first,

@@ -293,11 +293,18 @@ class PostgresStore(Store):
         await self._run(lambda pool: postgres_inbox.complete(pool, item_id))
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         now = time.time()
         await self._run(
-            lambda pool: postgres_inbox.fail(pool, item_id, done_handlers, not_before, now)
+            lambda pool: postgres_inbox.fail(
+                pool, item_id, done_handlers, not_before, now, count_attempt
+            )
         )
 
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:

@@ -84,11 +84,9 @@ class SQLiteStore(Store):
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
-        self._daemon_lock: int | None = None
+        self._daemon_lock: int | None = None  # the lock file's descriptor, see lock_for_daemon
         self._loop_commits = 0
-        self._checkpoint_task: asyncio.Task[None] | None = (
-            None  # the lock file's descriptor, see lock_for_daemon
-        )
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -454,11 +452,18 @@ class SQLiteStore(Store):
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         now = time.time()
         await self._locked(
-            lambda conn: sqlite_inbox.fail(conn, item_id, done_handlers, not_before, now)
+            lambda conn: sqlite_inbox.fail(
+                conn, item_id, done_handlers, not_before, now, count_attempt
+            )
         )
 
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:

@@ -1,6 +1,7 @@
 """attrs models of the wire formats, and the cattrs converter that maps them to JSON."""
 
 from bridge_kit.types.converter import converter, describe_error, structure, unstructure
+from bridge_kit.types.device_events import DeviceListUpdate, OtkCounts, ToDeviceEvent
 from bridge_kit.types.devices import Device
 from bridge_kit.types.errors import MatrixErrorBody
 from bridge_kit.types.events import DeviceLists, Event, Transaction
@@ -37,6 +38,7 @@ __all__ = [
     "CreateRoomResponse",
     "Device",
     "DeviceKeys",
+    "DeviceListUpdate",
     "DeviceLists",
     "Event",
     "KeysClaimResponse",
@@ -50,6 +52,7 @@ __all__ = [
     "Member",
     "MessageType",
     "OneTimeKey",
+    "OtkCounts",
     "PowerLevels",
     "Presence",
     "RegisterRequest",
@@ -61,6 +64,7 @@ __all__ = [
     "RoomVisibility",
     "StateEventInput",
     "TextMessage",
+    "ToDeviceEvent",
     "Transaction",
     "converter",
     "describe_error",
