@@ -94,6 +94,17 @@ def _add_generate_registration(
         "--receive-ephemeral", action="store_true", help="ask for typing, receipts and presence"
     )
     parser.add_argument(
+        "--device-management",
+        action="store_true",
+        help="let the bridge create its users' devices (io.element.msc4190: true)",
+    )
+    parser.add_argument(
+        "--encryption",
+        action="store_true",
+        help="devices plus to-device messages, device lists and one-time-key counts "
+        "(io.element.msc4190, org.matrix.msc3202 and the ephemeral keys)",
+    )
+    parser.add_argument(
         "--protocol",
         action="append",
         default=[],
@@ -141,6 +152,8 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
         receive_ephemeral=args.receive_ephemeral,
         protocols=args.protocols,
         keep_from=keep_from,
+        device_management=args.device_management,
+        encryption=args.encryption,
     )
     if to_stdout:
         sys.stdout.write(registration.dump())

@@ -107,18 +107,36 @@ class Registration:
     namespaces: Namespaces = attrs.field(factory=Namespaces)
     extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
 
+    # -- devices and encryption ---------------------------------------------
+
+    @property
+    def device_management(self) -> bool:
+        """``io.element.msc4190: true``: the appservice creates and deletes its users'
+        devices (``PUT``/``DELETE /devices/{deviceId}``), and may not log them in."""
+        return self.msc4190 is True
+
+    @property
+    def transaction_extensions(self) -> bool:
+        """``org.matrix.msc3202: true``: transactions carry device-list changes and
+        one-time-key counts (with the homeserver's experimental option on)."""
+        return self.msc3202 is True
+
+    @property
+    def ephemeral(self) -> bool:
+        """Either ephemeral key is true: typing, receipts, presence and, where the
+        homeserver pushes them, to-device messages come in transactions."""
+        return self.receive_ephemeral is True or self.push_ephemeral is True
+
     def missing_encryption_flags(self) -> list[str]:
         """The keys ``generate-registration --encryption`` writes that are not on:
         end-to-end encryption needs devices (MSC4190), device lists and one-time-key
         counts (MSC3202) and to-device events (ephemeral) in transactions."""
-        missing = []
-        if not self.msc4190:
-            missing.append("io.element.msc4190")
-        if not self.msc3202:
-            missing.append("org.matrix.msc3202")
-        if not (self.receive_ephemeral or self.push_ephemeral):
-            missing.append("receive_ephemeral")
-        return missing
+        wanted = {
+            "io.element.msc4190": self.device_management,
+            "org.matrix.msc3202": self.transaction_extensions,
+            "receive_ephemeral": self.ephemeral,
+        }
+        return [key for key, on in wanted.items() if not on]
 
     # -- loading and saving -------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import (
     Collection,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from pathlib import Path
@@ -24,16 +25,19 @@ from typing import ClassVar, TypeVar
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_inbox, sqlite_state
+from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
     checked_ids,
+    checked_items,
+    checked_text,
+    crypto_scope,
     pending_migrations,
     storable_ids,
     unique_chunks,
 )
-from bridge_kit.store.inbox_rows import clean_text
+from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.state_records import known_room, rows_of
@@ -68,18 +72,21 @@ class SQLiteStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, sqlite_inbox.V2, sqlite_state.V3)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (
+        _V1,
+        sqlite_inbox.V2,
+        sqlite_state.V3,
+        sqlite_devices.V4,
+    )
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
-        self._daemon_lock: int | None = None
+        self._daemon_lock: int | None = None  # the lock file's descriptor, see lock_for_daemon
         self._loop_commits = 0
-        self._checkpoint_task: asyncio.Task[None] | None = (
-            None  # the lock file's descriptor, see lock_for_daemon
-        )
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -445,11 +452,18 @@ class SQLiteStore(Store):
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         now = time.time()
         await self._locked(
-            lambda conn: sqlite_inbox.fail(conn, item_id, done_handlers, not_before, now)
+            lambda conn: sqlite_inbox.fail(
+                conn, item_id, done_handlers, not_before, now, count_attempt
+            )
         )
 
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
@@ -505,6 +519,43 @@ class SQLiteStore(Store):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         user, text = clean_text(user_id), None if value is None else clean_text(value)
         await self._locked(lambda conn: sqlite_state.set_profile(conn, user, field, text))
+
+    # -- devices and crypto state (SQL in sqlite_devices) ----------------------------
+
+    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        name = optional_text(display_name)
+        await self._locked(lambda conn: sqlite_devices.remember_device(conn, user, device, name))
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        await self._locked(lambda conn: sqlite_devices.forget_device(conn, user, device))
+
+    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+        user = checked_text(user_id, "user ID")
+        return await self._locked(lambda conn: sqlite_devices.known_devices(conn, user))
+
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
+        return await self._locked(lambda conn: sqlite_devices.crypto_get(conn, who, what, which))
+
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
+        await self.crypto_put_many(owner, kind, {key: value})
+
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+        (who, what), batch = crypto_scope(owner, kind), checked_items(items)
+        if batch:
+            await self._in_transaction(
+                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch)
+            )
+
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        who, what = crypto_scope(owner, kind)
+        return await self._locked(lambda conn: sqlite_devices.crypto_items(conn, who, what))
+
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
+        await self._locked(lambda conn: sqlite_devices.crypto_delete(conn, who, what, which))
 
 
 def _create_private(path: Path) -> None:
