@@ -12,10 +12,10 @@ Three measurements, each against a baseline of bare vodozemac calls in the same 
   ``create_outbound_session`` + ``Session.encrypt`` per device.
 
 bridge_kit's side also writes every changed session to the store (what makes it
-survive a restart); ``--store`` picks it: ``memory`` (the crypto table in a dict,
-the cost of the crypto layer alone) or a ``sqlite:///`` URL (the real store).
+survive a restart); ``--store`` picks it: ``memory`` (the cost of the crypto
+layer alone) or ``sqlite`` (a fresh SQLite file per run: with the store's commits).
 
-    .venv/bin/python bench/bench_crypto.py [--messages 2000] [--devices 100]
+    .venv/bin/python bench/bench_crypto.py [--messages 2000] [--devices 100] [--store sqlite]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge_kit.crypto import CryptoMachine, canonical_json, derive_pickle_key  # noqa: E402
-from tests.crypto_peers import MemoryCryptoStore, OlmPeer  # noqa: E402
+from bridge_kit.store import Store, open_store  # noqa: E402
+from tests.crypto_peers import OlmPeer  # noqa: E402
 
 BOT, DEVICE, ROOM = "@bot:bench", "BENCH", "!room:bench"
 
@@ -68,9 +70,22 @@ class Directory:
         self.sent += sum(len(devices) for devices in messages.values())
 
 
+STORE = "memory"
+SCRATCH = Path(tempfile.mkdtemp(prefix="bench_crypto_"))
+
+
+def new_store() -> Store:
+    """A fresh store for each run: ``memory://`` or a new SQLite file."""
+    if STORE == "memory":
+        return open_store("memory://")
+    return open_store(f"sqlite:///{SCRATCH / f'{time.time_ns()}.db'}")
+
+
 async def machine_for(peers: list[OlmPeer]) -> tuple[CryptoMachine, Directory]:
     directory = Directory(peers)
-    machine = CryptoMachine(MemoryCryptoStore(), BOT, DEVICE, derive_pickle_key("bench"), directory)
+    store = new_store()
+    await store.open()
+    machine = CryptoMachine(store, BOT, DEVICE, derive_pickle_key("bench"), directory)
     await machine.start()
     return machine, directory
 
@@ -197,7 +212,11 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--store", choices=("memory", "sqlite"), default="memory")
     args = parser.parse_args()
+    global STORE  # one setting for the whole run
+    STORE = args.store
+    print(f"store: {STORE}")
     encrypt = await best_of(args.repeats, bench_encrypt, args.messages)
     report("encrypt", "message", args.messages, *encrypt)
     decrypt = await best_of(args.repeats, bench_decrypt, args.messages)

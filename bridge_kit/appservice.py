@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -33,6 +33,7 @@ from bridge_kit.config import AppServiceConfig, Config
 from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
 from bridge_kit.double_puppet import DoublePuppetClient
+from bridge_kit.e2ee import start_encryption
 from bridge_kit.errors import BridgeKitError, LifecycleError
 from bridge_kit.handlers import (
     DeviceListHandler,
@@ -54,6 +55,9 @@ from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, se
 from bridge_kit.state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
 from bridge_kit.store.records import ItemKind
+
+if TYPE_CHECKING:
+    from bridge_kit.crypto.bridge import BridgeEncryption
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,8 @@ class AppService:
         self._intents: OrderedDict[str, Intent] = OrderedDict()
         self._bot: Intent | None = None
         self._double_puppets: dict[str, Intent] = {}
+        self.encryption: BridgeEncryption | None = None
+        """End-to-end encryption (the bot's device), when ``encryption.enabled``."""
         self._started_at: float | None = None
         self.stop_timeout = defaults.STOP_TIMEOUT
         """Seconds :meth:`stop` may take in all (see :data:`~bridge_kit.defaults.STOP_TIMEOUT`)."""
@@ -237,6 +243,7 @@ class AppService:
             self.room_state,
             device_management=self.registration.device_management,
         )
+        intent.encryption = self.encryption
         self._intents[localpart] = intent
         # A bridge may touch millions of puppets; keep only the recently used ones.
         if len(self._intents) > defaults.INTENT_CACHE_SIZE:
@@ -265,6 +272,7 @@ class AppService:
             )
             client.observers.append(self.metrics)
             intent = Intent(client, user_id, None, self.room_state)
+            intent.encryption = self.encryption
             self._double_puppets[user_id] = intent
         return intent
 
@@ -319,6 +327,9 @@ class AppService:
         self._registrar = PuppetRegistrar(self.client, self.store, self.registration, self.domain)
         # Started before listening so that it stops after the listener: events
         # accepted until the last moment are still handled (or left in the inbox).
+        # Before the inbox: its seams decrypt the first items it handles.
+        self.encryption = await start_encryption(self)
+        self.bot.encryption = self.encryption
         await self.inbox.start()
         steps.push_async_callback(self.inbox.stop)
         steps.push_async_callback(self._listen_stopped, await self._listen())

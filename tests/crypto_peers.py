@@ -1,5 +1,5 @@
 """Independent peers for the crypto core's tests: python-olm (libolm, a separate
-implementation) devices, an in-memory crypto store, and an in-process key directory
+implementation) devices, and an in-process key directory
 that stands in for the homeserver's /keys and /sendToDevice routes between them."""
 
 from __future__ import annotations
@@ -12,33 +12,6 @@ import olm
 
 from bridge_kit.crypto import MEGOLM_ALGORITHM, OLM_ALGORITHM, canonical_json
 from bridge_kit.crypto.signing import unpadded_b64encode
-
-
-class MemoryCryptoStore:
-    """The store's crypto_* methods, in a dict (the real stores come with the devices work)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str, str], bytes] = {}
-
-    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return self.rows.get((owner, kind, key))
-
-    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
-        assert isinstance(value, bytes)
-        self.rows[(owner, kind, key)] = value
-
-    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
-        for key, value in items.items():
-            await self.crypto_put(owner, kind, key, value)
-
-    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return {k: v for (o, t, k), v in self.rows.items() if (o, t) == (owner, kind)}
-
-    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        self.rows.pop((owner, kind, key), None)
-
-    def all_bytes(self) -> bytes:
-        return b"\n".join(self.rows.values())
 
 
 def _signed(

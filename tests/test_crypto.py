@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import olm
 import pytest
@@ -25,7 +26,8 @@ from bridge_kit.crypto import (
 from bridge_kit.crypto.signing import unpadded_b64decode
 from bridge_kit.crypto.vault import _hkdf_sha256
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent, WrongPickleKey
-from tests.crypto_peers import KeyDirectory, MemoryCryptoStore, OlmPeer, megolm_content
+from bridge_kit.store import Store, open_store
+from tests.crypto_peers import KeyDirectory, OlmPeer, megolm_content
 
 BOT = "@bot:test.local"
 DEVICE = "BRIDGEDEV"
@@ -34,8 +36,16 @@ ROOM = "!room:test.local"
 KEY = derive_pickle_key("a configured pickle key")
 
 
-async def _parts(store: MemoryCryptoStore | None = None, key: bytes = KEY):
-    store = store or MemoryCryptoStore()
+async def memory_store() -> Store:
+    """The real in-memory store (its crypto table is what the SQLite and PostgreSQL
+    stores have too; tests/test_device_store.py checks those against each other)."""
+    store = open_store("memory://")
+    await store.open()
+    return store
+
+
+async def _parts(store: Store | None = None, key: bytes = KEY):
+    store = store or await memory_store()
     vault = CryptoVault(store, f"{BOT}|{DEVICE}", key)
     account = await OlmAccount.load_or_create(vault, BOT, DEVICE)
     tracker = DeviceTracker(vault)
@@ -465,16 +475,14 @@ def test_rotation_settings_take_valid_values_and_default_the_rest() -> None:
 # -- the machine: key sharing, rotation on leave, late devices, restarts --------
 
 
-async def _machine(
-    store: MemoryCryptoStore, directory: KeyDirectory, key: bytes = KEY
-) -> CryptoMachine:
+async def _machine(store: Store, directory: KeyDirectory, key: bytes = KEY) -> CryptoMachine:
     machine = CryptoMachine(store, BOT, DEVICE, key, directory)
     await machine.start()
     return machine
 
 
 async def test_the_machine_uploads_keys_and_shares_room_keys_with_every_device() -> None:
-    store, directory = MemoryCryptoStore(), KeyDirectory()
+    store, directory = await memory_store(), KeyDirectory()
     machine = await _machine(store, directory)
     assert directory.uploaded_device_keys == machine.account.device_keys()
     assert len(directory.one_time_keys) == machine.account.one_time_key_target
@@ -525,7 +533,7 @@ async def test_the_machine_uploads_keys_and_shares_room_keys_with_every_device()
 
 
 async def test_a_restarted_machine_keeps_its_identity_sessions_and_room_session() -> None:
-    store, directory = MemoryCryptoStore(), KeyDirectory()
+    store, directory = await memory_store(), KeyDirectory()
     machine = await _machine(store, directory)
     phone = directory.add(OlmPeer(ALICE, "PHONE"))
     first = await machine.encrypt_room_event(ROOM, "m.room.message", {"body": "one"}, [ALICE])
@@ -547,7 +555,7 @@ async def test_a_restarted_machine_keeps_its_identity_sessions_and_room_session(
 
 
 async def test_a_room_key_over_olm_decrypts_and_a_device_without_keys_is_skipped() -> None:
-    store, directory = MemoryCryptoStore(), KeyDirectory()
+    store, directory = await memory_store(), KeyDirectory()
     machine = await _machine(store, directory)
     alice = directory.add(OlmPeer(ALICE, "PHONE"))
     await machine.refresh_devices([ALICE])
@@ -593,8 +601,9 @@ def _forms(secret: bytes) -> list[bytes]:
     return [secret, b64, b64.rstrip(b"=")]
 
 
-async def test_the_store_holds_no_plaintext_key_material() -> None:
-    store, directory = MemoryCryptoStore(), KeyDirectory()
+async def test_the_sqlite_file_holds_no_plaintext_key_material(tmp_path: Path) -> None:
+    store, directory = open_store(f"sqlite:///{tmp_path / 'bk.db'}"), KeyDirectory()
+    await store.open()
     machine = await _machine(store, directory)
     phone = directory.add(OlmPeer(ALICE, "PHONE"))
     session = await machine.outbound.current(ROOM, RotationSettings())
@@ -621,7 +630,9 @@ async def test_the_store_holds_no_plaintext_key_material() -> None:
         ),
     )
 
-    stored = store.all_bytes()
+    await store.close()
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("bk.db*"))
+    assert phone.curve25519.encode() in stored  # the public keys are there: the grep sees them
     for exported in (shared_key, current_key, group.session_key):
         raw = unpadded_b64decode(exported)
         ratchet = raw[5 : 5 + 128]  # version, index, then the 128-byte secret ratchet
@@ -631,12 +642,15 @@ async def test_the_store_holds_no_plaintext_key_material() -> None:
         assert exported.encode() not in stored
     assert b"secret words" not in stored
     # The pickles open only with the key: with another, a clear error.
-    with pytest.raises(WrongPickleKey):
-        await _machine(store, directory, derive_pickle_key("wrong"))
+    store = open_store(f"sqlite:///{tmp_path / 'bk.db'}")
+    async with store:
+        with pytest.raises(WrongPickleKey):
+            await _machine(store, directory, derive_pickle_key("wrong"))
+        assert (await _machine(store, directory)).identity_keys() == machine.identity_keys()
 
 
 async def test_the_vault_rejects_a_pickle_key_of_the_wrong_size_and_hides_it() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
-        CryptoVault(MemoryCryptoStore(), "o", b"short")
-    vault = CryptoVault(MemoryCryptoStore(), "o", KEY)
+        CryptoVault(await memory_store(), "o", b"short")
+    vault = CryptoVault(await memory_store(), "o", KEY)
     assert KEY.hex() not in repr(vault) and "o" in repr(vault)

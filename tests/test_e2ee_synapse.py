@@ -15,12 +15,20 @@ from typing import Any
 import olm
 import pytest
 
-from bridge_kit import AppService, AppServiceConfig, Config, Event, HomeserverConfig
-from bridge_kit.config import EncryptionConfig
-from bridge_kit.crypto import canonical_json
+from bridge_kit import (
+    AppService,
+    AppServiceConfig,
+    Config,
+    Event,
+    HomeserverClient,
+    HomeserverConfig,
+)
 from bridge_kit.client import quote_segment
-from tests.conftest import SERVER_NAME, TestHomeserver
-from tests.daemons import real_user
+from bridge_kit.config import EncryptionConfig
+from bridge_kit.crypto import RotationSettings
+from bridge_kit.crypto.signing import unpadded_b64decode
+from tests.conftest import TestHomeserver
+from tests.crypto_peers import OlmPeer, megolm_content
 from tests.e2ee_users import nio_user
 
 pytestmark = pytest.mark.slow
@@ -75,12 +83,16 @@ async def bridged_room(app: AppService, human: Any, puppet: str) -> tuple[str, A
     await app.bot.join_room(room_id)
     await intent.join_room(room_id)
     await human.until(
-        lambda: {app.bot.user_id, intent.user_id} <= set(human.client.rooms[room_id].users)
-        if room_id in human.client.rooms
-        else False,
+        lambda: (
+            {app.bot.user_id, intent.user_id} <= set(human.client.rooms[room_id].users)
+            if room_id in human.client.rooms
+            else False
+        ),
         "the bot and the puppet joined",
     )
-    await eventually_async(lambda: app.room_state.is_encrypted(room_id), "the app knows the room is encrypted")
+    await eventually_async(
+        lambda: app.room_state.is_encrypted(room_id), "the app knows the room is encrypted"
+    )
     return room_id, intent
 
 
@@ -92,18 +104,6 @@ async def eventually_async(condition: Any, what: str, timeout: float = TIMEOUT) 
         await asyncio.sleep(0.1)
 
 
-async def server_event(hs: TestHomeserver, room_id: str, event_id: str) -> dict[str, Any]:
-    client, _ = await real_user(hs, f"reader{time.time_ns()}")
-    async with client:
-        return dict(
-            await client.request(
-                "GET",
-                f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/event/{quote_segment(event_id)}",
-                user_id=None,
-            )
-        )
-
-
 async def test_messages_cross_both_ways_and_survive_a_restart(
     synapse_devices: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
@@ -113,13 +113,13 @@ async def test_messages_cross_both_ways_and_survive_a_restart(
     async with nio_user(hs, f"human{unique}", tmp_path / "nio") as human:
         async with app:
             room_id, puppet = await bridged_room(app, human, f"_bk_e2ee{unique}")
-            await human.send(room_id, "hello bridge")
+            await human.send(room_id, "hello bridge", (app.bot.user_id,))
             event = await seen.wait("hello bridge")
             assert event.encrypted and event.type == "m.room.message"
             assert event.sender == human.user_id and event.sender_device == human.device_id
             event_id = await puppet.send_text(room_id, "hello human")
             assert await human.until_decrypted(room_id, "hello human") == puppet.user_id
-        stored = await _raw_event(hs, human, room_id, event_id)
+        stored = await _raw_event(hs, puppet.user_id, room_id, event_id)
         assert stored["type"] == "m.room.encrypted"
         assert "hello human" not in json.dumps(stored)
 
@@ -133,6 +133,171 @@ async def test_messages_cross_both_ways_and_survive_a_restart(
             assert (await seen.wait("still there?")).encrypted
 
 
-async def _raw_event(hs: TestHomeserver, human: Any, room_id: str, event_id: str) -> dict[str, Any]:
-    reply = await human.client.room_get_event(room_id, event_id)
-    return dict(reply.event.source)
+async def _raw_event(
+    hs: TestHomeserver, reader: str, room_id: str, event_id: str
+) -> dict[str, Any]:
+    """The event as the server holds it, read by ``reader`` (one of our users)."""
+    async with HomeserverClient(hs.url, hs.as_token) as client:
+        path = f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/event/{quote_segment(event_id)}"
+        return dict(await client.request("GET", path, user_id=reader))
+
+
+async def test_a_later_device_gets_the_key_and_a_leaver_does_not(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs = synapse_devices
+    app = encrypted_app(hs, tmp_path / "bk.db")
+    async with (
+        nio_user(hs, f"stay{unique}", tmp_path / "phone") as phone,
+        nio_user(hs, f"leave{unique}", tmp_path / "leaver") as leaver,
+        app,
+    ):
+        room_id, puppet = await bridged_room(app, phone, f"_bk_rot{unique}")
+        await phone.client.room_invite(room_id, leaver.user_id)
+        await leaver.until(lambda: room_id in leaver.client.invited_rooms, "the invite arrived")
+        await leaver.client.join(room_id)
+        await eventually_async(
+            lambda: app.room_state.is_joined(room_id, leaver.user_id), "the app saw the join"
+        )
+        first = await puppet.send_text(room_id, "one")
+        for human in (phone, leaver):
+            assert await human.until_decrypted(room_id, "one") == puppet.user_id
+        first_session = (await _raw_event(hs, puppet.user_id, room_id, first))["content"]
+
+        # The phone's owner logs in on a laptop: its device gets the key before "two".
+        tracker = app.encryption.machine.tracker
+        async with nio_user(
+            hs, f"stay{unique}", tmp_path / "laptop", "laptop", create=False
+        ) as laptop:
+            # (Its keys must be on the server first: a device without keys is no
+            # device to share with, and nio uploads them from its sync loop.)
+            await eventually_async(
+                lambda: _has_keys(app, phone.user_id, laptop.device_id), "the laptop has keys"
+            )
+            await eventually(
+                lambda: (
+                    phone.user_id in tracker.outdated_among([phone.user_id])
+                    or laptop.device_id in tracker.devices(phone.user_id)
+                ),
+                "the bridge heard of the new device",
+            )
+            second = await puppet.send_text(room_id, "two")
+            assert await laptop.until_decrypted(room_id, "two") == puppet.user_id
+            assert "one" not in await laptop.decrypted_bodies(room_id)
+        second_session = (await _raw_event(hs, puppet.user_id, room_id, second))["content"]
+        assert second_session["session_id"] == first_session["session_id"]
+
+        # The leaver leaves: the next message has a new session, which it never gets.
+        await leaver.client.room_leave(room_id)
+        await eventually_async(
+            lambda: _not_joined(app, room_id, leaver.user_id), "the app saw the leave"
+        )
+        third = await puppet.send_text(room_id, "three")
+        third_session = (await _raw_event(hs, puppet.user_id, room_id, third))["content"]
+        assert third_session["session_id"] != first_session["session_id"]
+        assert await phone.until_decrypted(room_id, "three") == puppet.user_id
+        sender_key = third_session["sender_key"]
+        assert phone.has_room_key(room_id, sender_key, third_session["session_id"])
+        await asyncio.sleep(2.0)  # a key sent to the leaver would have arrived by now
+        assert leaver.has_room_key(room_id, sender_key, first_session["session_id"])
+        assert not leaver.has_room_key(room_id, sender_key, third_session["session_id"])
+
+
+async def _not_joined(app: AppService, room_id: str, user_id: str) -> bool:
+    return not await app.room_state.is_joined(room_id, user_id)
+
+
+async def _has_keys(app: AppService, user_id: str, device_id: str) -> bool:
+    reply = await app.bot.keys_query([user_id])
+    return device_id in reply.device_keys.get(user_id, {})
+
+
+async def test_a_missing_key_is_a_dead_letter_until_it_arrives_and_no_key_is_stored_in_clear(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs, db = synapse_devices, tmp_path / "bk.db"
+    app = encrypted_app(hs, db, key_wait=2.0)
+    seen = Seen(app)
+    async with nio_user(hs, f"raw{unique}", tmp_path / "nio") as human, app:
+        room_id, puppet = await bridged_room(app, human, f"_bk_late{unique}")
+        machine = app.encryption.machine
+        # The human's second, hand-made libolm "device" encrypts without sharing its key.
+        peer = OlmPeer(human.user_id, "HANDMADE")
+        group = olm.OutboundGroupSession()
+        session_key = group.session_key
+        async with HomeserverClient(hs.url, human.client.access_token) as raw:
+            late = megolm_content(
+                group, peer, room_id, "m.room.message", {"msgtype": "m.text", "body": "late key"}
+            )
+            await _send(raw, room_id, late)
+            letter = await _dead_letter(app, "no room key")
+            # The key arrives over Olm, as a client shares it: claim, session, m.room_key.
+            bot, device = machine.user_id, machine.device_id
+            claim = await raw.request(
+                "POST", "/_matrix/client/v3/keys/claim",
+                body={"one_time_keys": {bot: {device: "signed_curve25519"}}},
+            )  # fmt: skip
+            [one_time] = claim["one_time_keys"][bot][device].values()
+            keys = machine.identity_keys()
+            peer.start_session(keys["curve25519"], one_time["key"])
+            room_key = {
+                "algorithm": "m.megolm.v1.aes-sha2",
+                "room_id": room_id,
+                "session_id": group.id,
+                "session_key": session_key,
+            }
+            content = peer.encrypt_to(
+                bot, keys["curve25519"], keys["ed25519"], "m.room_key", room_key
+            )
+            await raw.request(
+                "PUT", f"/_matrix/client/v3/sendToDevice/m.room.encrypted/{unique}",
+                body={"messages": {bot: {device: content}}},
+            )  # fmt: skip
+        await eventually_async(
+            lambda: _has_session(machine, room_id, group.id), "the bridge took the room key"
+        )
+        garbage = {
+            **megolm_content(group, peer, room_id, "m.room.message", {}),
+            "ciphertext": "Z2FyYmFnZQ",
+        }
+        async with HomeserverClient(hs.url, human.client.access_token) as raw:
+            await _send(raw, room_id, garbage)
+        assert "cannot decrypt" in (await _dead_letter(app, "cannot decrypt")).error
+
+        assert await app.dead_letters.replay([letter.id]) == 1
+        event = await seen.wait("late key")
+        assert event.encrypted and event.sender == human.user_id
+        assert event.sender_device is None  # the hand-made device is not in the user's list
+
+        await puppet.send_text(room_id, "from the bridge")
+        outbound = await machine.outbound.current(room_id, RotationSettings())
+        our_key = machine.outbound.room_key_content(outbound)["session_key"]
+        human_device_key = human.client.olm.account.identity_keys["curve25519"]
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("bk.db*"))
+    assert human_device_key.encode() in stored  # public keys are there: the grep sees the table
+    for exported in (session_key, our_key):
+        assert exported.encode() not in stored
+        ratchet = unpadded_b64decode(exported)[5 : 5 + 128]
+        for part in (ratchet[i : i + 32] for i in range(0, 128, 32)):
+            for form in (part, base64.b64encode(part), base64.b64encode(part).rstrip(b"=")):
+                assert form not in stored
+
+
+async def _send(client: HomeserverClient, room_id: str, content: dict[str, Any]) -> None:
+    txn = str(time.time_ns())
+    path = f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/send/m.room.encrypted/{txn}"
+    await client.request("PUT", path, body=content)
+
+
+async def _dead_letter(app: AppService, words: str) -> Any:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for letter in await app.dead_letters.list():
+            if words in letter.error:
+                return letter
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no dead letter saying {words!r}")
+
+
+async def _has_session(machine: Any, room_id: str, session_id: str) -> bool:
+    return await machine.inbound.get(room_id, session_id) is not None

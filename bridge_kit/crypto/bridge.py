@@ -61,7 +61,9 @@ class _IntentKeys:
         one_time_keys: dict[str, Any],
         fallback_keys: dict[str, Any],
     ) -> Mapping[str, int]:
-        return await self.device.keys_upload(device_keys, one_time_keys or None, fallback_keys or None)
+        return await self.device.keys_upload(
+            device_keys, one_time_keys or None, fallback_keys or None
+        )
 
     async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
         reply = await self.device.keys_query(list(user_ids))
@@ -108,11 +110,18 @@ class BridgeEncryption:
         await bot.create_device(device_id, _DEVICE_NAME)
         device = bot.with_device(device_id)
         self._machine = CryptoMachine(
-            self.app.store, bot.user_id, device_id, self._pickle_key, _IntentKeys(device)
+            self.app.store,
+            bot.user_id,
+            device_id,
+            self._pickle_key,
+            _IntentKeys(device),
+            ours=self._is_our_user,
         )
         await self._machine.start()
         log.info(
-            "encryption: the bot's device is %s (ed25519 %s)", device_id, self._machine.account.ed25519
+            "encryption: the bot's device is %s (ed25519 %s)",
+            device_id,
+            self._machine.account.ed25519,
         )
         inbox, handlers = self.app.inbox, self.app.handlers
         inbox.add_preprocessor(ItemKind.TO_DEVICE, self.decrypt_to_device)
@@ -129,6 +138,12 @@ class BridgeEncryption:
         device_id = "BK" + secrets.token_hex(5).upper()
         await store.crypto_put(bot_user_id, _BRIDGE_KIND, _DEVICE_KEY, device_id.encode("utf-8"))
         return device_id
+
+    def _is_our_user(self, user_id: str) -> bool:
+        """The bot and the puppets: the users that send with the bot's Megolm sessions."""
+        registration = self.app.registration
+        bot = self.machine.user_id
+        return user_id == bot or registration.is_user_in_namespace(user_id, exclusive_only=True)
 
     def _is_ours(self, user_id: str, device_id: str) -> bool:
         return user_id == self.machine.user_id and device_id == self.machine.device_id
@@ -167,7 +182,9 @@ class BridgeEncryption:
             )
         except NoRoomKey as exc:
             wait = self.settings.key_wait
-            raise NotReady(exc.reason, retry_after=min(_KEY_POLL, wait), give_up_after=wait) from None
+            raise NotReady(
+                exc.reason, retry_after=min(_KEY_POLL, wait), give_up_after=wait
+            ) from None
         except UndecryptableEvent as exc:
             raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
         device = self.machine.sender_device(event.sender or "", decrypted.sender_key)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final, Protocol
 
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
@@ -74,13 +74,16 @@ class CryptoMachine:
         device_id: str,
         pickle_key: bytes,
         api: KeysApi,
+        ours: Callable[[str], bool] | None = None,
     ) -> None:
+        """``ours(user_id)``: whether a user sends with this device's Megolm sessions
+        (the bridge's puppets), so that their events can be read back."""
         self.user_id = user_id
         self.device_id = device_id
         self.api = api
         self.vault = CryptoVault(store, owner_of(user_id, device_id), pickle_key)
         self.tracker = DeviceTracker(self.vault)
-        self.inbound = InboundGroupSessions(self.vault)
+        self.inbound = InboundGroupSessions(self.vault, ours)
         self._account: OlmAccount | None = None
         self._olm: OlmSessions | None = None
         self._outbound: OutboundGroupSessions | None = None

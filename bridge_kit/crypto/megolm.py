@@ -4,7 +4,7 @@ and the outbound session of each room, with the room's rotation settings."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -50,6 +50,8 @@ class _Inbound:
     sender: str
     sender_key: str
     sender_ed25519: str
+    own: bool = False
+    """Our own outbound session: any of our users (puppets) may have sent with it."""
 
 
 def _room_key_fields(content: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -62,10 +64,15 @@ def _room_key_fields(content: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 class InboundGroupSessions:
-    """Room keys others shared with us, by room and session id."""
+    """Room keys others shared with us, by room and session id.
 
-    def __init__(self, vault: CryptoVault) -> None:
+    ``ours(user_id)`` says whether a user sends with our own sessions (the bridge's
+    puppets and bot); by default only the account's own user does.
+    """
+
+    def __init__(self, vault: CryptoVault, ours: Callable[[str], bool] | None = None) -> None:
         self.vault = vault
+        self.ours = ours
         self._cache: dict[tuple[str, str], _Inbound] = {}
 
     async def get(self, room_id: str, session_id: str) -> _Inbound | None:
@@ -79,8 +86,13 @@ class InboundGroupSessions:
                 record["pickle"].encode("ascii"),
                 "Megolm session",
             )
-            sender = record["sender"]
-            self._cache[key] = _Inbound(session, sender, record["sender_key"], record["ed25519"])
+            self._cache[key] = _Inbound(
+                session,
+                record["sender"],
+                record["sender_key"],
+                record["ed25519"],
+                bool(record.get("own")),
+            )
         return self._cache[key]
 
     async def add_room_key(self, payload: OlmPayload) -> tuple[str, str] | None:
@@ -109,16 +121,19 @@ class InboundGroupSessions:
         sender: str,
         sender_key: str,
         sender_ed25519: str,
+        *,
+        own: bool = False,
     ) -> None:
         record = {
             "pickle": self.vault.seal(session).decode("ascii"),
             "sender": sender,
             "sender_key": sender_key,
             "ed25519": sender_ed25519,
+            "own": own,
         }
         await self.vault.put_json(_INBOUND, f"{room_id}|{session.session_id}", record)
         self._cache[(room_id, session.session_id)] = _Inbound(
-            session, sender, sender_key, sender_ed25519
+            session, sender, sender_key, sender_ed25519, own
         )
 
     async def decrypt(
@@ -134,7 +149,7 @@ class InboundGroupSessions:
         inbound = await self.get(room_id, session_id)
         if inbound is None:
             raise NoRoomKey(room_id, session_id)
-        if inbound.sender != sender:
+        if not self._may_send(inbound, sender):
             raise UndecryptableEvent("the room key belongs to another user than the sender")
         claimed_key = content.get("sender_key")
         if claimed_key is not None and claimed_key != inbound.sender_key:
@@ -145,6 +160,11 @@ class InboundGroupSessions:
             raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
         await self._refuse_replay(room_id, session_id, decrypted.message_index, event_id)
         return self._inner_event(room_id, content, inbound, session_id, decrypted)
+
+    def _may_send(self, inbound: _Inbound, sender: str) -> bool:
+        if sender == inbound.sender:
+            return True
+        return inbound.own and self.ours is not None and self.ours(sender)
 
     async def _refuse_replay(
         self, room_id: str, session_id: str, index: int, event_id: str
@@ -285,7 +305,9 @@ class OutboundGroupSessions:
         # Our own copy, so the bridge can read back what its puppets sent.
         own = vodozemac.InboundGroupSession(group.session_key)
         account = self.account
-        await self.inbound.add(room_id, own, account.user_id, account.curve25519, account.ed25519)
+        await self.inbound.add(
+            room_id, own, account.user_id, account.curve25519, account.ed25519, own=True
+        )
         session = OutboundSession(room_id, group, now_ms)
         await self.save(session)
         return session

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge_kit.client import HomeserverClient
 from bridge_kit.intent import convenience, devices, media, membership, messages, rooms
-from bridge_kit.intent._actor import device_query
+from bridge_kit.intent._actor import OutgoingEncryption, device_query
 from bridge_kit.intent.media import MediaSource
 from bridge_kit.types.devices import Device
 from bridge_kit.types.events import Event
@@ -85,6 +85,9 @@ class Intent:
         #: Whether the registration has io.element.msc4190 (False: create_device and
         #: delete_device refuse at once); None when unknown, to let the homeserver decide.
         self.device_management = device_management
+        #: Encrypts what this intent sends into encrypted rooms; set by the AppService
+        #: when ``encryption.enabled`` (see :mod:`bridge_kit.crypto.bridge`).
+        self.encryption: OutgoingEncryption | None = None
         self._device_id: str | None = None
         self._register = ensure_registered
         self._registered = ensure_registered is None
@@ -117,6 +120,7 @@ class Intent:
         twin.device_management = self.device_management
         twin._device_id = device_id
         twin._registered = self._registered
+        twin.encryption = self.encryption
         return twin
 
     @property

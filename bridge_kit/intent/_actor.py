@@ -13,11 +13,22 @@ from bridge_kit.types.converter import converter
 CLIENT = "/_matrix/client/v3"
 
 
+class OutgoingEncryption(Protocol):
+    """What encrypts an intent's room events (bridge_kit.crypto.bridge.BridgeEncryption)."""
+
+    async def outgoing(
+        self, intent: Any, room_id: str, event_type: str, content: Any
+    ) -> tuple[str, Any]:
+        """The type and content to send: ``m.room.encrypted`` in an encrypted room."""
+        ...
+
+
 class Actor(Protocol):
     """An :class:`~bridge_kit.intent.Intent`, as the module functions see it."""
 
     client: HomeserverClient
     user_id: str
+    encryption: OutgoingEncryption | None
 
     @property
     def device_id(self) -> str | None: ...

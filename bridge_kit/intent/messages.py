@@ -37,12 +37,17 @@ async def send_event(
     txn_id: str | None,
     timestamp: int | None,
 ) -> str:
+    # Derived from the type the caller sent, so a retried handler reuses it even
+    # though the encrypted content differs each time.
     txn_id = txn_id or next_txn_id(actor.user_id, room_id, event_type)
+    body = content_json(content)
+    if actor.encryption is not None:
+        event_type, body = await actor.encryption.outgoing(actor, room_id, event_type, body)
     reply = await actor._request(
         "PUT",
         f"{room_path(room_id)}/send/{quote_segment(event_type)}/{quote_segment(txn_id)}",
         "/rooms/{roomId}/send/{eventType}/{txnId}",
-        body=content_json(content),
+        body=body,
         query=_timestamp_query(timestamp),
     )
     return structure_reply(reply, SendEventResponse, "send").event_id
