@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import yaml
 
@@ -147,3 +148,53 @@ def test_the_decryption_marks_on_an_event_never_reach_its_json() -> None:
     assert (event.encrypted, event.sender_device) == (False, None)
     decrypted = attrs.evolve(event, encrypted=True, sender_device="PHONE")
     assert converter.unstructure(decrypted) == {"type": "m.room.message", "content": {"body": "x"}}
+
+
+class _App:
+    """What start_encryption reads of an AppService, before it touches the network."""
+
+    def __init__(self, encryption: EncryptionConfig, registration: dict[str, Any]) -> None:
+        from bridge_kit.registration import Registration
+
+        self.config = Config.loads(
+            "homeserver: {url: http://h}\nappservice: {registration: r}\n", check_files=False
+        )
+        self.config = attrs.evolve(self.config, encryption=encryption)
+        self.registration = Registration.loads(yaml.safe_dump(registration))
+
+
+async def test_an_app_refuses_to_start_encryption_without_the_flags() -> None:
+    from bridge_kit.e2ee import start_encryption
+
+    off = _App(EncryptionConfig(), registration_data("ours", "_ours_"))
+    assert await start_encryption(off) is None  # type: ignore[arg-type]
+    missing = _App(EncryptionConfig(enabled=True), registration_data("ours", "_ours_"))
+    with pytest.raises(ConfigError, match=r"lacks io\.element\.msc4190"):
+        await start_encryption(missing)  # type: ignore[arg-type]
+
+
+_ENABLED_WITHOUT_VODOZEMAC = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.modules["vodozemac"] = None
+    from bridge_kit.e2ee import start_encryption
+    from bridge_kit.errors import EncryptionUnavailable
+    from tests.test_e2ee_setup import FLAGS, _App, registration_data
+    from bridge_kit.config import EncryptionConfig
+    app = _App(EncryptionConfig(enabled=True), registration_data("ours", "_ours_", **FLAGS))
+    try:
+        asyncio.run(start_encryption(app))
+    except EncryptionUnavailable as exc:
+        print(exc)
+    """
+)
+
+
+def test_enabling_encryption_without_vodozemac_names_the_extra() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _ENABLED_WITHOUT_VODOZEMAC],
+        capture_output=True, text=True, timeout=60, check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'bridge-kit[e2ee]'" in result.stdout
