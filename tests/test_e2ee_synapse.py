@@ -160,6 +160,29 @@ async def test_messages_cross_both_ways_and_survive_a_restart(
             assert event.sender == human.user_id and event.sender_device == human.device_id
             event_id = await puppet.send_text(room_id, "hello human")
             assert await human.until_decrypted(room_id, "hello human") == puppet.user_id
+            # A reaction is encrypted too, its relation left readable (the spec's rule).
+            assert event.event_id is not None
+            reaction = await puppet.send_reaction(room_id, event.event_id, "👍")
+            raw_reaction = await _raw_event(hs, puppet.user_id, room_id, reaction)
+            assert raw_reaction["type"] == "m.room.encrypted"
+            relation = raw_reaction["content"]["m.relates_to"]
+            assert relation == {"rel_type": "m.annotation", "event_id": event.event_id, "key": "👍"}
+
+            # One-time keys claimed by others are topped up from the counts Synapse pushes.
+            bot_device = app.bot.with_device(app.encryption.device_id)
+            target = app.encryption.machine.account.one_time_key_target
+            assert (await bot_device.keys_upload())["signed_curve25519"] == target
+            bot, device = app.bot.user_id, app.encryption.device_id
+            claimed = set()
+            for _ in range(3):
+                reply = await human.client.keys_claim({bot: [device]})
+                claimed |= set(reply.one_time_keys[bot][device])
+            assert len(claimed) == 3  # three keys left the server: 22 until topped up
+            # Synapse adds the counts to the next transaction that concerns the bot.
+            await human.send(room_id, "tick", (app.bot.user_id,))
+            await eventually_async(
+                lambda: _otk_count(bot_device, target), "the one-time keys were topped up"
+            )
         stored = await _raw_event(hs, puppet.user_id, room_id, event_id)
         assert stored["type"] == "m.room.encrypted"
         assert "hello human" not in json.dumps(stored)
@@ -342,3 +365,8 @@ async def _dead_letter(app: AppService, words: str) -> Any:
 
 async def _has_session(machine: Any, room_id: str, session_id: str) -> bool:
     return await machine.inbound.get(room_id, session_id) is not None
+
+
+async def _otk_count(device: Any, target: int) -> bool:
+    counts = await device.keys_upload()
+    return bool(counts.get("signed_curve25519") == target)
