@@ -12,6 +12,7 @@ modules, each with its own ``__all__``:
 - :mod:`bridge_kit.puppets`: the puppet engine;
 - :mod:`bridge_kit.server`: the appservice HTTP API as an aiohttp application;
 - :mod:`bridge_kit.runner`: :func:`run_app`, signals and exit codes.
+- :mod:`bridge_kit.crypto`: end-to-end encryption (needs the ``e2ee`` extra).
 
 Every other module (``cli``, ``commands``, ``diagnose``, ``progress``,
 ``transactions``, ``_*``...) is private: it may change in any release.

@@ -24,6 +24,7 @@ PUBLIC_MODULES = (
     "bridge_kit.puppets",
     "bridge_kit.server",
     "bridge_kit.runner",
+    "bridge_kit.crypto",
 )
 
 
