@@ -142,6 +142,19 @@ class SeenSet:
                 return False
             index = (index + 1) & mask
 
+    def __contains__(self, item: object) -> bool:
+        """Whether ``item`` was added (by its hash, as :meth:`add` tells)."""
+        key = hash(item) or 1
+        slots, mask = self._slots, self._mask
+        index = key & mask
+        while True:
+            found = slots[index]
+            if found == 0:
+                return False
+            if found == key:
+                return True
+            index = (index + 1) & mask
+
     def _grow(self) -> None:
         old = self._slots
         capacity = 2 * len(old)
