@@ -8,7 +8,15 @@ from collections.abc import Collection, Iterable, Sequence
 import attrs
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store, check_limit, checked_ids, state_event_from, storable_ids
+from bridge_kit.store.base import (
+    Store,
+    check_limit,
+    checked_ids,
+    cleaned_ids,
+    cleaned_pairs,
+    state_event_from,
+    storable_ids,
+)
 from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
@@ -321,3 +329,26 @@ class MemoryStore(Store):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         self._check_open()
         self._profiles[clean_text(user_id), field] = None if value is None else clean_text(value)
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        self._check_open()
+        found: set[tuple[str, str]] = set()
+        for key, pair in cleaned_pairs(pairs).items():
+            row = self._members.get(key)
+            if row is not None and row.member.membership == "join":
+                found.add(pair)
+        return found
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        self._check_open()
+        wanted = cleaned_ids(user_ids)
+        profiles: dict[str, dict[str, str | None]] = {}
+        # A scan, as members() does: this store is for tests.
+        for (who, field), value in self._profiles.items():
+            if who in wanted:
+                profiles.setdefault(wanted[who], {})[field] = value
+        return profiles
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        for user_id, field, value in values:
+            await self.set_profile(user_id, field, value)

@@ -13,7 +13,10 @@ from bridge_kit.store.base import (
     Store,
     check_limit,
     checked_ids,
+    cleaned_ids,
+    cleaned_pairs,
     pending_migrations,
+    profiles_by_user,
     storable_ids,
     unique_chunks,
 )
@@ -345,6 +348,24 @@ class PostgresStore(Store):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         user, text = clean_text(user_id), None if value is None else clean_text(value)
         await self._run(lambda pool: postgres_state.set_profile(pool, user, field, text))
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = cleaned_pairs(pairs)
+        rows = await self._run(lambda pool: postgres_state.joined_among(pool, list(wanted)))
+        return {wanted[row] for row in rows}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        wanted = cleaned_ids(user_ids)
+        rows = await self._run(lambda pool: postgres_state.profiles_among(pool, list(wanted)))
+        return profiles_by_user(rows, wanted)
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        rows = [
+            (clean_text(user), field, None if value is None else clean_text(value))
+            for user, field, value in values
+        ]
+        if rows:
+            await self._run(lambda pool: postgres_state.set_profiles(pool, rows))
 
 
 def _txn_key(txn_id: str) -> bytes:

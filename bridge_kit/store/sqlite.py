@@ -29,7 +29,10 @@ from bridge_kit.store.base import (
     Store,
     check_limit,
     checked_ids,
+    cleaned_ids,
+    cleaned_pairs,
     pending_migrations,
+    profiles_by_user,
     storable_ids,
     unique_chunks,
 )
@@ -505,6 +508,24 @@ class SQLiteStore(Store):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         user, text = clean_text(user_id), None if value is None else clean_text(value)
         await self._locked(lambda conn: sqlite_state.set_profile(conn, user, field, text))
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = cleaned_pairs(pairs)
+        rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, list(wanted)))
+        return {wanted[row] for row in rows}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        wanted = cleaned_ids(user_ids)
+        rows = await self._locked(lambda conn: sqlite_state.profiles_among(conn, list(wanted)))
+        return profiles_by_user(rows, wanted)
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        rows = [
+            (clean_text(user), field, None if value is None else clean_text(value))
+            for user, field, value in values
+        ]
+        if rows:
+            await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
 
 
 def _create_private(path: Path) -> None:
