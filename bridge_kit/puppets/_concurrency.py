@@ -12,7 +12,7 @@ import asyncio
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Final
 
 __all__ = ["MIN_PAUSE", "AimdLimiter", "SeenSet"]
@@ -125,7 +125,7 @@ class SeenSet:
         self._mask = capacity - 1
         self._count = 0
 
-    def add(self, item: str) -> bool:
+    def add(self, item: Hashable) -> bool:
         """Remember ``item``; False if it was seen before."""
         key = hash(item) or 1  # 0 marks an empty slot
         slots, mask = self._slots, self._mask

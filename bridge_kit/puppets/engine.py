@@ -245,6 +245,9 @@ class BulkEngine(Generic[In]):
                 await self.job.prepare(chunk, self._dispatch)
                 if self.stopping:
                     return
+        except _ABORTS as error:  # a job's prepare may ask the homeserver (aliases)
+            self._abort(error)
+            return
         except Exception as error:
             self._fail(error)
             return
@@ -268,12 +271,15 @@ class BulkEngine(Generic[In]):
             for _ in range(self.worker_count):
                 await self.queues[index + 1].put(None)
 
+    def _abort(self, error: BaseException) -> None:
+        diagnosis = error.diagnosis if isinstance(error, RunAborted) else diagnose_abort(error)
+        self.stop(aborted=diagnosis or str(error))
+
     async def _work(self, index: int) -> None:
         try:
             await self._send_queued(index)
-        except (RunAborted, HomeserverUnreachable, UnknownToken) as error:
-            diagnosis = error.diagnosis if isinstance(error, RunAborted) else diagnose_abort(error)
-            self.stop(aborted=diagnosis or str(error))
+        except _ABORTS as error:
+            self._abort(error)
         except Exception as error:  # unexpected: end the run rather than leave it hanging
             self._fail(error)
 
@@ -318,6 +324,10 @@ class BulkEngine(Generic[In]):
         except Exception:
             log.exception("the progress callback failed; no more progress reports")
             self.progress = None
+
+
+#: What stops a run with a diagnosis instead of raising.
+_ABORTS = (RunAborted, HomeserverUnreachable, UnknownToken)
 
 
 class _RateLimitWatch(ClientObserver):
