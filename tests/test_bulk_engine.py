@@ -81,3 +81,40 @@ async def test_join_many_streams_an_async_iterable_and_refuses_one_string(
             await registrar.join_many("_bk_a\t!room:x")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"\(localpart, room_id_or_alias\) pairs"):
             await registrar.join_many([("only one",)])  # type: ignore[list-item]
+
+
+async def test_a_refused_token_aborts_join_many_with_a_diagnosis(
+    fault_registration: Registration,
+) -> None:
+    async with (
+        FaultHomeserver(as_token=TOKEN) as hs,
+        HomeserverClient(hs.url, "not-the-token", retry=FAST) as client,
+        MemoryStore() as store,
+    ):
+        registrar = PuppetRegistrar(client, store, fault_registration, SERVER)
+        result = await registrar.join_many([(lp, ROOMS[0]) for lp in names("_bk_t", 100)])
+    assert result.aborted is not None and "M_UNKNOWN_TOKEN" in result.aborted
+    assert result.joined == 0 and not result.ok
+    assert hs.total_requests < 100  # stopped at once, not once per pair
+
+
+async def test_cancelling_join_many_saves_what_was_joined_and_a_rerun_finishes(
+    fault_registration: Registration,
+) -> None:
+    pairs = [(lp, ROOMS[3]) for lp in names("_bk_c", 300)]
+    async with (
+        FaultHomeserver(as_token=TOKEN, reply_delay=0.01) as hs,
+        HomeserverClient(hs.url, TOKEN, retry=FAST) as client,
+        MemoryStore() as store,
+    ):
+        registrar = PuppetRegistrar(client, store, fault_registration, SERVER)
+        task = asyncio.create_task(registrar.join_many(pairs, concurrency=4))
+        while len(hs.joins) < 20:
+            await asyncio.sleep(0.01)
+        registrar.cancel()
+        first = await task
+        assert first.cancelled and 20 <= first.joined < 300
+        # Every join the homeserver made was recorded: the re-run sends none of them again.
+        rest = await registrar.join_many(pairs, concurrency=4)
+        assert (rest.skipped_known, rest.joined) == (first.joined, 300 - first.joined)
+        assert set(hs.joins.values()) == {1}

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 from bridge_kit.client import REGISTER_ENDPOINT, HomeserverClient
-from bridge_kit.errors import MatrixRequestError, UnexpectedReply, UserInUse
+from bridge_kit.errors import MatrixRequestError, RegistrationAborted, UnexpectedReply, UserInUse
 from bridge_kit.ids import localpart_problem
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.engine import (
@@ -30,7 +30,6 @@ from bridge_kit.puppets.engine import (
     BulkEngine,
     BulkJob,
     Dispatch,
-    RunAborted,
     Stage,
 )
 from bridge_kit.puppets.results import (
@@ -85,10 +84,13 @@ def puppet_problem(localpart: str, domain: str, registration: Registration) -> s
 
 
 def registration_refused(error: MatrixRequestError | UnexpectedReply) -> str:
-    """The reason a registration was refused, or :class:`RunAborted` when every one would be."""
+    """The reason a registration was refused, or :class:`RegistrationAborted` (which
+    stops the run) when every one would be."""
     diagnosis = diagnose_abort(error)
     if diagnosis is not None:
-        raise RunAborted(diagnosis)
+        raise RegistrationAborted(
+            diagnosis, error if isinstance(error, MatrixRequestError) else None
+        )
     return describe_failure(error)
 
 

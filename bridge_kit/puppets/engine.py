@@ -19,7 +19,8 @@ for all of them:
 - cancelling stops issuing requests, lets those in flight finish, flushes and
   returns the result with ``cancelled`` set; an error no retry can fix (the
   homeserver gone, the as_token refused, or what a job's stage raises as
-  :class:`RunAborted`) stops the run at once with a diagnosis.
+  :class:`~bridge_kit.errors.RegistrationAborted`) stops the run at once with a
+  diagnosis.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from itertools import islice
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from bridge_kit.client import ClientObserver, HomeserverClient
-from bridge_kit.errors import HomeserverUnreachable, UnknownToken
+from bridge_kit.errors import HomeserverUnreachable, RegistrationAborted, UnknownToken
 from bridge_kit.puppets._concurrency import AimdLimiter
 from bridge_kit.puppets.results import diagnose_abort
 
@@ -44,7 +45,6 @@ __all__ = [
     "BulkEngine",
     "BulkJob",
     "Dispatch",
-    "RunAborted",
     "RunOutcome",
     "Stage",
     "chunks",
@@ -59,14 +59,6 @@ FLUSH_INTERVAL: Final = 0.5
 
 In = TypeVar("In")
 T = TypeVar("T")
-
-
-class RunAborted(Exception):  # a signal inside the engine, never raised to callers
-    """Raised by a stage's :meth:`Stage.send` when no later request can succeed either."""
-
-    def __init__(self, diagnosis: str) -> None:
-        super().__init__(diagnosis)
-        self.diagnosis = diagnosis
 
 
 class RunOutcome(Protocol):
@@ -86,7 +78,8 @@ class Stage(abc.ABC):
     async def send(self, item: Any) -> bool:
         """Do the item's requests; True passes it on to the next stage (and counts as a
         success for the limiter). A refusal of this item is counted by the job and
-        returns False; :class:`RunAborted` or :class:`HomeserverUnreachable` stop the run."""
+        returns False; :class:`RegistrationAborted` or :class:`HomeserverUnreachable`
+        stop the run."""
 
 
 #: ``await dispatch(stage_index, item)``: queue an item for a stage (waits when it is full).
@@ -272,7 +265,9 @@ class BulkEngine(Generic[In]):
                 await self.queues[index + 1].put(None)
 
     def _abort(self, error: BaseException) -> None:
-        diagnosis = error.diagnosis if isinstance(error, RunAborted) else diagnose_abort(error)
+        diagnosis = (
+            error.diagnosis if isinstance(error, RegistrationAborted) else diagnose_abort(error)
+        )
         self.stop(aborted=diagnosis or str(error))
 
     async def _work(self, index: int) -> None:
@@ -327,7 +322,7 @@ class BulkEngine(Generic[In]):
 
 
 #: What stops a run with a diagnosis instead of raising.
-_ABORTS = (RunAborted, HomeserverUnreachable, UnknownToken)
+_ABORTS = (RegistrationAborted, HomeserverUnreachable, UnknownToken)
 
 
 class _RateLimitWatch(ClientObserver):
