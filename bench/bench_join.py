@@ -237,6 +237,24 @@ async def make_rooms(hs: SynapseServer, count: int) -> list[str]:
         ]
 
 
+async def measure_throughput(
+    hs: SynapseServer, registration: Registration, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    rooms = await make_rooms(hs, args.rooms)
+    print(
+        f"1. throughput, concurrency {args.concurrency}, {args.joins} joins per run "
+        f"over {args.rooms} rooms",
+        flush=True,
+    )
+    t = await throughput(hs, registration, rooms, args, work)
+    print(
+        f"   medians: plain aiohttp {t['plain_per_s']:.0f}/s, join_many "
+        f"{t['bridge_kit_per_s']:.0f}/s; median ratio per round {t['ratio']:.3f} "
+        "(target >= 0.9)"
+    )
+    return t
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-join-") as tmp:
         work = Path(tmp)
@@ -247,19 +265,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         async with SynapseServer(
             work / "synapse", registrations=[registration_path], server_name=SERVER
         ) as hs:
-            rooms = await make_rooms(hs, args.rooms)
-            print(
-                f"1. throughput, concurrency {args.concurrency}, {args.joins} joins per run "
-                f"over {args.rooms} rooms",
-                flush=True,
-            )
             figures: dict[str, Any] = {"concurrency": args.concurrency}
-            figures["throughput"] = t = await throughput(hs, registration, rooms, args, work)
-            print(
-                f"   medians: plain aiohttp {t['plain_per_s']:.0f}/s, join_many "
-                f"{t['bridge_kit_per_s']:.0f}/s; median ratio per round {t['ratio']:.3f} "
-                "(target >= 0.9)"
-            )
+            if not args.no_throughput:
+                figures["throughput"] = await measure_throughput(hs, registration, args, work)
             print(f"2. re-run over {KNOWN:,} pairs known joined to the store", flush=True)
             known_db = work / "known.db"
             await populate(known_db, KNOWN)
@@ -286,6 +294,9 @@ def main() -> None:
     parser.add_argument("--joins", type=int, default=1000, help="per method and round")
     parser.add_argument("--rooms", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--no-throughput", action="store_true", help="only the re-run and the memory figures"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     figures = asyncio.run(bench(args))

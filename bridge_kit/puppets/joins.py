@@ -53,6 +53,8 @@ _JOIN_FAMILY: Final = frozenset(
 #: Aliases resolved at once, per chunk of input.
 _RESOLVING: Final = 16
 _MAX_ID_BYTES: Final = 255
+#: Localparts and rooms whose check is remembered, at most (each).
+_REMEMBERED: Final = 65_536
 
 
 class _Pair(NamedTuple):
@@ -178,6 +180,8 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         self.confirmed: list[tuple[str, str]] = []  # (room_id, user_id) joined, not yet stored
         self._seen = SeenSet()
         self._aliases: dict[str, _Resolved] = {}
+        self._puppet_problems: dict[str, str | None] = {}
+        self._room_problems: dict[str, str | None] = {}
         self._registering = RegisterStage(client, store, self._puppet_refused)
         self._stages = (self._registering, _Join(self))
         self.engine = BulkEngine(client, self, concurrency=concurrency, progress=progress)
@@ -225,17 +229,29 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         fresh: list[tuple[str, str, str]] = []
         for pair in chunk:
             localpart, room = _unpack(pair)
-            if not seen.add((localpart, room)):
+            if not seen.add(pair):
                 result.duplicates += 1
                 continue
-            problem = puppet_problem(localpart, self.domain, self.registration)
-            if problem is None:
-                problem = room_problem(room)
+            problem = self._problem(localpart, room)
             if problem is not None:
                 self._invalid(f"{localpart} {room}", problem)
                 continue
             fresh.append((f"@{localpart}:{self.domain}", localpart, room))
         return fresh
+
+    def _problem(self, localpart: str, room: str) -> str | None:
+        """What is wrong with a pair, remembered per localpart and per room: a puppet
+        is usually named in many pairs, and a room in very many."""
+        puppets, rooms = self._puppet_problems, self._room_problems
+        if localpart not in puppets:
+            if len(puppets) >= _REMEMBERED:
+                puppets.clear()  # bounded memory; what goes is checked again
+            puppets[localpart] = puppet_problem(localpart, self.domain, self.registration)
+        if room not in rooms:
+            if len(rooms) >= _REMEMBERED:
+                rooms.clear()
+            rooms[room] = room_problem(room)
+        return puppets[localpart] or rooms[room]
 
     async def _resolve(self, aliases: list[str]) -> None:
         """Resolve the aliases not resolved before, a few at once; remember the answers."""
@@ -331,10 +347,13 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
 
 def _unpack(pair: Any) -> tuple[str, str]:
     """A pair from the input; anything else is a bug in the caller, said plainly."""
-    if not isinstance(pair, tuple | list) or len(pair) != 2:
-        raise TypeError(f"join_many takes (localpart, room_id_or_alias) pairs, not {pair!r:.100}")
-    localpart, room = pair
-    if not isinstance(localpart, str) or not isinstance(room, str):
+    try:
+        localpart, room = pair
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"join_many takes (localpart, room_id_or_alias) pairs, not {pair!r:.100}"
+        ) from None
+    if not (isinstance(localpart, str) and isinstance(room, str)):
         raise TypeError(f"join_many takes pairs of strings, not {pair!r:.100}")
     return localpart, room
 
