@@ -132,6 +132,18 @@ async def test_creating_again_is_idempotent_and_renames(
     assert await store.known_devices(puppet.user_id) == {"BKTWICE": "second"}
 
 
+async def test_creating_again_without_a_name_keeps_the_name_everywhere(
+    puppet: Intent, synapse_devices: TestHomeserver, store: MemoryStore
+) -> None:
+    """MSC4190's PUT without a display name leaves the device's name as it is (a bridge
+    that ensures its device at every start); the store must say the same."""
+    await puppet.create_device("BKNAMED", "Bridge")
+    await puppet.create_device("BKNAMED")
+    admin = await admin_devices(synapse_devices, puppet.user_id)
+    assert admin["BKNAMED"]["display_name"] == "Bridge"
+    assert await store.known_devices(puppet.user_id) == {"BKNAMED": "Bridge"}
+
+
 async def test_the_homeserver_answers_201_then_200(
     puppet: Intent, synapse_devices: TestHomeserver
 ) -> None:
