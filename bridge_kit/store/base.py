@@ -284,7 +284,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
-        """Record that the bridge made ``device_id`` for ``user_id`` (a repeat updates the name)."""
+        """Record that the bridge made ``device_id`` for ``user_id``.
+
+        A repeat with a name renames it; with ``None`` it keeps the name, as the
+        homeserver does for MSC4190's ``PUT /devices/{deviceId}`` without one."""
 
     @abc.abstractmethod
     async def forget_device(self, user_id: str, device_id: str) -> None:

@@ -347,7 +347,9 @@ class MemoryStore(Store):
     async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
         self._check_open()
         user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        self._devices.setdefault(user, {})[device] = optional_text(display_name)
+        devices = self._devices.setdefault(user, {})
+        if display_name is not None or device not in devices:
+            devices[device] = optional_text(display_name)
 
     async def forget_device(self, user_id: str, device_id: str) -> None:
         self._check_open()
