@@ -324,7 +324,9 @@ class AppService:
         steps.push_async_callback(self._close_double_puppets)
         domain = await homeserver_domain(self.client, self.registration)
         self.domain = self.domain or domain
-        self._registrar = PuppetRegistrar(self.client, self.store, self.registration, self.domain)
+        self._registrar = PuppetRegistrar(
+            self.client, self.store, self.registration, self.domain, room_state=self.room_state
+        )
         # Started before listening so that it stops after the listener: events
         # accepted until the last moment are still handled (or left in the inbox).
         # Before the inbox: its seams decrypt the first items it handles.

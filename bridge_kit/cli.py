@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
-from bridge_kit.commands import check, dead_letters, demo, register, run
+from bridge_kit.commands import check, dead_letters, demo, join, register, run
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
 from bridge_kit.registration import Registration, generate_registration
 from bridge_kit.runner import ExitCode
@@ -49,6 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_generate_registration(subcommands)
     check.add_parser(subcommands)
     register.add_parser(subcommands)
+    join.add_parsers(subcommands)
     run.add_parser(subcommands)
     dead_letters.add_parser(subcommands)
     demo.add_parser(subcommands)

@@ -23,7 +23,8 @@ from typing import Any, Final
 
 import cattrs
 
-from bridge_kit.errors import json_type
+from bridge_kit import defaults
+from bridge_kit.errors import ErrorReply, json_type
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.types import describe_error
 from bridge_kit.types.converter import converter
@@ -74,7 +75,18 @@ def device_lane(kind: ItemKind, user_id: str = "", device_id: str = "") -> str:
 
 def split_device_items(body: Mapping[str, Any]) -> Items:
     """The inbox items of a transaction's device parts, and the dead letters of the
-    malformed ones."""
+    malformed ones.
+
+    Raises :class:`~bridge_kit.errors.ErrorReply` (413 ``M_TOO_LARGE``) for key counts
+    of more than :data:`~bridge_kit.defaults.MAX_TRANSACTION_KEY_COUNTS` devices.
+    """
+    if (devices := _count_key_counts(body)) > defaults.MAX_TRANSACTION_KEY_COUNTS:
+        raise ErrorReply(
+            413,
+            "M_TOO_LARGE",
+            "A transaction may carry the one-time-key counts of at most "
+            f"{defaults.MAX_TRANSACTION_KEY_COUNTS} devices; this one has {devices}",
+        )
     items: list[NewInboxItem] = []
     rejected: list[NewDeadLetter] = []
     for key in TO_DEVICE_KEYS:
@@ -85,10 +97,23 @@ def split_device_items(body: Mapping[str, Any]) -> Items:
 
 
 def count_device_items(body: Mapping[str, Any]) -> int:
-    """How many items (valid or not) :func:`split_device_items` makes of ``body``,
-    counted before any of them is parsed."""
+    """How many to-device and device-list items (valid or not) :func:`split_device_items`
+    makes of ``body``, counted before any of them is parsed: what counts towards
+    :data:`~bridge_kit.defaults.MAX_TRANSACTION_ITEMS`.
+
+    Key counts have a limit of their own
+    (:data:`~bridge_kit.defaults.MAX_TRANSACTION_KEY_COUNTS`, checked by
+    :func:`split_device_items`): Synapse sends one per device of our users in the
+    transaction's rooms, legitimately many more than it sends events.
+    """
     count = sum(len(v) for k in TO_DEVICE_KEYS if isinstance(v := body.get(k), list))
-    count += _first_present(body, DEVICE_LISTS_KEYS)[1] is not None
+    return count + (_first_present(body, DEVICE_LISTS_KEYS)[1] is not None)
+
+
+def _count_key_counts(body: Mapping[str, Any]) -> int:
+    """How many key-count items (valid or not) :func:`split_device_items` makes of
+    ``body``: one per device named, and one per malformed part."""
+    count = 0
     pairs: set[tuple[str, str]] = set()
     for keys in (OTK_COUNT_KEYS, FALLBACK_KEYS):
         key, per_user = _first_present(body, keys)

@@ -245,21 +245,23 @@ def test_a_device_id_that_is_not_unicode_is_a_dead_letter_not_a_stuck_transactio
     assert "not Unicode" in letter.error
 
 
-def test_the_item_limit_counts_to_device_events_and_key_counts() -> None:
+def test_the_item_limit_counts_to_device_events_and_device_lists() -> None:
     half = 5_000
     body: dict[str, Any] = {
         "events": [message(f"e{i}") for i in range(half)],
         "de.sorunome.msc2409.to_device": [to_device(i) for i in range(half)],
     }
     assert count_device_items(body) == half
-    split_transaction(body)  # exactly the limit: accepted
+    # Key counts have a limit of their own (tests/test_device_key_count_limit.py).
     body["org.matrix.msc3202.device_one_time_keys_count"] = {BOB: {"D": {"a": 1}}}
-    body["org.matrix.msc3202.device_unused_fallback_key_types"] = {BOB: {"D": [], "E": []}}
-    assert count_device_items(body) == half + 2  # D once (in both maps), and E
+    assert count_device_items(body) == half
+    split_transaction(body)  # exactly the limit: accepted
+    body["org.matrix.msc3202.device_lists"] = {"changed": [ALICE]}
+    assert count_device_items(body) == half + 1
     with pytest.raises(ErrorReply) as refused:
         split_transaction(body)
     assert (refused.value.status, refused.value.errcode) == (413, "M_TOO_LARGE")
-    assert "10002" in str(refused.value)
+    assert "10001" in str(refused.value)
 
 
 # -- dispatch ----------------------------------------------------------------------------

@@ -45,6 +45,14 @@ async def test_devices_are_remembered_per_user_and_renamed_by_a_repeat(store: St
     assert await store.known_devices(BOB) == {"PHONE": "Bob's"}
 
 
+async def test_a_repeat_without_a_name_keeps_the_name(store: Store) -> None:
+    """As the homeserver does: MSC4190's PUT without display_name renames nothing."""
+    await store.remember_device(ALICE, "PHONE", "Alice's phone")
+    await store.remember_device(ALICE, "PHONE", None)
+    await store.remember_device(ALICE, "NEW", None)
+    assert await store.known_devices(ALICE) == {"PHONE": "Alice's phone", "NEW": None}
+
+
 async def test_forgetting_a_device_leaves_the_others(store: Store) -> None:
     await store.remember_device(ALICE, "A", None)
     await store.remember_device(ALICE, "B", "b")

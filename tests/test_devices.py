@@ -21,8 +21,8 @@ from aiohttp import ClientSession, web
 from signedjson.key import decode_verify_key_base64, encode_verify_key_base64, generate_signing_key
 from signedjson.sign import sign_json, verify_signed_json
 
-from bridge_kit.client import HomeserverClient, quote_segment
-from bridge_kit.errors import DevicesUnavailable, UnknownDevice, UserInUse
+from bridge_kit.client import HomeserverClient, RetryPolicy, quote_segment
+from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, UnknownDevice, UserInUse
 from bridge_kit.intent import Intent
 from bridge_kit.state import RoomState
 from bridge_kit.store import MemoryStore
@@ -130,6 +130,18 @@ async def test_creating_again_is_idempotent_and_renames(
     assert list(admin) == ["BKTWICE"]
     assert admin["BKTWICE"]["display_name"] == "second"
     assert await store.known_devices(puppet.user_id) == {"BKTWICE": "second"}
+
+
+async def test_creating_again_without_a_name_keeps_the_name_everywhere(
+    puppet: Intent, synapse_devices: TestHomeserver, store: MemoryStore
+) -> None:
+    """MSC4190's PUT without a display name leaves the device's name as it is (a bridge
+    that ensures its device at every start); the store must say the same."""
+    await puppet.create_device("BKNAMED", "Bridge")
+    await puppet.create_device("BKNAMED")
+    admin = await admin_devices(synapse_devices, puppet.user_id)
+    assert admin["BKNAMED"]["display_name"] == "Bridge"
+    assert await store.known_devices(puppet.user_id) == {"BKNAMED": "Bridge"}
 
 
 async def test_the_homeserver_answers_201_then_200(
@@ -423,6 +435,36 @@ async def test_a_homeserver_that_refuses_the_put_gives_the_clear_error(
     assert f"{status} {errcode}" in str(caught.value)
     assert "io.element.msc4190: true" in str(caught.value)
     assert caught.value.__cause__ is not None
+
+
+@pytest.mark.parametrize(("status", "errcode"), [(500, "M_UNKNOWN"), (503, "M_UNKNOWN")])
+async def test_a_homeserver_outage_is_not_called_a_missing_flag(status: int, errcode: str) -> None:
+    """A 5xx (Synapse's internal error is 500 M_UNKNOWN; a 503 after the client's
+    retries) is an outage: the homeserver's error goes up as it is, not
+    DevicesUnavailable telling the operator to set a flag they have set."""
+
+    async def fail(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"errcode": errcode, "error": "Internal server error"}, status=status
+        )
+
+    app = web.Application()
+    app.router.add_put("/_matrix/client/v3/devices/{device}", fail)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with HomeserverClient(
+            url, "token", retry=RetryPolicy(max_attempts=2, base_delay=0)
+        ) as client:
+            intent = Intent(client, "@_bk_x:test.local", device_management=True)
+            with pytest.raises(MatrixRequestError) as caught:
+                await intent.create_device("DEV")
+    finally:
+        await runner.cleanup()
+    assert not isinstance(caught.value, DevicesUnavailable)
+    assert (caught.value.status, caught.value.errcode) == (status, errcode)
 
 
 def test_device_ids_are_checked_before_anything_is_sent() -> None:

@@ -236,7 +236,7 @@ def requests(draw: st.DrawFn) -> Sent:
         headers.append((b"Content-Type", content_type))
     names = st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=12).map(str.encode)
     extra = draw(st.lists(st.tuples(names, header_values), max_size=3))
-    headers += [(n, v) for n, v in extra if n.lower() not in _FRAMING]
+    headers += [(n, v) for n, v in extra if n.lower() not in _FRAMING | _SINGLETONS]
     body = draw(bodies())
     return Sent(method, build_request(method, target, headers, body, chunked=draw(st.booleans())))
 
@@ -244,6 +244,17 @@ def requests(draw: st.DrawFn) -> Sent:
 # Headers that frame the message or the connection: sending them at random would make
 # malformed HTTP, which aiohttp's parser refuses before any route runs.
 _FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"host", b"expect", b"upgrade"}
+# Headers a request may carry once: aiohttp's parser (3.14.5 on) refuses a second one,
+# again before any route runs. The request may already carry Content-Type.
+_SINGLETONS = {
+    b"content-location",
+    b"content-range",
+    b"content-type",
+    b"etag",
+    b"max-forwards",
+    b"server",
+    b"user-agent",
+}
 
 
 # -- the properties -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 #: How homeservers without MSC4190 (or without the flag loaded) answer the PUT: no such
-#: route, "Unknown device" from a PUT that only renames, or a plain refusal.
+#: route, "Unknown device" from a PUT that only renames, or a plain refusal (4xx only).
 _REFUSED_ERRCODES = frozenset({"M_UNRECOGNIZED", "M_NOT_FOUND", "M_FORBIDDEN", "M_UNKNOWN"})
 _REFUSED_STATUSES = frozenset({404, 405})
 
@@ -67,7 +67,7 @@ async def create_device(intent: Intent, device_id: str, display_name: str | None
             "PUT", device_path(device_id), "/devices/{deviceId}", body=DeviceUpdate(display_name)
         )
     except MatrixRequestError as error:
-        if error.errcode in _REFUSED_ERRCODES or error.status in _REFUSED_STATUSES:
+        if _refused(error):
             raise DevicesUnavailable(
                 f"the homeserver refused to create device {device_id!r} for {intent.user_id} "
                 f"({error.status} {error.errcode or 'no errcode'}: {error.message})"
@@ -75,6 +75,14 @@ async def create_device(intent: Intent, device_id: str, display_name: str | None
         raise
     if intent.room_state is not None:
         await intent.room_state.store.remember_device(intent.user_id, device_id, display_name)
+
+
+def _refused(error: MatrixRequestError) -> bool:
+    """Whether the homeserver refused the PUT (no MSC4190) rather than failed at it:
+    a 5xx (Synapse's internal error is 500 M_UNKNOWN) is an outage, not a verdict."""
+    if error.status >= 500:
+        return False
+    return error.errcode in _REFUSED_ERRCODES or error.status in _REFUSED_STATUSES
 
 
 async def delete_device(intent: Intent, device_id: str) -> None:

@@ -12,6 +12,7 @@ from typing import Final
 import cattrs
 
 from bridge_kit.errors import StoreError
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.state_records import CREATE, content_of
 from bridge_kit.types.converter import converter
@@ -246,6 +247,34 @@ class Store(abc.ABC):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         """Record that ``user_id``'s profile ``field`` is now ``value``."""
 
+    # -- batches for bulk runs (over the tables above) ---------------------------
+    #
+    # The backends answer each batch in one query or one commit; these defaults,
+    # one call per item, keep any other Store subclass correct.
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The ``(room_id, user_id)`` pairs among ``pairs`` whose stored membership is join."""
+        found: set[tuple[str, str]] = set()
+        for room_id, user_id in pairs:
+            member = await self.membership(room_id, user_id)
+            if member is not None and member.membership == "join":
+                found.add((room_id, user_id))
+        return found
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        """:meth:`profile` of each of ``user_ids`` that has a stored field, by user ID."""
+        profiles: dict[str, dict[str, str | None]] = {}
+        for user_id in set(user_ids):
+            profile = await self.profile(user_id)
+            if profile:
+                profiles[user_id] = profile
+        return profiles
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        """:meth:`set_profile` for each ``(user_id, field, value)``, in one commit."""
+        for user_id, field, value in values:
+            await self.set_profile(user_id, field, value)
+
     # -- devices and crypto state (version 4) --------------------------------
     #
     # The devices this bridge made for its users (MSC4190), and the opaque state of
@@ -255,7 +284,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
-        """Record that the bridge made ``device_id`` for ``user_id`` (a repeat updates the name)."""
+        """Record that the bridge made ``device_id`` for ``user_id``.
+
+        A repeat with a name renames it; with ``None`` it keeps the name, as the
+        homeserver does for MSC4190's ``PUT /devices/{deviceId}`` without one."""
 
     @abc.abstractmethod
     async def forget_device(self, user_id: str, device_id: str) -> None:
@@ -312,6 +344,27 @@ def checked_bytes(value: bytes) -> bytes:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"crypto values are bytes, not {type(value).__name__}")
     return bytes(value)
+
+
+def cleaned_pairs(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """``(room_id, user_id)`` pairs by the keys the store keeps them under (see
+    :func:`~bridge_kit.store.inbox_rows.clean_text`), so an answer maps back to the asker's."""
+    return {(clean_text(room), clean_text(user)): (room, user) for room, user in pairs}
+
+
+def cleaned_ids(user_ids: Iterable[str]) -> dict[str, str]:
+    """User IDs by the key the store keeps them under (see :func:`cleaned_pairs`)."""
+    return {clean_text(user_id): user_id for user_id in user_ids}
+
+
+def profiles_by_user(
+    rows: Iterable[tuple[str, str, str | None]], wanted: dict[str, str]
+) -> dict[str, dict[str, str | None]]:
+    """Stored ``(user, field, value)`` rows as profiles by the asker's user IDs."""
+    profiles: dict[str, dict[str, str | None]] = {}
+    for user, field, value in rows:
+        profiles.setdefault(wanted[user], {})[field] = value
+    return profiles
 
 
 def state_event_from(

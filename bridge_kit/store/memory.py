@@ -14,6 +14,8 @@ from bridge_kit.store.base import (
     checked_ids,
     checked_items,
     checked_text,
+    cleaned_ids,
+    cleaned_pairs,
     crypto_scope,
     state_event_from,
     storable_ids,
@@ -345,7 +347,9 @@ class MemoryStore(Store):
     async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
         self._check_open()
         user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        self._devices.setdefault(user, {})[device] = optional_text(display_name)
+        devices = self._devices.setdefault(user, {})
+        if display_name is not None or device not in devices:
+            devices[device] = optional_text(display_name)
 
     async def forget_device(self, user_id: str, device_id: str) -> None:
         self._check_open()
@@ -383,3 +387,26 @@ class MemoryStore(Store):
         values.pop(checked_text(key, "crypto key"), None)
         if not values:
             self._crypto.pop(scope, None)
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        self._check_open()
+        found: set[tuple[str, str]] = set()
+        for key, pair in cleaned_pairs(pairs).items():
+            row = self._members.get(key)
+            if row is not None and row.member.membership == "join":
+                found.add(pair)
+        return found
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        self._check_open()
+        wanted = cleaned_ids(user_ids)
+        profiles: dict[str, dict[str, str | None]] = {}
+        # A scan, as members() does: this store is for tests.
+        for (who, field), value in self._profiles.items():
+            if who in wanted:
+                profiles.setdefault(wanted[who], {})[field] = value
+        return profiles
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        for user_id, field, value in values:
+            await self.set_profile(user_id, field, value)

@@ -15,8 +15,11 @@ from bridge_kit.store.base import (
     checked_ids,
     checked_items,
     checked_text,
+    cleaned_ids,
+    cleaned_pairs,
     crypto_scope,
     pending_migrations,
+    profiles_by_user,
     storable_ids,
     unique_chunks,
 )
@@ -395,6 +398,24 @@ class PostgresStore(Store):
     async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
         (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
         await self._run(lambda pool: postgres_devices.crypto_delete(pool, who, what, which))
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = cleaned_pairs(pairs)
+        rows = await self._run(lambda pool: postgres_state.joined_among(pool, list(wanted)))
+        return {wanted[row] for row in rows}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        wanted = cleaned_ids(user_ids)
+        rows = await self._run(lambda pool: postgres_state.profiles_among(pool, list(wanted)))
+        return profiles_by_user(rows, wanted)
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        rows = [
+            (clean_text(user), field, None if value is None else clean_text(value))
+            for user, field, value in values
+        ]
+        if rows:
+            await self._run(lambda pool: postgres_state.set_profiles(pool, rows))
 
 
 def _txn_key(txn_id: str) -> bytes:

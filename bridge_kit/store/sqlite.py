@@ -25,15 +25,18 @@ from typing import ClassVar, TypeVar
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_state
+from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_puppets, sqlite_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
     checked_ids,
     checked_items,
     checked_text,
+    cleaned_ids,
+    cleaned_pairs,
     crypto_scope,
     pending_migrations,
+    profiles_by_user,
     storable_ids,
     unique_chunks,
 )
@@ -51,17 +54,6 @@ log = logging.getLogger(__name__)
 #: Commits on the event loop's connection between two checkpoints on the thread.
 _CHECKPOINT_EVERY = 100
 
-_V1 = (
-    # WITHOUT ROWID: the table *is* the primary-key b-tree, so a lookup is one descent
-    # and millions of puppets cost no more memory than the page cache.
-    "CREATE TABLE bridge_kit_puppets (user_id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE bridge_kit_transactions ("
-    " txn_id TEXT PRIMARY KEY NOT NULL,"
-    " seq INTEGER NOT NULL,"
-    " done_at REAL NOT NULL)",
-    "CREATE UNIQUE INDEX bridge_kit_transactions_seq ON bridge_kit_transactions (seq)",
-)
-
 
 class SQLiteStore(Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
@@ -73,7 +65,7 @@ class SQLiteStore(Store):
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
     MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (
-        _V1,
+        sqlite_puppets.V1,
         sqlite_inbox.V2,
         sqlite_state.V3,
         sqlite_devices.V4,
@@ -246,7 +238,9 @@ class SQLiteStore(Store):
         with self._errors():
             async with self._lock:
                 for chunk in unique_chunks(storable_ids(user_ids), _MAX_VARIABLES):
-                    rows = await conn.execute_fetchall(_select_puppets(len(chunk)), chunk)
+                    rows = await conn.execute_fetchall(
+                        sqlite_puppets.select_puppets(len(chunk)), chunk
+                    )
                     found.update(row[0] for row in rows)
         return found
 
@@ -293,7 +287,7 @@ class SQLiteStore(Store):
         records = self._records_connection()
         with self._errors():
             # fetchall, not fetchone: a statement left unfinished keeps a read transaction open.
-            rows = records.execute(_SELECT_TRANSACTION, (txn_id,)).fetchall()
+            rows = records.execute(sqlite_puppets.SELECT_TRANSACTION, (txn_id,)).fetchall()
         return bool(rows)
 
     async def mark_transaction_done(self, txn_id: str) -> None:
@@ -311,7 +305,7 @@ class SQLiteStore(Store):
         records = self._records_connection()
         try:
             with self._errors():
-                records.execute(_INSERT_TRANSACTION, parameters)
+                records.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
             self._after_loop_commit()
             return
         except StoreError as error:
@@ -319,7 +313,7 @@ class SQLiteStore(Store):
                 raise
         with self._errors():
             async with self._transaction() as conn:
-                await conn.execute(_INSERT_TRANSACTION, parameters)
+                await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
 
     async def prune_transactions(self, keep: int) -> int:
         if keep < 0:
@@ -365,7 +359,7 @@ class SQLiteStore(Store):
         async def accept(conn: aiosqlite.Connection) -> bool:
             # Under BEGIN IMMEDIATE no other writer runs, so a txnId already there means
             # a duplicate, however many are in flight.
-            cursor = await conn.execute(_INSERT_TRANSACTION, (txn_id, now))
+            cursor = await conn.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now))
             if cursor.rowcount == 0:
                 return False
             await sqlite_inbox.append(conn, items, rejected, now)
@@ -396,7 +390,7 @@ class SQLiteStore(Store):
             raise StoreError(f"SQLite store {self.path}: {error}") from error
         try:
             with self._errors():
-                if records.execute(_INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
+                if records.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
                     records.execute("ROLLBACK")
                     return False
                 sqlite_inbox.append_now(records, items, rejected, now)
@@ -557,6 +551,24 @@ class SQLiteStore(Store):
         (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
         await self._locked(lambda conn: sqlite_devices.crypto_delete(conn, who, what, which))
 
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = cleaned_pairs(pairs)
+        rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, list(wanted)))
+        return {wanted[row] for row in rows}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        wanted = cleaned_ids(user_ids)
+        rows = await self._locked(lambda conn: sqlite_state.profiles_among(conn, list(wanted)))
+        return profiles_by_user(rows, wanted)
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        rows = [
+            (clean_text(user), field, None if value is None else clean_text(value))
+            for user, field, value in values
+        ]
+        if rows:
+            await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
+
 
 def _create_private(path: Path) -> None:
     """Create the database file with mode 0600 if it does not exist yet.
@@ -568,19 +580,6 @@ def _create_private(path: Path) -> None:
     """
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-
-
-def _select_puppets(count: int) -> str:
-    placeholders = ",".join("?" * count)
-    # Only "?" placeholders are interpolated; the values travel as parameters.
-    return f"SELECT user_id FROM bridge_kit_puppets WHERE user_id IN ({placeholders})"  # noqa: S608
-
-
-_SELECT_TRANSACTION = "SELECT 1 FROM bridge_kit_transactions WHERE txn_id = ?"
-_INSERT_TRANSACTION = (
-    "INSERT OR IGNORE INTO bridge_kit_transactions (txn_id, seq, done_at)"
-    " SELECT ?, COALESCE(MAX(seq), 0) + 1, ? FROM bridge_kit_transactions"
-)
 
 
 def _connect_records(path: Path) -> sqlite3.Connection:

@@ -38,7 +38,9 @@ async def remember_device(
 ) -> None:
     await conn.execute(
         "INSERT INTO bridge_kit_devices (user_id, device_id, display_name) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = excluded.display_name",
+        # No name renames nothing, as on the homeserver (MSC4190's PUT).
+        " ON CONFLICT (user_id, device_id) DO UPDATE"
+        " SET display_name = COALESCE(excluded.display_name, bridge_kit_devices.display_name)",
         (user_id, device_id, display_name),
     )
 
