@@ -654,3 +654,47 @@ async def test_the_vault_rejects_a_pickle_key_of_the_wrong_size_and_hides_it() -
         CryptoVault(await memory_store(), "o", b"short")
     vault = CryptoVault(await memory_store(), "o", KEY)
     assert KEY.hex() not in repr(vault) and "o" in repr(vault)
+
+
+async def test_the_machine_restarts_from_postgresql(postgres_dsn: str, unique: str) -> None:
+    directory = KeyDirectory()
+    phone = directory.add(OlmPeer(ALICE, "PHONE"))
+    async with open_store(postgres_dsn) as store:
+        machine = CryptoMachine(store, BOT, f"PG{unique}", KEY, directory)
+        await machine.start()
+        first = await machine.encrypt_room_event(ROOM, "m.room.message", {"n": 1}, [ALICE])
+        directory.deliver(BOT)
+    async with open_store(postgres_dsn) as store:
+        again = CryptoMachine(store, BOT, f"PG{unique}", KEY, directory)
+        await again.start()
+        assert again.identity_keys() == machine.identity_keys()
+        second = await again.encrypt_room_event(ROOM, "m.room.message", {"n": 2}, [ALICE])
+    assert second["session_id"] == first["session_id"] and directory.sent == []
+    assert phone.decrypt_room(second) == (
+        {"type": "m.room.message", "content": {"n": 2}, "room_id": ROOM},
+        1,
+    )
+
+
+async def test_inbound_sessions_beyond_the_memory_cache_are_read_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bridge_kit.crypto import megolm
+
+    monkeypatch.setattr(megolm, "_CACHED_SESSIONS", 2)
+    _, _, account, _, sessions, inbound = await _parts()
+    upload = await account.keys_to_upload(0)
+    alice = _peer_with_session(account, upload.one_time_keys)
+    groups = [olm.OutboundGroupSession() for _ in range(3)]
+    for group in groups:
+        room_key = {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "room_id": ROOM,
+            "session_id": group.id,
+            "session_key": group.session_key,
+        }
+        content = alice.encrypt_to(BOT, account.curve25519, account.ed25519, "m.room_key", room_key)
+        await inbound.add_room_key(await sessions.decrypt(ALICE, content))
+    assert len(inbound._cache) == 2
+    oldest = megolm_content(groups[0], alice, ROOM, "m.room.message", {"body": "first"})
+    assert (await inbound.decrypt(ROOM, "$first", ALICE, oldest)).content == {"body": "first"}

@@ -4,6 +4,7 @@ and the outbound session of each room, with the room's rotation settings."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -29,6 +30,8 @@ _INBOUND: Final = "megolm_inbound"
 _SEEN: Final = "megolm_seen"
 _OUTBOUND: Final = "megolm_outbound"
 _RELATION: Final = "m.relates_to"
+#: Inbound sessions kept in memory (each a few hundred bytes of ratchet state).
+_CACHED_SESSIONS: Final = 10_000
 
 
 @attrs.frozen
@@ -73,11 +76,14 @@ class InboundGroupSessions:
     def __init__(self, vault: CryptoVault, ours: Callable[[str], bool] | None = None) -> None:
         self.vault = vault
         self.ours = ours
-        self._cache: dict[tuple[str, str], _Inbound] = {}
+        # The recently used sessions; the rest are read back from the store.
+        self._cache: OrderedDict[tuple[str, str], _Inbound] = OrderedDict()
 
     async def get(self, room_id: str, session_id: str) -> _Inbound | None:
         key = (room_id, session_id)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
             record = await self.vault.get_json(_INBOUND, f"{room_id}|{session_id}")
             if record is None:
                 return None
@@ -86,14 +92,23 @@ class InboundGroupSessions:
                 record["pickle"].encode("ascii"),
                 "Megolm session",
             )
-            self._cache[key] = _Inbound(
-                session,
-                record["sender"],
-                record["sender_key"],
-                record["ed25519"],
-                bool(record.get("own")),
+            self._remember(
+                key,
+                _Inbound(
+                    session,
+                    record["sender"],
+                    record["sender_key"],
+                    record["ed25519"],
+                    bool(record.get("own")),
+                ),
             )
         return self._cache[key]
+
+    def _remember(self, key: tuple[str, str], inbound: _Inbound) -> None:
+        self._cache[key] = inbound
+        self._cache.move_to_end(key)
+        if len(self._cache) > _CACHED_SESSIONS:
+            self._cache.popitem(last=False)
 
     async def add_room_key(self, payload: OlmPayload) -> tuple[str, str] | None:
         """Take in an ``m.room_key`` that arrived over Olm; return its (room, session)
@@ -132,8 +147,9 @@ class InboundGroupSessions:
             "own": own,
         }
         await self.vault.put_json(_INBOUND, f"{room_id}|{session.session_id}", record)
-        self._cache[(room_id, session.session_id)] = _Inbound(
-            session, sender, sender_key, sender_ed25519, own
+        self._remember(
+            (room_id, session.session_id),
+            _Inbound(session, sender, sender_key, sender_ed25519, own),
         )
 
     async def decrypt(
