@@ -148,6 +148,14 @@ def test_the_decryption_marks_on_an_event_never_reach_its_json() -> None:
     assert (event.encrypted, event.sender_device) == (False, None)
     decrypted = attrs.evolve(event, encrypted=True, sender_device="PHONE")
     assert converter.unstructure(decrypted) == {"type": "m.room.message", "content": {"body": "x"}}
+    # Keys of those names in the JSON are unknown keys, on the fast and the checked path.
+    from bridge_kit._preconf import make_converter
+    from bridge_kit.types.events import checked_event_hook
+
+    data = {"type": "m.x", "content": {}, "encrypted": True, "sender_device": "D"}
+    checked = checked_event_hook(make_converter())(data, Event)
+    assert checked == converter.structure(data, Event)
+    assert checked.extra == {"encrypted": True, "sender_device": "D"} and not checked.encrypted
 
 
 class _App:

@@ -52,7 +52,13 @@ def keep_unknown_keys(
     converting it (cattrs would turn ``1`` into ``"1"`` and ``"ab"`` into ``["a", "b"]``).
     """
     fields = attrs.fields(cls)  # type: ignore[arg-type]
-    known = frozenset(_wire_name(f.name, overrides) for f in fields if f.name != "extra")
+    # A field omitted from the wire (override(omit=True)) has no key there: a key of
+    # its name in the JSON is an unknown one, kept in extra like any other.
+    known = frozenset(
+        _wire_name(f.name, overrides)
+        for f in fields
+        if f.name != "extra" and not getattr(overrides.get(f.name), "omit", False)
+    )
     struct_overrides = dict(overrides)
     if strict:
         struct_overrides.update(_strict_overrides(converter, cls, overrides))
