@@ -12,7 +12,18 @@ import cattrs
 
 from bridge_kit import client
 from bridge_kit.registration import model as registration_model
-from bridge_kit.types import errors, events, media, messages, register, room, state
+from bridge_kit.types import (
+    device_events,
+    devices,
+    errors,
+    events,
+    keys,
+    media,
+    messages,
+    register,
+    room,
+    state,
+)
 from bridge_kit.types.converter import configure_converter as configure_base
 
 __all__ = ["configure_converter", "make_converter"]
@@ -25,9 +36,12 @@ def configure_converter(converter: cattrs.Converter) -> None:
     register.configure_converter(converter)
     room.configure_converter(converter)
     events.configure_converter(converter)
+    device_events.configure_converter(converter)
     messages.configure_converter(converter)
     state.configure_converter(converter)
     media.configure_converter(converter)
+    devices.configure_converter(converter)
+    keys.configure_converter(converter)
     registration_model.configure_converter(converter)
     client.configure_converter(converter)
 

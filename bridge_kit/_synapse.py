@@ -203,6 +203,7 @@ class SynapseServer:
             "rc_registration": _GENEROUS,
             "rc_login": {"address": _GENEROUS, "account": _GENEROUS, "failed_attempts": _GENEROUS},
             "rc_joins": {"local": _GENEROUS, "remote": _GENEROUS},
+            # Bulk joins put hundreds of puppets into one room in seconds.
             "rc_joins_per_room": _GENEROUS,
             "rc_room_creation": _GENEROUS,
             "rc_invites": {"per_room": _GENEROUS, "per_user": _GENEROUS, "per_issuer": _GENEROUS},

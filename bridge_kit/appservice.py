@@ -19,8 +19,8 @@ import contextlib
 import enum
 import logging
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,8 +34,15 @@ from bridge_kit.dead_letters import DeadLetters
 from bridge_kit.diagnose import homeserver_domain, ping_homeserver
 from bridge_kit.double_puppet import DoublePuppetClient
 from bridge_kit.errors import BridgeKitError, LifecycleError
+from bridge_kit.handlers import (
+    DeviceListHandler,
+    EventHandler,
+    HandlerRegistry,
+    OtkCountsHandler,
+    ToDeviceHandler,
+)
 from bridge_kit.ids import localpart_problem, split_user_id
-from bridge_kit.inbox import Inbox, InboxSettings, handler_name
+from bridge_kit.inbox import Inbox, InboxSettings
 from bridge_kit.intent import Intent
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
@@ -47,11 +54,9 @@ from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, se
 from bridge_kit.state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
 from bridge_kit.store.records import ItemKind
-from bridge_kit.types import Event
 
 log = logging.getLogger(__name__)
 
-EventHandler = Callable[[Event], Awaitable[None]]
 QueryHook = Callable[[str], Awaitable[bool]]
 
 
@@ -105,21 +110,24 @@ class AppService:
             config.homeserver.url, self.registration.as_token, retry=retry or RetryPolicy()
         )
         self.client.observers.append(self.metrics)
-        self._handlers: dict[ItemKind, dict[str | None, list[EventHandler]]] = {
-            kind: defaultdict(list) for kind in ItemKind
-        }
+        self.handlers = HandlerRegistry(LogLimiter(log, logging.DEBUG, what="events handled"))
+        """Which handlers each inbox item gets (the decorators below add to it)."""
         self.inbox = Inbox(
             self.store,
-            self._handlers_for,
+            self.handlers.route,
             appservice_id=self.registration.id,
             settings=inbox_settings(config.appservice),
             metrics=self.metrics,
-            event_types=self._handled_types,
+            event_types=self.handlers.handled_types,
         )
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
         self.room_state = RoomState(self.store, lambda: self.bot)
         """Room membership, power levels and encryption from the store (``app.state``
         is taken: it is the AppService's life-cycle state)."""
+        for state_type in STATE_TYPES:
+            # First, so the bridge's handlers of this event see the store with it applied;
+            # from the inbox, so a room's state changes in the order its events came.
+            self.handlers.add_internal(ItemKind.EVENT, self.room_state.observe_event, state_type)
         """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
         self.provisioning = TokenBucket(config.puppets.provision_per_minute, 60.0)
         """The limit on puppets registered because of user queries (replaceable, e.g. in tests)."""
@@ -134,7 +142,6 @@ class AppService:
         self._started_at: float | None = None
         self.stop_timeout = defaults.STOP_TIMEOUT
         """Seconds :meth:`stop` may take in all (see :data:`~bridge_kit.defaults.STOP_TIMEOUT`)."""
-        self._event_log = LogLimiter(log, logging.DEBUG, what="events handled")
 
     @classmethod
     def from_config(cls, config: Config) -> AppService:
@@ -150,21 +157,28 @@ class AppService:
         order; a handler that raises is retried, and after ``handler_attempts``
         failures its event becomes a dead letter. See :mod:`bridge_kit.inbox`.
         """
-        return self._decorator(self._handlers[ItemKind.EVENT], event_type)
+        return self.handlers.decorator(ItemKind.EVENT, event_type)
 
     def on_ephemeral(self, event_type: str | None = None) -> Callable[[EventHandler], EventHandler]:
         """Decorate a handler for ephemeral events (typing, receipts, presence)."""
-        return self._decorator(self._handlers[ItemKind.EPHEMERAL], event_type)
+        return self.handlers.decorator(ItemKind.EPHEMERAL, event_type)
 
-    @staticmethod
-    def _decorator(
-        table: dict[str | None, list[EventHandler]], event_type: str | None
-    ) -> Callable[[EventHandler], EventHandler]:
-        def register(handler: EventHandler) -> EventHandler:
-            table[event_type].append(handler)
-            return handler
+    def on_to_device(
+        self, event_type: str | None = None
+    ) -> Callable[[ToDeviceHandler], ToDeviceHandler]:
+        """Decorate a handler for to-device events (every type if None) sent to our
+        users' devices: a :class:`~bridge_kit.types.ToDeviceEvent`, in order per device."""
+        return self.handlers.decorator(ItemKind.TO_DEVICE, event_type)
 
-        return register
+    def on_device_lists(self, handler: DeviceListHandler) -> DeviceListHandler:
+        """Decorate a handler for device-list changes of users sharing a room with ours:
+        a :class:`~bridge_kit.types.DeviceListUpdate`, in order."""
+        return self.handlers.decorator(ItemKind.DEVICE_LISTS)(handler)
+
+    def on_otk_counts(self, handler: OtkCountsHandler) -> OtkCountsHandler:
+        """Decorate a handler for the one-time-key counts of our users' devices: an
+        :class:`~bridge_kit.types.OtkCounts` per device, in order per device."""
+        return self.handlers.decorator(ItemKind.OTK_COUNTS)(handler)
 
     def on_user_query(self, hook: QueryHook) -> QueryHook:
         """Decorate ``async (user_id) -> bool``: does this remote user exist?
@@ -197,7 +211,13 @@ class AppService:
         """The appservice's own user (``sender_localpart``); it needs no registration."""
         if self._bot is None:
             user_id = self.registration.sender_user_id(self.puppets.domain)
-            self._bot = Intent(self.client, user_id, None, self.room_state)
+            self._bot = Intent(
+                self.client,
+                user_id,
+                None,
+                self.room_state,
+                device_management=self.registration.device_management,
+            )
         return self._bot
 
     def intent(self, localpart: str) -> Intent:
@@ -215,6 +235,7 @@ class AppService:
             registrar.user_id(localpart),
             lambda: registrar.ensure_registered(localpart),
             self.room_state,
+            device_management=self.registration.device_management,
         )
         self._intents[localpart] = intent
         # A bridge may touch millions of puppets; keep only the recently used ones.
@@ -295,7 +316,9 @@ class AppService:
         steps.push_async_callback(self._close_double_puppets)
         domain = await homeserver_domain(self.client, self.registration)
         self.domain = self.domain or domain
-        self._registrar = PuppetRegistrar(self.client, self.store, self.registration, self.domain)
+        self._registrar = PuppetRegistrar(
+            self.client, self.store, self.registration, self.domain, room_state=self.room_state
+        )
         # Started before listening so that it stops after the listener: events
         # accepted until the last moment are still handled (or left in the inbox).
         await self.inbox.start()
@@ -388,21 +411,6 @@ class AppService:
         return result
 
     # -- what the routes call --------------------------------------------------
-
-    def _handled_types(self) -> set[str]:
-        return {t for table in self._handlers.values() for t in table if t is not None}
-
-    def _handlers_for(self, kind: ItemKind, event_type: str) -> Sequence[EventHandler]:
-        table = self._handlers[kind]
-        handlers = [*table.get(event_type, ()), *table.get(None, ())]
-        if kind is ItemKind.EVENT and event_type in STATE_TYPES:
-            # First, so the bridge's handlers of this event see the store with it applied;
-            # from the inbox, so a room's state changes in the order its events came.
-            handlers.insert(0, self.room_state.observe_event)
-        if handlers and log.isEnabledFor(logging.DEBUG):
-            # The inbox completes an event when its last handler returns: log it there.
-            handlers[-1] = _logged(handlers[-1], self._event_log)
-        return handlers
 
     async def _answer_user_query(self, user_id: str) -> bool:
         localpart = self._provisionable_localpart(user_id)
@@ -520,27 +528,6 @@ async def finish_within(closing: Coroutine[Any, Any, None], seconds: float) -> N
         raise
     if task.done() and not task.cancelled():
         task.result()
-
-
-def _logged(handler: EventHandler, limiter: LogLimiter) -> EventHandler:
-    """``handler``, then one (rate-limited) DEBUG line for the event it completed.
-
-    The wrapper has the handler's name (:func:`~bridge_kit.inbox.handler_name`):
-    the inbox records a handler's progress, and derives its sends' transaction
-    IDs, under that name, so logging must not change it.
-    """
-
-    async def handled(event: Event) -> None:
-        await handler(event)
-        limiter.log(
-            "handled %s (%s) in %s from %s",
-            event.event_id or "an event", event.type, event.room_id, event.sender,
-        )  # fmt: skip
-
-    # handler_name() joins __module__ and __qualname__ with a dot; any split of the
-    # name at a dot gives the same name back.
-    handled.__module__, _, handled.__qualname__ = handler_name(handler).rpartition(".")
-    return handled
 
 
 def _log_preregistration_failure(task: asyncio.Task[BulkResult]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
-from bridge_kit.commands import check, dead_letters, demo, register, run
+from bridge_kit.commands import check, dead_letters, demo, join, register, run
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
 from bridge_kit.registration import Registration, generate_registration
 from bridge_kit.runner import ExitCode
@@ -49,6 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_generate_registration(subcommands)
     check.add_parser(subcommands)
     register.add_parser(subcommands)
+    join.add_parsers(subcommands)
     run.add_parser(subcommands)
     dead_letters.add_parser(subcommands)
     demo.add_parser(subcommands)
@@ -92,6 +93,17 @@ def _add_generate_registration(
     )
     parser.add_argument(
         "--receive-ephemeral", action="store_true", help="ask for typing, receipts and presence"
+    )
+    parser.add_argument(
+        "--device-management",
+        action="store_true",
+        help="let the bridge create its users' devices (io.element.msc4190: true)",
+    )
+    parser.add_argument(
+        "--encryption",
+        action="store_true",
+        help="devices plus to-device messages, device lists and one-time-key counts "
+        "(io.element.msc4190, org.matrix.msc3202 and the ephemeral keys)",
     )
     parser.add_argument(
         "--protocol",
@@ -141,6 +153,8 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
         receive_ephemeral=args.receive_ephemeral,
         protocols=args.protocols,
         keep_from=keep_from,
+        device_management=args.device_management,
+        encryption=args.encryption,
     )
     if to_stdout:
         sys.stdout.write(registration.dump())

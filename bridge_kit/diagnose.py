@@ -20,6 +20,7 @@ import yarl
 
 from bridge_kit import defaults
 from bridge_kit.client import HomeserverClient, RetryPolicy
+from bridge_kit.diagnose_devices import device_lines
 from bridge_kit.errors import (
     Forbidden,
     HomeserverUnreachable,
@@ -167,8 +168,11 @@ def _bad_status_diagnosis(error: MatrixRequestError, url: str | None) -> str:
 _CHECK_PING: Final = PingRetry(attempts=3, backoff=0.5)
 
 
-async def check_against_homeserver(registration: Registration, homeserver_url: str) -> list[str]:
-    """Run both checks once, serving ``/ping`` on the registration's URL meanwhile.
+async def check_against_homeserver(
+    registration: Registration, homeserver_url: str, homeserver_config: str | None = None
+) -> list[str]:
+    """Run both checks once, serving ``/ping`` on the registration's URL meanwhile,
+    then the device checks (:mod:`bridge_kit.diagnose_devices`).
 
     When something already listens there (the bridge itself, running), the
     homeserver pings that instead. Returns the lines to print (what was
@@ -183,7 +187,7 @@ async def check_against_homeserver(registration: Registration, homeserver_url: s
         lines = [f"ok: the homeserver knows this registration (sender {sender})"]
         if registration.url is None:
             lines.append("warning: url is null, so the homeserver sends this appservice nothing")
-            return lines
+            return lines + await device_lines(client, registration, sender, homeserver_config)
         async with _ping_responder(registration) as already_there:
             note = f"{registration.url} is served by {already_there}; the homeserver pings it there"
             try:
@@ -195,7 +199,7 @@ async def check_against_homeserver(registration: Registration, homeserver_url: s
             if already_there is not None:
                 lines.append(f"note: {note}")
         lines.append(f"ok: the homeserver reached {registration.url} in {duration_ms} ms")
-        return lines
+        return lines + await device_lines(client, registration, sender, homeserver_config)
 
 
 @contextlib.asynccontextmanager

@@ -16,6 +16,7 @@ Every exception bridge_kit raises on purpose lives here::
     ├── StartupCheckFailed           whoami or the ping failed at start-up, with a diagnosis
     ├── RegistrationAborted          a bulk registration run stopped at once
     ├── TransactionFailed            a received transaction could not be processed
+    ├── NotReady                     an inbox item cannot be handled yet (wait, then retry)
     ├── ErrorReply                   what an appservice route answers with (status, errcode)
     ├── UnexpectedReply              a 2xx reply of the wrong shape
     ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
@@ -24,6 +25,7 @@ Every exception bridge_kit raises on purpose lives here::
     ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
     ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
     ├── DoublePuppetError            the homeserver would not let us log in as a real user
+    ├── DevicesUnavailable           devices (MSC4190) are off in the registration or homeserver
     └── MatrixRequestError           the homeserver answered with an error (by errcode:)
         ├── UserInUse                M_USER_IN_USE
         ├── Exclusive                M_EXCLUSIVE
@@ -48,6 +50,7 @@ __all__ = [
     "BridgeKitError",
     "ClientClosed",
     "ConfigError",
+    "DevicesUnavailable",
     "DoublePuppetError",
     "ErrorReply",
     "Exclusive",
@@ -63,6 +66,7 @@ __all__ = [
     "MissingToken",
     "NotFound",
     "NotInNamespace",
+    "NotReady",
     "RegistrationAborted",
     "RegistrationError",
     "ResourceLimitExceeded",
@@ -168,6 +172,25 @@ class TransactionFailed(BridgeKitError):
         super().__init__(f"transaction {txn_id} failed")
 
 
+class NotReady(BridgeKitError):
+    """Raised by an inbox preprocessor: this item cannot be handled *yet*.
+
+    The inbox tries the item again after ``retry_after`` seconds, counting no
+    attempt; its lane's later items wait behind it, so their order holds. Once
+    ``give_up_after`` seconds have passed since the item was first found not ready
+    (or first failed), it becomes a dead letter with ``reason`` as its error.
+    A replayed dead letter gets the full wait again.
+    """
+
+    def __init__(self, reason: str, *, retry_after: float, give_up_after: float) -> None:
+        if not retry_after > 0 or not give_up_after >= 0:
+            raise ValueError("retry_after must be > 0 and give_up_after >= 0")
+        self.reason = reason
+        self.retry_after = retry_after
+        self.give_up_after = give_up_after
+        super().__init__(reason)
+
+
 class ErrorReply(BridgeKitError):
     """Raised inside an appservice route: answer with this Matrix error body."""
 
@@ -250,6 +273,27 @@ class MediaTooLarge(BridgeKitError):
 class DoublePuppetError(BridgeKitError):
     """An appservice login as a real user (double puppeting) was refused; the message
     says why and what the operator can change."""
+
+
+class DevicesUnavailable(BridgeKitError):
+    """The appservice may not create or delete its users' devices (MSC4190).
+
+    Either the registration lacks ``io.element.msc4190: true`` (bridge_kit then
+    refuses before asking), or the homeserver refused ``PUT /devices/{deviceId}``
+    (it does not implement MSC4190, or did not load the flag); the homeserver's
+    error is then the ``__cause__``. The message says what to set.
+    """
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(
+            f"{problem}. Devices for appservice users need MSC4190: set "
+            "'io.element.msc4190: true' in the registration (bridge-kit generate-registration "
+            "--device-management, or --encryption), and restart the homeserver so that it "
+            "loads it (Synapse 1.163 does). Encrypted bridges also need, in homeserver.yaml, "
+            "experimental_features: {msc2409_to_device_messages_enabled: true, "
+            "msc3202_transaction_extensions: true}"
+        )
 
 
 class InvalidMxc(BridgeKitError, ValueError):

@@ -12,6 +12,27 @@ so it never blocks other rooms.
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
 process died is taken over once its lease runs out.
+
+Items are room events, ephemeral events, to-device events, device-list changes
+and one-time-key counts (:class:`~bridge_kit.store.records.ItemKind`); each is
+parsed into its model (:mod:`bridge_kit.items`) before its handlers run.
+
+The seam for bridge_kit's own layers (encryption):
+
+- :meth:`Inbox.add_preprocessor` adds ``async (item, record) -> item`` for a kind.
+  Preprocessors run in the order added, on every attempt, before any handler;
+  each gets the previous one's result (``record`` is the stored
+  :class:`~bridge_kit.store.records.InboxItem`: its ``id`` is stable across the
+  attempts, to key a cache) and the handlers are routed by the last result's type.
+  So a decryptor turns ``m.room.encrypted`` into the event handlers see. A
+  preprocessor that raises fails the attempt like a handler (retries, then a dead
+  letter naming it).
+- A preprocessor or a handler that raises :class:`~bridge_kit.errors.NotReady`
+  defers its item: tried again after ``retry_after`` seconds with no attempt
+  counted, its lane's later items waiting behind it; a dead letter with the
+  reason once ``give_up_after`` seconds passed since it was first deferred.
+- Internal subscribers that run before the bridge's handlers, with retries and
+  progress like them: :meth:`bridge_kit.handlers.HandlerRegistry.add_internal`.
 """
 
 from __future__ import annotations
@@ -19,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import time
@@ -33,20 +53,33 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit.delivery import handling
-from bridge_kit.errors import StoreError
+from bridge_kit.errors import NotReady, StoreError
+from bridge_kit.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, storable
 from bridge_kit.types import Event, describe_error
-from bridge_kit.types.converter import converter
 
-__all__ = ["EventHandler", "HandlerRoute", "Inbox", "InboxSettings", "handler_name"]
+__all__ = [
+    "EventHandler",
+    "HandlerRoute",
+    "Inbox",
+    "InboxSettings",
+    "ItemHandler",
+    "Preprocessor",
+    "handler_name",
+]
 
 log = logging.getLogger(__name__)
 
 EventHandler = Callable[[Event], Awaitable[None]]
-#: Which handlers an item gets, in order: ``route(kind, event_type)``.
-HandlerRoute = Callable[[ItemKind, str], Sequence[EventHandler]]
+#: A handler of any kind of item (its model: see :mod:`bridge_kit.items`).
+ItemHandler = Callable[[Any], Awaitable[None]]
+#: Which handlers an item gets, in order: ``route(kind, event_type)`` (``None`` for
+#: the kinds without a type: device lists, key counts).
+HandlerRoute = Callable[[ItemKind, str | None], Sequence[ItemHandler]]
+#: ``async (item, record) -> item``: what the next preprocessor, and the handlers, get.
+Preprocessor = Callable[[Any, InboxItem], Awaitable[Any]]
 
 _BATCH = 50
 _STATS_INTERVAL = 1.0
@@ -57,6 +90,7 @@ _LEASE_SHARE = 0.5
 _RENEW_SHARE = 0.25
 #: After a stop's grace, how long cancelled handlers may take to finish unwinding.
 _UNWIND_SECONDS = 5.0
+_EVENT_KINDS = frozenset((ItemKind.EVENT, ItemKind.EPHEMERAL))
 
 
 @attrs.define
@@ -86,7 +120,7 @@ class InboxSettings:
         return rng.uniform(ceiling / 2, ceiling)
 
 
-def handler_name(handler: EventHandler) -> str:
+def handler_name(handler: Callable[..., Any]) -> str:
     """The name a handler is recorded under: its module and qualified name.
 
     It must be the same in every process (it keys the handler's progress and
@@ -137,6 +171,12 @@ class Inbox:
         self._renewer: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._stopping = False
+        self._preprocessors: dict[ItemKind, list[Preprocessor]] = {k: [] for k in ItemKind}
+
+    def add_preprocessor(self, kind: ItemKind, preprocessor: Preprocessor) -> None:
+        """Run ``preprocessor`` on every item of ``kind`` before its handlers (see the
+        module's docstring); preprocessors run in the order added."""
+        self._preprocessors[kind].append(preprocessor)
 
     # -- life cycle --------------------------------------------------------------
 
@@ -304,77 +344,124 @@ class Inbox:
         return len(items) == _BATCH
 
     async def _handle(self, item: InboxItem) -> bool:
-        """Run the item's handlers; True when the lane may go on to the next item."""
+        """Run the item's preprocessors and handlers; True when the lane may go on."""
         try:
-            event = _parse_event(item.event_json)
+            parsed = parse_item(item.kind, item.event_json)
         except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
-            await self._bury(item, None, f"invalid event: {describe_error(exc)}", item.attempts)
+            what = "event" if item.kind in _EVENT_KINDS else f"{item.kind.value} item"
+            await self._bury(item, None, f"invalid {what}: {describe_error(exc)}", item.attempts)
             return True
+        # The sends' transaction IDs derive from the event as received, decrypted or not.
+        key = item_event_id(parsed) or f"inbox:{item.id}"
         done = list(item.done_handlers)
-        for handler, name in _named(self.route(item.kind, event.type)):
-            if name in done:
-                continue
-            failure = await self._run(handler, name, event, item)
-            if failure is not None:
-                return await self._failed(item, event, name, done, failure)
-            done.append(name)
+        name = ""
+        try:
+            for preprocessor, name in _named(self._preprocessors[item.kind]):
+                step = functools.partial(preprocessor, parsed, item)
+                result, failure = await self._attempt(name, key, step)
+                if failure is None and not isinstance(result, MODELS[item.kind]):
+                    wanted = MODELS[item.kind].__name__
+                    failure = f"TypeError: {name} returned {type(result).__name__}, not {wanted}"
+                if failure is not None:
+                    return await self._failed(item, parsed, name, done, failure)
+                parsed = result
+            for handler, name in _named(self.route(item.kind, item_type(parsed))):
+                if name in done:
+                    continue
+                if (failure := await self._run(handler, name, key, parsed, item)) is not None:
+                    return await self._failed(item, parsed, name, done, failure)
+                done.append(name)
+        except NotReady as not_ready:
+            return await self._defer(item, parsed, name, done, not_ready)
         await self.store.complete_item(item.id)
         return True
 
     async def _run(
-        self, handler: EventHandler, name: str, event: Event, item: InboxItem
+        self, handler: ItemHandler, name: str, key: str, parsed: Item, item: InboxItem
     ) -> str | None:
         """Run one handler; the failure with its traceback, or None when it returned."""
         started = time.perf_counter()
-        key = event.event_id or f"inbox:{item.id}"
+        try:
+            return (await self._attempt(name, key, functools.partial(handler, parsed)))[1]
+        finally:
+            if self.metrics is not None:
+                label = self._type_label(item_type(parsed), item.kind)
+                self.metrics.observe_handler(label, time.perf_counter() - started)
+
+    async def _attempt(
+        self, name: str, key: str, step: Callable[[], Awaitable[Any]]
+    ) -> tuple[Any, str | None]:
+        """Await one step (a handler or preprocessor) with the handler timeout: its
+        result and None, or None and its failure with the traceback. NotReady passes."""
         deadline = asyncio.timeout(self.settings.timeout)
         try:
             with handling(self.appservice_id, key, name):
                 async with deadline:
-                    await handler(event)
+                    return await step(), None
+        except NotReady:
+            raise
         except TimeoutError:
             if deadline.expired():
-                return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
-            return traceback.format_exc()  # the handler's own, e.g. its HTTP client's
+                return None, f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
+            return None, traceback.format_exc()  # the handler's own, e.g. its HTTP client's
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # this worker is being stopped
-            return traceback.format_exc()  # e.g. a sub-task the handler awaited was cancelled
+            return None, traceback.format_exc()  # e.g. a sub-task it awaited was cancelled
         except Exception:
-            return traceback.format_exc()
-        finally:
-            if self.metrics is not None:
-                self.metrics.observe_handler(
-                    self._type_label(event.type), time.perf_counter() - started
-                )
-        return None
+            return None, traceback.format_exc()
 
-    def _type_label(self, event_type: str) -> str:
+    def _type_label(self, event_type: str | None, kind: ItemKind) -> str:
+        if event_type is None:
+            return kind.value  # device lists, key counts: one label each
         known = self._event_types() if self._event_types is not None else ()
         return event_type if event_type in known else "other"
 
     async def _failed(
-        self, item: InboxItem, event: Event, name: str, done: list[str], failure: str
+        self, item: InboxItem, parsed: Item, name: str, done: list[str], failure: str
     ) -> bool:
         attempts = item.attempts + 1
         summary = failure.strip().splitlines()[-1]
         if attempts >= self.settings.attempts:
             log.error(
                 "handler %s failed %d times for %s in %s; it is now a dead letter: %s",
-                name, attempts, event.event_id or event.type, item.lane, summary,
+                name, attempts, describe_item(parsed), item.lane, summary,
             )  # fmt: skip
-            await self._bury(item, name, failure, attempts, event)
+            await self._bury(item, name, failure, attempts, parsed)
             return True
         delay = self.settings.retry_delay(attempts, self._rng)
         log.warning(
             "handler %s failed for %s in %s (attempt %d of %d); retrying in %.1f s: %s",
-            name, event.event_id or event.type, item.lane, attempts, self.settings.attempts,
+            name, describe_item(parsed), item.lane, attempts, self.settings.attempts,
             delay, summary,
         )  # fmt: skip
         if self.metrics is not None:
             self.metrics.count_handler_retry()
         await self.store.fail_item(item.id, done, time.time() + delay)
+        return False
+
+    async def _defer(
+        self, item: InboxItem, parsed: Item, name: str, done: list[str], not_ready: NotReady
+    ) -> bool:
+        """``name`` said the item is not ready: try it again later (its lane waits), or
+        bury it once it waited ``give_up_after`` seconds. True when the lane may go on."""
+        now = time.time()
+        first = item.first_failed_at if item.first_failed_at is not None else now
+        left = first + not_ready.give_up_after - now
+        if left <= 0:
+            log.error(
+                "%s waited %.1f s for %s in %s; it is now a dead letter: %s",
+                describe_item(parsed), now - first, name, item.lane, not_ready.reason,
+            )  # fmt: skip
+            await self._bury(item, name, not_ready.reason, item.attempts, parsed, "not_ready")
+            return True
+        delay = min(not_ready.retry_after, left)
+        log.debug(
+            "%s in %s is not ready for %s (%s); trying again in %.1f s",
+            describe_item(parsed), item.lane, name, not_ready.reason, delay,
+        )  # fmt: skip
+        await self.store.fail_item(item.id, done, now + delay, count_attempt=False)
         return False
 
     async def _bury(
@@ -383,8 +470,11 @@ class Inbox:
         handler: str | None,
         error: str,
         attempts: int,
-        event: Event | None = None,
+        parsed: Item | None = None,
+        reason: str | None = None,
     ) -> None:
+        event_id = item_event_id(parsed) if parsed is not None else None
+        event_type = item_type(parsed) if parsed is not None else None
         letter = NewDeadLetter(
             lane=item.lane,
             kind=item.kind,
@@ -393,12 +483,12 @@ class Inbox:
             handler=handler and storable(handler),
             attempts=attempts,
             first_failed_at=item.first_failed_at,
-            event_id=storable(event.event_id) if event and event.event_id else None,
-            event_type=storable(event.type) if event else None,
+            event_id=storable(event_id) if event_id else None,
+            event_type=storable(event_type) if event_type is not None else None,
         )
         await self.store.bury_item(item.id, letter)
         if self.metrics is not None:
-            self.metrics.count_dead_letter("handler" if handler else "invalid")
+            self.metrics.count_dead_letter(reason or ("handler" if handler else "invalid"))
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
@@ -407,7 +497,7 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def _named(handlers: Sequence[EventHandler]) -> list[tuple[EventHandler, str]]:
+def _named(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
     """Each handler with the name its progress is recorded under; a name that
     repeats (two lambdas, one function registered twice) gets ``#2``, ``#3``..."""
     seen: dict[str, int] = {}
@@ -417,14 +507,3 @@ def _named(handlers: Sequence[EventHandler]) -> list[tuple[EventHandler, str]]:
         seen[name] = seen.get(name, 0) + 1
         named.append((handler, name if seen[name] == 1 else f"{name}#{seen[name]}"))
     return named
-
-
-def _parse_event(event_json: str) -> Event:
-    event: Event = converter.structure(
-        json.loads(event_json, parse_constant=_refuse_constant), Event
-    )
-    return event
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")

@@ -111,7 +111,8 @@ class Metrics(ClientObserver):
         )  # fmt: skip
         self.dead_lettered = Counter(
             "dead_lettered",
-            "Events made dead letters, by reason (handler: it kept failing; invalid: malformed)",
+            "Events made dead letters, by reason (handler: it kept failing; invalid: malformed;"
+            " not_ready: it waited too long, e.g. for a room key)",
             ["reason"],
             namespace=namespace,
             registry=self.registry,

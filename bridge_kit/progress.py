@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING, TextIO
 import attrs
 
 if TYPE_CHECKING:
-    from bridge_kit.puppets import BulkProgress, BulkResult
+    from bridge_kit.puppets.results import BulkProgress, BulkResult
+    from bridge_kit.puppets.run_results import RunProgress, RunResult
+
+    Progress = BulkProgress | RunProgress
+    Result = BulkResult | RunResult
 
 __all__ = ["ProgressReporter", "Steps", "format_duration", "format_summary"]
 
@@ -66,9 +70,9 @@ class ProgressReporter:
         self.interval = interval if interval is not None else default
         self._last_drawn = float("-inf")
         self._last_width = 0
-        self._pending: BulkProgress | None = None
+        self._pending: Progress | None = None
 
-    def __call__(self, progress: BulkProgress) -> None:
+    def __call__(self, progress: Progress) -> None:
         if not self.enabled:
             return
         if progress.total is None and self.total is not None:
@@ -90,14 +94,14 @@ class ProgressReporter:
             self.stream.flush()
         self._last_width = 0
 
-    def finish(self, result: BulkResult) -> None:
+    def finish(self, result: Result) -> None:
         """:meth:`close`, then print the summary of ``result``."""
         self.close()
         out = self.summary_stream if self.summary_stream is not None else sys.stdout
         out.write(format_summary(result) + "\n")
         out.flush()
 
-    def _draw(self, progress: BulkProgress) -> None:
+    def _draw(self, progress: Progress) -> None:
         self._pending = None
         if self.tty:
             line = self.prefix + bar_line(progress)
@@ -109,7 +113,7 @@ class ProgressReporter:
         self.stream.flush()
 
 
-def bar_line(progress: BulkProgress) -> str:
+def bar_line(progress: Progress) -> str:
     """``[=====>    ]  45% 45,000/100,000  1,203/s  ETA 0:45``; no bar without a total."""
     rate = f"{progress.rate:,.0f}/s"
     if progress.total:
@@ -122,7 +126,7 @@ def bar_line(progress: BulkProgress) -> str:
     return f"{progress.done:,} done  {rate}  {format_duration(progress.elapsed)} elapsed"
 
 
-def plain_line(progress: BulkProgress) -> str:
+def plain_line(progress: Progress) -> str:
     """One self-contained log line: position, rate, time left and the counts so far."""
     if progress.total:
         eta = format_duration(progress.eta) if progress.eta is not None else "?"
@@ -132,36 +136,18 @@ def plain_line(progress: BulkProgress) -> str:
         )
     else:
         where = f"{progress.done:,} done"
-    return (
-        f"progress: {where}, {progress.rate:,.0f}/s; "
-        f"{progress.registered:,} registered, {progress.already_existed:,} already existed, "
-        f"{progress.skipped_known:,} skipped, {progress.invalid:,} invalid, "
-        f"{progress.failed:,} failed; concurrency {progress.concurrency}"
-    )
+    return f"progress: {where}, {progress.rate:,.0f}/s; {progress.counts_text()}"
 
 
-def format_summary(result: BulkResult) -> str:
-    """The five counts, one per line, then how the run ended."""
-    rows = [
-        ("registered", result.registered),
-        ("already existed", result.already_existed),
-        ("skipped (known)", result.skipped_known),
-        ("invalid", result.invalid),
-        ("failed", result.failed),
-    ]
-    if result.duplicates:
-        rows.append(("duplicates ignored", result.duplicates))
-    if result.dry_run:
-        rows.append(("would register", result.would_register))
+def format_summary(result: Result) -> str:
+    """The counts, one per line, then how the run ended."""
+    rows = result.rows()
     width = max(len(f"{count:,}") for _, count in rows)
-    lines = [f"  {label:<19}{count:>{width},}" for label, count in rows]
+    label_width = max(19, *(len(label) + 2 for label, _ in rows))
+    lines = [f"  {label:<{label_width}}{count:>{width},}" for label, count in rows]
     rate = result.done / result.elapsed if result.elapsed > 0 else 0.0
     lines.append(f"finished in {format_duration(result.elapsed)} ({rate:,.0f}/s)")
-    if result.rate_limited:
-        lines.append(
-            f"rate limited {result.rate_limited:,} times; "
-            f"concurrency went down to {result.lowest_concurrency}"
-        )
+    lines.extend(result.throttling())
     if result.aborted:
         lines.append(f"ABORTED: {result.aborted}")
     elif result.cancelled:

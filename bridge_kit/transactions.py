@@ -26,6 +26,7 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit._json import item_text
+from bridge_kit.device_items import count_device_items, split_device_items
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
@@ -90,6 +91,10 @@ def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter
                 continue
             for index, raw in enumerate(value):
                 _split_item(kind, f"{key}[{index}]", raw, items, rejected)
+    # To-device events, device lists and key counts: see bridge_kit.device_items.
+    device_items, device_rejected = split_device_items(body)
+    items += device_items
+    rejected += device_rejected
     return items, rejected
 
 
@@ -102,12 +107,13 @@ def _check_size(body: dict[str, Any]) -> None:
         for key in keys
         if isinstance(value := body.get(key), list)
     )
+    count += count_device_items(body)
     if count > defaults.MAX_TRANSACTION_ITEMS:
         raise ErrorReply(
             413,
             "M_TOO_LARGE",
-            f"A transaction may carry at most {defaults.MAX_TRANSACTION_ITEMS} events "
-            f"and ephemeral events; this one has {count}",
+            f"A transaction may carry at most {defaults.MAX_TRANSACTION_ITEMS} events, "
+            f"ephemeral and to-device events and device key counts; this one has {count}",
         )
 
 

@@ -10,7 +10,10 @@ just enough of the client-server API for an appservice:
 * ``GET /_matrix/client/v3/account/whoami`` (the sender, or the ``?user_id=``
   asserted puppet if it is registered, else 403 ``M_FORBIDDEN``);
 * ``POST /_matrix/client/v3/createRoom`` (as the sender or a registered puppet;
-  makes a new room ID each time and answers ``{"room_id": ...}``; the body is ignored).
+  makes a new room ID each time and answers ``{"room_id": ...}``; the body is ignored);
+* ``POST /_matrix/client/v3/join/{roomIdOrAlias}`` (as a registered puppet: any room
+  ID is joined and answered ``{"room_id": ...}``; faults injected for :data:`JOIN_PATH`,
+  the route's template, hit joins only).
 
 All require the appservice token (``Authorization: Bearer`` or ``?access_token=``):
 none gives 401 ``M_MISSING_TOKEN``, a wrong one 401 ``M_UNKNOWN_TOKEN``.
@@ -43,6 +46,9 @@ What a test can inspect (plain attributes, updated as requests arrive):
 ``create_room_requests``  createRoom requests received, faulted ones included
 ``total_requests``        every request received, on any path
 ``peers``                 client (host, port) pairs seen: one per TCP connection
+``joins``                 Counter: successful joins per (room ID, user ID)
+``peak_in_flight``        Counter: the most requests handled at once, per route (``register``,
+                          ``join``...), with ``reply_delay`` seconds added to each
 ``faults_injected``       Counter of :class:`Fault` values actually applied
 """
 
@@ -70,6 +76,7 @@ __all__ = ["Fault", "FaultHomeserver", "Faults", "NotHttpServer"]
 REGISTER_PATH = "/_matrix/client/v3/register"
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 CREATE_ROOM_PATH = "/_matrix/client/v3/createRoom"
+JOIN_PATH = "/_matrix/client/v3/join/{roomIdOrAlias}"
 
 
 class Fault(enum.Enum):
@@ -139,6 +146,7 @@ class FaultHomeserver:
         user_namespace: str | None = None,
         faults: Faults = Faults(),
         seed: int = 0,
+        reply_delay: float = 0.0,
     ) -> None:
         self.as_token = as_token
         self.server_name = server_name
@@ -155,6 +163,10 @@ class FaultHomeserver:
         self.total_requests = 0
         self.peers: set[tuple[str, int]] = set()
         self.faults_injected: Counter[Fault] = Counter()
+        self.joins: Counter[tuple[str, str]] = Counter()
+        self.peak_in_flight: Counter[str] = Counter()
+        self._in_flight: Counter[str] = Counter()
+        self.reply_delay = reply_delay
         self._random = random.Random(seed)
         self._queued: deque[Fault] = deque()
         self._queued_by_path: dict[str, deque[Fault]] = {}
@@ -180,6 +192,7 @@ class FaultHomeserver:
         app.router.add_post(REGISTER_PATH, self._register)
         app.router.add_get(WHOAMI_PATH, self._whoami)
         app.router.add_post(CREATE_ROOM_PATH, self._create_room)
+        app.router.add_post("/_matrix/client/v3/join/{room}", self._join)
         app.middlewares.append(self._count_requests)
         self._runner = await serve_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
         host, port = self._runner.addresses[0][:2]
@@ -203,7 +216,15 @@ class FaultHomeserver:
         self.total_requests += 1
         if request.transport is not None:
             self.peers.add(request.transport.get_extra_info("peername"))
-        response: web.StreamResponse = await handler(request)
+        route = request.path.split("/")[4] if request.path.count("/") >= 4 else request.path
+        self._in_flight[route] += 1
+        self.peak_in_flight[route] = max(self.peak_in_flight[route], self._in_flight[route])
+        try:
+            if self.reply_delay:
+                await asyncio.sleep(self.reply_delay)
+            response: web.StreamResponse = await handler(request)
+        finally:
+            self._in_flight[route] -= 1
         return response
 
     async def _register(self, request: web.Request) -> web.StreamResponse:
@@ -258,6 +279,21 @@ class FaultHomeserver:
             return forbidden
         room_id = f"!room{len(self.rooms) + 1}:{self.server_name}"
         self.rooms.append(room_id)
+        if lost := _lose_reply(request, fault):
+            return lost
+        return web.json_response({"room_id": room_id})
+
+    async def _join(self, request: web.Request) -> web.StreamResponse:
+        fault = self._next_fault(JOIN_PATH)
+        if early := await self._early_reply(request, fault):
+            return early
+        asserted = request.query.get("user_id")
+        if asserted is None or asserted == self.sender:
+            return _error(403, "M_FORBIDDEN", "only puppets join here")
+        if forbidden := self._identity_problem(asserted):
+            return forbidden
+        room_id = request.match_info["room"]
+        self.joins[room_id, asserted] += 1
         if lost := _lose_reply(request, fault):
             return lost
         return web.json_response({"room_id": room_id})

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bridge_kit.appservice import _logged
+from bridge_kit.handlers import _logged
 from bridge_kit.inbox import handler_name
 from bridge_kit.logs import LogLimiter
 from bridge_kit.store import MemoryStore

@@ -435,8 +435,10 @@ async def test_events_land_in_the_inbox_in_order_per_lane(store: Store) -> None:
         B: ["$event2", "$event5"],
         f"~ephemeral:{A}": [None, None],
         f"~ephemeral:{B}": [None],
+        "~otk:@a:t|DEV": [None],  # one-time-key counts have a lane per device
     }
     assert {item.kind for item in lanes[A] + lanes[B]} == {ItemKind.EVENT}
+    assert [item.kind for item in lanes["~otk:@a:t|DEV"]] == [ItemKind.OTK_COUNTS]
     ephemeral = lanes[f"~ephemeral:{A}"] + lanes[f"~ephemeral:{B}"]
     assert {item.kind for item in ephemeral} == {ItemKind.EPHEMERAL}
     assert [json.loads(i.event_json)["type"] for i in ephemeral] == ["m.typing"] * 2 + ["m.receipt"]
@@ -444,7 +446,7 @@ async def test_events_land_in_the_inbox_in_order_per_lane(store: Store) -> None:
     assert json.loads(lanes[A][0].event_json) == event(1, A)
     assert all(item.attempts == 0 and item.done_handlers == () for item in lanes[A])
     stats = await store.inbox_stats()
-    assert (stats.depth, stats.dead_letters) == (9, 0)
+    assert (stats.depth, stats.dead_letters) == (10, 0)
     assert await store.is_transaction_done("1") and await store.is_transaction_done("2")
     assert wakeups.calls == 2
 

@@ -163,7 +163,7 @@ async def test_a_version_2_sqlite_database_is_migrated_to_3(tmp_path: Path) -> N
         "INSERT INTO bridge_kit_puppets (user_id) VALUES ('@kept:test.local')",
     )
     async with open_store(url) as store:
-        assert await store.schema_version() == 3
+        assert await store.schema_version() == SQLiteStore.SCHEMA_VERSION
         assert await store.is_registered("@kept:test.local")
         await store.apply_state(ROOM, [member(ALICE, "join", 1)])
         assert await store.membership(ROOM, ALICE) is not None

@@ -65,7 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--homeserver",
         metavar="URL",
-        help="also ask this homeserver whoami and have it ping us (we serve /ping meanwhile)",
+        help="also ask this homeserver whoami and have it ping us (we serve /ping meanwhile); "
+        "with device flags, try MSC4190 with a test device",
     )
     parser.set_defaults(command=check)
 
@@ -98,7 +99,9 @@ def check(args: argparse.Namespace) -> int:
     if failed:
         return ExitCode.FAILED
     if args.homeserver and result.registration is not None:
-        lines = asyncio.run(check_against_homeserver(result.registration, args.homeserver))
+        lines = asyncio.run(
+            check_against_homeserver(result.registration, args.homeserver, args.homeserver_config)
+        )
         print("\n".join(lines))
     return ExitCode.OK
 

@@ -11,7 +11,9 @@ it makes sure its puppet is registered, once::
     await puppet.edit_message(room_id, event_id, "hello, world")
 
 The calls are grouped by topic in helper modules (:mod:`.messages`,
-:mod:`.rooms`, :mod:`.media`); :class:`Intent`'s methods delegate to them.
+:mod:`.membership`, :mod:`.rooms`, :mod:`.media`, :mod:`.devices`);
+:class:`Intent`'s methods delegate to them. ``intent.with_device(device_id)``
+acts as one of the user's devices (MSC4190), for keys and to-device messages.
 What may be sent again after a lost reply follows one rule: reads, PUTs that
 set a value or carry a transaction ID, and changes a repeat finds already made
 are resent; ``createRoom`` is not, and neither is an upload from an iterable.
@@ -20,31 +22,24 @@ are resent; ``createRoom`` is not, and neither is an upload from an iterable.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import attrs
-
-from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
-from bridge_kit.delivery import next_txn_id
-from bridge_kit.intent import convenience, media, messages, rooms
-from bridge_kit.intent._actor import content_json as _content_json
+from bridge_kit.client import HomeserverClient
+from bridge_kit.intent import convenience, devices, media, membership, messages, rooms
+from bridge_kit.intent._actor import device_query
 from bridge_kit.intent.media import MediaSource
-from bridge_kit.state import own_state_event
+from bridge_kit.types.devices import Device
 from bridge_kit.types.events import Event
+from bridge_kit.types.keys import DeviceKeys, KeysClaimResponse, KeysQueryResponse, KeyValue
 from bridge_kit.types.media import MediaConfig, MediaInfo
 from bridge_kit.types.messages import Presence
 from bridge_kit.types.room import (
     AvatarUrlUpdate,
     CreateRoomRequest,
-    CreateRoomResponse,
     DisplaynameUpdate,
-    InviteRequest,
-    JoinRoomResponse,
-    MembershipRequest,
     MessageType,
     RoomVisibility,
-    SendEventResponse,
 )
 from bridge_kit.types.state import (
     Member,
@@ -56,8 +51,6 @@ from bridge_kit.types.state import (
 )
 
 __all__ = ["Intent", "MediaSource"]
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     from bridge_kit.state import RoomState
@@ -81,18 +74,50 @@ class Intent:
         user_id: str,
         ensure_registered: Callable[[], Awaitable[object]] | None = None,
         room_state: RoomState | None = None,
+        *,
+        device_management: bool | None = None,
     ) -> None:
         self.client = client
         self.user_id = user_id
         # Told of this intent's successful changes, and asked by ensure_joined and the
         # profile setters; None (an Intent built by hand) keeps no state.
         self.room_state = room_state
+        #: Whether the registration has io.element.msc4190 (False: create_device and
+        #: delete_device refuse at once); None when unknown, to let the homeserver decide.
+        self.device_management = device_management
+        self._device_id: str | None = None
         self._register = ensure_registered
         self._registered = ensure_registered is None
         self._register_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"<Intent {self.user_id}>"
+        device = "" if self._device_id is None else f" device {self._device_id}"
+        return f"<Intent {self.user_id}{device}>"
+
+    @property
+    def device_id(self) -> str | None:
+        """The device this intent acts as (see :meth:`with_device`); ``None`` for none."""
+        return self._device_id
+
+    def with_device(self, device_id: str | None) -> Intent:
+        """This user acting as its device ``device_id`` (``None``: as no device).
+
+        Every request of the returned intent carries ``device_id`` and
+        ``org.matrix.msc3202.device_id``: key uploads, to-device messages and
+        everything else then come from that device, which must exist (see
+        :meth:`create_device`); otherwise the homeserver answers
+        :class:`~bridge_kit.errors.UnknownDevice`.
+        """
+        if device_id is not None:
+            devices.checked_device_id(device_id)
+        if device_id == self._device_id:
+            return self
+        # The twin registers through this intent, so the user is registered once for both.
+        twin = Intent(self.client, self.user_id, self.ensure_registered, self.room_state)
+        twin.device_management = self.device_management
+        twin._device_id = device_id
+        twin._registered = self._registered
+        return twin
 
     @property
     def is_registered(self) -> bool:
@@ -115,28 +140,12 @@ class Intent:
         With a room-state store, nothing is sent when the store says this bridge
         already set the same name (a change made outside the bridge goes unseen).
         """
-        if await convenience.profile_is(self, "displayname", name):
-            return
-        await self._request(
-            "PUT",
-            f"{_CLIENT}/profile/{quote_segment(self.user_id)}/displayname",
-            "/profile/{userId}/displayname",
-            body=DisplaynameUpdate(name),
-        )
-        await convenience.profile_set(self, "displayname", name)
+        await convenience.set_profile(self, "displayname", DisplaynameUpdate(name))
 
     async def set_avatar_url(self, mxc: str) -> None:
         """Set the user's avatar to an ``mxc://`` URI (nothing is sent when the store
         says it is set already, as for :meth:`set_displayname`)."""
-        if await convenience.profile_is(self, "avatar_url", mxc):
-            return
-        await self._request(
-            "PUT",
-            f"{_CLIENT}/profile/{quote_segment(self.user_id)}/avatar_url",
-            "/profile/{userId}/avatar_url",
-            body=AvatarUrlUpdate(mxc),
-        )
-        await convenience.profile_set(self, "avatar_url", mxc)
+        await convenience.set_profile(self, "avatar_url", AvatarUrlUpdate(mxc))
 
     async def ensure_joined(self, room_id: str) -> None:
         """Make sure this user is in the room: no request when the room-state store
@@ -157,40 +166,15 @@ class Intent:
 
         ``via`` names servers to join through, for a room this homeserver is not in.
         """
-        query: dict[str, Any] = {}
-        if via:
-            # ``server_name`` is the pre-v1.12 name of ``via``; older homeservers know only it.
-            query = {"via": list(via), "server_name": list(via)}
-        reply = await self._request(
-            "POST",
-            f"{_CLIENT}/join/{quote_segment(room_id_or_alias)}",
-            "/join/{roomIdOrAlias}",
-            body=MembershipRequest(reason),
-            query=query,
-        )
-        room_id = structure_reply(reply, JoinRoomResponse, "join").room_id
-        await convenience.observe_membership(self, room_id, self.user_id, "join")
-        return room_id
+        return await membership.join_room(self, room_id_or_alias, via, reason)
 
     async def leave_room(self, room_id: str, reason: str | None = None) -> None:
         """Leave a room (or reject an invite to it)."""
-        await self._request(
-            "POST",
-            f"{_CLIENT}/rooms/{quote_segment(room_id)}/leave",
-            "/rooms/{roomId}/leave",
-            body=MembershipRequest(reason),
-        )
-        await convenience.observe_membership(self, room_id, self.user_id, "leave")
+        await membership.leave_room(self, room_id, reason)
 
     async def invite(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Invite ``user_id`` to a room."""
-        await self._request(
-            "POST",
-            f"{_CLIENT}/rooms/{quote_segment(room_id)}/invite",
-            "/rooms/{roomId}/invite",
-            body=InviteRequest(user_id, reason),
-        )
-        await convenience.observe_membership(self, room_id, user_id, "invite")
+        await membership.invite(self, room_id, user_id, reason)
 
     async def create_room(self, request: CreateRoomRequest | None = None, **fields: Any) -> str:
         """Create a room and return its ID.
@@ -205,14 +189,7 @@ class Intent:
         or the :class:`~bridge_kit.errors.MatrixRequestError`), so that a retry
         cannot create a second room.
         """
-        if request is None:
-            request = CreateRoomRequest(**fields)
-        elif fields:
-            request = attrs.evolve(request, **fields)
-        reply = await self._request(
-            "POST", f"{_CLIENT}/createRoom", "/createRoom", body=request, resend=False
-        )
-        return structure_reply(reply, CreateRoomResponse, "createRoom").room_id
+        return await rooms.create_room(self, request, fields)
 
     async def send_event(
         self,
@@ -232,16 +209,7 @@ class Intent:
         outside a handler it is random. ``timestamp`` (ms since the epoch) sets
         ``origin_server_ts``, for bridging history.
         """
-        txn_id = txn_id or next_txn_id(self.user_id, room_id, event_type)
-        reply = await self._request(
-            "PUT",
-            f"{_CLIENT}/rooms/{quote_segment(room_id)}/send/"
-            f"{quote_segment(event_type)}/{quote_segment(txn_id)}",
-            "/rooms/{roomId}/send/{eventType}/{txnId}",
-            body=_content_json(content),
-            query=_timestamp_query(timestamp),
-        )
-        return structure_reply(reply, SendEventResponse, "send").event_id
+        return await messages.send_event(self, room_id, event_type, content, txn_id, timestamp)
 
     async def send_state(
         self,
@@ -253,26 +221,7 @@ class Intent:
         timestamp: int | None = None,
     ) -> str:
         """Set a piece of room state and return the state event's ID."""
-        body = _content_json(content)
-        reply = await self._request(
-            "PUT",
-            f"{_CLIENT}/rooms/{quote_segment(room_id)}/state/"
-            f"{quote_segment(event_type)}/{quote_segment(state_key)}",
-            "/rooms/{roomId}/state/{eventType}/{stateKey}",
-            body=body,
-            query=_timestamp_query(timestamp),
-        )
-        event_id = structure_reply(reply, SendEventResponse, "state").event_id
-        await self._observe_state(room_id, event_type, body, state_key, event_id)
-        return event_id
-
-    async def _observe_state(
-        self, room_id: str, event_type: str, content: Any, state_key: str, event_id: str
-    ) -> None:
-        if self.room_state is not None and isinstance(content, dict):
-            await self.room_state.observe(
-                room_id, [own_state_event(self.user_id, room_id, event_type, content, state_key)]
-            )
+        return await messages.send_state(self, room_id, event_type, content, state_key, timestamp)
 
     # -- messaging ----------------------------------------------------------------
 
@@ -413,18 +362,15 @@ class Intent:
 
     async def kick(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Kick ``user_id`` out of a room (they may join again)."""
-        await rooms.change_membership(self, "kick", room_id, user_id, reason)
-        await convenience.observe_membership(self, room_id, user_id, "leave")
+        await membership.change(self, "kick", room_id, user_id, reason)
 
     async def ban(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Ban ``user_id`` from a room (kicking them if they are in it)."""
-        await rooms.change_membership(self, "ban", room_id, user_id, reason)
-        await convenience.observe_membership(self, room_id, user_id, "ban")
+        await membership.change(self, "ban", room_id, user_id, reason)
 
     async def unban(self, room_id: str, user_id: str, reason: str | None = None) -> None:
         """Lift the ban on ``user_id`` (they are then out of the room, free to join)."""
-        await rooms.change_membership(self, "unban", room_id, user_id, reason)
-        await convenience.observe_membership(self, room_id, user_id, "leave")
+        await membership.change(self, "unban", room_id, user_id, reason)
 
     async def get_joined_members(self, room_id: str) -> dict[str, Member]:
         """The joined members of a room, by user ID, with display name and avatar."""
@@ -559,6 +505,61 @@ class Intent:
         """
         return media.download_media_stream(self, mxc)
 
+    # -- devices (MSC4190), keys and to-device messages --------------------------
+
+    async def create_device(self, device_id: str, display_name: str | None = None) -> None:
+        """Create (or rename) this user's device ``device_id``, as the appservice (MSC4190).
+
+        Idempotent: a repeat finds the device there. The store remembers it (see
+        :meth:`~bridge_kit.store.Store.known_devices`). Raises
+        :class:`~bridge_kit.errors.DevicesUnavailable`, naming what to set, when the
+        registration lacks ``io.element.msc4190: true`` or the homeserver refuses.
+        """
+        await devices.create_device(self, device_id, display_name)
+
+    async def delete_device(self, device_id: str) -> None:
+        """Delete this user's device ``device_id`` (no interactive auth under MSC4190)."""
+        await devices.delete_device(self, device_id)
+
+    async def list_devices(self) -> list[Device]:
+        """Every device of this user, with its display name and last-seen data."""
+        return await devices.list_devices(self)
+
+    async def keys_upload(
+        self,
+        device_keys: DeviceKeys | Mapping[str, Any] | None = None,
+        one_time_keys: Mapping[str, KeyValue | Mapping[str, Any]] | None = None,
+        fallback_keys: Mapping[str, KeyValue | Mapping[str, Any]] | None = None,
+    ) -> dict[str, int]:
+        """Upload keys for :attr:`device_id` (use :meth:`with_device`); returns how many
+        unclaimed one-time keys the device has, per algorithm."""
+        return await devices.keys_upload(self, device_keys, one_time_keys, fallback_keys)
+
+    async def keys_query(
+        self,
+        user_ids: Iterable[str] | Mapping[str, Sequence[str]],
+        *,
+        timeout_ms: int | None = None,
+    ) -> KeysQueryResponse:
+        """The device keys of these users (of every device, or of the devices mapped)."""
+        return await devices.keys_query(self, user_ids, timeout_ms)
+
+    async def keys_claim(
+        self, claims: Mapping[str, Mapping[str, str]], *, timeout_ms: int | None = None
+    ) -> KeysClaimResponse:
+        """Claim one-time keys: ``{user_id: {device_id: algorithm}}``."""
+        return await devices.keys_claim(self, claims, timeout_ms)
+
+    async def send_to_device(
+        self,
+        event_type: str,
+        messages: Mapping[str, Mapping[str, Mapping[str, Any] | Any]],
+        txn_id: str | None = None,
+    ) -> None:
+        """Send to-device messages: ``{user_id: {device_id: content}}`` (``"*"``: every
+        device). The transaction ID is derived as for :meth:`send_event`."""
+        await devices.send_to_device(self, event_type, messages, txn_id)
+
     async def _request(
         self,
         method: str,
@@ -579,12 +580,8 @@ class Intent:
             method,
             path,
             body=body,
-            query=query,
+            query={**(query or {}), **device_query(self._device_id)},
             user_id=self.user_id,
             endpoint=_CLIENT + endpoint,
             resend=resend,
         )
-
-
-def _timestamp_query(timestamp: int | None) -> dict[str, str]:
-    return {} if timestamp is None else {"ts": str(int(timestamp))}

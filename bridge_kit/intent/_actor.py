@@ -19,6 +19,9 @@ class Actor(Protocol):
     client: HomeserverClient
     user_id: str
 
+    @property
+    def device_id(self) -> str | None: ...
+
     async def ensure_registered(self) -> None: ...
 
     async def _request(
@@ -51,6 +54,17 @@ class Actor(Protocol):
         *,
         timestamp: int | None = None,
     ) -> str: ...
+
+
+def device_query(device_id: str | None) -> dict[str, str]:
+    """The query parameters that make a request act as ``device_id`` (none for ``None``).
+
+    ``device_id`` is MSC4190's name for it, ``org.matrix.msc3202.device_id``
+    MSC3202's; homeservers know one or the other, so both are sent.
+    """
+    if device_id is None:
+        return {}
+    return {"device_id": device_id, "org.matrix.msc3202.device_id": device_id}
 
 
 def room_path(room_id: str) -> str:

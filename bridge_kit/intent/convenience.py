@@ -1,12 +1,15 @@
 """The calls of :class:`~bridge_kit.intent.Intent` that consult the room-state store:
-``ensure_joined``, ``ensure_power_level`` and the profile setters' shortcut."""
+``ensure_joined``, ``ensure_power_level`` and the profile setters."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bridge_kit.client import quote_segment
 from bridge_kit.errors import MatrixRequestError
+from bridge_kit.intent._actor import CLIENT
 from bridge_kit.state import RoomState, membership_event
+from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate
 from bridge_kit.types.state import Member
 
 if TYPE_CHECKING:
@@ -64,6 +67,22 @@ async def ensure_power_level(
         levels = await state.get_power_levels(room_id, intent)
     if levels.user_level(user_id) != level:
         await intent.set_power_level(room_id, user_id, level)
+
+
+async def set_profile(
+    intent: Intent, field: str, update: DisplaynameUpdate | AvatarUrlUpdate
+) -> None:
+    """Set the intent's ``displayname`` or ``avatar_url`` unless the store says it is set."""
+    value = update.displayname if isinstance(update, DisplaynameUpdate) else update.avatar_url
+    if await profile_is(intent, field, value):
+        return
+    await intent._request(
+        "PUT",
+        f"{CLIENT}/profile/{quote_segment(intent.user_id)}/{field}",
+        f"/profile/{{userId}}/{field}",
+        body=update,
+    )
+    await profile_set(intent, field, value)
 
 
 async def profile_is(intent: Intent, field: str, value: str | None) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
 from bridge_kit.errors import InvalidMxc, MediaTooLarge
-from bridge_kit.intent._actor import Actor
+from bridge_kit.intent._actor import Actor, device_query
 from bridge_kit.types.converter import converter
 from bridge_kit.types.media import MediaConfig, MediaInfo, MediaMessage, UploadResponse
 
@@ -41,7 +41,9 @@ async def media_config(actor: Actor) -> MediaConfig:
     if cached is not None:
         return cached
     await actor.ensure_registered()
-    reply = await actor.client.request("GET", f"{MEDIA_V1}/config", user_id=actor.user_id)
+    reply = await actor.client.request(
+        "GET", f"{MEDIA_V1}/config", query=device_query(actor.device_id), user_id=actor.user_id
+    )
     config = structure_reply(reply, MediaConfig, "media config")
     _configs[actor.client] = config
     return config
@@ -80,7 +82,7 @@ async def upload_media(
         data=data,
         content_type=content_type,
         size=size,
-        query={} if filename is None else {"filename": filename},
+        query=device_query(actor.device_id) | ({} if filename is None else {"filename": filename}),
         user_id=actor.user_id,
         endpoint=UPLOAD,
     )
@@ -103,6 +105,7 @@ async def download_media_stream(actor: Actor, mxc: str) -> AsyncGenerator[bytes,
     chunks = actor.client.stream(
         "GET",
         f"{MEDIA_V1}/download/{quote_segment(server)}/{quote_segment(media_id)}",
+        query=device_query(actor.device_id),
         user_id=actor.user_id,
         endpoint=f"{MEDIA_V1}/download/{{serverName}}/{{mediaId}}",
     )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import attrs
 
 from bridge_kit.client import quote_segment, structure_reply
 from bridge_kit.delivery import next_txn_id
-from bridge_kit.intent._actor import CLIENT, Actor, room_path
+from bridge_kit.intent._actor import CLIENT, Actor, content_json, room_path
+from bridge_kit.state import own_state_event
 from bridge_kit.types.converter import converter
 from bridge_kit.types.messages import (
     Presence,
@@ -19,7 +23,56 @@ from bridge_kit.types.messages import (
 )
 from bridge_kit.types.room import MessageType, SendEventResponse, TextMessage
 
+if TYPE_CHECKING:
+    from bridge_kit.intent import Intent
+
 DEFAULT_TYPING_MS = 30_000
+
+
+async def send_event(
+    actor: Actor,
+    room_id: str,
+    event_type: str,
+    content: Mapping[str, Any] | Any,
+    txn_id: str | None,
+    timestamp: int | None,
+) -> str:
+    txn_id = txn_id or next_txn_id(actor.user_id, room_id, event_type)
+    reply = await actor._request(
+        "PUT",
+        f"{room_path(room_id)}/send/{quote_segment(event_type)}/{quote_segment(txn_id)}",
+        "/rooms/{roomId}/send/{eventType}/{txnId}",
+        body=content_json(content),
+        query=_timestamp_query(timestamp),
+    )
+    return structure_reply(reply, SendEventResponse, "send").event_id
+
+
+async def send_state(
+    intent: Intent,
+    room_id: str,
+    event_type: str,
+    content: Mapping[str, Any] | Any,
+    state_key: str,
+    timestamp: int | None,
+) -> str:
+    body = content_json(content)
+    reply = await intent._request(
+        "PUT",
+        f"{room_path(room_id)}/state/{quote_segment(event_type)}/{quote_segment(state_key)}",
+        "/rooms/{roomId}/state/{eventType}/{stateKey}",
+        body=body,
+        query=_timestamp_query(timestamp),
+    )
+    event_id = structure_reply(reply, SendEventResponse, "state").event_id
+    if intent.room_state is not None and isinstance(body, dict):
+        event = own_state_event(intent.user_id, room_id, event_type, body, state_key)
+        await intent.room_state.observe(room_id, [event])
+    return event_id
+
+
+def _timestamp_query(timestamp: int | None) -> dict[str, str]:
+    return {} if timestamp is None else {"ts": str(int(timestamp))}
 
 
 def text_content(

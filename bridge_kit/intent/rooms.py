@@ -1,23 +1,23 @@
-"""Membership, state, alias, directory and account-data calls of an Intent."""
+"""Room creation, member lists, state, alias, directory and account-data calls of an Intent."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import cattrs
 
 from bridge_kit.client import quote_segment, structure_reply
 from bridge_kit.errors import MatrixRequestError, UnexpectedReply, json_type
-from bridge_kit.intent._actor import CLIENT, Actor, content_json, room_path
+from bridge_kit.intent._actor import CLIENT, Actor, content_json, device_query, room_path
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.events import Event
-from bridge_kit.types.room import RoomVisibility
+from bridge_kit.types.room import CreateRoomRequest, CreateRoomResponse, RoomVisibility
 from bridge_kit.types.state import (
     DirectoryVisibilityRequest,
     JoinedMembersResponse,
     Member,
-    MembershipChange,
     MembersResponse,
     PowerLevels,
     ResolvedAlias,
@@ -29,16 +29,18 @@ from bridge_kit.types.state import (
 POWER_LEVELS = "m.room.power_levels"
 
 
-async def change_membership(
-    actor: Actor, action: str, room_id: str, user_id: str, reason: str | None
-) -> None:
-    # A repeat finds the membership already changed, so these may be resent.
-    await actor._request(
-        "POST",
-        f"{room_path(room_id)}/{action}",
-        f"/rooms/{{roomId}}/{action}",
-        body=MembershipChange(user_id, reason),
+async def create_room(
+    actor: Actor, request: CreateRoomRequest | None, fields: Mapping[str, Any]
+) -> str:
+    if request is None:
+        request = CreateRoomRequest(**fields)
+    elif fields:
+        request = attrs.evolve(request, **fields)
+    # Not resent after a lost reply: a repeat would make a second room.
+    reply = await actor._request(
+        "POST", f"{CLIENT}/createRoom", "/createRoom", body=request, resend=False
     )
+    return structure_reply(reply, CreateRoomResponse, "createRoom").room_id
 
 
 async def get_joined_members(actor: Actor, room_id: str) -> dict[str, Member]:
@@ -81,6 +83,7 @@ async def get_state(actor: Actor, room_id: str) -> list[Event]:
     reply = await actor.client.request_json(
         "GET",
         f"{room_path(room_id)}/state",
+        query=device_query(actor.device_id),
         user_id=actor.user_id,
         endpoint=f"{CLIENT}/rooms/{{roomId}}/state",
     )

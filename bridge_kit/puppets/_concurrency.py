@@ -12,7 +12,7 @@ import asyncio
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Final
 
 __all__ = ["MIN_PAUSE", "AimdLimiter", "SeenSet"]
@@ -125,7 +125,7 @@ class SeenSet:
         self._mask = capacity - 1
         self._count = 0
 
-    def add(self, item: str) -> bool:
+    def add(self, item: Hashable) -> bool:
         """Remember ``item``; False if it was seen before."""
         key = hash(item) or 1  # 0 marks an empty slot
         slots, mask = self._slots, self._mask
@@ -140,6 +140,19 @@ class SeenSet:
                 return True
             if found == key:
                 return False
+            index = (index + 1) & mask
+
+    def __contains__(self, item: object) -> bool:
+        """Whether ``item`` was added (by its hash, as :meth:`add` tells)."""
+        key = hash(item) or 1
+        slots, mask = self._slots, self._mask
+        index = key & mask
+        while True:
+            found = slots[index]
+            if found == 0:
+                return False
+            if found == key:
+                return True
             index = (index + 1) & mask
 
     def _grow(self) -> None:

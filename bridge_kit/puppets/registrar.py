@@ -11,7 +11,8 @@ through :meth:`~PuppetRegistrar.register_many`, which hands them to a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Iterable, Sized
+from collections.abc import AsyncIterable, Callable, Iterable, Sized
+from typing import TYPE_CHECKING, Any
 
 from bridge_kit.client import HomeserverClient
 from bridge_kit.errors import (
@@ -25,15 +26,21 @@ from bridge_kit.errors import (
 )
 from bridge_kit.ids import localpart_problem
 from bridge_kit.puppets.bulk import BulkRun
+from bridge_kit.puppets.joins import JoinRun
+from bridge_kit.puppets.profiles import ProfileItem, ProfileRun
 from bridge_kit.puppets.results import (
     BulkResult,
     ProblemCallback,
     ProgressCallback,
     diagnose_abort,
 )
+from bridge_kit.puppets.run_results import JoinResult, ProfileResult, RunProgress
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.register import RegisterRequest
+
+if TYPE_CHECKING:
+    from bridge_kit.state import RoomState
 
 __all__ = ["PuppetRegistrar"]
 
@@ -52,13 +59,17 @@ class PuppetRegistrar:
         store: Store,
         registration: Registration,
         domain: str,
+        *,
+        room_state: RoomState | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.registration = registration
         self.domain = domain
+        # The bot behind it resolves aliases and lets refused puppets in, for join_many.
+        self.room_state = room_state
         self._in_flight: dict[str, asyncio.Task[bool]] = {}
-        self._runs: set[BulkRun] = set()
+        self._runs: set[_Run] = set()
 
     def __repr__(self) -> str:
         return f"<PuppetRegistrar {self.registration.id} on {self.domain}>"
@@ -161,7 +172,103 @@ class PuppetRegistrar:
         finally:
             self._runs.discard(run)
 
+    async def join_many(
+        self,
+        pairs: Iterable[tuple[str, str]] | AsyncIterable[tuple[str, str]],
+        *,
+        concurrency: int = 16,
+        progress: Callable[[RunProgress], None] | None = None,
+        total: int | None = None,
+        on_problem: ProblemCallback | None = None,
+    ) -> JoinResult:
+        """Join puppets to rooms, streaming ``(localpart, room_id_or_alias)`` pairs.
+
+        Pairs the room-state store knows as joined are skipped without a request;
+        a puppet neither the store nor this run registered is registered first;
+        a join refused with 403 is retried after the appservice's bot invites the
+        puppet (unbanning it first), as :meth:`Intent.ensure_joined` does. Each
+        alias is resolved once per run. Every join is recorded in the store, so a
+        re-run, or a resume after a crash, sends nothing for work already done.
+
+        Registrations and joins each have their own limit of ``concurrency``
+        requests in flight, halved on that family's 429s only. ``progress``,
+        ``total``, ``on_problem`` (with ``"localpart room"`` as the item) and
+        cancelling (:meth:`cancel`) work as for :meth:`register_many`.
+        """
+        _check_bulk_input(pairs, concurrency, "join_many")
+        bot = self.room_state.bot if self.room_state is not None else None
+        run = JoinRun(
+            self.client,
+            self.store,
+            self.registration,
+            self.domain,
+            bot=bot,
+            concurrency=concurrency,
+            progress=progress,
+            total=_length(pairs, total),
+            on_problem=on_problem,
+        )
+        await self._execute(run, pairs)
+        return run.result
+
+    async def sync_profiles(
+        self,
+        items: Iterable[ProfileItem] | AsyncIterable[ProfileItem],
+        *,
+        concurrency: int = 16,
+        progress: Callable[[RunProgress], None] | None = None,
+        total: int | None = None,
+        on_problem: ProblemCallback | None = None,
+    ) -> ProfileResult:
+        """Set puppets' profiles, streaming ``(localpart, displayname, avatar_mxc)`` items.
+
+        An empty or ``None`` field leaves that value alone; a value the store says
+        this bridge set already is not sent again, and a puppet with nothing left
+        to change costs no request. Puppets the store does not know are registered
+        first. What is set is recorded, so a re-run sends nothing for it. A
+        localpart given twice keeps its first item. Concurrency (registrations and
+        profile updates each limited on their own), ``progress``, ``total``,
+        ``on_problem`` and cancelling work as for :meth:`join_many`.
+        """
+        _check_bulk_input(items, concurrency, "sync_profiles")
+        run = ProfileRun(
+            self.client,
+            self.store,
+            self.registration,
+            self.domain,
+            concurrency=concurrency,
+            progress=progress,
+            total=_length(items, total),
+            on_problem=on_problem,
+        )
+        await self._execute(run, items)
+        return run.result
+
+    async def _execute(self, run: JoinRun | ProfileRun, items: Any) -> None:
+        self._runs.add(run)
+        try:
+            await run.engine.execute(items)
+        finally:
+            self._runs.discard(run)
+
     def cancel(self) -> None:
-        """Stop every running :meth:`register_many` gracefully; safe in a signal handler."""
+        """Stop every running bulk run (:meth:`register_many`, :meth:`join_many`,
+        :meth:`sync_profiles`) gracefully; safe in a signal handler."""
         for run in list(self._runs):
-            run.stop(cancelled=True)
+            run.engine.stop(cancelled=True)
+
+
+_Run = BulkRun | JoinRun | ProfileRun
+
+
+def _check_bulk_input(items: object, concurrency: int, name: str) -> None:
+    if isinstance(items, str | bytes):
+        raise TypeError(f"{name} takes an iterable of items, not one string")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+
+
+def _length(items: object, total: int | None) -> int | None:
+    if total is None and isinstance(items, Sized):
+        return len(items)
+    return total

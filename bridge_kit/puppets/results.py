@@ -76,6 +76,14 @@ class BulkProgress:
             return None
         return max(self.total - self.done, 0) / self.rate
 
+    def counts_text(self) -> str:
+        """The counts so far and the concurrency, for a log line."""
+        return (
+            f"{self.registered:,} registered, {self.already_existed:,} already existed, "
+            f"{self.skipped_known:,} skipped, {self.invalid:,} invalid, "
+            f"{self.failed:,} failed; concurrency {self.concurrency}"
+        )
+
 
 ProgressCallback = Callable[[BulkProgress], None]
 
@@ -145,6 +153,30 @@ class BulkResult:
             + self.duplicates
             + self.would_register
         )
+
+    def rows(self) -> list[tuple[str, int]]:
+        """The five counts, then duplicates and a dry run's count when they apply."""
+        rows = [
+            ("registered", self.registered),
+            ("already existed", self.already_existed),
+            ("skipped (known)", self.skipped_known),
+            ("invalid", self.invalid),
+            ("failed", self.failed),
+        ]
+        if self.duplicates:
+            rows.append(("duplicates ignored", self.duplicates))
+        if self.dry_run:
+            rows.append(("would register", self.would_register))
+        return rows
+
+    def throttling(self) -> list[str]:
+        """How the homeserver's rate limiting slowed the run, if it did."""
+        if not self.rate_limited:
+            return []
+        return [
+            f"rate limited {self.rate_limited:,} times; "
+            f"concurrency went down to {self.lowest_concurrency}"
+        ]
 
     def summary(self) -> str:
         """One line with the five counts, and how the run ended if not normally."""

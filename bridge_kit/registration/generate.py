@@ -32,6 +32,9 @@ def generate_registration(
     receive_ephemeral: bool = False,
     protocols: Iterable[str] = (),
     keep_from: Registration | None = None,
+    *,
+    device_management: bool = False,
+    encryption: bool = False,
 ) -> Registration:
     """A new registration with fresh 64-character tokens and exclusive, anchored namespaces.
 
@@ -39,6 +42,13 @@ def generate_registration(
     escaped. ``rate_limited`` is explicitly false. With ``keep_from`` the
     ``id`` and both tokens are taken from that registration, so a homeserver
     that loaded the old file keeps working; ``id`` may then be ``None``.
+
+    ``receive_ephemeral`` writes both the stable key and MSC2409's unstable
+    ``de.sorunome.msc2409.push_ephemeral`` (Synapse reads either).
+    ``device_management`` writes ``io.element.msc4190: true`` (the appservice
+    creates its users' devices); ``encryption`` implies it and adds
+    ``org.matrix.msc3202: true`` and the ephemeral keys, which carry to-device
+    messages, device lists and one-time-key counts in transactions.
     """
     problems = _generation_problems(id, domain, user_prefix, alias_prefix, keep_from)
     if url is not None and not is_http_url(url):
@@ -55,6 +65,7 @@ def generate_registration(
     if problems or not id or sender_localpart is None:  # the last two imply a problem
         raise RegistrationError(problems)
     server = re.escape(domain)
+    ephemeral = receive_ephemeral or encryption
     registration = Registration(
         id=id,
         url=url,
@@ -62,7 +73,10 @@ def generate_registration(
         hs_token=hs_token,
         sender_localpart=sender_localpart,
         rate_limited=False,
-        receive_ephemeral=receive_ephemeral or None,
+        receive_ephemeral=ephemeral or None,
+        push_ephemeral=ephemeral or None,
+        msc3202=encryption or None,
+        msc4190=device_management or encryption or None,
         protocols=list(protocols) or None,
         namespaces=Namespaces(
             users=[Namespace(f"^@{re.escape(user_prefix)}.*:{server}$", exclusive=True)],

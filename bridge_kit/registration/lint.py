@@ -100,6 +100,7 @@ def _warnings(reg: Registration, source_map: SourceMap, domain: str | None) -> l
     _lint_tokens(report, reg)
     _lint_sender(report, reg, domain)
     _lint_url(report, reg.url)
+    _lint_devices(report, reg)
     if reg.rate_limited is None:
         report.warn(
             ("rate_limited",),
@@ -216,6 +217,22 @@ def _lint_sender(report: Report, reg: Registration, domain: str | None) -> None:
                     f"{namespace.regex!r}; harmless, but it is not a puppet",
                 )
                 return
+
+
+def _lint_devices(report: Report, reg: Registration) -> None:
+    if reg.msc4190 is True:
+        report.note(
+            ("io.element.msc4190",),
+            "is on: the homeserver then requires inhibit_login: true on every puppet "
+            "registration (bridge_kit always sends it) and refuses "
+            "m.login.application_service logins; the bridge creates devices itself",
+        )
+    if reg.msc3202 is True and not (reg.receive_ephemeral or reg.push_ephemeral):
+        report.warn(
+            ("org.matrix.msc3202",),
+            "is on without receive_ephemeral: to-device messages (which encryption needs) "
+            "only come in transactions with the ephemeral keys on",
+        )
 
 
 def _lint_url(report: Report, url: str | None) -> None:

@@ -107,6 +107,26 @@ class Registration:
     namespaces: Namespaces = attrs.field(factory=Namespaces)
     extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
 
+    # -- devices and encryption ---------------------------------------------
+
+    @property
+    def device_management(self) -> bool:
+        """``io.element.msc4190: true``: the appservice creates and deletes its users'
+        devices (``PUT``/``DELETE /devices/{deviceId}``), and may not log them in."""
+        return self.msc4190 is True
+
+    @property
+    def transaction_extensions(self) -> bool:
+        """``org.matrix.msc3202: true``: transactions carry device-list changes and
+        one-time-key counts (with the homeserver's experimental option on)."""
+        return self.msc3202 is True
+
+    @property
+    def ephemeral(self) -> bool:
+        """Either ephemeral key is true: typing, receipts, presence and, where the
+        homeserver pushes them, to-device messages come in transactions."""
+        return self.receive_ephemeral is True or self.push_ephemeral is True
+
     # -- loading and saving -------------------------------------------------
 
     @classmethod

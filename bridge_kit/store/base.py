@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Final
 
 import cattrs
 
 from bridge_kit.errors import StoreError
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.state_records import CREATE, content_of
 from bridge_kit.types.converter import converter
@@ -29,7 +30,7 @@ class Store(abc.ABC):
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 3
+    SCHEMA_VERSION: int = 4
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -153,10 +154,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         """An attempt failed: count it, remember which handlers succeeded, and do not
-        try again before the Unix time ``not_before``."""
+        try again before the Unix time ``not_before``. The first failure's time is
+        kept. ``count_attempt=False``: the item was only not ready yet (a deferral)."""
 
     @abc.abstractmethod
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
@@ -239,6 +246,122 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         """Record that ``user_id``'s profile ``field`` is now ``value``."""
+
+    # -- batches for bulk runs (over the tables above) ---------------------------
+    #
+    # The backends answer each batch in one query or one commit; these defaults,
+    # one call per item, keep any other Store subclass correct.
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The ``(room_id, user_id)`` pairs among ``pairs`` whose stored membership is join."""
+        found: set[tuple[str, str]] = set()
+        for room_id, user_id in pairs:
+            member = await self.membership(room_id, user_id)
+            if member is not None and member.membership == "join":
+                found.add((room_id, user_id))
+        return found
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        """:meth:`profile` of each of ``user_ids`` that has a stored field, by user ID."""
+        profiles: dict[str, dict[str, str | None]] = {}
+        for user_id in set(user_ids):
+            profile = await self.profile(user_id)
+            if profile:
+                profiles[user_id] = profile
+        return profiles
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        """:meth:`set_profile` for each ``(user_id, field, value)``, in one commit."""
+        for user_id, field, value in values:
+            await self.set_profile(user_id, field, value)
+
+    # -- devices and crypto state (version 4) --------------------------------
+    #
+    # The devices this bridge made for its users (MSC4190), and the opaque state of
+    # the encryption layer. Crypto values are bytes the store never looks into (the
+    # encryption layer encrypts them itself); ``owner`` is whose state it is (a user
+    # or a device), ``kind`` what sort (sessions, keys...), ``key`` which one.
+
+    @abc.abstractmethod
+    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+        """Record that the bridge made ``device_id`` for ``user_id`` (a repeat updates the name)."""
+
+    @abc.abstractmethod
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        """Forget one of ``user_id``'s devices (nothing happens if it is not known)."""
+
+    @abc.abstractmethod
+    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+        """The devices the bridge made for ``user_id``: device ID -> display name."""
+
+    @abc.abstractmethod
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        """One stored value, or ``None``."""
+
+    @abc.abstractmethod
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
+        """Store one value, replacing what was there."""
+
+    @abc.abstractmethod
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+        """Store several values of one owner and kind, replacing theirs, in one commit."""
+
+    @abc.abstractmethod
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        """Every value of this owner and kind, by key."""
+
+    @abc.abstractmethod
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        """Delete one value (nothing happens if there is none)."""
+
+
+def checked_text(value: str, what: str) -> str:
+    """``value``, or :class:`ValueError` if it holds NUL or a lone surrogate.
+
+    For the keys of devices and crypto state: cleaning them (as :func:`clean_text`
+    does lane names) could make two keys one, and a lookup find the wrong value.
+    """
+    if _NOT_AN_ID.search(value):
+        raise ValueError(f"{what} holds NUL or a lone surrogate: {value[:100]!r}")
+    return value
+
+
+def crypto_scope(owner: str, kind: str) -> tuple[str, str]:
+    """``owner`` and ``kind``, checked with :func:`checked_text`."""
+    return checked_text(owner, "crypto owner"), checked_text(kind, "crypto kind")
+
+
+def checked_items(items: Mapping[str, bytes]) -> dict[str, bytes]:
+    """``items`` with every key checked and every value as :class:`bytes`."""
+    return {checked_text(key, "crypto key"): checked_bytes(value) for key, value in items.items()}
+
+
+def checked_bytes(value: bytes) -> bytes:
+    """``value`` as :class:`bytes`; :class:`TypeError` for anything that is not bytes-like."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"crypto values are bytes, not {type(value).__name__}")
+    return bytes(value)
+
+
+def cleaned_pairs(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """``(room_id, user_id)`` pairs by the keys the store keeps them under (see
+    :func:`~bridge_kit.store.inbox_rows.clean_text`), so an answer maps back to the asker's."""
+    return {(clean_text(room), clean_text(user)): (room, user) for room, user in pairs}
+
+
+def cleaned_ids(user_ids: Iterable[str]) -> dict[str, str]:
+    """User IDs by the key the store keeps them under (see :func:`cleaned_pairs`)."""
+    return {clean_text(user_id): user_id for user_id in user_ids}
+
+
+def profiles_by_user(
+    rows: Iterable[tuple[str, str, str | None]], wanted: dict[str, str]
+) -> dict[str, dict[str, str | None]]:
+    """Stored ``(user, field, value)`` rows as profiles by the asker's user IDs."""
+    profiles: dict[str, dict[str, str | None]] = {}
+    for user, field, value in rows:
+        profiles.setdefault(wanted[user], {})[field] = value
+    return profiles
 
 
 def state_event_from(

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import attrs
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store, check_limit, checked_ids, state_event_from, storable_ids
-from bridge_kit.store.inbox_rows import clean_text
+from bridge_kit.store.base import (
+    Store,
+    check_limit,
+    checked_ids,
+    checked_items,
+    checked_text,
+    cleaned_ids,
+    cleaned_pairs,
+    crypto_scope,
+    state_event_from,
+    storable_ids,
+)
+from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
 from bridge_kit.types.events import Event
@@ -38,6 +49,8 @@ class MemoryStore(Store):
         self._room_state: dict[tuple[str, str], StateRow] = {}  # (room, type) -> row
         self._known_rooms: set[str] = set()
         self._profiles: dict[tuple[str, str], str | None] = {}  # (user, field) -> value
+        self._devices: dict[str, dict[str, str | None]] = {}  # user -> device -> name
+        self._crypto: dict[tuple[str, str], dict[str, bytes]] = {}  # (owner, kind) -> key -> value
         self._open = False
 
     def __repr__(self) -> str:
@@ -58,6 +71,8 @@ class MemoryStore(Store):
         self._room_state.clear()
         self._known_rooms.clear()
         self._profiles.clear()
+        self._devices.clear()
+        self._crypto.clear()
 
     def _check_open(self) -> None:
         if not self._open:
@@ -207,7 +222,12 @@ class MemoryStore(Store):
         self._remove(item_id)
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         self._check_open()
         lane = self._item_lane.get(item_id)
@@ -217,7 +237,7 @@ class MemoryStore(Store):
         first = item.first_failed_at if item.first_failed_at is not None else time.time()
         self._lanes[lane][item_id] = attrs.evolve(
             item,
-            attempts=item.attempts + 1,
+            attempts=item.attempts + count_attempt,
             done_handlers=tuple(done_handlers),
             not_before=not_before,
             first_failed_at=first,
@@ -321,3 +341,70 @@ class MemoryStore(Store):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         self._check_open()
         self._profiles[clean_text(user_id), field] = None if value is None else clean_text(value)
+
+    # -- devices and crypto state -------------------------------------------
+
+    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+        self._check_open()
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        self._devices.setdefault(user, {})[device] = optional_text(display_name)
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        self._check_open()
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        devices = self._devices.get(user, {})
+        devices.pop(device, None)
+        if not devices:
+            self._devices.pop(user, None)
+
+    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+        self._check_open()
+        return dict(self._devices.get(checked_text(user_id, "user ID"), {}))
+
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        self._check_open()
+        return self._crypto.get(crypto_scope(owner, kind), {}).get(checked_text(key, "crypto key"))
+
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
+        await self.crypto_put_many(owner, kind, {key: value})
+
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+        self._check_open()
+        scope, batch = crypto_scope(owner, kind), checked_items(items)
+        if batch:
+            self._crypto.setdefault(scope, {}).update(batch)
+
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        self._check_open()
+        return dict(self._crypto.get(crypto_scope(owner, kind), {}))
+
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        self._check_open()
+        scope = crypto_scope(owner, kind)
+        values = self._crypto.get(scope, {})
+        values.pop(checked_text(key, "crypto key"), None)
+        if not values:
+            self._crypto.pop(scope, None)
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        self._check_open()
+        found: set[tuple[str, str]] = set()
+        for key, pair in cleaned_pairs(pairs).items():
+            row = self._members.get(key)
+            if row is not None and row.member.membership == "join":
+                found.add(pair)
+        return found
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        self._check_open()
+        wanted = cleaned_ids(user_ids)
+        profiles: dict[str, dict[str, str | None]] = {}
+        # A scan, as members() does: this store is for tests.
+        for (who, field), value in self._profiles.items():
+            if who in wanted:
+                profiles.setdefault(wanted[who], {})[field] = value
+        return profiles
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        for user_id, field, value in values:
+            await self.set_profile(user_id, field, value)

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import postgres_inbox, postgres_state
+from bridge_kit.store import postgres_devices, postgres_inbox, postgres_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
     checked_ids,
+    checked_items,
+    checked_text,
+    cleaned_ids,
+    cleaned_pairs,
+    crypto_scope,
     pending_migrations,
+    profiles_by_user,
     storable_ids,
     unique_chunks,
 )
-from bridge_kit.store.inbox_rows import clean_text
+from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
@@ -71,7 +77,12 @@ class PostgresStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, postgres_inbox.V2, postgres_state.V3)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (
+        _V1,
+        postgres_inbox.V2,
+        postgres_state.V3,
+        postgres_devices.V4,
+    )
 
     def __init__(
         self,
@@ -285,11 +296,18 @@ class PostgresStore(Store):
         await self._run(lambda pool: postgres_inbox.complete(pool, item_id))
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         now = time.time()
         await self._run(
-            lambda pool: postgres_inbox.fail(pool, item_id, done_handlers, not_before, now)
+            lambda pool: postgres_inbox.fail(
+                pool, item_id, done_handlers, not_before, now, count_attempt
+            )
         )
 
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
@@ -345,6 +363,59 @@ class PostgresStore(Store):
     async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
         user, text = clean_text(user_id), None if value is None else clean_text(value)
         await self._run(lambda pool: postgres_state.set_profile(pool, user, field, text))
+
+    # -- devices and crypto state (SQL in postgres_devices) ----------------------------
+
+    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        name = optional_text(display_name)
+        await self._run(lambda pool: postgres_devices.remember_device(pool, user, device, name))
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        await self._run(lambda pool: postgres_devices.forget_device(pool, user, device))
+
+    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+        user = checked_text(user_id, "user ID")
+        return await self._run(lambda pool: postgres_devices.known_devices(pool, user))
+
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
+        return await self._run(lambda pool: postgres_devices.crypto_get(pool, who, what, which))
+
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
+        await self.crypto_put_many(owner, kind, {key: value})
+
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+        (who, what), batch = crypto_scope(owner, kind), checked_items(items)
+        if batch:
+            await self._run(lambda pool: postgres_devices.crypto_put_many(pool, who, what, batch))
+
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        who, what = crypto_scope(owner, kind)
+        return await self._run(lambda pool: postgres_devices.crypto_items(pool, who, what))
+
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
+        await self._run(lambda pool: postgres_devices.crypto_delete(pool, who, what, which))
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = cleaned_pairs(pairs)
+        rows = await self._run(lambda pool: postgres_state.joined_among(pool, list(wanted)))
+        return {wanted[row] for row in rows}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        wanted = cleaned_ids(user_ids)
+        rows = await self._run(lambda pool: postgres_state.profiles_among(pool, list(wanted)))
+        return profiles_by_user(rows, wanted)
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        rows = [
+            (clean_text(user), field, None if value is None else clean_text(value))
+            for user, field, value in values
+        ]
+        if rows:
+            await self._run(lambda pool: postgres_state.set_profiles(pool, rows))
 
 
 def _txn_key(txn_id: str) -> bytes:

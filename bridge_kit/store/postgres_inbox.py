@@ -209,15 +209,21 @@ async def complete(pool: Any, item_id: int) -> None:
 
 
 async def fail(
-    pool: Any, item_id: int, done_handlers: Sequence[str], not_before: float, now: float
+    pool: Any,
+    item_id: int,
+    done_handlers: Sequence[str],
+    not_before: float,
+    now: float,
+    count_attempt: bool = True,
 ) -> None:
     await pool.execute(
-        "UPDATE bridge_kit_inbox SET attempts = attempts + 1, done_handlers = $2,"
+        "UPDATE bridge_kit_inbox SET attempts = attempts + $5, done_handlers = $2,"
         " not_before = $3, first_failed_at = COALESCE(first_failed_at, $4) WHERE id = $1",
         item_id,
         encode_handlers(done_handlers),
         not_before,
         now,
+        int(count_attempt),
     )
 
 

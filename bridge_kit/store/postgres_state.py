@@ -136,3 +136,43 @@ async def set_profile(pool: Any, user_id: str, field: str, value: str | None) ->
         field,
         value,
     )
+
+
+#: Keys sent per lookup query (an array parameter each).
+_LOOKUP_CHUNK = 10_000
+
+
+async def joined_among(pool: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for start in range(0, len(pairs), _LOOKUP_CHUNK):
+        batch = pairs[start : start + _LOOKUP_CHUNK]
+        rows = await pool.fetch(
+            "SELECT m.room_id, m.user_id FROM bridge_kit_members m"
+            " JOIN unnest($1::text[], $2::text[]) AS p(room_id, user_id)"
+            " ON m.room_id = p.room_id AND m.user_id = p.user_id"
+            " WHERE m.membership = 'join'",
+            [room for room, _ in batch],
+            [user for _, user in batch],
+        )
+        found.extend((row[0], row[1]) for row in rows)
+    return found
+
+
+async def profiles_among(pool: Any, user_ids: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    found: list[tuple[str, str, str | None]] = []
+    for start in range(0, len(user_ids), _LOOKUP_CHUNK):
+        rows = await pool.fetch(
+            "SELECT user_id, field, value FROM bridge_kit_profiles WHERE user_id = ANY($1::text[])",
+            list(user_ids[start : start + _LOOKUP_CHUNK]),
+        )
+        found.extend((row[0], row[1], row[2]) for row in rows)
+    return found
+
+
+async def set_profiles(pool: Any, values: Sequence[tuple[str, str, str | None]]) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.executemany(
+            "INSERT INTO bridge_kit_profiles (user_id, field, value) VALUES ($1, $2, $3)"
+            " ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
+            values,
+        )

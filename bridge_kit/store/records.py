@@ -29,6 +29,11 @@ class ItemKind(enum.Enum):
 
     EVENT = "event"  # events: timeline and state events
     EPHEMERAL = "ephemeral"  # ephemeral: typing, receipts, presence
+    # The device data MSC2409/MSC3202 add. The column is plain text: new kinds need
+    # no migration (a bridge_kit older than these kinds cannot read them, though).
+    TO_DEVICE = "to_device"  # to_device: one item per message
+    DEVICE_LISTS = "device_lists"  # device_lists: one item per transaction
+    OTK_COUNTS = "otk_counts"  # one-time-key counts: one item per (user, device)
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ from collections.abc import (
     Collection,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from pathlib import Path
@@ -24,16 +25,22 @@ from typing import ClassVar, TypeVar
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_inbox, sqlite_state
+from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_puppets, sqlite_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
     checked_ids,
+    checked_items,
+    checked_text,
+    cleaned_ids,
+    cleaned_pairs,
+    crypto_scope,
     pending_migrations,
+    profiles_by_user,
     storable_ids,
     unique_chunks,
 )
-from bridge_kit.store.inbox_rows import clean_text
+from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.state_records import known_room, rows_of
@@ -47,17 +54,6 @@ log = logging.getLogger(__name__)
 #: Commits on the event loop's connection between two checkpoints on the thread.
 _CHECKPOINT_EVERY = 100
 
-_V1 = (
-    # WITHOUT ROWID: the table *is* the primary-key b-tree, so a lookup is one descent
-    # and millions of puppets cost no more memory than the page cache.
-    "CREATE TABLE bridge_kit_puppets (user_id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE bridge_kit_transactions ("
-    " txn_id TEXT PRIMARY KEY NOT NULL,"
-    " seq INTEGER NOT NULL,"
-    " done_at REAL NOT NULL)",
-    "CREATE UNIQUE INDEX bridge_kit_transactions_seq ON bridge_kit_transactions (seq)",
-)
-
 
 class SQLiteStore(Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
@@ -68,18 +64,21 @@ class SQLiteStore(Store):
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
-    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (_V1, sqlite_inbox.V2, sqlite_state.V3)
+    MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (
+        sqlite_puppets.V1,
+        sqlite_inbox.V2,
+        sqlite_state.V3,
+        sqlite_devices.V4,
+    )
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
-        self._daemon_lock: int | None = None
+        self._daemon_lock: int | None = None  # the lock file's descriptor, see lock_for_daemon
         self._loop_commits = 0
-        self._checkpoint_task: asyncio.Task[None] | None = (
-            None  # the lock file's descriptor, see lock_for_daemon
-        )
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -239,7 +238,9 @@ class SQLiteStore(Store):
         with self._errors():
             async with self._lock:
                 for chunk in unique_chunks(storable_ids(user_ids), _MAX_VARIABLES):
-                    rows = await conn.execute_fetchall(_select_puppets(len(chunk)), chunk)
+                    rows = await conn.execute_fetchall(
+                        sqlite_puppets.select_puppets(len(chunk)), chunk
+                    )
                     found.update(row[0] for row in rows)
         return found
 
@@ -286,7 +287,7 @@ class SQLiteStore(Store):
         records = self._records_connection()
         with self._errors():
             # fetchall, not fetchone: a statement left unfinished keeps a read transaction open.
-            rows = records.execute(_SELECT_TRANSACTION, (txn_id,)).fetchall()
+            rows = records.execute(sqlite_puppets.SELECT_TRANSACTION, (txn_id,)).fetchall()
         return bool(rows)
 
     async def mark_transaction_done(self, txn_id: str) -> None:
@@ -304,7 +305,7 @@ class SQLiteStore(Store):
         records = self._records_connection()
         try:
             with self._errors():
-                records.execute(_INSERT_TRANSACTION, parameters)
+                records.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
             self._after_loop_commit()
             return
         except StoreError as error:
@@ -312,7 +313,7 @@ class SQLiteStore(Store):
                 raise
         with self._errors():
             async with self._transaction() as conn:
-                await conn.execute(_INSERT_TRANSACTION, parameters)
+                await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
 
     async def prune_transactions(self, keep: int) -> int:
         if keep < 0:
@@ -358,7 +359,7 @@ class SQLiteStore(Store):
         async def accept(conn: aiosqlite.Connection) -> bool:
             # Under BEGIN IMMEDIATE no other writer runs, so a txnId already there means
             # a duplicate, however many are in flight.
-            cursor = await conn.execute(_INSERT_TRANSACTION, (txn_id, now))
+            cursor = await conn.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now))
             if cursor.rowcount == 0:
                 return False
             await sqlite_inbox.append(conn, items, rejected, now)
@@ -389,7 +390,7 @@ class SQLiteStore(Store):
             raise StoreError(f"SQLite store {self.path}: {error}") from error
         try:
             with self._errors():
-                if records.execute(_INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
+                if records.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
                     records.execute("ROLLBACK")
                     return False
                 sqlite_inbox.append_now(records, items, rejected, now)
@@ -445,11 +446,18 @@ class SQLiteStore(Store):
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
 
     async def fail_item(
-        self, item_id: int, done_handlers: Sequence[str], not_before: float
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         now = time.time()
         await self._locked(
-            lambda conn: sqlite_inbox.fail(conn, item_id, done_handlers, not_before, now)
+            lambda conn: sqlite_inbox.fail(
+                conn, item_id, done_handlers, not_before, now, count_attempt
+            )
         )
 
     async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
@@ -506,6 +514,61 @@ class SQLiteStore(Store):
         user, text = clean_text(user_id), None if value is None else clean_text(value)
         await self._locked(lambda conn: sqlite_state.set_profile(conn, user, field, text))
 
+    # -- devices and crypto state (SQL in sqlite_devices) ----------------------------
+
+    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        name = optional_text(display_name)
+        await self._locked(lambda conn: sqlite_devices.remember_device(conn, user, device, name))
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
+        await self._locked(lambda conn: sqlite_devices.forget_device(conn, user, device))
+
+    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+        user = checked_text(user_id, "user ID")
+        return await self._locked(lambda conn: sqlite_devices.known_devices(conn, user))
+
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
+        return await self._locked(lambda conn: sqlite_devices.crypto_get(conn, who, what, which))
+
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
+        await self.crypto_put_many(owner, kind, {key: value})
+
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+        (who, what), batch = crypto_scope(owner, kind), checked_items(items)
+        if batch:
+            await self._in_transaction(
+                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch)
+            )
+
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        who, what = crypto_scope(owner, kind)
+        return await self._locked(lambda conn: sqlite_devices.crypto_items(conn, who, what))
+
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
+        await self._locked(lambda conn: sqlite_devices.crypto_delete(conn, who, what, which))
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = cleaned_pairs(pairs)
+        rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, list(wanted)))
+        return {wanted[row] for row in rows}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        wanted = cleaned_ids(user_ids)
+        rows = await self._locked(lambda conn: sqlite_state.profiles_among(conn, list(wanted)))
+        return profiles_by_user(rows, wanted)
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        rows = [
+            (clean_text(user), field, None if value is None else clean_text(value))
+            for user, field, value in values
+        ]
+        if rows:
+            await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
+
 
 def _create_private(path: Path) -> None:
     """Create the database file with mode 0600 if it does not exist yet.
@@ -517,19 +580,6 @@ def _create_private(path: Path) -> None:
     """
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-
-
-def _select_puppets(count: int) -> str:
-    placeholders = ",".join("?" * count)
-    # Only "?" placeholders are interpolated; the values travel as parameters.
-    return f"SELECT user_id FROM bridge_kit_puppets WHERE user_id IN ({placeholders})"  # noqa: S608
-
-
-_SELECT_TRANSACTION = "SELECT 1 FROM bridge_kit_transactions WHERE txn_id = ?"
-_INSERT_TRANSACTION = (
-    "INSERT OR IGNORE INTO bridge_kit_transactions (txn_id, seq, done_at)"
-    " SELECT ?, COALESCE(MAX(seq), 0) + 1, ? FROM bridge_kit_transactions"
-)
 
 
 def _connect_records(path: Path) -> sqlite3.Connection:

@@ -227,11 +227,12 @@ async def fail(
     done_handlers: Sequence[str],
     not_before: float,
     now: float,
+    count_attempt: bool = True,
 ) -> None:
     await conn.execute(
-        "UPDATE bridge_kit_inbox SET attempts = attempts + 1, done_handlers = ?,"
+        "UPDATE bridge_kit_inbox SET attempts = attempts + ?, done_handlers = ?,"
         " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?) WHERE id = ?",
-        (encode_handlers(done_handlers), not_before, now, item_id),
+        (int(count_attempt), encode_handlers(done_handlers), not_before, now, item_id),
     )
 
 

@@ -1,8 +1,17 @@
 """attrs models of the wire formats, and the cattrs converter that maps them to JSON."""
 
 from bridge_kit.types.converter import converter, describe_error, structure, unstructure
+from bridge_kit.types.device_events import DeviceListUpdate, OtkCounts, ToDeviceEvent
+from bridge_kit.types.devices import Device
 from bridge_kit.types.errors import MatrixErrorBody
 from bridge_kit.types.events import DeviceLists, Event, Transaction
+from bridge_kit.types.keys import (
+    DeviceKeys,
+    KeysClaimResponse,
+    KeysQueryResponse,
+    KeysUploadResponse,
+    OneTimeKey,
+)
 from bridge_kit.types.media import MediaConfig, MediaInfo, MediaMessage
 from bridge_kit.types.messages import Presence, RelatesTo
 from bridge_kit.types.register import (
@@ -27,8 +36,14 @@ __all__ = [
     "AuthData",
     "CreateRoomRequest",
     "CreateRoomResponse",
+    "Device",
+    "DeviceKeys",
+    "DeviceListUpdate",
     "DeviceLists",
     "Event",
+    "KeysClaimResponse",
+    "KeysQueryResponse",
+    "KeysUploadResponse",
     "LoginType",
     "MatrixErrorBody",
     "MediaConfig",
@@ -36,6 +51,8 @@ __all__ = [
     "MediaMessage",
     "Member",
     "MessageType",
+    "OneTimeKey",
+    "OtkCounts",
     "PowerLevels",
     "Presence",
     "RegisterRequest",
@@ -47,6 +64,7 @@ __all__ = [
     "RoomVisibility",
     "StateEventInput",
     "TextMessage",
+    "ToDeviceEvent",
     "Transaction",
     "converter",
     "describe_error",

@@ -1,0 +1,364 @@
+"""Join many puppets to many rooms: what :meth:`PuppetRegistrar.join_many` runs.
+
+A :class:`JoinRun` is a job of the bulk engine (:mod:`bridge_kit.puppets.engine`)
+over ``(localpart, room_id_or_alias)`` pairs. Per chunk of input it drops
+repeated pairs and screens the rest locally, resolves each alias once (the
+answer is kept for the run), asks the store which pairs are joined already
+(skipped without a request) and which puppets are registered, and sends the
+rest through two stages, each with its own AIMD limiter: ``register`` (only
+for puppets neither the store nor this run registered) and ``join``. A join the
+homeserver refuses with 403 falls back to what ``Intent.ensure_joined`` does:
+the appservice's bot invites the puppet (unbanning it first if it is banned)
+and the puppet joins again. Every confirmed join is recorded in the room-state
+store in batches, so a re-run sends nothing for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from bridge_kit.client import REGISTER_ENDPOINT, HomeserverClient, quote_segment
+from bridge_kit.errors import (
+    MatrixRequestError,
+    NotFound,
+    UnexpectedReply,
+    UnknownToken,
+)
+from bridge_kit.intent.convenience import _let_in as let_in
+from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
+from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
+from bridge_kit.puppets.engine import BulkEngine, BulkJob, Dispatch, Stage
+from bridge_kit.puppets.results import ProblemCallback, describe_failure
+from bridge_kit.puppets.run_results import JoinResult, RunProgress
+from bridge_kit.registration import Registration
+from bridge_kit.state import membership_event
+from bridge_kit.store.base import Store
+from bridge_kit.types.room import MembershipRequest
+from bridge_kit.types.state import Member
+
+if TYPE_CHECKING:
+    from bridge_kit.intent import Intent
+
+__all__ = ["JOIN", "JoinRun", "room_problem"]
+
+#: The endpoint family of joins (and the bot's invites and unbans that let puppets in).
+JOIN: Final = "join"
+_CLIENT: Final = "/_matrix/client/v3"
+_JOIN_ENDPOINT: Final = _CLIENT + "/join/{roomIdOrAlias}"
+_JOIN_FAMILY: Final = frozenset(
+    {_JOIN_ENDPOINT, _CLIENT + "/rooms/{roomId}/invite", _CLIENT + "/rooms/{roomId}/unban"}
+)
+#: Aliases resolved at once, per chunk of input.
+_RESOLVING: Final = 16
+_MAX_ID_BYTES: Final = 255
+#: Localparts and rooms whose check is remembered, at most (each).
+_REMEMBERED: Final = 65_536
+
+
+class _Pair(NamedTuple):
+    """One pair on its way: the puppet, and the room (resolved) with servers to join via."""
+
+    user_id: str
+    localpart: str
+    room_id: str
+    via: tuple[str, ...]
+    given: str  # the room as the input named it (an ID or an alias)
+
+    @property
+    def key(self) -> str:
+        """How reports name the pair."""
+        return f"{self.localpart} {self.given}"
+
+
+def room_problem(room: object) -> str | None:
+    """Why ``room`` is neither a room ID (``!…``) nor a room alias (``#…:server``), or None."""
+    if not isinstance(room, str) or not room:
+        return "no room given"
+    if len(room.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
+        return f"longer than {_MAX_ID_BYTES} bytes"
+    if room.startswith("!") and len(room) > 1:
+        return None
+    if room.startswith("#") and ":" in room[2:]:
+        return None
+    return "not a room ID (!…) or room alias (#…:server)"
+
+
+class _Resolved(NamedTuple):
+    room_id: str | None
+    via: tuple[str, ...]
+    reason: str | None
+
+
+class _Join(Stage):
+    """Join as the puppet; on 403, have the bot let it in and join again."""
+
+    family = JOIN
+
+    def __init__(self, run: JoinRun) -> None:
+        self._run = run
+        self._request = run.client.request
+
+    async def send(self, item: _Pair) -> bool:
+        run, result = self._run, self._run.result
+        try:
+            await self._join(item)
+        except UnknownToken:
+            raise
+        except MatrixRequestError as error:
+            if error.status != 403 or run.bot is None:
+                run.failed(item.key, describe_failure(error))
+                return False
+            if not await self._let_in_and_join(item):
+                return False
+            result.invited += 1
+        except UnexpectedReply as error:
+            run.failed(item.key, describe_failure(error))
+            return False
+        result.joined += 1
+        run.confirmed.append((item.room_id, item.user_id))
+        return True
+
+    async def _join(self, item: _Pair) -> None:
+        query = {"via": list(item.via), "server_name": list(item.via)} if item.via else None
+        await self._request(
+            "POST",
+            f"{_CLIENT}/join/{quote_segment(item.room_id)}",
+            body=MembershipRequest(),
+            query=query,
+            user_id=item.user_id,
+            endpoint=_JOIN_ENDPOINT,
+        )
+
+    async def _let_in_and_join(self, item: _Pair) -> bool:
+        run = self._run
+        assert run.bot is not None  # checked by the caller
+        bot = run.bot()
+        try:
+            await let_in(bot, item.room_id, item.user_id, None)
+            await self._join(item)
+        except UnknownToken:
+            raise
+        except (MatrixRequestError, UnexpectedReply) as error:
+            reason = (
+                f"not allowed to join, and the bot could not let it in: {describe_failure(error)}"
+            )
+            run.failed(item.key, reason)
+            return False
+        return True
+
+
+class JoinRun(BulkJob[tuple[str, str], JoinResult]):
+    """The state of one :meth:`PuppetRegistrar.join_many` call.
+
+    ``bot`` returns the appservice's bot (resolving aliases, letting refused
+    puppets in); without it a refused join fails and aliases cannot be used.
+    """
+
+    def __init__(
+        self,
+        client: HomeserverClient,
+        store: Store,
+        registration: Registration,
+        domain: str,
+        *,
+        bot: Callable[[], Intent] | None,
+        concurrency: int,
+        progress: Callable[[RunProgress], None] | None,
+        total: int | None,
+        on_problem: ProblemCallback | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.registration = registration
+        self.domain = domain
+        self.bot = bot
+        self.total = total
+        self.on_problem = on_problem
+        self.result = JoinResult()
+        self.confirmed: list[tuple[str, str]] = []  # (room_id, user_id) joined, not yet stored
+        self._seen = SeenSet()
+        self._aliases: dict[str, _Resolved] = {}
+        self._puppet_problems: dict[str, str | None] = {}
+        self._room_problems: dict[str, str | None] = {}
+        self._registering = RegisterStage(client, store, self._puppet_refused)
+        self._stages = (self._registering, _Join(self))
+        self.engine = BulkEngine(client, self, concurrency=concurrency, progress=progress)
+
+    @property
+    def stages(self) -> Sequence[Stage]:
+        return self._stages
+
+    def failed(self, key: str, reason: str) -> None:
+        """Count a refused pair and tell ``on_problem``."""
+        self.result.add_failure(key, reason)
+        if self.on_problem is not None:
+            self.on_problem("failed", key, reason)
+
+    def _invalid(self, key: str, reason: str) -> None:
+        self.result.add_invalid(key, reason)
+        if self.on_problem is not None:
+            self.on_problem("invalid", key, reason)
+
+    def _puppet_refused(self, item: _Pair, reason: str) -> None:
+        self.failed(item.key, reason)
+
+    # -- screen, resolve, ask the store --------------------------------------------
+
+    async def prepare(self, chunk: list[tuple[str, str]], dispatch: Dispatch) -> None:
+        screened = self._screen(chunk)
+        await self._resolve([room for _, _, room in screened if room.startswith("#")])
+        pairs = self._with_rooms(screened)
+        if not pairs:
+            return
+        joined = await self.store.joined_among([(p.room_id, p.user_id) for p in pairs])
+        waiting = [p for p in pairs if (p.room_id, p.user_id) not in joined]
+        self.result.skipped_known += len(pairs) - len(waiting)
+        if not waiting:
+            return
+        registered = await self.store.registered_among({p.user_id for p in waiting})
+        registering = self._registering
+        for pair in waiting:
+            known = pair.user_id in registered or registering.knows(pair.user_id)
+            await dispatch(1 if known else 0, pair)
+
+    def _screen(self, chunk: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+        """The new, valid pairs of ``chunk`` as (user_id, localpart, room); counts the others."""
+        result, seen = self.result, self._seen
+        fresh: list[tuple[str, str, str]] = []
+        for pair in chunk:
+            localpart, room = _unpack(pair)
+            if not seen.add(pair):
+                result.duplicates += 1
+                continue
+            problem = self._problem(localpart, room)
+            if problem is not None:
+                self._invalid(f"{localpart} {room}", problem)
+                continue
+            fresh.append((f"@{localpart}:{self.domain}", localpart, room))
+        return fresh
+
+    def _problem(self, localpart: str, room: str) -> str | None:
+        """What is wrong with a pair, remembered per localpart and per room: a puppet
+        is usually named in many pairs, and a room in very many."""
+        puppets, rooms = self._puppet_problems, self._room_problems
+        if localpart not in puppets:
+            if len(puppets) >= _REMEMBERED:
+                puppets.clear()  # bounded memory; what goes is checked again
+            puppets[localpart] = puppet_problem(localpart, self.domain, self.registration)
+        if room not in rooms:
+            if len(rooms) >= _REMEMBERED:
+                rooms.clear()
+            rooms[room] = room_problem(room)
+        return puppets[localpart] or rooms[room]
+
+    async def _resolve(self, aliases: list[str]) -> None:
+        """Resolve the aliases not resolved before, a few at once; remember the answers."""
+        new = [alias for alias in dict.fromkeys(aliases) if alias not in self._aliases]
+        for start in range(0, len(new), _RESOLVING):
+            batch = new[start : start + _RESOLVING]
+            answers = await asyncio.gather(*(self._resolve_one(alias) for alias in batch))
+            self._aliases.update(zip(batch, answers, strict=True))
+
+    async def _resolve_one(self, alias: str) -> _Resolved:
+        if self.bot is None:
+            reason = "aliases need the appservice's bot to resolve them"
+        else:
+            try:
+                found = await self.bot().resolve_alias(alias)
+                return _Resolved(found.room_id, tuple(found.servers), None)
+            except UnknownToken:
+                raise
+            except NotFound:
+                reason = "no such alias (404)"
+            except (MatrixRequestError, UnexpectedReply) as error:
+                reason = describe_failure(error)
+        self.result.add_alias_failure(alias, reason)
+        return _Resolved(None, (), reason)
+
+    def _with_rooms(self, screened: list[tuple[str, str, str]]) -> list[_Pair]:
+        """The screened pairs with their room IDs; pairs of an unresolved alias fail."""
+        pairs: list[_Pair] = []
+        for user_id, localpart, room in screened:
+            if not room.startswith("#"):
+                pairs.append(_Pair(user_id, localpart, room, (), room))
+                continue
+            resolved = self._aliases[room]
+            if resolved.room_id is None:
+                self.failed(f"{localpart} {room}", f"alias not resolved: {resolved.reason}")
+            else:
+                pairs.append(_Pair(user_id, localpart, resolved.room_id, resolved.via, room))
+        return pairs
+
+    # -- persisting and reporting ------------------------------------------------
+
+    async def flush(self) -> None:
+        await self._registering.flush()
+        batch = self.confirmed[:]
+        del self.confirmed[:]
+        if not batch:
+            return
+        try:
+            await self._record(batch)
+        except BaseException:
+            self.confirmed.extend(batch)  # kept for the final flush
+            raise
+
+    async def _record(self, batch: list[tuple[str, str]]) -> None:
+        """Record the joins in the room-state store, with the profile this bridge set
+        (as ``Intent.join_room`` does: the homeserver puts it in the member event)."""
+        profiles = await self.store.profiles_among({user for _, user in batch})
+        by_room: dict[str, list[str]] = {}
+        for room_id, user_id in batch:
+            by_room.setdefault(room_id, []).append(user_id)
+        for room_id, users in by_room.items():
+            events = [
+                membership_event(room_id, user, user, "join", _member(profiles.get(user)))
+                for user in users
+            ]
+            await self.store.apply_state(room_id, events)
+
+    def family_of(self, method: str, endpoint: str) -> str | None:
+        if endpoint == REGISTER_ENDPOINT:
+            return REGISTER
+        return JOIN if method == "POST" and endpoint in _JOIN_FAMILY else None
+
+    def snapshot(self, elapsed: float, limiters: Mapping[str, AimdLimiter]) -> RunProgress:
+        result = self.result
+        return RunProgress(
+            done=result.done,
+            total=self.total,
+            elapsed=elapsed,
+            counts=tuple(result.outcome_rows()),
+            concurrency=tuple((family, limiter.limit) for family, limiter in limiters.items()),
+        )
+
+    def finish(
+        self, elapsed: float, limiters: Mapping[str, AimdLimiter], rate_limited: Mapping[str, int]
+    ) -> None:
+        result = self.result
+        result.elapsed = elapsed
+        result.registered = self._registering.registered
+        result.already_existed = self._registering.already_existed
+        result.lowest_concurrency = {family: lim.lowest for family, lim in limiters.items()}
+        result.rate_limited = dict(rate_limited)
+
+
+def _unpack(pair: Any) -> tuple[str, str]:
+    """A pair from the input; anything else is a bug in the caller, said plainly."""
+    try:
+        localpart, room = pair
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"join_many takes (localpart, room_id_or_alias) pairs, not {pair!r:.100}"
+        ) from None
+    if not (isinstance(localpart, str) and isinstance(room, str)):
+        raise TypeError(f"join_many takes pairs of strings, not {pair!r:.100}")
+    return localpart, room
+
+
+def _member(profile: Mapping[str, str | None] | None) -> Member | None:
+    if not profile:
+        return None
+    return Member(profile.get("displayname"), profile.get("avatar_url"))
