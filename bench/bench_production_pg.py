@@ -12,8 +12,8 @@ bare aiohttp loop sending the same requests in the same run:
 2. joins: ``--joins`` (20,000) joins per side spread over ``--rooms`` (200)
    public rooms, each side joining the puppets it registered:
    ``app.puppets.join_many`` (``PuppetRegistrar.join_many``) vs the bare loop
-   posting ``/join?user_id=`` (target >= 0.9). Until ``join_many`` exists, the bare
-   loop runs alone and the ratio is reported as not measured;
+   posting ``/join?user_id=`` (target >= 0.9), then ``join_many`` again over the
+   same pairs (it must send nothing);
 3. a re-run of ``register_many`` over 100,000 puppets the PostgreSQL store knows:
    its time (target < 2 s) and its HTTP requests (must be 0);
 4. peak RSS (a fresh subprocess) of ``register_many`` over 1,000,000 localparts
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import itertools
 import json
 import os
@@ -57,7 +56,7 @@ from bench_register import localparts, plain_loop  # noqa: E402
 
 from bridge_kit._synapse import SynapseServer  # noqa: E402
 from bridge_kit.client import HomeserverClient  # noqa: E402
-from bridge_kit.puppets import PuppetRegistrar  # noqa: E402
+from bridge_kit.puppets import JoinResult, PuppetRegistrar  # noqa: E402
 from bridge_kit.registration import Registration, generate_registration  # noqa: E402
 from bridge_kit.store import open_store  # noqa: E402
 
@@ -67,10 +66,6 @@ KNOWN = 100_000
 MILLION = 1_000_000
 ADMIN_DSN = os.environ.get("BRIDGE_KIT_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 JOIN = "/_matrix/client/v3/join/"
-
-
-def has_join_many() -> bool:
-    return callable(getattr(PuppetRegistrar, "join_many", None))
 
 
 @asynccontextmanager
@@ -218,24 +213,19 @@ async def join_with_bridge_kit(
     pairs: list[tuple[str, str]],
     concurrency: int,
     store_dsn: str,
-) -> tuple[float, int]:
-    """``join_many`` on the PostgreSQL store: (joins/s, HTTP requests)."""
+) -> tuple[float, int, JoinResult]:
+    """``join_many`` on the PostgreSQL store: (joins/s, HTTP requests, its result)."""
     async with (
         HomeserverClient(url, registration.as_token) as client,
         open_store(store_dsn) as store,
     ):
         registrar = PuppetRegistrar(client, store, registration, SERVER)
-        join_many: Any = registrar.join_many  # type: ignore[attr-defined]
-        options = {"concurrency": concurrency}
-        if "concurrency" not in inspect.signature(join_many).parameters:
-            options = {}
         started = time.perf_counter()
-        result = await join_many(pairs, **options)
+        result = await registrar.join_many(pairs, concurrency=concurrency)
         elapsed = time.perf_counter() - started
-    joined = getattr(result, "joined", None)
-    if joined is not None and joined != len(pairs):
-        raise RuntimeError(f"join_many: {result}")
-    return len(pairs) / elapsed, client.request_count
+    if result.joined + result.skipped_known != len(pairs):
+        raise RuntimeError(f"join_many: {result.summary()}")
+    return len(pairs) / elapsed, client.request_count, result
 
 
 async def join_rounds(
@@ -246,7 +236,7 @@ async def join_rounds(
     names: dict[str, list[str]],
 ) -> dict[str, Any]:
     rooms = await create_rooms(hs.url, registration.as_token, args.rooms, args.concurrency)
-    kinds = ("plain", "bridge_kit") if has_join_many() else ("plain",)
+    kinds = ("bridge_kit", "plain")
     pairs = {kind: join_pairs(names[kind], rooms, args.joins) for kind in kinds}
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     done = dict.fromkeys(kinds, 0)
@@ -258,26 +248,27 @@ async def join_rounds(
             if kind == "plain":
                 rate = await plain_joins(hs.url, registration.as_token, batch, args.concurrency)
             else:
-                rate, _ = await join_with_bridge_kit(
+                rate, _, _ = await join_with_bridge_kit(
                     hs.url, registration, batch, args.concurrency, store_dsn
                 )
             rates[kind].append(rate)
             print(f"  round {round_no + 1}: {kind:<10} {rate:7.0f} joins/s", flush=True)
-    figures: dict[str, Any] = {"plain_per_s": statistics.median(rates["plain"])}
-    if "bridge_kit" in kinds:
-        ours_and_plain = zip(rates["bridge_kit"], rates["plain"], strict=True)
-        ratios = [ours / plain for ours, plain in ours_and_plain]
-        figures |= {
-            "bridge_kit_per_s": statistics.median(rates["bridge_kit"]),
-            "ratio": statistics.median(ratios),
-            "round_ratios": ratios,
-        }
-        # The same work again: every pair is joined, per the store.
-        _, requests = await join_with_bridge_kit(
-            hs.url, registration, pairs["bridge_kit"], args.concurrency, store_dsn
-        )
-        figures["rerun_requests"] = requests
-    return figures
+    ratios = [ours / plain for ours, plain in zip(*rates.values(), strict=True)]
+    # The same work again: every pair is joined, per the store.
+    started = time.perf_counter()
+    _, requests, again = await join_with_bridge_kit(
+        hs.url, registration, pairs["bridge_kit"], args.concurrency, store_dsn
+    )
+    if again.skipped_known != len(pairs["bridge_kit"]) or requests:
+        raise RuntimeError(f"join re-run: {again.summary()}, {requests} requests")
+    return {
+        "pairs": args.joins,
+        "plain_per_s": statistics.median(rates["plain"]),
+        "bridge_kit_per_s": statistics.median(rates["bridge_kit"]),
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+        "rerun": {"seconds": time.perf_counter() - started, "requests": requests},
+    }
 
 
 # -- 3. re-run over known puppets, 4. memory ------------------------------------------------
@@ -348,15 +339,12 @@ def report(figures: dict[str, Any]) -> Iterator[str]:
     )
     j = figures.get("joins")
     if j is not None:
-        line = f"joins: plain aiohttp {j['plain_per_s']:.0f}/s"
-        if "ratio" in j:
-            line += (
-                f", join_many {j['bridge_kit_per_s']:.0f}/s; median ratio per round "
-                f"{j['ratio']:.3f} (target >= 0.9); re-run {j['rerun_requests']} requests"
-            )
-        else:
-            line += "; join_many is not in this checkout: ratio not measured"
-        yield line
+        yield (
+            f"joins: plain aiohttp {j['plain_per_s']:.0f}/s, join_many "
+            f"{j['bridge_kit_per_s']:.0f}/s; median ratio per round {j['ratio']:.3f} "
+            f"(target >= 0.9); re-run over the same {j['pairs']:,} pairs "
+            f"{j['rerun']['seconds']:.2f} s, {j['rerun']['requests']} requests"
+        )
     k = figures["known_rerun"]
     yield f"re-run over {k['puppets']:,} known: {k['seconds']:.2f} s, {k['requests']} requests"
     m = figures.get("memory")
@@ -392,8 +380,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 figures["registration"] = registered
                 if args.joins:
                     print(
-                        f"2. joins, {args.joins:,} per side over {args.rooms} rooms"
-                        + ("" if has_join_many() else " (bare loop only: no join_many yet)"),
+                        f"2. joins, {args.joins:,} per side over {args.rooms} rooms",
                         flush=True,
                     )
                     figures["joins"] = await join_rounds(hs, registration, args, store_dsn, names)
