@@ -25,14 +25,15 @@ from typing import Any, Final
 import cattrs
 
 from bridge_kit import defaults
+from bridge_kit._json import item_text
 from bridge_kit.device_items import count_device_items, split_device_items
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
-from bridge_kit.types import Event, describe_error
-from bridge_kit.types.converter import converter
+from bridge_kit.types import describe_error
+from bridge_kit.types.events import checked_room_id
 
 __all__ = ["TransactionProcessor", "event_lane", "split_transaction"]
 
@@ -49,16 +50,6 @@ _REPR_LIMIT: Final = 65_536
 _ERROR_LIMIT: Final = 1024
 #: Dead letters of one transaction logged one by one; the rest in one line.
 _LOGGED_LETTERS: Final = 20
-# One encoder for every event: json.dumps with options builds a new one per call.
-# allow_nan=False: a number too large for a float (1e999) must not become "Infinity",
-# which is not JSON, on its way to a handler. ensure_ascii: a lone surrogate (valid
-# in JSON text, not in UTF-8) then travels as \udXXX, which every store can hold.
-# check_circular=False: decoded JSON has no cycles.
-_ENCODE: Final = json.JSONEncoder(
-    ensure_ascii=True, allow_nan=False, check_circular=False, separators=(",", ":")
-).encode
-
-
 # For a dead letter's JSON: readable, not compact; ASCII, so a lone surrogate is an escape.
 _ENCODE_AS_IS: Final = json.JSONEncoder(allow_nan=False).encode
 
@@ -134,13 +125,14 @@ def _split_item(
     rejected: list[NewDeadLetter],
 ) -> None:
     try:
-        event: Event = converter.structure(raw, Event)
-        text = _ENCODE(raw)
+        # Checked, not built: the inbox builds the Event when a handler needs it.
+        room_id = checked_room_id(raw)
+        text = item_text(raw)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: {describe_error(exc)}"))
         return
-    lane = event_lane(kind, event.room_id)
-    if storable(lane) != lane:
+    lane = event_lane(kind, room_id)
+    if not lane.isascii() and storable(lane) != lane:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: room_id is not Unicode"))
         return
     items.append(NewInboxItem(lane, kind, text))

@@ -162,8 +162,13 @@ def synapse_factory(
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(prefix: str = "bk_test") -> AsyncIterator[str]:
-    """A new database on the local PostgreSQL, dropped on exit; its DSN."""
+async def scratch_database(
+    prefix: str = "bk_test", *, for_synapse: bool = False
+) -> AsyncIterator[str]:
+    """A new database on the local PostgreSQL, dropped on exit; its DSN.
+
+    ``for_synapse``: with the encoding and collation Synapse insists on.
+    """
     import asyncpg
 
     admin_dsn = os.environ.get(
@@ -174,7 +179,8 @@ async def scratch_database(prefix: str = "bk_test") -> AsyncIterator[str]:
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         missing_service(f"PostgreSQL not reachable at {admin_dsn}: {exc}")
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    options = " ENCODING 'UTF8' LC_COLLATE='C' LC_CTYPE='C' TEMPLATE template0"
+    await admin.execute(f'CREATE DATABASE "{name}"' + (options if for_synapse else ""))
     try:
         yield admin_dsn.rsplit("/", 1)[0] + f"/{name}"
     finally:
