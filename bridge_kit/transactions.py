@@ -26,7 +26,7 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit._json import item_text
-from bridge_kit.device_items import count_device_items, split_device_items
+from bridge_kit.device_items import count_device_items, first_present, split_device_items
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
@@ -39,7 +39,9 @@ __all__ = ["TransactionProcessor", "event_lane", "split_transaction"]
 
 log = logging.getLogger(__name__)
 
-#: Where each kind of item comes from in a transaction body, stable name first.
+#: Where each kind of item comes from in a transaction body, stable name first. Only the
+#: first name present is read: Synapse puts the same ephemeral events under both names
+#: when a registration has both ephemeral flags.
 _SOURCES: Final = (
     (ItemKind.EVENT, ("events",)),
     (ItemKind.EPHEMERAL, ("ephemeral", "de.sorunome.msc2409.ephemeral")),
@@ -80,17 +82,16 @@ def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter
     items: list[NewInboxItem] = []
     rejected: list[NewDeadLetter] = []
     for kind, keys in _SOURCES:
-        for key in keys:
-            value = body.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, list):
-                rejected.append(
-                    _letter(kind, value, f"'{key}' must be an array, not {json_type(value)}")
-                )
-                continue
-            for index, raw in enumerate(value):
-                _split_item(kind, f"{key}[{index}]", raw, items, rejected)
+        key, value = first_present(body, keys)
+        if key is None:
+            continue
+        if not isinstance(value, list):
+            rejected.append(
+                _letter(kind, value, f"'{key}' must be an array, not {json_type(value)}")
+            )
+            continue
+        for index, raw in enumerate(value):
+            _split_item(kind, f"{key}[{index}]", raw, items, rejected)
     # To-device events, device lists and key counts: see bridge_kit.device_items.
     device_items, device_rejected = split_device_items(body)
     items += device_items
@@ -104,8 +105,7 @@ def _check_size(body: dict[str, Any]) -> None:
     count = sum(
         len(value)
         for _, keys in _SOURCES
-        for key in keys
-        if isinstance(value := body.get(key), list)
+        if isinstance(value := first_present(body, keys)[1], list)
     )
     count += count_device_items(body)
     if count > defaults.MAX_TRANSACTION_ITEMS:

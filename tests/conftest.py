@@ -16,8 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 
 from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
+
+# No per-example deadline: these machines are shared and noisy, and a slow example is
+# not a wrong one (the speed of anything is measured in bench/, not here).
+settings.register_profile("bridge_kit", deadline=None)
+settings.load_profile("bridge_kit")
 
 IN_CI = os.environ.get("CI") == "true"
 SERVER_NAME = "test.local"
