@@ -41,14 +41,16 @@ class DeviceLists:
 
     changed: list[str] = attrs.field(factory=list)
     left: list[str] = attrs.field(factory=list)
+    extra: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class Transaction:
     """The body of ``PUT /_matrix/app/v1/transactions/{txnId}``.
 
-    Each optional part is read from its stable name or its unstable (MSC) name;
-    ``ephemeral`` and ``to_device`` are merged from both so a bridge reads one list.
+    Each optional part is read from its stable name or, failing that, its unstable
+    (MSC) name: the first present wins, because Synapse sends the same ephemeral
+    events under both names when a registration has both ephemeral flags.
     """
 
     events: list[Event]
@@ -68,15 +70,11 @@ class Transaction:
         """
         data = dict(body)
         for stable, unstable_names in _UNSTABLE_LISTS.items():
-            merged: list[Any] = []
-            for name in (stable, *unstable_names):
-                part = data.pop(name, None)
-                if part is None:
-                    continue
-                if not isinstance(part, list):
-                    raise refuse(cls, name, WrongType("an array", part))
-                merged.extend(part)
-            data[stable] = merged
+            parts = [(name, data.pop(name, None)) for name in (stable, *unstable_names)]
+            name, part = next(((n, p) for n, p in parts if p is not None), (stable, []))
+            if not isinstance(part, list):
+                raise refuse(cls, name, WrongType("an array", part))
+            data[stable] = part
         for stable, unstable_names in _UNSTABLE_MAPS.items():
             for name in unstable_names:
                 if name in data and stable not in data:
