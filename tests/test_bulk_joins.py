@@ -153,3 +153,20 @@ async def test_sync_profiles_sets_what_a_real_user_reads_and_a_rerun_sends_nothi
     assert (changed.updated, changed.skipped_known, requests.total - before) == (1, 29, 1)
     reply = await human.get(f"{CLIENT}/profile/{q(f'@{puppets[0]}:{homeserver.server_name}')}")
     assert reply.get("displayname") == "Renamed"
+
+
+async def test_a_room_named_by_alias_and_by_id_is_joined_once(
+    app: AppService, human: Human, requests: Requests, unique: str
+) -> None:
+    server = app.puppets.domain
+    alias = f"#both{unique}:{server}"
+    room_id = await public_room(human, room_alias_name=f"both{unique}")
+    first, second = f"_bk_d{unique}_1", f"_bk_d{unique}_2"
+    # The same membership twice over: by alias then by ID, and by ID then by alias.
+    pairs = [(first, alias), (first, room_id), (second, room_id), (second, alias)]
+
+    result = await app.puppets.join_many(pairs, concurrency=4)
+
+    assert (result.joined, result.duplicates, result.failed) == (2, 2, 0), result.summary()
+    assert requests.seen["POST", CLIENT + "/join/{roomIdOrAlias}"] == 2
+    assert {f"@{first}:{server}", f"@{second}:{server}"} <= await joined(human, room_id)

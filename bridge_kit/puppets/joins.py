@@ -278,7 +278,8 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         return _Resolved(None, (), reason)
 
     def _with_rooms(self, screened: list[tuple[str, str, str]]) -> list[_Pair]:
-        """The screened pairs with their room IDs; pairs of an unresolved alias fail."""
+        """The screened pairs with their room IDs; pairs of an unresolved alias fail, and
+        an alias pair whose room this run has for that puppet already is a duplicate."""
         pairs: list[_Pair] = []
         for user_id, localpart, room in screened:
             if not room.startswith("#"):
@@ -287,6 +288,10 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
             resolved = self._aliases[room]
             if resolved.room_id is None:
                 self.failed(f"{localpart} {room}", f"alias not resolved: {resolved.reason}")
+            elif not self._seen.add((localpart, resolved.room_id)):
+                # The room was named by its ID (or another alias) for this puppet too:
+                # one membership, one join. Keyed as a by-ID pair is, so either order works.
+                self.result.duplicates += 1
             else:
                 pairs.append(_Pair(user_id, localpart, resolved.room_id, resolved.via, room))
         return pairs
