@@ -170,3 +170,16 @@ async def test_a_room_named_by_alias_and_by_id_is_joined_once(
     assert (result.joined, result.duplicates, result.failed) == (2, 2, 0), result.summary()
     assert requests.seen["POST", CLIENT + "/join/{roomIdOrAlias}"] == 2
     assert {f"@{first}:{server}", f"@{second}:{server}"} <= await joined(human, room_id)
+
+
+async def test_join_many_takes_pairs_as_lists_as_sync_profiles_takes_items(
+    app: AppService, human: Human, unique: str
+) -> None:
+    # Pairs read from JSON are lists; they were refused as "unhashable type: 'list'".
+    room_id = await public_room(human)
+    pairs = [[f"_bk_l{unique}", room_id], [f"_bk_l{unique}", room_id]]
+
+    result = await app.puppets.join_many(pairs)  # type: ignore[arg-type]
+
+    assert (result.joined, result.duplicates) == (1, 1), result.summary()
+    assert f"@_bk_l{unique}:{app.puppets.domain}" in await joined(human, room_id)

@@ -229,7 +229,7 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         fresh: list[tuple[str, str, str]] = []
         for pair in chunk:
             localpart, room = _unpack(pair)
-            if not seen.add(pair):
+            if not seen.add((localpart, room)):  # a tuple: a pair may come as a list
                 result.duplicates += 1
                 continue
             problem = self._problem(localpart, room)
