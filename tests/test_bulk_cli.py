@@ -19,7 +19,7 @@ import pytest
 from bridge_kit.client import HomeserverClient
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.daemons import room_events
-from tests.fault_homeserver import FaultHomeserver
+from tests.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults
 from tests.test_register_cli import (
     ROOT,
     SERVER,
@@ -153,6 +153,31 @@ def joins_recorded(db: Path) -> int:
             return int(row[0])
     except sqlite3.Error:
         return 0  # not created yet
+
+
+async def test_a_signal_during_set_up_stops_the_command_before_anything_is_sent(
+    tmp_path: Path, fault_registration_path: Path
+) -> None:
+    # Ctrl-C while the command asks the homeserver who it is: the run must not start
+    # (it used to run to the end, the signal's "saving progress" message notwithstanding).
+    (tmp_path / "pairs.tsv").write_text("".join(f"_bk_i{i}\t!r:{SERVER}\n" for i in range(50)))
+    async with FaultHomeserver(as_token=TOKEN, faults=Faults(slow_seconds=2.0)) as slow:
+        slow.inject(Fault.SLOW, path=WHOAMI_PATH)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge_kit", "join", "-r", str(fault_registration_path),
+            "--homeserver", slow.url, "--from-file", "pairs.tsv", "--no-progress", cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            while slow.total_requests == 0:
+                await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        done = await finish(process)
+
+    assert done.status == 128 + signal.SIGINT, done
+    assert_no_traceback(done)
+    assert (slow.total_requests, len(slow.joins), slow.registered) == (1, 0, set())
 
 
 @pytest.mark.synapse

@@ -134,6 +134,9 @@ async def execute(
         )
         reporter = ProgressReporter(total=total, enabled=not args.no_progress)
         stop.on_stop(lambda: _cancel(registrar, stop.received))
+        if stop.received is not None:
+            # Stopped while setting up: there was no run to cancel, so none starts.
+            return 128 + stop.received
         with items() as inputs, _report_writer(args) as report:
             result = await call(registrar, inputs, reporter, report)
             reporter.finish(result)
