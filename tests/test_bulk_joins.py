@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bridge_kit import AppService
-from bridge_kit.client import ClientObserver
+from bridge_kit.client import REGISTER_ENDPOINT, ClientObserver
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_intent_api import CLIENT, Human, q
@@ -183,3 +183,18 @@ async def test_join_many_takes_pairs_as_lists_as_sync_profiles_takes_items(
 
     assert (result.joined, result.duplicates) == (1, 1), result.summary()
     assert f"@_bk_l{unique}:{app.puppets.domain}" in await joined(human, room_id)
+
+
+async def test_a_puppet_the_homeserver_refuses_is_asked_for_once_however_many_pairs(
+    app: AppService, requests: Requests, unique: str
+) -> None:
+    # shared_ is the rival appservice's exclusive namespace: Synapse answers M_EXCLUSIVE.
+    # 1,001 pairs span two chunks of input; the second chunk's pair used to ask again.
+    server = app.puppets.domain
+    pairs = [(f"shared_{unique}", f"!never{i}:{server}") for i in range(1001)]
+
+    result = await app.puppets.join_many(pairs, concurrency=4)
+
+    assert (result.failed, result.joined, result.registered) == (1001, 0, 0), result.summary()
+    assert all("M_EXCLUSIVE" in reason for reason in result.failures.values())
+    assert requests.seen["POST", REGISTER_ENDPOINT] == 1
