@@ -180,6 +180,32 @@ async def test_a_signal_during_set_up_stops_the_command_before_anything_is_sent(
     assert (slow.total_requests, len(slow.joins), slow.registered) == (1, 0, set())
 
 
+async def test_join_has_connections_for_both_stages_at_full_concurrency(
+    tmp_path: Path, fault_registration_path: Path
+) -> None:
+    # 64 joins of known puppets and 64 registrations of new ones, all slow: with one
+    # pool of max(100, --concurrency) connections the joins took 64 and the
+    # registrations got the 36 left, though each family has its own limit of 64.
+    known = [f"_bk_k{i:02d}" for i in range(64)]
+    new = [f"_bk_n{i:02d}" for i in range(64)]
+    lines = [f"{lp}\t!room:{SERVER}\n" for lp in [*known, *new]]
+    (tmp_path / "pairs.tsv").write_text("".join(lines))
+    where = ["-r", str(fault_registration_path), "--store", "sqlite:///bk.db", "--no-progress"]
+    async with FaultHomeserver(as_token=TOKEN) as hs:
+        done = await bridge_kit(
+            "register", *where, "--homeserver", hs.url, "--concurrency", "1", *known,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert done.status == 0, done
+        hs.reply_delay = 0.5
+        done = await bridge_kit(
+            "join", *where, "--homeserver", hs.url, "--concurrency", "64",
+            "--from-file", "pairs.tsv", cwd=tmp_path,
+        )  # fmt: skip
+    assert done.status == 0, done
+    assert (hs.peak_in_flight["join"], hs.peak_in_flight["register"]) == (64, 64)
+
+
 @pytest.mark.synapse
 async def test_a_join_run_killed_mid_way_resumes_and_joins_nobody_twice(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
