@@ -22,6 +22,7 @@ from typing import IO, Any, Self
 
 import aiohttp
 import yaml
+import yarl
 
 from bridge_kit.errors import SynapseError
 
@@ -37,11 +38,36 @@ def free_port() -> int:
         return port
 
 
+def postgres_database(dsn: str, *, connections: int = 10) -> dict[str, Any]:
+    """Synapse's ``database:`` section for the PostgreSQL database at ``dsn``
+    (``postgresql://user[:password]@host[:port]/name``).
+
+    Synapse needs psycopg2 for it (``pip install 'matrix-synapse[postgres]'``),
+    and a database created with ``ENCODING 'UTF8' LC_COLLATE='C' LC_CTYPE='C'
+    TEMPLATE template0``: it refuses to start on any other collation.
+    """
+    url = yarl.URL(dsn)
+    if url.scheme not in ("postgres", "postgresql") or not url.path.strip("/"):
+        raise ValueError("expected postgresql://user@host[:port]/database")
+    args: dict[str, Any] = {
+        "user": url.user or "postgres",
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 5432,
+        "database": url.path.strip("/"),
+        "cp_min": 1,
+        "cp_max": connections,
+    }
+    if url.password:
+        args["password"] = url.password
+    return {"name": "psycopg2", "args": args}
+
+
 class SynapseServer:
     """A Synapse homeserver on 127.0.0.1, on SQLite, in ``workdir``.
 
     Use as ``async with SynapseServer(workdir, registrations=[path]) as hs:``;
-    ``hs.url`` is its client-server base URL.
+    ``hs.url`` is its client-server base URL. ``postgres`` (a DSN, see
+    :func:`postgres_database`) puts it on that PostgreSQL database instead.
     """
 
     def __init__(
@@ -52,9 +78,12 @@ class SynapseServer:
         server_name: str = "test.local",
         port: int | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        postgres: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.extra_config = dict(extra_config or {})
+        if postgres is not None:
+            self.extra_config.setdefault("database", postgres_database(postgres))
         self.registrations = [Path(p).resolve() for p in registrations]
         self.server_name = server_name
         self.port = port or free_port()
@@ -176,11 +205,11 @@ class SynapseServer:
             "rc_joins": {"local": _GENEROUS, "remote": _GENEROUS},
             # Bulk joins put hundreds of puppets into one room in seconds.
             "rc_joins_per_room": _GENEROUS,
+            "rc_room_creation": _GENEROUS,
             "rc_invites": {"per_room": _GENEROUS, "per_user": _GENEROUS, "per_issuer": _GENEROUS},
             "rc_admin_redaction": _GENEROUS,
             "rc_presence": {"per_user": _GENEROUS},
             "rc_media_create": _GENEROUS,
-            "rc_room_creation": _GENEROUS,
             # Synapse lets only admins publish rooms to the directory by default.
             "room_list_publication_rules": [{"action": "allow"}],
         }

@@ -89,8 +89,9 @@ def split_device_items(body: Mapping[str, Any]) -> Items:
         )
     items: list[NewInboxItem] = []
     rejected: list[NewDeadLetter] = []
-    for key in TO_DEVICE_KEYS:
-        _split_to_device(key, body.get(key), items, rejected)
+    key, to_device = first_present(body, TO_DEVICE_KEYS)
+    if key is not None:
+        _split_to_device(key, to_device, items, rejected)
     _split_device_lists(body, items, rejected)
     _split_otk_counts(body, items, rejected)
     return items, rejected
@@ -106,8 +107,9 @@ def count_device_items(body: Mapping[str, Any]) -> int:
     :func:`split_device_items`): Synapse sends one per device of our users in the
     transaction's rooms, legitimately many more than it sends events.
     """
-    count = sum(len(v) for k in TO_DEVICE_KEYS if isinstance(v := body.get(k), list))
-    return count + (_first_present(body, DEVICE_LISTS_KEYS)[1] is not None)
+    to_device = first_present(body, TO_DEVICE_KEYS)[1]
+    count = len(to_device) if isinstance(to_device, list) else 0
+    return count + (first_present(body, DEVICE_LISTS_KEYS)[1] is not None)
 
 
 def _count_key_counts(body: Mapping[str, Any]) -> int:
@@ -116,7 +118,7 @@ def _count_key_counts(body: Mapping[str, Any]) -> int:
     count = 0
     pairs: set[tuple[str, str]] = set()
     for keys in (OTK_COUNT_KEYS, FALLBACK_KEYS):
-        key, per_user = _first_present(body, keys)
+        key, per_user = first_present(body, keys)
         if key is None:
             continue
         if not isinstance(per_user, dict):
@@ -170,7 +172,7 @@ def _to_device_lane(raw: Any) -> str:
 def _split_device_lists(
     body: Mapping[str, Any], items: list[NewInboxItem], rejected: list[NewDeadLetter]
 ) -> None:
-    key, raw = _first_present(body, DEVICE_LISTS_KEYS)
+    key, raw = first_present(body, DEVICE_LISTS_KEYS)
     if key is None:
         return
     kind = ItemKind.DEVICE_LISTS
@@ -193,7 +195,7 @@ def _split_otk_counts(
     kind = ItemKind.OTK_COUNTS
     parts: dict[tuple[str, str], dict[str, Any]] = {}
     for keys, field in ((OTK_COUNT_KEYS, "counts"), (FALLBACK_KEYS, "unused_fallback_key_types")):
-        key, per_user = _first_present(body, keys)
+        key, per_user = first_present(body, keys)
         if key is None:
             continue
         for problem in _merge_per_device(key, per_user, field, parts):
@@ -234,11 +236,12 @@ def _merge_per_device(
 # -- shared --------------------------------------------------------------------------
 
 
-def _first_present(body: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
+def first_present(body: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
     """The first of ``keys`` that ``body`` has (not null), and its value.
 
-    A homeserver may send a map under several names at once (Synapse sends both
-    unstable spellings of the key counts): the first found wins, nothing is doubled.
+    A homeserver may send a part under several names at once (Synapse sends both
+    unstable spellings of the key counts, and the ephemeral events under both names
+    when the registration has both flags): the first found wins, nothing is doubled.
     """
     for key in keys:
         value = body.get(key)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn
@@ -22,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bridge_kit import defaults
-from bridge_kit._json import json_text
+from bridge_kit._json import decode_request, json_text
 from bridge_kit.errors import ErrorReply, ListenError, TransactionFailed
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
@@ -337,25 +336,14 @@ def _shown(value: str) -> str:
     return value if len(value) <= _SHOWN_LENGTH else value[:_SHOWN_LENGTH] + "…"
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# NaN and Infinity are not JSON: the body is refused. A number too large for a float
-# (1e999) is JSON, and is read as infinity here; in a transaction, the event holding
-# it is then refused on its own, as a dead letter (see bridge_kit.transactions), so
-# one bad number does not make the homeserver resend everything behind it forever.
-_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
 async def _read_json(request: web.Request, max_bytes: int) -> Any:
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
     # Chunked bodies have no Content-Length: read() enforces client_max_size as it goes.
     body = await request.read()
     try:
-        # What json.loads(body, parse_constant=...) does, without a new decoder per request.
-        return _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        # 1e999 is read as infinity: see decode_request.
+        return decode_request(body)
     except ValueError as exc:
         raise ErrorReply(400, "M_NOT_JSON", f"Body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -25,20 +25,23 @@ from typing import Any, Final
 import cattrs
 
 from bridge_kit import defaults
-from bridge_kit.device_items import count_device_items, split_device_items
+from bridge_kit._json import item_text
+from bridge_kit.device_items import count_device_items, first_present, split_device_items
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
-from bridge_kit.types import Event, describe_error
-from bridge_kit.types.converter import converter
+from bridge_kit.types import describe_error
+from bridge_kit.types.events import checked_room_id
 
 __all__ = ["TransactionProcessor", "event_lane", "split_transaction"]
 
 log = logging.getLogger(__name__)
 
-#: Where each kind of item comes from in a transaction body, stable name first.
+#: Where each kind of item comes from in a transaction body, stable name first. Only the
+#: first name present is read: Synapse puts the same ephemeral events under both names
+#: when a registration has both ephemeral flags.
 _SOURCES: Final = (
     (ItemKind.EVENT, ("events",)),
     (ItemKind.EPHEMERAL, ("ephemeral", "de.sorunome.msc2409.ephemeral")),
@@ -49,16 +52,6 @@ _REPR_LIMIT: Final = 65_536
 _ERROR_LIMIT: Final = 1024
 #: Dead letters of one transaction logged one by one; the rest in one line.
 _LOGGED_LETTERS: Final = 20
-# One encoder for every event: json.dumps with options builds a new one per call.
-# allow_nan=False: a number too large for a float (1e999) must not become "Infinity",
-# which is not JSON, on its way to a handler. ensure_ascii: a lone surrogate (valid
-# in JSON text, not in UTF-8) then travels as \udXXX, which every store can hold.
-# check_circular=False: decoded JSON has no cycles.
-_ENCODE: Final = json.JSONEncoder(
-    ensure_ascii=True, allow_nan=False, check_circular=False, separators=(",", ":")
-).encode
-
-
 # For a dead letter's JSON: readable, not compact; ASCII, so a lone surrogate is an escape.
 _ENCODE_AS_IS: Final = json.JSONEncoder(allow_nan=False).encode
 
@@ -89,17 +82,16 @@ def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter
     items: list[NewInboxItem] = []
     rejected: list[NewDeadLetter] = []
     for kind, keys in _SOURCES:
-        for key in keys:
-            value = body.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, list):
-                rejected.append(
-                    _letter(kind, value, f"'{key}' must be an array, not {json_type(value)}")
-                )
-                continue
-            for index, raw in enumerate(value):
-                _split_item(kind, f"{key}[{index}]", raw, items, rejected)
+        key, value = first_present(body, keys)
+        if key is None:
+            continue
+        if not isinstance(value, list):
+            rejected.append(
+                _letter(kind, value, f"'{key}' must be an array, not {json_type(value)}")
+            )
+            continue
+        for index, raw in enumerate(value):
+            _split_item(kind, f"{key}[{index}]", raw, items, rejected)
     # To-device events, device lists and key counts: see bridge_kit.device_items.
     device_items, device_rejected = split_device_items(body)
     items += device_items
@@ -113,8 +105,7 @@ def _check_size(body: dict[str, Any]) -> None:
     count = sum(
         len(value)
         for _, keys in _SOURCES
-        for key in keys
-        if isinstance(value := body.get(key), list)
+        if isinstance(value := first_present(body, keys)[1], list)
     )
     count += count_device_items(body)
     if count > defaults.MAX_TRANSACTION_ITEMS:
@@ -134,13 +125,14 @@ def _split_item(
     rejected: list[NewDeadLetter],
 ) -> None:
     try:
-        event: Event = converter.structure(raw, Event)
-        text = _ENCODE(raw)
+        # Checked, not built: the inbox builds the Event when a handler needs it.
+        room_id = checked_room_id(raw)
+        text = item_text(raw)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: {describe_error(exc)}"))
         return
-    lane = event_lane(kind, event.room_id)
-    if storable(lane) != lane:
+    lane = event_lane(kind, room_id)
+    if not lane.isascii() and storable(lane) != lane:
         rejected.append(_letter(kind, raw, f"invalid event at {where}: room_id is not Unicode"))
         return
     items.append(NewInboxItem(lane, kind, text))

@@ -16,8 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 
 from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
+
+# No per-example deadline: these machines are shared and noisy, and a slow example is
+# not a wrong one (the speed of anything is measured in bench/, not here).
+settings.register_profile("bridge_kit", deadline=None)
+settings.load_profile("bridge_kit")
 
 IN_CI = os.environ.get("CI") == "true"
 SERVER_NAME = "test.local"
@@ -162,8 +168,13 @@ def synapse_factory(
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(prefix: str = "bk_test") -> AsyncIterator[str]:
-    """A new database on the local PostgreSQL, dropped on exit; its DSN."""
+async def scratch_database(
+    prefix: str = "bk_test", *, for_synapse: bool = False
+) -> AsyncIterator[str]:
+    """A new database on the local PostgreSQL, dropped on exit; its DSN.
+
+    ``for_synapse``: with the encoding and collation Synapse insists on.
+    """
     import asyncpg
 
     admin_dsn = os.environ.get(
@@ -174,7 +185,8 @@ async def scratch_database(prefix: str = "bk_test") -> AsyncIterator[str]:
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         missing_service(f"PostgreSQL not reachable at {admin_dsn}: {exc}")
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    options = " ENCODING 'UTF8' LC_COLLATE='C' LC_CTYPE='C' TEMPLATE template0"
+    await admin.execute(f'CREATE DATABASE "{name}"' + (options if for_synapse else ""))
     try:
         yield admin_dsn.rsplit("/", 1)[0] + f"/{name}"
     finally:

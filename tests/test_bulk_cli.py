@@ -19,7 +19,7 @@ import pytest
 from bridge_kit.client import HomeserverClient
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.daemons import room_events
-from tests.fault_homeserver import FaultHomeserver
+from tests.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults
 from tests.test_register_cli import (
     ROOT,
     SERVER,
@@ -153,6 +153,57 @@ def joins_recorded(db: Path) -> int:
             return int(row[0])
     except sqlite3.Error:
         return 0  # not created yet
+
+
+async def test_a_signal_during_set_up_stops_the_command_before_anything_is_sent(
+    tmp_path: Path, fault_registration_path: Path
+) -> None:
+    # Ctrl-C while the command asks the homeserver who it is: the run must not start
+    # (it used to run to the end, the signal's "saving progress" message notwithstanding).
+    (tmp_path / "pairs.tsv").write_text("".join(f"_bk_i{i}\t!r:{SERVER}\n" for i in range(50)))
+    async with FaultHomeserver(as_token=TOKEN, faults=Faults(slow_seconds=2.0)) as slow:
+        slow.inject(Fault.SLOW, path=WHOAMI_PATH)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge_kit", "join", "-r", str(fault_registration_path),
+            "--homeserver", slow.url, "--from-file", "pairs.tsv", "--no-progress", cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            while slow.total_requests == 0:
+                await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        done = await finish(process)
+
+    assert done.status == 128 + signal.SIGINT, done
+    assert_no_traceback(done)
+    assert (slow.total_requests, len(slow.joins), slow.registered) == (1, 0, set())
+
+
+async def test_join_has_connections_for_both_stages_at_full_concurrency(
+    tmp_path: Path, fault_registration_path: Path
+) -> None:
+    # 64 joins of known puppets and 64 registrations of new ones, all slow: with one
+    # pool of max(100, --concurrency) connections the joins took 64 and the
+    # registrations got the 36 left, though each family has its own limit of 64.
+    known = [f"_bk_k{i:02d}" for i in range(64)]
+    new = [f"_bk_n{i:02d}" for i in range(64)]
+    lines = [f"{lp}\t!room:{SERVER}\n" for lp in [*known, *new]]
+    (tmp_path / "pairs.tsv").write_text("".join(lines))
+    where = ["-r", str(fault_registration_path), "--store", "sqlite:///bk.db", "--no-progress"]
+    async with FaultHomeserver(as_token=TOKEN) as hs:
+        done = await bridge_kit(
+            "register", *where, "--homeserver", hs.url, "--concurrency", "1", *known,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert done.status == 0, done
+        hs.reply_delay = 0.5
+        done = await bridge_kit(
+            "join", *where, "--homeserver", hs.url, "--concurrency", "64",
+            "--from-file", "pairs.tsv", cwd=tmp_path,
+        )  # fmt: skip
+    assert done.status == 0, done
+    assert (hs.peak_in_flight["join"], hs.peak_in_flight["register"]) == (64, 64)
 
 
 @pytest.mark.synapse

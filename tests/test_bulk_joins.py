@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bridge_kit import AppService
-from bridge_kit.client import ClientObserver
+from bridge_kit.client import REGISTER_ENDPOINT, ClientObserver
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_intent_api import CLIENT, Human, q
@@ -153,3 +153,48 @@ async def test_sync_profiles_sets_what_a_real_user_reads_and_a_rerun_sends_nothi
     assert (changed.updated, changed.skipped_known, requests.total - before) == (1, 29, 1)
     reply = await human.get(f"{CLIENT}/profile/{q(f'@{puppets[0]}:{homeserver.server_name}')}")
     assert reply.get("displayname") == "Renamed"
+
+
+async def test_a_room_named_by_alias_and_by_id_is_joined_once(
+    app: AppService, human: Human, requests: Requests, unique: str
+) -> None:
+    server = app.puppets.domain
+    alias = f"#both{unique}:{server}"
+    room_id = await public_room(human, room_alias_name=f"both{unique}")
+    first, second = f"_bk_d{unique}_1", f"_bk_d{unique}_2"
+    # The same membership twice over: by alias then by ID, and by ID then by alias.
+    pairs = [(first, alias), (first, room_id), (second, room_id), (second, alias)]
+
+    result = await app.puppets.join_many(pairs, concurrency=4)
+
+    assert (result.joined, result.duplicates, result.failed) == (2, 2, 0), result.summary()
+    assert requests.seen["POST", CLIENT + "/join/{roomIdOrAlias}"] == 2
+    assert {f"@{first}:{server}", f"@{second}:{server}"} <= await joined(human, room_id)
+
+
+async def test_join_many_takes_pairs_as_lists_as_sync_profiles_takes_items(
+    app: AppService, human: Human, unique: str
+) -> None:
+    # Pairs read from JSON are lists; they were refused as "unhashable type: 'list'".
+    room_id = await public_room(human)
+    pairs = [[f"_bk_l{unique}", room_id], [f"_bk_l{unique}", room_id]]
+
+    result = await app.puppets.join_many(pairs)  # type: ignore[arg-type]
+
+    assert (result.joined, result.duplicates) == (1, 1), result.summary()
+    assert f"@_bk_l{unique}:{app.puppets.domain}" in await joined(human, room_id)
+
+
+async def test_a_puppet_the_homeserver_refuses_is_asked_for_once_however_many_pairs(
+    app: AppService, requests: Requests, unique: str
+) -> None:
+    # shared_ is the rival appservice's exclusive namespace: Synapse answers M_EXCLUSIVE.
+    # 1,001 pairs span two chunks of input; the second chunk's pair used to ask again.
+    server = app.puppets.domain
+    pairs = [(f"shared_{unique}", f"!never{i}:{server}") for i in range(1001)]
+
+    result = await app.puppets.join_many(pairs, concurrency=4)
+
+    assert (result.failed, result.joined, result.registered) == (1001, 0, 0), result.summary()
+    assert all("M_EXCLUSIVE" in reason for reason in result.failures.values())
+    assert requests.seen["POST", REGISTER_ENDPOINT] == 1

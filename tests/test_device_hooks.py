@@ -137,7 +137,7 @@ def test_the_stable_names_are_read_and_win_over_the_unstable_ones() -> None:
     body = {
         "events": [],
         "to_device": [to_device(1)],
-        "de.sorunome.msc2409.to_device": [to_device(2)],  # a list: both are read, in order
+        "de.sorunome.msc2409.to_device": [to_device(2)],  # the same events, under the old name
         "device_lists": {"changed": ["@stable:x"]},
         "org.matrix.msc3202.device_lists": {"changed": ["@unstable:x"]},
         "device_one_time_keys_count": {BOB: {"D": {"a": 1}}},
@@ -146,7 +146,7 @@ def test_the_stable_names_are_read_and_win_over_the_unstable_ones() -> None:
         "org.matrix.msc3202.device_unused_fallback_key_types": {BOB: {"D": ["b"]}},
     }
     lanes = lanes_of(body)
-    assert [c["content"]["n"] for _, c in lanes[f"~to-device:{BOB}|DEV1"]] == [1, 2]
+    assert [c["content"]["n"] for _, c in lanes[f"~to-device:{BOB}|DEV1"]] == [1]
     assert lanes["~device-lists"] == [(ItemKind.DEVICE_LISTS, {"changed": ["@stable:x"]})]
     [(_, counts)] = lanes[f"~otk:{BOB}|D"]
     assert (counts["counts"], counts["unused_fallback_key_types"]) == ({"a": 1}, ["a"])
@@ -227,10 +227,25 @@ def test_a_malformed_device_part_is_one_dead_letter_with_a_clear_reason(
     body: dict[str, Any], kind: ItemKind, lane: str, error: str
 ) -> None:
     good = to_device(9, "GOOD")
-    body = {"events": [message("e1")], "de.sorunome.msc2409.to_device": [good], **body}
+    body = {"events": [message("e1")], **body}
+    # A good to-device event beside the bad part: in the same list when the bad part is
+    # a to-device event (only the first name present is read), else under its own name.
+    if isinstance(bad := body.get("to_device"), list):
+        body["to_device"] = [*bad, good]
+    elif bad is None:
+        body["de.sorunome.msc2409.to_device"] = [good]
     items, rejected = split_transaction(body)
-    # The rest of the transaction is accepted: the event and the good to-device event.
-    assert [item.kind for item in items] == [ItemKind.EVENT, ItemKind.TO_DEVICE]
+    # The rest of the transaction is accepted: the event and the good to-device event
+    # (none when the to-device part itself is not a list).
+    expected = (
+        [ItemKind.EVENT]
+        if bad is not None and not isinstance(bad, list)
+        else [
+            ItemKind.EVENT,
+            ItemKind.TO_DEVICE,
+        ]
+    )
+    assert [item.kind for item in items] == expected
     [letter] = [r for r in rejected if r.kind is kind]
     assert len(rejected) == 1
     assert error in letter.error, letter.error
@@ -599,3 +614,13 @@ async def test_a_deferral_counts_no_attempt_in_every_store(any_store: Store) -> 
     await store.fail_item(item.id, ["a", "b"], 3.0)
     [failed] = await store.lane_items(items[0].lane, 5)
     assert (failed.attempts, failed.first_failed_at) == (1, deferred.first_failed_at)
+
+
+def test_ephemeral_events_under_both_names_are_split_once() -> None:
+    """Synapse sends the same ephemeral events under 'ephemeral' and
+    'de.sorunome.msc2409.ephemeral' when a registration has both flags."""
+    typing = {"type": "m.typing", "room_id": "!r:x", "content": {"user_ids": []}}
+    body = {"events": [], "ephemeral": [typing], "de.sorunome.msc2409.ephemeral": [typing]}
+    items, rejected = split_transaction(body)
+    assert rejected == []
+    assert [(item.lane, item.kind) for item in items] == [("~ephemeral:!r:x", ItemKind.EPHEMERAL)]

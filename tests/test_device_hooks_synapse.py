@@ -194,12 +194,6 @@ async def test_one_time_key_counts_arrive_after_an_upload(
     assert counts.unused_fallback_key_types == ["signed_curve25519"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="split_transaction (transactions.py, the ingest branch's file) merges 'ephemeral' "
-    "and 'de.sorunome.msc2409.ephemeral', which Synapse fills with the same events when the "
-    "registration has both keys, as --receive-ephemeral and --encryption now write",
-)
 async def test_an_ephemeral_event_is_handled_once_with_both_ephemeral_keys(
     bridge: tuple[AppService, Received], synapse_devices: TestHomeserver, unique: str
 ) -> None:

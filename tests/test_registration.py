@@ -31,7 +31,7 @@ from bridge_kit.registration import (
     check_text,
     generate_registration,
 )
-from bridge_kit.registration.lint import lint
+from bridge_kit.registration.lint import lint, token_placeholder
 from bridge_kit.registration.validate import parse
 
 DOMAIN = "test.local"
@@ -848,7 +848,11 @@ unknown_keys = st.dictionaries(
     max_size=3,
 )
 optional_bools = st.none() | st.booleans()
-tokens = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=70)
+# Any printable token but a placeholder ("changeme", "PLACEHOLDER"...), which the loader
+# rightly refuses; test_registration_hardening covers those.
+tokens = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=70
+).filter(lambda token: token_placeholder("as_token", token) is None)
 namespaces_lists = st.lists(
     st.builds(
         Namespace,

@@ -419,8 +419,7 @@ async def test_events_land_in_the_inbox_in_order_per_lane(store: Store) -> None:
     wakeups = Wakeups()
     first = {
         "events": [event(1, A), event(2, B), event(3, A), event(4, A)],
-        "ephemeral": [typing(A)],
-        "de.sorunome.msc2409.ephemeral": [receipt(B)],
+        "de.sorunome.msc2409.ephemeral": [typing(A), receipt(B)],
         "org.matrix.msc3202.device_one_time_key_counts": {"@a:t": {"DEV": {"curve": 3}}},
     }
     second = {"events": [event(5, B), event(6, A)], "ephemeral": [typing(A)]}

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import aiohttp
+from pathlib import Path
 
-from tests.conftest import TestHomeserver
+import aiohttp
+import pytest
+
+from bridge_kit._synapse import SynapseServer, postgres_database
+from bridge_kit.registration import generate_registration
+from tests.conftest import TestHomeserver, scratch_database
 
 
 async def test_synapse_loaded_our_registration(synapse: TestHomeserver) -> None:
@@ -20,3 +25,53 @@ async def test_user_helpers_see_created_users(synapse: TestHomeserver, unique: s
     await synapse.create_user(f"harness{unique}")
     assert await synapse.user_exists(f"@harness{unique}:test.local")
     assert await synapse.count_users(f"harness{unique}") == 1
+
+
+def test_a_postgres_dsn_becomes_synapses_database_section() -> None:
+    section = postgres_database("postgresql://bridge:secret@db.example:6543/synapse")
+    assert section["name"] == "psycopg2"
+    assert section["args"] | {"cp_min": 0, "cp_max": 0} == {
+        "user": "bridge",
+        "password": "secret",
+        "host": "db.example",
+        "port": 6543,
+        "database": "synapse",
+        "cp_min": 0,
+        "cp_max": 0,
+    }
+    assert "password" not in postgres_database("postgres://postgres@127.0.0.1/s")["args"]
+
+
+@pytest.mark.parametrize("dsn", ["sqlite:///x.db", "postgresql://postgres@127.0.0.1:5432"])
+def test_a_dsn_without_a_postgres_database_is_refused(dsn: str) -> None:
+    with pytest.raises(ValueError, match="postgresql://"):
+        postgres_database(dsn)
+
+
+@pytest.mark.postgres
+async def test_synapse_runs_on_postgresql(tmp_path: Path) -> None:
+    import asyncpg
+
+    registration = generate_registration("pg", None, "pg.local", "_pg_")
+    registration.write(tmp_path / "registration.yaml")
+    async with scratch_database("bk_synapse", for_synapse=True) as dsn:
+        async with SynapseServer(
+            tmp_path / "hs",
+            registrations=[tmp_path / "registration.yaml"],
+            server_name="pg.local",
+            postgres=dsn,
+        ) as hs:
+            headers = {"Authorization": f"Bearer {registration.as_token}"}
+            body = {"type": "m.login.application_service", "username": "_pg_one"}
+            async with hs.http.post(
+                f"{hs.url}/_matrix/client/v3/register", json=body, headers=headers
+            ) as response:
+                assert response.status == 200, await response.text()
+        # The account is in PostgreSQL: Synapse did not fall back to SQLite.
+        connection = await asyncpg.connect(dsn)
+        try:
+            names = await connection.fetch("SELECT name FROM users")
+        finally:
+            await connection.close()
+        assert "@_pg_one:pg.local" in {row["name"] for row in names}
+        assert not (tmp_path / "hs" / "homeserver.db").exists()

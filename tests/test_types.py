@@ -132,20 +132,23 @@ def test_error_body_keeps_extra_keys() -> None:
     assert unstructure(body) == data
 
 
-def test_transaction_merges_stable_and_unstable_names() -> None:
+def test_transaction_reads_the_first_of_the_stable_and_unstable_names() -> None:
     txn = Transaction.from_json(
         {
             "events": [{"type": "m.room.message", "room_id": "!r:hs", "content": {"body": "hi"}}],
             "ephemeral": [{"type": "m.typing", "room_id": "!r:hs", "content": {}}],
             "de.sorunome.msc2409.ephemeral": [{"type": "m.receipt", "content": {}}],
             "de.sorunome.msc2409.to_device": [],
-            "org.matrix.msc3202.device_lists": {"changed": ["@a:hs"], "left": []},
+            "org.matrix.msc3202.device_lists": {"changed": ["@a:hs"], "left": [], "new": 1},
             "org.matrix.msc3202.device_one_time_key_counts": {"@a:hs": {"D": {"curve": 1}}},
             "org.matrix.msc3202.device_unused_fallback_key_types": {"@a:hs": {"D": []}},
         }
     )
-    assert [e.type for e in txn.ephemeral] == ["m.typing", "m.receipt"]
+    # Synapse sends the same ephemeral events under both names: the stable one wins.
+    assert [e.type for e in txn.ephemeral] == ["m.typing"]
     assert txn.device_lists is not None and txn.device_lists.changed == ["@a:hs"]
+    assert txn.device_lists.extra == {"new": 1}
+    assert unstructure(txn.device_lists) == {"changed": ["@a:hs"], "left": [], "new": 1}
     assert txn.device_one_time_keys_count == {"@a:hs": {"D": {"curve": 1}}}
     assert txn.device_unused_fallback_key_types == {"@a:hs": {"D": []}}
     assert txn.events[0].content == {"body": "hi"}

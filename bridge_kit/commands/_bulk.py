@@ -120,8 +120,10 @@ async def execute(
 ) -> int:
     """Set up, run ``call`` over ``items()`` with a progress bar, report; the exit status."""
     store = open_store(args.store)
+    # join and sync-profiles run two stages (registrations, then their own requests),
+    # each with up to --concurrency in flight: one must not wait for the other's connections.
     client = HomeserverClient(
-        args.homeserver, registration.as_token, max_connections=max(100, args.concurrency)
+        args.homeserver, registration.as_token, max_connections=max(100, 2 * args.concurrency)
     )
     async with client, store:
         domain = await homeserver_domain(client, registration)
@@ -134,6 +136,9 @@ async def execute(
         )
         reporter = ProgressReporter(total=total, enabled=not args.no_progress)
         stop.on_stop(lambda: _cancel(registrar, stop.received))
+        if stop.received is not None:
+            # Stopped while setting up: there was no run to cancel, so none starts.
+            return 128 + stop.received
         with items() as inputs, _report_writer(args) as report:
             result = await call(registrar, inputs, reporter, report)
             reporter.finish(result)

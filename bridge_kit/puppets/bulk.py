@@ -71,6 +71,9 @@ class _HasPuppet(Protocol):
     def localpart(self) -> str: ...
 
 
+#: Refused puppets a :class:`RegisterStage` remembers (with the reason), at most.
+_REFUSALS_KEPT: Final = 65_536
+
 #: ``refused(item, reason)``: the homeserver would not register the item's puppet.
 _Refused = Callable[[Any, str], None]
 
@@ -245,7 +248,8 @@ class BulkRun(BulkJob[str, BulkResult]):
 
 class RegisterStage(Stage):
     """Registers the puppet of an item (``item.user_id``, ``item.localpart``) the store
-    did not know, once per puppet however many items name it.
+    did not know, once per puppet however many items name it (a refusal too: the
+    puppet's later items are refused with the same reason, without a request).
 
     Items whose puppet this run registered already pass straight on; one whose
     puppet is being registered waits for that request. ``registered`` and
@@ -262,6 +266,7 @@ class RegisterStage(Stage):
         self._refused = refused
         self._done = SeenSet()
         self._pending: dict[str, asyncio.Future[str | None]] = {}
+        self._refusals: dict[str, str] = {}  # user ID -> why the homeserver refused it
         self.registered = 0
         self.already_existed = 0
         self.confirmed: list[str] = []
@@ -274,6 +279,10 @@ class RegisterStage(Stage):
         user_id = item.user_id
         if user_id in self._done:
             return True
+        refusal = self._refusals.get(user_id)
+        if refusal is not None:  # asked once this run: the next items are refused alike
+            self._refused(item, refusal)
+            return False
         pending = self._pending.get(user_id)
         if pending is not None:
             reason = await asyncio.shield(pending)
@@ -301,7 +310,11 @@ class RegisterStage(Stage):
         except UserInUse:
             self.already_existed += 1
         except (MatrixRequestError, UnexpectedReply) as error:
-            return f"registering {user_id}: {registration_refused(error)}"
+            reason = f"registering {user_id}: {registration_refused(error)}"
+            if len(self._refusals) >= _REFUSALS_KEPT:
+                self._refusals.clear()  # bounded memory; a forgotten one is asked again
+            self._refusals[user_id] = reason
+            return reason
         else:
             self.registered += 1
         self._done.add(user_id)

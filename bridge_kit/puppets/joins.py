@@ -55,6 +55,8 @@ _RESOLVING: Final = 16
 _MAX_ID_BYTES: Final = 255
 #: Localparts and rooms whose check is remembered, at most (each).
 _REMEMBERED: Final = 65_536
+#: A check not made yet (None means: nothing wrong).
+_UNCHECKED: Final = "unchecked"
 
 
 class _Pair(NamedTuple):
@@ -83,6 +85,11 @@ def room_problem(room: object) -> str | None:
     if room.startswith("#") and ":" in room[2:]:
         return None
     return "not a room ID (!…) or room alias (#…:server)"
+
+
+#: A screened pair with its room ID: (room_id, user_id, localpart, via, given); the
+#: first two are how the store keys a membership.
+_Target = tuple[str, str, str, tuple[str, ...], str]
 
 
 class _Resolved(NamedTuple):
@@ -207,14 +214,21 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
     # -- screen, resolve, ask the store --------------------------------------------
 
     async def prepare(self, chunk: list[tuple[str, str]], dispatch: Dispatch) -> None:
-        screened = self._screen(chunk)
-        await self._resolve([room for _, _, room in screened if room.startswith("#")])
-        pairs = self._with_rooms(screened)
-        if not pairs:
+        screened, aliases = self._screen(chunk)
+        if aliases:
+            await self._resolve(aliases)
+        targets = self._with_rooms(screened)
+        if not targets:
             return
-        joined = await self.store.joined_among([(p.room_id, p.user_id) for p in pairs])
-        waiting = [p for p in pairs if (p.room_id, p.user_id) not in joined]
-        self.result.skipped_known += len(pairs) - len(waiting)
+        # Only the pairs the store does not know as joined become _Pairs: on a re-run
+        # that is none of them, and this is the whole cost of a known pair.
+        joined = await self.store.joined_among([target[:2] for target in targets])
+        waiting = [
+            _Pair(user_id, localpart, room_id, via, given)
+            for room_id, user_id, localpart, via, given in targets
+            if (room_id, user_id) not in joined
+        ]
+        self.result.skipped_known += len(targets) - len(waiting)
         if not waiting:
             return
         registered = await self.store.registered_among({p.user_id for p in waiting})
@@ -223,35 +237,53 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
             known = pair.user_id in registered or registering.knows(pair.user_id)
             await dispatch(1 if known else 0, pair)
 
-    def _screen(self, chunk: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-        """The new, valid pairs of ``chunk`` as (user_id, localpart, room); counts the others."""
-        result, seen = self.result, self._seen
+    def _screen(self, chunk: list[tuple[str, str]]) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """The new, valid pairs of ``chunk`` as (user_id, localpart, room), and the aliases
+        among their rooms; counts the others. The per-pair hot path of a re-run."""
+        result, add, domain = self.result, self._seen.add, self.domain
+        puppets, rooms = self._puppet_problems, self._room_problems
         fresh: list[tuple[str, str, str]] = []
+        aliases: list[str] = []
         for pair in chunk:
-            localpart, room = _unpack(pair)
-            if not seen.add(pair):
+            if type(pair) is tuple and len(pair) == 2:
+                localpart, room = pair
+                if type(localpart) is not str or type(room) is not str:
+                    localpart, room = _unpack(pair)
+            else:
+                localpart, room = _unpack(pair)
+            if not add((localpart, room)):  # a tuple: a pair may come as a list
                 result.duplicates += 1
                 continue
-            problem = self._problem(localpart, room)
+            problem = puppets.get(localpart, _UNCHECKED)
+            if problem is _UNCHECKED:
+                problem = self._check_puppet(localpart)
+            if problem is None:
+                problem = rooms.get(room, _UNCHECKED)
+                if problem is _UNCHECKED:
+                    problem = self._check_room(room)
             if problem is not None:
                 self._invalid(f"{localpart} {room}", problem)
                 continue
-            fresh.append((f"@{localpart}:{self.domain}", localpart, room))
-        return fresh
+            fresh.append((f"@{localpart}:{domain}", localpart, room))
+            if room[0] == "#":
+                aliases.append(room)
+        return fresh, aliases
 
-    def _problem(self, localpart: str, room: str) -> str | None:
-        """What is wrong with a pair, remembered per localpart and per room: a puppet
-        is usually named in many pairs, and a room in very many."""
-        puppets, rooms = self._puppet_problems, self._room_problems
-        if localpart not in puppets:
-            if len(puppets) >= _REMEMBERED:
-                puppets.clear()  # bounded memory; what goes is checked again
-            puppets[localpart] = puppet_problem(localpart, self.domain, self.registration)
-        if room not in rooms:
-            if len(rooms) >= _REMEMBERED:
-                rooms.clear()
-            rooms[room] = room_problem(room)
-        return puppets[localpart] or rooms[room]
+    def _check_puppet(self, localpart: str) -> str | None:
+        """What is wrong with a localpart, remembered: a puppet is usually in many pairs."""
+        puppets = self._puppet_problems
+        if len(puppets) >= _REMEMBERED:
+            puppets.clear()  # bounded memory; what goes is checked again
+        problem = puppets[localpart] = puppet_problem(localpart, self.domain, self.registration)
+        return problem
+
+    def _check_room(self, room: str) -> str | None:
+        """What is wrong with a room, remembered: a room is usually in very many pairs."""
+        rooms = self._room_problems
+        if len(rooms) >= _REMEMBERED:
+            rooms.clear()
+        problem = rooms[room] = room_problem(room)
+        return problem
 
     async def _resolve(self, aliases: list[str]) -> None:
         """Resolve the aliases not resolved before, a few at once; remember the answers."""
@@ -277,19 +309,24 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         self.result.add_alias_failure(alias, reason)
         return _Resolved(None, (), reason)
 
-    def _with_rooms(self, screened: list[tuple[str, str, str]]) -> list[_Pair]:
-        """The screened pairs with their room IDs; pairs of an unresolved alias fail."""
-        pairs: list[_Pair] = []
+    def _with_rooms(self, screened: list[tuple[str, str, str]]) -> list[_Target]:
+        """The screened pairs with their room IDs; pairs of an unresolved alias fail, and
+        an alias pair whose room this run has for that puppet already is a duplicate."""
+        targets: list[_Target] = []
         for user_id, localpart, room in screened:
-            if not room.startswith("#"):
-                pairs.append(_Pair(user_id, localpart, room, (), room))
+            if room[0] != "#":
+                targets.append((room, user_id, localpart, (), room))
                 continue
             resolved = self._aliases[room]
             if resolved.room_id is None:
                 self.failed(f"{localpart} {room}", f"alias not resolved: {resolved.reason}")
+            elif not self._seen.add((localpart, resolved.room_id)):
+                # The room was named by its ID (or another alias) for this puppet too:
+                # one membership, one join. Keyed as a by-ID pair is, so either order works.
+                self.result.duplicates += 1
             else:
-                pairs.append(_Pair(user_id, localpart, resolved.room_id, resolved.via, room))
-        return pairs
+                targets.append((resolved.room_id, user_id, localpart, resolved.via, room))
+        return targets
 
     # -- persisting and reporting ------------------------------------------------
 

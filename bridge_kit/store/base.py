@@ -349,7 +349,16 @@ def checked_bytes(value: bytes) -> bytes:
 def cleaned_pairs(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
     """``(room_id, user_id)`` pairs by the keys the store keeps them under (see
     :func:`~bridge_kit.store.inbox_rows.clean_text`), so an answer maps back to the asker's."""
-    return {(clean_text(room), clean_text(user)): (room, user) for room, user in pairs}
+    # clean_text inlined for the usual ASCII IDs, which it leaves alone: a bulk run's
+    # re-run asks about every pair of its input, and the calls were a fifth of its time.
+    return {
+        (
+            (room, user)
+            if room.isascii() and user.isascii() and "\x00" not in room and "\x00" not in user
+            else (clean_text(room), clean_text(user))
+        ): (room, user)
+        for room, user in pairs
+    }
 
 
 def cleaned_ids(user_ids: Iterable[str]) -> dict[str, str]:

@@ -149,20 +149,24 @@ async def joined_among(
 ) -> list[tuple[str, str]]:
     """The (room, user) pairs whose membership is join: one indexed probe each."""
     found: list[tuple[str, str]] = []
-    step = MAX_VARIABLES // 2
+    step = MAX_VARIABLES // 3
     for start in range(0, len(pairs), step):
         batch = pairs[start : start + step]
-        rows = "(?, ?)," * (len(batch) - 1) + "(?, ?)"
-        # Only "(?, ?)" placeholders are interpolated; the values travel as parameters.
+        rows = "(?, ?, ?)," * (len(batch) - 1) + "(?, ?, ?)"
+        # Only "(?, ?, ?)" placeholders are interpolated; the values travel as parameters.
         # CROSS JOIN keeps the asked pairs as the outer loop, each one index probe;
         # "(room_id, user_id) IN (VALUES ...)" scans the whole table instead (50x slower).
+        # The answer is the asked pair's position: a re-run asks about every pair of its
+        # input, and reading each back as two new strings cost a fifth of its time.
         sql = (
-            f"SELECT m.room_id, m.user_id FROM (VALUES {rows}) AS p"  # noqa: S608
+            f"SELECT p.column3 FROM (VALUES {rows}) AS p"  # noqa: S608
             " CROSS JOIN bridge_kit_members m ON m.room_id = p.column1 AND m.user_id = p.column2"
             " WHERE m.membership = 'join'"
         )
-        parameters = [value for pair in batch for value in pair]
-        found.extend((row[0], row[1]) for row in await conn.execute_fetchall(sql, parameters))
+        parameters = [
+            value for index, (room, user) in enumerate(batch) for value in (room, user, index)
+        ]
+        found.extend(batch[row[0]] for row in await conn.execute_fetchall(sql, parameters))
     return found
 
 

@@ -48,14 +48,16 @@ class DeviceLists:
 
     changed: list[str] = attrs.field(factory=list)
     left: list[str] = attrs.field(factory=list)
+    extra: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class Transaction:
     """The body of ``PUT /_matrix/app/v1/transactions/{txnId}``.
 
-    Each optional part is read from its stable name or its unstable (MSC) name;
-    ``ephemeral`` and ``to_device`` are merged from both so a bridge reads one list.
+    Each optional part is read from its stable name or, failing that, its unstable
+    (MSC) name: the first present wins, because Synapse sends the same ephemeral
+    events under both names when a registration has both ephemeral flags.
     """
 
     events: list[Event]
@@ -75,15 +77,11 @@ class Transaction:
         """
         data = dict(body)
         for stable, unstable_names in _UNSTABLE_LISTS.items():
-            merged: list[Any] = []
-            for name in (stable, *unstable_names):
-                part = data.pop(name, None)
-                if part is None:
-                    continue
-                if not isinstance(part, list):
-                    raise refuse(cls, name, WrongType("an array", part))
-                merged.extend(part)
-            data[stable] = merged
+            parts = [(name, data.pop(name, None)) for name in (stable, *unstable_names)]
+            name, part = next(((n, p) for n, p in parts if p is not None), (stable, []))
+            if not isinstance(part, list):
+                raise refuse(cls, name, WrongType("an array", part))
+            data[stable] = part
         for stable, unstable_names in _UNSTABLE_MAPS.items():
             for name in unstable_names:
                 if name in data and stable not in data:
@@ -112,43 +110,62 @@ _EVENT_KEYS = frozenset(
 )
 
 
-def _structure_event(value: Any, cls: type[Event], checked: StructureHook) -> Event:
-    """Build an Event in one go when every field has its JSON type, as in almost every event.
+def _has_plain_fields(value: dict[str, Any]) -> bool:
+    """True when every field of an event has its JSON type, as in almost every event.
 
     A transaction carries up to 100 events and this is the appservice's hot path,
     so the types are checked by hand. Anything else, including every mistake, goes
     to the converter's strict hook, which decides and names the offending field.
     """
-    if value.__class__ is dict and cls is Event:
-        get = value.get
-        event_type = get("type")
-        content = get("content")
-        room_id = get("room_id")
-        sender = get("sender")
-        event_id = get("event_id")
-        state_key = get("state_key")
-        origin_server_ts = get("origin_server_ts")
-        if (
-            event_type.__class__ is str
-            and (content.__class__ is dict or (content is None and "content" not in value))
-            and (room_id is None or room_id.__class__ is str)
-            and (sender is None or sender.__class__ is str)
-            and (event_id is None or event_id.__class__ is str)
-            and (state_key is None or state_key.__class__ is str)
-            and (origin_server_ts is None or origin_server_ts.__class__ is int)
-        ):
-            return Event(
-                event_type,
-                {} if content is None else content,
-                room_id,
-                sender,
-                event_id,
-                state_key,
-                origin_server_ts,
-                {k: v for k, v in value.items() if k not in _EVENT_KEYS},
-            )
+    get = value.get
+    content = get("content")
+    room_id = get("room_id")
+    sender = get("sender")
+    event_id = get("event_id")
+    state_key = get("state_key")
+    origin_server_ts = get("origin_server_ts")
+    return (
+        get("type").__class__ is str
+        and (content.__class__ is dict or (content is None and "content" not in value))
+        and (room_id is None or room_id.__class__ is str)
+        and (sender is None or sender.__class__ is str)
+        and (event_id is None or event_id.__class__ is str)
+        and (state_key is None or state_key.__class__ is str)
+        and (origin_server_ts is None or origin_server_ts.__class__ is int)
+    )
+
+
+def _structure_event(value: Any, cls: type[Event], checked: StructureHook) -> Event:
+    """Build an Event in one go when every field has its JSON type (see _has_plain_fields)."""
+    if value.__class__ is dict and cls is Event and _has_plain_fields(value):
+        content = value.get("content")
+        return Event(
+            value["type"],
+            {} if content is None else content,
+            value.get("room_id"),
+            value.get("sender"),
+            value.get("event_id"),
+            value.get("state_key"),
+            value.get("origin_server_ts"),
+            {k: v for k, v in value.items() if k not in _EVENT_KEYS},
+        )
     event: Event = checked(value, cls)
     return event
+
+
+def checked_room_id(value: Any) -> str | None:
+    """The ``room_id`` of decoded JSON that structures as an :class:`Event`; raises the
+    converter's validation error, naming the wrong fields, when it does not.
+
+    For accepting a transaction, which needs to know that each event is valid and
+    which room it is in, not the Event itself: the inbox builds that when a handler
+    needs it, and this skips building one per event on the hot path.
+    """
+    if value.__class__ is dict and _has_plain_fields(value):
+        room_id: str | None = value.get("room_id")
+        return room_id
+    event: Event = converter.structure(value, Event)
+    return event.room_id
 
 
 def checked_event_hook(converter: cattrs.Converter) -> StructureHook:
