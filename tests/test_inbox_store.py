@@ -325,6 +325,28 @@ async def test_complete_removes_the_item(store: Store) -> None:
     assert await store.lane_items(A, 10) == [second]
 
 
+async def test_complete_items_removes_them_in_one_call(store: Store) -> None:
+    await store.accept_transaction("t1", [event(n) for n in range(5)])
+    await store.accept_transaction("t2", [event(9, B)])
+    items = await store.lane_items(A, 10)
+    [other] = await store.lane_items(B, 10)
+    await store.complete_items([items[0].id, items[2].id, items[0].id, 10_000])
+    assert await store.lane_items(A, 10) == [items[1], *items[3:]]
+    await store.complete_items([])  # nothing to do
+    await store.complete_items([item.id for item in items])  # done ones are skipped
+    assert await store.lane_items(A, 10) == []
+    assert await store.lane_items(B, 10) == [other]
+
+
+async def test_complete_items_takes_more_ids_than_one_statement_holds(store: Store) -> None:
+    # SQLite's statement takes at most 500 variables: more go in several, in one commit.
+    await store.accept_transaction("t1", [event(n) for n in range(1_200)])
+    items = await store.lane_items(A, 2_000)
+    await store.complete_items([item.id for item in items[:1_100]])
+    assert await store.lane_items(A, 2_000) == items[1_100:]
+    assert (await store.inbox_stats()).depth == 100
+
+
 async def test_failing_counts_attempts_and_keeps_the_first_failure(store: Store) -> None:
     await store.accept_transaction("t1", [event(1)])
     item = await only_item(store, A)

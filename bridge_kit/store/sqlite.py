@@ -445,6 +445,10 @@ class SQLiteStore(Store):
     async def complete_item(self, item_id: int) -> None:
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
 
+    async def complete_items(self, item_ids: Collection[int]) -> None:
+        run = self._locked if len(item_ids) <= _MAX_VARIABLES else self._in_transaction
+        await run(lambda conn: sqlite_inbox.complete_many(conn, item_ids))
+
     async def fail_item(
         self,
         item_id: int,
