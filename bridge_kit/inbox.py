@@ -9,6 +9,11 @@ exponential backoff; after ``handler_attempts`` failures its event becomes a
 dead letter and the lane moves on. A lane waiting for a retry holds no worker,
 so it never blocks other rooms.
 
+A lane's handled items are removed from the store together, in one commit per
+batch (see :class:`InboxSettings`' ``completion_batch`` and ``completion_delay``),
+and always before a later item's failure is recorded or the worker stops: a
+crash runs the handled items not committed yet again.
+
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
 process died is taken over once its lease runs out.
