@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -201,6 +202,25 @@ async def test_claims_skip_excluded_lanes(store: Store) -> None:
     await fill(store, A, B, C)
     assert await store.claim_lanes("w1", LEASE, limit=2, exclude={A}) == [B, C]
     assert await store.claim_lanes("w1", LEASE, limit=1, exclude=[B, "!other:x"]) == [A]
+
+
+async def test_a_sqlite_claim_that_finds_nothing_takes_no_write_lock(tmp_path: Path) -> None:
+    # While a room floods, the inbox looks for lanes after every accepted transaction
+    # and finds none; the acknowledgements must not wait for those looks.
+    path = tmp_path / "store.db"
+    async with SQLiteStore(path) as store:
+        await fill(store, A)
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A]
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+            async with asyncio.timeout(1):  # a write transaction would wait 5 s, then fail
+                assert await store.claim_lanes("w1", LEASE, limit=5, exclude={A}) == []
+                assert await store.claim_lanes("w2", LEASE, limit=5) == []
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A]
 
 
 async def test_a_live_lease_keeps_other_owners_out_until_it_runs_out(store: Store) -> None:
