@@ -72,8 +72,9 @@ HANDLER_TIMEOUT: Final = 60.0
 LANE_LEASE: Final = 30.0
 INBOX_POLL: Final = 2.0
 #: Completions of a room's handled events are committed together: at most this many
-#: in one commit, and none waits longer than this (seconds) once the next event is
-#: done or about to start. A crash re-runs at most these (see README, Delivery guarantees).
+#: in one commit, and the batch is committed before the room's next event starts once
+#: its first completion is this old (seconds). A crash re-runs at most these handled
+#: events per room (README, Delivery guarantees).
 COMPLETION_BATCH: Final = 50
 COMPLETION_DELAY: Final = 0.05
 
