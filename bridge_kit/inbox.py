@@ -9,6 +9,11 @@ exponential backoff; after ``handler_attempts`` failures its event becomes a
 dead letter and the lane moves on. A lane waiting for a retry holds no worker,
 so it never blocks other rooms.
 
+A lane's handled items are removed from the store together, in one commit per
+batch (see :class:`InboxSettings`' ``completion_batch`` and ``completion_delay``),
+and always before a later item's failure is recorded or the worker stops: a
+crash runs the handled items not committed yet again.
+
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
 process died is taken over once its lease runs out.
@@ -112,12 +117,57 @@ class InboxSettings:
     timeout: float = defaults.HANDLER_TIMEOUT
     lease: float = defaults.LANE_LEASE
     poll: float = defaults.INBOX_POLL
+    completion_batch: int = defaults.COMPLETION_BATCH
+    completion_delay: float = defaults.COMPLETION_DELAY
 
     def retry_delay(self, failures: int, rng: random.Random) -> float:
         """Jittered exponential backoff after the ``failures``-th failure (1-based)."""
         # The exponent is capped: 2 ** 1024 is no float, and the cap is reached long before.
         ceiling = min(self.backoff_max, self.backoff * 2 ** min(failures - 1, 62))
         return rng.uniform(ceiling / 2, ceiling)
+
+
+class _Completions:
+    """A lane worker's handled items that are still in the inbox, to be removed in one
+    commit: one store trip per batch instead of one per item, which a flood of one
+    room's events would otherwise pay for in write-lock contention with the
+    acknowledgements. Until the commit, a crash leaves these items to be handled again."""
+
+    def __init__(self, store: Store, settings: InboxSettings) -> None:
+        self._store = store
+        self._settings = settings
+        self._ids: list[int] = []
+        self._first_done = 0.0
+
+    def add(self, item_id: int) -> None:
+        """Every handler returned for this item (never call it earlier)."""
+        if not self._ids:
+            self._first_done = time.monotonic()
+        self._ids.append(item_id)
+
+    @property
+    def due(self) -> bool:
+        """Whether the batch is full, or its oldest completion waited long enough."""
+        if len(self._ids) >= self._settings.completion_batch:
+            return True
+        waited = time.monotonic() - self._first_done
+        return bool(self._ids) and waited >= self._settings.completion_delay
+
+    async def commit(self) -> None:
+        """Remove the items from the inbox. If the commit fails they stay in it, and
+        are handled again when their lane is next worked on."""
+        ids, self._ids = self._ids, []
+        if ids:
+            await self._store.complete_items(ids)
+
+    async def commit_or_log(self, lane: str) -> None:
+        """:meth:`commit` for a worker on its way out (stopped, cancelled, failed):
+        a failure is only logged, so the reason the worker stopped is what propagates."""
+        try:
+            await self.commit()
+        except Exception as exc:
+            log.error("could not commit the handled items of lane %s; they will be "
+                      "handled again: %s", lane, describe_error(exc))  # fmt: skip
 
 
 def handler_name(handler: Callable[..., Any]) -> str:
@@ -334,21 +384,44 @@ class Inbox:
         self._cooling[lane] = (time.monotonic() + delay, failures)
 
     async def _work_batch(self, lane: str) -> bool:
-        """Handle the lane's next items in order; False when the lane is done for now."""
+        """Handle the lane's next items in order; False when the lane is done for now.
+
+        The handled items' completions are committed together (see
+        :class:`_Completions`), and always before this returns: the next batch is
+        read after the commit, so it never holds an item handled already."""
         items = await self.store.lane_items(lane, _BATCH)
+        completions = _Completions(self.store, self.settings)
+        try:
+            more = await self._handle_in_order(lane, items, completions)
+        except BaseException:
+            await completions.commit_or_log(lane)
+            raise
+        await completions.commit()
+        return more
+
+    async def _handle_in_order(
+        self, lane: str, items: list[InboxItem], completions: _Completions
+    ) -> bool:
         for item in items:
+            if completions.due:
+                await completions.commit()
             if self._stopping or not self._holds(lane) or item.not_before > time.time():
                 return False
-            if not await self._handle(item):
+            if not await self._handle(item, completions):
                 return False
         return len(items) == _BATCH
 
-    async def _handle(self, item: InboxItem) -> bool:
-        """Run the item's preprocessors and handlers; True when the lane may go on."""
+    async def _handle(self, item: InboxItem, completions: _Completions) -> bool:
+        """Run the item's preprocessors and handlers; True when the lane may go on.
+
+        Before it records a failure, a deferral or a dead letter, the lane's earlier
+        completions are committed, so the store never shows a later item's fate
+        while an earlier, handled one still waits."""
         try:
             parsed = parse_item(item.kind, item.event_json)
         except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
             what = "event" if item.kind in _EVENT_KINDS else f"{item.kind.value} item"
+            await completions.commit()
             await self._bury(item, None, f"invalid {what}: {describe_error(exc)}", item.attempts)
             return True
         # The sends' transaction IDs derive from the event as received, decrypted or not.
@@ -363,17 +436,20 @@ class Inbox:
                     wanted = MODELS[item.kind].__name__
                     failure = f"TypeError: {name} returned {type(result).__name__}, not {wanted}"
                 if failure is not None:
+                    await completions.commit()
                     return await self._failed(item, parsed, name, done, failure)
                 parsed = result
             for handler, name in _named(self.route(item.kind, item_type(parsed))):
                 if name in done:
                     continue
                 if (failure := await self._run(handler, name, key, parsed, item)) is not None:
+                    await completions.commit()
                     return await self._failed(item, parsed, name, done, failure)
                 done.append(name)
         except NotReady as not_ready:
+            await completions.commit()
             return await self._defer(item, parsed, name, done, not_ready)
-        await self.store.complete_item(item.id)
+        completions.add(item.id)
         return True
 
     async def _run(

@@ -861,10 +861,10 @@ async def test_a_failing_store_backs_the_lane_off_instead_of_looping(memory: Sto
         nonlocal calls
         calls += 1
 
-    async def broken_complete(item_id: int) -> None:
+    async def broken_complete(item_ids: Collection[int]) -> None:
         raise StoreError("the disk is full")
 
-    memory.complete_item = broken_complete  # type: ignore[method-assign]
+    memory.complete_items = broken_complete  # type: ignore[method-assign]
     settings = attrs.evolve(SETTINGS, backoff=0.2, backoff_max=0.4)
     async with running(memory, route_to(handler), settings) as inbox:
         await accept(memory, "t1", [message("x", A)])

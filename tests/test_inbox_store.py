@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,6 +204,25 @@ async def test_claims_skip_excluded_lanes(store: Store) -> None:
     assert await store.claim_lanes("w1", LEASE, limit=1, exclude=[B, "!other:x"]) == [A]
 
 
+async def test_a_sqlite_claim_that_finds_nothing_takes_no_write_lock(tmp_path: Path) -> None:
+    # While a room floods, the inbox looks for lanes after every accepted transaction
+    # and finds none; the acknowledgements must not wait for those looks.
+    path = tmp_path / "store.db"
+    async with SQLiteStore(path) as store:
+        await fill(store, A)
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A]
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+            async with asyncio.timeout(1):  # a write transaction would wait 5 s, then fail
+                assert await store.claim_lanes("w1", LEASE, limit=5, exclude={A}) == []
+                assert await store.claim_lanes("w2", LEASE, limit=5) == []
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A]
+
+
 async def test_a_live_lease_keeps_other_owners_out_until_it_runs_out(store: Store) -> None:
     await fill(store, A, B)
     assert await store.claim_lanes("w1", SHORT_LEASE, limit=1) == [A]
@@ -323,6 +343,28 @@ async def test_complete_removes_the_item(store: Store) -> None:
     await store.complete_item(first.id)  # twice is harmless
     await store.complete_item(10_000)  # and so is an unknown id
     assert await store.lane_items(A, 10) == [second]
+
+
+async def test_complete_items_removes_them_in_one_call(store: Store) -> None:
+    await store.accept_transaction("t1", [event(n) for n in range(5)])
+    await store.accept_transaction("t2", [event(9, B)])
+    items = await store.lane_items(A, 10)
+    [other] = await store.lane_items(B, 10)
+    await store.complete_items([items[0].id, items[2].id, items[0].id, 10_000])
+    assert await store.lane_items(A, 10) == [items[1], *items[3:]]
+    await store.complete_items([])  # nothing to do
+    await store.complete_items([item.id for item in items])  # done ones are skipped
+    assert await store.lane_items(A, 10) == []
+    assert await store.lane_items(B, 10) == [other]
+
+
+async def test_complete_items_takes_more_ids_than_one_statement_holds(store: Store) -> None:
+    # SQLite's statement takes at most 500 variables: more go in several, in one commit.
+    await store.accept_transaction("t1", [event(n) for n in range(1_200)])
+    items = await store.lane_items(A, 2_000)
+    await store.complete_items([item.id for item in items[:1_100]])
+    assert await store.lane_items(A, 2_000) == items[1_100:]
+    assert (await store.inbox_stats()).depth == 100
 
 
 async def test_failing_counts_attempts_and_keeps_the_first_failure(store: Store) -> None:

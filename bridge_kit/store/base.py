@@ -153,6 +153,11 @@ class Store(abc.ABC):
         """Every handler returned for this item: remove it from the inbox."""
 
     @abc.abstractmethod
+    async def complete_items(self, item_ids: Collection[int]) -> None:
+        """Every handler returned for these items: remove them from the inbox, in one
+        commit (all or none). Ids no longer in the inbox are skipped."""
+
+    @abc.abstractmethod
     async def fail_item(
         self,
         item_id: int,

@@ -221,6 +221,11 @@ class MemoryStore(Store):
         self._check_open()
         self._remove(item_id)
 
+    async def complete_items(self, item_ids: Collection[int]) -> None:
+        self._check_open()
+        for item_id in item_ids:
+            self._remove(item_id)
+
     async def fail_item(
         self,
         item_id: int,

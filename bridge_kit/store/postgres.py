@@ -295,6 +295,10 @@ class PostgresStore(Store):
     async def complete_item(self, item_id: int) -> None:
         await self._run(lambda pool: postgres_inbox.complete(pool, item_id))
 
+    async def complete_items(self, item_ids: Collection[int]) -> None:
+        if item_ids:
+            await self._run(lambda pool: postgres_inbox.complete_many(pool, item_ids))
+
     async def fail_item(
         self,
         item_id: int,

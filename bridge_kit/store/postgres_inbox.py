@@ -208,6 +208,13 @@ async def complete(pool: Any, item_id: int) -> None:
     await pool.execute("DELETE FROM bridge_kit_inbox WHERE id = $1", item_id)
 
 
+async def complete_many(pool: Any, item_ids: Collection[int]) -> None:
+    # One statement, so one commit: all of them or none.
+    await pool.execute(
+        "DELETE FROM bridge_kit_inbox WHERE id = ANY($1::bigint[])", sorted(set(item_ids))
+    )
+
+
 async def fail(
     pool: Any,
     item_id: int,

@@ -97,7 +97,7 @@ class SQLiteStore(Store):
             # acceptable for the dedup records too).
             await self._conn.execute("PRAGMA synchronous=NORMAL")
             await self._migrate()
-            self._records = _connect_records(self.path)
+            self._records = sqlite_puppets.connect_records(self.path)
         except sqlite3.Error as error:
             await self.close()
             raise StoreError(self._open_problem(error)) from error
@@ -425,6 +425,9 @@ class SQLiteStore(Store):
     ) -> list[str]:
         check_limit(limit)
         now = time.time()
+        # A read first: most claims during a flood find nothing (see claimable).
+        if not await self._locked(lambda c: sqlite_inbox.claimable(c, owner, limit, exclude, now)):
+            return []
         return await self._in_transaction(
             lambda conn: sqlite_inbox.claim(conn, owner, now + lease, limit, exclude, now)
         )
@@ -444,6 +447,10 @@ class SQLiteStore(Store):
 
     async def complete_item(self, item_id: int) -> None:
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
+
+    async def complete_items(self, item_ids: Collection[int]) -> None:
+        run = self._locked if len(item_ids) <= _MAX_VARIABLES else self._in_transaction
+        await run(lambda conn: sqlite_inbox.complete_many(conn, item_ids))
 
     async def fail_item(
         self,
@@ -580,17 +587,3 @@ def _create_private(path: Path) -> None:
     """
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-
-
-def _connect_records(path: Path) -> sqlite3.Connection:
-    # timeout=0: a busy database raises at once instead of blocking the event loop.
-    records = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        records.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints write pages back and fsync: not on the event loop. The store
-        # runs them on aiosqlite's thread instead (see _accept_now).
-        records.execute("PRAGMA wal_autocheckpoint=0")
-    except BaseException:
-        records.close()
-        raise
-    return records

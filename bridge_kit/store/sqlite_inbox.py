@@ -167,17 +167,27 @@ async def claim(
     now: float,
 ) -> list[str]:
     """Lease the oldest claimable lanes to ``owner`` (in the caller's transaction)."""
+    lanes = await claimable(conn, owner, limit, exclude, now)
+    owner = clean_text(owner)
+    await conn.executemany(_TAKE_LEASE, [(lane, owner, until) for lane in lanes])
+    return lanes
+
+
+async def claimable(
+    conn: aiosqlite.Connection, owner: str, limit: int, exclude: Collection[str], now: float
+) -> list[str]:
+    """The lanes :func:`claim` would lease now. A read: outside a transaction it takes
+    no write lock, so the store asks this first. While one room floods, the inbox
+    looks for lanes after every accepted transaction and nearly always finds none;
+    a write transaction each time took SQLite's write lock from the acknowledgements."""
     if limit == 0:
         return []
-    owner = clean_text(owner)
     exclude = {clean_text(lane) for lane in exclude}
     # Each lane comes once, so reading len(exclude) more rows leaves ``limit`` after
     # the excluded ones are dropped here (SQLite has no array parameter to do it in SQL).
-    parameters = {"now": now, "owner": owner, "limit": limit + len(exclude)}
+    parameters = {"now": now, "owner": clean_text(owner), "limit": limit + len(exclude)}
     rows = await conn.execute_fetchall(_CLAIMABLE, parameters)
-    lanes = [lane for (lane,) in rows if lane not in exclude][:limit]
-    await conn.executemany(_TAKE_LEASE, [(lane, owner, until) for lane in lanes])
-    return lanes
+    return [lane for (lane,) in rows if lane not in exclude][:limit]
 
 
 async def renew(
@@ -219,6 +229,16 @@ async def lane_items(conn: aiosqlite.Connection, lane: str, limit: int) -> list[
 
 async def complete(conn: aiosqlite.Connection, item_id: int) -> None:
     await conn.execute("DELETE FROM bridge_kit_inbox WHERE id = ?", (item_id,))
+
+
+async def complete_many(conn: aiosqlite.Connection, item_ids: Collection[int]) -> None:
+    """Remove these items: up to MAX_VARIABLES of them in one DELETE, which commits on
+    its own (one trip to aiosqlite's thread); more only in the caller's transaction."""
+    for chunk in _chunks(sorted(set(item_ids))):
+        await conn.execute(
+            f"DELETE FROM bridge_kit_inbox WHERE id IN ({_marks(chunk)})",  # noqa: S608 ("?" only)
+            chunk,
+        )
 
 
 async def fail(

@@ -1,7 +1,10 @@
-"""SQL for the SQLite store's first tables: registered puppets and accepted transactions."""
+"""SQL for the SQLite store's first tables: registered puppets and accepted transactions,
+and the plain connection that records accepted transactions on the event loop."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Final
 
 #: Schema version 1.
@@ -29,3 +32,18 @@ INSERT_TRANSACTION: Final = (
     "INSERT OR IGNORE INTO bridge_kit_transactions (txn_id, seq, done_at)"
     " SELECT ?, COALESCE(MAX(seq), 0) + 1, ? FROM bridge_kit_transactions"
 )
+
+
+def connect_records(path: Path) -> sqlite3.Connection:
+    """The store's second connection, used on the event loop (see SQLiteStore._accept_now)."""
+    # timeout=0: a busy database raises at once instead of blocking the event loop.
+    records = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        records.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoints write pages back and fsync: not on the event loop. The store
+        # runs them on aiosqlite's thread instead (see _accept_now).
+        records.execute("PRAGMA wal_autocheckpoint=0")
+    except BaseException:
+        records.close()
+        raise
+    return records
