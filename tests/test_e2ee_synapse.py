@@ -370,3 +370,54 @@ async def _has_session(machine: Any, room_id: str, session_id: str) -> bool:
 async def _otk_count(device: Any, target: int) -> bool:
     counts = await device.keys_upload()
     return bool(counts.get("signed_curve25519") == target)
+
+
+async def test_a_to_device_message_whose_handler_failed_decrypts_again_on_replay(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    """Olm decrypts a message once, but the inbox runs the decryption again on every
+    attempt, and a replayed dead letter is a new inbox item: both must still get
+    the plaintext (and the store must not hold it in clear)."""
+    hs, db = synapse_devices, tmp_path / "bk.db"
+    app = encrypted_app(hs, db)
+    got: list[str] = []
+    failing = [True]
+
+    @app.on_to_device("org.example.secret")
+    async def on_secret(event: ToDeviceEvent) -> None:
+        if failing[0]:
+            raise RuntimeError("the remote network is down")
+        got.append(str(event.content.get("text")))
+
+    name = f"sender{unique}"
+    token = await hs.create_user(name)
+    sender = f"@{name}:{hs.server_name}"
+    async with app, HomeserverClient(hs.url, token) as raw:
+        await prime_to_device(hs, app, token)
+        machine = app.encryption.machine
+        bot, device = machine.user_id, machine.device_id
+        claim = await raw.request(
+            "POST", "/_matrix/client/v3/keys/claim",
+            body={"one_time_keys": {bot: {device: "signed_curve25519"}}},
+        )  # fmt: skip
+        [one_time] = claim["one_time_keys"][bot][device].values()
+        keys = machine.identity_keys()
+        peer = OlmPeer(sender, "HANDMADE")
+        peer.start_session(keys["curve25519"], one_time["key"])
+        secret = f"the secret text {unique}"
+        content = peer.encrypt_to(
+            bot, keys["curve25519"], keys["ed25519"], "org.example.secret", {"text": secret}
+        )
+        await raw.request(
+            "PUT", f"/_matrix/client/v3/sendToDevice/m.room.encrypted/secret{unique}",
+            body={"messages": {bot: {device: content}}},
+        )  # fmt: skip
+        letter = await _dead_letter(app, "the remote network is down")
+        assert letter.handler is not None and "on_secret" in letter.handler
+
+        failing[0] = False
+        assert await app.dead_letters.replay([letter.id]) == 1
+        await eventually(lambda: secret in got, "the replayed message reached the handler", 20.0)
+        assert [x for x in await app.dead_letters.list() if x.id != letter.id] == []
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("bk.db*"))
+    assert secret.encode() not in stored
