@@ -27,9 +27,9 @@ from bridge_kit.crypto.machine import ENCRYPTED, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.vault import derive_pickle_key
 from bridge_kit.errors import NoRoomKey, NotReady, UndecryptableEvent
+from bridge_kit.intent import devices
 from bridge_kit.store.records import InboxItem, ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
-from bridge_kit.types.converter import converter
 
 if TYPE_CHECKING:
     from bridge_kit.appservice import AppService
@@ -65,15 +65,17 @@ class _IntentKeys:
             device_keys, one_time_keys or None, fallback_keys or None
         )
 
+    # The replies as the homeserver sent them: the machine checks each device and key
+    # on its own (signatures over exactly these objects), and leaves out a malformed
+    # one, where the typed replies would refuse all for one (another server's) device.
+
     async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
-        reply = await self.device.keys_query(list(user_ids))
-        # The signatures are checked over the objects as the homeserver sent them.
-        return {"device_keys": converter.unstructure(reply.device_keys)}
+        return await devices.keys_query_json(self.device, list(user_ids), None)
 
     async def claim_keys(self, wanted: Mapping[str, Mapping[str, str]]) -> Mapping[str, Any]:
-        reply = await self.device.keys_claim(wanted)
-        claimed: Mapping[str, Any] = converter.unstructure(reply.one_time_keys)
-        return claimed
+        reply = await devices.keys_claim_json(self.device, wanted, None)
+        claimed = reply.get("one_time_keys")
+        return claimed if isinstance(claimed, Mapping) else {}
 
     async def send_to_device(
         self, event_type: str, messages: Mapping[str, Mapping[str, Any]]

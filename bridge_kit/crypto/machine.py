@@ -254,10 +254,13 @@ class CryptoMachine:
         for device in devices:
             if device.device_id not in wanted.get(device.user_id, {}):
                 continue
-            keys = claimed.get(device.user_id, {}).get(device.device_id)
-            problem = "no one-time key" if not isinstance(keys, Mapping) else None
-            if problem is None:
-                problem = await self.olm.create_outbound(device, keys)
+            by_device = claimed.get(device.user_id)
+            keys = by_device.get(device.device_id) if isinstance(by_device, Mapping) else None
+            problem = (
+                await self.olm.create_outbound(device, keys)
+                if isinstance(keys, Mapping)
+                else "no one-time key"
+            )
             if problem is not None:
                 _log.warning(
                     "no Olm session with %s %s: %s", device.user_id, device.device_id, problem
