@@ -453,3 +453,58 @@ async def test_a_start_that_fails_after_listening_frees_the_port(
         await app.start()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", synapse.appservice_port))
+
+
+class _DoublePuppetDevicesHomeserver(TestHomeserver):
+    """``synapse_devices``'s configuration plus a double-puppet registration."""
+
+    __test__ = False
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.test_double_puppet import double_puppet_registration
+
+        super().__init__(workdir, devices=True)
+        self.dp_token = f"dp-{unique_token()}"
+        path = workdir / "double-puppet.yaml"
+        registration = double_puppet_registration("double-puppet", self.dp_token, {})
+        path.write_text(json.dumps(registration))
+        self.registrations.append(path.resolve())
+
+
+def unique_token() -> str:
+    return base64.urlsafe_b64encode(time.time_ns().to_bytes(8, "big")).decode().rstrip("=")
+
+
+async def test_a_double_puppets_encrypted_message_is_read_back_not_dead_lettered(
+    tmp_path: Path, unique: str
+) -> None:
+    """A double puppet (a real user acting through the bridge) sends with the bot's
+    room key like the puppets; its message comes back in a transaction and must
+    decrypt for the handlers, not become a dead letter ("another user")."""
+    from bridge_kit._synapse import synapse_installed
+    from tests.conftest import missing_service
+
+    if not synapse_installed():
+        missing_service("matrix-synapse is not installed (pip install -e '.[test]')")
+    async with _DoublePuppetDevicesHomeserver(tmp_path / "hs") as hs:
+        app = encrypted_app(hs, tmp_path / "bk.db")
+        seen = Seen(app)
+        name = f"dp{unique}"
+        token = await hs.create_user(name)
+        user_id = f"@{name}:{hs.server_name}"
+        async with (
+            nio_user(hs, f"reader{unique}", tmp_path / "nio") as human,
+            app,
+            HomeserverClient(hs.url, token) as own,
+        ):
+            room_id, _puppet = await bridged_room(hs, app, human, f"_bk_dpp{unique}")
+            await human.client.room_invite(room_id, user_id)
+            await own.request("POST", f"/_matrix/client/v3/join/{quote_segment(room_id)}")
+            await eventually_async(
+                lambda: app.room_state.is_joined(room_id, user_id), "the app saw the join"
+            )
+            await app.double_puppet(user_id, hs.dp_token).send_text(room_id, "as myself")
+            assert await human.until_decrypted(room_id, "as myself") == user_id
+            event = await seen.wait("as myself")
+            assert event.encrypted and event.sender == user_id
+            assert await app.dead_letters.list() == []

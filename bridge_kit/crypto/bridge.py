@@ -93,6 +93,9 @@ class BridgeEncryption:
         self._pickle_key = derive_pickle_key(secret)
         self._machine: CryptoMachine | None = None
         self._decrypted: OrderedDict[int, ToDeviceEvent] = OrderedDict()
+        # Users outside the namespace that sent with our sessions (double puppets):
+        # their events come back in transactions and must decrypt like the puppets'.
+        self._other_senders: set[str] = set()
 
     @property
     def machine(self) -> CryptoMachine:
@@ -142,10 +145,12 @@ class BridgeEncryption:
         return device_id
 
     def _is_our_user(self, user_id: str) -> bool:
-        """The bot and the puppets: the users that send with the bot's Megolm sessions."""
+        """The bot, the puppets and the double puppets that sent: the users that send
+        with the bot's Megolm sessions."""
         registration = self.app.registration
-        bot = self.machine.user_id
-        return user_id == bot or registration.is_user_in_namespace(user_id, exclusive_only=True)
+        if user_id == self.machine.user_id or user_id in self._other_senders:
+            return True
+        return registration.is_user_in_namespace(user_id, exclusive_only=True)
 
     def _is_ours(self, user_id: str, device_id: str) -> bool:
         return user_id == self.machine.user_id and device_id == self.machine.device_id
@@ -216,6 +221,8 @@ class BridgeEncryption:
         room_state = self.app.room_state
         if event_type == ENCRYPTED or not await room_state.is_encrypted(room_id, intent):
             return event_type, content
+        if not self._is_our_user(intent.user_id):
+            self._other_senders.add(intent.user_id)
         members = await room_state.get_members(room_id, intent)
         setting = await self.app.store.state_event(room_id, "m.room.encryption")
         rotation = RotationSettings.from_content(None if setting is None else setting.content)
