@@ -564,6 +564,24 @@ async def test_the_machine_uploads_keys_and_shares_room_keys_with_every_device()
     assert fifth["session_id"] != fourth["session_id"]
 
 
+async def test_a_stale_pushed_key_count_uploads_no_keys_the_server_has() -> None:
+    """Pushed counts travel through the inbox and may predate our last upload; each
+    one taken at its word made the server hold ever more keys (74 for a target of
+    25 on Synapse), past what the account keeps the secret halves of."""
+    store, directory = await memory_store(), KeyDirectory()
+    machine = await _machine(store, directory)
+    target = machine.account.one_time_key_target
+    assert len(directory.one_time_keys) == target
+    for stale in (0, 0, target - 1):
+        assert await machine.on_key_counts(stale) == target
+    assert len(directory.one_time_keys) == target
+    for key_id in list(directory.one_time_keys)[:10]:  # others claimed ten
+        del directory.one_time_keys[key_id]
+    assert await machine.on_key_counts(target - 10) == target
+    assert len(directory.one_time_keys) == target
+    assert await machine.on_key_counts(target) == target  # nothing asked, nothing sent
+
+
 async def test_a_restarted_machine_keeps_its_identity_sessions_and_room_session() -> None:
     store, directory = await memory_store(), KeyDirectory()
     machine = await _machine(store, directory)

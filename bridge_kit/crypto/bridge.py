@@ -209,7 +209,7 @@ class BridgeEncryption:
     async def on_otk_counts(self, counts: OtkCounts) -> None:
         if self._is_ours(counts.user_id, counts.device_id):
             count = counts.counts.get(SIGNED_CURVE25519, 0)
-            await self.machine.top_up(count, counts.unused_fallback_key_types)
+            await self.machine.on_key_counts(count, counts.unused_fallback_key_types)
 
     # -- outgoing ----------------------------------------------------------------
 
