@@ -327,14 +327,23 @@ class AppService:
         self._registrar = PuppetRegistrar(
             self.client, self.store, self.registration, self.domain, room_state=self.room_state
         )
-        # Started before listening so that it stops after the listener: events
-        # accepted until the last moment are still handled (or left in the inbox).
-        # Before the inbox: its seams decrypt the first items it handles.
-        self.encryption = await start_encryption(self)
-        self.bot.encryption = self.encryption
-        await self.inbox.start()
+        # Listening before the bot's device and keys change: the homeserver pushes at
+        # once, and a push that finds no listener marks the appservice down, after
+        # which Synapse drops every to-device message (room keys) until its next
+        # retry. Items accepted meanwhile wait in the store for the inbox.
+        runner = await self._listen()
+        try:
+            # Before the inbox: its seams decrypt the first items it handles.
+            self.encryption = await start_encryption(self)
+            self.bot.encryption = self.encryption
+            await self.inbox.start()
+        except BaseException:
+            await self._listen_stopped(runner)
+            raise
+        # The inbox stops after the listener: events accepted until the last moment
+        # are still handled (or left in the inbox).
         steps.push_async_callback(self.inbox.stop)
-        steps.push_async_callback(self._listen_stopped, await self._listen())
+        steps.push_async_callback(self._listen_stopped, runner)
         if self.registration.url is None:
             log.warning("the registration's url is null: the homeserver will send us nothing")
         elif self.ping:

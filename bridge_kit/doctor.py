@@ -285,12 +285,13 @@ def _check_encryption(report: Report, config: Config, registration: Registration
             f"{', '.join(missing)} (write it with `bridge-kit generate-registration "
             "--encryption`, then restart the homeserver)",
         )
-    if importlib.util.find_spec("vodozemac") is None:
-        report.error(
-            (),
-            f"encryption.enabled is on in {config.source}, but vodozemac is not installed: "
-            "pip install 'bridge-kit[e2ee]'",
-        )
+    for module in ("vodozemac", "cryptography"):  # the e2ee extra
+        if importlib.util.find_spec(module) is None:
+            report.error(
+                (),
+                f"encryption.enabled is on in {config.source}, but {module} is not installed: "
+                "pip install 'bridge-kit[e2ee]'",
+            )
 
 
 def _check_listener(report: Report, config: Config, registration: Registration) -> None:

@@ -158,11 +158,12 @@ async def synapse_devices(
 @pytest.fixture
 def synapse_factory(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Callable[[], contextlib.AbstractAsyncContextManager[TestHomeserver]]:
-    """Start a private Synapse: ``async with synapse_factory() as hs:``."""
+) -> Callable[..., contextlib.AbstractAsyncContextManager[TestHomeserver]]:
+    """Start a private Synapse: ``async with synapse_factory() as hs:``
+    (``synapse_factory(devices=True)``: configured as ``synapse_devices``)."""
 
-    def factory() -> contextlib.AbstractAsyncContextManager[TestHomeserver]:
-        return _running_homeserver(tmp_path_factory.mktemp("private-synapse"))
+    def factory(*, devices: bool = False) -> contextlib.AbstractAsyncContextManager[TestHomeserver]:
+        return _running_homeserver(tmp_path_factory.mktemp("private-synapse"), devices=devices)
 
     return factory
 

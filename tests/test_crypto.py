@@ -238,6 +238,38 @@ async def test_olm_sessions_survive_a_reload() -> None:
     assert (await reloaded.decrypt(ALICE, message)).content == {"n": "after"}
 
 
+async def test_an_olm_message_decrypts_again_when_retried_replayed_or_after_a_reload() -> None:
+    """Olm decrypts a message once; the inbox decrypts it on every attempt and on a
+    replayed dead letter. The same message gives the same payload each time (kept
+    sealed, not in clear), and only for the same sender and ciphertext."""
+    store, vault, account, _tracker, sessions, _ = await _parts()
+    upload = await account.keys_to_upload(0)
+    await account.mark_published()
+    alice = _peer_with_session(account, upload.one_time_keys)
+    first = alice.encrypt_to(BOT, account.curve25519, account.ed25519, "m.dummy", {"n": "one"})
+    assert (await sessions.decrypt(ALICE, first)).content == {"n": "one"}
+    assert (await sessions.decrypt(ALICE, first)).content == {"n": "one"}  # a retry
+    second = alice.encrypt_to(BOT, account.curve25519, account.ed25519, "m.dummy", {"n": "two"})
+    assert (await sessions.decrypt(ALICE, second)).content == {"n": "two"}
+    *_, reloaded, _ = await _parts(store)
+    for message, n in ((first, "one"), (second, "two")):  # a replay after a restart
+        assert (await reloaded.decrypt(ALICE, message)).content == {"n": n}
+    # Another sender does not get Alice's plaintext: Olm itself refuses it.
+    with pytest.raises(UndecryptableEvent):
+        await reloaded.decrypt("@mallory:test.local", second)
+    kept = await store.crypto_items(vault.owner, "olm_decrypted")
+    assert len(kept) == 2
+    assert not any(b'"two"' in sealed or b"m.dummy" in sealed for sealed in kept.values())
+    # A sealed record opens only where it was put, and only with the key.
+    (name, sealed), (other, _) = kept.items()
+    await store.crypto_put(vault.owner, "olm_decrypted", other, sealed)
+    with pytest.raises(WrongPickleKey):
+        await vault.get_sealed("olm_decrypted", other)
+    wrong = CryptoVault(store, vault.owner, derive_pickle_key("another key"))
+    with pytest.raises(WrongPickleKey):
+        await wrong.get_sealed("olm_decrypted", name)
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -530,6 +562,24 @@ async def test_the_machine_uploads_keys_and_shares_room_keys_with_every_device()
     await machine.on_device_lists(changed=[ALICE], left=[])
     fifth = await machine.encrypt_room_event(ROOM, "m.room.message", {"body": "five"}, [ALICE, BOT])
     assert fifth["session_id"] != fourth["session_id"]
+
+
+async def test_a_stale_pushed_key_count_uploads_no_keys_the_server_has() -> None:
+    """Pushed counts travel through the inbox and may predate our last upload; each
+    one taken at its word made the server hold ever more keys (74 for a target of
+    25 on Synapse), past what the account keeps the secret halves of."""
+    store, directory = await memory_store(), KeyDirectory()
+    machine = await _machine(store, directory)
+    target = machine.account.one_time_key_target
+    assert len(directory.one_time_keys) == target
+    for stale in (0, 0, target - 1):
+        assert await machine.on_key_counts(stale) == target
+    assert len(directory.one_time_keys) == target
+    for key_id in list(directory.one_time_keys)[:10]:  # others claimed ten
+        del directory.one_time_keys[key_id]
+    assert await machine.on_key_counts(target - 10) == target
+    assert len(directory.one_time_keys) == target
+    assert await machine.on_key_counts(target) == target  # nothing asked, nothing sent
 
 
 async def test_a_restarted_machine_keeps_its_identity_sessions_and_room_session() -> None:

@@ -3,6 +3,7 @@ the flags, and bridge_kit working without vodozemac while encryption is off."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -205,4 +206,24 @@ def test_enabling_encryption_without_vodozemac_names_the_extra() -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "pip install 'bridge-kit[e2ee]'" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["vodozemac", "cryptography"])
+def test_check_names_the_extra_when_a_module_it_needs_is_missing(
+    tmp_path: Path, module: str
+) -> None:
+    _setup(tmp_path, {"enabled": True}, **FLAGS)
+    script = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from bridge_kit.cli import main\n"
+        "sys.exit(main(['check', '-c', 'config.yaml']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{module} is not installed" in result.stdout
     assert "pip install 'bridge-kit[e2ee]'" in result.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from bridge_kit.client import quote_segment
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto import RotationSettings
 from bridge_kit.crypto.signing import unpadded_b64decode
+from bridge_kit.errors import ConfigError
 from bridge_kit.types import ToDeviceEvent
 from tests.conftest import TestHomeserver
 from tests.crypto_peers import OlmPeer, megolm_content
@@ -55,10 +57,11 @@ def encrypted_app(hs: TestHomeserver, db: Path, key_wait: float = 10.0) -> AppSe
 async def prime_to_device(hs: TestHomeserver, app: AppService, token: str) -> None:
     """Send the bot's device pings until one arrives.
 
-    Synapse 1.163 (experimental MSC2409 push) was seen to drop the first to-device
-    message it pushes to an appservice after starting; a room key lost that way
-    would fail the test for a reason outside bridge_kit. (A real bridge then has
-    that one event as a dead letter "no room key".)
+    Synapse drops every to-device message while it has the appservice marked down
+    (after a push failed: an app of an earlier test on this shared Synapse may have
+    stopped while Synapse pushed to it) until its next retry succeeds; a room key
+    lost that way would fail the test for a reason outside the test. (bridge_kit's
+    own start no longer causes it: see the test of the first message after a start.)
     """
     bot, device = app.bot.user_id, app.encryption.device_id
     pings = PINGS[id(app)]
@@ -370,3 +373,138 @@ async def _has_session(machine: Any, room_id: str, session_id: str) -> bool:
 async def _otk_count(device: Any, target: int) -> bool:
     counts = await device.keys_upload()
     return bool(counts.get("signed_curve25519") == target)
+
+
+async def test_a_to_device_message_whose_handler_failed_decrypts_again_on_replay(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    """Olm decrypts a message once, but the inbox runs the decryption again on every
+    attempt, and a replayed dead letter is a new inbox item: both must still get
+    the plaintext (and the store must not hold it in clear)."""
+    hs, db = synapse_devices, tmp_path / "bk.db"
+    app = encrypted_app(hs, db)
+    got: list[str] = []
+    failing = [True]
+
+    @app.on_to_device("org.example.secret")
+    async def on_secret(event: ToDeviceEvent) -> None:
+        if failing[0]:
+            raise RuntimeError("the remote network is down")
+        got.append(str(event.content.get("text")))
+
+    name = f"sender{unique}"
+    token = await hs.create_user(name)
+    sender = f"@{name}:{hs.server_name}"
+    async with app, HomeserverClient(hs.url, token) as raw:
+        await prime_to_device(hs, app, token)
+        machine = app.encryption.machine
+        bot, device = machine.user_id, machine.device_id
+        claim = await raw.request(
+            "POST", "/_matrix/client/v3/keys/claim",
+            body={"one_time_keys": {bot: {device: "signed_curve25519"}}},
+        )  # fmt: skip
+        [one_time] = claim["one_time_keys"][bot][device].values()
+        keys = machine.identity_keys()
+        peer = OlmPeer(sender, "HANDMADE")
+        peer.start_session(keys["curve25519"], one_time["key"])
+        secret = f"the secret text {unique}"
+        content = peer.encrypt_to(
+            bot, keys["curve25519"], keys["ed25519"], "org.example.secret", {"text": secret}
+        )
+        await raw.request(
+            "PUT", f"/_matrix/client/v3/sendToDevice/m.room.encrypted/secret{unique}",
+            body={"messages": {bot: {device: content}}},
+        )  # fmt: skip
+        letter = await _dead_letter(app, "the remote network is down")
+        assert letter.handler is not None and "on_secret" in letter.handler
+
+        failing[0] = False
+        assert await app.dead_letters.replay([letter.id]) == 1
+        await eventually(lambda: secret in got, "the replayed message reached the handler", 20.0)
+        assert [x for x in await app.dead_letters.list() if x.id != letter.id] == []
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("bk.db*"))
+    assert secret.encode() not in stored
+
+
+async def test_a_to_device_message_sent_right_after_the_start_arrives(
+    synapse_factory: Callable[..., Any], tmp_path: Path, unique: str
+) -> None:
+    """The start makes the bot's device and keys, and Synapse pushes the change at
+    once. A push that finds no listener marks the appservice down, and while it is
+    down Synapse drops every to-device message (a room key) for good, so the app
+    must be listening first. (A private Synapse: no other test's app left it down.)"""
+    async with synapse_factory(devices=True) as hs:
+        app = encrypted_app(hs, tmp_path / "bk.db")
+        token = await hs.create_user(f"first{unique}")
+        async with app, HomeserverClient(hs.url, token) as client:
+            bot, device = app.bot.user_id, app.encryption.device_id
+            path = f"/_matrix/client/v3/sendToDevice/{PING}/first{unique}"
+            await client.request("PUT", path, body={"messages": {bot: {device: {"n": 0}}}})
+            await eventually(lambda: "0" in PINGS[id(app)], "the first message arrived", 15.0)
+
+
+async def test_a_start_that_fails_after_listening_frees_the_port(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    """Encryption starts after the listener: when it refuses (here: the registration
+    lacks its flags), the listener is closed again and the port is free."""
+    app = _app(synapse, tmp_path / "bk.db", 10.0)
+    with pytest.raises(ConfigError, match=r"lacks io\.element\.msc4190"):
+        await app.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", synapse.appservice_port))
+
+
+class _DoublePuppetDevicesHomeserver(TestHomeserver):
+    """``synapse_devices``'s configuration plus a double-puppet registration."""
+
+    __test__ = False
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.test_double_puppet import double_puppet_registration
+
+        super().__init__(workdir, devices=True)
+        self.dp_token = f"dp-{unique_token()}"
+        path = workdir / "double-puppet.yaml"
+        registration = double_puppet_registration("double-puppet", self.dp_token, {})
+        path.write_text(json.dumps(registration))
+        self.registrations.append(path.resolve())
+
+
+def unique_token() -> str:
+    return base64.urlsafe_b64encode(time.time_ns().to_bytes(8, "big")).decode().rstrip("=")
+
+
+async def test_a_double_puppets_encrypted_message_is_read_back_not_dead_lettered(
+    tmp_path: Path, unique: str
+) -> None:
+    """A double puppet (a real user acting through the bridge) sends with the bot's
+    room key like the puppets; its message comes back in a transaction and must
+    decrypt for the handlers, not become a dead letter ("another user")."""
+    from bridge_kit._synapse import synapse_installed
+    from tests.conftest import missing_service
+
+    if not synapse_installed():
+        missing_service("matrix-synapse is not installed (pip install -e '.[test]')")
+    async with _DoublePuppetDevicesHomeserver(tmp_path / "hs") as hs:
+        app = encrypted_app(hs, tmp_path / "bk.db")
+        seen = Seen(app)
+        name = f"dp{unique}"
+        token = await hs.create_user(name)
+        user_id = f"@{name}:{hs.server_name}"
+        async with (
+            nio_user(hs, f"reader{unique}", tmp_path / "nio") as human,
+            app,
+            HomeserverClient(hs.url, token) as own,
+        ):
+            room_id, _puppet = await bridged_room(hs, app, human, f"_bk_dpp{unique}")
+            await human.client.room_invite(room_id, user_id)
+            await own.request("POST", f"/_matrix/client/v3/join/{quote_segment(room_id)}")
+            await eventually_async(
+                lambda: app.room_state.is_joined(room_id, user_id), "the app saw the join"
+            )
+            await app.double_puppet(user_id, hs.dp_token).send_text(room_id, "as myself")
+            assert await human.until_decrypted(room_id, "as myself") == user_id
+            event = await seen.wait("as myself")
+            assert event.encrypted and event.sender == user_id
+            assert await app.dead_letters.list() == []

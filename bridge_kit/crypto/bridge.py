@@ -27,9 +27,9 @@ from bridge_kit.crypto.machine import ENCRYPTED, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.vault import derive_pickle_key
 from bridge_kit.errors import NoRoomKey, NotReady, UndecryptableEvent
+from bridge_kit.intent import devices
 from bridge_kit.store.records import InboxItem, ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
-from bridge_kit.types.converter import converter
 
 if TYPE_CHECKING:
     from bridge_kit.appservice import AppService
@@ -65,15 +65,17 @@ class _IntentKeys:
             device_keys, one_time_keys or None, fallback_keys or None
         )
 
+    # The replies as the homeserver sent them: the machine checks each device and key
+    # on its own (signatures over exactly these objects), and leaves out a malformed
+    # one, where the typed replies would refuse all for one (another server's) device.
+
     async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
-        reply = await self.device.keys_query(list(user_ids))
-        # The signatures are checked over the objects as the homeserver sent them.
-        return {"device_keys": converter.unstructure(reply.device_keys)}
+        return await devices.keys_query_json(self.device, list(user_ids), None)
 
     async def claim_keys(self, wanted: Mapping[str, Mapping[str, str]]) -> Mapping[str, Any]:
-        reply = await self.device.keys_claim(wanted)
-        claimed: Mapping[str, Any] = converter.unstructure(reply.one_time_keys)
-        return claimed
+        reply = await devices.keys_claim_json(self.device, wanted, None)
+        claimed = reply.get("one_time_keys")
+        return claimed if isinstance(claimed, Mapping) else {}
 
     async def send_to_device(
         self, event_type: str, messages: Mapping[str, Mapping[str, Any]]
@@ -91,6 +93,9 @@ class BridgeEncryption:
         self._pickle_key = derive_pickle_key(secret)
         self._machine: CryptoMachine | None = None
         self._decrypted: OrderedDict[int, ToDeviceEvent] = OrderedDict()
+        # Users outside the namespace that sent with our sessions (double puppets):
+        # their events come back in transactions and must decrypt like the puppets'.
+        self._other_senders: set[str] = set()
 
     @property
     def machine(self) -> CryptoMachine:
@@ -140,10 +145,12 @@ class BridgeEncryption:
         return device_id
 
     def _is_our_user(self, user_id: str) -> bool:
-        """The bot and the puppets: the users that send with the bot's Megolm sessions."""
+        """The bot, the puppets and the double puppets that sent: the users that send
+        with the bot's Megolm sessions."""
         registration = self.app.registration
-        bot = self.machine.user_id
-        return user_id == bot or registration.is_user_in_namespace(user_id, exclusive_only=True)
+        if user_id == self.machine.user_id or user_id in self._other_senders:
+            return True
+        return registration.is_user_in_namespace(user_id, exclusive_only=True)
 
     def _is_ours(self, user_id: str, device_id: str) -> bool:
         return user_id == self.machine.user_id and device_id == self.machine.device_id
@@ -202,7 +209,7 @@ class BridgeEncryption:
     async def on_otk_counts(self, counts: OtkCounts) -> None:
         if self._is_ours(counts.user_id, counts.device_id):
             count = counts.counts.get(SIGNED_CURVE25519, 0)
-            await self.machine.top_up(count, counts.unused_fallback_key_types)
+            await self.machine.on_key_counts(count, counts.unused_fallback_key_types)
 
     # -- outgoing ----------------------------------------------------------------
 
@@ -214,6 +221,8 @@ class BridgeEncryption:
         room_state = self.app.room_state
         if event_type == ENCRYPTED or not await room_state.is_encrypted(room_id, intent):
             return event_type, content
+        if not self._is_our_user(intent.user_id):
+            self._other_senders.add(intent.user_id)
         members = await room_state.get_members(room_id, intent)
         setting = await self.app.store.state_event(room_id, "m.room.encryption")
         rotation = RotationSettings.from_content(None if setting is None else setting.content)

@@ -139,6 +139,24 @@ class CryptoMachine:
             await self.account.mark_published()
         return int(counts.get(SIGNED_CURVE25519, 0))
 
+    async def on_key_counts(
+        self, pushed_count: int, unused_fallback_types: Collection[str] | None = None
+    ) -> int:
+        """Top up after the homeserver pushed this device's key counts; return the
+        server's count afterwards.
+
+        A pushed count may predate our last upload (it waits in the inbox), and
+        keys made from a stale one pile up on the server past what the account
+        keeps the secret halves of. So a low count is only a hint: the server's
+        own count (an empty upload answers it) decides how many keys to make."""
+        fallback_used = (
+            unused_fallback_types is not None and SIGNED_CURVE25519 not in unused_fallback_types
+        )
+        if pushed_count >= self.account.one_time_key_target and not fallback_used:
+            return pushed_count
+        counts = await self.api.upload_keys(None, {}, {})
+        return await self.top_up(int(counts.get(SIGNED_CURVE25519, 0)), unused_fallback_types)
+
     # -- devices ---------------------------------------------------------------
 
     async def on_device_lists(self, changed: Collection[str], left: Collection[str]) -> None:
@@ -254,10 +272,13 @@ class CryptoMachine:
         for device in devices:
             if device.device_id not in wanted.get(device.user_id, {}):
                 continue
-            keys = claimed.get(device.user_id, {}).get(device.device_id)
-            problem = "no one-time key" if not isinstance(keys, Mapping) else None
-            if problem is None:
-                problem = await self.olm.create_outbound(device, keys)
+            by_device = claimed.get(device.user_id)
+            keys = by_device.get(device.device_id) if isinstance(by_device, Mapping) else None
+            problem = (
+                await self.olm.create_outbound(device, keys)
+                if isinstance(keys, Mapping)
+                else "no one-time key"
+            )
             if problem is not None:
                 _log.warning(
                     "no Olm session with %s %s: %s", device.user_id, device.device_id, problem

@@ -1,8 +1,18 @@
 """Olm sessions with other devices: decrypting to-device ``m.room.encrypted``
-(``m.olm.v1.curve25519-aes-sha2``) and encrypting to-device payloads to a device."""
+(``m.olm.v1.curve25519-aes-sha2``) and encrypting to-device payloads to a device.
+
+Olm decrypts a message once (its message key is gone afterwards), while the inbox
+runs decryption again on every attempt of an item and on a replayed dead letter
+(a new item). So each plaintext is kept, sealed (see
+:meth:`~bridge_kit.crypto.vault.CryptoVault.put_sealed`), under a digest of its
+sender and ciphertext: the same message decrypts to the same payload again,
+checked again. A homeserver sending a message twice therefore gets it handled
+twice, as with any at-least-once delivery.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -25,6 +35,7 @@ from bridge_kit.errors import UndecryptableEvent
 __all__ = ["OlmPayload", "OlmSessions"]
 
 _KIND: Final = "olm_sessions"
+_DECRYPTED: Final = "olm_decrypted"
 _PRE_KEY: Final = 0
 _NORMAL: Final = 1
 
@@ -64,6 +75,13 @@ def _olm_message(content: Mapping[str, Any], our_key: str) -> tuple[str, vodozem
         raise UndecryptableEvent(f"malformed Olm message: {exc}") from None
 
 
+def _digest(sender: str, sender_key: str, message: vodozemac.AnyOlmMessage) -> str:
+    """The name of one message's kept plaintext: its sender and its ciphertext."""
+    kind, body = message.to_parts()
+    named = f"{sender}\0{sender_key}\0{kind}\0".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(named + body).hexdigest()
+
+
 class OlmSessions:
     """The Olm sessions of one device (ours), by the other device's curve25519 key."""
 
@@ -95,7 +113,11 @@ class OlmSessions:
         """Decrypt a to-device ``m.room.encrypted`` sent by ``sender``; raises
         :class:`UndecryptableEvent` with the reason for anything else."""
         sender_key, message = _olm_message(content, self.account.curve25519)
-        plaintext = await self._plaintext(sender_key, message)
+        digest = _digest(sender, sender_key, message)
+        plaintext = await self.vault.get_sealed(_DECRYPTED, digest)
+        if plaintext is None:
+            plaintext = await self._plaintext(sender_key, message)
+            await self.vault.put_sealed(_DECRYPTED, digest, plaintext)
         try:
             payload = decode_json(plaintext.decode("utf-8"))
         except ValueError:

@@ -8,16 +8,23 @@ changing the as_token without setting ``pickle_key`` to the old token first make
 the stored state unreadable (:class:`~bridge_kit.errors.WrongPickleKey`): the bridge
 would need a new device, and everything encrypted to the old one is lost.
 
-Only pickles hold secret material. The JSON records stored beside them (device
-lists, which devices got which room key, seen message indices) hold public keys,
-ids and counters.
+Only pickles and sealed records hold secret material. Sealed records (the
+decrypted to-device payloads kept so that a retried or replayed item decrypts
+again, see :mod:`bridge_kit.crypto.olm`) are AES-256-GCM encrypted with a key
+derived from the same secret, bound to where they are stored. The JSON records
+stored beside them (device lists, which devices got which room key, seen message
+indices) hold public keys, ids and counters.
 """
 
 from __future__ import annotations
 
 import hmac
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bridge_kit._json import decode_json
 from bridge_kit.crypto.signing import canonical_json
@@ -27,6 +34,8 @@ __all__ = ["CryptoStore", "CryptoVault", "derive_pickle_key"]
 
 _SALT: Final = b"bridge_kit e2ee pickle key"
 _INFO: Final = b"vodozemac pickle v1"
+_SEALED_INFO: Final = b"sealed records v1"
+_NONCE: Final = 12
 
 
 class CryptoStore(Protocol):
@@ -74,6 +83,8 @@ class CryptoVault:
         self.store = store
         self.owner = owner
         self._pickle_key = pickle_key
+        # A key of its own for sealed records: never the same key for two ciphers.
+        self._sealing = AESGCM(_hkdf_sha256(pickle_key, _SALT, _SEALED_INFO))
 
     def __repr__(self) -> str:  # never show the key
         return f"CryptoVault(owner={self.owner!r})"
@@ -104,6 +115,33 @@ class CryptoVault:
     ) -> Pickled | None:
         sealed = await self.store.crypto_get(self.owner, kind, key)
         return None if sealed is None else self.unseal(loader, sealed, kind)
+
+    # -- sealed records --------------------------------------------------------
+
+    def _bound_to(self, kind: str, key: str) -> bytes:
+        """What a sealed record is bound to: a copy moved to another place does not open."""
+        return f"{self.owner}\0{kind}\0{key}".encode("utf-8", "surrogatepass")
+
+    async def put_sealed(self, kind: str, key: str, data: bytes) -> None:
+        """Store ``data`` (secret bytes) encrypted and authenticated."""
+        nonce = secrets.token_bytes(_NONCE)
+        sealed = nonce + self._sealing.encrypt(nonce, data, self._bound_to(kind, key))
+        await self.store.crypto_put(self.owner, kind, key, sealed)
+
+    async def get_sealed(self, kind: str, key: str) -> bytes | None:
+        """What :meth:`put_sealed` stored there; :class:`WrongPickleKey` if it does not open."""
+        sealed = await self.store.crypto_get(self.owner, kind, key)
+        if sealed is None:
+            return None
+        try:
+            return self._sealing.decrypt(
+                sealed[:_NONCE], sealed[_NONCE:], self._bound_to(kind, key)
+            )
+        except InvalidTag:
+            raise WrongPickleKey(
+                f"a sealed {kind} record of {self.owner} does not open with this pickle key; "
+                "was encryption.pickle_key or the as_token changed?"
+            ) from None
 
     # -- public JSON records -------------------------------------------------
 

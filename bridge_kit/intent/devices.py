@@ -180,24 +180,42 @@ def _structured(value: Any, cls: type[T], what: str) -> T:
 async def keys_query(
     intent: Intent, users: Iterable[str] | Mapping[str, Sequence[str]], timeout_ms: int | None
 ) -> KeysQueryResponse:
+    reply = await keys_query_json(intent, users, timeout_ms)
+    return structure_reply(reply, KeysQueryResponse, "keys/query")
+
+
+async def keys_query_json(
+    intent: Intent, users: Iterable[str] | Mapping[str, Sequence[str]], timeout_ms: int | None
+) -> dict[str, Any]:
+    """The ``/keys/query`` reply as the homeserver sent it, unchecked: for the
+    encryption layer, which checks each device (and its signature over exactly
+    these objects) on its own, where one malformed device of another homeserver's
+    user would make the whole typed reply unreadable."""
     wanted = (
         {user: list(devices) for user, devices in users.items()}
         if isinstance(users, Mapping)
         else {user: [] for user in users}
     )
     request = KeysQueryRequest(device_keys=wanted, timeout=timeout_ms)
-    reply = await intent._request("POST", f"{CLIENT}/keys/query", "/keys/query", body=request)
-    return structure_reply(reply, KeysQueryResponse, "keys/query")
+    return await intent._request("POST", f"{CLIENT}/keys/query", "/keys/query", body=request)
 
 
 async def keys_claim(
     intent: Intent, claims: Mapping[str, Mapping[str, str]], timeout_ms: int | None
 ) -> KeysClaimResponse:
+    reply = await keys_claim_json(intent, claims, timeout_ms)
+    return structure_reply(reply, KeysClaimResponse, "keys/claim")
+
+
+async def keys_claim_json(
+    intent: Intent, claims: Mapping[str, Mapping[str, str]], timeout_ms: int | None
+) -> dict[str, Any]:
+    """The ``/keys/claim`` reply as the homeserver sent it, unchecked (as
+    :func:`keys_query_json`: each claimed key is checked on its own)."""
     wanted = {user: dict(devices) for user, devices in claims.items()}
     request = KeysClaimRequest(one_time_keys=wanted, timeout=timeout_ms)
     # A repeat after a lost reply claims a second key; the first is simply never used.
-    reply = await intent._request("POST", f"{CLIENT}/keys/claim", "/keys/claim", body=request)
-    return structure_reply(reply, KeysClaimResponse, "keys/claim")
+    return await intent._request("POST", f"{CLIENT}/keys/claim", "/keys/claim", body=request)
 
 
 # -- to-device ---------------------------------------------------------------------------
