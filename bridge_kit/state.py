@@ -26,20 +26,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from bridge_kit.store import Store
 from bridge_kit.store.state_records import MEMBER, TRACKED
 from bridge_kit.types.events import Event
 from bridge_kit.types.state import Member, PowerLevels
 
-if TYPE_CHECKING:
-    from bridge_kit.intent import Intent
-
-__all__ = ["STATE_TYPES", "RoomState"]
+__all__ = ["STATE_TYPES", "RoomState", "StateAsker"]
 
 #: The state event types the store keeps (the others are not fed to it).
 STATE_TYPES: Final = frozenset({MEMBER, *TRACKED})
+
+
+class StateAsker(Protocol):
+    """What the state store asks of a user on a miss (an :class:`~bridge_kit.intent.Intent`).
+
+    A protocol, so the state store stays below the intents that feed it."""
+
+    async def get_state(self, room_id: str) -> list[Event]: ...
+
+    async def get_power_levels(self, room_id: str) -> PowerLevels: ...
+
+
+AskerT = TypeVar("AskerT", bound=StateAsker)
 
 
 def now_ms() -> int:
@@ -47,7 +57,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class RoomState:
+class RoomState(Generic[AskerT]):
     """Room membership, power levels and encryption, from the store.
 
     ``bot`` returns the intent that asks the homeserver on a miss (the
@@ -55,29 +65,29 @@ class RoomState:
     is in the room).
     """
 
-    def __init__(self, store: Store, bot: Callable[[], Intent]) -> None:
+    def __init__(self, store: Store, bot: Callable[[], AskerT]) -> None:
         self.store = store
         self._bot = bot
 
-    def bot(self) -> Intent:
+    def bot(self) -> AskerT:
         """The appservice's bot, which invites and unbans for ``ensure_joined``."""
         return self._bot()
 
     # -- reads ---------------------------------------------------------------
 
-    async def is_joined(self, room_id: str, user_id: str, asker: Intent | None = None) -> bool:
+    async def is_joined(self, room_id: str, user_id: str, asker: StateAsker | None = None) -> bool:
         """Whether ``user_id`` is joined to the room (one homeserver read on a miss)."""
         member = await self.store.membership(room_id, user_id)
         if member is None and await self._load(room_id, asker):
             member = await self.store.membership(room_id, user_id)
         return member is not None and member.membership == "join"
 
-    async def get_members(self, room_id: str, asker: Intent | None = None) -> dict[str, Member]:
+    async def get_members(self, room_id: str, asker: StateAsker | None = None) -> dict[str, Member]:
         """The room's joined members, by user ID, with display name and avatar."""
         await self._load(room_id, asker)
         return await self.store.members(room_id)
 
-    async def get_power_levels(self, room_id: str, asker: Intent | None = None) -> PowerLevels:
+    async def get_power_levels(self, room_id: str, asker: StateAsker | None = None) -> PowerLevels:
         """The room's power levels; :class:`~bridge_kit.errors.NotFound` if it has none."""
         levels = await self.store.power_levels(room_id)
         if levels is None and await self._load(room_id, asker):
@@ -86,7 +96,7 @@ class RoomState:
             return await (asker or self.bot()).get_power_levels(room_id)
         return levels
 
-    async def is_encrypted(self, room_id: str, asker: Intent | None = None) -> bool:
+    async def is_encrypted(self, room_id: str, asker: StateAsker | None = None) -> bool:
         """Whether the room has ``m.room.encryption``."""
         encrypted = await self.store.is_encrypted(room_id)
         if encrypted is None:
@@ -94,7 +104,7 @@ class RoomState:
             encrypted = await self.store.is_encrypted(room_id)
         return bool(encrypted)
 
-    async def _load(self, room_id: str, asker: Intent | None) -> bool:
+    async def _load(self, room_id: str, asker: StateAsker | None) -> bool:
         """Fetch and store the room's whole state unless the store knows it; True if fetched."""
         if await self.store.room_state_known(room_id):
             return False

@@ -152,7 +152,7 @@ async def execute(
 
 def _room_state(
     client: HomeserverClient, store: Store, registration: Registration, domain: str
-) -> RoomState:
+) -> RoomState[Intent]:
     """The store's room state, with the appservice's bot (which resolves aliases and
     invites puppets a join refused) as a daemon has it."""
     bot = Intent(client, registration.sender_user_id(domain), None)

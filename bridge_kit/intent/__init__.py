@@ -73,7 +73,7 @@ class Intent:
         client: HomeserverClient,
         user_id: str,
         ensure_registered: Callable[[], Awaitable[object]] | None = None,
-        room_state: RoomState | None = None,
+        room_state: RoomState[Intent] | None = None,
         *,
         device_management: bool | None = None,
     ) -> None:

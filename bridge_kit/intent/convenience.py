@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from bridge_kit.intent import Intent
 
 
-async def ensure_joined(intent: Intent, state: RoomState | None, room_id: str) -> None:
+async def ensure_joined(intent: Intent, state: RoomState[Intent] | None, room_id: str) -> None:
     """Join unless the store says the intent is joined; on Forbidden, have the bot
     invite it (unbanning it first when it is banned) and join again."""
     if state is None:  # an Intent built by hand: no store, no bot
@@ -58,7 +58,7 @@ async def _let_in(bot: Intent, room_id: str, user_id: str, stored: Member | None
 
 
 async def ensure_power_level(
-    intent: Intent, state: RoomState | None, room_id: str, user_id: str, level: int
+    intent: Intent, state: RoomState[Intent] | None, room_id: str, user_id: str, level: int
 ) -> None:
     """Set ``user_id``'s level unless the (stored) power levels already give it ``level``."""
     if state is None:
@@ -99,7 +99,7 @@ async def profile_set(intent: Intent, field: str, value: str | None) -> None:
         await intent.room_state.store.set_profile(intent.user_id, field, value)
 
 
-async def own_profile(state: RoomState, user_id: str) -> Member:
+async def own_profile(state: RoomState[Intent], user_id: str) -> Member:
     """The profile this bridge set for ``user_id``, for the member events of its joins."""
     profile = await state.store.profile(user_id)
     return Member(profile.get("displayname"), profile.get("avatar_url"))

@@ -40,6 +40,7 @@ from bridge_kit.store.base import Store
 from bridge_kit.types.register import RegisterRequest
 
 if TYPE_CHECKING:
+    from bridge_kit.intent import Intent
     from bridge_kit.state import RoomState
 
 __all__ = ["PuppetRegistrar"]
@@ -60,7 +61,7 @@ class PuppetRegistrar:
         registration: Registration,
         domain: str,
         *,
-        room_state: RoomState | None = None,
+        room_state: RoomState[Intent] | None = None,
     ) -> None:
         self.client = client
         self.store = store

@@ -14,22 +14,49 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bridge_kit._yaml import KeyPath
 from bridge_kit.ids import localpart_problem
 from bridge_kit.registration.findings import Finding, Report, SourceMap, sorted_findings
+from bridge_kit.registration.namespaces import Namespaces
 from bridge_kit.registration.regex import nested_quantifier
 from bridge_kit.registration.validate import NAMESPACE_KINDS, validate
-
-if TYPE_CHECKING:
-    # Only for annotations: the model imports this module to implement Registration.lint.
-    from bridge_kit.registration.model import Registration
 
 __all__ = ["EXAMPLE_TOKENS", "MIN_TOKEN_LENGTH", "is_http_url", "lint", "token_placeholder"]
 
 MIN_TOKEN_LENGTH = 32
+
+
+class Lintable(Protocol):
+    """What the lints read of a :class:`~bridge_kit.registration.Registration`.
+
+    A protocol, because the model runs the lints when it loads a file."""
+
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def as_token(self) -> str: ...
+    @property
+    def hs_token(self) -> str: ...
+    @property
+    def sender_localpart(self) -> str: ...
+    @property
+    def rate_limited(self) -> bool | None: ...
+    @property
+    def receive_ephemeral(self) -> bool | None: ...
+    @property
+    def push_ephemeral(self) -> bool | None: ...
+    @property
+    def msc3202(self) -> bool | None: ...
+    @property
+    def msc4190(self) -> bool | None: ...
+    @property
+    def namespaces(self) -> Namespaces: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 EXAMPLE_TOKENS = {
     "as_token": "REPLACE_ME_as_token_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH",
@@ -56,7 +83,7 @@ _QUANTIFIERS = ("*", "?", "{")
 
 
 def lint(
-    registration: Registration,
+    registration: Lintable,
     domain: str | None = None,
     *,
     source_map: SourceMap | None = None,
@@ -83,7 +110,7 @@ def is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def _warnings(reg: Registration, source_map: SourceMap, domain: str | None) -> list[Finding]:
+def _warnings(reg: Lintable, source_map: SourceMap, domain: str | None) -> list[Finding]:
     report = Report(source_map)
     if not reg.namespaces.users:
         report.warn(
@@ -171,7 +198,7 @@ def token_placeholder(key: str, token: str) -> str | None:
     return None
 
 
-def _lint_tokens(report: Report, reg: Registration) -> None:
+def _lint_tokens(report: Report, reg: Lintable) -> None:
     for key in ("as_token", "hs_token"):
         problem = token_placeholder(key, getattr(reg, key))
         if problem:
@@ -191,7 +218,7 @@ def _lint_tokens(report: Report, reg: Registration) -> None:
             )
 
 
-def _lint_sender(report: Report, reg: Registration, domain: str | None) -> None:
+def _lint_sender(report: Report, reg: Lintable, domain: str | None) -> None:
     known = [domain] if domain else _guess_domains(reg)
     domains = known or ["example.org"]
     problem = localpart_problem(reg.sender_localpart)
@@ -219,7 +246,7 @@ def _lint_sender(report: Report, reg: Registration, domain: str | None) -> None:
                 return
 
 
-def _lint_devices(report: Report, reg: Registration) -> None:
+def _lint_devices(report: Report, reg: Lintable) -> None:
     if reg.msc4190 is True:
         report.note(
             ("io.element.msc4190",),
@@ -287,7 +314,7 @@ def _literal_prefix(regex: str, sigil: str) -> str:
     return "".join(prefix)
 
 
-def _guess_domains(reg: Registration) -> list[str]:
+def _guess_domains(reg: Lintable) -> list[str]:
     """Server names spelled out literally at the end of user namespace regexes."""
     domains = []
     for namespace in reg.namespaces.users:

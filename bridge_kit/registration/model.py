@@ -11,7 +11,6 @@ instead.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +25,7 @@ from bridge_kit.ids import validate_localpart
 from bridge_kit.registration import files
 from bridge_kit.registration.findings import Finding, SourceMap, sorted_findings
 from bridge_kit.registration.lint import lint
+from bridge_kit.registration.namespaces import Namespace, Namespaces, in_namespaces, keys_only
 from bridge_kit.registration.validate import parse, salvage, validate
 from bridge_kit.types.converter import converter, describe_error
 
@@ -40,46 +40,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-def _keys_only(extra: dict[str, Any]) -> str:
-    """The repr of unknown keys: how many, not what they hold (a secret, or an alias
-    bomb that a repr would expand)."""
-    return f"<{len(extra)} unknown key{'' if len(extra) == 1 else 's'}>"
-
-
-@attrs.frozen
-class Namespace:
-    """One namespace entry: a ``regex`` matched with :func:`re.match` against full IDs.
-
-    The regex is compiled once, on construction (``re.error`` if it is invalid).
-    """
-
-    regex: str
-    exclusive: bool
-    extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
-    pattern: re.Pattern[str] = attrs.field(init=False, eq=False, repr=False)
-
-    @pattern.default
-    def _compile(self) -> re.Pattern[str]:
-        return re.compile(self.regex)
-
-    def matches(self, identifier: str) -> bool:
-        """True if ``identifier`` (``@user:server``, ``#alias:server``, ``!room:server``) matches.
-
-        Synapse semantics: anchored at the start of the ID, not at the end.
-        """
-        return self.pattern.match(identifier) is not None
-
-
-@attrs.frozen
-class Namespaces:
-    """The ``users``, ``aliases`` and ``rooms`` lists; unknown kinds are kept in ``extra``."""
-
-    users: list[Namespace] = attrs.field(factory=list)
-    aliases: list[Namespace] = attrs.field(factory=list)
-    rooms: list[Namespace] = attrs.field(factory=list)
-    extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
 
 
 @attrs.frozen
@@ -105,7 +65,7 @@ class Registration:
     msc4190: bool | None = None
     protocols: list[str] | None = None
     namespaces: Namespaces = attrs.field(factory=Namespaces)
-    extra: dict[str, Any] = attrs.field(factory=dict, repr=_keys_only)
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=keys_only)
 
     # -- devices and encryption ---------------------------------------------
 
@@ -212,15 +172,15 @@ class Registration:
         Synapse semantics: the first namespace whose regex ``re.match``-es the
         full ID decides, including whether it is exclusive.
         """
-        return _in_namespaces(self.namespaces.users, user_id, exclusive_only)
+        return in_namespaces(self.namespaces.users, user_id, exclusive_only)
 
     def is_alias_in_namespace(self, alias: str, exclusive_only: bool = False) -> bool:
         """Like :meth:`is_user_in_namespace`, for a ``#alias:server``."""
-        return _in_namespaces(self.namespaces.aliases, alias, exclusive_only)
+        return in_namespaces(self.namespaces.aliases, alias, exclusive_only)
 
     def is_room_in_namespace(self, room_id: str, exclusive_only: bool = False) -> bool:
         """Like :meth:`is_user_in_namespace`, for a ``!room:server``."""
-        return _in_namespaces(self.namespaces.rooms, room_id, exclusive_only)
+        return in_namespaces(self.namespaces.rooms, room_id, exclusive_only)
 
     def user_id(self, localpart: str, domain: str) -> str:
         """The puppet ID ``@localpart:domain``, checked against the grammar and our namespaces.
@@ -327,13 +287,6 @@ def _same_key(a: str, b: str) -> bool:
     """Is one of the dotted key names ``a``, ``b`` the other, or inside it?"""
     short, long = sorted((a, b), key=len)
     return long == short or long.startswith((f"{short}.", f"{short}["))
-
-
-def _in_namespaces(namespaces: list[Namespace], identifier: str, exclusive_only: bool) -> bool:
-    for namespace in namespaces:
-        if namespace.pattern.match(identifier):
-            return namespace.exclusive or not exclusive_only
-    return False
 
 
 # -- wire format ---------------------------------------------------------------
