@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Final
 
-from bridge_kit.store.records import DeadLetter, InboxItem, ItemKind
+from bridge_kit.store.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
 
 ITEM_COLUMNS = (
     "id, lane, kind, event_json, received_at, attempts, done_handlers, not_before, first_failed_at"
@@ -90,3 +90,12 @@ def letter_from_row(row: Sequence[Any]) -> DeadLetter:
         event_id=event_id,
         event_type=etype,
     )
+
+
+def parked_from_row(row: Sequence[Any]) -> ParkedItem:
+    """A :class:`ParkedItem` from a row of the inbox's item columns, then
+    ``park_key, reason, give_up_at`` (the same in both SQL stores)."""
+    item = item_from_row(row[:9])
+    key, reason, give_up_at = row[9:]
+    first = item.first_failed_at if item.first_failed_at is not None else give_up_at
+    return ParkedItem(item, Parking(key, reason, give_up_at, first, item.done_handlers))

@@ -1,0 +1,113 @@
+"""Parked inbox items in SQLite: the version 5 table and the statements behind
+:class:`~bridge_kit.store.sqlite.SQLiteStore`'s parked-item methods.
+
+A parked item is an inbox row moved, in one transaction, into
+``bridge_kit_parked`` (keeping its inbox id, which orders it), and moved back
+to the end of its lane, with a new inbox id, when its key is released.
+"""
+
+from __future__ import annotations
+
+import aiosqlite
+
+from bridge_kit.store.inbox_rows import (
+    clean_json,
+    clean_text,
+    encode_handlers,
+    optional_text,
+    parked_from_row,
+)
+from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
+
+# -- schema v5 (park): parked items ----------------------------------------------------
+V5 = (
+    "CREATE TABLE bridge_kit_parked ("
+    " id INTEGER PRIMARY KEY NOT NULL,"  # the item's id in the inbox: it keeps their order
+    " lane TEXT NOT NULL,"
+    " kind TEXT NOT NULL,"
+    " event_json TEXT NOT NULL,"
+    " received_at REAL NOT NULL,"
+    " attempts INTEGER NOT NULL,"
+    " done_handlers TEXT NOT NULL,"
+    " first_failed_at REAL NOT NULL,"
+    " park_key TEXT NOT NULL,"
+    " reason TEXT NOT NULL,"
+    " give_up_at REAL NOT NULL)",
+    "CREATE INDEX bridge_kit_parked_key ON bridge_kit_parked (park_key, id)",
+    "CREATE INDEX bridge_kit_parked_due ON bridge_kit_parked (give_up_at)",
+)
+# -- end of schema v5 (park) -----------------------------------------------------------
+
+_COLUMNS = (
+    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
+    " park_key, reason, give_up_at"
+)
+
+
+async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bool:
+    """Move one item from the inbox to the parked items (in the caller's transaction)."""
+    cursor = await conn.execute(
+        "INSERT INTO bridge_kit_parked (id, lane, kind, event_json, received_at, attempts,"
+        " done_handlers, first_failed_at, park_key, reason, give_up_at)"
+        " SELECT id, lane, kind, event_json, received_at, attempts, ?, ?, ?, ?, ?"
+        " FROM bridge_kit_inbox WHERE id = ?",
+        (
+            encode_handlers(parking.done_handlers),
+            parking.first_failed_at,
+            clean_text(parking.key),
+            clean_text(parking.reason),
+            parking.give_up_at,
+            item_id,
+        ),
+    )
+    if cursor.rowcount == 0:
+        return False
+    await conn.execute("DELETE FROM bridge_kit_inbox WHERE id = ?", (item_id,))
+    return True
+
+
+async def unpark(conn: aiosqlite.Connection, key: str) -> int:
+    """Move the items parked under ``key`` back into their lanes (in the caller's transaction)."""
+    key = clean_text(key)
+    await conn.execute(
+        "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, attempts,"
+        " done_handlers, first_failed_at)"
+        " SELECT lane, kind, event_json, received_at, attempts, done_handlers, first_failed_at"
+        " FROM bridge_kit_parked WHERE park_key = ? ORDER BY id",
+        (key,),
+    )
+    cursor = await conn.execute("DELETE FROM bridge_kit_parked WHERE park_key = ?", (key,))
+    return cursor.rowcount
+
+
+async def parked(
+    conn: aiosqlite.Connection, key: str | None, due_by: float | None, limit: int
+) -> list[ParkedItem]:
+    rows = await conn.execute_fetchall(
+        f"SELECT {_COLUMNS} FROM bridge_kit_parked"  # noqa: S608 (a constant)
+        " WHERE (? IS NULL OR park_key = ?) AND (? IS NULL OR give_up_at <= ?)"
+        " ORDER BY id LIMIT ?",
+        (*(key, None if key is None else clean_text(key)), due_by, due_by, limit),
+    )
+    return [parked_from_row(row) for row in rows]
+
+
+async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> bool:
+    """Move a parked item to the dead letters (in the caller's transaction); the letter
+    is written only if the item was still parked."""
+    cursor = await conn.execute(
+        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
+        " event_id, event_type, last_failed_at, first_failed_at)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at)"
+        " FROM bridge_kit_parked WHERE id = ?",
+        (
+            *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
+            *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
+            *(optional_text(letter.event_id), optional_text(letter.event_type), now),
+            *(letter.first_failed_at, item_id),
+        ),
+    )
+    if cursor.rowcount == 0:
+        return False
+    await conn.execute("DELETE FROM bridge_kit_parked WHERE id = ?", (item_id,))
+    return True
