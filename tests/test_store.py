@@ -31,7 +31,7 @@ BK_TABLES = (
     "bridge_kit_puppets, bridge_kit_transactions, bridge_kit_schema, bridge_kit_extra,"
     " bridge_kit_inbox, bridge_kit_dead_letters, bridge_kit_lanes, bridge_kit_members,"
     " bridge_kit_room_state, bridge_kit_rooms, bridge_kit_profiles, bridge_kit_devices,"
-    " bridge_kit_crypto_state"
+    " bridge_kit_crypto_state, bridge_kit_parked"
 )
 
 
