@@ -373,7 +373,7 @@ async def test_a_version_4_database_is_migrated_to_5_with_its_inbox(
         "CREATE TABLE bridge_kit_schema (version INTEGER NOT NULL)",
         "INSERT INTO bridge_kit_schema (version) VALUES (4)",
         "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)"
-        f" VALUES ('{A}', 'event', '{{}}', 1.0)",
+        " VALUES ('!a:test.local', 'event', '{}', 1.0)",
     )
     async with open_store(url) as store:
         assert await store.schema_version() == 5
