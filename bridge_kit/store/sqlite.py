@@ -25,13 +25,7 @@ from typing import ClassVar, TypeVar
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import (
-    sqlite_devices,
-    sqlite_inbox,
-    sqlite_parked,
-    sqlite_puppets,
-    sqlite_state,
-)
+from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_puppets, sqlite_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -47,16 +41,10 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import (
-    DeadLetter,
-    InboxItem,
-    InboxStats,
-    NewDeadLetter,
-    NewInboxItem,
-    ParkedItem,
-    Parking,
-)
+from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
+from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
+from bridge_kit.store.sqlite_parked import SQLiteParkedItems
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.types.events import Event
 from bridge_kit.types.state import Member
@@ -69,7 +57,7 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY = 100
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteParkedItems, Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
 
     ``path`` is relative to the current directory unless absolute; the file is
@@ -84,7 +72,7 @@ class SQLiteStore(Store):
         sqlite_state.V3,
         sqlite_devices.V4,
         # -- schema v5: one tuple of every branch's v5 statements --
-        (*sqlite_parked.V5,),  # park: parked inbox items
+        (*_PARKED_V5,),  # park: parked inbox items
     )
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -501,26 +489,6 @@ class SQLiteStore(Store):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._locked(sqlite_inbox.stats)
-
-    # -- parked items (SQL in sqlite_parked) -----------------------------------
-
-    async def park_item(self, item_id: int, parking: Parking) -> bool:
-        return await self._in_transaction(lambda conn: sqlite_parked.park(conn, item_id, parking))
-
-    async def unpark_items(self, key: str) -> int:
-        return await self._in_transaction(lambda conn: sqlite_parked.unpark(conn, key))
-
-    async def parked_items(
-        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
-    ) -> list[ParkedItem]:
-        check_limit(limit)
-        return await self._locked(lambda conn: sqlite_parked.parked(conn, key, due_by, limit))
-
-    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
-        now = time.time()
-        return await self._in_transaction(
-            lambda conn: sqlite_parked.bury(conn, item_id, letter, now)
-        )
 
     # -- room state (SQL in sqlite_state) -------------------------------------
 

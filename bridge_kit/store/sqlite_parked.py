@@ -8,8 +8,13 @@ to the end of its lane, with a new inbox id, when its key is released.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
 import aiosqlite
 
+from bridge_kit.store.base import check_limit
 from bridge_kit.store.inbox_rows import (
     clean_json,
     clean_text,
@@ -18,6 +23,8 @@ from bridge_kit.store.inbox_rows import (
     parked_from_row,
 )
 from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
+
+_T = TypeVar("_T")
 
 # -- schema v5 (park): parked items ----------------------------------------------------
 V5 = (
@@ -111,3 +118,38 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
         return False
     await conn.execute("DELETE FROM bridge_kit_parked WHERE id = ?", (item_id,))
     return True
+
+
+class _Connection(Protocol):
+    """What :class:`SQLiteParkedItems` needs of the store it is mixed into."""
+
+    async def _locked(self, operation: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T: ...
+
+    async def _in_transaction(
+        self, operation: Callable[[aiosqlite.Connection], Awaitable[_T]]
+    ) -> _T: ...
+
+
+class SQLiteParkedItems:
+    """The parked-item methods of :class:`~bridge_kit.store.sqlite.SQLiteStore` (see
+    :class:`~bridge_kit.store.base.Store`), each one transaction."""
+
+    async def park_item(self: _Connection, item_id: int, parking: Parking) -> bool:
+        return await self._in_transaction(lambda conn: park(conn, item_id, parking))
+
+    async def unpark_items(self: _Connection, key: str) -> int:
+        return await self._in_transaction(lambda conn: unpark(conn, key))
+
+    async def parked_items(
+        self: _Connection,
+        *,
+        key: str | None = None,
+        due_by: float | None = None,
+        limit: int = 100,
+    ) -> list[ParkedItem]:
+        check_limit(limit)
+        return await self._locked(lambda conn: parked(conn, key, due_by, limit))
+
+    async def bury_parked(self: _Connection, item_id: int, letter: NewDeadLetter) -> bool:
+        now = time.time()
+        return await self._in_transaction(lambda conn: bury(conn, item_id, letter, now))
