@@ -90,7 +90,8 @@ class ParkedItems:
         parking = Parking(park.key, park.reason, give_up_at, first, tuple(done))
         if not await self.store.park_item(item.id, parking):
             return  # another worker (whose lease we took over) moved it already
-        log.info(
+        # DEBUG, as a deferral: a sender can make many, and a dead letter logs an ERROR.
+        log.debug(
             "%s in %s waits for %s outside its lane (%s), at most %.1f s more",
             describe_item(parsed), item.lane, park.key, park.reason, give_up_at - now,
         )  # fmt: skip

@@ -244,9 +244,10 @@ class BridgeEncryption:
     async def _wait_is_over(self, waiting: _Waiting) -> bool:
         """Whether the key (or a withheld notice) for ``waiting`` came: checked once an
         event is parked, for one that came between the failed decryption and then."""
+        return waiting in self._withheld or await self._has_key(waiting)
+
+    async def _has_key(self, waiting: _Waiting) -> bool:
         room_id, session_id, sender = waiting
-        if waiting in self._withheld:
-            return True
         inbound = await self.machine.inbound.get(room_id, session_id)
         return inbound is not None and inbound.sender == sender
 
@@ -256,10 +257,9 @@ class BridgeEncryption:
         room_id, session_id = event.content.get("room_id"), event.content.get("session_id")
         if not isinstance(room_id, str) or not isinstance(session_id, str):
             return
-        inbound = await self.machine.inbound.get(room_id, session_id)
-        if inbound is None or inbound.sender != event.sender:
-            return  # not taken in (sent in the clear, or refused): nothing to wait for
         waiting = (room_id, session_id, event.sender)
+        if not await self._has_key(waiting):
+            return  # not taken in (sent in the clear, or refused): nothing to wait for
         self._withheld.pop(waiting, None)
         await self.app.inbox.unpark(_park_key(waiting))
 
@@ -279,7 +279,7 @@ class BridgeEncryption:
             )  # fmt: skip
             return
         waiting = (notice.room_id, notice.session_id, event.sender)
-        if await self._wait_is_over(waiting) and waiting not in self._withheld:
+        if await self._has_key(waiting):
             return  # the key came already: a late notice changes nothing
         error = notice.describe()
         self._withheld[waiting] = error

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge_kit.store.inbox_rows import clean_json, encode_handlers, optional_text, parked_from_row
+from bridge_kit.store.inbox_rows import (
+    clean_json,
+    encode_handlers,
+    optional_text,
+    parked_filter,
+    parked_from_row,
+)
 from bridge_kit.store.inbox_rows import clean_text as text_of
 from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
 
@@ -56,14 +62,10 @@ SELECT lane, kind, event_json, received_at, attempts, done_handlers, first_faile
 FROM gone ORDER BY id
 """
 
-_PARKED = """
-SELECT id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,
-    park_key, reason, give_up_at
-FROM bridge_kit_parked
-WHERE ($1::text IS NULL OR park_key = $1) AND ($2::float8 IS NULL OR give_up_at <= $2)
-ORDER BY id LIMIT $3
-"""
-
+_COLUMNS = (
+    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
+    " park_key, reason, give_up_at"
+)
 _BURY = """
 WITH gone AS (DELETE FROM bridge_kit_parked WHERE id = $1 RETURNING first_failed_at)
 INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,
@@ -91,7 +93,15 @@ async def unpark(pool: Any, key: str) -> int:
 
 
 async def parked(pool: Any, key: str | None, due_by: float | None, limit: int) -> list[ParkedItem]:
-    rows = await pool.fetch(_PARKED, optional_text(key), due_by, limit)
+    # One statement per filter rather than "$2 IS NULL OR park_key = $2": a prepared
+    # statement's generic plan would use no index for that.
+    where, parameters = parked_filter(key, due_by, lambda n: f"${n + 1}")
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "$n" marks)
+        " ORDER BY id LIMIT $1",
+        limit,
+        *parameters,
+    )
     return [parked_from_row(tuple(row)) for row in rows]
 
 

@@ -20,6 +20,7 @@ from bridge_kit.store.inbox_rows import (
     clean_text,
     encode_handlers,
     optional_text,
+    parked_filter,
     parked_from_row,
 )
 from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
@@ -90,11 +91,11 @@ async def unpark(conn: aiosqlite.Connection, key: str) -> int:
 async def parked(
     conn: aiosqlite.Connection, key: str | None, due_by: float | None, limit: int
 ) -> list[ParkedItem]:
+    where, parameters = parked_filter(key, due_by, lambda n: "?")
     rows = await conn.execute_fetchall(
-        f"SELECT {_COLUMNS} FROM bridge_kit_parked"  # noqa: S608 (a constant)
-        " WHERE (? IS NULL OR park_key = ?) AND (? IS NULL OR give_up_at <= ?)"
+        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "?" marks)
         " ORDER BY id LIMIT ?",
-        (*(key, None if key is None else clean_text(key)), due_by, due_by, limit),
+        (*parameters, limit),
     )
     return [parked_from_row(row) for row in rows]
 
