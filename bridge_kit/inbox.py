@@ -220,6 +220,7 @@ class Inbox:
         self.metrics = metrics
         self.owner = f"{appservice_id}/{uuid.uuid4().hex[:12]}"
         self.stats = InboxStats(depth=0, oldest_received_at=None, dead_letters=0)
+        self.parked_events = 0
         self._event_types = event_types
         self._lanes: dict[str, _Lane] = {}
         self._cooling: dict[str, tuple[float, int]] = {}
@@ -283,10 +284,11 @@ class Inbox:
         return len(self._lanes)
 
     async def refresh_stats(self) -> InboxStats:
-        """Read the depth, oldest item and dead-letter count, and update the metrics."""
+        """Read the depth, oldest item, dead-letter and parked counts; update the metrics."""
         self.stats = await self.store.inbox_stats()
+        self.parked_events = await self.store.count_parked()
         if self.metrics is not None:
-            self.metrics.set_inbox(self.stats)
+            self.metrics.set_inbox(self.stats, self.parked_events)
         return self.stats
 
     # -- scheduling --------------------------------------------------------------

@@ -149,6 +149,7 @@ async def test_a_parked_event_does_not_hold_up_its_room(any_store: Store) -> Non
         await drained(any_store)
         assert await parked_count(any_store, KEY) == 2
         assert await parked_count(any_store) == 3
+        assert await any_store.count_parked() == 3
         assert not await any_store.dead_letters()
         gate.opened.add(KEY)
         assert await inbox.unpark(KEY) == 2
@@ -228,6 +229,9 @@ async def test_give_up_parked_buries_at_once_with_the_reason(any_store: Store) -
             return await parked_count(any_store) == 3
 
         await until_store(all_parked)
+        # The gauges are read from the store about once a second.
+        await until(lambda: metric(metrics, "bridge_kit_parked_events") == 3)
+        assert inbox.parked_events == 3
         reason = "the room key was withheld: m.unverified (not verified)"
         assert await inbox.give_up_parked(KEY, reason) == 2
         letters = await any_store.dead_letters()
@@ -236,6 +240,7 @@ async def test_give_up_parked_buries_at_once_with_the_reason(any_store: Store) -
             ("$w2", reason),
         ]
         assert await parked_count(any_store) == 1
+        await until(lambda: metric(metrics, "bridge_kit_parked_events") == 1)
         assert await inbox.give_up_parked(KEY, reason) == 0
         assert metric(metrics, "bridge_kit_dead_lettered_total", reason="not_ready") == 2
         assert handled.bodies == []

@@ -228,6 +228,10 @@ class Store(abc.ABC):
         """Move a parked item into the dead letters; False (nothing written) when it is
         no longer parked."""
 
+    @abc.abstractmethod
+    async def count_parked(self) -> int:
+        """How many items are parked."""
+
     # -- room state (version 3) ----------------------------------------------
     #
     # What the bridge knows of each room's state, fed from transactions and from

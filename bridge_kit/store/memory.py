@@ -344,6 +344,10 @@ class MemoryStore(Store):
         ]
         return chosen[:limit]
 
+    async def count_parked(self) -> int:
+        self._check_open()
+        return len(self._parked)
+
     async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
         self._check_open()
         parked = self._parked.pop(item_id, None)

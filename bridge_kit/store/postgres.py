@@ -357,6 +357,9 @@ class PostgresStore(Store):
         check_limit(limit)
         return await self._run(lambda pool: postgres_parked.parked(pool, key, due_by, limit))
 
+    async def count_parked(self) -> int:
+        return await self._run(postgres_parked.count)
+
     async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()
         return await self._run(lambda pool: postgres_parked.bury(pool, item_id, letter, now))

@@ -105,6 +105,10 @@ async def parked(pool: Any, key: str | None, due_by: float | None, limit: int) -
     return [parked_from_row(tuple(row)) for row in rows]
 
 
+async def count(pool: Any) -> int:
+    return int(await pool.fetchval("SELECT COUNT(*) FROM bridge_kit_parked"))
+
+
 async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> bool:
     status: str = await pool.execute(
         _BURY,

@@ -100,6 +100,11 @@ async def parked(
     return [parked_from_row(row) for row in rows]
 
 
+async def count(conn: aiosqlite.Connection) -> int:
+    rows = list(await conn.execute_fetchall("SELECT COUNT(*) FROM bridge_kit_parked"))
+    return int(rows[0][0])
+
+
 async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> bool:
     """Move a parked item to the dead letters (in the caller's transaction); the letter
     is written only if the item was still parked."""
@@ -150,6 +155,9 @@ class SQLiteParkedItems:
     ) -> list[ParkedItem]:
         check_limit(limit)
         return await self._locked(lambda conn: parked(conn, key, due_by, limit))
+
+    async def count_parked(self: _Connection) -> int:
+        return await self._locked(count)
 
     async def bury_parked(self: _Connection, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()
