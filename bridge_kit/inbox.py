@@ -40,8 +40,8 @@ The seam for bridge_kit's own layers (encryption):
   its item outside its lane (see :mod:`bridge_kit.parking`): the lane goes on at
   once; :meth:`Inbox.unpark` puts the item back at the end of its lane (so it is
   handled after its room's later items), :meth:`Inbox.give_up_parked` makes it a
-  dead letter, and so does its ``give_up_after`` running out, checked about once a
-  second even when no new events come.
+  dead letter, and so does its ``give_up_after`` running out, checked every second
+  (or ``poll``, if longer) even when no new events come.
 - Internal subscribers that run before the bridge's handlers, with retries and
   progress like them: :meth:`bridge_kit.handlers.HandlerRegistry.add_internal`.
 """

@@ -10,7 +10,8 @@ event is handled *after* the later events of its room, when it comes back.
   its items go back to the end of their lanes, in the order they first arrived.
 - :meth:`ParkedItems.give_up` (``Inbox.give_up_parked``): it will never come;
   its items become dead letters with the reason given.
-- :meth:`ParkedItems.expire`, run by the inbox's scheduler about once a second:
+- :meth:`ParkedItems.expire`, run by the inbox's scheduler every second or poll
+  interval, whichever is longer:
   items parked past their ``give_up_after`` become dead letters, whether or not
   new events arrive.
 
