@@ -324,6 +324,27 @@ async def test_two_daemons_on_postgresql_handle_an_unparked_event_once(postgres_
                 await stop(inbox)
 
 
+async def test_two_daemons_on_postgresql_bury_a_parked_event_once(postgres_dsn: str) -> None:
+    """Both give up on (or time out) the same parked items at once: one letter each."""
+    url = await emptied(postgres_dsn)
+    async with open_store(url) as one, open_store(url) as two:
+        await accept(one, "t1", [message(f"m{n}", n=n) for n in range(20)])
+        parking = Parking(KEY, "no room key", time.time() - 1, time.time() - 2)
+        for item in await one.lane_items(A, 100):
+            assert await one.park_item(item.id, parking)
+        metrics = Metrics(), Metrics()
+        inboxes = [
+            Inbox(store, route_to(), appservice_id=APPSERVICE, settings=SETTINGS, metrics=m)
+            for store, m in zip((one, two), metrics, strict=True)
+        ]
+        buried = await asyncio.gather(*(inbox.parked.expire() for inbox in inboxes))
+        assert sum(buried) == 20
+        assert len(await one.dead_letters()) == 20
+        counted = [metric(m, "bridge_kit_dead_lettered_total", reason="not_ready") for m in metrics]
+        assert sum(counted) == 20
+        assert await one.count_parked() == 0
+
+
 # -- the store methods -------------------------------------------------------------------------
 
 
