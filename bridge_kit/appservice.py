@@ -500,6 +500,7 @@ class AppService:
             "uptime_seconds": round(time.monotonic() - started, 1) if started else 0,
             "inbox_events": self.inbox.stats.depth,
             "dead_letters": self.inbox.stats.dead_letters,
+            "parked_events": self.inbox.parked_events,
         }
 
 

@@ -83,7 +83,7 @@ COMPLETION_DELAY: Final = 0.05
 PING_ATTEMPTS: Final = 5
 PING_BACKOFF: Final = 1.0
 
-#: Seconds an encrypted event waits in the inbox for its room key before it becomes a
-#: dead letter ("no room key"); a key sent together with the message usually arrives
-#: in the same or the next transaction.
+#: Seconds an encrypted event waits for its room key (parked, outside its room's lane)
+#: before it becomes a dead letter ("no room key"); a key sent together with the
+#: message usually arrives in the same or the next transaction.
 KEY_WAIT: Final = 10.0

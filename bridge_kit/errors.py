@@ -17,6 +17,7 @@ Every exception bridge_kit raises on purpose lives here::
     ├── RegistrationAborted          a bulk registration run stopped at once
     ├── TransactionFailed            a received transaction could not be processed
     ├── NotReady                     an inbox item cannot be handled yet (wait, then retry)
+    ├── Park                         an inbox item waits for something outside its lane
     ├── ErrorReply                   what an appservice route answers with (status, errcode)
     ├── UnexpectedReply              a 2xx reply of the wrong shape
     ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
@@ -48,7 +49,7 @@ bridge can ``except UserInUse`` instead of comparing strings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "NotFound",
     "NotInNamespace",
     "NotReady",
+    "Park",
     "RegistrationAborted",
     "RegistrationError",
     "ResourceLimitExceeded",
@@ -199,6 +201,39 @@ class NotReady(BridgeKitError):
         self.retry_after = retry_after
         self.give_up_after = give_up_after
         super().__init__(reason)
+
+
+class Park(BridgeKitError):
+    """Raised by an inbox preprocessor or handler: this item waits for ``key``, outside
+    its lane.
+
+    The inbox moves the item out of its lane into the parked items (durably), and
+    the lane goes on with its later items at once. :meth:`bridge_kit.inbox.Inbox.unpark`
+    with the same ``key`` puts it back at the end of its lane (so it is handled
+    after later events of its room); :meth:`~bridge_kit.inbox.Inbox.give_up_parked`
+    makes it a dead letter. Once ``give_up_after`` seconds have passed since it was
+    first not ready it becomes a dead letter with ``reason`` as its error.
+
+    ``recheck``, if given, is awaited once the item is parked: True means what it
+    waits for came in the meantime (between the failed try and the parking), and
+    the item is unparked at once.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        give_up_after: float,
+        reason: str,
+        recheck: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        if not key or not give_up_after >= 0:
+            raise ValueError("a park key must not be empty, and give_up_after must be >= 0")
+        self.key = key
+        self.give_up_after = give_up_after
+        self.reason = reason
+        self.recheck = recheck
+        super().__init__(f"{reason} (waits for {key})")
 
 
 class ErrorReply(BridgeKitError):

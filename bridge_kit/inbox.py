@@ -36,6 +36,12 @@ The seam for bridge_kit's own layers (encryption):
   defers its item: tried again after ``retry_after`` seconds with no attempt
   counted, its lane's later items waiting behind it; a dead letter with the
   reason once ``give_up_after`` seconds passed since it was first deferred.
+- A preprocessor or a handler that raises :class:`~bridge_kit.errors.Park` parks
+  its item outside its lane (see :mod:`bridge_kit.parking`): the lane goes on at
+  once; :meth:`Inbox.unpark` puts the item back at the end of its lane (so it is
+  handled after its room's later items), :meth:`Inbox.give_up_parked` makes it a
+  dead letter, and so does its ``give_up_after`` running out, checked every second
+  (or ``poll``, if longer) even when no new events come.
 - Internal subscribers that run before the bridge's handlers, with retries and
   progress like them: :meth:`bridge_kit.handlers.HandlerRegistry.add_internal`.
 """
@@ -58,11 +64,12 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit.delivery import handling
-from bridge_kit.errors import NotReady, StoreError
+from bridge_kit.errors import NotReady, Park, StoreError
 from bridge_kit.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
+from bridge_kit.parking import ParkedItems, dead_letter
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, storable
+from bridge_kit.store.records import InboxItem, InboxStats, ItemKind
 from bridge_kit.types import Event, describe_error
 
 __all__ = [
@@ -213,6 +220,7 @@ class Inbox:
         self.metrics = metrics
         self.owner = f"{appservice_id}/{uuid.uuid4().hex[:12]}"
         self.stats = InboxStats(depth=0, oldest_received_at=None, dead_letters=0)
+        self.parked_events = 0
         self._event_types = event_types
         self._lanes: dict[str, _Lane] = {}
         self._cooling: dict[str, tuple[float, int]] = {}
@@ -222,6 +230,7 @@ class Inbox:
         self._rng = random.Random()
         self._stopping = False
         self._preprocessors: dict[ItemKind, list[Preprocessor]] = {k: [] for k in ItemKind}
+        self.parked = ParkedItems(store, metrics, self.wake)
 
     def add_preprocessor(self, kind: ItemKind, preprocessor: Preprocessor) -> None:
         """Run ``preprocessor`` on every item of ``kind`` before its handlers (see the
@@ -259,16 +268,27 @@ class Inbox:
         """New items arrived: look for lanes to work on now."""
         self._wakeup.set()
 
+    async def unpark(self, key: str) -> int:
+        """What the items parked under ``key`` waited for came: put them back at the end
+        of their lanes, in the order they first arrived; return how many."""
+        return await self.parked.unpark(key)
+
+    async def give_up_parked(self, key: str, reason: str) -> int:
+        """What the items parked under ``key`` wait for will never come: make them dead
+        letters with ``reason`` as their error; return how many."""
+        return await self.parked.give_up(key, reason)
+
     @property
     def busy_lanes(self) -> int:
         """How many lanes are being worked on in this process."""
         return len(self._lanes)
 
     async def refresh_stats(self) -> InboxStats:
-        """Read the depth, oldest item and dead-letter count, and update the metrics."""
+        """Read the depth, oldest item, dead-letter and parked counts; update the metrics."""
         self.stats = await self.store.inbox_stats()
+        self.parked_events = await self.store.count_parked()
         if self.metrics is not None:
-            self.metrics.set_inbox(self.stats)
+            self.metrics.set_inbox(self.stats, self.parked_events)
         return self.stats
 
     # -- scheduling --------------------------------------------------------------
@@ -280,6 +300,7 @@ class Inbox:
                 await self._claim_free_lanes()
                 # Counting the inbox costs a scan; once a second is plenty for gauges.
                 if time.monotonic() - last_stats >= _STATS_INTERVAL:
+                    await self.parked.expire()
                     await self.refresh_stats()
                     last_stats = time.monotonic()
             except StoreError as exc:  # an outage, not a bug: one line, no traceback
@@ -449,6 +470,10 @@ class Inbox:
         except NotReady as not_ready:
             await completions.commit()
             return await self._defer(item, parsed, name, done, not_ready)
+        except Park as park:
+            await completions.commit()
+            await self.parked.park(item, parsed, name, done, park)
+            return True
         completions.add(item.id)
         return True
 
@@ -468,13 +493,13 @@ class Inbox:
         self, name: str, key: str, step: Callable[[], Awaitable[Any]]
     ) -> tuple[Any, str | None]:
         """Await one step (a handler or preprocessor) with the handler timeout: its
-        result and None, or None and its failure with the traceback. NotReady passes."""
+        result and None, or None and its failure with the traceback. NotReady and Park pass."""
         deadline = asyncio.timeout(self.settings.timeout)
         try:
             with handling(self.appservice_id, key, name):
                 async with deadline:
                     return await step(), None
-        except NotReady:
+        except (NotReady, Park):
             raise
         except TimeoutError:
             if deadline.expired():
@@ -549,20 +574,7 @@ class Inbox:
         parsed: Item | None = None,
         reason: str | None = None,
     ) -> None:
-        event_id = item_event_id(parsed) if parsed is not None else None
-        event_type = item_type(parsed) if parsed is not None else None
-        letter = NewDeadLetter(
-            lane=item.lane,
-            kind=item.kind,
-            event_json=item.event_json,
-            error=storable(error),
-            handler=handler and storable(handler),
-            attempts=attempts,
-            first_failed_at=item.first_failed_at,
-            event_id=storable(event_id) if event_id else None,
-            event_type=storable(event_type) if event_type is not None else None,
-        )
-        await self.store.bury_item(item.id, letter)
+        await self.store.bury_item(item.id, dead_letter(item, handler, error, attempts, parsed))
         if self.metrics is not None:
             self.metrics.count_dead_letter(reason or ("handler" if handler else "invalid"))
 

@@ -105,6 +105,12 @@ class Metrics(ClientObserver):
             registry=self.registry,
         )
         oldest.set_function(self._oldest_age)
+        self.parked_events = Gauge(
+            "parked_events",
+            "Events parked outside their room's lane, waiting (for a room key)",
+            namespace=namespace,
+            registry=self.registry,
+        )
         self.dead_letters = Gauge(
             "dead_letters", "Events set aside as dead letters", namespace=namespace,
             registry=self.registry,
@@ -152,9 +158,10 @@ class Metrics(ClientObserver):
         """A transaction handler raised."""
         self.handler_failures.inc()
 
-    def set_inbox(self, stats: InboxStats) -> None:
-        """The inbox as last read from the store."""
+    def set_inbox(self, stats: InboxStats, parked: int = 0) -> None:
+        """The inbox as last read from the store (and how many items are parked)."""
         self.inbox_events.set(stats.depth)
+        self.parked_events.set(parked)
         self.dead_letters.set(stats.dead_letters)
         self._oldest_received_at = stats.oldest_received_at
 

@@ -9,10 +9,26 @@ Clients decrypt them, and show them as sent by a device that is not the sender's
 own (Element: "encrypted by a device not verified by its owner"). Room keys from
 users reach the bot's device only when the bot is joined to the room: it must be
 a member of every encrypted room it bridges.
+
+An event whose room key has not arrived is *parked* (see :mod:`bridge_kit.parking`):
+its room's later events go on at once, and it is handled when the key comes
+(after those later events), or becomes a dead letter "no room key" after
+``key_wait`` seconds. An ``m.room_key.withheld`` for its session (the sender's
+client refused to share the key, e.g. ``m.unverified``) makes it a dead letter at
+once, naming the code and reason; a notice that comes first is remembered (the
+last 10,000, in memory), so the event is buried as soon as it arrives.
+
+Withheld notices travel in the clear (as the spec and today's clients send them),
+so which device sent one cannot be proven. A notice is accepted only if it names
+the curve25519 key of one of its sender's devices, and it only ends the wait of
+that same sender's events: at worst a lying homeserver makes an event fail at
+once instead of after ``key_wait``, as it could by dropping the key.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import secrets
 from collections import OrderedDict
@@ -23,10 +39,11 @@ import attrs
 
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto.account import SIGNED_CURVE25519
-from bridge_kit.crypto.machine import ENCRYPTED, CryptoMachine
+from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.vault import derive_pickle_key
-from bridge_kit.errors import NoRoomKey, NotReady, UndecryptableEvent
+from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
+from bridge_kit.errors import NoRoomKey, NotReady, Park, UndecryptableEvent
 from bridge_kit.intent import devices
 from bridge_kit.store.records import InboxItem, ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
@@ -47,6 +64,16 @@ _DEVICE_NAME: Final = "bridge_kit"
 _DECRYPTED_CACHE: Final = 1024
 #: Seconds between tries of an event whose room key has not arrived.
 _KEY_POLL: Final = 1.0
+#: Withheld sessions remembered for events that arrive after the notice.
+_WITHHELD_KEPT: Final = 10_000
+
+#: A room event's wait for its key: (room id, session id, sender).
+_Waiting = tuple[str, str, str]
+
+
+def _park_key(waiting: _Waiting) -> str:
+    """The inbox park key of events waiting for one sender's Megolm session."""
+    return "room_key:" + json.dumps(waiting, separators=(",", ":"))
 
 
 class _IntentKeys:
@@ -96,6 +123,7 @@ class BridgeEncryption:
         # Users outside the namespace that sent with our sessions (double puppets):
         # their events come back in transactions and must decrypt like the puppets'.
         self._other_senders: set[str] = set()
+        self._withheld: OrderedDict[_Waiting, str] = OrderedDict()
 
     @property
     def machine(self) -> CryptoMachine:
@@ -131,6 +159,9 @@ class BridgeEncryption:
         inbox, handlers = self.app.inbox, self.app.handlers
         inbox.add_preprocessor(ItemKind.TO_DEVICE, self.decrypt_to_device)
         inbox.add_preprocessor(ItemKind.EVENT, self.decrypt_event)
+        handlers.add_internal(ItemKind.TO_DEVICE, self.on_room_key, ROOM_KEY)
+        for withheld in WITHHELD_TYPES:
+            handlers.add_internal(ItemKind.TO_DEVICE, self.on_withheld, withheld)
         handlers.add_internal(ItemKind.DEVICE_LISTS, self.on_device_lists)
         handlers.add_internal(ItemKind.OTK_COUNTS, self.on_otk_counts)
 
@@ -180,7 +211,8 @@ class BridgeEncryption:
 
     async def decrypt_event(self, event: Event, record: InboxItem) -> Event:
         """A room ``m.room.encrypted`` becomes the event inside it, marked ``encrypted``;
-        without its room key it waits up to ``key_wait`` seconds, then is a dead letter."""
+        without its room key it is parked up to ``key_wait`` seconds (its room goes on),
+        then is a dead letter; with its key withheld it is a dead letter at once."""
         if event.type != ENCRYPTED or event.room_id is None or event.state_key is not None:
             return event
         try:
@@ -188,9 +220,15 @@ class BridgeEncryption:
                 event.room_id, event.event_id or "", event.sender or "", event.content
             )
         except NoRoomKey as exc:
-            wait = self.settings.key_wait
-            raise NotReady(
-                exc.reason, retry_after=min(_KEY_POLL, wait), give_up_after=wait
+            waiting = (exc.room_id, exc.session_id, event.sender or "")
+            withheld = self._withheld.get(waiting)
+            if withheld is not None:
+                raise NotReady(withheld, retry_after=_KEY_POLL, give_up_after=0) from None
+            raise Park(
+                _park_key(waiting),
+                give_up_after=self.settings.key_wait,
+                reason=exc.reason,
+                recheck=functools.partial(self._wait_is_over, waiting),
             ) from None
         except UndecryptableEvent as exc:
             raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
@@ -202,6 +240,53 @@ class BridgeEncryption:
             encrypted=True,
             sender_device=None if device is None else device.device_id,
         )
+
+    async def _wait_is_over(self, waiting: _Waiting) -> bool:
+        """Whether the key (or a withheld notice) for ``waiting`` came: checked once an
+        event is parked, for one that came between the failed decryption and then."""
+        return waiting in self._withheld or await self._has_key(waiting)
+
+    async def _has_key(self, waiting: _Waiting) -> bool:
+        room_id, session_id, sender = waiting
+        inbound = await self.machine.inbound.get(room_id, session_id)
+        return inbound is not None and inbound.sender == sender
+
+    async def on_room_key(self, event: ToDeviceEvent) -> None:
+        """A room key came (decrypted by :meth:`decrypt_to_device`, which stored it): the
+        events parked waiting for it go back into their rooms' lanes."""
+        room_id, session_id = event.content.get("room_id"), event.content.get("session_id")
+        if not isinstance(room_id, str) or not isinstance(session_id, str):
+            return
+        waiting = (room_id, session_id, event.sender)
+        if not await self._has_key(waiting):
+            return  # not taken in (sent in the clear, or refused): nothing to wait for
+        self._withheld.pop(waiting, None)
+        await self.app.inbox.unpark(_park_key(waiting))
+
+    async def on_withheld(self, event: ToDeviceEvent) -> None:
+        """An ``m.room_key.withheld``: the events waiting for that session's key become
+        dead letters naming the code and reason, now and when they arrive later."""
+        if not self._is_ours(event.to_user_id, event.to_device_id):
+            return
+        notice = WithheldNotice.from_content(event.content)
+        if notice is None:
+            return  # not about a room's session (m.no_olm), or malformed
+        await self.machine.refresh_devices([event.sender])
+        if self.machine.sender_device(event.sender, notice.sender_key) is None:
+            log.warning(
+                "ignored a room key withheld notice from %s: it names a device key that "
+                "is not one of theirs", event.sender,
+            )  # fmt: skip
+            return
+        waiting = (notice.room_id, notice.session_id, event.sender)
+        if await self._has_key(waiting):
+            return  # the key came already: a late notice changes nothing
+        error = notice.describe()
+        self._withheld[waiting] = error
+        self._withheld.move_to_end(waiting)
+        if len(self._withheld) > _WITHHELD_KEPT:
+            self._withheld.popitem(last=False)
+        await self.app.inbox.give_up_parked(_park_key(waiting), error)
 
     async def on_device_lists(self, update: DeviceListUpdate) -> None:
         await self.machine.on_device_lists(update.changed, update.left)

@@ -13,7 +13,15 @@ import cattrs
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store.inbox_rows import clean_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+    ParkedItem,
+    Parking,
+)
 from bridge_kit.store.state_records import CREATE, content_of
 from bridge_kit.types.converter import converter
 from bridge_kit.types.events import Event
@@ -30,7 +38,7 @@ class Store(abc.ABC):
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 4
+    SCHEMA_VERSION: int = 5
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -190,6 +198,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def inbox_stats(self) -> InboxStats:
         """The inbox depth, its oldest item's arrival time and the dead-letter count."""
+
+    # -- parked items (version 5) ---------------------------------------------
+    #
+    # Items that wait for something (a room key) outside their lane, so the lane
+    # goes on; see bridge_kit.errors.Park. Each method is one commit, and moves an
+    # item only if it is still where it was: of two processes that race, one wins.
+
+    @abc.abstractmethod
+    async def park_item(self, item_id: int, parking: Parking) -> bool:
+        """Move an item out of the inbox into the parked items; False (nothing written)
+        when it is no longer in the inbox."""
+
+    @abc.abstractmethod
+    async def unpark_items(self, key: str) -> int:
+        """Put the items parked under ``key`` back at the end of their lanes, in the
+        order they first arrived, ready at once, with their progress (attempts, done
+        handlers, first failure) kept; return how many."""
+
+    @abc.abstractmethod
+    async def parked_items(
+        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
+    ) -> list[ParkedItem]:
+        """Up to ``limit`` parked items, oldest first: those under ``key`` and/or those
+        whose ``give_up_at`` is at or before the Unix time ``due_by`` (all if neither)."""
+
+    @abc.abstractmethod
+    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+        """Move a parked item into the dead letters; False (nothing written) when it is
+        no longer parked."""
+
+    @abc.abstractmethod
+    async def count_parked(self) -> int:
+        """How many items are parked."""
 
     # -- room state (version 3) ----------------------------------------------
     #

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from bridge_kit.store.records import DeadLetter, InboxItem, ItemKind
+from bridge_kit.store.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
 
 ITEM_COLUMNS = (
     "id, lane, kind, event_json, received_at, attempts, done_handlers, not_before, first_failed_at"
@@ -90,3 +90,28 @@ def letter_from_row(row: Sequence[Any]) -> DeadLetter:
         event_id=event_id,
         event_type=etype,
     )
+
+
+def parked_from_row(row: Sequence[Any]) -> ParkedItem:
+    """A :class:`ParkedItem` from a row of the inbox's item columns, then
+    ``park_key, reason, give_up_at`` (the same in both SQL stores)."""
+    item = item_from_row(row[:9])
+    key, reason, give_up_at = row[9:]
+    first = item.first_failed_at if item.first_failed_at is not None else give_up_at
+    return ParkedItem(item, Parking(key, reason, give_up_at, first, item.done_handlers))
+
+
+def parked_filter(
+    key: str | None, due_by: float | None, mark: Callable[[int], str]
+) -> tuple[str, list[object]]:
+    """The WHERE clause (empty for all) and its parameters that pick parked items under
+    ``key`` and/or due by ``due_by``; ``mark(n)`` writes the n-th parameter's mark."""
+    clauses: list[str] = []
+    parameters: list[object] = []
+    if key is not None:
+        parameters.append(clean_text(key))
+        clauses.append(f"park_key = {mark(len(parameters))}")
+    if due_by is not None:
+        parameters.append(due_by)
+        clauses.append(f"give_up_at <= {mark(len(parameters))}")
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), parameters

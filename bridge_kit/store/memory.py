@@ -21,7 +21,15 @@ from bridge_kit.store.base import (
     storable_ids,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+    ParkedItem,
+    Parking,
+)
 from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
 from bridge_kit.types.events import Event
 from bridge_kit.types.state import Member
@@ -44,6 +52,7 @@ class MemoryStore(Store):
         self._item_lane: dict[int, str] = {}
         self._leases: dict[str, tuple[str, float]] = {}  # lane -> (owner, lease_until)
         self._letters: dict[int, DeadLetter] = {}
+        self._parked: dict[int, ParkedItem] = {}  # by the item's inbox id
         self._last_id = 0  # shared by items and letters: ids are never reused
         self._members: dict[tuple[str, str], MemberRow] = {}  # (room, user) -> row
         self._room_state: dict[tuple[str, str], StateRow] = {}  # (room, type) -> row
@@ -67,6 +76,7 @@ class MemoryStore(Store):
         self._item_lane.clear()
         self._leases.clear()
         self._letters.clear()
+        self._parked.clear()
         self._members.clear()
         self._room_state.clear()
         self._known_rooms.clear()
@@ -290,6 +300,63 @@ class MemoryStore(Store):
         items = (item for lane in self._lanes.values() for item in lane.values())
         oldest = min((item.received_at for item in items), default=None)
         return InboxStats(len(self._item_lane), oldest, len(self._letters))
+
+    # -- parked items --------------------------------------------------------
+
+    async def park_item(self, item_id: int, parking: Parking) -> bool:
+        self._check_open()
+        item = self._remove(item_id)
+        if item is None:
+            return False
+        self._parked[item_id] = ParkedItem(item, parking)
+        return True
+
+    async def unpark_items(self, key: str) -> int:
+        self._check_open()
+        ids = sorted(i for i, parked in self._parked.items() if parked.parking.key == key)
+        for item_id in ids:
+            parked = self._parked.pop(item_id)
+            self._return_to_lane(parked)
+        return len(ids)
+
+    def _return_to_lane(self, parked: ParkedItem) -> None:
+        new_id = self._next_id()
+        item = attrs.evolve(
+            parked.item,
+            id=new_id,
+            done_handlers=parked.parking.done_handlers,
+            not_before=0.0,
+            first_failed_at=parked.parking.first_failed_at,
+        )
+        self._lanes.setdefault(item.lane, {})[new_id] = item
+        self._item_lane[new_id] = item.lane
+
+    async def parked_items(
+        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
+    ) -> list[ParkedItem]:
+        self._check_open()
+        check_limit(limit)
+        chosen = [
+            parked
+            for _, parked in sorted(self._parked.items())
+            if (key is None or parked.parking.key == key)
+            and (due_by is None or parked.parking.give_up_at <= due_by)
+        ]
+        return chosen[:limit]
+
+    async def count_parked(self) -> int:
+        self._check_open()
+        return len(self._parked)
+
+    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+        self._check_open()
+        parked = self._parked.pop(item_id, None)
+        if parked is None:
+            return False
+        first = letter.first_failed_at
+        first = first if first is not None else parked.parking.first_failed_at
+        self._add_letter(letter, first, time.time())
+        return True
 
     # -- room state ----------------------------------------------------------
 

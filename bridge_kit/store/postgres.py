@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from typing import Any, ClassVar, TypeVar
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import postgres_devices, postgres_inbox, postgres_state
+from bridge_kit.store import postgres_devices, postgres_inbox, postgres_parked, postgres_state
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -24,7 +24,15 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+    ParkedItem,
+    Parking,
+)
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 from bridge_kit.types.events import Event
@@ -82,6 +90,8 @@ class PostgresStore(Store):
         postgres_inbox.V2,
         postgres_state.V3,
         postgres_devices.V4,
+        # -- schema v5: one tuple of every branch's v5 statements --
+        (*postgres_parked.V5,),  # park: parked inbox items
     )
 
     def __init__(
@@ -332,6 +342,27 @@ class PostgresStore(Store):
 
     async def inbox_stats(self) -> InboxStats:
         return await self._run(postgres_inbox.stats)
+
+    # -- parked items (SQL in postgres_parked) ---------------------------------
+
+    async def park_item(self, item_id: int, parking: Parking) -> bool:
+        return await self._run(lambda pool: postgres_parked.park(pool, item_id, parking))
+
+    async def unpark_items(self, key: str) -> int:
+        return await self._run(lambda pool: postgres_parked.unpark(pool, key))
+
+    async def parked_items(
+        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
+    ) -> list[ParkedItem]:
+        check_limit(limit)
+        return await self._run(lambda pool: postgres_parked.parked(pool, key, due_by, limit))
+
+    async def count_parked(self) -> int:
+        return await self._run(postgres_parked.count)
+
+    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+        now = time.time()
+        return await self._run(lambda pool: postgres_parked.bury(pool, item_id, letter, now))
 
     # -- room state (SQL in postgres_state) -----------------------------------
 

@@ -20,6 +20,8 @@ __all__ = [
     "ItemKind",
     "NewDeadLetter",
     "NewInboxItem",
+    "ParkedItem",
+    "Parking",
     "storable",
 ]
 
@@ -96,6 +98,29 @@ class DeadLetter:
     last_failed_at: float
     event_id: str | None
     event_type: str | None
+
+
+@attrs.frozen
+class Parking:
+    """Why and until when an inbox item is parked (see :class:`~bridge_kit.errors.Park`).
+
+    ``done_handlers`` and ``first_failed_at`` are the item's progress, kept for when
+    it comes back into its lane; ``give_up_at`` is a Unix time."""
+
+    key: str
+    reason: str
+    give_up_at: float
+    first_failed_at: float
+    done_handlers: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class ParkedItem:
+    """An item out of its lane, waiting for its parking's key. ``item.id`` is the id it
+    had in the inbox; the parked items of a key come back into their lanes in its order."""
+
+    item: InboxItem
+    parking: Parking
 
 
 @attrs.frozen

@@ -43,6 +43,8 @@ from bridge_kit.store.base import (
 from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
+from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
+from bridge_kit.store.sqlite_parked import SQLiteParkedItems
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.types.events import Event
 from bridge_kit.types.state import Member
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY = 100
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteParkedItems, Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
 
     ``path`` is relative to the current directory unless absolute; the file is
@@ -69,6 +71,8 @@ class SQLiteStore(Store):
         sqlite_inbox.V2,
         sqlite_state.V3,
         sqlite_devices.V4,
+        # -- schema v5: one tuple of every branch's v5 statements --
+        (*_PARKED_V5,),  # park: parked inbox items
     )
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -1,0 +1,164 @@
+"""Parked inbox items in SQLite: the version 5 table and the statements behind
+:class:`~bridge_kit.store.sqlite.SQLiteStore`'s parked-item methods.
+
+A parked item is an inbox row moved, in one transaction, into
+``bridge_kit_parked`` (keeping its inbox id, which orders it), and moved back
+to the end of its lane, with a new inbox id, when its key is released.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+import aiosqlite
+
+from bridge_kit.store.base import check_limit
+from bridge_kit.store.inbox_rows import (
+    clean_json,
+    clean_text,
+    encode_handlers,
+    optional_text,
+    parked_filter,
+    parked_from_row,
+)
+from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
+
+_T = TypeVar("_T")
+
+# -- schema v5 (park): parked items ----------------------------------------------------
+V5 = (
+    "CREATE TABLE bridge_kit_parked ("
+    " id INTEGER PRIMARY KEY NOT NULL,"  # the item's id in the inbox: it keeps their order
+    " lane TEXT NOT NULL,"
+    " kind TEXT NOT NULL,"
+    " event_json TEXT NOT NULL,"
+    " received_at REAL NOT NULL,"
+    " attempts INTEGER NOT NULL,"
+    " done_handlers TEXT NOT NULL,"
+    " first_failed_at REAL NOT NULL,"
+    " park_key TEXT NOT NULL,"
+    " reason TEXT NOT NULL,"
+    " give_up_at REAL NOT NULL)",
+    "CREATE INDEX bridge_kit_parked_key ON bridge_kit_parked (park_key, id)",
+    "CREATE INDEX bridge_kit_parked_due ON bridge_kit_parked (give_up_at)",
+)
+# -- end of schema v5 (park) -----------------------------------------------------------
+
+_COLUMNS = (
+    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
+    " park_key, reason, give_up_at"
+)
+
+
+async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bool:
+    """Move one item from the inbox to the parked items (in the caller's transaction)."""
+    cursor = await conn.execute(
+        "INSERT INTO bridge_kit_parked (id, lane, kind, event_json, received_at, attempts,"
+        " done_handlers, first_failed_at, park_key, reason, give_up_at)"
+        " SELECT id, lane, kind, event_json, received_at, attempts, ?, ?, ?, ?, ?"
+        " FROM bridge_kit_inbox WHERE id = ?",
+        (
+            encode_handlers(parking.done_handlers),
+            parking.first_failed_at,
+            clean_text(parking.key),
+            clean_text(parking.reason),
+            parking.give_up_at,
+            item_id,
+        ),
+    )
+    if cursor.rowcount == 0:
+        return False
+    await conn.execute("DELETE FROM bridge_kit_inbox WHERE id = ?", (item_id,))
+    return True
+
+
+async def unpark(conn: aiosqlite.Connection, key: str) -> int:
+    """Move the items parked under ``key`` back into their lanes (in the caller's transaction)."""
+    key = clean_text(key)
+    await conn.execute(
+        "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, attempts,"
+        " done_handlers, first_failed_at)"
+        " SELECT lane, kind, event_json, received_at, attempts, done_handlers, first_failed_at"
+        " FROM bridge_kit_parked WHERE park_key = ? ORDER BY id",
+        (key,),
+    )
+    cursor = await conn.execute("DELETE FROM bridge_kit_parked WHERE park_key = ?", (key,))
+    return cursor.rowcount
+
+
+async def parked(
+    conn: aiosqlite.Connection, key: str | None, due_by: float | None, limit: int
+) -> list[ParkedItem]:
+    where, parameters = parked_filter(key, due_by, lambda n: "?")
+    rows = await conn.execute_fetchall(
+        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "?" marks)
+        " ORDER BY id LIMIT ?",
+        (*parameters, limit),
+    )
+    return [parked_from_row(row) for row in rows]
+
+
+async def count(conn: aiosqlite.Connection) -> int:
+    rows = list(await conn.execute_fetchall("SELECT COUNT(*) FROM bridge_kit_parked"))
+    return int(rows[0][0])
+
+
+async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> bool:
+    """Move a parked item to the dead letters (in the caller's transaction); the letter
+    is written only if the item was still parked."""
+    cursor = await conn.execute(
+        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
+        " event_id, event_type, last_failed_at, first_failed_at)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at)"
+        " FROM bridge_kit_parked WHERE id = ?",
+        (
+            *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
+            *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
+            *(optional_text(letter.event_id), optional_text(letter.event_type), now),
+            *(letter.first_failed_at, item_id),
+        ),
+    )
+    if cursor.rowcount == 0:
+        return False
+    await conn.execute("DELETE FROM bridge_kit_parked WHERE id = ?", (item_id,))
+    return True
+
+
+class _Connection(Protocol):
+    """What :class:`SQLiteParkedItems` needs of the store it is mixed into."""
+
+    async def _locked(self, operation: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T: ...
+
+    async def _in_transaction(
+        self, operation: Callable[[aiosqlite.Connection], Awaitable[_T]]
+    ) -> _T: ...
+
+
+class SQLiteParkedItems:
+    """The parked-item methods of :class:`~bridge_kit.store.sqlite.SQLiteStore` (see
+    :class:`~bridge_kit.store.base.Store`), each one transaction."""
+
+    async def park_item(self: _Connection, item_id: int, parking: Parking) -> bool:
+        return await self._in_transaction(lambda conn: park(conn, item_id, parking))
+
+    async def unpark_items(self: _Connection, key: str) -> int:
+        return await self._in_transaction(lambda conn: unpark(conn, key))
+
+    async def parked_items(
+        self: _Connection,
+        *,
+        key: str | None = None,
+        due_by: float | None = None,
+        limit: int = 100,
+    ) -> list[ParkedItem]:
+        check_limit(limit)
+        return await self._locked(lambda conn: parked(conn, key, due_by, limit))
+
+    async def count_parked(self: _Connection) -> int:
+        return await self._locked(count)
+
+    async def bury_parked(self: _Connection, item_id: int, letter: NewDeadLetter) -> bool:
+        now = time.time()
+        return await self._in_transaction(lambda conn: bury(conn, item_id, letter, now))
