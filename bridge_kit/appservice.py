@@ -334,7 +334,7 @@ class AppService:
         runner = await self._listen()
         try:
             # Before the inbox: its seams decrypt the first items it handles.
-            self.encryption = await start_encryption(self)
+            self.encryption = await start_encryption(self.config.encryption, self)
             self.bot.encryption = self.encryption
             await self.inbox.start()
         except BaseException:

@@ -13,19 +13,20 @@ from typing import TYPE_CHECKING
 from bridge_kit.errors import ConfigError, EncryptionUnavailable
 
 if TYPE_CHECKING:
-    from bridge_kit.appservice import AppService
-    from bridge_kit.crypto.bridge import BridgeEncryption
+    from bridge_kit.config import EncryptionConfig
+    from bridge_kit.crypto.bridge import BridgeEncryption, EncryptionHost
 
 __all__ = ["start_encryption"]
 
 
-async def start_encryption(app: AppService) -> BridgeEncryption | None:
-    """The app's started encryption, or ``None`` when ``encryption.enabled`` is off.
+async def start_encryption(
+    settings: EncryptionConfig, app: EncryptionHost
+) -> BridgeEncryption | None:
+    """The app's started encryption, or ``None`` when ``settings.enabled`` is off.
 
     Raises :class:`ConfigError` when the registration lacks a flag encryption needs,
     and :class:`EncryptionUnavailable` when vodozemac is not installed.
     """
-    settings = app.config.encryption
     if not settings.enabled:
         return None
     missing = app.registration.missing_encryption_flags()

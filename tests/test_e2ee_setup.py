@@ -176,10 +176,10 @@ async def test_an_app_refuses_to_start_encryption_without_the_flags() -> None:
     from bridge_kit.e2ee import start_encryption
 
     off = _App(EncryptionConfig(), registration_data("ours", "_ours_"))
-    assert await start_encryption(off) is None  # type: ignore[arg-type]
+    assert await start_encryption(off.config.encryption, off) is None  # type: ignore[arg-type]
     missing = _App(EncryptionConfig(enabled=True), registration_data("ours", "_ours_"))
     with pytest.raises(ConfigError, match=r"lacks io\.element\.msc4190"):
-        await start_encryption(missing)  # type: ignore[arg-type]
+        await start_encryption(missing.config.encryption, missing)  # type: ignore[arg-type]
 
 
 _ENABLED_WITHOUT_VODOZEMAC = textwrap.dedent(
@@ -192,7 +192,7 @@ _ENABLED_WITHOUT_VODOZEMAC = textwrap.dedent(
     from bridge_kit.config import EncryptionConfig
     app = _App(EncryptionConfig(enabled=True), registration_data("ours", "_ours_", **FLAGS))
     try:
-        asyncio.run(start_encryption(app))
+        asyncio.run(start_encryption(app.config.encryption, app))
     except EncryptionUnavailable as exc:
         print(exc)
     """

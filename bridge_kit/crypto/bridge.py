@@ -33,7 +33,7 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 
@@ -49,10 +49,14 @@ from bridge_kit.store.records import InboxItem, ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 
 if TYPE_CHECKING:
-    from bridge_kit.appservice import AppService
+    from bridge_kit.handlers import HandlerRegistry
+    from bridge_kit.inbox import Inbox
     from bridge_kit.intent import Intent
+    from bridge_kit.registration import Registration
+    from bridge_kit.state import RoomState
+    from bridge_kit.store import Store
 
-__all__ = ["BridgeEncryption"]
+__all__ = ["BridgeEncryption", "EncryptionHost"]
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +114,29 @@ class _IntentKeys:
         await self.device.send_to_device(event_type, messages)
 
 
+class EncryptionHost(Protocol):
+    """What the encryption uses of the :class:`~bridge_kit.AppService` it runs in.
+
+    A protocol, so the encryption is given its parts and never imports the app."""
+
+    @property
+    def registration(self) -> Registration: ...
+    @property
+    def bot(self) -> Intent: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def inbox(self) -> Inbox: ...
+    @property
+    def handlers(self) -> HandlerRegistry: ...
+    @property
+    def room_state(self) -> RoomState[Intent]: ...
+
+
 class BridgeEncryption:
     """The crypto of one AppService; :meth:`start` makes the device and hooks it in."""
 
-    def __init__(self, app: AppService, settings: EncryptionConfig) -> None:
+    def __init__(self, app: EncryptionHost, settings: EncryptionConfig) -> None:
         self.app = app
         self.settings = settings
         secret = settings.pickle_key or app.registration.as_token

@@ -12,7 +12,7 @@ The modules, lowest layer first:
 
 - :mod:`~bridge_kit.registration.files`: reading the file, writing private files atomically;
 - :mod:`~bridge_kit.registration.findings`: :class:`Finding` and the YAML source map;
-- :mod:`~bridge_kit.registration.namespaces`: :class:`Namespace` and :class:`Namespaces`, plain data;
+- :mod:`~bridge_kit.registration.namespaces`: the namespaces, plain data;
 - :mod:`~bridge_kit.registration.validate`: parsing, and what Synapse refuses;
 - :mod:`~bridge_kit.registration.lint`: warnings, and :func:`~.lint.lint` itself;
 - :mod:`~bridge_kit.registration.model`: :class:`Registration`, its wire format, checking;
