@@ -62,7 +62,14 @@ from bridge_kit.errors import NotReady, StoreError
 from bridge_kit.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, storable
+from bridge_kit.store.records import (
+    InboxItem,
+    InboxStats,
+    ItemKind,
+    NewDeadLetter,
+    clipped_error,
+    storable,
+)
 from bridge_kit.types import Event, describe_error
 
 __all__ = [
@@ -504,7 +511,7 @@ class Inbox:
                 "handler %s failed %d times for %s in %s; it is now a dead letter: %s",
                 name, attempts, describe_item(parsed), item.lane, summary,
             )  # fmt: skip
-            await self._bury(item, name, failure, attempts, parsed)
+            await self._bury(item, name, failure, attempts, parsed, done=done)
             return True
         delay = self.settings.retry_delay(attempts, self._rng)
         log.warning(
@@ -530,7 +537,9 @@ class Inbox:
                 "%s waited %.1f s for %s in %s; it is now a dead letter: %s",
                 describe_item(parsed), now - first, name, item.lane, not_ready.reason,
             )  # fmt: skip
-            await self._bury(item, name, not_ready.reason, item.attempts, parsed, "not_ready")
+            await self._bury(
+                item, name, not_ready.reason, item.attempts, parsed, "not_ready", done=done
+            )
             return True
         delay = min(not_ready.retry_after, left)
         log.debug(
@@ -548,19 +557,24 @@ class Inbox:
         attempts: int,
         parsed: Item | None = None,
         reason: str | None = None,
+        *,
+        done: Sequence[str] = (),
     ) -> None:
+        """Make the item a dead letter; ``done`` names the handlers that succeeded for
+        it, which a replay does not run again."""
         event_id = item_event_id(parsed) if parsed is not None else None
         event_type = item_type(parsed) if parsed is not None else None
         letter = NewDeadLetter(
             lane=item.lane,
             kind=item.kind,
             event_json=item.event_json,
-            error=storable(error),
+            error=storable(clipped_error(error)),
             handler=handler and storable(handler),
             attempts=attempts,
             first_failed_at=item.first_failed_at,
             event_id=storable(event_id) if event_id else None,
             event_type=storable(event_type) if event_type is not None else None,
+            done_handlers=tuple(storable(name) for name in done),
         )
         await self.store.bury_item(item.id, letter)
         if self.metrics is not None:

@@ -24,8 +24,15 @@ from typing import ClassVar, TypeVar
 
 import aiosqlite
 
+from bridge_kit import defaults
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_puppets, sqlite_state
+from bridge_kit.store import (
+    sqlite_devices,
+    sqlite_inbox,
+    sqlite_puppets,
+    sqlite_retention,
+    sqlite_state,
+)
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -61,7 +68,15 @@ class SQLiteStore(Store):
     ``path`` is relative to the current directory unless absolute; the file is
     created if missing, but its directory must exist. Writes are serialised on
     the single connection and each batch is one transaction.
+
+    ``sync`` is SQLite's ``synchronous`` pragma: ``normal`` (the default) syncs the
+    WAL only at checkpoints, so a power cut or an OS crash can lose the commits
+    since the last one (a crash of this process loses none); ``full`` syncs every
+    commit, and then commits are not made on the event loop (a sync would block it).
     """
+
+    #: The values ``sync`` takes.
+    SYNC_MODES: ClassVar[tuple[str, ...]] = ("normal", "full")
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
     MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (
@@ -69,10 +84,14 @@ class SQLiteStore(Store):
         sqlite_inbox.V2,
         sqlite_state.V3,
         sqlite_devices.V4,
+        (*sqlite_retention.V5_RETENTION,),  # schema v5: the retention branch's statements
     )
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:
+        if sync not in self.SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(self.SYNC_MODES)}, not {sync!r}")
         self.path = Path(path).absolute()
+        self.sync = sync
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
@@ -93,11 +112,10 @@ class SQLiteStore(Store):
             self._conn = await aiosqlite.connect(self.path, isolation_level=None)
             await self._conn.execute("PRAGMA journal_mode=WAL")
             # In WAL mode NORMAL loses no commit when this process crashes; only an OS crash
-            # or a power cut can lose the last ones (mark_transaction_done says why that is
-            # acceptable for the dedup records too).
-            await self._conn.execute("PRAGMA synchronous=NORMAL")
+            # or a power cut can lose the last ones (the README's Delivery guarantees).
+            await self._conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
             await self._migrate()
-            self._records = sqlite_puppets.connect_records(self.path)
+            self._records = sqlite_puppets.connect_records(self.path, self.sync)
         except sqlite3.Error as error:
             await self.close()
             raise StoreError(self._open_problem(error)) from error
@@ -293,27 +311,30 @@ class SQLiteStore(Store):
     async def mark_transaction_done(self, txn_id: str) -> None:
         """Record ``txn_id`` as done; the commit has happened when this returns.
 
-        WAL mode with synchronous=NORMAL: the record survives a crash of this
-        process, but an OS crash or a power cut may lose the last commits. That
-        only matters if the homeserver re-sends a transaction after it saw our 200,
-        and it does not: the 200 ends that transaction for it. Syncing each commit
-        (FULL) would buy one fsync per transaction against a double failure (power
-        lost here and, before it recorded our 200, on the homeserver too), after
-        which the bridge's own side effects are not exactly-once either.
+        WAL mode with synchronous=NORMAL (``sync="normal"``): the record survives a
+        crash of this process, but an OS crash or a power cut may lose the commits
+        since the last checkpoint; the homeserver does not send again what it saw
+        our 200 for. ``sync="full"`` syncs each commit (README, Delivery guarantees).
         """
         parameters = (txn_id, time.time())
+        if self.sync != "full" and self._mark_done_now(parameters):
+            return
+        with self._errors():
+            async with self._transaction() as conn:
+                await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
+
+    def _mark_done_now(self, parameters: tuple[str, float]) -> bool:
+        """Insert the record on the loop's connection; False when the database is busy."""
         records = self._records_connection()
         try:
             with self._errors():
                 records.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
-            self._after_loop_commit()
-            return
         except StoreError as error:
             if getattr(error.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
                 raise
-        with self._errors():
-            async with self._transaction() as conn:
-                await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
+            return False
+        self._after_loop_commit()
+        return True
 
     async def prune_transactions(self, keep: int) -> int:
         if keep < 0:
@@ -381,6 +402,8 @@ class SQLiteStore(Store):
         above); when another connection holds the write lock, the caller takes the
         thread path instead of waiting here.
         """
+        if self.sync == "full":
+            return None  # each commit is synced: not on the loop
         records = self._records_connection()
         try:
             records.execute("BEGIN IMMEDIATE")
@@ -476,15 +499,32 @@ class SQLiteStore(Store):
             check_limit(limit)
         return await self._locked(lambda conn: sqlite_inbox.dead_letters(conn, limit))
 
-    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+    async def replay_dead_letters(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
         now = time.time()
-        return await self._in_transaction(lambda conn: sqlite_inbox.replay(conn, ids, now))
+        return await self._in_transaction(
+            lambda conn: sqlite_inbox.replay(conn, ids, now, all_handlers)
+        )
 
     async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
         return await self._in_transaction(lambda conn: sqlite_inbox.drop(conn, ids))
 
     async def inbox_stats(self) -> InboxStats:
         return await self._locked(sqlite_inbox.stats)
+
+    async def prune_dead_letters(self, keep: int, before: float) -> int:
+        check_limit(keep, "keep")
+        return await self._locked(
+            lambda conn: sqlite_retention.prune_dead_letters(conn, keep, before)
+        )
+
+    async def prune_crypto(self, kind: str, before: float) -> int:
+        what = checked_text(kind, "crypto kind")
+        return await self._locked(lambda conn: sqlite_retention.prune_crypto(conn, what, before))
+
+    async def to_device_since(self) -> float | None:
+        return await self._locked(sqlite_retention.to_device_since)
 
     # -- room state (SQL in sqlite_state) -------------------------------------
 
@@ -547,7 +587,7 @@ class SQLiteStore(Store):
         (who, what), batch = crypto_scope(owner, kind), checked_items(items)
         if batch:
             await self._in_transaction(
-                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch)
+                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch, time.time())
             )
 
     async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:

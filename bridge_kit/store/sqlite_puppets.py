@@ -34,12 +34,13 @@ INSERT_TRANSACTION: Final = (
 )
 
 
-def connect_records(path: Path) -> sqlite3.Connection:
-    """The store's second connection, used on the event loop (see SQLiteStore._accept_now)."""
+def connect_records(path: Path, sync: str = "normal") -> sqlite3.Connection:
+    """The store's second connection, used on the event loop (see SQLiteStore._accept_now);
+    ``sync`` is the ``synchronous`` pragma, as on the store's main connection."""
     # timeout=0: a busy database raises at once instead of blocking the event loop.
     records = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
-        records.execute("PRAGMA synchronous=NORMAL")
+        records.execute(f"PRAGMA synchronous={sync.upper()}")
         # Checkpoints write pages back and fsync: not on the event loop. The store
         # runs them on aiosqlite's thread instead (see _accept_now).
         records.execute("PRAGMA wal_autocheckpoint=0")
