@@ -287,7 +287,7 @@ async def test_recent_transactions_survive_pruning_of_a_refilled_table(store: St
 
 
 async def test_schema_version_is_current(store: Store) -> None:
-    assert await store.schema_version() == Store.SCHEMA_VERSION == 4
+    assert await store.schema_version() == Store.SCHEMA_VERSION == 5
 
 
 async def test_a_closed_store_refuses_work(url: str) -> None:
