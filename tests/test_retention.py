@@ -377,8 +377,8 @@ async def test_a_version_4_database_is_migrated_to_5(durable_backend: str) -> No
         "INSERT INTO bridge_kit_schema (version) VALUES (4)",
         "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
         " first_failed_at, last_failed_at) VALUES ('!r', 'to_device', '{}', 'e', 'h', 5, 1, 2)",
-        "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value)"
-        f" VALUES ('dev', '{SEALED_PAYLOADS}', 'k', {blob})",
+        "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value)"  # noqa: S608 (constants)
+        f" VALUES ('dev', 'olm_decrypted', 'k', {blob})",
     )
     migrated_at = time.time()
     async with open_store(url) as store:

@@ -28,6 +28,7 @@ from bridge_kit import defaults
 from bridge_kit.errors import StoreError
 from bridge_kit.store import (
     sqlite_devices,
+    sqlite_files,
     sqlite_inbox,
     sqlite_puppets,
     sqlite_retention,
@@ -69,13 +70,10 @@ class SQLiteStore(Store):
     created if missing, but its directory must exist. Writes are serialised on
     the single connection and each batch is one transaction.
 
-    ``sync`` is SQLite's ``synchronous`` pragma: ``normal`` (the default) syncs the
-    WAL only at checkpoints, so a power cut or an OS crash can lose the commits
-    since the last one (a crash of this process loses none); ``full`` syncs every
-    commit, and then commits are not made on the event loop (a sync would block it).
+    ``sync``, the ``synchronous`` pragma: ``normal`` (a power cut can lose the commits
+    since the last checkpoint) or ``full`` (none; acceptance then commits off the loop).
     """
 
-    #: The values ``sync`` takes.
     SYNC_MODES: ClassVar[tuple[str, ...]] = ("normal", "full")
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
@@ -107,7 +105,7 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        _create_private(self.path)
+        sqlite_files.create_private(self.path)
         try:
             self._conn = await aiosqlite.connect(self.path, isolation_level=None)
             await self._conn.execute("PRAGMA journal_mode=WAL")
@@ -118,7 +116,7 @@ class SQLiteStore(Store):
             self._records = sqlite_puppets.connect_records(self.path, self.sync)
         except sqlite3.Error as error:
             await self.close()
-            raise StoreError(self._open_problem(error)) from error
+            raise StoreError(sqlite_files.open_problem(self.path, error)) from error
         except BaseException:
             await self.close()
             raise
@@ -167,19 +165,6 @@ class SQLiteStore(Store):
         with self._errors():
             async with self._transaction() as conn:
                 await conn.execute("DELETE FROM bridge_kit_lanes")
-
-    def _open_problem(self, error: sqlite3.Error) -> str:
-        where = f"cannot open SQLite store {self.path}"
-        parent = self.path.parent
-        if not parent.exists():
-            return f"{where}: directory {parent} does not exist"
-        if not parent.is_dir():
-            return f"{where}: {parent} is not a directory"
-        if self.path.is_dir():
-            return f"{where}: it is a directory"
-        if not os.access(self.path if self.path.exists() else parent, os.R_OK | os.W_OK):
-            return f"{where}: permission denied"
-        return f"{where}: {error}"
 
     async def _migrate(self) -> None:
         async with self._transaction() as conn:
@@ -311,30 +296,27 @@ class SQLiteStore(Store):
     async def mark_transaction_done(self, txn_id: str) -> None:
         """Record ``txn_id`` as done; the commit has happened when this returns.
 
-        WAL mode with synchronous=NORMAL (``sync="normal"``): the record survives a
-        crash of this process, but an OS crash or a power cut may lose the commits
-        since the last checkpoint; the homeserver does not send again what it saw
-        our 200 for. ``sync="full"`` syncs each commit (README, Delivery guarantees).
+        WAL mode with synchronous=NORMAL: the record survives a crash of this
+        process, but an OS crash or a power cut may lose the last commits. That
+        only matters if the homeserver re-sends a transaction after it saw our 200,
+        and it does not: the 200 ends that transaction for it. Syncing each commit
+        (FULL) would buy one fsync per transaction against a double failure (power
+        lost here and, before it recorded our 200, on the homeserver too), after
+        which the bridge's own side effects are not exactly-once either.
         """
         parameters = (txn_id, time.time())
-        if self.sync != "full" and self._mark_done_now(parameters):
-            return
-        with self._errors():
-            async with self._transaction() as conn:
-                await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
-
-    def _mark_done_now(self, parameters: tuple[str, float]) -> bool:
-        """Insert the record on the loop's connection; False when the database is busy."""
         records = self._records_connection()
         try:
             with self._errors():
                 records.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
+            self._after_loop_commit()
+            return
         except StoreError as error:
             if getattr(error.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
                 raise
-            return False
-        self._after_loop_commit()
-        return True
+        with self._errors():
+            async with self._transaction() as conn:
+                await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
 
     async def prune_transactions(self, keep: int) -> int:
         if keep < 0:
@@ -615,15 +597,3 @@ class SQLiteStore(Store):
         ]
         if rows:
             await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file with mode 0600 if it does not exist yet.
-
-    It holds every puppet and every event in the inbox; SQLite would create it
-    readable by all (0644 under the usual umask), and gives its -wal and -shm files
-    the database file's mode. An existing file keeps the mode its owner chose.
-    Whatever fails here (no such directory...) fails again, explained, in connect.
-    """
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))

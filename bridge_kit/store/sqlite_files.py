@@ -1,0 +1,35 @@
+"""The SQLite store's file: created private, and a failure to open it explained."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+
+def open_problem(path: Path, error: sqlite3.Error) -> str:
+    """Why the database at ``path`` did not open, in words an operator can act on."""
+    where = f"cannot open SQLite store {path}"
+    parent = path.parent
+    if not parent.exists():
+        return f"{where}: directory {parent} does not exist"
+    if not parent.is_dir():
+        return f"{where}: {parent} is not a directory"
+    if path.is_dir():
+        return f"{where}: it is a directory"
+    if not os.access(path if path.exists() else parent, os.R_OK | os.W_OK):
+        return f"{where}: permission denied"
+    return f"{where}: {error}"
+
+
+def create_private(path: Path) -> None:
+    """Create the database file with mode 0600 if it does not exist yet.
+
+    It holds every puppet and every event in the inbox; SQLite would create it
+    readable by all (0644 under the usual umask), and gives its -wal and -shm files
+    the database file's mode. An existing file keeps the mode its owner chose.
+    Whatever fails here (no such directory...) fails again, explained, in connect.
+    """
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
