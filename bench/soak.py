@@ -5,7 +5,10 @@ SQLite store, with one event handler) runs in its own process. This process play
 Synapse: it answers the daemon's start-up ``whoami`` and pushes transactions of
 ``--per-txn`` room events spread over ``--rooms`` rooms, one at a time, each sent
 once its answer came (as Synapse sends), each also carrying one device's
-one-time-key count (superseded by the next while it waits). The handler fails one
+one-time-key count (superseded by the next while it waits). As the daemon
+acknowledges far faster than it handles, sending pauses while more than
+``--max-backlog`` events wait (a homeserver's rooms produce events at their own
+pace; an unbounded backlog would measure the backlog, not the retention). The handler fails one
 event in ``--fail-every``; with ``handler_attempts: 1`` each becomes a dead letter,
 which retention (``dead_letters_keep``, every ``retention_interval`` seconds) keeps
 bounded.
@@ -191,6 +194,16 @@ class Soak:
                     raise RuntimeError(f"txn {self.sent}: {r.status} {await r.text()}")
                 await r.read()
             self.sent += per_txn
+            if self.sent % (per_txn * 20) == 0:
+                await self.within_backlog()
+
+    async def within_backlog(self) -> None:
+        """A homeserver sends no faster than its rooms produce events: past
+        ``--max-backlog`` waiting events, pause until the daemon worked half off."""
+        if inbox_counts(self.db)[0] <= self.args.max_backlog:
+            return
+        while inbox_counts(self.db)[0] > self.args.max_backlog // 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
 
     async def drained(self) -> None:
         """Wait until the daemon handled (or buried) everything sent; polled, as the
@@ -271,6 +284,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rooms", type=int, default=10_000)
     parser.add_argument("--per-txn", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20_000, help="events before 'start'")
+    parser.add_argument(
+        "--max-backlog", type=int, default=20_000, help="events waiting before sending pauses"
+    )
     parser.add_argument("--fail-every", type=int, default=1000, help="0: no handler fails")
     parser.add_argument("--dead-letters-keep", type=int, default=100)
     parser.add_argument("--retention-interval", type=float, default=5.0)
