@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import aiosqlite
 
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import ItemKind, NewInboxItem
 
 # -- schema version 5: retention ------------------------------------------------
@@ -36,7 +37,7 @@ def superseded_counts(items: Sequence[NewInboxItem]) -> list[tuple[str, str]]:
     """The parameters of :data:`_SUPERSEDE` for the key counts among ``items``: each
     device's lane, whose older counts the new one replaces."""
     kind = ItemKind.OTK_COUNTS
-    return [(kind.value, item.lane) for item in items if item.kind is kind]
+    return [(kind.value, clean_text(item.lane)) for item in items if item.kind is kind]
 
 
 async def supersede(conn: aiosqlite.Connection, items: Sequence[NewInboxItem]) -> None:
