@@ -30,7 +30,7 @@ from bridge_kit.retention import (
     RetentionSettings,
     prune_store,
 )
-from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
+from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store, sqlite_retention
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, clipped_error
 from bridge_kit.transactions import split_transaction
 from bridge_kit.types import Event, OtkCounts
@@ -150,6 +150,18 @@ async def test_crypto_values_of_one_kind_are_pruned_by_when_they_were_written(
     assert await store.prune_crypto(REPLAY_RECORDS, written + 1) == 2
     assert await store.crypto_items("dev", REPLAY_RECORDS) == {}
     assert await store.crypto_get("dev", "olm_sessions", "s") == b"secret"  # another kind
+
+
+async def test_pruning_more_rows_than_one_delete_takes_prunes_them_all(store: Store) -> None:
+    """SQLite deletes in chunks (its write lock is held per chunk): all must go."""
+    many = sqlite_retention.CHUNK * 2 + 1
+    await store.crypto_put_many("dev", REPLAY_RECORDS, {f"k{n}": b"x" for n in range(many)})
+    assert await store.accept_transaction("t1", [], [letter(n) for n in range(many)])
+    assert await store.prune_crypto(REPLAY_RECORDS, time.time() + 1) == many
+    assert await store.prune_dead_letters(keep=1, before=0.0) == many - 1
+    assert await store.crypto_items("dev", REPLAY_RECORDS) == {}
+    [newest] = await store.dead_letters()
+    assert json.loads(newest.event_json)["event_id"] == f"$d{many - 1}"
 
 
 async def test_a_rewritten_crypto_value_counts_as_new(store: Store) -> None:

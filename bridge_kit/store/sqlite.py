@@ -74,8 +74,6 @@ class SQLiteStore(Store):
     since the last checkpoint) or ``full`` (none; acceptance then commits off the loop).
     """
 
-    SYNC_MODES: ClassVar[tuple[str, ...]] = ("normal", "full")
-
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
     MIGRATIONS: ClassVar[Sequence[Sequence[str]]] = (
         sqlite_puppets.V1,
@@ -86,10 +84,8 @@ class SQLiteStore(Store):
     )
 
     def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:
-        if sync not in self.SYNC_MODES:
-            raise ValueError(f"sync must be one of {', '.join(self.SYNC_MODES)}, not {sync!r}")
         self.path = Path(path).absolute()
-        self.sync = sync
+        self.sync = sqlite_files.checked_sync(sync)
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
@@ -497,13 +493,15 @@ class SQLiteStore(Store):
 
     async def prune_dead_letters(self, keep: int, before: float) -> int:
         check_limit(keep, "keep")
-        return await self._locked(
-            lambda conn: sqlite_retention.prune_dead_letters(conn, keep, before)
+        return await sqlite_retention.in_chunks(
+            self._locked, lambda conn: sqlite_retention.prune_dead_letters(conn, keep, before)
         )
 
     async def prune_crypto(self, kind: str, before: float) -> int:
         what = checked_text(kind, "crypto kind")
-        return await self._locked(lambda conn: sqlite_retention.prune_crypto(conn, what, before))
+        return await sqlite_retention.in_chunks(
+            self._locked, lambda conn: sqlite_retention.prune_crypto(conn, what, before)
+        )
 
     async def to_device_since(self) -> float | None:
         return await self._locked(sqlite_retention.to_device_since)

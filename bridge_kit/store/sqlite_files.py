@@ -1,4 +1,5 @@
-"""The SQLite store's file: created private, and a failure to open it explained."""
+"""The SQLite store's file: created private, a failure to open it explained, and how
+durably it is written."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import contextlib
 import os
 import sqlite3
 from pathlib import Path
+from typing import Final
+
+#: The values of the store's ``sync`` (SQLite's ``synchronous`` pragma).
+SYNC_MODES: Final = ("normal", "full")
+
+
+def checked_sync(sync: str) -> str:
+    """``sync``, or :class:`ValueError` if it is not one of :data:`SYNC_MODES`."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+    return sync
 
 
 def open_problem(path: Path, error: sqlite3.Error) -> str:

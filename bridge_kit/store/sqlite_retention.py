@@ -8,7 +8,7 @@ superseding done inside an acceptance's commit).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiosqlite
 
@@ -53,20 +53,45 @@ def supersede_now(conn: sqlite3.Connection, items: Sequence[NewInboxItem]) -> No
         conn.executemany(_SUPERSEDE, rows)
 
 
+#: Rows one pruning statement deletes at most: the store's lock (and SQLite's write
+#: lock) is held for one chunk, so acceptances and the inbox wait milliseconds, not
+#: the seconds a million-row delete takes.
+CHUNK = 2000
+
+
+async def in_chunks(
+    locked: Callable[[Callable[[aiosqlite.Connection], Awaitable[int]]], Awaitable[int]],
+    step: Callable[[aiosqlite.Connection], Awaitable[int]],
+) -> int:
+    """Run ``step`` (which deletes at most :data:`CHUNK` rows) under ``locked`` until
+    it deletes fewer; the total."""
+    total = 0
+    while True:
+        deleted = await locked(step)
+        total += deleted
+        if deleted < CHUNK:
+            return total
+
+
 async def prune_dead_letters(conn: aiosqlite.Connection, keep: int, before: float) -> int:
-    """Delete the letters that last failed before ``before`` and all but the newest ``keep``."""
+    """Delete up to :data:`CHUNK` of the letters that last failed before ``before`` or
+    are older than the newest ``keep``."""
     cursor = await conn.execute(
-        "DELETE FROM bridge_kit_dead_letters WHERE last_failed_at < ? OR id <= ("
-        " SELECT id FROM bridge_kit_dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?)",
-        (before, keep),
+        "DELETE FROM bridge_kit_dead_letters WHERE id IN ("
+        " SELECT id FROM bridge_kit_dead_letters WHERE last_failed_at < ? OR id <= ("
+        "  SELECT id FROM bridge_kit_dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?)"
+        " LIMIT ?)",
+        (before, keep, CHUNK),
     )
     return cursor.rowcount
 
 
 async def prune_crypto(conn: aiosqlite.Connection, kind: str, before: float) -> int:
-    """Delete every value of ``kind`` (any owner) last written before ``before``."""
+    """Delete up to :data:`CHUNK` values of ``kind`` (any owner) last written before ``before``."""
     cursor = await conn.execute(
-        "DELETE FROM bridge_kit_crypto_state WHERE kind = ? AND written_at < ?", (kind, before)
+        "DELETE FROM bridge_kit_crypto_state WHERE rowid IN ("
+        " SELECT rowid FROM bridge_kit_crypto_state WHERE kind = ? AND written_at < ? LIMIT ?)",
+        (kind, before, CHUNK),
     )
     return cursor.rowcount
 
