@@ -32,6 +32,7 @@ from bridge_kit.retention import (
 )
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store, sqlite_retention
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, clipped_error
+from bridge_kit.store.sqlite_files import WAL_SIZE_LIMIT
 from bridge_kit.transactions import split_transaction
 from bridge_kit.types import Event, OtkCounts
 from tests.test_store import backend_url, emptied, run_sql
@@ -422,6 +423,13 @@ async def _pragmas(store: SQLiteStore) -> tuple[int, int]:
     return int(next(iter(rows))[0]), _synchronous(store._records)
 
 
+async def _wal_limits(store: SQLiteStore) -> tuple[int, int]:
+    assert store._conn is not None and store._records is not None
+    rows = await store._conn.execute_fetchall("PRAGMA journal_size_limit")
+    records = store._records.execute("PRAGMA journal_size_limit").fetchone()[0]
+    return int(next(iter(rows))[0]), int(records)
+
+
 @pytest.mark.parametrize(("sync", "pragma"), [("normal", 1), ("full", 2)])
 async def test_store_sync_sets_sqlite_s_synchronous_pragma(
     tmp_path: Path, sync: str, pragma: int
@@ -437,6 +445,8 @@ async def test_store_sync_sets_sqlite_s_synchronous_pragma(
     assert isinstance(store, SQLiteStore)
     async with store:
         assert await _pragmas(store) == (pragma, pragma)
+        # A burst's WAL is cut back after a checkpoint, so the file stays bounded.
+        assert await _wal_limits(store) == (WAL_SIZE_LIMIT, WAL_SIZE_LIMIT)
         # Acceptance and dedup records work in either mode.
         assert await store.accept_transaction("t1", [event_item(1)])
         assert not await store.accept_transaction("t1", [event_item(1)])

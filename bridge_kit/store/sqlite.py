@@ -107,7 +107,8 @@ class SQLiteStore(Store):
             await self._conn.execute("PRAGMA journal_mode=WAL")
             # In WAL mode NORMAL loses no commit when this process crashes; only an OS crash
             # or a power cut can lose the last ones (the README's Delivery guarantees).
-            await self._conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
+            for pragma in sqlite_files.connection_pragmas(self.sync):
+                await self._conn.execute(pragma)
             await self._migrate()
             self._records = sqlite_puppets.connect_records(self.path, self.sync)
         except sqlite3.Error as error:

@@ -13,6 +13,16 @@ from typing import Final
 SYNC_MODES: Final = ("normal", "full")
 
 
+#: Bytes the WAL file is cut back to when a checkpoint restarts it. SQLite never
+#: shrinks it otherwise: one burst (a backlog, a long read) would set its size for good.
+WAL_SIZE_LIMIT: Final = 8 * 2**20
+
+
+def connection_pragmas(sync: str) -> list[str]:
+    """What each connection of the store sets: ``synchronous`` and the WAL's size limit."""
+    return [f"PRAGMA synchronous={sync.upper()}", f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}"]
+
+
 def checked_sync(sync: str) -> str:
     """``sync``, or :class:`ValueError` if it is not one of :data:`SYNC_MODES`."""
     if sync not in SYNC_MODES:
