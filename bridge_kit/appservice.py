@@ -51,6 +51,7 @@ from bridge_kit.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
+from bridge_kit.retention import Retention, RetentionSettings
 from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, serve_app
 from bridge_kit.state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
@@ -105,7 +106,7 @@ class AppService:
         self.state = AppState.CREATED
         self.thirdparty = ThirdPartyHandlers()
         self.metrics = Metrics()
-        self.store = store or open_store(config.appservice.store)
+        self.store = store or open_store(config.appservice.store, sync=config.appservice.store_sync)
         # Said on start, so an operator sees which file a relative path became.
         self._store_label = (
             redact_store_url(config.appservice.store) if store is None else repr(store)
@@ -125,6 +126,8 @@ class AppService:
             event_types=self.handlers.handled_types,
         )
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
+        self.retention = Retention(self.store, retention_settings(config))
+        """Prunes dead letters and crypto records every ``appservice.retention_interval``."""
         self.room_state = RoomState(self.store, lambda: self.bot)
         """Room membership, power levels and encryption from the store (``app.state``
         is taken: it is the AppService's life-cycle state)."""
@@ -343,6 +346,8 @@ class AppService:
         # The inbox stops after the listener: events accepted until the last moment
         # are still handled (or left in the inbox).
         steps.push_async_callback(self.inbox.stop)
+        self.retention.start()
+        steps.push_async_callback(self.retention.stop)
         steps.push_async_callback(self._listen_stopped, runner)
         if self.registration.url is None:
             log.warning("the registration's url is null: the homeserver will send us nothing")
@@ -513,6 +518,18 @@ def inbox_settings(section: AppServiceConfig) -> InboxSettings:
         backoff_max=section.retry_backoff_max,
         timeout=section.handler_timeout,
         lease=section.lane_lease,
+    )
+
+
+def retention_settings(config: Config) -> RetentionSettings:
+    """Retention's settings from the config's ``appservice`` and ``encryption`` sections."""
+    section, encryption = config.appservice, config.encryption
+    return RetentionSettings(
+        interval=section.retention_interval,
+        dead_letters_keep=section.dead_letters_keep,
+        dead_letters_max_age=section.dead_letters_max_age,
+        replay_records_max_age=encryption.replay_records_max_age,
+        sealed_payloads_max_age=encryption.sealed_payloads_max_age,
     )
 
 

@@ -101,6 +101,15 @@ def _check_seconds(value: float) -> str | None:
     return None if value > 0 else f"must be more than 0 seconds, got {value}"
 
 
+_SYNC_MODES: Final = ("normal", "full")
+
+
+def _check_sync(value: str) -> str | None:
+    if value in _SYNC_MODES:
+        return None
+    return f"must be normal or full, got {value!r}{_did_you_mean(value, _SYNC_MODES)}"
+
+
 def _check_store(value: str) -> str | None:
     problem = store_url_problem(value)
     return None if problem is None else f"{problem}; expected {STORE_FORMS}"
@@ -196,6 +205,14 @@ class AppServiceConfig(_Section):
     """Seconds a handler may run for one event; past that it counts as a failure."""
     lane_lease: float = _checked(defaults.LANE_LEASE, _check_seconds)
     """Seconds a daemon holds a room; another daemon sharing the store takes over after."""
+    store_sync: str = _checked(defaults.STORE_SYNC, _check_sync)
+    """SQLite only: ``normal`` (a power cut may lose the last commits) or ``full`` (none)."""
+    retention_interval: float = _checked(defaults.RETENTION_INTERVAL, _check_seconds)
+    """Seconds between two rounds of retention (dead letters, crypto records)."""
+    dead_letters_keep: int = _checked(defaults.DEAD_LETTERS_KEEP, _check_positive)
+    """Dead letters kept at most; the oldest go first."""
+    dead_letters_max_age: float = _checked(defaults.DEAD_LETTERS_MAX_AGE, _check_seconds)
+    """Seconds a dead letter is kept after its last failure."""
 
 
 @attrs.frozen
@@ -233,6 +250,10 @@ class EncryptionConfig(_Section):
     """Encrypts the stored crypto state; ``None``: derived from the registration's as_token."""
     key_wait: float = _checked(defaults.KEY_WAIT, _check_seconds)
     """Seconds an event waits for its room key before it becomes a dead letter."""
+    replay_records_max_age: float = _checked(defaults.REPLAY_RECORDS_MAX_AGE, _check_seconds)
+    """Seconds a Megolm replay record (message index -> event) is kept."""
+    sealed_payloads_max_age: float = _checked(defaults.SEALED_PAYLOADS_MAX_AGE, _check_seconds)
+    """Seconds a decrypted to-device payload is kept for retries, unless still needed."""
 
 
 _SECTIONS: Final[dict[str, type[_Section]]] = {

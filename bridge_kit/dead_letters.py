@@ -3,7 +3,9 @@
 :class:`DeadLetters` is what ``app.dead_letters`` and ``bridge-kit dead-letters``
 use: list them, put them back in the inbox (after fixing the handler), or
 drop them for good. A replayed event goes to the end of its room's lane, with
-no attempts counted; a running daemon picks it up within its poll interval.
+no attempts counted and the handlers that had succeeded for it marked done; a
+running daemon picks it up within its poll interval. Retention
+(:mod:`bridge_kit.retention`) drops the oldest beyond a cap and an age.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ class DeadLetters:
         """The dead letters, oldest first."""
         return await self.store.dead_letters(limit)
 
-    async def replay(self, ids: Collection[int] | None = None) -> int:
-        """Put these dead letters (every one with ``None``) back in the inbox; how many."""
-        count = await self.store.replay_dead_letters(ids)
+    async def replay(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
+        """Put these dead letters (every one with ``None``) back in the inbox; how many.
+
+        The handlers that had succeeded for a letter's event (``letter.done_handlers``)
+        are not run again, so a handler that posted to the remote network does not
+        post twice; ``all_handlers=True`` runs every handler again."""
+        count = await self.store.replay_dead_letters(ids, all_handlers=all_handlers)
         if count and self._on_replayed is not None:
             self._on_replayed()
         return count

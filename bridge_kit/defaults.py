@@ -87,3 +87,19 @@ PING_BACKOFF: Final = 1.0
 #: before it becomes a dead letter ("no room key"); a key sent together with the
 #: message usually arrives in the same or the next transaction.
 KEY_WAIT: Final = 10.0
+
+#: Retention (see bridge_kit.retention), run every RETENTION_INTERVAL seconds by the
+#: daemon: dead letters kept at most (the newest) and for how long after their last
+#: failure; how much of a dead letter's traceback is kept; how long Megolm replay
+#: records (one per decrypted message index) and sealed to-device payloads (kept so
+#: a retry or replay decrypts again) live. A sealed payload an inbox item or a dead
+#: letter may still need is kept however old.
+RETENTION_INTERVAL: Final = 300.0
+DEAD_LETTERS_KEEP: Final = 10_000
+DEAD_LETTERS_MAX_AGE: Final = 30 * 86_400.0
+DEAD_LETTER_ERROR_CHARS: Final = 16_000
+REPLAY_RECORDS_MAX_AGE: Final = 30 * 86_400.0
+SEALED_PAYLOADS_MAX_AGE: Final = 7 * 86_400.0
+#: SQLite's synchronous pragma: "normal" (WAL, fast; a power cut can lose the last
+#: commits) or "full" (every commit synced).
+STORE_SYNC: Final = "normal"

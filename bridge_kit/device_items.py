@@ -9,7 +9,9 @@ in a lane of its own kind:
 - a to-device event in ``~to-device:<to_user_id>|<to_device_id>`` (the device it
   was sent to: Olm messages to one device must be decrypted in order);
 - a device-list change in ``~device-lists``;
-- one device's key counts in ``~otk:<user_id>|<device_id>``.
+- one device's key counts in ``~otk:<user_id>|<device_id>``; only the newest
+  counts matter, so the stores drop the lane's waiting counts when they accept
+  new ones (in the same commit).
 
 A malformed part becomes a dead letter naming what is wrong; the rest of the
 transaction is accepted.

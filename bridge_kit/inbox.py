@@ -529,7 +529,7 @@ class Inbox:
                 "handler %s failed %d times for %s in %s; it is now a dead letter: %s",
                 name, attempts, describe_item(parsed), item.lane, summary,
             )  # fmt: skip
-            await self._bury(item, name, failure, attempts, parsed)
+            await self._bury(item, name, failure, attempts, parsed, done=done)
             return True
         delay = self.settings.retry_delay(attempts, self._rng)
         log.warning(
@@ -555,7 +555,9 @@ class Inbox:
                 "%s waited %.1f s for %s in %s; it is now a dead letter: %s",
                 describe_item(parsed), now - first, name, item.lane, not_ready.reason,
             )  # fmt: skip
-            await self._bury(item, name, not_ready.reason, item.attempts, parsed, "not_ready")
+            await self._bury(
+                item, name, not_ready.reason, item.attempts, parsed, "not_ready", done=done
+            )
             return True
         delay = min(not_ready.retry_after, left)
         log.debug(
@@ -573,8 +575,13 @@ class Inbox:
         attempts: int,
         parsed: Item | None = None,
         reason: str | None = None,
+        *,
+        done: Sequence[str] = (),
     ) -> None:
-        await self.store.bury_item(item.id, dead_letter(item, handler, error, attempts, parsed))
+        """Make the item a dead letter; ``done`` names the handlers that succeeded for
+        it, which a replay does not run again."""
+        letter = dead_letter(item, handler, error, attempts, parsed, done)
+        await self.store.bury_item(item.id, letter)
         if self.metrics is not None:
             self.metrics.count_dead_letter(reason or ("handler" if handler else "invalid"))
 

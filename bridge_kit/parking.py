@@ -24,14 +24,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from bridge_kit.errors import Park
 from bridge_kit.items import Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import InboxItem, NewDeadLetter, ParkedItem, Parking, storable
+from bridge_kit.store.records import (
+    InboxItem,
+    NewDeadLetter,
+    ParkedItem,
+    Parking,
+    clipped_error,
+    storable,
+)
 
 __all__ = ["ParkedItems", "dead_letter"]
 
@@ -44,21 +51,28 @@ _REASON: Final = "not_ready"
 
 
 def dead_letter(
-    item: InboxItem, handler: str | None, error: str, attempts: int, parsed: Item | None
+    item: InboxItem,
+    handler: str | None,
+    error: str,
+    attempts: int,
+    parsed: Item | None,
+    done: Sequence[str] = (),
 ) -> NewDeadLetter:
-    """The dead letter of ``item``: its raw JSON, why, and what it was (if parsed)."""
+    """The dead letter of ``item``: its raw JSON, why, what it was (if parsed), and
+    ``done``, the handlers that succeeded for it (a replay does not run them again)."""
     event_id = item_event_id(parsed) if parsed is not None else None
     event_type = item_type(parsed) if parsed is not None else None
     return NewDeadLetter(
         lane=item.lane,
         kind=item.kind,
         event_json=item.event_json,
-        error=storable(error),
+        error=storable(clipped_error(error)),
         handler=handler and storable(handler),
         attempts=attempts,
         first_failed_at=item.first_failed_at,
         event_id=storable(event_id) if event_id else None,
         event_type=storable(event_type) if event_type is not None else None,
+        done_handlers=tuple(storable(name) for name in done),
     )
 
 
@@ -84,7 +98,7 @@ class ParkedItems:
                 describe_item(parsed), now - first, name, item.lane, park.reason,
             )  # fmt: skip
             # An item still in the inbox: bury it from there.
-            letter = dead_letter(item, name, park.reason, item.attempts, parsed)
+            letter = dead_letter(item, name, park.reason, item.attempts, parsed, done)
             await self.store.bury_item(item.id, letter)
             self._count_dead()
             return
@@ -131,7 +145,9 @@ class ParkedItems:
         except Exception:  # it parsed when it was parked; a letter needs no model
             parsed = None
         # The letter's first failure is the parked row's, which the store fills in.
-        letter = dead_letter(item, None, reason, item.attempts, parsed)
+        letter = dead_letter(
+            item, None, reason, item.attempts, parsed, parked.parking.done_handlers
+        )
         if not await self.store.bury_parked(item.id, letter):
             return 0  # another process buried or unparked it first
         what = describe_item(parsed) if parsed is not None else f"item {item.id}"

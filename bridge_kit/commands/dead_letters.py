@@ -2,7 +2,9 @@
 
 Works on the daemon's store (from its config) while the daemon runs or not:
 a running daemon picks replayed events up within a few seconds, and the next
-start does in any case.
+start does in any case. A replayed event's handlers that had succeeded before
+it became a dead letter (``list`` shows them after ``done:``) are not run again
+unless ``replay --all-handlers``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action.add_argument("ids", nargs="*", type=int, metavar="ID")
         action.add_argument("--all", action="store_true", help=f"{verb} every dead letter")
         action.set_defaults(command=_replay if name == "replay" else _drop, action=name)
+        if name == "replay":
+            action.add_argument(
+                "--all-handlers",
+                action="store_true",
+                help="run every handler again, also those that had succeeded for the event",
+            )
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +73,9 @@ def _list(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     ids = _chosen(args)
-    count = asyncio.run(_with_letters(args, lambda letters: letters.replay(ids)))
+    count = asyncio.run(
+        _with_letters(args, lambda letters: letters.replay(ids, all_handlers=args.all_handlers))
+    )
     print(f"replayed {count} dead letter{'s' * (count != 1)}")
     return _all_found(args, count)
 
@@ -105,7 +115,8 @@ def _print_lines(letters: list[DeadLetter], out: TextIO) -> None:
     for letter in letters:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.last_failed_at))
         error = " ".join(letter.error.strip().splitlines()[-1:])[:_ERROR_WIDTH]
+        done = ",".join(letter.done_handlers) or "-"
         out.write(
             f"{letter.id}\t{letter.lane}\t{letter.event_id or '-'}\t{letter.event_type or '-'}\t"
-            f"{letter.attempts} attempts\t{when}\t{error}\n"
+            f"{letter.attempts} attempts\t{when}\tdone: {done}\t{error}\n"
         )

@@ -17,6 +17,7 @@ from bridge_kit.crypto.olm import OlmPayload
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
+from bridge_kit.retention import REPLAY_RECORDS
 
 __all__ = [
     "DecryptedRoomEvent",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 _INBOUND: Final = "megolm_inbound"
-_SEEN: Final = "megolm_seen"
+_SEEN: Final = REPLAY_RECORDS  # pruned by age (bridge_kit.retention)
 _OUTBOUND: Final = "megolm_outbound"
 _RELATION: Final = "m.relates_to"
 #: Inbound sessions kept in memory (each a few hundred bytes of ratchet state).
@@ -194,6 +195,13 @@ class InboundGroupSessions:
         if seen is None:
             await self.vault.put_json(_SEEN, key, event_id)
 
+    async def forget_replays(self, room_id: str, session_id: str, count: int) -> None:
+        """Drop the replay records of a session's first ``count`` message indices: our
+        own outbound session's, once it rotated (only our own users may send with it,
+        so nobody else could replay its messages; a redelivery records them again)."""
+        for index in range(count):
+            await self.vault.delete(_SEEN, f"{room_id}|{session_id}|{index}")
+
     @staticmethod
     def _inner_event(
         room_id: str,
@@ -288,13 +296,23 @@ class OutboundGroupSessions:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         session = self._cache.get(room_id) or await self._load(room_id)
         if session is None or session.expired(settings, now_ms):
-            session = await self._create(room_id, now_ms)
+            rotated, session = session, await self._create(room_id, now_ms)
+            await self._forget_replays(rotated)
         return session
 
     async def discard(self, room_id: str) -> None:
         """Rotate: the next message in ``room_id`` starts a new session."""
+        rotated = self._cache.pop(room_id, None) or await self._load(room_id)
         self._cache.pop(room_id, None)
         await self.vault.delete(_OUTBOUND, room_id)
+        await self._forget_replays(rotated)
+
+    async def _forget_replays(self, rotated: OutboundSession | None) -> None:
+        if rotated is not None:
+            group = rotated.session
+            await self.inbound.forget_replays(
+                rotated.room_id, group.session_id, group.message_index
+            )
 
     async def save(self, session: OutboundSession) -> None:
         record = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from bridge_kit import defaults
 from bridge_kit.store.base import Store
 from bridge_kit.store.memory import MemoryStore
 from bridge_kit.store.postgres import PostgresStore
@@ -29,7 +30,12 @@ __all__ = [
 ]
 
 
-def open_store(url: str | StoreURL, base_dir: str | os.PathLike[str] | None = None) -> Store:
+def open_store(
+    url: str | StoreURL,
+    base_dir: str | os.PathLike[str] | None = None,
+    *,
+    sync: str = defaults.STORE_SYNC,
+) -> Store:
     """The store a URL names, not yet opened (use ``async with`` or ``await store.open()``).
 
     - ``memory://``: in this process only, for tests;
@@ -37,11 +43,13 @@ def open_store(url: str | StoreURL, base_dir: str | os.PathLike[str] | None = No
       directory) or ``sqlite:////abs/path.db``;
     - ``postgresql://user@host:port/dbname`` (or ``postgres://``).
 
-    Raises :class:`~bridge_kit.errors.StoreError` for any other URL.
+    ``sync`` is SQLite's durability, ``normal`` or ``full`` (see :class:`SQLiteStore`);
+    the other stores ignore it. Raises :class:`~bridge_kit.errors.StoreError` for any
+    other URL.
     """
     parsed = url if isinstance(url, StoreURL) else parse_store_url(url, base_dir)
     if parsed.kind == "memory":
         return MemoryStore()
     if parsed.kind == "sqlite":
-        return SQLiteStore(parsed.target)
+        return SQLiteStore(parsed.target, sync=sync)
     return PostgresStore(parsed.target)

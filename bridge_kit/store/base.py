@@ -187,13 +187,36 @@ class Store(abc.ABC):
         """The dead letters, oldest first."""
 
     @abc.abstractmethod
-    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+    async def replay_dead_letters(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
         """Put these dead letters (all with ``None``) back at the end of their lanes,
-        with no attempts counted; return how many."""
+        with no attempts counted and their arrival time kept; return how many.
+
+        The handlers that had succeeded for a letter are not run again, unless
+        ``all_handlers``."""
 
     @abc.abstractmethod
     async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
         """Delete these dead letters (all with ``None``); return how many."""
+
+    # -- retention (version 5) ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def prune_dead_letters(self, keep: int, before: float) -> int:
+        """Delete the dead letters that last failed before the Unix time ``before``,
+        and all but the newest ``keep``; return how many went."""
+
+    @abc.abstractmethod
+    async def prune_crypto(self, kind: str, before: float) -> int:
+        """Delete the crypto values of ``kind`` (every owner) last written before the
+        Unix time ``before``; return how many went."""
+
+    @abc.abstractmethod
+    async def to_device_since(self) -> float | None:
+        """The arrival time of the oldest to-device item in the inbox or the dead
+        letters (0 for a letter stored before version 5), ``None`` if there is none:
+        what decrypting it again may need is at most this old."""
 
     @abc.abstractmethod
     async def inbox_stats(self) -> InboxStats:

@@ -15,7 +15,7 @@ ITEM_COLUMNS = (
 )
 LETTER_COLUMNS = (
     "id, lane, kind, event_json, error, handler, attempts,"
-    " first_failed_at, last_failed_at, event_id, event_type"
+    " first_failed_at, last_failed_at, event_id, event_type, done_handlers, received_at"
 )
 
 
@@ -76,7 +76,8 @@ def item_from_row(row: Sequence[Any]) -> InboxItem:
 
 def letter_from_row(row: Sequence[Any]) -> DeadLetter:
     """A :class:`DeadLetter` from a row of :data:`LETTER_COLUMNS`."""
-    letter_id, lane, kind, event_json, error, handler, attempts, first, last, event_id, etype = row
+    letter_id, lane, kind, event_json, error, handler, attempts, first, last = row[:9]
+    event_id, event_type, done, received_at = row[9:]
     return DeadLetter(
         id=letter_id,
         lane=lane,
@@ -88,7 +89,9 @@ def letter_from_row(row: Sequence[Any]) -> DeadLetter:
         first_failed_at=first,
         last_failed_at=last,
         event_id=event_id,
-        event_type=etype,
+        event_type=event_type,
+        done_handlers=tuple(json.loads(done)),
+        received_at=received_at,
     )
 
 

@@ -25,6 +25,7 @@ from bridge_kit.store.records import (
     DeadLetter,
     InboxItem,
     InboxStats,
+    ItemKind,
     NewDeadLetter,
     NewInboxItem,
     ParkedItem,
@@ -60,6 +61,7 @@ class MemoryStore(Store):
         self._profiles: dict[tuple[str, str], str | None] = {}  # (user, field) -> value
         self._devices: dict[str, dict[str, str | None]] = {}  # user -> device -> name
         self._crypto: dict[tuple[str, str], dict[str, bytes]] = {}  # (owner, kind) -> key -> value
+        self._crypto_written: dict[tuple[str, str, str], float] = {}  # (owner, kind, key) -> time
         self._open = False
 
     def __repr__(self) -> str:
@@ -83,6 +85,7 @@ class MemoryStore(Store):
         self._profiles.clear()
         self._devices.clear()
         self._crypto.clear()
+        self._crypto_written.clear()
 
     def _check_open(self) -> None:
         if not self._open:
@@ -134,9 +137,11 @@ class MemoryStore(Store):
         self._last_id += 1
         return self._last_id
 
-    def _append(self, new: NewInboxItem, now: float) -> None:
+    def _append(self, new: NewInboxItem, now: float, done: tuple[str, ...] = ()) -> None:
         item_id = self._next_id()
-        item = InboxItem(item_id, new.lane, new.kind, new.event_json, received_at=now)
+        item = InboxItem(
+            item_id, new.lane, new.kind, new.event_json, received_at=now, done_handlers=done
+        )
         self._lanes.setdefault(new.lane, {})[item_id] = item
         self._item_lane[item_id] = new.lane
 
@@ -150,7 +155,13 @@ class MemoryStore(Store):
             del self._lanes[lane]
         return item
 
-    def _add_letter(self, letter: NewDeadLetter, first_failed_at: float | None, now: float) -> None:
+    def _add_letter(
+        self,
+        letter: NewDeadLetter,
+        first_failed_at: float | None,
+        now: float,
+        received_at: float | None = None,
+    ) -> None:
         letter_id = self._next_id()
         self._letters[letter_id] = DeadLetter(
             id=letter_id,
@@ -164,6 +175,8 @@ class MemoryStore(Store):
             last_failed_at=now,
             event_id=letter.event_id,
             event_type=letter.event_type,
+            done_handlers=letter.done_handlers,
+            received_at=now if received_at is None else received_at,
         )
 
     async def accept_transaction(
@@ -178,6 +191,8 @@ class MemoryStore(Store):
         now = time.time()
         self._transactions[txn_id] = None
         for item in items:
+            if item.kind is ItemKind.OTK_COUNTS:
+                self._supersede_counts(item.lane)
             self._append(item, now)
         for letter in rejected:
             self._add_letter(letter, letter.first_failed_at, now)
@@ -264,7 +279,8 @@ class MemoryStore(Store):
         if item is None:
             return  # completed or buried already, by a worker whose lease ran out
         first = letter.first_failed_at
-        self._add_letter(letter, first if first is not None else item.first_failed_at, time.time())
+        first = first if first is not None else item.first_failed_at
+        self._add_letter(letter, first, time.time(), item.received_at)
 
     async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
         self._check_open()
@@ -279,13 +295,17 @@ class MemoryStore(Store):
             return list(self._letters)
         return sorted(set(ids) & self._letters.keys())
 
-    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+    async def replay_dead_letters(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
         self._check_open()
         now = time.time()
         chosen = self._letter_ids(ids)
         for letter_id in chosen:
             letter = self._letters.pop(letter_id)
-            self._append(NewInboxItem(letter.lane, letter.kind, letter.event_json), now)
+            arrived = now if letter.received_at is None else letter.received_at
+            done = () if all_handlers else letter.done_handlers
+            self._append(NewInboxItem(letter.lane, letter.kind, letter.event_json), arrived, done)
         return len(chosen)
 
     async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
@@ -294,6 +314,46 @@ class MemoryStore(Store):
         for letter_id in chosen:
             del self._letters[letter_id]
         return len(chosen)
+
+    def _supersede_counts(self, lane: str) -> None:
+        """A device's new key counts replace its older ones still waiting."""
+        for item_id, item in list(self._lanes.get(lane, {}).items()):
+            if item.kind is ItemKind.OTK_COUNTS:
+                self._remove(item_id)
+
+    async def prune_dead_letters(self, keep: int, before: float) -> int:
+        self._check_open()
+        check_limit(keep, "keep")
+        newest = set(list(self._letters)[-keep:]) if keep else set()
+        gone = [
+            letter_id
+            for letter_id, letter in self._letters.items()
+            if letter.last_failed_at < before or letter_id not in newest
+        ]
+        for letter_id in gone:
+            del self._letters[letter_id]
+        return len(gone)
+
+    async def prune_crypto(self, kind: str, before: float) -> int:
+        self._check_open()
+        old = [
+            (owner, what, key)
+            for (owner, what, key), written in self._crypto_written.items()
+            if what == kind and written < before
+        ]
+        for owner, what, key in old:
+            await self.crypto_delete(owner, what, key)
+        return len(old)
+
+    async def to_device_since(self) -> float | None:
+        self._check_open()
+        kind = ItemKind.TO_DEVICE
+        items = (item for lane in self._lanes.values() for item in lane.values())
+        times = [item.received_at for item in items if item.kind is kind]
+        times += [
+            letter.received_at or 0.0 for letter in self._letters.values() if letter.kind is kind
+        ]
+        return min(times, default=None)
 
     async def inbox_stats(self) -> InboxStats:
         self._check_open()
@@ -355,7 +415,7 @@ class MemoryStore(Store):
             return False
         first = letter.first_failed_at
         first = first if first is not None else parked.parking.first_failed_at
-        self._add_letter(letter, first, time.time())
+        self._add_letter(letter, first, time.time(), parked.item.received_at)
         return True
 
     # -- room state ----------------------------------------------------------
@@ -447,6 +507,8 @@ class MemoryStore(Store):
         scope, batch = crypto_scope(owner, kind), checked_items(items)
         if batch:
             self._crypto.setdefault(scope, {}).update(batch)
+            now = time.time()
+            self._crypto_written.update({(*scope, key): now for key in batch})
 
     async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
         self._check_open()
@@ -456,7 +518,9 @@ class MemoryStore(Store):
         self._check_open()
         scope = crypto_scope(owner, kind)
         values = self._crypto.get(scope, {})
-        values.pop(checked_text(key, "crypto key"), None)
+        which = checked_text(key, "crypto key")
+        values.pop(which, None)
+        self._crypto_written.pop((*scope, which), None)
         if not values:
             self._crypto.pop(scope, None)
 

@@ -8,7 +8,13 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from typing import Any, ClassVar, TypeVar
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import postgres_devices, postgres_inbox, postgres_parked, postgres_state
+from bridge_kit.store import (
+    postgres_devices,
+    postgres_inbox,
+    postgres_parked,
+    postgres_retention,
+    postgres_state,
+)
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -91,7 +97,7 @@ class PostgresStore(Store):
         postgres_state.V3,
         postgres_devices.V4,
         # -- schema v5: one tuple of every branch's v5 statements --
-        (*postgres_parked.V5,),  # park: parked inbox items
+        (*postgres_parked.V5, *postgres_retention.V5_RETENTION),
     )
 
     def __init__(
@@ -333,9 +339,11 @@ class PostgresStore(Store):
             check_limit(limit)
         return await self._run(lambda pool: postgres_inbox.dead_letters(pool, limit))
 
-    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+    async def replay_dead_letters(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
         now = time.time()
-        return await self._run(lambda pool: postgres_inbox.replay(pool, ids, now))
+        return await self._run(lambda pool: postgres_inbox.replay(pool, ids, now, all_handlers))
 
     async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
         return await self._run(lambda pool: postgres_inbox.drop(pool, ids))
@@ -363,6 +371,19 @@ class PostgresStore(Store):
     async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()
         return await self._run(lambda pool: postgres_parked.bury(pool, item_id, letter, now))
+
+    async def prune_dead_letters(self, keep: int, before: float) -> int:
+        check_limit(keep, "keep")
+        return await self._run(
+            lambda pool: postgres_retention.prune_dead_letters(pool, keep, before)
+        )
+
+    async def prune_crypto(self, kind: str, before: float) -> int:
+        what = checked_text(kind, "crypto kind")
+        return await self._run(lambda pool: postgres_retention.prune_crypto(pool, what, before))
+
+    async def to_device_since(self) -> float | None:
+        return await self._run(postgres_retention.to_device_since)
 
     # -- room state (SQL in postgres_state) -----------------------------------
 
@@ -424,7 +445,10 @@ class PostgresStore(Store):
     async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
         (who, what), batch = crypto_scope(owner, kind), checked_items(items)
         if batch:
-            await self._run(lambda pool: postgres_devices.crypto_put_many(pool, who, what, batch))
+            now = time.time()
+            await self._run(
+                lambda pool: postgres_devices.crypto_put_many(pool, who, what, batch, now)
+            )
 
     async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
         who, what = crypto_scope(owner, kind)

@@ -61,17 +61,22 @@ async def crypto_get(pool: Any, owner: str, kind: str, key: str) -> bytes | None
     return None if value is None else bytes(value)
 
 
-async def crypto_put_many(pool: Any, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+async def crypto_put_many(
+    pool: Any, owner: str, kind: str, items: Mapping[str, bytes], now: float
+) -> None:
+    """Upsert the values; ``now`` is when they count as written (see retention)."""
     # One statement, so one commit; the keys of a mapping are distinct, which
     # ON CONFLICT DO UPDATE needs (it cannot touch one row twice).
     await pool.execute(
-        "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value)"
-        " SELECT $1, $2, k, v FROM unnest($3::text[], $4::bytea[]) AS batch (k, v)"
-        " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value",
+        "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value, written_at)"
+        " SELECT $1, $2, k, v, $5 FROM unnest($3::text[], $4::bytea[]) AS batch (k, v)"
+        " ON CONFLICT (owner, kind, key)"
+        " DO UPDATE SET value = excluded.value, written_at = excluded.written_at",
         owner,
         kind,
         list(items.keys()),
         list(items.values()),
+        now,
     )
 
 

@@ -21,7 +21,14 @@ from bridge_kit.store.inbox_rows import (
 )
 from bridge_kit.store.inbox_rows import clean_text as text
 from bridge_kit.store.inbox_rows import optional_text as _optional_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    ItemKind,
+    NewDeadLetter,
+    NewInboxItem,
+)
 
 V2 = (
     # Bytes, not text: a txnId is whatever the homeserver put in the URL, NUL included,
@@ -73,15 +80,19 @@ WITH txn AS (
     FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS t(lane, kind, event_json, n)
     WHERE EXISTS (SELECT FROM txn)
     ORDER BY n
+), superseded AS (
+    -- A device's new key counts replace its older ones still waiting (schema v5 work).
+    DELETE FROM bridge_kit_inbox
+    WHERE kind = 'otk_counts' AND lane = ANY($16::text[]) AND EXISTS (SELECT FROM txn)
 ), letters AS (
     INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,
-        event_id, event_type, first_failed_at, last_failed_at)
+        event_id, event_type, first_failed_at, last_failed_at, done_handlers, received_at)
     SELECT lane, kind, event_json, error, handler, attempts, event_id, event_type,
-        COALESCE(first_failed_at, $2), $2
+        COALESCE(first_failed_at, $2), $2, done_handlers, $2
     FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int[],
-        $12::text[], $13::text[], $14::float8[]) WITH ORDINALITY
+        $12::text[], $13::text[], $14::float8[], $15::text[]) WITH ORDINALITY
         AS t(lane, kind, event_json, error, handler, attempts, event_id, event_type,
-            first_failed_at, n)
+            first_failed_at, done_handlers, n)
     WHERE EXISTS (SELECT FROM txn)
     ORDER BY n
 )
@@ -157,8 +168,10 @@ async def accept(
         [_optional_text(letter.event_id) for letter in rejected],
         [_optional_text(letter.event_type) for letter in rejected],
         [letter.first_failed_at for letter in rejected],
+        [encode_handlers(letter.done_handlers) for letter in rejected],
     )
-    accepted = await pool.fetchval(_ACCEPT, txn_key, now, *item_columns, *letter_columns)
+    counted = [text(item.lane) for item in items if item.kind is ItemKind.OTK_COUNTS]
+    accepted = await pool.fetchval(_ACCEPT, txn_key, now, *item_columns, *letter_columns, counted)
     return bool(accepted)
 
 
@@ -237,10 +250,13 @@ async def fail(
 # The letter goes in only if the item was still there to delete: a worker whose
 # lease ran out may bury an item that another worker completed or buried already.
 _BURY = """
-WITH gone AS (DELETE FROM bridge_kit_inbox WHERE id = $1 RETURNING first_failed_at)
+WITH gone AS (
+    DELETE FROM bridge_kit_inbox WHERE id = $1 RETURNING first_failed_at, received_at
+)
 INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,
-    event_id, event_type, last_failed_at, first_failed_at)
-SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::float8, gone.first_failed_at, $10)
+    event_id, event_type, last_failed_at, first_failed_at, done_handlers, received_at)
+SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::float8, gone.first_failed_at, $10),
+    $12, gone.received_at
 FROM gone
 """
 
@@ -259,6 +275,7 @@ async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> No
         _optional_text(letter.event_type),
         now,
         letter.first_failed_at,
+        encode_handlers(letter.done_handlers),
     )
 
 
@@ -278,14 +295,17 @@ def _letter_ids(ids: Collection[int] | None) -> list[int] | None:
     return None if ids is None else sorted(set(ids))
 
 
-async def replay(pool: Any, ids: Collection[int] | None, now: float) -> int:
+async def replay(pool: Any, ids: Collection[int] | None, now: float, all_handlers: bool) -> int:
+    """Move dead letters back into the inbox, with their done handlers unless ``all_handlers``."""
     status: str = await pool.execute(
         f"WITH gone AS (DELETE FROM bridge_kit_dead_letters WHERE {_PICK_LETTERS}"  # noqa: S608
-        " RETURNING id, lane, kind, event_json)"
-        " INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)"
-        " SELECT lane, kind, event_json, $2 FROM gone ORDER BY id",
+        " RETURNING id, lane, kind, event_json, done_handlers, received_at)"
+        " INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, done_handlers)"
+        " SELECT lane, kind, event_json, COALESCE(received_at, $2),"
+        " CASE WHEN $3 THEN '[]' ELSE done_handlers END FROM gone ORDER BY id",
         _letter_ids(ids),
         now,
+        all_handlers,
     )
     return _count(status)
 

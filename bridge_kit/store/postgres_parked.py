@@ -67,10 +67,13 @@ _COLUMNS = (
     " park_key, reason, give_up_at"
 )
 _BURY = """
-WITH gone AS (DELETE FROM bridge_kit_parked WHERE id = $1 RETURNING first_failed_at)
+WITH gone AS (
+    DELETE FROM bridge_kit_parked WHERE id = $1 RETURNING first_failed_at, received_at
+)
 INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,
-    event_id, event_type, last_failed_at, first_failed_at)
-SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::float8, gone.first_failed_at)
+    event_id, event_type, last_failed_at, first_failed_at, done_handlers, received_at)
+SELECT $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::float8, gone.first_failed_at),
+    $12, gone.received_at
 FROM gone
 """
 
@@ -123,6 +126,7 @@ async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> bo
         optional_text(letter.event_type),
         now,
         letter.first_failed_at,
+        encode_handlers(letter.done_handlers),
     )
     return _count(status) > 0
 

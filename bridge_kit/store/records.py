@@ -13,6 +13,8 @@ import enum
 
 import attrs
 
+from bridge_kit import defaults
+
 __all__ = [
     "DeadLetter",
     "InboxItem",
@@ -22,6 +24,7 @@ __all__ = [
     "NewInboxItem",
     "ParkedItem",
     "Parking",
+    "clipped_error",
     "storable",
 ]
 
@@ -81,11 +84,18 @@ class NewDeadLetter:
     first_failed_at: float | None = None
     event_id: str | None = None
     event_type: str | None = None
+    done_handlers: tuple[str, ...] = ()
+    """The handlers that had succeeded for it: a replay does not run them again."""
 
 
 @attrs.frozen
 class DeadLetter:
-    """A dead letter as stored; ``id`` is what replay and drop take."""
+    """A dead letter as stored; ``id`` is what replay and drop take.
+
+    ``received_at`` is when its event first arrived (``None`` for letters stored
+    before schema version 5); a replay keeps it, so retention knows how old the
+    encryption state it needs may be.
+    """
 
     id: int
     lane: str
@@ -98,6 +108,8 @@ class DeadLetter:
     last_failed_at: float
     event_id: str | None
     event_type: str | None
+    done_handlers: tuple[str, ...] = ()
+    received_at: float | None = None
 
 
 @attrs.frozen
@@ -130,6 +142,16 @@ class InboxStats:
     depth: int
     oldest_received_at: float | None
     dead_letters: int
+
+
+def clipped_error(text: str, limit: int = defaults.DEAD_LETTER_ERROR_CHARS) -> str:
+    """A dead letter's error as kept: at most about ``limit`` characters, its start
+    and its end (where a traceback names the exception), with a note in between."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit // 4, limit - limit // 4
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n[... {cut} characters left out ...]\n{text[-tail:]}"
 
 
 def storable(text: str) -> str:

@@ -24,8 +24,16 @@ from typing import ClassVar, TypeVar
 
 import aiosqlite
 
+from bridge_kit import defaults
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_puppets, sqlite_state
+from bridge_kit.store import (
+    sqlite_devices,
+    sqlite_files,
+    sqlite_inbox,
+    sqlite_puppets,
+    sqlite_retention,
+    sqlite_state,
+)
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -63,6 +71,9 @@ class SQLiteStore(SQLiteParkedItems, Store):
     ``path`` is relative to the current directory unless absolute; the file is
     created if missing, but its directory must exist. Writes are serialised on
     the single connection and each batch is one transaction.
+
+    ``sync``, the ``synchronous`` pragma: ``normal`` (a power cut can lose the commits
+    since the last checkpoint) or ``full`` (none; acceptance then commits off the loop).
     """
 
     #: One tuple of SQL statements per schema version; step ``i`` goes from ``i`` to ``i + 1``.
@@ -72,11 +83,12 @@ class SQLiteStore(SQLiteParkedItems, Store):
         sqlite_state.V3,
         sqlite_devices.V4,
         # -- schema v5: one tuple of every branch's v5 statements --
-        (*_PARKED_V5,),  # park: parked inbox items
+        (*_PARKED_V5, *sqlite_retention.V5_RETENTION),
     )
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:
         self.path = Path(path).absolute()
+        self.sync = sqlite_files.checked_sync(sync)
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._records: sqlite3.Connection | None = None
@@ -92,19 +104,19 @@ class SQLiteStore(SQLiteParkedItems, Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        _create_private(self.path)
+        sqlite_files.create_private(self.path)
         try:
             self._conn = await aiosqlite.connect(self.path, isolation_level=None)
             await self._conn.execute("PRAGMA journal_mode=WAL")
             # In WAL mode NORMAL loses no commit when this process crashes; only an OS crash
-            # or a power cut can lose the last ones (mark_transaction_done says why that is
-            # acceptable for the dedup records too).
-            await self._conn.execute("PRAGMA synchronous=NORMAL")
+            # or a power cut can lose the last ones (the README's Delivery guarantees).
+            for pragma in sqlite_files.connection_pragmas(self.sync):
+                await self._conn.execute(pragma)
             await self._migrate()
-            self._records = sqlite_puppets.connect_records(self.path)
+            self._records = sqlite_puppets.connect_records(self.path, self.sync)
         except sqlite3.Error as error:
             await self.close()
-            raise StoreError(self._open_problem(error)) from error
+            raise StoreError(sqlite_files.open_problem(self.path, error)) from error
         except BaseException:
             await self.close()
             raise
@@ -153,19 +165,6 @@ class SQLiteStore(SQLiteParkedItems, Store):
         with self._errors():
             async with self._transaction() as conn:
                 await conn.execute("DELETE FROM bridge_kit_lanes")
-
-    def _open_problem(self, error: sqlite3.Error) -> str:
-        where = f"cannot open SQLite store {self.path}"
-        parent = self.path.parent
-        if not parent.exists():
-            return f"{where}: directory {parent} does not exist"
-        if not parent.is_dir():
-            return f"{where}: {parent} is not a directory"
-        if self.path.is_dir():
-            return f"{where}: it is a directory"
-        if not os.access(self.path if self.path.exists() else parent, os.R_OK | os.W_OK):
-            return f"{where}: permission denied"
-        return f"{where}: {error}"
 
     async def _migrate(self) -> None:
         async with self._transaction() as conn:
@@ -385,6 +384,8 @@ class SQLiteStore(SQLiteParkedItems, Store):
         above); when another connection holds the write lock, the caller takes the
         thread path instead of waiting here.
         """
+        if self.sync == "full":
+            return None  # each commit is synced: not on the loop
         records = self._records_connection()
         try:
             records.execute("BEGIN IMMEDIATE")
@@ -480,15 +481,34 @@ class SQLiteStore(SQLiteParkedItems, Store):
             check_limit(limit)
         return await self._locked(lambda conn: sqlite_inbox.dead_letters(conn, limit))
 
-    async def replay_dead_letters(self, ids: Collection[int] | None = None) -> int:
+    async def replay_dead_letters(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
         now = time.time()
-        return await self._in_transaction(lambda conn: sqlite_inbox.replay(conn, ids, now))
+        return await self._in_transaction(
+            lambda conn: sqlite_inbox.replay(conn, ids, now, all_handlers)
+        )
 
     async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
         return await self._in_transaction(lambda conn: sqlite_inbox.drop(conn, ids))
 
     async def inbox_stats(self) -> InboxStats:
         return await self._locked(sqlite_inbox.stats)
+
+    async def prune_dead_letters(self, keep: int, before: float) -> int:
+        check_limit(keep, "keep")
+        return await sqlite_retention.in_chunks(
+            self._locked, lambda conn: sqlite_retention.prune_dead_letters(conn, keep, before)
+        )
+
+    async def prune_crypto(self, kind: str, before: float) -> int:
+        what = checked_text(kind, "crypto kind")
+        return await sqlite_retention.in_chunks(
+            self._locked, lambda conn: sqlite_retention.prune_crypto(conn, what, before)
+        )
+
+    async def to_device_since(self) -> float | None:
+        return await self._locked(sqlite_retention.to_device_since)
 
     # -- room state (SQL in sqlite_state) -------------------------------------
 
@@ -551,7 +571,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
         (who, what), batch = crypto_scope(owner, kind), checked_items(items)
         if batch:
             await self._in_transaction(
-                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch)
+                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch, time.time())
             )
 
     async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
@@ -579,15 +599,3 @@ class SQLiteStore(SQLiteParkedItems, Store):
         ]
         if rows:
             await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file with mode 0600 if it does not exist yet.
-
-    It holds every puppet and every event in the inbox; SQLite would create it
-    readable by all (0644 under the usual umask), and gives its -wal and -shm files
-    the database file's mode. An existing file keeps the mode its owner chose.
-    Whatever fails here (no such directory...) fails again, explained, in connect.
-    """
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))

@@ -28,8 +28,9 @@ V4 = (
 )
 
 _UPSERT_CRYPTO = (
-    "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value"
+    "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value, written_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, kind, key)"
+    " DO UPDATE SET value = excluded.value, written_at = excluded.written_at"
 )
 
 
@@ -69,10 +70,11 @@ async def crypto_get(conn: aiosqlite.Connection, owner: str, kind: str, key: str
 
 
 async def crypto_put_many(
-    conn: aiosqlite.Connection, owner: str, kind: str, items: Mapping[str, bytes]
+    conn: aiosqlite.Connection, owner: str, kind: str, items: Mapping[str, bytes], now: float
 ) -> None:
+    """Upsert the values; ``now`` is when they count as written (see retention)."""
     await conn.executemany(
-        _UPSERT_CRYPTO, [(owner, kind, key, value) for key, value in items.items()]
+        _UPSERT_CRYPTO, [(owner, kind, key, value, now) for key, value in items.items()]
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import aiosqlite
 
+from bridge_kit.store import sqlite_retention
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
     LETTER_COLUMNS,
@@ -65,7 +66,8 @@ _INSERT_ITEM = (
 )
 _INSERT_LETTER = (
     "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
-    " first_failed_at, last_failed_at, event_id, event_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " first_failed_at, last_failed_at, event_id, event_type, done_handlers, received_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 # The oldest item of every lane, found by one index descent per lane (a skip scan)
@@ -110,8 +112,10 @@ async def append(
     rejected: Sequence[NewDeadLetter],
     now: float,
 ) -> None:
-    """Add an accepted transaction's items and dead letters (the caller's transaction)."""
+    """Add an accepted transaction's items and dead letters (the caller's transaction);
+    key counts replace the older ones of their device still waiting."""
     if items:
+        await sqlite_retention.supersede(conn, items)
         await conn.executemany(_INSERT_ITEM, _item_rows(items, now))
     if rejected:
         await conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
@@ -125,6 +129,7 @@ def append_now(
 ) -> None:
     """:func:`append` on a plain connection, on the calling thread."""
     if items:
+        sqlite_retention.supersede_now(conn, items)
         conn.executemany(_INSERT_ITEM, _item_rows(items, now))
     if rejected:
         conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
@@ -155,6 +160,8 @@ def _letter_row(
         now,
         optional_text(letter.event_id),
         optional_text(letter.event_type),
+        encode_handlers(letter.done_handlers),
+        now,  # a letter made at acceptance arrived now
     )
 
 
@@ -264,15 +271,15 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
     """
     await conn.execute(
         "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
-        " event_id, event_type, last_failed_at, first_failed_at)"
+        " event_id, event_type, last_failed_at, done_handlers, first_failed_at, received_at)"
         # The item's own first failure stands in for a letter that names none.
-        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?), received_at"
         " FROM bridge_kit_inbox WHERE id = ?",
         (
             *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
             *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
             *(optional_text(letter.event_id), optional_text(letter.event_type), now),
-            *(letter.first_failed_at, now, item_id),
+            *(encode_handlers(letter.done_handlers), letter.first_failed_at, now, item_id),
         ),
     )
     await complete(conn, item_id)
@@ -296,15 +303,20 @@ def _letter_filters(ids: Collection[int] | None) -> Iterator[tuple[str, Sequence
         yield f"WHERE id IN ({_marks(chunk)})", chunk
 
 
-async def replay(conn: aiosqlite.Connection, ids: Collection[int] | None, now: float) -> int:
-    """Move dead letters back into the inbox, in order (in the caller's transaction)."""
+async def replay(
+    conn: aiosqlite.Connection, ids: Collection[int] | None, now: float, all_handlers: bool
+) -> int:
+    """Move dead letters back into the inbox, in order, with their done handlers
+    unless ``all_handlers`` (in the caller's transaction)."""
     moved = 0
     for where, parameters in _letter_filters(ids):
         await conn.execute(
-            "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)"  # noqa: S608
-            f" SELECT lane, kind, event_json, ? FROM bridge_kit_dead_letters {where}"
-            " ORDER BY id",  # only "?" marks in ``where``
-            (now, *parameters),
+            # Only "?" marks in ``where``.
+            "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, done_handlers)"  # noqa: S608
+            " SELECT lane, kind, event_json, COALESCE(received_at, ?),"
+            " CASE WHEN ? THEN '[]' ELSE done_handlers END"
+            f" FROM bridge_kit_dead_letters {where} ORDER BY id",
+            (now, all_handlers, *parameters),
         )
         moved += await _delete_letters(conn, where, parameters)
     return moved

@@ -110,14 +110,14 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
     is written only if the item was still parked."""
     cursor = await conn.execute(
         "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
-        " event_id, event_type, last_failed_at, first_failed_at)"
-        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at)"
+        " event_id, event_type, last_failed_at, done_handlers, first_failed_at, received_at)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at), received_at"
         " FROM bridge_kit_parked WHERE id = ?",
         (
             *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
             *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
             *(optional_text(letter.event_id), optional_text(letter.event_type), now),
-            *(letter.first_failed_at, item_id),
+            *(encode_handlers(letter.done_handlers), letter.first_failed_at, item_id),
         ),
     )
     if cursor.rowcount == 0:

@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Final
 
+from bridge_kit.store.sqlite_files import connection_pragmas
+
 #: Schema version 1.
 V1: Final = (
     # WITHOUT ROWID: the table *is* the primary-key b-tree, so a lookup is one descent
@@ -34,12 +36,14 @@ INSERT_TRANSACTION: Final = (
 )
 
 
-def connect_records(path: Path) -> sqlite3.Connection:
-    """The store's second connection, used on the event loop (see SQLiteStore._accept_now)."""
+def connect_records(path: Path, sync: str = "normal") -> sqlite3.Connection:
+    """The store's second connection, used on the event loop (see SQLiteStore._accept_now);
+    ``sync`` is the ``synchronous`` pragma, as on the store's main connection."""
     # timeout=0: a busy database raises at once instead of blocking the event loop.
     records = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
-        records.execute("PRAGMA synchronous=NORMAL")
+        for pragma in connection_pragmas(sync):
+            records.execute(pragma)
         # Checkpoints write pages back and fsync: not on the event loop. The store
         # runs them on aiosqlite's thread instead (see _accept_now).
         records.execute("PRAGMA wal_autocheckpoint=0")
