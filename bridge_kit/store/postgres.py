@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -24,7 +25,14 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+)
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 from bridge_kit.types.events import Event
@@ -45,6 +53,12 @@ _V1 = (
     " seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,"
     " done_at TIMESTAMPTZ NOT NULL DEFAULT now())",
 )
+
+# -- schema v5 (txn): dedup on txnId + body digest ---------------------------------
+#: Schema version 5, the transaction part: each record keeps its body's digest (see
+#: bridge_kit.transactions). Records from before have none (NULL): any body is new to them.
+_V5_TXN_DIGEST = ("ALTER TABLE bridge_kit_transactions ADD COLUMN digest BYTEA",)
+# -- end of schema v5 (txn) -------------------------------------------------------------
 
 #: What a store without the driver says: asyncpg is an extra, so that bridges on
 #: SQLite do not install it.
@@ -82,6 +96,8 @@ class PostgresStore(Store):
         postgres_inbox.V2,
         postgres_state.V3,
         postgres_devices.V4,
+        # -- schema v5: one step; each part's statements in their own block --
+        (*_V5_TXN_DIGEST,),
     )
 
     def __init__(
@@ -243,13 +259,16 @@ class PostgresStore(Store):
             _txn_key(txn_id),
         )
 
-    async def prune_transactions(self, keep: int) -> int:
+    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
         if keep < 0:
             raise ValueError(f"keep must be >= 0, not {keep}")
+        cutoff = -math.inf if max_age is None else time.time() - max_age
         status = await self._execute(
             "DELETE FROM bridge_kit_transactions WHERE seq <= ("
-            " SELECT seq FROM bridge_kit_transactions ORDER BY seq DESC LIMIT 1 OFFSET $1)",
+            " SELECT seq FROM bridge_kit_transactions ORDER BY seq DESC LIMIT 1 OFFSET $1)"
+            " OR done_at < to_timestamp($2)",
             keep,
+            cutoff,
         )
         return int(status.rsplit(" ", 1)[-1])
 
@@ -266,10 +285,12 @@ class PostgresStore(Store):
         txn_id: str,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter] = (),
-    ) -> bool:
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
         now = time.time()
         return await self._run(
-            lambda pool: postgres_inbox.accept(pool, _txn_key(txn_id), items, rejected, now)
+            lambda pool: postgres_inbox.accept(pool, _txn_key(txn_id), items, rejected, now, digest)
         )
 
     async def claim_lanes(

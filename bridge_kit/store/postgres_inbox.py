@@ -21,7 +21,14 @@ from bridge_kit.store.inbox_rows import (
 )
 from bridge_kit.store.inbox_rows import clean_text as text
 from bridge_kit.store.inbox_rows import optional_text as _optional_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+)
 
 V2 = (
     # Bytes, not text: a txnId is whatever the homeserver put in the URL, NUL included,
@@ -62,11 +69,16 @@ V2 = (
 
 
 # One statement, so one commit: the txnId, the items and the letters, or, when the
-# txnId is there already (a concurrent duplicate waits for the first to commit, then
-# finds it), nothing. Rows go in the order given, so their ids keep arrival order.
+# txnId is there already with the same digest (a concurrent duplicate waits for the
+# first to commit, then finds it), nothing. A txnId there with another digest is reused:
+# its record becomes the newest, with the new digest (xmax = 0 tells an insert from that
+# update). Rows go in the order given, so their ids keep arrival order.
 _ACCEPT = """
 WITH txn AS (
-    INSERT INTO bridge_kit_transactions (txn_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1
+    INSERT INTO bridge_kit_transactions AS t (txn_id, digest) VALUES ($1, $15)
+    ON CONFLICT (txn_id) DO UPDATE SET digest = EXCLUDED.digest, done_at = now(), seq = DEFAULT
+    WHERE t.digest IS DISTINCT FROM EXCLUDED.digest
+    RETURNING (t.xmax = 0) AS new
 ), items AS (
     INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)
     SELECT lane, kind, event_json, $2
@@ -85,7 +97,7 @@ WITH txn AS (
     WHERE EXISTS (SELECT FROM txn)
     ORDER BY n
 )
-SELECT EXISTS (SELECT FROM txn)
+SELECT (SELECT new FROM txn)
 """
 
 # Claiming, step 1: a lanes row for each of the oldest ready lanes that has none, so
@@ -141,7 +153,8 @@ async def accept(
     items: Sequence[NewInboxItem],
     rejected: Sequence[NewDeadLetter],
     now: float,
-) -> bool:
+    digest: bytes = b"",
+) -> Acceptance:
     item_columns = (
         [text(item.lane) for item in items],
         [item.kind.value for item in items],
@@ -158,8 +171,10 @@ async def accept(
         [_optional_text(letter.event_type) for letter in rejected],
         [letter.first_failed_at for letter in rejected],
     )
-    accepted = await pool.fetchval(_ACCEPT, txn_key, now, *item_columns, *letter_columns)
-    return bool(accepted)
+    new = await pool.fetchval(_ACCEPT, txn_key, now, *item_columns, *letter_columns, digest)
+    if new is None:
+        return Acceptance.DUPLICATE
+    return Acceptance.NEW if new else Acceptance.REUSED_ID
 
 
 async def claim(
