@@ -136,10 +136,10 @@ class Store(abc.ABC):
         ``rejected`` to the dead letters, all in one commit.
 
         Returns :attr:`~Acceptance.DUPLICATE` (false), writing nothing, when ``txn_id``
-        was accepted before with the same ``digest``. The same ``txn_id`` with another
-        digest (or a record without one: marked done, or from before schema 5) is a new
+        was accepted before with the same ``digest``, or marked done (a record without
+        a digest matches any). The same ``txn_id`` with another digest is a new
         transaction, stored as :attr:`~Acceptance.REUSED_ID`; its record now holds the
-        new digest.
+        new digest and counts as the newest.
         """
 
     @abc.abstractmethod

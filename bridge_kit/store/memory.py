@@ -184,7 +184,7 @@ class MemoryStore(Store):
     ) -> Acceptance:
         self._check_open()
         record = self._transactions.get(txn_id)
-        if record is not None and record[0] == digest:
+        if record is not None and record[0] in (None, digest):
             return Acceptance.DUPLICATE
         now = time.time()
         # A reused txnId is the newest record now: deleted first, it goes to the end.

@@ -56,8 +56,13 @@ _V1 = (
 
 # -- schema v5 (txn): dedup on txnId + body digest ---------------------------------
 #: Schema version 5, the transaction part: each record keeps its body's digest (see
-#: bridge_kit.transactions). Records from before have none (NULL): any body is new to them.
-_V5_TXN_DIGEST = ("ALTER TABLE bridge_kit_transactions ADD COLUMN digest BYTEA",)
+#: bridge_kit.transactions). A record without one (NULL) matches any body, so only the
+#: newest record from before stays (see sqlite_puppets.V5_TXN_DIGEST).
+_V5_TXN_DIGEST = (
+    "ALTER TABLE bridge_kit_transactions ADD COLUMN digest BYTEA",
+    "DELETE FROM bridge_kit_transactions"
+    " WHERE seq < (SELECT MAX(seq) FROM bridge_kit_transactions)",
+)
 # -- end of schema v5 (txn) -------------------------------------------------------------
 
 #: What a store without the driver says: asyncpg is an extra, so that bridges on

@@ -69,15 +69,15 @@ V2 = (
 
 
 # One statement, so one commit: the txnId, the items and the letters, or, when the
-# txnId is there already with the same digest (a concurrent duplicate waits for the
-# first to commit, then finds it), nothing. A txnId there with another digest is reused:
-# its record becomes the newest, with the new digest (xmax = 0 tells an insert from that
-# update). Rows go in the order given, so their ids keep arrival order.
+# txnId is there already with the same digest or none (a concurrent duplicate waits for
+# the first to commit, then finds it), nothing. A txnId there with another digest is
+# reused: its record becomes the newest, with the new digest (xmax = 0 tells an insert
+# from that update). Rows go in the order given, so their ids keep arrival order.
 _ACCEPT = """
 WITH txn AS (
     INSERT INTO bridge_kit_transactions AS t (txn_id, digest) VALUES ($1, $15)
     ON CONFLICT (txn_id) DO UPDATE SET digest = EXCLUDED.digest, done_at = now(), seq = DEFAULT
-    WHERE t.digest IS DISTINCT FROM EXCLUDED.digest
+    WHERE t.digest <> EXCLUDED.digest
     RETURNING (t.xmax = 0) AS new
 ), items AS (
     INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)

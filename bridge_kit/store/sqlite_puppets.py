@@ -34,8 +34,14 @@ def select_puppets(count: int) -> str:
 # -- schema v5 (txn): dedup on txnId + body digest ---------------------------------
 #: Schema version 5, the transaction part: each record keeps its body's digest, since a
 #: homeserver may send another body under a txnId it used before (see
-#: bridge_kit.transactions). Records from before have none (NULL): any body is new to them.
-V5_TXN_DIGEST: Final = ("ALTER TABLE bridge_kit_transactions ADD COLUMN digest BLOB",)
+#: bridge_kit.transactions). A record without one (NULL) matches any body, so only the
+#: newest record from before stays: the homeserver resends only the transaction it
+#: sent last, and older ones would answer its reused txnIds as duplicates.
+V5_TXN_DIGEST: Final = (
+    "ALTER TABLE bridge_kit_transactions ADD COLUMN digest BLOB",
+    "DELETE FROM bridge_kit_transactions"
+    " WHERE seq < (SELECT MAX(seq) FROM bridge_kit_transactions)",
+)
 # -- end of schema v5 (txn) -------------------------------------------------------------
 
 SELECT_TRANSACTION: Final = "SELECT 1 FROM bridge_kit_transactions WHERE txn_id = ?"
@@ -59,10 +65,12 @@ PRUNE_TRANSACTIONS: Final = (
 
 
 def acceptance_of(found: list[tuple[bytes | None]], digest: bytes) -> Acceptance:
-    """What recording ``digest`` means, given the rows :data:`SELECT_DIGEST` found."""
+    """What recording ``digest`` means, given the rows :data:`SELECT_DIGEST` found (a
+    record without a digest matches any)."""
     if not found:
         return Acceptance.NEW
-    return Acceptance.DUPLICATE if found[0][0] == digest else Acceptance.REUSED_ID
+    recorded = found[0][0]
+    return Acceptance.DUPLICATE if recorded in (None, digest) else Acceptance.REUSED_ID
 
 
 def record_now(records: sqlite3.Connection, txn_id: str, digest: bytes, now: float) -> Acceptance:
