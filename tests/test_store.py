@@ -451,7 +451,10 @@ async def test_a_database_from_a_newer_version_is_refused(durable_url: str) -> N
     with pytest.raises(StoreError) as excinfo:
         await store.open()
     message = one_line_store_error(excinfo)
-    assert f"schema version 99 is newer than this bridge_kit supports ({Store.SCHEMA_VERSION})" in message
+    assert (
+        f"schema version 99 is newer than this bridge_kit supports ({Store.SCHEMA_VERSION})"
+        in message
+    )
     with pytest.raises(StoreError, match="not open"):
         await store.count_registered()
 
