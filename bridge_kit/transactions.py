@@ -93,15 +93,12 @@ def body_digest(body: Mapping[str, Any]) -> bytes:
     in canonical JSON; a Synapse retry of such a body carries nothing, so it can
     only be told apart harmlessly (it stores nothing).
     """
-    digest = hashlib.sha256()
     events = body.get("events")
     if isinstance(events, list) and events:
-        digest.update(b"events")
-        for event in events:
-            digest.update(b"\0" + _event_identity(event))
+        known_by = b"\0".join([b"events", *map(_event_identity, events)])
     else:
-        digest.update(b"other\0" + _CANONICAL.encode(dict(body)).encode())
-    return digest.digest()
+        known_by = b"other\0" + _CANONICAL.encode(dict(body)).encode()
+    return hashlib.sha256(known_by).digest()
 
 
 def _event_identity(event: Any) -> bytes:

@@ -10,10 +10,13 @@ messages lost); with the body digest they are new transactions.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+
+import aiohttp
 
 from bridge_kit import AppService, AppServiceConfig, Config, Event, HomeserverConfig
 from tests.conftest import TestHomeserver
@@ -77,3 +80,34 @@ async def test_messages_after_a_synapse_restart_all_arrive(
         assert [body for body in handled if body in before + after] == before + after
         # The restart did reuse txnIds: this test saw the case it is about.
         assert metric(app.metrics, "bridge_kit_reused_txn_ids_total") >= 1
+
+
+async def test_an_oversized_transaction_shows_in_health_and_metrics(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    config = Config(
+        homeserver=HomeserverConfig(url=synapse.url),
+        appservice=AppServiceConfig(
+            registration=str(synapse.registration_path),
+            store=f"sqlite:///{tmp_path / 'bk.db'}",
+            port=synapse.appservice_port,
+            max_body_bytes=4096,
+        ),
+    )
+    app = AppService(config)
+    body = json.dumps({"events": [], "padding": "x" * 8192}).encode()
+    headers = {"Authorization": f"Bearer {synapse.hs_token}"}
+    async with app, aiohttp.ClientSession() as http:
+        url = f"{synapse.appservice_url}/_matrix/app/v1/transactions/huge"
+        async with http.put(url, data=body, headers=headers) as response:
+            assert response.status == 413
+            assert (await response.json())["errcode"] == "M_TOO_LARGE"
+        async with http.get(f"{synapse.appservice_url}/_bridge_kit/health") as response:
+            health = await response.json()
+        async with http.get(f"{synapse.appservice_url}/metrics") as response:
+            metrics = await response.text()
+    assert health["refused_transactions"] == 1
+    assert health["last_refused"]["txn_id"] == "huge"
+    assert health["last_refused"]["reason"] == "body"
+    assert "4096" in health["last_refused"]["message"]
+    assert 'bridge_kit_refused_transactions_total{reason="body"} 1.0' in metrics
