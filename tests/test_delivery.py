@@ -126,7 +126,7 @@ def test_a_to_device_send_is_known_by_its_content() -> None:
 def test_the_sender_device_and_type_change_a_to_device_id(
     user: str, device: str, event_type: str
 ) -> None:
-    messages = {"@b:hs": {"D": {}}}
+    messages: dict[str, Any] = {"@b:hs": {"D": {}}}
     with handling("bridge", "$e", "h"):
         base = to_device_txn_id("@a:hs", "DEV", "m.dummy", messages)
     with handling("bridge", "$e", "h"):
@@ -135,7 +135,7 @@ def test_the_sender_device_and_type_change_a_to_device_id(
 
 
 def test_outside_a_handler_to_device_ids_are_random() -> None:
-    messages = {"@b:hs": {"D": {}}}
+    messages: dict[str, Any] = {"@b:hs": {"D": {}}}
     assert to_device_txn_id("@a:hs", "D", "t", messages) != to_device_txn_id(
         "@a:hs", "D", "t", messages
     )

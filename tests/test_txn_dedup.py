@@ -192,8 +192,12 @@ def test_other_events_make_another_digest(other: dict[str, Any]) -> None:
 
 
 def test_a_body_without_events_is_known_by_the_rest_in_any_key_order() -> None:
-    typing = {"type": "m.typing", "room_id": ROOM, "content": {"user_ids": ["@a:x"]}}
-    body = {"events": [], "ephemeral": [typing]}
+    typing: dict[str, Any] = {
+        "type": "m.typing",
+        "room_id": ROOM,
+        "content": {"user_ids": ["@a:x"]},
+    }
+    body: dict[str, Any] = {"events": [], "ephemeral": [typing]}
     reordered = {"ephemeral": [dict(reversed(typing.items()))], "events": []}
     assert body_digest(body) == body_digest(reordered)
     other = copy.deepcopy(body)

@@ -63,12 +63,13 @@ async def test_a_rerun_that_shares_no_key_gets_the_same_event_ids(
     async def on_trigger(event: Event) -> None:
         if event.content.get("body") != trigger:
             return
-        puppet = app.intent(localpart)
+        puppet, room_id = app.intent(localpart), event.room_id
+        assert room_id is not None
         before = to_device.count
         runs.append(
             [
-                await puppet.send_text(event.room_id, f"one {unique}"),
-                await puppet.send_text(event.room_id, f"two {unique}"),
+                await puppet.send_text(room_id, f"one {unique}"),
+                await puppet.send_text(room_id, f"two {unique}"),
             ]
         )
         shares.append(to_device.count - before)
