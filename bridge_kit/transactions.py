@@ -95,7 +95,11 @@ def body_digest(body: Mapping[str, Any]) -> bytes:
     """
     events = body.get("events")
     if isinstance(events, list) and events:
-        known_by = b"\0".join([b"events", *map(_event_identity, events)])
+        ids = [event.get("event_id") if isinstance(event, dict) else None for event in events]
+        if all(type(event_id) is str for event_id in ids):  # as good as always: one encode
+            known_by = "\0".join(["events", *ids]).encode("utf-8", "surrogatepass")
+        else:
+            known_by = b"\0".join([b"events", *map(_event_identity, events)])
     else:
         known_by = b"other\0" + _CANONICAL.encode(dict(body)).encode()
     return hashlib.sha256(known_by).digest()
