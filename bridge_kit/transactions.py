@@ -95,14 +95,25 @@ def body_digest(body: Mapping[str, Any]) -> bytes:
     """
     events = body.get("events")
     if isinstance(events, list) and events:
-        ids = [event.get("event_id") if isinstance(event, dict) else None for event in events]
-        if all(type(event_id) is str for event_id in ids):  # as good as always: one encode
+        ids = _event_ids(events)
+        if ids is not None:  # as good as always: one encode for all
             known_by = "\0".join(["events", *ids]).encode("utf-8", "surrogatepass")
         else:
             known_by = b"\0".join([b"events", *map(_event_identity, events)])
     else:
         known_by = b"other\0" + _CANONICAL.encode(dict(body)).encode()
     return hashlib.sha256(known_by).digest()
+
+
+def _event_ids(events: list[Any]) -> list[str] | None:
+    """The events' IDs, or None if one has none (then :func:`_event_identity` each)."""
+    ids = []
+    for event in events:
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        if not isinstance(event_id, str):
+            return None
+        ids.append(event_id)
+    return ids
 
 
 def _event_identity(event: Any) -> bytes:
