@@ -43,7 +43,8 @@ class Metrics(ClientObserver):
         self.duplicate_transactions = self._counter(
             namespace,
             "duplicate_transactions",
-            "Transactions answered without processing because their txnId was already done",
+            "Transactions answered without processing because their txnId and body were "
+            "accepted before",
         )
         self.reused_txn_ids = self._counter(
             namespace,
