@@ -4,8 +4,8 @@
 transaction into its events, writes them to the store's inbox together with
 the txnId in one commit, and returns; handlers run later (see
 :mod:`bridge_kit.inbox`). So the acknowledgement costs one commit, whatever
-the handlers do, and a txnId accepted before is acknowledged without storing
-anything twice.
+the handlers do, and a transaction accepted before is acknowledged without
+storing anything twice.
 
 A transaction is recognised by its txnId *and* a digest of its body
 (:func:`body_digest`): Synapse on SQLite numbers its transactions from 1 again
