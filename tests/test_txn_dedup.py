@@ -22,7 +22,7 @@ from bridge_kit import defaults
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
 from bridge_kit.store.records import Acceptance, ItemKind, NewInboxItem
-from bridge_kit.transactions import body_digest
+from bridge_kit.transactions import TransactionProcessor, body_digest
 from tests.test_server import (
     AUTH,
     V1,
@@ -245,6 +245,21 @@ async def test_reused_txn_ids_are_stored_and_logged_once(
     reused = [r for r in caplog.records if "came before with another body" in r.getMessage()]
     assert len(reused) == 1
     assert reused[0].levelno == logging.WARNING
+
+
+async def test_the_processor_prunes_by_age_when_traffic_is_low(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Far from prune_every transactions: the time since the last prune makes it due.
+    monkeypatch.setattr(defaults, "DEDUP_PRUNE_INTERVAL", 0.0)
+    processor = TransactionProcessor(sqlite_store, prune_every=1000, prune_max_age=1.0)
+    await processor.process("1", txn_body(1))
+    await processor.wait_idle()
+    await wait_for_clock_past(time.time() + 1.5)
+    await processor.process("2", txn_body(2))
+    await processor.wait_idle()
+    assert not await sqlite_store.is_transaction_done("1")
+    assert await sqlite_store.is_transaction_done("2")
 
 
 # -- the body limit -------------------------------------------------------------------------
