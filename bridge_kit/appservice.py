@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from aiohttp import web
 
 from bridge_kit import defaults
@@ -52,10 +53,17 @@ from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localp
 from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
 from bridge_kit.retention import Retention, RetentionSettings
-from bridge_kit.server import ThirdPartyHandlers, abort_requests, create_app, serve_app
+from bridge_kit.server import (
+    PROCESSOR_KEY,
+    ThirdPartyHandlers,
+    abort_requests,
+    create_app,
+    serve_app,
+)
 from bridge_kit.state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
 from bridge_kit.store.records import ItemKind
+from bridge_kit.transactions import TransactionProcessor
 
 if TYPE_CHECKING:
     from bridge_kit.crypto.bridge import BridgeEncryption
@@ -146,6 +154,7 @@ class AppService:
         self._intents: OrderedDict[str, Intent] = OrderedDict()
         self._bot: Intent | None = None
         self._double_puppets: dict[str, Intent] = {}
+        self._processor: TransactionProcessor | None = None  # set when listening
         self.encryption: BridgeEncryption | None = None
         """End-to-end encryption (the bot's device), when ``encryption.enabled``."""
         self._started_at: float | None = None
@@ -396,7 +405,10 @@ class AppService:
             max_body_bytes=section.max_body_bytes,
             metrics=self.metrics,
             health=self._health,
+            prune_keep=section.dedup_keep,
+            prune_max_age=section.dedup_max_age,
         )
+        self._processor = app[PROCESSOR_KEY]
         runner = await serve_app(app, section.host, section.port)
         log.info("listening on http://%s:%d", section.host, section.port)
         return runner
@@ -506,6 +518,16 @@ class AppService:
             "inbox_events": self.inbox.stats.depth,
             "dead_letters": self.inbox.stats.dead_letters,
             "parked_events": self.inbox.parked_events,
+            **self._refusal_health(),
+        }
+
+    def _refusal_health(self) -> dict[str, Any]:
+        """Transactions refused with 413: the homeserver is stuck resending the last."""
+        processor = self._processor
+        last = None if processor is None else processor.last_refusal
+        return {
+            "refused_transactions": 0 if processor is None else processor.refusals,
+            "last_refused": None if last is None else attrs.asdict(last),
         }
 
 

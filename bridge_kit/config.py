@@ -194,6 +194,12 @@ class AppServiceConfig(_Section):
     store: str = _checked(defaults.STORE_URL, _check_store, repr=_redacted)
     """A store URL; a relative SQLite path is resolved against the config file's folder."""
     max_body_bytes: int = _checked(defaults.MAX_BODY_BYTES, _check_positive)
+    """Largest transaction body accepted; a larger one gets 413, which the homeserver
+    resends forever (the default fits the largest transaction Synapse sends)."""
+    dedup_keep: int = _checked(defaults.DEDUP_KEEP, _check_positive)
+    """Transaction dedup records (txnId and body digest) kept at most."""
+    dedup_max_age: float = _checked(defaults.DEDUP_MAX_AGE, _check_seconds)
+    """Seconds a transaction dedup record is kept at most."""
     handler_concurrency: int = _checked(defaults.HANDLER_CONCURRENCY, _check_positive)
     """Rooms whose events are handled at the same time (each room in order)."""
     handler_attempts: int = _checked(defaults.HANDLER_ATTEMPTS, _check_positive)

@@ -14,7 +14,16 @@ REGISTRATION_FILE: Final = "registration.yaml"
 HOST: Final = "127.0.0.1"
 PORT: Final = 29333
 STORE_URL: Final = "sqlite:///bridge_kit.db"
-MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+#: The largest request body accepted. It must fit the largest transaction Synapse sends
+#: (synapse/appservice/scheduler.py): 100 events of at most 64 KiB each (MAX_PDU_SIZE),
+#: which the serialisation for appservices may double with ``unsigned`` (a state event's
+#: ``prev_content``, an invite's stripped state): 12.5 MiB; 100 ephemeral events and 100
+#: to-device messages, budgeted at 64 KiB each: 12.5 MiB; one-time-key counts of up to
+#: MAX_TRANSACTION_KEY_COUNTS devices (about 230 bytes each): 11 MiB. About 36 MiB in
+#: all; 64 MiB leaves headroom. A body past it gets 413, which Synapse resends forever.
+#: Only requests with the hs_token are read, so a stranger cannot make the bridge
+#: buffer this much.
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 #: Puppet registrations in flight at most in a bulk run (429s lower it).
 CONCURRENCY: Final = 16
@@ -30,9 +39,16 @@ LOG_FORMAT: Final = "text"
 #: Transaction dedup records kept, and how often (in transactions) the rest are pruned.
 DEDUP_KEEP: Final = 10_000
 DEDUP_PRUNE_EVERY: Final = 1000
+#: Seconds a transaction dedup record is kept at most. A record only matters when the
+#: homeserver resends a transaction whose 200 it did not see; Synapse retries every
+#: 2..512 s while it runs, and after a crash of its own resends once it is back, so a
+#: week covers a homeserver down over a long weekend and more.
+DEDUP_MAX_AGE: Final = 7 * 24 * 3600.0
+#: Seconds between prunes of the dedup records at most, however few transactions come.
+DEDUP_PRUNE_INTERVAL: Final = 3600.0
 
 #: Events and ephemeral events one transaction may carry. Synapse sends at most 100
-#: of each; a body of 10 MB could otherwise hold 5 million invalid items, each a dead
+#: of each; a body of 64 MiB could otherwise hold 30 million invalid items, each a dead
 #: letter (measured: 80 s of blocking CPU and 1.8 GB for 4 million). Past this the
 #: transaction is refused (413 M_TOO_LARGE): a homeserver that really sent that much
 #: would be stuck resending it, but none does, and accepting would let one request
@@ -43,9 +59,9 @@ MAX_TRANSACTION_ITEMS: Final = 10_000
 #: towards MAX_TRANSACTION_ITEMS). Synapse sends the counts of every device of every
 #: appservice user in the rooms of a transaction's events, so a portal room with
 #: thousands of puppets with devices legitimately sends thousands; refusing them would
-#: stop delivery for good. A Synapse-shaped body of 50,000 devices is past the default
-#: 10 MB body limit (measured: 2.3 MB per 10,000); the bound keeps a body of nothing
-#: but minimal counts to about 1.3 s of parsing (26 us each).
+#: stop delivery for good. A Synapse-shaped body of 50,000 devices takes about 11.5 MB
+#: (measured: 2.3 MB per 10,000), within MAX_BODY_BYTES; the bound keeps a body of
+#: nothing but minimal counts to about 1.3 s of parsing (26 us each).
 MAX_TRANSACTION_KEY_COUNTS: Final = 50_000
 
 #: Seconds a stopping app waits for in-flight requests before closing them.

@@ -43,7 +43,22 @@ class Metrics(ClientObserver):
         self.duplicate_transactions = self._counter(
             namespace,
             "duplicate_transactions",
-            "Transactions answered without processing because their txnId was already done",
+            "Transactions answered without processing because their txnId and body were "
+            "accepted before",
+        )
+        self.reused_txn_ids = self._counter(
+            namespace,
+            "reused_txn_ids",
+            "Transactions accepted as new although their txnId was seen before with another "
+            "body (the homeserver numbers its transactions anew, e.g. after a restart)",
+        )
+        self.refused_transactions = Counter(
+            "refused_transactions",
+            "Transactions refused as too large (413), by reason (body or items); the "
+            "homeserver sends them again forever, so delivery is stuck until a limit is raised",
+            ["reason"],
+            namespace=namespace,
+            registry=self.registry,
         )
         self.handler_failures = self._counter(
             namespace, "handler_failures", "Transactions that could not be accepted (answered 500)"
@@ -153,6 +168,14 @@ class Metrics(ClientObserver):
     def count_duplicate(self) -> None:
         """A transaction was answered from the dedup record, not processed."""
         self.duplicate_transactions.inc()
+
+    def count_reused_txn_id(self) -> None:
+        """A txnId seen before came with another body and was accepted as new."""
+        self.reused_txn_ids.inc()
+
+    def count_refused_transaction(self, reason: str) -> None:
+        """A transaction was refused with 413 (``reason``: ``body`` or ``items``)."""
+        self.refused_transactions.labels(reason=reason).inc()
 
     def count_handler_failure(self) -> None:
         """A transaction handler raised."""

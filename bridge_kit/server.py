@@ -132,6 +132,7 @@ def create_app(
     health: Callable[[], dict[str, Any]] | None = None,
     prune_keep: int = defaults.DEDUP_KEEP,
     prune_every: int = defaults.DEDUP_PRUNE_EVERY,
+    prune_max_age: float | None = defaults.DEDUP_MAX_AGE,
 ) -> web.Application:
     """Build the appservice API application.
 
@@ -150,7 +151,12 @@ def create_app(
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
     processor = TransactionProcessor(
-        store, on_accepted, metrics=metrics, prune_every=prune_every, prune_keep=prune_keep
+        store,
+        on_accepted,
+        metrics=metrics,
+        prune_every=prune_every,
+        prune_keep=prune_keep,
+        prune_max_age=prune_max_age,
     )
     routes = _Routes(
         hs_token=hs_token,
@@ -243,7 +249,12 @@ class _Routes:
 
     async def transaction(self, request: web.Request) -> web.StreamResponse:
         txn_id = request.match_info["txnId"]
-        body = await _read_json(request, self.max_body_bytes)
+        try:
+            body = await _read_json(request, self.max_body_bytes)
+        except ErrorReply as refused:
+            if refused.status == 413 and self.processor is not None:
+                self.processor.refused(txn_id, "body", refused.message)
+            raise
         if self.processor is None:
             raise ErrorReply(503, "M_UNKNOWN", "Not accepting transactions now; retry later")
         try:
@@ -340,7 +351,10 @@ async def _read_json(request: web.Request, max_bytes: int) -> Any:
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
     # Chunked bodies have no Content-Length: read() enforces client_max_size as it goes.
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(max_bytes) from None
     try:
         # 1e999 is read as infinity: see decode_request.
         return decode_request(body)

@@ -53,7 +53,9 @@ def test_minimal_config_gets_every_default(config_dir: Path) -> None:
     assert config.homeserver == HomeserverConfig(url="http://127.0.0.1:8008", domain=None)
     assert config.appservice.host == "127.0.0.1"
     assert config.appservice.port == 29333
-    assert config.appservice.max_body_bytes == 10485760
+    assert config.appservice.max_body_bytes == 64 * 1024 * 1024
+    assert config.appservice.dedup_keep == 10_000
+    assert config.appservice.dedup_max_age == 7 * 24 * 3600
     assert config.puppets == PuppetsConfig(
         concurrency=16, preregister=None, provision_on_query=True
     )

@@ -20,7 +20,7 @@ from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.results import KEPT_PROBLEMS
 from bridge_kit.registration import generate_registration
 from bridge_kit.store import MemoryStore, SQLiteStore
-from bridge_kit.store.records import NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import Acceptance, NewDeadLetter, NewInboxItem
 from bridge_kit.transactions import TransactionProcessor
 from tests.fault_homeserver import FaultHomeserver
 from tests.test_inbox import accept, message, route_to, running, until
@@ -147,10 +147,12 @@ class FailingStore(MemoryStore):
         txn_id: str,
         items: list[NewInboxItem],  # type: ignore[override]
         rejected: list[NewDeadLetter] = (),  # type: ignore[assignment,override]
-    ) -> bool:
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
         if self.failing:
             raise self.error
-        return await super().accept_transaction(txn_id, items, rejected)
+        return await super().accept_transaction(txn_id, items, rejected, digest=digest)
 
 
 async def test_an_inbox_store_failure_is_one_line_without_a_traceback(

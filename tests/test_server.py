@@ -26,7 +26,14 @@ from bridge_kit.errors import ListenError
 from bridge_kit.metrics import Metrics
 from bridge_kit.server import PROCESSOR_KEY, ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore, Store, open_store
-from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    Acceptance,
+    InboxItem,
+    InboxStats,
+    ItemKind,
+    NewDeadLetter,
+    NewInboxItem,
+)
 from bridge_kit.transactions import TransactionProcessor
 
 HS_TOKEN = "hs-token-for-route-tests"
@@ -64,12 +71,14 @@ class FlakyStore(MemoryStore):
         txn_id: str,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter] = (),
-    ) -> bool:
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
         self.accept_calls += 1
         if self.failures:
             self.failures -= 1
             raise OSError("disk full")
-        return await super().accept_transaction(txn_id, items, rejected)
+        return await super().accept_transaction(txn_id, items, rejected, digest=digest)
 
 
 class Wakeups:
@@ -455,7 +464,7 @@ async def test_an_empty_transaction_is_acknowledged_and_remembered(store: Store)
     async with serve_api(store, on_accepted=wakeups) as client:
         url = f"{V1}/transactions/e"
         await expect_ok(await client.put(url, json={"events": []}, headers=AUTH))
-        await expect_ok(await client.put(url, json=txn_body(1), headers=AUTH))
+        await expect_ok(await client.put(url, json={"events": []}, headers=AUTH))
     assert await store.inbox_stats() == InboxStats(0, None, 0)
     assert await store.is_transaction_done("e")
     assert wakeups.calls == 1
@@ -468,13 +477,14 @@ async def test_a_duplicate_is_acknowledged_without_storing_again(store: Store) -
         for _ in range(3):
             response = await client.put(f"{V1}/transactions/7", json=txn_body(1), headers=AUTH)
             await expect_ok(response)
-        # The legacy path shares the dedup record; a different body changes nothing.
-        await expect_ok(await client.put("/transactions/7", json=txn_body(2), headers=AUTH))
+        # The legacy path shares the dedup record.
+        await expect_ok(await client.put("/transactions/7", json=txn_body(1), headers=AUTH))
     assert ids_by_lane(await inbox_lanes(store)) == {"!room:test.local": ["$event1"]}
     assert wakeups.calls == 1
     assert metric(metrics, "bridge_kit_duplicate_transactions_total") == 3
     assert metric(metrics, "bridge_kit_transactions_total") == 1
     assert metric(metrics, "bridge_kit_events_total") == 1
+    assert metric(metrics, "bridge_kit_reused_txn_ids_total") == 0
 
 
 async def test_concurrent_copies_of_a_transaction_are_stored_once(store: Store) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cattrs
 
 from bridge_kit.client import quote_segment, structure_reply
-from bridge_kit.delivery import next_txn_id
+from bridge_kit.delivery import to_device_txn_id
 from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, WrongType
 from bridge_kit.intent._actor import CLIENT, content_json
 from bridge_kit.types.converter import converter, describe_error
@@ -227,16 +227,16 @@ async def send_to_device(
     messages: Mapping[str, Mapping[str, Mapping[str, Any] | Any]],
     txn_id: str | None,
 ) -> None:
-    # Synapse deduplicates an appservice's txn IDs by path alone (facts §9), so the
-    # derived ID names the sending user and device.
-    sender = f"~to-device:{intent.device_id or ''}"
-    txn_id = txn_id or next_txn_id(intent.user_id, sender, event_type)
     body = SendToDeviceRequest(
         {
             user: {device: content_json(content) for device, content in devices.items()}
             for user, devices in messages.items()
         }
     )
+    # Synapse deduplicates an appservice's txn IDs by path alone (facts §9), so the
+    # derived ID names the sending user and device. It takes no number from the
+    # handler's room sends (see bridge_kit.delivery).
+    txn_id = txn_id or to_device_txn_id(intent.user_id, intent.device_id, event_type, body.messages)
     await intent._request(
         "PUT",
         f"{CLIENT}/sendToDevice/{quote_segment(event_type)}/{quote_segment(txn_id)}",

@@ -14,6 +14,7 @@ import cattrs
 from bridge_kit.errors import StoreError
 from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.records import (
+    Acceptance,
     DeadLetter,
     InboxItem,
     InboxStats,
@@ -108,8 +109,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def prune_transactions(self, keep: int) -> int:
-        """Delete all but the ``keep`` most recent transaction records; return how many went."""
+    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
+        """Delete all but the ``keep`` most recent transaction records, and (with
+        ``max_age``) those recorded more than ``max_age`` seconds ago; return how many
+        went."""
 
     @abc.abstractmethod
     async def schema_version(self) -> int:
@@ -128,10 +131,18 @@ class Store(abc.ABC):
         txn_id: str,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter] = (),
-    ) -> bool:
-        """Record ``txn_id``, append ``items`` to the inbox and ``rejected`` to the dead
-        letters, all in one commit. Returns False, writing nothing, when ``txn_id`` was
-        accepted (or marked done) before."""
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
+        """Record ``txn_id`` with the body's ``digest``, append ``items`` to the inbox and
+        ``rejected`` to the dead letters, all in one commit.
+
+        Returns :attr:`~Acceptance.DUPLICATE` (false), writing nothing, when ``txn_id``
+        was accepted before with the same ``digest``, or marked done (a record without
+        a digest matches any). The same ``txn_id`` with another digest is a new
+        transaction, stored as :attr:`~Acceptance.REUSED_ID`; its record now holds the
+        new digest and counts as the newest.
+        """
 
     @abc.abstractmethod
     async def claim_lanes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from bridge_kit.store.base import (
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import (
+    Acceptance,
     DeadLetter,
     InboxItem,
     InboxStats,
@@ -45,8 +47,9 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._puppets: set[str] = set()
-        # dicts keep insertion order, which is the order transactions were done in.
-        self._transactions: dict[str, None] = {}
+        # txnId -> (body digest or None, done at); dicts keep insertion order, which is
+        # the order transactions were done in (a reused txnId moves to the end).
+        self._transactions: dict[str, tuple[bytes | None, float]] = {}
         # lane -> its items by id; ids only grow, so insertion order is arrival order.
         # A lane whose last item went is removed, so every lane here has a head.
         self._lanes: dict[str, dict[int, InboxItem]] = {}
@@ -116,16 +119,25 @@ class MemoryStore(Store):
 
     async def mark_transaction_done(self, txn_id: str) -> None:
         self._check_open()
-        self._transactions.setdefault(txn_id, None)
+        self._transactions.setdefault(txn_id, (None, time.time()))
 
-    async def prune_transactions(self, keep: int) -> int:
+    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
         self._check_open()
         if keep < 0:
             raise ValueError(f"keep must be >= 0, not {keep}")
         excess = max(len(self._transactions) - keep, 0)
-        for txn_id in list(self._transactions)[:excess]:
+        gone = list(self._transactions)[:excess]
+        if max_age is not None:
+            cutoff = time.time() - max_age
+            # Oldest first, so the aged-out records are a prefix.
+            aged = itertools.takewhile(
+                lambda txn_id: self._transactions[txn_id][1] < cutoff,
+                list(self._transactions)[excess:],
+            )
+            gone += aged
+        for txn_id in gone:
             del self._transactions[txn_id]
-        return excess
+        return len(gone)
 
     async def schema_version(self) -> int:
         self._check_open()
@@ -184,19 +196,24 @@ class MemoryStore(Store):
         txn_id: str,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter] = (),
-    ) -> bool:
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
         self._check_open()
-        if txn_id in self._transactions:
-            return False
+        record = self._transactions.get(txn_id)
+        if record is not None and record[0] in (None, digest):
+            return Acceptance.DUPLICATE
         now = time.time()
-        self._transactions[txn_id] = None
+        # A reused txnId is the newest record now: deleted first, it goes to the end.
+        self._transactions.pop(txn_id, None)
+        self._transactions[txn_id] = (digest, now)
         for item in items:
             if item.kind is ItemKind.OTK_COUNTS:
                 self._supersede_counts(item.lane)
             self._append(item, now)
         for letter in rejected:
             self._add_letter(letter, letter.first_failed_at, now)
-        return True
+        return Acceptance.NEW if record is None else Acceptance.REUSED_ID
 
     def _holder(self, lane: str) -> str | None:
         lease = self._leases.get(lane)

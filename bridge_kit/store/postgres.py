@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -31,6 +32,7 @@ from bridge_kit.store.base import (
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.records import (
+    Acceptance,
     DeadLetter,
     InboxItem,
     InboxStats,
@@ -59,6 +61,17 @@ _V1 = (
     " seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,"
     " done_at TIMESTAMPTZ NOT NULL DEFAULT now())",
 )
+
+# -- schema v5 (txn): dedup on txnId + body digest ---------------------------------
+#: Schema version 5, the transaction part: each record keeps its body's digest (see
+#: bridge_kit.transactions). A record without one (NULL) matches any body, so only the
+#: newest record from before stays (see sqlite_puppets.V5_TXN_DIGEST).
+_V5_TXN_DIGEST = (
+    "ALTER TABLE bridge_kit_transactions ADD COLUMN digest BYTEA",
+    "DELETE FROM bridge_kit_transactions"
+    " WHERE seq < (SELECT MAX(seq) FROM bridge_kit_transactions)",
+)
+# -- end of schema v5 (txn) -------------------------------------------------------------
 
 #: What a store without the driver says: asyncpg is an extra, so that bridges on
 #: SQLite do not install it.
@@ -96,8 +109,8 @@ class PostgresStore(Store):
         postgres_inbox.V2,
         postgres_state.V3,
         postgres_devices.V4,
-        # -- schema v5: one tuple of every branch's v5 statements --
-        (*postgres_parked.V5, *postgres_retention.V5_RETENTION),
+        # -- schema v5: one step; each part's statements in their own block --
+        (*postgres_parked.V5, *postgres_retention.V5_RETENTION, *_V5_TXN_DIGEST),
     )
 
     def __init__(
@@ -259,13 +272,16 @@ class PostgresStore(Store):
             _txn_key(txn_id),
         )
 
-    async def prune_transactions(self, keep: int) -> int:
+    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
         if keep < 0:
             raise ValueError(f"keep must be >= 0, not {keep}")
+        cutoff = -math.inf if max_age is None else time.time() - max_age
         status = await self._execute(
             "DELETE FROM bridge_kit_transactions WHERE seq <= ("
-            " SELECT seq FROM bridge_kit_transactions ORDER BY seq DESC LIMIT 1 OFFSET $1)",
+            " SELECT seq FROM bridge_kit_transactions ORDER BY seq DESC LIMIT 1 OFFSET $1)"
+            " OR done_at < to_timestamp($2)",
             keep,
+            cutoff,
         )
         return int(status.rsplit(" ", 1)[-1])
 
@@ -282,10 +298,12 @@ class PostgresStore(Store):
         txn_id: str,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter] = (),
-    ) -> bool:
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
         now = time.time()
         return await self._run(
-            lambda pool: postgres_inbox.accept(pool, _txn_key(txn_id), items, rejected, now)
+            lambda pool: postgres_inbox.accept(pool, _txn_key(txn_id), items, rejected, now, digest)
         )
 
     async def claim_lanes(

@@ -22,6 +22,7 @@ from bridge_kit.store.inbox_rows import (
 from bridge_kit.store.inbox_rows import clean_text as text
 from bridge_kit.store.inbox_rows import optional_text as _optional_text
 from bridge_kit.store.records import (
+    Acceptance,
     DeadLetter,
     InboxItem,
     InboxStats,
@@ -69,11 +70,16 @@ V2 = (
 
 
 # One statement, so one commit: the txnId, the items and the letters, or, when the
-# txnId is there already (a concurrent duplicate waits for the first to commit, then
-# finds it), nothing. Rows go in the order given, so their ids keep arrival order.
+# txnId is there already with the same digest or none (a concurrent duplicate waits for
+# the first to commit, then finds it), nothing. A txnId there with another digest is
+# reused: its record becomes the newest, with the new digest (xmax = 0 tells an insert
+# from that update). Rows go in the order given, so their ids keep arrival order.
 _ACCEPT = """
 WITH txn AS (
-    INSERT INTO bridge_kit_transactions (txn_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1
+    INSERT INTO bridge_kit_transactions AS t (txn_id, digest) VALUES ($1, $17)
+    ON CONFLICT (txn_id) DO UPDATE SET digest = EXCLUDED.digest, done_at = now(), seq = DEFAULT
+    WHERE t.digest <> EXCLUDED.digest
+    RETURNING (t.xmax = 0) AS new
 ), items AS (
     INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)
     SELECT lane, kind, event_json, $2
@@ -96,7 +102,7 @@ WITH txn AS (
     WHERE EXISTS (SELECT FROM txn)
     ORDER BY n
 )
-SELECT EXISTS (SELECT FROM txn)
+SELECT (SELECT new FROM txn)
 """
 
 # Claiming, step 1: a lanes row for each of the oldest ready lanes that has none, so
@@ -152,7 +158,8 @@ async def accept(
     items: Sequence[NewInboxItem],
     rejected: Sequence[NewDeadLetter],
     now: float,
-) -> bool:
+    digest: bytes = b"",
+) -> Acceptance:
     item_columns = (
         [text(item.lane) for item in items],
         [item.kind.value for item in items],
@@ -171,8 +178,12 @@ async def accept(
         [encode_handlers(letter.done_handlers) for letter in rejected],
     )
     counted = [text(item.lane) for item in items if item.kind is ItemKind.OTK_COUNTS]
-    accepted = await pool.fetchval(_ACCEPT, txn_key, now, *item_columns, *letter_columns, counted)
-    return bool(accepted)
+    new = await pool.fetchval(
+        _ACCEPT, txn_key, now, *item_columns, *letter_columns, counted, digest
+    )
+    if new is None:
+        return Acceptance.DUPLICATE
+    return Acceptance.NEW if new else Acceptance.REUSED_ID
 
 
 async def claim(

@@ -16,6 +16,7 @@ import attrs
 from bridge_kit import defaults
 
 __all__ = [
+    "Acceptance",
     "DeadLetter",
     "InboxItem",
     "InboxStats",
@@ -39,6 +40,19 @@ class ItemKind(enum.Enum):
     TO_DEVICE = "to_device"  # to_device: one item per message
     DEVICE_LISTS = "device_lists"  # device_lists: one item per transaction
     OTK_COUNTS = "otk_counts"  # one-time-key counts: one item per (user, device)
+
+
+class Acceptance(enum.IntEnum):
+    """What :meth:`~bridge_kit.store.base.Store.accept_transaction` did; false only for
+    a duplicate, so ``if await store.accept_transaction(...)`` means "stored"."""
+
+    #: The txnId was seen before with the same body digest: nothing was stored.
+    DUPLICATE = 0
+    #: A txnId not seen before (or pruned since): stored.
+    NEW = 1
+    #: The txnId was seen before with another body (a homeserver that numbers its
+    #: transactions from 1 again after a restart): stored as a new transaction.
+    REUSED_ID = 2
 
 
 @attrs.frozen

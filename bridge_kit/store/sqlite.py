@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -49,7 +50,14 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
+from bridge_kit.store.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+)
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
 from bridge_kit.store.sqlite_parked import SQLiteParkedItems
@@ -82,8 +90,8 @@ class SQLiteStore(SQLiteParkedItems, Store):
         sqlite_inbox.V2,
         sqlite_state.V3,
         sqlite_devices.V4,
-        # -- schema v5: one tuple of every branch's v5 statements --
-        (*_PARKED_V5, *sqlite_retention.V5_RETENTION),
+        # -- schema v5: one step; each part's statements in their own block --
+        (*_PARKED_V5, *sqlite_retention.V5_RETENTION, *sqlite_puppets.V5_TXN_DIGEST),
     )
 
     def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:
@@ -318,20 +326,17 @@ class SQLiteStore(SQLiteParkedItems, Store):
             async with self._transaction() as conn:
                 await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
 
-    async def prune_transactions(self, keep: int) -> int:
+    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
         if keep < 0:
             raise ValueError(f"keep must be >= 0, not {keep}")
+        cutoff = -math.inf if max_age is None else time.time() - max_age
         conn = self._connection()
         with self._errors():
             async with self._lock:
                 # One statement, so one implicit transaction: the write lock is held only
                 # while it runs, not across trips between the loop and the thread, during
                 # which mark_transaction_done would find the database busy.
-                cursor = await conn.execute(
-                    "DELETE FROM bridge_kit_transactions WHERE seq <= ("
-                    " SELECT seq FROM bridge_kit_transactions ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                    (keep,),
-                )
+                cursor = await conn.execute(sqlite_puppets.PRUNE_TRANSACTIONS, (keep, cutoff))
                 return cursor.rowcount
 
     async def schema_version(self) -> int:
@@ -351,32 +356,34 @@ class SQLiteStore(SQLiteParkedItems, Store):
         txn_id: str,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter] = (),
-    ) -> bool:
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
         """Record ``txn_id`` and append the events in one commit (see
         :meth:`mark_transaction_done` for what synchronous=NORMAL means for it)."""
         now = time.time()
-        accepted = self._accept_now(txn_id, items, rejected, now)
+        accepted = self._accept_now(txn_id, digest, items, rejected, now)
         if accepted is not None:
             return accepted
 
-        async def accept(conn: aiosqlite.Connection) -> bool:
-            # Under BEGIN IMMEDIATE no other writer runs, so a txnId already there means
-            # a duplicate, however many are in flight.
-            cursor = await conn.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now))
-            if cursor.rowcount == 0:
-                return False
-            await sqlite_inbox.append(conn, items, rejected, now)
-            return True
+        async def accept(conn: aiosqlite.Connection) -> Acceptance:
+            # Under BEGIN IMMEDIATE no other writer runs, so a record already there
+            # means a duplicate, however many are in flight.
+            acceptance = await sqlite_puppets.record(conn, txn_id, digest, now)
+            if acceptance:
+                await sqlite_inbox.append(conn, items, rejected, now)
+            return acceptance
 
         return await self._in_transaction(accept)
 
     def _accept_now(
         self,
         txn_id: str,
+        digest: bytes,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter],
         now: float,
-    ) -> bool | None:
+    ) -> Acceptance | None:
         """Accept on the plain connection, on the loop: ``None`` if the database is busy.
 
         A transaction's rows committed in the WAL take a fraction of a millisecond,
@@ -395,9 +402,10 @@ class SQLiteStore(SQLiteParkedItems, Store):
             raise StoreError(f"SQLite store {self.path}: {error}") from error
         try:
             with self._errors():
-                if records.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
+                acceptance = sqlite_puppets.record_now(records, txn_id, digest, now)
+                if not acceptance:
                     records.execute("ROLLBACK")
-                    return False
+                    return acceptance
                 sqlite_inbox.append_now(records, items, rejected, now)
                 records.execute("COMMIT")
         except BaseException:
@@ -405,7 +413,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
                 records.execute("ROLLBACK")
             raise
         self._after_loop_commit()
-        return True
+        return acceptance
 
     def _after_loop_commit(self) -> None:
         """Every so many commits on the loop's connection, checkpoint on the thread."""
