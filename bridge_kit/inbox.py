@@ -9,10 +9,10 @@ exponential backoff; after ``handler_attempts`` failures its event becomes a
 dead letter and the lane moves on. A lane waiting for a retry holds no worker,
 so it never blocks other rooms.
 
-A lane's handled items are removed from the store together, in one commit per
-batch (see :class:`InboxSettings`' ``completion_batch`` and ``completion_delay``),
-and always before a later item's failure is recorded or the worker stops: a
-crash runs the handled items not committed yet again.
+A lane's handled item is removed from the store before the lane starts its next
+event, so a crash (even SIGKILL) runs again at most the event each lane was
+running. The removals of all lanes share commits: one committer takes whatever
+the lanes handed in while its previous commit ran (see :class:`_GroupCommit`).
 
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
@@ -117,8 +117,6 @@ class InboxSettings:
     timeout: float = defaults.HANDLER_TIMEOUT
     lease: float = defaults.LANE_LEASE
     poll: float = defaults.INBOX_POLL
-    completion_batch: int = defaults.COMPLETION_BATCH
-    completion_delay: float = defaults.COMPLETION_DELAY
 
     def retry_delay(self, failures: int, rng: random.Random) -> float:
         """Jittered exponential backoff after the ``failures``-th failure (1-based)."""
@@ -127,47 +125,56 @@ class InboxSettings:
         return rng.uniform(ceiling / 2, ceiling)
 
 
-class _Completions:
-    """A lane worker's handled items that are still in the inbox, to be removed in one
-    commit: one store trip per batch instead of one per item, which a flood of one
-    room's events would otherwise pay for in write-lock contention with the
-    acknowledgements. Until the commit, a crash leaves these items to be handled again."""
+class _GroupCommit:
+    """One committer shared by every lane: a lane hands in the item it handled and
+    waits until that item's removal is committed before it starts its next event.
 
-    def __init__(self, store: Store, settings: InboxSettings) -> None:
+    Whatever was handed in while a commit ran goes into the next one, so the lanes
+    working at once share one store trip (a group commit) with no delay added, and a
+    crash re-runs at most the one event each lane was running or waiting to commit.
+    """
+
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._settings = settings
-        self._ids: list[int] = []
-        self._first_done = 0.0
+        self._pending: list[tuple[int, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
 
-    def add(self, item_id: int) -> None:
-        """Every handler returned for this item (never call it earlier)."""
-        if not self._ids:
-            self._first_done = time.monotonic()
-        self._ids.append(item_id)
+    async def complete(self, item_id: int) -> None:
+        """Every handler returned for this item: remove it from the inbox, and return
+        once that is committed. Raises the store's error if the commit failed (the
+        item then stays, to be handled again). A caller cancelled while it waits does
+        not stop the commit."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((item_id, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._commit_pending(), name="bridge_kit commits")
+        await done
 
-    @property
-    def due(self) -> bool:
-        """Whether the batch is full, or its oldest completion waited long enough."""
-        if len(self._ids) >= self._settings.completion_batch:
-            return True
-        waited = time.monotonic() - self._first_done
-        return bool(self._ids) and waited >= self._settings.completion_delay
+    async def _commit_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._store.complete_items([item_id for item_id, _ in batch])
+            except Exception as exc:
+                _settle(batch, exc)
+            else:
+                _settle(batch, None)
 
-    async def commit(self) -> None:
-        """Remove the items from the inbox. If the commit fails they stay in it, and
-        are handled again when their lane is next worked on."""
-        ids, self._ids = self._ids, []
-        if ids:
-            await self._store.complete_items(ids)
+    async def flush(self) -> None:
+        """Wait until what was handed in is committed (or failed), e.g. before the store
+        closes; a worker cancelled while it waited leaves its commit running."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
-    async def commit_or_log(self, lane: str) -> None:
-        """:meth:`commit` for a worker on its way out (stopped, cancelled, failed):
-        a failure is only logged, so the reason the worker stopped is what propagates."""
-        try:
-            await self.commit()
-        except Exception as exc:
-            log.error("could not commit the handled items of lane %s; they will be "
-                      "handled again: %s", lane, describe_error(exc))  # fmt: skip
+
+def _settle(batch: list[tuple[int, asyncio.Future[None]]], error: Exception | None) -> None:
+    for _, done in batch:
+        if done.done():  # its waiter was cancelled
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def handler_name(handler: Callable[..., Any]) -> str:
@@ -222,6 +229,7 @@ class Inbox:
         self._rng = random.Random()
         self._stopping = False
         self._preprocessors: dict[ItemKind, list[Preprocessor]] = {k: [] for k in ItemKind}
+        self._commits = _GroupCommit(store)
 
     def add_preprocessor(self, kind: ItemKind, preprocessor: Preprocessor) -> None:
         """Run ``preprocessor`` on every item of ``kind`` before its handlers (see the
@@ -253,6 +261,7 @@ class Inbox:
             _, stuck = await asyncio.wait(workers, timeout=_UNWIND_SECONDS)
             if stuck:
                 log.error("%d handlers ignored their cancellation; abandoned", len(stuck))
+        await self._commits.flush()
         await _cancelled(self._renewer)
 
     def wake(self) -> None:
@@ -386,42 +395,26 @@ class Inbox:
     async def _work_batch(self, lane: str) -> bool:
         """Handle the lane's next items in order; False when the lane is done for now.
 
-        The handled items' completions are committed together (see
-        :class:`_Completions`), and always before this returns: the next batch is
-        read after the commit, so it never holds an item handled already."""
+        Each handled item's removal is committed before the next item starts (see
+        :class:`_GroupCommit`), so the next read never holds an item handled already."""
         items = await self.store.lane_items(lane, _BATCH)
-        completions = _Completions(self.store, self.settings)
-        try:
-            more = await self._handle_in_order(lane, items, completions)
-        except BaseException:
-            await completions.commit_or_log(lane)
-            raise
-        await completions.commit()
-        return more
-
-    async def _handle_in_order(
-        self, lane: str, items: list[InboxItem], completions: _Completions
-    ) -> bool:
         for item in items:
-            if completions.due:
-                await completions.commit()
             if self._stopping or not self._holds(lane) or item.not_before > time.time():
                 return False
-            if not await self._handle(item, completions):
+            if not await self._handle(item):
                 return False
         return len(items) == _BATCH
 
-    async def _handle(self, item: InboxItem, completions: _Completions) -> bool:
+    async def _handle(self, item: InboxItem) -> bool:
         """Run the item's preprocessors and handlers; True when the lane may go on.
 
-        Before it records a failure, a deferral or a dead letter, the lane's earlier
-        completions are committed, so the store never shows a later item's fate
-        while an earlier, handled one still waits."""
+        A handled item's removal is committed before this returns, so the store never
+        shows a later item's failure, deferral or dead letter while an earlier,
+        handled one still waits, and a crash re-runs at most the item running."""
         try:
             parsed = parse_item(item.kind, item.event_json)
         except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
             what = "event" if item.kind in _EVENT_KINDS else f"{item.kind.value} item"
-            await completions.commit()
             await self._bury(item, None, f"invalid {what}: {describe_error(exc)}", item.attempts)
             return True
         # The sends' transaction IDs derive from the event as received, decrypted or not.
@@ -436,20 +429,17 @@ class Inbox:
                     wanted = MODELS[item.kind].__name__
                     failure = f"TypeError: {name} returned {type(result).__name__}, not {wanted}"
                 if failure is not None:
-                    await completions.commit()
                     return await self._failed(item, parsed, name, done, failure)
                 parsed = result
             for handler, name in _named(self.route(item.kind, item_type(parsed))):
                 if name in done:
                     continue
                 if (failure := await self._run(handler, name, key, parsed, item)) is not None:
-                    await completions.commit()
                     return await self._failed(item, parsed, name, done, failure)
                 done.append(name)
         except NotReady as not_ready:
-            await completions.commit()
             return await self._defer(item, parsed, name, done, not_ready)
-        completions.add(item.id)
+        await self._commits.complete(item.id)
         return True
 
     async def _run(
