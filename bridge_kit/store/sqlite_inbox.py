@@ -241,6 +241,15 @@ async def complete_many(conn: aiosqlite.Connection, item_ids: Collection[int]) -
         )
 
 
+def complete_now(conn: sqlite3.Connection, item_ids: Collection[int]) -> None:
+    """Remove these items, on a plain connection (in the caller's transaction)."""
+    for chunk in _chunks(sorted(set(item_ids))):
+        conn.execute(
+            f"DELETE FROM bridge_kit_inbox WHERE id IN ({_marks(chunk)})",  # noqa: S608 ("?" only)
+            chunk,
+        )
+
+
 async def fail(
     conn: aiosqlite.Connection,
     item_id: int,
