@@ -322,7 +322,6 @@ async def test_a_postgres_claim_passes_over_a_lane_being_claimed(postgres_dsn: s
         await fill(store, A, B)
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("INSERT INTO bridge_kit_lanes (lane) VALUES ($1)", A)
             async with conn.transaction():
                 # As a concurrent claim does between locking A's row and leasing it.
                 await conn.execute("SELECT FROM bridge_kit_lanes WHERE lane = $1 FOR UPDATE", A)

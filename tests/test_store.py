@@ -287,7 +287,7 @@ async def test_recent_transactions_survive_pruning_of_a_refilled_table(store: St
 
 
 async def test_schema_version_is_current(store: Store) -> None:
-    assert await store.schema_version() == Store.SCHEMA_VERSION == 4
+    assert await store.schema_version() == Store.SCHEMA_VERSION == 5
 
 
 async def test_a_closed_store_refuses_work(url: str) -> None:
@@ -451,7 +451,7 @@ async def test_a_database_from_a_newer_version_is_refused(durable_url: str) -> N
     with pytest.raises(StoreError) as excinfo:
         await store.open()
     message = one_line_store_error(excinfo)
-    assert "schema version 99 is newer than this bridge_kit supports (4)" in message
+    assert "schema version 99 is newer than this bridge_kit supports (5)" in message
     with pytest.raises(StoreError, match="not open"):
         await store.count_registered()
 

@@ -30,7 +30,7 @@ class Store(abc.ABC):
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 4
+    SCHEMA_VERSION: int = 5
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -82,6 +82,8 @@ class PostgresStore(Store):
         postgres_inbox.V2,
         postgres_state.V3,
         postgres_devices.V4,
+        # -- version 5: each branch's statements, one block each (see their modules) --
+        (*postgres_inbox.V5_LANES,),
     )
 
     def __init__(

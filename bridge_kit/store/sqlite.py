@@ -69,6 +69,8 @@ class SQLiteStore(Store):
         sqlite_inbox.V2,
         sqlite_state.V3,
         sqlite_devices.V4,
+        # -- version 5: each branch's statements, one block each (see their modules) --
+        (*sqlite_inbox.V5_LANES,),
     )
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -148,7 +150,7 @@ class SQLiteStore(Store):
         # rooms for a whole lease; with the lock, nobody else can be working on them.
         with self._errors():
             async with self._transaction() as conn:
-                await conn.execute("DELETE FROM bridge_kit_lanes")
+                await sqlite_inbox.forget_leases(conn)
 
     def _open_problem(self, error: sqlite3.Error) -> str:
         where = f"cannot open SQLite store {self.path}"
@@ -439,7 +441,7 @@ class SQLiteStore(Store):
         )
 
     async def release_lane(self, owner: str, lane: str) -> None:
-        await self._locked(lambda conn: sqlite_inbox.release(conn, owner, lane))
+        await self._in_transaction(lambda conn: sqlite_inbox.release(conn, owner, lane))
 
     async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
         check_limit(limit)
@@ -487,7 +489,7 @@ class SQLiteStore(Store):
         count_attempt: bool = True,
     ) -> None:
         now = time.time()
-        await self._locked(
+        await self._in_transaction(
             lambda conn: sqlite_inbox.fail(
                 conn, item_id, done_handlers, not_before, now, count_attempt
             )

@@ -1,8 +1,15 @@
-"""The durable inbox in SQLite: the version 2 schema and the statements behind
+"""The durable inbox in SQLite: the version 2 and 5 schema and the statements behind
 :class:`~bridge_kit.store.sqlite.SQLiteStore`'s inbox methods.
 
 Each function takes the store's aiosqlite connection; the store decides which
 of them share one transaction, and holds its lock around them.
+
+Since version 5, ``bridge_kit_lanes`` holds a row for every lane with items in
+the inbox (not only for leased ones): its lease, and until when its head item
+waits (a retry or a deferral). A lane is ready when both have passed, which an
+index on the later of the two finds without visiting the lanes that wait, so a
+claim costs O(ready lanes). Whatever adds items adds their lanes' rows
+(:data:`ADD_LANE`); a lane's row goes when its worker releases it empty.
 """
 
 from __future__ import annotations
@@ -60,6 +67,29 @@ V2 = (
     " lease_until REAL NOT NULL) WITHOUT ROWID",
 )
 
+# -- version 5 (the inbox branch): the lanes table becomes the lane queue ----------------
+V5_LANES = (
+    "CREATE TABLE bridge_kit_lanes_v5 ("
+    " lane TEXT PRIMARY KEY NOT NULL,"
+    " owner TEXT,"  # NULL: nobody holds a lease
+    " lease_until REAL NOT NULL DEFAULT 0,"
+    " not_before REAL NOT NULL DEFAULT 0) WITHOUT ROWID",
+    "INSERT INTO bridge_kit_lanes_v5 (lane, owner, lease_until, not_before)"
+    " SELECT i.lane, l.owner, COALESCE(l.lease_until, 0),"
+    " (SELECT h.not_before FROM bridge_kit_inbox h WHERE h.lane = i.lane ORDER BY h.id LIMIT 1)"
+    " FROM (SELECT DISTINCT lane FROM bridge_kit_inbox) i"
+    " LEFT JOIN bridge_kit_lanes l ON l.lane = i.lane",
+    "DROP TABLE bridge_kit_lanes",
+    "ALTER TABLE bridge_kit_lanes_v5 RENAME TO bridge_kit_lanes",
+    # The claim's index: a lane is ready once max(lease_until, not_before) has passed.
+    "CREATE INDEX bridge_kit_lanes_ready ON bridge_kit_lanes (max(lease_until, not_before))",
+    "CREATE INDEX bridge_kit_lanes_owner ON bridge_kit_lanes (owner) WHERE owner IS NOT NULL",
+)
+# -- end of version 5 (the inbox branch) ----------------------------------------------
+
+#: Adds a lane's row if it has none: run it for every lane that gets items.
+ADD_LANE = "INSERT INTO bridge_kit_lanes (lane) VALUES (?) ON CONFLICT (lane) DO NOTHING"
+
 _INSERT_ITEM = (
     "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at) VALUES (?, ?, ?, ?)"
 )
@@ -68,31 +98,33 @@ _INSERT_LETTER = (
     " first_failed_at, last_failed_at, event_id, event_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-# The oldest item of every lane, found by one index descent per lane (a skip scan)
-# rather than by reading the whole inbox; the ready ones that nobody else holds a
-# live lease on, oldest first.
+# The ready lanes (by the index on the later of lease and wait; and this owner's own,
+# by the owner index), each with its head item, oldest head first. The head's own
+# not_before is checked too: only the head is what the worker looks at. A lane with
+# no items (its process died before releasing it) comes first: its worker finds
+# nothing and releases it, which removes its row.
 _CLAIMABLE = """
-WITH RECURSIVE lanes(lane) AS (
-    SELECT (SELECT lane FROM bridge_kit_inbox ORDER BY lane LIMIT 1)
-    UNION ALL
-    SELECT (SELECT i.lane FROM bridge_kit_inbox i WHERE i.lane > lanes.lane
-            ORDER BY i.lane LIMIT 1)
-    FROM lanes WHERE lanes.lane IS NOT NULL
-)
-SELECT head.lane FROM lanes
-JOIN bridge_kit_inbox head ON head.id = (
-    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = lanes.lane ORDER BY i.id LIMIT 1)
-LEFT JOIN bridge_kit_lanes lease ON lease.lane = head.lane
-WHERE head.not_before <= :now
-  AND (lease.lane IS NULL OR lease.owner = :owner OR lease.lease_until <= :now)
+SELECT ready.lane FROM (
+    SELECT lane FROM bridge_kit_lanes WHERE max(lease_until, not_before) <= :now
+    UNION
+    SELECT lane FROM bridge_kit_lanes WHERE owner = :owner AND not_before <= :now
+) ready
+LEFT JOIN bridge_kit_inbox head ON head.id = (
+    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = ready.lane ORDER BY i.id LIMIT 1)
+WHERE head.id IS NULL OR head.not_before <= :now
 ORDER BY head.id
 LIMIT :limit
 """
 
-_TAKE_LEASE = (
-    "INSERT INTO bridge_kit_lanes (lane, owner, lease_until) VALUES (?, ?, ?)"
-    " ON CONFLICT (lane) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until"
-)
+# The lane of an item waits as long as its head does.
+_LANE_WAITS_FOR_HEAD = """
+UPDATE bridge_kit_lanes SET not_before = (
+    SELECT h.not_before FROM bridge_kit_inbox h WHERE h.lane = bridge_kit_lanes.lane
+    ORDER BY h.id LIMIT 1)
+WHERE lane = (SELECT lane FROM bridge_kit_inbox WHERE id = ?)
+"""
+
+_TAKE_LEASE = "UPDATE bridge_kit_lanes SET owner = ?, lease_until = ? WHERE lane = ?"
 
 
 def _chunks(values: Sequence[object]) -> Iterator[Sequence[object]]:
@@ -112,7 +144,9 @@ async def append(
 ) -> None:
     """Add an accepted transaction's items and dead letters (the caller's transaction)."""
     if items:
-        await conn.executemany(_INSERT_ITEM, _item_rows(items, now))
+        rows = _item_rows(items, now)
+        await conn.executemany(_INSERT_ITEM, rows)
+        await conn.executemany(ADD_LANE, _lanes_of(rows))
     if rejected:
         await conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
 
@@ -125,9 +159,16 @@ def append_now(
 ) -> None:
     """:func:`append` on a plain connection, on the calling thread."""
     if items:
-        conn.executemany(_INSERT_ITEM, _item_rows(items, now))
+        rows = _item_rows(items, now)
+        conn.executemany(_INSERT_ITEM, rows)
+        conn.executemany(ADD_LANE, _lanes_of(rows))
     if rejected:
         conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
+
+
+def _lanes_of(rows: list[tuple[object, ...]]) -> list[tuple[object]]:
+    """Each lane of these item rows once, in a fixed order."""
+    return [(lane,) for lane in sorted({str(row[0]) for row in rows})]
 
 
 def _item_rows(items: Sequence[NewInboxItem], now: float) -> list[tuple[object, ...]]:
@@ -169,7 +210,7 @@ async def claim(
     """Lease the oldest claimable lanes to ``owner`` (in the caller's transaction)."""
     lanes = await claimable(conn, owner, limit, exclude, now)
     owner = clean_text(owner)
-    await conn.executemany(_TAKE_LEASE, [(lane, owner, until) for lane in lanes])
+    await conn.executemany(_TAKE_LEASE, [(owner, until, lane) for lane in lanes])
     return lanes
 
 
@@ -211,10 +252,27 @@ async def renew(
 
 
 async def release(conn: aiosqlite.Connection, owner: str, lane: str) -> None:
-    # Deleting rather than clearing the owner: claim writes the row again when needed.
+    """Give up ``owner``'s lease on ``lane``; an empty lane's row goes (in the caller's
+    transaction: under SQLite's one writer, no item can arrive between the two)."""
+    parameters = (clean_text(lane), clean_text(owner))
     await conn.execute(
-        "DELETE FROM bridge_kit_lanes WHERE lane = ? AND owner = ?",
-        (clean_text(lane), clean_text(owner)),
+        "DELETE FROM bridge_kit_lanes WHERE lane = ?1 AND owner = ?2"
+        " AND NOT EXISTS (SELECT 1 FROM bridge_kit_inbox WHERE lane = ?1)",
+        parameters,
+    )
+    await conn.execute(
+        "UPDATE bridge_kit_lanes SET owner = NULL, lease_until = 0 WHERE lane = ?1 AND owner = ?2",
+        parameters,
+    )
+
+
+async def forget_leases(conn: aiosqlite.Connection) -> None:
+    """No process holds a lease (the daemon's lock says so): clear them all, and drop
+    the rows of lanes left empty by a process that died before it released them."""
+    await conn.execute("UPDATE bridge_kit_lanes SET owner = NULL, lease_until = 0")
+    await conn.execute(
+        "DELETE FROM bridge_kit_lanes"
+        " WHERE NOT EXISTS (SELECT 1 FROM bridge_kit_inbox i WHERE i.lane = bridge_kit_lanes.lane)"
     )
 
 
@@ -258,11 +316,14 @@ async def fail(
     now: float,
     count_attempt: bool = True,
 ) -> None:
+    """Record a failed or deferred attempt (in the caller's transaction): the item and
+    its lane wait until ``not_before``."""
     await conn.execute(
         "UPDATE bridge_kit_inbox SET attempts = attempts + ?, done_handlers = ?,"
         " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?) WHERE id = ?",
         (int(count_attempt), encode_handlers(done_handlers), not_before, now, item_id),
     )
+    await conn.execute(_LANE_WAITS_FOR_HEAD, (item_id,))
 
 
 async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> None:
@@ -309,6 +370,12 @@ async def replay(conn: aiosqlite.Connection, ids: Collection[int] | None, now: f
     """Move dead letters back into the inbox, in order (in the caller's transaction)."""
     moved = 0
     for where, parameters in _letter_filters(ids):
+        await conn.execute(
+            "INSERT INTO bridge_kit_lanes (lane)"  # noqa: S608 (only "?" marks in ``where``)
+            f" SELECT DISTINCT lane FROM bridge_kit_dead_letters {where}"
+            " ORDER BY lane ON CONFLICT (lane) DO NOTHING",
+            parameters,
+        )
         await conn.execute(
             "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at)"  # noqa: S608
             f" SELECT lane, kind, event_json, ? FROM bridge_kit_dead_letters {where}"
