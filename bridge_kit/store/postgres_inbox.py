@@ -127,7 +127,7 @@ SELECT EXISTS (SELECT FROM txn)
 # snapshot is re-read once locked, and then fails the test: no lane goes twice. A
 # lane with no items (its process died before releasing it) comes first: its worker
 # finds nothing and releases it, which removes its row.
-_TAKE_LEASES = """
+TAKE_LEASES = """
 WITH picked AS (
     SELECT k.lane, head.id FROM bridge_kit_lanes k
     LEFT JOIN LATERAL (
@@ -180,7 +180,7 @@ async def claim(
         return []
     owner = text(owner)
     excluded = [text(lane) for lane in exclude]
-    rows = await pool.fetch(_TAKE_LEASES, now, excluded, owner, limit, until)
+    rows = await pool.fetch(TAKE_LEASES, now, excluded, owner, limit, until)
     return [row["lane"] for row in sorted(rows, key=lambda row: (row["id"] is not None, row["id"]))]
 
 

@@ -103,7 +103,7 @@ _INSERT_LETTER = (
 # not_before is checked too: only the head is what the worker looks at. A lane with
 # no items (its process died before releasing it) comes first: its worker finds
 # nothing and releases it, which removes its row.
-_CLAIMABLE = """
+CLAIMABLE = """
 SELECT ready.lane FROM (
     SELECT lane FROM bridge_kit_lanes WHERE max(lease_until, not_before) <= :now
     UNION
@@ -227,7 +227,7 @@ async def claimable(
     # Each lane comes once, so reading len(exclude) more rows leaves ``limit`` after
     # the excluded ones are dropped here (SQLite has no array parameter to do it in SQL).
     parameters = {"now": now, "owner": clean_text(owner), "limit": limit + len(exclude)}
-    rows = await conn.execute_fetchall(_CLAIMABLE, parameters)
+    rows = await conn.execute_fetchall(CLAIMABLE, parameters)
     return [lane for (lane,) in rows if lane not in exclude][:limit]
 
 
