@@ -177,6 +177,58 @@ def _settle(batch: list[tuple[int, asyncio.Future[None]]], error: Exception | No
             done.set_exception(error)
 
 
+class _StepDeadline:
+    """The handler timeout of one lane worker's steps, with one timer per timeout
+    period instead of one per step: the timer, when it fires, cancels the worker
+    only if the step running then is past its deadline, and otherwise waits for
+    that step's deadline. A lane runs a step per handler per event; a timer each
+    (``asyncio.timeout``) cost more than a quick handler itself."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        self.expired = False
+
+    def start(self) -> None:
+        """A step starts: it may run for the timeout from now."""
+        self._deadline = self._loop.time() + self._timeout
+        self.expired = False
+        if self._task is not None:
+            self._cancelling = self._task.cancelling()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._check)
+
+    def end(self) -> None:
+        self._deadline = None
+
+    def timed_out(self) -> bool:
+        """After a step raised CancelledError: whether it was this deadline's (then the
+        cancellation is taken back, as ``asyncio.timeout`` does) or someone else's."""
+        if not self.expired or self._task is None:
+            return False
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return  # between steps: the next step arms a new timer
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._check)
+            return
+        self.expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+
 def handler_name(handler: Callable[..., Any]) -> str:
     """The name a handler is recorded under: its module and qualified name.
 
@@ -230,6 +282,7 @@ class Inbox:
         self._stopping = False
         self._preprocessors: dict[ItemKind, list[Preprocessor]] = {k: [] for k in ItemKind}
         self._commits = _GroupCommit(store)
+        self._deadlines: dict[asyncio.Task[Any], _StepDeadline] = {}
 
     def add_preprocessor(self, kind: ItemKind, preprocessor: Preprocessor) -> None:
         """Run ``preprocessor`` on every item of ``kind`` before its handlers (see the
@@ -358,6 +411,10 @@ class Inbox:
     # -- one lane ----------------------------------------------------------------
 
     async def _work_lane(self, lane: str) -> None:
+        deadline = _StepDeadline(self.settings.timeout)
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = deadline
         try:
             while await self._work_batch(lane):
                 pass
@@ -372,6 +429,8 @@ class Inbox:
             log.exception("the inbox could not work on lane %s; trying again later", lane)
             self._cool_down(lane)
         finally:
+            deadline.close()
+            del self._deadlines[task]
             await self._release(lane)
 
     async def _release(self, lane: str) -> None:
@@ -459,24 +518,46 @@ class Inbox:
     ) -> tuple[Any, str | None]:
         """Await one step (a handler or preprocessor) with the handler timeout: its
         result and None, or None and its failure with the traceback. NotReady passes."""
-        deadline = asyncio.timeout(self.settings.timeout)
+        task = asyncio.current_task()
+        deadline = self._deadlines.get(task) if task is not None else None
+        if deadline is None:  # not on a lane worker (never, but then: a timer of its own)
+            return await self._attempt_alone(name, key, step)
+        deadline.start()
         try:
             with handling(self.appservice_id, key, name):
-                async with deadline:
-                    return await step(), None
+                return await step(), None
         except NotReady:
             raise
-        except TimeoutError:
-            if deadline.expired():
-                return None, f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
-            return None, traceback.format_exc()  # the handler's own, e.g. its HTTP client's
         except asyncio.CancelledError:
-            task = asyncio.current_task()
+            if deadline.timed_out():
+                return None, self._ran_past()
             if task is not None and task.cancelling():
                 raise  # this worker is being stopped
             return None, traceback.format_exc()  # e.g. a sub-task it awaited was cancelled
         except Exception:
+            return None, traceback.format_exc()  # the handler's own TimeoutError too
+        finally:
+            deadline.end()
+
+    async def _attempt_alone(
+        self, name: str, key: str, step: Callable[[], Awaitable[Any]]
+    ) -> tuple[Any, str | None]:
+        timeout = asyncio.timeout(self.settings.timeout)
+        try:
+            with handling(self.appservice_id, key, name):
+                async with timeout:
+                    return await step(), None
+        except NotReady:
+            raise
+        except TimeoutError:
+            if timeout.expired():
+                return None, self._ran_past()
             return None, traceback.format_exc()
+        except Exception:
+            return None, traceback.format_exc()
+
+    def _ran_past(self) -> str:
+        return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
 
     def _type_label(self, event_type: str | None, kind: ItemKind) -> str:
         if event_type is None:

@@ -276,12 +276,20 @@ async def forget_leases(conn: aiosqlite.Connection) -> None:
     )
 
 
+_LANE_ITEMS = (
+    f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
+    " WHERE lane = ? ORDER BY id LIMIT ?"
+)
+
+
 async def lane_items(conn: aiosqlite.Connection, lane: str, limit: int) -> list[InboxItem]:
-    rows = await conn.execute_fetchall(
-        f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
-        " WHERE lane = ? ORDER BY id LIMIT ?",
-        (clean_text(lane), limit),
-    )
+    rows = await conn.execute_fetchall(_LANE_ITEMS, (clean_text(lane), limit))
+    return [item_from_row(row) for row in rows]
+
+
+def lane_items_now(conn: sqlite3.Connection, lane: str, limit: int) -> list[InboxItem]:
+    """:func:`lane_items` on a plain connection (fetchall: no read transaction left open)."""
+    rows = conn.execute(_LANE_ITEMS, (clean_text(lane), limit)).fetchall()
     return [item_from_row(row) for row in rows]
 
 
