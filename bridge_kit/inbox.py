@@ -646,7 +646,23 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 def _named(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
     """Each handler with the name its progress is recorded under; a name that
-    repeats (two lambdas, one function registered twice) gets ``#2``, ``#3``..."""
+    repeats (two lambdas, one function registered twice) gets ``#2``, ``#3``...
+
+    Remembered per sequence of handlers (every event asks); a route that makes new
+    handler objects each time only fills the small memory, which then starts over."""
+    key = tuple(handlers)
+    try:
+        named = _NAMES.get(key)
+    except TypeError:  # a callable object that cannot be hashed
+        return _name_all(key)
+    if named is None:
+        if len(_NAMES) >= _NAMES_KEPT:
+            _NAMES.clear()
+        named = _NAMES[key] = _name_all(key)
+    return named
+
+
+def _name_all(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
     seen: dict[str, int] = {}
     named = []
     for handler in handlers:
@@ -654,3 +670,7 @@ def _named(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
         seen[name] = seen.get(name, 0) + 1
         named.append((handler, name if seen[name] == 1 else f"{name}#{seen[name]}"))
     return named
+
+
+_NAMES_KEPT = 256
+_NAMES: dict[tuple[Callable[..., Any], ...], list[tuple[Any, str]]] = {}
