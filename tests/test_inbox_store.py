@@ -551,6 +551,48 @@ async def test_complete_items_takes_more_ids_than_one_statement_holds(store: Sto
     assert (await store.inbox_stats()).depth == 100
 
 
+async def test_sqlite_marks_handled_items_and_deletes_them_in_bulk(tmp_path: Path) -> None:
+    """SQLite lists a handled item's id in bridge_kit_done and deletes the items in bulk
+    later: meanwhile the item is gone for every inbox method."""
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    async with SQLiteStore(path) as store:
+        await store.accept_transaction("t1", [event(1, A), event(2, A), event(3, A), event(4, B)])
+        first, second, third = await store.lane_items(A, 5)
+        await store.complete_items([first.id, second.id, 10_000])  # 10_000: no such item
+        assert await run_sql(url, "SELECT id FROM bridge_kit_done ORDER BY id") == [
+            (first.id,),
+            (second.id,),
+        ]
+        assert await run_sql(url, "SELECT COUNT(*) FROM bridge_kit_inbox") == [(4,)]
+        assert await store.lane_items(A, 5) == [third]
+        assert (await store.inbox_stats()).depth == 2
+        # A handled item can be neither failed nor buried (a worker that lost its lease).
+        await store.fail_item(first.id, [], time.time() + 3_600)
+        await store.bury_item(second.id, letter(1))
+        assert await store.dead_letters() == []
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A, B]
+        await store.complete_items([third.id])
+        await store.release_lane("w1", A)  # empty now: its row goes
+        await store.lock_for_daemon()  # deletes the handled items, as a checkpoint does
+        assert await run_sql(url, "SELECT COUNT(*) FROM bridge_kit_done") == [(0,)]
+        assert await run_sql(url, "SELECT lane FROM bridge_kit_inbox") == [(B,)]
+        assert await run_sql(url, "SELECT lane FROM bridge_kit_lanes") == [(B,)]
+
+
+async def test_sqlite_deletes_handled_items_with_its_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    async with SQLiteStore(path) as store:
+        await store.accept_transaction("t1", [event(n, A) for n in range(150)])
+        for item in await store.lane_items(A, 150):
+            await store.complete_items([item.id])  # one commit each, as the inbox does
+        async with asyncio.timeout(10):
+            while (await run_sql(url, "SELECT COUNT(*) FROM bridge_kit_inbox"))[0][0] > 50:
+                await asyncio.sleep(0.01)
+        assert await store.lane_items(A, 5) == []
+
+
 async def test_failing_counts_attempts_and_keeps_the_first_failure(store: Store) -> None:
     await store.accept_transaction("t1", [event(1)])
     item = await only_item(store, A)

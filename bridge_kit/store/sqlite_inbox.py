@@ -10,6 +10,13 @@ waits (a retry or a deferral). A lane is ready when both have passed, which an
 index on the later of the two finds without visiting the lanes that wait, so a
 claim costs O(ready lanes). Whatever adds items adds their lanes' rows
 (:data:`ADD_LANE`); a lane's row goes when its worker releases it empty.
+
+Also since version 5, a handled item is not deleted at once: its id goes into
+``bridge_kit_done`` (one small page per commit; deleting the item rewrote a table
+page and one index page per lane in the commit), every statement here passes
+over the items listed there (:data:`NOT_DONE`), and :func:`purge_done` deletes
+them in bulk now and then. The inbox commits after every handled event, so this
+is most of what handling an event costs the store.
 """
 
 from __future__ import annotations
@@ -84,8 +91,13 @@ V5_LANES = (
     # The claim's index: a lane is ready once max(lease_until, not_before) has passed.
     "CREATE INDEX bridge_kit_lanes_ready ON bridge_kit_lanes (max(lease_until, not_before))",
     "CREATE INDEX bridge_kit_lanes_owner ON bridge_kit_lanes (owner) WHERE owner IS NOT NULL",
+    # Items handled and not deleted yet (see the module's docstring).
+    "CREATE TABLE bridge_kit_done (id INTEGER PRIMARY KEY)",
 )
 # -- end of version 5 (the inbox branch) ----------------------------------------------
+
+#: An inbox item (``i``) not handled yet: every statement reading items checks it.
+NOT_DONE = "NOT EXISTS (SELECT 1 FROM bridge_kit_done d WHERE d.id = i.id)"
 
 #: Adds a lane's row if it has none: run it for every lane that gets items.
 ADD_LANE = "INSERT INTO bridge_kit_lanes (lane) VALUES (?) ON CONFLICT (lane) DO NOTHING"
@@ -103,26 +115,27 @@ _INSERT_LETTER = (
 # not_before is checked too: only the head is what the worker looks at. A lane with
 # no items (its process died before releasing it) comes first: its worker finds
 # nothing and releases it, which removes its row.
-CLAIMABLE = """
+CLAIMABLE = f"""
 SELECT ready.lane FROM (
     SELECT lane FROM bridge_kit_lanes WHERE max(lease_until, not_before) <= :now
     UNION
     SELECT lane FROM bridge_kit_lanes WHERE owner = :owner AND not_before <= :now
 ) ready
 LEFT JOIN bridge_kit_inbox head ON head.id = (
-    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = ready.lane ORDER BY i.id LIMIT 1)
+    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = ready.lane AND {NOT_DONE}
+    ORDER BY i.id LIMIT 1)
 WHERE head.id IS NULL OR head.not_before <= :now
 ORDER BY head.id
 LIMIT :limit
-"""
+"""  # noqa: S608 (constants only)
 
 # The lane of an item waits as long as its head does.
-_LANE_WAITS_FOR_HEAD = """
+_LANE_WAITS_FOR_HEAD = f"""
 UPDATE bridge_kit_lanes SET not_before = (
-    SELECT h.not_before FROM bridge_kit_inbox h WHERE h.lane = bridge_kit_lanes.lane
-    ORDER BY h.id LIMIT 1)
+    SELECT i.not_before FROM bridge_kit_inbox i WHERE i.lane = bridge_kit_lanes.lane
+    AND {NOT_DONE} ORDER BY i.id LIMIT 1)
 WHERE lane = (SELECT lane FROM bridge_kit_inbox WHERE id = ?)
-"""
+"""  # noqa: S608 (constants only)
 
 _TAKE_LEASE = "UPDATE bridge_kit_lanes SET owner = ?, lease_until = ? WHERE lane = ?"
 
@@ -256,8 +269,8 @@ async def release(conn: aiosqlite.Connection, owner: str, lane: str) -> None:
     transaction: under SQLite's one writer, no item can arrive between the two)."""
     parameters = (clean_text(lane), clean_text(owner))
     await conn.execute(
-        "DELETE FROM bridge_kit_lanes WHERE lane = ?1 AND owner = ?2"
-        " AND NOT EXISTS (SELECT 1 FROM bridge_kit_inbox WHERE lane = ?1)",
+        "DELETE FROM bridge_kit_lanes WHERE lane = ?1 AND owner = ?2"  # noqa: S608 (constants)
+        f" AND NOT EXISTS (SELECT 1 FROM bridge_kit_inbox i WHERE i.lane = ?1 AND {NOT_DONE})",
         parameters,
     )
     await conn.execute(
@@ -270,15 +283,22 @@ async def forget_leases(conn: aiosqlite.Connection) -> None:
     """No process holds a lease (the daemon's lock says so): clear them all, and drop
     the rows of lanes left empty by a process that died before it released them."""
     await conn.execute("UPDATE bridge_kit_lanes SET owner = NULL, lease_until = 0")
+    await purge_done(conn)
     await conn.execute(
         "DELETE FROM bridge_kit_lanes"
         " WHERE NOT EXISTS (SELECT 1 FROM bridge_kit_inbox i WHERE i.lane = bridge_kit_lanes.lane)"
     )
 
 
+async def purge_done(conn: aiosqlite.Connection) -> None:
+    """Delete the handled items (in the caller's transaction)."""
+    await conn.execute("DELETE FROM bridge_kit_inbox WHERE id IN (SELECT id FROM bridge_kit_done)")
+    await conn.execute("DELETE FROM bridge_kit_done")
+
+
 _LANE_ITEMS = (
-    f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
-    " WHERE lane = ? ORDER BY id LIMIT ?"
+    f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox i"  # noqa: S608 (constants)
+    f" WHERE lane = ? AND {NOT_DONE} ORDER BY id LIMIT ?"
 )
 
 
@@ -295,6 +315,7 @@ def lane_items_now(conn: sqlite3.Connection, lane: str, limit: int) -> list[Inbo
 
 async def complete(conn: aiosqlite.Connection, item_id: int) -> None:
     await conn.execute("DELETE FROM bridge_kit_inbox WHERE id = ?", (item_id,))
+    await conn.execute("DELETE FROM bridge_kit_done WHERE id = ?", (item_id,))
 
 
 async def complete_many(conn: aiosqlite.Connection, item_ids: Collection[int]) -> None:
@@ -307,13 +328,19 @@ async def complete_many(conn: aiosqlite.Connection, item_ids: Collection[int]) -
         )
 
 
-def complete_now(conn: sqlite3.Connection, item_ids: Collection[int]) -> None:
-    """Remove these items, on a plain connection (in the caller's transaction)."""
+def complete_now(conn: sqlite3.Connection, item_ids: Collection[int]) -> int:
+    """Mark these items handled, on a plain connection (up to MAX_VARIABLES of them in
+    one statement, which commits on its own; more only in the caller's transaction):
+    :func:`purge_done` deletes them later. Ids no longer in the inbox are skipped, so
+    that no id is marked before its item exists. How many were marked."""
+    marked = 0
     for chunk in _chunks(sorted(set(item_ids))):
-        conn.execute(
-            f"DELETE FROM bridge_kit_inbox WHERE id IN ({_marks(chunk)})",  # noqa: S608 ("?" only)
+        marked += conn.execute(
+            "INSERT OR IGNORE INTO bridge_kit_done (id)"  # noqa: S608 (only "?" marks)
+            f" SELECT id FROM bridge_kit_inbox WHERE id IN ({_marks(chunk)})",
             chunk,
-        )
+        ).rowcount
+    return marked
 
 
 async def fail(
@@ -327,8 +354,9 @@ async def fail(
     """Record a failed or deferred attempt (in the caller's transaction): the item and
     its lane wait until ``not_before``."""
     await conn.execute(
-        "UPDATE bridge_kit_inbox SET attempts = attempts + ?, done_handlers = ?,"
-        " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?) WHERE id = ?",
+        "UPDATE bridge_kit_inbox AS i SET attempts = attempts + ?, done_handlers = ?,"  # noqa: S608
+        " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?)"
+        f" WHERE id = ? AND {NOT_DONE}",
         (int(count_attempt), encode_handlers(done_handlers), not_before, now, item_id),
     )
     await conn.execute(_LANE_WAITS_FOR_HEAD, (item_id,))
@@ -341,11 +369,11 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
     ran out may bury an item another worker already completed or buried.
     """
     await conn.execute(
-        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
+        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"  # noqa: S608
         " event_id, event_type, last_failed_at, first_failed_at)"
         # The item's own first failure stands in for a letter that names none.
         " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?)"
-        " FROM bridge_kit_inbox WHERE id = ?",
+        f" FROM bridge_kit_inbox i WHERE id = ? AND {NOT_DONE}",
         (
             *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
             *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
@@ -414,8 +442,9 @@ async def _delete_letters(
 async def stats(conn: aiosqlite.Connection) -> InboxStats:
     rows = list(
         await conn.execute_fetchall(
-            "SELECT COUNT(*), MIN(received_at),"
-            " (SELECT COUNT(*) FROM bridge_kit_dead_letters) FROM bridge_kit_inbox"
+            "SELECT COUNT(*), MIN(received_at),"  # noqa: S608 (constants)
+            " (SELECT COUNT(*) FROM bridge_kit_dead_letters)"
+            f" FROM bridge_kit_inbox i WHERE {NOT_DONE}"
         )
     )
     depth, oldest, letters = rows[0]
