@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -25,7 +25,13 @@ from typing import ClassVar, TypeVar
 import aiosqlite
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import sqlite_devices, sqlite_inbox, sqlite_puppets, sqlite_state
+from bridge_kit.store import (
+    sqlite_devices,
+    sqlite_files,
+    sqlite_inbox,
+    sqlite_puppets,
+    sqlite_state,
+)
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -90,7 +96,7 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        _create_private(self.path)
+        sqlite_files.create_private(self.path)
         try:
             self._conn = await aiosqlite.connect(self.path, isolation_level=None)
             await self._conn.execute("PRAGMA journal_mode=WAL")
@@ -102,7 +108,7 @@ class SQLiteStore(Store):
             self._records = sqlite_puppets.connect_records(self.path)
         except sqlite3.Error as error:
             await self.close()
-            raise StoreError(self._open_problem(error)) from error
+            raise StoreError(sqlite_files.open_problem(self.path, error)) from error
         except BaseException:
             await self.close()
             raise
@@ -130,40 +136,13 @@ class SQLiteStore(Store):
         """
         if self._daemon_lock is not None:
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if isinstance(error, BlockingIOError):
-                raise StoreError(
-                    f"another bridge-kit daemon is using the SQLite store {self.path}"
-                    f" ({lock_path} is locked)"
-                ) from None
-            raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
+        fd = sqlite_files.lock_exclusively(self.path)
         self._daemon_lock = fd
         # Leases left by a daemon that died (SIGKILL, power loss) would hold its
         # rooms for a whole lease; with the lock, nobody else can be working on them.
         with self._errors():
             async with self._transaction() as conn:
                 await sqlite_inbox.forget_leases(conn)
-
-    def _open_problem(self, error: sqlite3.Error) -> str:
-        where = f"cannot open SQLite store {self.path}"
-        parent = self.path.parent
-        if not parent.exists():
-            return f"{where}: directory {parent} does not exist"
-        if not parent.is_dir():
-            return f"{where}: {parent} is not a directory"
-        if self.path.is_dir():
-            return f"{where}: it is a directory"
-        if not os.access(self.path if self.path.exists() else parent, os.R_OK | os.W_OK):
-            return f"{where}: permission denied"
-        return f"{where}: {error}"
 
     async def _migrate(self) -> None:
         async with self._transaction() as conn:
@@ -383,26 +362,46 @@ class SQLiteStore(Store):
         above); when another connection holds the write lock, the caller takes the
         thread path instead of waiting here.
         """
+
+        def accept(records: sqlite3.Connection) -> bool:
+            if records.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
+                return False  # a duplicate: the commit below commits nothing
+            sqlite_inbox.append_now(records, items, rejected, now)
+            return True
+
+        return self._on_loop(accept)
+
+    def _on_loop(
+        self,
+        work: Callable[[sqlite3.Connection], _T],
+        *,
+        transaction: bool = True,
+        write: bool = True,
+    ) -> _T | None:
+        """``work`` on the plain connection, on the event loop, in one write transaction
+        (or, ``transaction=False``, one statement that commits on its own, or a read):
+        its result, or ``None`` if another connection holds the write lock."""
         records = self._records_connection()
         try:
-            records.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-                return None
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
-        try:
             with self._errors():
-                if records.execute(sqlite_puppets.INSERT_TRANSACTION, (txn_id, now)).rowcount == 0:
-                    records.execute("ROLLBACK")
-                    return False
-                sqlite_inbox.append_now(records, items, rejected, now)
-                records.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                records.execute("ROLLBACK")
+                if transaction:
+                    records.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(records)
+                    if transaction:
+                        records.execute("COMMIT")
+                except BaseException:
+                    if transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            records.execute("ROLLBACK")
+                    raise
+        except StoreError as error:
+            if getattr(error.__cause__, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                return None
             raise
-        self._after_loop_commit()
-        return True
+        if write:
+            self._after_loop_commit()
+        return result
 
     def _after_loop_commit(self) -> None:
         """Every so many commits on the loop's connection, checkpoint on the thread."""
@@ -453,12 +452,10 @@ class SQLiteStore(Store):
         """Read on the loop's connection: a lane's next items take less time to read
         than the trip to aiosqlite's thread, and the inbox reads them all the time."""
         check_limit(limit)
-        try:
-            with self._errors():
-                return sqlite_inbox.lane_items_now(self._records_connection(), lane, limit)
-        except StoreError as error:
-            if getattr(error.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
-                raise
+        read = functools.partial(sqlite_inbox.lane_items_now, lane=lane, limit=limit)
+        items = self._on_loop(read, transaction=False, write=False)
+        if items is not None:
+            return items
         return await self._locked(lambda conn: sqlite_inbox.lane_items(conn, lane, limit))
 
     async def complete_item(self, item_id: int) -> None:
@@ -470,40 +467,13 @@ class SQLiteStore(Store):
         on aiosqlite's connection each commit would queue for the write lock behind the
         acknowledgements, in SQLite's busy handler, which sleeps. The items are marked
         handled, and deleted in bulk with the next checkpoint (see sqlite_inbox)."""
-        if not item_ids or self._complete_now(item_ids):
+        if not item_ids:
             return
-        run = self._locked if len(item_ids) <= _MAX_VARIABLES else self._in_transaction
-        await run(lambda conn: sqlite_inbox.complete_many(conn, item_ids))
-
-    def _complete_now(self, item_ids: Collection[int]) -> bool:
-        """:meth:`complete_items` on the plain connection, on the loop: False if busy."""
-        records = self._records_connection()
-        if len(item_ids) <= _MAX_VARIABLES:  # one statement: its own transaction
-            try:
-                with self._errors():
-                    sqlite_inbox.complete_now(records, item_ids)
-            except StoreError as error:
-                if getattr(error.__cause__, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
-                    return False
-                raise
-            self._after_loop_commit()
-            return True
-        try:
-            records.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-                return False
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
-        try:
-            with self._errors():
-                sqlite_inbox.complete_now(records, item_ids)
-                records.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                records.execute("ROLLBACK")
-            raise
-        self._after_loop_commit()
-        return True
+        many = len(item_ids) > _MAX_VARIABLES  # then more than one statement
+        mark = functools.partial(sqlite_inbox.complete_now, item_ids=item_ids)
+        if self._on_loop(mark, transaction=many) is None:
+            run = self._in_transaction if many else self._locked
+            await run(lambda conn: sqlite_inbox.complete_many(conn, item_ids))
 
     async def fail_item(
         self,
@@ -628,15 +598,3 @@ class SQLiteStore(Store):
         ]
         if rows:
             await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file with mode 0600 if it does not exist yet.
-
-    It holds every puppet and every event in the inbox; SQLite would create it
-    readable by all (0644 under the usual umask), and gives its -wal and -shm files
-    the database file's mode. An existing file keeps the mode its owner chose.
-    Whatever fails here (no such directory...) fails again, explained, in connect.
-    """
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
