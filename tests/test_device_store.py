@@ -186,13 +186,13 @@ async def test_a_version_3_database_is_migrated_to_4(durable_backend: str) -> No
     with pytest.raises(Exception, match=r"(?i)bridge_kit_devices"):
         await run_sql(url, "SELECT * FROM bridge_kit_devices")
     async with open_store(url) as store:
-        assert await store.schema_version() == 4
+        assert await store.schema_version() == cls.SCHEMA_VERSION  # 4, and whatever came later
         assert await store.is_registered("@_bk_kept:test.local")
         assert await store.profile("@_bk_kept:test.local") == {"displayname": "Kept"}
         await store.remember_device("@_bk_kept:test.local", "DEV", None)
         await store.crypto_put("@_bk_kept:test.local", "k", "x", b"v")
         assert await store.known_devices("@_bk_kept:test.local") == {"DEV": None}
-    assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(4,)]
+    assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(cls.SCHEMA_VERSION,)]
 
 
 async def test_a_closed_store_refuses_device_and_crypto_calls(any_backend: str) -> None:
