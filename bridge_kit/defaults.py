@@ -87,12 +87,6 @@ RETRY_BACKOFF_MAX: Final = 300.0
 HANDLER_TIMEOUT: Final = 60.0
 LANE_LEASE: Final = 30.0
 INBOX_POLL: Final = 2.0
-#: Completions of a room's handled events are committed together: at most this many
-#: in one commit, and the batch is committed before the room's next event starts once
-#: its first completion is this old (seconds). A crash re-runs at most these handled
-#: events per room (README, Delivery guarantees).
-COMPLETION_BATCH: Final = 50
-COMPLETION_DELAY: Final = 0.05
 
 #: The homeserver's start-up ping: attempts, and the first wait (doubling: 1 + 2 + 4 + 8
 #: = 15 s in all). A restart can race the homeserver's own retry of queued transactions.

@@ -9,10 +9,10 @@ exponential backoff; after ``handler_attempts`` failures its event becomes a
 dead letter and the lane moves on. A lane waiting for a retry holds no worker,
 so it never blocks other rooms.
 
-A lane's handled items are removed from the store together, in one commit per
-batch (see :class:`InboxSettings`' ``completion_batch`` and ``completion_delay``),
-and always before a later item's failure is recorded or the worker stops: a
-crash runs the handled items not committed yet again.
+A lane's handled item is removed from the store before the lane starts its next
+event, so a crash (even SIGKILL) runs again at most the event each lane was
+running. The removals of all lanes share commits: one committer takes whatever
+the lanes handed in while its previous commit ran (see :class:`~bridge_kit._lanes.GroupCommit`).
 
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
@@ -63,6 +63,7 @@ import attrs
 import cattrs
 
 from bridge_kit import defaults
+from bridge_kit._lanes import GroupCommit, StepDeadline
 from bridge_kit.delivery import handling
 from bridge_kit.errors import NotReady, Park, StoreError
 from bridge_kit.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
@@ -124,57 +125,12 @@ class InboxSettings:
     timeout: float = defaults.HANDLER_TIMEOUT
     lease: float = defaults.LANE_LEASE
     poll: float = defaults.INBOX_POLL
-    completion_batch: int = defaults.COMPLETION_BATCH
-    completion_delay: float = defaults.COMPLETION_DELAY
 
     def retry_delay(self, failures: int, rng: random.Random) -> float:
         """Jittered exponential backoff after the ``failures``-th failure (1-based)."""
         # The exponent is capped: 2 ** 1024 is no float, and the cap is reached long before.
         ceiling = min(self.backoff_max, self.backoff * 2 ** min(failures - 1, 62))
         return rng.uniform(ceiling / 2, ceiling)
-
-
-class _Completions:
-    """A lane worker's handled items that are still in the inbox, to be removed in one
-    commit: one store trip per batch instead of one per item, which a flood of one
-    room's events would otherwise pay for in write-lock contention with the
-    acknowledgements. Until the commit, a crash leaves these items to be handled again."""
-
-    def __init__(self, store: Store, settings: InboxSettings) -> None:
-        self._store = store
-        self._settings = settings
-        self._ids: list[int] = []
-        self._first_done = 0.0
-
-    def add(self, item_id: int) -> None:
-        """Every handler returned for this item (never call it earlier)."""
-        if not self._ids:
-            self._first_done = time.monotonic()
-        self._ids.append(item_id)
-
-    @property
-    def due(self) -> bool:
-        """Whether the batch is full, or its oldest completion waited long enough."""
-        if len(self._ids) >= self._settings.completion_batch:
-            return True
-        waited = time.monotonic() - self._first_done
-        return bool(self._ids) and waited >= self._settings.completion_delay
-
-    async def commit(self) -> None:
-        """Remove the items from the inbox. If the commit fails they stay in it, and
-        are handled again when their lane is next worked on."""
-        ids, self._ids = self._ids, []
-        if ids:
-            await self._store.complete_items(ids)
-
-    async def commit_or_log(self, lane: str) -> None:
-        """:meth:`commit` for a worker on its way out (stopped, cancelled, failed):
-        a failure is only logged, so the reason the worker stopped is what propagates."""
-        try:
-            await self.commit()
-        except Exception as exc:
-            log.error("could not commit the handled items of lane %s; they will be "
-                      "handled again: %s", lane, describe_error(exc))  # fmt: skip
 
 
 def handler_name(handler: Callable[..., Any]) -> str:
@@ -231,6 +187,8 @@ class Inbox:
         self._stopping = False
         self._preprocessors: dict[ItemKind, list[Preprocessor]] = {k: [] for k in ItemKind}
         self.parked = ParkedItems(store, metrics, self.wake)
+        self._commits = GroupCommit(store)
+        self._deadlines: dict[asyncio.Task[Any], StepDeadline] = {}
 
     def add_preprocessor(self, kind: ItemKind, preprocessor: Preprocessor) -> None:
         """Run ``preprocessor`` on every item of ``kind`` before its handlers (see the
@@ -262,6 +220,7 @@ class Inbox:
             _, stuck = await asyncio.wait(workers, timeout=_UNWIND_SECONDS)
             if stuck:
                 log.error("%d handlers ignored their cancellation; abandoned", len(stuck))
+        await self._commits.flush()
         await _cancelled(self._renewer)
 
     def wake(self) -> None:
@@ -370,6 +329,10 @@ class Inbox:
     # -- one lane ----------------------------------------------------------------
 
     async def _work_lane(self, lane: str) -> None:
+        deadline = StepDeadline(self.settings.timeout)
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = deadline
         try:
             while await self._work_batch(lane):
                 pass
@@ -384,6 +347,8 @@ class Inbox:
             log.exception("the inbox could not work on lane %s; trying again later", lane)
             self._cool_down(lane)
         finally:
+            deadline.close()
+            del self._deadlines[task]
             await self._release(lane)
 
     async def _release(self, lane: str) -> None:
@@ -407,42 +372,26 @@ class Inbox:
     async def _work_batch(self, lane: str) -> bool:
         """Handle the lane's next items in order; False when the lane is done for now.
 
-        The handled items' completions are committed together (see
-        :class:`_Completions`), and always before this returns: the next batch is
-        read after the commit, so it never holds an item handled already."""
+        Each handled item's removal is committed before the next item starts (see
+        :class:`GroupCommit`), so the next read never holds an item handled already."""
         items = await self.store.lane_items(lane, _BATCH)
-        completions = _Completions(self.store, self.settings)
-        try:
-            more = await self._handle_in_order(lane, items, completions)
-        except BaseException:
-            await completions.commit_or_log(lane)
-            raise
-        await completions.commit()
-        return more
-
-    async def _handle_in_order(
-        self, lane: str, items: list[InboxItem], completions: _Completions
-    ) -> bool:
         for item in items:
-            if completions.due:
-                await completions.commit()
             if self._stopping or not self._holds(lane) or item.not_before > time.time():
                 return False
-            if not await self._handle(item, completions):
+            if not await self._handle(item):
                 return False
         return len(items) == _BATCH
 
-    async def _handle(self, item: InboxItem, completions: _Completions) -> bool:
+    async def _handle(self, item: InboxItem) -> bool:
         """Run the item's preprocessors and handlers; True when the lane may go on.
 
-        Before it records a failure, a deferral or a dead letter, the lane's earlier
-        completions are committed, so the store never shows a later item's fate
-        while an earlier, handled one still waits."""
+        A handled item's removal is committed before this returns, so the store never
+        shows a later item's failure, deferral or dead letter while an earlier,
+        handled one still waits, and a crash re-runs at most the item running."""
         try:
             parsed = parse_item(item.kind, item.event_json)
         except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
             what = "event" if item.kind in _EVENT_KINDS else f"{item.kind.value} item"
-            await completions.commit()
             await self._bury(item, None, f"invalid {what}: {describe_error(exc)}", item.attempts)
             return True
         # The sends' transaction IDs derive from the event as received, decrypted or not.
@@ -457,24 +406,20 @@ class Inbox:
                     wanted = MODELS[item.kind].__name__
                     failure = f"TypeError: {name} returned {type(result).__name__}, not {wanted}"
                 if failure is not None:
-                    await completions.commit()
                     return await self._failed(item, parsed, name, done, failure)
                 parsed = result
             for handler, name in _named(self.route(item.kind, item_type(parsed))):
                 if name in done:
                     continue
                 if (failure := await self._run(handler, name, key, parsed, item)) is not None:
-                    await completions.commit()
                     return await self._failed(item, parsed, name, done, failure)
                 done.append(name)
         except NotReady as not_ready:
-            await completions.commit()
             return await self._defer(item, parsed, name, done, not_ready)
         except Park as park:
-            await completions.commit()
             await self.parked.park(item, parsed, name, done, park)
             return True
-        completions.add(item.id)
+        await self._commits.complete(item.id)
         return True
 
     async def _run(
@@ -494,24 +439,46 @@ class Inbox:
     ) -> tuple[Any, str | None]:
         """Await one step (a handler or preprocessor) with the handler timeout: its
         result and None, or None and its failure with the traceback. NotReady and Park pass."""
-        deadline = asyncio.timeout(self.settings.timeout)
+        task = asyncio.current_task()
+        deadline = self._deadlines.get(task) if task is not None else None
+        if deadline is None:  # not on a lane worker (never, but then: a timer of its own)
+            return await self._attempt_alone(name, key, step)
+        deadline.start()
         try:
             with handling(self.appservice_id, key, name):
-                async with deadline:
-                    return await step(), None
+                return await step(), None
         except (NotReady, Park):
             raise
-        except TimeoutError:
-            if deadline.expired():
-                return None, f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
-            return None, traceback.format_exc()  # the handler's own, e.g. its HTTP client's
         except asyncio.CancelledError:
-            task = asyncio.current_task()
+            if deadline.timed_out():
+                return None, self._ran_past()
             if task is not None and task.cancelling():
                 raise  # this worker is being stopped
             return None, traceback.format_exc()  # e.g. a sub-task it awaited was cancelled
         except Exception:
+            return None, traceback.format_exc()  # the handler's own TimeoutError too
+        finally:
+            deadline.end()
+
+    async def _attempt_alone(
+        self, name: str, key: str, step: Callable[[], Awaitable[Any]]
+    ) -> tuple[Any, str | None]:
+        timeout = asyncio.timeout(self.settings.timeout)
+        try:
+            with handling(self.appservice_id, key, name):
+                async with timeout:
+                    return await step(), None
+        except (NotReady, Park):
+            raise
+        except TimeoutError:
+            if timeout.expired():
+                return None, self._ran_past()
             return None, traceback.format_exc()
+        except Exception:
+            return None, traceback.format_exc()
+
+    def _ran_past(self) -> str:
+        return f"TimeoutError: the handler ran past {self.settings.timeout:g} s"
 
     def _type_label(self, event_type: str | None, kind: ItemKind) -> str:
         if event_type is None:
@@ -594,7 +561,23 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 def _named(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
     """Each handler with the name its progress is recorded under; a name that
-    repeats (two lambdas, one function registered twice) gets ``#2``, ``#3``..."""
+    repeats (two lambdas, one function registered twice) gets ``#2``, ``#3``...
+
+    Remembered per sequence of handlers (every event asks); a route that makes new
+    handler objects each time only fills the small memory, which then starts over."""
+    key = tuple(handlers)
+    try:
+        named = _NAMES.get(key)
+    except TypeError:  # a callable object that cannot be hashed
+        return _name_all(key)
+    if named is None:
+        if len(_NAMES) >= _NAMES_KEPT:
+            _NAMES.clear()
+        named = _NAMES[key] = _name_all(key)
+    return named
+
+
+def _name_all(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
     seen: dict[str, int] = {}
     named = []
     for handler in handlers:
@@ -602,3 +585,7 @@ def _named(handlers: Sequence[Callable[..., Any]]) -> list[tuple[Any, str]]:
         seen[name] = seen.get(name, 0) + 1
         named.append((handler, name if seen[name] == 1 else f"{name}#{seen[name]}"))
     return named
+
+
+_NAMES_KEPT = 256
+_NAMES: dict[tuple[Callable[..., Any], ...], list[tuple[Any, str]]] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from bridge_kit._json import decode_json
+from bridge_kit._json import decode_item
 from bridge_kit.store.records import ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 from bridge_kit.types.converter import converter
@@ -41,7 +41,7 @@ def parse_item(kind: ItemKind, event_json: str) -> Item:
     Raises :class:`ValueError` (not JSON, or NaN/infinity), :class:`TypeError` or a
     cattrs validation error (see :func:`~bridge_kit.types.describe_error`).
     """
-    data: Any = decode_json(event_json)
+    data: Any = decode_item(event_json)
     item: Item = converter.structure(data, MODELS[kind])
     return item
 

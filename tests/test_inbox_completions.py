@@ -1,4 +1,5 @@
-"""The inbox commits a lane's completions in batches: order, bounds, failures, crashes.
+"""The inbox commits each handled event before its lane's next one, in commits
+shared by the lanes: order, sharing, failures, crashes.
 
 Against real stores (memory and SQLite; the store API itself is tested on
 PostgreSQL too in test_inbox_store). The store's inbox methods are wrapped to
@@ -18,7 +19,6 @@ from typing import Any
 import attrs
 import pytest
 
-from bridge_kit import defaults
 from bridge_kit.errors import NotReady, StoreError
 from bridge_kit.inbox import Inbox, handler_name
 from bridge_kit.store import Store, open_store
@@ -29,6 +29,7 @@ from tests.test_inbox import (
     SETTINGS,
     A,
     B,
+    C,
     accept,
     drained,
     message,
@@ -41,8 +42,6 @@ from tests.test_store import backend_url, emptied
 
 CRASHER = Path(__file__).parent / "inbox_crasher.py"
 ROOT = Path(__file__).resolve().parent.parent
-#: Batches only as lane_items reads them: no cap by count or time gets in the way.
-BY_READ = attrs.evolve(SETTINGS, completion_batch=1_000, completion_delay=60.0)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -73,7 +72,7 @@ class Watched:
         )  # fmt: skip
 
         async def complete_one(item_id: int) -> None:
-            raise AssertionError("the inbox completes items in batches now")
+            raise AssertionError("the inbox completes items through complete_items")
 
         async def complete_many(item_ids: Collection[int]) -> None:
             self.log.append(("complete", tuple(self.numbers[i] for i in item_ids)))
@@ -100,10 +99,11 @@ class Watched:
         store.fail_item = fail  # type: ignore[method-assign]
         store.bury_item = bury  # type: ignore[method-assign]
 
-    async def fill(self, lane: str, count: int, prefix: str = "") -> None:
-        """``count`` events numbered 0.. in ``lane``, in transactions of 100."""
+    async def fill(self, lane: str, count: int, prefix: str = "", first: int = 0) -> None:
+        """``count`` events numbered ``first``.. in ``lane``, in transactions of 100."""
+        numbers = range(first, first + count)
         for start in range(0, count, 100):
-            events = [message(f"{prefix}{lane}/{n}", lane, n) for n in range(start, count)][:100]
+            events = [message(f"{prefix}{lane}/{n}", lane, n) for n in numbers[start : start + 100]]
             await accept(self.store, f"{prefix}{lane}/{start}", events)
         for item in await self.store.lane_items(lane, count + 1):
             self.numbers[item.id] = json.loads(item.event_json)["content"]["n"]
@@ -120,6 +120,9 @@ class Watched:
     def ends(self) -> list[int]:
         return [entry[1] for entry in self.log if entry[0] == "end"]
 
+    def committed(self) -> list[int]:
+        return sorted(n for commit in self.commits() for n in commit)
+
     def check_never_early(self) -> None:
         """No item was committed as complete before its handler returned."""
         ended: set[int] = set()
@@ -129,44 +132,52 @@ class Watched:
             elif what == "complete":
                 assert set(value) <= ended, (value, sorted(ended))
 
+    def check_committed_before_next(self, numbers: Sequence[int]) -> None:
+        """Each of these events (one lane's, in order) was committed before the
+        next one's handler ended: a crash could have re-run only the one running."""
+        committed: set[int] = set()
+        for what, value in self.log:
+            if what == "complete":
+                committed.update(value)
+            elif what == "end" and value in numbers and value != numbers[0]:
+                earlier = numbers[numbers.index(value) - 1]
+                assert earlier in committed, (value, earlier)
 
-async def test_one_commit_per_batch_read_in_order_and_never_before_the_handler(
-    store: Store,
-) -> None:
+
+async def test_each_event_is_committed_before_its_lane_s_next_one(store: Store) -> None:
     watched = Watched(store)
     await watched.fill(A, 120)
-    async with running(store, route_to(watched.handler()), BY_READ) as inbox:
+    async with running(store, route_to(watched.handler())) as inbox:
         inbox.wake()
         await drained(store)
     assert watched.ends() == list(range(120))
-    # lane_items reads 50 at a time; each read's items are committed together.
-    assert watched.commits() == [tuple(range(50)), tuple(range(50, 100)), tuple(range(100, 120))]
+    # One lane alone: nobody to share a commit with, so one commit per event.
+    assert watched.commits() == [(n,) for n in range(120)]
+    watched.check_committed_before_next(range(120))
     watched.check_never_early()
 
 
-async def test_a_batch_is_capped_by_count_and_by_time(store: Store) -> None:
+async def test_lanes_working_at_once_share_their_commits(store: Store) -> None:
     watched = Watched(store)
-    await watched.fill(A, 60)
-    by_count = attrs.evolve(BY_READ, completion_batch=7)
-    async with running(store, route_to(watched.handler()), by_count) as inbox:
+    rooms = [A, B, C, "!d:test.local"]
+    for index, room in enumerate(rooms):
+        await watched.fill(room, 30, first=100 * index)
+    async with running(store, route_to(watched.handler())) as inbox:
         inbox.wake()
         await drained(store)
-    sizes = [len(commit) for commit in watched.commits()]
-    assert sizes == [7] * 7 + [1] + [7] + [3]  # 50 read: 7 x 7 + 1; then 10 read: 7 + 3
-    assert [n for commit in watched.commits() for n in commit] == list(range(60))
-
-    watched.log.clear()
-    await watched.fill(A, 5, prefix="again")
-    at_once = attrs.evolve(BY_READ, completion_delay=0.0)  # due as soon as there is one
-    async with running(store, route_to(watched.handler()), at_once) as inbox:
-        inbox.wake()
-        await drained(store)
-    assert watched.commits() == [(0,), (1,), (2,), (3,), (4,)]
+    every = [100 * index + n for index in range(len(rooms)) for n in range(30)]
+    assert sorted(watched.ends()) == every
+    assert watched.committed() == every
+    # Lanes hand in their completions while a commit runs; the next one takes them all.
+    assert max(len(commit) for commit in watched.commits()) > 1
+    assert len(watched.commits()) < len(every)
+    for index in range(len(rooms)):
+        watched.check_committed_before_next(range(100 * index, 100 * index + 30))
     watched.check_never_early()
 
 
 @pytest.mark.parametrize("outcome", ["retry", "dead letter", "not ready"])
-async def test_a_failure_mid_batch_commits_the_earlier_completions_first(
+async def test_a_failure_is_written_after_the_earlier_completions(
     store: Store, outcome: str
 ) -> None:
     watched = Watched(store)
@@ -183,20 +194,22 @@ async def test_a_failure_mid_batch_commits_the_earlier_completions_first(
             raise RuntimeError("the remote network is down")
         await record(event)
 
-    async with running(store, route_to(flaky), BY_READ) as inbox:
+    async with running(store, route_to(flaky)) as inbox:
         inbox.wake()
         await drained(store)
     first_write = next(i for i, (what, _) in enumerate(watched.log) if what in ("fail", "bury"))
-    assert watched.log[first_write - 1] == ("complete", tuple(range(6)))
+    committed_before = {n for what, c in watched.log[:first_write] if what == "complete" for n in c}
+    assert committed_before == set(range(6))
     handled = list(range(10)) if outcome == "retry" else [n for n in range(10) if n != 6]
     assert watched.ends() == handled
-    assert sorted(n for commit in watched.commits() for n in commit) == handled
+    assert watched.committed() == handled
+    watched.check_committed_before_next(handled)
     watched.check_never_early()
 
 
-async def test_partial_progress_of_a_failed_item_stays_in_the_batch_s_store(store: Store) -> None:
-    """Handler progress (done_handlers) is still written with the failure, and the
-    handlers that succeeded are not run again, batch or not."""
+async def test_partial_progress_of_a_failed_item_is_stored_with_the_failure(store: Store) -> None:
+    """Handler progress (done_handlers) is written with the failure, and the
+    handlers that succeeded are not run again."""
     watched = Watched(store)
     await watched.fill(A, 5)
     runs: list[tuple[str, int]] = []
@@ -212,7 +225,7 @@ async def test_partial_progress_of_a_failed_item_stays_in_the_batch_s_store(stor
             fail_once.discard(n)
             raise RuntimeError("once")
 
-    settings = attrs.evolve(BY_READ, backoff=0.4, backoff_max=0.4)
+    settings = attrs.evolve(SETTINGS, backoff=0.4, backoff_max=0.4)
     async with running(store, route_to(first, second), settings) as inbox:
         inbox.wake()
         await until(lambda: ("fail", 3) in watched.log)
@@ -225,34 +238,35 @@ async def test_partial_progress_of_a_failed_item_stays_in_the_batch_s_store(stor
     assert [n for what, n in runs if what == "first"] == list(range(5))
 
 
-async def test_stop_commits_the_pending_completions(store: Store) -> None:
+async def test_stop_commits_the_events_whose_handlers_returned(store: Store) -> None:
     watched = Watched(store)
     await watched.fill(A, 10)
-    await watched.fill(B, 10)
+    await watched.fill(B, 10, first=100)
     record = watched.handler()
     release = asyncio.Event()
 
     async def pause_at_four(event: Event) -> None:
-        if event.content["n"] == 4:
+        if event.content["n"] % 100 == 4:
             await release.wait()
         await record(event)
 
-    inbox = Inbox(store, route_to(pause_at_four), appservice_id=APPSERVICE, settings=BY_READ)
+    inbox = Inbox(store, route_to(pause_at_four), appservice_id=APPSERVICE, settings=SETTINGS)
     await inbox.start()
     inbox.wake()
     await until(lambda: inbox.busy_lanes == 2 and len(watched.ends()) == 8)
-    assert watched.commits() == []  # 0-3 of both rooms handled, nothing committed yet
+    # 0-3 of both rooms handled and committed: each before its lane went on.
+    await until(lambda: watched.committed() == [*range(4), *range(100, 104)])
     # Both handlers of event 4 finish within the grace; then the workers stop.
     stopping = asyncio.ensure_future(stop(inbox, grace=1.0))
     await asyncio.sleep(0.1)
     release.set()
     await stopping
     assert (await store.inbox_stats()).depth == 10 - 5 + 10 - 5
-    assert sorted(watched.commits()) == [tuple(range(5)), tuple(range(5))]
+    assert watched.committed() == [*range(5), *range(100, 105)]
     watched.check_never_early()
 
 
-async def test_stop_with_a_cancelled_handler_still_commits_the_ones_before(store: Store) -> None:
+async def test_stop_with_a_cancelled_handler_keeps_the_ones_before_committed(store: Store) -> None:
     watched = Watched(store)
     await watched.fill(A, 10)
     record = watched.handler()
@@ -262,44 +276,43 @@ async def test_stop_with_a_cancelled_handler_still_commits_the_ones_before(store
             await asyncio.Event().wait()
         await record(event)
 
-    inbox = Inbox(store, route_to(hang_at_four), appservice_id=APPSERVICE, settings=BY_READ)
+    inbox = Inbox(store, route_to(hang_at_four), appservice_id=APPSERVICE, settings=SETTINGS)
     await inbox.start()
     inbox.wake()
     await until(lambda: len(watched.ends()) == 4)
     await stop(inbox, grace=0.1)
-    assert watched.commits() == [tuple(range(4))]
+    assert watched.committed() == list(range(4))
     assert [watched.numbers[item.id] for item in await store.lane_items(A, 20)] == list(
         range(4, 10)
     )
 
 
-async def test_a_failed_completion_commit_loses_nothing_and_re_runs_only_its_batch(
-    store: Store,
-) -> None:
+async def test_a_failed_commit_loses_nothing_and_re_runs_only_its_event(store: Store) -> None:
     watched = Watched(store)
     await watched.fill(A, 120)
-    watched.failing_commits = {2}  # the second batch's commit fails, once
-    settings = attrs.evolve(BY_READ, backoff=0.05, backoff_max=0.1)
+    watched.failing_commits = {51}  # the commit of event 50 fails, once
+    settings = attrs.evolve(SETTINGS, backoff=0.05, backoff_max=0.1)
     async with running(store, route_to(watched.handler()), settings) as inbox:
         inbox.wake()
         await drained(store)
-    ends = watched.ends()
-    failed = watched.commits()[1]
-    assert failed == tuple(range(50, 100))
-    # Every event handled, in order; the failed batch's events, and only they, twice.
-    assert ends == list(range(100)) + list(range(50, 120))
+    assert watched.commits()[50] == (50,)
+    # Every event handled, in order; the one whose commit failed, and only it, twice.
+    assert watched.ends() == list(range(51)) + list(range(50, 120))
     assert (await store.inbox_stats()).depth == 0
     watched.check_never_early()
 
 
-async def test_a_sigkill_re_runs_at_most_one_batch_of_handled_events(tmp_path: Path) -> None:
-    """A real crash: the subprocess handles a flood of one room and SIGKILLs itself
-    while handling event 75; the next process re-runs what was not committed."""
+async def test_a_sigkill_re_runs_at_most_the_running_event_of_each_room(tmp_path: Path) -> None:
+    """A real crash: the subprocess handles three rooms at once and SIGKILLs itself
+    while handling event 75 of room A; the next process re-runs, in each room, at
+    most the event that was running (or waiting for its commit) there."""
     url = f"sqlite:///{tmp_path / 'bk.db'}"
     record = tmp_path / "handled.txt"
     crash_at, count = 75, 200
+    rooms = {A: 0, B: 1000, C: 2000}  # each room's first number
     async with open_store(url) as store:
-        await Watched(store).fill(A, count)
+        for room, first in rooms.items():
+            await Watched(store).fill(room, count, first=first)
     crasher = await asyncio.create_subprocess_exec(
         sys.executable, str(CRASHER), url, str(record), str(crash_at),
         env={"PYTHONPATH": str(ROOT)},
@@ -307,22 +320,26 @@ async def test_a_sigkill_re_runs_at_most_one_batch_of_handled_events(tmp_path: P
     async with asyncio.timeout(60):
         assert await crasher.wait() == -9  # SIGKILL, not a clean exit
     first_run = [int(line) for line in record.read_text().split()]
-    assert first_run == list(range(crash_at + 1))
+    assert [n for n in first_run if n < 1000] == list(range(crash_at + 1))
 
     record.unlink()
     async with open_store(url) as store:
         await store.lock_for_daemon()  # as a daemon starts: the dead one's lease goes
         watched = Watched(store)
-        left = await store.lane_items(A, count)
-        for item in left:
-            watched.numbers[item.id] = json.loads(item.event_json)["content"]["n"]
-        resumed_at = watched.numbers[left[0].id]
+        resumed_at: dict[str, int] = {}
+        for room in rooms:
+            left = await store.lane_items(room, count)
+            for item in left:
+                watched.numbers[item.id] = json.loads(item.event_json)["content"]["n"]
+            resumed_at[room] = watched.numbers[left[0].id] if left else rooms[room] + count
         async with running(store, route_to(watched.handler())) as inbox:
             inbox.wake()
             await drained(store)
-    # The first 50 (one lane_items read) were committed before the next read; of the
-    # rest, at most completion_batch handled events come again, with the one that
-    # was running when the process died.
-    assert 50 <= resumed_at <= crash_at
-    assert crash_at - resumed_at <= defaults.COMPLETION_BATCH
-    assert watched.ends() == list(range(resumed_at, count))
+    assert resumed_at[A] == crash_at  # the running event, and nothing handled before it
+    for room, first in rooms.items():
+        handled = [n for n in first_run if first <= n < first + count]
+        assert handled == list(range(first, first + len(handled)))
+        # Either the last handled event's commit landed, or it runs once more.
+        assert resumed_at[room] in (first + len(handled) - 1, first + len(handled)), room
+        again = [n for n in watched.ends() if first <= n < first + count]
+        assert again == list(range(resumed_at[room], first + count))

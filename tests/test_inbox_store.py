@@ -8,12 +8,20 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
+from bridge_kit.store import (
+    PostgresStore,
+    SQLiteStore,
+    Store,
+    open_store,
+    postgres_inbox,
+    sqlite_inbox,
+)
 from bridge_kit.store.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, NewInboxItem
 from tests.test_server import AUTH, V1, Wakeups, expect_ok, serve_api, txn_body
 from tests.test_store import backend_url, emptied, run_sql
@@ -291,6 +299,183 @@ async def test_an_emptied_lane_is_claimable_again_when_events_arrive(store: Stor
     assert await store.claim_lanes("w2", LEASE, limit=1) == [A]
 
 
+# -- a claim costs O(ready lanes) (schema version 5's lane rows) ---------------------------
+
+#: Lanes that wait while a claim looks for work: leased elsewhere, or their head deferred.
+LEASED_ELSEWHERE, DEFERRED = 3_000, 300
+
+
+async def make_lanes_wait(store: Store, ready: tuple[str, ...]) -> None:
+    """Many lanes that wait, besides the ``ready`` ones (which stay ready)."""
+    lanes = [f"!waiting{n:05}:test.local" for n in range(LEASED_ELSEWHERE + DEFERRED)]
+    await store.accept_transaction("waiting", [event(n, lane) for n, lane in enumerate(lanes)])
+    leased = await store.claim_lanes("elsewhere", 3_600, LEASED_ELSEWHERE, exclude=ready)
+    assert len(leased) == LEASED_ELSEWHERE
+    for lane in await store.claim_lanes("deferring", 3_600, DEFERRED, exclude=ready):
+        head = await only_item(store, lane)
+        await store.fail_item(head.id, [], time.time() + 3_600, count_attempt=False)
+        await store.release_lane("deferring", lane)
+
+
+def sqlite_claim_steps(path: Path) -> int:
+    """The SQLite VM instructions the claim's read takes (rows read, and more)."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with sqlite3.connect(path) as conn:
+        conn.set_progress_handler(count, 1)
+        parameters = {"now": time.time(), "owner": "w1", "limit": 32}
+        assert len(conn.execute(sqlite_inbox.CLAIMABLE, parameters).fetchall()) == 3
+    return steps
+
+
+async def test_a_sqlite_claim_reads_only_the_ready_lanes(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    async with SQLiteStore(path) as store:
+        await fill(store, A, B, C)
+        alone = sqlite_claim_steps(path)
+        await make_lanes_wait(store, (A, B, C))
+        among_waiting = sqlite_claim_steps(path)
+        with sqlite3.connect(path) as conn:
+            parameters = {"now": time.time(), "owner": "w1", "limit": 32}
+            plan = [
+                row[3]
+                for row in conn.execute(f"EXPLAIN QUERY PLAN {sqlite_inbox.CLAIMABLE}", parameters)
+            ]
+        assert await store.claim_lanes("w1", LEASE, limit=32) == [A, B, C]
+    # 3,300 lanes more cost (nearly) nothing: the waiting ones are never visited.
+    assert among_waiting < alone * 1.5, (alone, among_waiting)
+    assert any("USING INDEX bridge_kit_lanes_ready" in step for step in plan), plan
+    assert any("USING INDEX bridge_kit_lanes_owner" in step for step in plan), plan
+    assert not [step for step in plan if step.startswith("SCAN bridge_kit_")], plan
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
+
+
+async def test_a_postgres_claim_reads_only_the_ready_lanes(postgres_dsn: str) -> None:
+    dsn = await emptied(postgres_dsn)
+    async with PostgresStore(dsn) as store:
+        await fill(store, A, B, C)
+        await make_lanes_wait(store, (A, B, C))
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("ANALYZE bridge_kit_lanes")
+            await conn.execute("ANALYZE bridge_kit_inbox")
+            # EXPLAIN ANALYZE runs the claim: rolled back, so the lanes stay free.
+            transaction = conn.transaction()
+            await transaction.start()
+            explained = json.loads(
+                await conn.fetchval(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) {postgres_inbox.TAKE_LEASES}",
+                    time.time(),
+                    [],
+                    "w1",
+                    32,
+                    time.time() + LEASE,
+                )
+            )[0]
+            await transaction.rollback()
+        finally:
+            await conn.close()
+        assert await store.claim_lanes("w1", LEASE, limit=32) == [A, B, C]
+    nodes = [
+        node for node in plan_nodes(explained["Plan"])
+        if node.get("Relation Name") in ("bridge_kit_lanes", "bridge_kit_inbox")
+    ]  # fmt: skip
+    assert nodes
+    assert not [node for node in nodes if node["Node Type"] == "Seq Scan"], nodes
+    # Rows read from either table, over all loops: the 3 ready lanes and their heads,
+    # not the 3,300 waiting ones.
+    read = max(node["Actual Rows"] * node["Actual Loops"] for node in nodes)
+    assert read <= 3, nodes
+    indexes = {node.get("Index Name") for node in plan_nodes(explained["Plan"])}
+    assert "bridge_kit_lanes_ready" in indexes, indexes
+
+
+async def test_an_emptied_lane_s_row_goes_when_it_is_released(durable_url: str) -> None:
+    async with open_store(durable_url) as store:
+        await fill(store, A, B, B)
+        assert await store.claim_lanes("w1", LEASE, limit=2) == [A, B]
+        await store.complete_item((await only_item(store, A)).id)
+        await store.release_lane("w1", A)
+        await store.release_lane("w1", B)
+    rows = await run_sql(durable_url, "SELECT lane, owner, lease_until FROM bridge_kit_lanes")
+    assert rows == [(B, None, 0)]  # A is gone; B waits for the next claim
+
+
+async def test_a_postgres_release_keeps_the_row_of_a_lane_getting_items(postgres_dsn: str) -> None:
+    """An accept adds to a lane while its worker releases it empty: the release waits
+    for the accept's row lock, then sees its items, and keeps the lane's row."""
+    dsn = await emptied(postgres_dsn)
+    async with PostgresStore(dsn) as store:
+        await fill(store, A)
+        assert await store.claim_lanes("w1", LEASE, limit=1) == [A]
+        await store.complete_item((await only_item(store, A)).id)
+        accepting = await asyncpg.connect(dsn)
+        watcher = await asyncpg.connect(dsn)
+        try:
+            async with accepting.transaction():
+                # The accept's own statement, its commit held back.
+                await postgres_inbox.accept(accepting, b"late", [event(2, A)], [], time.time())
+                release = asyncio.ensure_future(store.release_lane("w1", A))
+                await until_waiting_for_a_lock(watcher)
+                assert not release.done()
+            await release
+        finally:
+            await accepting.close()
+            await watcher.close()
+        assert await store.claim_lanes("w2", LEASE, limit=1) == [A]
+        assert event_ids(await store.lane_items(A, 5)) == ["$e2"]
+
+
+async def until_waiting_for_a_lock(conn: Any) -> None:
+    async with asyncio.timeout(10):
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_version_4_database_gets_a_row_per_lane(durable_url: str) -> None:
+    sqlite = durable_url.startswith("sqlite:")
+    store_class = SQLiteStore if sqlite else PostgresStore
+    v4 = [statement for step in store_class.MIGRATIONS[:4] for statement in step]
+    later = time.time() + 3_600
+    add_item = (
+        "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, not_before)"
+        " VALUES ('{}', 'event', '{{\"event_id\": \"${}\"}}', 0, {})"
+    )
+    add_lease = "INSERT INTO bridge_kit_lanes (lane, owner, lease_until) VALUES ('{}', 'old', {})"
+    await run_sql(
+        durable_url,
+        *v4,
+        "CREATE TABLE bridge_kit_schema (version INTEGER NOT NULL)",
+        "INSERT INTO bridge_kit_schema (version) VALUES (4)",
+        add_item.format(A, "a1", 0),
+        add_item.format(A, "a2", 0),
+        add_item.format(B, "b1", later),  # B's head waits for a retry
+        add_item.format(C, "c1", 0),
+        # C is leased by a live process; D's lease outlived its items.
+        add_lease.format(C, later),
+        add_lease.format("!d:x", later),
+    )
+    async with open_store(durable_url) as store:
+        assert await store.schema_version() == store.SCHEMA_VERSION == 5
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A]
+        assert await store.renew_lanes("old", [C], LEASE) == {C}
+    rows = await run_sql(
+        durable_url, "SELECT lane, owner, not_before FROM bridge_kit_lanes ORDER BY lane"
+    )
+    assert rows == [(A, "w1", 0), (B, None, later), (C, "old", 0)]
+
+
 async def test_two_postgres_processes_never_claim_the_same_lane(postgres_dsn: str) -> None:
     dsn = await emptied(postgres_dsn)
     lanes = [f"!room{n:02}:test.local" for n in range(40)]
@@ -322,7 +507,6 @@ async def test_a_postgres_claim_passes_over_a_lane_being_claimed(postgres_dsn: s
         await fill(store, A, B)
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("INSERT INTO bridge_kit_lanes (lane) VALUES ($1)", A)
             async with conn.transaction():
                 # As a concurrent claim does between locking A's row and leasing it.
                 await conn.execute("SELECT FROM bridge_kit_lanes WHERE lane = $1 FOR UPDATE", A)
@@ -365,6 +549,48 @@ async def test_complete_items_takes_more_ids_than_one_statement_holds(store: Sto
     await store.complete_items([item.id for item in items[:1_100]])
     assert await store.lane_items(A, 2_000) == items[1_100:]
     assert (await store.inbox_stats()).depth == 100
+
+
+async def test_sqlite_marks_handled_items_and_deletes_them_in_bulk(tmp_path: Path) -> None:
+    """SQLite lists a handled item's id in bridge_kit_done and deletes the items in bulk
+    later: meanwhile the item is gone for every inbox method."""
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    async with SQLiteStore(path) as store:
+        await store.accept_transaction("t1", [event(1, A), event(2, A), event(3, A), event(4, B)])
+        first, second, third = await store.lane_items(A, 5)
+        await store.complete_items([first.id, second.id, 10_000])  # 10_000: no such item
+        assert await run_sql(url, "SELECT id FROM bridge_kit_done ORDER BY id") == [
+            (first.id,),
+            (second.id,),
+        ]
+        assert await run_sql(url, "SELECT COUNT(*) FROM bridge_kit_inbox") == [(4,)]
+        assert await store.lane_items(A, 5) == [third]
+        assert (await store.inbox_stats()).depth == 2
+        # A handled item can be neither failed nor buried (a worker that lost its lease).
+        await store.fail_item(first.id, [], time.time() + 3_600)
+        await store.bury_item(second.id, letter(1))
+        assert await store.dead_letters() == []
+        assert await store.claim_lanes("w1", LEASE, limit=5) == [A, B]
+        await store.complete_items([third.id])
+        await store.release_lane("w1", A)  # empty now: its row goes
+        await store.lock_for_daemon()  # deletes the handled items, as a checkpoint does
+        assert await run_sql(url, "SELECT COUNT(*) FROM bridge_kit_done") == [(0,)]
+        assert await run_sql(url, "SELECT lane FROM bridge_kit_inbox") == [(B,)]
+        assert await run_sql(url, "SELECT lane FROM bridge_kit_lanes") == [(B,)]
+
+
+async def test_sqlite_deletes_handled_items_with_its_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    async with SQLiteStore(path) as store:
+        await store.accept_transaction("t1", [event(n, A) for n in range(150)])
+        for item in await store.lane_items(A, 150):
+            await store.complete_items([item.id])  # one commit each, as the inbox does
+        async with asyncio.timeout(10):
+            while (await run_sql(url, "SELECT COUNT(*) FROM bridge_kit_inbox"))[0][0] > 50:
+                await asyncio.sleep(0.01)
+        assert await store.lane_items(A, 5) == []
 
 
 async def test_failing_counts_attempts_and_keeps_the_first_failure(store: Store) -> None:

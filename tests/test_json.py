@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge_kit import _json
-from bridge_kit._json import decode_request, item_text
+from bridge_kit._json import decode_item, decode_json, decode_request, item_text
 from bridge_kit.transactions import split_transaction
 
 pytest.importorskip("orjson", reason="the fast path needs the 'fast' extra (orjson)")
@@ -109,6 +109,30 @@ VALUES = {
 def test_an_item_text_reads_back_as_the_same_value(path: str, value: Any) -> None:
     text = item_text(value)
     assert typed(json.loads(text)) == typed(value)
+
+
+@pytest.mark.parametrize("value", VALUES.values(), ids=VALUES.keys())
+def test_an_item_text_decodes_as_decode_json_reads_it(path: str, value: Any) -> None:
+    text = item_text(value)
+    assert typed(decode_item(text)) == typed(decode_json(text)) == typed(value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1e999}', '{"a": NaN}', '{"a": -Infinity}', '{"a": ', '{"a": "\ud800"', "\ud800"],
+)
+def test_an_item_text_decode_json_refuses_is_refused_either_way(path: str, text: str) -> None:
+    with pytest.raises(ValueError):
+        decode_json(text)
+    with pytest.raises(ValueError):
+        decode_item(text)
+
+
+def test_an_item_text_with_a_lone_surrogate_decodes_either_way(path: str) -> None:
+    escaped = '{"a":"\\ud800"}'  # as item_text stores it
+    raw = '{"a":"\ud800"}'  # as a store could hand it back, the surrogate itself
+    for text in (escaped, raw):
+        assert decode_item(text) == decode_json(text) == {"a": "\ud800"}
 
 
 def test_a_lone_surrogate_is_stored_as_an_escape(path: str) -> None:

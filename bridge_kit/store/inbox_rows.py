@@ -68,7 +68,7 @@ def item_from_row(row: Sequence[Any]) -> InboxItem:
         event_json=event_json,
         received_at=received_at,
         attempts=attempts,
-        done_handlers=tuple(json.loads(done)),
+        done_handlers=() if done == "[]" else tuple(json.loads(done)),
         not_before=not_before,
         first_failed_at=first,
     )

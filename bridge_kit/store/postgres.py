@@ -110,7 +110,12 @@ class PostgresStore(Store):
         postgres_state.V3,
         postgres_devices.V4,
         # -- schema v5: one step; each part's statements in their own block --
-        (*postgres_parked.V5, *postgres_retention.V5_RETENTION, *_V5_TXN_DIGEST),
+        (
+            *postgres_inbox.V5_LANES,
+            *postgres_parked.V5,
+            *postgres_retention.V5_RETENTION,
+            *_V5_TXN_DIGEST,
+        ),
     )
 
     def __init__(

@@ -1,9 +1,18 @@
-"""The durable inbox in PostgreSQL: the version 2 schema and the statements behind
-:class:`~bridge_kit.store.postgres.PostgresStore`'s inbox methods.
+"""The durable inbox in PostgreSQL: the version 2 and 5 schema and the statements
+behind :class:`~bridge_kit.store.postgres.PostgresStore`'s inbox methods.
 
 Each function takes the store's asyncpg pool and runs one statement, which
 commits on its own: what must happen together is one statement (data-modifying
-``WITH``), so no connection is held across round trips.
+``WITH``), so no connection is held across round trips. The one exception is
+:func:`release`, which must see what committed after it took a lane's lock.
+
+Since version 5, ``bridge_kit_lanes`` holds a row for every lane with items (as in
+SQLite, see :mod:`bridge_kit.store.sqlite_inbox`): its lease, and until when its
+head waits; an index on the later of the two finds the ready lanes, so a claim
+costs O(ready lanes). Whatever adds items upserts their lanes' rows *with a row
+lock* (``DO UPDATE``, never ``DO NOTHING``): :func:`release` deletes an empty
+lane's row only under that lock, so it never deletes the row of a lane whose new
+items are being committed.
 """
 
 from __future__ import annotations
@@ -69,6 +78,25 @@ V2 = (
 )
 
 
+# -- version 5 (the inbox branch): the lanes table becomes the lane queue ----------------
+V5_LANES = (
+    "ALTER TABLE bridge_kit_lanes ADD COLUMN not_before DOUBLE PRECISION NOT NULL DEFAULT 0",
+    # Version 2's claim left rows with no owner and no lease for a moment.
+    "UPDATE bridge_kit_lanes SET lease_until = 0 WHERE lease_until IS NULL",
+    "ALTER TABLE bridge_kit_lanes ALTER COLUMN lease_until SET DEFAULT 0,"
+    " ALTER COLUMN lease_until SET NOT NULL",
+    "DELETE FROM bridge_kit_lanes k"
+    " WHERE NOT EXISTS (SELECT FROM bridge_kit_inbox i WHERE i.lane = k.lane)",
+    "INSERT INTO bridge_kit_lanes (lane) SELECT DISTINCT lane FROM bridge_kit_inbox"
+    " ON CONFLICT DO NOTHING",
+    "UPDATE bridge_kit_lanes k SET not_before = (SELECT i.not_before FROM bridge_kit_inbox i"
+    " WHERE i.lane = k.lane ORDER BY i.id LIMIT 1)",
+    # The claim's index: a lane is ready once the later of its lease and its wait passed.
+    "CREATE INDEX bridge_kit_lanes_ready ON bridge_kit_lanes (GREATEST(lease_until, not_before))",
+    "CREATE INDEX bridge_kit_lanes_owner ON bridge_kit_lanes (owner) WHERE owner IS NOT NULL",
+)
+# -- end of version 5 (the inbox branch) ----------------------------------------------
+
 # One statement, so one commit: the txnId, the items and the letters, or, when the
 # txnId is there already with the same digest or none (a concurrent duplicate waits for
 # the first to commit, then finds it), nothing. A txnId there with another digest is
@@ -86,6 +114,11 @@ WITH txn AS (
     FROM unnest($3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS t(lane, kind, event_json, n)
     WHERE EXISTS (SELECT FROM txn)
     ORDER BY n
+    RETURNING lane
+), lanes AS (
+    -- DO UPDATE, not DO NOTHING: the row lock keeps release from deleting it meanwhile.
+    INSERT INTO bridge_kit_lanes (lane) SELECT DISTINCT lane FROM items ORDER BY lane
+    ON CONFLICT (lane) DO UPDATE SET lane = EXCLUDED.lane
 ), superseded AS (
     -- A device's new key counts replace its older ones still waiting (schema v5 work).
     DELETE FROM bridge_kit_inbox
@@ -105,45 +138,23 @@ WITH txn AS (
 SELECT (SELECT new FROM txn)
 """
 
-# Claiming, step 1: a lanes row for each of the oldest ready lanes that has none, so
-# that step 2 can lock it. Every lane of the inbox is visited by a skip scan (one index
-# descent per lane) instead of reading every item; its head (oldest item) is one more
-# descent. Sorted by lane, so that two claims inserting the same rows wait for each
-# other in the same order, never in a cycle.
-_ADD_CANDIDATES = """
-WITH RECURSIVE lanes(lane) AS (
-    (SELECT lane FROM bridge_kit_inbox ORDER BY lane LIMIT 1)
-    UNION ALL
-    SELECT (SELECT i.lane FROM bridge_kit_inbox i WHERE i.lane > lanes.lane
-            ORDER BY i.lane LIMIT 1)
-    FROM lanes WHERE lanes.lane IS NOT NULL
-), ready AS (
-    SELECT lanes.lane, head.id FROM lanes
-    CROSS JOIN LATERAL (
-        SELECT i.id, i.not_before FROM bridge_kit_inbox i
-        WHERE i.lane = lanes.lane ORDER BY i.id LIMIT 1
-    ) head
-    WHERE head.not_before <= $1 AND lanes.lane <> ALL($2::text[])
-      AND NOT EXISTS (SELECT FROM bridge_kit_lanes k WHERE k.lane = lanes.lane)
-    ORDER BY head.id LIMIT $3
-)
-INSERT INTO bridge_kit_lanes (lane) SELECT lane FROM ready ORDER BY lane
-ON CONFLICT DO NOTHING
-"""
-
-# Claiming, step 2: lock the free, ready rows oldest head first, skipping those another
-# claim has locked, and lease them. A row another claim leased since this statement's
-# snapshot is re-read once locked, and then fails the owner test: no lane goes twice.
-_TAKE_LEASES = """
+# Lock the ready lanes (found by the index on the later of lease and wait, or this
+# owner's own by the owner index), oldest head first, skipping those another claim
+# has locked, and lease them. A row another claim leased since this statement's
+# snapshot is re-read once locked, and then fails the test: no lane goes twice. A
+# lane with no items (its process died before releasing it) comes first: its worker
+# finds nothing and releases it, which removes its row.
+TAKE_LEASES = """
 WITH picked AS (
     SELECT k.lane, head.id FROM bridge_kit_lanes k
-    CROSS JOIN LATERAL (
+    LEFT JOIN LATERAL (
         SELECT i.id, i.not_before FROM bridge_kit_inbox i
         WHERE i.lane = k.lane ORDER BY i.id LIMIT 1
-    ) head
-    WHERE head.not_before <= $1 AND k.lane <> ALL($2::text[])
-      AND (k.owner IS NULL OR k.owner = $3 OR k.lease_until <= $1)
-    ORDER BY head.id LIMIT $4
+    ) head ON true
+    WHERE (GREATEST(k.lease_until, k.not_before) <= $1
+           OR (k.owner = $3 AND k.not_before <= $1))
+      AND (head.id IS NULL OR head.not_before <= $1) AND k.lane <> ALL($2::text[])
+    ORDER BY head.id NULLS FIRST LIMIT $4
     FOR UPDATE OF k SKIP LOCKED
 )
 UPDATE bridge_kit_lanes k SET owner = $3, lease_until = $5
@@ -193,11 +204,8 @@ async def claim(
         return []
     owner = text(owner)
     excluded = [text(lane) for lane in exclude]
-    # Two statements, each its own commit: step 1's rows must be committed before step 2
-    # runs, or a concurrent claim's step 1 would wait on them instead of moving on.
-    await pool.execute(_ADD_CANDIDATES, now, excluded, limit)
-    rows = await pool.fetch(_TAKE_LEASES, now, excluded, owner, limit, until)
-    return [row["lane"] for row in sorted(rows, key=lambda row: row["id"])]
+    rows = await pool.fetch(TAKE_LEASES, now, excluded, owner, limit, until)
+    return [row["lane"] for row in sorted(rows, key=lambda row: (row["id"] is not None, row["id"]))]
 
 
 async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> set[str]:
@@ -212,10 +220,29 @@ async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> 
 
 
 async def release(pool: Any, owner: str, lane: str) -> None:
-    # Deleting rather than clearing the owner: the next claim adds the row again.
-    await pool.execute(
-        "DELETE FROM bridge_kit_lanes WHERE lane = $1 AND owner = $2", text(lane), text(owner)
-    )
+    """Give up ``owner``'s lease on ``lane``, and remove the lane's row if it is empty.
+
+    Three statements in one transaction: once the row is locked, an accept that
+    upserted it has committed, and the next statement's snapshot sees its items;
+    an accept that comes later waits for the lock, then adds the row again.
+    """
+    lane, owner = text(lane), text(owner)
+    async with pool.acquire() as conn, conn.transaction():
+        held = await conn.fetchval(
+            "SELECT true FROM bridge_kit_lanes WHERE lane = $1 AND owner = $2 FOR UPDATE",
+            lane,
+            owner,
+        )
+        if not held:
+            return
+        await conn.execute(
+            "DELETE FROM bridge_kit_lanes k WHERE k.lane = $1"
+            " AND NOT EXISTS (SELECT FROM bridge_kit_inbox i WHERE i.lane = $1)",
+            lane,
+        )
+        await conn.execute(
+            "UPDATE bridge_kit_lanes SET owner = NULL, lease_until = 0 WHERE lane = $1", lane
+        )
 
 
 async def lane_items(pool: Any, lane: str, limit: int) -> list[InboxItem]:
@@ -239,6 +266,21 @@ async def complete_many(pool: Any, item_ids: Collection[int]) -> None:
     )
 
 
+# The item waits, and its lane as long as its head does (the head as it is after
+# this statement: a data-modifying WITH's changes are not visible to the outer one).
+_FAIL = """
+WITH failed AS (
+    UPDATE bridge_kit_inbox SET attempts = attempts + $5, done_handlers = $2,
+        not_before = $3, first_failed_at = COALESCE(first_failed_at, $4)
+    WHERE id = $1 RETURNING id, lane, not_before
+)
+UPDATE bridge_kit_lanes k SET not_before = failed.not_before
+FROM failed
+WHERE k.lane = failed.lane AND NOT EXISTS (
+    SELECT FROM bridge_kit_inbox i WHERE i.lane = failed.lane AND i.id < failed.id)
+"""
+
+
 async def fail(
     pool: Any,
     item_id: int,
@@ -248,8 +290,7 @@ async def fail(
     count_attempt: bool = True,
 ) -> None:
     await pool.execute(
-        "UPDATE bridge_kit_inbox SET attempts = attempts + $5, done_handlers = $2,"
-        " not_before = $3, first_failed_at = COALESCE(first_failed_at, $4) WHERE id = $1",
+        _FAIL,
         item_id,
         encode_handlers(done_handlers),
         not_before,
@@ -310,7 +351,10 @@ async def replay(pool: Any, ids: Collection[int] | None, now: float, all_handler
     """Move dead letters back into the inbox, with their done handlers unless ``all_handlers``."""
     status: str = await pool.execute(
         f"WITH gone AS (DELETE FROM bridge_kit_dead_letters WHERE {_PICK_LETTERS}"  # noqa: S608
-        " RETURNING id, lane, kind, event_json, done_handlers, received_at)"
+        " RETURNING id, lane, kind, event_json, done_handlers, received_at),"
+        # DO UPDATE: the row lock (see the module's docstring).
+        " lanes AS (INSERT INTO bridge_kit_lanes (lane) SELECT DISTINCT lane FROM gone"
+        " ORDER BY lane ON CONFLICT (lane) DO UPDATE SET lane = EXCLUDED.lane)"
         " INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, done_handlers)"
         " SELECT lane, kind, event_json, COALESCE(received_at, $2),"
         " CASE WHEN $3 THEN '[]' ELSE done_handlers END FROM gone ORDER BY id",

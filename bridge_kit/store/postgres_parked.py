@@ -55,11 +55,18 @@ _UNPARK = """
 WITH gone AS (
     DELETE FROM bridge_kit_parked WHERE park_key = $1
     RETURNING id, lane, kind, event_json, received_at, attempts, done_handlers, first_failed_at
+), back AS (
+    INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, attempts, done_handlers,
+        first_failed_at)
+    SELECT lane, kind, event_json, received_at, attempts, done_handlers, first_failed_at
+    FROM gone ORDER BY id
+    RETURNING 1
+), lanes AS (
+    -- Every lane with items has its row (DO UPDATE: the row lock, as in postgres_inbox).
+    INSERT INTO bridge_kit_lanes (lane) SELECT DISTINCT lane FROM gone ORDER BY lane
+    ON CONFLICT (lane) DO UPDATE SET lane = EXCLUDED.lane
 )
-INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, attempts, done_handlers,
-    first_failed_at)
-SELECT lane, kind, event_json, received_at, attempts, done_handlers, first_failed_at
-FROM gone ORDER BY id
+SELECT count(*) FROM back
 """
 
 _COLUMNS = (
@@ -92,7 +99,7 @@ async def park(pool: Any, item_id: int, parking: Parking) -> bool:
 
 
 async def unpark(pool: Any, key: str) -> int:
-    return _count(await pool.execute(_UNPARK, text_of(key)))
+    return int(await pool.fetchval(_UNPARK, text_of(key)))
 
 
 async def parked(pool: Any, key: str | None, due_by: float | None, limit: int) -> list[ParkedItem]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
+import functools
 import logging
 import math
 import os
@@ -91,7 +91,12 @@ class SQLiteStore(SQLiteParkedItems, Store):
         sqlite_state.V3,
         sqlite_devices.V4,
         # -- schema v5: one step; each part's statements in their own block --
-        (*_PARKED_V5, *sqlite_retention.V5_RETENTION, *sqlite_puppets.V5_TXN_DIGEST),
+        (
+            *sqlite_inbox.V5_LANES,
+            *_PARKED_V5,
+            *sqlite_retention.V5_RETENTION,
+            *sqlite_puppets.V5_TXN_DIGEST,
+        ),
     )
 
     def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:
@@ -152,27 +157,13 @@ class SQLiteStore(SQLiteParkedItems, Store):
         """
         if self._daemon_lock is not None:
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if isinstance(error, BlockingIOError):
-                raise StoreError(
-                    f"another bridge-kit daemon is using the SQLite store {self.path}"
-                    f" ({lock_path} is locked)"
-                ) from None
-            raise StoreError(f"cannot lock SQLite store {self.path}: {error}") from error
+        fd = sqlite_files.lock_exclusively(self.path)
         self._daemon_lock = fd
         # Leases left by a daemon that died (SIGKILL, power loss) would hold its
         # rooms for a whole lease; with the lock, nobody else can be working on them.
         with self._errors():
             async with self._transaction() as conn:
-                await conn.execute("DELETE FROM bridge_kit_lanes")
+                await sqlite_inbox.forget_leases(conn)
 
     async def _migrate(self) -> None:
         async with self._transaction() as conn:
@@ -391,29 +382,49 @@ class SQLiteStore(SQLiteParkedItems, Store):
         above); when another connection holds the write lock, the caller takes the
         thread path instead of waiting here.
         """
-        if self.sync == "full":
-            return None  # each commit is synced: not on the loop
+
+        def accept(records: sqlite3.Connection) -> Acceptance:
+            acceptance = sqlite_puppets.record_now(records, txn_id, digest, now)
+            if acceptance:
+                sqlite_inbox.append_now(records, items, rejected, now)
+            return acceptance
+
+        return self._on_loop(accept)
+
+    def _on_loop(
+        self,
+        work: Callable[[sqlite3.Connection], _T],
+        *,
+        transaction: bool = True,
+        write: bool = True,
+    ) -> _T | None:
+        """``work`` on the plain connection, on the event loop, in one write transaction
+        (or, ``transaction=False``, one statement that commits on its own, or a read):
+        its result, or ``None`` if another connection holds the write lock, or if a
+        write's commit would be synced (``sync: full``: an fsync must not block the loop)."""
+        if write and self.sync == "full":
+            return None
         records = self._records_connection()
         try:
-            records.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-                return None
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
-        try:
             with self._errors():
-                acceptance = sqlite_puppets.record_now(records, txn_id, digest, now)
-                if not acceptance:
-                    records.execute("ROLLBACK")
-                    return acceptance
-                sqlite_inbox.append_now(records, items, rejected, now)
-                records.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                records.execute("ROLLBACK")
+                if transaction:
+                    records.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(records)
+                    if transaction:
+                        records.execute("COMMIT")
+                except BaseException:
+                    if transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            records.execute("ROLLBACK")
+                    raise
+        except StoreError as error:
+            if getattr(error.__cause__, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                return None
             raise
-        self._after_loop_commit()
-        return acceptance
+        if write:
+            self._after_loop_commit()
+        return result
 
     def _after_loop_commit(self) -> None:
         """Every so many commits on the loop's connection, checkpoint on the thread."""
@@ -425,6 +436,12 @@ class SQLiteStore(SQLiteParkedItems, Store):
             self._checkpoint_task = asyncio.create_task(self._checkpoint())
 
     async def _checkpoint(self) -> None:
+        # The handled items go first (see sqlite_inbox.purge_done), in bulk: far fewer
+        # pages written than one delete per commit, and no longer in the WAL to copy.
+        try:
+            await self._in_transaction(sqlite_inbox.purge_done)
+        except StoreError as error:
+            log.warning("SQLite: could not delete handled inbox items; will try again: %s", error)
         # PASSIVE: copies what it can without waiting for readers or blocking writers.
         try:
             with self._errors():
@@ -452,18 +469,34 @@ class SQLiteStore(SQLiteParkedItems, Store):
         )
 
     async def release_lane(self, owner: str, lane: str) -> None:
-        await self._locked(lambda conn: sqlite_inbox.release(conn, owner, lane))
+        await self._in_transaction(lambda conn: sqlite_inbox.release(conn, owner, lane))
 
     async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        """Read on the loop's connection: a lane's next items take less time to read
+        than the trip to aiosqlite's thread, and the inbox reads them all the time."""
         check_limit(limit)
+        read = functools.partial(sqlite_inbox.lane_items_now, lane=lane, limit=limit)
+        items = self._on_loop(read, transaction=False, write=False)
+        if items is not None:
+            return items
         return await self._locked(lambda conn: sqlite_inbox.lane_items(conn, lane, limit))
 
     async def complete_item(self, item_id: int) -> None:
         await self._locked(lambda conn: sqlite_inbox.complete(conn, item_id))
 
     async def complete_items(self, item_ids: Collection[int]) -> None:
-        run = self._locked if len(item_ids) <= _MAX_VARIABLES else self._in_transaction
-        await run(lambda conn: sqlite_inbox.complete_many(conn, item_ids))
+        """Remove the items in one commit, on the loop's connection like an accept:
+        the inbox commits after every handled event (a group commit of the lanes), and
+        on aiosqlite's connection each commit would queue for the write lock behind the
+        acknowledgements, in SQLite's busy handler, which sleeps. The items are marked
+        handled, and deleted in bulk with the next checkpoint (see sqlite_inbox)."""
+        if not item_ids:
+            return
+        many = len(item_ids) > _MAX_VARIABLES  # then more than one statement
+        mark = functools.partial(sqlite_inbox.complete_now, item_ids=item_ids)
+        if self._on_loop(mark, transaction=many) is None:
+            run = self._in_transaction if many else self._locked
+            await run(lambda conn: sqlite_inbox.complete_many(conn, item_ids))
 
     async def fail_item(
         self,
@@ -474,7 +507,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
         count_attempt: bool = True,
     ) -> None:
         now = time.time()
-        await self._locked(
+        await self._in_transaction(
             lambda conn: sqlite_inbox.fail(
                 conn, item_id, done_handlers, not_before, now, count_attempt
             )

@@ -1,13 +1,16 @@
-"""The SQLite store's file: created private, a failure to open it explained, and how
-durably it is written."""
+"""The SQLite store's file: created private, a failure to open it explained, how
+durably it is written, and the daemon's lock on it."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 from pathlib import Path
 from typing import Final
+
+from bridge_kit.errors import StoreError
 
 #: The values of the store's ``sync`` (SQLite's ``synchronous`` pragma).
 SYNC_MODES: Final = ("normal", "full")
@@ -55,3 +58,24 @@ def create_private(path: Path) -> None:
     """
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+def lock_exclusively(path: Path) -> int:
+    """An exclusive ``flock`` on ``<path>.lock``: the lock file's descriptor (closing
+    it releases the lock), or :class:`StoreError` if another holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise StoreError(f"cannot lock SQLite store {path}: {error}") from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if isinstance(error, BlockingIOError):
+            raise StoreError(
+                f"another bridge-kit daemon is using the SQLite store {path}"
+                f" ({lock_path} is locked)"
+            ) from None
+        raise StoreError(f"cannot lock SQLite store {path}: {error}") from error
+    return fd

@@ -1,8 +1,22 @@
-"""The durable inbox in SQLite: the version 2 schema and the statements behind
+"""The durable inbox in SQLite: the version 2 and 5 schema and the statements behind
 :class:`~bridge_kit.store.sqlite.SQLiteStore`'s inbox methods.
 
 Each function takes the store's aiosqlite connection; the store decides which
 of them share one transaction, and holds its lock around them.
+
+Since version 5, ``bridge_kit_lanes`` holds a row for every lane with items in
+the inbox (not only for leased ones): its lease, and until when its head item
+waits (a retry or a deferral). A lane is ready when both have passed, which an
+index on the later of the two finds without visiting the lanes that wait, so a
+claim costs O(ready lanes). Whatever adds items adds their lanes' rows
+(:data:`ADD_LANE`); a lane's row goes when its worker releases it empty.
+
+Also since version 5, a handled item is not deleted at once: its id goes into
+``bridge_kit_done`` (one small page per commit; deleting the item rewrote a table
+page and one index page per lane in the commit), every statement here passes
+over the items listed there (:data:`NOT_DONE`), and :func:`purge_done` deletes
+them in bulk now and then. The inbox commits after every handled event, so this
+is most of what handling an event costs the store.
 """
 
 from __future__ import annotations
@@ -61,6 +75,34 @@ V2 = (
     " lease_until REAL NOT NULL) WITHOUT ROWID",
 )
 
+# -- version 5 (the inbox branch): the lanes table becomes the lane queue ----------------
+V5_LANES = (
+    "CREATE TABLE bridge_kit_lanes_v5 ("
+    " lane TEXT PRIMARY KEY NOT NULL,"
+    " owner TEXT,"  # NULL: nobody holds a lease
+    " lease_until REAL NOT NULL DEFAULT 0,"
+    " not_before REAL NOT NULL DEFAULT 0) WITHOUT ROWID",
+    "INSERT INTO bridge_kit_lanes_v5 (lane, owner, lease_until, not_before)"
+    " SELECT i.lane, l.owner, COALESCE(l.lease_until, 0),"
+    " (SELECT h.not_before FROM bridge_kit_inbox h WHERE h.lane = i.lane ORDER BY h.id LIMIT 1)"
+    " FROM (SELECT DISTINCT lane FROM bridge_kit_inbox) i"
+    " LEFT JOIN bridge_kit_lanes l ON l.lane = i.lane",
+    "DROP TABLE bridge_kit_lanes",
+    "ALTER TABLE bridge_kit_lanes_v5 RENAME TO bridge_kit_lanes",
+    # The claim's index: a lane is ready once max(lease_until, not_before) has passed.
+    "CREATE INDEX bridge_kit_lanes_ready ON bridge_kit_lanes (max(lease_until, not_before))",
+    "CREATE INDEX bridge_kit_lanes_owner ON bridge_kit_lanes (owner) WHERE owner IS NOT NULL",
+    # Items handled and not deleted yet (see the module's docstring).
+    "CREATE TABLE bridge_kit_done (id INTEGER PRIMARY KEY)",
+)
+# -- end of version 5 (the inbox branch) ----------------------------------------------
+
+#: An inbox item (``i``) not handled yet: every statement reading items checks it.
+NOT_DONE = "NOT EXISTS (SELECT 1 FROM bridge_kit_done d WHERE d.id = i.id)"
+
+#: Adds a lane's row if it has none: run it for every lane that gets items.
+ADD_LANE = "INSERT INTO bridge_kit_lanes (lane) VALUES (?) ON CONFLICT (lane) DO NOTHING"
+
 _INSERT_ITEM = (
     "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at) VALUES (?, ?, ?, ?)"
 )
@@ -70,31 +112,34 @@ _INSERT_LETTER = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-# The oldest item of every lane, found by one index descent per lane (a skip scan)
-# rather than by reading the whole inbox; the ready ones that nobody else holds a
-# live lease on, oldest first.
-_CLAIMABLE = """
-WITH RECURSIVE lanes(lane) AS (
-    SELECT (SELECT lane FROM bridge_kit_inbox ORDER BY lane LIMIT 1)
-    UNION ALL
-    SELECT (SELECT i.lane FROM bridge_kit_inbox i WHERE i.lane > lanes.lane
-            ORDER BY i.lane LIMIT 1)
-    FROM lanes WHERE lanes.lane IS NOT NULL
-)
-SELECT head.lane FROM lanes
-JOIN bridge_kit_inbox head ON head.id = (
-    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = lanes.lane ORDER BY i.id LIMIT 1)
-LEFT JOIN bridge_kit_lanes lease ON lease.lane = head.lane
-WHERE head.not_before <= :now
-  AND (lease.lane IS NULL OR lease.owner = :owner OR lease.lease_until <= :now)
+# The ready lanes (by the index on the later of lease and wait; and this owner's own,
+# by the owner index), each with its head item, oldest head first. The head's own
+# not_before is checked too: only the head is what the worker looks at. A lane with
+# no items (its process died before releasing it) comes first: its worker finds
+# nothing and releases it, which removes its row.
+CLAIMABLE = f"""
+SELECT ready.lane FROM (
+    SELECT lane FROM bridge_kit_lanes WHERE max(lease_until, not_before) <= :now
+    UNION
+    SELECT lane FROM bridge_kit_lanes WHERE owner = :owner AND not_before <= :now
+) ready
+LEFT JOIN bridge_kit_inbox head ON head.id = (
+    SELECT i.id FROM bridge_kit_inbox i WHERE i.lane = ready.lane AND {NOT_DONE}
+    ORDER BY i.id LIMIT 1)
+WHERE head.id IS NULL OR head.not_before <= :now
 ORDER BY head.id
 LIMIT :limit
-"""
+"""  # noqa: S608 (constants only)
 
-_TAKE_LEASE = (
-    "INSERT INTO bridge_kit_lanes (lane, owner, lease_until) VALUES (?, ?, ?)"
-    " ON CONFLICT (lane) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until"
-)
+# The lane of an item waits as long as its head does.
+_LANE_WAITS_FOR_HEAD = f"""
+UPDATE bridge_kit_lanes SET not_before = (
+    SELECT i.not_before FROM bridge_kit_inbox i WHERE i.lane = bridge_kit_lanes.lane
+    AND {NOT_DONE} ORDER BY i.id LIMIT 1)
+WHERE lane = (SELECT lane FROM bridge_kit_inbox WHERE id = ?)
+"""  # noqa: S608 (constants only)
+
+_TAKE_LEASE = "UPDATE bridge_kit_lanes SET owner = ?, lease_until = ? WHERE lane = ?"
 
 
 def _chunks(values: Sequence[object]) -> Iterator[Sequence[object]]:
@@ -116,7 +161,9 @@ async def append(
     key counts replace the older ones of their device still waiting."""
     if items:
         await sqlite_retention.supersede(conn, items)
-        await conn.executemany(_INSERT_ITEM, _item_rows(items, now))
+        rows = _item_rows(items, now)
+        await conn.executemany(_INSERT_ITEM, rows)
+        await conn.executemany(ADD_LANE, _lanes_of(rows))
     if rejected:
         await conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
 
@@ -130,9 +177,16 @@ def append_now(
     """:func:`append` on a plain connection, on the calling thread."""
     if items:
         sqlite_retention.supersede_now(conn, items)
-        conn.executemany(_INSERT_ITEM, _item_rows(items, now))
+        rows = _item_rows(items, now)
+        conn.executemany(_INSERT_ITEM, rows)
+        conn.executemany(ADD_LANE, _lanes_of(rows))
     if rejected:
         conn.executemany(_INSERT_LETTER, _letter_rows(rejected, now))
+
+
+def _lanes_of(rows: list[tuple[object, ...]]) -> list[tuple[object]]:
+    """Each lane of these item rows once, in a fixed order."""
+    return [(lane,) for lane in sorted({str(row[0]) for row in rows})]
 
 
 def _item_rows(items: Sequence[NewInboxItem], now: float) -> list[tuple[object, ...]]:
@@ -176,7 +230,7 @@ async def claim(
     """Lease the oldest claimable lanes to ``owner`` (in the caller's transaction)."""
     lanes = await claimable(conn, owner, limit, exclude, now)
     owner = clean_text(owner)
-    await conn.executemany(_TAKE_LEASE, [(lane, owner, until) for lane in lanes])
+    await conn.executemany(_TAKE_LEASE, [(owner, until, lane) for lane in lanes])
     return lanes
 
 
@@ -193,7 +247,7 @@ async def claimable(
     # Each lane comes once, so reading len(exclude) more rows leaves ``limit`` after
     # the excluded ones are dropped here (SQLite has no array parameter to do it in SQL).
     parameters = {"now": now, "owner": clean_text(owner), "limit": limit + len(exclude)}
-    rows = await conn.execute_fetchall(_CLAIMABLE, parameters)
+    rows = await conn.execute_fetchall(CLAIMABLE, parameters)
     return [lane for (lane,) in rows if lane not in exclude][:limit]
 
 
@@ -218,24 +272,57 @@ async def renew(
 
 
 async def release(conn: aiosqlite.Connection, owner: str, lane: str) -> None:
-    # Deleting rather than clearing the owner: claim writes the row again when needed.
+    """Give up ``owner``'s lease on ``lane``; an empty lane's row goes (in the caller's
+    transaction: under SQLite's one writer, no item can arrive between the two)."""
+    parameters = (clean_text(lane), clean_text(owner))
     await conn.execute(
-        "DELETE FROM bridge_kit_lanes WHERE lane = ? AND owner = ?",
-        (clean_text(lane), clean_text(owner)),
+        "DELETE FROM bridge_kit_lanes WHERE lane = ?1 AND owner = ?2"  # noqa: S608 (constants)
+        f" AND NOT EXISTS (SELECT 1 FROM bridge_kit_inbox i WHERE i.lane = ?1 AND {NOT_DONE})",
+        parameters,
     )
+    await conn.execute(
+        "UPDATE bridge_kit_lanes SET owner = NULL, lease_until = 0 WHERE lane = ?1 AND owner = ?2",
+        parameters,
+    )
+
+
+async def forget_leases(conn: aiosqlite.Connection) -> None:
+    """No process holds a lease (the daemon's lock says so): clear them all, and drop
+    the rows of lanes left empty by a process that died before it released them."""
+    await conn.execute("UPDATE bridge_kit_lanes SET owner = NULL, lease_until = 0")
+    await purge_done(conn)
+    await conn.execute(
+        "DELETE FROM bridge_kit_lanes"
+        " WHERE NOT EXISTS (SELECT 1 FROM bridge_kit_inbox i WHERE i.lane = bridge_kit_lanes.lane)"
+    )
+
+
+async def purge_done(conn: aiosqlite.Connection) -> None:
+    """Delete the handled items (in the caller's transaction)."""
+    await conn.execute("DELETE FROM bridge_kit_inbox WHERE id IN (SELECT id FROM bridge_kit_done)")
+    await conn.execute("DELETE FROM bridge_kit_done")
+
+
+_LANE_ITEMS = (
+    f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox i"  # noqa: S608 (constants)
+    f" WHERE lane = ? AND {NOT_DONE} ORDER BY id LIMIT ?"
+)
 
 
 async def lane_items(conn: aiosqlite.Connection, lane: str, limit: int) -> list[InboxItem]:
-    rows = await conn.execute_fetchall(
-        f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
-        " WHERE lane = ? ORDER BY id LIMIT ?",
-        (clean_text(lane), limit),
-    )
+    rows = await conn.execute_fetchall(_LANE_ITEMS, (clean_text(lane), limit))
+    return [item_from_row(row) for row in rows]
+
+
+def lane_items_now(conn: sqlite3.Connection, lane: str, limit: int) -> list[InboxItem]:
+    """:func:`lane_items` on a plain connection (fetchall: no read transaction left open)."""
+    rows = conn.execute(_LANE_ITEMS, (clean_text(lane), limit)).fetchall()
     return [item_from_row(row) for row in rows]
 
 
 async def complete(conn: aiosqlite.Connection, item_id: int) -> None:
     await conn.execute("DELETE FROM bridge_kit_inbox WHERE id = ?", (item_id,))
+    await conn.execute("DELETE FROM bridge_kit_done WHERE id = ?", (item_id,))
 
 
 async def complete_many(conn: aiosqlite.Connection, item_ids: Collection[int]) -> None:
@@ -248,6 +335,21 @@ async def complete_many(conn: aiosqlite.Connection, item_ids: Collection[int]) -
         )
 
 
+def complete_now(conn: sqlite3.Connection, item_ids: Collection[int]) -> int:
+    """Mark these items handled, on a plain connection (up to MAX_VARIABLES of them in
+    one statement, which commits on its own; more only in the caller's transaction):
+    :func:`purge_done` deletes them later. Ids no longer in the inbox are skipped, so
+    that no id is marked before its item exists. How many were marked."""
+    marked = 0
+    for chunk in _chunks(sorted(set(item_ids))):
+        marked += conn.execute(
+            "INSERT OR IGNORE INTO bridge_kit_done (id)"  # noqa: S608 (only "?" marks)
+            f" SELECT id FROM bridge_kit_inbox WHERE id IN ({_marks(chunk)})",
+            chunk,
+        ).rowcount
+    return marked
+
+
 async def fail(
     conn: aiosqlite.Connection,
     item_id: int,
@@ -256,11 +358,15 @@ async def fail(
     now: float,
     count_attempt: bool = True,
 ) -> None:
+    """Record a failed or deferred attempt (in the caller's transaction): the item and
+    its lane wait until ``not_before``."""
     await conn.execute(
-        "UPDATE bridge_kit_inbox SET attempts = attempts + ?, done_handlers = ?,"
-        " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?) WHERE id = ?",
+        "UPDATE bridge_kit_inbox AS i SET attempts = attempts + ?, done_handlers = ?,"  # noqa: S608
+        " not_before = ?, first_failed_at = COALESCE(first_failed_at, ?)"
+        f" WHERE id = ? AND {NOT_DONE}",
         (int(count_attempt), encode_handlers(done_handlers), not_before, now, item_id),
     )
+    await conn.execute(_LANE_WAITS_FOR_HEAD, (item_id,))
 
 
 async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> None:
@@ -270,11 +376,11 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
     ran out may bury an item another worker already completed or buried.
     """
     await conn.execute(
-        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"
+        "INSERT INTO bridge_kit_dead_letters (lane, kind, event_json, error, handler, attempts,"  # noqa: S608
         " event_id, event_type, last_failed_at, done_handlers, first_failed_at, received_at)"
         # The item's own first failure stands in for a letter that names none.
         " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?), received_at"
-        " FROM bridge_kit_inbox WHERE id = ?",
+        f" FROM bridge_kit_inbox i WHERE id = ? AND {NOT_DONE}",
         (
             *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
             *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
@@ -311,6 +417,12 @@ async def replay(
     moved = 0
     for where, parameters in _letter_filters(ids):
         await conn.execute(
+            "INSERT INTO bridge_kit_lanes (lane)"  # noqa: S608 (only "?" marks in ``where``)
+            f" SELECT DISTINCT lane FROM bridge_kit_dead_letters {where}"
+            " ORDER BY lane ON CONFLICT (lane) DO NOTHING",
+            parameters,
+        )
+        await conn.execute(
             # Only "?" marks in ``where``.
             "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, done_handlers)"  # noqa: S608
             " SELECT lane, kind, event_json, COALESCE(received_at, ?),"
@@ -342,8 +454,9 @@ async def _delete_letters(
 async def stats(conn: aiosqlite.Connection) -> InboxStats:
     rows = list(
         await conn.execute_fetchall(
-            "SELECT COUNT(*), MIN(received_at),"
-            " (SELECT COUNT(*) FROM bridge_kit_dead_letters) FROM bridge_kit_inbox"
+            "SELECT COUNT(*), MIN(received_at),"  # noqa: S608 (constants)
+            " (SELECT COUNT(*) FROM bridge_kit_dead_letters)"
+            f" FROM bridge_kit_inbox i WHERE {NOT_DONE}"
         )
     )
     depth, oldest, letters = rows[0]

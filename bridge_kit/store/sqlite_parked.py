@@ -77,6 +77,12 @@ async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bo
 async def unpark(conn: aiosqlite.Connection, key: str) -> int:
     """Move the items parked under ``key`` back into their lanes (in the caller's transaction)."""
     key = clean_text(key)
+    # Every lane with items has its row in bridge_kit_lanes, or it is never claimed.
+    await conn.execute(
+        "INSERT INTO bridge_kit_lanes (lane) SELECT DISTINCT lane FROM bridge_kit_parked"
+        " WHERE park_key = ? ORDER BY lane ON CONFLICT (lane) DO NOTHING",
+        (key,),
+    )
     await conn.execute(
         "INSERT INTO bridge_kit_inbox (lane, kind, event_json, received_at, attempts,"
         " done_handlers, first_failed_at)"
