@@ -18,8 +18,8 @@ import pytest
 
 from bridge_kit.client import HomeserverClient
 from tests.conftest import TestHomeserver, _running_homeserver
-from tests.daemons import room_events
-from tests.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults
+from tests.helpers.daemons import room_events
+from tests.helpers.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults
 from tests.test_register_cli import (
     ROOT,
     SERVER,

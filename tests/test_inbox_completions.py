@@ -39,7 +39,7 @@ from tests.test_inbox import (
 )
 from tests.test_store import backend_url, emptied
 
-CRASHER = Path(__file__).parent / "inbox_crasher.py"
+CRASHER = Path(__file__).parent / "helpers" / "inbox_crasher.py"
 ROOT = Path(__file__).resolve().parent.parent
 #: Batches only as lane_items reads them: no cap by count or time gets in the way.
 BY_READ = attrs.evolve(SETTINGS, completion_batch=1_000, completion_delay=60.0)

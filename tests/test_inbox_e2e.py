@@ -1,6 +1,6 @@
 """The durable inbox end to end: a real Synapse pushes, bridges handle, processes die.
 
-In-process tests use an ``AppService``; the crash tests run ``tests/inbox_bridge.py``
+In-process tests use an ``AppService``; the crash tests run ``tests/helpers/inbox_bridge.py``
 as a subprocess and SIGKILL it. The last test runs two daemons on one
 PostgreSQL store behind a round-robin proxy and kills one of them.
 """
@@ -41,10 +41,10 @@ from bridge_kit.client import quote_segment
 from bridge_kit.server import serve_app
 from bridge_kit.store import open_store
 from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
-from tests.daemons import join_puppet, real_user
+from tests.helpers.daemons import join_puppet, real_user
 
 TIMEOUT = 90.0
-BRIDGE = Path(__file__).parent / "inbox_bridge.py"
+BRIDGE = Path(__file__).parent / "helpers" / "inbox_bridge.py"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -263,7 +263,7 @@ def bridge_config(hs: TestHomeserver, path: Path, store: str, port: int, **extra
 
 
 class Bridge:
-    """``tests/inbox_bridge.py`` as a subprocess."""
+    """``tests/helpers/inbox_bridge.py`` as a subprocess."""
 
     def __init__(self, config: Path, record: Path, **env: str) -> None:
         self.config = config

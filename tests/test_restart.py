@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TestHomeserver, _running_homeserver
-from tests.daemons import Daemon, join_puppet, real_user, write_config
+from tests.helpers.daemons import Daemon, join_puppet, real_user, write_config
 
 CYCLES = 10
 SEED = 13
