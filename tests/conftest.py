@@ -61,9 +61,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
         if _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(module))
-    # Under --dist loadgroup the groups are the long units of work: handed out first,
-    # they run beside the short tests instead of after them.
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+    # Under --dist loadgroup the groups and the slow tests are the long units of work:
+    # handed out first, they run beside the short tests instead of after them.
+    items.sort(key=_long_first)
+
+
+def _long_first(item: pytest.Item) -> tuple[bool, bool]:
+    return (
+        item.get_closest_marker("xdist_group") is None,
+        item.get_closest_marker("slow") is None,
+    )
 
 
 def _uses_a_module_fixture(item: pytest.Item) -> bool:

@@ -104,6 +104,7 @@ class Handled:
         self.order.append(body)
 
 
+@pytest.mark.slow
 async def test_a_poison_event_is_set_aside_and_neither_its_room_nor_others_stall(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
@@ -152,6 +153,7 @@ async def test_a_poison_event_is_set_aside_and_neither_its_room_nor_others_stall
     assert handled.order.count(f"poison {unique}") == 1
 
 
+@pytest.mark.slow
 async def test_a_slow_handler_in_one_room_does_not_delay_another(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
@@ -328,6 +330,7 @@ def first_occurrences(rows: list[tuple[str, str, str, str]]) -> Iterator[str]:
             yield body
 
 
+@pytest.mark.slow
 async def test_sigkill_with_events_in_the_inbox_loses_none_and_repeats_one_batch_at_most(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
@@ -511,11 +514,12 @@ async def round_robin_proxy(port: int, upstreams: list[int]) -> AsyncIterator[Co
             await runner.cleanup()
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 async def test_two_daemons_on_postgres_share_the_work_and_survive_losing_one(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
-    rooms_count, per_room = 10, 50
+    rooms_count, per_room = 10, 20
     record = tmp_path / "record.tsv"
     puppet = f"_bk_pair{unique}"
     ports = [free_port(), free_port()]

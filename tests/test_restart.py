@@ -39,6 +39,7 @@ def pauses() -> list[float]:
     return chosen
 
 
+@pytest.mark.slow
 async def test_ten_quick_restarts_all_come_back(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:

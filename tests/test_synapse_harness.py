@@ -55,6 +55,7 @@ def test_a_dsn_without_a_postgres_database_is_refused(dsn: str) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 async def test_synapse_runs_on_postgresql(tmp_path: Path) -> None:
     import asyncpg
 
