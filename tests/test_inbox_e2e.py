@@ -341,7 +341,9 @@ async def test_sigkill_with_events_in_the_inbox_loses_none_and_repeats_one_batch
     store = f"sqlite:///{tmp_path / 'bk.db'}"
     config = bridge_config(homeserver, tmp_path / "config.yaml", store, homeserver.appservice_port)
     record = tmp_path / "record.tsv"
-    bridge = Bridge(config, record, BK_TEST_DELAY="0.05", BK_TEST_NAME="first")
+    # Handling (0.25 s an event) slower than sending, however busy the machine: when
+    # the sends are done, events still wait in the inbox for the kill to strike.
+    bridge = Bridge(config, record, BK_TEST_DELAY="0.25", BK_TEST_NAME="first")
     bodies = [f"k{i:03d} {unique}" for i in range(200)]
     client, alice = await real_user(homeserver, f"kill{unique}")
     async with client:
