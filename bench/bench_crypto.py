@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bridge_kit.crypto import CryptoMachine, canonical_json, derive_pickle_key  # noqa: E402
 from bridge_kit.store import Store, open_store  # noqa: E402
-from tests.crypto_peers import OlmPeer  # noqa: E402
+from tests.helpers.crypto_peers import OlmPeer  # noqa: E402
 
 BOT, DEVICE, ROOM = "@bot:bench", "BENCH", "!room:bench"
 

@@ -3,17 +3,27 @@
 Synapse is an optional dependency (the ``demo`` and ``test`` extras). It reads
 appservice registrations only at start-up, so they are passed to the
 constructor.
+
+On Linux a started Synapse dies with the thread that started it (the kernel's
+parent-death signal), so a test run or demo that is killed leaves no Synapse
+behind. Synapse's ``--generate-config`` runs once per process and server name;
+later servers reuse its output with fresh secrets (it takes a second of CPU).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import hmac
 import importlib.util
+import os
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +38,26 @@ from bridge_kit.errors import SynapseError
 
 _GENEROUS = {"per_second": 10_000, "burst_count": 10_000}
 _START_TIMEOUT = 90.0
+
+#: Runs Synapse in the child after asking Linux to SIGKILL it when its parent (the
+#: thread that started it) exits; the parent's pid comes first in argv, so a parent
+#: that died before the request took effect is noticed.
+_LAUNCHER = """
+import ctypes, os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform == "linux":
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        sys.exit("the process that started Synapse is gone")
+runpy.run_module("synapse.app.homeserver", run_name="__main__", alter_sys=True)
+"""
+
+#: The secrets in a generated homeserver.yaml, made anew for each server that reuses it.
+_SECRET_KEYS = ("registration_shared_secret", "macaroon_secret_key", "form_secret")
+
+#: server name -> (the directory --generate-config wrote into, its homeserver.yaml)
+_generated: dict[str, tuple[Path, dict[str, Any]]] = {}
 
 
 def free_port() -> int:
@@ -118,8 +148,9 @@ class SynapseServer:
         self._stderr = open(self.workdir / "stderr.log", "wb")  # noqa: SIM115, ASYNC230
         self._process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "synapse.app.homeserver",
+            "-c",
+            _LAUNCHER,
+            str(os.getpid()),
             "-c",
             str(config_path),
             cwd=self.workdir,
@@ -149,29 +180,12 @@ class SynapseServer:
 
     async def _write_config(self) -> Path:
         config_path = self.workdir / "homeserver.yaml"
-        generate = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "synapse.app.homeserver",
-            "--server-name",
-            self.server_name,
-            "--config-path",
-            str(config_path),
-            "--data-directory",
-            str(self.workdir),
-            "--generate-config",
-            "--report-stats=no",
-            cwd=self.workdir,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await generate.communicate()
-        if generate.returncode != 0:
-            raise SynapseError(
-                "could not generate a Synapse config (is matrix-synapse installed? "
-                f"pip install 'bridge-kit[demo]'): {err.decode(errors='replace').strip()[-500:]}"
-            )
-        config = yaml.safe_load(config_path.read_text())
+        template_dir, template = await _generated_config(self.server_name)
+        config = _moved(template, str(template_dir), str(self.workdir))
+        signing_key = f"{self.server_name}.signing.key"
+        (self.workdir / signing_key).write_bytes((template_dir / signing_key).read_bytes())
+        for key in _SECRET_KEYS:
+            config[key] = secrets.token_urlsafe(32)
         self._shared_secret = config["registration_shared_secret"]
         config.update(self._overrides())
         config.update(self.extra_config)
@@ -312,6 +326,54 @@ class SynapseServer:
                 raise SynapseError(f"admin user list failed: {resp.status} {data}")
             total: int = data["total"]
             return total
+
+
+async def _generated_config(server_name: str) -> tuple[Path, dict[str, Any]]:
+    """Synapse's own generated configuration for ``server_name``, made once per process."""
+    if server_name not in _generated:
+        directory = Path(tempfile.mkdtemp(prefix="bk-synapse-config-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        _generated[server_name] = (directory, await _generate_config(server_name, directory))
+    return _generated[server_name]
+
+
+async def _generate_config(server_name: str, directory: Path) -> dict[str, Any]:
+    config_path = directory / "homeserver.yaml"
+    generate = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "synapse.app.homeserver",
+        "--server-name",
+        server_name,
+        "--config-path",
+        str(config_path),
+        "--data-directory",
+        str(directory),
+        "--generate-config",
+        "--report-stats=no",
+        cwd=directory,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await generate.communicate()
+    if generate.returncode != 0:
+        raise SynapseError(
+            "could not generate a Synapse config (is matrix-synapse installed? "
+            f"pip install 'bridge-kit[demo]'): {err.decode(errors='replace').strip()[-500:]}"
+        )
+    config: dict[str, Any] = yaml.safe_load(config_path.read_text())
+    return config
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` (a parsed YAML tree) with every path under ``old`` put under ``new``."""
+    if isinstance(value, dict):
+        return {key: _moved(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_moved(item, old, new) for item in value]
+    if isinstance(value, str) and value.startswith(old + os.sep):
+        return new + value[len(old) :]
+    return value
 
 
 def synapse_installed() -> bool:

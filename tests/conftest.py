@@ -50,7 +50,8 @@ _SYNAPSE_MODULES = frozenset({"test_appservice_e2e", "test_cli_online", "test_ex
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that starts Synapse or PostgreSQL, so ``-m "not synapse"`` is quick."""
+    """Mark every test that starts Synapse or PostgreSQL, so ``-m "not synapse"`` is quick,
+    and keep each module with a module-wide fixture on one xdist worker."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
@@ -58,6 +59,51 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.synapse)
         if "postgres_dsn" in fixtures:
             item.add_marker(pytest.mark.postgres)
+        if _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(module))
+    # Under --dist loadgroup the groups and the slow tests are the long units of work:
+    # handed out first, they run beside the short tests instead of after them.
+    items.sort(key=_long_first)
+
+
+def _long_first(item: pytest.Item) -> tuple[bool, bool]:
+    return (
+        item.get_closest_marker("xdist_group") is None,
+        item.get_closest_marker("slow") is None,
+    )
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test needs a fixture set up once per module (a private Synapse, a
+    listening app): spread over workers, each would set it up again and again."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        definition.scope in ("module", "package")
+        for definitions in info.name2fixturedefs.values()
+        for definition in definitions
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Escape lone surrogates in the captured output before a report is sent anywhere.
+
+    Tests feed the bridge strings from non-UTF-8 file names (lone surrogates), and
+    its logs repeat them; an xdist worker cannot send such text to the controller
+    (execnet encodes strictly) and dies. Escaped, the text still shows which
+    character it was.
+    """
+    report.sections = [(title, _printable(text)) for title, text in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if isinstance(report.longrepr, str) or _printable(text) != text:
+            report.longrepr = _printable(text)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def missing_service(reason: str) -> None:

@@ -18,8 +18,8 @@ import pytest
 
 from bridge_kit.client import HomeserverClient
 from tests.conftest import TestHomeserver, _running_homeserver
-from tests.daemons import room_events
-from tests.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults
+from tests.helpers.daemons import room_events
+from tests.helpers.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults
 from tests.test_register_cli import (
     ROOT,
     SERVER,
@@ -206,6 +206,7 @@ async def test_join_has_connections_for_both_stages_at_full_concurrency(
     assert (hs.peak_in_flight["join"], hs.peak_in_flight["register"]) == (64, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.synapse
 async def test_a_join_run_killed_mid_way_resumes_and_joins_nobody_twice(
     homeserver: TestHomeserver, tmp_path: Path, unique: str

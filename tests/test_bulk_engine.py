@@ -11,7 +11,7 @@ from bridge_kit.client import HomeserverClient
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.registration import Registration
 from bridge_kit.store import MemoryStore
-from tests.fault_homeserver import JOIN_PATH, Fault, FaultHomeserver
+from tests.helpers.fault_homeserver import JOIN_PATH, Fault, FaultHomeserver
 from tests.test_puppets import FAST, SERVER, TOKEN, fault_registration, names
 
 __all__ = ["fault_registration"]  # the fixture, used by name

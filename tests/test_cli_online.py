@@ -12,7 +12,7 @@ from aiohttp import web
 
 from bridge_kit.server import serve_app
 from tests.conftest import TestHomeserver
-from tests.daemons import Daemon, write_config
+from tests.helpers.daemons import Daemon, write_config
 
 
 async def bridge_kit(*args: str, cwd: Path) -> tuple[int, str, str]:

@@ -1,18 +1,18 @@
-"""``bridge-kit generate-registration`` and ``bridge-kit check``, run as real subprocesses."""
+"""``bridge-kit generate-registration`` and ``bridge-kit check``: run in this process
+(:func:`tests.helpers.cli.run_cli`), and once each as a real subprocess."""
 
 from __future__ import annotations
 
 import os
 import stat
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bridge_kit.registration import Registration
+from tests.helpers.cli import run_cli, run_cli_subprocess
 
 GENERATE = [
     "generate-registration",
@@ -27,15 +27,7 @@ GENERATE = [
 ]
 
 
-def bridge_kit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge_kit", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+bridge_kit = run_cli
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -261,8 +253,7 @@ def test_no_bad_file_gives_a_traceback(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "a_fifo")
     names += ["a_directory", "a_fifo"]
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda n: bridge_kit("check", "-r", n, cwd=tmp_path), names))
+    results = [bridge_kit("check", "-r", name, cwd=tmp_path) for name in names]
 
     for name, result in zip(names, results, strict=True):
         output = result.stdout + result.stderr
@@ -287,3 +278,20 @@ def test_unknown_subcommand_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
     assert_no_traceback(result)
+
+
+# -- as a real subprocess ------------------------------------------------------------------
+
+
+def test_generate_then_check_as_subprocesses(tmp_path: Path) -> None:
+    generated = run_cli_subprocess(*GENERATE, cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    assert Registration.load(tmp_path / "registration.yaml").id == "bk"
+    checked = run_cli_subprocess("check", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "registration.yaml" in checked.stdout + checked.stderr
+    (tmp_path / "bad.yaml").write_bytes(BAD_FILES["malformed"])
+    refused = run_cli_subprocess("check", "-r", "bad.yaml", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert_no_traceback(refused)
+    assert "bad.yaml: invalid" in refused.stdout + refused.stderr

@@ -28,7 +28,7 @@ from bridge_kit.errors import (
 )
 from bridge_kit.types import RegisterRequest
 from tests.conftest import TestHomeserver
-from tests.fault_homeserver import (
+from tests.helpers.fault_homeserver import (
     CREATE_ROOM_PATH,
     REGISTER_PATH,
     Fault,

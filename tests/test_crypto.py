@@ -27,7 +27,7 @@ from bridge_kit.crypto.signing import unpadded_b64decode
 from bridge_kit.crypto.vault import _hkdf_sha256
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent, WrongPickleKey
 from bridge_kit.store import Store, open_store
-from tests.crypto_peers import KeyDirectory, OlmPeer, megolm_content
+from tests.helpers.crypto_peers import KeyDirectory, OlmPeer, megolm_content
 
 BOT = "@bot:test.local"
 DEVICE = "BRIDGEDEV"

@@ -18,7 +18,7 @@ from bridge_kit.crypto import CryptoMachine, derive_pickle_key
 from bridge_kit.crypto.bridge import _IntentKeys
 from bridge_kit.intent import Intent
 from bridge_kit.store import open_store
-from tests.crypto_peers import KeyDirectory, OlmPeer
+from tests.helpers.crypto_peers import KeyDirectory, OlmPeer
 
 BOT = "@bot:test.local"
 DEVICE = "BRIDGEDEV"

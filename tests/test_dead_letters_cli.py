@@ -1,27 +1,28 @@
-"""``bridge-kit dead-letters``: list, replay and drop on the daemon's store, as a user runs it."""
+"""``bridge-kit dead-letters``: list, replay and drop on the daemon's store, as a user runs it
+(in this process, and once as a real subprocess)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bridge_kit.store import open_store
 from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem
+from tests.helpers.cli import run_cli, run_cli_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: No BRIDGE_KIT_* overrides from the environment the tests run in.
+ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+
+
 def bridge_kit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge_kit", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    return run_cli(*args, cwd=cwd, env=ENV)
 
 
 @pytest.fixture
@@ -106,3 +107,15 @@ def test_an_empty_store_says_so(config: Path, tmp_path: Path) -> None:
     listed = bridge_kit("dead-letters", "list", "-c", str(config), cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout == "no dead letters\n"
+
+
+def test_dead_letters_as_a_subprocess(config: Path, tmp_path: Path) -> None:
+    asyncio.run(bury(f"sqlite:///{tmp_path / 'bk.db'}", 2))
+    listed = run_cli_subprocess("dead-letters", "list", "-c", str(config), cwd=tmp_path, env=ENV)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == ["$e0", "$e1"]
+    unknown = run_cli_subprocess(
+        "dead-letters", "drop", "-c", str(config), "999", cwd=tmp_path, env=ENV
+    )
+    assert unknown.returncode == 1
+    assert "1 of the IDs given are not dead letters" in unknown.stderr

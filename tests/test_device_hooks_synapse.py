@@ -21,7 +21,7 @@ from bridge_kit import AppService, AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.client import quote_segment
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 from tests.conftest import SERVER_NAME, TestHomeserver
-from tests.daemons import real_user
+from tests.helpers.daemons import real_user
 
 TIMEOUT = 60.0
 T = TypeVar("T")

@@ -5,8 +5,6 @@ other registrations, and the daemon's config, through the API and ``bridge-kit c
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from bridge_kit.doctor import Located, daemon_findings, homeserver_findings, lis
 from bridge_kit.errors import ConfigError
 from bridge_kit.registration import Registration
 from bridge_kit.registration.regex import literal_prefix, literal_suffix, overlap, samples
+from tests.helpers.cli import run_cli
 
 
 def registration_data(name: str, prefix: str, **changes: Any) -> dict[str, Any]:
@@ -69,15 +68,7 @@ class Setup:
         )
 
 
-def bridge_kit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge_kit", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+bridge_kit = run_cli
 
 
 def messages(located: list[Located], severity: str = "error") -> list[str]:

@@ -19,8 +19,8 @@ import pytest
 from bridge_kit import AppService, HomeserverClient
 from bridge_kit.crypto import CryptoMachine
 from tests.conftest import TestHomeserver
-from tests.crypto_peers import OlmPeer, megolm_content
-from tests.e2ee_users import NioUser, nio_user
+from tests.helpers.crypto_peers import OlmPeer, megolm_content
+from tests.helpers.e2ee_users import NioUser, nio_user
 from tests.test_e2ee_synapse import (
     PING,
     PINGS,

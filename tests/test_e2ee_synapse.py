@@ -31,8 +31,8 @@ from bridge_kit.crypto.signing import unpadded_b64decode
 from bridge_kit.errors import ConfigError
 from bridge_kit.types import ToDeviceEvent
 from tests.conftest import TestHomeserver
-from tests.crypto_peers import OlmPeer, megolm_content
-from tests.e2ee_users import nio_user
+from tests.helpers.crypto_peers import OlmPeer, megolm_content
+from tests.helpers.e2ee_users import nio_user
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60.0

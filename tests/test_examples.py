@@ -10,7 +10,7 @@ from pathlib import Path
 from bridge_kit import HomeserverClient, Intent
 from bridge_kit.client import quote_segment
 from tests.conftest import SERVER_NAME, TestHomeserver
-from tests.daemons import ROOT, Daemon, real_user, room_events, wait_for_event, write_config
+from tests.helpers.daemons import ROOT, Daemon, real_user, room_events, wait_for_event, write_config
 
 ECHO_BRIDGE = ROOT / "examples" / "echo_bridge.py"
 HTML = "org.matrix.custom.html"

@@ -23,6 +23,7 @@ def generate(path: Path, *extra: str) -> None:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_synapse_loads_a_generated_registration_and_registers_with_its_token(
     tmp_path: Path,
 ) -> None:

@@ -40,7 +40,7 @@ from tests.test_inbox import (
 )
 from tests.test_store import backend_url, emptied
 
-CRASHER = Path(__file__).parent / "inbox_crasher.py"
+CRASHER = Path(__file__).parent / "helpers" / "inbox_crasher.py"
 ROOT = Path(__file__).resolve().parent.parent
 
 

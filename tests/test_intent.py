@@ -19,7 +19,7 @@ from bridge_kit.intent import Intent
 from bridge_kit.types.register import RegisterRequest
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, TextMessage
 from tests.conftest import TestHomeserver
-from tests.fault_homeserver import CREATE_ROOM_PATH, Fault, FaultHomeserver
+from tests.helpers.fault_homeserver import CREATE_ROOM_PATH, Fault, FaultHomeserver
 
 CLIENT = "/_matrix/client/v3"
 

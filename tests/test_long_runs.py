@@ -22,7 +22,7 @@ from bridge_kit.registration import generate_registration
 from bridge_kit.store import MemoryStore, SQLiteStore
 from bridge_kit.store.records import Acceptance, NewDeadLetter, NewInboxItem
 from bridge_kit.transactions import TransactionProcessor
-from tests.fault_homeserver import FaultHomeserver
+from tests.helpers.fault_homeserver import FaultHomeserver
 from tests.test_inbox import accept, message, route_to, running, until
 
 ROOT = Path(__file__).resolve().parent.parent

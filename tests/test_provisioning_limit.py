@@ -2,7 +2,7 @@
 
 The token bucket is tested with a fake clock (no sleeping); the limit itself
 through the real ``GET /_matrix/app/v1/users/{userId}`` route of a running
-``AppService``, against the fake homeserver of ``tests/fault_homeserver.py``.
+``AppService``, against the fake homeserver of ``tests/helpers/fault_homeserver.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig, Puppet
 from bridge_kit.errors import ConfigError
 from bridge_kit.ratelimit import TokenBucket
 from bridge_kit.registration import generate_registration
-from tests.fault_homeserver import FaultHomeserver
+from tests.helpers.fault_homeserver import FaultHomeserver
 
 
 class FakeClock:

@@ -34,7 +34,7 @@ from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.registration import Registration
 from bridge_kit.store import MemoryStore, PostgresStore, SQLiteStore, Store
 from tests.conftest import TestHomeserver
-from tests.fault_homeserver import (
+from tests.helpers.fault_homeserver import (
     REGISTER_PATH,
     WHOAMI_PATH,
     Fault,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bridge_kit import Config, generate_registration
 from tests.conftest import SERVER_NAME, TestHomeserver
-from tests.daemons import (
+from tests.helpers.daemons import (
     ROOT,
     TIMEOUT,
     Daemon,

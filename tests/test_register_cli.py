@@ -18,7 +18,7 @@ import yaml
 
 from bridge_kit.store import SQLiteStore
 from tests.conftest import TestHomeserver
-from tests.fault_homeserver import FaultHomeserver, Faults, NotHttpServer
+from tests.helpers.fault_homeserver import FaultHomeserver, Faults, NotHttpServer
 
 COMMAND = [sys.executable, "-m", "bridge_kit", "register"]
 SERVER = "test.local"

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from bridge_kit.registration import Registration, check_file, check_text, genera
 from bridge_kit.registration import files as registration_files
 from bridge_kit.registration.lint import EXAMPLE_TOKENS, token_placeholder
 from bridge_kit.registration.regex import nested_quantifier
+from tests.helpers.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN = "test.local"
@@ -45,15 +44,7 @@ def dump(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def bridge_kit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge_kit", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+bridge_kit = run_cli
 
 
 # -- defect 2: public and placeholder tokens ---------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TestHomeserver, _running_homeserver
-from tests.daemons import Daemon, join_puppet, real_user, write_config
+from tests.helpers.daemons import Daemon, join_puppet, real_user, write_config
 
 CYCLES = 10
 SEED = 13
@@ -39,6 +39,7 @@ def pauses() -> list[float]:
     return chosen
 
 
+@pytest.mark.slow
 async def test_ten_quick_restarts_all_come_back(
     homeserver: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:

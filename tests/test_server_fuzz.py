@@ -1,6 +1,6 @@
 """Property-based tests of the appservice API, served for real (``serve_app`` on 127.0.0.1).
 
-Hypothesis writes the requests byte by byte (:mod:`tests.raw_http`): every
+Hypothesis writes the requests byte by byte (:mod:`tests.helpers.raw_http`): every
 route and arbitrary paths, methods, queries, headers, tokens and bodies, with
 a memory and a SQLite store. Whatever arrives, the server must answer below
 500, with a JSON body carrying an ``errcode`` on every error, and log no
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from bridge_kit.metrics import Metrics
 from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import open_store
-from tests.raw_http import RawResponse, build_request, exchange
+from tests.helpers.raw_http import RawResponse, build_request, exchange
 
 HS_TOKEN = "hs-token-for-fuzzing_0123456789abcdef"
 MAX_BODY = 64 * 1024

@@ -24,7 +24,7 @@ from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.errors import ClientClosed, LimitExceeded, MatrixRequestError
 from bridge_kit.registration import generate_registration
 from bridge_kit.store import MemoryStore
-from tests.fault_homeserver import FaultHomeserver
+from tests.helpers.fault_homeserver import FaultHomeserver
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "shutdown-as-token"

@@ -20,7 +20,7 @@ import aiohttp
 
 from bridge_kit import AppService, AppServiceConfig, Config, Event, HomeserverConfig
 from tests.conftest import TestHomeserver
-from tests.daemons import join_puppet, real_user
+from tests.helpers.daemons import join_puppet, real_user
 from tests.test_server import metric
 
 TIMEOUT = 60.0

@@ -1,6 +1,6 @@
 """An inbox that dies: the crash test in test_inbox_completions runs this as a subprocess.
 
-    python tests/inbox_crasher.py STORE_URL RECORD_FILE CRASH_AT
+    python tests/helpers/inbox_crasher.py STORE_URL RECORD_FILE CRASH_AT
 
 It works through the store's inbox with the default settings and one handler,
 which appends each event's ``content.n`` to RECORD_FILE (one write a line) and,

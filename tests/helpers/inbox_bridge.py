@@ -1,6 +1,6 @@
 """A bridge the inbox tests run as a subprocess: it records every handler run to a file.
 
-    python tests/inbox_bridge.py CONFIG RECORD_FILE
+    python tests/helpers/inbox_bridge.py CONFIG RECORD_FILE
 
 Every ``m.room.message`` from a user outside the namespace is appended to
 RECORD_FILE as ``<process name> <room> <event id> <body>`` (one write, so lines

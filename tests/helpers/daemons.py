@@ -21,7 +21,7 @@ from bridge_kit.client import quote_segment
 from tests.conftest import SERVER_NAME, TestHomeserver
 
 TIMEOUT = 60.0
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 READY = "is ready as"
 
 

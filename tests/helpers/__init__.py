@@ -1,0 +1,1 @@
+"""Shared test helpers: fake and real peers, daemons, raw HTTP (not tests themselves)."""
