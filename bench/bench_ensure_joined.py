@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge_kit.client import HomeserverClient  # noqa: E402
+from bridge_kit.client.homeserver import HomeserverClient  # noqa: E402
 from bridge_kit.intent import Intent  # noqa: E402
-from bridge_kit.state import RoomState  # noqa: E402
+from bridge_kit.intent.room_state import RoomState  # noqa: E402
 from bridge_kit.store import MemoryStore, SQLiteStore, Store  # noqa: E402
 from bridge_kit.types.events import Event  # noqa: E402
 

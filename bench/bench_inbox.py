@@ -42,8 +42,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge_kit.inbox import Inbox, InboxSettings  # noqa: E402
-from bridge_kit.server import create_app, serve_app  # noqa: E402
+from bridge_kit.inbox.lanes import Inbox, InboxSettings  # noqa: E402
+from bridge_kit.server.appservice_api import create_app, serve_app  # noqa: E402
 from bridge_kit.store import open_store  # noqa: E402
 from bridge_kit.types import Event  # noqa: E402
 
@@ -184,7 +184,7 @@ def describe(name: str, latencies: list[float], rate: float) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    from bridge_kit._synapse import free_port
+    from bridge_kit.testing.synapse import free_port
 
     bodies = transactions(args.transactions, args.events, args.rooms)
     # Acking after handlers takes handler_seconds per event; two transactions show it.

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge_kit.store import PostgresStore, Store, open_store  # noqa: E402
-from bridge_kit.store.records import ItemKind, NewInboxItem  # noqa: E402
+from bridge_kit.inbox.records import ItemKind, NewInboxItem  # noqa: E402
 
 CHUNK = 5_000
 READY = 5

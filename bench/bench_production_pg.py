@@ -21,7 +21,7 @@ bare aiohttp loop sending the same requests in the same run:
 
 Synapse needs psycopg2 for PostgreSQL: ``pip install 'matrix-synapse[postgres]'``
 (and bridge_kit's ``postgres`` extra for asyncpg). Synapse's rate limits are
-raised (see bridge_kit._synapse), so the bench measures the work, not the limiter.
+raised (see bridge_kit.testing.synapse), so the bench measures the work, not the limiter.
 
     .venv/bin/python bench/bench_production_pg.py [--puppets 20000] [--joins 20000]
         [--rooms 200] [--rounds 4] [--concurrency 16] [--skip-memory] [--json FILE]
@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_register import localparts, plain_loop  # noqa: E402
 
-from bridge_kit._synapse import SynapseServer  # noqa: E402
-from bridge_kit.client import HomeserverClient  # noqa: E402
+from bridge_kit.testing.synapse import SynapseServer  # noqa: E402
+from bridge_kit.client.homeserver import HomeserverClient  # noqa: E402
 from bridge_kit.puppets import JoinResult, PuppetRegistrar  # noqa: E402
 from bridge_kit.registration import Registration, generate_registration  # noqa: E402
 from bridge_kit.store import open_store  # noqa: E402

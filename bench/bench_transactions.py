@@ -218,9 +218,9 @@ async def serve_mautrix(port: int, workdir: Path) -> None:
 
 
 async def serve_bridge(port: int, db: Path, *, handlers: bool) -> None:
-    from bridge_kit.inbox import Inbox
+    from bridge_kit.inbox.lanes import Inbox
     from bridge_kit.metrics import Metrics
-    from bridge_kit.server import create_app
+    from bridge_kit.server.appservice_api import create_app
     from bridge_kit.store import open_store
     from bridge_kit.types import Event
 

@@ -7,11 +7,11 @@ modules, each with its own ``__all__``:
 - :mod:`bridge_kit.types`: the wire models and the converter;
 - :mod:`bridge_kit.config`: the daemon configuration sections;
 - :mod:`bridge_kit.registration`: registration files (load, check, generate);
-- :mod:`bridge_kit.client`: the homeserver client;
+- :mod:`bridge_kit.client.homeserver`: the homeserver client;
 - :mod:`bridge_kit.store`: the stores;
 - :mod:`bridge_kit.puppets`: the puppet engine;
-- :mod:`bridge_kit.server`: the appservice HTTP API as an aiohttp application;
-- :mod:`bridge_kit.runner`: :func:`run_app`, signals and exit codes.
+- :mod:`bridge_kit.server.appservice_api`: the appservice HTTP API as an aiohttp application;
+- :mod:`bridge_kit.app.runner`: :func:`run_app`, signals and exit codes.
 - :mod:`bridge_kit.crypto`: end-to-end encryption (needs the ``e2ee`` extra).
 
 Every other module (``cli``, ``commands``, ``diagnose``, ``progress``,
@@ -20,8 +20,8 @@ Every other module (``cli``, ``commands``, ``diagnose``, ``progress``,
 
 from bridge_kit._preconf import configure_converter as _configure_converter
 from bridge_kit._preconf import make_converter
-from bridge_kit.appservice import AppService, AppState
-from bridge_kit.client import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
+from bridge_kit.app.service import AppService, AppState
+from bridge_kit.client.homeserver import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
 from bridge_kit.config import (
     AppServiceConfig,
     Config,
@@ -75,8 +75,8 @@ from bridge_kit.registration import (
     check_file,
     generate_registration,
 )
-from bridge_kit.runner import ExitCode, StopSignals, run_app
-from bridge_kit.server import ThirdPartyHandlers
+from bridge_kit.app.runner import ExitCode, StopSignals, run_app
+from bridge_kit.server.appservice_api import ThirdPartyHandlers
 from bridge_kit.store import Store, open_store, parse_store_url
 from bridge_kit.types import (
     Event,

@@ -2,6 +2,6 @@
 
 import sys
 
-from bridge_kit.cli import main
+from bridge_kit.cli.main import main
 
 sys.exit(main())

@@ -74,7 +74,7 @@ def json_text(data: Any) -> str:
 
 # NaN and Infinity are not JSON: the body is refused. A number too large for a float
 # (1e999) is JSON, and is read as infinity here; in a transaction, the event holding
-# it is then refused on its own, as a dead letter (see bridge_kit.transactions), so
+# it is then refused on its own, as a dead letter (see bridge_kit.inbox.transactions), so
 # one bad number does not make the homeserver resend everything behind it forever.
 _REQUEST_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
 

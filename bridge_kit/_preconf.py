@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import cattrs
 
-from bridge_kit import client
+from bridge_kit.client import homeserver as client
 from bridge_kit.registration import model as registration_model
 from bridge_kit.types import (
     device_events,

@@ -76,7 +76,7 @@ STOP_TIMEOUT: Final = 75.0
 #: Puppet intents kept in memory; a dropped one costs one store lookup when it comes back.
 INTENT_CACHE_SIZE: Final = 10_000
 
-#: The durable inbox (see bridge_kit.inbox): rooms handled at once, attempts per
+#: The durable inbox (see bridge_kit.inbox.lanes): rooms handled at once, attempts per
 #: event before it becomes a dead letter, the retry backoff (doubling, capped),
 #: the time a handler may run, a process's lease on a room, and how often it
 #: looks for work others left (replays, another daemon's accepted transactions).
@@ -98,7 +98,7 @@ PING_BACKOFF: Final = 1.0
 #: message usually arrives in the same or the next transaction.
 KEY_WAIT: Final = 10.0
 
-#: Retention (see bridge_kit.retention), run every RETENTION_INTERVAL seconds by the
+#: Retention (see bridge_kit.store.retention), run every RETENTION_INTERVAL seconds by the
 #: daemon: dead letters kept at most (the newest) and for how long after their last
 #: failure; how much of a dead letter's traceback is kept; how long Megolm replay
 #: records (one per decrypted message index) and sealed to-device payloads (kept so

@@ -208,9 +208,9 @@ class Park(BridgeKitError):
     its lane.
 
     The inbox moves the item out of its lane into the parked items (durably), and
-    the lane goes on with its later items at once. :meth:`bridge_kit.inbox.Inbox.unpark`
+    the lane goes on with its later items at once. :meth:`bridge_kit.inbox.lanes.Inbox.unpark`
     with the same ``key`` puts it back at the end of its lane (so it is handled
-    after later events of its room); :meth:`~bridge_kit.inbox.Inbox.give_up_parked`
+    after later events of its room); :meth:`~bridge_kit.inbox.lanes.Inbox.give_up_parked`
     makes it a dead letter. Once ``give_up_after`` seconds have passed since it was
     first not ready it becomes a dead letter with ``reason`` as its error.
 

@@ -20,8 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from bridge_kit.client import ClientObserver
-from bridge_kit.store.records import InboxStats
+from bridge_kit.client.homeserver import ClientObserver
+from bridge_kit.inbox.records import InboxStats
 
 _REGISTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TRANSACTION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from hypothesis import settings
 
-from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
+from bridge_kit.testing.synapse import SynapseServer, free_port, synapse_installed
 
 # No per-example deadline: these machines are shared and noisy, and a slow example is
 # not a wrong one (the speed of anything is measured in bench/, not here).

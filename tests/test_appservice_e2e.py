@@ -319,7 +319,7 @@ async def test_a_failing_preregistration_is_logged(
     broken = tmp_path / "puppets.txt"
     broken.write_bytes(b"_bk_fine\n\xff\xfe not utf-8\n")
     app = make_app(homeserver, tmp_path / "bk.db", PuppetsConfig(preregister=str(broken)))
-    with caplog.at_level(logging.ERROR, logger="bridge_kit.appservice"):
+    with caplog.at_level(logging.ERROR, logger="bridge_kit.app.service"):
         async with app:
             for _ in range(int(TIMEOUT * 10)):
                 if "pre-registration failed" in caplog.text:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client.homeserver import HomeserverClient
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.helpers.daemons import room_events
 from tests.helpers.fault_homeserver import WHOAMI_PATH, Fault, FaultHomeserver, Faults

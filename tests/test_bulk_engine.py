@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.registration import Registration
 from bridge_kit.store import MemoryStore

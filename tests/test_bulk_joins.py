@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bridge_kit import AppService
-from bridge_kit.client import REGISTER_ENDPOINT, ClientObserver
+from bridge_kit.client.homeserver import REGISTER_ENDPOINT, ClientObserver
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_intent_api import CLIENT, Human, q

@@ -86,7 +86,7 @@ async def test_check_of_a_registration_without_device_flags_says_they_are_off(
 async def test_check_reports_the_options_off_in_a_homeserver_config(
     synapse: TestHomeserver, tmp_path: Path
 ) -> None:
-    from bridge_kit.diagnose_devices import to_device_lines
+    from bridge_kit.checks.devices import to_device_lines
     from bridge_kit.registration import Registration
 
     config = tmp_path / "homeserver.yaml"

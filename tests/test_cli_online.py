@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from bridge_kit.server import serve_app
+from bridge_kit.server.appservice_api import serve_app
 from tests.conftest import TestHomeserver
 from tests.helpers.daemons import Daemon, write_config
 

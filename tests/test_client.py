@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge_kit.client import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
+from bridge_kit.client.homeserver import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
 from bridge_kit.errors import (
     ClientClosed,
     ConfigError,

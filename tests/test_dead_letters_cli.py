@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bridge_kit.store import open_store
-from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem
 from tests.helpers.cli import run_cli, run_cli_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bridge_kit.delivery import handling, next_txn_id, to_device_txn_id
+from bridge_kit.inbox.delivery import handling, next_txn_id, to_device_txn_id
 
 ROOM = "!room:test.local"
 

@@ -18,7 +18,7 @@ import attrs
 import pytest
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverConfig
-from bridge_kit.client import quote_segment
+from bridge_kit.client.homeserver import quote_segment
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 from tests.conftest import SERVER_NAME, TestHomeserver
 from tests.helpers.daemons import real_user

@@ -16,8 +16,8 @@ import pytest
 
 from bridge_kit import defaults
 from bridge_kit.errors import ErrorReply
-from bridge_kit.store.records import ItemKind
-from bridge_kit.transactions import split_transaction
+from bridge_kit.inbox.records import ItemKind
+from bridge_kit.inbox.transactions import split_transaction
 from tests.test_device_hooks import to_device
 from tests.test_inbox import message
 

@@ -21,10 +21,10 @@ from aiohttp import ClientSession, web
 from signedjson.key import decode_verify_key_base64, encode_verify_key_base64, generate_signing_key
 from signedjson.sign import sign_json, verify_signed_json
 
-from bridge_kit.client import HomeserverClient, RetryPolicy, quote_segment
+from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy, quote_segment
 from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, UnknownDevice, UserInUse
 from bridge_kit.intent import Intent
-from bridge_kit.state import RoomState
+from bridge_kit.intent.room_state import RoomState
 from bridge_kit.store import MemoryStore
 from bridge_kit.types.keys import DeviceKeys, OneTimeKey
 from bridge_kit.types.register import RegisterRequest

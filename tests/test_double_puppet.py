@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bridge_kit import ClientObserver, HomeserverClient
-from bridge_kit.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD
+from bridge_kit.intent.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD
 from bridge_kit.errors import DoublePuppetError
 from bridge_kit.store import open_store
 from tests.conftest import SERVER_NAME, TestHomeserver, missing_service
@@ -60,7 +60,7 @@ def double_puppet_registration(name: str, token: str, extra: dict[str, Any]) -> 
 async def homeserver(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[DoublePuppetHomeserver]:
-    from bridge_kit._synapse import synapse_installed
+    from bridge_kit.testing.synapse import synapse_installed
 
     if not synapse_installed():
         missing_service("matrix-synapse is not installed (pip install -e '.[test]')")

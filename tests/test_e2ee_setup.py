@@ -103,7 +103,7 @@ _WITHOUT_VODOZEMAC = textwrap.dedent(
     """
     import sys
     sys.modules["vodozemac"] = None  # as if the e2ee extra were not installed
-    import bridge_kit, bridge_kit.appservice, bridge_kit.config, bridge_kit.commands.check
+    import bridge_kit, bridge_kit.app.service, bridge_kit.config, bridge_kit.cli.check
     assert "bridge_kit.crypto" not in sys.modules, "imported without being asked for"
     try:
         import bridge_kit.crypto
@@ -173,7 +173,7 @@ class _App:
 
 
 async def test_an_app_refuses_to_start_encryption_without_the_flags() -> None:
-    from bridge_kit.e2ee import start_encryption
+    from bridge_kit.app.encryption import start_encryption
 
     off = _App(EncryptionConfig(), registration_data("ours", "_ours_"))
     assert await start_encryption(off.config.encryption, off) is None  # type: ignore[arg-type]
@@ -186,7 +186,7 @@ _ENABLED_WITHOUT_VODOZEMAC = textwrap.dedent(
     """
     import asyncio, sys
     sys.modules["vodozemac"] = None
-    from bridge_kit.e2ee import start_encryption
+    from bridge_kit.app.encryption import start_encryption
     from bridge_kit.errors import EncryptionUnavailable
     from tests.test_e2ee_setup import FLAGS, _App, registration_data
     from bridge_kit.config import EncryptionConfig
@@ -216,7 +216,7 @@ def test_check_names_the_extra_when_a_module_it_needs_is_missing(
     _setup(tmp_path, {"enabled": True}, **FLAGS)
     script = (
         f"import sys; sys.modules[{module!r}] = None\n"
-        "from bridge_kit.cli import main\n"
+        "from bridge_kit.cli.main import main\n"
         "sys.exit(main(['check', '-c', 'config.yaml']))\n"
     )
     result = subprocess.run(

@@ -24,7 +24,7 @@ from bridge_kit import (
     HomeserverClient,
     HomeserverConfig,
 )
-from bridge_kit.client import quote_segment
+from bridge_kit.client.homeserver import quote_segment
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto import RotationSettings
 from bridge_kit.crypto.signing import unpadded_b64decode
@@ -481,7 +481,7 @@ async def test_a_double_puppets_encrypted_message_is_read_back_not_dead_lettered
     """A double puppet (a real user acting through the bridge) sends with the bot's
     room key like the puppets; its message comes back in a transaction and must
     decrypt for the handlers, not become a dead letter ("another user")."""
-    from bridge_kit._synapse import synapse_installed
+    from bridge_kit.testing.synapse import synapse_installed
     from tests.conftest import missing_service
 
     if not synapse_installed():

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from bridge_kit import HomeserverClient, Intent
-from bridge_kit.client import quote_segment
+from bridge_kit.client.homeserver import quote_segment
 from tests.conftest import SERVER_NAME, TestHomeserver
 from tests.helpers.daemons import ROOT, Daemon, real_user, room_events, wait_for_event, write_config
 

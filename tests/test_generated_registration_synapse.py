@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from bridge_kit import RegisterRequest, Registration
-from bridge_kit._synapse import SynapseServer, free_port, synapse_installed
+from bridge_kit.testing.synapse import SynapseServer, free_port, synapse_installed
 from tests.conftest import missing_service
 
 

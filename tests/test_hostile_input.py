@@ -16,14 +16,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge_kit import defaults, transactions
-from bridge_kit.client import HomeserverClient, quote_segment
+from bridge_kit import defaults
+from bridge_kit.inbox import transactions
+from bridge_kit.client.homeserver import HomeserverClient, quote_segment
 from bridge_kit.errors import UnexpectedReply
 from bridge_kit.intent import Intent
-from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
+from bridge_kit.server.appservice_api import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore, Store
-from bridge_kit.store.records import InboxStats
-from bridge_kit.transactions import split_transaction
+from bridge_kit.inbox.records import InboxStats
+from bridge_kit.inbox.transactions import split_transaction
 
 HS_TOKEN = "hs-token-hostile"
 
@@ -71,7 +72,7 @@ async def test_a_token_that_is_not_utf8_is_refused_with_one_log_line(
     )
     assert status == b"HTTP/1.1 403 Forbidden"
     assert b'"M_FORBIDDEN"' in body
-    [record] = [r for r in caplog.records if r.name == "bridge_kit.server"]
+    [record] = [r for r in caplog.records if r.name == "bridge_kit.server.appservice_api"]
     assert record.levelno == logging.WARNING and record.exc_info is None
     assert "\n" not in record.getMessage()
     assert "refused GET /_matrix/app/v1/users/" in record.getMessage()
@@ -85,7 +86,7 @@ async def test_a_refusal_log_line_never_shows_the_token_or_breaks_the_line(
         api_port, b"GET /_matrix/app/v1/users/%0Afake%0Aline?access_token=guess HTTP/1.1\r\n"
     )
     assert status == b"HTTP/1.1 403 Forbidden"
-    [record] = [r for r in caplog.records if r.name == "bridge_kit.server"]
+    [record] = [r for r in caplog.records if r.name == "bridge_kit.server.appservice_api"]
     assert "\n" not in record.getMessage() and "guess" not in record.getMessage()
 
 
@@ -234,7 +235,7 @@ async def test_more_items_than_any_homeserver_sends_are_refused_at_once() -> Non
 async def test_every_invalid_item_up_to_the_limit_is_set_aside_and_logged_briefly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="bridge_kit.transactions")
+    caplog.set_level(logging.WARNING, logger="bridge_kit.inbox.transactions")
     count = defaults.MAX_TRANSACTION_ITEMS
     body = json.dumps({"events": [{"type": ["x"], "content": 5}] * count}).encode()
     async with MemoryStore() as store, api(store) as client:
@@ -246,7 +247,7 @@ async def test_every_invalid_item_up_to_the_limit_is_set_aside_and_logged_briefl
         assert (await store.inbox_stats()).dead_letters == count
     # About 0.2 s here; generous, for a busy machine.
     assert seconds < 3.0
-    lines = [r for r in caplog.records if r.name == "bridge_kit.transactions"]
+    lines = [r for r in caplog.records if r.name == "bridge_kit.inbox.transactions"]
     assert len(lines) == 21
     assert f"{count - 20} more invalid items" in lines[-1].getMessage()
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from bridge_kit import _json
 from bridge_kit._json import decode_item, decode_json, decode_request, item_text
-from bridge_kit.transactions import split_transaction
+from bridge_kit.inbox.transactions import split_transaction
 
 pytest.importorskip("orjson", reason="the fast path needs the 'fast' extra (orjson)")
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from bridge_kit.handlers import _logged
-from bridge_kit.inbox import handler_name
+from bridge_kit.inbox.handlers import _logged
+from bridge_kit.inbox.lanes import handler_name
 from bridge_kit.logs import LogLimiter
 from bridge_kit.store import MemoryStore
-from bridge_kit.transactions import TransactionProcessor
+from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.types import Event
 
 LOGGER = "tests.test_logs"
@@ -123,13 +123,13 @@ async def test_each_accepted_transaction_is_one_info_line(
 ) -> None:
     async with MemoryStore() as store:
         processor = TransactionProcessor(store)
-        with caplog.at_level(logging.INFO, logger="bridge_kit.transactions"):
+        with caplog.at_level(logging.INFO, logger="bridge_kit.inbox.transactions"):
             for txn in range(3):
                 await processor.process(str(txn), {"events": [message(txn), message(txn + 10)]})
             # Synapse's retry of transaction 1: the same events (a digest match)
             await processor.process("1", {"events": [message(1), message(11)]})
             await processor.process("9", {"events": [message(9), {"type": 1}]})
-    written = [r.getMessage() for r in caplog.records if r.name == "bridge_kit.transactions"]
+    written = [r.getMessage() for r in caplog.records if r.name == "bridge_kit.inbox.transactions"]
     accepted = [line for line in written if line.startswith("accepted transaction")]
     assert [line.split(" in ")[0] for line in accepted] == [
         "accepted transaction 0: 2 events",
@@ -146,15 +146,15 @@ async def test_a_flood_of_transactions_is_summarised(caplog: pytest.LogCaptureFi
         processor = TransactionProcessor(store)
         clock = Clock()
         processor.log = LogLimiter(
-            logging.getLogger("bridge_kit.transactions"), logging.INFO,
+            logging.getLogger("bridge_kit.inbox.transactions"), logging.INFO,
             what="transactions", burst=5, interval=10.0, clock=clock,
         )  # fmt: skip
-        with caplog.at_level(logging.INFO, logger="bridge_kit.transactions"):
+        with caplog.at_level(logging.INFO, logger="bridge_kit.inbox.transactions"):
             for txn in range(150):
                 await processor.process(str(txn), {"events": [message(txn)]})
             clock.now += 10
             processor.log.flush()
-    written = [r.getMessage() for r in caplog.records if r.name == "bridge_kit.transactions"]
+    written = [r.getMessage() for r in caplog.records if r.name == "bridge_kit.inbox.transactions"]
     assert len(written) == 6
     assert written[-1].startswith("... 145 more transactions in the last 10 s (events: 145)")
 

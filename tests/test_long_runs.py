@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from bridge_kit.client import HomeserverClient
-from bridge_kit.commands.report import ReportWriter
+from bridge_kit.client.homeserver import HomeserverClient
+from bridge_kit.cli.report import ReportWriter
 from bridge_kit.errors import StoreError, TransactionFailed
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.results import KEPT_PROBLEMS
 from bridge_kit.registration import generate_registration
 from bridge_kit.store import MemoryStore, SQLiteStore
-from bridge_kit.store.records import Acceptance, NewDeadLetter, NewInboxItem
-from bridge_kit.transactions import TransactionProcessor
+from bridge_kit.inbox.records import Acceptance, NewDeadLetter, NewInboxItem
+from bridge_kit.inbox.transactions import TransactionProcessor
 from tests.helpers.fault_homeserver import FaultHomeserver
 from tests.test_inbox import accept, message, route_to, running, until
 
@@ -163,8 +163,8 @@ async def test_an_inbox_store_failure_is_one_line_without_a_traceback(
         await accept(store, "t1", [message("a")])
         store.failing = True
         async with running(store, route_to()):
-            await until(lambda: any(r.name == "bridge_kit.inbox" for r in caplog.records))
-    records = [r for r in caplog.records if r.name == "bridge_kit.inbox"]
+            await until(lambda: any(r.name == "bridge_kit.inbox.lanes" for r in caplog.records))
+    records = [r for r in caplog.records if r.name == "bridge_kit.inbox.lanes"]
     assert records and all(r.exc_info is None for r in records)
     assert "connection lost" in records[0].getMessage()
     assert "\n" not in records[0].getMessage()
@@ -183,7 +183,7 @@ async def test_a_transaction_the_store_refuses_is_logged_as_a_store_failure(
         store.failing = True
         with pytest.raises(TransactionFailed):
             await TransactionProcessor(store).process("t9", {"events": [message("a")]})
-    [record] = [r for r in caplog.records if r.name == "bridge_kit.transactions"]
+    [record] = [r for r in caplog.records if r.name == "bridge_kit.inbox.transactions"]
     assert record.levelno == logging.ERROR
     assert "could not be stored" in record.getMessage()
     assert (record.exc_info is not None) is traceback

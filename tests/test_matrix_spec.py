@@ -22,7 +22,7 @@ import yaml
 import yarl
 
 from bridge_kit.registration import generate_registration
-from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
+from bridge_kit.server.appservice_api import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore, Store
 from tests.conftest import missing_service
 

@@ -1,4 +1,4 @@
-"""Parked inbox items (bridge_kit.parking) against real stores, no homeserver.
+"""Parked inbox items (bridge_kit.inbox.parking) against real stores, no homeserver.
 
 A preprocessor stands in for the decryptor: an event whose content names a
 ``wait`` key raises :class:`Park` until the test opens that key, as a room key
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from bridge_kit.errors import Park
-from bridge_kit.inbox import Inbox, InboxSettings
+from bridge_kit.inbox.lanes import Inbox, InboxSettings
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
-from bridge_kit.store.records import InboxItem, ItemKind, NewDeadLetter, Parking
+from bridge_kit.inbox.records import InboxItem, ItemKind, NewDeadLetter, Parking
 from bridge_kit.types import Event
 from tests.test_inbox import (
     APPSERVICE,

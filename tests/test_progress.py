@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bridge_kit.progress import ProgressReporter, Steps
+from bridge_kit.puppets.progress import ProgressReporter, Steps
 from tests.test_puppets import _snapshot
 
 CLEAR = "\x1b[K"

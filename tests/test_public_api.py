@@ -19,11 +19,11 @@ PUBLIC_MODULES = (
     "bridge_kit.types",
     "bridge_kit.config",
     "bridge_kit.registration",
-    "bridge_kit.client",
+    "bridge_kit.client.homeserver",
     "bridge_kit.store",
     "bridge_kit.puppets",
-    "bridge_kit.server",
-    "bridge_kit.runner",
+    "bridge_kit.server.appservice_api",
+    "bridge_kit.app.runner",
     "bridge_kit.crypto",
 )
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge_kit.client import HomeserverClient, RetryPolicy
+from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.errors import (
     Exclusive,
     InvalidLocalpart,
@@ -22,7 +22,7 @@ from bridge_kit.errors import (
     ResourceLimitExceeded,
     StoreError,
 )
-from bridge_kit.progress import ProgressReporter, format_summary
+from bridge_kit.puppets.progress import ProgressReporter, format_summary
 from bridge_kit.puppets import (
     BulkProgress,
     BulkResult,

@@ -19,10 +19,10 @@ import pytest
 
 from bridge_kit import defaults
 from bridge_kit.config import Config
-from bridge_kit.dead_letters import DeadLetters
+from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.errors import ConfigError
-from bridge_kit.inbox import HandlerRoute, Inbox, InboxSettings, handler_name
-from bridge_kit.retention import (
+from bridge_kit.inbox.lanes import HandlerRoute, Inbox, InboxSettings, handler_name
+from bridge_kit.store.retention import (
     REPLAY_RECORDS,
     SEALED_PAYLOADS,
     Retention,
@@ -31,9 +31,9 @@ from bridge_kit.retention import (
     prune_store,
 )
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store, sqlite_retention
-from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, clipped_error
+from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem, clipped_error
 from bridge_kit.store.sqlite_files import WAL_SIZE_LIMIT
-from bridge_kit.transactions import split_transaction
+from bridge_kit.inbox.transactions import split_transaction
 from bridge_kit.types import Event, OtkCounts
 from tests.test_store import backend_url, emptied, run_sql
 
@@ -467,7 +467,7 @@ def test_store_sync_takes_only_normal_or_full(tmp_path: Path) -> None:
 
 
 def test_retention_keys_reach_the_app_s_settings(tmp_path: Path) -> None:
-    from bridge_kit.appservice import retention_settings
+    from bridge_kit.app.service import retention_settings
 
     config = Config.loads(
         "homeserver: {url: 'http://127.0.0.1:9'}\n"

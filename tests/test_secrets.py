@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bridge_kit._yaml import load as yaml_load
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.config import Config
 from bridge_kit.errors import ConfigError, RegistrationError, StoreError
 from bridge_kit.registration import Registration, generate_registration

@@ -21,12 +21,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from bridge_kit.client import ClientObserver
+from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.errors import ListenError
 from bridge_kit.metrics import Metrics
-from bridge_kit.server import PROCESSOR_KEY, ThirdPartyHandlers, create_app, serve_app
+from bridge_kit.server.appservice_api import PROCESSOR_KEY, ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore, Store, open_store
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     Acceptance,
     InboxItem,
     InboxStats,
@@ -34,7 +34,7 @@ from bridge_kit.store.records import (
     NewDeadLetter,
     NewInboxItem,
 )
-from bridge_kit.transactions import TransactionProcessor
+from bridge_kit.inbox.transactions import TransactionProcessor
 
 HS_TOKEN = "hs-token-for-route-tests"
 AUTH = {"Authorization": f"Bearer {HS_TOKEN}"}

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge_kit.metrics import Metrics
-from bridge_kit.server import ThirdPartyHandlers, create_app, serve_app
+from bridge_kit.server.appservice_api import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import open_store
 from tests.helpers.raw_http import RawResponse, build_request, exchange
 

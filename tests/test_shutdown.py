@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from bridge_kit import AppService
-from bridge_kit._synapse import free_port
-from bridge_kit.client import HomeserverClient, RetryPolicy
+from bridge_kit.testing.synapse import free_port
+from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.errors import ClientClosed, LimitExceeded, MatrixRequestError
 from bridge_kit.registration import generate_registration

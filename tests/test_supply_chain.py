@@ -88,7 +88,7 @@ def test_the_installed_version_is_not_below_its_floor(name: str) -> None:
 
 def test_importing_bridge_kit_does_not_import_asyncpg() -> None:
     code = (
-        "import sys, bridge_kit, bridge_kit.cli, bridge_kit.store, bridge_kit.appservice\n"
+        "import sys, bridge_kit, bridge_kit.cli.main, bridge_kit.store, bridge_kit.app.service\n"
         "print('asyncpg' in sys.modules)"
     )
     result = subprocess.run(

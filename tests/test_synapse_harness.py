@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from bridge_kit._synapse import SynapseServer, postgres_database
+from bridge_kit.testing.synapse import SynapseServer, postgres_database
 from bridge_kit.registration import generate_registration
 from tests.conftest import TestHomeserver, scratch_database
 
@@ -108,7 +108,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from bridge_kit._synapse import SynapseServer
+from bridge_kit.testing.synapse import SynapseServer
 
 async def main() -> None:
     server = SynapseServer(Path(sys.argv[1]))

@@ -21,8 +21,8 @@ import pytest
 from bridge_kit import defaults
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
-from bridge_kit.store.records import Acceptance, ItemKind, NewInboxItem
-from bridge_kit.transactions import TransactionProcessor, body_digest
+from bridge_kit.inbox.records import Acceptance, ItemKind, NewInboxItem
+from bridge_kit.inbox.transactions import TransactionProcessor, body_digest
 from tests.test_server import (
     AUTH,
     V1,
@@ -226,7 +226,7 @@ async def test_reused_txn_ids_are_stored_and_logged_once(
     sqlite_store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = Metrics()
-    caplog.set_level(logging.WARNING, "bridge_kit.transactions")
+    caplog.set_level(logging.WARNING, "bridge_kit.inbox.transactions")
     async with serve_api(sqlite_store, metrics=metrics) as client:
         for n in range(1, 6):
             response = await client.put(f"{V1}/transactions/{n}", json=txn_body(n), headers=AUTH)
@@ -303,7 +303,7 @@ async def test_a_413_is_logged_once_counted_and_kept_for_health(
     sqlite_store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = Metrics()
-    caplog.set_level(logging.ERROR, "bridge_kit.transactions")
+    caplog.set_level(logging.ERROR, "bridge_kit.inbox.transactions")
     big = json.dumps({"events": [event(1)], "padding": "x" * 5000}).encode()
     async with serve_api(sqlite_store, metrics=metrics, max_body_bytes=1000) as client:
         for _ in range(3):  # the homeserver resends it

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bridge_kit import Event, HomeserverClient
-from bridge_kit.client import ClientObserver, quote_segment
+from bridge_kit.client.homeserver import ClientObserver, quote_segment
 from tests.conftest import TestHomeserver
 from tests.helpers.e2ee_users import nio_user
 from tests.test_e2ee_synapse import bridged_room, encrypted_app, eventually

@@ -10,7 +10,7 @@ own (Element: "encrypted by a device not verified by its owner"). Room keys from
 users reach the bot's device only when the bot is joined to the room: it must be
 a member of every encrypted room it bridges.
 
-An event whose room key has not arrived is *parked* (see :mod:`bridge_kit.parking`):
+An event whose room key has not arrived is *parked* (see :mod:`bridge_kit.inbox.parking`):
 its room's later events go on at once, and it is handled when the key comes
 (after those later events), or becomes a dead letter "no room key" after
 ``key_wait`` seconds. An ``m.room_key.withheld`` for its session (the sender's
@@ -45,15 +45,15 @@ from bridge_kit.crypto.vault import derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
 from bridge_kit.errors import NoRoomKey, NotReady, Park, UndecryptableEvent
 from bridge_kit.intent import devices
-from bridge_kit.store.records import InboxItem, ItemKind
+from bridge_kit.inbox.records import InboxItem, ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 
 if TYPE_CHECKING:
-    from bridge_kit.handlers import HandlerRegistry
-    from bridge_kit.inbox import Inbox
+    from bridge_kit.inbox.handlers import HandlerRegistry
+    from bridge_kit.inbox.lanes import Inbox
     from bridge_kit.intent import Intent
     from bridge_kit.registration import Registration
-    from bridge_kit.state import RoomState
+    from bridge_kit.intent.room_state import RoomState
     from bridge_kit.store import Store
 
 __all__ = ["BridgeEncryption", "EncryptionHost"]

@@ -17,7 +17,7 @@ from bridge_kit.crypto.olm import OlmPayload
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
-from bridge_kit.retention import REPLAY_RECORDS
+from bridge_kit.store.retention import REPLAY_RECORDS
 
 __all__ = [
     "DecryptedRoomEvent",
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 _INBOUND: Final = "megolm_inbound"
-_SEEN: Final = REPLAY_RECORDS  # pruned by age (bridge_kit.retention)
+_SEEN: Final = REPLAY_RECORDS  # pruned by age (bridge_kit.store.retention)
 _OUTBOUND: Final = "megolm_outbound"
 _RELATION: Final = "m.relates_to"
 #: Inbound sessions kept in memory (each a few hundred bytes of ratchet state).

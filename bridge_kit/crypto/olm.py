@@ -31,12 +31,12 @@ from bridge_kit.crypto.signing import (
 )
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import UndecryptableEvent
-from bridge_kit.retention import SEALED_PAYLOADS
+from bridge_kit.store.retention import SEALED_PAYLOADS
 
 __all__ = ["OlmPayload", "OlmSessions"]
 
 _KIND: Final = "olm_sessions"
-_DECRYPTED: Final = SEALED_PAYLOADS  # pruned by age (bridge_kit.retention)
+_DECRYPTED: Final = SEALED_PAYLOADS  # pruned by age (bridge_kit.store.retention)
 _PRE_KEY: Final = 0
 _NORMAL: Final = 1
 

@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.intent import convenience, devices, media, membership, messages, rooms
 from bridge_kit.intent._actor import OutgoingEncryption, device_query
 from bridge_kit.intent.media import MediaSource
@@ -53,7 +53,7 @@ from bridge_kit.types.state import (
 __all__ = ["Intent", "MediaSource"]
 
 if TYPE_CHECKING:
-    from bridge_kit.state import RoomState
+    from bridge_kit.intent.room_state import RoomState
 
 _CLIENT = "/_matrix/client/v3"
 
@@ -209,7 +209,7 @@ class Intent:
         ``content`` is a mapping or an attrs model (e.g. :class:`TextMessage`).
         Sending again with the same ``txn_id`` is deduplicated by the homeserver.
         By default it is derived from the inbox event being handled, so a handler
-        that runs again posts nothing twice (see :mod:`bridge_kit.delivery`);
+        that runs again posts nothing twice (see :mod:`bridge_kit.inbox.delivery`);
         outside a handler it is random. ``timestamp`` (ms since the epoch) sets
         ``origin_server_ts``, for bridging history.
         """

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from bridge_kit.client import HomeserverClient, quote_segment
+from bridge_kit.client.homeserver import HomeserverClient, quote_segment
 from bridge_kit.types.converter import converter
 
 CLIENT = "/_matrix/client/v3"

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bridge_kit.client import quote_segment
+from bridge_kit.client.homeserver import quote_segment
 from bridge_kit.errors import MatrixRequestError
 from bridge_kit.intent._actor import CLIENT
-from bridge_kit.state import RoomState, membership_event
+from bridge_kit.intent.room_state import RoomState, membership_event
 from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate
 from bridge_kit.types.state import Member
 

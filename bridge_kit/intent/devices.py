@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import cattrs
 
-from bridge_kit.client import quote_segment, structure_reply
-from bridge_kit.delivery import to_device_txn_id
+from bridge_kit.client.homeserver import quote_segment, structure_reply
+from bridge_kit.inbox.delivery import to_device_txn_id
 from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, WrongType
 from bridge_kit.intent._actor import CLIENT, content_json
 from bridge_kit.types.converter import converter, describe_error
@@ -235,7 +235,7 @@ async def send_to_device(
     )
     # Synapse deduplicates an appservice's txn IDs by path alone (facts §9), so the
     # derived ID names the sending user and device. It takes no number from the
-    # handler's room sends (see bridge_kit.delivery).
+    # handler's room sends (see bridge_kit.inbox.delivery).
     txn_id = txn_id or to_device_txn_id(intent.user_id, intent.device_id, event_type, body.messages)
     await intent._request(
         "PUT",

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge_kit.client import HomeserverClient, quote_segment, structure_reply
+from bridge_kit.client.homeserver import HomeserverClient, quote_segment, structure_reply
 from bridge_kit.errors import InvalidMxc, MediaTooLarge
 from bridge_kit.intent._actor import Actor, device_query
 from bridge_kit.types.converter import converter

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from bridge_kit.client import quote_segment, structure_reply
+from bridge_kit.client.homeserver import quote_segment, structure_reply
 from bridge_kit.intent import convenience
 from bridge_kit.intent._actor import CLIENT, room_path
 from bridge_kit.types.room import InviteRequest, JoinRoomResponse, MembershipRequest

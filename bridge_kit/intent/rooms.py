@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from bridge_kit.client import quote_segment, structure_reply
+from bridge_kit.client.homeserver import quote_segment, structure_reply
 from bridge_kit.errors import MatrixRequestError, UnexpectedReply, json_type
 from bridge_kit.intent._actor import CLIENT, Actor, content_json, device_query, room_path
 from bridge_kit.types.converter import converter, describe_error

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
-from bridge_kit.client import REGISTER_ENDPOINT, HomeserverClient
+from bridge_kit.client.homeserver import REGISTER_ENDPOINT, HomeserverClient
 from bridge_kit.errors import MatrixRequestError, RegistrationAborted, UnexpectedReply, UserInUse
 from bridge_kit.ids import localpart_problem
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet

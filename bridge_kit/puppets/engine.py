@@ -34,7 +34,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from itertools import islice
 from typing import Any, Final, Generic, Protocol, TypeVar
 
-from bridge_kit.client import ClientObserver, HomeserverClient
+from bridge_kit.client.homeserver import ClientObserver, HomeserverClient
 from bridge_kit.errors import HomeserverUnreachable, RegistrationAborted, UnknownToken
 from bridge_kit.puppets._concurrency import AimdLimiter
 from bridge_kit.puppets.results import diagnose_abort

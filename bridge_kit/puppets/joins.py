@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from bridge_kit.client import REGISTER_ENDPOINT, HomeserverClient, quote_segment
+from bridge_kit.client.homeserver import REGISTER_ENDPOINT, HomeserverClient, quote_segment
 from bridge_kit.errors import (
     MatrixRequestError,
     NotFound,
@@ -33,7 +33,7 @@ from bridge_kit.puppets.engine import BulkEngine, BulkJob, Dispatch, Stage
 from bridge_kit.puppets.results import ProblemCallback, describe_failure
 from bridge_kit.puppets.run_results import JoinResult, RunProgress
 from bridge_kit.registration import Registration
-from bridge_kit.state import membership_event
+from bridge_kit.intent.room_state import membership_event
 from bridge_kit.store.base import Store
 from bridge_kit.types.room import MembershipRequest
 from bridge_kit.types.state import Member

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-from bridge_kit.client import REGISTER_ENDPOINT, HomeserverClient, quote_segment
+from bridge_kit.client.homeserver import REGISTER_ENDPOINT, HomeserverClient, quote_segment
 from bridge_kit.errors import MatrixRequestError, UnexpectedReply, UnknownToken
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem

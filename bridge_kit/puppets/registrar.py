@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterable, Callable, Iterable, Sized
 from typing import TYPE_CHECKING, Any
 
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.errors import (
     Forbidden,
     InvalidLocalpart,
@@ -41,7 +41,7 @@ from bridge_kit.types.register import RegisterRequest
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent
-    from bridge_kit.state import RoomState
+    from bridge_kit.intent.room_state import RoomState
 
 __all__ = ["PuppetRegistrar"]
 

@@ -13,7 +13,7 @@ import cattrs
 
 from bridge_kit.errors import StoreError
 from bridge_kit.store.inbox_rows import clean_text
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
     InboxItem,

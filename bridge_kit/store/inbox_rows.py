@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from bridge_kit.store.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
+from bridge_kit.inbox.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
 
 ITEM_COLUMNS = (
     "id, lane, kind, event_json, received_at, attempts, done_handlers, not_before, first_failed_at"

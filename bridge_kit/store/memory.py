@@ -22,7 +22,7 @@ from bridge_kit.store.base import (
     storable_ids,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
     InboxItem,

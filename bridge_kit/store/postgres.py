@@ -31,7 +31,7 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
     InboxItem,
@@ -64,7 +64,7 @@ _V1 = (
 
 # -- schema v5 (txn): dedup on txnId + body digest ---------------------------------
 #: Schema version 5, the transaction part: each record keeps its body's digest (see
-#: bridge_kit.transactions). A record without one (NULL) matches any body, so only the
+#: bridge_kit.inbox.transactions). A record without one (NULL) matches any body, so only the
 #: newest record from before stays (see sqlite_puppets.V5_TXN_DIGEST).
 _V5_TXN_DIGEST = (
     "ALTER TABLE bridge_kit_transactions ADD COLUMN digest BYTEA",

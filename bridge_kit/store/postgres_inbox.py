@@ -30,7 +30,7 @@ from bridge_kit.store.inbox_rows import (
 )
 from bridge_kit.store.inbox_rows import clean_text as text
 from bridge_kit.store.inbox_rows import optional_text as _optional_text
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
     InboxItem,

@@ -19,7 +19,7 @@ from bridge_kit.store.inbox_rows import (
     parked_from_row,
 )
 from bridge_kit.store.inbox_rows import clean_text as text_of
-from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
+from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 
 # -- schema v5 (park): parked items ----------------------------------------------------
 V5 = (

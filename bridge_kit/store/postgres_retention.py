@@ -1,5 +1,5 @@
 """Retention in PostgreSQL: the schema version 5 statements of the retention work
-and the statements that keep the store bounded (see :mod:`bridge_kit.retention`).
+and the statements that keep the store bounded (see :mod:`bridge_kit.store.retention`).
 
 Each function takes the store's asyncpg pool and runs one statement.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge_kit.store.records import ItemKind
+from bridge_kit.inbox.records import ItemKind
 
 # -- schema version 5: retention ------------------------------------------------
 V5_RETENTION = (

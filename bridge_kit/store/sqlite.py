@@ -50,7 +50,7 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
     InboxItem,

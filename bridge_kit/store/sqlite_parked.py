@@ -23,7 +23,7 @@ from bridge_kit.store.inbox_rows import (
     parked_filter,
     parked_from_row,
 )
-from bridge_kit.store.records import NewDeadLetter, ParkedItem, Parking
+from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 
 _T = TypeVar("_T")
 

@@ -9,7 +9,7 @@ from typing import Final
 
 import aiosqlite
 
-from bridge_kit.store.records import Acceptance
+from bridge_kit.inbox.records import Acceptance
 from bridge_kit.store.sqlite_files import connection_pragmas
 
 #: Schema version 1.
@@ -35,7 +35,7 @@ def select_puppets(count: int) -> str:
 # -- schema v5 (txn): dedup on txnId + body digest ---------------------------------
 #: Schema version 5, the transaction part: each record keeps its body's digest, since a
 #: homeserver may send another body under a txnId it used before (see
-#: bridge_kit.transactions). A record without one (NULL) matches any body, so only the
+#: bridge_kit.inbox.transactions). A record without one (NULL) matches any body, so only the
 #: newest record from before stays: the homeserver resends only the transaction it
 #: sent last, and older ones would answer its reused txnIds as duplicates.
 V5_TXN_DIGEST: Final = (

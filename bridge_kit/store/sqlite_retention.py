@@ -1,5 +1,5 @@
 """Retention in SQLite: the schema version 5 statements of the retention work and
-the statements that keep the store bounded (see :mod:`bridge_kit.retention`).
+the statements that keep the store bounded (see :mod:`bridge_kit.store.retention`).
 
 Each function takes the store's aiosqlite connection (or a plain one, for the
 superseding done inside an acceptance's commit).
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiosqlite
 
 from bridge_kit.store.inbox_rows import clean_text
-from bridge_kit.store.records import ItemKind, NewInboxItem
+from bridge_kit.inbox.records import ItemKind, NewInboxItem
 
 # -- schema version 5: retention ------------------------------------------------
 V5_RETENTION = (

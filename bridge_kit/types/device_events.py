@@ -2,7 +2,7 @@
 
 The homeserver pushes these in transactions (MSC2409 to-device messages, MSC3202
 device lists and key counts) when the registration and the homeserver enable them;
-:mod:`bridge_kit.device_items` turns them into inbox items, and the inbox hands
+:mod:`bridge_kit.inbox.device_items` turns them into inbox items, and the inbox hands
 handlers these models.
 """
 

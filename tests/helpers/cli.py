@@ -1,6 +1,6 @@
 """The ``bridge-kit`` command line, run in this process or as a real subprocess.
 
-:func:`run_cli` calls :func:`bridge_kit.cli.main` with the argv, a working
+:func:`run_cli` calls :func:`bridge_kit.cli.main.main` with the argv, a working
 directory and an environment, and captures what it prints, as a subprocess
 would see it: stdout encodes strictly as UTF-8 (text a real terminal could not
 take fails here too), stderr escapes what it cannot encode, and warnings that
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from bridge_kit.cli import main
+from bridge_kit.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

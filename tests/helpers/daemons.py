@@ -17,7 +17,7 @@ import aiohttp
 import yaml
 
 from bridge_kit import HomeserverClient, Intent, RegisterRequest, UserInUse
-from bridge_kit.client import quote_segment
+from bridge_kit.client.homeserver import quote_segment
 from tests.conftest import SERVER_NAME, TestHomeserver
 
 TIMEOUT = 60.0

@@ -69,7 +69,7 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-from bridge_kit.server import serve_app
+from bridge_kit.server.appservice_api import serve_app
 
 __all__ = ["Fault", "FaultHomeserver", "Faults", "NotHttpServer"]
 

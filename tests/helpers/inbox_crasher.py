@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from bridge_kit.inbox import Inbox
+from bridge_kit.inbox.lanes import Inbox
 from bridge_kit.store import open_store
 from bridge_kit.types import Event
 

@@ -1,7 +1,7 @@
 """The device parts of a transaction as inbox items: to-device events (MSC2409),
 device-list changes and one-time-key counts (MSC3202).
 
-:func:`~bridge_kit.transactions.split_transaction` calls :func:`split_device_items`;
+:func:`~bridge_kit.inbox.transactions.split_transaction` calls :func:`split_device_items`;
 the items go into the inbox in the same commit as the txnId and the events, and
 are handled there like events (retries, dead letters, replay). Each is ordered
 in a lane of its own kind:
@@ -27,7 +27,7 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit.errors import ErrorReply, json_type
-from bridge_kit.store.records import ItemKind, NewDeadLetter, NewInboxItem, storable
+from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.types import describe_error
 from bridge_kit.types.converter import converter
 from bridge_kit.types.device_events import DeviceListUpdate, OtkCounts, ToDeviceEvent

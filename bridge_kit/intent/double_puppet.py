@@ -7,7 +7,7 @@ token it gives is kept in the store, per user, so that a restart logs in no
 more (each login makes a new device). A token the homeserver no longer knows
 (``M_UNKNOWN_TOKEN``: logged out, device deleted) is replaced by one new login.
 
-:class:`DoublePuppetClient` is a :class:`~bridge_kit.client.HomeserverClient`
+:class:`DoublePuppetClient` is a :class:`~bridge_kit.client.homeserver.HomeserverClient`
 that sends the user's token and no ``?user_id=`` assertion; wrap it in an
 :class:`~bridge_kit.intent.Intent` (``app.double_puppet(user_id, as_token)`` does).
 """
@@ -19,8 +19,8 @@ from typing import Final
 
 import attrs
 
-from bridge_kit._transfer import Raw
-from bridge_kit.client import HomeserverClient, QueryValue, RetryPolicy, _Reply, structure_reply
+from bridge_kit.client._transfer import Raw
+from bridge_kit.client.homeserver import HomeserverClient, QueryValue, RetryPolicy, _Reply, structure_reply
 from bridge_kit.errors import DoublePuppetError, MatrixRequestError, UnknownToken
 from bridge_kit.store import Store
 
@@ -29,7 +29,7 @@ __all__ = ["LOGIN_ENDPOINT", "TOKEN_FIELD", "DoublePuppetClient"]
 #: The login route (the endpoint name observers see for it).
 LOGIN_ENDPOINT: Final = "/_matrix/client/v3/login"
 #: The per-user field of the store's profile table that holds the access token.
-TOKEN_FIELD: Final = "bridge_kit.double_puppet.access_token"  # noqa: S105 - a field name
+TOKEN_FIELD: Final = "bridge_kit.intent.double_puppet.access_token"  # noqa: S105 - a field name
 
 #: What Synapse answers an appservice login with when MSC4190 is on (and its old name).
 _MSC4190_ERRCODES: Final = frozenset(

@@ -1,5 +1,5 @@
 """How the inbox's lane workers pace their steps: the commit they share after each
-handled event, and the handler timeout (see :mod:`bridge_kit.inbox`)."""
+handled event, and the handler timeout (see :mod:`bridge_kit.inbox.lanes`)."""
 
 from __future__ import annotations
 

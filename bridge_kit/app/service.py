@@ -9,7 +9,7 @@ engine and the HTTP routes, tied together with a lifecycle and handler registrat
     async with app:
         await app.intent("alice").send_text(room_id, "hello")
 
-or ``run_app(app)`` (:mod:`bridge_kit.runner`) to serve until SIGTERM.
+or ``run_app(app)`` (:mod:`bridge_kit.app.runner`) to serve until SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ import attrs
 from aiohttp import web
 
 from bridge_kit import defaults
-from bridge_kit.client import HomeserverClient, RetryPolicy
+from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.config import AppServiceConfig, Config
-from bridge_kit.dead_letters import DeadLetters
-from bridge_kit.diagnose import homeserver_domain, ping_homeserver
-from bridge_kit.double_puppet import DoublePuppetClient
-from bridge_kit.e2ee import start_encryption
+from bridge_kit.inbox.dead_letters import DeadLetters
+from bridge_kit.checks.homeserver import homeserver_domain, ping_homeserver
+from bridge_kit.intent.double_puppet import DoublePuppetClient
+from bridge_kit.app.encryption import start_encryption
 from bridge_kit.errors import BridgeKitError, LifecycleError
-from bridge_kit.handlers import (
+from bridge_kit.inbox.handlers import (
     DeviceListHandler,
     EventHandler,
     HandlerRegistry,
@@ -44,26 +44,26 @@ from bridge_kit.handlers import (
     ToDeviceHandler,
 )
 from bridge_kit.ids import localpart_problem, split_user_id
-from bridge_kit.inbox import Inbox, InboxSettings
+from bridge_kit.inbox.lanes import Inbox, InboxSettings
 from bridge_kit.intent import Intent
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
-from bridge_kit.progress import plain_line
+from bridge_kit.puppets.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
-from bridge_kit.ratelimit import TokenBucket
+from bridge_kit.app.ratelimit import TokenBucket
 from bridge_kit.registration import Registration
-from bridge_kit.retention import Retention, RetentionSettings
-from bridge_kit.server import (
+from bridge_kit.store.retention import Retention, RetentionSettings
+from bridge_kit.server.appservice_api import (
     PROCESSOR_KEY,
     ThirdPartyHandlers,
     abort_requests,
     create_app,
     serve_app,
 )
-from bridge_kit.state import STATE_TYPES, RoomState
+from bridge_kit.intent.room_state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
-from bridge_kit.store.records import ItemKind
-from bridge_kit.transactions import TransactionProcessor
+from bridge_kit.inbox.records import ItemKind
+from bridge_kit.inbox.transactions import TransactionProcessor
 
 if TYPE_CHECKING:
     from bridge_kit.crypto.bridge import BridgeEncryption
@@ -173,7 +173,7 @@ class AppService:
 
         Events come from the durable inbox: one room's events one at a time, in
         order; a handler that raises is retried, and after ``handler_attempts``
-        failures its event becomes a dead letter. See :mod:`bridge_kit.inbox`.
+        failures its event becomes a dead letter. See :mod:`bridge_kit.inbox.lanes`.
         """
         return self.handlers.decorator(ItemKind.EVENT, event_type)
 

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from bridge_kit.errors import Park
-from bridge_kit.items import Item, describe_item, item_event_id, item_type, parse_item
+from bridge_kit.inbox.items import Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import (
+from bridge_kit.inbox.records import (
     InboxItem,
     NewDeadLetter,
     ParkedItem,
@@ -77,7 +77,7 @@ def dead_letter(
 
 
 class ParkedItems:
-    """The parking side of one :class:`~bridge_kit.inbox.Inbox`; ``wake`` tells it that
+    """The parking side of one :class:`~bridge_kit.inbox.lanes.Inbox`; ``wake`` tells it that
     items came back into their lanes."""
 
     def __init__(self, store: Store, metrics: Metrics | None, wake: Callable[[], None]) -> None:

@@ -4,7 +4,7 @@ Each subcommand is a small ``_cmd_<name>(args) -> int`` function registered in
 :func:`_build_parser`; :func:`main` turns every
 :class:`~bridge_kit.errors.BridgeKitError` into a short message on stderr and
 exit status 2, so a user never sees a traceback. Every command uses the one
-table of exit codes, :class:`~bridge_kit.runner.ExitCode`.
+table of exit codes, :class:`~bridge_kit.app.runner.ExitCode`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
-from bridge_kit.commands import check, dead_letters, demo, join, register, run
+from bridge_kit.cli import check, dead_letters, demo, join, register, run
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
 from bridge_kit.registration import Registration, generate_registration
-from bridge_kit.runner import ExitCode
+from bridge_kit.app.runner import ExitCode
 
 __all__ = ["main"]
 

@@ -19,8 +19,8 @@ import attrs
 import yarl
 
 from bridge_kit import defaults
-from bridge_kit.client import HomeserverClient, RetryPolicy
-from bridge_kit.diagnose_devices import device_lines
+from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
+from bridge_kit.checks.devices import device_lines
 from bridge_kit.errors import (
     Forbidden,
     HomeserverUnreachable,
@@ -31,7 +31,7 @@ from bridge_kit.errors import (
 )
 from bridge_kit.ids import split_user_id
 from bridge_kit.registration import Registration
-from bridge_kit.server import create_app, serve_app
+from bridge_kit.server.appservice_api import create_app, serve_app
 from bridge_kit.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ async def check_against_homeserver(
     registration: Registration, homeserver_url: str, homeserver_config: str | None = None
 ) -> list[str]:
     """Run both checks once, serving ``/ping`` on the registration's URL meanwhile,
-    then the device checks (:mod:`bridge_kit.diagnose_devices`).
+    then the device checks (:mod:`bridge_kit.checks.devices`).
 
     When something already listens there (the bridge itself, running), the
     homeserver pings that instead. Returns the lines to print (what was

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from bridge_kit._json import decode_item
-from bridge_kit.store.records import ItemKind
+from bridge_kit.inbox.records import ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 from bridge_kit.types.converter import converter
 

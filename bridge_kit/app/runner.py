@@ -25,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
-from bridge_kit.appservice import AppService
+from bridge_kit.app.service import AppService
 
 __all__ = ["ExitCode", "StopSignals", "run_app"]
 

@@ -5,7 +5,7 @@ use: list them, put them back in the inbox (after fixing the handler), or
 drop them for good. A replayed event goes to the end of its room's lane, with
 no attempts counted and the handlers that had succeeded for it marked done; a
 running daemon picks it up within its poll interval. Retention
-(:mod:`bridge_kit.retention`) drops the oldest beyond a cap and an age.
+(:mod:`bridge_kit.store.retention`) drops the oldest beyond a cap and an age.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import DeadLetter
+from bridge_kit.inbox.records import DeadLetter
 
 __all__ = ["DeadLetter", "DeadLetters"]
 

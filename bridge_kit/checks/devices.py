@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from bridge_kit._yaml import YamlError
 from bridge_kit._yaml import load as load_yaml
-from bridge_kit.client import HomeserverClient
+from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, StartupCheckFailed
 from bridge_kit.intent import Intent
 from bridge_kit.registration import Registration

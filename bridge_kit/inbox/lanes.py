@@ -1,7 +1,7 @@
 """The durable inbox: events wait in the store until every handler for them returned.
 
 An accepted transaction's events are written to the store in one commit and
-acknowledged at once (see :mod:`bridge_kit.transactions`). :class:`Inbox` then
+acknowledged at once (see :mod:`bridge_kit.inbox.transactions`). :class:`Inbox` then
 works through them in *lanes*: one lane per room, handled strictly in order,
 one event at a time; different lanes run concurrently, up to
 ``handler_concurrency``. A failing handler is retried with jittered
@@ -12,22 +12,22 @@ so it never blocks other rooms.
 A lane's handled item is removed from the store before the lane starts its next
 event, so a crash (even SIGKILL) runs again at most the event each lane was
 running. The removals of all lanes share commits: one committer takes whatever
-the lanes handed in while its previous commit ran (see :class:`~bridge_kit._lanes.GroupCommit`).
+the lanes handed in while its previous commit ran (see :class:`~bridge_kit.inbox._lane_worker.GroupCommit`).
 
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
 process died is taken over once its lease runs out.
 
 Items are room events, ephemeral events, to-device events, device-list changes
-and one-time-key counts (:class:`~bridge_kit.store.records.ItemKind`); each is
-parsed into its model (:mod:`bridge_kit.items`) before its handlers run.
+and one-time-key counts (:class:`~bridge_kit.inbox.records.ItemKind`); each is
+parsed into its model (:mod:`bridge_kit.inbox.items`) before its handlers run.
 
 The seam for bridge_kit's own layers (encryption):
 
 - :meth:`Inbox.add_preprocessor` adds ``async (item, record) -> item`` for a kind.
   Preprocessors run in the order added, on every attempt, before any handler;
   each gets the previous one's result (``record`` is the stored
-  :class:`~bridge_kit.store.records.InboxItem`: its ``id`` is stable across the
+  :class:`~bridge_kit.inbox.records.InboxItem`: its ``id`` is stable across the
   attempts, to key a cache) and the handlers are routed by the last result's type.
   So a decryptor turns ``m.room.encrypted`` into the event handlers see. A
   preprocessor that raises fails the attempt like a handler (retries, then a dead
@@ -37,13 +37,13 @@ The seam for bridge_kit's own layers (encryption):
   counted, its lane's later items waiting behind it; a dead letter with the
   reason once ``give_up_after`` seconds passed since it was first deferred.
 - A preprocessor or a handler that raises :class:`~bridge_kit.errors.Park` parks
-  its item outside its lane (see :mod:`bridge_kit.parking`): the lane goes on at
+  its item outside its lane (see :mod:`bridge_kit.inbox.parking`): the lane goes on at
   once; :meth:`Inbox.unpark` puts the item back at the end of its lane (so it is
   handled after its room's later items), :meth:`Inbox.give_up_parked` makes it a
   dead letter, and so does its ``give_up_after`` running out, checked every second
   (or ``poll``, if longer) even when no new events come.
 - Internal subscribers that run before the bridge's handlers, with retries and
-  progress like them: :meth:`bridge_kit.handlers.HandlerRegistry.add_internal`.
+  progress like them: :meth:`bridge_kit.inbox.handlers.HandlerRegistry.add_internal`.
 """
 
 from __future__ import annotations
@@ -63,14 +63,14 @@ import attrs
 import cattrs
 
 from bridge_kit import defaults
-from bridge_kit._lanes import GroupCommit, StepDeadline
-from bridge_kit.delivery import handling
+from bridge_kit.inbox._lane_worker import GroupCommit, StepDeadline
+from bridge_kit.inbox.delivery import handling
 from bridge_kit.errors import NotReady, Park, StoreError
-from bridge_kit.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
+from bridge_kit.inbox.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.metrics import Metrics
-from bridge_kit.parking import ParkedItems, dead_letter
+from bridge_kit.inbox.parking import ParkedItems, dead_letter
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import InboxItem, InboxStats, ItemKind
+from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind
 from bridge_kit.types import Event, describe_error
 
 __all__ = [
@@ -86,7 +86,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EventHandler = Callable[[Event], Awaitable[None]]
-#: A handler of any kind of item (its model: see :mod:`bridge_kit.items`).
+#: A handler of any kind of item (its model: see :mod:`bridge_kit.inbox.items`).
 ItemHandler = Callable[[Any], Awaitable[None]]
 #: Which handlers an item gets, in order: ``route(kind, event_type)`` (``None`` for
 #: the kinds without a type: device lists, key counts).

@@ -3,7 +3,7 @@
 :func:`create_app` builds the application from plain callables (a transaction
 handler, query hooks, third-party hooks), so it can be served and tested on its
 own. Every reply is JSON, errors included. Transactions go through a
-:class:`~bridge_kit.transactions.TransactionProcessor`, whose dedup lives in the
+:class:`~bridge_kit.inbox.transactions.TransactionProcessor`, whose dedup lives in the
 store, so it survives restarts. :func:`serve_app` serves it without an access
 log, which would print the legacy ``access_token`` query parameter.
 """
@@ -25,7 +25,7 @@ from bridge_kit._json import decode_request, json_text
 from bridge_kit.errors import ErrorReply, ListenError, TransactionFailed
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.transactions import TransactionProcessor
+from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.types import MatrixErrorBody, unstructure
 
 __all__ = [

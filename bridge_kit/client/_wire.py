@@ -1,4 +1,4 @@
-"""The pure helpers of :class:`~bridge_kit.client.HomeserverClient`: the URL a request
+"""The pure helpers of :class:`~bridge_kit.client.homeserver.HomeserverClient`: the URL a request
 goes to, how a reply's body is read, and how a failure is worded in one line."""
 
 from __future__ import annotations

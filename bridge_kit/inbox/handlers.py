@@ -1,6 +1,6 @@
 """The handler registry: which handlers each inbox item gets, and in what order.
 
-:class:`~bridge_kit.appservice.AppService` keeps one and its decorators
+:class:`~bridge_kit.app.service.AppService` keeps one and its decorators
 (``on_event``, ``on_to_device``, ...) add to it; the inbox asks it, through
 :meth:`HandlerRegistry.route`, for an item's handlers. An item gets, in order:
 
@@ -21,10 +21,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from bridge_kit.inbox import handler_name
-from bridge_kit.items import describe_item
+from bridge_kit.inbox.lanes import handler_name
+from bridge_kit.inbox.items import describe_item
 from bridge_kit.logs import LogLimiter
-from bridge_kit.store.records import ItemKind
+from bridge_kit.inbox.records import ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 
 __all__ = [
@@ -107,7 +107,7 @@ def _matching(table: _Table, event_type: str | None) -> list[ItemHandler]:
 def _logged(handler: ItemHandler, limiter: LogLimiter) -> ItemHandler:
     """``handler``, then one (rate-limited) DEBUG line for the item it completed.
 
-    The wrapper has the handler's name (:func:`~bridge_kit.inbox.handler_name`):
+    The wrapper has the handler's name (:func:`~bridge_kit.inbox.lanes.handler_name`):
     the inbox records a handler's progress, and derives its sends' transaction
     IDs, under that name, so logging must not change it.
     """

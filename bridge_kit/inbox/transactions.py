@@ -3,7 +3,7 @@
 :class:`TransactionProcessor` is the inbox's front door. It splits a
 transaction into its events, writes them to the store's inbox together with
 the txnId in one commit, and returns; handlers run later (see
-:mod:`bridge_kit.inbox`). So the acknowledgement costs one commit, whatever
+:mod:`bridge_kit.inbox.lanes`). So the acknowledgement costs one commit, whatever
 the handlers do, and a transaction accepted before is acknowledged without
 storing anything twice.
 
@@ -43,12 +43,12 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit._json import item_text
-from bridge_kit.device_items import count_device_items, first_present, split_device_items
+from bridge_kit.inbox.device_items import count_device_items, first_present, split_device_items
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.store.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, storable
+from bridge_kit.inbox.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.types import describe_error
 from bridge_kit.types.events import checked_room_id
 
@@ -173,7 +173,7 @@ def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter
             continue
         for index, raw in enumerate(value):
             _split_item(kind, f"{key}[{index}]", raw, items, rejected)
-    # To-device events, device lists and key counts: see bridge_kit.device_items.
+    # To-device events, device lists and key counts: see bridge_kit.inbox.device_items.
     device_items, device_rejected = split_device_items(body)
     items += device_items
     rejected += device_rejected

@@ -1,6 +1,6 @@
 """``bridge-kit check``: validate and lint a registration, and compare it with its surroundings.
 
-Exit status (:class:`~bridge_kit.runner.ExitCode`): 0 when nothing is wrong
+Exit status (:class:`~bridge_kit.app.runner.ExitCode`): 0 when nothing is wrong
 (warnings and notes allowed); 1 when the registration (or, with ``-c``, the
 config) is invalid or unreadable, or the doctor found an error such as an
 exclusive namespace overlap or a shared id, token or url; 2 when the check
@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 from bridge_kit import defaults
 from bridge_kit.config import Config
-from bridge_kit.diagnose import check_against_homeserver
-from bridge_kit.doctor import Located, daemon_findings, homeserver_findings
+from bridge_kit.checks.homeserver import check_against_homeserver
+from bridge_kit.checks.doctor import Located, daemon_findings, homeserver_findings
 from bridge_kit.errors import ConfigError, RegistrationError
 from bridge_kit.registration import CheckResult, Registration, check_file
 from bridge_kit.registration.findings import Finding
-from bridge_kit.runner import ExitCode
+from bridge_kit.app.runner import ExitCode
 
 __all__ = ["add_parser", "check"]
 

@@ -30,8 +30,8 @@ import yarl
 from cattrs.gen import make_dict_unstructure_fn
 
 from bridge_kit._json import encode_json
-from bridge_kit._transfer import Raw, RawBody, prepared, query_params, read_chunks
-from bridge_kit._wire import (
+from bridge_kit.client._transfer import Raw, RawBody, prepared, query_params, read_chunks
+from bridge_kit.client._wire import (
     checked_base_url,
     decode_json_reply,
     describe_client_error,

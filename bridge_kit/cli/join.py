@@ -2,7 +2,7 @@
 profiles, in bulk and resumably, from tab-separated files.
 
 Both work as ``register`` does (options, progress bar, ``--report``, Ctrl-C,
-exit status: see :mod:`bridge_kit.commands._bulk`). A line of the input that is
+exit status: see :mod:`bridge_kit.cli._bulk`). A line of the input that is
 not in the expected shape stops the command before anything is sent (exit 2),
 naming the line; a line in the right shape with an invalid localpart or room
 is listed as invalid and skipped.
@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from bridge_kit import defaults
-from bridge_kit.commands import _bulk
-from bridge_kit.commands.report import ReportWriter
+from bridge_kit.cli import _bulk
+from bridge_kit.cli.report import ReportWriter
 from bridge_kit.errors import UsageError
-from bridge_kit.progress import ProgressReporter
+from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.run_results import RunResult
 from bridge_kit.registration import Registration
-from bridge_kit.runner import StopSignals, run_app
+from bridge_kit.app.runner import StopSignals, run_app
 
 #: pairs_from_lines or profiles_from_lines: numbered-line parsers of an input file.
 _Parser = Callable[[Iterable[str], str], Iterator[Any]]

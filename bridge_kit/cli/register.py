@@ -1,6 +1,6 @@
 """``bridge-kit register``: register puppets in bulk, resumably.
 
-Exit status (:class:`~bridge_kit.runner.ExitCode`): 0 when every localpart is
+Exit status (:class:`~bridge_kit.app.runner.ExitCode`): 0 when every localpart is
 registered (or already was); 1 when some were invalid or refused, or the run
 was aborted; 2 for a usage or set-up error (bad registration file, config,
 store, homeserver); 128 + the signal number (130, 143) when SIGINT or SIGTERM
@@ -19,13 +19,13 @@ import itertools
 from collections.abc import Iterable, Iterator
 
 from bridge_kit import defaults
-from bridge_kit.commands import _bulk
-from bridge_kit.commands.report import ReportWriter
+from bridge_kit.cli import _bulk
+from bridge_kit.cli.report import ReportWriter
 from bridge_kit.errors import UsageError
-from bridge_kit.progress import ProgressReporter
+from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.puppets import BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.registration import Registration
-from bridge_kit.runner import StopSignals, run_app
+from bridge_kit.app.runner import StopSignals, run_app
 
 #: Invalid localparts and failures listed on the terminal; --report has them all.
 LISTED = _bulk.LISTED
