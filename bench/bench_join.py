@@ -42,11 +42,11 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge_kit.testing.synapse import SynapseServer  # noqa: E402
 from bridge_kit.client.homeserver import ClientObserver, HomeserverClient, quote_segment  # noqa: E402
 from bridge_kit.puppets import PuppetRegistrar  # noqa: E402
 from bridge_kit.registration import Registration, generate_registration  # noqa: E402
 from bridge_kit.store import SQLiteStore  # noqa: E402
+from bridge_kit.testing.synapse import SynapseServer  # noqa: E402
 
 SERVER = "bench.local"
 PREFIX = "_bench_"

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge_kit.store import PostgresStore, Store, open_store  # noqa: E402
 from bridge_kit.inbox.records import ItemKind, NewInboxItem  # noqa: E402
+from bridge_kit.store import PostgresStore, Store, open_store  # noqa: E402
 
 CHUNK = 5_000
 READY = 5

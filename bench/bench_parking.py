@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from bridge_kit.errors import NotReady, Park  # noqa: E402
 from bridge_kit.inbox.lanes import Inbox, InboxSettings  # noqa: E402
-from bridge_kit.store import Store, open_store  # noqa: E402
 from bridge_kit.inbox.records import InboxItem, ItemKind  # noqa: E402
 from bridge_kit.inbox.transactions import split_transaction  # noqa: E402
+from bridge_kit.store import Store, open_store  # noqa: E402
 from bridge_kit.types import Event  # noqa: E402
 
 ROOM = "!bench:bench.local"

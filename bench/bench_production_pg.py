@@ -54,11 +54,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_register import localparts, plain_loop  # noqa: E402
 
-from bridge_kit.testing.synapse import SynapseServer  # noqa: E402
 from bridge_kit.client.homeserver import HomeserverClient  # noqa: E402
 from bridge_kit.puppets import JoinResult, PuppetRegistrar  # noqa: E402
 from bridge_kit.registration import Registration, generate_registration  # noqa: E402
 from bridge_kit.store import open_store  # noqa: E402
+from bridge_kit.testing.synapse import SynapseServer  # noqa: E402
 
 SERVER = "bench.local"
 PREFIX = "_bench_"

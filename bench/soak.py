@@ -53,10 +53,10 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 
 def serve(config_path: str, fail_every: int) -> None:
     """Run the daemon with one handler until SIGTERM (``run_app`` handles signals)."""
+    from bridge_kit.app.runner import run_app
     from bridge_kit.app.service import AppService
     from bridge_kit.config import Config
     from bridge_kit.logs import configure_logging
-    from bridge_kit.app.runner import run_app
     from bridge_kit.types import Event
 
     config = Config.load(config_path)

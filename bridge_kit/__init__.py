@@ -1,27 +1,36 @@
 """bridge_kit: a fast, persistent framework for Matrix application services.
 
 The public API is what this package exports (``__all__``) plus these public
-modules, each with its own ``__all__``:
+packages and modules, each with its own ``__all__``:
 
+- :mod:`bridge_kit.app`: :class:`AppService`, :func:`run_app`, signals and exit codes;
 - :mod:`bridge_kit.errors`: the exception tree;
 - :mod:`bridge_kit.types`: the wire models and the converter;
 - :mod:`bridge_kit.config`: the daemon configuration sections;
 - :mod:`bridge_kit.registration`: registration files (load, check, generate);
-- :mod:`bridge_kit.client.homeserver`: the homeserver client;
+- :mod:`bridge_kit.client`: the homeserver client;
+- :mod:`bridge_kit.server`: the appservice HTTP API as an aiohttp application;
+- :mod:`bridge_kit.intent`: acting as a puppet or the bot, and the room-state store;
 - :mod:`bridge_kit.store`: the stores;
 - :mod:`bridge_kit.puppets`: the puppet engine;
-- :mod:`bridge_kit.server.appservice_api`: the appservice HTTP API as an aiohttp application;
-- :mod:`bridge_kit.app.runner`: :func:`run_app`, signals and exit codes.
 - :mod:`bridge_kit.crypto`: end-to-end encryption (needs the ``e2ee`` extra).
 
-Every other module (``cli``, ``commands``, ``diagnose``, ``progress``,
-``transactions``, ``_*``...) is private: it may change in any release.
+The other packages are bridge_kit's own working parts: :mod:`bridge_kit.inbox`
+(the durable inbox; its modules are documented, and may change in any release),
+``checks``, ``cli`` and ``testing`` (a throw-away Synapse for tests), and every
+module whose name starts with ``_``.
 """
 
 from bridge_kit._preconf import configure_converter as _configure_converter
 from bridge_kit._preconf import make_converter
-from bridge_kit.app.service import AppService, AppState
-from bridge_kit.client.homeserver import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
+from bridge_kit.app import AppService, AppState, ExitCode, StopSignals, run_app
+from bridge_kit.client.homeserver import (
+    ClientObserver,
+    ClientState,
+    HomeserverClient,
+    RetryPolicy,
+    WhoAmI,
+)
 from bridge_kit.config import (
     AppServiceConfig,
     Config,
@@ -75,7 +84,6 @@ from bridge_kit.registration import (
     check_file,
     generate_registration,
 )
-from bridge_kit.app.runner import ExitCode, StopSignals, run_app
 from bridge_kit.server.appservice_api import ThirdPartyHandlers
 from bridge_kit.store import Store, open_store, parse_store_url
 from bridge_kit.types import (

@@ -22,7 +22,6 @@ Every exception bridge_kit raises on purpose lives here::
     ├── UnexpectedReply              a 2xx reply of the wrong shape
     ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
     ├── YamlError                    text that is not one valid YAML document
-    ├── SynapseError                 the throw-away test Synapse could not start
     ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
     ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
     ├── DoublePuppetError            the homeserver would not let us log in as a real user
@@ -82,7 +81,6 @@ __all__ = [
     "ResourceLimitExceeded",
     "StartupCheckFailed",
     "StoreError",
-    "SynapseError",
     "TransactionFailed",
     "UndecryptableEvent",
     "UnexpectedReply",
@@ -297,10 +295,6 @@ class YamlError(BridgeKitError):
             return self.reason
         column = "" if self.column is None else f", column {self.column}"
         return f"line {self.line}{column}: {self.reason}"
-
-
-class SynapseError(BridgeKitError):
-    """The throw-away Synapse (demo, tests) could not be installed, configured or started."""
 
 
 class MediaTooLarge(BridgeKitError):

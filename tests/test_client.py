@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge_kit.client.homeserver import ClientObserver, ClientState, HomeserverClient, RetryPolicy, WhoAmI
+from bridge_kit.client.homeserver import (
+    ClientObserver,
+    ClientState,
+    HomeserverClient,
+    RetryPolicy,
+    WhoAmI,
+)
 from bridge_kit.errors import (
     ClientClosed,
     ConfigError,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge_kit.store import open_store
 from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.store import open_store
 from tests.helpers.cli import run_cli, run_cli_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from bridge_kit import MatrixRequestError, StartupCheckFailed, generate_registration
-from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.checks.homeserver import PingRetry, ping_homeserver
+from bridge_kit.client.homeserver import HomeserverClient
 
 REGISTRATION = generate_registration("bridge", "http://127.0.0.1:29334", "example.org", "_x_")
 RACE = "AlreadyCalled: Tried to cancel an already-called event."

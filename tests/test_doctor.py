@@ -13,8 +13,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge_kit.checks.doctor import (
+    Located,
+    daemon_findings,
+    homeserver_findings,
+    listed_registrations,
+)
 from bridge_kit.config import Config
-from bridge_kit.checks.doctor import Located, daemon_findings, homeserver_findings, listed_registrations
 from bridge_kit.errors import ConfigError
 from bridge_kit.registration import Registration
 from bridge_kit.registration.regex import literal_prefix, literal_suffix, overlap, samples

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from bridge_kit import ClientObserver, HomeserverClient
-from bridge_kit.intent.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD
 from bridge_kit.errors import DoublePuppetError
+from bridge_kit.intent.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD
 from bridge_kit.store import open_store
 from tests.conftest import SERVER_NAME, TestHomeserver, missing_service
 from tests.test_appservice_e2e import make_app

@@ -17,14 +17,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge_kit import defaults
-from bridge_kit.inbox import transactions
 from bridge_kit.client.homeserver import HomeserverClient, quote_segment
 from bridge_kit.errors import UnexpectedReply
+from bridge_kit.inbox import transactions
+from bridge_kit.inbox.records import InboxStats
+from bridge_kit.inbox.transactions import split_transaction
 from bridge_kit.intent import Intent
 from bridge_kit.server.appservice_api import ThirdPartyHandlers, create_app, serve_app
 from bridge_kit.store import MemoryStore, Store
-from bridge_kit.inbox.records import InboxStats
-from bridge_kit.inbox.transactions import split_transaction
 
 HS_TOKEN = "hs-token-hostile"
 

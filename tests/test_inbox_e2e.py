@@ -36,10 +36,10 @@ from bridge_kit import (
     HomeserverConfig,
     defaults,
 )
-from bridge_kit.testing.synapse import free_port
 from bridge_kit.client.homeserver import quote_segment
 from bridge_kit.server.appservice_api import serve_app
 from bridge_kit.store import open_store
+from bridge_kit.testing.synapse import free_port
 from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
 from tests.helpers.daemons import join_puppet, real_user
 

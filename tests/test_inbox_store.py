@@ -14,6 +14,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from bridge_kit.errors import StoreError
+from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, NewInboxItem
 from bridge_kit.store import (
     PostgresStore,
     SQLiteStore,
@@ -22,7 +23,6 @@ from bridge_kit.store import (
     postgres_inbox,
     sqlite_inbox,
 )
-from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind, NewDeadLetter, NewInboxItem
 from tests.test_server import AUTH, V1, Wakeups, expect_ok, serve_api, txn_body
 from tests.test_store import backend_url, emptied, run_sql
 

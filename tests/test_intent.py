@@ -12,9 +12,14 @@ from typing import Any
 
 import pytest
 
-from bridge_kit.client.homeserver import ClientObserver, HomeserverClient, RetryPolicy, quote_segment
-from bridge_kit.inbox.delivery import handling
+from bridge_kit.client.homeserver import (
+    ClientObserver,
+    HomeserverClient,
+    RetryPolicy,
+    quote_segment,
+)
 from bridge_kit.errors import Forbidden, HomeserverUnreachable, MatrixRequestError, UserInUse
+from bridge_kit.inbox.delivery import handling
 from bridge_kit.intent import Intent
 from bridge_kit.types.register import RegisterRequest
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, TextMessage

@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge_kit.client.homeserver import ClientObserver, HomeserverClient, RetryPolicy, quote_segment
+from bridge_kit.client.homeserver import (
+    ClientObserver,
+    HomeserverClient,
+    RetryPolicy,
+    quote_segment,
+)
 from bridge_kit.errors import InvalidMxc, LimitExceeded, MediaTooLarge, NotFound, UserInUse
 from bridge_kit.intent import Intent
 from bridge_kit.types.media import MediaInfo

@@ -13,9 +13,9 @@ import pytest
 
 from bridge_kit.inbox.handlers import _logged
 from bridge_kit.inbox.lanes import handler_name
+from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.logs import LogLimiter
 from bridge_kit.store import MemoryStore
-from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.types import Event
 
 LOGGER = "tests.test_logs"

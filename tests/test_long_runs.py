@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.cli.report import ReportWriter
+from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.errors import StoreError, TransactionFailed
+from bridge_kit.inbox.records import Acceptance, NewDeadLetter, NewInboxItem
+from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.results import KEPT_PROBLEMS
 from bridge_kit.registration import generate_registration
 from bridge_kit.store import MemoryStore, SQLiteStore
-from bridge_kit.inbox.records import Acceptance, NewDeadLetter, NewInboxItem
-from bridge_kit.inbox.transactions import TransactionProcessor
 from tests.helpers.fault_homeserver import FaultHomeserver
 from tests.test_inbox import accept, message, route_to, running, until
 

@@ -15,11 +15,11 @@ import pytest
 import yarl
 
 from bridge_kit import AppService
-from bridge_kit.testing.synapse import free_port
+from bridge_kit.app.ratelimit import TokenBucket
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig, PuppetsConfig
 from bridge_kit.errors import ConfigError
-from bridge_kit.app.ratelimit import TokenBucket
 from bridge_kit.registration import generate_registration
+from bridge_kit.testing.synapse import free_port
 from tests.helpers.fault_homeserver import FaultHomeserver
 
 

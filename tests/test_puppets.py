@@ -22,7 +22,6 @@ from bridge_kit.errors import (
     ResourceLimitExceeded,
     StoreError,
 )
-from bridge_kit.puppets.progress import ProgressReporter, format_summary
 from bridge_kit.puppets import (
     BulkProgress,
     BulkResult,
@@ -31,6 +30,7 @@ from bridge_kit.puppets import (
     localparts_from_lines,
 )
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
+from bridge_kit.puppets.progress import ProgressReporter, format_summary
 from bridge_kit.registration import Registration
 from bridge_kit.store import MemoryStore, PostgresStore, SQLiteStore, Store
 from tests.conftest import TestHomeserver

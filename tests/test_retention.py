@@ -19,9 +19,12 @@ import pytest
 
 from bridge_kit import defaults
 from bridge_kit.config import Config
-from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.errors import ConfigError
+from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.inbox.lanes import HandlerRoute, Inbox, InboxSettings, handler_name
+from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem, clipped_error
+from bridge_kit.inbox.transactions import split_transaction
+from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store, sqlite_retention
 from bridge_kit.store.retention import (
     REPLAY_RECORDS,
     SEALED_PAYLOADS,
@@ -30,10 +33,7 @@ from bridge_kit.store.retention import (
     RetentionSettings,
     prune_store,
 )
-from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store, sqlite_retention
-from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem, clipped_error
 from bridge_kit.store.sqlite_files import WAL_SIZE_LIMIT
-from bridge_kit.inbox.transactions import split_transaction
 from bridge_kit.types import Event, OtkCounts
 from tests.test_store import backend_url, emptied, run_sql
 

@@ -23,9 +23,6 @@ from yarl import URL
 
 from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.errors import ListenError
-from bridge_kit.metrics import Metrics
-from bridge_kit.server.appservice_api import PROCESSOR_KEY, ThirdPartyHandlers, create_app, serve_app
-from bridge_kit.store import MemoryStore, Store, open_store
 from bridge_kit.inbox.records import (
     Acceptance,
     InboxItem,
@@ -35,6 +32,14 @@ from bridge_kit.inbox.records import (
     NewInboxItem,
 )
 from bridge_kit.inbox.transactions import TransactionProcessor
+from bridge_kit.metrics import Metrics
+from bridge_kit.server.appservice_api import (
+    PROCESSOR_KEY,
+    ThirdPartyHandlers,
+    create_app,
+    serve_app,
+)
+from bridge_kit.store import MemoryStore, Store, open_store
 
 HS_TOKEN = "hs-token-for-route-tests"
 AUTH = {"Authorization": f"Bearer {HS_TOKEN}"}

@@ -18,12 +18,12 @@ import pytest
 from aiohttp import web
 
 from bridge_kit import AppService
-from bridge_kit.testing.synapse import free_port
 from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.errors import ClientClosed, LimitExceeded, MatrixRequestError
 from bridge_kit.registration import generate_registration
 from bridge_kit.store import MemoryStore
+from bridge_kit.testing.synapse import free_port
 from tests.helpers.fault_homeserver import FaultHomeserver
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem
 from bridge_kit.server.appservice_api import create_app
 from bridge_kit.store import Store, open_store
-from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem
 from tests.test_store import backend_url, emptied
 
 HS_TOKEN = "hs-token-strings"

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import yaml
 
-from bridge_kit.testing.synapse import SynapseServer, postgres_database
 from bridge_kit.registration import generate_registration
+from bridge_kit.testing.synapse import SynapseServer, postgres_database
 from tests.conftest import TestHomeserver, scratch_database
 
 

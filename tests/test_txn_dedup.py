@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from bridge_kit import defaults
-from bridge_kit.metrics import Metrics
-from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
 from bridge_kit.inbox.records import Acceptance, ItemKind, NewInboxItem
 from bridge_kit.inbox.transactions import TransactionProcessor, body_digest
+from bridge_kit.metrics import Metrics
+from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
 from tests.test_server import (
     AUTH,
     V1,

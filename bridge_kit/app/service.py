@@ -29,13 +29,14 @@ import attrs
 from aiohttp import web
 
 from bridge_kit import defaults
+from bridge_kit.app.encryption import start_encryption
+from bridge_kit.app.ratelimit import TokenBucket
+from bridge_kit.checks.homeserver import homeserver_domain, ping_homeserver
 from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.config import AppServiceConfig, Config
-from bridge_kit.inbox.dead_letters import DeadLetters
-from bridge_kit.checks.homeserver import homeserver_domain, ping_homeserver
-from bridge_kit.intent.double_puppet import DoublePuppetClient
-from bridge_kit.app.encryption import start_encryption
 from bridge_kit.errors import BridgeKitError, LifecycleError
+from bridge_kit.ids import localpart_problem, split_user_id
+from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.inbox.handlers import (
     DeviceListHandler,
     EventHandler,
@@ -43,16 +44,17 @@ from bridge_kit.inbox.handlers import (
     OtkCountsHandler,
     ToDeviceHandler,
 )
-from bridge_kit.ids import localpart_problem, split_user_id
 from bridge_kit.inbox.lanes import Inbox, InboxSettings
+from bridge_kit.inbox.records import ItemKind
+from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.intent import Intent
+from bridge_kit.intent.double_puppet import DoublePuppetClient
+from bridge_kit.intent.room_state import STATE_TYPES, RoomState
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
-from bridge_kit.puppets.progress import plain_line
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
-from bridge_kit.app.ratelimit import TokenBucket
+from bridge_kit.puppets.progress import plain_line
 from bridge_kit.registration import Registration
-from bridge_kit.store.retention import Retention, RetentionSettings
 from bridge_kit.server.appservice_api import (
     PROCESSOR_KEY,
     ThirdPartyHandlers,
@@ -60,10 +62,8 @@ from bridge_kit.server.appservice_api import (
     create_app,
     serve_app,
 )
-from bridge_kit.intent.room_state import STATE_TYPES, RoomState
 from bridge_kit.store import Store, open_store, redact_store_url
-from bridge_kit.inbox.records import ItemKind
-from bridge_kit.inbox.transactions import TransactionProcessor
+from bridge_kit.store.retention import Retention, RetentionSettings
 
 if TYPE_CHECKING:
     from bridge_kit.crypto.bridge import BridgeEncryption

@@ -19,8 +19,8 @@ import attrs
 import yarl
 
 from bridge_kit import defaults
-from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.checks.devices import device_lines
+from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.errors import (
     Forbidden,
     HomeserverUnreachable,

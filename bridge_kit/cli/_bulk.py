@@ -21,19 +21,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bridge_kit import defaults
-from bridge_kit.client.homeserver import HomeserverClient
-from bridge_kit.cli.report import ReportWriter
-from bridge_kit.config import Config
+from bridge_kit.app.runner import ExitCode, StopSignals
 from bridge_kit.checks.homeserver import homeserver_domain
+from bridge_kit.cli.report import ReportWriter
+from bridge_kit.client.homeserver import HomeserverClient
+from bridge_kit.config import Config
 from bridge_kit.errors import UsageError
 from bridge_kit.intent import Intent
-from bridge_kit.puppets.progress import ProgressReporter
+from bridge_kit.intent.room_state import RoomState
 from bridge_kit.puppets import BulkResult, PuppetRegistrar
+from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.puppets.run_results import RunResult
 from bridge_kit.registration import Registration
 from bridge_kit.registration.files import os_reason
-from bridge_kit.app.runner import ExitCode, StopSignals
-from bridge_kit.intent.room_state import RoomState
 from bridge_kit.store import Store, open_store, parse_store_url, redact_store_url
 
 #: Invalid items and failures listed on the terminal; --report has them all.

@@ -16,13 +16,13 @@ import sys
 from collections.abc import Sequence
 
 from bridge_kit import defaults
-from bridge_kit.config import Config
-from bridge_kit.checks.homeserver import check_against_homeserver
+from bridge_kit.app.runner import ExitCode
 from bridge_kit.checks.doctor import Located, daemon_findings, homeserver_findings
+from bridge_kit.checks.homeserver import check_against_homeserver
+from bridge_kit.config import Config
 from bridge_kit.errors import ConfigError, RegistrationError
 from bridge_kit.registration import CheckResult, Registration, check_file
 from bridge_kit.registration.findings import Finding
-from bridge_kit.app.runner import ExitCode
 
 __all__ = ["add_parser", "check"]
 

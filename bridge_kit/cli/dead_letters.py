@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import TextIO, TypeVar
 
 from bridge_kit import defaults
-from bridge_kit.config import Config
-from bridge_kit.inbox.dead_letters import DeadLetter, DeadLetters
-from bridge_kit.errors import UsageError
 from bridge_kit.app.runner import ExitCode
+from bridge_kit.config import Config
+from bridge_kit.errors import UsageError
+from bridge_kit.inbox.dead_letters import DeadLetter, DeadLetters
 from bridge_kit.store import open_store
 from bridge_kit.types import unstructure
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bridge_kit.testing.synapse import SynapseServer, free_port, synapse_installed
+from bridge_kit.app.runner import ExitCode
 from bridge_kit.app.service import AppService
 from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
@@ -24,7 +24,7 @@ from bridge_kit.errors import BridgeKitError
 from bridge_kit.intent import Intent
 from bridge_kit.puppets.progress import ProgressReporter, Steps, format_summary
 from bridge_kit.registration import generate_registration
-from bridge_kit.app.runner import ExitCode
+from bridge_kit.testing.synapse import SynapseServer, free_port, synapse_installed
 from bridge_kit.types import Event
 
 SERVER_NAME = "demo.local"

@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from bridge_kit import defaults
+from bridge_kit.app.runner import StopSignals, run_app
 from bridge_kit.cli import _bulk
 from bridge_kit.cli.report import ReportWriter
 from bridge_kit.errors import UsageError
-from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.puppets import PuppetRegistrar
+from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.puppets.run_results import RunResult
 from bridge_kit.registration import Registration
-from bridge_kit.app.runner import StopSignals, run_app
 
 #: pairs_from_lines or profiles_from_lines: numbered-line parsers of an input file.
 _Parser = Callable[[Iterable[str], str], Iterator[Any]]

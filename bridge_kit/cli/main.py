@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
+from bridge_kit.app.runner import ExitCode
 from bridge_kit.cli import check, dead_letters, demo, join, register, run
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
 from bridge_kit.registration import Registration, generate_registration
-from bridge_kit.app.runner import ExitCode
 
 __all__ = ["main"]
 

@@ -19,13 +19,13 @@ import itertools
 from collections.abc import Iterable, Iterator
 
 from bridge_kit import defaults
+from bridge_kit.app.runner import StopSignals, run_app
 from bridge_kit.cli import _bulk
 from bridge_kit.cli.report import ReportWriter
 from bridge_kit.errors import UsageError
-from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.puppets import BulkResult, PuppetRegistrar, localparts_from_lines
+from bridge_kit.puppets.progress import ProgressReporter
 from bridge_kit.registration import Registration
-from bridge_kit.app.runner import StopSignals, run_app
 
 #: Invalid localparts and failures listed on the terminal; --report has them all.
 LISTED = _bulk.LISTED

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from bridge_kit import defaults
+from bridge_kit.app.runner import run_app
 from bridge_kit.app.service import AppService
 from bridge_kit.config import Config
 from bridge_kit.logs import configure_logging
-from bridge_kit.app.runner import run_app
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,4 +1,4 @@
-"""Request bodies for :class:`~bridge_kit.client.homeserver.HomeserverClient`: JSON, or raw and streamed.
+"""Request bodies for :class:`~bridge_kit.client.HomeserverClient`: JSON, or raw and streamed.
 
 A raw body is bytes, a file (opened for each attempt and read in chunks, so
 it is never held in memory) or an async iterable of chunks (sent once only).

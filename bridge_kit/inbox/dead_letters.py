@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
-from bridge_kit.store.base import Store
 from bridge_kit.inbox.records import DeadLetter
+from bridge_kit.store.base import Store
 
 __all__ = ["DeadLetter", "DeadLetters"]
 

@@ -21,10 +21,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from bridge_kit.inbox.lanes import handler_name
 from bridge_kit.inbox.items import describe_item
-from bridge_kit.logs import LogLimiter
+from bridge_kit.inbox.lanes import handler_name
 from bridge_kit.inbox.records import ItemKind
+from bridge_kit.logs import LogLimiter
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 
 __all__ = [

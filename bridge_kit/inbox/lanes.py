@@ -12,7 +12,8 @@ so it never blocks other rooms.
 A lane's handled item is removed from the store before the lane starts its next
 event, so a crash (even SIGKILL) runs again at most the event each lane was
 running. The removals of all lanes share commits: one committer takes whatever
-the lanes handed in while its previous commit ran (see :class:`~bridge_kit.inbox._lane_worker.GroupCommit`).
+the lanes handed in while its previous commit ran (see
+:class:`~bridge_kit.inbox._lane_worker.GroupCommit`).
 
 Several processes may share a PostgreSQL store: each works only on the lanes
 it holds a lease on, renews the leases while it works, and a lane whose
@@ -63,14 +64,14 @@ import attrs
 import cattrs
 
 from bridge_kit import defaults
+from bridge_kit.errors import NotReady, Park, StoreError
 from bridge_kit.inbox._lane_worker import GroupCommit, StepDeadline
 from bridge_kit.inbox.delivery import handling
-from bridge_kit.errors import NotReady, Park, StoreError
 from bridge_kit.inbox.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
-from bridge_kit.metrics import Metrics
 from bridge_kit.inbox.parking import ParkedItems, dead_letter
-from bridge_kit.store.base import Store
 from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind
+from bridge_kit.metrics import Metrics
+from bridge_kit.store.base import Store
 from bridge_kit.types import Event, describe_error
 
 __all__ = [

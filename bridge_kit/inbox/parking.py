@@ -29,8 +29,6 @@ from typing import Final
 
 from bridge_kit.errors import Park
 from bridge_kit.inbox.items import Item, describe_item, item_event_id, item_type, parse_item
-from bridge_kit.metrics import Metrics
-from bridge_kit.store.base import Store
 from bridge_kit.inbox.records import (
     InboxItem,
     NewDeadLetter,
@@ -39,6 +37,8 @@ from bridge_kit.inbox.records import (
     clipped_error,
     storable,
 )
+from bridge_kit.metrics import Metrics
+from bridge_kit.store.base import Store
 
 __all__ = ["ParkedItems", "dead_letter"]
 

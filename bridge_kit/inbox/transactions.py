@@ -43,12 +43,12 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit._json import item_text
-from bridge_kit.inbox.device_items import count_device_items, first_present, split_device_items
 from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
+from bridge_kit.inbox.device_items import count_device_items, first_present, split_device_items
+from bridge_kit.inbox.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.inbox.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, storable
 from bridge_kit.types import describe_error
 from bridge_kit.types.events import checked_room_id
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.intent import convenience, devices, media, membership, messages, rooms
 from bridge_kit.intent._actor import OutgoingEncryption, device_query
 from bridge_kit.intent.media import MediaSource
+from bridge_kit.intent.room_state import RoomState
 from bridge_kit.types.devices import Device
 from bridge_kit.types.events import Event
 from bridge_kit.types.keys import DeviceKeys, KeysClaimResponse, KeysQueryResponse, KeyValue
@@ -50,10 +51,7 @@ from bridge_kit.types.state import (
     RoomTopic,
 )
 
-__all__ = ["Intent", "MediaSource"]
-
-if TYPE_CHECKING:
-    from bridge_kit.intent.room_state import RoomState
+__all__ = ["Intent", "MediaSource", "RoomState"]
 
 _CLIENT = "/_matrix/client/v3"
 

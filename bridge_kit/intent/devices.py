@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cattrs
 
 from bridge_kit.client.homeserver import quote_segment, structure_reply
-from bridge_kit.inbox.delivery import to_device_txn_id
 from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, WrongType
+from bridge_kit.inbox.delivery import to_device_txn_id
 from bridge_kit.intent._actor import CLIENT, content_json
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.devices import Device, DevicesResponse, DeviceUpdate, SendToDeviceRequest

@@ -19,8 +19,14 @@ from typing import Final
 
 import attrs
 
-from bridge_kit.client._transfer import Raw
-from bridge_kit.client.homeserver import HomeserverClient, QueryValue, RetryPolicy, _Reply, structure_reply
+from bridge_kit.client import Raw
+from bridge_kit.client.homeserver import (
+    HomeserverClient,
+    QueryValue,
+    RetryPolicy,
+    _Reply,
+    structure_reply,
+)
 from bridge_kit.errors import DoublePuppetError, MatrixRequestError, UnknownToken
 from bridge_kit.store import Store
 

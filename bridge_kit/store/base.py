@@ -12,7 +12,6 @@ from typing import Final
 import cattrs
 
 from bridge_kit.errors import StoreError
-from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
@@ -23,6 +22,7 @@ from bridge_kit.inbox.records import (
     ParkedItem,
     Parking,
 )
+from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.state_records import CREATE, content_of
 from bridge_kit.types.converter import converter
 from bridge_kit.types.events import Event

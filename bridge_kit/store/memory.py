@@ -9,6 +9,17 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 import attrs
 
 from bridge_kit.errors import StoreError
+from bridge_kit.inbox.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    ItemKind,
+    NewDeadLetter,
+    NewInboxItem,
+    ParkedItem,
+    Parking,
+)
 from bridge_kit.store.base import (
     Store,
     check_limit,
@@ -22,17 +33,6 @@ from bridge_kit.store.base import (
     storable_ids,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.inbox.records import (
-    Acceptance,
-    DeadLetter,
-    InboxItem,
-    InboxStats,
-    ItemKind,
-    NewDeadLetter,
-    NewInboxItem,
-    ParkedItem,
-    Parking,
-)
 from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
 from bridge_kit.types.events import Event
 from bridge_kit.types.state import Member

@@ -9,6 +9,16 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from typing import Any, ClassVar, TypeVar
 
 from bridge_kit.errors import StoreError
+from bridge_kit.inbox.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+    ParkedItem,
+    Parking,
+)
 from bridge_kit.store import (
     postgres_devices,
     postgres_inbox,
@@ -31,16 +41,6 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.inbox.records import (
-    Acceptance,
-    DeadLetter,
-    InboxItem,
-    InboxStats,
-    NewDeadLetter,
-    NewInboxItem,
-    ParkedItem,
-    Parking,
-)
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 from bridge_kit.types.events import Event

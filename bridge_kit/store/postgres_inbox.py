@@ -20,6 +20,15 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from bridge_kit.inbox.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    ItemKind,
+    NewDeadLetter,
+    NewInboxItem,
+)
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
     LETTER_COLUMNS,
@@ -30,15 +39,6 @@ from bridge_kit.store.inbox_rows import (
 )
 from bridge_kit.store.inbox_rows import clean_text as text
 from bridge_kit.store.inbox_rows import optional_text as _optional_text
-from bridge_kit.inbox.records import (
-    Acceptance,
-    DeadLetter,
-    InboxItem,
-    InboxStats,
-    ItemKind,
-    NewDeadLetter,
-    NewInboxItem,
-)
 
 V2 = (
     # Bytes, not text: a txnId is whatever the homeserver put in the URL, NUL included,

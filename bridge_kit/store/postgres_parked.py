@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 from bridge_kit.store.inbox_rows import (
     clean_json,
     encode_handlers,
@@ -19,7 +20,6 @@ from bridge_kit.store.inbox_rows import (
     parked_from_row,
 )
 from bridge_kit.store.inbox_rows import clean_text as text_of
-from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 
 # -- schema v5 (park): parked items ----------------------------------------------------
 V5 = (

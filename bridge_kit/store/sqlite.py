@@ -27,6 +27,14 @@ import aiosqlite
 
 from bridge_kit import defaults
 from bridge_kit.errors import StoreError
+from bridge_kit.inbox.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+)
 from bridge_kit.store import (
     sqlite_devices,
     sqlite_files,
@@ -50,14 +58,6 @@ from bridge_kit.store.base import (
     unique_chunks,
 )
 from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.inbox.records import (
-    Acceptance,
-    DeadLetter,
-    InboxItem,
-    InboxStats,
-    NewDeadLetter,
-    NewInboxItem,
-)
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
 from bridge_kit.store.sqlite_parked import SQLiteParkedItems

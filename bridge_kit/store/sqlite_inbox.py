@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import aiosqlite
 
+from bridge_kit.inbox.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 from bridge_kit.store import sqlite_retention
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
@@ -37,7 +38,6 @@ from bridge_kit.store.inbox_rows import (
     letter_from_row,
     optional_text,
 )
-from bridge_kit.inbox.records import DeadLetter, InboxItem, InboxStats, NewDeadLetter, NewInboxItem
 
 #: SQLite refuses statements with more than 999 variables on old builds; stay well below.
 MAX_VARIABLES = 500

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 
 import aiosqlite
 
+from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 from bridge_kit.store.base import check_limit
 from bridge_kit.store.inbox_rows import (
     clean_json,
@@ -23,7 +24,6 @@ from bridge_kit.store.inbox_rows import (
     parked_filter,
     parked_from_row,
 )
-from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 
 _T = TypeVar("_T")
 

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiosqlite
 
-from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.inbox.records import ItemKind, NewInboxItem
+from bridge_kit.store.inbox_rows import clean_text
 
 # -- schema version 5: retention ------------------------------------------------
 V5_RETENTION = (

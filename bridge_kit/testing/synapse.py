@@ -34,7 +34,7 @@ import aiohttp
 import yaml
 import yarl
 
-from bridge_kit.errors import SynapseError
+from bridge_kit.errors import BridgeKitError
 
 _GENEROUS = {"per_second": 10_000, "burst_count": 10_000}
 _START_TIMEOUT = 90.0
@@ -58,6 +58,12 @@ _SECRET_KEYS = ("registration_shared_secret", "macaroon_secret_key", "form_secre
 
 #: server name -> (the directory --generate-config wrote into, its homeserver.yaml)
 _generated: dict[str, tuple[Path, dict[str, Any]]] = {}
+
+
+class SynapseError(BridgeKitError):
+    """The throw-away Synapse (demo, tests) could not be installed, configured or started.
+
+    Outside the public tree of :mod:`bridge_kit.errors`: no bridge meets it."""
 
 
 def free_port() -> int:
