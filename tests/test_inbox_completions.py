@@ -89,6 +89,8 @@ class Watched:
         ) -> None:
             self.log.append(("fail", self.numbers[item_id]))
             await fail_item(item_id, done_handlers, not_before, count_attempt=count_attempt)
+            # Logged again once written: a reader of the store must wait for this one.
+            self.log.append(("failed", self.numbers[item_id]))
 
         async def bury(item_id: int, letter: NewDeadLetter) -> None:
             self.log.append(("bury", self.numbers[item_id]))
@@ -225,10 +227,12 @@ async def test_partial_progress_of_a_failed_item_is_stored_with_the_failure(stor
             fail_once.discard(n)
             raise RuntimeError("once")
 
-    settings = attrs.evolve(SETTINGS, backoff=0.4, backoff_max=0.4)
+    # The retry waits long enough for the test to read the item before it (a busy
+    # machine can take a while between the write and the read).
+    settings = attrs.evolve(SETTINGS, backoff=2.0, backoff_max=2.0)
     async with running(store, route_to(first, second), settings) as inbox:
         inbox.wake()
-        await until(lambda: ("fail", 3) in watched.log)
+        await until(lambda: ("failed", 3) in watched.log)
         [retried, *_] = await store.lane_items(A, 10)
         assert watched.numbers[retried.id] == 3
         assert retried.done_handlers == (handler_name(first),)
