@@ -1,9 +1,12 @@
-"""The README's code blocks work as written (issue 13).
+"""The code blocks of the README and the documentation pages work as written (issue 13).
 
-Every ``python`` block in README.md is preceded by ``<!-- test: NAME -->``;
-NAME says how it is run here (``skip`` for one that is not). The library
-snippets run as subprocesses, in a temporary folder holding the ``config.yaml``
-they load, against the test Synapse; the walkthrough's config block is loaded.
+Every ``python`` block in README.md and docs/**/*.md is preceded by
+``<!-- test: NAME -->``; NAME says how it is run here (``skip`` for one that is
+not). A block shown in several places (the README's first hour repeats the
+walkthrough's config and the library's first bridge) carries the same marker
+everywhere, and every copy must be the same text. The library snippets run as
+subprocesses, in a temporary folder holding the ``config.yaml`` they load,
+against the test Synapse; the walkthrough's config block is loaded.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from bridge_kit import Config, generate_registration
@@ -26,27 +30,42 @@ from tests.helpers.daemons import (
 )
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
 CHECKED = {"puppet-greets", "greets-with-calls", "bulk-register", "config", "skip"}
 
 
+def documents() -> list[Path]:
+    """The README and every page of the documentation site."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
 def marked_blocks() -> dict[str, list[str]]:
-    """Each marker's blocks, in README order; python blocks without one under ``""``."""
-    text = README.read_text(encoding="utf-8")
+    """Each marker's blocks, in document order; python blocks without one under ``""``."""
     found: dict[str, list[str]] = {}
-    for fence in FENCE.finditer(text):
-        line_before = text[: fence.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        marker = MARKER.fullmatch(line_before)
-        name = marker.group(1) if marker else ""
-        if name or fence.group(1) == "python":
-            found.setdefault(name, []).append(fence.group(2))
+    for document in documents():
+        text = document.read_text(encoding="utf-8")
+        for fence in FENCE.finditer(text):
+            line_before = text[: fence.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            marker = MARKER.fullmatch(line_before.strip())
+            name = marker.group(1) if marker else ""
+            if name or fence.group(1) == "python":
+                found.setdefault(name, []).append(textwrap.dedent(fence.group(2)))
     return found
 
 
 def block(name: str) -> str:
-    (code,) = marked_blocks()[name]
+    """The one text of a marked block (its copies in other documents must match it)."""
+    copies = set(marked_blocks()[name])
+    assert len(copies) == 1, f"the copies of the {name!r} block differ: {sorted(copies)}"
+    (code,) = copies
     return code
+
+
+def test_the_documentation_pages_are_read() -> None:
+    pages = {page.relative_to(ROOT).as_posix() for page in documents()}
+    assert {"README.md", "docs/library.md", "docs/homeserver.md", "docs/encryption.md"} <= pages
 
 
 def test_every_python_block_says_how_it_is_tested() -> None:
