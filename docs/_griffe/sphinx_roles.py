@@ -20,6 +20,9 @@ import griffe
 
 logger = griffe.get_logger("bridge_kit.docs")
 ROLE = re.compile(r":(?:class|meth|func|attr|data|mod|exc|obj):`(?P<target>[^`]+)`")
+# "lives here::" introduces an indented literal block in reStructuredText; in
+# Markdown the indentation alone makes it one, and the "::" would show.
+LITERAL_BLOCK_MARK = re.compile(r"(?<=\S)::$", re.M)
 PACKAGE = "bridge_kit"
 
 
@@ -33,9 +36,8 @@ class SphinxRoles(griffe.Extension):
 
 def _rewrite_tree(obj: griffe.Object, pkg: griffe.Module) -> None:
     if obj.docstring is not None:
-        obj.docstring.value = ROLE.sub(
-            lambda match: _reference(obj, pkg, match["target"]), obj.docstring.value
-        )
+        text = LITERAL_BLOCK_MARK.sub(":", obj.docstring.value)
+        obj.docstring.value = ROLE.sub(lambda match: _reference(obj, pkg, match["target"]), text)
     for member in obj.members.values():
         if not member.is_alias and isinstance(member, griffe.Object):
             _rewrite_tree(member, pkg)
