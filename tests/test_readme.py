@@ -1,19 +1,29 @@
-"""The README's code blocks work as written (issue 13).
+"""The code blocks of the README and the documentation pages work as written (issue 13).
 
-Every ``python`` block in README.md is preceded by ``<!-- test: NAME -->``;
-NAME says how it is run here (``skip`` for one that is not). The library
-snippets run as subprocesses, in a temporary folder holding the ``config.yaml``
-they load, against the test Synapse; the walkthrough's config block is loaded.
+Every ``python`` block in README.md and docs/**/*.md is preceded by
+``<!-- test: NAME -->``; NAME says how it is run here (``skip`` for one that is
+not). A block shown in several places (the README's first hour repeats the
+walkthrough's config and the library's first bridge) carries the same marker
+everywhere, and every copy must be the same text. The library snippets run as
+subprocesses, in a temporary folder holding the ``config.yaml`` they load,
+against the test Synapse; the walkthrough's config block is loaded.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import asyncio
 import re
 import sys
+import textwrap
 from pathlib import Path
 
+import attrs
+import yaml
+
 from bridge_kit import Config, generate_registration
+from bridge_kit.cli.main import _build_parser
 from tests.conftest import SERVER_NAME, TestHomeserver
 from tests.helpers.daemons import (
     ROOT,
@@ -26,27 +36,44 @@ from tests.helpers.daemons import (
 )
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
-CHECKED = {"puppet-greets", "greets-with-calls", "bulk-register", "config", "skip"}
+CHECKED = {
+    "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip"
+}  # fmt: skip
+
+
+def documents() -> list[Path]:
+    """The README and every page of the documentation site."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 
 def marked_blocks() -> dict[str, list[str]]:
-    """Each marker's blocks, in README order; python blocks without one under ``""``."""
-    text = README.read_text(encoding="utf-8")
+    """Each marker's blocks, in document order; python blocks without one under ``""``."""
     found: dict[str, list[str]] = {}
-    for fence in FENCE.finditer(text):
-        line_before = text[: fence.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        marker = MARKER.fullmatch(line_before)
-        name = marker.group(1) if marker else ""
-        if name or fence.group(1) == "python":
-            found.setdefault(name, []).append(fence.group(2))
+    for document in documents():
+        text = document.read_text(encoding="utf-8")
+        for fence in FENCE.finditer(text):
+            line_before = text[: fence.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            marker = MARKER.fullmatch(line_before.strip())
+            name = marker.group(1) if marker else ""
+            if name or fence.group(1) == "python":
+                found.setdefault(name, []).append(textwrap.dedent(fence.group(2)))
     return found
 
 
 def block(name: str) -> str:
-    (code,) = marked_blocks()[name]
+    """The one text of a marked block (its copies in other documents must match it)."""
+    copies = set(marked_blocks()[name])
+    assert len(copies) == 1, f"the copies of the {name!r} block differ: {sorted(copies)}"
+    (code,) = copies
     return code
+
+
+def test_the_documentation_pages_are_read() -> None:
+    pages = {page.relative_to(ROOT).as_posix() for page in documents()}
+    assert {"README.md", "docs/library.md", "docs/homeserver.md", "docs/encryption.md"} <= pages
 
 
 def test_every_python_block_says_how_it_is_tested() -> None:
@@ -64,6 +91,25 @@ def test_the_walkthroughs_config_loads_next_to_its_registration(tmp_path: Path) 
     assert config.registration_path == tmp_path / "registration.yaml"
     assert config.appservice.store == f"sqlite:///{tmp_path / 'bridge_kit.db'}"
     assert config.appservice.port == 29333  # the port of the registration's url
+
+
+def test_the_configuration_page_shows_every_key_and_it_loads(tmp_path: Path) -> None:
+    generate_registration("echo", "http://127.0.0.1:29333", "example.org", "_echo_").write(
+        tmp_path / "registration.yaml"
+    )
+    text = block("config-reference")
+    config = Config.loads(text, base_dir=tmp_path)
+    shown = yaml.safe_load(text)
+    for section in attrs.fields(Config):
+        if section.name == "source":
+            continue
+        keys = {field.name for field in attrs.fields(type(getattr(config, section.name)))}
+        assert set(shown[section.name]) == keys, section.name
+
+
+def test_the_fragments_not_run_are_valid_python() -> None:
+    for code in marked_blocks()["skip"]:
+        compile(code, "<docs block>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
 
 async def test_the_library_snippet_runs_and_its_puppet_greets_when_invited(
@@ -134,3 +180,47 @@ async def test_the_async_with_snippet_registers_the_listed_puppets(
         assert process.returncode == 0, (run, err.decode())
         assert expected in out.decode(), (run, out.decode())
     assert await synapse.count_users(f"_bk_readmebulk{unique}_") == 5
+
+
+def cli_synopses() -> dict[str, str]:
+    """The CLI page's synopsis block: each command (``dead-letters list``...) and its text."""
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    fence = FENCE.search(page)
+    assert fence is not None and fence.group(2).startswith("bridge-kit "), "no synopsis block"
+    synopses: dict[str, str] = {}
+    command = ""
+    for line in fence.group(2).splitlines():
+        if line.startswith("bridge-kit "):
+            words = line.split()[1:]
+            command = " ".join(w for w in words[:2] if not w.startswith(("-", "[")) and w.islower())
+            synopses[command] = line
+        else:
+            synopses[command] += line
+    return synopses
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, named as the synopses name them."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix} {name}".strip())
+                return
+        found[prefix] = parser
+
+    walk(_build_parser(), "")
+    return found
+
+
+def test_the_cli_page_has_a_synopsis_of_every_command_with_its_real_options() -> None:
+    synopses, commands = cli_synopses(), parsers()
+    assert set(synopses) == set(commands)
+    for name, synopsis in synopses.items():
+        actions = [a.option_strings for a in commands[name]._actions if a.dest != "help"]
+        shown = set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", synopsis))
+        assert shown <= {o for options in actions for o in options}, name
+        missing = [options for options in actions if options and not shown & set(options)]
+        assert not missing, (name, missing)

@@ -122,7 +122,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
             self._conn = await aiosqlite.connect(self.path, isolation_level=None)
             await self._conn.execute("PRAGMA journal_mode=WAL")
             # In WAL mode NORMAL loses no commit when this process crashes; only an OS crash
-            # or a power cut can lose the last ones (the README's Delivery guarantees).
+            # or a power cut can lose the last ones (docs/delivery.md, Power loss).
             for pragma in sqlite_files.connection_pragmas(self.sync):
                 await self._conn.execute(pragma)
             await self._migrate()
