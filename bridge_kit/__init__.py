@@ -21,9 +21,12 @@ The other packages are bridge_kit's own working parts: :mod:`bridge_kit.inbox`
 module whose name starts with ``_``.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from bridge_kit._deprecated import renamed as _renamed
 from bridge_kit._preconf import configure_converter as _configure_converter
 from bridge_kit._preconf import make_converter
-from bridge_kit.app import AppService, AppState, ExitCode, StopSignals, run_app
+from bridge_kit.app import AppLifecycle, AppService, ExitCode, StopSignals, run_app
 from bridge_kit.client.homeserver import (
     ClientObserver,
     ClientState,
@@ -100,10 +103,15 @@ _configure_converter(_shared_converter)
 
 __version__ = "0.1.0"
 
+# Deprecated (see CHANGELOG): the old name of AppLifecycle, one of three "states".
+__getattr__ = _renamed(__name__, {"AppState": ("AppLifecycle", AppLifecycle)})
+if _TYPE_CHECKING:
+    AppState = AppLifecycle
+
 __all__ = [
+    "AppLifecycle",
     "AppService",
     "AppServiceConfig",
-    "AppState",
     "BridgeKitError",
     "BulkProgress",
     "BulkResult",

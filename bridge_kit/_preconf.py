@@ -22,7 +22,7 @@ from bridge_kit.types import (
     messages,
     register,
     room,
-    state,
+    room_state,
 )
 from bridge_kit.types.converter import configure_converter as configure_base
 
@@ -38,7 +38,7 @@ def configure_converter(converter: cattrs.Converter) -> None:
     events.configure_converter(converter)
     device_events.configure_converter(converter)
     messages.configure_converter(converter)
-    state.configure_converter(converter)
+    room_state.configure_converter(converter)
     media.configure_converter(converter)
     devices.configure_converter(converter)
     keys.configure_converter(converter)

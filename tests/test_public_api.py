@@ -97,3 +97,24 @@ def test_the_package_ships_py_typed() -> None:
     assert (PACKAGE / "py.typed").is_file()
     pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
     assert 'bridge_kit = ["py.typed"]' in pyproject
+
+
+@pytest.mark.parametrize(
+    ("module_name", "old", "new"),
+    [
+        ("bridge_kit", "AppState", "AppLifecycle"),
+        ("bridge_kit.app", "AppState", "AppLifecycle"),
+        ("bridge_kit.intent", "RoomState", "RoomStateStore"),
+        ("bridge_kit.crypto", "Device", "TrackedDevice"),
+    ],
+)
+def test_renamed_exports_still_resolve_with_a_deprecation_warning(
+    module_name: str, old: str, new: str
+) -> None:
+    module = importlib.import_module(module_name)
+    with pytest.warns(DeprecationWarning, match=f"{module_name}.{old} is deprecated; use"):
+        value = getattr(module, old)
+    assert value is getattr(module, new)
+    assert old not in module.__all__
+    with pytest.raises(AttributeError):
+        module.NoSuchName  # noqa: B018

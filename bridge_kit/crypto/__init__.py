@@ -4,6 +4,9 @@ Importing this package needs vodozemac; the rest of bridge_kit does not, and onl
 imports it when ``encryption.enabled`` is on.
 """
 
+from typing import TYPE_CHECKING
+
+from bridge_kit._deprecated import renamed
 from bridge_kit.crypto.account import (
     MEGOLM_ALGORITHM,
     OLM_ALGORITHM,
@@ -11,7 +14,7 @@ from bridge_kit.crypto.account import (
     KeyUpload,
     OlmAccount,
 )
-from bridge_kit.crypto.devices import Device, DeviceTracker, verified_device
+from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice, verified_device
 from bridge_kit.crypto.machine import ROOM_KEY, CryptoMachine, KeysApi
 from bridge_kit.crypto.megolm import (
     DecryptedRoomEvent,
@@ -33,7 +36,6 @@ __all__ = [
     "CryptoStore",
     "CryptoVault",
     "DecryptedRoomEvent",
-    "Device",
     "DeviceTracker",
     "InboundGroupSessions",
     "KeyUpload",
@@ -44,9 +46,16 @@ __all__ = [
     "OutboundGroupSessions",
     "OutboundSession",
     "RotationSettings",
+    "TrackedDevice",
     "canonical_json",
     "derive_pickle_key",
     "sign_json",
     "verified_device",
     "verify_json",
 ]
+
+# Deprecated (see CHANGELOG): the old name of TrackedDevice, which
+# bridge_kit.types.Device (a device as the homeserver lists it) shared.
+__getattr__ = renamed(__name__, {"Device": ("TrackedDevice", TrackedDevice)})
+if TYPE_CHECKING:
+    Device = TrackedDevice

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from bridge_kit.inbox.handlers import HandlerRegistry
     from bridge_kit.inbox.lanes import Inbox
     from bridge_kit.intent import Intent
-    from bridge_kit.intent.room_state import RoomState
+    from bridge_kit.intent.state_store import RoomStateStore
     from bridge_kit.registration import Registration
     from bridge_kit.store import Store
 
@@ -130,7 +130,7 @@ class EncryptionHost(Protocol):
     @property
     def handlers(self) -> HandlerRegistry: ...
     @property
-    def room_state(self) -> RoomState[Intent]: ...
+    def room_state(self) -> RoomStateStore[Intent]: ...
 
 
 class BridgeEncryption:

@@ -22,7 +22,7 @@ import vodozemac
 
 from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
-from bridge_kit.crypto.devices import Device, DeviceTracker
+from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice
 from bridge_kit.crypto.signing import (
     canonical_json,
     unpadded_b64decode,
@@ -52,7 +52,7 @@ class OlmPayload:
     """The ed25519 key the sender claims inside the encryption."""
     type: str
     content: dict[str, Any]
-    sender_device: Device | None = None
+    sender_device: TrackedDevice | None = None
     """The sender's device, when the tracker knows one with ``sender_key``."""
 
 
@@ -180,7 +180,9 @@ class OlmSessions:
 
     # -- outgoing --------------------------------------------------------------
 
-    async def create_outbound(self, device: Device, claimed: Mapping[str, Any]) -> str | None:
+    async def create_outbound(
+        self, device: TrackedDevice, claimed: Mapping[str, Any]
+    ) -> str | None:
         """Start a session with ``device`` from its ``/keys/claim`` entry; return why
         not (the key is missing, unsigned or signed by another key), or ``None``."""
         for key_id, body in claimed.items():
@@ -203,7 +205,7 @@ class OlmSessions:
         return "no signed_curve25519 one-time key was claimed"
 
     async def encrypt(
-        self, device: Device, event_type: str, content: Mapping[str, Any]
+        self, device: TrackedDevice, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
         """The to-device ``m.room.encrypted`` content carrying ``event_type`` and
         ``content`` to ``device``, over the newest session with it (which must exist)."""

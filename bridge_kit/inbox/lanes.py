@@ -72,10 +72,9 @@ from bridge_kit.inbox.parking import ParkedItems, dead_letter
 from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.types import Event, describe_error
+from bridge_kit.types import describe_error
 
 __all__ = [
-    "EventHandler",
     "HandlerRoute",
     "Inbox",
     "InboxSettings",
@@ -86,7 +85,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EventHandler = Callable[[Event], Awaitable[None]]
 #: A handler of any kind of item (its model: see :mod:`bridge_kit.inbox.items`).
 ItemHandler = Callable[[Any], Awaitable[None]]
 #: Which handlers an item gets, in order: ``route(kind, event_type)`` (``None`` for

@@ -30,6 +30,7 @@ from bridge_kit.types import MatrixErrorBody, unstructure
 
 __all__ = [
     "PROCESSOR_KEY",
+    "QueryHook",
     "ThirdPartyHandlers",
     "abort_requests",
     "create_app",

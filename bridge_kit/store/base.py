@@ -26,7 +26,7 @@ from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.state_records import CREATE, content_of
 from bridge_kit.types.converter import converter
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member, PowerLevels, with_creators
+from bridge_kit.types.room_state import Member, PowerLevels, with_creators
 
 
 class Store(abc.ABC):

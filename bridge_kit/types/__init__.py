@@ -30,7 +30,7 @@ from bridge_kit.types.room import (
     StateEventInput,
     TextMessage,
 )
-from bridge_kit.types.state import Member, PowerLevels, ResolvedAlias
+from bridge_kit.types.room_state import Member, PowerLevels, ResolvedAlias
 
 __all__ = [
     "AuthData",
