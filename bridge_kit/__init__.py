@@ -47,10 +47,11 @@ from bridge_kit.errors import (
     ClientClosed,
     ConfigError,
     DevicesUnavailable,
-    ErrorReply,
     Exclusive,
     Forbidden,
+    HomeserverError,
     HomeserverUnreachable,
+    InvalidInput,
     InvalidLocalpart,
     LifecycleError,
     LimitExceeded,
@@ -62,9 +63,10 @@ from bridge_kit.errors import (
     RegistrationAborted,
     RegistrationError,
     ResourceLimitExceeded,
+    ServiceError,
+    SetupError,
     StartupCheckFailed,
     StoreError,
-    TransactionFailed,
     UnexpectedReply,
     UnknownDevice,
     UnknownToken,
@@ -74,6 +76,7 @@ from bridge_kit.errors import (
     YamlError,
 )
 from bridge_kit.ids import localpart_problem, split_user_id, user_id, validate_localpart
+from bridge_kit.inbox import signals as _signals
 from bridge_kit.intent import Intent
 from bridge_kit.logs import configure_logging
 from bridge_kit.metrics import Metrics
@@ -104,7 +107,16 @@ _configure_converter(_shared_converter)
 __version__ = "0.1.0"
 
 # Deprecated (see CHANGELOG): the old name of AppLifecycle, one of three "states".
-__getattr__ = _renamed(__name__, {"AppState": ("AppLifecycle", AppLifecycle)})
+# ErrorReply and TransactionFailed: signals between the inbox and the HTTP server,
+# out of the public error tree (bridge_kit.inbox.signals).
+__getattr__ = _renamed(
+    __name__,
+    {
+        "AppState": ("AppLifecycle", AppLifecycle),
+        "ErrorReply": ("inbox.signals.ErrorReply", _signals.ErrorReply),
+        "TransactionFailed": ("inbox.signals.TransactionFailed", _signals.TransactionFailed),
+    },
+)
 if _TYPE_CHECKING:
     AppState = AppLifecycle
 
@@ -123,7 +135,6 @@ __all__ = [
     "ConfigError",
     "DevicesUnavailable",
     "EncryptionConfig",
-    "ErrorReply",
     "Event",
     "Exclusive",
     "ExitCode",
@@ -131,8 +142,10 @@ __all__ = [
     "Forbidden",
     "HomeserverClient",
     "HomeserverConfig",
+    "HomeserverError",
     "HomeserverUnreachable",
     "Intent",
+    "InvalidInput",
     "InvalidLocalpart",
     "LifecycleError",
     "LimitExceeded",
@@ -155,6 +168,8 @@ __all__ = [
     "RegistrationError",
     "ResourceLimitExceeded",
     "RetryPolicy",
+    "ServiceError",
+    "SetupError",
     "StartupCheckFailed",
     "StopSignals",
     "Store",
@@ -162,7 +177,6 @@ __all__ = [
     "TextMessage",
     "ThirdPartyHandlers",
     "Transaction",
-    "TransactionFailed",
     "UnexpectedReply",
     "UnknownDevice",
     "UnknownToken",

@@ -14,7 +14,11 @@ __all__ = ["renamed"]
 
 
 def renamed(module: str, new_names: Mapping[str, tuple[str, object]]) -> Callable[[str], object]:
-    """A module ``__getattr__`` resolving each old name to ``(new name, value)``, with a warning."""
+    """A module ``__getattr__`` resolving each old name to ``(new name, value)``, with a warning.
+
+    The new name is relative to ``module``: ``"AppLifecycle"``, or ``"inbox.signals.Park"``
+    for a name that moved into a subpackage.
+    """
 
     def __getattr__(name: str) -> object:
         if name not in new_names:

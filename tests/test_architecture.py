@@ -71,8 +71,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "__main__": frozenset({"cli"}),
     # The package itself re-exports the public API.
     "": frozenset(
-        {"_deprecated", "_preconf", "app", "client", "config", "errors", "ids", "intent"}
-        | {"logs", "metrics", "puppets", "registration", "server", "store", "types"}
+        {"_deprecated", "_preconf", "app", "client", "config", "errors", "ids", "inbox"}
+        | {"intent", "logs", "metrics", "puppets", "registration", "server", "store", "types"}
     ),
 }
 

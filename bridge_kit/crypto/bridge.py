@@ -43,8 +43,9 @@ from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.vault import derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
-from bridge_kit.errors import NoRoomKey, NotReady, Park, UndecryptableEvent
+from bridge_kit.errors import NoRoomKey, UndecryptableEvent
 from bridge_kit.inbox.records import InboxItem, ItemKind
+from bridge_kit.inbox.signals import NotReady, Park
 from bridge_kit.intent import devices
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 

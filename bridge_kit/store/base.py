@@ -236,7 +236,7 @@ class Store(abc.ABC):
     # -- parked items (version 5) ---------------------------------------------
     #
     # Items that wait for something (a room key) outside their lane, so the lane
-    # goes on; see bridge_kit.errors.Park. Each method is one commit, and moves an
+    # goes on; see bridge_kit.inbox.signals.Park. Each method is one commit, and moves an
     # item only if it is still where it was: of two processes that race, one wins.
 
     @abc.abstractmethod
