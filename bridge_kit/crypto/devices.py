@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import attrs
 
+from bridge_kit.crypto.records import DeviceRecord, UserDevicesRecord
 from bridge_kit.crypto.signing import verify_json
 from bridge_kit.crypto.vault import CryptoVault
 
@@ -31,23 +32,19 @@ class TrackedDevice:
     algorithms: tuple[str, ...] = ()
     display_name: str | None = None
 
-    def record(self) -> dict[str, Any]:
-        return {
-            "curve25519": self.curve25519,
-            "ed25519": self.ed25519,
-            "algorithms": list(self.algorithms),
-            "display_name": self.display_name,
-        }
+    def record(self) -> DeviceRecord:
+        """What the vault keeps of this device."""
+        return DeviceRecord(self.curve25519, self.ed25519, list(self.algorithms), self.display_name)
 
     @classmethod
-    def from_record(cls, user_id: str, device_id: str, record: Mapping[str, Any]) -> TrackedDevice:
+    def from_record(cls, user_id: str, device_id: str, record: DeviceRecord) -> TrackedDevice:
         return cls(
             user_id,
             device_id,
-            record["curve25519"],
-            record["ed25519"],
-            tuple(record.get("algorithms", ())),
-            record.get("display_name"),
+            record.curve25519,
+            record.ed25519,
+            tuple(record.algorithms),
+            record.display_name,
         )
 
 
@@ -94,12 +91,12 @@ class DeviceTracker:
         self._loaded = False
 
     async def load(self) -> None:
-        for user_id, record in (await self.vault.json_items(_KIND)).items():
+        for user_id, record in (await self.vault.records(_KIND, UserDevicesRecord)).items():
             self._devices[user_id] = {
                 device_id: TrackedDevice.from_record(user_id, device_id, entry)
-                for device_id, entry in record["devices"].items()
+                for device_id, entry in record.devices.items()
             }
-            if record.get("outdated"):
+            if record.outdated:
                 self._outdated.add(user_id)
         self._loaded = True
 
@@ -175,12 +172,12 @@ class DeviceTracker:
 
     async def _save(self, user_ids: Iterable[str]) -> None:
         records = {
-            user_id: {
-                "devices": {d.device_id: d.record() for d in self._devices[user_id].values()},
-                "outdated": user_id in self._outdated,
-            }
+            user_id: UserDevicesRecord(
+                {d.device_id: d.record() for d in self._devices[user_id].values()},
+                outdated=user_id in self._outdated,
+            )
             for user_id in user_ids
             if user_id in self._devices
         }
         if records:
-            await self.vault.put_json_many(_KIND, records)
+            await self.vault.put_records(_KIND, records)
