@@ -28,8 +28,8 @@ from bridge_kit._preconf import configure_converter as _configure_converter
 from bridge_kit._preconf import make_converter
 from bridge_kit.app import AppLifecycle, AppService, ExitCode, StopSignals, run_app
 from bridge_kit.client.homeserver import (
+    ClientLifecycle,
     ClientObserver,
-    ClientState,
     HomeserverClient,
     RetryPolicy,
     WhoAmI,
@@ -113,12 +113,14 @@ __getattr__ = _renamed(
     __name__,
     {
         "AppState": ("AppLifecycle", AppLifecycle),
+        "ClientState": ("ClientLifecycle", ClientLifecycle),
         "ErrorReply": ("inbox.signals.ErrorReply", _signals.ErrorReply),
         "TransactionFailed": ("inbox.signals.TransactionFailed", _signals.TransactionFailed),
     },
 )
 if _TYPE_CHECKING:
     AppState = AppLifecycle
+    ClientState = ClientLifecycle
 
 __all__ = [
     "AppLifecycle",
@@ -129,8 +131,8 @@ __all__ = [
     "BulkResult",
     "CheckResult",
     "ClientClosed",
+    "ClientLifecycle",
     "ClientObserver",
-    "ClientState",
     "Config",
     "ConfigError",
     "DevicesUnavailable",

@@ -15,7 +15,7 @@ from bridge_kit.registration import model as registration_model
 from bridge_kit.types import (
     device_events,
     devices,
-    errors,
+    error_body,
     events,
     keys,
     media,
@@ -32,7 +32,7 @@ __all__ = ["configure_converter", "make_converter"]
 def configure_converter(converter: cattrs.Converter) -> None:
     """Register every bridge_kit hook on ``converter``; the order matters (base first)."""
     configure_base(converter)
-    errors.configure_converter(converter)
+    error_body.configure_converter(converter)
     register.configure_converter(converter)
     room.configure_converter(converter)
     events.configure_converter(converter)

@@ -33,7 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "store.url": frozenset({"errors"}),
     "types": frozenset({"errors"}),
     "inbox.records": frozenset({"defaults"}),
-    "client": frozenset({"_json", "errors", "store.url", "types"}),
+    "client": frozenset({"_deprecated", "_json", "errors", "store.url", "types"}),
     "metrics": frozenset({"client", "inbox.records"}),
     "registration": frozenset({"_yaml", "errors", "ids", "types"}),
     "_preconf": frozenset({"client", "registration", "types"}),

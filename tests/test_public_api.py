@@ -233,6 +233,8 @@ def test_the_package_ships_py_typed() -> None:
     [
         ("bridge_kit", "AppState", "AppLifecycle"),
         ("bridge_kit.app", "AppState", "AppLifecycle"),
+        ("bridge_kit", "ClientState", "ClientLifecycle"),
+        ("bridge_kit.client", "ClientState", "ClientLifecycle"),
         ("bridge_kit.intent", "RoomState", "RoomStateStore"),
         ("bridge_kit.crypto", "Device", "TrackedDevice"),
         ("bridge_kit", "ErrorReply", "inbox.signals.ErrorReply"),
