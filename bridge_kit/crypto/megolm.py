@@ -14,11 +14,13 @@ import vodozemac
 from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OlmAccount
 from bridge_kit.crypto.olm import OlmPayload
+from bridge_kit.crypto.payloads import MegolmEncryptedContent, MegolmPlaintext, RoomKeyContent
 from bridge_kit.crypto.records import InboundSessionRecord, OutboundSessionRecord
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
 from bridge_kit.store.retention import REPLAY_RECORDS
+from bridge_kit.types.converter import converter
 
 __all__ = [
     "DecryptedRoomEvent",
@@ -340,28 +342,32 @@ class OutboundGroupSessions:
 
     def room_key_content(self, session: OutboundSession) -> dict[str, Any]:
         """The ``m.room_key`` content that shares ``session``."""
-        return {
-            "algorithm": MEGOLM_ALGORITHM,
-            "room_id": session.room_id,
-            "session_id": session.session.session_id,
-            "session_key": session.session.session_key.to_base64(),
-        }
+        key = RoomKeyContent(
+            algorithm=MEGOLM_ALGORITHM,
+            room_id=session.room_id,
+            session_id=session.session.session_id,
+            session_key=session.session.session_key.to_base64(),
+        )
+        content: dict[str, Any] = converter.unstructure(key)
+        return content
 
     async def encrypt(
         self, session: OutboundSession, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
         """The ``m.room.encrypted`` content for one room event; the session is saved
         (its ratchet moved on) before the content is returned."""
-        plaintext = {"type": event_type, "content": dict(content), "room_id": session.room_id}
-        ciphertext = session.session.encrypt(canonical_json(plaintext)).to_base64()
+        plaintext = MegolmPlaintext(event_type, dict(content), session.room_id)
+        message = session.session.encrypt(canonical_json(converter.unstructure(plaintext)))
         await self.save(session)
-        encrypted: dict[str, Any] = {
-            "algorithm": MEGOLM_ALGORITHM,
-            "sender_key": self.account.curve25519,
-            "ciphertext": ciphertext,
-            "session_id": session.session.session_id,
-            "device_id": self.account.device_id,
-        }
+        encrypted: dict[str, Any] = converter.unstructure(
+            MegolmEncryptedContent(
+                algorithm=MEGOLM_ALGORITHM,
+                sender_key=self.account.curve25519,
+                ciphertext=message.to_base64(),
+                session_id=session.session.session_id,
+                device_id=self.account.device_id,
+            )
+        )
         # The spec keeps relations readable by the server (threads, edits, reactions).
         relation = content.get(_RELATION)
         if isinstance(relation, Mapping):

@@ -23,6 +23,7 @@ import vodozemac
 from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
 from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice
+from bridge_kit.crypto.payloads import OlmCiphertext, OlmEncryptedContent, OlmPlaintext
 from bridge_kit.crypto.signing import (
     canonical_json,
     unpadded_b64decode,
@@ -32,6 +33,7 @@ from bridge_kit.crypto.signing import (
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import UndecryptableEvent
 from bridge_kit.store.retention import SEALED_PAYLOADS
+from bridge_kit.types.converter import converter
 
 __all__ = ["OlmPayload", "OlmSessions"]
 
@@ -210,19 +212,22 @@ class OlmSessions:
         """The to-device ``m.room.encrypted`` content carrying ``event_type`` and
         ``content`` to ``device``, over the newest session with it (which must exist)."""
         key, session = self._sessions[device.curve25519][-1]
-        payload = {
-            "type": event_type,
-            "content": dict(content),
-            "sender": self.account.user_id,
-            "sender_device": self.account.device_id,
-            "keys": {"ed25519": self.account.ed25519},
-            "recipient": device.user_id,
-            "recipient_keys": {"ed25519": device.ed25519},
-        }
-        kind, body = session.encrypt(canonical_json(payload)).to_parts()
+        payload = OlmPlaintext(
+            type=event_type,
+            content=dict(content),
+            sender=self.account.user_id,
+            sender_device=self.account.device_id,
+            keys={"ed25519": self.account.ed25519},
+            recipient=device.user_id,
+            recipient_keys={"ed25519": device.ed25519},
+        )
+        plaintext = canonical_json(converter.unstructure(payload))
+        kind, body = session.encrypt(plaintext).to_parts()
         await self.vault.store.crypto_put(self.vault.owner, _KIND, key, self.vault.seal(session))
-        return {
-            "algorithm": OLM_ALGORITHM,
-            "sender_key": self.account.curve25519,
-            "ciphertext": {device.curve25519: {"type": kind, "body": unpadded_b64encode(body)}},
-        }
+        encrypted = OlmEncryptedContent(
+            algorithm=OLM_ALGORITHM,
+            sender_key=self.account.curve25519,
+            ciphertext={device.curve25519: OlmCiphertext(kind, unpadded_b64encode(body))},
+        )
+        result: dict[str, Any] = converter.unstructure(encrypted)
+        return result
