@@ -2,6 +2,9 @@
 
 Importing this package needs vodozemac; the rest of bridge_kit does not, and only
 imports it when ``encryption.enabled`` is on.
+
+What it stores is in :mod:`~bridge_kit.crypto.records`, what it sends in
+:mod:`~bridge_kit.crypto.payloads`: attrs classes, (un)structured by the one converter.
 """
 
 from typing import TYPE_CHECKING
