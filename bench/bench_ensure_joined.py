@@ -3,7 +3,7 @@
 No homeserver: the client points at a closed port, so any request would fail, and
 its ``request_count`` must stay 0. The figure is set against a baseline of the
 same number of bare ``store.membership`` lookups (the ratio is the overhead of the
-Intent and RoomState layers). Target: under 1 s, 0 requests.
+Intent and RoomStateStore layers). Target: under 1 s, 0 requests.
 
     .venv/bin/python bench/bench_ensure_joined.py [--pairs 10000] [--store sqlite|memory]
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from bridge_kit.client.homeserver import HomeserverClient  # noqa: E402
 from bridge_kit.intent import Intent  # noqa: E402
-from bridge_kit.intent.room_state import RoomState  # noqa: E402
+from bridge_kit.intent.state_store import RoomStateStore  # noqa: E402
 from bridge_kit.store import MemoryStore, SQLiteStore, Store  # noqa: E402
 from bridge_kit.types.events import Event  # noqa: E402
 
@@ -50,7 +50,7 @@ async def run(count: int, store: Store) -> None:
     joined = pairs(count)
     async with store, HomeserverClient("http://127.0.0.1:9", "unused") as client:
         await fill(store, joined)
-        state = RoomState(store, lambda: Intent(client, "@bot:bench.local", None, state))
+        state = RoomStateStore(store, lambda: Intent(client, "@bot:bench.local", None, state))
         intents = [Intent(client, user_id, None, state) for user_id, _ in joined]
 
         started = time.perf_counter()

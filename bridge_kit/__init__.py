@@ -21,12 +21,15 @@ The other packages are bridge_kit's own working parts: :mod:`bridge_kit.inbox`
 module whose name starts with ``_``.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from bridge_kit._deprecated import renamed as _renamed
 from bridge_kit._preconf import configure_converter as _configure_converter
 from bridge_kit._preconf import make_converter
-from bridge_kit.app import AppService, AppState, ExitCode, StopSignals, run_app
+from bridge_kit.app import AppLifecycle, AppService, ExitCode, StopSignals, run_app
 from bridge_kit.client.homeserver import (
+    ClientLifecycle,
     ClientObserver,
-    ClientState,
     HomeserverClient,
     RetryPolicy,
     WhoAmI,
@@ -44,10 +47,11 @@ from bridge_kit.errors import (
     ClientClosed,
     ConfigError,
     DevicesUnavailable,
-    ErrorReply,
     Exclusive,
     Forbidden,
+    HomeserverError,
     HomeserverUnreachable,
+    InvalidInput,
     InvalidLocalpart,
     LifecycleError,
     LimitExceeded,
@@ -59,9 +63,10 @@ from bridge_kit.errors import (
     RegistrationAborted,
     RegistrationError,
     ResourceLimitExceeded,
+    ServiceError,
+    SetupError,
     StartupCheckFailed,
     StoreError,
-    TransactionFailed,
     UnexpectedReply,
     UnknownDevice,
     UnknownToken,
@@ -71,6 +76,7 @@ from bridge_kit.errors import (
     YamlError,
 )
 from bridge_kit.ids import localpart_problem, split_user_id, user_id, validate_localpart
+from bridge_kit.inbox import signals as _signals
 from bridge_kit.intent import Intent
 from bridge_kit.logs import configure_logging
 from bridge_kit.metrics import Metrics
@@ -100,22 +106,37 @@ _configure_converter(_shared_converter)
 
 __version__ = "0.1.0"
 
+# Deprecated (see CHANGELOG): the old name of AppLifecycle, one of three "states".
+# ErrorReply and TransactionFailed: signals between the inbox and the HTTP server,
+# out of the public error tree (bridge_kit.inbox.signals).
+__getattr__ = _renamed(
+    __name__,
+    {
+        "AppState": ("AppLifecycle", AppLifecycle),
+        "ClientState": ("ClientLifecycle", ClientLifecycle),
+        "ErrorReply": ("inbox.signals.ErrorReply", _signals.ErrorReply),
+        "TransactionFailed": ("inbox.signals.TransactionFailed", _signals.TransactionFailed),
+    },
+)
+if _TYPE_CHECKING:
+    AppState = AppLifecycle
+    ClientState = ClientLifecycle
+
 __all__ = [
+    "AppLifecycle",
     "AppService",
     "AppServiceConfig",
-    "AppState",
     "BridgeKitError",
     "BulkProgress",
     "BulkResult",
     "CheckResult",
     "ClientClosed",
+    "ClientLifecycle",
     "ClientObserver",
-    "ClientState",
     "Config",
     "ConfigError",
     "DevicesUnavailable",
     "EncryptionConfig",
-    "ErrorReply",
     "Event",
     "Exclusive",
     "ExitCode",
@@ -123,8 +144,10 @@ __all__ = [
     "Forbidden",
     "HomeserverClient",
     "HomeserverConfig",
+    "HomeserverError",
     "HomeserverUnreachable",
     "Intent",
+    "InvalidInput",
     "InvalidLocalpart",
     "LifecycleError",
     "LimitExceeded",
@@ -147,6 +170,8 @@ __all__ = [
     "RegistrationError",
     "ResourceLimitExceeded",
     "RetryPolicy",
+    "ServiceError",
+    "SetupError",
     "StartupCheckFailed",
     "StopSignals",
     "Store",
@@ -154,7 +179,6 @@ __all__ = [
     "TextMessage",
     "ThirdPartyHandlers",
     "Transaction",
-    "TransactionFailed",
     "UnexpectedReply",
     "UnknownDevice",
     "UnknownToken",

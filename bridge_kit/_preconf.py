@@ -15,14 +15,14 @@ from bridge_kit.registration import model as registration_model
 from bridge_kit.types import (
     device_events,
     devices,
-    errors,
+    error_body,
     events,
     keys,
     media,
     messages,
     register,
     room,
-    state,
+    room_state,
 )
 from bridge_kit.types.converter import configure_converter as configure_base
 
@@ -32,13 +32,13 @@ __all__ = ["configure_converter", "make_converter"]
 def configure_converter(converter: cattrs.Converter) -> None:
     """Register every bridge_kit hook on ``converter``; the order matters (base first)."""
     configure_base(converter)
-    errors.configure_converter(converter)
+    error_body.configure_converter(converter)
     register.configure_converter(converter)
     room.configure_converter(converter)
     events.configure_converter(converter)
     device_events.configure_converter(converter)
     messages.configure_converter(converter)
-    state.configure_converter(converter)
+    room_state.configure_converter(converter)
     media.configure_converter(converter)
     devices.configure_converter(converter)
     keys.configure_converter(converter)

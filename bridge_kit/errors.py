@@ -1,54 +1,60 @@
 """The one exception hierarchy of bridge_kit, rooted in :class:`BridgeKitError`.
 
-Every exception bridge_kit raises on purpose lives here::
+Every exception bridge_kit raises on purpose lives here, grouped so that a caller
+can catch a whole kind (``except HomeserverError``: anything from the homeserver)::
 
     BridgeKitError
-    ├── ConfigError                  the daemon configuration is invalid
-    │   └── UsageError               the command line is wrong
-    ├── RegistrationError            the registration file is invalid
-    ├── InvalidLocalpart (ValueError)  a localpart bridge_kit will not create
-    ├── NotInNamespace (ValueError)  a user ID outside our user namespaces
+    ├── SetupError                   the bridge is set up wrong (fix a file or a flag)
+    │   ├── ConfigError              the daemon configuration is invalid
+    │   │   ├── UsageError           the command line is wrong
+    │   │   └── EncryptionUnavailable (CryptoError)  encryption on without the e2ee extra
+    │   ├── RegistrationError        the registration file is invalid
+    │   └── DevicesUnavailable       devices (MSC4190) are off in the registration or homeserver
+    ├── InvalidInput                 a value bridge_kit refuses, before anything is sent
+    │   ├── InvalidLocalpart (ValueError)  a localpart bridge_kit will not create
+    │   ├── NotInNamespace (ValueError)  a user ID outside our user namespaces
+    │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
+    │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
+    │   ├── YamlError                text that is not one valid YAML document
+    │   └── MediaTooLarge            an upload over the homeserver's size limit, refused unsent
+    ├── HomeserverError              anything from the homeserver
+    │   ├── HomeserverUnreachable    no HTTP reply from the homeserver, even after retries
+    │   ├── UnexpectedReply          a 2xx reply of the wrong shape
+    │   ├── DoublePuppetError        the homeserver would not let us log in as a real user
+    │   ├── RegistrationAborted      a bulk registration run stopped at once
+    │   └── MatrixRequestError       the homeserver answered with an error (by errcode:)
+    │       ├── UserInUse            M_USER_IN_USE
+    │       ├── Exclusive            M_EXCLUSIVE
+    │       ├── LimitExceeded        M_LIMIT_EXCEEDED (and any 429)
+    │       ├── UnknownToken         M_UNKNOWN_TOKEN
+    │       ├── MissingToken         M_MISSING_TOKEN
+    │       ├── Forbidden            M_FORBIDDEN
+    │       ├── ResourceLimitExceeded  M_RESOURCE_LIMIT_EXCEEDED
+    │       ├── NotFound             M_NOT_FOUND
+    │       └── UnknownDevice        M_UNKNOWN_DEVICE
+    ├── ServiceError                 the appservice could not start, serve or stop as asked
+    │   ├── LifecycleError           start() or stop() called in the wrong state
+    │   ├── ClientClosed             a request on a closed HomeserverClient
+    │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
+    │   └── ListenError              the HTTP server could not listen
     ├── StoreError                   the store could not be opened or used
-    ├── ListenError                  the HTTP server could not listen
-    ├── LifecycleError               start() or stop() called in the wrong state
-    ├── ClientClosed                 a request on a closed HomeserverClient
-    ├── HomeserverUnreachable        no HTTP reply from the homeserver, even after retries
-    ├── StartupCheckFailed           whoami or the ping failed at start-up, with a diagnosis
-    ├── RegistrationAborted          a bulk registration run stopped at once
-    ├── TransactionFailed            a received transaction could not be processed
-    ├── NotReady                     an inbox item cannot be handled yet (wait, then retry)
-    ├── Park                         an inbox item waits for something outside its lane
-    ├── ErrorReply                   what an appservice route answers with (status, errcode)
-    ├── UnexpectedReply              a 2xx reply of the wrong shape
-    ├── WrongType (TypeError)        a JSON value of the wrong type in a wire model
-    ├── YamlError                    text that is not one valid YAML document
-    ├── MediaTooLarge                an upload over the homeserver's size limit, refused unsent
-    ├── InvalidMxc (ValueError)      a media URI that is not ``mxc://server/media_id``
-    ├── DoublePuppetError            the homeserver would not let us log in as a real user
-    ├── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
-    │   ├── EncryptionUnavailable (ConfigError)  encryption enabled without the e2ee extra
-    │   ├── WrongPickleKey           stored crypto state does not open with this pickle key
-    │   └── UndecryptableEvent       an encrypted event bridge_kit cannot (or will not) decrypt
-    │       └── NoRoomKey            its Megolm room key has not arrived (yet)
-    ├── DevicesUnavailable           devices (MSC4190) are off in the registration or homeserver
-    └── MatrixRequestError           the homeserver answered with an error (by errcode:)
-        ├── UserInUse                M_USER_IN_USE
-        ├── Exclusive                M_EXCLUSIVE
-        ├── LimitExceeded            M_LIMIT_EXCEEDED (and any 429)
-        ├── UnknownToken             M_UNKNOWN_TOKEN
-        ├── MissingToken             M_MISSING_TOKEN
-        ├── Forbidden                M_FORBIDDEN
-        ├── ResourceLimitExceeded    M_RESOURCE_LIMIT_EXCEEDED
-        ├── NotFound                 M_NOT_FOUND
-        └── UnknownDevice            M_UNKNOWN_DEVICE
+    └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
+        ├── EncryptionUnavailable (ConfigError)  (see SetupError)
+        ├── WrongPickleKey           stored crypto state does not open with this pickle key
+        └── UndecryptableEvent       an encrypted event bridge_kit cannot (or will not) decrypt
+            └── NoRoomKey            its Megolm room key has not arrived (yet)
 
 Matrix errors are mapped by errcode with the :func:`errcode` decorator, so a
 bridge can ``except UserInUse`` instead of comparing strings.
+
+The inbox's control-flow signals (``NotReady``, ``Park``) and the appservice API's
+(``ErrorReply``, ``TransactionFailed``) are not errors a caller handles: they live
+in :mod:`bridge_kit.inbox.signals`, outside this tree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 __all__ = [
@@ -59,10 +65,11 @@ __all__ = [
     "DevicesUnavailable",
     "DoublePuppetError",
     "EncryptionUnavailable",
-    "ErrorReply",
     "Exclusive",
     "Forbidden",
+    "HomeserverError",
     "HomeserverUnreachable",
+    "InvalidInput",
     "InvalidLocalpart",
     "InvalidMxc",
     "LifecycleError",
@@ -74,14 +81,13 @@ __all__ = [
     "NoRoomKey",
     "NotFound",
     "NotInNamespace",
-    "NotReady",
-    "Park",
     "RegistrationAborted",
     "RegistrationError",
     "ResourceLimitExceeded",
+    "ServiceError",
+    "SetupError",
     "StartupCheckFailed",
     "StoreError",
-    "TransactionFailed",
     "UndecryptableEvent",
     "UnexpectedReply",
     "UnknownDevice",
@@ -99,7 +105,28 @@ class BridgeKitError(Exception):
     """Base class of every error bridge_kit raises on purpose."""
 
 
-class ConfigError(BridgeKitError):
+class SetupError(BridgeKitError):
+    """The bridge is set up wrong: its configuration, registration or command line.
+
+    The message says what to change; retrying without that change fails again.
+    """
+
+
+class InvalidInput(BridgeKitError):
+    """A value bridge_kit refuses (a localpart, a URI, a JSON value, a YAML text...),
+    found before anything is sent."""
+
+
+class HomeserverError(BridgeKitError):
+    """Anything from the homeserver: an error reply, no reply, or a reply of the wrong
+    shape; also what bridge_kit concludes from such replies."""
+
+
+class ServiceError(BridgeKitError):
+    """The appservice could not start, serve or stop as asked."""
+
+
+class ConfigError(SetupError):
     """The daemon configuration is invalid; the message names every problem."""
 
 
@@ -107,7 +134,7 @@ class UsageError(ConfigError):
     """The command line is wrong; the message says how."""
 
 
-class RegistrationError(BridgeKitError):
+class RegistrationError(SetupError):
     """The registration file is invalid.
 
     ``problems`` holds one human-readable line per problem, each naming its
@@ -121,7 +148,7 @@ class RegistrationError(BridgeKitError):
         super().__init__(f"{where}invalid registration:\n  " + "\n  ".join(self.problems))
 
 
-class InvalidLocalpart(BridgeKitError, ValueError):
+class InvalidLocalpart(InvalidInput, ValueError):
     """A localpart that bridge_kit refuses to register (spec grammar, length)."""
 
     def __init__(self, localpart: str, reason: str) -> None:
@@ -130,7 +157,7 @@ class InvalidLocalpart(BridgeKitError, ValueError):
         super().__init__(f"invalid localpart {localpart!r}: {reason}")
 
 
-class NotInNamespace(BridgeKitError, ValueError):
+class NotInNamespace(InvalidInput, ValueError):
     """A user ID outside this appservice's user namespaces."""
 
     def __init__(self, user_id: str) -> None:
@@ -142,27 +169,27 @@ class StoreError(BridgeKitError):
     """The store could not be opened or used."""
 
 
-class ListenError(BridgeKitError):
+class ListenError(ServiceError):
     """The appservice could not listen on its host and port."""
 
 
-class LifecycleError(BridgeKitError):
+class LifecycleError(ServiceError):
     """An :class:`~bridge_kit.AppService` was started or used in the wrong state."""
 
 
-class ClientClosed(BridgeKitError):
+class ClientClosed(ServiceError):
     """A request on a :class:`~bridge_kit.HomeserverClient` that was closed."""
 
 
-class HomeserverUnreachable(BridgeKitError):
+class HomeserverUnreachable(HomeserverError):
     """The homeserver could not be reached, even after retries."""
 
 
-class StartupCheckFailed(BridgeKitError):
+class StartupCheckFailed(ServiceError):
     """A start-up check failed; the message says what is wrong and how to fix it."""
 
 
-class RegistrationAborted(BridgeKitError):
+class RegistrationAborted(HomeserverError):
     """A puppet registration run stopped at once: retrying puppets would not help.
 
     ``diagnosis`` says in plain words what is wrong and how to fix it.
@@ -174,77 +201,7 @@ class RegistrationAborted(BridgeKitError):
         super().__init__(diagnosis)
 
 
-class TransactionFailed(BridgeKitError):
-    """Processing a received transaction failed; it was not acknowledged."""
-
-    def __init__(self, txn_id: str) -> None:
-        self.txn_id = txn_id
-        super().__init__(f"transaction {txn_id} failed")
-
-
-class NotReady(BridgeKitError):
-    """Raised by an inbox preprocessor: this item cannot be handled *yet*.
-
-    The inbox tries the item again after ``retry_after`` seconds, counting no
-    attempt; its lane's later items wait behind it, so their order holds. Once
-    ``give_up_after`` seconds have passed since the item was first found not ready
-    (or first failed), it becomes a dead letter with ``reason`` as its error.
-    A replayed dead letter gets the full wait again.
-    """
-
-    def __init__(self, reason: str, *, retry_after: float, give_up_after: float) -> None:
-        if not retry_after > 0 or not give_up_after >= 0:
-            raise ValueError("retry_after must be > 0 and give_up_after >= 0")
-        self.reason = reason
-        self.retry_after = retry_after
-        self.give_up_after = give_up_after
-        super().__init__(reason)
-
-
-class Park(BridgeKitError):
-    """Raised by an inbox preprocessor or handler: this item waits for ``key``, outside
-    its lane.
-
-    The inbox moves the item out of its lane into the parked items (durably), and
-    the lane goes on with its later items at once. :meth:`bridge_kit.inbox.lanes.Inbox.unpark`
-    with the same ``key`` puts it back at the end of its lane (so it is handled
-    after later events of its room); :meth:`~bridge_kit.inbox.lanes.Inbox.give_up_parked`
-    makes it a dead letter. Once ``give_up_after`` seconds have passed since it was
-    first not ready it becomes a dead letter with ``reason`` as its error.
-
-    ``recheck``, if given, is awaited once the item is parked: True means what it
-    waits for came in the meantime (between the failed try and the parking), and
-    the item is unparked at once.
-    """
-
-    def __init__(
-        self,
-        key: str,
-        *,
-        give_up_after: float,
-        reason: str,
-        recheck: Callable[[], Awaitable[bool]] | None = None,
-    ) -> None:
-        if not key or not give_up_after >= 0:
-            raise ValueError("a park key must not be empty, and give_up_after must be >= 0")
-        self.key = key
-        self.give_up_after = give_up_after
-        self.reason = reason
-        self.recheck = recheck
-        super().__init__(f"{reason} (waits for {key})")
-
-
-class ErrorReply(BridgeKitError):
-    """Raised inside an appservice route: answer with this Matrix error body."""
-
-    def __init__(self, status: int, errcode: str, message: str) -> None:
-        self.status = status
-        self.errcode = errcode
-        self.message = message
-        super().__init__(f"{status} {errcode}: {message}")
-
-
-class UnexpectedReply(BridgeKitError):
+class UnexpectedReply(HomeserverError):
     """The homeserver answered 2xx, but not with what the endpoint promises.
 
     ``body`` is the decoded reply (``None`` when it was not JSON).
@@ -257,7 +214,7 @@ class UnexpectedReply(BridgeKitError):
         super().__init__(f"{status}: {message}")
 
 
-class WrongType(BridgeKitError, TypeError):
+class WrongType(InvalidInput, TypeError):
     """A JSON value of the wrong type; the message names the expected and the found type."""
 
     def __init__(self, expected: str, found: Any) -> None:
@@ -281,7 +238,7 @@ def json_type(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-class YamlError(BridgeKitError):
+class YamlError(InvalidInput):
     """Text that is not one valid YAML document: the ``reason``, and where (1-based) if known."""
 
     def __init__(self, reason: str, line: int | None = None, column: int | None = None) -> None:
@@ -297,7 +254,7 @@ class YamlError(BridgeKitError):
         return f"line {self.line}{column}: {self.reason}"
 
 
-class MediaTooLarge(BridgeKitError):
+class MediaTooLarge(InvalidInput):
     """An upload larger than the homeserver's ``m.upload.size``; nothing was sent."""
 
     def __init__(self, size: int, limit: int) -> None:
@@ -309,7 +266,7 @@ class MediaTooLarge(BridgeKitError):
         )
 
 
-class DoublePuppetError(BridgeKitError):
+class DoublePuppetError(HomeserverError):
     """An appservice login as a real user (double puppeting) was refused; the message
     says why and what the operator can change."""
 
@@ -347,7 +304,7 @@ class NoRoomKey(UndecryptableEvent):
         super().__init__("no room key")
 
 
-class DevicesUnavailable(BridgeKitError):
+class DevicesUnavailable(SetupError):
     """The appservice may not create or delete its users' devices (MSC4190).
 
     Either the registration lacks ``io.element.msc4190: true`` (bridge_kit then
@@ -368,7 +325,7 @@ class DevicesUnavailable(BridgeKitError):
         )
 
 
-class InvalidMxc(BridgeKitError, ValueError):
+class InvalidMxc(InvalidInput, ValueError):
     """A media URI that is not ``mxc://<server name>/<media id>``."""
 
     def __init__(self, uri: str) -> None:
@@ -396,7 +353,7 @@ def errcode(code: str) -> Callable[[E], E]:
     return register
 
 
-class MatrixRequestError(BridgeKitError):
+class MatrixRequestError(HomeserverError):
     """The homeserver answered with an error.
 
     ``status`` is the HTTP status, ``errcode`` the Matrix errcode (or ``None``

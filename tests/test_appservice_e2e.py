@@ -20,11 +20,11 @@ import yaml
 import yarl
 
 from bridge_kit import (
+    AppLifecycle,
     AppService,
     AppServiceConfig,
-    AppState,
     ClientClosed,
-    ClientState,
+    ClientLifecycle,
     Config,
     Event,
     HomeserverClient,
@@ -352,11 +352,11 @@ async def test_a_second_start_is_refused_and_leaves_the_running_app_alone(
     async with app:
         with pytest.raises(LifecycleError, match="cannot start an AppService that is running"):
             await app.start()
-        assert app.state is AppState.RUNNING
-        assert app.client.state is ClientState.OPENED
+        assert app.state is AppLifecycle.RUNNING
+        assert app.client.state is ClientLifecycle.OPENED
         assert await app.store.count_registered() >= 0  # still open
         assert await user_query(app, "@_bk_still_served:test.local")
-    assert app.state is AppState.STOPPED
+    assert app.state is AppLifecycle.STOPPED
     with pytest.raises(LifecycleError, match="stopped"):
         await app.start()
 
@@ -375,8 +375,8 @@ async def test_stop_runs_every_step_even_when_one_fails(
     await app.start()
     with pytest.raises(StoreError, match="flush failed"):
         await app.stop()
-    assert app.state is AppState.STOPPED
-    assert app.client.state is ClientState.CLOSED  # closed after the failing step
+    assert app.state is AppLifecycle.STOPPED
+    assert app.client.state is ClientLifecycle.CLOSED  # closed after the failing step
     with pytest.raises(ClientClosed):
         await app.client.whoami()
     with socket.socket() as probe:  # the listener was stopped before the store
@@ -393,7 +393,7 @@ async def test_a_failed_start_closes_what_it_opened(
         app = make_app(homeserver, tmp_path / "bk.db")
         with pytest.raises(ListenError):
             await app.start()
-    assert app.state is AppState.STOPPED
-    assert app.client.state is ClientState.CLOSED
+    assert app.state is AppLifecycle.STOPPED
+    assert app.client.state is ClientLifecycle.CLOSED
     with pytest.raises(StoreError, match="not open"):
         await app.store.count_registered()

@@ -24,6 +24,7 @@ LEAVES = frozenset({"inbox.records", "store.url"})
 #: below); an edge that is not here fails, so a change of shape is a visible decision.
 ALLOWED: dict[str, frozenset[str]] = {
     "errors": frozenset(),
+    "_deprecated": frozenset(),
     "defaults": frozenset(),
     "_json": frozenset({"errors"}),
     "_yaml": frozenset({"errors"}),
@@ -32,7 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "store.url": frozenset({"errors"}),
     "types": frozenset({"errors"}),
     "inbox.records": frozenset({"defaults"}),
-    "client": frozenset({"_json", "errors", "store.url", "types"}),
+    "client": frozenset({"_deprecated", "_json", "errors", "store.url", "types"}),
     "metrics": frozenset({"client", "inbox.records"}),
     "registration": frozenset({"_yaml", "errors", "ids", "types"}),
     "_preconf": frozenset({"client", "registration", "types"}),
@@ -41,11 +42,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "inbox": frozenset(
         {"_json", "defaults", "errors", "inbox.records", "logs", "metrics", "store", "types"}
     ),
-    "intent": frozenset({"client", "errors", "inbox", "inbox.records", "store", "types"}),
+    "intent": frozenset(
+        {"_deprecated", "client", "errors", "inbox", "inbox.records", "store", "types"}
+    ),
     "puppets": frozenset({"client", "errors", "ids", "intent", "registration", "store", "types"}),
     "crypto": frozenset(
-        {"_json", "config", "errors", "inbox", "inbox.records", "intent", "registration"}
-        | {"store", "types"}
+        {"_deprecated", "_json", "config", "errors", "inbox", "inbox.records", "intent"}
+        | {"registration", "store", "types"}
     ),
     "server": frozenset(
         {"_json", "defaults", "errors", "inbox", "inbox.records", "metrics", "store", "types"}
@@ -56,9 +59,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
     "testing": frozenset({"errors"}),
     "app": frozenset(
-        {"checks", "client", "config", "crypto", "defaults", "errors", "ids", "inbox"}
-        | {"inbox.records", "intent", "logs", "metrics", "puppets", "registration", "server"}
-        | {"store", "store.url"}
+        {"_deprecated", "checks", "client", "config", "crypto", "defaults", "errors", "ids"}
+        | {"inbox", "inbox.records", "intent", "logs", "metrics", "puppets", "registration"}
+        | {"server", "store", "store.url"}
     ),
     "cli": frozenset(
         {"app", "checks", "client", "config", "defaults", "errors", "inbox", "inbox.records"}
@@ -68,8 +71,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "__main__": frozenset({"cli"}),
     # The package itself re-exports the public API.
     "": frozenset(
-        {"_preconf", "app", "client", "config", "errors", "ids", "intent", "logs", "metrics"}
-        | {"puppets", "registration", "server", "store", "types"}
+        {"_deprecated", "_preconf", "app", "client", "config", "errors", "ids", "inbox"}
+        | {"intent", "logs", "metrics", "puppets", "registration", "server", "store", "types"}
     ),
 }
 

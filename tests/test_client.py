@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from bridge_kit.client.homeserver import (
+    ClientLifecycle,
     ClientObserver,
-    ClientState,
     HomeserverClient,
     RetryPolicy,
     WhoAmI,
@@ -592,11 +592,11 @@ def test_a_malformed_homeserver_url_is_refused(url: str) -> None:
 
 async def test_a_closed_client_refuses_requests(hs: FaultHomeserver) -> None:
     client = HomeserverClient(hs.url + "/", TOKEN)
-    assert client.state is ClientState.UNOPENED
+    assert client.state is ClientLifecycle.UNOPENED
     await client.whoami()
-    assert client.state is ClientState.OPENED
+    assert client.state is ClientLifecycle.OPENED
     await client.close()
-    assert client.state is ClientState.CLOSED
+    assert client.state is ClientLifecycle.CLOSED
     with pytest.raises(ClientClosed, match="is closed"):
         await client.whoami()
     await client.close()  # closing twice is fine

@@ -18,12 +18,12 @@ from typing import Any
 import attrs
 import pytest
 
-from bridge_kit.errors import ErrorReply, NotReady
 from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.inbox.device_items import count_device_items, split_device_items
 from bridge_kit.inbox.handlers import HandlerRegistry
 from bridge_kit.inbox.lanes import Inbox, InboxSettings, handler_name
 from bridge_kit.inbox.records import InboxItem, ItemKind
+from bridge_kit.inbox.signals import ErrorReply, NotReady
 from bridge_kit.inbox.transactions import TransactionProcessor, split_transaction
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import Store, open_store

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from bridge_kit import defaults
-from bridge_kit.errors import ErrorReply
 from bridge_kit.inbox.records import ItemKind
+from bridge_kit.inbox.signals import ErrorReply
 from bridge_kit.inbox.transactions import split_transaction
 from tests.test_device_hooks import to_device
 from tests.test_inbox import message

@@ -24,7 +24,7 @@ from signedjson.sign import sign_json, verify_signed_json
 from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy, quote_segment
 from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, UnknownDevice, UserInUse
 from bridge_kit.intent import Intent
-from bridge_kit.intent.room_state import RoomState
+from bridge_kit.intent.state_store import RoomStateStore
 from bridge_kit.store import MemoryStore
 from bridge_kit.types.keys import DeviceKeys, OneTimeKey
 from bridge_kit.types.register import RegisterRequest
@@ -58,7 +58,7 @@ def make_intent(
         with contextlib.suppress(UserInUse):
             await client.register(RegisterRequest.for_puppet(localpart))
 
-    state = None if store is None else RoomState(store, lambda: intent)
+    state = None if store is None else RoomStateStore(store, lambda: intent)
     intent = Intent(
         client, f"@{localpart}:{hs.server_name}", register, state, device_management=True
     )

@@ -25,7 +25,8 @@ import pytest
 from bridge_kit.errors import StoreError
 from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.inbox.delivery import next_txn_id
-from bridge_kit.inbox.lanes import EventHandler, HandlerRoute, Inbox, InboxSettings, handler_name
+from bridge_kit.inbox.handlers import EventHandler
+from bridge_kit.inbox.lanes import HandlerRoute, Inbox, InboxSettings, handler_name
 from bridge_kit.inbox.records import ItemKind
 from bridge_kit.inbox.transactions import TransactionProcessor, split_transaction
 from bridge_kit.metrics import Metrics

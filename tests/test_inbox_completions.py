@@ -19,9 +19,10 @@ from typing import Any
 import attrs
 import pytest
 
-from bridge_kit.errors import NotReady, StoreError
+from bridge_kit.errors import StoreError
 from bridge_kit.inbox.lanes import Inbox, handler_name
 from bridge_kit.inbox.records import NewDeadLetter
+from bridge_kit.inbox.signals import NotReady
 from bridge_kit.store import Store, open_store
 from bridge_kit.types import Event
 from tests.test_inbox import (

@@ -32,7 +32,7 @@ from bridge_kit.intent import Intent
 from bridge_kit.types.media import MediaInfo
 from bridge_kit.types.register import RegisterRequest
 from bridge_kit.types.room import RoomPreset
-from bridge_kit.types.state import PowerLevels
+from bridge_kit.types.room_state import PowerLevels
 from tests.conftest import TestHomeserver
 
 CLIENT = "/_matrix/client/v3"

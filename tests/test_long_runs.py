@@ -15,8 +15,9 @@ import pytest
 
 from bridge_kit.cli.report import ReportWriter
 from bridge_kit.client.homeserver import HomeserverClient
-from bridge_kit.errors import StoreError, TransactionFailed
+from bridge_kit.errors import StoreError
 from bridge_kit.inbox.records import Acceptance, NewDeadLetter, NewInboxItem
+from bridge_kit.inbox.signals import TransactionFailed
 from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.results import KEPT_PROBLEMS

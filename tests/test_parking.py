@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from bridge_kit.errors import Park
 from bridge_kit.inbox.lanes import Inbox, InboxSettings
 from bridge_kit.inbox.records import InboxItem, ItemKind, NewDeadLetter, Parking
+from bridge_kit.inbox.signals import Park
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import PostgresStore, SQLiteStore, Store, open_store
 from bridge_kit.types import Event

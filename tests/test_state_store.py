@@ -11,7 +11,7 @@ import pytest
 
 from bridge_kit.store import SQLiteStore, Store, open_store
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 from tests.test_store import backend_url, emptied, run_sql
 
 ROOM, OTHER = "!room:test.local", "!other:test.local"

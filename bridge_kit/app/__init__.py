@@ -7,7 +7,15 @@
 - :mod:`~bridge_kit.app.ratelimit`: the token bucket behind provisioning on query.
 """
 
-from bridge_kit.app.runner import ExitCode, StopSignals, run_app
-from bridge_kit.app.service import AppService, AppState
+from typing import TYPE_CHECKING
 
-__all__ = ["AppService", "AppState", "ExitCode", "StopSignals", "run_app"]
+from bridge_kit._deprecated import renamed
+from bridge_kit.app.runner import ExitCode, StopSignals, run_app
+from bridge_kit.app.service import AppLifecycle, AppService
+
+__all__ = ["AppLifecycle", "AppService", "ExitCode", "StopSignals", "run_app"]
+
+# Deprecated (see CHANGELOG): the old name of AppLifecycle, one of three "states".
+__getattr__ = renamed(__name__, {"AppState": ("AppLifecycle", AppLifecycle)})
+if TYPE_CHECKING:
+    AppState = AppLifecycle

@@ -20,7 +20,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from bridge_kit.inbox.records import ItemKind
 from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.intent import Intent
 from bridge_kit.intent.double_puppet import DoublePuppetClient
-from bridge_kit.intent.room_state import STATE_TYPES, RoomState
+from bridge_kit.intent.state_store import STATE_TYPES, RoomStateStore
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
@@ -57,6 +57,7 @@ from bridge_kit.puppets.progress import plain_line
 from bridge_kit.registration import Registration
 from bridge_kit.server.appservice_api import (
     PROCESSOR_KEY,
+    QueryHook,
     ThirdPartyHandlers,
     abort_requests,
     create_app,
@@ -70,10 +71,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QueryHook = Callable[[str], Awaitable[bool]]
 
-
-class AppState(enum.Enum):
+class AppLifecycle(enum.Enum):
     """Where an :class:`AppService` is in its life; it runs once, in this order."""
 
     CREATED = 1
@@ -111,7 +110,7 @@ class AppService:
         self.registration = registration or Registration.load(config.registration_path)
         self.domain = config.homeserver.domain
         self.ping = ping
-        self.state = AppState.CREATED
+        self.state = AppLifecycle.CREATED
         self.thirdparty = ThirdPartyHandlers()
         self.metrics = Metrics()
         self.store = store or open_store(config.appservice.store, sync=config.appservice.store_sync)
@@ -136,7 +135,7 @@ class AppService:
         self.dead_letters = DeadLetters(self.store, on_replayed=self.inbox.wake)
         self.retention = Retention(self.store, retention_settings(config))
         """Prunes dead letters and crypto records every ``appservice.retention_interval``."""
-        self.room_state = RoomState(self.store, lambda: self.bot)
+        self.room_state = RoomStateStore(self.store, lambda: self.bot)
         """Room membership, power levels and encryption from the store (``app.state``
         is taken: it is the AppService's life-cycle state)."""
         for state_type in STATE_TYPES:
@@ -314,17 +313,17 @@ class AppService:
         running app alone. If a step fails (or the start is cancelled), what
         the earlier steps opened is closed again, in reverse order.
         """
-        if self.state is not AppState.CREATED:
+        if self.state is not AppLifecycle.CREATED:
             raise LifecycleError(f"cannot start an AppService that is {self.state.name.lower()}")
-        self.state = AppState.STARTING
+        self.state = AppLifecycle.STARTING
         try:
             async with contextlib.AsyncExitStack() as steps:
                 await self._start_steps(steps)
                 self._running = steps.pop_all()
         except BaseException:
-            self.state = AppState.STOPPED
+            self.state = AppLifecycle.STOPPED
             raise
-        self.state = AppState.RUNNING
+        self.state = AppLifecycle.RUNNING
         self._started_at = time.monotonic()
 
     async def _start_steps(self, steps: contextlib.AsyncExitStack) -> None:
@@ -376,12 +375,12 @@ class AppService:
         :attr:`stop_timeout`): past it, each step still running is cancelled.
         Requests to the homeserver are no longer retried once stopping began.
         """
-        if self.state is AppState.STARTING:
+        if self.state is AppLifecycle.STARTING:
             raise LifecycleError("the AppService is still starting; cancel the start instead")
-        if self.state is not AppState.RUNNING:
-            self.state = AppState.STOPPED
+        if self.state is not AppLifecycle.RUNNING:
+            self.state = AppLifecycle.STOPPED
             return
-        self.state = AppState.STOPPING
+        self.state = AppLifecycle.STOPPING
         # A retry's wait (a 429 may ask for minutes) is not worth holding the stop for.
         self.client.abort_retries()
         for intent in self._double_puppets.values():
@@ -391,7 +390,7 @@ class AppService:
                 self._running.aclose(), self.stop_timeout if deadline is None else deadline
             )
         finally:
-            self.state = AppState.STOPPED
+            self.state = AppLifecycle.STOPPED
 
     async def _listen(self) -> web.AppRunner:
         section = self.config.appservice
@@ -511,7 +510,7 @@ class AppService:
     def _health(self) -> dict[str, Any]:
         started = self._started_at
         return {
-            "status": "ok" if self.state is AppState.RUNNING else self.state.name.lower(),
+            "status": "ok" if self.state is AppLifecycle.RUNNING else self.state.name.lower(),
             "appservice_id": self.registration.id,
             "user_id": self.bot.user_id if self._registrar else None,
             "uptime_seconds": round(time.monotonic() - started, 1) if started else 0,

@@ -28,10 +28,10 @@ from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.config import Config
 from bridge_kit.errors import UsageError
 from bridge_kit.intent import Intent
-from bridge_kit.intent.room_state import RoomState
+from bridge_kit.intent.state_store import RoomStateStore
 from bridge_kit.puppets import BulkResult, PuppetRegistrar
 from bridge_kit.puppets.progress import ProgressReporter
-from bridge_kit.puppets.run_results import RunResult
+from bridge_kit.puppets.results import RunResult
 from bridge_kit.registration import Registration
 from bridge_kit.registration.files import os_reason
 from bridge_kit.store import Store, open_store, parse_store_url, redact_store_url
@@ -152,11 +152,11 @@ async def execute(
 
 def _room_state(
     client: HomeserverClient, store: Store, registration: Registration, domain: str
-) -> RoomState[Intent]:
+) -> RoomStateStore[Intent]:
     """The store's room state, with the appservice's bot (which resolves aliases and
     invites puppets a join refused) as a daemon has it."""
     bot = Intent(client, registration.sender_user_id(domain), None)
-    state = RoomState(store, lambda: bot)
+    state = RoomStateStore(store, lambda: bot)
     bot.room_state = state
     return state
 

@@ -22,7 +22,7 @@ from bridge_kit.cli.report import ReportWriter
 from bridge_kit.errors import UsageError
 from bridge_kit.puppets import PuppetRegistrar
 from bridge_kit.puppets.progress import ProgressReporter
-from bridge_kit.puppets.run_results import RunResult
+from bridge_kit.puppets.results import RunResult
 from bridge_kit.registration import Registration
 
 #: pairs_from_lines or profiles_from_lines: numbered-line parsers of an input file.

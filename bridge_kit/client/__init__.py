@@ -5,11 +5,14 @@
 - ``_wire`` and ``_transfer``: request bodies and streamed transfers (private).
 """
 
+from typing import TYPE_CHECKING
+
+from bridge_kit._deprecated import renamed
 from bridge_kit.client._transfer import Raw
 from bridge_kit.client.homeserver import (
     REGISTER_ENDPOINT,
+    ClientLifecycle,
     ClientObserver,
-    ClientState,
     HomeserverClient,
     RawBody,
     RetryPolicy,
@@ -19,8 +22,8 @@ from bridge_kit.client.homeserver import (
 
 __all__ = [
     "REGISTER_ENDPOINT",
+    "ClientLifecycle",
     "ClientObserver",
-    "ClientState",
     "HomeserverClient",
     "Raw",
     "RawBody",
@@ -28,3 +31,8 @@ __all__ = [
     "WhoAmI",
     "quote_segment",
 ]
+
+# Deprecated (see CHANGELOG): the old name of ClientLifecycle, like AppState's.
+__getattr__ = renamed(__name__, {"ClientState": ("ClientLifecycle", ClientLifecycle)})
+if TYPE_CHECKING:
+    ClientState = ClientLifecycle

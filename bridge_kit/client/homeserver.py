@@ -57,8 +57,8 @@ from bridge_kit.types.register import RegisterRequest, RegisterResponse
 
 __all__ = [
     "REGISTER_ENDPOINT",
+    "ClientLifecycle",
     "ClientObserver",
-    "ClientState",
     "HomeserverClient",
     "RawBody",
     "RetryPolicy",
@@ -142,7 +142,7 @@ class ClientObserver:
         """
 
 
-class ClientState(enum.Enum):
+class ClientLifecycle(enum.Enum):
     """Where a :class:`HomeserverClient` is in its life.
 
     ``UNOPENED``: created, no connection yet (the first request opens the pool).
@@ -238,7 +238,7 @@ class HomeserverClient:
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
         self._retries_aborted = asyncio.Event()
-        self.state = ClientState.UNOPENED
+        self.state = ClientLifecycle.UNOPENED
 
     def __repr__(self) -> str:
         return f"<HomeserverClient {self._shown_base}>"
@@ -271,7 +271,7 @@ class HomeserverClient:
         Requests in flight are cut off, and those waiting to retry stop waiting:
         both raise :class:`ClientClosed` at once.
         """
-        self.state = ClientState.CLOSED
+        self.state = ClientLifecycle.CLOSED
         self._retries_aborted.set()
         session, self._session = self._session, None
         if session is not None:
@@ -549,14 +549,14 @@ class HomeserverClient:
     def _not_retried(self, error: BridgeKitError) -> BridgeKitError:
         """What a request raises when retries were aborted: ``error``, or
         :class:`ClientClosed` when the client was closed meanwhile."""
-        if self.state is ClientState.CLOSED:
+        if self.state is ClientLifecycle.CLOSED:
             return ClientClosed(f"{self!r} was closed while a request waited to retry: {error}")
         return error
 
     def _ensure_session(self) -> aiohttp.ClientSession:
-        if self.state is ClientState.CLOSED:
+        if self.state is ClientLifecycle.CLOSED:
             raise ClientClosed(f"{self!r} is closed; create a new client")
-        self.state = ClientState.OPENED
+        self.state = ClientLifecycle.OPENED
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections),

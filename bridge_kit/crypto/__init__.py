@@ -2,8 +2,14 @@
 
 Importing this package needs vodozemac; the rest of bridge_kit does not, and only
 imports it when ``encryption.enabled`` is on.
+
+What it stores is in :mod:`~bridge_kit.crypto.records`, what it sends in
+:mod:`~bridge_kit.crypto.payloads`: attrs classes, (un)structured by the one converter.
 """
 
+from typing import TYPE_CHECKING
+
+from bridge_kit._deprecated import renamed
 from bridge_kit.crypto.account import (
     MEGOLM_ALGORITHM,
     OLM_ALGORITHM,
@@ -11,7 +17,7 @@ from bridge_kit.crypto.account import (
     KeyUpload,
     OlmAccount,
 )
-from bridge_kit.crypto.devices import Device, DeviceTracker, verified_device
+from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice, verified_device
 from bridge_kit.crypto.machine import ROOM_KEY, CryptoMachine, KeysApi
 from bridge_kit.crypto.megolm import (
     DecryptedRoomEvent,
@@ -33,7 +39,6 @@ __all__ = [
     "CryptoStore",
     "CryptoVault",
     "DecryptedRoomEvent",
-    "Device",
     "DeviceTracker",
     "InboundGroupSessions",
     "KeyUpload",
@@ -44,9 +49,16 @@ __all__ = [
     "OutboundGroupSessions",
     "OutboundSession",
     "RotationSettings",
+    "TrackedDevice",
     "canonical_json",
     "derive_pickle_key",
     "sign_json",
     "verified_device",
     "verify_json",
 ]
+
+# Deprecated (see CHANGELOG): the old name of TrackedDevice, which
+# bridge_kit.types.Device (a device as the homeserver lists it) shared.
+__getattr__ = renamed(__name__, {"Device": ("TrackedDevice", TrackedDevice)})
+if TYPE_CHECKING:
+    Device = TrackedDevice

@@ -9,6 +9,7 @@ from typing import Any, Final
 import attrs
 import vodozemac
 
+from bridge_kit.crypto.records import AccountMeta
 from bridge_kit.crypto.signing import sign_json
 from bridge_kit.crypto.vault import CryptoVault
 
@@ -71,8 +72,8 @@ class OlmAccount:
         """The stored account, or a new one (with a fallback key), saved before returning."""
         stored = await vault.get_pickle(_KIND, _PICKLE, vodozemac.Account.from_pickle)
         if stored is not None:
-            meta = await vault.get_json(_KIND, _META) or {}
-            uploaded = bool(meta.get("device_keys_uploaded"))
+            meta = await vault.get_record(_KIND, _META, AccountMeta) or AccountMeta()
+            uploaded = meta.device_keys_uploaded
             return cls(vault, stored, user_id, device_id, device_keys_uploaded=uploaded)
         created = cls(vault, vodozemac.Account(), user_id, device_id)
         _untyped(created.account).generate_fallback_key()
@@ -81,7 +82,7 @@ class OlmAccount:
 
     async def save(self) -> None:
         await self.vault.put_pickle(_KIND, _PICKLE, self.account)
-        await self.vault.put_json(_KIND, _META, {"device_keys_uploaded": self.device_keys_uploaded})
+        await self.vault.put_record(_KIND, _META, AccountMeta(self.device_keys_uploaded))
 
     # -- identity --------------------------------------------------------------
 

@@ -43,8 +43,9 @@ from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.vault import derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
-from bridge_kit.errors import NoRoomKey, NotReady, Park, UndecryptableEvent
+from bridge_kit.errors import NoRoomKey, UndecryptableEvent
 from bridge_kit.inbox.records import InboxItem, ItemKind
+from bridge_kit.inbox.signals import NotReady, Park
 from bridge_kit.intent import devices
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from bridge_kit.inbox.handlers import HandlerRegistry
     from bridge_kit.inbox.lanes import Inbox
     from bridge_kit.intent import Intent
-    from bridge_kit.intent.room_state import RoomState
+    from bridge_kit.intent.state_store import RoomStateStore
     from bridge_kit.registration import Registration
     from bridge_kit.store import Store
 
@@ -130,7 +131,7 @@ class EncryptionHost(Protocol):
     @property
     def handlers(self) -> HandlerRegistry: ...
     @property
-    def room_state(self) -> RoomState[Intent]: ...
+    def room_state(self) -> RoomStateStore[Intent]: ...
 
 
 class BridgeEncryption:

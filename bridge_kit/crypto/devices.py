@@ -10,10 +10,11 @@ from typing import Any, Final
 
 import attrs
 
+from bridge_kit.crypto.records import DeviceRecord, UserDevicesRecord
 from bridge_kit.crypto.signing import verify_json
 from bridge_kit.crypto.vault import CryptoVault
 
-__all__ = ["Device", "DeviceTracker", "verified_device"]
+__all__ = ["DeviceTracker", "TrackedDevice", "verified_device"]
 
 _log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ _KIND: Final = "devices"
 
 
 @attrs.frozen
-class Device:
+class TrackedDevice:
     """One device's public identity keys, checked against its self-signature."""
 
     user_id: str
@@ -31,28 +32,24 @@ class Device:
     algorithms: tuple[str, ...] = ()
     display_name: str | None = None
 
-    def record(self) -> dict[str, Any]:
-        return {
-            "curve25519": self.curve25519,
-            "ed25519": self.ed25519,
-            "algorithms": list(self.algorithms),
-            "display_name": self.display_name,
-        }
+    def record(self) -> DeviceRecord:
+        """What the vault keeps of this device."""
+        return DeviceRecord(self.curve25519, self.ed25519, list(self.algorithms), self.display_name)
 
     @classmethod
-    def from_record(cls, user_id: str, device_id: str, record: Mapping[str, Any]) -> Device:
+    def from_record(cls, user_id: str, device_id: str, record: DeviceRecord) -> TrackedDevice:
         return cls(
             user_id,
             device_id,
-            record["curve25519"],
-            record["ed25519"],
-            tuple(record.get("algorithms", ())),
-            record.get("display_name"),
+            record.curve25519,
+            record.ed25519,
+            tuple(record.algorithms),
+            record.display_name,
         )
 
 
-def verified_device(user_id: str, device_id: str, payload: Any) -> Device | str:
-    """The :class:`Device` in one ``device_keys[user_id][device_id]`` entry of a
+def verified_device(user_id: str, device_id: str, payload: Any) -> TrackedDevice | str:
+    """The :class:`TrackedDevice` in one ``device_keys[user_id][device_id]`` entry of a
     ``/keys/query`` answer, or the reason it is refused."""
     if not isinstance(payload, Mapping):
         return "not an object"
@@ -70,7 +67,7 @@ def verified_device(user_id: str, device_id: str, payload: Any) -> Device | str:
     algorithms = payload.get("algorithms")
     unsigned = payload.get("unsigned")
     name = unsigned.get("device_display_name") if isinstance(unsigned, Mapping) else None
-    return Device(
+    return TrackedDevice(
         user_id,
         device_id,
         curve,
@@ -89,25 +86,25 @@ class DeviceTracker:
 
     def __init__(self, vault: CryptoVault) -> None:
         self.vault = vault
-        self._devices: dict[str, dict[str, Device]] = {}
+        self._devices: dict[str, dict[str, TrackedDevice]] = {}
         self._outdated: set[str] = set()
         self._loaded = False
 
     async def load(self) -> None:
-        for user_id, record in (await self.vault.json_items(_KIND)).items():
+        for user_id, record in (await self.vault.records(_KIND, UserDevicesRecord)).items():
             self._devices[user_id] = {
-                device_id: Device.from_record(user_id, device_id, entry)
-                for device_id, entry in record["devices"].items()
+                device_id: TrackedDevice.from_record(user_id, device_id, entry)
+                for device_id, entry in record.devices.items()
             }
-            if record.get("outdated"):
+            if record.outdated:
                 self._outdated.add(user_id)
         self._loaded = True
 
-    def devices(self, user_id: str) -> dict[str, Device]:
+    def devices(self, user_id: str) -> dict[str, TrackedDevice]:
         """The known devices of ``user_id`` (empty if never queried)."""
         return dict(self._devices.get(user_id, {}))
 
-    def device_by_curve25519(self, user_id: str, curve25519: str) -> Device | None:
+    def device_by_curve25519(self, user_id: str, curve25519: str) -> TrackedDevice | None:
         for device in self._devices.get(user_id, {}).values():
             if device.curve25519 == curve25519:
                 return device
@@ -153,9 +150,11 @@ class DeviceTracker:
         await self._save(set(device_keys) & self._devices.keys())
         return added
 
-    def _accepted_devices(self, user_id: str, listed: Mapping[str, Any]) -> dict[str, Device]:
+    def _accepted_devices(
+        self, user_id: str, listed: Mapping[str, Any]
+    ) -> dict[str, TrackedDevice]:
         known = self._devices.get(user_id, {})
-        accepted: dict[str, Device] = {}
+        accepted: dict[str, TrackedDevice] = {}
         for device_id, payload in listed.items():
             device = verified_device(user_id, str(device_id), payload)
             if isinstance(device, str):
@@ -173,12 +172,12 @@ class DeviceTracker:
 
     async def _save(self, user_ids: Iterable[str]) -> None:
         records = {
-            user_id: {
-                "devices": {d.device_id: d.record() for d in self._devices[user_id].values()},
-                "outdated": user_id in self._outdated,
-            }
+            user_id: UserDevicesRecord(
+                {d.device_id: d.record() for d in self._devices[user_id].values()},
+                outdated=user_id in self._outdated,
+            )
             for user_id in user_ids
             if user_id in self._devices
         }
         if records:
-            await self.vault.put_json_many(_KIND, records)
+            await self.vault.put_records(_KIND, records)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final, Protocol
 
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
-from bridge_kit.crypto.devices import Device, DeviceTracker
+from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice
 from bridge_kit.crypto.megolm import (
     DecryptedRoomEvent,
     InboundGroupSessions,
@@ -186,7 +186,7 @@ class CryptoMachine:
     ) -> DecryptedRoomEvent:
         return await self.inbound.decrypt(room_id, event_id, sender, content)
 
-    def sender_device(self, sender: str, sender_key: str) -> Device | None:
+    def sender_device(self, sender: str, sender_key: str) -> TrackedDevice | None:
         return self.tracker.device_by_curve25519(sender, sender_key)
 
     # -- outgoing --------------------------------------------------------------
@@ -224,7 +224,7 @@ class CryptoMachine:
             await self.share_room_key(session, missing)
         return session
 
-    def _room_devices(self, members: Collection[str]) -> list[Device]:
+    def _room_devices(self, members: Collection[str]) -> list[TrackedDevice]:
         devices = []
         for user_id in sorted(set(members)):
             for device in self.tracker.devices(user_id).values():
@@ -236,14 +236,14 @@ class CryptoMachine:
                     devices.append(device)
         return devices
 
-    async def share_room_key(self, session: OutboundSession, devices: list[Device]) -> None:
+    async def share_room_key(self, session: OutboundSession, devices: list[TrackedDevice]) -> None:
         """Send ``m.room_key`` over Olm to ``devices``; the ones it reached are recorded
         in the session (the rest are tried again on the next message)."""
         async with self._olm_lock:
             await self._ensure_olm_sessions(devices)
             room_key = self.outbound.room_key_content(session)
             messages: dict[str, dict[str, Any]] = {}
-            reached: list[Device] = []
+            reached: list[TrackedDevice] = []
             for device in devices:
                 if not self.olm.has_session(device.curve25519):
                     continue
@@ -256,7 +256,7 @@ class CryptoMachine:
             session.shared_with.setdefault(device.user_id, {})[device.device_id] = device.curve25519
         await self.outbound.save(session)
 
-    async def _ensure_olm_sessions(self, devices: list[Device]) -> None:
+    async def _ensure_olm_sessions(self, devices: list[TrackedDevice]) -> None:
         now = time.monotonic()
         wanted: dict[str, dict[str, str]] = {}
         for device in devices:

@@ -14,10 +14,13 @@ import vodozemac
 from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OlmAccount
 from bridge_kit.crypto.olm import OlmPayload
+from bridge_kit.crypto.payloads import MegolmEncryptedContent, MegolmPlaintext, RoomKeyContent
+from bridge_kit.crypto.records import InboundSessionRecord, OutboundSessionRecord
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
 from bridge_kit.store.retention import REPLAY_RECORDS
+from bridge_kit.types.converter import converter
 
 __all__ = [
     "DecryptedRoomEvent",
@@ -85,23 +88,19 @@ class InboundGroupSessions:
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
-            record = await self.vault.get_json(_INBOUND, f"{room_id}|{session_id}")
+            record = await self.vault.get_record(
+                _INBOUND, f"{room_id}|{session_id}", InboundSessionRecord
+            )
             if record is None:
                 return None
             session = self.vault.unseal(
                 vodozemac.InboundGroupSession.from_pickle,
-                record["pickle"].encode("ascii"),
+                record.pickle.encode("ascii"),
                 "Megolm session",
             )
             self._remember(
                 key,
-                _Inbound(
-                    session,
-                    record["sender"],
-                    record["sender_key"],
-                    record["ed25519"],
-                    bool(record.get("own")),
-                ),
+                _Inbound(session, record.sender, record.sender_key, record.ed25519, record.own),
             )
         return self._cache[key]
 
@@ -140,14 +139,9 @@ class InboundGroupSessions:
         *,
         own: bool = False,
     ) -> None:
-        record = {
-            "pickle": self.vault.seal(session).decode("ascii"),
-            "sender": sender,
-            "sender_key": sender_key,
-            "ed25519": sender_ed25519,
-            "own": own,
-        }
-        await self.vault.put_json(_INBOUND, f"{room_id}|{session.session_id}", record)
+        pickle = self.vault.seal(session).decode("ascii")
+        record = InboundSessionRecord(pickle, sender, sender_key, sender_ed25519, own)
+        await self.vault.put_record(_INBOUND, f"{room_id}|{session.session_id}", record)
         self._remember(
             (room_id, session.session_id),
             _Inbound(session, sender, sender_key, sender_ed25519, own),
@@ -189,11 +183,12 @@ class InboundGroupSessions:
         """A message index decrypts once: the same ciphertext under another event id
         is a replay (the spec's check; the same event again is a redelivery)."""
         key = f"{room_id}|{session_id}|{index}"
-        seen = await self.vault.get_json(_SEEN, key)
+        # A replay record is the bare event ID, as a JSON string.
+        seen = await self.vault.get_record(_SEEN, key, str)
         if seen is not None and seen != event_id:
             raise UndecryptableEvent(f"replayed message index {index} (first in {seen})")
         if seen is None:
-            await self.vault.put_json(_SEEN, key, event_id)
+            await self.vault.put_record(_SEEN, key, event_id)
 
     async def forget_replays(self, room_id: str, session_id: str, count: int) -> None:
         """Drop the replay records of a session's first ``count`` message indices: our
@@ -315,22 +310,21 @@ class OutboundGroupSessions:
             )
 
     async def save(self, session: OutboundSession) -> None:
-        record = {
-            "pickle": self.vault.seal(session.session).decode("ascii"),
-            "created_ms": session.created_ms,
-            "shared_with": session.shared_with,
-        }
-        await self.vault.put_json(_OUTBOUND, session.room_id, record)
+        pickle = self.vault.seal(session.session).decode("ascii")
+        record = OutboundSessionRecord(pickle, session.created_ms, session.shared_with)
+        await self.vault.put_record(_OUTBOUND, session.room_id, record)
         self._cache[session.room_id] = session
 
     async def _load(self, room_id: str) -> OutboundSession | None:
-        record = await self.vault.get_json(_OUTBOUND, room_id)
+        record = await self.vault.get_record(_OUTBOUND, room_id, OutboundSessionRecord)
         if record is None:
             return None
         group = self.vault.unseal(
-            vodozemac.GroupSession.from_pickle, record["pickle"].encode("ascii"), "Megolm session"
+            vodozemac.GroupSession.from_pickle, record.pickle.encode("ascii"), "Megolm session"
         )
-        session = OutboundSession(room_id, group, record["created_ms"], record["shared_with"])
+        # Its own copy of shared_with: the session adds to it as it shares the key.
+        shared_with = {user: dict(devices) for user, devices in record.shared_with.items()}
+        session = OutboundSession(room_id, group, record.created_ms, shared_with)
         self._cache[room_id] = session
         return session
 
@@ -348,28 +342,32 @@ class OutboundGroupSessions:
 
     def room_key_content(self, session: OutboundSession) -> dict[str, Any]:
         """The ``m.room_key`` content that shares ``session``."""
-        return {
-            "algorithm": MEGOLM_ALGORITHM,
-            "room_id": session.room_id,
-            "session_id": session.session.session_id,
-            "session_key": session.session.session_key.to_base64(),
-        }
+        key = RoomKeyContent(
+            algorithm=MEGOLM_ALGORITHM,
+            room_id=session.room_id,
+            session_id=session.session.session_id,
+            session_key=session.session.session_key.to_base64(),
+        )
+        content: dict[str, Any] = converter.unstructure(key)
+        return content
 
     async def encrypt(
         self, session: OutboundSession, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
         """The ``m.room.encrypted`` content for one room event; the session is saved
         (its ratchet moved on) before the content is returned."""
-        plaintext = {"type": event_type, "content": dict(content), "room_id": session.room_id}
-        ciphertext = session.session.encrypt(canonical_json(plaintext)).to_base64()
+        plaintext = MegolmPlaintext(event_type, dict(content), session.room_id)
+        message = session.session.encrypt(canonical_json(converter.unstructure(plaintext)))
         await self.save(session)
-        encrypted: dict[str, Any] = {
-            "algorithm": MEGOLM_ALGORITHM,
-            "sender_key": self.account.curve25519,
-            "ciphertext": ciphertext,
-            "session_id": session.session.session_id,
-            "device_id": self.account.device_id,
-        }
+        encrypted: dict[str, Any] = converter.unstructure(
+            MegolmEncryptedContent(
+                algorithm=MEGOLM_ALGORITHM,
+                sender_key=self.account.curve25519,
+                ciphertext=message.to_base64(),
+                session_id=session.session.session_id,
+                device_id=self.account.device_id,
+            )
+        )
         # The spec keeps relations readable by the server (threads, edits, reactions).
         relation = content.get(_RELATION)
         if isinstance(relation, Mapping):

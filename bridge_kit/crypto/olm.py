@@ -22,7 +22,8 @@ import vodozemac
 
 from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
-from bridge_kit.crypto.devices import Device, DeviceTracker
+from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice
+from bridge_kit.crypto.payloads import OlmCiphertext, OlmEncryptedContent, OlmPlaintext
 from bridge_kit.crypto.signing import (
     canonical_json,
     unpadded_b64decode,
@@ -32,6 +33,7 @@ from bridge_kit.crypto.signing import (
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import UndecryptableEvent
 from bridge_kit.store.retention import SEALED_PAYLOADS
+from bridge_kit.types.converter import converter
 
 __all__ = ["OlmPayload", "OlmSessions"]
 
@@ -52,7 +54,7 @@ class OlmPayload:
     """The ed25519 key the sender claims inside the encryption."""
     type: str
     content: dict[str, Any]
-    sender_device: Device | None = None
+    sender_device: TrackedDevice | None = None
     """The sender's device, when the tracker knows one with ``sender_key``."""
 
 
@@ -180,7 +182,9 @@ class OlmSessions:
 
     # -- outgoing --------------------------------------------------------------
 
-    async def create_outbound(self, device: Device, claimed: Mapping[str, Any]) -> str | None:
+    async def create_outbound(
+        self, device: TrackedDevice, claimed: Mapping[str, Any]
+    ) -> str | None:
         """Start a session with ``device`` from its ``/keys/claim`` entry; return why
         not (the key is missing, unsigned or signed by another key), or ``None``."""
         for key_id, body in claimed.items():
@@ -203,24 +207,27 @@ class OlmSessions:
         return "no signed_curve25519 one-time key was claimed"
 
     async def encrypt(
-        self, device: Device, event_type: str, content: Mapping[str, Any]
+        self, device: TrackedDevice, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
         """The to-device ``m.room.encrypted`` content carrying ``event_type`` and
         ``content`` to ``device``, over the newest session with it (which must exist)."""
         key, session = self._sessions[device.curve25519][-1]
-        payload = {
-            "type": event_type,
-            "content": dict(content),
-            "sender": self.account.user_id,
-            "sender_device": self.account.device_id,
-            "keys": {"ed25519": self.account.ed25519},
-            "recipient": device.user_id,
-            "recipient_keys": {"ed25519": device.ed25519},
-        }
-        kind, body = session.encrypt(canonical_json(payload)).to_parts()
+        payload = OlmPlaintext(
+            type=event_type,
+            content=dict(content),
+            sender=self.account.user_id,
+            sender_device=self.account.device_id,
+            keys={"ed25519": self.account.ed25519},
+            recipient=device.user_id,
+            recipient_keys={"ed25519": device.ed25519},
+        )
+        plaintext = canonical_json(converter.unstructure(payload))
+        kind, body = session.encrypt(plaintext).to_parts()
         await self.vault.store.crypto_put(self.vault.owner, _KIND, key, self.vault.seal(session))
-        return {
-            "algorithm": OLM_ALGORITHM,
-            "sender_key": self.account.curve25519,
-            "ciphertext": {device.curve25519: {"type": kind, "body": unpadded_b64encode(body)}},
-        }
+        encrypted = OlmEncryptedContent(
+            algorithm=OLM_ALGORITHM,
+            sender_key=self.account.curve25519,
+            ciphertext={device.curve25519: OlmCiphertext(kind, unpadded_b64encode(body))},
+        )
+        result: dict[str, Any] = converter.unstructure(encrypted)
+        return result

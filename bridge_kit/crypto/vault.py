@@ -11,7 +11,8 @@ would need a new device, and everything encrypted to the old one is lost.
 Only pickles and sealed records hold secret material. Sealed records (the
 decrypted to-device payloads kept so that a retried or replayed item decrypts
 again, see :mod:`bridge_kit.crypto.olm`) are AES-256-GCM encrypted with a key
-derived from the same secret, bound to where they are stored. The JSON records
+derived from the same secret, bound to where they are stored. The records (the attrs
+classes of :mod:`bridge_kit.crypto.records`, stored as canonical JSON)
 stored beside them (device lists, which devices got which room key, seen message
 indices) hold public keys, ids and counters.
 """
@@ -23,19 +24,21 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol, TypeVar
 
+import cattrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bridge_kit._json import decode_json
+from bridge_kit.crypto.records import NONCE_SIZE, SealedEnvelope
 from bridge_kit.crypto.signing import canonical_json
-from bridge_kit.errors import WrongPickleKey
+from bridge_kit.errors import StoreError, WrongPickleKey
+from bridge_kit.types.converter import converter, describe_error
 
 __all__ = ["CryptoStore", "CryptoVault", "derive_pickle_key"]
 
 _SALT: Final = b"bridge_kit e2ee pickle key"
 _INFO: Final = b"vodozemac pickle v1"
 _SEALED_INFO: Final = b"sealed records v1"
-_NONCE: Final = 12
 
 
 class CryptoStore(Protocol):
@@ -71,6 +74,7 @@ def derive_pickle_key(secret: str) -> bytes:
 
 
 Pickled = TypeVar("Pickled")
+Record = TypeVar("Record")
 
 
 class CryptoVault:
@@ -124,41 +128,59 @@ class CryptoVault:
 
     async def put_sealed(self, kind: str, key: str, data: bytes) -> None:
         """Store ``data`` (secret bytes) encrypted and authenticated."""
-        nonce = secrets.token_bytes(_NONCE)
-        sealed = nonce + self._sealing.encrypt(nonce, data, self._bound_to(kind, key))
-        await self.store.crypto_put(self.owner, kind, key, sealed)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        sealed = SealedEnvelope(
+            nonce, self._sealing.encrypt(nonce, data, self._bound_to(kind, key))
+        )
+        await self.store.crypto_put(self.owner, kind, key, sealed.to_bytes())
 
     async def get_sealed(self, kind: str, key: str) -> bytes | None:
         """What :meth:`put_sealed` stored there; :class:`WrongPickleKey` if it does not open."""
-        sealed = await self.store.crypto_get(self.owner, kind, key)
-        if sealed is None:
+        stored = await self.store.crypto_get(self.owner, kind, key)
+        if stored is None:
             return None
+        sealed = SealedEnvelope.from_bytes(stored)
         try:
-            return self._sealing.decrypt(
-                sealed[:_NONCE], sealed[_NONCE:], self._bound_to(kind, key)
-            )
+            return self._sealing.decrypt(sealed.nonce, sealed.ciphertext, self._bound_to(kind, key))
         except InvalidTag:
             raise WrongPickleKey(
                 f"a sealed {kind} record of {self.owner} does not open with this pickle key; "
                 "was encryption.pickle_key or the as_token changed?"
             ) from None
 
-    # -- public JSON records -------------------------------------------------
+    # -- public records ------------------------------------------------------
 
-    async def put_json(self, kind: str, key: str, value: Any) -> None:
-        await self.store.crypto_put(self.owner, kind, key, canonical_json(value))
+    async def put_record(self, kind: str, key: str, record: Any) -> None:
+        """Store ``record`` (an attrs record, or a plain JSON value) as canonical JSON."""
+        await self.store.crypto_put(self.owner, kind, key, _encoded(record))
 
-    async def put_json_many(self, kind: str, items: Mapping[str, Any]) -> None:
-        encoded = {key: canonical_json(value) for key, value in items.items()}
+    async def put_records(self, kind: str, records: Mapping[str, Any]) -> None:
+        """Store several records of one ``kind`` in one commit."""
+        encoded = {key: _encoded(record) for key, record in records.items()}
         await self.store.crypto_put_many(self.owner, kind, encoded)
 
-    async def get_json(self, kind: str, key: str) -> Any:
+    async def get_record(self, kind: str, key: str, cls: type[Record]) -> Record | None:
+        """The record stored there, as a ``cls``; :class:`StoreError` if it is not one."""
         raw = await self.store.crypto_get(self.owner, kind, key)
-        return None if raw is None else decode_json(raw.decode("utf-8"))
+        return None if raw is None else self._decoded(kind, key, raw, cls)
 
-    async def json_items(self, kind: str) -> dict[str, Any]:
+    async def records(self, kind: str, cls: type[Record]) -> dict[str, Record]:
+        """Every record of ``kind``, by key, each as a ``cls``."""
         raw = await self.store.crypto_items(self.owner, kind)
-        return {key: decode_json(value.decode("utf-8")) for key, value in raw.items()}
+        return {key: self._decoded(kind, key, value, cls) for key, value in raw.items()}
 
     async def delete(self, kind: str, key: str) -> None:
         await self.store.crypto_delete(self.owner, kind, key)
+
+    def _decoded(self, kind: str, key: str, raw: bytes, cls: type[Record]) -> Record:
+        try:
+            return converter.structure(decode_json(raw.decode("utf-8")), cls)
+        except (ValueError, cattrs.BaseValidationError) as exc:
+            raise StoreError(
+                f"the stored {kind} record {key!r} of {self.owner} is not valid: "
+                f"{describe_error(exc)}"
+            ) from None
+
+
+def _encoded(record: Any) -> bytes:
+    return canonical_json(converter.unstructure(record))

@@ -15,6 +15,9 @@ The modules, in the order an event meets them:
 - :mod:`~bridge_kit.inbox.delivery`: exactly-once sends from handlers;
 - :mod:`~bridge_kit.inbox.parking`: items that wait outside their lane;
 - :mod:`~bridge_kit.inbox.dead_letters`: listing, replaying and dropping dead letters.
+- :mod:`~bridge_kit.inbox.signals`: ``NotReady`` and ``Park`` (what a preprocessor
+  or handler raises to make an item wait), ``ErrorReply`` and ``TransactionFailed``
+  (what the appservice API answers); signals, outside the error tree.
 
 Nothing is imported here: the stores build on :mod:`~bridge_kit.inbox.records`,
 and the inbox itself on the stores.

@@ -26,8 +26,9 @@ from typing import Any, Final
 import cattrs
 
 from bridge_kit import defaults
-from bridge_kit.errors import ErrorReply, json_type
+from bridge_kit.errors import json_type
 from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem, storable
+from bridge_kit.inbox.signals import ErrorReply
 from bridge_kit.types import describe_error
 from bridge_kit.types.converter import converter
 from bridge_kit.types.device_events import DeviceListUpdate, OtkCounts, ToDeviceEvent
@@ -79,7 +80,7 @@ def split_device_items(body: Mapping[str, Any]) -> Items:
     """The inbox items of a transaction's device parts, and the dead letters of the
     malformed ones.
 
-    Raises :class:`~bridge_kit.errors.ErrorReply` (413 ``M_TOO_LARGE``) for key counts
+    Raises :class:`~bridge_kit.inbox.signals.ErrorReply` (413 ``M_TOO_LARGE``) for key counts
     of more than :data:`~bridge_kit.defaults.MAX_TRANSACTION_KEY_COUNTS` devices.
     """
     if (devices := _count_key_counts(body)) > defaults.MAX_TRANSACTION_KEY_COUNTS:

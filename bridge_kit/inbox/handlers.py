@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from bridge_kit.inbox.items import describe_item
-from bridge_kit.inbox.lanes import handler_name
+from bridge_kit.inbox.lanes import ItemHandler, handler_name
 from bridge_kit.inbox.records import ItemKind
 from bridge_kit.logs import LogLimiter
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
@@ -31,7 +31,6 @@ __all__ = [
     "DeviceListHandler",
     "EventHandler",
     "HandlerRegistry",
-    "ItemHandler",
     "OtkCountsHandler",
     "ToDeviceHandler",
 ]
@@ -42,8 +41,6 @@ EventHandler = Callable[[Event], Awaitable[None]]
 ToDeviceHandler = Callable[[ToDeviceEvent], Awaitable[None]]
 DeviceListHandler = Callable[[DeviceListUpdate], Awaitable[None]]
 OtkCountsHandler = Callable[[OtkCounts], Awaitable[None]]
-#: Any of the above: what the inbox runs.
-ItemHandler = Callable[[Any], Awaitable[None]]
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
 
 _Table = dict[str | None, list[ItemHandler]]

@@ -33,11 +33,11 @@ The seam for bridge_kit's own layers (encryption):
   So a decryptor turns ``m.room.encrypted`` into the event handlers see. A
   preprocessor that raises fails the attempt like a handler (retries, then a dead
   letter naming it).
-- A preprocessor or a handler that raises :class:`~bridge_kit.errors.NotReady`
+- A preprocessor or a handler that raises :class:`~bridge_kit.inbox.signals.NotReady`
   defers its item: tried again after ``retry_after`` seconds with no attempt
   counted, its lane's later items waiting behind it; a dead letter with the
   reason once ``give_up_after`` seconds passed since it was first deferred.
-- A preprocessor or a handler that raises :class:`~bridge_kit.errors.Park` parks
+- A preprocessor or a handler that raises :class:`~bridge_kit.inbox.signals.Park` parks
   its item outside its lane (see :mod:`bridge_kit.inbox.parking`): the lane goes on at
   once; :meth:`Inbox.unpark` puts the item back at the end of its lane (so it is
   handled after its room's later items), :meth:`Inbox.give_up_parked` makes it a
@@ -64,18 +64,18 @@ import attrs
 import cattrs
 
 from bridge_kit import defaults
-from bridge_kit.errors import NotReady, Park, StoreError
+from bridge_kit.errors import StoreError
 from bridge_kit.inbox._lane_worker import GroupCommit, StepDeadline
 from bridge_kit.inbox.delivery import handling
 from bridge_kit.inbox.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.inbox.parking import ParkedItems, dead_letter
 from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind
+from bridge_kit.inbox.signals import NotReady, Park
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
-from bridge_kit.types import Event, describe_error
+from bridge_kit.types import describe_error
 
 __all__ = [
-    "EventHandler",
     "HandlerRoute",
     "Inbox",
     "InboxSettings",
@@ -86,7 +86,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EventHandler = Callable[[Event], Awaitable[None]]
 #: A handler of any kind of item (its model: see :mod:`bridge_kit.inbox.items`).
 ItemHandler = Callable[[Any], Awaitable[None]]
 #: Which handlers an item gets, in order: ``route(kind, event_type)`` (``None`` for

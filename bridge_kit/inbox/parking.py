@@ -1,6 +1,6 @@
 """Parked inbox items: events that wait for something outside their lane.
 
-A preprocessor (or handler) that raises :class:`~bridge_kit.errors.Park` says
+A preprocessor (or handler) that raises :class:`~bridge_kit.inbox.signals.Park` says
 "this item waits for ``key``": the inbox moves it out of its lane into the
 store's parked items, and the lane goes on with its later items at once. So
 one sender's undecryptable events cannot hold up a room. The price: a parked
@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from bridge_kit.errors import Park
 from bridge_kit.inbox.items import Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.inbox.records import (
     InboxItem,
@@ -37,6 +36,7 @@ from bridge_kit.inbox.records import (
     clipped_error,
     storable,
 )
+from bridge_kit.inbox.signals import Park
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 

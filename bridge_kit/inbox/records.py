@@ -128,7 +128,7 @@ class DeadLetter:
 
 @attrs.frozen
 class Parking:
-    """Why and until when an inbox item is parked (see :class:`~bridge_kit.errors.Park`).
+    """Why and until when an inbox item is parked (see :class:`~bridge_kit.inbox.signals.Park`).
 
     ``done_handlers`` and ``first_failed_at`` are the item's progress, kept for when
     it comes back into its lane; ``give_up_at`` is a Unix time."""

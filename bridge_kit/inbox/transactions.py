@@ -43,9 +43,10 @@ import cattrs
 
 from bridge_kit import defaults
 from bridge_kit._json import item_text
-from bridge_kit.errors import ErrorReply, StoreError, TransactionFailed, json_type
+from bridge_kit.errors import StoreError, json_type
 from bridge_kit.inbox.device_items import count_device_items, first_present, split_device_items
 from bridge_kit.inbox.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, storable
+from bridge_kit.inbox.signals import ErrorReply, TransactionFailed
 from bridge_kit.logs import LogLimiter
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
@@ -151,7 +152,7 @@ def event_lane(kind: ItemKind, room_id: str | None) -> str:
 def split_transaction(body: Any) -> tuple[list[NewInboxItem], list[NewDeadLetter]]:
     """The inbox items of a transaction body, and the dead letters of its invalid items.
 
-    Raises :class:`~bridge_kit.errors.ErrorReply` (400 ``M_BAD_JSON``) for a body
+    Raises :class:`~bridge_kit.inbox.signals.ErrorReply` (400 ``M_BAD_JSON``) for a body
     that is not a JSON object with an ``events`` list.
     """
     if not isinstance(body, dict):

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bridge_kit._deprecated import renamed
 from bridge_kit.client.homeserver import HomeserverClient
 from bridge_kit.intent import convenience, devices, media, membership, messages, rooms
 from bridge_kit.intent._actor import OutgoingEncryption, device_query
 from bridge_kit.intent.media import MediaSource
-from bridge_kit.intent.room_state import RoomState
+from bridge_kit.intent.state_store import RoomStateStore
 from bridge_kit.types.devices import Device
 from bridge_kit.types.events import Event
 from bridge_kit.types.keys import DeviceKeys, KeysClaimResponse, KeysQueryResponse, KeyValue
@@ -42,7 +43,7 @@ from bridge_kit.types.room import (
     MessageType,
     RoomVisibility,
 )
-from bridge_kit.types.state import (
+from bridge_kit.types.room_state import (
     Member,
     PowerLevels,
     ResolvedAlias,
@@ -51,7 +52,7 @@ from bridge_kit.types.state import (
     RoomTopic,
 )
 
-__all__ = ["Intent", "MediaSource", "RoomState"]
+__all__ = ["Intent", "MediaSource", "RoomStateStore"]
 
 _CLIENT = "/_matrix/client/v3"
 
@@ -71,7 +72,7 @@ class Intent:
         client: HomeserverClient,
         user_id: str,
         ensure_registered: Callable[[], Awaitable[object]] | None = None,
-        room_state: RoomState[Intent] | None = None,
+        room_state: RoomStateStore[Intent] | None = None,
         *,
         device_management: bool | None = None,
     ) -> None:
@@ -381,7 +382,7 @@ class Intent:
     async def get_members(self, room_id: str, membership: str | None = None) -> dict[str, Member]:
         """Every member of a room by user ID, or those with ``membership`` (``"invite"``...).
 
-        Each :class:`~bridge_kit.types.state.Member` carries its ``membership``.
+        Each :class:`~bridge_kit.types.room_state.Member` carries its ``membership``.
         """
         return await rooms.get_members(self, room_id, membership)
 
@@ -587,3 +588,9 @@ class Intent:
             endpoint=_CLIENT + endpoint,
             resend=resend,
         )
+
+
+# Deprecated (see CHANGELOG): the old name of RoomStateStore, one of three "states".
+__getattr__ = renamed(__name__, {"RoomState": ("RoomStateStore", RoomStateStore)})
+if TYPE_CHECKING:
+    RoomState = RoomStateStore

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 from bridge_kit.client.homeserver import quote_segment
 from bridge_kit.errors import MatrixRequestError
 from bridge_kit.intent._actor import CLIENT
-from bridge_kit.intent.room_state import RoomState, membership_event
+from bridge_kit.intent.state_store import RoomStateStore, membership_event
 from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent
 
 
-async def ensure_joined(intent: Intent, state: RoomState[Intent] | None, room_id: str) -> None:
+async def ensure_joined(intent: Intent, state: RoomStateStore[Intent] | None, room_id: str) -> None:
     """Join unless the store says the intent is joined; on Forbidden, have the bot
     invite it (unbanning it first when it is banned) and join again."""
     if state is None:  # an Intent built by hand: no store, no bot
@@ -58,7 +58,7 @@ async def _let_in(bot: Intent, room_id: str, user_id: str, stored: Member | None
 
 
 async def ensure_power_level(
-    intent: Intent, state: RoomState[Intent] | None, room_id: str, user_id: str, level: int
+    intent: Intent, state: RoomStateStore[Intent] | None, room_id: str, user_id: str, level: int
 ) -> None:
     """Set ``user_id``'s level unless the (stored) power levels already give it ``level``."""
     if state is None:
@@ -99,7 +99,7 @@ async def profile_set(intent: Intent, field: str, value: str | None) -> None:
         await intent.room_state.store.set_profile(intent.user_id, field, value)
 
 
-async def own_profile(state: RoomState[Intent], user_id: str) -> Member:
+async def own_profile(state: RoomStateStore[Intent], user_id: str) -> Member:
     """The profile this bridge set for ``user_id``, for the member events of its joins."""
     profile = await state.store.profile(user_id)
     return Member(profile.get("displayname"), profile.get("avatar_url"))

@@ -10,7 +10,7 @@ from bridge_kit.client.homeserver import quote_segment, structure_reply
 from bridge_kit.intent import convenience
 from bridge_kit.intent._actor import CLIENT, room_path
 from bridge_kit.types.room import InviteRequest, JoinRoomResponse, MembershipRequest
-from bridge_kit.types.state import MembershipChange
+from bridge_kit.types.room_state import MembershipChange
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent

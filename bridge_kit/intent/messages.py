@@ -10,7 +10,7 @@ import attrs
 from bridge_kit.client.homeserver import quote_segment, structure_reply
 from bridge_kit.inbox.delivery import next_txn_id
 from bridge_kit.intent._actor import CLIENT, Actor, content_json, room_path
-from bridge_kit.intent.room_state import own_state_event
+from bridge_kit.intent.state_store import own_state_event
 from bridge_kit.types.converter import converter
 from bridge_kit.types.messages import (
     Presence,

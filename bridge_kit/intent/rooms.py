@@ -14,7 +14,7 @@ from bridge_kit.intent._actor import CLIENT, Actor, content_json, device_query, 
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.events import Event
 from bridge_kit.types.room import CreateRoomRequest, CreateRoomResponse, RoomVisibility
-from bridge_kit.types.state import (
+from bridge_kit.types.room_state import (
     DirectoryVisibilityRequest,
     JoinedMembersResponse,
     Member,

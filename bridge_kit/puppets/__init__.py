@@ -16,15 +16,20 @@ The modules: :mod:`~bridge_kit.puppets.registrar` (the registrar itself),
 resumable engine every bulk run is built on), :mod:`~bridge_kit.puppets.bulk`
 (bulk registration), :mod:`~bridge_kit.puppets.joins` (bulk joins),
 :mod:`~bridge_kit.puppets.profiles` (bulk profiles),
-:mod:`~bridge_kit.puppets.results` and :mod:`~bridge_kit.puppets.run_results`
-(progress, results and diagnoses) and ``_concurrency`` (the adaptive limiter
-and the seen-set a bulk run uses).
+:mod:`~bridge_kit.puppets.results` (progress, results and diagnoses) and
+``_concurrency`` (the adaptive limiter and the seen-set a bulk run uses).
 """
 
 from bridge_kit.puppets.bulk import localparts_from_lines
 from bridge_kit.puppets.registrar import PuppetRegistrar
-from bridge_kit.puppets.results import BulkProgress, BulkResult, diagnose_abort
-from bridge_kit.puppets.run_results import JoinResult, ProfileResult, RunProgress
+from bridge_kit.puppets.results import (
+    BulkProgress,
+    BulkResult,
+    JoinResult,
+    ProfileResult,
+    RunProgress,
+    diagnose_abort,
+)
 
 __all__ = [
     "BulkProgress",

@@ -27,16 +27,15 @@ from bridge_kit.errors import (
     UnknownToken,
 )
 from bridge_kit.intent.convenience import _let_in as let_in
-from bridge_kit.intent.room_state import membership_event
+from bridge_kit.intent.state_store import membership_event
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
 from bridge_kit.puppets.engine import BulkEngine, BulkJob, Dispatch, Stage
-from bridge_kit.puppets.results import ProblemCallback, describe_failure
-from bridge_kit.puppets.run_results import JoinResult, RunProgress
+from bridge_kit.puppets.results import JoinResult, ProblemCallback, RunProgress, describe_failure
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.room import MembershipRequest
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent

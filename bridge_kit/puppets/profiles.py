@@ -24,8 +24,7 @@ from bridge_kit.errors import MatrixRequestError, UnexpectedReply, UnknownToken
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
 from bridge_kit.puppets.engine import BulkEngine, BulkJob, Dispatch, Stage
-from bridge_kit.puppets.results import ProblemCallback, describe_failure
-from bridge_kit.puppets.run_results import ProfileResult, RunProgress
+from bridge_kit.puppets.results import ProblemCallback, ProfileResult, RunProgress, describe_failure
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate

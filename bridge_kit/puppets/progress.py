@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 import attrs
 
 if TYPE_CHECKING:
-    from bridge_kit.puppets.results import BulkProgress, BulkResult
-    from bridge_kit.puppets.run_results import RunProgress, RunResult
+    from bridge_kit.puppets.results import BulkProgress, BulkResult, RunProgress, RunResult
 
     Progress = BulkProgress | RunProgress
     Result = BulkResult | RunResult

@@ -30,18 +30,20 @@ from bridge_kit.puppets.joins import JoinRun
 from bridge_kit.puppets.profiles import ProfileItem, ProfileRun
 from bridge_kit.puppets.results import (
     BulkResult,
+    JoinResult,
     ProblemCallback,
+    ProfileResult,
     ProgressCallback,
+    RunProgress,
     diagnose_abort,
 )
-from bridge_kit.puppets.run_results import JoinResult, ProfileResult, RunProgress
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.register import RegisterRequest
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent
-    from bridge_kit.intent.room_state import RoomState
+    from bridge_kit.intent.state_store import RoomStateStore
 
 __all__ = ["PuppetRegistrar"]
 
@@ -61,7 +63,7 @@ class PuppetRegistrar:
         registration: Registration,
         domain: str,
         *,
-        room_state: RoomState[Intent] | None = None,
+        room_state: RoomStateStore[Intent] | None = None,
     ) -> None:
         self.client = client
         self.store = store

@@ -22,7 +22,8 @@ from aiohttp.typedefs import Handler
 
 from bridge_kit import defaults
 from bridge_kit._json import decode_request, json_text
-from bridge_kit.errors import ErrorReply, ListenError, TransactionFailed
+from bridge_kit.errors import ListenError
+from bridge_kit.inbox.signals import ErrorReply, TransactionFailed
 from bridge_kit.inbox.transactions import TransactionProcessor
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
@@ -30,6 +31,7 @@ from bridge_kit.types import MatrixErrorBody, unstructure
 
 __all__ = [
     "PROCESSOR_KEY",
+    "QueryHook",
     "ThirdPartyHandlers",
     "abort_requests",
     "create_app",

@@ -26,7 +26,7 @@ from bridge_kit.store.inbox_rows import clean_text
 from bridge_kit.store.state_records import CREATE, content_of
 from bridge_kit.types.converter import converter
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member, PowerLevels, with_creators
+from bridge_kit.types.room_state import Member, PowerLevels, with_creators
 
 
 class Store(abc.ABC):
@@ -236,7 +236,7 @@ class Store(abc.ABC):
     # -- parked items (version 5) ---------------------------------------------
     #
     # Items that wait for something (a room key) outside their lane, so the lane
-    # goes on; see bridge_kit.errors.Park. Each method is one commit, and moves an
+    # goes on; see bridge_kit.inbox.signals.Park. Each method is one commit, and moves an
     # item only if it is still where it was: of two processes that race, one wins.
 
     @abc.abstractmethod

@@ -35,7 +35,7 @@ from bridge_kit.store.base import (
 from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 
 class MemoryStore(Store):

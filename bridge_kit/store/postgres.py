@@ -44,7 +44,7 @@ from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 _T = TypeVar("_T")
 

@@ -63,7 +63,7 @@ from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
 from bridge_kit.store.sqlite_parked import SQLiteParkedItems
 from bridge_kit.store.state_records import known_room, rows_of
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 _T = TypeVar("_T")
 

@@ -15,7 +15,7 @@ from bridge_kit.store.base import state_event_from
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES
 from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 V3 = (
     "CREATE TABLE bridge_kit_members ("

@@ -16,7 +16,7 @@ import attrs
 
 from bridge_kit.store.inbox_rows import clean_text, optional_text
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member
+from bridge_kit.types.room_state import Member
 
 __all__ = ["TRACKED", "MemberRow", "ProfileField", "StateRow", "rows_of"]
 

@@ -3,7 +3,7 @@
 from bridge_kit.types.converter import converter, describe_error, structure, unstructure
 from bridge_kit.types.device_events import DeviceListUpdate, OtkCounts, ToDeviceEvent
 from bridge_kit.types.devices import Device
-from bridge_kit.types.errors import MatrixErrorBody
+from bridge_kit.types.error_body import MatrixErrorBody
 from bridge_kit.types.events import DeviceLists, Event, Transaction
 from bridge_kit.types.keys import (
     DeviceKeys,
@@ -30,7 +30,7 @@ from bridge_kit.types.room import (
     StateEventInput,
     TextMessage,
 )
-from bridge_kit.types.state import Member, PowerLevels, ResolvedAlias
+from bridge_kit.types.room_state import Member, PowerLevels, ResolvedAlias
 
 __all__ = [
     "AuthData",

@@ -1,18 +1,18 @@
 """What the bridge knows of its rooms' state, answered from the store: ``app.room_state``.
 
-:class:`RoomState` reads memberships, power levels and encryption from the
+:class:`RoomStateStore` reads memberships, power levels and encryption from the
 store (:meth:`~bridge_kit.store.Store.apply_state` and friends), with no HTTP.
 The store is fed from two places:
 
 - every state event of every accepted transaction. The AppService runs
-  :meth:`RoomState.observe_event` as the first handler of each tracked state
+  :meth:`RoomStateStore.observe_event` as the first handler of each tracked state
   event, from the inbox: the inbox keeps a room's events in order (one lane per
   room), so the store changes in the order the homeserver sent the events, before
   the bridge's own handlers see them, and a store failure retries the event like
   a failing handler would. (Done at accept time instead, one slow write would
   hold up the acknowledgement of the whole transaction.)
 - the intents' own successful joins, leaves, invites, kicks, bans and state
-  changes (:meth:`RoomState.observe`, called by :class:`~bridge_kit.intent.Intent`).
+  changes (:meth:`RoomStateStore.observe`, called by :class:`~bridge_kit.intent.Intent`).
   Those are recorded with this process's clock as their timestamp: the change
   happened when the homeserver answered.
 
@@ -31,9 +31,9 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from bridge_kit.store import Store
 from bridge_kit.store.state_records import MEMBER, TRACKED
 from bridge_kit.types.events import Event
-from bridge_kit.types.state import Member, PowerLevels
+from bridge_kit.types.room_state import Member, PowerLevels
 
-__all__ = ["STATE_TYPES", "RoomState", "StateAsker"]
+__all__ = ["STATE_TYPES", "RoomStateStore", "StateAsker"]
 
 #: The state event types the store keeps (the others are not fed to it).
 STATE_TYPES: Final = frozenset({MEMBER, *TRACKED})
@@ -57,7 +57,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class RoomState(Generic[AskerT]):
+class RoomStateStore(Generic[AskerT]):
     """Room membership, power levels and encryption, from the store.
 
     ``bot`` returns the intent that asks the homeserver on a miss (the
