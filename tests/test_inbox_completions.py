@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import attrs
 import pytest
 
 from bridge_kit.errors import StoreError
+from bridge_kit.inbox._lane_worker import GroupCommit
 from bridge_kit.inbox.lanes import Inbox, handler_name
 from bridge_kit.inbox.records import NewDeadLetter
 from bridge_kit.inbox.signals import NotReady
@@ -348,3 +351,78 @@ async def test_a_sigkill_re_runs_at_most_the_running_event_of_each_room(tmp_path
         assert resumed_at[room] in (first + len(handled) - 1, first + len(handled)), room
         again = [n for n in watched.ends() if first <= n < first + count]
         assert again == list(range(resumed_at[room], first + count))
+
+
+async def test_a_worker_stopped_while_its_commit_waits_keeps_its_lane_until_it_lands(
+    postgres_dsn: str,
+) -> None:
+    """A worker cancelled (a stop's grace ran out, or its lease was lost) while its
+    handled event's commit is still on its way must not release the lane before the
+    commit lands: another daemon would read the event and handle it a second time."""
+    url = await emptied(postgres_dsn)
+    runs: list[tuple[str, int]] = []
+
+    def recorder(who: str) -> Any:
+        async def record(event: Event) -> None:
+            runs.append((who, event.content["n"]))
+
+        return record
+
+    async with open_store(url) as one, open_store(url) as two:
+        await accept(one, "t1", [message("m0")])
+        (item,) = await one.lane_items(A, 10)
+        # Another transaction holds the item's row: the first daemon's DELETE waits (as
+        # behind a slow disk or a lock), while reads go on.
+        blocker = await asyncpg.connect(url)
+        try:
+            locking = blocker.transaction()
+            await locking.start()
+            await blocker.execute(
+                "SELECT 1 FROM bridge_kit_inbox WHERE id = $1 FOR UPDATE", item.id
+            )
+            first = Inbox(
+                one, route_to(recorder("one")), appservice_id=APPSERVICE, settings=SETTINGS
+            )
+            await first.start()
+            first.wake()
+            await until(lambda: runs == [("one", 0)])
+            stopping = asyncio.ensure_future(first.stop(grace=0.1))
+            second = Inbox(
+                two, route_to(recorder("two")), appservice_id=APPSERVICE, settings=SETTINGS
+            )
+            await second.start()
+            try:
+                await asyncio.sleep(1.0)  # many claims by the second daemon
+                await locking.rollback()
+                await asyncio.wait_for(stopping, 10)
+                await drained(one)
+                await asyncio.sleep(0.2)
+            finally:
+                await stop(second)
+        finally:
+            await blocker.close()
+    assert runs == [("one", 0)]
+
+
+def test_waiters_of_a_commit_cancelled_at_shutdown_are_let_go() -> None:
+    """When the loop shuts down (asyncio.run cancels every task), a lane waiting for
+    its commit and the commit itself are cancelled together: the wait must end."""
+
+    async def scenario() -> None:
+        async with open_store("memory://") as store:
+            await accept(store, "t1", [message("m0")])
+            (item,) = await store.lane_items(A, 10)
+            never = asyncio.Event()
+
+            async def stuck(item_ids: Collection[int]) -> None:
+                await never.wait()
+
+            store.complete_items = stuck  # type: ignore[method-assign]
+            commits = GroupCommit(store)
+            asyncio.ensure_future(commits.complete(item.id))  # noqa: RUF006 (left to asyncio.run)
+            await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "asyncio.run hung on a lane waiting for a cancelled commit"

@@ -846,3 +846,29 @@ async def test_shared_stores_let_every_daemon_in(shared_backend: str) -> None:
     async with open_store(url) as first, open_store(url) as second:
         await first.lock_for_daemon()
         await second.lock_for_daemon()
+
+
+async def test_a_postgres_renewal_and_an_accept_take_lane_locks_in_one_order(
+    postgres_dsn: str,
+) -> None:
+    """An accept locks its lanes' rows in lane order; a renewal of the same lanes must
+    too, or each holds a row the other waits for and PostgreSQL aborts one (a failed
+    acknowledgement, or a renewal missed and the lanes' workers stopped)."""
+    dsn = await emptied(postgres_dsn)
+    async with PostgresStore(dsn) as store:
+        await fill(store, B, A)  # B's row is stored before A's: a scan meets B first
+        assert sorted(await store.claim_lanes("w1", LEASE, limit=2)) == [A, B]
+        accepting = await asyncpg.connect(dsn)
+        watcher = await asyncpg.connect(dsn)
+        try:
+            async with accepting.transaction():
+                # An accept holding A's row lock and going on to B, as one with
+                # events in both rooms does (its two steps apart, to time them).
+                await postgres_inbox.accept(accepting, b"t-a", [event(2, A)], [], time.time())
+                renewal = asyncio.ensure_future(store.renew_lanes("w1", [A, B], LEASE))
+                await until_waiting_for_a_lock(watcher)
+                await postgres_inbox.accept(accepting, b"t-b", [event(3, B)], [], time.time())
+            assert await renewal == {A, B}
+        finally:
+            await accepting.close()
+            await watcher.close()

@@ -411,3 +411,16 @@ async def test_a_version_4_database_is_migrated_to_5_with_its_inbox(
         assert await store.park_item(item.id, parking)
         assert len(await store.parked_items(key=KEY)) == 1
     assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(5,)]
+
+
+async def test_an_item_whose_completion_is_committed_is_not_parked(any_store: Store) -> None:
+    """A worker that lost its lane may park an item another worker handled meanwhile:
+    the handled item stays handled (SQLite keeps it, marked done, until a checkpoint)."""
+    await accept(any_store, "t1", [message("m1"), message("m2", n=2)])
+    first, second = await any_store.lane_items(A, 10)
+    await any_store.complete_items([first.id])
+    parking = Parking(KEY, "no room key", time.time() + 60, time.time())
+    assert not await any_store.park_item(first.id, parking)
+    assert await any_store.parked_items() == []
+    assert await any_store.unpark_items(KEY) == 0
+    assert [item.id for item in await any_store.lane_items(A, 10)] == [second.id]

@@ -189,6 +189,15 @@ async def test_to_device_since_names_the_oldest_waiting_to_device_item(store: St
     assert await store.to_device_since() is None
 
 
+async def test_a_handled_to_device_item_is_no_longer_waiting(store: Store) -> None:
+    """Handled in the inbox's group commit (SQLite marks it done and deletes it at a
+    checkpoint), a to-device item holds back the pruning of sealed payloads no more."""
+    assert await store.accept_transaction("t1", [event_item(1, "~td", ItemKind.TO_DEVICE)])
+    [item] = await store.lane_items("~td", 1)
+    await store.complete_items([item.id])
+    assert await store.to_device_since() is None
+
+
 async def test_prune_store_keeps_sealed_payloads_a_waiting_to_device_item_may_need(
     store: Store,
 ) -> None:

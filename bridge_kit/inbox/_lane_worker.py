@@ -4,6 +4,7 @@ handled event, and the handler timeout (see :mod:`bridge_kit.inbox.lanes`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from bridge_kit.store.base import Store
 
@@ -28,12 +29,22 @@ class GroupCommit:
         """Every handler returned for this item: remove it from the inbox, and return
         once that is committed. Raises the store's error if the commit failed (the
         item then stays, to be handled again). A caller cancelled while it waits does
-        not stop the commit."""
+        not stop the commit: it waits until the commit landed or failed, then takes the
+        cancellation."""
         done = asyncio.get_running_loop().create_future()
         self._pending.append((item_id, done))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._commit_pending(), name="bridge_kit commits")
-        await done
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # A stop or a lost lease: the worker releases its lane next, and before the
+            # commit lands another worker (here or in another process) would read the
+            # handled item and run it again. The commit is under way; wait for it.
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([done])
+            raise
 
     async def _commit_pending(self) -> None:
         while self._pending:
@@ -42,6 +53,12 @@ class GroupCommit:
                 await self._store.complete_items([item_id for item_id, _ in batch])
             except Exception as exc:
                 _settle(batch, exc)
+            except BaseException:
+                # Cancelled (the loop shuts down): its waiters must not wait for it.
+                for _, done in [*batch, *self._pending]:
+                    done.cancel()
+                self._pending = []
+                raise
             else:
                 _settle(batch, None)
 

@@ -210,8 +210,12 @@ async def claim(
 
 async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> set[str]:
     rows = await pool.fetch(
-        "UPDATE bridge_kit_lanes SET lease_until = $3"
-        " WHERE owner = $1 AND lane = ANY($2::text[]) RETURNING lane",
+        # The rows locked in lane order, as an accept locks them (ORDER BY lane): in
+        # any other order each could hold a row the other waits for, a deadlock.
+        "UPDATE bridge_kit_lanes k SET lease_until = $3 FROM ("
+        " SELECT lane FROM bridge_kit_lanes WHERE owner = $1 AND lane = ANY($2::text[])"
+        " ORDER BY lane FOR UPDATE) mine"
+        " WHERE k.lane = mine.lane RETURNING k.lane",
         text(owner),
         [text(lane) for lane in lanes],
         until,

@@ -24,6 +24,7 @@ from bridge_kit.store.inbox_rows import (
     parked_filter,
     parked_from_row,
 )
+from bridge_kit.store.sqlite_inbox import NOT_DONE
 
 _T = TypeVar("_T")
 
@@ -55,10 +56,11 @@ _COLUMNS = (
 async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bool:
     """Move one item from the inbox to the parked items (in the caller's transaction)."""
     cursor = await conn.execute(
-        "INSERT INTO bridge_kit_parked (id, lane, kind, event_json, received_at, attempts,"
+        "INSERT INTO bridge_kit_parked (id, lane, kind, event_json, received_at, attempts,"  # noqa: S608 (constants)
         " done_handlers, first_failed_at, park_key, reason, give_up_at)"
         " SELECT id, lane, kind, event_json, received_at, attempts, ?, ?, ?, ?, ?"
-        " FROM bridge_kit_inbox WHERE id = ?",
+        # An item marked handled is no longer in the inbox (see sqlite_inbox.NOT_DONE).
+        f" FROM bridge_kit_inbox i WHERE id = ? AND {NOT_DONE}",
         (
             encode_handlers(parking.done_handlers),
             parking.first_failed_at,

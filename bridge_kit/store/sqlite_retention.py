@@ -103,7 +103,10 @@ async def to_device_since(conn: aiosqlite.Connection) -> float | None:
     rows = list(
         await conn.execute_fetchall(
             "SELECT MIN(t) FROM ("
-            " SELECT MIN(received_at) AS t FROM bridge_kit_inbox WHERE kind = ?"
+            # Skipping the items marked handled (sqlite_inbox.NOT_DONE; not imported:
+            # sqlite_inbox imports this module).
+            " SELECT MIN(received_at) AS t FROM bridge_kit_inbox i WHERE kind = ?"
+            " AND NOT EXISTS (SELECT 1 FROM bridge_kit_done d WHERE d.id = i.id)"
             " UNION ALL"
             " SELECT MIN(COALESCE(received_at, 0)) FROM bridge_kit_dead_letters WHERE kind = ?)",
             (kind, kind),
