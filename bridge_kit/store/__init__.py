@@ -13,14 +13,32 @@ import os
 
 from bridge_kit import defaults
 from bridge_kit.store.base import Store
+from bridge_kit.store.concerns import (
+    CryptoStore,
+    DeadLetterStore,
+    DeviceStore,
+    InboxStore,
+    ParkingStore,
+    PuppetStore,
+    RetentionStore,
+    RoomStateStore,
+)
 from bridge_kit.store.memory import MemoryStore
 from bridge_kit.store.postgres import PostgresStore
 from bridge_kit.store.sqlite import SQLiteStore
 from bridge_kit.store.url import StoreURL, parse_store_url, redact_store_url
 
 __all__ = [
+    "CryptoStore",
+    "DeadLetterStore",
+    "DeviceStore",
+    "InboxStore",
     "MemoryStore",
+    "ParkingStore",
     "PostgresStore",
+    "PuppetStore",
+    "RetentionStore",
+    "RoomStateStore",
     "SQLiteStore",
     "Store",
     "StoreURL",

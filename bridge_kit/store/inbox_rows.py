@@ -4,9 +4,8 @@ order, and how such a row becomes a record."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from bridge_kit.inbox.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
 
@@ -17,40 +16,6 @@ LETTER_COLUMNS = (
     "id, lane, kind, event_json, error, handler, attempts,"
     " first_failed_at, last_failed_at, event_id, event_type, done_handlers, received_at"
 )
-
-
-#: What neither database takes in a text column: NUL (PostgreSQL) and lone surrogates,
-#: which a str gets from a JSON escape such as "\ud800" and no UTF-8 encoder takes (both).
-_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
-
-
-def clean_text(value: str) -> str:
-    """``value`` with NUL and lone surrogates as U+FFFD, so any database stores it.
-
-    Not one-to-one, which is harmless where it is used: two lanes that differ only
-    there become one (still in order), owners and the dead letters' descriptive
-    columns are compared with themselves or read by people. Cheap for the usual
-    ASCII text.
-    """
-    if value.isascii() and "\x00" not in value:
-        return value
-    return _UNSTORABLE.sub("\ufffd", value)
-
-
-def optional_text(value: str | None) -> str | None:
-    """:func:`clean_text`, passing ``None`` through."""
-    return None if value is None else clean_text(value)
-
-
-def clean_json(value: str) -> str:
-    """JSON text with NUL and lone surrogates written as ``\\uXXXX`` escapes.
-
-    Lossless: in JSON text such characters can only stand inside a string, where
-    the escape means the same character, so the event a handler gets is unchanged.
-    """
-    if value.isascii() and "\x00" not in value:
-        return value
-    return _UNSTORABLE.sub(lambda found: f"\\u{ord(found.group()):04x}", value)
 
 
 def encode_handlers(names: Sequence[str]) -> str:
@@ -108,11 +73,11 @@ def parked_filter(
     key: str | None, due_by: float | None, mark: Callable[[int], str]
 ) -> tuple[str, list[object]]:
     """The WHERE clause (empty for all) and its parameters that pick parked items under
-    ``key`` and/or due by ``due_by``; ``mark(n)`` writes the n-th parameter's mark."""
+    (the clean) ``key`` and/or due by ``due_by``; ``mark(n)`` writes the n-th parameter's mark."""
     clauses: list[str] = []
     parameters: list[object] = []
     if key is not None:
-        parameters.append(clean_text(key))
+        parameters.append(key)
         clauses.append(f"park_key = {mark(len(parameters))}")
     if due_by is not None:
         parameters.append(due_by)

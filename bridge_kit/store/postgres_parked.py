@@ -13,13 +13,10 @@ from typing import Any
 
 from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
 from bridge_kit.store.inbox_rows import (
-    clean_json,
     encode_handlers,
-    optional_text,
     parked_filter,
     parked_from_row,
 )
-from bridge_kit.store.inbox_rows import clean_text as text_of
 
 # -- schema v5 (park): parked items ----------------------------------------------------
 V5 = (
@@ -91,15 +88,15 @@ async def park(pool: Any, item_id: int, parking: Parking) -> bool:
         item_id,
         encode_handlers(parking.done_handlers),
         parking.first_failed_at,
-        text_of(parking.key),
-        text_of(parking.reason),
+        parking.key,
+        parking.reason,
         parking.give_up_at,
     )
     return _count(status) > 0
 
 
 async def unpark(pool: Any, key: str) -> int:
-    return int(await pool.fetchval(_UNPARK, text_of(key)))
+    return int(await pool.fetchval(_UNPARK, key))
 
 
 async def parked(pool: Any, key: str | None, due_by: float | None, limit: int) -> list[ParkedItem]:
@@ -123,14 +120,14 @@ async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> bo
     status: str = await pool.execute(
         _BURY,
         item_id,
-        text_of(letter.lane),
+        letter.lane,
         letter.kind.value,
-        clean_json(letter.event_json),
-        text_of(letter.error),
-        optional_text(letter.handler),
+        letter.event_json,
+        letter.error,
+        letter.handler,
         letter.attempts,
-        optional_text(letter.event_id),
-        optional_text(letter.event_type),
+        letter.event_id,
+        letter.event_type,
         now,
         letter.first_failed_at,
         encode_handlers(letter.done_handlers),

@@ -128,16 +128,6 @@ async def profile(pool: Any, user_id: str) -> dict[str, str | None]:
     return {row[0]: row[1] for row in rows}
 
 
-async def set_profile(pool: Any, user_id: str, field: str, value: str | None) -> None:
-    await pool.execute(
-        "INSERT INTO bridge_kit_profiles (user_id, field, value) VALUES ($1, $2, $3)"
-        " ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
-        user_id,
-        field,
-        value,
-    )
-
-
 #: Keys sent per lookup query (an array parameter each).
 _LOOKUP_CHUNK = 10_000
 

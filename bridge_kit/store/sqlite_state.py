@@ -134,16 +134,6 @@ async def profile(conn: aiosqlite.Connection, user_id: str) -> dict[str, str | N
     return {row[0]: row[1] for row in rows}
 
 
-async def set_profile(
-    conn: aiosqlite.Connection, user_id: str, field: str, value: str | None
-) -> None:
-    await conn.execute(
-        "INSERT INTO bridge_kit_profiles (user_id, field, value) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
-        (user_id, field, value),
-    )
-
-
 async def joined_among(
     conn: aiosqlite.Connection, pairs: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str]]:
