@@ -20,12 +20,14 @@ from bridge_kit.inbox.records import (
     Parking,
 )
 from bridge_kit.store import (
+    _devices_sql,
     postgres_devices,
     postgres_inbox,
     postgres_parked,
     postgres_retention,
     postgres_state,
 )
+from bridge_kit.store._sql import PostgresQuery
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
 from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
@@ -415,23 +417,31 @@ class PostgresStore(Store):
     async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
         await self._run(lambda pool: postgres_state.set_profiles(pool, rows))
 
-    # -- devices and crypto state (SQL in postgres_devices) ----------------------
+    # -- devices and crypto state (SQL in _devices_sql and postgres_devices) ---------
 
     async def _remember_device(
         self, user_id: str, device_id: str, display_name: str | None
     ) -> None:
         await self._run(
-            lambda pool: postgres_devices.remember_device(pool, user_id, device_id, display_name)
+            lambda pool: _devices_sql.remember_device(
+                PostgresQuery(pool), user_id, device_id, display_name
+            )
         )
 
     async def _forget_device(self, user_id: str, device_id: str) -> None:
-        await self._run(lambda pool: postgres_devices.forget_device(pool, user_id, device_id))
+        await self._run(
+            lambda pool: _devices_sql.forget_device(PostgresQuery(pool), user_id, device_id)
+        )
 
     async def _known_devices(self, user_id: str) -> dict[str, str | None]:
-        return await self._run(lambda pool: postgres_devices.known_devices(pool, user_id))
+        return await self._run(
+            lambda pool: _devices_sql.known_devices(PostgresQuery(pool), user_id)
+        )
 
     async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return await self._run(lambda pool: postgres_devices.crypto_get(pool, owner, kind, key))
+        return await self._run(
+            lambda pool: _devices_sql.crypto_get(PostgresQuery(pool), owner, kind, key)
+        )
 
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         now = time.time()
@@ -440,10 +450,14 @@ class PostgresStore(Store):
         )
 
     async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return await self._run(lambda pool: postgres_devices.crypto_items(pool, owner, kind))
+        return await self._run(
+            lambda pool: _devices_sql.crypto_items(PostgresQuery(pool), owner, kind)
+        )
 
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        await self._run(lambda pool: postgres_devices.crypto_delete(pool, owner, kind, key))
+        await self._run(
+            lambda pool: _devices_sql.crypto_delete(PostgresQuery(pool), owner, kind, key)
+        )
 
 
 def _txn_key(txn_id: str) -> bytes:

@@ -35,6 +35,7 @@ from bridge_kit.inbox.records import (
     NewInboxItem,
 )
 from bridge_kit.store import (
+    _devices_sql,
     sqlite_devices,
     sqlite_files,
     sqlite_inbox,
@@ -42,6 +43,7 @@ from bridge_kit.store import (
     sqlite_retention,
     sqlite_state,
 )
+from bridge_kit.store._sql import SQLiteQuery
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
@@ -560,23 +562,31 @@ class SQLiteStore(SQLiteParkedItems, Store):
     async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
         await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
 
-    # -- devices and crypto state (SQL in sqlite_devices) ----------------------------
+    # -- devices and crypto state (SQL in _devices_sql and sqlite_devices) ----------
 
     async def _remember_device(
         self, user_id: str, device_id: str, display_name: str | None
     ) -> None:
         await self._locked(
-            lambda conn: sqlite_devices.remember_device(conn, user_id, device_id, display_name)
+            lambda conn: _devices_sql.remember_device(
+                SQLiteQuery(conn), user_id, device_id, display_name
+            )
         )
 
     async def _forget_device(self, user_id: str, device_id: str) -> None:
-        await self._locked(lambda conn: sqlite_devices.forget_device(conn, user_id, device_id))
+        await self._locked(
+            lambda conn: _devices_sql.forget_device(SQLiteQuery(conn), user_id, device_id)
+        )
 
     async def _known_devices(self, user_id: str) -> dict[str, str | None]:
-        return await self._locked(lambda conn: sqlite_devices.known_devices(conn, user_id))
+        return await self._locked(
+            lambda conn: _devices_sql.known_devices(SQLiteQuery(conn), user_id)
+        )
 
     async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return await self._locked(lambda conn: sqlite_devices.crypto_get(conn, owner, kind, key))
+        return await self._locked(
+            lambda conn: _devices_sql.crypto_get(SQLiteQuery(conn), owner, kind, key)
+        )
 
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         await self._in_transaction(
@@ -584,7 +594,11 @@ class SQLiteStore(SQLiteParkedItems, Store):
         )
 
     async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return await self._locked(lambda conn: sqlite_devices.crypto_items(conn, owner, kind))
+        return await self._locked(
+            lambda conn: _devices_sql.crypto_items(SQLiteQuery(conn), owner, kind)
+        )
 
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        await self._locked(lambda conn: sqlite_devices.crypto_delete(conn, owner, kind, key))
+        await self._locked(
+            lambda conn: _devices_sql.crypto_delete(SQLiteQuery(conn), owner, kind, key)
+        )
