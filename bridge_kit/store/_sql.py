@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, Protocol
 
 import aiosqlite
@@ -30,6 +30,10 @@ class Query(Protocol):
 
     async def run(self, sql: str, *args: object) -> None:
         """Run ``sql`` with ``args`` for its marks (in the caller's transaction, if any)."""
+        ...
+
+    async def many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        """Run ``sql`` once per row of arguments (in the caller's transaction, if any)."""
         ...
 
 
@@ -52,6 +56,9 @@ class SQLiteQuery:
     async def run(self, sql: str, *args: object) -> None:
         await self._conn.execute(sqlite_marks(sql), args)
 
+    async def many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        await self._conn.executemany(sqlite_marks(sql), rows)
+
 
 class PostgresQuery:
     """:class:`Query` over an asyncpg pool or connection (each statement commits on
@@ -65,3 +72,6 @@ class PostgresQuery:
 
     async def run(self, sql: str, *args: object) -> None:
         await self._pool.execute(sql, *args)
+
+    async def many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        await self._pool.executemany(sql, rows)

@@ -21,13 +21,14 @@ from bridge_kit.inbox.records import (
 )
 from bridge_kit.store import (
     _devices_sql,
+    _state_sql,
     postgres_devices,
     postgres_inbox,
     postgres_parked,
     postgres_retention,
     postgres_state,
 )
-from bridge_kit.store._sql import PostgresQuery
+from bridge_kit.store._sql import PostgresQuery, Query
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
 from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
@@ -218,6 +219,20 @@ class PostgresStore(Store):
         with self._errors():
             return await operation(pool)
 
+    async def _query(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements (see :mod:`bridge_kit.store._sql`), each committing
+        on its own."""
+        return await self._run(lambda pool: operation(PostgresQuery(pool)))
+
+    async def _query_in_transaction(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements on one connection, in one transaction."""
+
+        async def in_transaction(pool: Any) -> _T:
+            async with pool.acquire() as conn, conn.transaction():
+                return await operation(PostgresQuery(conn))
+
+        return await self._run(in_transaction)
+
     # -- puppets -------------------------------------------------------------
 
     async def _registered_among(self, user_ids: Iterable[str]) -> set[str]:
@@ -390,22 +405,22 @@ class PostgresStore(Store):
     async def _apply_state(
         self, members: list[MemberRow], states: list[StateRow], known: str | None
     ) -> None:
-        await self._run(lambda pool: postgres_state.apply(pool, members, states, known))
+        await self._query_in_transaction(lambda q: _state_sql.apply(q, members, states, known))
 
     async def _membership(self, room_id: str, user_id: str) -> Member | None:
-        return await self._run(lambda pool: postgres_state.membership(pool, room_id, user_id))
+        return await self._query(lambda q: _state_sql.membership(q, room_id, user_id))
 
     async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
-        return await self._run(lambda pool: postgres_state.members(pool, room_id, membership))
+        return await self._query(lambda q: _state_sql.members(q, room_id, membership))
 
     async def _state_event(self, room_id: str, event_type: str) -> Event | None:
-        return await self._run(lambda pool: postgres_state.state_event(pool, room_id, event_type))
+        return await self._query(lambda q: _state_sql.state_event(q, room_id, event_type))
 
     async def _room_state_known(self, room_id: str) -> bool:
-        return await self._run(lambda pool: postgres_state.room_known(pool, room_id))
+        return await self._query(lambda q: _state_sql.room_known(q, room_id))
 
     async def _profile(self, user_id: str) -> dict[str, str | None]:
-        return await self._run(lambda pool: postgres_state.profile(pool, user_id))
+        return await self._query(lambda q: _state_sql.profile(q, user_id))
 
     async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         return set(await self._run(lambda pool: postgres_state.joined_among(pool, pairs)))
@@ -415,33 +430,25 @@ class PostgresStore(Store):
         return profiles_of(rows)
 
     async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
-        await self._run(lambda pool: postgres_state.set_profiles(pool, rows))
+        await self._query_in_transaction(lambda q: _state_sql.set_profiles(q, rows))
 
     # -- devices and crypto state (SQL in _devices_sql and postgres_devices) ---------
 
     async def _remember_device(
         self, user_id: str, device_id: str, display_name: str | None
     ) -> None:
-        await self._run(
-            lambda pool: _devices_sql.remember_device(
-                PostgresQuery(pool), user_id, device_id, display_name
-            )
+        await self._query(
+            lambda q: _devices_sql.remember_device(q, user_id, device_id, display_name)
         )
 
     async def _forget_device(self, user_id: str, device_id: str) -> None:
-        await self._run(
-            lambda pool: _devices_sql.forget_device(PostgresQuery(pool), user_id, device_id)
-        )
+        await self._query(lambda q: _devices_sql.forget_device(q, user_id, device_id))
 
     async def _known_devices(self, user_id: str) -> dict[str, str | None]:
-        return await self._run(
-            lambda pool: _devices_sql.known_devices(PostgresQuery(pool), user_id)
-        )
+        return await self._query(lambda q: _devices_sql.known_devices(q, user_id))
 
     async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return await self._run(
-            lambda pool: _devices_sql.crypto_get(PostgresQuery(pool), owner, kind, key)
-        )
+        return await self._query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
 
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         now = time.time()
@@ -450,14 +457,10 @@ class PostgresStore(Store):
         )
 
     async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return await self._run(
-            lambda pool: _devices_sql.crypto_items(PostgresQuery(pool), owner, kind)
-        )
+        return await self._query(lambda q: _devices_sql.crypto_items(q, owner, kind))
 
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        await self._run(
-            lambda pool: _devices_sql.crypto_delete(PostgresQuery(pool), owner, kind, key)
-        )
+        await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
 
 
 def _txn_key(txn_id: str) -> bytes:

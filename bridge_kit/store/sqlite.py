@@ -36,6 +36,7 @@ from bridge_kit.inbox.records import (
 )
 from bridge_kit.store import (
     _devices_sql,
+    _state_sql,
     sqlite_devices,
     sqlite_files,
     sqlite_inbox,
@@ -43,7 +44,7 @@ from bridge_kit.store import (
     sqlite_retention,
     sqlite_state,
 )
-from bridge_kit.store._sql import SQLiteQuery
+from bridge_kit.store._sql import Query, SQLiteQuery
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
@@ -218,6 +219,14 @@ class SQLiteStore(SQLiteParkedItems, Store):
         with self._errors():
             async with self._transaction() as conn:
                 return await operation(conn)
+
+    async def _query(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements (see :mod:`bridge_kit.store._sql`) under the lock."""
+        return await self._locked(lambda conn: operation(SQLiteQuery(conn)))
+
+    async def _query_in_transaction(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements in one write transaction."""
+        return await self._in_transaction(lambda conn: operation(SQLiteQuery(conn)))
 
     # -- puppets -------------------------------------------------------------
 
@@ -534,22 +543,22 @@ class SQLiteStore(SQLiteParkedItems, Store):
     async def _apply_state(
         self, members: list[MemberRow], states: list[StateRow], known: str | None
     ) -> None:
-        await self._in_transaction(lambda conn: sqlite_state.apply(conn, members, states, known))
+        await self._query_in_transaction(lambda q: _state_sql.apply(q, members, states, known))
 
     async def _membership(self, room_id: str, user_id: str) -> Member | None:
-        return await self._locked(lambda conn: sqlite_state.membership(conn, room_id, user_id))
+        return await self._query(lambda q: _state_sql.membership(q, room_id, user_id))
 
     async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
-        return await self._locked(lambda conn: sqlite_state.members(conn, room_id, membership))
+        return await self._query(lambda q: _state_sql.members(q, room_id, membership))
 
     async def _state_event(self, room_id: str, event_type: str) -> Event | None:
-        return await self._locked(lambda conn: sqlite_state.state_event(conn, room_id, event_type))
+        return await self._query(lambda q: _state_sql.state_event(q, room_id, event_type))
 
     async def _room_state_known(self, room_id: str) -> bool:
-        return await self._locked(lambda conn: sqlite_state.room_known(conn, room_id))
+        return await self._query(lambda q: _state_sql.room_known(q, room_id))
 
     async def _profile(self, user_id: str) -> dict[str, str | None]:
-        return await self._locked(lambda conn: sqlite_state.profile(conn, user_id))
+        return await self._query(lambda q: _state_sql.profile(q, user_id))
 
     async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, pairs))
@@ -560,33 +569,25 @@ class SQLiteStore(SQLiteParkedItems, Store):
         return profiles_of(rows)
 
     async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
-        await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
+        await self._query_in_transaction(lambda q: _state_sql.set_profiles(q, rows))
 
     # -- devices and crypto state (SQL in _devices_sql and sqlite_devices) ----------
 
     async def _remember_device(
         self, user_id: str, device_id: str, display_name: str | None
     ) -> None:
-        await self._locked(
-            lambda conn: _devices_sql.remember_device(
-                SQLiteQuery(conn), user_id, device_id, display_name
-            )
+        await self._query(
+            lambda q: _devices_sql.remember_device(q, user_id, device_id, display_name)
         )
 
     async def _forget_device(self, user_id: str, device_id: str) -> None:
-        await self._locked(
-            lambda conn: _devices_sql.forget_device(SQLiteQuery(conn), user_id, device_id)
-        )
+        await self._query(lambda q: _devices_sql.forget_device(q, user_id, device_id))
 
     async def _known_devices(self, user_id: str) -> dict[str, str | None]:
-        return await self._locked(
-            lambda conn: _devices_sql.known_devices(SQLiteQuery(conn), user_id)
-        )
+        return await self._query(lambda q: _devices_sql.known_devices(q, user_id))
 
     async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return await self._locked(
-            lambda conn: _devices_sql.crypto_get(SQLiteQuery(conn), owner, kind, key)
-        )
+        return await self._query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
 
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         await self._in_transaction(
@@ -594,11 +595,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
         )
 
     async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return await self._locked(
-            lambda conn: _devices_sql.crypto_items(SQLiteQuery(conn), owner, kind)
-        )
+        return await self._query(lambda q: _devices_sql.crypto_items(q, owner, kind))
 
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        await self._locked(
-            lambda conn: _devices_sql.crypto_delete(SQLiteQuery(conn), owner, kind, key)
-        )
+        await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
