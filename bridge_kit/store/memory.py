@@ -27,7 +27,8 @@ from bridge_kit.types.state import Member
 
 
 class MemoryStore(Store):
-    """The :class:`Store` interface over sets and dicts.
+    """The :class:`Store` interface over sets and dicts (its hooks; the cleaning is
+    the :class:`Store`'s, as for the SQL stores).
 
     Nothing survives :meth:`close`; use it in tests and dry runs only. No method
     awaits between reading and writing its state, so each is atomic on the loop.

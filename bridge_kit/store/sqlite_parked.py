@@ -138,8 +138,8 @@ class _Connection(Protocol):
 
 
 class SQLiteParkedItems:
-    """The parked-item methods of :class:`~bridge_kit.store.sqlite.SQLiteStore` (see
-    :class:`~bridge_kit.store.base.Store`), each one transaction."""
+    """The parked-item hooks of :class:`~bridge_kit.store.sqlite.SQLiteStore` (see
+    :class:`~bridge_kit.store.concerns.ParkingStore`), each one transaction."""
 
     async def _park_item(self: _Connection, item_id: int, parking: Parking) -> bool:
         return await self._in_transaction(lambda conn: park(conn, item_id, parking))
