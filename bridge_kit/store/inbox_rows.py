@@ -1,13 +1,15 @@
 """What the SQL stores share about inbox rows: the columns they select, in this
-order, and how such a row becomes a record."""
+order, how such a row becomes a record, and the reads of parked items (through
+:mod:`bridge_kit.store._sql`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from bridge_kit.inbox.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
+from bridge_kit.store._sql import Query
 
 ITEM_COLUMNS = (
     "id, lane, kind, event_json, received_at, attempts, done_handlers, not_before, first_failed_at"
@@ -69,17 +71,42 @@ def parked_from_row(row: Sequence[Any]) -> ParkedItem:
     return ParkedItem(item, Parking(key, reason, give_up_at, first, item.done_handlers))
 
 
-def parked_filter(
-    key: str | None, due_by: float | None, mark: Callable[[int], str]
-) -> tuple[str, list[object]]:
-    """The WHERE clause (empty for all) and its parameters that pick parked items under
-    (the clean) ``key`` and/or due by ``due_by``; ``mark(n)`` writes the n-th parameter's mark."""
+_PARKED_COLUMNS = (
+    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
+    " park_key, reason, give_up_at"
+)
+
+
+async def parked_items(
+    q: Query, key: str | None, due_by: float | None, limit: int
+) -> list[ParkedItem]:
+    """Up to ``limit`` parked items, oldest first, under ``key`` and/or due by ``due_by``."""
+    # One statement per filter rather than "$2 IS NULL OR park_key = $2": a prepared
+    # statement's generic plan would use no index for that.
+    where, parameters = _parked_filter(key, due_by)
+    rows = await q.rows(
+        f"SELECT {_PARKED_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "$n" marks)
+        " ORDER BY id LIMIT $1",
+        limit,
+        *parameters,
+    )
+    return [parked_from_row(tuple(row)) for row in rows]
+
+
+async def count_parked(q: Query) -> int:
+    rows = await q.rows("SELECT COUNT(*) FROM bridge_kit_parked")
+    return int(rows[0][0])
+
+
+def _parked_filter(key: str | None, due_by: float | None) -> tuple[str, list[object]]:
+    """The WHERE clause (empty for all) and its parameters, marked from ``$2`` on, that
+    pick parked items under ``key`` and/or due by ``due_by``."""
     clauses: list[str] = []
     parameters: list[object] = []
     if key is not None:
         parameters.append(key)
-        clauses.append(f"park_key = {mark(len(parameters))}")
+        clauses.append(f"park_key = ${len(parameters) + 1}")
     if due_by is not None:
         parameters.append(due_by)
-        clauses.append(f"give_up_at <= {mark(len(parameters))}")
+        clauses.append(f"give_up_at <= ${len(parameters) + 1}")
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), parameters

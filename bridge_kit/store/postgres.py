@@ -22,6 +22,7 @@ from bridge_kit.inbox.records import (
 from bridge_kit.store import (
     _devices_sql,
     _state_sql,
+    inbox_rows,
     postgres_devices,
     postgres_inbox,
     postgres_parked,
@@ -369,7 +370,7 @@ class PostgresStore(Store):
     async def inbox_stats(self) -> InboxStats:
         return await self._run(postgres_inbox.stats)
 
-    # -- parked items (SQL in postgres_parked) ---------------------------------
+    # -- parked items (SQL in postgres_parked and inbox_rows) -------------------
 
     async def _park_item(self, item_id: int, parking: Parking) -> bool:
         return await self._run(lambda pool: postgres_parked.park(pool, item_id, parking))
@@ -380,10 +381,10 @@ class PostgresStore(Store):
     async def _parked_items(
         self, key: str | None, due_by: float | None, limit: int
     ) -> list[ParkedItem]:
-        return await self._run(lambda pool: postgres_parked.parked(pool, key, due_by, limit))
+        return await self._query(lambda q: inbox_rows.parked_items(q, key, due_by, limit))
 
     async def count_parked(self) -> int:
-        return await self._run(postgres_parked.count)
+        return await self._query(inbox_rows.count_parked)
 
     async def _bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()

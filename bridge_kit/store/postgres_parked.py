@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
+from bridge_kit.inbox.records import NewDeadLetter, Parking
 from bridge_kit.store.inbox_rows import (
     encode_handlers,
-    parked_filter,
-    parked_from_row,
 )
 
 # -- schema v5 (park): parked items ----------------------------------------------------
@@ -66,10 +64,6 @@ WITH gone AS (
 SELECT count(*) FROM back
 """
 
-_COLUMNS = (
-    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
-    " park_key, reason, give_up_at"
-)
 _BURY = """
 WITH gone AS (
     DELETE FROM bridge_kit_parked WHERE id = $1 RETURNING first_failed_at, received_at
@@ -97,23 +91,6 @@ async def park(pool: Any, item_id: int, parking: Parking) -> bool:
 
 async def unpark(pool: Any, key: str) -> int:
     return int(await pool.fetchval(_UNPARK, key))
-
-
-async def parked(pool: Any, key: str | None, due_by: float | None, limit: int) -> list[ParkedItem]:
-    # One statement per filter rather than "$2 IS NULL OR park_key = $2": a prepared
-    # statement's generic plan would use no index for that.
-    where, parameters = parked_filter(key, due_by, lambda n: f"${n + 1}")
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "$n" marks)
-        " ORDER BY id LIMIT $1",
-        limit,
-        *parameters,
-    )
-    return [parked_from_row(tuple(row)) for row in rows]
-
-
-async def count(pool: Any) -> int:
-    return int(await pool.fetchval("SELECT COUNT(*) FROM bridge_kit_parked"))
 
 
 async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> bool:

@@ -15,11 +15,9 @@ from typing import Protocol, TypeVar
 import aiosqlite
 
 from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
-from bridge_kit.store.inbox_rows import (
-    encode_handlers,
-    parked_filter,
-    parked_from_row,
-)
+from bridge_kit.store import inbox_rows
+from bridge_kit.store._sql import SQLiteQuery
+from bridge_kit.store.inbox_rows import encode_handlers
 
 _T = TypeVar("_T")
 
@@ -41,11 +39,6 @@ V5 = (
     "CREATE INDEX bridge_kit_parked_due ON bridge_kit_parked (give_up_at)",
 )
 # -- end of schema v5 (park) -----------------------------------------------------------
-
-_COLUMNS = (
-    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
-    " park_key, reason, give_up_at"
-)
 
 
 async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bool:
@@ -87,23 +80,6 @@ async def unpark(conn: aiosqlite.Connection, key: str) -> int:
     )
     cursor = await conn.execute("DELETE FROM bridge_kit_parked WHERE park_key = ?", (key,))
     return cursor.rowcount
-
-
-async def parked(
-    conn: aiosqlite.Connection, key: str | None, due_by: float | None, limit: int
-) -> list[ParkedItem]:
-    where, parameters = parked_filter(key, due_by, lambda n: "?")
-    rows = await conn.execute_fetchall(
-        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "?" marks)
-        " ORDER BY id LIMIT ?",
-        (*parameters, limit),
-    )
-    return [parked_from_row(row) for row in rows]
-
-
-async def count(conn: aiosqlite.Connection) -> int:
-    rows = list(await conn.execute_fetchall("SELECT COUNT(*) FROM bridge_kit_parked"))
-    return int(rows[0][0])
 
 
 async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> bool:
@@ -150,10 +126,12 @@ class SQLiteParkedItems:
     async def _parked_items(
         self: _Connection, key: str | None, due_by: float | None, limit: int
     ) -> list[ParkedItem]:
-        return await self._locked(lambda conn: parked(conn, key, due_by, limit))
+        return await self._locked(
+            lambda conn: inbox_rows.parked_items(SQLiteQuery(conn), key, due_by, limit)
+        )
 
     async def count_parked(self: _Connection) -> int:
-        return await self._locked(count)
+        return await self._locked(lambda conn: inbox_rows.count_parked(SQLiteQuery(conn)))
 
     async def _bury_parked(self: _Connection, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()
