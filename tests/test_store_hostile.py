@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem, Parking
+from bridge_kit.inbox.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, Parking
 from bridge_kit.server.appservice_api import create_app
 from bridge_kit.store import Store, open_store
 from bridge_kit.types.events import Event
@@ -186,7 +186,13 @@ async def stored_values(store: Store) -> dict[str, object]:
     await store.remember_device("@a:test.local", "DEVICE", HOSTILE)
     with pytest.raises(ValueError, match="lone surrogate"):
         await store.crypto_put("@a:test.local", "kind", HOSTILE, b"v")
+    # Any str is a txnId, each its own (no cleaning: two must not become one).
+    txn = HOSTILE + "t"
+    txns = [await store.accept_transaction(txn, []), await store.accept_transaction(txn, [])]
+    await store.mark_transaction_done("\ud800")
+    txns += [await store.is_transaction_done("\ud800"), await store.is_transaction_done("\ufffd")]
     return {
+        "txns": txns,
         "lane": lane,
         "item": (item.lane, json.loads(item.event_json)),
         "parked": (parked.item.lane, parked.parking.key, parked.parking.reason),
@@ -211,5 +217,6 @@ async def test_the_same_hostile_input_is_stored_the_same_on_every_backend(
             found.append(await stored_values(store))
     assert found[0] == found[1] == found[2]
     assert found[0]["lane"] == "a\ufffdb\ufffdc"  # cleaned, not refused
+    assert found[0]["txns"] == [Acceptance.NEW, Acceptance.DUPLICATE, True, False]
     assert found[0]["item"] == ("a\ufffdb\ufffdc", {"body": HOSTILE})  # the event unchanged
     assert found[0]["profile"] == {"a\ufffdb\ufffdc": "a\ufffdb\ufffdc"}

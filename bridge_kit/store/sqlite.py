@@ -285,7 +285,9 @@ class SQLiteStore(SQLiteParkedItems, Store):
         records = self._records_connection()
         with self._errors():
             # fetchall, not fetchone: a statement left unfinished keeps a read transaction open.
-            rows = records.execute(sqlite_puppets.SELECT_TRANSACTION, (txn_id,)).fetchall()
+            rows = records.execute(
+                sqlite_puppets.SELECT_TRANSACTION, (sqlite_puppets.txn_key(txn_id),)
+            ).fetchall()
         return bool(rows)
 
     async def mark_transaction_done(self, txn_id: str) -> None:
@@ -299,7 +301,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
         lost here and, before it recorded our 200, on the homeserver too), after
         which the bridge's own side effects are not exactly-once either.
         """
-        parameters = (txn_id, time.time())
+        parameters = (sqlite_puppets.txn_key(txn_id), time.time())
         records = self._records_connection()
         try:
             with self._errors():
@@ -345,15 +347,15 @@ class SQLiteStore(SQLiteParkedItems, Store):
     ) -> Acceptance:
         """Record ``txn_id`` and append the events in one commit (see
         :meth:`mark_transaction_done` for what synchronous=NORMAL means for it)."""
-        now = time.time()
-        accepted = self._accept_now(txn_id, digest, items, rejected, now)
+        now, key = time.time(), sqlite_puppets.txn_key(txn_id)
+        accepted = self._accept_now(key, digest, items, rejected, now)
         if accepted is not None:
             return accepted
 
         async def accept(conn: aiosqlite.Connection) -> Acceptance:
             # Under BEGIN IMMEDIATE no other writer runs, so a record already there
             # means a duplicate, however many are in flight.
-            acceptance = await sqlite_puppets.record(conn, txn_id, digest, now)
+            acceptance = await sqlite_puppets.record(conn, key, digest, now)
             if acceptance:
                 await sqlite_inbox.append(conn, items, rejected, now)
             return acceptance
@@ -362,7 +364,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
 
     def _accept_now(
         self,
-        txn_id: str,
+        txn_id: str | bytes,
         digest: bytes,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter],
