@@ -5,6 +5,11 @@ Pick a backend by URL with :func:`open_store`::
 
     async with open_store("sqlite:///bridge_kit.db") as store:
         await store.mark_registered(["@_bk_alice:example.org"])
+
+A :class:`Store` is composed of one interface per concern (:class:`PuppetStore`,
+:class:`InboxStore`, :class:`DeadLetterStore`, :class:`ParkingStore`,
+:class:`RetentionStore`, :class:`RoomStateStore`, :class:`DeviceStore`,
+:class:`CryptoStore`); code that needs one concern is typed with it.
 """
 
 from __future__ import annotations
