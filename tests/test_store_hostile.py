@@ -11,9 +11,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem
+from bridge_kit.inbox.records import Acceptance, ItemKind, NewDeadLetter, NewInboxItem, Parking
 from bridge_kit.server.appservice_api import create_app
 from bridge_kit.store import Store, open_store
+from bridge_kit.types.events import Event
 from tests.test_store import backend_url, emptied
 
 HS_TOKEN = "hs-token-strings"
@@ -135,3 +136,87 @@ async def test_a_user_id_no_store_can_hold_is_refused_the_same_everywhere(
     await store.forget_registered([bad])
     await store.mark_registered(["@ok:test.local"])
     assert await store.registered_among([bad, "@ok:test.local"]) == {"@ok:test.local"}
+
+
+#: NUL and a lone surrogate in one string: what a JSON escape hands the store.
+HOSTILE = "a\x00b\ud800c"
+
+
+async def stored_values(store: Store) -> dict[str, object]:
+    """What ``store`` gives back after hostile input went into each of its concerns
+    (ids and times left out: they differ by nature)."""
+    raw_event = json.dumps({"type": "m.room.message", "content": {"body": HOSTILE}})
+    letter = NewDeadLetter(
+        lane=HOSTILE,
+        kind=ItemKind.EVENT,
+        event_json=raw_event,
+        error=HOSTILE,
+        handler=HOSTILE,
+        event_id=HOSTILE,
+        event_type=HOSTILE,
+    )
+    # ensure_ascii=False: the JSON text holds the characters themselves, not escapes.
+    item_json = json.dumps({"body": HOSTILE}, ensure_ascii=False)
+    await store.accept_transaction(
+        "t", [NewInboxItem(HOSTILE, ItemKind.EVENT, item_json)], [letter]
+    )
+    [lane] = await store.claim_lanes(HOSTILE, 30, 10, exclude=[HOSTILE + "x"])
+    [item] = await store.lane_items(HOSTILE, 10)
+    await store.park_item(item.id, Parking(HOSTILE, HOSTILE, 1e12, 1.0))
+    [parked] = await store.parked_items(key=HOSTILE)
+    [dead] = await store.dead_letters()
+    member = Event(
+        type="m.room.member",
+        content={"membership": HOSTILE, "displayname": HOSTILE, "avatar_url": HOSTILE},
+        room_id=HOSTILE,
+        sender=HOSTILE,
+        state_key=HOSTILE,
+        origin_server_ts=1,
+    )
+    topic = Event(
+        type="m.room.topic",
+        content={"topic": HOSTILE},
+        room_id=HOSTILE,
+        sender=HOSTILE,
+        state_key="",
+        origin_server_ts=1,
+    )
+    await store.apply_state(HOSTILE, [member, topic])
+    await store.set_profile(HOSTILE, HOSTILE, HOSTILE)
+    await store.remember_device("@a:test.local", "DEVICE", HOSTILE)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        await store.crypto_put("@a:test.local", "kind", HOSTILE, b"v")
+    # Any str is a txnId, each its own (no cleaning: two must not become one).
+    txn = HOSTILE + "t"
+    txns = [await store.accept_transaction(txn, []), await store.accept_transaction(txn, [])]
+    await store.mark_transaction_done("\ud800")
+    txns += [await store.is_transaction_done("\ud800"), await store.is_transaction_done("\ufffd")]
+    return {
+        "txns": txns,
+        "lane": lane,
+        "item": (item.lane, json.loads(item.event_json)),
+        "parked": (parked.item.lane, parked.parking.key, parked.parking.reason),
+        "dead": (dead.lane, dead.error, dead.handler, dead.event_id, dead.event_type),
+        "dead event": json.loads(dead.event_json),
+        "members": await store.members(HOSTILE, HOSTILE),
+        "membership": await store.membership(HOSTILE, HOSTILE),
+        "topic": await store.state_event(HOSTILE, "m.room.topic"),
+        "profile": await store.profile(HOSTILE),
+        "profiles": await store.profiles_among([HOSTILE]),
+        "devices": await store.known_devices("@a:test.local"),
+    }
+
+
+async def test_the_same_hostile_input_is_stored_the_same_on_every_backend(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    # One front cleans for every backend: none may store its own variant (issue 23).
+    found = []
+    for url in ("memory://", f"sqlite:///{tmp_path / 'drift.db'}", await emptied(postgres_dsn)):
+        async with open_store(url) as store:
+            found.append(await stored_values(store))
+    assert found[0] == found[1] == found[2]
+    assert found[0]["lane"] == "a\ufffdb\ufffdc"  # cleaned, not refused
+    assert found[0]["txns"] == [Acceptance.NEW, Acceptance.DUPLICATE, True, False]
+    assert found[0]["item"] == ("a\ufffdb\ufffdc", {"body": HOSTILE})  # the event unchanged
+    assert found[0]["profile"] == {"a\ufffdb\ufffdc": "a\ufffdb\ufffdc"}

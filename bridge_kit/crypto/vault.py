@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 
 import cattrs
 from cryptography.exceptions import InvalidTag
@@ -32,6 +32,7 @@ from bridge_kit._json import decode_json
 from bridge_kit.crypto.records import NONCE_SIZE, SealedEnvelope
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.errors import StoreError, WrongPickleKey
+from bridge_kit.store.concerns import CryptoStore
 from bridge_kit.types.converter import converter, describe_error
 
 __all__ = ["CryptoStore", "CryptoVault", "derive_pickle_key"]
@@ -39,21 +40,6 @@ __all__ = ["CryptoStore", "CryptoVault", "derive_pickle_key"]
 _SALT: Final = b"bridge_kit e2ee pickle key"
 _INFO: Final = b"vodozemac pickle v1"
 _SEALED_INFO: Final = b"sealed records v1"
-
-
-class CryptoStore(Protocol):
-    """The store methods the crypto state needs: one opaque bytes table, keyed by
-    ``(owner, kind, key)``, where ``owner`` is one device's state."""
-
-    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None: ...
-
-    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None: ...
-
-    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None: ...
-
-    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]: ...
-
-    async def crypto_delete(self, owner: str, kind: str, key: str) -> None: ...
 
 
 def _hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:

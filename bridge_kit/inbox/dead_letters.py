@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from bridge_kit.inbox.records import DeadLetter
-from bridge_kit.store.base import Store
+from bridge_kit.store.concerns import DeadLetterStore
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
@@ -21,7 +21,9 @@ __all__ = ["DeadLetter", "DeadLetters"]
 class DeadLetters:
     """The dead letters in ``store``; ``on_replayed()`` runs after a replay (to wake the inbox)."""
 
-    def __init__(self, store: Store, on_replayed: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, store: DeadLetterStore, on_replayed: Callable[[], object] | None = None
+    ) -> None:
         self.store = store
         self._on_replayed = on_replayed
 

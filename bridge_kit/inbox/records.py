@@ -43,7 +43,7 @@ class ItemKind(enum.Enum):
 
 
 class Acceptance(enum.IntEnum):
-    """What :meth:`~bridge_kit.store.base.Store.accept_transaction` did; false only for
+    """What :meth:`~bridge_kit.store.InboxStore.accept_transaction` did; false only for
     a duplicate, so ``if await store.accept_transaction(...)`` means "stored"."""
 
     #: The txnId was seen before with the same body digest: nothing was stored.

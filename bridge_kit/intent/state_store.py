@@ -1,7 +1,7 @@
 """What the bridge knows of its rooms' state, answered from the store: ``app.room_state``.
 
 :class:`RoomStateStore` reads memberships, power levels and encryption from the
-store (:meth:`~bridge_kit.store.Store.apply_state` and friends), with no HTTP.
+store (:meth:`~bridge_kit.store.RoomRecordStore.apply_state` and friends), with no HTTP.
 The store is fed from two places:
 
 - every state event of every accepted transaction. The AppService runs

@@ -5,6 +5,11 @@ Pick a backend by URL with :func:`open_store`::
 
     async with open_store("sqlite:///bridge_kit.db") as store:
         await store.mark_registered(["@_bk_alice:example.org"])
+
+A :class:`Store` is composed of one interface per concern (:class:`PuppetStore`,
+:class:`InboxStore`, :class:`DeadLetterStore`, :class:`ParkingStore`,
+:class:`RetentionStore`, :class:`RoomRecordStore`, :class:`DeviceStore`,
+:class:`CryptoStore`); code that needs one concern is typed with it.
 """
 
 from __future__ import annotations
@@ -13,14 +18,32 @@ import os
 
 from bridge_kit import defaults
 from bridge_kit.store.base import Store
+from bridge_kit.store.concerns import (
+    CryptoStore,
+    DeadLetterStore,
+    DeviceStore,
+    InboxStore,
+    ParkingStore,
+    PuppetStore,
+    RetentionStore,
+    RoomRecordStore,
+)
 from bridge_kit.store.memory import MemoryStore
 from bridge_kit.store.postgres import PostgresStore
 from bridge_kit.store.sqlite import SQLiteStore
 from bridge_kit.store.url import StoreURL, parse_store_url, redact_store_url
 
 __all__ = [
+    "CryptoStore",
+    "DeadLetterStore",
+    "DeviceStore",
+    "InboxStore",
     "MemoryStore",
+    "ParkingStore",
     "PostgresStore",
+    "PuppetStore",
+    "RetentionStore",
+    "RoomRecordStore",
     "SQLiteStore",
     "Store",
     "StoreURL",

@@ -1,14 +1,15 @@
 """What the SQL stores share about inbox rows: the columns they select, in this
-order, and how such a row becomes a record."""
+order, how such a row becomes a record, and the reads of parked items (through
+:mod:`bridge_kit.store._sql`)."""
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Any
 
 from bridge_kit.inbox.records import DeadLetter, InboxItem, ItemKind, ParkedItem, Parking
+from bridge_kit.store._sql import Query
 
 ITEM_COLUMNS = (
     "id, lane, kind, event_json, received_at, attempts, done_handlers, not_before, first_failed_at"
@@ -17,40 +18,6 @@ LETTER_COLUMNS = (
     "id, lane, kind, event_json, error, handler, attempts,"
     " first_failed_at, last_failed_at, event_id, event_type, done_handlers, received_at"
 )
-
-
-#: What neither database takes in a text column: NUL (PostgreSQL) and lone surrogates,
-#: which a str gets from a JSON escape such as "\ud800" and no UTF-8 encoder takes (both).
-_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
-
-
-def clean_text(value: str) -> str:
-    """``value`` with NUL and lone surrogates as U+FFFD, so any database stores it.
-
-    Not one-to-one, which is harmless where it is used: two lanes that differ only
-    there become one (still in order), owners and the dead letters' descriptive
-    columns are compared with themselves or read by people. Cheap for the usual
-    ASCII text.
-    """
-    if value.isascii() and "\x00" not in value:
-        return value
-    return _UNSTORABLE.sub("\ufffd", value)
-
-
-def optional_text(value: str | None) -> str | None:
-    """:func:`clean_text`, passing ``None`` through."""
-    return None if value is None else clean_text(value)
-
-
-def clean_json(value: str) -> str:
-    """JSON text with NUL and lone surrogates written as ``\\uXXXX`` escapes.
-
-    Lossless: in JSON text such characters can only stand inside a string, where
-    the escape means the same character, so the event a handler gets is unchanged.
-    """
-    if value.isascii() and "\x00" not in value:
-        return value
-    return _UNSTORABLE.sub(lambda found: f"\\u{ord(found.group()):04x}", value)
 
 
 def encode_handlers(names: Sequence[str]) -> str:
@@ -104,17 +71,42 @@ def parked_from_row(row: Sequence[Any]) -> ParkedItem:
     return ParkedItem(item, Parking(key, reason, give_up_at, first, item.done_handlers))
 
 
-def parked_filter(
-    key: str | None, due_by: float | None, mark: Callable[[int], str]
-) -> tuple[str, list[object]]:
-    """The WHERE clause (empty for all) and its parameters that pick parked items under
-    ``key`` and/or due by ``due_by``; ``mark(n)`` writes the n-th parameter's mark."""
+_PARKED_COLUMNS = (
+    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
+    " park_key, reason, give_up_at"
+)
+
+
+async def parked_items(
+    q: Query, key: str | None, due_by: float | None, limit: int
+) -> list[ParkedItem]:
+    """Up to ``limit`` parked items, oldest first, under ``key`` and/or due by ``due_by``."""
+    # One statement per filter rather than "$2 IS NULL OR park_key = $2": a prepared
+    # statement's generic plan would use no index for that.
+    where, parameters = _parked_filter(key, due_by)
+    rows = await q.rows(
+        f"SELECT {_PARKED_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "$n" marks)
+        " ORDER BY id LIMIT $1",
+        limit,
+        *parameters,
+    )
+    return [parked_from_row(tuple(row)) for row in rows]
+
+
+async def count_parked(q: Query) -> int:
+    rows = await q.rows("SELECT COUNT(*) FROM bridge_kit_parked")
+    return int(rows[0][0])
+
+
+def _parked_filter(key: str | None, due_by: float | None) -> tuple[str, list[object]]:
+    """The WHERE clause (empty for all) and its parameters, marked from ``$2`` on, that
+    pick parked items under ``key`` and/or due by ``due_by``."""
     clauses: list[str] = []
     parameters: list[object] = []
     if key is not None:
-        parameters.append(clean_text(key))
-        clauses.append(f"park_key = {mark(len(parameters))}")
+        parameters.append(key)
+        clauses.append(f"park_key = ${len(parameters) + 1}")
     if due_by is not None:
         parameters.append(due_by)
-        clauses.append(f"give_up_at <= {mark(len(parameters))}")
+        clauses.append(f"give_up_at <= ${len(parameters) + 1}")
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), parameters

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import attrs
 
@@ -20,26 +20,15 @@ from bridge_kit.inbox.records import (
     ParkedItem,
     Parking,
 )
-from bridge_kit.store.base import (
-    Store,
-    check_limit,
-    checked_ids,
-    checked_items,
-    checked_text,
-    cleaned_ids,
-    cleaned_pairs,
-    crypto_scope,
-    state_event_from,
-    storable_ids,
-)
-from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.state_records import MemberRow, StateRow, known_room, rows_of
+from bridge_kit.store.base import Store, state_event_from
+from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.types.events import Event
 from bridge_kit.types.room_state import Member
 
 
 class MemoryStore(Store):
-    """The :class:`Store` interface over sets and dicts.
+    """The :class:`Store` interface over sets and dicts (its hooks; the cleaning is
+    the :class:`Store`'s, as for the SQL stores).
 
     Nothing survives :meth:`close`; use it in tests and dry runs only. No method
     awaits between reading and writing its state, so each is atomic on the loop.
@@ -58,7 +47,7 @@ class MemoryStore(Store):
         self._letters: dict[int, DeadLetter] = {}
         self._parked: dict[int, ParkedItem] = {}  # by the item's inbox id
         self._last_id = 0  # shared by items and letters: ids are never reused
-        self._members: dict[tuple[str, str], MemberRow] = {}  # (room, user) -> row
+        self._member_rows: dict[tuple[str, str], MemberRow] = {}  # (room, user) -> row
         self._room_state: dict[tuple[str, str], StateRow] = {}  # (room, type) -> row
         self._known_rooms: set[str] = set()
         self._profiles: dict[tuple[str, str], str | None] = {}  # (user, field) -> value
@@ -82,7 +71,7 @@ class MemoryStore(Store):
         self._leases.clear()
         self._letters.clear()
         self._parked.clear()
-        self._members.clear()
+        self._member_rows.clear()
         self._room_state.clear()
         self._known_rooms.clear()
         self._profiles.clear()
@@ -94,20 +83,20 @@ class MemoryStore(Store):
         if not self._open:
             raise StoreError("memory store is not open")
 
-    async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
+    async def _registered_among(self, user_ids: Iterable[str]) -> set[str]:
         self._check_open()
-        return self._puppets.intersection(storable_ids(user_ids))
+        return self._puppets.intersection(user_ids)
 
-    async def mark_registered(self, user_ids: Iterable[str]) -> None:
+    async def _mark_registered(self, user_ids: list[str]) -> None:
         self._check_open()
-        self._puppets.update(checked_ids(user_ids))
+        self._puppets.update(user_ids)
 
-    async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
+    async def _forget_registered(self, user_ids: Iterable[str] | None) -> None:
         self._check_open()
         if user_ids is None:
             self._puppets.clear()
         else:
-            self._puppets.difference_update(storable_ids(user_ids))
+            self._puppets.difference_update(user_ids)
 
     async def count_registered(self) -> int:
         self._check_open()
@@ -121,10 +110,8 @@ class MemoryStore(Store):
         self._check_open()
         self._transactions.setdefault(txn_id, (None, time.time()))
 
-    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
+    async def _prune_transactions(self, keep: int, max_age: float | None) -> int:
         self._check_open()
-        if keep < 0:
-            raise ValueError(f"keep must be >= 0, not {keep}")
         excess = max(len(self._transactions) - keep, 0)
         gone = list(self._transactions)[:excess]
         if max_age is not None:
@@ -191,13 +178,12 @@ class MemoryStore(Store):
             received_at=now if received_at is None else received_at,
         )
 
-    async def accept_transaction(
+    async def _accept_transaction(
         self,
         txn_id: str,
         items: Sequence[NewInboxItem],
-        rejected: Sequence[NewDeadLetter] = (),
-        *,
-        digest: bytes = b"",
+        rejected: Sequence[NewDeadLetter],
+        digest: bytes,
     ) -> Acceptance:
         self._check_open()
         record = self._transactions.get(txn_id)
@@ -223,11 +209,10 @@ class MemoryStore(Store):
         lease = self._leases.get(lane)
         return lease is not None and lease[0] != owner and lease[1] > now
 
-    async def claim_lanes(
-        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    async def _claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str]
     ) -> list[str]:
         self._check_open()
-        check_limit(limit)
         now = time.time()
         ready: list[tuple[int, str]] = []
         for lane, items in self._lanes.items():
@@ -241,7 +226,7 @@ class MemoryStore(Store):
             self._leases[lane] = (owner, now + lease)
         return claimed
 
-    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+    async def _renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
         self._check_open()
         until = time.time() + lease
         held = {lane for lane in lanes if self._holder(lane) == owner}
@@ -249,14 +234,13 @@ class MemoryStore(Store):
             self._leases[lane] = (owner, until)
         return held
 
-    async def release_lane(self, owner: str, lane: str) -> None:
+    async def _release_lane(self, owner: str, lane: str) -> None:
         self._check_open()
         if self._holder(lane) == owner:
             del self._leases[lane]
 
-    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+    async def _lane_items(self, lane: str, limit: int) -> list[InboxItem]:
         self._check_open()
-        check_limit(limit)
         return list(self._lanes.get(lane, {}).values())[:limit]
 
     async def complete_item(self, item_id: int) -> None:
@@ -290,7 +274,7 @@ class MemoryStore(Store):
             first_failed_at=first,
         )
 
-    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+    async def _bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
         self._check_open()
         item = self._remove(item_id)
         if item is None:
@@ -299,13 +283,10 @@ class MemoryStore(Store):
         first = first if first is not None else item.first_failed_at
         self._add_letter(letter, first, time.time(), item.received_at)
 
-    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+    async def _dead_letters(self, limit: int | None) -> list[DeadLetter]:
         self._check_open()
         letters = list(self._letters.values())
-        if limit is not None:
-            check_limit(limit)
-            letters = letters[:limit]
-        return letters
+        return letters if limit is None else letters[:limit]
 
     def _letter_ids(self, ids: Collection[int] | None) -> list[int]:
         if ids is None:
@@ -338,9 +319,8 @@ class MemoryStore(Store):
             if item.kind is ItemKind.OTK_COUNTS:
                 self._remove(item_id)
 
-    async def prune_dead_letters(self, keep: int, before: float) -> int:
+    async def _prune_dead_letters(self, keep: int, before: float) -> int:
         self._check_open()
-        check_limit(keep, "keep")
         newest = set(list(self._letters)[-keep:]) if keep else set()
         gone = [
             letter_id
@@ -351,7 +331,7 @@ class MemoryStore(Store):
             del self._letters[letter_id]
         return len(gone)
 
-    async def prune_crypto(self, kind: str, before: float) -> int:
+    async def _prune_crypto(self, kind: str, before: float) -> int:
         self._check_open()
         old = [
             (owner, what, key)
@@ -359,7 +339,7 @@ class MemoryStore(Store):
             if what == kind and written < before
         ]
         for owner, what, key in old:
-            await self.crypto_delete(owner, what, key)
+            await self._crypto_delete(owner, what, key)
         return len(old)
 
     async def to_device_since(self) -> float | None:
@@ -380,7 +360,7 @@ class MemoryStore(Store):
 
     # -- parked items --------------------------------------------------------
 
-    async def park_item(self, item_id: int, parking: Parking) -> bool:
+    async def _park_item(self, item_id: int, parking: Parking) -> bool:
         self._check_open()
         item = self._remove(item_id)
         if item is None:
@@ -388,7 +368,7 @@ class MemoryStore(Store):
         self._parked[item_id] = ParkedItem(item, parking)
         return True
 
-    async def unpark_items(self, key: str) -> int:
+    async def _unpark_items(self, key: str) -> int:
         self._check_open()
         ids = sorted(i for i, parked in self._parked.items() if parked.parking.key == key)
         for item_id in ids:
@@ -408,11 +388,10 @@ class MemoryStore(Store):
         self._lanes.setdefault(item.lane, {})[new_id] = item
         self._item_lane[new_id] = item.lane
 
-    async def parked_items(
-        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
+    async def _parked_items(
+        self, key: str | None, due_by: float | None, limit: int
     ) -> list[ParkedItem]:
         self._check_open()
-        check_limit(limit)
         chosen = [
             parked
             for _, parked in sorted(self._parked.items())
@@ -425,7 +404,7 @@ class MemoryStore(Store):
         self._check_open()
         return len(self._parked)
 
-    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+    async def _bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
         self._check_open()
         parked = self._parked.pop(item_id, None)
         if parked is None:
@@ -437,129 +416,113 @@ class MemoryStore(Store):
 
     # -- room state ----------------------------------------------------------
 
-    async def apply_state(
-        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    async def _apply_state(
+        self, members: list[MemberRow], states: list[StateRow], known: str | None
     ) -> None:
         self._check_open()
-        members, states = rows_of(room_id, events)
         for member in members:
-            old = self._members.get((member.room_id, member.user_id))
+            old = self._member_rows.get((member.room_id, member.user_id))
             if old is None or member.origin_ts >= old.origin_ts:  # the stale-state rule
-                self._members[member.room_id, member.user_id] = member
+                self._member_rows[member.room_id, member.user_id] = member
         for state in states:
             old_state = self._room_state.get((state.room_id, state.event_type))
             if old_state is None or state.origin_ts >= old_state.origin_ts:
                 self._room_state[state.room_id, state.event_type] = state
-        known = known_room(room_id, states, complete)
         if known is not None:
             self._known_rooms.add(known)
 
-    async def membership(self, room_id: str, user_id: str) -> Member | None:
+    async def _membership(self, room_id: str, user_id: str) -> Member | None:
         self._check_open()
-        row = self._members.get((clean_text(room_id), clean_text(user_id)))
+        row = self._member_rows.get((room_id, user_id))
         return None if row is None else row.member
 
-    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
+    async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
         self._check_open()
-        room = clean_text(room_id)
         # A scan: this store is for tests, where rooms hold a handful of members.
         return {
             user: row.member
-            for (row_room, user), row in self._members.items()
-            if row_room == room and row.member.membership == membership
+            for (row_room, user), row in self._member_rows.items()
+            if row_room == room_id and row.member.membership == membership
         }
 
-    async def state_event(self, room_id: str, event_type: str) -> Event | None:
+    async def _state_event(self, room_id: str, event_type: str) -> Event | None:
         self._check_open()
-        row = self._room_state.get((clean_text(room_id), event_type))
+        row = self._room_state.get((room_id, event_type))
         if row is None:
             return None
         return state_event_from(
             row.room_id, event_type, row.content_json, row.sender, row.origin_ts
         )
 
-    async def room_state_known(self, room_id: str) -> bool:
+    async def _room_state_known(self, room_id: str) -> bool:
         self._check_open()
-        return clean_text(room_id) in self._known_rooms
+        return room_id in self._known_rooms
 
-    async def profile(self, user_id: str) -> dict[str, str | None]:
+    async def _profile(self, user_id: str) -> dict[str, str | None]:
         self._check_open()
-        user = clean_text(user_id)
-        return {field: value for (who, field), value in self._profiles.items() if who == user}
+        return {field: value for (who, field), value in self._profiles.items() if who == user_id}
 
-    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
+    async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
         self._check_open()
-        self._profiles[clean_text(user_id), field] = None if value is None else clean_text(value)
+        self._profiles.update({(user, field): value for user, field, value in rows})
 
     # -- devices and crypto state -------------------------------------------
 
-    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+    async def _remember_device(
+        self, user_id: str, device_id: str, display_name: str | None
+    ) -> None:
         self._check_open()
-        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        devices = self._devices.setdefault(user, {})
-        if display_name is not None or device not in devices:
-            devices[device] = optional_text(display_name)
+        devices = self._devices.setdefault(user_id, {})
+        if display_name is not None or device_id not in devices:
+            devices[device_id] = display_name
 
-    async def forget_device(self, user_id: str, device_id: str) -> None:
+    async def _forget_device(self, user_id: str, device_id: str) -> None:
         self._check_open()
-        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        devices = self._devices.get(user, {})
-        devices.pop(device, None)
+        devices = self._devices.get(user_id, {})
+        devices.pop(device_id, None)
         if not devices:
-            self._devices.pop(user, None)
+            self._devices.pop(user_id, None)
 
-    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+    async def _known_devices(self, user_id: str) -> dict[str, str | None]:
         self._check_open()
-        return dict(self._devices.get(checked_text(user_id, "user ID"), {}))
+        return dict(self._devices.get(user_id, {}))
 
-    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
         self._check_open()
-        return self._crypto.get(crypto_scope(owner, kind), {}).get(checked_text(key, "crypto key"))
+        return self._crypto.get((owner, kind), {}).get(key)
 
-    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
-        await self.crypto_put_many(owner, kind, {key: value})
-
-    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+    async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         self._check_open()
-        scope, batch = crypto_scope(owner, kind), checked_items(items)
-        if batch:
-            self._crypto.setdefault(scope, {}).update(batch)
-            now = time.time()
-            self._crypto_written.update({(*scope, key): now for key in batch})
+        self._crypto.setdefault((owner, kind), {}).update(items)
+        now = time.time()
+        self._crypto_written.update({(owner, kind, key): now for key in items})
 
-    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
         self._check_open()
-        return dict(self._crypto.get(crypto_scope(owner, kind), {}))
+        return dict(self._crypto.get((owner, kind), {}))
 
-    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
         self._check_open()
-        scope = crypto_scope(owner, kind)
-        values = self._crypto.get(scope, {})
-        which = checked_text(key, "crypto key")
-        values.pop(which, None)
-        self._crypto_written.pop((*scope, which), None)
+        values = self._crypto.get((owner, kind), {})
+        values.pop(key, None)
+        self._crypto_written.pop((owner, kind, key), None)
         if not values:
-            self._crypto.pop(scope, None)
+            self._crypto.pop((owner, kind), None)
 
-    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         self._check_open()
-        found: set[tuple[str, str]] = set()
-        for key, pair in cleaned_pairs(pairs).items():
-            row = self._members.get(key)
-            if row is not None and row.member.membership == "join":
-                found.add(pair)
-        return found
+        return {
+            pair
+            for pair in pairs
+            if (row := self._member_rows.get(pair)) is not None and row.member.membership == "join"
+        }
 
-    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+    async def _profiles_among(self, user_ids: list[str]) -> dict[str, dict[str, str | None]]:
         self._check_open()
-        wanted = cleaned_ids(user_ids)
+        wanted = set(user_ids)
         profiles: dict[str, dict[str, str | None]] = {}
         # A scan, as members() does: this store is for tests.
         for (who, field), value in self._profiles.items():
             if who in wanted:
-                profiles.setdefault(wanted[who], {})[field] = value
+                profiles.setdefault(who, {})[field] = value
         return profiles
-
-    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
-        for user_id, field, value in values:
-            await self.set_profile(user_id, field, value)

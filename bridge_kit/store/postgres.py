@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from bridge_kit.errors import StoreError
@@ -20,28 +20,18 @@ from bridge_kit.inbox.records import (
     Parking,
 )
 from bridge_kit.store import (
+    _devices_sql,
+    _state_sql,
+    inbox_rows,
     postgres_devices,
     postgres_inbox,
     postgres_parked,
     postgres_retention,
     postgres_state,
 )
-from bridge_kit.store.base import (
-    Store,
-    check_limit,
-    checked_ids,
-    checked_items,
-    checked_text,
-    cleaned_ids,
-    cleaned_pairs,
-    crypto_scope,
-    pending_migrations,
-    profiles_by_user,
-    storable_ids,
-    unique_chunks,
-)
-from bridge_kit.store.inbox_rows import clean_text, optional_text
-from bridge_kit.store.state_records import known_room, rows_of
+from bridge_kit.store._sql import PostgresQuery, Query
+from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
+from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 from bridge_kit.types.events import Event
 from bridge_kit.types.room_state import Member
@@ -230,35 +220,48 @@ class PostgresStore(Store):
         with self._errors():
             return await operation(pool)
 
+    async def _query(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements (see :mod:`bridge_kit.store._sql`), each committing
+        on its own."""
+        return await self._run(lambda pool: operation(PostgresQuery(pool)))
+
+    async def _query_in_transaction(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements on one connection, in one transaction."""
+
+        async def in_transaction(pool: Any) -> _T:
+            async with pool.acquire() as conn, conn.transaction():
+                return await operation(PostgresQuery(conn))
+
+        return await self._run(in_transaction)
+
     # -- puppets -------------------------------------------------------------
 
-    async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
+    async def _registered_among(self, user_ids: Iterable[str]) -> set[str]:
         pool = self._connected()
         found: set[str] = set()
         with self._errors():
-            for chunk in unique_chunks(storable_ids(user_ids), _LOOKUP_CHUNK):
+            for chunk in unique_chunks(user_ids, _LOOKUP_CHUNK):
                 rows = await pool.fetch(
                     "SELECT user_id FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])", chunk
                 )
                 found.update(row[0] for row in rows)
         return found
 
-    async def mark_registered(self, user_ids: Iterable[str]) -> None:
-        batch = checked_ids(user_ids)
-        if batch:
+    async def _mark_registered(self, user_ids: list[str]) -> None:
+        if user_ids:
             await self._execute(
                 "INSERT INTO bridge_kit_puppets (user_id)"
                 " SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
-                batch,
+                user_ids,
             )
 
-    async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
+    async def _forget_registered(self, user_ids: Iterable[str] | None) -> None:
         if user_ids is None:
             await self._execute("DELETE FROM bridge_kit_puppets")
         else:
             await self._execute(
                 "DELETE FROM bridge_kit_puppets WHERE user_id = ANY($1::text[])",
-                list(storable_ids(user_ids)),
+                list(user_ids),
             )
 
     async def count_registered(self) -> int:
@@ -277,9 +280,7 @@ class PostgresStore(Store):
             _txn_key(txn_id),
         )
 
-    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
-        if keep < 0:
-            raise ValueError(f"keep must be >= 0, not {keep}")
+    async def _prune_transactions(self, keep: int, max_age: float | None) -> int:
         cutoff = -math.inf if max_age is None else time.time() - max_age
         status = await self._execute(
             "DELETE FROM bridge_kit_transactions WHERE seq <= ("
@@ -298,37 +299,34 @@ class PostgresStore(Store):
     # Times are this process's time.time(), like the not_before its caller computes;
     # processes sharing the database need clocks in step (NTP) for leases to hold.
 
-    async def accept_transaction(
+    async def _accept_transaction(
         self,
         txn_id: str,
         items: Sequence[NewInboxItem],
-        rejected: Sequence[NewDeadLetter] = (),
-        *,
-        digest: bytes = b"",
+        rejected: Sequence[NewDeadLetter],
+        digest: bytes,
     ) -> Acceptance:
         now = time.time()
         return await self._run(
             lambda pool: postgres_inbox.accept(pool, _txn_key(txn_id), items, rejected, now, digest)
         )
 
-    async def claim_lanes(
-        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    async def _claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str]
     ) -> list[str]:
-        check_limit(limit)
         now = time.time()
         return await self._run(
             lambda pool: postgres_inbox.claim(pool, owner, now + lease, limit, exclude, now)
         )
 
-    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+    async def _renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
         until = time.time() + lease
         return await self._run(lambda pool: postgres_inbox.renew(pool, owner, lanes, until))
 
-    async def release_lane(self, owner: str, lane: str) -> None:
+    async def _release_lane(self, owner: str, lane: str) -> None:
         await self._run(lambda pool: postgres_inbox.release(pool, owner, lane))
 
-    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
-        check_limit(limit)
+    async def _lane_items(self, lane: str, limit: int) -> list[InboxItem]:
         return await self._run(lambda pool: postgres_inbox.lane_items(pool, lane, limit))
 
     async def complete_item(self, item_id: int) -> None:
@@ -353,13 +351,11 @@ class PostgresStore(Store):
             )
         )
 
-    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+    async def _bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
         now = time.time()
         await self._run(lambda pool: postgres_inbox.bury(pool, item_id, letter, now))
 
-    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
-        if limit is not None:
-            check_limit(limit)
+    async def _dead_letters(self, limit: int | None) -> list[DeadLetter]:
         return await self._run(lambda pool: postgres_inbox.dead_letters(pool, limit))
 
     async def replay_dead_letters(
@@ -374,130 +370,98 @@ class PostgresStore(Store):
     async def inbox_stats(self) -> InboxStats:
         return await self._run(postgres_inbox.stats)
 
-    # -- parked items (SQL in postgres_parked) ---------------------------------
+    # -- parked items (SQL in postgres_parked and inbox_rows) -------------------
 
-    async def park_item(self, item_id: int, parking: Parking) -> bool:
+    async def _park_item(self, item_id: int, parking: Parking) -> bool:
         return await self._run(lambda pool: postgres_parked.park(pool, item_id, parking))
 
-    async def unpark_items(self, key: str) -> int:
+    async def _unpark_items(self, key: str) -> int:
         return await self._run(lambda pool: postgres_parked.unpark(pool, key))
 
-    async def parked_items(
-        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
+    async def _parked_items(
+        self, key: str | None, due_by: float | None, limit: int
     ) -> list[ParkedItem]:
-        check_limit(limit)
-        return await self._run(lambda pool: postgres_parked.parked(pool, key, due_by, limit))
+        return await self._query(lambda q: inbox_rows.parked_items(q, key, due_by, limit))
 
     async def count_parked(self) -> int:
-        return await self._run(postgres_parked.count)
+        return await self._query(inbox_rows.count_parked)
 
-    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+    async def _bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()
         return await self._run(lambda pool: postgres_parked.bury(pool, item_id, letter, now))
 
-    async def prune_dead_letters(self, keep: int, before: float) -> int:
-        check_limit(keep, "keep")
+    async def _prune_dead_letters(self, keep: int, before: float) -> int:
         return await self._run(
             lambda pool: postgres_retention.prune_dead_letters(pool, keep, before)
         )
 
-    async def prune_crypto(self, kind: str, before: float) -> int:
-        what = checked_text(kind, "crypto kind")
-        return await self._run(lambda pool: postgres_retention.prune_crypto(pool, what, before))
+    async def _prune_crypto(self, kind: str, before: float) -> int:
+        return await self._run(lambda pool: postgres_retention.prune_crypto(pool, kind, before))
 
     async def to_device_since(self) -> float | None:
         return await self._run(postgres_retention.to_device_since)
 
     # -- room state (SQL in postgres_state) -----------------------------------
 
-    async def apply_state(
-        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    async def _apply_state(
+        self, members: list[MemberRow], states: list[StateRow], known: str | None
     ) -> None:
-        members, states = rows_of(room_id, events)
-        known = known_room(room_id, states, complete)
-        if not members and not states and known is None:
-            return
-        await self._run(lambda pool: postgres_state.apply(pool, members, states, known))
+        await self._query_in_transaction(lambda q: _state_sql.apply(q, members, states, known))
 
-    async def membership(self, room_id: str, user_id: str) -> Member | None:
-        room, user = clean_text(room_id), clean_text(user_id)
-        return await self._run(lambda pool: postgres_state.membership(pool, room, user))
+    async def _membership(self, room_id: str, user_id: str) -> Member | None:
+        return await self._query(lambda q: _state_sql.membership(q, room_id, user_id))
 
-    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
-        room, wanted = clean_text(room_id), clean_text(membership)
-        return await self._run(lambda pool: postgres_state.members(pool, room, wanted))
+    async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
+        return await self._query(lambda q: _state_sql.members(q, room_id, membership))
 
-    async def state_event(self, room_id: str, event_type: str) -> Event | None:
-        room, kind = clean_text(room_id), clean_text(event_type)
-        return await self._run(lambda pool: postgres_state.state_event(pool, room, kind))
+    async def _state_event(self, room_id: str, event_type: str) -> Event | None:
+        return await self._query(lambda q: _state_sql.state_event(q, room_id, event_type))
 
-    async def room_state_known(self, room_id: str) -> bool:
-        room = clean_text(room_id)
-        return await self._run(lambda pool: postgres_state.room_known(pool, room))
+    async def _room_state_known(self, room_id: str) -> bool:
+        return await self._query(lambda q: _state_sql.room_known(q, room_id))
 
-    async def profile(self, user_id: str) -> dict[str, str | None]:
-        user = clean_text(user_id)
-        return await self._run(lambda pool: postgres_state.profile(pool, user))
+    async def _profile(self, user_id: str) -> dict[str, str | None]:
+        return await self._query(lambda q: _state_sql.profile(q, user_id))
 
-    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
-        user, text = clean_text(user_id), None if value is None else clean_text(value)
-        await self._run(lambda pool: postgres_state.set_profile(pool, user, field, text))
+    async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        return set(await self._run(lambda pool: postgres_state.joined_among(pool, pairs)))
 
-    # -- devices and crypto state (SQL in postgres_devices) ----------------------------
+    async def _profiles_among(self, user_ids: list[str]) -> dict[str, dict[str, str | None]]:
+        rows = await self._run(lambda pool: postgres_state.profiles_among(pool, user_ids))
+        return profiles_of(rows)
 
-    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
-        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        name = optional_text(display_name)
-        await self._run(lambda pool: postgres_devices.remember_device(pool, user, device, name))
+    async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
+        await self._query_in_transaction(lambda q: _state_sql.set_profiles(q, rows))
 
-    async def forget_device(self, user_id: str, device_id: str) -> None:
-        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        await self._run(lambda pool: postgres_devices.forget_device(pool, user, device))
+    # -- devices and crypto state (SQL in _devices_sql and postgres_devices) ---------
 
-    async def known_devices(self, user_id: str) -> dict[str, str | None]:
-        user = checked_text(user_id, "user ID")
-        return await self._run(lambda pool: postgres_devices.known_devices(pool, user))
+    async def _remember_device(
+        self, user_id: str, device_id: str, display_name: str | None
+    ) -> None:
+        await self._query(
+            lambda q: _devices_sql.remember_device(q, user_id, device_id, display_name)
+        )
 
-    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
-        return await self._run(lambda pool: postgres_devices.crypto_get(pool, who, what, which))
+    async def _forget_device(self, user_id: str, device_id: str) -> None:
+        await self._query(lambda q: _devices_sql.forget_device(q, user_id, device_id))
 
-    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
-        await self.crypto_put_many(owner, kind, {key: value})
+    async def _known_devices(self, user_id: str) -> dict[str, str | None]:
+        return await self._query(lambda q: _devices_sql.known_devices(q, user_id))
 
-    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
-        (who, what), batch = crypto_scope(owner, kind), checked_items(items)
-        if batch:
-            now = time.time()
-            await self._run(
-                lambda pool: postgres_devices.crypto_put_many(pool, who, what, batch, now)
-            )
+    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        return await self._query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
 
-    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        who, what = crypto_scope(owner, kind)
-        return await self._run(lambda pool: postgres_devices.crypto_items(pool, who, what))
+    async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
+        now = time.time()
+        await self._run(
+            lambda pool: postgres_devices.crypto_put_many(pool, owner, kind, items, now)
+        )
 
-    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
-        await self._run(lambda pool: postgres_devices.crypto_delete(pool, who, what, which))
+    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        return await self._query(lambda q: _devices_sql.crypto_items(q, owner, kind))
 
-    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        wanted = cleaned_pairs(pairs)
-        rows = await self._run(lambda pool: postgres_state.joined_among(pool, list(wanted)))
-        return {wanted[row] for row in rows}
-
-    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
-        wanted = cleaned_ids(user_ids)
-        rows = await self._run(lambda pool: postgres_state.profiles_among(pool, list(wanted)))
-        return profiles_by_user(rows, wanted)
-
-    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
-        rows = [
-            (clean_text(user), field, None if value is None else clean_text(value))
-            for user, field, value in values
-        ]
-        if rows:
-            await self._run(lambda pool: postgres_state.set_profiles(pool, rows))
+    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
 
 
 def _txn_key(txn_id: str) -> bytes:

@@ -1,8 +1,6 @@
-"""Devices and crypto state in PostgreSQL: the version 4 schema and the statements behind
-:class:`~bridge_kit.store.postgres.PostgresStore`'s device and crypto methods.
-
-Each function takes the store's asyncpg pool; each is one statement, so one commit.
-"""
+"""Devices and crypto state in PostgreSQL: the version 4 schema and the batch upsert of
+crypto values, where the dialects differ; the other statements are shared, in
+:mod:`bridge_kit.store._devices_sql`."""
 
 from __future__ import annotations
 
@@ -24,43 +22,6 @@ V4 = (
 )
 
 
-async def remember_device(
-    pool: Any, user_id: str, device_id: str, display_name: str | None
-) -> None:
-    await pool.execute(
-        "INSERT INTO bridge_kit_devices (user_id, device_id, display_name) VALUES ($1, $2, $3)"
-        # No name renames nothing, as on the homeserver (MSC4190's PUT).
-        " ON CONFLICT (user_id, device_id) DO UPDATE"
-        " SET display_name = COALESCE(excluded.display_name, bridge_kit_devices.display_name)",
-        user_id,
-        device_id,
-        display_name,
-    )
-
-
-async def forget_device(pool: Any, user_id: str, device_id: str) -> None:
-    await pool.execute(
-        "DELETE FROM bridge_kit_devices WHERE user_id = $1 AND device_id = $2", user_id, device_id
-    )
-
-
-async def known_devices(pool: Any, user_id: str) -> dict[str, str | None]:
-    rows = await pool.fetch(
-        "SELECT device_id, display_name FROM bridge_kit_devices WHERE user_id = $1", user_id
-    )
-    return {row[0]: row[1] for row in rows}
-
-
-async def crypto_get(pool: Any, owner: str, kind: str, key: str) -> bytes | None:
-    value = await pool.fetchval(
-        "SELECT value FROM bridge_kit_crypto_state WHERE owner = $1 AND kind = $2 AND key = $3",
-        owner,
-        kind,
-        key,
-    )
-    return None if value is None else bytes(value)
-
-
 async def crypto_put_many(
     pool: Any, owner: str, kind: str, items: Mapping[str, bytes], now: float
 ) -> None:
@@ -77,22 +38,4 @@ async def crypto_put_many(
         list(items.keys()),
         list(items.values()),
         now,
-    )
-
-
-async def crypto_items(pool: Any, owner: str, kind: str) -> dict[str, bytes]:
-    rows = await pool.fetch(
-        "SELECT key, value FROM bridge_kit_crypto_state WHERE owner = $1 AND kind = $2",
-        owner,
-        kind,
-    )
-    return {row[0]: bytes(row[1]) for row in rows}
-
-
-async def crypto_delete(pool: Any, owner: str, kind: str, key: str) -> None:
-    await pool.execute(
-        "DELETE FROM bridge_kit_crypto_state WHERE owner = $1 AND kind = $2 AND key = $3",
-        owner,
-        kind,
-        key,
     )

@@ -32,13 +32,10 @@ from bridge_kit.inbox.records import (
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
     LETTER_COLUMNS,
-    clean_json,
     encode_handlers,
     item_from_row,
     letter_from_row,
 )
-from bridge_kit.store.inbox_rows import clean_text as text
-from bridge_kit.store.inbox_rows import optional_text as _optional_text
 
 V2 = (
     # Bytes, not text: a txnId is whatever the homeserver put in the URL, NUL included,
@@ -172,23 +169,23 @@ async def accept(
     digest: bytes = b"",
 ) -> Acceptance:
     item_columns = (
-        [text(item.lane) for item in items],
+        [item.lane for item in items],
         [item.kind.value for item in items],
-        [clean_json(item.event_json) for item in items],
+        [item.event_json for item in items],
     )
     letter_columns = (
-        [text(letter.lane) for letter in rejected],
+        [letter.lane for letter in rejected],
         [letter.kind.value for letter in rejected],
-        [clean_json(letter.event_json) for letter in rejected],
-        [text(letter.error) for letter in rejected],
-        [_optional_text(letter.handler) for letter in rejected],
+        [letter.event_json for letter in rejected],
+        [letter.error for letter in rejected],
+        [letter.handler for letter in rejected],
         [letter.attempts for letter in rejected],
-        [_optional_text(letter.event_id) for letter in rejected],
-        [_optional_text(letter.event_type) for letter in rejected],
+        [letter.event_id for letter in rejected],
+        [letter.event_type for letter in rejected],
         [letter.first_failed_at for letter in rejected],
         [encode_handlers(letter.done_handlers) for letter in rejected],
     )
-    counted = [text(item.lane) for item in items if item.kind is ItemKind.OTK_COUNTS]
+    counted = [item.lane for item in items if item.kind is ItemKind.OTK_COUNTS]
     new = await pool.fetchval(
         _ACCEPT, txn_key, now, *item_columns, *letter_columns, counted, digest
     )
@@ -202,8 +199,7 @@ async def claim(
 ) -> list[str]:
     if limit == 0:
         return []
-    owner = text(owner)
-    excluded = [text(lane) for lane in exclude]
+    excluded = list(exclude)
     rows = await pool.fetch(TAKE_LEASES, now, excluded, owner, limit, until)
     return [row["lane"] for row in sorted(rows, key=lambda row: (row["id"] is not None, row["id"]))]
 
@@ -216,8 +212,8 @@ async def renew(pool: Any, owner: str, lanes: Collection[str], until: float) -> 
         " SELECT lane FROM bridge_kit_lanes WHERE owner = $1 AND lane = ANY($2::text[])"
         " ORDER BY lane FOR UPDATE) mine"
         " WHERE k.lane = mine.lane RETURNING k.lane",
-        text(owner),
-        [text(lane) for lane in lanes],
+        owner,
+        list(lanes),
         until,
     )
     return {row["lane"] for row in rows}
@@ -230,7 +226,6 @@ async def release(pool: Any, owner: str, lane: str) -> None:
     upserted it has committed, and the next statement's snapshot sees its items;
     an accept that comes later waits for the lock, then adds the row again.
     """
-    lane, owner = text(lane), text(owner)
     async with pool.acquire() as conn, conn.transaction():
         held = await conn.fetchval(
             "SELECT true FROM bridge_kit_lanes WHERE lane = $1 AND owner = $2 FOR UPDATE",
@@ -253,7 +248,7 @@ async def lane_items(pool: Any, lane: str, limit: int) -> list[InboxItem]:
     rows = await pool.fetch(
         f"SELECT {ITEM_COLUMNS} FROM bridge_kit_inbox"  # noqa: S608 (a constant)
         " WHERE lane = $1 ORDER BY id LIMIT $2",
-        text(lane),
+        lane,
         limit,
     )
     return [item_from_row(row) for row in rows]
@@ -321,14 +316,14 @@ async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> No
     await pool.execute(
         _BURY,
         item_id,
-        text(letter.lane),
+        letter.lane,
         letter.kind.value,
-        clean_json(letter.event_json),
-        text(letter.error),
-        _optional_text(letter.handler),
+        letter.event_json,
+        letter.error,
+        letter.handler,
         letter.attempts,
-        _optional_text(letter.event_id),
-        _optional_text(letter.event_type),
+        letter.event_id,
+        letter.event_type,
         now,
         letter.first_failed_at,
         encode_handlers(letter.done_handlers),

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
+from bridge_kit.inbox.records import NewDeadLetter, Parking
 from bridge_kit.store.inbox_rows import (
-    clean_json,
     encode_handlers,
-    optional_text,
-    parked_filter,
-    parked_from_row,
 )
-from bridge_kit.store.inbox_rows import clean_text as text_of
 
 # -- schema v5 (park): parked items ----------------------------------------------------
 V5 = (
@@ -69,10 +64,6 @@ WITH gone AS (
 SELECT count(*) FROM back
 """
 
-_COLUMNS = (
-    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
-    " park_key, reason, give_up_at"
-)
 _BURY = """
 WITH gone AS (
     DELETE FROM bridge_kit_parked WHERE id = $1 RETURNING first_failed_at, received_at
@@ -91,46 +82,29 @@ async def park(pool: Any, item_id: int, parking: Parking) -> bool:
         item_id,
         encode_handlers(parking.done_handlers),
         parking.first_failed_at,
-        text_of(parking.key),
-        text_of(parking.reason),
+        parking.key,
+        parking.reason,
         parking.give_up_at,
     )
     return _count(status) > 0
 
 
 async def unpark(pool: Any, key: str) -> int:
-    return int(await pool.fetchval(_UNPARK, text_of(key)))
-
-
-async def parked(pool: Any, key: str | None, due_by: float | None, limit: int) -> list[ParkedItem]:
-    # One statement per filter rather than "$2 IS NULL OR park_key = $2": a prepared
-    # statement's generic plan would use no index for that.
-    where, parameters = parked_filter(key, due_by, lambda n: f"${n + 1}")
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "$n" marks)
-        " ORDER BY id LIMIT $1",
-        limit,
-        *parameters,
-    )
-    return [parked_from_row(tuple(row)) for row in rows]
-
-
-async def count(pool: Any) -> int:
-    return int(await pool.fetchval("SELECT COUNT(*) FROM bridge_kit_parked"))
+    return int(await pool.fetchval(_UNPARK, key))
 
 
 async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> bool:
     status: str = await pool.execute(
         _BURY,
         item_id,
-        text_of(letter.lane),
+        letter.lane,
         letter.kind.value,
-        clean_json(letter.event_json),
-        text_of(letter.error),
-        optional_text(letter.handler),
+        letter.event_json,
+        letter.error,
+        letter.handler,
         letter.attempts,
-        optional_text(letter.event_id),
-        optional_text(letter.event_type),
+        letter.event_id,
+        letter.event_type,
         now,
         letter.first_failed_at,
         encode_handlers(letter.done_handlers),

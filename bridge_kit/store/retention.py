@@ -30,7 +30,7 @@ import attrs
 
 from bridge_kit import defaults
 from bridge_kit.errors import StoreError
-from bridge_kit.store.base import Store
+from bridge_kit.store.concerns import RetentionStore
 
 __all__ = [
     "REPLAY_RECORDS",
@@ -72,7 +72,7 @@ class RetentionReport:
 
 
 async def prune_store(
-    store: Store, settings: RetentionSettings, now: float | None = None
+    store: RetentionStore, settings: RetentionSettings, now: float | None = None
 ) -> RetentionReport:
     """One round of retention on ``store`` as of the Unix time ``now`` (default: now)."""
     now = time.time() if now is None else now
@@ -84,7 +84,7 @@ async def prune_store(
     return RetentionReport(letters, replays, sealed)
 
 
-async def _sealed_cutoff(store: Store, settings: RetentionSettings, now: float) -> float:
+async def _sealed_cutoff(store: RetentionStore, settings: RetentionSettings, now: float) -> float:
     """Sealed payloads written before this may go: old enough, and older than what
     any to-device item still waiting could need."""
     cutoff = now - settings.sealed_payloads_max_age
@@ -98,7 +98,7 @@ class Retention:
     """Runs :func:`prune_store` every ``settings.interval`` seconds until stopped; a
     failed round is logged and the next one tries again."""
 
-    def __init__(self, store: Store, settings: RetentionSettings) -> None:
+    def __init__(self, store: RetentionStore, settings: RetentionSettings) -> None:
         self.store = store
         self.settings = settings
         self._task: asyncio.Task[None] | None = None

@@ -17,7 +17,6 @@ from collections.abc import (
     Collection,
     Iterable,
     Iterator,
-    Mapping,
     Sequence,
 )
 from pathlib import Path
@@ -36,6 +35,8 @@ from bridge_kit.inbox.records import (
     NewInboxItem,
 )
 from bridge_kit.store import (
+    _devices_sql,
+    _state_sql,
     sqlite_devices,
     sqlite_files,
     sqlite_inbox,
@@ -43,25 +44,12 @@ from bridge_kit.store import (
     sqlite_retention,
     sqlite_state,
 )
-from bridge_kit.store.base import (
-    Store,
-    check_limit,
-    checked_ids,
-    checked_items,
-    checked_text,
-    cleaned_ids,
-    cleaned_pairs,
-    crypto_scope,
-    pending_migrations,
-    profiles_by_user,
-    storable_ids,
-    unique_chunks,
-)
-from bridge_kit.store.inbox_rows import clean_text, optional_text
+from bridge_kit.store._sql import Query, SQLiteQuery
+from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
 from bridge_kit.store.sqlite_parked import SQLiteParkedItems
-from bridge_kit.store.state_records import known_room, rows_of
+from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.types.events import Event
 from bridge_kit.types.room_state import Member
 
@@ -232,23 +220,31 @@ class SQLiteStore(SQLiteParkedItems, Store):
             async with self._transaction() as conn:
                 return await operation(conn)
 
+    async def _query(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements (see :mod:`bridge_kit.store._sql`) under the lock."""
+        return await self._locked(lambda conn: operation(SQLiteQuery(conn)))
+
+    async def _query_in_transaction(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        """Run shared statements in one write transaction."""
+        return await self._in_transaction(lambda conn: operation(SQLiteQuery(conn)))
+
     # -- puppets -------------------------------------------------------------
 
-    async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
+    async def _registered_among(self, user_ids: Iterable[str]) -> set[str]:
         conn = self._connection()
         found: set[str] = set()
         with self._errors():
             async with self._lock:
-                for chunk in unique_chunks(storable_ids(user_ids), _MAX_VARIABLES):
+                for chunk in unique_chunks(user_ids, _MAX_VARIABLES):
                     rows = await conn.execute_fetchall(
                         sqlite_puppets.select_puppets(len(chunk)), chunk
                     )
                     found.update(row[0] for row in rows)
         return found
 
-    async def mark_registered(self, user_ids: Iterable[str]) -> None:
+    async def _mark_registered(self, user_ids: list[str]) -> None:
         # Sorted, the rows go into the b-tree in key order: fewer page splits.
-        rows = [(user_id,) for user_id in sorted(checked_ids(user_ids))]
+        rows = [(user_id,) for user_id in sorted(user_ids)]
         if not rows:
             return
         with self._errors():
@@ -257,7 +253,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
                     "INSERT OR IGNORE INTO bridge_kit_puppets (user_id) VALUES (?)", rows
                 )
 
-    async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
+    async def _forget_registered(self, user_ids: Iterable[str] | None) -> None:
         with self._errors():
             async with self._transaction() as conn:
                 if user_ids is None:
@@ -265,7 +261,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
                     return
                 await conn.executemany(
                     "DELETE FROM bridge_kit_puppets WHERE user_id = ?",
-                    [(user_id,) for user_id in set(storable_ids(user_ids))],
+                    [(user_id,) for user_id in set(user_ids)],
                 )
 
     async def count_registered(self) -> int:
@@ -289,7 +285,9 @@ class SQLiteStore(SQLiteParkedItems, Store):
         records = self._records_connection()
         with self._errors():
             # fetchall, not fetchone: a statement left unfinished keeps a read transaction open.
-            rows = records.execute(sqlite_puppets.SELECT_TRANSACTION, (txn_id,)).fetchall()
+            rows = records.execute(
+                sqlite_puppets.SELECT_TRANSACTION, (sqlite_puppets.txn_key(txn_id),)
+            ).fetchall()
         return bool(rows)
 
     async def mark_transaction_done(self, txn_id: str) -> None:
@@ -303,7 +301,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
         lost here and, before it recorded our 200, on the homeserver too), after
         which the bridge's own side effects are not exactly-once either.
         """
-        parameters = (txn_id, time.time())
+        parameters = (sqlite_puppets.txn_key(txn_id), time.time())
         records = self._records_connection()
         try:
             with self._errors():
@@ -317,9 +315,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
             async with self._transaction() as conn:
                 await conn.execute(sqlite_puppets.INSERT_TRANSACTION, parameters)
 
-    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
-        if keep < 0:
-            raise ValueError(f"keep must be >= 0, not {keep}")
+    async def _prune_transactions(self, keep: int, max_age: float | None) -> int:
         cutoff = -math.inf if max_age is None else time.time() - max_age
         conn = self._connection()
         with self._errors():
@@ -342,25 +338,24 @@ class SQLiteStore(SQLiteParkedItems, Store):
 
     # -- the inbox (SQL in sqlite_inbox) -------------------------------------
 
-    async def accept_transaction(
+    async def _accept_transaction(
         self,
         txn_id: str,
         items: Sequence[NewInboxItem],
-        rejected: Sequence[NewDeadLetter] = (),
-        *,
-        digest: bytes = b"",
+        rejected: Sequence[NewDeadLetter],
+        digest: bytes,
     ) -> Acceptance:
         """Record ``txn_id`` and append the events in one commit (see
         :meth:`mark_transaction_done` for what synchronous=NORMAL means for it)."""
-        now = time.time()
-        accepted = self._accept_now(txn_id, digest, items, rejected, now)
+        now, key = time.time(), sqlite_puppets.txn_key(txn_id)
+        accepted = self._accept_now(key, digest, items, rejected, now)
         if accepted is not None:
             return accepted
 
         async def accept(conn: aiosqlite.Connection) -> Acceptance:
             # Under BEGIN IMMEDIATE no other writer runs, so a record already there
             # means a duplicate, however many are in flight.
-            acceptance = await sqlite_puppets.record(conn, txn_id, digest, now)
+            acceptance = await sqlite_puppets.record(conn, key, digest, now)
             if acceptance:
                 await sqlite_inbox.append(conn, items, rejected, now)
             return acceptance
@@ -369,7 +364,7 @@ class SQLiteStore(SQLiteParkedItems, Store):
 
     def _accept_now(
         self,
-        txn_id: str,
+        txn_id: str | bytes,
         digest: bytes,
         items: Sequence[NewInboxItem],
         rejected: Sequence[NewDeadLetter],
@@ -450,10 +445,9 @@ class SQLiteStore(SQLiteParkedItems, Store):
         except StoreError as error:
             log.warning("SQLite checkpoint failed; will try again later: %s", error)
 
-    async def claim_lanes(
-        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    async def _claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str]
     ) -> list[str]:
-        check_limit(limit)
         now = time.time()
         # A read first: most claims during a flood find nothing (see claimable).
         if not await self._locked(lambda c: sqlite_inbox.claimable(c, owner, limit, exclude, now)):
@@ -462,19 +456,18 @@ class SQLiteStore(SQLiteParkedItems, Store):
             lambda conn: sqlite_inbox.claim(conn, owner, now + lease, limit, exclude, now)
         )
 
-    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+    async def _renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
         until = time.time() + lease
         return await self._in_transaction(
             lambda conn: sqlite_inbox.renew(conn, owner, lanes, until)
         )
 
-    async def release_lane(self, owner: str, lane: str) -> None:
+    async def _release_lane(self, owner: str, lane: str) -> None:
         await self._in_transaction(lambda conn: sqlite_inbox.release(conn, owner, lane))
 
-    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+    async def _lane_items(self, lane: str, limit: int) -> list[InboxItem]:
         """Read on the loop's connection: a lane's next items take less time to read
         than the trip to aiosqlite's thread, and the inbox reads them all the time."""
-        check_limit(limit)
         read = functools.partial(sqlite_inbox.lane_items_now, lane=lane, limit=limit)
         items = self._on_loop(read, transaction=False, write=False)
         if items is not None:
@@ -513,13 +506,11 @@ class SQLiteStore(SQLiteParkedItems, Store):
             )
         )
 
-    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+    async def _bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
         now = time.time()
         await self._in_transaction(lambda conn: sqlite_inbox.bury(conn, item_id, letter, now))
 
-    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
-        if limit is not None:
-            check_limit(limit)
+    async def _dead_letters(self, limit: int | None) -> list[DeadLetter]:
         return await self._locked(lambda conn: sqlite_inbox.dead_letters(conn, limit))
 
     async def replay_dead_letters(
@@ -536,16 +527,14 @@ class SQLiteStore(SQLiteParkedItems, Store):
     async def inbox_stats(self) -> InboxStats:
         return await self._locked(sqlite_inbox.stats)
 
-    async def prune_dead_letters(self, keep: int, before: float) -> int:
-        check_limit(keep, "keep")
+    async def _prune_dead_letters(self, keep: int, before: float) -> int:
         return await sqlite_retention.in_chunks(
             self._locked, lambda conn: sqlite_retention.prune_dead_letters(conn, keep, before)
         )
 
-    async def prune_crypto(self, kind: str, before: float) -> int:
-        what = checked_text(kind, "crypto kind")
+    async def _prune_crypto(self, kind: str, before: float) -> int:
         return await sqlite_retention.in_chunks(
-            self._locked, lambda conn: sqlite_retention.prune_crypto(conn, what, before)
+            self._locked, lambda conn: sqlite_retention.prune_crypto(conn, kind, before)
         )
 
     async def to_device_since(self) -> float | None:
@@ -553,90 +542,62 @@ class SQLiteStore(SQLiteParkedItems, Store):
 
     # -- room state (SQL in sqlite_state) -------------------------------------
 
-    async def apply_state(
-        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    async def _apply_state(
+        self, members: list[MemberRow], states: list[StateRow], known: str | None
     ) -> None:
-        members, states = rows_of(room_id, events)
-        known = known_room(room_id, states, complete)
-        if not members and not states and known is None:
-            return  # no write transaction for a batch of untracked events
-        await self._in_transaction(lambda conn: sqlite_state.apply(conn, members, states, known))
+        await self._query_in_transaction(lambda q: _state_sql.apply(q, members, states, known))
 
-    async def membership(self, room_id: str, user_id: str) -> Member | None:
-        room, user = clean_text(room_id), clean_text(user_id)
-        return await self._locked(lambda conn: sqlite_state.membership(conn, room, user))
+    async def _membership(self, room_id: str, user_id: str) -> Member | None:
+        return await self._query(lambda q: _state_sql.membership(q, room_id, user_id))
 
-    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
-        room = clean_text(room_id)
-        return await self._locked(lambda conn: sqlite_state.members(conn, room, membership))
+    async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
+        return await self._query(lambda q: _state_sql.members(q, room_id, membership))
 
-    async def state_event(self, room_id: str, event_type: str) -> Event | None:
-        room = clean_text(room_id)
-        return await self._locked(lambda conn: sqlite_state.state_event(conn, room, event_type))
+    async def _state_event(self, room_id: str, event_type: str) -> Event | None:
+        return await self._query(lambda q: _state_sql.state_event(q, room_id, event_type))
 
-    async def room_state_known(self, room_id: str) -> bool:
-        room = clean_text(room_id)
-        return await self._locked(lambda conn: sqlite_state.room_known(conn, room))
+    async def _room_state_known(self, room_id: str) -> bool:
+        return await self._query(lambda q: _state_sql.room_known(q, room_id))
 
-    async def profile(self, user_id: str) -> dict[str, str | None]:
-        user = clean_text(user_id)
-        return await self._locked(lambda conn: sqlite_state.profile(conn, user))
+    async def _profile(self, user_id: str) -> dict[str, str | None]:
+        return await self._query(lambda q: _state_sql.profile(q, user_id))
 
-    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
-        user, text = clean_text(user_id), None if value is None else clean_text(value)
-        await self._locked(lambda conn: sqlite_state.set_profile(conn, user, field, text))
+    async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, pairs))
+        return set(rows)
 
-    # -- devices and crypto state (SQL in sqlite_devices) ----------------------------
+    async def _profiles_among(self, user_ids: list[str]) -> dict[str, dict[str, str | None]]:
+        rows = await self._locked(lambda conn: sqlite_state.profiles_among(conn, user_ids))
+        return profiles_of(rows)
 
-    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
-        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        name = optional_text(display_name)
-        await self._locked(lambda conn: sqlite_devices.remember_device(conn, user, device, name))
+    async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
+        await self._query_in_transaction(lambda q: _state_sql.set_profiles(q, rows))
 
-    async def forget_device(self, user_id: str, device_id: str) -> None:
-        user, device = checked_text(user_id, "user ID"), checked_text(device_id, "device ID")
-        await self._locked(lambda conn: sqlite_devices.forget_device(conn, user, device))
+    # -- devices and crypto state (SQL in _devices_sql and sqlite_devices) ----------
 
-    async def known_devices(self, user_id: str) -> dict[str, str | None]:
-        user = checked_text(user_id, "user ID")
-        return await self._locked(lambda conn: sqlite_devices.known_devices(conn, user))
+    async def _remember_device(
+        self, user_id: str, device_id: str, display_name: str | None
+    ) -> None:
+        await self._query(
+            lambda q: _devices_sql.remember_device(q, user_id, device_id, display_name)
+        )
 
-    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
-        return await self._locked(lambda conn: sqlite_devices.crypto_get(conn, who, what, which))
+    async def _forget_device(self, user_id: str, device_id: str) -> None:
+        await self._query(lambda q: _devices_sql.forget_device(q, user_id, device_id))
 
-    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
-        await self.crypto_put_many(owner, kind, {key: value})
+    async def _known_devices(self, user_id: str) -> dict[str, str | None]:
+        return await self._query(lambda q: _devices_sql.known_devices(q, user_id))
 
-    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
-        (who, what), batch = crypto_scope(owner, kind), checked_items(items)
-        if batch:
-            await self._in_transaction(
-                lambda conn: sqlite_devices.crypto_put_many(conn, who, what, batch, time.time())
-            )
+    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        return await self._query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
 
-    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        who, what = crypto_scope(owner, kind)
-        return await self._locked(lambda conn: sqlite_devices.crypto_items(conn, who, what))
+    async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
+        await self._in_transaction(
+            lambda conn: sqlite_devices.crypto_put_many(conn, owner, kind, items, time.time())
+        )
 
-    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        (who, what), which = crypto_scope(owner, kind), checked_text(key, "crypto key")
-        await self._locked(lambda conn: sqlite_devices.crypto_delete(conn, who, what, which))
+    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        return await self._query(lambda q: _devices_sql.crypto_items(q, owner, kind))
 
-    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        wanted = cleaned_pairs(pairs)
-        rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, list(wanted)))
-        return {wanted[row] for row in rows}
-
-    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
-        wanted = cleaned_ids(user_ids)
-        rows = await self._locked(lambda conn: sqlite_state.profiles_among(conn, list(wanted)))
-        return profiles_by_user(rows, wanted)
-
-    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
-        rows = [
-            (clean_text(user), field, None if value is None else clean_text(value))
-            for user, field, value in values
-        ]
-        if rows:
-            await self._in_transaction(lambda conn: sqlite_state.set_profiles(conn, rows))
+    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))

@@ -31,12 +31,9 @@ from bridge_kit.store import sqlite_retention
 from bridge_kit.store.inbox_rows import (
     ITEM_COLUMNS,
     LETTER_COLUMNS,
-    clean_json,
-    clean_text,
     encode_handlers,
     item_from_row,
     letter_from_row,
-    optional_text,
 )
 
 #: SQLite refuses statements with more than 999 variables on old builds; stay well below.
@@ -191,9 +188,7 @@ def _lanes_of(rows: list[tuple[object, ...]]) -> list[tuple[object]]:
 
 def _item_rows(items: Sequence[NewInboxItem], now: float) -> list[tuple[object, ...]]:
     # Cleaned as in PostgreSQL: SQLite takes NUL, but no str with a lone surrogate.
-    return [
-        (clean_text(item.lane), item.kind.value, clean_json(item.event_json), now) for item in items
-    ]
+    return [(item.lane, item.kind.value, item.event_json, now) for item in items]
 
 
 def _letter_rows(rejected: Sequence[NewDeadLetter], now: float) -> list[tuple[object, ...]]:
@@ -204,16 +199,16 @@ def _letter_row(
     letter: NewDeadLetter, first_failed_at: float | None, now: float
 ) -> tuple[object, ...]:
     return (
-        clean_text(letter.lane),
+        letter.lane,
         letter.kind.value,
-        clean_json(letter.event_json),
-        clean_text(letter.error),
-        optional_text(letter.handler),
+        letter.event_json,
+        letter.error,
+        letter.handler,
         letter.attempts,
         first_failed_at if first_failed_at is not None else now,
         now,
-        optional_text(letter.event_id),
-        optional_text(letter.event_type),
+        letter.event_id,
+        letter.event_type,
         encode_handlers(letter.done_handlers),
         now,  # a letter made at acceptance arrived now
     )
@@ -229,7 +224,6 @@ async def claim(
 ) -> list[str]:
     """Lease the oldest claimable lanes to ``owner`` (in the caller's transaction)."""
     lanes = await claimable(conn, owner, limit, exclude, now)
-    owner = clean_text(owner)
     await conn.executemany(_TAKE_LEASE, [(owner, until, lane) for lane in lanes])
     return lanes
 
@@ -243,10 +237,10 @@ async def claimable(
     a write transaction each time took SQLite's write lock from the acknowledgements."""
     if limit == 0:
         return []
-    exclude = {clean_text(lane) for lane in exclude}
+    exclude = set(exclude)
     # Each lane comes once, so reading len(exclude) more rows leaves ``limit`` after
     # the excluded ones are dropped here (SQLite has no array parameter to do it in SQL).
-    parameters = {"now": now, "owner": clean_text(owner), "limit": limit + len(exclude)}
+    parameters = {"now": now, "owner": owner, "limit": limit + len(exclude)}
     rows = await conn.execute_fetchall(CLAIMABLE, parameters)
     return [lane for (lane,) in rows if lane not in exclude][:limit]
 
@@ -256,8 +250,7 @@ async def renew(
 ) -> set[str]:
     """Extend the leases ``owner`` still holds (in the caller's transaction)."""
     held: set[str] = set()
-    owner = clean_text(owner)
-    for chunk in _chunks(sorted({clean_text(lane) for lane in lanes})):
+    for chunk in _chunks(sorted(lanes)):
         where = f"WHERE owner = ? AND lane IN ({_marks(chunk)})"
         rows = await conn.execute_fetchall(
             f"SELECT lane FROM bridge_kit_lanes {where}",  # noqa: S608 (only "?" marks)
@@ -274,7 +267,7 @@ async def renew(
 async def release(conn: aiosqlite.Connection, owner: str, lane: str) -> None:
     """Give up ``owner``'s lease on ``lane``; an empty lane's row goes (in the caller's
     transaction: under SQLite's one writer, no item can arrive between the two)."""
-    parameters = (clean_text(lane), clean_text(owner))
+    parameters = (lane, owner)
     await conn.execute(
         "DELETE FROM bridge_kit_lanes WHERE lane = ?1 AND owner = ?2"  # noqa: S608 (constants)
         f" AND NOT EXISTS (SELECT 1 FROM bridge_kit_inbox i WHERE i.lane = ?1 AND {NOT_DONE})",
@@ -310,13 +303,13 @@ _LANE_ITEMS = (
 
 
 async def lane_items(conn: aiosqlite.Connection, lane: str, limit: int) -> list[InboxItem]:
-    rows = await conn.execute_fetchall(_LANE_ITEMS, (clean_text(lane), limit))
+    rows = await conn.execute_fetchall(_LANE_ITEMS, (lane, limit))
     return [item_from_row(row) for row in rows]
 
 
 def lane_items_now(conn: sqlite3.Connection, lane: str, limit: int) -> list[InboxItem]:
     """:func:`lane_items` on a plain connection (fetchall: no read transaction left open)."""
-    rows = conn.execute(_LANE_ITEMS, (clean_text(lane), limit)).fetchall()
+    rows = conn.execute(_LANE_ITEMS, (lane, limit)).fetchall()
     return [item_from_row(row) for row in rows]
 
 
@@ -382,9 +375,9 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
         " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at, ?), received_at"
         f" FROM bridge_kit_inbox i WHERE id = ? AND {NOT_DONE}",
         (
-            *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
-            *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
-            *(optional_text(letter.event_id), optional_text(letter.event_type), now),
+            *(letter.lane, letter.kind.value, letter.event_json),
+            *(letter.error, letter.handler, letter.attempts),
+            *(letter.event_id, letter.event_type, now),
             *(encode_handlers(letter.done_handlers), letter.first_failed_at, now, item_id),
         ),
     )

@@ -15,15 +15,9 @@ from typing import Protocol, TypeVar
 import aiosqlite
 
 from bridge_kit.inbox.records import NewDeadLetter, ParkedItem, Parking
-from bridge_kit.store.base import check_limit
-from bridge_kit.store.inbox_rows import (
-    clean_json,
-    clean_text,
-    encode_handlers,
-    optional_text,
-    parked_filter,
-    parked_from_row,
-)
+from bridge_kit.store import inbox_rows
+from bridge_kit.store._sql import SQLiteQuery
+from bridge_kit.store.inbox_rows import encode_handlers
 from bridge_kit.store.sqlite_inbox import NOT_DONE
 
 _T = TypeVar("_T")
@@ -47,11 +41,6 @@ V5 = (
 )
 # -- end of schema v5 (park) -----------------------------------------------------------
 
-_COLUMNS = (
-    "id, lane, kind, event_json, received_at, attempts, done_handlers, 0, first_failed_at,"
-    " park_key, reason, give_up_at"
-)
-
 
 async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bool:
     """Move one item from the inbox to the parked items (in the caller's transaction)."""
@@ -64,8 +53,8 @@ async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bo
         (
             encode_handlers(parking.done_handlers),
             parking.first_failed_at,
-            clean_text(parking.key),
-            clean_text(parking.reason),
+            parking.key,
+            parking.reason,
             parking.give_up_at,
             item_id,
         ),
@@ -78,7 +67,6 @@ async def park(conn: aiosqlite.Connection, item_id: int, parking: Parking) -> bo
 
 async def unpark(conn: aiosqlite.Connection, key: str) -> int:
     """Move the items parked under ``key`` back into their lanes (in the caller's transaction)."""
-    key = clean_text(key)
     # Every lane with items has its row in bridge_kit_lanes, or it is never claimed.
     await conn.execute(
         "INSERT INTO bridge_kit_lanes (lane) SELECT DISTINCT lane FROM bridge_kit_parked"
@@ -96,23 +84,6 @@ async def unpark(conn: aiosqlite.Connection, key: str) -> int:
     return cursor.rowcount
 
 
-async def parked(
-    conn: aiosqlite.Connection, key: str | None, due_by: float | None, limit: int
-) -> list[ParkedItem]:
-    where, parameters = parked_filter(key, due_by, lambda n: "?")
-    rows = await conn.execute_fetchall(
-        f"SELECT {_COLUMNS} FROM bridge_kit_parked {where}"  # noqa: S608 (only "?" marks)
-        " ORDER BY id LIMIT ?",
-        (*parameters, limit),
-    )
-    return [parked_from_row(row) for row in rows]
-
-
-async def count(conn: aiosqlite.Connection) -> int:
-    rows = list(await conn.execute_fetchall("SELECT COUNT(*) FROM bridge_kit_parked"))
-    return int(rows[0][0])
-
-
 async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, now: float) -> bool:
     """Move a parked item to the dead letters (in the caller's transaction); the letter
     is written only if the item was still parked."""
@@ -122,9 +93,9 @@ async def bury(conn: aiosqlite.Connection, item_id: int, letter: NewDeadLetter, 
         " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE(?, first_failed_at), received_at"
         " FROM bridge_kit_parked WHERE id = ?",
         (
-            *(clean_text(letter.lane), letter.kind.value, clean_json(letter.event_json)),
-            *(clean_text(letter.error), optional_text(letter.handler), letter.attempts),
-            *(optional_text(letter.event_id), optional_text(letter.event_type), now),
+            *(letter.lane, letter.kind.value, letter.event_json),
+            *(letter.error, letter.handler, letter.attempts),
+            *(letter.event_id, letter.event_type, now),
             *(encode_handlers(letter.done_handlers), letter.first_failed_at, item_id),
         ),
     )
@@ -145,28 +116,25 @@ class _Connection(Protocol):
 
 
 class SQLiteParkedItems:
-    """The parked-item methods of :class:`~bridge_kit.store.sqlite.SQLiteStore` (see
-    :class:`~bridge_kit.store.base.Store`), each one transaction."""
+    """The parked-item hooks of :class:`~bridge_kit.store.sqlite.SQLiteStore` (see
+    :class:`~bridge_kit.store.concerns.ParkingStore`), each one transaction."""
 
-    async def park_item(self: _Connection, item_id: int, parking: Parking) -> bool:
+    async def _park_item(self: _Connection, item_id: int, parking: Parking) -> bool:
         return await self._in_transaction(lambda conn: park(conn, item_id, parking))
 
-    async def unpark_items(self: _Connection, key: str) -> int:
+    async def _unpark_items(self: _Connection, key: str) -> int:
         return await self._in_transaction(lambda conn: unpark(conn, key))
 
-    async def parked_items(
-        self: _Connection,
-        *,
-        key: str | None = None,
-        due_by: float | None = None,
-        limit: int = 100,
+    async def _parked_items(
+        self: _Connection, key: str | None, due_by: float | None, limit: int
     ) -> list[ParkedItem]:
-        check_limit(limit)
-        return await self._locked(lambda conn: parked(conn, key, due_by, limit))
+        return await self._locked(
+            lambda conn: inbox_rows.parked_items(SQLiteQuery(conn), key, due_by, limit)
+        )
 
     async def count_parked(self: _Connection) -> int:
-        return await self._locked(count)
+        return await self._locked(lambda conn: inbox_rows.count_parked(SQLiteQuery(conn)))
 
-    async def bury_parked(self: _Connection, item_id: int, letter: NewDeadLetter) -> bool:
+    async def _bury_parked(self: _Connection, item_id: int, letter: NewDeadLetter) -> bool:
         now = time.time()
         return await self._in_transaction(lambda conn: bury(conn, item_id, letter, now))

@@ -25,6 +25,21 @@ V1: Final = (
 )
 
 
+def txn_key(txn_id: str) -> str | bytes:
+    """How a txnId is stored: as text, or, when it holds a lone surrogate (which no
+    UTF-8 encoder takes, as from a percent-decoded path), as its surrogatepass bytes.
+
+    SQLite keeps such a BLOB as it is in the TEXT column, and no text equals a BLOB,
+    so the key stays one-to-one for any str without a schema change (PostgreSQL keeps
+    every txnId as bytes, see ``postgres._txn_key``).
+    """
+    try:
+        txn_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return txn_id.encode("utf-8", "surrogatepass")
+    return txn_id
+
+
 def select_puppets(count: int) -> str:
     """A query for which of `count` user IDs are registered puppets."""
     placeholders = ",".join("?" * count)
@@ -74,7 +89,9 @@ def acceptance_of(found: list[tuple[bytes | None]], digest: bytes) -> Acceptance
     return Acceptance.DUPLICATE if recorded in (None, digest) else Acceptance.REUSED_ID
 
 
-def record_now(records: sqlite3.Connection, txn_id: str, digest: bytes, now: float) -> Acceptance:
+def record_now(
+    records: sqlite3.Connection, txn_id: str | bytes, digest: bytes, now: float
+) -> Acceptance:
     """Record a transaction on the plain connection, inside the caller's write transaction."""
     acceptance = acceptance_of(records.execute(SELECT_DIGEST, (txn_id,)).fetchall(), digest)
     if acceptance:
@@ -82,7 +99,9 @@ def record_now(records: sqlite3.Connection, txn_id: str, digest: bytes, now: flo
     return acceptance
 
 
-async def record(conn: aiosqlite.Connection, txn_id: str, digest: bytes, now: float) -> Acceptance:
+async def record(
+    conn: aiosqlite.Connection, txn_id: str | bytes, digest: bytes, now: float
+) -> Acceptance:
     """:func:`record_now` on aiosqlite's connection."""
     found = await conn.execute_fetchall(SELECT_DIGEST, (txn_id,))
     acceptance = acceptance_of(list(found), digest)  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiosqlite
 
 from bridge_kit.inbox.records import ItemKind, NewInboxItem
-from bridge_kit.store.inbox_rows import clean_text
 
 # -- schema version 5: retention ------------------------------------------------
 V5_RETENTION = (
@@ -37,7 +36,7 @@ def superseded_counts(items: Sequence[NewInboxItem]) -> list[tuple[str, str]]:
     """The parameters of :data:`_SUPERSEDE` for the key counts among ``items``: each
     device's lane, whose older counts the new one replaces."""
     kind = ItemKind.OTK_COUNTS
-    return [(kind.value, clean_text(item.lane)) for item in items if item.kind is kind]
+    return [(kind.value, item.lane) for item in items if item.kind is kind]
 
 
 async def supersede(conn: aiosqlite.Connection, items: Sequence[NewInboxItem]) -> None:

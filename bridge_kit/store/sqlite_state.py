@@ -1,9 +1,6 @@
-"""Room state in SQLite: the version 3 schema and the statements behind
-:class:`~bridge_kit.store.sqlite.SQLiteStore`'s room-state and profile methods.
-
-Each function takes the store's aiosqlite connection; the store holds its lock
-(and, for writes, one transaction) around it.
-"""
+"""Room state in SQLite: the version 3 schema and the batch lookups for bulk runs
+(over SQLite's ``VALUES`` lists); the other statements are shared, in
+:mod:`bridge_kit.store._state_sql`."""
 
 from __future__ import annotations
 
@@ -11,11 +8,7 @@ from collections.abc import Sequence
 
 import aiosqlite
 
-from bridge_kit.store.base import state_event_from
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES
-from bridge_kit.store.state_records import MemberRow, StateRow
-from bridge_kit.types.events import Event
-from bridge_kit.types.room_state import Member
 
 V3 = (
     "CREATE TABLE bridge_kit_members ("
@@ -43,105 +36,6 @@ V3 = (
     " value TEXT,"
     " PRIMARY KEY (user_id, field)) WITHOUT ROWID",
 )
-
-# The WHERE on the update is the stale-state rule: an older event leaves the row.
-_UPSERT_MEMBER = (
-    "INSERT INTO bridge_kit_members"
-    " (room_id, user_id, membership, displayname, avatar_url, origin_ts)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (room_id, user_id) DO UPDATE SET"
-    " membership = excluded.membership, displayname = excluded.displayname,"
-    " avatar_url = excluded.avatar_url, origin_ts = excluded.origin_ts"
-    " WHERE excluded.origin_ts >= bridge_kit_members.origin_ts"
-)
-_UPSERT_STATE = (
-    "INSERT INTO bridge_kit_room_state (room_id, event_type, content, sender, origin_ts)"
-    " VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (room_id, event_type) DO UPDATE SET"
-    " content = excluded.content, sender = excluded.sender, origin_ts = excluded.origin_ts"
-    " WHERE excluded.origin_ts >= bridge_kit_room_state.origin_ts"
-)
-
-
-async def apply(
-    conn: aiosqlite.Connection,
-    members: Sequence[MemberRow],
-    states: Sequence[StateRow],
-    known_room: str | None,
-) -> None:
-    await conn.executemany(
-        _UPSERT_MEMBER,
-        [
-            (r.room_id, r.user_id, r.member.membership, r.member.displayname,
-             r.member.avatar_url, r.origin_ts)
-            for r in members
-        ],
-    )  # fmt: skip
-    await conn.executemany(
-        _UPSERT_STATE,
-        [(r.room_id, r.event_type, r.content_json, r.sender, r.origin_ts) for r in states],
-    )
-    if known_room is not None:
-        await conn.execute(
-            "INSERT OR IGNORE INTO bridge_kit_rooms (room_id) VALUES (?)", (known_room,)
-        )
-
-
-async def membership(conn: aiosqlite.Connection, room_id: str, user_id: str) -> Member | None:
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT displayname, avatar_url, membership FROM bridge_kit_members"
-            " WHERE room_id = ? AND user_id = ?",
-            (room_id, user_id),
-        )
-    )
-    return Member(rows[0][0], rows[0][1], rows[0][2]) if rows else None
-
-
-async def members(conn: aiosqlite.Connection, room_id: str, membership: str) -> dict[str, Member]:
-    rows = await conn.execute_fetchall(
-        "SELECT user_id, displayname, avatar_url FROM bridge_kit_members"
-        " WHERE room_id = ? AND membership = ?",
-        (room_id, membership),
-    )
-    return {row[0]: Member(row[1], row[2], membership) for row in rows}
-
-
-async def state_event(conn: aiosqlite.Connection, room_id: str, event_type: str) -> Event | None:
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT content, sender, origin_ts FROM bridge_kit_room_state"
-            " WHERE room_id = ? AND event_type = ?",
-            (room_id, event_type),
-        )
-    )
-    if not rows:
-        return None
-    return state_event_from(room_id, event_type, rows[0][0], rows[0][1], rows[0][2])
-
-
-async def room_known(conn: aiosqlite.Connection, room_id: str) -> bool:
-    rows = await conn.execute_fetchall(
-        "SELECT 1 FROM bridge_kit_rooms WHERE room_id = ?", (room_id,)
-    )
-    return bool(list(rows))
-
-
-async def profile(conn: aiosqlite.Connection, user_id: str) -> dict[str, str | None]:
-    rows = await conn.execute_fetchall(
-        "SELECT field, value FROM bridge_kit_profiles WHERE user_id = ?", (user_id,)
-    )
-    return {row[0]: row[1] for row in rows}
-
-
-async def set_profile(
-    conn: aiosqlite.Connection, user_id: str, field: str, value: str | None
-) -> None:
-    await conn.execute(
-        "INSERT INTO bridge_kit_profiles (user_id, field, value) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
-        (user_id, field, value),
-    )
 
 
 async def joined_among(
@@ -182,13 +76,3 @@ async def profiles_among(
         sql = f"SELECT user_id, field, value FROM bridge_kit_profiles WHERE user_id IN ({marks})"  # noqa: S608
         found.extend((row[0], row[1], row[2]) for row in await conn.execute_fetchall(sql, batch))
     return found
-
-
-async def set_profiles(
-    conn: aiosqlite.Connection, values: Sequence[tuple[str, str, str | None]]
-) -> None:
-    await conn.executemany(
-        "INSERT INTO bridge_kit_profiles (user_id, field, value) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
-        values,
-    )

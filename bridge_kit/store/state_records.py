@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import attrs
 
-from bridge_kit.store.inbox_rows import clean_text, optional_text
+from bridge_kit.store._clean import optional_storable_text, storable_text
 from bridge_kit.types.events import Event
 from bridge_kit.types.room_state import Member
 
@@ -55,9 +55,9 @@ def rows_of(room_id: str, events: Iterable[Event]) -> tuple[list[MemberRow], lis
     another room, or of an untracked type make none."""
     members: list[MemberRow] = []
     states: list[StateRow] = []
-    # NUL and lone surrogates, which no database takes, become U+FFFD (clean_text);
+    # NUL and lone surrogates, which no database takes, become U+FFFD (storable_text);
     # lookups clean their keys the same way, so such a row is still found.
-    room = clean_text(room_id)
+    room = storable_text(room_id)
     for event in events:
         if event.state_key is None or event.room_id not in (None, room_id):
             continue
@@ -66,22 +66,24 @@ def rows_of(room_id: str, events: Iterable[Event]) -> tuple[list[MemberRow], lis
             member = Member.from_event(event)
             member = attrs.evolve(
                 member,
-                displayname=optional_text(member.displayname),
-                avatar_url=optional_text(member.avatar_url),
-                membership=clean_text(member.membership),
+                displayname=optional_storable_text(member.displayname),
+                avatar_url=optional_storable_text(member.avatar_url),
+                membership=storable_text(member.membership),
             )
-            members.append(MemberRow(room, clean_text(event.state_key), member, ts))
+            members.append(MemberRow(room, storable_text(event.state_key), member, ts))
         elif event.type in TRACKED and event.state_key == "":
             # ASCII JSON: escapes carry NUL and lone surrogates losslessly.
             content = json.dumps(event.content, ensure_ascii=True)
-            states.append(StateRow(room, event.type, content, optional_text(event.sender), ts))
+            states.append(
+                StateRow(room, event.type, content, optional_storable_text(event.sender), ts)
+            )
     return members, states
 
 
 def known_room(room_id: str, states: Iterable[StateRow], complete: bool) -> str | None:
     """The room to mark as fully known: on a snapshot, or when its creation is seen."""
     if complete or any(row.event_type == CREATE for row in states):
-        return clean_text(room_id)
+        return storable_text(room_id)
     return None
 
 

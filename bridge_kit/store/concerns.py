@@ -1,0 +1,586 @@
+"""The store's concerns, one interface each, composed into :class:`~bridge_kit.store.Store`.
+
+Code that needs one concern is typed with its interface (the crypto state with
+:class:`CryptoStore`, the bulk runs with :class:`PuppetStore`...). Each public
+method here is the front door of every backend: it cleans and checks its input
+with the named rules of :mod:`bridge_kit.store._clean`, then calls the backend's
+hook of the same name with a leading underscore. A backend implements the hooks,
+receives clean values only, and never cleans on its own, so the backends cannot
+drift apart on what they store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Iterable, Mapping, Sequence
+
+import cattrs
+
+from bridge_kit.inbox.records import (
+    Acceptance,
+    DeadLetter,
+    InboxItem,
+    InboxStats,
+    NewDeadLetter,
+    NewInboxItem,
+    ParkedItem,
+    Parking,
+)
+from bridge_kit.store import _clean
+from bridge_kit.store.state_records import CREATE, MemberRow, StateRow, known_room, rows_of
+from bridge_kit.types.converter import converter
+from bridge_kit.types.events import Event
+from bridge_kit.types.room_state import Member, PowerLevels, with_creators
+
+__all__ = [
+    "CryptoStore",
+    "DeadLetterStore",
+    "DeviceStore",
+    "InboxStore",
+    "ParkingStore",
+    "PuppetStore",
+    "RetentionStore",
+    "RoomRecordStore",
+]
+
+
+class PuppetStore(abc.ABC):
+    """Which puppets are registered, keyed by full user ID (``@alice:example.org``).
+
+    Every method takes a batch: a bridge registers puppets by the hundred thousand
+    and one round trip per puppet would dominate. A backend must not load the whole
+    puppet table into memory.
+    """
+
+    async def registered_among(self, user_ids: Iterable[str]) -> set[str]:
+        """The subset of ``user_ids`` known to be registered (one query per batch)."""
+        return await self._registered_among(_clean.storable_user_ids(user_ids))
+
+    async def is_registered(self, user_id: str) -> bool:
+        """Whether one puppet is known to be registered."""
+        return bool(await self.registered_among([user_id]))
+
+    async def mark_registered(self, user_ids: Iterable[str]) -> None:
+        """Record puppets as registered, durably, in one batch (idempotent); a user ID
+        holding NUL or a lone surrogate is refused with :class:`ValueError`."""
+        await self._mark_registered(_clean.checked_user_ids(user_ids))
+
+    async def forget_registered(self, user_ids: Iterable[str] | None = None) -> None:
+        """Forget some puppets, or all with ``None`` (e.g. after a homeserver reset)."""
+        chosen = None if user_ids is None else _clean.storable_user_ids(user_ids)
+        await self._forget_registered(chosen)
+
+    @abc.abstractmethod
+    async def count_registered(self) -> int:
+        """How many puppets the store knows as registered."""
+
+    @abc.abstractmethod
+    async def _registered_among(self, user_ids: Iterable[str]) -> set[str]:
+        """The storable ``user_ids`` (possibly repeated, streamed) that are registered."""
+
+    @abc.abstractmethod
+    async def _mark_registered(self, user_ids: list[str]) -> None:
+        """Record these checked, distinct user IDs."""
+
+    @abc.abstractmethod
+    async def _forget_registered(self, user_ids: Iterable[str] | None) -> None:
+        """Forget these storable user IDs (streamed), or all with ``None``."""
+
+
+class InboxStore(abc.ABC):
+    """Which transactions are done, and the durable inbox of events waiting for
+    their handlers.
+
+    Events wait in the inbox, in lanes (a room each), until every handler returned
+    for them. Several processes may share one database: a process works on a lane
+    only while it holds the lane's lease, so each lane is worked on by one process
+    at a time, in order. How a backend claims and leases lanes is its own.
+    """
+
+    @abc.abstractmethod
+    async def is_transaction_done(self, txn_id: str) -> bool:
+        """Whether this transaction id was processed successfully before."""
+
+    @abc.abstractmethod
+    async def mark_transaction_done(self, txn_id: str) -> None:
+        """Record a transaction as processed, before it is acknowledged.
+
+        The record is committed when this returns and survives a crash of the
+        process; whether it also survives a power cut is the backend's choice
+        (SQLite: no, see :meth:`SQLiteStore.mark_transaction_done`).
+        """
+
+    async def prune_transactions(self, keep: int, max_age: float | None = None) -> int:
+        """Delete all but the ``keep`` most recent transaction records, and (with
+        ``max_age``) those recorded more than ``max_age`` seconds ago; return how many
+        went."""
+        return await self._prune_transactions(_clean.checked_count(keep, "keep"), max_age)
+
+    async def accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter] = (),
+        *,
+        digest: bytes = b"",
+    ) -> Acceptance:
+        """Record ``txn_id`` with the body's ``digest``, append ``items`` to the inbox and
+        ``rejected`` to the dead letters, all in one commit.
+
+        Returns :attr:`~Acceptance.DUPLICATE` (false), writing nothing, when ``txn_id``
+        was accepted before with the same ``digest``, or marked done (a record without
+        a digest matches any). The same ``txn_id`` with another digest is a new
+        transaction, stored as :attr:`~Acceptance.REUSED_ID`; its record now holds the
+        new digest and counts as the newest.
+        """
+        return await self._accept_transaction(
+            txn_id,
+            [_clean.storable_item(item) for item in items],
+            [_clean.storable_letter(letter) for letter in rejected],
+            digest,
+        )
+
+    async def claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str] = ()
+    ) -> list[str]:
+        """Take up to ``limit`` lanes whose oldest item is ready (``not_before`` has
+        passed) and that no other owner holds a live lease on (``exclude`` aside),
+        the lane with the oldest ready item first; ``owner`` now holds each for
+        ``lease`` seconds (re-claiming a lane it holds renews it). A lane whose
+        owner died is free once its lease ran out."""
+        return await self._claim_lanes(
+            _clean.storable_text(owner),
+            lease,
+            _clean.checked_count(limit),
+            {_clean.storable_text(lane) for lane in exclude},
+        )
+
+    async def renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        """Extend ``owner``'s leases on ``lanes`` by ``lease`` seconds from now; return the
+        lanes it still holds (one whose lease ran out and was taken is missing)."""
+        cleaned = {_clean.storable_text(lane) for lane in lanes}
+        return await self._renew_lanes(_clean.storable_text(owner), cleaned, lease)
+
+    async def release_lane(self, owner: str, lane: str) -> None:
+        """Give up ``owner``'s lease on ``lane`` (nothing happens if it holds none)."""
+        await self._release_lane(_clean.storable_text(owner), _clean.storable_text(lane))
+
+    async def lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        """The oldest ``limit`` items of ``lane``, in arrival order."""
+        return await self._lane_items(_clean.storable_text(lane), _clean.checked_count(limit))
+
+    @abc.abstractmethod
+    async def complete_item(self, item_id: int) -> None:
+        """Every handler returned for this item: remove it from the inbox."""
+
+    @abc.abstractmethod
+    async def complete_items(self, item_ids: Collection[int]) -> None:
+        """Every handler returned for these items: remove them from the inbox, in one
+        commit (all or none). Ids no longer in the inbox are skipped."""
+
+    @abc.abstractmethod
+    async def fail_item(
+        self,
+        item_id: int,
+        done_handlers: Sequence[str],
+        not_before: float,
+        *,
+        count_attempt: bool = True,
+    ) -> None:
+        """An attempt failed: count it, remember which handlers succeeded, and do not
+        try again before the Unix time ``not_before``. The first failure's time is
+        kept. ``count_attempt=False``: the item was only not ready yet (a deferral)."""
+
+    async def bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+        """Move an item out of the inbox into the dead letters, in one commit."""
+        await self._bury_item(item_id, _clean.storable_letter(letter))
+
+    @abc.abstractmethod
+    async def inbox_stats(self) -> InboxStats:
+        """The inbox depth, its oldest item's arrival time and the dead-letter count."""
+
+    @abc.abstractmethod
+    async def _prune_transactions(self, keep: int, max_age: float | None) -> int:
+        """:meth:`prune_transactions` with a checked ``keep``."""
+
+    @abc.abstractmethod
+    async def _accept_transaction(
+        self,
+        txn_id: str,
+        items: Sequence[NewInboxItem],
+        rejected: Sequence[NewDeadLetter],
+        digest: bytes,
+    ) -> Acceptance:
+        """:meth:`accept_transaction` with clean items and letters."""
+
+    @abc.abstractmethod
+    async def _claim_lanes(
+        self, owner: str, lease: float, limit: int, exclude: Collection[str]
+    ) -> list[str]:
+        """:meth:`claim_lanes` with a clean owner and lanes and a checked limit."""
+
+    @abc.abstractmethod
+    async def _renew_lanes(self, owner: str, lanes: Collection[str], lease: float) -> set[str]:
+        """:meth:`renew_lanes` with a clean owner and distinct clean lanes."""
+
+    @abc.abstractmethod
+    async def _release_lane(self, owner: str, lane: str) -> None:
+        """:meth:`release_lane` with a clean owner and lane."""
+
+    @abc.abstractmethod
+    async def _lane_items(self, lane: str, limit: int) -> list[InboxItem]:
+        """:meth:`lane_items` with a clean lane and a checked limit."""
+
+    @abc.abstractmethod
+    async def _bury_item(self, item_id: int, letter: NewDeadLetter) -> None:
+        """:meth:`bury_item` with a clean letter."""
+
+
+class DeadLetterStore(abc.ABC):
+    """The dead letters: items whose handlers gave up, kept for people to replay or drop."""
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+        return await self._dead_letters(None if limit is None else _clean.checked_count(limit))
+
+    @abc.abstractmethod
+    async def replay_dead_letters(
+        self, ids: Collection[int] | None = None, *, all_handlers: bool = False
+    ) -> int:
+        """Put these dead letters (all with ``None``) back at the end of their lanes,
+        with no attempts counted and their arrival time kept; return how many.
+
+        The handlers that had succeeded for a letter are not run again, unless
+        ``all_handlers``."""
+
+    @abc.abstractmethod
+    async def drop_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        """Delete these dead letters (all with ``None``); return how many."""
+
+    @abc.abstractmethod
+    async def _dead_letters(self, limit: int | None) -> list[DeadLetter]:
+        """:meth:`dead_letters` with a checked limit."""
+
+
+class ParkingStore(abc.ABC):
+    """Items that wait for something (a room key) outside their lane, so the lane
+    goes on; see :class:`bridge_kit.inbox.signals.Park`.
+
+    Each method is one commit, and moves an item only if it is still where it was:
+    of two processes that race, one wins.
+    """
+
+    async def park_item(self, item_id: int, parking: Parking) -> bool:
+        """Move an item out of the inbox into the parked items; False (nothing written)
+        when it is no longer in the inbox."""
+        return await self._park_item(item_id, _clean.storable_parking(parking))
+
+    async def unpark_items(self, key: str) -> int:
+        """Put the items parked under ``key`` back at the end of their lanes, in the
+        order they first arrived, ready at once, with their progress (attempts, done
+        handlers, first failure) kept; return how many."""
+        return await self._unpark_items(_clean.storable_text(key))
+
+    async def parked_items(
+        self, *, key: str | None = None, due_by: float | None = None, limit: int = 100
+    ) -> list[ParkedItem]:
+        """Up to ``limit`` parked items, oldest first: those under ``key`` and/or those
+        whose ``give_up_at`` is at or before the Unix time ``due_by`` (all if neither)."""
+        cleaned = None if key is None else _clean.storable_text(key)
+        return await self._parked_items(cleaned, due_by, _clean.checked_count(limit))
+
+    async def bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+        """Move a parked item into the dead letters; False (nothing written) when it is
+        no longer parked."""
+        return await self._bury_parked(item_id, _clean.storable_letter(letter))
+
+    @abc.abstractmethod
+    async def count_parked(self) -> int:
+        """How many items are parked."""
+
+    @abc.abstractmethod
+    async def _park_item(self, item_id: int, parking: Parking) -> bool:
+        """:meth:`park_item` with a clean parking."""
+
+    @abc.abstractmethod
+    async def _unpark_items(self, key: str) -> int:
+        """:meth:`unpark_items` with a clean key."""
+
+    @abc.abstractmethod
+    async def _parked_items(
+        self, key: str | None, due_by: float | None, limit: int
+    ) -> list[ParkedItem]:
+        """:meth:`parked_items` with a clean key and a checked limit."""
+
+    @abc.abstractmethod
+    async def _bury_parked(self, item_id: int, letter: NewDeadLetter) -> bool:
+        """:meth:`bury_parked` with a clean letter."""
+
+
+class RetentionStore(abc.ABC):
+    """What retention asks: old dead letters and crypto values go, and how old the
+    to-device items still waiting are."""
+
+    async def prune_dead_letters(self, keep: int, before: float) -> int:
+        """Delete the dead letters that last failed before the Unix time ``before``,
+        and all but the newest ``keep``; return how many went."""
+        return await self._prune_dead_letters(_clean.checked_count(keep, "keep"), before)
+
+    async def prune_crypto(self, kind: str, before: float) -> int:
+        """Delete the crypto values of ``kind`` (every owner) last written before the
+        Unix time ``before``; return how many went."""
+        return await self._prune_crypto(_clean.checked_key(kind, "crypto kind"), before)
+
+    @abc.abstractmethod
+    async def to_device_since(self) -> float | None:
+        """The arrival time of the oldest to-device item in the inbox or the dead
+        letters (0 for a letter stored before version 5), ``None`` if there is none:
+        what decrypting it again may need is at most this old."""
+
+    @abc.abstractmethod
+    async def _prune_dead_letters(self, keep: int, before: float) -> int:
+        """:meth:`prune_dead_letters` with a checked ``keep``."""
+
+    @abc.abstractmethod
+    async def _prune_crypto(self, kind: str, before: float) -> int:
+        """:meth:`prune_crypto` with a checked ``kind``."""
+
+
+class RoomRecordStore(abc.ABC):
+    """What the bridge knows of each room's state, fed from transactions and from
+    the intents' own changes (see :mod:`bridge_kit.store.state_records` for the
+    rows), and the profiles it set for its own users.
+
+    Room and user IDs are kept cleaned (:func:`~bridge_kit.store._clean.storable_text`)
+    and looked up the same way, so a hostile ID still finds its row.
+    """
+
+    async def apply_state(
+        self, room_id: str, events: Iterable[Event], *, complete: bool = False
+    ) -> None:
+        """Record the tracked state events among ``events`` (one commit), each unless
+        the stored row for its (room, type, state key) has a newer ``origin_server_ts``.
+
+        ``complete`` says ``events`` hold every member of the room (a snapshot from
+        the homeserver); an ``m.room.create`` event says the same, since the room's
+        whole history follows it. Either makes :meth:`room_state_known` true.
+        """
+        members, states = rows_of(room_id, events)
+        known = known_room(room_id, states, complete)
+        if members or states or known is not None:  # no commit for untracked events
+            await self._apply_state(members, states, known)
+
+    async def membership(self, room_id: str, user_id: str) -> Member | None:
+        """The stored membership of ``user_id`` in the room, or ``None`` if none is stored."""
+        return await self._membership(_clean.storable_text(room_id), _clean.storable_text(user_id))
+
+    async def members(self, room_id: str, membership: str = "join") -> dict[str, Member]:
+        """The room's stored members with this ``membership``, by user ID."""
+        room, wanted = _clean.storable_text(room_id), _clean.storable_text(membership)
+        return await self._members(room, wanted)
+
+    async def state_event(self, room_id: str, event_type: str) -> Event | None:
+        """The stored room-wide state event of this type (content, sender, timestamp)."""
+        room, kind = _clean.storable_text(room_id), _clean.storable_text(event_type)
+        return await self._state_event(room, kind)
+
+    async def room_state_known(self, room_id: str) -> bool:
+        """Whether the store saw the room's whole membership (see :meth:`apply_state`)."""
+        return await self._room_state_known(_clean.storable_text(room_id))
+
+    async def power_levels(self, room_id: str) -> PowerLevels | None:
+        """The stored power levels (creators filled in from ``m.room.create``), or ``None``."""
+        event = await self.state_event(room_id, "m.room.power_levels")
+        if event is None:
+            return None
+        try:
+            levels = converter.structure(event.content, PowerLevels)
+        except (cattrs.BaseValidationError, ValueError, TypeError):
+            return None  # a malformed event: as good as none, the homeserver is asked
+        create = await self.state_event(room_id, CREATE)
+        return levels if create is None else with_creators(levels, create)
+
+    async def is_encrypted(self, room_id: str) -> bool | None:
+        """True when ``m.room.encryption`` is stored; False when the room's state is
+        known without it; ``None`` when the store cannot tell."""
+        if await self.state_event(room_id, "m.room.encryption") is not None:
+            return True
+        return False if await self.room_state_known(room_id) else None
+
+    async def profile(self, user_id: str) -> dict[str, str | None]:
+        """The profile fields (``displayname``, ``avatar_url``) this bridge last set for
+        its own user ``user_id``; a field never set is absent (``None``: removed)."""
+        return await self._profile(_clean.storable_text(user_id))
+
+    async def set_profile(self, user_id: str, field: str, value: str | None) -> None:
+        """Record that ``user_id``'s profile ``field`` is now ``value``."""
+        await self._set_profiles(_clean.storable_profile_rows([(user_id, field, value)]))
+
+    async def joined_among(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The ``(room_id, user_id)`` pairs among ``pairs`` whose stored membership is
+        join (one query per batch)."""
+        wanted = _clean.storable_pairs(pairs)
+        return {wanted[pair] for pair in await self._joined_among(list(wanted))}
+
+    async def profiles_among(self, user_ids: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        """:meth:`profile` of each of ``user_ids`` that has a stored field, by user ID."""
+        wanted = _clean.storable_ids(user_ids)
+        found = await self._profiles_among(list(wanted))
+        return {wanted[user]: fields for user, fields in found.items()}
+
+    async def set_profiles(self, values: Iterable[tuple[str, str, str | None]]) -> None:
+        """:meth:`set_profile` for each ``(user_id, field, value)``, in one commit."""
+        rows = _clean.storable_profile_rows(values)
+        if rows:
+            await self._set_profiles(rows)
+
+    @abc.abstractmethod
+    async def _apply_state(
+        self, members: list[MemberRow], states: list[StateRow], known: str | None
+    ) -> None:
+        """Write these clean rows (each unless a newer one is stored) and mark ``known``
+        as a room whose whole membership is stored, in one commit."""
+
+    @abc.abstractmethod
+    async def _membership(self, room_id: str, user_id: str) -> Member | None:
+        """:meth:`membership` with clean IDs."""
+
+    @abc.abstractmethod
+    async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
+        """:meth:`members` with clean arguments."""
+
+    @abc.abstractmethod
+    async def _state_event(self, room_id: str, event_type: str) -> Event | None:
+        """:meth:`state_event` with clean arguments."""
+
+    @abc.abstractmethod
+    async def _room_state_known(self, room_id: str) -> bool:
+        """:meth:`room_state_known` with a clean room ID."""
+
+    @abc.abstractmethod
+    async def _profile(self, user_id: str) -> dict[str, str | None]:
+        """:meth:`profile` with a clean user ID."""
+
+    async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The clean ``(room_id, user_id)`` pairs among ``pairs`` that are joined.
+
+        The SQL backends answer in one query; this default, one call per pair, keeps
+        any other backend correct."""
+        found: set[tuple[str, str]] = set()
+        for room_id, user_id in pairs:
+            member = await self._membership(room_id, user_id)
+            if member is not None and member.membership == "join":
+                found.add((room_id, user_id))
+        return found
+
+    async def _profiles_among(self, user_ids: list[str]) -> dict[str, dict[str, str | None]]:
+        """The stored profiles of these clean, distinct user IDs (default: one call each)."""
+        profiles: dict[str, dict[str, str | None]] = {}
+        for user_id in user_ids:
+            profile = await self._profile(user_id)
+            if profile:
+                profiles[user_id] = profile
+        return profiles
+
+    @abc.abstractmethod
+    async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
+        """Write these clean ``(user_id, field, value)`` rows, in one commit."""
+
+
+class DeviceStore(abc.ABC):
+    """The devices this bridge made for its users (MSC4190).
+
+    IDs holding NUL or a lone surrogate are refused with :class:`ValueError`
+    (:func:`~bridge_kit.store._clean.checked_key`): no homeserver issues them.
+    """
+
+    async def remember_device(self, user_id: str, device_id: str, display_name: str | None) -> None:
+        """Record that the bridge made ``device_id`` for ``user_id``.
+
+        A repeat with a name renames it; with ``None`` it keeps the name, as the
+        homeserver does for MSC4190's ``PUT /devices/{deviceId}`` without one."""
+        user, device = _device_key(user_id, device_id)
+        await self._remember_device(user, device, _clean.optional_storable_text(display_name))
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        """Forget one of ``user_id``'s devices (nothing happens if it is not known)."""
+        await self._forget_device(*_device_key(user_id, device_id))
+
+    async def known_devices(self, user_id: str) -> dict[str, str | None]:
+        """The devices the bridge made for ``user_id``: device ID -> display name."""
+        return await self._known_devices(_clean.checked_key(user_id, "user ID"))
+
+    @abc.abstractmethod
+    async def _remember_device(
+        self, user_id: str, device_id: str, display_name: str | None
+    ) -> None:
+        """:meth:`remember_device` with checked IDs and a clean name."""
+
+    @abc.abstractmethod
+    async def _forget_device(self, user_id: str, device_id: str) -> None:
+        """:meth:`forget_device` with checked IDs."""
+
+    @abc.abstractmethod
+    async def _known_devices(self, user_id: str) -> dict[str, str | None]:
+        """:meth:`known_devices` with a checked user ID."""
+
+
+def _device_key(user_id: str, device_id: str) -> tuple[str, str]:
+    return _clean.checked_key(user_id, "user ID"), _clean.checked_key(device_id, "device ID")
+
+
+class CryptoStore(abc.ABC):
+    """The opaque state of the encryption layer: one bytes table keyed by
+    ``(owner, kind, key)``.
+
+    The store never looks into the values (the encryption layer encrypts them
+    itself); ``owner`` is whose state it is (a user or a device), ``kind`` what
+    sort (sessions, keys...), ``key`` which one. Keys holding NUL or a lone
+    surrogate are refused with :class:`ValueError`.
+    """
+
+    async def crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        """One stored value, or ``None``."""
+        return await self._crypto_get(*_crypto_scope(owner, kind), _crypto_key(key))
+
+    async def crypto_put(self, owner: str, kind: str, key: str, value: bytes) -> None:
+        """Store one value, replacing what was there."""
+        await self.crypto_put_many(owner, kind, {key: value})
+
+    async def crypto_put_many(self, owner: str, kind: str, items: Mapping[str, bytes]) -> None:
+        """Store several values of one owner and kind, replacing theirs, in one commit."""
+        scope, batch = _crypto_scope(owner, kind), _clean.checked_crypto_items(items)
+        if batch:
+            await self._crypto_put_many(*scope, batch)
+
+    async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        """Every value of this owner and kind, by key."""
+        return await self._crypto_items(*_crypto_scope(owner, kind))
+
+    async def crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        """Delete one value (nothing happens if there is none)."""
+        await self._crypto_delete(*_crypto_scope(owner, kind), _crypto_key(key))
+
+    @abc.abstractmethod
+    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        """:meth:`crypto_get` with checked keys."""
+
+    @abc.abstractmethod
+    async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
+        """:meth:`crypto_put_many` with checked keys and a non-empty batch of bytes."""
+
+    @abc.abstractmethod
+    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        """:meth:`crypto_items` with checked keys."""
+
+    @abc.abstractmethod
+    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        """:meth:`crypto_delete` with checked keys."""
+
+
+def _crypto_scope(owner: str, kind: str) -> tuple[str, str]:
+    return _clean.checked_key(owner, "crypto owner"), _clean.checked_key(kind, "crypto kind")
+
+
+def _crypto_key(key: str) -> str:
+    return _clean.checked_key(key, "crypto key")
