@@ -514,7 +514,8 @@ class Intent:
         """Create (or rename) this user's device ``device_id``, as the appservice (MSC4190).
 
         Idempotent: a repeat finds the device there (and without a name keeps its
-        name). The store remembers it (see :meth:`~bridge_kit.store.DeviceStore.known_devices`). Raises
+        name). The store remembers it (see
+        :meth:`~bridge_kit.store.DeviceStore.known_devices`). Raises
         :class:`~bridge_kit.errors.DevicesUnavailable`, naming what to set, when the
         registration lacks ``io.element.msc4190: true`` or the homeserver refuses.
         """
