@@ -20,8 +20,6 @@ from bridge_kit.inbox.records import (
     Parking,
 )
 from bridge_kit.store import (
-    _devices_sql,
-    _state_sql,
     inbox_rows,
     postgres_devices,
     postgres_inbox,
@@ -29,12 +27,10 @@ from bridge_kit.store import (
     postgres_retention,
     postgres_state,
 )
+from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import PostgresQuery, Query
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
-from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
-from bridge_kit.types.events import Event
-from bridge_kit.types.room_state import Member
 
 _T = TypeVar("_T")
 
@@ -86,7 +82,7 @@ def _driver_errors(asyncpg: Any) -> tuple[type[BaseException], ...]:
     return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-class PostgresStore(Store):
+class PostgresStore(SharedSQLHooks, Store):
     """A :class:`Store` in a PostgreSQL database (``postgresql://user@host:port/db``).
 
     The tables are prefixed ``bridge_kit_`` so the database can be shared with
@@ -403,26 +399,6 @@ class PostgresStore(Store):
 
     # -- room state (SQL in postgres_state) -----------------------------------
 
-    async def _apply_state(
-        self, members: list[MemberRow], states: list[StateRow], known: str | None
-    ) -> None:
-        await self._query_in_transaction(lambda q: _state_sql.apply(q, members, states, known))
-
-    async def _membership(self, room_id: str, user_id: str) -> Member | None:
-        return await self._query(lambda q: _state_sql.membership(q, room_id, user_id))
-
-    async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
-        return await self._query(lambda q: _state_sql.members(q, room_id, membership))
-
-    async def _state_event(self, room_id: str, event_type: str) -> Event | None:
-        return await self._query(lambda q: _state_sql.state_event(q, room_id, event_type))
-
-    async def _room_state_known(self, room_id: str) -> bool:
-        return await self._query(lambda q: _state_sql.room_known(q, room_id))
-
-    async def _profile(self, user_id: str) -> dict[str, str | None]:
-        return await self._query(lambda q: _state_sql.profile(q, user_id))
-
     async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         return set(await self._run(lambda pool: postgres_state.joined_among(pool, pairs)))
 
@@ -430,38 +406,13 @@ class PostgresStore(Store):
         rows = await self._run(lambda pool: postgres_state.profiles_among(pool, user_ids))
         return profiles_of(rows)
 
-    async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
-        await self._query_in_transaction(lambda q: _state_sql.set_profiles(q, rows))
-
     # -- devices and crypto state (SQL in _devices_sql and postgres_devices) ---------
-
-    async def _remember_device(
-        self, user_id: str, device_id: str, display_name: str | None
-    ) -> None:
-        await self._query(
-            lambda q: _devices_sql.remember_device(q, user_id, device_id, display_name)
-        )
-
-    async def _forget_device(self, user_id: str, device_id: str) -> None:
-        await self._query(lambda q: _devices_sql.forget_device(q, user_id, device_id))
-
-    async def _known_devices(self, user_id: str) -> dict[str, str | None]:
-        return await self._query(lambda q: _devices_sql.known_devices(q, user_id))
-
-    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return await self._query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
 
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         now = time.time()
         await self._run(
             lambda pool: postgres_devices.crypto_put_many(pool, owner, kind, items, now)
         )
-
-    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return await self._query(lambda q: _devices_sql.crypto_items(q, owner, kind))
-
-    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
 
 
 def _txn_key(txn_id: str) -> bytes:

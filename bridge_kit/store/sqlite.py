@@ -35,8 +35,6 @@ from bridge_kit.inbox.records import (
     NewInboxItem,
 )
 from bridge_kit.store import (
-    _devices_sql,
-    _state_sql,
     sqlite_devices,
     sqlite_files,
     sqlite_inbox,
@@ -44,14 +42,12 @@ from bridge_kit.store import (
     sqlite_retention,
     sqlite_state,
 )
+from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import Query, SQLiteQuery
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
 from bridge_kit.store.sqlite_inbox import MAX_VARIABLES as _MAX_VARIABLES
 from bridge_kit.store.sqlite_parked import V5 as _PARKED_V5
 from bridge_kit.store.sqlite_parked import SQLiteParkedItems
-from bridge_kit.store.state_records import MemberRow, StateRow
-from bridge_kit.types.events import Event
-from bridge_kit.types.room_state import Member
 
 _T = TypeVar("_T")
 
@@ -61,7 +57,7 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY = 100
 
 
-class SQLiteStore(SQLiteParkedItems, Store):
+class SQLiteStore(SQLiteParkedItems, SharedSQLHooks, Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
 
     ``path`` is relative to the current directory unless absolute; the file is
@@ -542,26 +538,6 @@ class SQLiteStore(SQLiteParkedItems, Store):
 
     # -- room state (SQL in sqlite_state) -------------------------------------
 
-    async def _apply_state(
-        self, members: list[MemberRow], states: list[StateRow], known: str | None
-    ) -> None:
-        await self._query_in_transaction(lambda q: _state_sql.apply(q, members, states, known))
-
-    async def _membership(self, room_id: str, user_id: str) -> Member | None:
-        return await self._query(lambda q: _state_sql.membership(q, room_id, user_id))
-
-    async def _members(self, room_id: str, membership: str) -> dict[str, Member]:
-        return await self._query(lambda q: _state_sql.members(q, room_id, membership))
-
-    async def _state_event(self, room_id: str, event_type: str) -> Event | None:
-        return await self._query(lambda q: _state_sql.state_event(q, room_id, event_type))
-
-    async def _room_state_known(self, room_id: str) -> bool:
-        return await self._query(lambda q: _state_sql.room_known(q, room_id))
-
-    async def _profile(self, user_id: str) -> dict[str, str | None]:
-        return await self._query(lambda q: _state_sql.profile(q, user_id))
-
     async def _joined_among(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         rows = await self._locked(lambda conn: sqlite_state.joined_among(conn, pairs))
         return set(rows)
@@ -570,34 +546,9 @@ class SQLiteStore(SQLiteParkedItems, Store):
         rows = await self._locked(lambda conn: sqlite_state.profiles_among(conn, user_ids))
         return profiles_of(rows)
 
-    async def _set_profiles(self, rows: list[tuple[str, str, str | None]]) -> None:
-        await self._query_in_transaction(lambda q: _state_sql.set_profiles(q, rows))
-
     # -- devices and crypto state (SQL in _devices_sql and sqlite_devices) ----------
-
-    async def _remember_device(
-        self, user_id: str, device_id: str, display_name: str | None
-    ) -> None:
-        await self._query(
-            lambda q: _devices_sql.remember_device(q, user_id, device_id, display_name)
-        )
-
-    async def _forget_device(self, user_id: str, device_id: str) -> None:
-        await self._query(lambda q: _devices_sql.forget_device(q, user_id, device_id))
-
-    async def _known_devices(self, user_id: str) -> dict[str, str | None]:
-        return await self._query(lambda q: _devices_sql.known_devices(q, user_id))
-
-    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
-        return await self._query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
 
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         await self._in_transaction(
             lambda conn: sqlite_devices.crypto_put_many(conn, owner, kind, items, time.time())
         )
-
-    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
-        return await self._query(lambda q: _devices_sql.crypto_items(q, owner, kind))
-
-    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
-        await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
