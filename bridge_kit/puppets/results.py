@@ -99,8 +99,38 @@ class BulkProgress:
 ProgressCallback = Callable[[BulkProgress], None]
 
 
+class _CountsProblems:
+    """The problem counting that every bulk result shares: counts all, keeps the first
+    :data:`KEPT_PROBLEMS` reasons. The attrs result classes declare the fields."""
+
+    invalid: int
+    failed: int
+    invalid_reasons: dict[str, str]
+    failures: dict[str, str]
+    aborted: str | None
+    cancelled: bool
+
+    def add_invalid(self, item: str, reason: str) -> None:
+        """Count an invalid item (a localpart, a pair); keep its reason if fewer than
+        the limit are kept."""
+        self.invalid += 1
+        if len(self.invalid_reasons) < KEPT_PROBLEMS:
+            self.invalid_reasons[item] = reason
+
+    def add_failure(self, item: str, reason: str) -> None:
+        """Count a refused item; keep its reason if fewer than the limit are kept."""
+        self.failed += 1
+        if len(self.failures) < KEPT_PROBLEMS:
+            self.failures[item] = reason
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed with nothing invalid, failed, aborted or cancelled."""
+        return not (self.invalid or self.failed or self.aborted or self.cancelled)
+
+
 @attrs.define
-class BulkResult:
+class BulkResult(_CountsProblems):
     """What a :meth:`PuppetRegistrar.register_many` run did.
 
     The five counts partition the distinct localparts dealt with:
@@ -134,23 +164,6 @@ class BulkResult:
     rate_limited: int = 0
     lowest_concurrency: int = 0
     elapsed: float = 0.0
-
-    def add_invalid(self, localpart: str, reason: str) -> None:
-        """Count an invalid localpart; keep its reason if fewer than the limit are kept."""
-        self.invalid += 1
-        if len(self.invalid_reasons) < KEPT_PROBLEMS:
-            self.invalid_reasons[localpart] = reason
-
-    def add_failure(self, localpart: str, reason: str) -> None:
-        """Count a refused localpart; keep its reason if fewer than the limit are kept."""
-        self.failed += 1
-        if len(self.failures) < KEPT_PROBLEMS:
-            self.failures[localpart] = reason
-
-    @property
-    def ok(self) -> bool:
-        """True when the run completed with nothing invalid, failed, aborted or cancelled."""
-        return not (self.invalid or self.failed or self.aborted or self.cancelled)
 
     @property
     def done(self) -> int:
@@ -299,7 +312,7 @@ class RunProgress:
 
 
 @attrs.define
-class RunResult:
+class RunResult(_CountsProblems):
     """The counts and reasons every bulk run beyond registration keeps."""
 
     invalid: int = 0
@@ -314,23 +327,6 @@ class RunResult:
     rate_limited: dict[str, int] = attrs.field(factory=dict)
     lowest_concurrency: dict[str, int] = attrs.field(factory=dict)
     elapsed: float = 0.0
-
-    def add_invalid(self, item: str, reason: str) -> None:
-        """Count an invalid item; keep its reason if fewer than the limit are kept."""
-        self.invalid += 1
-        if len(self.invalid_reasons) < KEPT_PROBLEMS:
-            self.invalid_reasons[item] = reason
-
-    def add_failure(self, item: str, reason: str) -> None:
-        """Count a refused item; keep its reason if fewer than the limit are kept."""
-        self.failed += 1
-        if len(self.failures) < KEPT_PROBLEMS:
-            self.failures[item] = reason
-
-    @property
-    def ok(self) -> bool:
-        """True when the run completed with nothing invalid, failed, aborted or cancelled."""
-        return not (self.invalid or self.failed or self.aborted or self.cancelled)
 
     def outcome_rows(self) -> Rows:
         """The counts that partition the distinct input items (the run's own first)."""
