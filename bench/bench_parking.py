@@ -29,10 +29,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge_kit.errors import Park  # noqa: E402
 from bridge_kit.inbox.lanes import Inbox, InboxSettings  # noqa: E402
 from bridge_kit.inbox.records import InboxItem, ItemKind  # noqa: E402
-from bridge_kit.inbox.signals import NotReady  # noqa: E402
+from bridge_kit.inbox.signals import NotReady, Park  # noqa: E402
 from bridge_kit.inbox.transactions import split_transaction  # noqa: E402
 from bridge_kit.store import Store, open_store  # noqa: E402
 from bridge_kit.types import Event  # noqa: E402

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from bridge_kit import ClientObserver, HomeserverClient
+from bridge_kit.client import RetryPolicy
 from bridge_kit.errors import DoublePuppetError
-from bridge_kit.intent.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD
+from bridge_kit.intent.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD, DoublePuppetClient
 from bridge_kit.store import open_store
 from tests.conftest import SERVER_NAME, TestHomeserver, missing_service
 from tests.test_appservice_e2e import make_app
@@ -203,3 +204,24 @@ async def test_the_token_survives_in_a_reopened_store(tmp_path: Path) -> None:
         await store.set_profile("@alice:test.local", TOKEN_FIELD, "syt_token")
     async with open_store(url) as store:
         assert (await store.profile("@alice:test.local"))[TOKEN_FIELD] == "syt_token"
+
+
+async def test_a_token_stored_by_an_earlier_release_is_used(tmp_path: Path) -> None:
+    # The profile field is a stored key, not a module path: the package move must not
+    # rename it, or every double puppet logs in again (a new device) after an upgrade.
+    url = f"sqlite:///{tmp_path / 'bk.db'}"
+    async with open_store(url) as store:
+        await store.set_profile(
+            "@alice:test.local", "bridge_kit.double_puppet.access_token", "syt_stored"
+        )
+    async with open_store(url) as store:
+        # Nothing listens on the discard port: a login attempt would fail.
+        client = DoublePuppetClient(
+            "http://127.0.0.1:9", "as_token", "@alice:test.local", store,
+            retry=RetryPolicy(max_attempts=1),
+        )  # fmt: skip
+        try:
+            assert await client.access_token() == "syt_stored"
+            assert client.login_count == 0
+        finally:
+            await client.close()

@@ -34,8 +34,9 @@ __all__ = ["LOGIN_ENDPOINT", "TOKEN_FIELD", "DoublePuppetClient"]
 
 #: The login route (the endpoint name observers see for it).
 LOGIN_ENDPOINT: Final = "/_matrix/client/v3/login"
-#: The per-user field of the store's profile table that holds the access token.
-TOKEN_FIELD: Final = "bridge_kit.intent.double_puppet.access_token"  # noqa: S105 - a field name
+#: The per-user field of the store's profile table that holds the access token (a
+#: stored key, not a module path: it keeps the name earlier releases stored it under).
+TOKEN_FIELD: Final = "bridge_kit.double_puppet.access_token"  # noqa: S105 - a field name
 
 #: What Synapse answers an appservice login with when MSC4190 is on (and its old name).
 _MSC4190_ERRCODES: Final = frozenset(
