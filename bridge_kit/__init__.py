@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from bridge_kit._deprecated import renamed as _renamed
 from bridge_kit._preconf import configure_converter as _configure_converter
 from bridge_kit._preconf import make_converter
+from bridge_kit._version import __version__ as __version__
 from bridge_kit.app import AppLifecycle, AppService, ExitCode, StopSignals, run_app
 from bridge_kit.client.homeserver import (
     ClientLifecycle,
@@ -103,8 +104,6 @@ from bridge_kit.types import (
 from bridge_kit.types.converter import converter as _shared_converter
 
 _configure_converter(_shared_converter)
-
-__version__ = "0.1.0"
 
 # Deprecated (see CHANGELOG): the old name of AppLifecycle, one of three "states".
 # ErrorReply and TransactionFailed: signals between the inbox and the HTTP server,

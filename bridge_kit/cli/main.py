@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
+from bridge_kit._version import __version__
 from bridge_kit.app.runner import ExitCode
 from bridge_kit.cli import check, dead_letters, demo, join, register, run
 from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
@@ -45,6 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="bridge-kit",
         description="Tools for Matrix application services (bridges).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_generate_registration(subcommands)
     check.add_parser(subcommands)
