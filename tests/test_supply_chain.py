@@ -102,5 +102,7 @@ async def test_a_postgres_store_without_asyncpg_names_the_extra(
 ) -> None:
     monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg: ImportError
     store = open_store("postgresql://bridge@127.0.0.1:1/bk")  # building it needs no driver
-    with pytest.raises(StoreError, match=r"pip install 'bridge-kit\[postgres\]'"):
+    with pytest.raises(
+        StoreError, match=r"pip install '\.\[postgres\]' in a checkout of bridge_kit"
+    ):
         await store.open()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bridge_kit._extras import install_extra
 from bridge_kit.errors import ConfigError, EncryptionUnavailable
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ async def start_encryption(
     except ImportError as exc:
         raise EncryptionUnavailable(
             f"encryption.enabled is on, but the e2ee extra is not installed ({exc}): "
-            "pip install 'bridge-kit[e2ee]'"
+            f"{install_extra('e2ee')}"
         ) from None
     encryption = BridgeEncryption(app, settings)
     await encryption.start()

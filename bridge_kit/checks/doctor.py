@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import yarl
 
+from bridge_kit._extras import install_extra
 from bridge_kit._yaml import KeyPath, YamlError
 from bridge_kit._yaml import load as load_yaml
 from bridge_kit.config import Config
@@ -290,7 +291,7 @@ def _check_encryption(report: Report, config: Config, registration: Registration
             report.error(
                 (),
                 f"encryption.enabled is on in {config.source}, but {module} is not installed: "
-                "pip install 'bridge-kit[e2ee]'",
+                f"{install_extra('e2ee')}",
             )
 
 
@@ -386,7 +387,7 @@ def _store_findings(config: Config) -> Iterator[Finding]:
             "error",
             "appservice.store",
             None,
-            "is a PostgreSQL URL, but asyncpg is not installed: pip install 'bridge-kit[postgres]'",
+            f"is a PostgreSQL URL, but asyncpg is not installed: {install_extra('postgres')}",
         )
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from bridge_kit._extras import install_extra
 from bridge_kit.app.runner import ExitCode
 from bridge_kit.app.service import AppService
 from bridge_kit.client.homeserver import HomeserverClient
@@ -50,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     if not synapse_installed():
         raise BridgeKitError(
-            "the demo needs Synapse: pip install 'bridge-kit[demo]' (scripts/demo does it)"
+            f"the demo needs Synapse: {install_extra('demo')}; scripts/demo does it"
         )
     workdir = Path(tempfile.mkdtemp(prefix="bridge-kit-demo-"))
     try:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
+from bridge_kit._extras import install_extra
 from bridge_kit.errors import StoreError
 from bridge_kit.inbox.records import (
     Acceptance,
@@ -63,7 +64,7 @@ _V5_TXN_DIGEST = (
 #: SQLite do not install it.
 _NO_DRIVER = (
     "a postgresql:// store needs the asyncpg driver, which bridge_kit installs with its "
-    "postgres extra: pip install 'bridge-kit[postgres]'"
+    f"postgres extra: {install_extra('postgres')}"
 )
 
 

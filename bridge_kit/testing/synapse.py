@@ -34,6 +34,7 @@ import aiohttp
 import yaml
 import yarl
 
+from bridge_kit._extras import install_extra
 from bridge_kit.errors import BridgeKitError
 
 _GENEROUS = {"per_second": 10_000, "burst_count": 10_000}
@@ -365,7 +366,7 @@ async def _generate_config(server_name: str, directory: Path) -> dict[str, Any]:
     if generate.returncode != 0:
         raise SynapseError(
             "could not generate a Synapse config (is matrix-synapse installed? "
-            f"pip install 'bridge-kit[demo]'): {err.decode(errors='replace').strip()[-500:]}"
+            f"{install_extra('demo')}): {err.decode(errors='replace').strip()[-500:]}"
         )
     config: dict[str, Any] = yaml.safe_load(config_path.read_text())
     return config
