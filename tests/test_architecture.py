@@ -25,6 +25,8 @@ LEAVES = frozenset({"inbox.records", "store.url"})
 ALLOWED: dict[str, frozenset[str]] = {
     "errors": frozenset(),
     "_deprecated": frozenset(),
+    "_extras": frozenset(),
+    "_version": frozenset(),
     "defaults": frozenset(),
     "_json": frozenset({"errors"}),
     "_yaml": frozenset({"errors"}),
@@ -37,7 +39,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "metrics": frozenset({"client", "inbox.records"}),
     "registration": frozenset({"_yaml", "errors", "ids", "types"}),
     "_preconf": frozenset({"client", "registration", "types"}),
-    "store": frozenset({"defaults", "errors", "inbox.records", "store.url", "types"}),
+    "store": frozenset({"_extras", "defaults", "errors", "inbox.records", "store.url", "types"}),
     "config": frozenset({"_yaml", "defaults", "errors", "ids", "store.url"}),
     "inbox": frozenset(
         {"_json", "defaults", "errors", "inbox.records", "logs", "metrics", "store", "types"}
@@ -54,24 +56,25 @@ ALLOWED: dict[str, frozenset[str]] = {
         {"_json", "defaults", "errors", "inbox", "inbox.records", "metrics", "store", "types"}
     ),
     "checks": frozenset(
-        {"_yaml", "client", "config", "defaults", "errors", "ids", "intent", "registration"}
-        | {"server", "store", "store.url"}
+        {"_extras", "_yaml", "client", "config", "defaults", "errors", "ids", "intent"}
+        | {"registration", "server", "store", "store.url"}
     ),
-    "testing": frozenset({"errors"}),
+    "testing": frozenset({"_extras", "errors"}),
     "app": frozenset(
-        {"_deprecated", "checks", "client", "config", "crypto", "defaults", "errors", "ids"}
-        | {"inbox", "inbox.records", "intent", "logs", "metrics", "puppets", "registration"}
+        {"_deprecated", "_extras", "checks", "client", "config", "crypto", "defaults", "errors"}
+        | {"ids", "inbox", "inbox.records", "intent", "logs", "metrics", "puppets", "registration"}
         | {"server", "store", "store.url"}
     ),
     "cli": frozenset(
-        {"app", "checks", "client", "config", "defaults", "errors", "inbox", "inbox.records"}
-        | {"intent", "logs", "puppets", "registration", "store", "store.url", "testing"}
-        | {"types"}
+        {"_extras", "_version", "app", "checks", "client", "config", "defaults", "errors"}
+        | {"inbox", "inbox.records", "intent", "logs", "puppets", "registration", "store"}
+        | {"store.url", "testing", "types"}
     ),
     "__main__": frozenset({"cli"}),
     # The package itself re-exports the public API.
     "": frozenset(
-        {"_deprecated", "_preconf", "app", "client", "config", "errors", "ids", "inbox"}
+        {"_deprecated", "_preconf", "_version", "app", "client", "config", "errors", "ids"}
+        | {"inbox"}
         | {"intent", "logs", "metrics", "puppets", "registration", "server", "store", "types"}
     ),
 }
