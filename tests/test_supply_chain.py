@@ -106,3 +106,30 @@ async def test_a_postgres_store_without_asyncpg_names_the_extra(
         StoreError, match=r"pip install '\.\[postgres\]' in a checkout of bridge_kit"
     ):
         await store.open()
+
+
+#: Where a hint for a missing extra may appear (the README says, once, why the
+#: PyPI form fails; bridge_kit/_extras.py says it too).
+HINTED = [
+    *sorted((ROOT / "bridge_kit").rglob("*.py")),
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "config.yaml.example",
+]
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in HINTED if p.name != "_extras.py"], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_no_hint_installs_bridge_kit_from_pypi(path: Path) -> None:
+    # bridge-kit is not on PyPI: pip install 'bridge-kit[e2ee]' fails there.
+    assert not re.search(r"pip install '?bridge-kit\[", path.read_text())
+
+
+def test_every_hinted_extra_is_declared() -> None:
+    hinted = {
+        extra
+        for path in HINTED
+        for extra in re.findall(r"install_extra\(['\"]([a-z0-9-]+)['\"]\)", path.read_text())
+    }
+    assert hinted == {"demo", "e2ee", "postgres"}
+    assert hinted <= PROJECT["optional-dependencies"].keys()
