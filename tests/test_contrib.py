@@ -9,6 +9,7 @@ dashboard's queries against the metric names a real AppService serves.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -151,11 +152,22 @@ def test_the_image_runs_the_daemon_on_data_config_as_a_non_root_user() -> None:
     assert f"http://127.0.0.1:{exposed_port()}/_bridge_kit/health" in healthcheck
 
 
-def test_the_healthcheck_is_valid_python() -> None:
+async def run_healthcheck(port: int) -> int:
+    """The image's HEALTHCHECK command, aimed at ``port``; its exit status."""
     [healthcheck] = instruction("HEALTHCHECK")
     command = json.loads(healthcheck.partition("CMD ")[2])
     assert command[:2] == ["python", "-c"]
-    compile(command[2], "HEALTHCHECK", "exec")
+    code = command[2].replace(f":{exposed_port()}/", f":{port}/")
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+    return await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_the_healthcheck_passes_on_a_running_app_only(
+    synapse: TestHomeserver, tmp_path: Path
+) -> None:
+    async with app_on(synapse, tmp_path / "bridge.db"):
+        assert await run_healthcheck(synapse.appservice_port) == 0
+    assert await run_healthcheck(synapse.appservice_port) != 0
 
 
 def copy_build_context(destination: Path) -> None:
@@ -350,20 +362,24 @@ def served_names(metrics_text: str) -> set[str]:
     return names
 
 
-@pytest.fixture
-async def metrics_text(synapse: TestHomeserver, tmp_path: Path) -> AsyncIterator[str]:
-    app = AppService(
+def app_on(homeserver: TestHomeserver, store: Path) -> AppService:
+    """An AppService as the daemon builds it, listening where ``homeserver`` pushes."""
+    return AppService(
         Config(
-            homeserver=HomeserverConfig(url=synapse.url),
+            homeserver=HomeserverConfig(url=homeserver.url),
             appservice=AppServiceConfig(
-                registration=str(synapse.registration_path),
-                store=f"sqlite:///{tmp_path / 'bridge.db'}",
-                port=synapse.appservice_port,
+                registration=str(homeserver.registration_path),
+                store=f"sqlite:///{store}",
+                port=homeserver.appservice_port,
             ),
         )
     )
+
+
+@pytest.fixture
+async def metrics_text(synapse: TestHomeserver, tmp_path: Path) -> AsyncIterator[str]:
     async with (
-        app,
+        app_on(synapse, tmp_path / "bridge.db"),
         aiohttp.ClientSession() as http,
         http.get(f"{synapse.appservice_url}/metrics") as response,
     ):
