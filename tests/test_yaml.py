@@ -250,3 +250,10 @@ def test_describe_shortens_long_strings_keeping_the_quote() -> None:
 )
 def test_path_name(path: tuple[str | int, ...], name: str) -> None:
     assert path_name(path) == name
+
+
+@pytest.mark.parametrize("text", ["a:\n\tb: 1\n", "a: 1\n\tb: 2\n", "a:\n  - 1\n\t- 2\n"])
+def test_a_tab_in_the_indentation_is_named_as_such(text: str) -> None:
+    error = problem(text)
+    assert error.reason == "YAML does not allow tabs for indentation; indent with spaces"
+    assert error.line is not None and error.line > 1

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
-from bridge_kit.app.runner import ExitCode
+from bridge_kit.app.runner import ExitCode, report_error
 from bridge_kit.cli import check, dead_letters, demo, join, register, run
-from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
+from bridge_kit.errors import BridgeKitError, UsageError
 from bridge_kit.registration import Registration, generate_registration
 
 __all__ = ["main"]
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except BridgeKitError as exc:
-        _report_error(exc)
+        report_error(exc)
         return ExitCode.SETUP
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -54,15 +54,6 @@ def _build_parser() -> argparse.ArgumentParser:
     dead_letters.add_parser(subcommands)
     demo.add_parser(subcommands)
     return parser
-
-
-def _report_error(exc: BridgeKitError) -> None:
-    if isinstance(exc, RegistrationError):
-        prefix = f"{exc.source}: " if exc.source else ""
-        for problem in exc.problems:
-            print(f"{prefix}{problem}", file=sys.stderr)
-    else:
-        print(f"error: {exc}", file=sys.stderr)
 
 
 # -- generate-registration -------------------------------------------------------
