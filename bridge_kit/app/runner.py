@@ -54,6 +54,9 @@ class ExitCode(enum.IntEnum):
     #: A one-off job (``register``) cancelled by SIGINT or SIGTERM: 128 + the signal.
     SIGINT = 128 + signal.SIGINT
     SIGTERM = 128 + signal.SIGTERM
+    #: A command whose reader closed the pipe (``| head``): 128 + SIGPIPE, as a
+    #: command killed by SIGPIPE would give.
+    SIGPIPE = 128 + signal.SIGPIPE
 
 
 class StopSignals:
