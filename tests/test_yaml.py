@@ -153,7 +153,7 @@ def test_a_but_problem_is_joined_to_its_context() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
-        ("a:\n\tb: 1\n", 2, "found character '\\t' that cannot start any token"),
+        ("a:\n\tb: 1\n", 2, "YAML does not allow tabs for indentation"),
         ("a: b\n  c: d\n", 2, "mapping values are not allowed here"),
         ("a: *nothing\n", 1, "found undefined alias 'nothing'"),
         ("a: !secret x\n", 1, "could not determine a constructor for the tag '!secret'"),
