@@ -21,6 +21,8 @@ KeyPath: TypeAlias = tuple[str | int, ...]
 _MAX_DEPTH = 16  # aliases can make the node graph cyclic; real files are far shallower
 _MAX_PATHS = 100_000  # aliases can also multiply paths; stop recording long before that hurts
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_TAB_PROBLEM = "found character '\\t' that cannot start any token"
+_TAB_INDENTATION = "YAML does not allow tabs for indentation; indent with spaces"
 #: Values a document may hold once its aliases are expanded. Aliases share one Python
 #: object, but whatever walks the data (repr, a dump, JSON) expands them: nine
 #: anchors of nine aliases each ("billion laughs") make 387 million values from 1 kB.
@@ -136,9 +138,15 @@ _END_OF_INPUT = (
 
 def _marked_error(exc: yaml.MarkedYAMLError) -> YamlError:
     problem = _plain_words(exc.problem or "invalid YAML")
-    if exc.context:
+    if problem.startswith(_TAB_PROBLEM):
+        # PyYAML's "found character '\t' that cannot start any token" does not say
+        # what to do; a tab where a token could start is always indentation.
+        problem, context = _TAB_INDENTATION, None
+    else:
+        context = exc.context
+    if context:
         joined = problem.startswith("but ")  # "expected a single document, but found another"
-        problem = f"{exc.context}, {problem}" if joined else f"{problem} ({exc.context})"
+        problem = f"{context}, {problem}" if joined else f"{problem} ({context})"
     mark = exc.problem_mark or exc.context_mark
     if mark is None:
         return YamlError(problem)

@@ -295,3 +295,18 @@ def test_generate_then_check_as_subprocesses(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert_no_traceback(refused)
     assert "bad.yaml: invalid" in refused.stdout + refused.stderr
+
+
+def test_run_with_a_tab_in_the_registration_says_so_after_error(tmp_path: Path) -> None:
+    assert bridge_kit(*GENERATE, cwd=tmp_path).returncode == 0
+    registration = tmp_path / "registration.yaml"
+    registration.write_text(registration.read_text().replace("\n  ", "\n\t", 1))
+    (tmp_path / "config.yaml").write_text(
+        "homeserver:\n  url: http://127.0.0.1:1\nappservice:\n  registration: registration.yaml\n"
+    )
+    result = bridge_kit("run", "-c", "config.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "YAML does not allow tabs for indentation" in lines[0]
+    assert_no_traceback(result)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,20 @@ def test_dead_letters_as_a_subprocess(config: Path, tmp_path: Path) -> None:
     )
     assert unknown.returncode == 1
     assert "1 of the IDs given are not dead letters" in unknown.stderr
+
+
+def test_a_reader_that_went_away_ends_the_listing_quietly(config: Path, tmp_path: Path) -> None:
+    """``bridge-kit dead-letters list | head -1``, with head gone before the first write."""
+    asyncio.run(bury(f"sqlite:///{tmp_path / 'bk.db'}", 2))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "bridge_kit", "dead-letters", "list", "-c", str(config)],
+            cwd=tmp_path, env=ENV, stdout=write_end, stderr=subprocess.PIPE, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert listing.stderr == ""
+    assert listing.returncode == 128 + 13  # ExitCode.SIGPIPE, as the shell shows it for head

@@ -291,7 +291,10 @@ def test_check_with_the_homeserver_config_exits_1_on_an_overlap(tmp_path: Path) 
     setup.findings()
     clean = bridge_kit(*args, cwd=elsewhere)
     assert clean.returncode == 0, clean.stdout
-    assert "doctor" not in clean.stdout
+    assert clean.stdout.splitlines()[-1] == (
+        f"doctor: no problems: listed in app_service_config_files of {setup.homeserver}; "
+        "it lists no other registration"
+    )
 
     missing = bridge_kit(
         "check", "-r", str(setup.ours), "--homeserver-config", "nope.yaml", cwd=elsewhere
@@ -357,6 +360,21 @@ def test_a_domain_the_namespaces_never_match_is_an_error(tmp_path: Path) -> None
     fields = sorted(f.field or "" for _, f in located if f.severity == "error")
     assert fields == ["namespaces.aliases[0].regex", "namespaces.users[0].regex"]
     assert all("but the daemon's domain is other.org" in f.message for _, f in located)
+
+
+def test_check_on_a_correct_set_up_says_what_the_doctor_compared(tmp_path: Path) -> None:
+    setup = Setup(tmp_path, registration_data("ours", "_ours_"))
+    setup.add("other", registration_data("other", "_other_"))
+    setup.add("third", registration_data("third", "_third_"))
+    assert setup.findings() == []  # writes homeserver.yaml
+    args = ["check", "-r", str(setup.ours), "--homeserver-config", str(setup.homeserver)]
+    result = bridge_kit(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"{setup.ours}: valid",
+        f"doctor: no problems: listed in app_service_config_files of {setup.homeserver}; "
+        "no overlap or duplicate with the 2 other registrations it lists",
+    ]
 
 
 def test_check_with_a_config_checks_its_registration_and_store(tmp_path: Path) -> None:

@@ -327,6 +327,24 @@ async def test_handlers_that_succeeded_are_not_run_again_on_a_retry(store: Store
     assert calls.calls == {"first": ["$x"], "second": ["$x", "$x"], "third": ["$x"]}
 
 
+async def test_a_retry_runs_when_its_log_line_says_not_at_the_next_poll(store: Store) -> None:
+    # A retry after 0.1-0.2 s, and a poll (5 s) that would make it far later.
+    settings = attrs.evolve(SETTINGS, backoff=0.2, backoff_max=0.2, poll=5.0)
+    calls = Calls()
+    calls.failures["flaky"] = 1
+    ran_at: list[float] = []
+
+    async def flaky(event: Event) -> None:
+        ran_at.append(time.monotonic())
+        await calls.run("flaky", event)
+
+    async with running(store, route_to(flaky), settings) as inbox:
+        await accept(store, "t1", [message("x", A)])
+        inbox.wake()
+        await until(lambda: calls.calls.get("flaky") == ["$x", "$x"])
+    assert 0.1 <= ran_at[1] - ran_at[0] < 0.2 + 1.0, ran_at
+
+
 async def test_handlers_that_succeeded_are_not_run_again_after_a_restart(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'bk.db'}"
     settings = attrs.evolve(SETTINGS, backoff=0.4, backoff_max=0.4)

@@ -14,18 +14,22 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import json
 import re
+import socket
 import sys
 import textwrap
 from pathlib import Path
 
 import attrs
+import pytest
 import yaml
 
 from bridge_kit import Config, generate_registration
 from bridge_kit.cli.main import _build_parser
 from tests.conftest import SERVER_NAME, TestHomeserver
 from tests.helpers.daemons import (
+    READY,
     ROOT,
     TIMEOUT,
     Daemon,
@@ -133,6 +137,34 @@ async def test_the_library_snippet_runs_and_its_puppet_greets_when_invited(
         process = bridge.process
     assert hello["type"] == "m.room.message"
     assert process.returncode == 0, bridge.log_since()  # stopped cleanly by SIGTERM
+    # The script configures no logging: run_app logs as config.yaml's logging section says.
+    logged = [json.loads(line) for line in bridge.log_since().splitlines()]
+    assert any(READY in line["message"] and line["level"] == "INFO" for line in logged), logged
+    assert any("SIGTERM received" in line["message"] for line in logged), logged
+
+
+@pytest.mark.parametrize("name", ["puppet-greets", "greets-with-calls"])
+async def test_a_library_snippet_on_a_taken_port_says_why_in_one_line_and_exits_2(
+    synapse: TestHomeserver, tmp_path: Path, name: str
+) -> None:
+    write_config(synapse, tmp_path)
+    (tmp_path / "bridge.py").write_text(block(name))
+    with socket.socket() as squatter:
+        # A previous bridge's listener may leave the port in TIME_WAIT.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", synapse.appservice_port))
+        squatter.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "bridge.py", cwd=tmp_path, env=child_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    stderr = err.decode()
+    assert process.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert f"cannot listen on 127.0.0.1:{synapse.appservice_port}" in errors[0]
+    assert "Traceback" not in stderr
 
 
 async def test_the_handler_with_several_calls_answers_and_reacts(

@@ -153,7 +153,7 @@ def test_a_but_problem_is_joined_to_its_context() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
-        ("a:\n\tb: 1\n", 2, "found character '\\t' that cannot start any token"),
+        ("a:\n\tb: 1\n", 2, "YAML does not allow tabs for indentation"),
         ("a: b\n  c: d\n", 2, "mapping values are not allowed here"),
         ("a: *nothing\n", 1, "found undefined alias 'nothing'"),
         ("a: !secret x\n", 1, "could not determine a constructor for the tag '!secret'"),
@@ -250,3 +250,10 @@ def test_describe_shortens_long_strings_keeping_the_quote() -> None:
 )
 def test_path_name(path: tuple[str | int, ...], name: str) -> None:
     assert path_name(path) == name
+
+
+@pytest.mark.parametrize("text", ["a:\n\tb: 1\n", "a: 1\n\tb: 2\n", "a:\n  - 1\n\t- 2\n"])
+def test_a_tab_in_the_indentation_is_named_as_such(text: str) -> None:
+    error = problem(text)
+    assert error.reason == "YAML does not allow tabs for indentation; indent with spaces"
+    assert error.line is not None and error.line > 1

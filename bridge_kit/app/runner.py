@@ -8,9 +8,13 @@
 
 It starts the app, serves until the first SIGTERM or SIGINT, then stops it
 cleanly. A signal during start-up cancels the start. A second signal exits at
-once. The same function runs a one-off job, ``async (stop) -> int``, which
-decides itself what a stop request means (``bridge-kit register`` saves its
-progress and returns).
+once. Like ``bridge-kit run``, it logs as the config's ``logging`` section says
+(unless the script configured logging itself), and a
+:class:`~bridge_kit.errors.BridgeKitError` (store locked, port taken,
+homeserver unreachable...) becomes one ``error:`` line on stderr and exit
+status 2 rather than a traceback. The same function runs a one-off job,
+``async (stop) -> int``, which decides itself what a stop request means
+(``bridge-kit register`` saves its progress and returns).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 from bridge_kit.app.service import AppService
+from bridge_kit.errors import BridgeKitError, RegistrationError
+from bridge_kit.logs import configure_logging
 
-__all__ = ["ExitCode", "StopSignals", "run_app"]
+__all__ = ["ExitCode", "StopSignals", "report_error", "run_app"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ class ExitCode(enum.IntEnum):
     #: A one-off job (``register``) cancelled by SIGINT or SIGTERM: 128 + the signal.
     SIGINT = 128 + signal.SIGINT
     SIGTERM = 128 + signal.SIGTERM
+    #: A command whose reader closed the pipe (``| head``): 128 + SIGPIPE, as a
+    #: command killed by SIGPIPE would give.
+    SIGPIPE = 128 + signal.SIGPIPE
 
 
 class StopSignals:
@@ -112,11 +121,30 @@ def run_app(app: AppService | Job) -> int:
     """Run ``app`` in a new event loop until it is done; return the exit status.
 
     An :class:`~bridge_kit.AppService` is started, served until SIGTERM or
-    SIGINT, and stopped (exit status 0). A job ``async (stop) -> int`` runs to
-    its end and its return value is the status. Errors propagate, as from
-    :func:`asyncio.run`.
+    SIGINT, and stopped (exit status 0); its logs go to stderr as its config's
+    ``logging`` section says, unless the root logger already has a handler. A
+    job ``async (stop) -> int`` runs to its end and its return value is the
+    status. A :class:`~bridge_kit.errors.BridgeKitError` is reported on stderr
+    (:func:`report_error`) and gives :attr:`ExitCode.SETUP`; other errors
+    propagate, as from :func:`asyncio.run`.
     """
-    return asyncio.run(serve(app))
+    if isinstance(app, AppService) and not logging.getLogger().handlers:
+        configure_logging(app.config.logging.level, app.config.logging.format)
+    try:
+        return asyncio.run(serve(app))
+    except BridgeKitError as exc:
+        report_error(exc)
+        return ExitCode.SETUP
+
+
+def report_error(exc: BridgeKitError) -> None:
+    """Say on stderr, one ``error:`` line per problem, why a command or app could not run."""
+    if isinstance(exc, RegistrationError):
+        where = f"{exc.source}: " if exc.source else ""
+        for problem in exc.problems:
+            print(f"error: {where}{problem}", file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
 
 
 async def serve(app: AppService | Job) -> int:

@@ -36,7 +36,13 @@ from bridge_kit.registration.regex import literal_suffix, overlap
 from bridge_kit.registration.validate import NAMESPACE_KINDS, ParsedText, parse
 from bridge_kit.store.url import parse_store_url
 
-__all__ = ["Located", "daemon_findings", "homeserver_findings", "listed_registrations"]
+__all__ = [
+    "Located",
+    "daemon_findings",
+    "homeserver_checked",
+    "homeserver_findings",
+    "listed_registrations",
+]
 
 Located = tuple[str, Finding]
 """A finding and the file it is about (the name to print before its line)."""
@@ -112,6 +118,18 @@ def homeserver_findings(
     located += [(path, finding) for finding in report.findings]
     located += [(homeserver_config, f) for f in _duplicates_among(others)]
     return located
+
+
+def homeserver_checked(path: str, homeserver_config: str) -> str:
+    """What :func:`homeserver_findings` looked at, for a doctor that found nothing to say."""
+    others = [e for e in listed_registrations(homeserver_config) if not _same_file(e, path)]
+    compared = (
+        f"no overlap or duplicate with the {len(others)} other registration"
+        f"{'' if len(others) == 1 else 's'} it lists"
+        if others
+        else "it lists no other registration"
+    )
+    return f"listed in app_service_config_files of {homeserver_config}; {compared}"
 
 
 def _same_file(a: str, b: str) -> bool:

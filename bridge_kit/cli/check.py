@@ -17,7 +17,12 @@ from collections.abc import Sequence
 
 from bridge_kit import defaults
 from bridge_kit.app.runner import ExitCode
-from bridge_kit.checks.doctor import Located, daemon_findings, homeserver_findings
+from bridge_kit.checks.doctor import (
+    Located,
+    daemon_findings,
+    homeserver_checked,
+    homeserver_findings,
+)
 from bridge_kit.checks.homeserver import check_against_homeserver
 from bridge_kit.config import Config
 from bridge_kit.errors import ConfigError, RegistrationError
@@ -96,6 +101,8 @@ def check(args: argparse.Namespace) -> int:
     if result.registration is not None:
         located = _doctor(args, config, path, result.registration)
         failed = _print_located(located) or failed
+        if not located:
+            _print_nothing_found(args, config, path)
     if failed:
         return ExitCode.FAILED
     if args.homeserver and result.registration is not None:
@@ -115,6 +122,17 @@ def _doctor(
     if config is not None:
         located += daemon_findings(config, path, registration)
     return located
+
+
+def _print_nothing_found(args: argparse.Namespace, config: Config | None, path: str) -> None:
+    """Say that the doctor ran, and what it compared, when it found nothing."""
+    checked = []
+    if args.homeserver_config is not None:
+        checked.append(homeserver_checked(path, args.homeserver_config))
+    if config is not None:
+        checked.append(f"agrees with {config.source or 'the config'}")
+    if checked:
+        print(f"doctor: no problems: {'; '.join(checked)}")
 
 
 def _print_findings(source: str, findings: Sequence[Finding]) -> None:

@@ -10,15 +10,16 @@ table of exit codes, :class:`~bridge_kit.app.runner.ExitCode`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from bridge_kit import defaults
 from bridge_kit._version import __version__
-from bridge_kit.app.runner import ExitCode
+from bridge_kit.app.runner import ExitCode, report_error
 from bridge_kit.cli import check, dead_letters, demo, join, register, run
-from bridge_kit.errors import BridgeKitError, RegistrationError, UsageError
+from bridge_kit.errors import BridgeKitError, UsageError
 from bridge_kit.registration import Registration, generate_registration
 
 __all__ = ["main"]
@@ -28,17 +29,38 @@ Command = Callable[[argparse.Namespace], int]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit where it cannot be caught
+    except BrokenPipeError:
+        # The reader went away (``bridge-kit ... | head -1``): it has all it wanted.
+        _silence_stdout()
+        return ExitCode.SIGPIPE
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     command: Command = args.command
     try:
         return command(args)
     except BridgeKitError as exc:
-        _report_error(exc)
+        report_error(exc)
         return ExitCode.SETUP
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.SIGINT
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again
+    (what Python's documentation of SIGPIPE recommends)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,15 +78,6 @@ def _build_parser() -> argparse.ArgumentParser:
     dead_letters.add_parser(subcommands)
     demo.add_parser(subcommands)
     return parser
-
-
-def _report_error(exc: BridgeKitError) -> None:
-    if isinstance(exc, RegistrationError):
-        prefix = f"{exc.source}: " if exc.source else ""
-        for problem in exc.problems:
-            print(f"{prefix}{problem}", file=sys.stderr)
-    else:
-        print(f"error: {exc}", file=sys.stderr)
 
 
 # -- generate-registration -------------------------------------------------------

@@ -8,7 +8,6 @@ from bridge_kit import defaults
 from bridge_kit.app.runner import run_app
 from bridge_kit.app.service import AppService
 from bridge_kit.config import Config
-from bridge_kit.logs import configure_logging
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,6 +21,5 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    config = Config.load(args.config)
-    configure_logging(config.logging.level, config.logging.format)
-    return run_app(AppService(config))
+    # run_app logs as the config says and reports a failed start as the CLI does.
+    return run_app(AppService(Config.load(args.config)))

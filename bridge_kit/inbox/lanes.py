@@ -96,6 +96,7 @@ Preprocessor = Callable[[Any, InboxItem], Awaitable[Any]]
 
 _BATCH = 50
 _STATS_INTERVAL = 1.0
+_DUE_MARGIN = 0.01  # seconds past an item's retry time at which its lane is looked at
 #: A lane is worked on only until this share of the lease after the last claim or
 #: renewal: past it the lease may run out and another process take the lane.
 _LEASE_SHARE = 0.5
@@ -181,6 +182,9 @@ class Inbox:
         self._lanes: dict[str, _Lane] = {}
         self._cooling: dict[str, tuple[float, int]] = {}
         self._wakeup = asyncio.Event()
+        #: Wake-ups at the retry times of failed or deferred items, so a lane is
+        #: looked at again when its item is due, not at the next poll.
+        self._retry_wakeups: set[asyncio.TimerHandle] = set()
         self._scheduler: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._rng = random.Random()
@@ -211,6 +215,9 @@ class Inbox:
         again on the next start, with the same transaction IDs for its sends.
         """
         self._stopping = True
+        for wakeup in self._retry_wakeups:
+            wakeup.cancel()
+        self._retry_wakeups.clear()
         await _cancelled(self._scheduler)
         workers = [lane.task for lane in self._lanes.values()]
         if workers:
@@ -226,6 +233,19 @@ class Inbox:
     def wake(self) -> None:
         """New items arrived: look for lanes to work on now."""
         self._wakeup.set()
+
+    def _wake_after(self, delay: float) -> None:
+        """Look for lanes again in ``delay`` seconds, when an item put off until then is due."""
+        if self._stopping:
+            return
+
+        def wake_up() -> None:
+            self._retry_wakeups.discard(handle)
+            self.wake()
+
+        # The store compares not_before with the wall clock: a hair later, the item is due.
+        handle = asyncio.get_running_loop().call_later(delay + _DUE_MARGIN, wake_up)
+        self._retry_wakeups.add(handle)
 
     async def unpark(self, key: str) -> int:
         """What the items parked under ``key`` waited for came: put them back at the end
@@ -507,6 +527,7 @@ class Inbox:
         if self.metrics is not None:
             self.metrics.count_handler_retry()
         await self.store.fail_item(item.id, done, time.time() + delay)
+        self._wake_after(delay)
         return False
 
     async def _defer(
@@ -532,6 +553,7 @@ class Inbox:
             describe_item(parsed), item.lane, name, not_ready.reason, delay,
         )  # fmt: skip
         await self.store.fail_item(item.id, done, now + delay, count_attempt=False)
+        self._wake_after(delay)
         return False
 
     async def _bury(
