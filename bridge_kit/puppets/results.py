@@ -57,8 +57,29 @@ ProblemKind = Literal["invalid", "failed"]
 ProblemCallback = Callable[[ProblemKind, str, str], None]
 
 
+class _Paced:
+    """The rate and time left that every bulk run's progress shows; the attrs progress
+    classes declare the fields."""
+
+    done: int
+    total: int | None
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        """Items (localparts, pairs) dealt with per second, since the start."""
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the current rate, when the total is known."""
+        if self.total is None or self.rate <= 0:
+            return None
+        return max(self.total - self.done, 0) / self.rate
+
+
 @attrs.frozen
-class BulkProgress:
+class BulkProgress(_Paced):
     """A snapshot of a running :meth:`PuppetRegistrar.register_many`, for progress displays.
 
     ``done`` counts input localparts dealt with (duplicates included); ``total``
@@ -74,18 +95,6 @@ class BulkProgress:
     invalid: int
     failed: int
     concurrency: int
-
-    @property
-    def rate(self) -> float:
-        """Localparts dealt with per second, since the start."""
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left at the current rate, when the total is known."""
-        if self.total is None or self.rate <= 0:
-            return None
-        return max(self.total - self.done, 0) / self.rate
 
     def counts_text(self) -> str:
         """The counts so far and the concurrency, for a log line."""
@@ -279,7 +288,7 @@ Rows = list[tuple[str, int]]
 
 
 @attrs.frozen
-class RunProgress:
+class RunProgress(_Paced):
     """A snapshot of a running ``join_many`` or ``sync_profiles``, for progress displays.
 
     ``done`` counts input items dealt with; ``counts`` are the run's counts so far
@@ -291,18 +300,6 @@ class RunProgress:
     elapsed: float
     counts: tuple[tuple[str, int], ...]
     concurrency: tuple[tuple[str, int], ...]
-
-    @property
-    def rate(self) -> float:
-        """Items dealt with per second, since the start."""
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left at the current rate, when the total is known."""
-        if self.total is None or self.rate <= 0:
-            return None
-        return max(self.total - self.done, 0) / self.rate
 
     def counts_text(self) -> str:
         """The counts and the concurrency of each family, for a log line."""

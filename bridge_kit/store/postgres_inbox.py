@@ -312,9 +312,10 @@ FROM gone
 """
 
 
-async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> None:
-    await pool.execute(
-        _BURY,
+def bury_parameters(item_id: int, letter: NewDeadLetter, now: float) -> tuple[Any, ...]:
+    """The parameters of a bury statement (this module's, or the parked items' one):
+    ``$1`` the item, ``$2``-``$12`` the letter and the time it failed last."""
+    return (
         item_id,
         letter.lane,
         letter.kind.value,
@@ -328,6 +329,10 @@ async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> No
         letter.first_failed_at,
         encode_handlers(letter.done_handlers),
     )
+
+
+async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> None:
+    await pool.execute(_BURY, *bury_parameters(item_id, letter, now))
 
 
 async def dead_letters(pool: Any, limit: int | None) -> list[DeadLetter]:

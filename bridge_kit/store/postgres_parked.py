@@ -15,6 +15,7 @@ from bridge_kit.inbox.records import NewDeadLetter, Parking
 from bridge_kit.store.inbox_rows import (
     encode_handlers,
 )
+from bridge_kit.store.postgres_inbox import bury_parameters
 
 # -- schema v5 (park): parked items ----------------------------------------------------
 V5 = (
@@ -94,21 +95,7 @@ async def unpark(pool: Any, key: str) -> int:
 
 
 async def bury(pool: Any, item_id: int, letter: NewDeadLetter, now: float) -> bool:
-    status: str = await pool.execute(
-        _BURY,
-        item_id,
-        letter.lane,
-        letter.kind.value,
-        letter.event_json,
-        letter.error,
-        letter.handler,
-        letter.attempts,
-        letter.event_id,
-        letter.event_type,
-        now,
-        letter.first_failed_at,
-        encode_handlers(letter.done_handlers),
-    )
+    status: str = await pool.execute(_BURY, *bury_parameters(item_id, letter, now))
     return _count(status) > 0
 
 
