@@ -16,6 +16,14 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import cattrs
 
+from bridge_kit.bridge.records import (
+    GhostRecord,
+    LoginRecord,
+    MessageRecord,
+    PortalKey,
+    PortalRecord,
+    ReactionRecord,
+)
 from bridge_kit.inbox.records import (
     Acceptance,
     DeadLetter,
@@ -33,6 +41,7 @@ from bridge_kit.types.events import Event
 from bridge_kit.types.room_state import Member, PowerLevels, with_creators
 
 __all__ = [
+    "BridgeRecordStore",
     "CryptoStore",
     "DeadLetterStore",
     "DeviceStore",
@@ -584,3 +593,184 @@ def _crypto_scope(owner: str, kind: str) -> tuple[str, str]:
 
 def _crypto_key(key: str) -> str:
     return _clean.checked_key(key, "crypto key")
+
+
+class BridgeRecordStore(abc.ABC):
+    """The bridge layer's records (:mod:`bridge_kit.bridge.records`): portals,
+    ghosts, logins, and the message map of messages and reactions.
+
+    Upserts replace the whole record. Ids holding NUL or a lone surrogate are
+    refused with :class:`ValueError` (:func:`~bridge_kit.store._clean.checked_key`).
+    """
+
+    # -- portals ----------------------------------------------------------------
+
+    async def portal(self, key: PortalKey) -> PortalRecord | None:
+        """The portal of remote chat ``key``, or ``None``."""
+        return await self._portal(key)
+
+    async def portal_by_room(self, room_id: str) -> PortalRecord | None:
+        """The portal whose room is ``room_id``, or ``None``."""
+        return await self._portal_by_room(_clean.checked_key(room_id, "room ID"))
+
+    async def portals(self) -> list[PortalRecord]:
+        """Every portal, in key order."""
+        return await self._portals()
+
+    async def put_portal(self, record: PortalRecord) -> None:
+        """Insert or replace the portal of ``record.key`` (its ``room_id`` included)."""
+        await self._put_portal(record)
+
+    async def claim_portal_room(self, key: PortalKey, room_id: str) -> str:
+        """Make ``room_id`` the room of ``key`` unless it has one already, in one
+        atomic step (two daemons may race); return the room that won. A portal
+        record for ``key`` is created if there is none."""
+        return await self._claim_portal_room(key, _clean.checked_key(room_id, "room ID"))
+
+    async def delete_portal(self, key: PortalKey) -> None:
+        """Forget a portal and its message map."""
+        await self._delete_portal(key)
+
+    # -- ghosts -----------------------------------------------------------------
+
+    async def ghosts_among(self, ids: Iterable[str]) -> dict[str, GhostRecord]:
+        """The known ghosts among remote user ``ids``, by id."""
+        return await self._ghosts_among(list(dict.fromkeys(ids)))
+
+    async def put_ghosts(self, records: Iterable[GhostRecord]) -> None:
+        """Insert or replace ghosts, in one commit."""
+        await self._put_ghosts(list(records))
+
+    # -- logins -----------------------------------------------------------------
+
+    async def login(self, login_id: str) -> LoginRecord | None:
+        """The login ``login_id``, or ``None``."""
+        return await self._login(login_id)
+
+    async def logins(self, user_id: str | None = None) -> list[LoginRecord]:
+        """Every login (of Matrix user ``user_id`` only, when given), by id."""
+        return await self._logins(user_id)
+
+    async def put_login(self, record: LoginRecord) -> None:
+        """Insert or replace a login (its sealed credentials included)."""
+        await self._put_login(record)
+
+    async def delete_login(self, login_id: str) -> None:
+        """Forget a login (nothing happens if it is not known)."""
+        await self._delete_login(login_id)
+
+    # -- the message map --------------------------------------------------------
+
+    async def messages(self, portal: PortalKey, remote_id: str) -> list[MessageRecord]:
+        """Every part of remote message ``remote_id`` in ``portal``, by part."""
+        return await self._messages(portal, remote_id)
+
+    async def message_by_event(self, event_id: str) -> MessageRecord | None:
+        """The message (part) bridged as or from Matrix event ``event_id``."""
+        return await self._message_by_event(_clean.checked_key(event_id, "event ID"))
+
+    async def put_messages(self, records: Iterable[MessageRecord]) -> None:
+        """Insert or replace message parts (keyed by event id), in one commit."""
+        await self._put_messages(list(records))
+
+    async def claim_event(self, record: MessageRecord) -> bool:
+        """Insert ``record`` (a Matrix event about to go to the remote side, with
+        ``pending`` set) unless its event id is in the map already; return whether
+        it was inserted. A handler that runs twice sends only once."""
+        return await self._claim_event(record)
+
+    async def delete_messages(self, portal: PortalKey, remote_id: str) -> None:
+        """Forget every part of a remote message (and the reactions to it)."""
+        await self._delete_messages(portal, remote_id)
+
+    async def latest_messages(self, portal: PortalKey, limit: int) -> list[MessageRecord]:
+        """The ``limit`` newest messages of ``portal`` by timestamp, oldest first."""
+        return await self._latest_messages(portal, _clean.checked_count(limit))
+
+    async def reaction(
+        self, portal: PortalKey, remote_id: str, part: str, sender: str, key: str
+    ) -> ReactionRecord | None:
+        """``sender``'s reaction ``key`` to a message part, or ``None``."""
+        return await self._reaction(portal, remote_id, part, sender, key)
+
+    async def reaction_by_event(self, event_id: str) -> ReactionRecord | None:
+        """The reaction bridged as or from Matrix event ``event_id``."""
+        return await self._reaction_by_event(_clean.checked_key(event_id, "event ID"))
+
+    async def put_reaction(self, record: ReactionRecord) -> None:
+        """Insert or replace a reaction (keyed by message part, sender and key)."""
+        await self._put_reaction(record)
+
+    async def delete_reaction(self, event_id: str) -> None:
+        """Forget the reaction of Matrix event ``event_id``."""
+        await self._delete_reaction(_clean.checked_key(event_id, "event ID"))
+
+    # -- the backend's hooks ----------------------------------------------------
+
+    @abc.abstractmethod
+    async def _portal(self, key: PortalKey) -> PortalRecord | None: ...
+
+    @abc.abstractmethod
+    async def _portal_by_room(self, room_id: str) -> PortalRecord | None: ...
+
+    @abc.abstractmethod
+    async def _portals(self) -> list[PortalRecord]: ...
+
+    @abc.abstractmethod
+    async def _put_portal(self, record: PortalRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def _claim_portal_room(self, key: PortalKey, room_id: str) -> str: ...
+
+    @abc.abstractmethod
+    async def _delete_portal(self, key: PortalKey) -> None: ...
+
+    @abc.abstractmethod
+    async def _ghosts_among(self, ids: list[str]) -> dict[str, GhostRecord]: ...
+
+    @abc.abstractmethod
+    async def _put_ghosts(self, records: list[GhostRecord]) -> None: ...
+
+    @abc.abstractmethod
+    async def _login(self, login_id: str) -> LoginRecord | None: ...
+
+    @abc.abstractmethod
+    async def _logins(self, user_id: str | None) -> list[LoginRecord]: ...
+
+    @abc.abstractmethod
+    async def _put_login(self, record: LoginRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def _delete_login(self, login_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _messages(self, portal: PortalKey, remote_id: str) -> list[MessageRecord]: ...
+
+    @abc.abstractmethod
+    async def _message_by_event(self, event_id: str) -> MessageRecord | None: ...
+
+    @abc.abstractmethod
+    async def _put_messages(self, records: list[MessageRecord]) -> None: ...
+
+    @abc.abstractmethod
+    async def _claim_event(self, record: MessageRecord) -> bool: ...
+
+    @abc.abstractmethod
+    async def _delete_messages(self, portal: PortalKey, remote_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _latest_messages(self, portal: PortalKey, limit: int) -> list[MessageRecord]: ...
+
+    @abc.abstractmethod
+    async def _reaction(
+        self, portal: PortalKey, remote_id: str, part: str, sender: str, key: str
+    ) -> ReactionRecord | None: ...
+
+    @abc.abstractmethod
+    async def _reaction_by_event(self, event_id: str) -> ReactionRecord | None: ...
+
+    @abc.abstractmethod
+    async def _put_reaction(self, record: ReactionRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def _delete_reaction(self, event_id: str) -> None: ...
