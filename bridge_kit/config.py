@@ -233,6 +233,8 @@ class PuppetsConfig(_Section):
     provision_on_query: bool = _checked(defaults.PROVISION_ON_QUERY)
     provision_per_minute: int = _checked(defaults.PROVISION_PER_MINUTE, _check_positive)
     """Puppets registered on ``/users`` queries per minute at most; beyond it, "no such user"."""
+    provision_per_day: int = _checked(defaults.PROVISION_PER_DAY, _check_positive)
+    """The same, per rolling day (24 hours): the cap on accounts queries can create."""
 
 
 @attrs.frozen

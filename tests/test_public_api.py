@@ -111,12 +111,14 @@ ERROR_GROUPS = {
         errors.WrongType,
         errors.YamlError,
         errors.MediaTooLarge,
+        errors.PowerLevelRefused,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,
         errors.UnexpectedReply,
         errors.DoublePuppetError,
         errors.RegistrationAborted,
+        errors.PowerLevelConflict,
         errors.MatrixRequestError,
         errors.UserInUse,
         errors.Exclusive,
@@ -127,6 +129,8 @@ ERROR_GROUPS = {
         errors.ResourceLimitExceeded,
         errors.NotFound,
         errors.UnknownDevice,
+        errors.AppserviceLoginUnsupported,
+        errors.Banned,
     ),
     errors.ServiceError: (
         errors.LifecycleError,
@@ -145,6 +149,8 @@ ERROR_GROUPS = {
 
 def _an_instance(cls: type[errors.BridgeKitError]) -> errors.BridgeKitError:
     """One ``cls`` built with plausible arguments, as bridge_kit raises it."""
+    if cls is errors.Banned:
+        return errors.Banned("!r", "@p:example.org", "@mod:example.org", "spam")
     if issubclass(cls, errors.MatrixRequestError):
         return cls(400, cls.errcode_handled, "refused")
     made_with = {
@@ -155,6 +161,8 @@ def _an_instance(cls: type[errors.BridgeKitError]) -> errors.BridgeKitError:
         errors.WrongType: lambda: errors.WrongType("a string", 3),
         errors.YamlError: lambda: errors.YamlError("not YAML", 1, 2),
         errors.MediaTooLarge: lambda: errors.MediaTooLarge(10, 5),
+        errors.PowerLevelRefused: lambda: errors.PowerLevelRefused("!r", "@u:x", "a creator"),
+        errors.PowerLevelConflict: lambda: errors.PowerLevelConflict("!r", "@u:x", 3),
         errors.RegistrationAborted: lambda: errors.RegistrationAborted("the token is wrong"),
         errors.UnexpectedReply: lambda: errors.UnexpectedReply(200, "no user_id"),
         errors.DevicesUnavailable: lambda: errors.DevicesUnavailable("MSC4190 is off"),

@@ -2,8 +2,9 @@
 
 With ``io.element.msc4190: true`` in its registration, an appservice creates
 its users' devices itself (``PUT /devices/{deviceId}?user_id=...``) and deletes
-them without interactive auth. A request that also carries ``device_id`` (and
-MSC3202's ``org.matrix.msc3202.device_id``) acts as that device: that is how
+them without interactive auth. A request that also carries ``device_id`` (spec
+v1.17, MSC4326; key uploads and to-device messages also carry MSC3202's
+``org.matrix.msc3202.device_id`` for older homeservers) acts as that device: that is how
 keys are uploaded for it. No cryptography happens here; the keys are the
 encryption library's.
 """
