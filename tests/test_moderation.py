@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from bridge_kit import (
@@ -28,6 +29,7 @@ from bridge_kit import (
 from bridge_kit.config import ConfigError
 from bridge_kit.puppets.joins import room_problem
 from bridge_kit.puppets.results import Ban
+from bridge_kit.registration import Namespace, generate_registration
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_bulk_joins import Requests
@@ -341,3 +343,16 @@ async def test_invites_provision_within_the_daily_cap_and_with_approval(
         # The cap comes first, so a flood never reaches the hook: yes3 was not asked about.
         assert asked == [f"@{name}:test.local" for name in names]
         assert app.provisioning_daily.available < 1
+
+
+def test_a_rooms_namespace_that_names_a_server_is_flagged_for_version_12() -> None:
+    registration = generate_registration("bk", None, "test.local", "_bk_")
+    namespaces = attrs.evolve(
+        registration.namespaces,
+        rooms=[Namespace(r"^!bridged.*:test\.local$", False), Namespace(r"^!.*", False)],
+    )
+    findings = attrs.evolve(registration, namespaces=namespaces).lint()
+
+    [finding] = [f for f in findings if f.field and f.field.startswith("namespaces.rooms")]
+    assert finding.field == "namespaces.rooms[0].regex"
+    assert "version 12" in finding.message and "never matches" in finding.message
