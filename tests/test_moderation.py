@@ -34,6 +34,7 @@ from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_bulk_joins import Requests
 from tests.test_intent_api import CLIENT, Human, q
+from tests.test_readme import block
 from tests.test_room_state import eventually, invite_only_room, joined
 
 pytestmark = pytest.mark.synapse
@@ -356,3 +357,16 @@ def test_a_rooms_namespace_that_names_a_server_is_flagged_for_version_12() -> No
     [finding] = [f for f in findings if f.field and f.field.startswith("namespaces.rooms")]
     assert finding.field == "namespaces.rooms[0].regex"
     assert "version 12" in finding.message and "never matches" in finding.message
+
+
+async def test_the_approval_hook_of_the_configuration_page_runs_as_written(
+    homeserver: TestHomeserver, tmp_path: Path
+) -> None:
+    app = make_app(homeserver, tmp_path / "docs.db")
+    namespace: dict[str, Any] = {"app": app}
+    exec(block("provision-approval"), namespace)  # noqa: S102 - our own documentation
+
+    approve = namespace["approve"]
+    assert app._provision_approval is approve
+    assert await approve("@_echo_alice:example.org")
+    assert not await approve("@_echo_mallory:example.org")

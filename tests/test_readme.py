@@ -44,7 +44,8 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
 CHECKED = {
-    "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip"
+    "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip",
+    "provision-approval",  # run by tests/test_moderation.py
 }  # fmt: skip
 
 
