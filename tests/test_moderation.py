@@ -30,12 +30,14 @@ from bridge_kit.config import ConfigError
 from bridge_kit.puppets.joins import room_problem
 from bridge_kit.puppets.results import Ban
 from bridge_kit.registration import Namespace, generate_registration
+from bridge_kit.store import Store, open_store
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_bulk_joins import Requests
 from tests.test_intent_api import CLIENT, Human, q
 from tests.test_readme import block
 from tests.test_room_state import eventually, invite_only_room, joined
+from tests.test_store import backend_url, emptied
 
 pytestmark = pytest.mark.synapse
 
@@ -370,3 +372,38 @@ async def test_the_approval_hook_of_the_configuration_page_runs_as_written(
     assert app._provision_approval is approve
     assert await approve("@_echo_alice:example.org")
     assert not await approve("@_echo_mallory:example.org")
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return backend_url(request, tmp_path)
+
+
+@pytest.fixture
+async def each_store(backend: str) -> AsyncIterator[Store]:
+    async with open_store(await emptied(backend)) as opened:
+        yield opened
+
+
+async def test_every_store_keeps_a_version_12_room_by_its_id(each_store: Store) -> None:
+    store = each_store
+    room, alice, bob = "!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM", "@a:test.local", "@b:x"
+
+    def event(event_type: str, content: dict[str, Any], key: str, sender: str = alice) -> Event:
+        return Event(event_type, content, room, sender, state_key=key, origin_server_ts=1)
+
+    await store.apply_state(
+        room,
+        [
+            event("m.room.create", {"room_version": "12", "additional_creators": [bob]}, ""),
+            event(POWER_LEVELS, {"users": {"@c:test.local": 50}}, ""),
+            event("m.room.member", {"membership": "join"}, alice),
+        ],
+        complete=True,
+    )
+
+    assert await store.room_state_known(room)
+    assert await store.joined_among([(room, alice), (room, bob)]) == {(room, alice)}
+    levels = await store.power_levels(room)
+    assert levels is not None and levels.creators == {alice, bob}
+    assert levels.user_level(bob) == math.inf and levels.user_level("@c:test.local") == 50
