@@ -204,6 +204,12 @@ async def test_a_remote_part_maps_to_the_event_put_last(store: Store) -> None:
     assert await store.message_by_event("$old") is None
 
 
+async def test_in_one_batch_the_later_record_of_a_part_wins(store: Store) -> None:
+    await store.put_messages([message("m1", "$a"), message("m1", "$b"), message("m1", "$a")])
+    assert await store.messages(CHAT, "m1") == [message("m1", "$a")]
+    assert await store.message_by_event("$b") is None
+
+
 async def test_latest_messages_are_the_newest_oldest_first(store: Store) -> None:
     await store.put_messages(
         [message(f"m{n}", f"$e{n}", ts=float(n % 5)) for n in range(10)]
@@ -278,6 +284,14 @@ async def test_names_are_cleaned_not_refused(store: Store) -> None:
     await store.put_portal(PortalRecord(CHAT, name=HOSTILE, topic=HOSTILE))
     portal = await store.portal(CHAT)
     assert portal is not None and portal.name == portal.topic == "a\ufffdb\ufffdc"
+
+
+async def test_a_closed_store_refuses_the_bridge_records(any_backend: str) -> None:
+    store = open_store(await emptied(any_backend))
+    with pytest.raises(StoreError, match="not open"):
+        await store.portal(CHAT)
+    with pytest.raises(StoreError, match="not open"):
+        await store.claim_event(message("m1", "$e1"))
 
 
 # -- two stores on one database --------------------------------------------------
