@@ -698,6 +698,12 @@ class BridgeRecordStore(abc.ABC):
         is not pending is not inserted either when its remote part is mapped.)"""
         return await self._claim_event(_clean.storable_message(record))
 
+    async def release_event(self, event_id: str) -> None:
+        """Forget the claim of Matrix event ``event_id`` while it is still pending (its
+        send failed: the inbox's retry of the handler may claim and send it again); a
+        mapping completed by :meth:`put_messages` stays."""
+        await self._release_event(_clean.checked_key(event_id, "event ID"))
+
     async def delete_messages(self, portal: PortalKey, remote_id: str) -> None:
         """Forget every part of a remote message (and the reactions to it)."""
         await self._delete_messages(
@@ -783,6 +789,9 @@ class BridgeRecordStore(abc.ABC):
 
     @abc.abstractmethod
     async def _claim_event(self, record: MessageRecord) -> bool: ...
+
+    @abc.abstractmethod
+    async def _release_event(self, event_id: str) -> None: ...
 
     @abc.abstractmethod
     async def _delete_messages(self, portal: PortalKey, remote_id: str) -> None: ...
