@@ -391,17 +391,30 @@ class Formatter:
         other stretch of text by ``other(stretch)``."""
         if not mentions or self.mention_pattern is None:
             return str(other(text))
-        return _split_mentions(text, mentions, self.mention_pattern, mention, other)
+        return _split_mentions(
+            text, mentions, self.mention_pattern, mention, other, self.reads_markdown
+        )
+
+
+_CODE_SPAN = re.compile(r"(`+).+?\1", re.DOTALL)
 
 
 def _split_mentions(
-    text: str, mentions: Mapping[str, Mention], pattern: re.Pattern[str], mention: Any, other: Any
+    text: str,
+    mentions: Mapping[str, Mention],
+    pattern: re.Pattern[str],
+    mention: Any,
+    other: Any,
+    skip_code: bool,
 ) -> str:
+    # In markdown, code is shown as written: a mention in it stays text (roughly
+    # found: backtick runs, which is also what markdown-it leaves unpilled).
+    code = [span.span() for span in _CODE_SPAN.finditer(text)] if skip_code else []
     out = []
     position = 0
     for match in pattern.finditer(text):
         resolved = mentions.get(match.group(0))
-        if resolved is None:
+        if resolved is None or any(start <= match.start() < end for start, end in code):
             continue
         out.append(other(text[position : match.start()]))
         out.append(mention(resolved))
