@@ -9,7 +9,7 @@ mention of whom (:attr:`Formatter.mention_pattern`,
 :meth:`Formatter.remote_mention`). The default renders plain text;
 :class:`MarkdownFormatter` renders and reads markdown.
 
-HTML is read with the standard library's :mod:`html.parser` (lenient, as
+HTML is read with the standard library's ``html.parser`` (lenient, as
 received HTML needs); markdown with ``markdown-it-py`` (CommonMark), raw HTML
 disabled so that remote text can never inject markup.
 
