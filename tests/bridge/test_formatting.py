@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge_kit.bridge.formatting import (
+    MAX_MENTIONS,
     Formatter,
     MarkdownFormatter,
     MatrixText,
@@ -287,3 +289,68 @@ def test_an_edit_without_new_content_falls_back_to_its_body() -> None:
     assert parsed.content == {"body": "fixed", "msgtype": "m.text"}
     assert parse_edit({"body": "x"}) is None
     assert parse_edit({"body": "x", "m.relates_to": {"rel_type": "m.replace"}}) is None
+
+
+# -- hostile input ------------------------------------------------------------------
+
+#: Text that made html.parser rescan the rest of the input again and again
+#: (60 kB of the first took 61 s before the input was defused).
+QUADRATIC_FOR_HTML_PARSER = ['<a href="x" ', "<!--", "<!-- >", "<![CDATA[ >", "<?", "<a =>"]
+
+
+@pytest.mark.parametrize("unit", QUADRATIC_FOR_HTML_PARSER)
+def test_hostile_html_of_an_events_size_is_read_in_linear_time(unit: str) -> None:
+    html = unit * (60_000 // len(unit))
+    started = time.perf_counter()
+    html_to_text(html)
+    # Linear: tens of milliseconds; the bound is loose for a busy machine.
+    assert time.perf_counter() - started < 5.0
+
+
+def test_defusing_keeps_what_matrix_html_holds() -> None:
+    html = "a <!-- hidden --> b < c <b>d</b> e<f <i>g</i> <!DOCTYPE x> <!-- open"
+    assert html_to_text(html) == "a b < c d e<f g <!DOCTYPE x>"
+
+
+async def test_long_markdown_is_parsed_off_the_loop_with_the_same_result() -> None:
+    text = ("**bold** and @alice\n" * 400).strip()  # 8 kB: past MARKDOWN_IN_THREAD
+    long = await Network().remote_to_matrix(text)
+    short = await Network().remote_to_matrix("**bold** and @alice")
+    assert long.html is not None and short.html is not None
+    assert long.html.count("<strong>bold</strong>") == 400
+    assert long.html.startswith(short.html + "<br />")
+    assert long.mentions == short.mentions
+
+
+async def test_markdown_past_an_events_size_is_not_parsed() -> None:
+    message = await MarkdownFormatter().remote_to_matrix("**x** " * 20_000)
+    assert message.html is None
+
+
+async def test_a_flood_of_would_be_mentions_is_not_a_flood_of_lookups() -> None:
+    asked: list[str] = []
+
+    class Counting(Network):
+        async def remote_mention(self, text: str) -> Mention | None:
+            asked.append(text)
+            return None
+
+    names = " ".join(f"@{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}x" for i in range(600))
+    await Counting().remote_to_matrix(names)
+    assert len(asked) == MAX_MENTIONS
+
+
+ALLOWED_TAGS = {"p", "br", "strong", "em", "s", "code", "pre", "blockquote", "ul", "ol", "li"}
+ALLOWED_TAGS |= {"a", "h1", "h2", "h3", "h4", "h5", "h6", "hr"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("<>/\"'=&;:# \n*_~`[]()!-ahijsv1.")), max_size=120))
+def test_any_remote_markdown_gives_only_safe_html(text: str) -> None:
+    html = markdown_to_html(text)
+    tags = set(re.findall(r"</?([a-zA-Z0-9]+)", html))
+    assert tags <= ALLOWED_TAGS, html
+    for attribute, value in re.findall(r'\s([a-z-]+)="([^"]*)"', html):
+        assert attribute in ("href", "class", "start"), html
+        if attribute == "href":
+            assert not value.lower().lstrip().startswith(("javascript:", "vbscript:", "data:"))
