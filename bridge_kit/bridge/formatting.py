@@ -45,6 +45,7 @@ __all__ = [
     "edit_message",
     "html_to_markdown",
     "html_to_text",
+    "markdown_html_or_none",
     "markdown_to_html",
     "parse_edit",
     "pill",
@@ -646,6 +647,12 @@ def markdown_to_html(text: str) -> str:
     return _render_markdown(text, {}, None) or text_to_html(text)
 
 
+def markdown_html_or_none(text: str) -> str | None:
+    """:func:`markdown_to_html`, or ``None`` when ``text`` has no formatting at all
+    (the ``formatted_body`` to leave out)."""
+    return _render_markdown(text, {}, None)
+
+
 def text_to_html(text: str) -> str:
     """Plain text as HTML: escaped, line breaks kept."""
     return html_lib.escape(text, quote=False).replace("\n", "<br/>")
@@ -670,14 +677,17 @@ def _render_markdown(
     return html
 
 
+# What markdown reads differently from its plain text: a backslash escape, an entity.
+_MARKDOWN_ESCAPE = re.compile(r"\\[!-/:-@\[-`{-~]")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _PLAIN_BLOCKS = frozenset({"paragraph_open", "paragraph_close", "inline"})
 _PLAIN_INLINE = frozenset({"text", "softbreak"})
 
 
 def _plain(tokens: list[Token], text: str) -> bool:
     """Whether markdown ``text`` says nothing more than its plain reading: only
-    paragraphs of text, and no escapes or entities (which change the text)."""
-    if "\\" in text or "&" in text:
+    paragraphs of text, and no backslash escapes or entities (which change it)."""
+    if _MARKDOWN_ESCAPE.search(text) or _ENTITY.search(text):
         return False
     for token in tokens:
         if token.type not in _PLAIN_BLOCKS:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge_kit.bridge import formatting
 from bridge_kit.bridge.formatting import (
     MAX_MENTIONS,
     Formatter,
@@ -354,3 +355,13 @@ def test_any_remote_markdown_gives_only_safe_html(text: str) -> None:
         assert attribute in ("href", "class", "start"), html
         if attribute == "href":
             assert not value.lower().lstrip().startswith(("javascript:", "vbscript:", "data:"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \n*_~`[]()<>&;#\\!-1.>")), max_size=60))
+async def test_markdown_is_sent_plain_only_when_it_formats_nothing(text: str) -> None:
+    message = await MarkdownFormatter().remote_to_matrix(text)
+    if message.html is None:
+        rendered = formatting._MARKDOWN.render(text)
+        shown = html_to_text(rendered)
+        assert shown.split() == text.split(), (text, rendered)
