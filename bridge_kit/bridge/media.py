@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import attrs
 
-from bridge_kit.errors import MediaTooLarge, MediaUnavailable
+from bridge_kit.errors import HomeserverUnreachable, MediaTooLarge, MediaUnavailable
 from bridge_kit.intent import Intent
 
 __all__ = ["UploadedMedia", "download", "download_stream", "upload_stream", "upload_url"]
@@ -144,12 +144,14 @@ async def upload_stream(
     if size is not None:
         if limit is not None and size > limit:
             raise _too_large(size, limit, "the stream")
-        mxc = await intent.upload_media(
-            _capped(chunks, size, "the stream (longer than its stated size)"),
-            content_type,
-            filename,
-            size=size,
-        )
+        source = _ExactSize(chunks, size)
+        try:
+            mxc = await intent.upload_media(source.chunks(), content_type, filename, size=size)
+        except HomeserverUnreachable:
+            # The client reports a failing body as a broken connection: say why instead.
+            if source.failure is not None:
+                raise source.failure from None
+            raise
         return UploadedMedia(mxc, size, content_type, filename)
     with tempfile.TemporaryDirectory(prefix="bridge_kit_media_") as tmp:
         spooled = Path(tmp) / "file"
@@ -179,6 +181,32 @@ async def download(intent: Intent, mxc: str, *, max_size: int | None = None) -> 
     """The whole ``mxc://`` file (for small files), at most ``max_size`` bytes."""
     parts = [chunk async for chunk in download_stream(intent, mxc, max_size=max_size)]
     return b"".join(parts)
+
+
+class _ExactSize:
+    """A stream that must hold ``size`` bytes: one more, or the end before them,
+    stops the upload; :attr:`failure` keeps why (or the stream's own error)."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], size: int) -> None:
+        self._chunks = chunks
+        self._size = size
+        self.failure: BaseException | None = None
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            seen = 0
+            async for chunk in _capped(
+                self._chunks, self._size, "the stream (longer than its stated size)"
+            ):
+                seen += len(chunk)
+                yield chunk
+            if seen < self._size:
+                raise MediaUnavailable(
+                    f"the stream ended after {seen} bytes, short of its stated size {self._size}"
+                )
+        except Exception as exc:
+            self.failure = exc
+            raise
 
 
 async def _capped(

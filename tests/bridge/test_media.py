@@ -272,3 +272,25 @@ async def test_a_download_stops_at_its_cap(ghost: Intent) -> None:
     with pytest.raises(MediaTooLarge):
         await media.download(ghost, uploaded.mxc, max_size=len(SMALL) - 1)
     assert await media.download(ghost, uploaded.mxc, max_size=len(SMALL)) == SMALL
+
+
+async def test_a_stream_longer_than_its_stated_size_is_stopped(ghost: Intent) -> None:
+    with pytest.raises(MediaTooLarge, match=r"longer than its stated size"):
+        await media.upload_stream(ghost, chunks_of(SMALL), size=50_000)
+
+
+async def test_a_stream_shorter_than_its_stated_size_is_stopped(ghost: Intent) -> None:
+    with pytest.raises(MediaUnavailable, match=r"ended after 150000 bytes, short of .* 200000$"):
+        await media.upload_stream(ghost, chunks_of(SMALL), size=200_000)
+
+
+async def test_a_streams_own_error_is_raised_as_it_is(ghost: Intent) -> None:
+    class RemoteGone(Exception):
+        pass
+
+    async def breaks() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        raise RemoteGone("the remote side hung up")
+
+    with pytest.raises(RemoteGone):
+        await media.upload_stream(ghost, breaks(), size=2000)
