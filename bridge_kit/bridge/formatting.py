@@ -26,7 +26,7 @@ import re
 import urllib.parse
 from collections.abc import Collection, Iterable, Mapping
 from html.parser import HTMLParser
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 from markdown_it import MarkdownIt
@@ -288,11 +288,11 @@ class Formatter:
     """
 
     #: Where remote text mentions someone (``None``: the network has no mentions).
-    mention_pattern: ClassVar[re.Pattern[str] | None] = None
+    mention_pattern: re.Pattern[str] | None = None
     #: Whether remote text is markdown (see :class:`MarkdownFormatter`).
-    reads_markdown: ClassVar[bool] = False
+    reads_markdown: bool = False
     #: What sets paragraphs apart in remote text.
-    paragraph_break: ClassVar[str] = "\n\n"
+    paragraph_break: str = "\n\n"
 
     # -- hooks: Matrix → remote ------------------------------------------------------
 
@@ -572,6 +572,8 @@ class _Renderer:
             return self._list(element)
         if tag == "a":
             return self._link(element, preformatted)
+        if tag == "tr" and not preformatted:
+            return self._row(element)
         inner = self._children(element, preformatted)
         return self._styled(element, inner)
 
@@ -628,6 +630,15 @@ class _Renderer:
             items.append(self.formatter.list_item(text, marker))
             number += 1
         return "\n".join(item for item in items if item)
+
+    def _row(self, element: _Element) -> str:
+        """A table row: its cells on one line, set apart by ``|``."""
+        cells = [
+            self._children(cell, preformatted=False).replace("\n", " ").strip()
+            for cell in element.children
+            if isinstance(cell, _Element) and cell.tag in ("td", "th")
+        ]
+        return " | ".join(cells)
 
     def _link(self, element: _Element, preformatted: bool) -> str:
         href = element.attributes.get("href", "")

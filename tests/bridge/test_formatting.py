@@ -71,6 +71,15 @@ def test_lists_nested_and_numbered_from_start() -> None:
     assert html_to_text(html) == "- one\n- two\n  3. three\n  4. four\n     more"
 
 
+def test_a_table_is_one_line_per_row() -> None:
+    html = (
+        "<table><thead><tr><th>nick</th><th>idle</th></tr></thead>"
+        "<tbody><tr><td><b>bob</b></td><td>5<br>min</td></tr></tbody></table>after"
+    )
+    assert html_to_text(html) == "nick | idle\nbob | 5 min\n\nafter"
+    assert html_to_markdown(html).startswith("nick | idle\n**bob** | 5 min")
+
+
 def test_pre_keeps_its_whitespace_and_language() -> None:
     html = '<pre><code class="language-python">def f():\n    return  1\n</code></pre>'
     assert html_to_text(html) == "def f():\n    return  1"
