@@ -220,20 +220,21 @@ class _Blocks:
 
     def text(self) -> str:
         self._flush()
-        out = ""
+        out: list[str] = []
         previous = ""
         for text, separator in self._pieces:
             if out:
-                out += max(previous, separator, key=len)
-            out += text
+                out.append(max(previous, separator, key=len))
+            out.append(text)
             previous = separator
-        return out
+        return "".join(out)
 
     def _flush(self) -> None:
         run = "".join(self._run)
         self._run = []
         if not self._preformatted:
-            run = _SPACED_NEWLINE.sub("\n", run).strip(" ")
+            # A line break at the edge of a block adds nothing to the block's break.
+            run = _SPACED_NEWLINE.sub("\n", run).strip(" \n")
         if run.strip():
             self._pieces.append((run, "\n"))
 

@@ -61,6 +61,11 @@ def test_each_element_in_text_and_markdown(html: str, text: str, markdown: str) 
     assert html_to_markdown(html) == markdown
 
 
+def test_line_breaks_at_a_blocks_edge_add_nothing() -> None:
+    assert html_to_text("a<br><p>b</p><br>c<br>") == "a\n\nb\n\nc"
+    assert html_to_text("<p>a<br><br>b</p>") == "a\n\nb"
+
+
 def test_blockquote_lines_are_quoted() -> None:
     html = "<blockquote><p>first</p><p>second<br>third</p></blockquote>after"
     assert html_to_text(html) == "> first\n>\n> second\n> third\n\nafter"
