@@ -63,7 +63,8 @@ MAX_DEPTH = 100
 
 #: Remote text longer than this is not read as markdown (a Matrix event holds 64 kB).
 MAX_MARKDOWN = 64 * 1024
-#: The most distinct would-be mentions of one remote message that are looked up.
+#: The most distinct mentions of one message that are looked up (pills of a Matrix
+#: message, would-be mentions of a remote one).
 MAX_MENTIONS = 100
 #: Remote markdown longer than this is parsed in a thread.
 MARKDOWN_IN_THREAD = 4 * 1024
@@ -381,11 +382,14 @@ class Formatter:
     async def html_to_remote(self, html: str) -> str:
         """Matrix HTML as remote text, pills through :meth:`matrix_mention`."""
         tree = _parse_html(html)
-        mentions = {}
+        mentions: dict[tuple[str, str], str] = {}
         for element in tree.walk():
             target = pill_target(element.attributes.get("href", "")) if element.tag == "a" else None
-            if target is not None:
-                text = _WHITESPACE.sub(" ", element.text()).strip()
+            if target is None:
+                continue
+            text = _WHITESPACE.sub(" ", element.text()).strip()
+            if (target, text) not in mentions and len(mentions) < MAX_MENTIONS:
+                # Past the limit a pill shows its text: a flood of pills is no flood of lookups.
                 mentions[target, text] = await self.matrix_mention(target, text)
         return _Renderer(self, mentions).render(tree)
 

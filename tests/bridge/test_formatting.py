@@ -355,6 +355,22 @@ async def test_a_flood_of_would_be_mentions_is_not_a_flood_of_lookups() -> None:
     assert len(asked) == MAX_MENTIONS
 
 
+async def test_a_flood_of_pills_is_not_a_flood_of_lookups() -> None:
+    asked: list[str] = []
+
+    class Counting(Network):
+        async def matrix_mention(self, user_id: str, text: str) -> str:
+            asked.append(user_id)
+            return "@" + text
+
+    pills = " ".join(pill(f"@u{i}:x.org", f"u{i}") for i in range(300))
+    pills += " " + pill("@u0:x.org", "u0")  # the same pill again: asked once
+    text = await Counting().html_to_remote(pills)
+    assert len(asked) == MAX_MENTIONS
+    assert text.startswith("@u0 @u1 ")
+    assert text.endswith(" u298 u299 @u0")
+
+
 ALLOWED_TAGS = {"p", "br", "strong", "em", "s", "code", "pre", "blockquote", "ul", "ol", "li"}
 ALLOWED_TAGS |= {"a", "h1", "h2", "h3", "h4", "h5", "h6", "hr"}
 
