@@ -25,6 +25,7 @@ import attrs
 
 from bridge_kit.errors import HomeserverUnreachable, MediaTooLarge, MediaUnavailable
 from bridge_kit.intent import Intent
+from bridge_kit.types.media import MediaInfo
 
 __all__ = ["UploadedMedia", "download", "download_stream", "upload_stream", "upload_url"]
 
@@ -43,6 +44,11 @@ class UploadedMedia:
     size: int
     content_type: str
     filename: str | None = None
+
+    def info(self) -> MediaInfo:
+        """The ``info`` of a media message sending it (``intent.send_file(room, up.mxc,
+        up.info())``); add ``w``/``h`` for an image with ``attrs.evolve``."""
+        return MediaInfo(mimetype=self.content_type, size=self.size)
 
 
 async def upload_limit(intent: Intent, max_size: int | None) -> int | None:

@@ -18,6 +18,7 @@ from bridge_kit.bridge import media
 from bridge_kit.client.homeserver import ClientObserver, HomeserverClient
 from bridge_kit.errors import InvalidInput, MediaTooLarge, MediaUnavailable, UserInUse
 from bridge_kit.intent import Intent
+from bridge_kit.types.media import MediaInfo
 from bridge_kit.types.register import RegisterRequest
 from tests.conftest import TestHomeserver
 
@@ -124,6 +125,7 @@ async def test_a_remote_url_round_trips_through_synapse(ghost: Intent, remote: R
     assert uploaded.size == len(SMALL)
     assert uploaded.content_type == "image/png"
     assert uploaded.filename == "cat picture.png"  # the server's name, without its path
+    assert uploaded.info() == MediaInfo(mimetype="image/png", size=len(SMALL))
     assert await media.download(ghost, uploaded.mxc) == SMALL
     chunks = [chunk async for chunk in media.download_stream(ghost, uploaded.mxc)]
     assert b"".join(chunks) == SMALL
