@@ -24,7 +24,7 @@ import asyncio
 import html as html_lib
 import re
 import urllib.parse
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from html.parser import HTMLParser
 from typing import Any
 
@@ -77,6 +77,9 @@ _HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 _PARAGRAPHS = frozenset({"p", "pre", "blockquote", "hr", "table", "details"} | _HEADINGS)
 _LINES = frozenset({"div", "ul", "ol", "li", "tr", "thead", "tbody", "summary", "dl", "dt", "dd"})
 _BLOCKS = _PARAGRAPHS | _LINES
+# What markdown reads differently from its plain text: a backslash escape, an entity.
+_MARKDOWN_ESCAPE = re.compile(r"\\[!-/:-@\[-`{-~]")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _WHITESPACE = re.compile(r"[ \t\r\n\f]+")
 _SPACED_NEWLINE = re.compile(r" *\n *")
 
@@ -206,8 +209,9 @@ class _Blocks:
     """Joins rendered children: inline runs and blocks, each block set apart by its
     break (the larger of two neighbours' breaks wins)."""
 
-    def __init__(self, preformatted: bool) -> None:
+    def __init__(self, preformatted: bool, line_start: Callable[[str], str]) -> None:
         self._preformatted = preformatted
+        self._line_start = line_start
         self._pieces: list[tuple[str, str]] = []
         self._run: list[str] = []
 
@@ -236,6 +240,7 @@ class _Blocks:
         if not self._preformatted:
             # A line break at the edge of a block adds nothing to the block's break.
             run = _SPACED_NEWLINE.sub("\n", run).strip(" \n")
+            run = "\n".join(self._line_start(line) for line in run.split("\n"))
         if run.strip():
             self._pieces.append((run, "\n"))
 
@@ -308,6 +313,11 @@ class Formatter:
     def escape(self, text: str) -> str:
         """Received text as remote text (a network with markup escapes its markers)."""
         return text
+
+    def escape_line_start(self, line: str) -> str:
+        """A line of received text, where a network's markup reads a line's start
+        as structure (``- `` a list, ``# `` a heading): escaped there."""
+        return line
 
     def bold(self, text: str) -> str:
         return text
@@ -485,8 +495,29 @@ class MarkdownFormatter(Formatter):
     reads_markdown = True
     _ESCAPED = re.compile(r"([\\`*_\[\]~])")
 
+    # An entity (&amp;) and an autolink (<https://x>) would be read, not shown.
+    _ENTITY_OR_AUTOLINK = re.compile(rf"(&)(?={_ENTITY.pattern[1:]})|(<)(?=[^\s<>]+>)")
+
     def escape(self, text: str) -> str:
-        return self._ESCAPED.sub(r"\\\1", text)
+        text = self._ESCAPED.sub(r"\\\1", text)
+        return self._ENTITY_OR_AUTOLINK.sub(lambda m: "\\" + m.group(0), text)
+
+    # A quote, a list item or heading, a numbered item; or a rule or setext underline.
+    _BLOCK_START = re.compile(
+        r"^(\s*)(?:>|(?:[-+]|#{1,6})(?=\s|$)|(\d{1,9})[.)](?=\s|$))|^(?:=+|-+)\s*$"
+    )
+
+    def escape_line_start(self, line: str) -> str:
+        match = self._BLOCK_START.match(line)
+        if match is None:
+            return line
+        indent, digits = match.group(1), match.group(2)
+        if indent is None:  # === or --- under a line
+            return "\\" + line
+        if digits is not None:  # "1. " → "1\. "
+            end = len(indent) + len(digits)
+            return f"{line[:end]}\\{line[end:]}"
+        return f"{indent}\\{line[len(indent) :]}"
 
     def bold(self, text: str) -> str:
         return _wrap(text, "**")
@@ -544,7 +575,7 @@ class _Renderer:
         return self._children(tree, preformatted=False).strip("\n")
 
     def _children(self, element: _Element, preformatted: bool) -> str:
-        blocks = _Blocks(preformatted)
+        blocks = _Blocks(preformatted, self.formatter.escape_line_start)
         for child in element.children:
             if isinstance(child, str):
                 blocks.inline(child if preformatted else self._text(child))
@@ -693,9 +724,6 @@ def _render_markdown(
     return html
 
 
-# What markdown reads differently from its plain text: a backslash escape, an entity.
-_MARKDOWN_ESCAPE = re.compile(r"\\[!-/:-@\[-`{-~]")
-_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _PLAIN_BLOCKS = frozenset({"paragraph_open", "paragraph_close", "inline"})
 _PLAIN_INLINE = frozenset({"text", "softbreak"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import re
 import time
 
@@ -49,7 +50,7 @@ from bridge_kit.types.room import MessageType
         ("a<hr>b", "a\n\n---\n\nb", "a\n\n---\n\nb"),
         ("  lots   of\n  space  ", "lots of space", "lots of space"),
         ("5 * 3 _x_ [y]", "5 * 3 _x_ [y]", r"5 \* 3 \_x\_ \[y\]"),
-        ("&lt;b&gt; &amp; &quot;", '<b> & "', '<b> & "'),
+        ("&lt;b&gt; &amp; &quot;", '<b> & "', r'\<b> & "'),
         ('<img alt=":cat:" src="mxc://x/y">!', ":cat:!", ":cat:!"),
         ('<span data-mx-spoiler="">secret</span>', "secret", "||secret||"),
         ('<font data-mx-color="#ff0000">red</font>', "red", "red"),
@@ -395,3 +396,38 @@ async def test_markdown_is_sent_plain_only_when_it_formats_nothing(text: str) ->
         rendered = formatting._MARKDOWN.render(text)
         shown = html_to_text(rendered)
         assert shown.split() == text.split(), (text, rendered)
+
+
+# -- markdown written for a markdown network reads back as the text -----------------
+
+
+@pytest.mark.parametrize(
+    ("text", "markdown"),
+    [
+        ("- not a list", r"\- not a list"),
+        ("# not a heading", r"\# not a heading"),
+        ("> not a quote", r"\> not a quote"),
+        ("1. not numbered", r"1\. not numbered"),
+        ("&amp; stays", r"\&amp; stays"),
+        ("<https://x.org> stays", r"\<https://x.org> stays"),
+        ("3.14 - #tag & more", "3.14 - #tag & more"),  # nothing to escape
+    ],
+)
+def test_text_that_markdown_would_read_as_markup_is_escaped(text: str, markdown: str) -> None:
+    assert html_to_markdown(html_lib.escape(text)) == markdown
+
+
+#: Pieces of text that markdown may read as markup, alone or together.
+PIECES = [
+    *("a", "b", " ", "  ", "\n", "<", ">", "&", "amp;", "#", "1.", "1)", "-", "+", "*", "_"),
+    *("~", "`", "[", "]", "(", ")", "!", "\\", "|", "===", "---", "http:", "x@y"),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=25).map("".join))
+def test_any_text_survives_html_to_markdown_and_back(text: str) -> None:
+    html = text_to_html(text)
+    markdown = html_to_markdown(html)
+    shown = html_to_text(markdown_to_html(markdown))
+    assert shown.split() == text.split(), (text, markdown, shown)
