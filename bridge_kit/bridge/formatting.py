@@ -502,20 +502,20 @@ class MarkdownFormatter(Formatter):
         text = self._ESCAPED.sub(r"\\\1", text)
         return self._ENTITY_OR_AUTOLINK.sub(lambda m: "\\" + m.group(0), text)
 
-    # A quote, a list item or heading, a numbered item; or a rule or setext underline.
-    _BLOCK_START = re.compile(
-        r"^(\s*)(?:>|(?:[-+]|#{1,6})(?=\s|$)|(\d{1,9})[.)](?=\s|$))|^(?:=+|-+)\s*$"
-    )
+    # A quote, a list item or heading, a numbered item.
+    _BLOCK_START = re.compile(r"^(\s*)(?:>|(?:[-+]|#{1,6})(?=\s|$)|(\d{1,9})[.)](?=\s|$))")
 
     def escape_line_start(self, line: str) -> str:
+        stripped = line.strip()
+        indent = line[: len(line) - len(line.lstrip())]
+        # "---", "- - -" (a rule, or a heading's underline, as "===" is).
+        if stripped and (set(stripped) <= {"-", " ", "\t"} or set(stripped) == {"="}):
+            return f"{indent}\\{line[len(indent) :]}"
         match = self._BLOCK_START.match(line)
         if match is None:
             return line
-        indent, digits = match.group(1), match.group(2)
-        if indent is None:  # === or --- under a line
-            return "\\" + line
-        if digits is not None:  # "1. " → "1\. "
-            end = len(indent) + len(digits)
+        if match.group(2) is not None:  # "1. " → "1\. "
+            end = len(match.group(1)) + len(match.group(2))
             return f"{line[:end]}\\{line[end:]}"
         return f"{indent}\\{line[len(indent) :]}"
 
