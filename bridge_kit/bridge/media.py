@@ -88,7 +88,7 @@ async def upload_url(
     broken transfer, not an http(s) URL).
     """
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise MediaUnavailable(f"{url!r}: not an http(s) URL")
+        raise MediaUnavailable(f"{_shown(url)!r}: not an http(s) URL")
     limit = await upload_limit(intent, max_size)
     if session is None:
         async with aiohttp.ClientSession() as own_session:
@@ -107,6 +107,7 @@ async def _upload_url(
     filename: str | None,
     fetch_timeout: float,
 ) -> UploadedMedia:
+    shown = _shown(url)
     with tempfile.TemporaryDirectory(prefix="bridge_kit_media_") as tmp:
         spooled = Path(tmp) / "file"
         try:
@@ -115,17 +116,18 @@ async def _upload_url(
             ) as response:
                 if response.status >= 300:
                     raise MediaUnavailable(
-                        f"{url}: HTTP {response.status} {response.reason or ''}".rstrip()
+                        f"{shown}: HTTP {response.status} {response.reason or ''}".rstrip()
                     )
                 declared = response.content_length
                 if limit is not None and declared is not None and declared > limit:
-                    raise _too_large(declared, limit, f"the file at {url}")
+                    raise _too_large(declared, limit, f"the file at {shown}")
                 content_type = content_type or response.content_type or DEFAULT_CONTENT_TYPE
                 filename = filename or _filename(response, url)
                 chunks = response.content.iter_chunked(CHUNK_SIZE)
-                size = await _spool(chunks, spooled, limit, f"the file at {url}")
+                size = await _spool(chunks, spooled, limit, f"the file at {shown}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise MediaUnavailable(f"{url}: {_describe(exc)}") from exc
+            # Not chained: the cause's text may hold the whole URL (see _shown).
+            raise MediaUnavailable(f"{shown}: {_describe(exc).replace(url, shown)}") from None
         mxc = await intent.upload_media(spooled, content_type, filename)
     return UploadedMedia(mxc, size, content_type, filename)
 
@@ -239,6 +241,21 @@ async def _spool(chunks: AsyncIterable[bytes], path: Path, limit: int | None, wh
             # A thread, as a slow disk must not stall the event loop.
             await asyncio.to_thread(file.write, chunk)
     return written
+
+
+def _shown(url: str) -> str:
+    """``url`` for messages and logs: without a password or a query (signed URLs
+    carry their secret there)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc += f":{port}" if port is not None else ""
+    query = "?…" if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + query
 
 
 def _filename(response: aiohttp.ClientResponse, url: str) -> str | None:

@@ -223,6 +223,18 @@ async def test_a_remote_failure_is_one_clear_error(
     assert isinstance(caught.value, InvalidInput)
 
 
+async def test_errors_show_no_password_nor_query(ghost: Intent, remote: RemoteFiles) -> None:
+    port = remote.url.rsplit(":", 1)[1]
+    url = f"http://bot:hunter2@127.0.0.1:{port}/missing?signature=s3cr3t#part"
+    with pytest.raises(MediaUnavailable) as caught:
+        await media.upload_url(ghost, url)
+    assert str(caught.value) == f"http://127.0.0.1:{port}/missing?…: HTTP 404 Not Found"
+    with pytest.raises(MediaTooLarge) as too_large:
+        await media.upload_url(ghost, f"{remote.url}/files/x?token=s3cr3t", max_size=10)
+    assert "s3cr3t" not in str(too_large.value)
+    assert caught.value.__cause__ is None
+
+
 async def test_an_unreachable_or_odd_url(ghost: Intent, remote: RemoteFiles) -> None:
     with pytest.raises(MediaUnavailable, match=r"^'file:///etc/passwd': not an http\(s\) URL$"):
         await media.upload_url(ghost, "file:///etc/passwd")
