@@ -10,8 +10,10 @@ mention of whom (:attr:`Formatter.mention_pattern`,
 :class:`MarkdownFormatter` renders and reads markdown.
 
 HTML is read with the standard library's ``html.parser`` (lenient, as
-received HTML needs); markdown with ``markdown-it-py`` (CommonMark), raw HTML
-disabled so that remote text can never inject markup.
+received HTML needs, and in linear time whatever it is sent); markdown with
+``markdown-it-py`` (CommonMark), raw HTML disabled so that remote text can never
+inject markup. Markdown written for a network escapes whatever in the text the
+network would read as markup (``*``, a ``- `` starting a line...).
 
 The helpers below handle what every bridge meets in received events: reply
 fallbacks (:func:`strip_reply_fallback`) and edits (:func:`parse_edit`,
