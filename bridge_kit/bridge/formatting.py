@@ -63,8 +63,9 @@ MATRIX_TO = "https://matrix.to/#/"
 #: suggests clients limit nesting to 100; it also bounds the renderer's recursion).
 MAX_DEPTH = 100
 
-#: Remote text longer than this is not read as markdown (a Matrix event holds 64 kB).
-MAX_MARKDOWN = 64 * 1024
+#: Remote text longer than this is not read as markdown: hostile markdown costs
+#: markdown-it-py up to 1 s of CPU per 16 kB (and most networks cap messages at 4 kB).
+MAX_MARKDOWN = 16 * 1024
 #: The most distinct mentions of one message that are looked up (pills of a Matrix
 #: message, would-be mentions of a remote one).
 MAX_MENTIONS = 100
@@ -418,8 +419,8 @@ class Formatter:
         html: str | None
         markdown = self.reads_markdown and len(text) <= MAX_MARKDOWN
         if markdown and len(text) > MARKDOWN_IN_THREAD:
-            # markdown-it-py needs up to 0.1 s per 4 kB of hostile input: a thread
-            # keeps the event loop answering meanwhile.
+            # Up to 0.25 s per 4 kB of hostile input: a thread keeps the event
+            # loop answering meanwhile.
             html = await asyncio.to_thread(_render_markdown, text, mentions, self.mention_pattern)
         elif markdown:
             html = _render_markdown(text, mentions, self.mention_pattern)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from bridge_kit.bridge import formatting
 from bridge_kit.bridge.formatting import (
+    MAX_MARKDOWN,
     MAX_MENTIONS,
     Formatter,
     MarkdownFormatter,
@@ -338,9 +339,11 @@ async def test_long_markdown_is_parsed_off_the_loop_with_the_same_result() -> No
     assert long.mentions == short.mentions
 
 
-async def test_markdown_past_an_events_size_is_not_parsed() -> None:
-    message = await MarkdownFormatter().remote_to_matrix("**x** " * 20_000)
+async def test_markdown_past_its_limit_is_not_parsed() -> None:
+    message = await MarkdownFormatter().remote_to_matrix("**x** " * (MAX_MARKDOWN // 6 + 1))
     assert message.html is None
+    message = await MarkdownFormatter().remote_to_matrix("**x** " * (MAX_MARKDOWN // 6))
+    assert message.html is not None
 
 
 async def test_a_flood_of_would_be_mentions_is_not_a_flood_of_lookups() -> None:
