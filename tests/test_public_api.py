@@ -112,6 +112,9 @@ ERROR_GROUPS = {
         errors.YamlError,
         errors.MediaTooLarge,
         errors.PowerLevelRefused,
+        errors.CommandError,
+        errors.MediaError,
+        errors.MediaUnavailable,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,

@@ -17,6 +17,7 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -45,6 +46,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
 CHECKED = {
     "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip",
+    "bridge-tools",
     "provision-approval",  # run by tests/test_moderation.py
 }  # fmt: skip
 
@@ -112,6 +114,16 @@ def test_the_configuration_page_shows_every_key_and_it_loads(tmp_path: Path) -> 
         assert set(shown[section.name]) == keys, section.name
 
 
+def test_the_bridge_tools_page_runs_as_written(tmp_path: Path) -> None:
+    # Self-contained (no homeserver): commands and formatting with their asserts.
+    (tmp_path / "tools.py").write_text(block("bridge-tools"))
+    result = subprocess.run(
+        [sys.executable, "tools.py"], cwd=tmp_path, env=child_env(), capture_output=True,
+        text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_fragments_not_run_are_valid_python() -> None:
     for code in marked_blocks()["skip"]:
         compile(code, "<docs block>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
@@ -165,6 +177,42 @@ async def test_a_library_snippet_on_a_taken_port_says_why_in_one_line_and_exits_
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, stderr
     assert f"cannot listen on 127.0.0.1:{synapse.appservice_port}" in errors[0]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("name", ["puppet-greets", "greets-with-calls"])
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        ("no-registration", "appservice.registration names a file that does not exist"),
+        ("unknown-key", "unknown key appservice.prot"),
+    ],
+)
+async def test_a_library_snippet_with_a_bad_config_says_why_in_one_line_and_exits_2(
+    tmp_path: Path, name: str, spoil: str, says: str
+) -> None:
+    registration = tmp_path / "registration.yaml"
+    config = {
+        "homeserver": {"url": "http://127.0.0.1:9"},
+        "appservice": {"registration": str(registration)},
+    }
+    if spoil == "unknown-key":
+        generate_registration("echo", "http://127.0.0.1:29333", "example.org", "_echo_").write(
+            registration
+        )
+        config["appservice"]["prot"] = 8009
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "bridge.py").write_text(block(name))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "bridge.py", cwd=tmp_path, env=child_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    stderr = err.decode()
+    assert process.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    # One error line (a config error lists its problems under it, as the daemon does).
+    assert len(errors) == 1 and says in stderr, stderr
     assert "Traceback" not in stderr
 
 
