@@ -36,7 +36,7 @@ from tests.test_appservice_e2e import make_app
 from tests.test_bulk_joins import Requests
 from tests.test_intent_api import CLIENT, Human, q
 from tests.test_readme import block
-from tests.test_room_state import eventually, invite_only_room, joined
+from tests.test_room_state import eventually, invite_only_room, joined, requests_during
 from tests.test_store import backend_url, emptied
 
 pytestmark = pytest.mark.synapse
@@ -194,7 +194,8 @@ async def test_a_kicked_puppet_is_invited_again(app: AppService, human: Human, u
     assert status == 200, body
     await eventually(lambda: _left(app, room, puppet.user_id))
 
-    await puppet.ensure_joined(room)
+    # The refused join, the bot's two reads (membership, join rule), its invite, the join.
+    assert await requests_during(app, lambda: puppet.ensure_joined(room)) == 5
 
     assert puppet.user_id in await joined(human, room)
 
@@ -232,7 +233,8 @@ async def test_the_bot_never_changes_whom_it_cannot_outrank(
 
     assert requests.seen[STATE_PUT] == 0
     assert await power_levels(human, room) == before
-    await app.bot.set_power_level(room, below, 40)
+    # Read (the levels, the create event), write, read back.
+    assert await requests_during(app, lambda: app.bot.set_power_level(room, below, 40)) == 4
     assert (await power_levels(human, room))["users"][below] == 40
 
 
