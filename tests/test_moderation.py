@@ -9,13 +9,16 @@ counted by a client observer (:class:`tests.test_bulk_joins.Requests`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
 import pytest
+from aiohttp import web
 
 from bridge_kit import (
     AppService,
@@ -23,6 +26,9 @@ from bridge_kit import (
     BridgeKitError,
     Event,
     Forbidden,
+    HomeserverClient,
+    Intent,
+    PowerLevelConflict,
     PowerLevelRefused,
     PuppetsConfig,
 )
@@ -409,3 +415,71 @@ async def test_every_store_keeps_a_version_12_room_by_its_id(each_store: Store) 
     levels = await store.power_levels(room)
     assert levels is not None and levels.creators == {alice, bob}
     assert levels.user_level(bob) == math.inf and levels.user_level("@c:test.local") == 50
+
+
+@contextlib.asynccontextmanager
+async def rival_writer(
+    target: str, rival: Callable[[], Awaitable[None]], times: int
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A pass-through proxy in front of Synapse that, after each of the first ``times``
+    power-levels writes through it, lets ``rival`` write the power levels it had read
+    before (another process's writer, which Synapse cannot stage on demand)."""
+    writes: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method,
+                target + str(request.rel_url),
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+                data=await request.read(),
+            ) as reply,
+        ):
+            body = await reply.read()
+        if request.method == "PUT" and POWER_LEVELS in request.path:
+            writes.append(request.path)
+            if len(writes) <= times:
+                await rival()
+        content_type = reply.headers.get("Content-Type", "application/json")
+        return web.Response(status=reply.status, body=body, content_type=content_type)
+
+    server = web.Application()
+    server.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", writes
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("rival_writes", [1, 3])
+async def test_a_change_another_writer_replaced_is_written_again_then_given_up(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str, rival_writes: int
+) -> None:
+    overrides = {"invite": 50, "events": {POWER_LEVELS: 99}, "users": {app.bot.user_id: 99}}
+    room = await moderated_room(app, human, power_level_content_override=overrides)
+    before = await power_levels(human, room)
+    target = f"@_bk_target_{unique}:test.local"
+
+    async def rival() -> None:
+        path = f"{CLIENT}/rooms/{q(room)}/state/{POWER_LEVELS}/"
+        status, body = await human.call("PUT", path, {**before, "ban": before["ban"] + 1})
+        assert status == 200, body
+
+    async with (
+        rival_writer(homeserver.url, rival, rival_writes) as (url, writes),
+        HomeserverClient(url, homeserver.as_token) as proxied,
+    ):
+        bot = Intent(proxied, app.bot.user_id)
+        if rival_writes < 3:
+            await bot.set_power_level(room, target, 42)
+            assert (await power_levels(human, room))["users"][target] == 42
+        else:
+            with pytest.raises(PowerLevelConflict, match="after each of 3 writes"):
+                await bot.set_power_level(room, target, 42)
+            assert target not in (await power_levels(human, room))["users"]
+    assert len(writes) == min(rival_writes + 1, 3)
