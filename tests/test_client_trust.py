@@ -1,0 +1,64 @@
+"""What today's clients show for the bridge's encrypted messages (issue 21): real
+Synapse, bridge_kit with encryption on, and matrix-js-sdk 43 with its Rust crypto (the
+crypto of Element Web) as the human, in default and in strict mode (MSC4153, "exclude
+insecure devices")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge_kit import AppService
+from tests.conftest import TestHomeserver
+from tests.helpers.js_human import JsHuman, js_human
+from tests.test_e2ee_synapse import (
+    Seen,
+    encrypted_app,
+    eventually_async,
+    prime_to_device,
+)
+
+pytestmark = pytest.mark.slow
+
+
+async def bridged_room(
+    hs: TestHomeserver, app: AppService, human: JsHuman, token: str, puppet: str
+) -> tuple[str, Any]:
+    """An encrypted room made by the js-sdk human with the bot and a puppet joined."""
+    intent = app.intent(puppet)
+    await intent.ensure_registered()
+    room_id = await human.create_room([app.bot.user_id, intent.user_id])
+    await app.bot.join_room(room_id)
+    await intent.join_room(room_id)
+    await human.until_joined(room_id, {app.bot.user_id, intent.user_id})
+    await eventually_async(
+        lambda: app.room_state.is_encrypted(room_id), "the app knows the room is encrypted"
+    )
+    await prime_to_device(hs, app, token)
+    return room_id, intent
+
+
+def shield(event: dict[str, Any]) -> tuple[str, str | None]:
+    return event["shield"]["colour"], event["shield"]["reason"]
+
+
+async def test_default_mode_today(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    """Without self-signing or puppet devices: what a default-mode client shows."""
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = encrypted_app(hs, tmp_path / "bk.db")
+    seen = Seen(app)
+    async with js_human(hs.url, f"jshuman{unique}") as human, app:
+        room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        await human.send(room_id, "hello bridge")
+        assert (await seen.wait("hello bridge")).encrypted
+        await puppet.send_text(room_id, "from the puppet")
+        await app.bot.send_text(room_id, "from the bot")
+        from_puppet = await human.until_message(room_id, "from the puppet")
+        from_bot = await human.until_message(room_id, "from the bot")
+        assert shield(from_puppet) == ("RED", "MISMATCHED_SENDER")
+        assert shield(from_bot) == ("RED", "UNSIGNED_DEVICE")
