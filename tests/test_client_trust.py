@@ -10,17 +10,46 @@ from typing import Any
 
 import pytest
 
-from bridge_kit import AppService
+from bridge_kit import AppService, AppServiceConfig, Config, HomeserverConfig
+from bridge_kit.config import EncryptionConfig
+from bridge_kit.types import ToDeviceEvent
 from tests.conftest import TestHomeserver
 from tests.helpers.js_human import JsHuman, js_human
 from tests.test_e2ee_synapse import (
+    PICKLE_KEY,
+    PING,
+    PINGS,
     Seen,
-    encrypted_app,
     eventually_async,
     prime_to_device,
 )
 
 pytestmark = pytest.mark.slow
+
+
+def trust_app(hs: TestHomeserver, db: Path, **options: bool) -> AppService:
+    """An encrypting app with the issue's options (``self_sign``, ``puppet_devices``)."""
+    encryption = EncryptionConfig(enabled=True, pickle_key=PICKLE_KEY, key_wait=20.0, **options)
+    app = AppService(
+        Config(
+            homeserver=HomeserverConfig(url=hs.url),
+            appservice=AppServiceConfig(
+                registration=str(hs.registration_path),
+                store=f"sqlite:///{db}",
+                port=hs.appservice_port,
+                retry_backoff=0.2,
+                retry_backoff_max=0.5,
+            ),
+            encryption=encryption,
+        )
+    )
+    pings = PINGS.setdefault(id(app), set())
+
+    @app.on_to_device(PING)
+    async def on_ping(event: ToDeviceEvent) -> None:
+        pings.add(str(event.content.get("n")))
+
+    return app
 
 
 async def bridged_room(
@@ -50,7 +79,7 @@ async def test_default_mode_today(
     """Without self-signing or puppet devices: what a default-mode client shows."""
     hs = synapse_devices
     token = await hs.create_user(f"jshuman{unique}")
-    app = encrypted_app(hs, tmp_path / "bk.db")
+    app = trust_app(hs, tmp_path / "bk.db")
     seen = Seen(app)
     async with js_human(hs.url, f"jshuman{unique}") as human, app:
         room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
@@ -62,3 +91,33 @@ async def test_default_mode_today(
         from_bot = await human.until_message(room_id, "from the bot")
         assert shield(from_puppet) == ("RED", "MISMATCHED_SENDER")
         assert shield(from_bot) == ("RED", "UNSIGNED_DEVICE")
+
+
+async def test_a_self_signed_bot_shows_no_shield(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True)
+    seen = Seen(app)
+    async with js_human(hs.url, f"jshuman{unique}") as human, app:
+        room_id, _puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        await human.send(room_id, "hello bridge")
+        assert (await seen.wait("hello bridge")).encrypted
+        await app.bot.send_text(room_id, "from the bot")
+        assert shield(await human.until_message(room_id, "from the bot")) == ("NONE", None)
+
+
+async def test_strict_mode_with_a_self_signed_bot(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True)
+    seen = Seen(app)
+    async with js_human(hs.url, f"jshuman{unique}", strict=True) as human, app:
+        room_id, _puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        await human.send(room_id, "hello bridge")
+        assert (await seen.wait("hello bridge")).encrypted
+        await app.bot.send_text(room_id, "from the bot")
+        assert shield(await human.until_message(room_id, "from the bot")) == ("NONE", None)

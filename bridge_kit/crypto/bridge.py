@@ -39,9 +39,10 @@ import attrs
 
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto.account import SIGNED_CURVE25519
+from bridge_kit.crypto.cross_signing import CrossSigning
 from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
-from bridge_kit.crypto.vault import derive_pickle_key
+from bridge_kit.crypto.vault import CryptoVault, derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
 from bridge_kit.inbox.records import InboxItem, ItemKind
@@ -114,6 +115,12 @@ class _IntentKeys:
     ) -> None:
         await self.device.send_to_device(event_type, messages)
 
+    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+        await self.device.upload_signing_keys(body)
+
+    async def upload_signatures(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return await self.device.upload_signatures(body)
+
 
 class EncryptionHost(Protocol):
     """What the encryption uses of the :class:`~bridge_kit.AppService` it runs in.
@@ -180,6 +187,8 @@ class BridgeEncryption:
             device_id,
             self._machine.account.ed25519,
         )
+        if self.settings.self_sign:
+            await self._self_sign(self._machine, _IntentKeys(device))
         inbox, handlers = self.app.inbox, self.app.handlers
         inbox.add_preprocessor(ItemKind.TO_DEVICE, self.decrypt_to_device)
         inbox.add_preprocessor(ItemKind.EVENT, self.decrypt_event)
@@ -188,6 +197,18 @@ class BridgeEncryption:
             handlers.add_internal(ItemKind.TO_DEVICE, self.on_withheld, withheld)
         handlers.add_internal(ItemKind.DEVICE_LISTS, self.on_device_lists)
         handlers.add_internal(ItemKind.OTK_COUNTS, self.on_otk_counts)
+
+    def identity(self, user_id: str, api: _IntentKeys) -> CrossSigning:
+        """The cross-signing identity of one of our users, kept in the store."""
+        vault = CryptoVault(self.app.store, user_id, self._pickle_key)
+        return CrossSigning(vault, user_id, api)
+
+    async def _self_sign(self, machine: CryptoMachine, api: _IntentKeys) -> None:
+        keys = await self.identity(machine.user_id, api).ensure(machine.account.device_keys())
+        log.info(
+            "encryption: %s's device %s is signed by its cross-signing identity %s",
+            machine.user_id, machine.device_id, keys.master_public,
+        )  # fmt: skip
 
     async def _device_id(self, bot_user_id: str) -> str:
         """The bot's device id: made once, then kept in the store."""

@@ -83,6 +83,17 @@ const commands = {
             ? new cryptoApi.OnlySignedDevicesIsolationMode()
             : new cryptoApi.AllDevicesIsolationMode(false);
         client.getCrypto().setDeviceIsolationMode(mode);
+        // Like an Element user: a cross-signing identity signing this device (strict
+        // mode refuses to send without one).
+        await client.getCrypto().bootstrapCrossSigning({
+            authUploadDeviceSigningKeys: async (makeRequest) => {
+                await makeRequest({
+                    type: "m.login.password",
+                    identifier: { type: "m.id.user", user },
+                    password,
+                });
+            },
+        });
         client.on(sdk.RoomEvent.Timeline, (event) => remember(event));
         client.on(sdk.MatrixEventEvent.Decrypted, (event) => remember(event));
         const ready = new Promise((resolve) => {
