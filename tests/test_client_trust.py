@@ -93,7 +93,7 @@ async def test_default_mode_today(
         assert shield(from_bot) == ("RED", "UNSIGNED_DEVICE")
 
 
-async def test_a_self_signed_bot_shows_no_shield(
+async def test_self_sign_alone_fixes_the_bot_not_the_puppets(
     synapse_devices: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
     hs = synapse_devices
@@ -101,23 +101,32 @@ async def test_a_self_signed_bot_shows_no_shield(
     app = trust_app(hs, tmp_path / "bk.db", self_sign=True)
     seen = Seen(app)
     async with js_human(hs.url, f"jshuman{unique}") as human, app:
-        room_id, _puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
         await human.send(room_id, "hello bridge")
         assert (await seen.wait("hello bridge")).encrypted
         await app.bot.send_text(room_id, "from the bot")
+        await puppet.send_text(room_id, "from the puppet")
         assert shield(await human.until_message(room_id, "from the bot")) == ("NONE", None)
+        from_puppet = await human.until_message(room_id, "from the puppet")
+        assert shield(from_puppet) == ("RED", "MISMATCHED_SENDER")
 
 
-async def test_strict_mode_with_a_self_signed_bot(
-    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+async def test_no_shield_on_puppet_and_bot_messages(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str, strict: bool
 ) -> None:
+    """The issue's "done": with self_sign and puppet_devices, no shield on the puppet's
+    and the bot's messages, and the human's messages reach the bridge, in both modes."""
     hs = synapse_devices
     token = await hs.create_user(f"jshuman{unique}")
-    app = trust_app(hs, tmp_path / "bk.db", self_sign=True)
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True, puppet_devices=True)
     seen = Seen(app)
-    async with js_human(hs.url, f"jshuman{unique}", strict=True) as human, app:
-        room_id, _puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
-        await human.send(room_id, "hello bridge")
-        assert (await seen.wait("hello bridge")).encrypted
+    async with js_human(hs.url, f"jshuman{unique}", strict=strict) as human, app:
+        room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        await puppet.send_text(room_id, "from the puppet")
         await app.bot.send_text(room_id, "from the bot")
+        assert shield(await human.until_message(room_id, "from the puppet")) == ("NONE", None)
         assert shield(await human.until_message(room_id, "from the bot")) == ("NONE", None)
+        await human.send(room_id, "hello bridge")
+        event = await seen.wait("hello bridge")
+        assert event.encrypted and event.sender_device == human.device_id
