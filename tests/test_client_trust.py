@@ -20,6 +20,7 @@ from tests.test_e2ee_synapse import (
     PING,
     PINGS,
     Seen,
+    eventually,
     eventually_async,
     prime_to_device,
 )
@@ -130,3 +131,52 @@ async def test_no_shield_on_puppet_and_bot_messages(
         await human.send(room_id, "hello bridge")
         event = await seen.wait("hello bridge")
         assert event.encrypted and event.sender_device == human.device_id
+
+
+async def puppet_only_room(app: AppService, human: JsHuman, puppet: str) -> tuple[str, Any]:
+    """An encrypted room made by the human with only a puppet invited, and joined."""
+    intent = app.intent(puppet)
+    await intent.ensure_registered()
+    room_id = await human.create_room([intent.user_id])
+    await intent.join_room(room_id)
+    await human.until_joined(room_id, {intent.user_id})
+    return room_id, intent
+
+
+async def test_a_puppet_joining_brings_the_bot_without_puppet_devices(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True)
+    seen = Seen(app)
+    async with js_human(hs.url, f"jshuman{unique}") as human, app:
+        room_id, _puppet = await puppet_only_room(app, human, f"_bk_js{unique}")
+        await human.until_joined(room_id, {app.bot.user_id})
+        await prime_to_device(hs, app, token)
+        await human.send(room_id, "hello bridge")
+        assert (await seen.wait("hello bridge")).encrypted
+
+
+async def test_strict_mode_reads_a_room_of_puppets_only(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    """With puppet_devices the bot need not be in the room: the puppet's own device,
+    made when it joined, gets the strict human's room key."""
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True, puppet_devices=True)
+    seen = Seen(app)
+    async with js_human(hs.url, f"jshuman{unique}", strict=True) as human, app:
+        room_id, puppet = await puppet_only_room(app, human, f"_bk_js{unique}")
+        await eventually(
+            lambda: any(m.user_id == puppet.user_id for m in app.encryption.puppets.loaded()),
+            "the puppet has its device",
+        )
+        await prime_to_device(hs, app, token)
+        await human.send(room_id, "hello puppet")
+        event = await seen.wait("hello puppet")
+        assert event.encrypted
+        assert app.bot.user_id not in (await human.call("joined", room_id=room_id))["users"]
+        await puppet.send_text(room_id, "hello human")
+        assert shield(await human.until_message(room_id, "hello human")) == ("NONE", None)

@@ -27,6 +27,7 @@ once instead of after ``key_wait``, as it could by dropping the key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -44,7 +45,7 @@ from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.puppet_devices import DEVICE_NAME, PuppetDevices, device_id_for
 from bridge_kit.crypto.vault import CryptoVault, derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
-from bridge_kit.errors import NoRoomKey, UndecryptableEvent
+from bridge_kit.errors import MatrixRequestError, NoRoomKey, UndecryptableEvent
 from bridge_kit.ids import split_user_id
 from bridge_kit.inbox.records import InboxItem, ItemKind
 from bridge_kit.inbox.signals import NotReady, Park
@@ -198,6 +199,7 @@ class BridgeEncryption:
         handlers.add_internal(ItemKind.TO_DEVICE, self.on_room_key, ROOM_KEY)
         for withheld in WITHHELD_TYPES:
             handlers.add_internal(ItemKind.TO_DEVICE, self.on_withheld, withheld)
+        handlers.add_internal(ItemKind.EVENT, self.on_member, "m.room.member")
         handlers.add_internal(ItemKind.DEVICE_LISTS, self.on_device_lists)
         handlers.add_internal(ItemKind.OTK_COUNTS, self.on_otk_counts)
 
@@ -372,6 +374,43 @@ class BridgeEncryption:
         if len(self._withheld) > _WITHHELD_KEPT:
             self._withheld.popitem(last=False)
         await self.app.inbox.give_up_parked(_park_key(waiting), error)
+
+    async def on_member(self, event: Event) -> None:
+        """A puppet joined an encrypted room: people's clients share room keys with the
+        room's devices, so the bridge needs one there. With ``puppet_devices`` the
+        puppet's own device is made now (before anyone sends); without, the puppet
+        brings the bot in (invite and join)."""
+        user_id, room_id = event.state_key, event.room_id
+        if user_id is None or room_id is None or event.content.get("membership") != "join":
+            return
+        if user_id == self.app.bot.user_id or not self._is_bridge_user(user_id):
+            return
+        puppet = self._intent_of(user_id)
+        if not await self.app.room_state.is_encrypted(room_id, puppet):
+            return
+        if self.settings.puppet_devices:
+            await self.puppets.for_sending(user_id)
+        else:
+            await self._bring_the_bot(room_id, puppet)
+
+    async def _bring_the_bot(self, room_id: str, puppet: Intent) -> None:
+        bot = self.app.bot
+        if await self.app.room_state.is_joined(room_id, bot.user_id, puppet):
+            return
+        with contextlib.suppress(MatrixRequestError):  # invited already, or the bot may join
+            await puppet.invite(room_id, bot.user_id)
+        try:
+            await bot.join_room(room_id)
+        except MatrixRequestError as exc:
+            # Not for retrying: the room's power levels decide, and they rarely change.
+            log.warning(
+                "encryption: %s joined the encrypted room %s, but could not bring the bot "
+                "in (%s); the bridge gets no room keys there", puppet.user_id, room_id, exc,
+            )  # fmt: skip
+            return
+        log.info(
+            "encryption: %s brought the bot into the encrypted room %s", puppet.user_id, room_id
+        )
 
     async def on_device_lists(self, update: DeviceListUpdate) -> None:
         await self.machine.on_device_lists(update.changed, update.left)
