@@ -5,16 +5,23 @@ insecure devices")."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.config import EncryptionConfig
+from bridge_kit.crypto.signing import unpadded_b64encode
+from bridge_kit.intent import devices
 from bridge_kit.types import ToDeviceEvent
 from tests.conftest import TestHomeserver
+from tests.helpers.cli import run_cli_subprocess
 from tests.helpers.js_human import JsHuman, js_human
+from tests.test_cross_signing import decode_recovery_key
 from tests.test_e2ee_synapse import (
     PICKLE_KEY,
     PING,
@@ -110,6 +117,29 @@ async def test_self_sign_alone_fixes_the_bot_not_the_puppets(
         assert shield(await human.until_message(room_id, "from the bot")) == ("NONE", None)
         from_puppet = await human.until_message(room_id, "from the puppet")
         assert shield(from_puppet) == ("RED", "MISMATCHED_SENDER")
+        answer = await devices.keys_query_json(app.bot, [app.bot.user_id], None)
+    # The recovery key the CLI prints is the master key the homeserver lists.
+    (master,) = answer["master_keys"][app.bot.user_id]["keys"].values()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "homeserver": {"url": hs.url},
+                "appservice": {
+                    "registration": str(hs.registration_path),
+                    "store": f"sqlite:///{tmp_path / 'bk.db'}",
+                },
+                "encryption": {"enabled": True, "pickle_key": PICKLE_KEY, "self_sign": True},
+            }
+        )
+    )
+    done = await asyncio.to_thread(
+        run_cli_subprocess, "encryption", "recovery-key", "-c", str(config), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    seed = decode_recovery_key(done.stdout.strip())
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    assert unpadded_b64encode(public) == master
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])

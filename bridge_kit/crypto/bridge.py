@@ -39,7 +39,7 @@ import attrs
 
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto.account import SIGNED_CURVE25519
-from bridge_kit.crypto.cross_signing import CrossSigning
+from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys
 from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.puppet_devices import DEVICE_NAME, PuppetDevices, device_id_for
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from bridge_kit.registration import Registration
     from bridge_kit.store import Store
 
-__all__ = ["BridgeEncryption", "EncryptionHost"]
+__all__ = ["BridgeEncryption", "EncryptionHost", "bot_identity_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,32 @@ class _IntentKeys:
         return await self.device.upload_signatures(body)
 
 
+def pickle_key_of(settings: EncryptionConfig, registration: Registration) -> bytes:
+    """The key the crypto state is sealed with: from ``pickle_key``, else the as_token."""
+    return derive_pickle_key(settings.pickle_key or registration.as_token)
+
+
+async def bot_identity_keys(
+    store: Store, bot_user_id: str, settings: EncryptionConfig, registration: Registration
+) -> CrossSigningKeys | None:
+    """The bot's cross-signing keys as stored (for the recovery-key export)."""
+    vault = CryptoVault(store, bot_user_id, pickle_key_of(settings, registration))
+    return await CrossSigning(vault, bot_user_id, _NoApi()).stored()
+
+
+class _NoApi:
+    """For an identity only read from the store: it makes no homeserver calls."""
+
+    async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
+        raise RuntimeError("offline")
+
+    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+        raise RuntimeError("offline")
+
+    async def upload_signatures(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        raise RuntimeError("offline")
+
+
 class EncryptionHost(Protocol):
     """What the encryption uses of the :class:`~bridge_kit.AppService` it runs in.
 
@@ -147,8 +173,7 @@ class BridgeEncryption:
     def __init__(self, app: EncryptionHost, settings: EncryptionConfig) -> None:
         self.app = app
         self.settings = settings
-        secret = settings.pickle_key or app.registration.as_token
-        self._pickle_key = derive_pickle_key(secret)
+        self._pickle_key = pickle_key_of(settings, app.registration)
         self._machine: CryptoMachine | None = None
         self._decrypted: OrderedDict[int, ToDeviceEvent] = OrderedDict()
         # Users outside the namespace that sent with our sessions (double puppets):

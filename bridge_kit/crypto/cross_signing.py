@@ -153,13 +153,17 @@ class CrossSigning:
         await self.vault.put_record(_KIND, _PUBLISHED, _Published(keys.master_public, device_id))
         return keys
 
+    async def stored(self) -> CrossSigningKeys | None:
+        """The identity in the store, if one was made."""
+        if self.keys is None:
+            seeds = await self.vault.get_sealed(_KIND, _SEEDS)
+            self.keys = None if seeds is None else CrossSigningKeys.from_seeds(seeds)
+        return self.keys
+
     async def _load_or_create(self) -> CrossSigningKeys:
-        if self.keys is not None:
-            return self.keys
-        seeds = await self.vault.get_sealed(_KIND, _SEEDS)
-        if seeds is not None:
-            self.keys = CrossSigningKeys.from_seeds(seeds)
-            return self.keys
+        stored = await self.stored()
+        if stored is not None:
+            return stored
         replaced = await self._master_on_server()
         keys = CrossSigningKeys.generate()
         await self.vault.put_sealed(_KIND, _SEEDS, keys.seeds())
