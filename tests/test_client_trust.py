@@ -210,3 +210,32 @@ async def test_strict_mode_reads_a_room_of_puppets_only(
         assert app.bot.user_id not in (await human.call("joined", room_id=room_id))["users"]
         await puppet.send_text(room_id, "hello human")
         assert shield(await human.until_message(room_id, "hello human")) == ("NONE", None)
+
+
+async def test_a_puppet_keeps_its_device_and_identity_across_a_restart(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs, db = synapse_devices, tmp_path / "bk.db"
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, db, self_sign=True, puppet_devices=True)
+    async with js_human(hs.url, f"jshuman{unique}") as human:
+        async with app:
+            room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+            await puppet.send_text(room_id, "before")
+            assert shield(await human.until_message(room_id, "before")) == ("NONE", None)
+            before = await devices.keys_query_json(app.bot, [puppet.user_id], None)
+        restarted = trust_app(hs, db, self_sign=True, puppet_devices=True)
+        seen = Seen(restarted)
+        async with restarted:
+            again = restarted.intent(f"_bk_js{unique}")
+            await again.send_text(room_id, "after")
+            assert shield(await human.until_message(room_id, "after")) == ("NONE", None)
+            after = await devices.keys_query_json(restarted.bot, [puppet.user_id], None)
+            assert [d.device_id for d in await again.list_devices()] == list(
+                before["device_keys"][puppet.user_id]
+            )
+            await prime_to_device(hs, restarted, token)
+            await human.send(room_id, "still there?")
+            assert (await seen.wait("still there?")).encrypted
+    assert after["master_keys"] == before["master_keys"]
+    assert after["device_keys"] == before["device_keys"]
