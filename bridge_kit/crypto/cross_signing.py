@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bridge_kit.crypto.signing import signable, unpadded_b64encode
 from bridge_kit.crypto.vault import CryptoVault
-from bridge_kit.errors import CrossSigningFailed, CryptoError
+from bridge_kit.errors import CrossSigningFailed, CryptoError, MatrixRequestError
 
 __all__ = ["CrossSigning", "CrossSigningKeys", "SigningApi", "recovery_key"]
 
@@ -140,7 +140,14 @@ class CrossSigning:
         published = await self.vault.get_record(_KIND, _PUBLISHED, _Published)
         if published == _Published(keys.master_public, device_id):
             return keys
-        await self.api.upload_signing_keys(keys.upload_body(self.user_id))
+        try:
+            await self.api.upload_signing_keys(keys.upload_body(self.user_id))
+        except MatrixRequestError as exc:
+            raise CrossSigningFailed(
+                f"the homeserver refused the cross-signing keys of {self.user_id} "
+                f"({exc.status} {exc.errcode or 'no errcode'}: {exc.message}); an appservice "
+                "may upload them without interactive auth since spec v1.17 (Synapse does)"
+            ) from exc
         reply = await self.api.upload_signatures(
             {self.user_id: {device_id: keys.sign_device(device_keys)}}
         )
