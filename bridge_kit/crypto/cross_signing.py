@@ -25,7 +25,7 @@ from bridge_kit.crypto.signing import signable, unpadded_b64encode
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import CrossSigningFailed, CryptoError, MatrixRequestError
 
-__all__ = ["CrossSigning", "CrossSigningKeys", "SigningApi", "recovery_key"]
+__all__ = ["CrossSigning", "CrossSigningKeys", "SigningApi", "recovery_key", "stored_identity"]
 
 _log = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ class CrossSigning:
     async def stored(self) -> CrossSigningKeys | None:
         """The identity in the store, if one was made."""
         if self.keys is None:
-            seeds = await self.vault.get_sealed(_KIND, _SEEDS)
-            self.keys = None if seeds is None else CrossSigningKeys.from_seeds(seeds)
+            self.keys = await stored_identity(self.vault)
         return self.keys
 
     async def _load_or_create(self) -> CrossSigningKeys:
@@ -192,6 +191,12 @@ class CrossSigning:
         if isinstance(keys, Mapping):
             return next((str(v) for v in keys.values()), None)
         return None
+
+
+async def stored_identity(vault: CryptoVault) -> CrossSigningKeys | None:
+    """The identity sealed in ``vault`` (the user's own), if one was made."""
+    seeds = await vault.get_sealed(_KIND, _SEEDS)
+    return None if seeds is None else CrossSigningKeys.from_seeds(seeds)
 
 
 def recovery_key(key: Ed25519PrivateKey) -> str:
