@@ -47,6 +47,7 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
+        ├── CrossSigningFailed       the homeserver refused a cross-signing key or signature
         ├── WrongPickleKey           stored crypto state does not open with this pickle key
         └── UndecryptableEvent       an encrypted event bridge_kit cannot (or will not) decrypt
             └── NoRoomKey            its Megolm room key has not arrived (yet)
@@ -71,6 +72,7 @@ __all__ = [
     "ClientClosed",
     "CommandError",
     "ConfigError",
+    "CrossSigningFailed",
     "CryptoError",
     "DevicesUnavailable",
     "DoublePuppetError",
@@ -331,6 +333,10 @@ class DoublePuppetError(HomeserverError):
 
 class CryptoError(BridgeKitError):
     """End-to-end encryption failed; the subclasses say how."""
+
+
+class CrossSigningFailed(CryptoError):
+    """The homeserver did not take a cross-signing key or a device's signature."""
 
 
 class EncryptionUnavailable(CryptoError, ConfigError):
