@@ -98,8 +98,21 @@ class PuppetDevices:
             async with gate:
                 await self.for_sending(user_id)
 
-        # The first failure is raised as it is (the others still finish: each is idempotent).
-        await asyncio.gather(*(one(user_id) for user_id in dict.fromkeys(user_ids)))
+        wanted = list(dict.fromkeys(user_ids))
+        # All are awaited before a failure is raised: none goes on behind the caller's
+        # back, its failure never retrieved. The first is raised, the others logged.
+        outcomes = await asyncio.gather(
+            *(one(user_id) for user_id in wanted), return_exceptions=True
+        )
+        failed = [
+            (user_id, outcome)
+            for user_id, outcome in zip(wanted, outcomes, strict=True)
+            if isinstance(outcome, BaseException)
+        ]
+        for user_id, failure in failed[1:]:
+            log.warning("encryption: no device made for %s: %s", user_id, failure)
+        if failed:
+            raise failed[0][1]
 
     async def for_device(self, user_id: str, device_id: str) -> CryptoMachine | None:
         """The machine of one of our puppets' devices (to-device messages and key

@@ -1,0 +1,91 @@
+"""PuppetDevices (bridge_kit.crypto.puppet_devices) in process: what ``prepare`` leaves
+behind when a puppet's device cannot be made. The devices themselves, on Synapse,
+are in tests/test_client_trust.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bridge_kit.crypto.puppet_devices import PuppetDevices, stored_device_id
+from bridge_kit.errors import CrossSigningFailed
+from bridge_kit.store import open_store
+
+
+class FakeIntent:
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+
+    async def create_device(self, device_id: str, name: str) -> None:
+        pass
+
+    def with_device(self, device_id: str | None) -> FakeIntent:
+        return self
+
+
+class FakeMachine:
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.account = self
+
+    def device_keys(self) -> dict[str, Any]:
+        return {"device_id": self.device_id}
+
+
+class SlowAndFailing:
+    """Makes machines: ``@bad`` fails at once, ``@slow`` only once let go."""
+
+    def __init__(self) -> None:
+        self.let_go = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.made: list[str] = []
+
+    async def __call__(self, intent: FakeIntent, device_id: str) -> FakeMachine:
+        if intent.user_id == "@bad:test.local":
+            self.failed.set()
+            raise CrossSigningFailed("refused")
+        if intent.user_id == "@slow:test.local":
+            await self.let_go.wait()
+        self.made.append(intent.user_id)
+        return FakeMachine(device_id)
+
+
+class NoIdentity:
+    async def ensure(self, device_keys: Any) -> None:
+        pass
+
+
+async def test_prepare_leaves_nothing_running_when_one_fails() -> None:
+    store = open_store("memory://")
+    await store.open()
+    factory = SlowAndFailing()
+    puppets = PuppetDevices(
+        store,
+        FakeIntent,
+        factory,
+        lambda intent, user_id: NoIdentity(),  # type: ignore[arg-type]
+    )
+    users = ["@bad:test.local", "@slow:test.local", "@fine:test.local"]
+    prepare = asyncio.create_task(puppets.prepare(users))
+    # The failure is not raised while another puppet's device is still being made: the
+    # loop turns (no time passes, no I/O) are many more than a raised failure needs.
+    await factory.failed.wait()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not prepare.done()
+    factory.let_go.set()
+    with pytest.raises(CrossSigningFailed, match="refused"):
+        await prepare
+    assert sorted(factory.made) == ["@fine:test.local", "@slow:test.local"]
+    assert {m.device_id for m in puppets.loaded()} == {
+        await _device(store, "@slow:test.local"),
+        await _device(store, "@fine:test.local"),
+    }
+
+
+async def _device(store: Any, user_id: str) -> str:
+    device_id = await stored_device_id(store, user_id)
+    assert device_id is not None
+    return device_id
