@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from bridge_kit.config import EncryptionConfig
+from bridge_kit.crypto.bridge import option_warnings
 from bridge_kit.crypto.puppet_devices import PuppetDevices, stored_device_id
 from bridge_kit.errors import CrossSigningFailed
 from bridge_kit.store import open_store
@@ -89,3 +91,23 @@ async def _device(store: Any, user_id: str) -> str:
     device_id = await stored_device_id(store, user_id)
     assert device_id is not None
     return device_id
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"self_sign": True, "msc4350": True}, None),
+        ({"self_sign": True, "puppet_devices": True}, None),
+        ({"msc4350": True}, "msc4350 without self_sign"),
+        ({"self_sign": True, "puppet_devices": True, "msc4350": True}, "msc4350 is ignored"),
+    ],
+)
+def test_a_mix_of_trust_options_that_cannot_work_is_named(
+    options: dict[str, bool], expected: str | None
+) -> None:
+    warnings = option_warnings(EncryptionConfig(enabled=True, **options))
+    if expected is None:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert expected in warning

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from bridge_kit.registration import Registration
     from bridge_kit.store import Store
 
-__all__ = ["BridgeEncryption", "EncryptionHost", "bot_identity_keys"]
+__all__ = ["BridgeEncryption", "EncryptionHost", "bot_identity_keys", "option_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,23 @@ async def bot_identity_keys(
     """The bot's cross-signing keys as stored (for the recovery-key export)."""
     vault = CryptoVault(store, bot_user_id, pickle_key_of(settings, registration))
     return await stored_identity(vault)
+
+
+def option_warnings(settings: EncryptionConfig) -> list[str]:
+    """What is wrong with a mix of the trust options, one line each (the start goes on)."""
+    warnings = []
+    if settings.msc4350 and settings.puppet_devices:
+        warnings.append(
+            "msc4350 is ignored with puppet_devices: puppets send from their own devices"
+        )
+    elif settings.msc4350 and not settings.self_sign:
+        # MSC4350: an impersonated message counts as from a non-cross-signed device
+        # when the impersonator's device is not cross-signed itself.
+        warnings.append(
+            "msc4350 without self_sign: clients that implement MSC4350 trust a puppet's "
+            "message only when the bot's device is cross-signed; turn self_sign on"
+        )
+    return warnings
 
 
 class EncryptionHost(Protocol):
@@ -207,6 +224,8 @@ class BridgeEncryption:
         )
         if self.settings.self_sign:
             await self._self_sign(self._machine, _IntentKeys(device))
+        for warning in option_warnings(self.settings):
+            log.warning("encryption: %s", warning)
         if self.settings.msc4350 and not self.settings.puppet_devices:
             self._impersonation = Impersonation(self.app.store, self._machine.account)
         inbox, handlers = self.app.inbox, self.app.handlers
