@@ -111,3 +111,75 @@ def test_a_mix_of_trust_options_that_cannot_work_is_named(
     else:
         (warning,) = warnings
         assert expected in warning
+
+
+class Counting:
+    """Makes machines at once, counting them by user."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+
+    async def __call__(self, intent: FakeIntent, device_id: str) -> FakeMachine:
+        self.made.append(intent.user_id)
+        return FakeMachine(device_id)
+
+
+async def capped(loaded_max: int) -> tuple[PuppetDevices, Counting, Any]:
+    store = open_store("memory://")
+    await store.open()
+    factory = Counting()
+    puppets = PuppetDevices(
+        store,
+        FakeIntent,  # type: ignore[arg-type]
+        factory,  # type: ignore[arg-type]
+        lambda intent, user_id: NoIdentity(),  # type: ignore[arg-type,return-value]
+        loaded_max=loaded_max,
+    )
+    return puppets, factory, store
+
+
+def loaded_devices(puppets: PuppetDevices) -> list[str]:
+    return [m.device_id for m in puppets.loaded()]
+
+
+async def test_idle_machines_past_the_cap_are_let_go_and_come_back_the_same() -> None:
+    puppets, factory, _ = await capped(2)
+    users = [f"@p{n}:test.local" for n in range(3)]
+    devices = {}
+    for user_id in users:
+        devices[user_id] = (await puppets.for_sending(user_id)).device_id
+    # The least recently used went: two stay.
+    assert loaded_devices(puppets) == [devices[users[1]], devices[users[2]]]
+    again = await puppets.for_sending(users[0])
+    assert again.device_id == devices[users[0]]  # its stored device, not a new one
+    assert factory.made == [*users, users[0]]
+    assert loaded_devices(puppets) == [devices[users[2]], devices[users[0]]]
+
+
+async def test_a_machine_in_use_is_not_let_go() -> None:
+    puppets, factory, _ = await capped(1)
+    async with puppets.sending("@busy:test.local") as busy:
+        await puppets.for_sending("@a:test.local")
+        await puppets.prepare(["@b:test.local", "@c:test.local"])
+        assert busy in puppets.loaded()
+        async with puppets.sending("@busy:test.local") as same:
+            assert same is busy
+    assert factory.made.count("@busy:test.local") == 1
+    # Once let go of, the busy one is the most recent: it stays, the others went.
+    assert puppets.loaded() == [busy]
+
+
+async def test_receiving_finds_only_a_stored_device() -> None:
+    puppets, _, _ = await capped(4)
+    async with puppets.receiving("@none:test.local", "DEV") as machine:
+        assert machine is None
+    made = await puppets.for_sending("@p:test.local")
+    async with puppets.receiving("@p:test.local", made.device_id) as machine:
+        assert machine is made
+    async with puppets.receiving("@p:test.local", "OTHER") as machine:
+        assert machine is None
+
+
+def test_the_cap_is_at_least_one() -> None:
+    with pytest.raises(ValueError, match="loaded_max"):
+        PuppetDevices(None, None, None, None, loaded_max=0)  # type: ignore[arg-type]
