@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -72,6 +74,7 @@ class Directory:
 
 STORE = "memory"
 SCRATCH = Path(tempfile.mkdtemp(prefix="bench_crypto_"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # every run leaves nothing
 
 
 def new_store() -> Store:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ from tests.helpers.crypto_peers import OlmPeer  # noqa: E402
 BOT, DEVICE, ROOM = "@bot:bench", "BOTDEV", "!room:bench"
 KEY = derive_pickle_key("bench")
 SCRATCH = Path(tempfile.mkdtemp(prefix="bench_puppet_devices_"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # every run leaves nothing
 
 
 class Homeserver:

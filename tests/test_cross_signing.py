@@ -24,25 +24,37 @@ BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
 class FakeHomeserver:
-    """Records the uploads; answers a query with the master key it was given."""
+    """Records the uploads and lists them back, as a homeserver does: the cross-signing
+    keys last uploaded, and the device with the signatures uploaded for it."""
 
     def __init__(self, master_on_server: str | None = None, failures: Any = None) -> None:
-        self.master_on_server = master_on_server
         self.failures = failures or {}
         self.signing_uploads: list[Mapping[str, Any]] = []
         self.signature_uploads: list[Mapping[str, Any]] = []
+        self.listed: dict[str, Any] = {}
+        self.devices: dict[str, Any] = {}
+        if master_on_server is not None:
+            self.list_master(master_on_server)
+
+    def list_master(self, key: str) -> None:
+        """Another identity on the server (another daemon's, a reset): its keys only."""
+        self.listed = {"master_keys": {BOT: {"user_id": BOT, "keys": {f"ed25519:{key}": key}}}}
 
     async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
-        if self.master_on_server is None:
-            return {"device_keys": {}}
-        key = self.master_on_server
-        return {"master_keys": {BOT: {"user_id": BOT, "keys": {f"ed25519:{key}": key}}}}
+        return {"device_keys": {BOT: self.devices}, **self.listed}
 
     async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
         self.signing_uploads.append(body)
+        self.listed = {
+            "master_keys": {BOT: body["master_key"]},
+            "self_signing_keys": {BOT: body["self_signing_key"]},
+        }
 
     async def upload_signatures(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         self.signature_uploads.append(body)
+        if not self.failures:
+            for device_id, signed in body[BOT].items():
+                self.devices[device_id] = signed
         return {"failures": self.failures}
 
 
@@ -110,6 +122,34 @@ async def test_a_store_without_the_identity_replaces_it_loudly(
         )
     assert "T0xEIG1hc3RlciBrZXk" in caplog.text and "REPLACED" in caplog.text
     assert keys.master_public in caplog.text
+
+
+async def test_an_identity_replaced_on_the_homeserver_is_published_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two daemons making the identity at one moment, or a reset elsewhere, can leave the
+    # homeserver listing another master key than the store's: the next start mends it.
+    store = await memory_store()
+    server = FakeHomeserver()
+    device = await device_keys(store)
+    keys = await CrossSigning(CryptoVault(store, BOT, KEY), BOT, server).ensure(device)
+    other = CrossSigningKeys.generate().master_public
+    server.list_master(other)
+    with caplog.at_level(logging.WARNING):
+        await CrossSigning(CryptoVault(store, BOT, KEY), BOT, server).ensure(device)
+    assert other in caplog.text and "REPLACED" in caplog.text
+    assert len(server.signing_uploads) == len(server.signature_uploads) == 2
+    assert only_key(server.listed["master_keys"][BOT]) == keys.master_public
+
+
+async def test_a_device_listed_without_its_signature_is_signed_again() -> None:
+    store = await memory_store()
+    server = FakeHomeserver()
+    device = await device_keys(store)
+    await CrossSigning(CryptoVault(store, BOT, KEY), BOT, server).ensure(device)
+    server.devices["DEV"] = device  # the device uploaded again, without the signature
+    await CrossSigning(CryptoVault(store, BOT, KEY), BOT, server).ensure(device)
+    assert (len(server.signing_uploads), len(server.signature_uploads)) == (1, 2)
 
 
 async def test_a_refused_signature_is_an_error_and_is_tried_again() -> None:

@@ -1,10 +1,11 @@
 """``bridge-kit encryption recovery-key``: print the bot's cross-signing recovery key.
 
 With ``encryption.self_sign`` the bot has a cross-signing identity whose keys are
-sealed in the store. The master key, printed in the spec's recovery-key encoding,
-lets its owner act as the bot's identity elsewhere (verify it from a client, or
-keep it through a store reset). It is a secret: whoever has it can sign devices
-as the bot.
+sealed in the store. The master key is printed in the spec's recovery-key encoding
+(a copy of the identity's root, kept outside the store). It is a secret: whoever
+has it can sign devices as the bot. It is not a secret-storage key (the bot has no
+secret storage), so a client's "enter your recovery key" does not take it, and
+nothing reads it back yet: a reset store makes a new identity.
 """
 
 from __future__ import annotations

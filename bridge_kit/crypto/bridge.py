@@ -32,7 +32,7 @@ import functools
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
@@ -43,7 +43,12 @@ from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys, stor
 from bridge_kit.crypto.impersonation import Impersonation
 from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
-from bridge_kit.crypto.puppet_devices import DEVICE_NAME, PuppetDevices, device_id_for
+from bridge_kit.crypto.puppet_devices import (
+    DEVICE_NAME,
+    PuppetDevices,
+    device_id_for,
+    stored_device_id,
+)
 from bridge_kit.crypto.vault import CryptoVault, derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
 from bridge_kit.errors import MatrixRequestError, NoRoomKey, UndecryptableEvent
@@ -61,7 +66,7 @@ if TYPE_CHECKING:
     from bridge_kit.registration import Registration
     from bridge_kit.store import Store
 
-__all__ = ["BridgeEncryption", "EncryptionHost", "bot_identity_keys"]
+__all__ = ["BridgeEncryption", "EncryptionHost", "bot_identity_keys", "option_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +138,23 @@ async def bot_identity_keys(
     """The bot's cross-signing keys as stored (for the recovery-key export)."""
     vault = CryptoVault(store, bot_user_id, pickle_key_of(settings, registration))
     return await stored_identity(vault)
+
+
+def option_warnings(settings: EncryptionConfig) -> list[str]:
+    """What is wrong with a mix of the trust options, one line each (the start goes on)."""
+    warnings = []
+    if settings.msc4350 and settings.puppet_devices:
+        warnings.append(
+            "msc4350 is ignored with puppet_devices: puppets send from their own devices"
+        )
+    elif settings.msc4350 and not settings.self_sign:
+        # MSC4350: an impersonated message counts as from a non-cross-signed device
+        # when the impersonator's device is not cross-signed itself.
+        warnings.append(
+            "msc4350 without self_sign: clients that implement MSC4350 trust a puppet's "
+            "message only when the bot's device is cross-signed; turn self_sign on"
+        )
+    return warnings
 
 
 class EncryptionHost(Protocol):
@@ -207,6 +229,8 @@ class BridgeEncryption:
         )
         if self.settings.self_sign:
             await self._self_sign(self._machine, _IntentKeys(device))
+        for warning in option_warnings(self.settings):
+            log.warning("encryption: %s", warning)
         if self.settings.msc4350 and not self.settings.puppet_devices:
             self._impersonation = Impersonation(self.app.store, self._machine.account)
         inbox, handlers = self.app.inbox, self.app.handlers
@@ -268,13 +292,27 @@ class BridgeEncryption:
     def _speaks_from_own_device(self, user_id: str) -> bool:
         return self.settings.puppet_devices and self._is_puppet(user_id)
 
-    async def _machine_for(self, user_id: str, device_id: str) -> CryptoMachine | None:
-        """The machine of one of the bridge's devices, or None if it is not one."""
+    @contextlib.asynccontextmanager
+    async def _machine_for(
+        self, user_id: str, device_id: str
+    ) -> AsyncIterator[CryptoMachine | None]:
+        """The machine of one of the bridge's devices (kept loaded for the block), or
+        None if it is not one."""
         if self._is_ours(user_id, device_id):
-            return self.machine
-        if self._speaks_from_own_device(user_id):
-            return await self.puppets.for_device(user_id, device_id)
-        return None
+            yield self.machine
+        elif self._speaks_from_own_device(user_id):
+            async with self.puppets.receiving(user_id, device_id) as machine:
+                yield machine
+        else:
+            yield None
+
+    async def _is_bridge_device(self, user_id: str, device_id: str) -> bool:
+        """Whether a device is the bot's or a puppet's (without loading its machine)."""
+        if self._is_ours(user_id, device_id):
+            return True
+        if not self._speaks_from_own_device(user_id):
+            return False
+        return await stored_device_id(self.app.store, user_id) == device_id
 
     def _is_our_user(self, user_id: str) -> bool:
         """The bot, the puppets and the double puppets that sent: the users that send
@@ -295,19 +333,19 @@ class BridgeEncryption:
         the whole bridge); anything else passes unchanged."""
         if event.type != ENCRYPTED:
             return event
-        machine = await self._machine_for(event.to_user_id, event.to_device_id)
-        if machine is None:
-            return event
-        cached = self._decrypted.get(record.id)
-        if cached is not None:
-            return cached
-        # Knowing the sender's devices lets the payload's ed25519 key be checked, and
-        # the room events this key opens be attributed to their device.
-        await machine.refresh_devices([event.sender])
-        try:
-            payload = await machine.decrypt_to_device(event.sender, event.content)
-        except UndecryptableEvent as exc:
-            raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
+        async with self._machine_for(event.to_user_id, event.to_device_id) as machine:
+            if machine is None:
+                return event
+            cached = self._decrypted.get(record.id)
+            if cached is not None:
+                return cached
+            # Knowing the sender's devices lets the payload's ed25519 key be checked, and
+            # the room events this key opens be attributed to their device.
+            await machine.refresh_devices([event.sender])
+            try:
+                payload = await machine.decrypt_to_device(event.sender, event.content)
+            except UndecryptableEvent as exc:
+                raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
         decrypted = attrs.evolve(event, type=payload.type, content=payload.content)
         self._decrypted[record.id] = decrypted
         if len(self._decrypted) > _DECRYPTED_CACHE:
@@ -371,7 +409,7 @@ class BridgeEncryption:
     async def on_withheld(self, event: ToDeviceEvent) -> None:
         """An ``m.room_key.withheld``: the events waiting for that session's key become
         dead letters naming the code and reason, now and when they arrive later."""
-        if await self._machine_for(event.to_user_id, event.to_device_id) is None:
+        if not await self._is_bridge_device(event.to_user_id, event.to_device_id):
             return
         notice = WithheldNotice.from_content(event.content)
         if notice is None:
@@ -434,10 +472,10 @@ class BridgeEncryption:
         await self.machine.on_device_lists(update.changed, update.left)
 
     async def on_otk_counts(self, counts: OtkCounts) -> None:
-        machine = await self._machine_for(counts.user_id, counts.device_id)
-        if machine is not None:
-            count = counts.counts.get(SIGNED_CURVE25519, 0)
-            await machine.on_key_counts(count, counts.unused_fallback_key_types)
+        async with self._machine_for(counts.user_id, counts.device_id) as machine:
+            if machine is not None:
+                count = counts.counts.get(SIGNED_CURVE25519, 0)
+                await machine.on_key_counts(count, counts.unused_fallback_key_types)
 
     # -- outgoing ----------------------------------------------------------------
 
@@ -454,12 +492,15 @@ class BridgeEncryption:
         members = await room_state.get_members(room_id, intent)
         setting = await self.app.store.state_event(room_id, "m.room.encryption")
         rotation = RotationSettings.from_content(None if setting is None else setting.content)
-        machine = self.machine
         if self._speaks_from_own_device(intent.user_id):
-            machine = await self.puppets.for_sending(intent.user_id)
-        elif self._impersonation is not None and self._is_puppet(intent.user_id):
+            async with self.puppets.sending(intent.user_id) as machine:
+                encrypted = await machine.encrypt_room_event(
+                    room_id, event_type, content, list(members), rotation
+                )
+            return ENCRYPTED, encrypted
+        if self._impersonation is not None and self._is_puppet(intent.user_id):
             await self._impersonation.ensure(intent.with_device(None))
-        encrypted = await machine.encrypt_room_event(
+        encrypted = await self.machine.encrypt_room_event(
             room_id, event_type, content, list(members), rotation
         )
         return ENCRYPTED, encrypted

@@ -21,7 +21,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from bridge_kit.crypto.signing import signable, unpadded_b64encode
+from bridge_kit.crypto.signing import signable, unpadded_b64encode, verify_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import CrossSigningFailed, CryptoError, MatrixRequestError
 
@@ -31,7 +31,6 @@ _log = logging.getLogger(__name__)
 
 _KIND: Final = "cross_signing"
 _SEEDS: Final = "seeds"
-_PUBLISHED: Final = "published"
 _SEED_SIZE: Final = 32
 #: The spec's recovery key: two prefix bytes, the 32-byte key, a parity byte, base58.
 _RECOVERY_PREFIX: Final = b"\x8b\x01"
@@ -91,6 +90,10 @@ class CrossSigningKeys:
     def master_public(self) -> str:
         return _public(self.master)
 
+    @property
+    def self_signing_public(self) -> str:
+        return _public(self.self_signing)
+
     def upload_body(self, user_id: str) -> dict[str, Any]:
         """The ``/keys/device_signing/upload`` body: the master key, and the other two
         signed by it."""
@@ -116,11 +119,42 @@ class CrossSigningKeys:
 
 
 @attrs.frozen
-class _Published:
-    """What the homeserver got already: the master key, and the device it signed."""
+class _Listed:
+    """What the homeserver lists of a user's identity (``/keys/query``, asked as the user)."""
 
-    master: str
-    device_id: str
+    master: str | None
+    self_signing: str | None
+    devices: Mapping[str, Any]
+
+    @classmethod
+    def from_query(cls, answer: Mapping[str, Any], user_id: str) -> _Listed:
+        devices = _field(answer, "device_keys", user_id)
+        return cls(
+            _only_key(_field(answer, "master_keys", user_id)),
+            _only_key(_field(answer, "self_signing_keys", user_id)),
+            devices if isinstance(devices, Mapping) else {},
+        )
+
+    def has(self, keys: CrossSigningKeys) -> bool:
+        return self.master == keys.master_public and self.self_signing == keys.self_signing_public
+
+    def signed(self, user_id: str, device_id: str, keys: CrossSigningKeys) -> bool:
+        """Whether the listed device carries a valid signature by ``keys``' self-signing key."""
+        device = self.devices.get(device_id)
+        public = keys.self_signing_public
+        return isinstance(device, Mapping) and verify_json(device, user_id, public, public)
+
+
+def _field(answer: Mapping[str, Any], name: str, user_id: str) -> Any:
+    by_user = answer.get(name)
+    return by_user.get(user_id) if isinstance(by_user, Mapping) else None
+
+
+def _only_key(listed: Any) -> str | None:
+    keys = listed.get("keys") if isinstance(listed, Mapping) else None
+    if isinstance(keys, Mapping):
+        return next((str(v) for v in keys.values()), None)
+    return None
 
 
 class CrossSigning:
@@ -133,13 +167,25 @@ class CrossSigning:
         self.keys: CrossSigningKeys | None = None
 
     async def ensure(self, device_keys: Mapping[str, Any]) -> CrossSigningKeys:
-        """Load or create the identity, publish it if the homeserver lacks it, and sign
-        the device whose (uploaded) ``device_keys`` are given; return the keys."""
+        """Load or create the identity, publish it if the homeserver lists another (or
+        none), and sign the device whose (uploaded) ``device_keys`` are given unless the
+        homeserver lists it signed; return the keys.
+
+        What the homeserver lists decides, not a mark in the store: an identity that
+        another daemon (two making one at the same moment) or an admin replaced there
+        is published again by the next start, instead of never."""
+        listed = _Listed.from_query(await self.api.query_keys([self.user_id]), self.user_id)
         keys = await self._load_or_create()
-        device_id = str(device_keys["device_id"])
-        published = await self.vault.get_record(_KIND, _PUBLISHED, _Published)
-        if published == _Published(keys.master_public, device_id):
+        if not listed.has(keys):
+            if listed.master is not None and listed.master != keys.master_public:
+                self._warn_replaced(listed.master, keys)
+            await self._upload_keys(keys)
+        elif listed.signed(self.user_id, str(device_keys["device_id"]), keys):
             return keys
+        await self._upload_signature(keys, device_keys)
+        return keys
+
+    async def _upload_keys(self, keys: CrossSigningKeys) -> None:
         try:
             await self.api.upload_signing_keys(keys.upload_body(self.user_id))
         except MatrixRequestError as exc:
@@ -148,6 +194,11 @@ class CrossSigning:
                 f"({exc.status} {exc.errcode or 'no errcode'}: {exc.message}); an appservice "
                 "may upload them without interactive auth since spec v1.17 (Synapse does)"
             ) from exc
+
+    async def _upload_signature(
+        self, keys: CrossSigningKeys, device_keys: Mapping[str, Any]
+    ) -> None:
+        device_id = str(device_keys["device_id"])
         reply = await self.api.upload_signatures(
             {self.user_id: {device_id: keys.sign_device(device_keys)}}
         )
@@ -157,8 +208,6 @@ class CrossSigning:
                 f"the homeserver refused the signature of {self.user_id}'s device "
                 f"{device_id}: {failures}"
             )
-        await self.vault.put_record(_KIND, _PUBLISHED, _Published(keys.master_public, device_id))
-        return keys
 
     async def stored(self) -> CrossSigningKeys | None:
         """The identity in the store, if one was made."""
@@ -170,27 +219,18 @@ class CrossSigning:
         stored = await self.stored()
         if stored is not None:
             return stored
-        replaced = await self._master_on_server()
         keys = CrossSigningKeys.generate()
         await self.vault.put_sealed(_KIND, _SEEDS, keys.seeds())
-        if replaced is not None:
-            _log.warning(
-                "%s had the cross-signing identity %s on the homeserver, which this store "
-                "does not hold (a new or reset store): it is REPLACED by %s; people who "
-                "verified %s must verify it again",
-                self.user_id, replaced, keys.master_public, self.user_id,
-            )  # fmt: skip
         self.keys = keys
         return keys
 
-    async def _master_on_server(self) -> str | None:
-        answer = await self.api.query_keys([self.user_id])
-        masters = answer.get("master_keys")
-        master = masters.get(self.user_id) if isinstance(masters, Mapping) else None
-        keys = master.get("keys") if isinstance(master, Mapping) else None
-        if isinstance(keys, Mapping):
-            return next((str(v) for v in keys.values()), None)
-        return None
+    def _warn_replaced(self, listed_master: str, keys: CrossSigningKeys) -> None:
+        _log.warning(
+            "%s had the cross-signing identity %s on the homeserver, which this store "
+            "does not hold (a new or reset store, or another daemon made one at the same "
+            "moment): it is REPLACED by %s; people who verified %s must verify it again",
+            self.user_id, listed_master, keys.master_public, self.user_id,
+        )  # fmt: skip
 
 
 async def stored_identity(vault: CryptoVault) -> CrossSigningKeys | None:

@@ -17,10 +17,11 @@ room's events for the whole bridge, and the bot need not be in the room.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Final, overload
 
 from bridge_kit.crypto.cross_signing import CrossSigning
@@ -30,11 +31,16 @@ if TYPE_CHECKING:
     from bridge_kit.intent import Intent
     from bridge_kit.store import Store
 
-__all__ = ["DEVICE_NAME", "PuppetDevices", "device_id_for", "stored_device_id"]
+__all__ = ["DEVICE_NAME", "LOADED_MAX", "PuppetDevices", "device_id_for", "stored_device_id"]
 
 log = logging.getLogger(__name__)
 
 DEVICE_NAME: Final = "bridge_kit"
+#: Puppets' machines kept in memory at most (each holds an Olm account and an Olm
+#: session per human device it shared a key with: 30 kB with 5 devices). Past it, the
+#: least recently used that nobody is using are let go: their state is in the store,
+#: and one comes back in a few requests, with its device, keys and identity.
+LOADED_MAX: Final = 1000
 _BRIDGE_KIND: Final = "bridge"
 _DEVICE_KEY: Final = "device_id"
 
@@ -72,20 +78,77 @@ class PuppetDevices:
         intent_of: Callable[[str], Intent],
         make_machine: MachineFactory,
         identity_of: IdentityFactory,
+        loaded_max: int = LOADED_MAX,
     ) -> None:
+        if loaded_max < 1:
+            raise ValueError(f"loaded_max must be at least 1, not {loaded_max}")
         self.store = store
         self.intent_of = intent_of
         self.make_machine = make_machine
         self.identity_of = identity_of
-        self._machines: dict[str, CryptoMachine] = {}
+        self.loaded_max = loaded_max
+        # Least recently used first.
+        self._machines: OrderedDict[str, CryptoMachine] = OrderedDict()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._in_use: Counter[str] = Counter()
 
     def loaded(self) -> list[CryptoMachine]:
         return list(self._machines.values())
 
     async def for_sending(self, user_id: str) -> CryptoMachine:
-        """The puppet's machine, its device made, keyed and cross-signed if it was not."""
-        return await self._machine(user_id, device_id_for)
+        """The puppet's machine, its device made, keyed and cross-signed if it was not.
+
+        To encrypt with it, hold :meth:`sending` instead: a machine nobody holds may
+        be let go (and loaded again as another object) once :attr:`loaded_max` others
+        were loaded since."""
+        machine = await self._machine(user_id, device_id_for)
+        self._used_now(user_id)
+        return machine
+
+    @contextlib.asynccontextmanager
+    async def sending(self, user_id: str) -> AsyncIterator[CryptoMachine]:
+        """:meth:`for_sending`, the machine kept loaded for the ``async with`` block."""
+        self._in_use[user_id] += 1
+        try:
+            yield await self.for_sending(user_id)
+        finally:
+            self._done_with(user_id)
+
+    @contextlib.asynccontextmanager
+    async def receiving(self, user_id: str, device_id: str) -> AsyncIterator[CryptoMachine | None]:
+        """:meth:`for_device`, the machine kept loaded for the ``async with`` block."""
+        self._in_use[user_id] += 1
+        try:
+            yield await self.for_device(user_id, device_id)
+        finally:
+            self._done_with(user_id)
+
+    def _done_with(self, user_id: str) -> None:
+        self._in_use[user_id] -= 1
+        if self._in_use[user_id] <= 0:
+            del self._in_use[user_id]
+        self._used_now(user_id)
+
+    def _used_now(self, user_id: str) -> None:
+        """``user_id``'s machine is the most recently used; let go of idle ones past the cap."""
+        if user_id in self._machines:
+            self._machines.move_to_end(user_id)
+        self._let_go_of_idle()
+
+    def _let_go_of_idle(self) -> None:
+        """Past :attr:`loaded_max`, let go of the least recently used machines that no
+        block holds and no one is loading (two objects of one device would each move
+        its ratchets on from the same state)."""
+        excess = len(self._machines) - self.loaded_max
+        for user_id in list(self._machines):
+            if excess <= 0:
+                return
+            lock = self._locks.get(user_id)
+            if user_id in self._in_use or (lock is not None and lock.locked()):
+                continue
+            del self._machines[user_id]
+            self._locks.pop(user_id, None)
+            excess -= 1
 
     async def prepare(self, user_ids: Iterable[str], concurrency: int = 8) -> None:
         """Make the devices of many puppets ahead of their first message (a portal
@@ -98,13 +161,27 @@ class PuppetDevices:
             async with gate:
                 await self.for_sending(user_id)
 
-        # The first failure is raised as it is (the others still finish: each is idempotent).
-        await asyncio.gather(*(one(user_id) for user_id in dict.fromkeys(user_ids)))
+        wanted = list(dict.fromkeys(user_ids))
+        # All are awaited before a failure is raised: none goes on behind the caller's
+        # back, its failure never retrieved. The first is raised, the others logged.
+        outcomes = await asyncio.gather(
+            *(one(user_id) for user_id in wanted), return_exceptions=True
+        )
+        failed = [
+            (user_id, outcome)
+            for user_id, outcome in zip(wanted, outcomes, strict=True)
+            if isinstance(outcome, BaseException)
+        ]
+        for user_id, failure in failed[1:]:
+            log.warning("encryption: no device made for %s: %s", user_id, failure)
+        if failed:
+            raise failed[0][1]
 
     async def for_device(self, user_id: str, device_id: str) -> CryptoMachine | None:
         """The machine of one of our puppets' devices (to-device messages and key
         counts addressed to it), or None if it is not one the bridge made."""
         machine = await self._machine(user_id, stored_device_id)
+        self._used_now(user_id)
         return machine if machine is not None and machine.device_id == device_id else None
 
     @overload
