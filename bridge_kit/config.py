@@ -293,6 +293,26 @@ def _check_permissions(value: dict[str, str]) -> str | None:
     return None
 
 
+def _check_optional_url(value: str | None) -> str | None:
+    return None if value is None else _check_url(value)
+
+
+_MESSAGE_STATUS_MODES: Final = ("off", "notice", "both")
+
+
+def _check_message_status(value: str) -> str | None:
+    if value in _MESSAGE_STATUS_MODES:
+        return None
+    hint = _did_you_mean(value, _MESSAGE_STATUS_MODES)
+    return f"must be off, notice or both, got {value!r}{hint}"
+
+
+def _check_provisioning_secret(value: str | None) -> str | None:
+    if value is None or len(value) >= 16:
+        return None
+    return "must be a secret of at least 16 characters, or null"
+
+
 def _check_relay_template(value: str) -> str | None:
     try:
         value.format(displayname="", message="", mxid="")
@@ -315,6 +335,20 @@ class BridgeConfig(Section):
     relay_template: str = _checked("<{displayname}> {message}", _check_relay_template)
     """How a relayed message reads on the remote side."""
     bot_displayname: str | None = _checked(None, _check_non_empty)
+    status_endpoint: str | None = _checked(None, _check_optional_url, repr=_redacted)
+    """Where each new bridge and login state is POSTed (bridgev2's JSON), or null."""
+    message_status: str = _checked("both", _check_message_status)
+    """What a Matrix message that could not be bridged gets in its room: ``off``
+    (nothing), ``notice`` (a notice saying why) or ``both`` (the notice and a
+    ``com.beeper.message_send_status`` event)."""
+    provisioning: bool = True
+    """Serve the provisioning API under ``/_matrix/provision`` on the appservice's listener."""
+    provisioning_secret: str | None = _checked(None, _check_provisioning_secret, repr=False)
+    """A shared secret that acts for any user named by ``?user_id=`` (bridge managers)."""
+    provisioning_matrix_auth: bool = True
+    """Accept users' own Matrix access tokens and OpenID tokens."""
+    provisioning_per_minute: int = _checked(60, _check_positive)
+    """Requests each user may make per minute (bursts up to as many)."""
 
 
 _SECTIONS: Final[dict[str, type[Section]]] = {

@@ -56,6 +56,7 @@ from bridge_kit.bridge.login_flows import (
 from bridge_kit.bridge.records import LoginRecord, LoginState
 from bridge_kit.bridge.status import BridgeState, StateEvent, StatusReporter
 from bridge_kit.client import HomeserverClient
+from bridge_kit.config import BridgeConfig
 from bridge_kit.errors import BridgeKitError, InvalidInput, MatrixRequestError
 from bridge_kit.ids import split_user_id
 from bridge_kit.types import converter
@@ -109,6 +110,14 @@ class ProvisioningSettings:
     shared_secret: str | None = None
     matrix_auth: bool = True
     per_minute: int = 60
+
+    @classmethod
+    def from_config(cls, section: BridgeConfig) -> ProvisioningSettings:
+        return cls(
+            shared_secret=section.provisioning_secret,
+            matrix_auth=section.provisioning_matrix_auth,
+            per_minute=section.provisioning_per_minute,
+        )
 
 
 @attrs.frozen

@@ -163,8 +163,11 @@ class StatusReporter:
         token: str = "",
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        backoff: tuple[float, float] = (_BACKOFF_FIRST, _BACKOFF_MAX),
     ) -> None:
         self.endpoint = endpoint
+        self.backoff = backoff
+        """The first wait after a failed post, and the longest (doubling in between)."""
         self._token = token
         self._clock = clock
         self.listeners: list[Listener] = []
@@ -264,7 +267,8 @@ class StatusReporter:
             self._gauges.set(self._states)
 
     async def _send_loop(self) -> None:
-        delay = _BACKOFF_FIRST
+        first, longest = self.backoff
+        delay = first
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -274,10 +278,10 @@ class StatusReporter:
                     # Only if no newer state for the key came while it was posted.
                     if self._unsent.get(key) is state:
                         del self._unsent[key]
-                    delay = _BACKOFF_FIRST
+                    delay = first
                     continue
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+                delay = min(delay * 2, longest)
 
     async def _post(self, state: BridgeState) -> bool:
         assert self._session is not None and self.endpoint is not None
