@@ -11,7 +11,8 @@ client does not keep showing the message as pending.
 
 A connector says how a send failed by raising :class:`SendFailed` (or
 :class:`~bridge_kit.errors.InvalidInput` for what the network refuses, which
-is never retried); any other exception is taken as transient.
+is never retried); a connection error (``OSError``, ``TimeoutError``, an
+aiohttp client error) is taken as transient, anything else as a bug.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+import aiohttp
 import attrs
 
 from bridge_kit.errors import InvalidInput, ServiceError
@@ -214,8 +216,12 @@ def _as_failure(exc: Exception) -> SendFailed:
         return exc
     if isinstance(exc, InvalidInput):
         return SendFailed(str(exc), reason=StatusReason.UNSUPPORTED)
-    log.debug("send failed", exc_info=exc)
-    return SendFailed(_one_line(exc), transient=True)
+    if isinstance(exc, OSError | TimeoutError | aiohttp.ClientError):
+        # The network's connection failed: worth another try.
+        return SendFailed(_one_line(exc), transient=True)
+    # A bug: the user learns that it failed, the log gets the traceback.
+    log.error("sending to the remote side failed unexpectedly", exc_info=exc)
+    return SendFailed("an internal error in the bridge", reason=StatusReason.GENERIC)
 
 
 def _one_line(exc: Exception) -> str:
