@@ -16,7 +16,8 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
-    │   └── MediaTooLarge            an upload over the homeserver's size limit, refused unsent
+    │   ├── MediaTooLarge            an upload over the homeserver's size limit, refused unsent
+    │   └── LoginRefused             the remote network refused a bridge login (credentials)
     ├── HomeserverError              anything from the homeserver
     │   ├── HomeserverUnreachable    no HTTP reply from the homeserver, even after retries
     │   ├── UnexpectedReply          a 2xx reply of the wrong shape
@@ -36,7 +37,8 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── LifecycleError           start() or stop() called in the wrong state
     │   ├── ClientClosed             a request on a closed HomeserverClient
     │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
-    │   └── ListenError              the HTTP server could not listen
+    │   ├── ListenError              the HTTP server could not listen
+    │   └── RemoteError              the remote network of a bridge failed (worth a retry)
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
@@ -75,6 +77,7 @@ __all__ = [
     "LifecycleError",
     "LimitExceeded",
     "ListenError",
+    "LoginRefused",
     "MatrixRequestError",
     "MediaTooLarge",
     "MissingToken",
@@ -83,6 +86,7 @@ __all__ = [
     "NotInNamespace",
     "RegistrationAborted",
     "RegistrationError",
+    "RemoteError",
     "ResourceLimitExceeded",
     "ServiceError",
     "SetupError",
@@ -171,6 +175,16 @@ class StoreError(BridgeKitError):
 
 class ListenError(ServiceError):
     """The appservice could not listen on its host and port."""
+
+
+class RemoteError(ServiceError):
+    """A bridge's remote network failed or could not be reached; trying again may work
+    (the inbox retries the event, the layer reconnects the login with backoff)."""
+
+
+class LoginRefused(InvalidInput):
+    """The remote network refused a bridge login: wrong or expired credentials. The
+    layer stops reconnecting it (``BAD_CREDENTIALS``) until the user logs in again."""
 
 
 class LifecycleError(ServiceError):

@@ -90,13 +90,15 @@ class UserInfo:
 @attrs.frozen
 class ChatInfo:
     """What a portal's room is made from: name, topic, avatar and ``members``
-    (remote users whose ghosts join the room, in bulk). ``is_direct``: a DM."""
+    (remote users whose ghosts join the room, in bulk). ``is_direct``: a DM.
+    ``invite``: Matrix users invited to the new room (e.g. the login's user of a DM)."""
 
     name: str | None = None
     topic: str | None = None
     avatar_url: str | None = None
     members: Sequence[Sender] = ()
     is_direct: bool = False
+    invite: Sequence[str] = ()
 
 
 @attrs.frozen
