@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import attrs
 
 from bridge_kit.bridge.events import MessageKind, RemoteEvent, RemoteMedia, Sender
+from bridge_kit.bridge.formatting import Formatter
 from bridge_kit.bridge.records import (
     LoginState,
     MessageRecord,
@@ -90,13 +91,15 @@ class UserInfo:
 @attrs.frozen
 class ChatInfo:
     """What a portal's room is made from: name, topic, avatar and ``members``
-    (remote users whose ghosts join the room, in bulk). ``is_direct``: a DM."""
+    (remote users whose ghosts join the room, in bulk). ``is_direct``: a DM.
+    ``invite``: Matrix users invited to the new room (e.g. the login's user of a DM)."""
 
     name: str | None = None
     topic: str | None = None
     avatar_url: str | None = None
     members: Sequence[Sender] = ()
     is_direct: bool = False
+    invite: Sequence[str] = ()
 
 
 @attrs.frozen
@@ -359,6 +362,12 @@ class NetworkConnector(abc.ABC):
     async def get_user_info(self, user_id: str) -> UserInfo | None:
         """A remote user's profile; ``None``: no such user. Default: the id as name."""
         return UserInfo(name=user_id)
+
+    def formatter(self) -> Formatter:
+        """How Matrix messages become the network's text (and mentions): override
+        with a :class:`~bridge_kit.bridge.formatting.Formatter` subclass. Default:
+        plain text. Called once, at start."""
+        return Formatter()
 
     def ghost_localpart(self, user_id: str) -> str:
         """The localpart of remote user ``user_id``'s ghost."""
