@@ -9,7 +9,7 @@ mention of whom (:attr:`Formatter.mention_pattern`,
 :meth:`Formatter.remote_mention`). The default renders plain text;
 :class:`MarkdownFormatter` renders and reads markdown.
 
-HTML is read with the standard library's :mod:`html.parser` (lenient, as
+HTML is read with the standard library's ``html.parser`` (lenient, as
 received HTML needs); markdown with ``markdown-it-py`` (CommonMark), raw HTML
 disabled so that remote text can never inject markup.
 
@@ -20,6 +20,7 @@ fallbacks (:func:`strip_reply_fallback`) and edits (:func:`parse_edit`,
 
 from __future__ import annotations
 
+import asyncio
 import html as html_lib
 import re
 import urllib.parse
@@ -58,6 +59,13 @@ MATRIX_TO = "https://matrix.to/#/"
 #: Deeper HTML than this is read as the text of the deepest element kept (the spec
 #: suggests clients limit nesting to 100; it also bounds the renderer's recursion).
 MAX_DEPTH = 100
+
+#: Remote text longer than this is not read as markdown (a Matrix event holds 64 kB).
+MAX_MARKDOWN = 64 * 1024
+#: The most distinct would-be mentions of one remote message that are looked up.
+MAX_MENTIONS = 100
+#: Remote markdown longer than this is parsed in a thread.
+MARKDOWN_IN_THREAD = 4 * 1024
 
 _VOID = frozenset({"br", "hr", "img", "wbr", "input", "col", "area", "source", "meta", "link"})
 # mx-reply is the reply fallback (removed in Matrix v1.13); the rest is never text.
@@ -155,9 +163,41 @@ class _TreeBuilder(HTMLParser):
 
 def _parse_html(html: str) -> _Element:
     builder = _TreeBuilder()
-    builder.feed(html)
+    builder.feed(_defused(html))
     builder.close()
     return builder.root
+
+
+def _defused(html: str) -> str:
+    """``html`` made safe for :class:`HTMLParser` in linear time.
+
+    The parser rescans the rest of the text for each ``<`` that does not end in a
+    tag, and for each unterminated comment or declaration: quadratic, a minute
+    of CPU for 60 kB of ``<a href="x" `` (a Matrix event may be 64 kB). Comments
+    are removed here (an unterminated one runs to the end, as in HTML); a ``<``
+    with no ``>`` before the next ``<``, and any ``<!``/``<?`` (declarations,
+    CDATA: never in Matrix HTML), become the text ``&lt;``.
+    """
+    html = _without_comments(html)
+    first, *rest = html.split("<")
+    parts = [first]
+    for part in rest:
+        opens_a_tag = ">" in part and not part.startswith(("!", "?"))
+        parts.append(("<" if opens_a_tag else "&lt;") + part)
+    return "".join(parts)
+
+
+def _without_comments(html: str) -> str:
+    kept = []
+    position = 0
+    while (start := html.find("<!--", position)) != -1:
+        kept.append(html[position:start])
+        end = html.find("-->", start + 4)
+        if end == -1:
+            return "".join(kept)
+        position = end + 3
+    kept.append(html[position:])
+    return "".join(kept)
 
 
 class _Blocks:
@@ -357,7 +397,13 @@ class Formatter:
         """Remote text as a Matrix message, mentions as pills (and ``m.mentions``)."""
         mentions = await self._resolve_mentions(text)
         body = self._replace_mentions(text, mentions, lambda m: m.name, lambda s: s)
-        if self.reads_markdown:
+        html: str | None
+        markdown = self.reads_markdown and len(text) <= MAX_MARKDOWN
+        if markdown and len(text) > MARKDOWN_IN_THREAD:
+            # markdown-it-py needs up to 0.1 s per 4 kB of hostile input: a thread
+            # keeps the event loop answering meanwhile.
+            html = await asyncio.to_thread(_render_markdown, text, mentions, self.mention_pattern)
+        elif markdown:
             html = _render_markdown(text, mentions, self.mention_pattern)
         elif mentions:
             html = self._replace_mentions(
@@ -372,9 +418,13 @@ class Formatter:
         if self.mention_pattern is None:
             return {}
         found: dict[str, Mention] = {}
+        asked: set[str] = set()
         for match in self.mention_pattern.finditer(text):
             token = match.group(0)
-            if token and token not in found:
+            if len(asked) >= MAX_MENTIONS:
+                break  # a flood of would-be mentions is not a flood of lookups
+            if token and token not in asked:
+                asked.add(token)
                 mention = await self.remote_mention(token)
                 if mention is not None:
                     found[token] = mention
@@ -391,17 +441,30 @@ class Formatter:
         other stretch of text by ``other(stretch)``."""
         if not mentions or self.mention_pattern is None:
             return str(other(text))
-        return _split_mentions(text, mentions, self.mention_pattern, mention, other)
+        return _split_mentions(
+            text, mentions, self.mention_pattern, mention, other, self.reads_markdown
+        )
+
+
+_CODE_SPAN = re.compile(r"(`+).+?\1", re.DOTALL)
 
 
 def _split_mentions(
-    text: str, mentions: Mapping[str, Mention], pattern: re.Pattern[str], mention: Any, other: Any
+    text: str,
+    mentions: Mapping[str, Mention],
+    pattern: re.Pattern[str],
+    mention: Any,
+    other: Any,
+    skip_code: bool,
 ) -> str:
+    # In markdown, code is shown as written: a mention in it stays text (roughly
+    # found: backtick runs, which is also what markdown-it leaves unpilled).
+    code = [span.span() for span in _CODE_SPAN.finditer(text)] if skip_code else []
     out = []
     position = 0
     for match in pattern.finditer(text):
         resolved = mentions.get(match.group(0))
-        if resolved is None:
+        if resolved is None or any(start <= match.start() < end for start, end in code):
             continue
         out.append(other(text[position : match.start()]))
         out.append(mention(resolved))
