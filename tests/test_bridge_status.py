@@ -61,6 +61,10 @@ async def reporter(receiver: tuple[Receiver, str]) -> AsyncIterator[StatusReport
         endpoint=receiver[1], token="as-token-123", metrics=Metrics(), backoff=(0.01, 0.05)
     )
     await status.start()
+    # Starting posts the bridge's first state: seen here, so each test starts clean.
+    (first,) = await receiver[0].wait_for(1)
+    assert first["state_event"] == "STARTING"
+    receiver[0].received.clear()
     yield status
     await status.close()
 

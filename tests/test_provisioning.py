@@ -26,7 +26,6 @@ from bridge_kit.bridge.provisioning import (
     AppHost,
     ProvisioningAPI,
     ProvisioningSettings,
-    permission_level,
 )
 from bridge_kit.bridge.records import LoginRecord, LoginState
 from bridge_kit.bridge.status import StateEvent, StatusReporter
@@ -120,7 +119,7 @@ async def running_bridge(
     connector = FlowNet()
     status = StatusReporter(metrics=app.metrics)
 
-    async def finish(user_id: str, info: LoginInfo, relogin: str | None) -> str:
+    async def finish(user_id: str, info: LoginInfo, relogin: str | None, room: str | None) -> str:
         record = LoginRecord(info.id, user_id, info.remote_name, LoginState.CONNECTED)
         await app.store.put_login(record)
         await status.set_login(user_id, info.id, LoginState.CONNECTED, remote_name=info.remote_name)
@@ -535,12 +534,3 @@ async def test_the_login_command_drives_the_same_flows(bridge: Bridge, unique: s
     step = await login_with_args(sessions, user, "qr", [])
     assert step.type is StepType.DISPLAY_AND_WAIT
     assert sessions.of_user(user) == []  # what the command cannot finish is not left behind
-
-
-def test_permission_levels_most_precise_first() -> None:
-    table = {"*": "relay", "example.org": "user", "@boss:example.org": "admin"}
-    assert permission_level(table, "@boss:example.org") == "admin"
-    assert permission_level(table, "@ann:example.org") == "user"
-    assert permission_level(table, "@x:other.example") == "relay"
-    assert permission_level({}, "@x:other.example") is None
-    assert permission_level(table, "nonsense") is None

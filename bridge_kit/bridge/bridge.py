@@ -22,6 +22,7 @@ from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
 from bridge_kit.bridge.matrix import MatrixHandler
 from bridge_kit.bridge.portals import UnknownChat
 from bridge_kit.bridge.remote import RemoteHandler
+from bridge_kit.bridge.status import StateEvent
 from bridge_kit.errors import BridgeKitError, MatrixRequestError
 from bridge_kit.inbox.items import RemoteItem
 from bridge_kit.inbox.records import ItemKind
@@ -116,12 +117,14 @@ class Bridge(BridgeCore):
         """Start the app, load and connect the stored logins, start the connector."""
         await self.app.start()
         try:
+            await self.status.start()
             name = self.config.bridge.bot_displayname
             if name:
                 await self.app.bot.set_displayname(name)
             await self.logins.load_all()
             await self.connector.start(self)
             self._connector_started = True
+            await self.status.set_bridge(StateEvent.RUNNING)
         except BaseException:
             await self._stop_parts()
             await self.app.stop()
@@ -140,8 +143,10 @@ class Bridge(BridgeCore):
                 self._connector_started = False
                 await self.connector.stop()
         finally:
+            await self.login_sessions.close()
             await self.portals.close()
             await self.logins.close_all()
+            await self.status.close()
 
     async def __aenter__(self) -> Bridge:
         await self.start()

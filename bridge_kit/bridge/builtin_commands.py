@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from bridge_kit.bridge.commands import CommandContext, CommandRegistry
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore
+from bridge_kit.bridge.login_flows import LoginFlow, OffersLoginFlows, StepType, login_with_args
 from bridge_kit.bridge.logins import Login
 from bridge_kit.bridge.permissions import Level
 from bridge_kit.bridge.records import PortalRecord
@@ -32,10 +35,36 @@ def add_builtin_commands(registry: CommandRegistry[BridgeCore]) -> None:
 
 async def login(ctx: Context) -> None:
     bridge = ctx.state
-    info = await bridge.connector.login(ctx.sender, ctx.args)
     room = ctx.room_id if ctx.management else None
+    if isinstance(bridge.connector, OffersLoginFlows):
+        await _login_by_flow(ctx, bridge.connector.login_flows(), room)
+        return
+    info = await bridge.connector.login(ctx.sender, ctx.args)
     await bridge.add_login(ctx.sender, info, management_room=room)
     await ctx.reply(f"Logging in as **{info.remote_name or info.id}**…")
+
+
+async def _login_by_flow(ctx: Context, flows: Sequence[LoginFlow], room: str | None) -> None:
+    """``login [flow] <values...>``: the flow's typed fields from the arguments, in order
+    (the first flow when the first argument names none)."""
+    if not flows:
+        raise CommandError("This bridge offers no way to log in.")
+    args = list(ctx.args)
+    flow = next((f for f in flows if args and f.id == args[0]), None)
+    if flow is not None:
+        args = args[1:]
+    else:
+        flow = flows[0]
+    step = await login_with_args(
+        ctx.state.login_sessions, ctx.sender, flow.id, args, management_room=room
+    )
+    if step.type is not StepType.COMPLETE:
+        hint = f" ({step.instructions})" if step.instructions else ""
+        raise CommandError(
+            f"The {flow.name} login needs more than a command can give{hint}: "
+            "use a client of the provisioning API."
+        )
+    await ctx.reply(f"Logging in as **{step.login_id}**…")
 
 
 async def logout(ctx: Context) -> None:

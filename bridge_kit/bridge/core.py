@@ -19,10 +19,15 @@ from bridge_kit.bridge.commands import CommandRegistry, Reply, notice_reply
 from bridge_kit.bridge.connector import LoginInfo, NetworkConnector
 from bridge_kit.bridge.events import RemoteEvent, event_payload
 from bridge_kit.bridge.ghosts import Ghosts
-from bridge_kit.bridge.logins import Login, Logins
+from bridge_kit.bridge.login_flows import LoginProcess, LoginSessions, OffersLoginFlows
+from bridge_kit.bridge.logins import MANAGEMENT_ROOM, Login, Logins
 from bridge_kit.bridge.permissions import Permissions
 from bridge_kit.bridge.portals import Portals
-from bridge_kit.bridge.records import PortalKey, PortalRecord
+from bridge_kit.bridge.provisioning import PREFIX as PROVISIONING_PREFIX
+from bridge_kit.bridge.provisioning import AppHost, ProvisioningAPI, ProvisioningSettings
+from bridge_kit.bridge.records import LoginRecord, LoginState, PortalKey, PortalRecord
+from bridge_kit.bridge.send_status import NoticeMode, SendStatusReporter
+from bridge_kit.bridge.status import StatusReporter
 from bridge_kit.config import Config
 from bridge_kit.inbox.records import ItemKind, NewInboxItem
 
@@ -57,6 +62,29 @@ class BridgeCore:
         """The commands of the management room and of ``!prefix`` in portals; a
         connector adds its own with ``bridge.commands.command(...)``."""
         self.formatter = connector.formatter()
+        self.status = StatusReporter(
+            endpoint=section.status_endpoint,
+            token=app.registration.as_token,
+            metrics=app.metrics,
+        )
+        """The bridge's state and each login's, in bridgev2's shape: shown by the
+        provisioning API's ``whoami``, posted to ``bridge.status_endpoint``, counted
+        in the metrics."""
+        self.logins.observers.append(self._report_login_state)
+        self.send_status = SendStatusReporter(
+            lambda: app.bot, connector.network_id, mode=NoticeMode(section.message_status)
+        )
+        """Tells a room about each Matrix event that could not be bridged."""
+        self.login_sessions: LoginSessions[LoginInfo] = LoginSessions(
+            self._create_login, self._finish_login
+        )
+        """The step-by-step logins under way (provisioning API and ``login`` command)."""
+        host = AppHost(app, connector, self._logout, self._management_room, self.permissions)
+        self.provisioning = ProvisioningAPI(
+            host, self.login_sessions, self.status, ProvisioningSettings.from_config(section)
+        )
+        if section.provisioning:
+            app.web_apps[PROVISIONING_PREFIX] = self.provisioning.app
 
     @property
     def config(self) -> Config:
@@ -130,6 +158,46 @@ class BridgeCore:
     def reply_to(self, room_id: str, event_id: str | None) -> Reply:
         """The commands' reply: a notice from the bot, answering ``event_id``."""
         return notice_reply(self.app.bot, room_id, reply_to=event_id)
+
+    # -- logins, for the provisioning API and the state reporter --------------------------
+
+    async def _report_login_state(self, login: Login, state: LoginState, message: str) -> None:
+        await self.status.set_login(
+            login.user_id, login.id, state, remote_name=login.remote_name, message=message
+        )
+
+    async def _create_login(self, user_id: str, flow_id: str) -> LoginProcess[LoginInfo] | None:
+        connector = self.connector
+        if not isinstance(connector, OffersLoginFlows):
+            return None
+        process: LoginProcess[LoginInfo] | None = await connector.create_login(user_id, flow_id)
+        return process
+
+    async def _finish_login(
+        self, user_id: str, info: LoginInfo, relogin: str | None, room: str | None
+    ) -> str:
+        old = self.logins.get(relogin) if relogin and relogin != info.id else None
+        if old is not None and old.user_id == user_id:
+            await self.logins.remove(old)  # a re-login into another account replaces it
+        if room is None:
+            room = await self._management_room(user_id)
+        login = await self.add_login(user_id, info, management_room=room)
+        return login.id
+
+    async def _logout(self, record: LoginRecord) -> None:
+        login = self.logins.get(record.id)
+        if login is not None:
+            await self.logins.remove(login)
+        else:
+            await self.app.store.delete_login(record.id)
+
+    async def _management_room(self, user_id: str) -> str | None:
+        """The management room a login of the user was made in (the newest such)."""
+        for record in reversed(await self.app.store.logins(user_id)):
+            room = record.metadata.get(MANAGEMENT_ROOM)
+            if isinstance(room, str):
+                return room
+        return None
 
     async def _notice(self, room_id: str, text: str) -> None:
         await self.app.bot.send_notice(room_id, text)

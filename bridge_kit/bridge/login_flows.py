@@ -239,13 +239,15 @@ class _Session(Generic[Info]):
     process: LoginProcess[Info]
     step: LoginStep[Info]
     relogin: str | None
+    management_room: str | None
     touched: float
     previous: LoginStep[Info] | None = None
     lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
 
 
-#: ``finish(user_id, info, relogin)``: store and connect the finished login; its id.
-Finish = Callable[[str, Info, str | None], Awaitable[str]]
+#: ``finish(user_id, info, relogin, management_room)``: store and connect the finished
+#: login (replacing ``relogin``; telling its states in ``management_room``); its id.
+Finish = Callable[[str, Info, str | None, str | None], Awaitable[str]]
 #: ``create(user_id, flow_id)``: a new process for the flow, or ``None`` if the
 #: flow is unknown.
 Create = Callable[[str, str], Awaitable["LoginProcess[Info] | None"]]
@@ -281,9 +283,17 @@ class LoginSessions(Generic[Info]):
         return len(self._sessions)
 
     async def start(
-        self, user_id: str, flow_id: str, relogin: str | None = None
+        self,
+        user_id: str,
+        flow_id: str,
+        relogin: str | None = None,
+        *,
+        management_room: str | None = None,
     ) -> tuple[str, LoginStep[Info]]:
         """Start ``flow_id`` for ``user_id``: the process id and its first step.
+
+        ``relogin``: the id of a login this one replaces; ``management_room``:
+        where the finished login's state changes are told.
 
         Raises :class:`UnknownLogin` for an unknown flow.
         """
@@ -299,6 +309,7 @@ class LoginSessions(Generic[Info]):
             process=process,
             step=LoginStep(StepType.USER_INPUT, "", fields=()),
             relogin=relogin,
+            management_room=management_room,
             touched=self._clock(),
         )
         self._sessions[session.id] = session
@@ -385,7 +396,9 @@ class LoginSessions(Generic[Info]):
             if step.type is StepType.COMPLETE:
                 if step.info is None:
                     raise ValueError("a complete login step needs the login's info")
-                login_id = await self._finish(session.user_id, step.info, session.relogin)
+                login_id = await self._finish(
+                    session.user_id, step.info, session.relogin, session.management_room
+                )
                 self._sessions.pop(session.id, None)
                 return attrs.evolve(step, login_id=login_id)
         except BaseException:
@@ -418,7 +431,12 @@ class LoginSessions(Generic[Info]):
 
 
 async def login_with_args(
-    sessions: LoginSessions[Info], user_id: str, flow_id: str, args: Sequence[str]
+    sessions: LoginSessions[Info],
+    user_id: str,
+    flow_id: str,
+    args: Sequence[str],
+    *,
+    management_room: str | None = None,
 ) -> LoginStep[Info]:
     """Drive a flow from a command's arguments (the management room's ``login``).
 
@@ -428,7 +446,7 @@ async def login_with_args(
     (``display_and_wait``, ``cookies``, or more fields), whose process is then
     cancelled. :class:`~bridge_kit.errors.InvalidInput` says what was wrong.
     """
-    process_id, step = await sessions.start(user_id, flow_id)
+    process_id, step = await sessions.start(user_id, flow_id, management_room=management_room)
     remaining = list(args)
     while step.type is StepType.USER_INPUT:
         required = [f for f in step.fields if not f.optional]

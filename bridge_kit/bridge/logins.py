@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
@@ -167,6 +167,9 @@ class Login:
                 log.warning("login %s: disconnecting failed: %s", self.id, _reason(exc))
 
 
+StateObserver = Callable[["Login", LoginState, str], Awaitable[None]]
+
+
 class Logins:
     """The logins of one bridge, loaded from the store and kept connected."""
 
@@ -182,6 +185,9 @@ class Logins:
         self.stopping = False
         self._loaded: dict[str, Login] = {}
         self._tell = tell
+        self.observers: list[StateObserver] = []
+        """Awaited with each new state of a login, ``LOGGED_OUT`` on removal included
+        (the bridge state reporter); one that fails is logged."""
 
     def get(self, login_id: str) -> Login | None:
         return self._loaded.get(login_id)
@@ -236,6 +242,7 @@ class Logins:
                 log.warning("login %s: remote logout failed: %s", login.id, _reason(exc))
         await login.close()
         await self.app.store.delete_login(login.id)
+        await self._observe(login, LoginState.LOGGED_OUT, "")
 
     def _start(self, login: Login) -> None:
         login.client = self.connector.load_login(login)
@@ -248,7 +255,15 @@ class Logins:
         )
         await self.app.store.put_login(record)
 
+    async def _observe(self, login: Login, state: LoginState, message: str) -> None:
+        for observer in self.observers:
+            try:
+                await observer(login, state, message)
+            except Exception:
+                log.exception("login %s: an observer of its state failed", login.id)
+
     async def tell(self, login: Login, state: LoginState, message: str) -> None:
+        await self._observe(login, state, message)
         room = login.metadata.get(MANAGEMENT_ROOM)
         text = f"{login.remote_name or login.id}: {state.name.lower().replace('_', ' ')}"
         if message:

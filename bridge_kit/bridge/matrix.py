@@ -29,6 +29,7 @@ from bridge_kit.bridge.events import MessageKind, RemoteMedia
 from bridge_kit.bridge.formatting import parse_edit, reply_target, strip_reply_fallback
 from bridge_kit.bridge.permissions import Level
 from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
+from bridge_kit.bridge.send_status import SendFailed, StatusReason
 from bridge_kit.inbox.signals import NotReady
 from bridge_kit.store import Store
 from bridge_kit.types import Event
@@ -109,6 +110,7 @@ class MatrixHandler:
             return
         via = await self._sender(event, portal)
         if via is None:
+            await self._not_bridged(event, "you are not logged in, and no login relays here")
             return
         if not await self._claim(event, portal):
             return
@@ -133,7 +135,12 @@ class MatrixHandler:
             media=_media(content, kind),
             relayed=via.relayed,
         )
-        sent = await via.client.send_message(message)
+        client = via.client
+        _, sent = await self.bridge.send_status.deliver(
+            event.room_id, event.event_id, lambda: client.send_message(message)
+        )
+        if sent is None:
+            return  # the room was told
         record = MessageRecord(
             portal.key,
             sent.remote_id,
@@ -185,7 +192,10 @@ class MatrixHandler:
             html=_html(new),
             relayed=via.relayed,
         )
-        await via.client.send_edit(edit)
+        client = via.client
+        await self.bridge.send_status.deliver(
+            event.room_id, event.event_id, lambda: client.send_edit(edit), what="edit"
+        )
 
     # -- reactions and redactions ------------------------------------------------------
 
@@ -284,6 +294,11 @@ class MatrixHandler:
                 await logins[0].client.send_typing(typing)
 
     # -- helpers -------------------------------------------------------------------------
+
+    async def _not_bridged(self, event: Event, reason: str) -> None:
+        assert event.room_id is not None and event.event_id is not None
+        failure = SendFailed(reason, reason=StatusReason.NO_PERMISSION)
+        await self.bridge.send_status.report_failure(event.room_id, event.event_id, failure)
 
     async def _sender(
         self, event: Event, portal: PortalRecord, *, relay: bool = True

@@ -53,6 +53,7 @@ from bridge_kit.bridge.login_flows import (
     UnknownLogin,
     WrongStep,
 )
+from bridge_kit.bridge.permissions import Level, Permissions
 from bridge_kit.bridge.records import LoginRecord, LoginState
 from bridge_kit.bridge.status import BridgeState, StateEvent, StatusReporter
 from bridge_kit.client import HomeserverClient
@@ -70,7 +71,6 @@ __all__ = [
     "ProvisioningAPI",
     "ProvisioningSettings",
     "ResolvedIdentifier",
-    "permission_level",
 ]
 
 log = logging.getLogger(__name__)
@@ -661,6 +661,11 @@ class AppHost:
     connector: NetworkConnector
     logout_login: Callable[[LoginRecord], Awaitable[None]]
     find_management_room: Callable[[str], Awaitable[str | None]] | None = None
+    permissions: Permissions = attrs.field()
+
+    @permissions.default
+    def _permissions(self) -> Permissions:
+        return Permissions.from_mapping(self.app.config.bridge.permissions)
 
     @property
     def network(self) -> NetworkInfo:
@@ -694,7 +699,7 @@ class AppHost:
         return connector.login_flows() if isinstance(connector, OffersLoginFlows) else ()
 
     def may_log_in(self, user_id: str) -> bool:
-        return permission_level(self.app.config.bridge.permissions, user_id) in ("user", "admin")
+        return self.permissions.allows(user_id, Level.USER)
 
     async def logins(self, user_id: str) -> list[LoginRecord]:
         records = await self.app.store.logins(user_id)
@@ -710,16 +715,3 @@ class AppHost:
     def chat_starter(self) -> ChatStarter | None:
         connector = self.connector
         return connector if isinstance(connector, ChatStarter) else None
-
-
-def permission_level(permissions: Mapping[str, str], user_id: str) -> str | None:
-    """The ``bridge.permissions`` level of ``user_id``: its own entry, else its
-    server's, else ``"*"``'s; ``None`` if none applies."""
-    try:
-        server = split_user_id(user_id)[1]
-    except ValueError:
-        return None
-    for who in (user_id, server, "*"):
-        if who in permissions:
-            return permissions[who]
-    return None

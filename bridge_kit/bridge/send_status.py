@@ -27,6 +27,7 @@ import aiohttp
 import attrs
 
 from bridge_kit.errors import InvalidInput, ServiceError
+from bridge_kit.inbox.signals import NotReady, Park
 
 __all__ = [
     "MESSAGE_STATUS_EVENT",
@@ -112,14 +113,16 @@ class SendOutcome:
 class SendStatusReporter:
     """Runs sends to the remote side and tells the room how they ended.
 
-    ``network`` is the connector's network id (the event's ``network``);
+    ``sender`` sends the events (the bridge bot's Intent, or a function giving it:
+    the bot exists once the app started); ``network`` is the connector's
+    network id (the event's ``network``);
     ``retries`` is how many times a transient failure is tried again, after
     ``backoff``, then twice that, and so on.
     """
 
     def __init__(
         self,
-        sender: _Sender,
+        sender: _Sender | Callable[[], _Sender],
         network: str,
         *,
         mode: NoticeMode = NoticeMode.BOTH,
@@ -127,7 +130,7 @@ class SendStatusReporter:
         backoff: float = 1.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.sender = sender
+        self._sender = sender
         self.network = network
         self.mode = mode
         self.retries = retries
@@ -151,6 +154,8 @@ class SendStatusReporter:
         for attempt in range(1, self.retries + 2):
             try:
                 result = await send()
+            except (NotReady, Park):
+                raise  # the inbox's own signals: it waits and tries the event again
             except Exception as exc:  # every failure is told to the room
                 failure = _as_failure(exc)
                 if failure.transient and attempt <= self.retries:
@@ -160,15 +165,27 @@ class SendStatusReporter:
                         await self._status(room_id, event_id, SendStatus.PENDING, failure)
                     await self._sleep(self.backoff * 2 ** (attempt - 1))
                     continue
-                return await self._failed(room_id, event_id, failure, attempt, what), None
+                return await self.report_failure(room_id, event_id, failure, what, attempt), None
             if pending:
                 await self._status(room_id, event_id, SendStatus.SUCCESS, None)
             return SendOutcome(SendStatus.SUCCESS, attempt), result
         raise AssertionError("unreachable: the last attempt returns")
 
-    async def _failed(
-        self, room_id: str, event_id: str, failure: SendFailed, attempts: int, what: str
+    @property
+    def sender(self) -> _Sender:
+        sender = self._sender
+        return sender() if callable(sender) else sender
+
+    async def report_failure(
+        self,
+        room_id: str,
+        event_id: str,
+        failure: SendFailed,
+        what: str = "message",
+        attempts: int = 1,
     ) -> SendOutcome:
+        """Tell the room that ``event_id`` was not bridged, and why (no send tried:
+        e.g. a sender without a login in a room without a relay)."""
         status = SendStatus.FAIL_RETRIABLE if failure.transient else SendStatus.FAIL_PERMANENT
         log.warning("%s %s not bridged: %s", what, event_id, failure.message)
         await self._status(room_id, event_id, status, failure)

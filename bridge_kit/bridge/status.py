@@ -227,6 +227,8 @@ class StatusReporter:
     async def start(self) -> None:
         """Start posting to the endpoint (nothing to do without one)."""
         if self.endpoint and self._sender is None:
+            self._unsent.setdefault(_BRIDGE, self._states[_BRIDGE])  # STARTING, at first
+            self._wake.set()
             self._session = aiohttp.ClientSession()
             self._sender = asyncio.create_task(self._send_loop(), name="bridge state sender")
 
