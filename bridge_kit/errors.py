@@ -16,7 +16,10 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
-    │   ├── LoginRefused             the remote network refused a bridge login (credentials)
+    │   ├── LoginError               a bridge login that cannot go on as asked
+    │   │   ├── LoginRefused         the remote network refused a bridge login (credentials)
+    │   │   ├── UnknownLogin (LookupError)  no such login flow, login process or login
+    │   │   └── WrongLoginStep       a login step that is not the one the process is at
     │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
     │   └── MediaError               media that cannot be bridged
     │       ├── MediaTooLarge        over the homeserver's size limit (or the bridge's), refused
@@ -42,6 +45,7 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
     │   ├── ListenError              the HTTP server could not listen
     │   └── RemoteError              the remote network of a bridge failed (worth a retry)
+    │       └── SendFailed           the remote network did not take a Matrix event (says why)
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
@@ -81,6 +85,7 @@ __all__ = [
     "LifecycleError",
     "LimitExceeded",
     "ListenError",
+    "LoginError",
     "LoginRefused",
     "MatrixRequestError",
     "MediaError",
@@ -94,6 +99,7 @@ __all__ = [
     "RegistrationError",
     "RemoteError",
     "ResourceLimitExceeded",
+    "SendFailed",
     "ServiceError",
     "SetupError",
     "StartupCheckFailed",
@@ -101,9 +107,11 @@ __all__ = [
     "UndecryptableEvent",
     "UnexpectedReply",
     "UnknownDevice",
+    "UnknownLogin",
     "UnknownToken",
     "UsageError",
     "UserInUse",
+    "WrongLoginStep",
     "WrongPickleKey",
     "WrongType",
     "YamlError",
@@ -188,7 +196,35 @@ class RemoteError(ServiceError):
     (the inbox retries the event, the layer reconnects the login with backoff)."""
 
 
-class LoginRefused(InvalidInput):
+class SendFailed(RemoteError):
+    """The remote side did not take a Matrix event; ``message`` is shown to its sender.
+
+    ``reason`` is one of :class:`~bridge_kit.bridge.send_status.StatusReason`'s values
+    (``m.foreign_network_error`` by default); ``transient``: worth retrying.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str = "m.foreign_network_error", transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.transient = transient
+
+
+class LoginError(InvalidInput):
+    """A bridge login (or a step of logging in) that cannot go on as asked."""
+
+
+class UnknownLogin(LoginError, LookupError):
+    """No such login flow, no such login process of this user, or no such login."""
+
+
+class WrongLoginStep(LoginError):
+    """A login step submitted for a step other than the one the process is at."""
+
+
+class LoginRefused(LoginError):
     """The remote network refused a bridge login: wrong or expired credentials. The
     layer stops reconnecting it (``BAD_CREDENTIALS``) until the user logs in again."""
 

@@ -31,9 +31,10 @@ from bridge_kit.bridge.login_flows import (
     LoginStep,
 )
 from bridge_kit.bridge.provisioning import PREFIX
-from bridge_kit.bridge.send_status import MESSAGE_STATUS_EVENT, SendFailed, StatusReason
+from bridge_kit.bridge.send_status import MESSAGE_STATUS_EVENT, StatusReason
 from bridge_kit.client import HomeserverClient
 from bridge_kit.config import AppServiceConfig, BridgeConfig, Config, HomeserverConfig
+from bridge_kit.errors import SendFailed
 from bridge_kit.store import MemoryStore
 from bridge_kit.testing.synapse import free_port
 from tests.conftest import TestHomeserver, _running_homeserver

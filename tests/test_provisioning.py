@@ -31,7 +31,6 @@ from bridge_kit.bridge.records import LoginRecord, LoginState
 from bridge_kit.bridge.status import StateEvent, StatusReporter
 from bridge_kit.config import AppServiceConfig, BridgeConfig, Config, HomeserverConfig
 from bridge_kit.errors import InvalidInput
-from bridge_kit.store import MemoryStore
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.helpers.flownet import FlowNet
 from tests.helpers.provisioning_schema import check_reply
@@ -114,8 +113,7 @@ async def running_bridge(
         ),
         bridge=BridgeConfig(permissions={"*": "relay", "test.local": "user"}),
     )
-    # The memory store until the SQL stores hold the bridge's records (schema v6).
-    app = AppService(config, store=MemoryStore())
+    app = AppService(config)
     connector = FlowNet()
     status = StatusReporter(metrics=app.metrics)
 

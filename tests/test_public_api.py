@@ -114,6 +114,10 @@ ERROR_GROUPS = {
         errors.CommandError,
         errors.MediaError,
         errors.MediaUnavailable,
+        errors.LoginError,
+        errors.LoginRefused,
+        errors.UnknownLogin,
+        errors.WrongLoginStep,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,
@@ -136,6 +140,8 @@ ERROR_GROUPS = {
         errors.ClientClosed,
         errors.StartupCheckFailed,
         errors.ListenError,
+        errors.RemoteError,
+        errors.SendFailed,
     ),
     errors.CryptoError: (
         errors.EncryptionUnavailable,

@@ -13,13 +13,12 @@ from bridge_kit import AppService
 from bridge_kit.bridge.send_status import (
     MESSAGE_STATUS_EVENT,
     NoticeMode,
-    SendFailed,
     SendStatus,
     SendStatusReporter,
     StatusReason,
 )
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
-from bridge_kit.errors import InvalidInput
+from bridge_kit.errors import InvalidInput, SendFailed
 from bridge_kit.store import MemoryStore
 from tests.conftest import TestHomeserver, _running_homeserver
 

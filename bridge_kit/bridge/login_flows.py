@@ -27,7 +27,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
-from bridge_kit.errors import InvalidInput
+from bridge_kit.errors import InvalidInput, UnknownLogin, WrongLoginStep
 from bridge_kit.types import converter
 
 __all__ = [
@@ -43,8 +43,6 @@ __all__ = [
     "LoginStep",
     "OffersLoginFlows",
     "StepType",
-    "UnknownLogin",
-    "WrongStep",
     "login_with_args",
 ]
 
@@ -223,14 +221,6 @@ class OffersLoginFlows(Protocol[Info]):
         ...
 
 
-class WrongStep(InvalidInput):
-    """A submission for a step other than the one the process is at (``M_BAD_STATE``)."""
-
-
-class UnknownLogin(InvalidInput, LookupError):
-    """No such login flow, or no such login process of this user (``M_NOT_FOUND``)."""
-
-
 @attrs.define
 class _Session(Generic[Info]):
     id: str
@@ -295,7 +285,7 @@ class LoginSessions(Generic[Info]):
         ``relogin``: the id of a login this one replaces; ``management_room``:
         where the finished login's state changes are told.
 
-        Raises :class:`UnknownLogin` for an unknown flow.
+        Raises :class:`~bridge_kit.errors.UnknownLogin` for an unknown flow.
         """
         await self._expire()
         process = await self._create(user_id, flow_id)
@@ -328,9 +318,10 @@ class LoginSessions(Generic[Info]):
     ) -> LoginStep[Info]:
         """Submit ``values`` (or nothing, to wait) to the step the process is at.
 
-        Raises :class:`UnknownLogin` for a process that is not
-        this user's (or no longer exists), :class:`WrongStep` when ``step_id``
-        or ``step_type`` is not the current step's, and
+        Raises :class:`~bridge_kit.errors.UnknownLogin` for a process that is
+        not this user's (or no longer exists),
+        :class:`~bridge_kit.errors.WrongLoginStep` when ``step_id`` or
+        ``step_type`` is not the current step's, and
         :class:`~bridge_kit.errors.InvalidInput` when the connector refuses the
         input (the process is then over).
         """
@@ -342,7 +333,7 @@ class LoginSessions(Generic[Info]):
             if txn_id and previous is not None and previous.txn_id == txn_id:
                 return current  # the client did not get our answer: the same again
             if current.step_id != step_id or current.type is not step_type:
-                raise WrongStep(
+                raise WrongLoginStep(
                     f"the login is at step {current.step_id!r} ({current.type.value}), "
                     f"not {step_id!r} ({step_type.value})"
                 )
@@ -358,7 +349,8 @@ class LoginSessions(Generic[Info]):
         return [s.id for s in self._sessions.values() if s.user_id == user_id]
 
     async def cancel(self, user_id: str, process_id: str) -> None:
-        """Cancel a process of ``user_id``; :class:`UnknownLogin` if there is none."""
+        """Cancel a process of ``user_id``; :class:`~bridge_kit.errors.UnknownLogin`
+        if there is none."""
         session = self._owned(user_id, process_id)
         await self._drop(session)
 

@@ -29,7 +29,8 @@ from bridge_kit.bridge.events import MessageKind, RemoteMedia
 from bridge_kit.bridge.formatting import parse_edit, reply_target, strip_reply_fallback
 from bridge_kit.bridge.permissions import Level
 from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
-from bridge_kit.bridge.send_status import SendFailed, StatusReason
+from bridge_kit.bridge.send_status import StatusReason
+from bridge_kit.errors import SendFailed
 from bridge_kit.inbox.signals import NotReady
 from bridge_kit.store import Store
 from bridge_kit.types import Event

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -50,16 +51,20 @@ from bridge_kit.bridge.login_flows import (
     LoginStep,
     OffersLoginFlows,
     StepType,
-    UnknownLogin,
-    WrongStep,
 )
 from bridge_kit.bridge.permissions import Level, Permissions
 from bridge_kit.bridge.records import LoginRecord, LoginState
 from bridge_kit.bridge.status import BridgeState, StateEvent, StatusReporter
 from bridge_kit.client import HomeserverClient
 from bridge_kit.config import BridgeConfig
-from bridge_kit.errors import BridgeKitError, InvalidInput, MatrixRequestError
+from bridge_kit.errors import (
+    InvalidInput,
+    MatrixRequestError,
+    UnknownLogin,
+    WrongLoginStep,
+)
 from bridge_kit.ids import split_user_id
+from bridge_kit.inbox.signals import ErrorReply
 from bridge_kit.types import converter
 
 __all__ = [
@@ -180,16 +185,9 @@ class ProvisioningHost(Protocol):
     def chat_starter(self) -> ChatStarter | None: ...
 
 
-class _Reply(BridgeKitError):
-    """An error answer: status, errcode and message."""
-
-    def __init__(self, status: int, errcode: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.errcode, self.message, self.extra = status, errcode, message, extra
-
-    def response(self) -> web.Response:
-        body = {"errcode": self.errcode, "error": self.message, **self.extra}
-        return web.json_response(body, status=self.status, dumps=json_text, headers=_CORS)
+def _error_response(error: ErrorReply, **extra: Any) -> web.Response:
+    body = {"errcode": error.errcode, "error": error.message, **extra}
+    return web.json_response(body, status=error.status, dumps=json_text, headers=_CORS)
 
 
 _USER = web.RequestKey("bridge_kit.provisioning.user", str)
@@ -300,18 +298,20 @@ class ProvisioningAPI:
         if relogin is not None:
             await self._login_of(user_id, relogin)
         if flow_id not in {flow.id for flow in self.host.login_flows()}:
-            raise _Reply(404, "M_NOT_FOUND", "Login flow not found")
+            raise ErrorReply(404, "M_NOT_FOUND", "Login flow not found")
         try:
             process_id, step = await self.sessions.start(user_id, flow_id, relogin)
         except UnknownLogin as exc:
-            raise _Reply(404, "M_NOT_FOUND", "Login flow not found") from exc
+            raise ErrorReply(404, "M_NOT_FOUND", "Login flow not found") from exc
         return _json(_step_body(process_id, step))
 
     async def login_step(self, request: web.Request) -> web.Response:
         user_id, info = request[_USER], request.match_info
         step_type = _STEP_TYPES.get(info["step_type"])
         if step_type is None:
-            raise _Reply(404, "M_UNRECOGNIZED", f"Invalid step type {_shown(info['step_type'])}")
+            raise ErrorReply(
+                404, "M_UNRECOGNIZED", f"Invalid step type {_shown(info['step_type'])}"
+            )
         values = None
         if step_type is not StepType.DISPLAY_AND_WAIT:
             values = await _string_map(request)
@@ -325,16 +325,16 @@ class ProvisioningAPI:
                 txn_id=request.query.get("txn_id", ""),
             )
         except UnknownLogin as exc:
-            raise _Reply(404, "M_NOT_FOUND", "Login not found") from exc
-        except WrongStep as exc:
-            raise _Reply(400, "M_BAD_STATE", str(exc)) from exc
+            raise ErrorReply(404, "M_NOT_FOUND", "Login not found") from exc
+        except WrongLoginStep as exc:
+            raise ErrorReply(400, "M_BAD_STATE", str(exc)) from exc
         return _json(_step_body(info["process_id"], step))
 
     async def login_cancel(self, request: web.Request) -> web.Response:
         try:
             await self.sessions.cancel(request[_USER], request.match_info["process_id"])
         except UnknownLogin as exc:
-            raise _Reply(404, "M_NOT_FOUND", "Login not found") from exc
+            raise ErrorReply(404, "M_NOT_FOUND", "Login not found") from exc
         return _json({})
 
     # -- routes: starting chats -------------------------------------------------------
@@ -349,7 +349,7 @@ class ProvisioningAPI:
         body = await _json_body(request)
         query = body.get("query") if isinstance(body, dict) else None
         if not isinstance(query, str):
-            raise _Reply(400, "M_NOT_JSON", "The body must be an object with a string 'query'")
+            raise ErrorReply(400, "M_NOT_JSON", "The body must be an object with a string 'query'")
         found = await _supported(starter.search_users(login, query), "searching users")
         return _json({"results": [_identifier_body(r) for r in found]})
 
@@ -365,14 +365,14 @@ class ProvisioningAPI:
         identifier = request.match_info["identifier"]
         found = await _supported(starter.resolve_identifier(login, identifier, create_dm), what)
         if found is None:
-            raise _Reply(404, "M_NOT_FOUND", "Identifier not found")
+            raise ErrorReply(404, "M_NOT_FOUND", "Identifier not found")
         return _json(_identifier_body(found))
 
     async def create_group(self, request: web.Request) -> web.Response:
         starter, login = await self._starter(request, "creating groups")
         params = await _json_body(request)
         if not isinstance(params, dict):
-            raise _Reply(400, "M_NOT_JSON", "The body must be a JSON object")
+            raise ErrorReply(400, "M_NOT_JSON", "The body must be a JSON object")
         group_type = request.match_info["group_type"]
         chat_id, room_id = await _supported(
             starter.create_group(login, group_type, params), "creating groups"
@@ -406,24 +406,26 @@ class ProvisioningAPI:
             return web.Response(status=200, headers=_CORS)
         try:
             response = await handler(request)
-        except _Reply as exc:
-            return exc.response()
+        except ErrorReply as exc:
+            return _error_response(exc)
         except InvalidInput as exc:
             # The connector refused the input (a wrong password): the login is over.
-            return _Reply(400, "M_INVALID_PARAM", str(exc)).response()
+            return _error_response(ErrorReply(400, "M_INVALID_PARAM", str(exc)))
         except web.HTTPRequestEntityTooLarge:
-            return _Reply(413, "M_TOO_LARGE", "Request body too large").response()
+            return _error_response(ErrorReply(413, "M_TOO_LARGE", "Request body too large"))
         except web.HTTPException as exc:
             if exc.status == 404:
-                return _Reply(404, "M_UNRECOGNIZED", "Unrecognized endpoint").response()
+                return _error_response(ErrorReply(404, "M_UNRECOGNIZED", "Unrecognized endpoint"))
             if exc.status == 405:
-                return _Reply(405, "M_UNRECOGNIZED", "Invalid method for endpoint").response()
+                return _error_response(
+                    ErrorReply(405, "M_UNRECOGNIZED", "Invalid method for endpoint")
+                )
             raise
         except Exception:
             log.exception(
                 "provisioning: unexpected error answering %s %s", request.method, request.path
             )
-            return _Reply(500, "M_UNKNOWN", "Internal error").response()
+            return _error_response(ErrorReply(500, "M_UNKNOWN", "Internal error"))
         response.headers.update(_CORS)
         return response
 
@@ -431,28 +433,33 @@ class ProvisioningAPI:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         user_id = await self._authenticate(request)
         if not self.host.may_log_in(user_id):
-            raise _Reply(403, "M_FORBIDDEN", "User does not have login permissions")
-        if not self._bucket(user_id).try_take():
-            raise _Reply(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=1000)
+            raise ErrorReply(403, "M_FORBIDDEN", "User does not have login permissions")
+        bucket = self._bucket(user_id)
+        if not bucket.try_take():
+            wait_ms = math.ceil((1 - bucket.available) * bucket.period / bucket.rate * 1000)
+            refused = ErrorReply(429, "M_LIMIT_EXCEEDED", "Too many requests")
+            return _error_response(refused, retry_after_ms=max(wait_ms, 1))
         request[_USER] = user_id
         return await handler(request)
 
     async def _authenticate(self, request: web.Request) -> str:
         token = _bearer(request)
         if not token:
-            raise _Reply(401, "M_MISSING_TOKEN", "Missing auth token")
+            raise ErrorReply(401, "M_MISSING_TOKEN", "Missing auth token")
         claimed = request.query.get("user_id") or None
         if claimed is not None and not _valid_user_id(claimed):
-            raise _Reply(400, "M_INVALID_PARAM", "user_id is not a valid Matrix user ID")
+            raise ErrorReply(400, "M_INVALID_PARAM", "user_id is not a valid Matrix user ID")
         if len(self._secret) >= _SECRET_MIN_LENGTH and _same(token, self._secret):
             if claimed is None:
-                raise _Reply(400, "M_MISSING_PARAM", "user_id is required with the shared secret")
+                raise ErrorReply(
+                    400, "M_MISSING_PARAM", "user_id is required with the shared secret"
+                )
             return claimed
         if not self.settings.matrix_auth:
             raise _invalid_token()
         if token.startswith("openid:"):
             if claimed is None:
-                raise _Reply(400, "M_MISSING_PARAM", "user_id is required with an OpenID token")
+                raise ErrorReply(400, "M_MISSING_PARAM", "user_id is required with an OpenID token")
             return await self._check_openid(token.removeprefix("openid:"), claimed)
         return await self._check_access_token(token, claimed)
 
@@ -584,13 +591,13 @@ async def _json_body(request: web.Request) -> Any:
     try:
         return decode_request(await request.read())
     except (ValueError, RecursionError) as exc:
-        raise _Reply(400, "M_NOT_JSON", "Request body is not valid JSON") from exc
+        raise ErrorReply(400, "M_NOT_JSON", "Request body is not valid JSON") from exc
 
 
 async def _string_map(request: web.Request) -> dict[str, str]:
     body = await _json_body(request) if request.can_read_body else {}
     if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
-        raise _Reply(400, "M_NOT_JSON", "The body must be a JSON object of strings")
+        raise ErrorReply(400, "M_NOT_JSON", "The body must be a JSON object of strings")
     return body
 
 
@@ -601,16 +608,16 @@ async def _supported(call: Awaitable[Any], what: str) -> Any:
         raise _not_supported(what) from exc
 
 
-def _not_supported(what: str) -> _Reply:
-    return _Reply(501, "M_UNRECOGNIZED", f"This bridge does not support {what}")
+def _not_supported(what: str) -> ErrorReply:
+    return ErrorReply(501, "M_UNRECOGNIZED", f"This bridge does not support {what}")
 
 
-def _login_not_found() -> _Reply:
-    return _Reply(404, "M_NOT_FOUND", "Login not found")
+def _login_not_found() -> ErrorReply:
+    return ErrorReply(404, "M_NOT_FOUND", "Login not found")
 
 
-def _invalid_token() -> _Reply:
-    return _Reply(401, "M_UNKNOWN_TOKEN", "Invalid auth token")
+def _invalid_token() -> ErrorReply:
+    return ErrorReply(401, "M_UNKNOWN_TOKEN", "Invalid auth token")
 
 
 def _json(body: Any) -> web.Response:

@@ -9,7 +9,7 @@ with a reason) and a notice replying to it that says why, as
 only) or ``both``. After a ``PENDING`` status a success is told too, so a
 client does not keep showing the message as pending.
 
-A connector says how a send failed by raising :class:`SendFailed` (or
+A connector says how a send failed by raising :class:`~bridge_kit.errors.SendFailed` (or
 :class:`~bridge_kit.errors.InvalidInput` for what the network refuses, which
 is never retried); a connection error (``OSError``, ``TimeoutError``, an
 aiohttp client error) is taken as transient, anything else as a bug.
@@ -26,13 +26,12 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import attrs
 
-from bridge_kit.errors import InvalidInput, ServiceError
+from bridge_kit.errors import InvalidInput, SendFailed
 from bridge_kit.inbox.signals import NotReady, Park
 
 __all__ = [
     "MESSAGE_STATUS_EVENT",
     "NoticeMode",
-    "SendFailed",
     "SendOutcome",
     "SendStatus",
     "SendStatusReporter",
@@ -53,7 +52,7 @@ class SendStatus(enum.Enum):
     FAIL_PERMANENT = "FAIL_PERMANENT"
 
 
-class StatusReason(enum.Enum):
+class StatusReason(enum.StrEnum):
     """Why a message was not bridged (the event's ``reason``)."""
 
     GENERIC = "m.event_not_handled"
@@ -70,25 +69,6 @@ class NoticeMode(enum.Enum):
     OFF = "off"
     NOTICE = "notice"
     BOTH = "both"
-
-
-class SendFailed(ServiceError):
-    """The remote side did not take a Matrix event; ``message`` is shown to the sender.
-
-    ``transient``: worth retrying (a timeout, a dropped connection).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: StatusReason = StatusReason.NETWORK_ERROR,
-        transient: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
-        self.transient = transient
 
 
 class _Sender(Protocol):
@@ -211,7 +191,7 @@ class SendStatusReporter:
             "status": status.value,
         }
         if failure is not None and status is not SendStatus.SUCCESS:
-            content["reason"] = failure.reason.value
+            content["reason"] = str(failure.reason)
             content["message"] = failure.message
         # One transaction id per (event, status): a handler run twice sends each once.
         txn_id = f"mss.{event_id}.{status.value}"
