@@ -307,6 +307,10 @@ def _check_message_status(value: str) -> str | None:
     return f"must be off, notice or both, got {value!r}{hint}"
 
 
+def _check_optional_port(value: int | None) -> str | None:
+    return None if value is None else _check_port(value)
+
+
 def _check_provisioning_secret(value: str | None) -> str | None:
     if value is None or len(value) >= 16:
         return None
@@ -343,6 +347,9 @@ class BridgeConfig(Section):
     ``com.beeper.message_send_status`` event)."""
     provisioning: bool = True
     """Serve the provisioning API under ``/_matrix/provision`` on the appservice's listener."""
+    provisioning_port: int | None = _checked(None, _check_optional_port)
+    """Serve the provisioning API on a listener of its own on this port (on
+    ``appservice.host``), not on the appservice's; null: on the appservice's."""
     provisioning_secret: str | None = _checked(None, _check_provisioning_secret, repr=False)
     """A shared secret that acts for any user named by ``?user_id=`` (bridge managers)."""
     provisioning_matrix_auth: bool = True

@@ -127,13 +127,15 @@ async def endpoint() -> AsyncIterator[tuple[StatusEndpoint, str]]:
     await runner.cleanup()
 
 
-def make_bridge(hs: TestHomeserver, network: ToyNetwork, status_url: str, chat: str) -> Bridge:
+def make_bridge(
+    hs: TestHomeserver, network: ToyNetwork, status_url: str, chat: str, **bridge: Any
+) -> Bridge:
     config = Config(
         homeserver=HomeserverConfig(url=hs.url),
         appservice=AppServiceConfig(
             registration=str(hs.registration_path), port=hs.appservice_port
         ),
-        bridge=BridgeConfig(permissions={DOMAIN: "user"}, status_endpoint=status_url),
+        bridge=BridgeConfig(permissions={DOMAIN: "user"}, status_endpoint=status_url, **bridge),
         extra_sections={"toy": ToyConfig(chats=[chat])},
     )
     return Bridge(AppService(config, store=MemoryStore()), FlowToy(network))
@@ -151,7 +153,8 @@ async def provision(
     bridge: Bridge, method: str, route: str, token: str, path: str | None = None, **kw: Any
 ) -> tuple[int, Any]:
     """Call the bridge's provisioning API as a client written from the file would."""
-    url = f"http://127.0.0.1:{bridge.config.appservice.port}{PREFIX}{path or route}"
+    port = bridge.config.bridge.provisioning_port or bridge.config.appservice.port
+    url = f"http://127.0.0.1:{port}{PREFIX}{path or route}"
     headers = {"Authorization": f"Bearer {token}"}
     async with (
         aiohttp.ClientSession() as session,
@@ -254,6 +257,30 @@ async def test_a_refused_message_shows_its_status(
         await alice.say(room_id, f"fine {unique}")
         await network.wait_for("message", lambda r: f"fine {unique}" in r.item.text)
         await alice.find(room_id, body_is(f"fine {unique}"), "the message")
+
+
+async def test_the_api_on_a_listener_of_its_own(
+    homeserver: TestHomeserver, endpoint: tuple[StatusEndpoint, str], unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    secret = "a-manager-secret-0123456789"
+    port = free_port()
+    bridge = make_bridge(
+        homeserver, network, endpoint[1], chat, provisioning_port=port, provisioning_secret=secret
+    )
+    async with bridge:
+        status, body = await provision(
+            bridge, "GET", "/v3/logins", secret, params={"user_id": f"@x{unique}:{DOMAIN}"}
+        )
+        assert (status, body) == (200, {"login_ids": []})
+        # Not on the appservice's listener then.
+        url = f"http://127.0.0.1:{bridge.config.appservice.port}{PREFIX}/v3/logins"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 404
+    # Stopped with the bridge.
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await provision(bridge, "GET", "/v3/logins", secret)
 
 
 def _body(event: dict[str, Any]) -> str:

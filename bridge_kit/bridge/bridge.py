@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
+from aiohttp import web
+
 from bridge_kit.app.runner import StopSignals, run_app
 from bridge_kit.app.service import AppService
 from bridge_kit.bridge.builtin_commands import add_builtin_commands
@@ -21,12 +23,14 @@ from bridge_kit.bridge.connector import NetworkConnector
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
 from bridge_kit.bridge.matrix import MatrixHandler
 from bridge_kit.bridge.portals import UnknownChat
+from bridge_kit.bridge.provisioning import PREFIX as PROVISIONING_PREFIX
 from bridge_kit.bridge.remote import RemoteHandler
 from bridge_kit.bridge.status import StateEvent
 from bridge_kit.errors import BridgeKitError, MatrixRequestError
 from bridge_kit.inbox.items import RemoteItem
 from bridge_kit.inbox.records import ItemKind
 from bridge_kit.logs import configure_logging
+from bridge_kit.server.appservice_api import serve_app
 from bridge_kit.types import Event
 
 __all__ = ["RELAY_OFF", "Bridge", "remote_lane"]
@@ -57,6 +61,7 @@ class Bridge(BridgeCore):
         app.on_user_query(self.on_user_query)
         add_builtin_commands(self.commands)
         self._connector_started = False
+        self._provisioning_runner: web.AppRunner | None = None
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -118,6 +123,7 @@ class Bridge(BridgeCore):
         await self.app.start()
         try:
             await self.status.start()
+            await self._listen_for_provisioning()
             name = self.config.bridge.bot_displayname
             if name:
                 await self.app.bot.set_displayname(name)
@@ -129,6 +135,22 @@ class Bridge(BridgeCore):
             await self._stop_parts()
             await self.app.stop()
             raise
+
+    async def _listen_for_provisioning(self) -> None:
+        """The provisioning API on a port of its own, when ``bridge.provisioning_port`` says."""
+        section = self.config.bridge
+        if not section.provisioning or section.provisioning_port is None:
+            return
+        root = web.Application()
+        root.add_subapp(PROVISIONING_PREFIX, self.provisioning.app())
+        host = self.config.appservice.host
+        self._provisioning_runner = await serve_app(root, host, section.provisioning_port)
+        log.info(
+            "provisioning API on http://%s:%d%s",
+            host,
+            section.provisioning_port,
+            PROVISIONING_PREFIX,
+        )
 
     async def stop(self) -> None:
         """Stop the connector, disconnect the logins, stop the app."""
@@ -147,6 +169,9 @@ class Bridge(BridgeCore):
             await self.portals.close()
             await self.logins.close_all()
             await self.status.close()
+            if self._provisioning_runner is not None:
+                runner, self._provisioning_runner = self._provisioning_runner, None
+                await runner.cleanup()
 
     async def __aenter__(self) -> Bridge:
         await self.start()

@@ -83,7 +83,7 @@ class BridgeCore:
         self.provisioning = ProvisioningAPI(
             host, self.login_sessions, self.status, ProvisioningSettings.from_config(section)
         )
-        if section.provisioning:
+        if section.provisioning and section.provisioning_port is None:
             app.web_apps[PROVISIONING_PREFIX] = self.provisioning.app
 
     @property

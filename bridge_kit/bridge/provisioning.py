@@ -84,6 +84,8 @@ PREFIX = "/_matrix/provision"
 TOKEN_CACHE_SECONDS = 300.0
 """How long a Matrix access token, once the homeserver vouched for it, is trusted."""
 _OPENID_CACHE_SECONDS = 3600.0
+_REFUSED_CACHE_SECONDS = 30.0
+_REFUSED = ""  # no user ID is empty: the cache's mark of a refused token
 _CACHE_SIZE = 10_000
 _MAX_BODY = 64 * 1024
 _SECRET_MIN_LENGTH = 16
@@ -466,11 +468,16 @@ class ProvisioningAPI:
     async def _check_access_token(self, token: str, claimed: str | None) -> str:
         key = "token:" + _digest(token)  # the cache keeps no token, only its digest
         user_id = self._cached(key)
+        if user_id == _REFUSED:
+            raise _invalid_token()
         if user_id is None:
             client = HomeserverClient(self.host.homeserver_url, token)
             try:
                 user_id = (await client.whoami()).user_id
             except MatrixRequestError as exc:
+                # Refused for a while too: a client looping on a bad token must not
+                # turn each of its requests into one to the homeserver.
+                self._remember(key, _REFUSED, _REFUSED_CACHE_SECONDS)
                 raise _invalid_token() from exc
             finally:
                 await client.close()
@@ -485,8 +492,14 @@ class ProvisioningAPI:
         server = split_user_id(claimed)[1]
         key = f"openid:{server}:{_digest(token)}"
         user_id = self._cached(key)
+        if user_id == _REFUSED:
+            raise _invalid_token()
         if user_id is None:
-            user_id = await self._openid_subject(server, token)
+            try:
+                user_id = await self._openid_subject(server, token)
+            except ErrorReply:
+                self._remember(key, _REFUSED, _REFUSED_CACHE_SECONDS)
+                raise
             self._remember(key, user_id, _OPENID_CACHE_SECONDS)
         if user_id != claimed:
             raise _invalid_token()
