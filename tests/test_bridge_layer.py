@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -31,10 +32,11 @@ from bridge_kit.bridge.events import (
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.config import BridgeConfig
-from bridge_kit.store import Store
+from bridge_kit.store import Store, open_store
 from bridge_kit.store.memory import MemoryStore
+from bridge_kit.testing.synapse import free_port
 from bridge_kit.types import Event
-from tests.conftest import TestHomeserver, _running_homeserver
+from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
 from tests.helpers.toy_network import ToyConfig, ToyConnector, ToyNetwork
 
 T = TypeVar("T")
@@ -46,13 +48,6 @@ DOMAIN = "test.local"
 async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
     async with _running_homeserver(tmp_path_factory.mktemp("bridge")) as hs:
         yield hs
-
-
-class KeptMemoryStore(MemoryStore):
-    """A memory store that survives its app's stop: a restart within one test."""
-
-    async def close(self) -> None:
-        return None
 
 
 class Registrations(ClientObserver):
@@ -69,17 +64,25 @@ class Registrations(ClientObserver):
 
 
 def make_bridge(
-    hs: TestHomeserver, store: Store, network: ToyNetwork, chats: tuple[str, ...] = ()
+    hs: TestHomeserver,
+    store: Store,
+    network: ToyNetwork,
+    chats: tuple[str, ...] = (),
+    *,
+    port: int | None = None,
 ) -> Bridge:
+    """A bridge on the toy network; ``port``: a second daemon, which the homeserver
+    does not push to (only the registration's port is pinged)."""
     config = Config(
         homeserver=HomeserverConfig(url=hs.url),
         appservice=AppServiceConfig(
-            registration=str(hs.registration_path), port=hs.appservice_port
+            registration=str(hs.registration_path), port=port or hs.appservice_port
         ),
         bridge=BridgeConfig(permissions={DOMAIN: "user"}),
         extra_sections={"toy": ToyConfig(chats=list(chats))},
     )
-    return Bridge(AppService(config, store=store), ToyConnector(network))
+    app = AppService(config, store=store, ping=port is None)
+    return Bridge(app, ToyConnector(network))
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
@@ -393,15 +396,19 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
         assert kicked["content"]["reason"] == "by Bob: spam"
 
 
-async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, unique: str) -> None:
+async def test_a_restart_reuses_portals_and_ghosts(
+    homeserver: TestHomeserver, unique: str, tmp_path: Path
+) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)
-    store = KeptMemoryStore()
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    store = open_store(url)
     async with make_bridge(homeserver, store, network) as bridge:
         await remote_says(bridge, chat, "1", "before")
         await mapped(bridge, chat, "1")
         room_before = (await store.portal(PortalKey(chat))).room_id  # type: ignore[union-attr]
     registrations = Registrations()
+    store = open_store(url)  # a new process would open the file again
     bridge = make_bridge(homeserver, store, network)
     bridge.app.client.observers.append(registrations)
     async with bridge, human(homeserver, f"h{unique}") as alice:
@@ -419,3 +426,22 @@ async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, u
         assert bodies.count("before") == 1 and bodies.count("after") == 1
         assert network.connects.count("relay") == 2  # once per run: the login was reloaded
     assert registrations.count == 0
+
+
+@pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "claimed"])
+async def test_two_bridges_on_one_postgresql_make_one_room(
+    homeserver: TestHomeserver, unique: str, receiver: str
+) -> None:
+    """Two daemons sharing a store race to create a portal: one room. With an alias
+    the homeserver refuses the second; without one the store's claim decides."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, receiver)
+    async with scratch_database() as dsn:
+        first = make_bridge(homeserver, open_store(dsn), network)
+        second = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        async with first, second:
+            rooms = await asyncio.gather(first.ensure_portal(key), second.ensure_portal(key))
+            assert rooms[0] == rooms[1]
+            record = await first.app.store.portal(key)
+            assert record is not None and record.room_id == rooms[0]
