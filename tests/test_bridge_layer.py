@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pytest
+from aiohttp import web
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
 from bridge_kit.bridge.bridge import Bridge
@@ -23,6 +24,7 @@ from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
     RemoteEdit,
+    RemoteMedia,
     RemoteMembership,
     RemoteMessage,
     RemoteReaction,
@@ -445,3 +447,41 @@ async def test_two_bridges_on_one_postgresql_make_one_room(
             assert rooms[0] == rooms[1]
             record = await first.app.store.portal(key)
             assert record is not None and record.room_id == rooms[0]
+
+
+@contextlib.asynccontextmanager
+async def file_server(data: bytes) -> AsyncIterator[str]:
+    """The remote network's file server: ``GET /f.png`` gives ``data``."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/f.png", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/f.png"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_remote_file_is_uploaded(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    data = b"\x89PNG not really" * 100
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice, file_server(data) as url:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        media = RemoteMedia(url, name="f.png")
+        await remote_says(bridge, chat, "img", "a picture", kind=MessageKind.IMAGE, media=media)
+        image = await alice.find(room_id, body_is("a picture"), "the image")
+        content = image["content"]
+        assert content["msgtype"] == "m.image" and content["url"].startswith("mxc://")
+        assert content["info"] == {"mimetype": "image/png", "size": len(data)}
+        gone = RemoteMedia(url.replace("f.png", "gone.png"), name="gone.png")
+        await remote_says(bridge, chat, "img2", "lost", kind=MessageKind.IMAGE, media=gone)
+        link = await alice.find(room_id, body_is(f"lost\n{gone.url}"), "the link instead")
+        assert link["content"]["msgtype"] == "m.text"
