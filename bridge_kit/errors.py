@@ -16,11 +16,13 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
-    │   ├── LoginError               a bridge login that cannot go on as asked
-    │   │   ├── LoginRefused         the remote network refused a bridge login (credentials)
-    │   │   ├── UnknownLogin (LookupError)  no such login flow, login process or login
-    │   │   └── WrongLoginStep       a login step that is not the one the process is at
+    │   ├── RemoteRefused            a bridge's remote network refused or does not know it
+    │   │   ├── LoginRefused         a login's credentials (wrong or expired)
+    │   │   └── UnknownChat          the remote chat a portal was asked for
     │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
+    │   │   └── LoginError           a login (by command or provisioning) that cannot go on
+    │   │       ├── UnknownLogin (LookupError)  no such login flow, login process or login
+    │   │       └── WrongLoginStep   a login step that is not the one the process is at
     │   └── MediaError               media that cannot be bridged
     │       ├── MediaTooLarge        over the homeserver's size limit (or the bridge's), refused
     │       └── MediaUnavailable     a remote file that could not be fetched
@@ -98,6 +100,7 @@ __all__ = [
     "RegistrationAborted",
     "RegistrationError",
     "RemoteError",
+    "RemoteRefused",
     "ResourceLimitExceeded",
     "SendFailed",
     "ServiceError",
@@ -106,6 +109,7 @@ __all__ = [
     "StoreError",
     "UndecryptableEvent",
     "UnexpectedReply",
+    "UnknownChat",
     "UnknownDevice",
     "UnknownLogin",
     "UnknownToken",
@@ -212,21 +216,18 @@ class SendFailed(RemoteError):
         self.transient = transient
 
 
-class LoginError(InvalidInput):
-    """A bridge login (or a step of logging in) that cannot go on as asked."""
+class RemoteRefused(InvalidInput):
+    """A bridge's remote network refused something, or does not know it: sending it
+    again unchanged fails again."""
 
 
-class UnknownLogin(LoginError, LookupError):
-    """No such login flow, no such login process of this user, or no such login."""
-
-
-class WrongLoginStep(LoginError):
-    """A login step submitted for a step other than the one the process is at."""
-
-
-class LoginRefused(LoginError):
+class LoginRefused(RemoteRefused):
     """The remote network refused a bridge login: wrong or expired credentials. The
     layer stops reconnecting it (``BAD_CREDENTIALS``) until the user logs in again."""
+
+
+class UnknownChat(RemoteRefused):
+    """A bridge's connector does not know the remote chat a portal was asked for."""
 
 
 class LifecycleError(ServiceError):
@@ -312,6 +313,18 @@ class YamlError(InvalidInput):
 
 class CommandError(InvalidInput):
     """A bridge command that cannot run as typed; the message is the reply to the user."""
+
+
+class LoginError(CommandError):
+    """Logging in (by the ``login`` command or the provisioning API) cannot go on as asked."""
+
+
+class UnknownLogin(LoginError, LookupError):
+    """No such login flow, no such login process of this user, or no such login."""
+
+
+class WrongLoginStep(LoginError):
+    """A login step submitted for a step other than the one the process is at."""
 
 
 class MediaError(InvalidInput):
