@@ -307,6 +307,10 @@ def _check_message_status(value: str) -> str | None:
     return f"must be off, notice or both, got {value!r}{hint}"
 
 
+def _check_not_negative(value: int) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
 def _check_optional_port(value: int | None) -> str | None:
     return None if value is None else _check_port(value)
 
@@ -345,6 +349,9 @@ class BridgeConfig(Section):
     """What a Matrix message that could not be bridged gets in its room: ``off``
     (nothing), ``notice`` (a notice saying why) or ``both`` (the notice and a
     ``com.beeper.message_send_status`` event)."""
+    backfill_max_catchup: int = _checked(50, _check_not_negative)
+    """When a login connects, the most messages each portal catches up on (0: none;
+    only for a connector that can fetch history)."""
     provisioning: bool = True
     """Serve the provisioning API under ``/_matrix/provision`` on the appservice's listener."""
     provisioning_port: int | None = _checked(None, _check_optional_port)

@@ -164,6 +164,7 @@ class Bridge(BridgeCore):
                 self._connector_started = False
                 await self.connector.stop()
         finally:
+            await self.backfill.close()
             await self.login_sessions.close()
             await self.portals.close()
             await self.logins.close_all()

@@ -15,6 +15,7 @@ import attrs
 
 from bridge_kit._json import json_text
 from bridge_kit.app.service import AppService
+from bridge_kit.bridge.backfill import Backfill
 from bridge_kit.bridge.commands import CommandRegistry, Reply, notice_reply
 from bridge_kit.bridge.connector import LoginInfo, NetworkConnector
 from bridge_kit.bridge.events import RemoteEvent, event_payload
@@ -71,6 +72,10 @@ class BridgeCore:
         provisioning API's ``whoami``, posted to ``bridge.status_endpoint``, counted
         in the metrics."""
         self.logins.observers.append(self._report_login_state)
+        self.backfill = Backfill(
+            app.store, connector, self.handle_remote, max_catchup=section.backfill_max_catchup
+        )
+        """Catches each portal up on its missed messages when a login connects."""
         self.send_status = SendStatusReporter(
             lambda: app.bot, connector.network_id, mode=NoticeMode(section.message_status)
         )
@@ -165,6 +170,8 @@ class BridgeCore:
         await self.status.set_login(
             login.user_id, login.id, state, remote_name=login.remote_name, message=message
         )
+        if state is LoginState.CONNECTED:
+            self.backfill.start_catch_up(login)
 
     async def _create_login(self, user_id: str, flow_id: str) -> LoginProcess[LoginInfo] | None:
         connector = self.connector
