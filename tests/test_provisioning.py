@@ -432,6 +432,18 @@ async def test_qr_flow_waits_until_scanned(bridge: Bridge, unique: str) -> None:
     assert (status, done["complete"]) == (200, {"user_login_id": "fn-qr"})
 
 
+async def test_a_wait_nobody_completes_ends_the_process(bridge: Bridge, unique: str) -> None:
+    bridge.api.sessions.step_timeout = 0.2
+    me = as_user(f"@late{unique}:test.local")
+    _, step = await bridge.call("POST", "/v3/login/start/{flowID}", path="/v3/login/start/qr", **me)
+    status, body = await bridge.call(
+        "POST", step_route("display_and_wait"), path=step_path(step), **me
+    )
+    assert (status, body) == (404, {"errcode": "M_NOT_FOUND", "error": "Login process timed out"})
+    assert bridge.connector.processes[-1].cancelled  # type: ignore[attr-defined]
+    assert bridge.api.sessions.of_user(me["user_id"]) == []
+
+
 async def test_cookie_flow(bridge: Bridge, unique: str) -> None:
     me = as_user(f"@ck{unique}:test.local")
     _, step = await bridge.call(

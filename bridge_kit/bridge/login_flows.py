@@ -248,7 +248,9 @@ class LoginSessions(Generic[Info]):
 
     ``create`` starts a connector's process, ``finish`` turns a completed one
     into a stored, connecting login and returns the login's id (the layer's
-    ``add_login``). A process untouched for ``idle_timeout`` seconds is
+    ``add_login``). A step that takes more than ``step_timeout`` seconds (a
+    ``display_and_wait`` nobody completes) ends its process; one untouched for
+    ``idle_timeout`` seconds is
     cancelled; at most ``per_user`` run at once for one user (the oldest is
     cancelled), so a client looping on ``start`` holds no unbounded memory.
     """
@@ -259,12 +261,15 @@ class LoginSessions(Generic[Info]):
         finish: Finish[Info],
         *,
         idle_timeout: float = 600.0,
+        step_timeout: float = 300.0,
         per_user: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._create = create
         self._finish = finish
         self.idle_timeout = idle_timeout
+        self.step_timeout = step_timeout
+        """Seconds one step may take (a QR code never scanned): then the process ends."""
         self.per_user = per_user
         self._clock = clock
         self._sessions: dict[str, _Session[Info]] = {}
@@ -384,7 +389,10 @@ class LoginSessions(Generic[Info]):
     ) -> LoginStep[Info]:
         """Await the process's next step; a failure or a completion ends the session."""
         try:
-            step = await next_step
+            try:
+                step = await asyncio.wait_for(next_step, self.step_timeout)
+            except TimeoutError:
+                raise UnknownLogin("Login process timed out") from None
             if step.type is StepType.COMPLETE:
                 if step.info is None:
                     raise ValueError("a complete login step needs the login's info")

@@ -327,7 +327,7 @@ class ProvisioningAPI:
                 txn_id=request.query.get("txn_id", ""),
             )
         except UnknownLogin as exc:
-            raise ErrorReply(404, "M_NOT_FOUND", "Login not found") from exc
+            raise ErrorReply(404, "M_NOT_FOUND", str(exc)) from exc
         except WrongLoginStep as exc:
             raise ErrorReply(400, "M_BAD_STATE", str(exc)) from exc
         return _json(_step_body(info["process_id"], step))
