@@ -386,6 +386,10 @@ async def test_a_step_must_be_the_one_shown(bridge: Bridge, unique: str) -> None
         "POST", step_route("user_input"), path=step_path(step), data=b"{not json", **me
     )
     assert (status, body["errcode"]) == (400, "M_NOT_JSON")
+    status, body = await bridge.raw(
+        "POST", step_path(step), data=b'{"name": "' + b"x" * 70_000 + b'"}', **me
+    )
+    assert (status, body["errcode"]) == (413, "M_TOO_LARGE")
     # Missing required fields are refused before the connector sees them.
     status, body = await bridge.raw("POST", step_path(step), json={"name": "alice"}, **me)
     assert (status, body["errcode"], body["error"]) == (

@@ -601,8 +601,12 @@ def _identifier_body(found: ResolvedIdentifier) -> dict[str, Any]:
 
 
 async def _json_body(request: web.Request) -> Any:
+    # Mounted on the appservice's listener, the request has that app's (large) limit.
+    body = await request.content.read(_MAX_BODY + 1)
+    if len(body) > _MAX_BODY:
+        raise ErrorReply(413, "M_TOO_LARGE", f"Request body over {_MAX_BODY} bytes")
     try:
-        return decode_request(await request.read())
+        return decode_request(body)
     except (ValueError, RecursionError) as exc:
         raise ErrorReply(400, "M_NOT_JSON", "Request body is not valid JSON") from exc
 

@@ -276,7 +276,13 @@ class StatusReporter:
             self._wake.clear()
             while self._unsent:
                 key, state = next(iter(self._unsent.items()))
-                if await self._post(state):
+                try:
+                    delivered = await self._post(state)
+                except Exception:
+                    # A state that cannot even be sent (a bad info value): drop it, go on.
+                    log.exception("cannot post the bridge state %s", state.state_event.value)
+                    delivered = True
+                if delivered:
                     # Only if no newer state for the key came while it was posted.
                     if self._unsent.get(key) is state:
                         del self._unsent[key]
