@@ -132,6 +132,7 @@ class MatrixHandler:
             reply_to=reply_to,
             media=_media(content, kind),
             relayed=via.relayed,
+            content=event.content,
         )
         sent = await via.client.send_message(message)
         record = MessageRecord(
@@ -311,8 +312,9 @@ class MatrixHandler:
         return _Sender(relay_login.client, relayed=True)
 
     async def _displayname(self, room_id: str, user_id: str) -> str:
-        members = await self.bridge.app.room_state.get_members(room_id)
-        member = members.get(user_id)
+        # From the stored member event (the sender's event came to us, so its join
+        # did too): no request, and none that the bot, maybe not in the room, may not make.
+        member = await self.store.membership(room_id, user_id)
         if member is not None and member.displayname:
             return member.displayname
         return user_id[1:].partition(":")[0]
