@@ -27,8 +27,9 @@ from bridge_kit.bridge.connector import (
 from bridge_kit.bridge.core import BridgeCore
 from bridge_kit.bridge.events import MessageKind, RemoteMedia
 from bridge_kit.bridge.formatting import parse_edit, reply_target, strip_reply_fallback
+from bridge_kit.bridge.logins import Login
 from bridge_kit.bridge.permissions import Level
-from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
+from bridge_kit.bridge.records import LoginState, MessageRecord, PortalRecord, ReactionRecord
 from bridge_kit.inbox.signals import NotReady
 from bridge_kit.store import Store
 from bridge_kit.types import Event
@@ -42,6 +43,10 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _CONNECT_WAIT = 5.0
 #: And how long at most: then the event becomes a dead letter (replayable).
 _GIVE_UP = 3600.0
+#: Login states that only the user can end: their events do not wait for them.
+_NEEDS_THE_USER = frozenset(
+    {LoginState.BAD_CREDENTIALS, LoginState.LOGGED_OUT, LoginState.UNKNOWN_ERROR}
+)
 
 
 @attrs.frozen
@@ -289,26 +294,24 @@ class MatrixHandler:
     async def _sender(
         self, event: Event, portal: PortalRecord, *, relay: bool = True
     ) -> _Sender | None:
-        """The client that sends ``event`` to the remote side, or None (and a notice)."""
+        """The client that sends ``event`` to the remote side, or None.
+
+        The sender's own login first (waited for while it connects); a login that
+        needs the user (bad credentials, logged out) is passed over, so such a user
+        is relayed like one without a login.
+        """
         assert event.sender is not None
         for login in self.bridge.logins.of_user(event.sender):
-            if login.client is not None:
-                if not login.connected:
-                    raise NotReady(
-                        f"login {login.id} is not connected",
-                        retry_after=_CONNECT_WAIT,
-                        give_up_after=_GIVE_UP,
-                    )
-                return _Sender(login.client, relayed=False)
+            if login.client is None or login.state in _NEEDS_THE_USER:
+                continue
+            _wait_for(login)
+            return _Sender(login.client, relayed=False)
         relay_login = self.bridge.relay_login(portal) if relay else None
         if relay_login is None or not self.bridge.permissions.allows(event.sender, Level.RELAY):
             return None
-        if relay_login.client is None or not relay_login.connected:
-            raise NotReady(
-                f"relay login {relay_login.id} is not connected",
-                retry_after=_CONNECT_WAIT,
-                give_up_after=_GIVE_UP,
-            )
+        if relay_login.client is None or relay_login.state in _NEEDS_THE_USER:
+            return None
+        _wait_for(relay_login)
         return _Sender(relay_login.client, relayed=True)
 
     async def _displayname(self, room_id: str, user_id: str) -> str:
@@ -318,6 +321,14 @@ class MatrixHandler:
         if member is not None and member.displayname:
             return member.displayname
         return user_id[1:].partition(":")[0]
+
+
+def _wait_for(login: Login) -> None:
+    """Raise NotReady (the event waits in its lane) unless ``login`` is connected."""
+    if not login.connected:
+        raise NotReady(
+            f"login {login.id} is not connected", retry_after=_CONNECT_WAIT, give_up_after=_GIVE_UP
+        )
 
 
 def _html(content: dict[str, Any]) -> str | None:
