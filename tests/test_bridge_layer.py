@@ -282,6 +282,11 @@ async def test_a_handler_run_twice_sends_once(homeserver: TestHomeserver, unique
         )
         await bridge.matrix.on_message(event)  # the inbox ran it once; this is the second run
         assert len([r for r in network.of("message") if unique in r.item.text]) == 1
+        # A send that failed is not a send: the inbox's retry sends it, once.
+        network.failing_sends = 1
+        await alice.say(room_id, f"retried {unique}")
+        await network.wait_for("message", lambda r: r.item.text.endswith(f"retried {unique}"))
+        assert len([r for r in network.of("message") if f"retried {unique}" in r.item.text]) == 1
 
 
 async def test_edits_replies_reactions_and_redactions_both_ways(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import attrs
 
@@ -36,6 +37,8 @@ from bridge_kit.types import Event
 
 __all__ = ["MatrixHandler"]
 
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 
 _KINDS = {kind.value: kind for kind in MessageKind}
@@ -43,6 +46,8 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _CONNECT_WAIT = 5.0
 #: And how long at most: then the event becomes a dead letter (replayable).
 _GIVE_UP = 3600.0
+#: The remote id of a claim whose send failed: the next run of the handler may send.
+_RELEASED = "bridge_kit:released"
 #: Login states that only the user can end: their events do not wait for them.
 _NEEDS_THE_USER = frozenset(
     {LoginState.BAD_CREDENTIALS, LoginState.LOGGED_OUT, LoginState.UNKNOWN_ERROR}
@@ -139,7 +144,7 @@ class MatrixHandler:
             relayed=via.relayed,
             content=event.content,
         )
-        sent = await via.client.send_message(message)
+        sent = await self._releasing(event, portal, via.client.send_message(message))
         record = MessageRecord(
             portal.key,
             sent.remote_id,
@@ -151,6 +156,11 @@ class MatrixHandler:
         await self.store.put_messages([record])
 
     async def _claim(self, event: Event, portal: PortalRecord) -> bool:
+        """Claim ``event`` for sending; False when it was claimed (and maybe sent) before.
+
+        A claim released by a failed send (:meth:`_releasing`) is taken again: the
+        lane runs one event at a time, so nothing races for it.
+        """
         assert event.room_id is not None and event.event_id is not None
         claim = MessageRecord(
             portal.key,
@@ -161,10 +171,26 @@ class MatrixHandler:
             timestamp=time.time(),
             pending=True,
         )
-        claimed: bool = await self.store.claim_event(claim)
-        if not claimed:
-            log.debug("%s was claimed before: not sent again", event.event_id)
-        return claimed
+        if await self.store.claim_event(claim):
+            return True
+        old = await self.store.message_by_event(event.event_id)
+        if old is not None and old.pending and old.remote_id == _RELEASED:
+            await self.store.put_messages([claim])
+            return True
+        log.debug("%s was claimed before: not sent again", event.event_id)
+        return False
+
+    async def _releasing(self, event: Event, portal: PortalRecord, send: Awaitable[T]) -> T:
+        """Await ``send``; if it fails, release the event's claim, so that the retry
+        sends it (only a crash in the middle leaves it claimed: sent at most once)."""
+        try:
+            return await send
+        except Exception:  # not a cancellation: the send may have gone out
+            assert event.event_id is not None
+            claimed = await self.store.message_by_event(event.event_id)
+            if claimed is not None and claimed.pending:
+                await self.store.put_messages([attrs.evolve(claimed, remote_id=_RELEASED)])
+            raise
 
     async def _edit(
         self, event: Event, portal: PortalRecord, target_id: str, new: dict[str, Any]
@@ -191,7 +217,7 @@ class MatrixHandler:
             html=_html(new),
             relayed=via.relayed,
         )
-        await via.client.send_edit(edit)
+        await self._releasing(event, portal, via.client.send_edit(edit))
 
     # -- reactions and redactions ------------------------------------------------------
 

@@ -77,6 +77,8 @@ class ToyNetwork:
         self.failing_connects: dict[str, int] = {}
         #: Logins whose credentials the network refuses.
         self.refused: set[str] = set()
+        #: Messages sent from Matrix that fail (before reaching the network).
+        self.failing_sends = 0
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
 
@@ -127,6 +129,9 @@ class ToyClient(NetworkClient):
         return None
 
     async def send_message(self, message: MatrixMessage) -> SentMessage:
+        if self.network.failing_sends > 0:
+            self.network.failing_sends -= 1
+            raise RemoteError("the toy network dropped the message")
         remote_id = await self.network.record(self.login.id, "message", message)
         return SentMessage(remote_id)
 
