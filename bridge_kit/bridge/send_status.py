@@ -11,8 +11,9 @@ client does not keep showing the message as pending.
 
 A connector says how a send failed by raising :class:`~bridge_kit.errors.SendFailed` (or
 :class:`~bridge_kit.errors.InvalidInput` for what the network refuses, which
-is never retried); a connection error (``OSError``, ``TimeoutError``, an
-aiohttp client error) is taken as transient, anything else as a bug.
+is never retried); a :class:`~bridge_kit.errors.RemoteError` or a connection
+error (``OSError``, ``TimeoutError``, an aiohttp client error) is taken as
+transient, anything else as a bug.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import attrs
 
-from bridge_kit.errors import InvalidInput, SendFailed
+from bridge_kit.errors import InvalidInput, RemoteError, SendFailed
 from bridge_kit.inbox.signals import NotReady, Park
 
 __all__ = [
@@ -213,8 +214,8 @@ def _as_failure(exc: Exception) -> SendFailed:
         return exc
     if isinstance(exc, InvalidInput):
         return SendFailed(str(exc), reason=StatusReason.UNSUPPORTED)
-    if isinstance(exc, OSError | TimeoutError | aiohttp.ClientError):
-        # The network's connection failed: worth another try.
+    if isinstance(exc, RemoteError | OSError | TimeoutError | aiohttp.ClientError):
+        # The network or the connection to it failed: worth another try.
         return SendFailed(_one_line(exc), transient=True)
     # A bug: the user learns that it failed, the log gets the traceback.
     log.error("sending to the remote side failed unexpectedly", exc_info=exc)
