@@ -40,7 +40,7 @@ from bridge_kit.testing.synapse import free_port
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.helpers.provisioning_schema import check_reply
 from tests.helpers.toy_network import ToyClient, ToyConfig, ToyConnector, ToyNetwork
-from tests.test_bridge_layer import DOMAIN, Human, body_is, lobby
+from tests.test_bridge_layer import DOMAIN, Human, body_is, eventually, lobby
 
 TIMEOUT = 60.0
 
@@ -281,6 +281,37 @@ async def test_the_api_on_a_listener_of_its_own(
     # Stopped with the bridge.
     with pytest.raises(aiohttp.ClientConnectionError):
         await provision(bridge, "GET", "/v3/logins", secret)
+
+
+async def test_a_send_failing_past_the_quick_retries_is_retried_by_the_inbox(
+    homeserver: TestHomeserver, endpoint: tuple[StatusEndpoint, str], unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, network, endpoint[1], chat)
+    async with bridge, person(homeserver, f"t{unique}") as (alice, _):
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        network.failing_sends = 3  # the first try and both quick retries fail
+        event_id = await alice.say(room_id, f"persistent {unique}")
+        await network.wait_for("message", lambda r: f"persistent {unique}" in r.item.text)
+
+        async def statuses() -> list[str] | None:
+            found = [
+                e["content"]["status"]
+                for e in await alice.events(room_id)
+                if e.get("type") == MESSAGE_STATUS_EVENT
+                and e["content"]["m.relates_to"]["event_id"] == event_id
+            ]
+            return found if found and found[-1] == "SUCCESS" else None
+
+        assert await eventually(statuses, "the success status") == [
+            "PENDING",
+            "FAIL_RETRIABLE",
+            "SUCCESS",
+        ]
+        sent = [r for r in network.of("message") if f"persistent {unique}" in r.item.text]
+        assert len(sent) == 1
+        await alice.find(room_id, lambda e: "may not have been bridged" in _body(e), "notice")
 
 
 def _body(event: dict[str, Any]) -> str:

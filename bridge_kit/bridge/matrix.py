@@ -71,6 +71,8 @@ class MatrixHandler:
     def __init__(self, bridge: BridgeCore) -> None:
         self.bridge = bridge
         self._typing: dict[str, set[str]] = {}
+        #: Events whose earlier send failed (the inbox retries them now).
+        self._failed_before: set[str] = set()
 
     @property
     def store(self) -> Store:
@@ -184,6 +186,7 @@ class MatrixHandler:
         old = await self.store.message_by_event(event.event_id)
         if old is not None and old.pending and old.remote_id == _RELEASED:
             await self.store.put_messages([claim])
+            self._failed_before.add(event.event_id)  # its room was told: tell success too
             return True
         log.debug("%s was claimed before: not sent again", event.event_id)
         return False
@@ -195,8 +198,10 @@ class MatrixHandler:
         what it returned, or None when it failed for good. A failure still transient
         after the quick retries is raised, for the inbox to try the event again later."""
         assert event.room_id is not None and event.event_id is not None
+        failed_before = event.event_id in self._failed_before
+        self._failed_before.discard(event.event_id)
         outcome, result = await self.bridge.send_status.deliver(
-            event.room_id, event.event_id, send, what=what
+            event.room_id, event.event_id, send, what=what, failed_before=failed_before
         )
         if outcome.status is SendStatus.FAIL_RETRIABLE:
             raise RemoteError(outcome.message)

@@ -125,13 +125,15 @@ class SendStatusReporter:
         send: Callable[[], Awaitable[T]],
         *,
         what: str = "message",
+        failed_before: bool = False,
     ) -> tuple[SendOutcome, T | None]:
         """Run ``send`` (retrying transient failures) and report a failure in the room.
 
         Returns the outcome and what ``send`` returned (``None`` if it failed).
-        Never raises for a failed send: the room was told.
+        Never raises for a failed send: the room was told. ``failed_before``: an
+        earlier run told the room this event failed; a success now is told too.
         """
-        pending = False
+        pending = failed_before
         for attempt in range(1, self.retries + 2):
             try:
                 result = await send()
