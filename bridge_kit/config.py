@@ -352,6 +352,8 @@ class BridgeConfig(Section):
     backfill_max_catchup: int = _checked(50, _check_not_negative)
     """When a login connects, the most messages each portal catches up on (0: none;
     only for a connector that can fetch history)."""
+    backfill_initial: int = _checked(20, _check_not_negative)
+    """A portal's new room gets the chat's last this many messages first (0: none)."""
     provisioning: bool = True
     """Serve the provisioning API under ``/_matrix/provision`` on the appservice's listener."""
     provisioning_port: int | None = _checked(None, _check_optional_port)

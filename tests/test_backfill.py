@@ -40,10 +40,10 @@ class HistoryToy(ToyConnector):
         self.fetches: list[tuple[str, str, int]] = []
 
     async def fetch_messages(
-        self, portal: PortalKey, login: LoginHandle, limit: int
+        self, portal: PortalKey, login: LoginHandle | None, limit: int
     ) -> Sequence[RemoteMessage]:
-        self.fetches.append((portal.id, login.id, limit))
-        if login.id == "relay":
+        self.fetches.append((portal.id, login.id if login else "", limit))
+        if login is not None and login.id == "relay":
             return []
         return self.history.get(portal.id, [])[-limit:]
 
@@ -60,15 +60,23 @@ class HistoryToy(ToyConnector):
 
 
 def make_bridge(
-    hs: TestHomeserver, connector: ToyConnector, chat: str, max_catchup: int = MAX_CATCHUP
+    hs: TestHomeserver,
+    connector: ToyConnector,
+    chat: str | None,
+    max_catchup: int = MAX_CATCHUP,
+    initial: int = 0,
 ) -> Bridge:
     config = Config(
         homeserver=HomeserverConfig(url=hs.url),
         appservice=AppServiceConfig(
             registration=str(hs.registration_path), port=hs.appservice_port
         ),
-        bridge=BridgeConfig(permissions={DOMAIN: "user"}, backfill_max_catchup=max_catchup),
-        extra_sections={"toy": ToyConfig(chats=[chat])},
+        bridge=BridgeConfig(
+            permissions={DOMAIN: "user"},
+            backfill_max_catchup=max_catchup,
+            backfill_initial=initial,
+        ),
+        extra_sections={"toy": ToyConfig(chats=[chat] if chat else [])},
     )
     return Bridge(AppService(config, store=MemoryStore()), connector)
 
@@ -117,6 +125,48 @@ async def test_a_connecting_login_catches_up_in_order_once(
         # Again (a reconnect): nothing is missing, nothing is sent.
         assert await bridge.backfill.catch_up(login) == 0
         assert len(texts(await alice.events(room_id), unique)) == MAX_CATCHUP
+
+
+async def test_a_new_room_gets_its_last_messages_before_its_members(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)  # members: bob (who speaks) and carol (who does not)
+    connector = HistoryToy(network)
+    bridge = make_bridge(homeserver, connector, None, initial=3)
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        history = [
+            connector.said(chat, f"m{i}", f"before {i} {unique}", ago=600 - i * 100)
+            for i in range(5)
+        ]
+        # The newest one arrives live: the portal's room is made for it.
+        assert await bridge.handle_remote(history[-1])
+        await eventually(lambda: _mapped(bridge, chat, "m4"), "the live message")
+        assert (chat, "", 3) in connector.fetches
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        carol = f"@_bk_toy_carol:{DOMAIN}"
+
+        async def with_carol() -> list[dict[str, Any]] | None:
+            events = await alice.events(room_id)
+            joined = any(e["type"] == "m.room.member" and e["state_key"] == carol for e in events)
+            return events if joined else None
+
+        events = await eventually(with_carol, "the members' joins")
+        messages = texts(events, unique)
+        assert [e["content"]["body"] for e in messages] == [
+            f"before {i} {unique}"
+            for i in (2, 3, 4)  # the live one once
+        ]
+        for event in messages:
+            number = int(event["content"]["body"].split()[1])
+            assert event["origin_server_ts"] == int(history[number].timestamp * 1000)
+        position = {e["event_id"]: i for i, e in enumerate(events)}
+        carol_joined = next(
+            position[e["event_id"]]
+            for e in events
+            if e["type"] == "m.room.member" and e["state_key"] == carol
+        )
+        assert carol_joined > max(position[e["event_id"]] for e in messages)
 
 
 async def test_no_catch_up_without_history_or_when_off(

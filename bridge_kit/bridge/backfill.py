@@ -1,4 +1,7 @@
-"""Backfill: catching up with what the remote network said while the bridge was away.
+"""Backfill: the history a room lacks, from a connector that can fetch it.
+
+A portal's new room gets the chat's last ``bridge.backfill_initial`` messages,
+sent before its members join (:meth:`Backfill.new_room`).
 
 When a login connects (or reconnects), :class:`Backfill` asks a connector that
 keeps history (:class:`FetchesHistory`) for each portal's latest messages, at
@@ -19,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from bridge_kit.bridge.connector import LoginHandle
 from bridge_kit.bridge.events import RemoteEvent, RemoteMessage
-from bridge_kit.bridge.records import PortalKey
+from bridge_kit.bridge.records import PortalKey, PortalRecord
 from bridge_kit.store import Store
 
 __all__ = ["Backfill", "FetchesHistory"]
@@ -32,11 +35,12 @@ class FetchesHistory(Protocol):
     """A connector whose network keeps history the bridge can fetch."""
 
     async def fetch_messages(
-        self, portal: PortalKey, login: LoginHandle, limit: int
+        self, portal: PortalKey, login: LoginHandle | None, limit: int
     ) -> Sequence[RemoteMessage]:
         """The latest ``limit`` messages of ``portal`` that ``login`` can see,
         oldest first, each with its ``id`` and ``timestamp`` (``[]``: none, or a
-        chat this login is not in)."""
+        chat this login is not in). ``login`` is ``None`` for a portal's new room:
+        what the bridge itself can see (e.g. through a relay connection)."""
         ...
 
 
@@ -54,11 +58,13 @@ class Backfill:
         handle_remote: Callable[[RemoteEvent], Awaitable[bool]],
         *,
         max_catchup: int,
+        initial: int = 0,
     ) -> None:
         self.store = store
         self.connector = connector if isinstance(connector, FetchesHistory) else None
         self.handle_remote = handle_remote
         self.max_catchup = max_catchup
+        self.initial = initial
         self._running: set[asyncio.Task[int]] = set()
 
     @property
@@ -95,6 +101,24 @@ class Backfill:
                 sent += 1
         if sent:
             log.info("portal %s: %d missed message(s) caught up through %s", key, sent, login.id)
+        return sent
+
+    async def new_room(
+        self, portal: PortalRecord, send: Callable[[RemoteMessage], Awaitable[None]]
+    ) -> int:
+        """Bridge a new room's last ``initial`` messages now, oldest first, through
+        ``send`` (the bridge's remote-message handler), before its members join."""
+        if self.connector is None or self.initial <= 0:
+            return 0
+        fetched = await self.connector.fetch_messages(portal.key, None, self.initial)
+        sent = 0
+        for message in list(fetched)[-self.initial :]:
+            if message.portal != portal.key or not message.id:
+                continue
+            await send(message)
+            sent += 1
+        if sent:
+            log.info("portal %s: its new room got its last %d message(s)", portal.key, sent)
         return sent
 
     async def close(self) -> None:

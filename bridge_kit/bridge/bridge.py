@@ -24,6 +24,7 @@ from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
 from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.matrix import MatrixHandler
 from bridge_kit.bridge.provisioning import PREFIX as PROVISIONING_PREFIX
+from bridge_kit.bridge.records import PortalRecord
 from bridge_kit.bridge.remote import RemoteHandler
 from bridge_kit.bridge.status import StateEvent
 from bridge_kit.errors import BridgeKitError, MatrixRequestError, UnknownChat
@@ -51,6 +52,7 @@ class Bridge(BridgeCore):
         super().__init__(app, connector)
         self.matrix = MatrixHandler(self)
         self.remote = RemoteHandler(app, self.portals, self.ghosts)
+        self.portals.on_created.append(self._backfill_new_room)
         app.on_event("m.room.message")(self.matrix.on_message)
         app.on_event("m.reaction")(self.matrix.on_reaction)
         app.on_event("m.room.redaction")(self.matrix.on_redaction)
@@ -116,6 +118,9 @@ class Bridge(BridgeCore):
             if not 400 <= exc.status < 500 or exc.status == 429:
                 raise
             log.warning("%s could not join %s: %s", user_id, room_id, exc)
+
+    async def _backfill_new_room(self, portal: PortalRecord) -> None:
+        await self.backfill.new_room(portal, self.remote.message)
 
     async def on_alias_query(self, alias: str) -> bool:
         """A portal's alias: create the portal's room (with that alias) if the chat exists."""

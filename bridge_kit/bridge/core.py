@@ -74,7 +74,11 @@ class BridgeCore:
         in the metrics."""
         self.logins.observers.append(self._report_login_state)
         self.backfill = Backfill(
-            app.store, connector, self.handle_remote, max_catchup=section.backfill_max_catchup
+            app.store,
+            connector,
+            self.handle_remote,
+            max_catchup=section.backfill_max_catchup,
+            initial=section.backfill_initial,
         )
         """Catches each portal up on its missed messages when a login connects."""
         self.send_status = SendStatusReporter(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -48,6 +48,9 @@ class Portals:
         # guard against other processes.
         self._locks: dict[PortalKey, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.on_created: list[Callable[[PortalRecord], Awaitable[None]]] = []
+        """Awaited when this process made a portal's room, before its members join
+        (the first messages' backfill); one that fails is logged."""
 
     def creating(self, key: PortalKey) -> bool:
         """Whether this process is making ``key``'s room right now. The homeserver
@@ -111,19 +114,32 @@ class Portals:
             is_direct=info.is_direct,
         )
         await self.app.store.put_portal(record)
-        if won == room_id and made:
+        fresh = won == room_id and made
+        if fresh:
             log.info("portal %s: created room %s", key, won)
         if members_later:
-            task = asyncio.create_task(self._sync_in_background(record, info.members))
+            task = asyncio.create_task(self._fill_in_background(record, info.members, fresh))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         else:
-            await self.sync_members(record, info.members)
+            await self._fill(record, info.members, fresh)
         return record
 
-    async def _sync_in_background(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
+    async def _fill(self, portal: PortalRecord, members: Sequence[Sender], fresh: bool) -> None:
+        """A new room's first messages (``on_created``), then its members."""
+        if fresh:
+            for hook in self.on_created:
+                try:
+                    await hook(portal)
+                except Exception:
+                    log.exception("portal %s: a hook on its new room failed", portal.key)
+        await self.sync_members(portal, members)
+
+    async def _fill_in_background(
+        self, portal: PortalRecord, members: Sequence[Sender], fresh: bool
+    ) -> None:
         try:
-            await self.sync_members(portal, members)
+            await self._fill(portal, members, fresh)
         except Exception as exc:  # logged: the next sync command or message tries again
             log.warning("portal %s: joining its members failed: %s", portal.key, exc)
 

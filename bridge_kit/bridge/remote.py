@@ -118,6 +118,8 @@ class RemoteHandler:
         portal = await self.portals.ensure_room(event.portal)
         room_id = portal.room_id
         assert room_id is not None  # ensure_room made it
+        if event.id and await self.app.store.messages(event.portal, event.id):
+            return  # a new room's backfill brought it just now
         intent = await self._ghost_in_room(event, room_id)
         reply_to = await self._event_of(event, event.reply_to)
         content = message_content(event, reply_to)
