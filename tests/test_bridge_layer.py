@@ -75,6 +75,7 @@ def make_bridge(
     *,
     port: int | None = None,
     pickle_key: str | None = None,
+    level: str = "user",
 ) -> Bridge:
     """A bridge on the toy network; ``port``: a second daemon, which the homeserver
     does not push to (only the registration's port is pinged)."""
@@ -83,7 +84,7 @@ def make_bridge(
         appservice=AppServiceConfig(
             registration=str(hs.registration_path), port=port or hs.appservice_port
         ),
-        bridge=BridgeConfig(permissions={DOMAIN: "user"}),
+        bridge=BridgeConfig(permissions={DOMAIN: level}),
         encryption=EncryptionConfig(pickle_key=pickle_key),
         extra_sections={"toy": ToyConfig(chats=list(chats))},
     )
@@ -534,7 +535,7 @@ async def test_profiles_chat_info_and_unknown_chats(
 ) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)
-    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,), level="admin")
     portal, bob = PortalKey(chat), Sender("bob", "Bob")
     async with bridge, human(homeserver, f"h{unique}") as alice:
         room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
@@ -555,6 +556,14 @@ async def test_profiles_chat_info_and_unknown_chats(
             lambda e: e.get("type") == "m.room.topic" and e["content"].get("topic") == "new topic",
             "the topic",
         )
+        # An admin's sync fetches the chat again: its new name and a new member.
+        network.chats[chat].name = "Renamed"
+        network.chats[chat].members["erin"] = "Erin"
+        await alice.say(room_id, "!bridge sync")
+        await alice.find(room_id, notice_with("Synced the name, topic and 3 members"), "sync")
+        events = await alice.events(room_id)
+        assert any(e["type"] == "m.room.name" and e["content"]["name"] == "Renamed" for e in events)
+        assert any(e.get("state_key") == f"@_bk_toy_erin:{DOMAIN}" for e in events)
         # A message for a chat the network does not know is dropped, not retried forever.
         await remote_says(bridge, f"nochat{unique}", "1", "lost")
         await remote_says(bridge, chat, "after", "after the lost one")

@@ -11,6 +11,8 @@ or ``async with bridge:`` (tests, or a program with its own loop).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from types import TracebackType
 
@@ -190,8 +192,23 @@ class Bridge(BridgeCore):
         return run_app(self._serve)
 
     async def _serve(self, stop: StopSignals) -> int:
-        async with self:
+        # A stop asked for while starting (the homeserver does not answer) cancels the start.
+        started = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not started.done():
+            started.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+            return 0
+        started.result()  # a failed start raises here
+        try:
             log.info("%s bridge is ready as %s", self.connector.display_name, self.app.bot.user_id)
             await stop.wait()
             log.info("stopping: finishing in-flight work and flushing the store")
+        finally:
+            await self.stop()
         return 0
