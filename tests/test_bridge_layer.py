@@ -252,7 +252,7 @@ async def test_matrix_messages_are_relayed_then_sent_through_the_login(
         own = await network.wait_for("message", lambda r: r.item.text == f"now as me {unique}")
         assert own.login == "alice" and not own.item.relayed
         # A command in the portal needs the prefix.
-        await alice.say(room_id, "!bridge logins")
+        await alice.say(room_id, "!bk logins")
         await alice.find(
             room_id, lambda e: "`alice`" in e.get("content", {}).get("body", ""), "logins"
         )
@@ -559,7 +559,7 @@ async def test_profiles_chat_info_and_unknown_chats(
         # An admin's sync fetches the chat again: its new name and a new member.
         network.chats[chat].name = "Renamed"
         network.chats[chat].members["erin"] = "Erin"
-        await alice.say(room_id, "!bridge sync")
+        await alice.say(room_id, "!bk sync")
         await alice.find(room_id, notice_with("Synced the name, topic and 3 members"), "sync")
         events = await alice.events(room_id)
         assert any(e["type"] == "m.room.name" and e["content"]["name"] == "Renamed" for e in events)

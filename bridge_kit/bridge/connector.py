@@ -11,7 +11,7 @@ A bridge writes two classes:
   do (messages, edits, reactions, redactions, typing) to the remote side.
 
 Remote events go the other way, through
-:meth:`~bridge_kit.bridge.bridge.Bridge.handle_remote` (see
+:meth:`~bridge_kit.bridge.core.BridgeCore.handle_remote` (see
 :mod:`bridge_kit.bridge.events`). Everything else (rooms, puppets, the message
 map, relaying, commands, retries, restarts) is the layer's work.
 """

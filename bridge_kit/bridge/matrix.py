@@ -3,7 +3,7 @@
 A message goes out through its sender's login, or, for a sender without one,
 through the portal's relay login with the relay template applied. Before a
 message is sent, its event is claimed in the message map
-(:meth:`~bridge_kit.store.Store.claim_event`): a handler the inbox runs twice
+(:meth:`~bridge_kit.store.BridgeRecordStore.claim_event`): a handler the inbox runs twice
 finds it claimed and sends nothing the second time.
 """
 
@@ -46,8 +46,6 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _CONNECT_WAIT = 5.0
 #: And how long at most: then the event becomes a dead letter (replayable).
 _GIVE_UP = 3600.0
-#: The remote id of a claim whose send failed: the next run of the handler may send.
-_RELEASED = "bridge_kit:released"
 #: Login states that only the user can end: their events do not wait for them.
 _NEEDS_THE_USER = frozenset(
     {LoginState.BAD_CREDENTIALS, LoginState.LOGGED_OUT, LoginState.UNKNOWN_ERROR}
@@ -156,11 +154,8 @@ class MatrixHandler:
         await self.store.put_messages([record])
 
     async def _claim(self, event: Event, portal: PortalRecord) -> bool:
-        """Claim ``event`` for sending; False when it was claimed (and maybe sent) before.
-
-        A claim released by a failed send (:meth:`_releasing`) is taken again: the
-        lane runs one event at a time, so nothing races for it.
-        """
+        """Claim ``event`` for sending; False when it was claimed (and maybe sent) before
+        (a claim released by a failed send, :meth:`_releasing`, is gone: claimed again)."""
         assert event.room_id is not None and event.event_id is not None
         claim = MessageRecord(
             portal.key,
@@ -173,10 +168,6 @@ class MatrixHandler:
         )
         if await self.store.claim_event(claim):
             return True
-        old = await self.store.message_by_event(event.event_id)
-        if old is not None and old.pending and old.remote_id == _RELEASED:
-            await self.store.put_messages([claim])
-            return True
         log.debug("%s was claimed before: not sent again", event.event_id)
         return False
 
@@ -187,9 +178,7 @@ class MatrixHandler:
             return await send
         except Exception:  # not a cancellation: the send may have gone out
             assert event.event_id is not None
-            claimed = await self.store.message_by_event(event.event_id)
-            if claimed is not None and claimed.pending:
-                await self.store.put_messages([attrs.evolve(claimed, remote_id=_RELEASED)])
+            await self.store.release_event(event.event_id)
             raise
 
     async def _edit(
