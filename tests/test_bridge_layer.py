@@ -569,3 +569,19 @@ async def test_profiles_chat_info_and_unknown_chats(
         await remote_says(bridge, chat, "after", "after the lost one")
         await mapped(bridge, chat, "after")
         assert await bridge.app.store.portal(PortalKey(f"nochat{unique}")) is None
+
+
+async def test_joining_the_alias_while_the_portal_is_made_gets_its_room(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    network.hold_first_chat_info = asyncio.Event()
+    bridge = make_bridge(homeserver, MemoryStore(), network)
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        making = asyncio.ensure_future(bridge.ensure_portal(PortalKey(chat)))
+        await network.wait_for_chat_info_calls(1)  # the creation holds the portal
+        joining = asyncio.ensure_future(alice.join(f"#_bk_toy_{chat}:{DOMAIN}"))
+        await network.wait_for_chat_info_calls(2)  # the homeserver asked about the alias
+        network.hold_first_chat_info.set()
+        assert await making == await joining

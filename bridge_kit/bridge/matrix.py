@@ -207,6 +207,9 @@ class MatrixHandler:
             relayed=via.relayed,
         )
         await self._releasing(event, portal, via.client.send_edit(edit))
+        # An edit maps to no remote message: its claim is dropped rather than kept
+        # pending forever (only a crash right here could send it twice).
+        await self.store.release_event(event.event_id)
 
     # -- reactions and redactions ------------------------------------------------------
 

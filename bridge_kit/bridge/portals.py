@@ -49,13 +49,6 @@ class Portals:
         self._locks: dict[PortalKey, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    def creating(self, key: PortalKey) -> bool:
-        """Whether this process is making ``key``'s room right now. The homeserver
-        asks us about the alias while we create the room with it: the answer
-        must be "not yet", not a second creation waiting for the first."""
-        lock = self._locks.get(key)
-        return lock is not None and lock.locked()
-
     async def get(self, key: PortalKey) -> PortalRecord | None:
         return await self.app.store.portal(key)
 
@@ -93,9 +86,9 @@ class Portals:
         self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
         # No alias lookup first: the alias is in the bridge's own namespace, so the
-        # homeserver would ask this very bridge about it (an alias query; see
-        # creating()). A taken alias shows up as M_ROOM_IN_USE instead, and is
-        # resolved then (it exists, so the homeserver answers without asking).
+        # homeserver would ask this very bridge about it (an alias query, which
+        # waits for this very creation). A taken alias shows up as M_ROOM_IN_USE
+        # instead, and is resolved then (it exists: the homeserver does not ask).
         room_id, made = await self._create_room(key, info)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
