@@ -406,6 +406,11 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
             "dave's kick",
         )
         assert kicked["content"]["reason"] == "by Bob: spam"
+        # After a reconnect the chat's full list: whoever is not in it leaves.
+        await bridge.sync_members(portal, [bob], exclusive=True)
+        members = await bridge.app.room_state.get_members(room_id)
+        ghosts = {user_id for user_id in members if user_id.startswith("@_bk_toy_")}
+        assert ghosts == {f"@_bk_toy_bob:{DOMAIN}"}
 
 
 async def test_a_restart_reuses_portals_and_ghosts(

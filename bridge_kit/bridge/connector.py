@@ -173,6 +173,12 @@ class BridgeContext(Protocol):
         """The room of ``portal``, created with its members if it has none yet."""
         ...
 
+    def sync_members(
+        self, portal: PortalKey, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> Awaitable[None]:
+        """Join ``members``' ghosts in bulk; ``exclusive``: the other ghosts leave."""
+        ...
+
 
 # -- what the layer asks a client to send ----------------------------------------
 

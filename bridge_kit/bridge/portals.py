@@ -199,12 +199,21 @@ class Portals:
             await self.app.store.put_portal(changed)
         return changed
 
-    async def sync_members(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
-        """Make the ghosts of ``members`` (profiles first) and join them to the room."""
-        if portal.room_id is None or not members:
+    async def sync_members(
+        self, portal: PortalRecord, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> None:
+        """Make the ghosts of ``members`` (profiles first) and join them to the room;
+        with ``exclusive``, the room's other ghosts leave (the chat's full member list
+        after a reconnect: who left meanwhile)."""
+        room_id = portal.room_id
+        if room_id is None:
+            return
+        if exclusive:
+            await self._leave_others(portal, room_id, members)
+        if not members:
             return
         await self.ghosts.ensure(members)
-        pairs = [(self.ghosts.localpart(member.id), portal.room_id) for member in members]
+        pairs = [(self.ghosts.localpart(member.id), room_id) for member in members]
         result = await self.app.puppets.join_many(
             pairs, concurrency=self.app.config.puppets.concurrency
         )
@@ -213,6 +222,30 @@ class Portals:
                 "portal %s: %d of %d members did not join: %s",
                 portal.key, result.failed, len(pairs), result.failures,
             )  # fmt: skip
+
+    async def _leave_others(
+        self, portal: PortalRecord, room_id: str, members: Sequence[Sender]
+    ) -> None:
+        staying = {self.ghosts.user_id(member.id) for member in members}
+        joined = await self.app.room_state.get_members(room_id)
+        bot = self.app.bot.user_id
+        leaving = [
+            user_id
+            for user_id in joined
+            if user_id not in staying and user_id != bot and self.ghosts.is_ghost(user_id)
+        ]
+        limit = asyncio.Semaphore(self.app.config.puppets.concurrency)
+
+        async def leave(user_id: str) -> None:
+            remote_id = self.connector.ghost_for_localpart(user_id[1:].partition(":")[0])
+            if remote_id is None:
+                return
+            async with limit:
+                await self.ghosts.intent(remote_id).leave_room(room_id)
+
+        await asyncio.gather(*(leave(user_id) for user_id in leaving))
+        if leaving:
+            log.info("portal %s: %d ghosts left (gone from the chat)", portal.key, len(leaving))
 
 
 def _mxc(url: str | None) -> str | None:
