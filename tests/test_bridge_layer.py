@@ -237,6 +237,7 @@ async def test_matrix_messages_are_relayed_then_sent_through_the_login(
         assert got.login == "relay"
         assert got.item.relayed
         assert got.item.text == f"<h{unique}> hi from matrix {unique}"
+        assert got.item.plain_text == f"hi from matrix {unique}"
         # In the management room (a DM with the bot) she logs in.
         dm = await alice.dm_with(bridge.app.bot.user_id)
         await alice.find(dm, lambda e: e.get("sender") == bridge.app.bot.user_id, "the welcome")

@@ -205,6 +205,8 @@ class MatrixMessage:
     relayed: bool = False
     #: The event's content as it came (for what the layer does not carry over).
     content: Mapping[str, Any] = attrs.field(factory=dict)
+    #: ``text`` before the relay template (the same as ``text`` when not relayed).
+    plain_text: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -219,6 +221,8 @@ class MatrixEdit:
     text: str
     html: str | None = None
     relayed: bool = False
+    #: ``text`` before the relay template (the same as ``text`` when not relayed).
+    plain_text: str = ""
 
 
 @attrs.frozen(kw_only=True)
