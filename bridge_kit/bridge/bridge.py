@@ -11,6 +11,8 @@ or ``async with bridge:`` (tests, or a program with its own loop).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from types import TracebackType
 
@@ -37,6 +39,9 @@ from bridge_kit.types import Event
 __all__ = ["RELAY_OFF", "Bridge", "remote_lane"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds an alias query waits for its portal's room (Synapse gives up at 60 s).
+ALIAS_QUERY_WAIT = 20.0
 
 
 class Bridge(BridgeCore):
@@ -123,17 +128,27 @@ class Bridge(BridgeCore):
         await self.backfill.new_room(portal, self.remote.message)
 
     async def on_alias_query(self, alias: str) -> bool:
-        """A portal's alias: create the portal's room (with that alias) if the chat exists."""
+        """A portal's alias: create the portal's room (with that alias) if the chat exists.
+
+        A query while this process makes that room (a user joins the alias as the
+        bridge creates it) waits for the room, a while at most: the bridge never
+        asks about its own alias, but should the homeserver ask during our
+        ``createRoom``, a bounded wait turns a deadlock into a slow "no".
+        """
         localpart = alias[1:].partition(":")[0]
         key = self.connector.portal_for_alias(localpart)
-        if key is None or self.portals.creating(key):
+        if key is None:
             return False
         try:
-            info = await self.connector.get_chat_info(key)
-            if info is None:
-                return False
-            await self.portals.ensure_room(key, info, members_later=True)
+            async with asyncio.timeout(ALIAS_QUERY_WAIT):
+                info = await self.connector.get_chat_info(key)
+                if info is None:
+                    return False
+                await self.portals.ensure_room(key, info, members_later=True)
         except UnknownChat:
+            return False
+        except TimeoutError:
+            log.warning("the room of %s took more than %g s: answered no", alias, ALIAS_QUERY_WAIT)
             return False
         except BridgeKitError as exc:
             log.warning("could not make the room of %s: %s", alias, exc)
@@ -226,8 +241,23 @@ class Bridge(BridgeCore):
         return run_app(self._serve)
 
     async def _serve(self, stop: StopSignals) -> int:
-        async with self:
+        # A stop asked for while starting (the homeserver does not answer) cancels the start.
+        started = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not started.done():
+            started.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+            return 0
+        started.result()  # a failed start raises here
+        try:
             log.info("%s bridge is ready as %s", self.connector.display_name, self.app.bot.user_id)
             await stop.wait()
             log.info("stopping: finishing in-flight work and flushing the store")
+        finally:
+            await self.stop()
         return 0

@@ -11,7 +11,7 @@ A bridge writes two classes:
   do (messages, edits, reactions, redactions, typing) to the remote side.
 
 Remote events go the other way, through
-:meth:`~bridge_kit.bridge.bridge.Bridge.handle_remote` (see
+:meth:`~bridge_kit.bridge.core.BridgeCore.handle_remote` (see
 :mod:`bridge_kit.bridge.events`). Everything else (rooms, puppets, the message
 map, relaying, commands, retries, restarts) is the layer's work.
 """
@@ -173,6 +173,12 @@ class BridgeContext(Protocol):
         """The room of ``portal``, created with its members if it has none yet."""
         ...
 
+    def sync_members(
+        self, portal: PortalKey, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> Awaitable[None]:
+        """Join ``members``' ghosts in bulk; ``exclusive``: the other ghosts leave."""
+        ...
+
 
 # -- what the layer asks a client to send ----------------------------------------
 
@@ -199,6 +205,8 @@ class MatrixMessage:
     relayed: bool = False
     #: The event's content as it came (for what the layer does not carry over).
     content: Mapping[str, Any] = attrs.field(factory=dict)
+    #: ``text`` before the relay template (the same as ``text`` when not relayed).
+    plain_text: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -213,6 +221,8 @@ class MatrixEdit:
     text: str
     html: str | None = None
     relayed: bool = False
+    #: ``text`` before the relay template (the same as ``text`` when not relayed).
+    plain_text: str = ""
 
 
 @attrs.frozen(kw_only=True)

@@ -3,7 +3,7 @@
 A message goes out through its sender's login, or, for a sender without one,
 through the portal's relay login with the relay template applied. Before a
 message is sent, its event is claimed in the message map
-(:meth:`~bridge_kit.store.Store.claim_event`): a handler the inbox runs twice
+(:meth:`~bridge_kit.store.BridgeRecordStore.claim_event`): a handler the inbox runs twice
 finds it claimed and sends nothing the second time.
 """
 
@@ -48,8 +48,6 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _CONNECT_WAIT = 5.0
 #: And how long at most: then the event becomes a dead letter (replayable).
 _GIVE_UP = 3600.0
-#: The remote id of a claim whose send failed: the next run of the handler may send.
-_RELEASED = "bridge_kit:released"
 #: Login states that only the user can end: their events do not wait for them.
 _NEEDS_THE_USER = frozenset(
     {LoginState.BAD_CREDENTIALS, LoginState.LOGGED_OUT, LoginState.UNKNOWN_ERROR}
@@ -132,10 +130,9 @@ class MatrixHandler:
         reply_to = await self.store.message_by_event(replied) if replied else None
         if reply_to is not None:
             content = strip_reply_fallback(content)
-        text = await self.bridge.formatter.matrix_to_remote(content)
+        plain = await self.bridge.formatter.matrix_to_remote(content)
         name = await self._displayname(event.room_id, event.sender)
-        if via.relayed:
-            text = self.bridge.relay_text(event.sender, name, text)
+        text = self.bridge.relay_text(event.sender, name, plain) if via.relayed else plain
         message = MatrixMessage(
             portal=portal,
             event_id=event.event_id,
@@ -148,6 +145,7 @@ class MatrixHandler:
             media=_media(content, kind),
             relayed=via.relayed,
             content=event.content,
+            plain_text=plain,
         )
         client = via.client
         sent = await self._releasing(
@@ -166,11 +164,8 @@ class MatrixHandler:
         await self.store.put_messages([record])
 
     async def _claim(self, event: Event, portal: PortalRecord) -> bool:
-        """Claim ``event`` for sending; False when it was claimed (and maybe sent) before.
-
-        A claim released by a failed send (:meth:`_releasing`) is taken again: the
-        lane runs one event at a time, so nothing races for it.
-        """
+        """Claim ``event`` for sending; False when it was claimed (and maybe sent) before
+        (a claim released by a failed send, :meth:`_releasing`, is gone: claimed again)."""
         assert event.room_id is not None and event.event_id is not None
         claim = MessageRecord(
             portal.key,
@@ -182,11 +177,6 @@ class MatrixHandler:
             pending=True,
         )
         if await self.store.claim_event(claim):
-            return True
-        old = await self.store.message_by_event(event.event_id)
-        if old is not None and old.pending and old.remote_id == _RELEASED:
-            await self.store.put_messages([claim])
-            self._failed_before.add(event.event_id)  # its room was told: tell success too
             return True
         log.debug("%s was claimed before: not sent again", event.event_id)
         return False
@@ -204,6 +194,7 @@ class MatrixHandler:
             event.room_id, event.event_id, send, what=what, failed_before=failed_before
         )
         if outcome.status is SendStatus.FAIL_RETRIABLE:
+            self._failed_before.add(event.event_id)  # its room was told: tell success too
             raise RemoteError(outcome.message)
         return result
 
@@ -214,9 +205,7 @@ class MatrixHandler:
             return await send
         except Exception:  # not a cancellation: the send may have gone out
             assert event.event_id is not None
-            claimed = await self.store.message_by_event(event.event_id)
-            if claimed is not None and claimed.pending:
-                await self.store.put_messages([attrs.evolve(claimed, remote_id=_RELEASED)])
+            await self.store.release_event(event.event_id)
             raise
 
     async def _edit(
@@ -231,9 +220,8 @@ class MatrixHandler:
         if via is None or not await self._claim(event, portal):
             return
         name = await self._displayname(event.room_id, event.sender)
-        text = await self.bridge.formatter.matrix_to_remote(new)
-        if via.relayed:
-            text = self.bridge.relay_text(event.sender, name, text)
+        plain = await self.bridge.formatter.matrix_to_remote(new)
+        text = self.bridge.relay_text(event.sender, name, plain) if via.relayed else plain
         edit = MatrixEdit(
             portal=portal,
             event_id=event.event_id,
@@ -243,11 +231,15 @@ class MatrixHandler:
             text=text,
             html=_html(new),
             relayed=via.relayed,
+            plain_text=plain,
         )
         client = via.client
         await self._releasing(
             event, portal, self._deliver(event, lambda: client.send_edit(edit), "edit")
         )
+        # An edit maps to no remote message: its claim is dropped rather than kept
+        # pending forever (only a crash right here could send it twice).
+        await self.store.release_event(event.event_id)
 
     # -- reactions and redactions ------------------------------------------------------
 

@@ -52,13 +52,6 @@ class Portals:
         """Awaited when this process made a portal's room, before its members join
         (the first messages' backfill); one that fails is logged."""
 
-    def creating(self, key: PortalKey) -> bool:
-        """Whether this process is making ``key``'s room right now. The homeserver
-        asks us about the alias while we create the room with it: the answer
-        must be "not yet", not a second creation waiting for the first."""
-        lock = self._locks.get(key)
-        return lock is not None and lock.locked()
-
     async def get(self, key: PortalKey) -> PortalRecord | None:
         return await self.app.store.portal(key)
 
@@ -96,9 +89,9 @@ class Portals:
         self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
         # No alias lookup first: the alias is in the bridge's own namespace, so the
-        # homeserver would ask this very bridge about it (an alias query; see
-        # creating()). A taken alias shows up as M_ROOM_IN_USE instead, and is
-        # resolved then (it exists, so the homeserver answers without asking).
+        # homeserver would ask this very bridge about it (an alias query, which
+        # waits for this very creation). A taken alias shows up as M_ROOM_IN_USE
+        # instead, and is resolved then (it exists: the homeserver does not ask).
         room_id, made = await self._create_room(key, info)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
@@ -117,29 +110,27 @@ class Portals:
         fresh = won == room_id and made
         if fresh:
             log.info("portal %s: created room %s", key, won)
+            # Its first messages before anything else (also before the message that
+            # made the room, which its caller sends next): history reads in order.
+            await self._created(record)
         if members_later:
-            task = asyncio.create_task(self._fill_in_background(record, info.members, fresh))
+            task = asyncio.create_task(self._sync_in_background(record, info.members))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         else:
-            await self._fill(record, info.members, fresh)
+            await self.sync_members(record, info.members)
         return record
 
-    async def _fill(self, portal: PortalRecord, members: Sequence[Sender], fresh: bool) -> None:
-        """A new room's first messages (``on_created``), then its members."""
-        if fresh:
-            for hook in self.on_created:
-                try:
-                    await hook(portal)
-                except Exception:
-                    log.exception("portal %s: a hook on its new room failed", portal.key)
-        await self.sync_members(portal, members)
+    async def _created(self, portal: PortalRecord) -> None:
+        for hook in self.on_created:
+            try:
+                await hook(portal)
+            except Exception:
+                log.exception("portal %s: a hook on its new room failed", portal.key)
 
-    async def _fill_in_background(
-        self, portal: PortalRecord, members: Sequence[Sender], fresh: bool
-    ) -> None:
+    async def _sync_in_background(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
         try:
-            await self._fill(portal, members, fresh)
+            await self.sync_members(portal, members)
         except Exception as exc:  # logged: the next sync command or message tries again
             log.warning("portal %s: joining its members failed: %s", portal.key, exc)
 
@@ -206,12 +197,37 @@ class Portals:
             "channel": channel,
         }
 
-    async def sync_members(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
-        """Make the ghosts of ``members`` (profiles first) and join them to the room."""
-        if portal.room_id is None or not members:
+    async def sync_info(self, portal: PortalRecord, info: ChatInfo) -> PortalRecord:
+        """Give the room the chat's name and topic where they differ (the bot sets them)."""
+        room_id = portal.room_id
+        if room_id is None:
+            return portal
+        changed = portal
+        if info.name is not None and info.name != portal.name:
+            await self.app.bot.set_room_name(room_id, info.name)
+            changed = attrs.evolve(changed, name=info.name)
+        if info.topic is not None and info.topic != portal.topic:
+            await self.app.bot.set_room_topic(room_id, info.topic)
+            changed = attrs.evolve(changed, topic=info.topic)
+        if changed != portal:
+            await self.app.store.put_portal(changed)
+        return changed
+
+    async def sync_members(
+        self, portal: PortalRecord, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> None:
+        """Make the ghosts of ``members`` (profiles first) and join them to the room;
+        with ``exclusive``, the room's other ghosts leave (the chat's full member list
+        after a reconnect: who left meanwhile)."""
+        room_id = portal.room_id
+        if room_id is None:
+            return
+        if exclusive:
+            await self._leave_others(portal, room_id, members)
+        if not members:
             return
         await self.ghosts.ensure(members)
-        pairs = [(self.ghosts.localpart(member.id), portal.room_id) for member in members]
+        pairs = [(self.ghosts.localpart(member.id), room_id) for member in members]
         result = await self.app.puppets.join_many(
             pairs, concurrency=self.app.config.puppets.concurrency
         )
@@ -220,6 +236,30 @@ class Portals:
                 "portal %s: %d of %d members did not join: %s",
                 portal.key, result.failed, len(pairs), result.failures,
             )  # fmt: skip
+
+    async def _leave_others(
+        self, portal: PortalRecord, room_id: str, members: Sequence[Sender]
+    ) -> None:
+        staying = {self.ghosts.user_id(member.id) for member in members}
+        joined = await self.app.room_state.get_members(room_id)
+        bot = self.app.bot.user_id
+        leaving = [
+            user_id
+            for user_id in joined
+            if user_id not in staying and user_id != bot and self.ghosts.is_ghost(user_id)
+        ]
+        limit = asyncio.Semaphore(self.app.config.puppets.concurrency)
+
+        async def leave(user_id: str) -> None:
+            remote_id = self.connector.ghost_for_localpart(user_id[1:].partition(":")[0])
+            if remote_id is None:
+                return
+            async with limit:
+                await self.ghosts.intent(remote_id).leave_room(room_id)
+
+        await asyncio.gather(*(leave(user_id) for user_id in leaving))
+        if leaving:
+            log.info("portal %s: %d ghosts left (gone from the chat)", portal.key, len(leaving))
 
 
 def _mxc(url: str | None) -> str | None:

@@ -115,7 +115,8 @@ class RemoteHandler:
     async def message(self, event: RemoteMessage) -> None:
         if event.id and await self.app.store.messages(event.portal, event.id):
             return  # bridged before: the message map is the long-term dedup
-        portal = await self.portals.ensure_room(event.portal)
+        # Members in the background: a big chat takes longer than a handler may run.
+        portal = await self.portals.ensure_room(event.portal, members_later=True)
         room_id = portal.room_id
         assert room_id is not None  # ensure_room made it
         if event.id and await self.app.store.messages(event.portal, event.id):

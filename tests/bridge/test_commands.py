@@ -276,3 +276,14 @@ async def test_permissions_may_be_any_callable() -> None:
     )
     assert handled
     assert replies.texts[0].startswith("Commands you may run (in a portal, start with `!x`)")
+
+
+async def test_a_reply_without_formatting_has_no_html(registry: CommandRegistry[Bridge]) -> None:
+    @registry.command("ping", level=Level.RELAY)
+    async def ping(ctx: CommandContext[Bridge]) -> None:
+        await ctx.reply("pong & <more>")
+
+    _, replies = await run(registry, "ping")
+    assert replies.sent == [("pong & <more>", None)]
+    _, replies = await run(registry, "ping", NOBODY)
+    assert replies.sent == [("You may not use this bridge.", None)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import re
 import time
 
@@ -9,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge_kit.bridge import formatting
 from bridge_kit.bridge.formatting import (
+    MAX_MARKDOWN,
     MAX_MENTIONS,
     Formatter,
     MarkdownFormatter,
@@ -48,7 +51,7 @@ from bridge_kit.types.room import MessageType
         ("a<hr>b", "a\n\n---\n\nb", "a\n\n---\n\nb"),
         ("  lots   of\n  space  ", "lots of space", "lots of space"),
         ("5 * 3 _x_ [y]", "5 * 3 _x_ [y]", r"5 \* 3 \_x\_ \[y\]"),
-        ("&lt;b&gt; &amp; &quot;", '<b> & "', '<b> & "'),
+        ("&lt;b&gt; &amp; &quot;", '<b> & "', r'\<b> & "'),
         ('<img alt=":cat:" src="mxc://x/y">!', ":cat:!", ":cat:!"),
         ('<span data-mx-spoiler="">secret</span>', "secret", "||secret||"),
         ('<font data-mx-color="#ff0000">red</font>', "red", "red"),
@@ -60,6 +63,11 @@ def test_each_element_in_text_and_markdown(html: str, text: str, markdown: str) 
     assert html_to_markdown(html) == markdown
 
 
+def test_line_breaks_at_a_blocks_edge_add_nothing() -> None:
+    assert html_to_text("a<br><p>b</p><br>c<br>") == "a\n\nb\n\nc"
+    assert html_to_text("<p>a<br><br>b</p>") == "a\n\nb"
+
+
 def test_blockquote_lines_are_quoted() -> None:
     html = "<blockquote><p>first</p><p>second<br>third</p></blockquote>after"
     assert html_to_text(html) == "> first\n>\n> second\n> third\n\nafter"
@@ -68,6 +76,15 @@ def test_blockquote_lines_are_quoted() -> None:
 def test_lists_nested_and_numbered_from_start() -> None:
     html = "<ul><li>one</li><li>two<ol start='3'><li>three</li><li>four<br>more</li></ol></li></ul>"
     assert html_to_text(html) == "- one\n- two\n  3. three\n  4. four\n     more"
+
+
+def test_a_table_is_one_line_per_row() -> None:
+    html = (
+        "<table><thead><tr><th>nick</th><th>idle</th></tr></thead>"
+        "<tbody><tr><td><b>bob</b></td><td>5<br>min</td></tr></tbody></table>after"
+    )
+    assert html_to_text(html) == "nick | idle\nbob | 5 min\n\nafter"
+    assert html_to_markdown(html).startswith("nick | idle\n**bob** | 5 min")
 
 
 def test_pre_keeps_its_whitespace_and_language() -> None:
@@ -322,9 +339,11 @@ async def test_long_markdown_is_parsed_off_the_loop_with_the_same_result() -> No
     assert long.mentions == short.mentions
 
 
-async def test_markdown_past_an_events_size_is_not_parsed() -> None:
-    message = await MarkdownFormatter().remote_to_matrix("**x** " * 20_000)
+async def test_markdown_past_its_limit_is_not_parsed() -> None:
+    message = await MarkdownFormatter().remote_to_matrix("**x** " * (MAX_MARKDOWN // 6 + 1))
     assert message.html is None
+    message = await MarkdownFormatter().remote_to_matrix("**x** " * (MAX_MARKDOWN // 6))
+    assert message.html is not None
 
 
 async def test_a_flood_of_would_be_mentions_is_not_a_flood_of_lookups() -> None:
@@ -338,6 +357,22 @@ async def test_a_flood_of_would_be_mentions_is_not_a_flood_of_lookups() -> None:
     names = " ".join(f"@{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}x" for i in range(600))
     await Counting().remote_to_matrix(names)
     assert len(asked) == MAX_MENTIONS
+
+
+async def test_a_flood_of_pills_is_not_a_flood_of_lookups() -> None:
+    asked: list[str] = []
+
+    class Counting(Network):
+        async def matrix_mention(self, user_id: str, text: str) -> str:
+            asked.append(user_id)
+            return "@" + text
+
+    pills = " ".join(pill(f"@u{i}:x.org", f"u{i}") for i in range(300))
+    pills += " " + pill("@u0:x.org", "u0")  # the same pill again: asked once
+    text = await Counting().html_to_remote(pills)
+    assert len(asked) == MAX_MENTIONS
+    assert text.startswith("@u0 @u1 ")
+    assert text.endswith(" u298 u299 @u0")
 
 
 ALLOWED_TAGS = {"p", "br", "strong", "em", "s", "code", "pre", "blockquote", "ul", "ol", "li"}
@@ -354,3 +389,48 @@ def test_any_remote_markdown_gives_only_safe_html(text: str) -> None:
         assert attribute in ("href", "class", "start"), html
         if attribute == "href":
             assert not value.lower().lstrip().startswith(("javascript:", "vbscript:", "data:"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \n*_~`[]()<>&;#\\!-1.>")), max_size=60))
+async def test_markdown_is_sent_plain_only_when_it_formats_nothing(text: str) -> None:
+    message = await MarkdownFormatter().remote_to_matrix(text)
+    if message.html is None:
+        rendered = formatting._MARKDOWN.render(text)
+        shown = html_to_text(rendered)
+        assert shown.split() == text.split(), (text, rendered)
+
+
+# -- markdown written for a markdown network reads back as the text -----------------
+
+
+@pytest.mark.parametrize(
+    ("text", "markdown"),
+    [
+        ("- not a list", r"\- not a list"),
+        ("# not a heading", r"\# not a heading"),
+        ("> not a quote", r"\> not a quote"),
+        ("1. not numbered", r"1\. not numbered"),
+        ("&amp; stays", r"\&amp; stays"),
+        ("<https://x.org> stays", r"\<https://x.org> stays"),
+        ("3.14 - #tag & more", "3.14 - #tag & more"),  # nothing to escape
+    ],
+)
+def test_text_that_markdown_would_read_as_markup_is_escaped(text: str, markdown: str) -> None:
+    assert html_to_markdown(html_lib.escape(text)) == markdown
+
+
+#: Pieces of text that markdown may read as markup, alone or together.
+PIECES = [
+    *("a", "b", " ", "  ", "\n", "<", ">", "&", "amp;", "#", "1.", "1)", "-", "+", "*", "_"),
+    *("~", "`", "[", "]", "(", ")", "!", "\\", "|", "===", "---", "http:", "x@y"),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=25).map("".join))
+def test_any_text_survives_html_to_markdown_and_back(text: str) -> None:
+    html = text_to_html(text)
+    markdown = html_to_markdown(html)
+    shown = html_to_text(markdown_to_html(markdown))
+    assert shown.split() == text.split(), (text, markdown, shown)

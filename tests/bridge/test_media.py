@@ -18,6 +18,7 @@ from bridge_kit.bridge import media
 from bridge_kit.client.homeserver import ClientObserver, HomeserverClient
 from bridge_kit.errors import InvalidInput, MediaTooLarge, MediaUnavailable, UserInUse
 from bridge_kit.intent import Intent
+from bridge_kit.types.media import MediaInfo
 from bridge_kit.types.register import RegisterRequest
 from tests.conftest import TestHomeserver
 
@@ -124,6 +125,7 @@ async def test_a_remote_url_round_trips_through_synapse(ghost: Intent, remote: R
     assert uploaded.size == len(SMALL)
     assert uploaded.content_type == "image/png"
     assert uploaded.filename == "cat picture.png"  # the server's name, without its path
+    assert uploaded.info() == MediaInfo(mimetype="image/png", size=len(SMALL))
     assert await media.download(ghost, uploaded.mxc) == SMALL
     chunks = [chunk async for chunk in media.download_stream(ghost, uploaded.mxc)]
     assert b"".join(chunks) == SMALL
@@ -221,6 +223,18 @@ async def test_a_remote_failure_is_one_clear_error(
     assert isinstance(caught.value, InvalidInput)
 
 
+async def test_errors_show_no_password_nor_query(ghost: Intent, remote: RemoteFiles) -> None:
+    port = remote.url.rsplit(":", 1)[1]
+    url = f"http://bot:hunter2@127.0.0.1:{port}/missing?signature=s3cr3t#part"
+    with pytest.raises(MediaUnavailable) as caught:
+        await media.upload_url(ghost, url)
+    assert str(caught.value) == f"http://127.0.0.1:{port}/missing?…: HTTP 404 Not Found"
+    with pytest.raises(MediaTooLarge) as too_large:
+        await media.upload_url(ghost, f"{remote.url}/files/x?token=s3cr3t", max_size=10)
+    assert "s3cr3t" not in str(too_large.value)
+    assert caught.value.__cause__ is None
+
+
 async def test_an_unreachable_or_odd_url(ghost: Intent, remote: RemoteFiles) -> None:
     with pytest.raises(MediaUnavailable, match=r"^'file:///etc/passwd': not an http\(s\) URL$"):
         await media.upload_url(ghost, "file:///etc/passwd")
@@ -272,3 +286,25 @@ async def test_a_download_stops_at_its_cap(ghost: Intent) -> None:
     with pytest.raises(MediaTooLarge):
         await media.download(ghost, uploaded.mxc, max_size=len(SMALL) - 1)
     assert await media.download(ghost, uploaded.mxc, max_size=len(SMALL)) == SMALL
+
+
+async def test_a_stream_longer_than_its_stated_size_is_stopped(ghost: Intent) -> None:
+    with pytest.raises(MediaTooLarge, match=r"longer than its stated size"):
+        await media.upload_stream(ghost, chunks_of(SMALL), size=50_000)
+
+
+async def test_a_stream_shorter_than_its_stated_size_is_stopped(ghost: Intent) -> None:
+    with pytest.raises(MediaUnavailable, match=r"ended after 150000 bytes, short of .* 200000$"):
+        await media.upload_stream(ghost, chunks_of(SMALL), size=200_000)
+
+
+async def test_a_streams_own_error_is_raised_as_it_is(ghost: Intent) -> None:
+    class RemoteGone(Exception):
+        pass
+
+    async def breaks() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        raise RemoteGone("the remote side hung up")
+
+    with pytest.raises(RemoteGone):
+        await media.upload_stream(ghost, breaks(), size=2000)
