@@ -39,6 +39,10 @@ SECRET = "a-shared-secret-of-some-length"
 TIMEOUT = 30.0
 
 
+# A private Synapse (fixture ``hs``): -m "not synapse" leaves these out.
+pytestmark = pytest.mark.synapse
+
+
 @pytest.fixture(scope="module")
 async def hs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
     # A private Synapse: this module's apps listen on its appservice port in turn.

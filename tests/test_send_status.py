@@ -22,6 +22,9 @@ from bridge_kit.errors import InvalidInput, SendFailed
 from bridge_kit.store import MemoryStore
 from tests.conftest import TestHomeserver, _running_homeserver
 
+# A private Synapse (fixture ``hs``): -m "not synapse" leaves these out.
+pytestmark = pytest.mark.synapse
+
 
 @pytest.fixture(scope="module")
 async def hs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
