@@ -17,7 +17,14 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
     │   ├── PowerLevelRefused        a power-level change bridge_kit will not try
+
+    │   ├── RemoteRefused            a bridge's remote network refused or does not know it
+    │   │   ├── LoginRefused         a login's credentials (wrong or expired)
+    │   │   └── UnknownChat          the remote chat a portal was asked for
     │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
+    │   │   └── LoginError           a login (by command or provisioning) that cannot go on
+    │   │       ├── UnknownLogin (LookupError)  no such login flow, login process or login
+    │   │       └── WrongLoginStep   a login step that is not the one the process is at
     │   └── MediaError               media that cannot be bridged
     │       ├── MediaTooLarge        over the homeserver's size limit (or the bridge's), refused
     │       └── MediaUnavailable     a remote file that could not be fetched
@@ -43,7 +50,9 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── LifecycleError           start() or stop() called in the wrong state
     │   ├── ClientClosed             a request on a closed HomeserverClient
     │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
-    │   └── ListenError              the HTTP server could not listen
+    │   ├── ListenError              the HTTP server could not listen
+    │   └── RemoteError              the remote network of a bridge failed (worth a retry)
+    │       └── SendFailed           the remote network did not take a Matrix event (says why)
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
@@ -87,6 +96,8 @@ __all__ = [
     "LifecycleError",
     "LimitExceeded",
     "ListenError",
+    "LoginError",
+    "LoginRefused",
     "MatrixRequestError",
     "MediaError",
     "MediaTooLarge",
@@ -99,17 +110,23 @@ __all__ = [
     "PowerLevelRefused",
     "RegistrationAborted",
     "RegistrationError",
+    "RemoteError",
+    "RemoteRefused",
     "ResourceLimitExceeded",
+    "SendFailed",
     "ServiceError",
     "SetupError",
     "StartupCheckFailed",
     "StoreError",
     "UndecryptableEvent",
     "UnexpectedReply",
+    "UnknownChat",
     "UnknownDevice",
+    "UnknownLogin",
     "UnknownToken",
     "UsageError",
     "UserInUse",
+    "WrongLoginStep",
     "WrongPickleKey",
     "WrongType",
     "YamlError",
@@ -187,6 +204,41 @@ class StoreError(BridgeKitError):
 
 class ListenError(ServiceError):
     """The appservice could not listen on its host and port."""
+
+
+class RemoteError(ServiceError):
+    """A bridge's remote network failed or could not be reached; trying again may work
+    (the inbox retries the event, the layer reconnects the login with backoff)."""
+
+
+class SendFailed(RemoteError):
+    """The remote side did not take a Matrix event; ``message`` is shown to its sender.
+
+    ``reason`` is one of :class:`~bridge_kit.bridge.send_status.StatusReason`'s values
+    (``m.foreign_network_error`` by default); ``transient``: worth retrying.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str = "m.foreign_network_error", transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.transient = transient
+
+
+class RemoteRefused(InvalidInput):
+    """A bridge's remote network refused something, or does not know it: sending it
+    again unchanged fails again."""
+
+
+class LoginRefused(RemoteRefused):
+    """The remote network refused a bridge login: wrong or expired credentials. The
+    layer stops reconnecting it (``BAD_CREDENTIALS``) until the user logs in again."""
+
+
+class UnknownChat(RemoteRefused):
+    """A bridge's connector does not know the remote chat a portal was asked for."""
 
 
 class LifecycleError(ServiceError):
@@ -285,6 +337,18 @@ class YamlError(InvalidInput):
 
 class CommandError(InvalidInput):
     """A bridge command that cannot run as typed; the message is the reply to the user."""
+
+
+class LoginError(CommandError):
+    """Logging in (by the ``login`` command or the provisioning API) cannot go on as asked."""
+
+
+class UnknownLogin(LoginError, LookupError):
+    """No such login flow, no such login process of this user, or no such login."""
+
+
+class WrongLoginStep(LoginError):
+    """A login step submitted for a step other than the one the process is at."""
 
 
 class MediaError(InvalidInput):

@@ -77,7 +77,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "bridge": frozenset(
         {"_json", "app", "bridge.records", "client", "config", "crypto", "defaults", "errors"}
         | {"ids", "inbox", "inbox.records", "intent", "logs", "metrics", "puppets"}
-        | {"registration", "store", "types"}
+        | {"registration", "server", "store", "types"}
     ),
     "__main__": frozenset({"cli"}),
     # The package itself re-exports the public API.

@@ -115,6 +115,12 @@ ERROR_GROUPS = {
         errors.CommandError,
         errors.MediaError,
         errors.MediaUnavailable,
+        errors.RemoteRefused,
+        errors.LoginRefused,
+        errors.UnknownChat,
+        errors.LoginError,
+        errors.UnknownLogin,
+        errors.WrongLoginStep,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,
@@ -140,6 +146,8 @@ ERROR_GROUPS = {
         errors.ClientClosed,
         errors.StartupCheckFailed,
         errors.ListenError,
+        errors.RemoteError,
+        errors.SendFailed,
     ),
     errors.CryptoError: (
         errors.EncryptionUnavailable,

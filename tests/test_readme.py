@@ -46,7 +46,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
 CHECKED = {
     "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip",
-    "bridge-tools",
+    "bridge-tools", "provisioning",
     "provision-approval",  # run by tests/test_moderation.py
 }  # fmt: skip
 
@@ -108,7 +108,7 @@ def test_the_configuration_page_shows_every_key_and_it_loads(tmp_path: Path) -> 
     config = Config.loads(text, base_dir=tmp_path)
     shown = yaml.safe_load(text)
     for section in attrs.fields(Config):
-        if section.name == "source":
+        if section.name in ("source", "extra_sections"):  # not sections of bridge_kit's
             continue
         keys = {field.name for field in attrs.fields(type(getattr(config, section.name)))}
         assert set(shown[section.name]) == keys, section.name
@@ -122,6 +122,17 @@ def test_the_bridge_tools_page_runs_as_written(tmp_path: Path) -> None:
         text=True, timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_the_provisioning_page_runs_as_written(tmp_path: Path) -> None:
+    # Self-contained (no homeserver): a login flow driven as the API and the command do.
+    (tmp_path / "flows.py").write_text(block("provisioning"))
+    result = subprocess.run(
+        [sys.executable, "flows.py"], cwd=tmp_path, env=child_env(), capture_output=True,
+        text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "the login is at step 'org.example.nick'" in result.stdout
 
 
 def test_the_fragments_not_run_are_valid_python() -> None:

@@ -114,6 +114,9 @@ class AppService:
         self.ping = ping
         self.state = AppLifecycle.CREATED
         self.thirdparty = ThirdPartyHandlers()
+        self.web_apps: dict[str, Callable[[], web.Application]] = {}
+        """More HTTP APIs on the appservice's listener: a path prefix -> a factory of the
+        aiohttp application mounted there on start (e.g. the bridge's provisioning API)."""
         self.metrics = Metrics()
         self.store = store or open_store(config.appservice.store, sync=config.appservice.store_sync)
         # Said on start, so an operator sees which file a relative path became.
@@ -426,6 +429,8 @@ class AppService:
             prune_max_age=section.dedup_max_age,
         )
         self._processor = app[PROCESSOR_KEY]
+        for prefix, make_app in self.web_apps.items():
+            app.add_subapp(prefix, make_app())
         runner = await serve_app(app, section.host, section.port)
         log.info("listening on http://%s:%d", section.host, section.port)
         return runner

@@ -209,7 +209,8 @@ class SynapseServer:
                     "type": "http",
                     "tls": False,
                     "x_forwarded": False,
-                    "resources": [{"names": ["client"], "compress": False}],
+                    # openid: the federation userinfo route, for checking OpenID tokens
+                    "resources": [{"names": ["client", "openid"], "compress": False}],
                 }
             ],
             "app_service_config_files": [str(p) for p in self.registrations],
