@@ -28,6 +28,7 @@ from bridge_kit.store import (
     postgres_retention,
     postgres_state,
 )
+from bridge_kit.store._bridge_sql import BridgeSQLHooks
 from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import PostgresQuery, Query
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
@@ -83,7 +84,7 @@ def _driver_errors(asyncpg: Any) -> tuple[type[BaseException], ...]:
     return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-class PostgresStore(SharedSQLHooks, Store):
+class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
     """A :class:`Store` in a PostgreSQL database (``postgresql://user@host:port/db``).
 
     The tables are prefixed ``bridge_kit_`` so the database can be shared with

@@ -42,6 +42,7 @@ from bridge_kit.store import (
     sqlite_retention,
     sqlite_state,
 )
+from bridge_kit.store._bridge_sql import BridgeSQLHooks
 from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import Query, SQLiteQuery
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY = 100
 
 
-class SQLiteStore(SQLiteParkedItems, SharedSQLHooks, Store):
+class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
 
     ``path`` is relative to the current directory unless absolute; the file is
