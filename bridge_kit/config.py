@@ -278,7 +278,7 @@ def _check_prefix(value: str) -> str | None:
     return None
 
 
-PERMISSION_LEVELS: Final = ("relay", "user", "admin")
+PERMISSION_LEVELS: Final = ("none", "relay", "user", "admin")
 """The ``bridge.permissions`` levels, each allowing what the one before does and more."""
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import attrs
 
 from bridge_kit.bridge.events import MessageKind, RemoteEvent, RemoteMedia, Sender
+from bridge_kit.bridge.formatting import Formatter
 from bridge_kit.bridge.records import (
     LoginState,
     MessageRecord,
@@ -361,6 +362,12 @@ class NetworkConnector(abc.ABC):
     async def get_user_info(self, user_id: str) -> UserInfo | None:
         """A remote user's profile; ``None``: no such user. Default: the id as name."""
         return UserInfo(name=user_id)
+
+    def formatter(self) -> Formatter:
+        """How Matrix messages become the network's text (and mentions): override
+        with a :class:`~bridge_kit.bridge.formatting.Formatter` subclass. Default:
+        plain text. Called once, at start."""
+        return Formatter()
 
     def ghost_localpart(self, user_id: str) -> str:
         """The localpart of remote user ``user_id``'s ghost."""
