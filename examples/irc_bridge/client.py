@@ -146,7 +146,7 @@ class IrcConnection:
     _writer: asyncio.StreamWriter | None = attrs.field(init=False, default=None)
     _names: dict[str, set[str]] = attrs.field(init=False, factory=dict)
     _send_lock: asyncio.Lock = attrs.field(init=False, factory=asyncio.Lock)
-    _closing: bool = attrs.field(init=False, default=False)
+    closing: bool = attrs.field(init=False, default=False)
     _prefix_len: int = attrs.field(init=False, default=PREFIX_ROOM)
 
     def __attrs_post_init__(self) -> None:
@@ -157,7 +157,7 @@ class IrcConnection:
     async def run(self) -> None:
         """Connect, and connect again with backoff after each loss, until closed."""
         delay = BACKOFF_FIRST
-        while not self._closing:
+        while not self.closing:
             reason = "closed"
             try:
                 reason = await self._session()
@@ -166,7 +166,7 @@ class IrcConnection:
                 reason = str(exc) or type(exc).__name__
             self._lost()
             await self.handler(self, Disconnected(reason))
-            if self._closing:
+            if self.closing:
                 return
             wait = delay * random.uniform(0.8, 1.2)
             log.warning("IRC %s lost (%s); reconnecting in %.1f s", self.wanted, reason, wait)
@@ -174,7 +174,7 @@ class IrcConnection:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def close(self, message: str = "bye") -> None:
-        self._closing = True
+        self.closing = True
         if self._writer is not None:
             with contextlib.suppress(OSError, ConnectionError):
                 await self._write(Line("QUIT", (message,)))
@@ -189,7 +189,7 @@ class IrcConnection:
         await self._write(Line("NICK", (self.wanted,)))
         await self._write(Line("USER", (self.username, "0", "*", self.realname)))
         pinged = False
-        while not self._closing:
+        while not self.closing:
             try:
                 raw = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_PING)
             except TimeoutError:

@@ -1,4 +1,5 @@
-"""IRC formatting codes ↔ Matrix HTML.
+"""IRC formatting codes → Matrix HTML (the other way is the layer's Formatter, with
+the hooks of :class:`~irc_bridge.connector.IrcFormatter`).
 
 IRC marks text with toggles: bold ``\\x02``, italic ``\\x1d``, underline ``\\x1f``,
 strike ``\\x1e``, monospace ``\\x11``, colour ``\\x03FG[,BG]`` (``\\x03`` alone ends
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Callable
-from html.parser import HTMLParser
 
-__all__ = ["html_to_irc", "irc_to_html", "strip_codes"]
+__all__ = ["irc_colour", "irc_to_html", "strip_codes"]
 
 BOLD, ITALIC, UNDERLINE, STRIKE, MONO = "\x02", "\x1d", "\x1f", "\x1e", "\x11"
 COLOUR, REVERSE, RESET = "\x03", "\x16", "\x0f"
@@ -80,103 +79,7 @@ def _font(fg: str | None, bg: str | None) -> str:
     return f"<font{attributes}>"
 
 
-def html_to_irc(formatted: str, mention: Callable[[str], str | None] | None = None) -> str:
-    """Matrix HTML as IRC text with formatting codes.
-
-    ``mention`` turns a pill's Matrix user id into the text IRC users see (a
-    nick); without it, or when it returns None, a pill is its link text.
-    """
-    parser = _ToIrc(mention)
-    parser.feed(formatted)
-    parser.close()
-    return re.sub(r"\n{3,}", "\n\n", "".join(parser.out)).strip("\n")
-
-
-_TAG_CODES = {
-    "b": BOLD, "strong": BOLD, "i": ITALIC, "em": ITALIC, "u": UNDERLINE,
-    "del": STRIKE, "s": STRIKE, "strike": STRIKE, "code": MONO,
-}  # fmt: skip
-_BLOCKS = frozenset({"p", "div", "pre", "blockquote", "ul", "ol", "li", "h1", "h2", "h3",
-                     "h4", "h5", "h6", "tr", "table"})  # fmt: skip
-_PILL = re.compile(r"^https://matrix\.to/#/(@[^/?]+)")
-
-
-class _ToIrc(HTMLParser):
-    def __init__(self, mention: Callable[[str], str | None] | None) -> None:
-        super().__init__(convert_charrefs=True)
-        self.mention = mention
-        self.out: list[str] = []
-        self._skip = 0  # inside <mx-reply>: the reply fallback, not the message
-        self._link: str | None = None  # the pill being read, its text replaced
-        self._colours = 0
-        self._quote = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = dict(attrs)
-        if tag == "mx-reply":
-            self._skip += 1
-        elif tag in _TAG_CODES:
-            self.out.append(_TAG_CODES[tag])
-        elif tag == "br":
-            self._text("\n")
-        elif tag == "blockquote":
-            self._quote += 1
-            self._block()
-        elif tag in _BLOCKS:
-            self._block()
-            if tag == "li":
-                self._text("• ")
-        elif tag == "a":
-            self._start_link(attributes.get("href") or "")
-        elif tag in ("font", "span"):
-            colour = attributes.get("data-mx-color") or attributes.get("color")
-            if colour:
-                self.out.append(f"{COLOUR}{_nearest(colour):02d}")
-                self._colours += 1
-
-    def _start_link(self, href: str) -> None:
-        match = _PILL.match(href)
-        nick = self.mention(match.group(1)) if match and self.mention else None
-        if nick is not None:
-            self._text(nick)
-            self._link = nick
-        elif match:
-            self._link = ""  # a pill without a nick: its text stands
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "mx-reply":
-            self._skip = max(0, self._skip - 1)
-        elif tag in _TAG_CODES:
-            self.out.append(_TAG_CODES[tag])
-        elif tag == "a":
-            self._link = None
-        elif tag in ("font", "span") and self._colours:
-            self._colours -= 1
-            self.out.append(COLOUR)
-        elif tag == "blockquote":
-            self._quote = max(0, self._quote - 1)
-            self._block()
-        elif tag in _BLOCKS:
-            self._block()
-
-    def handle_data(self, data: str) -> None:
-        if self._link:  # the pill's nick is written already
-            return
-        self._text(data)
-
-    def _text(self, data: str) -> None:
-        if self._skip:
-            return
-        if self._quote and (not self.out or self.out[-1].endswith("\n")):
-            data = "> " + data
-        self.out.append(data.replace("\n", "\n" + "> " * self._quote) if self._quote else data)
-
-    def _block(self) -> None:
-        if self.out and not "".join(self.out[-2:]).endswith("\n"):
-            self._text("\n")
-
-
-def _nearest(colour: str) -> int:
+def irc_colour(colour: str) -> int:
     """The mIRC colour nearest to a ``#rrggbb`` colour (white for what is not one)."""
     try:
         rgb = int(colour.lstrip("#")[:6], 16)

@@ -177,3 +177,7 @@ class IrcUser:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await self._task
+
+
+def count_lines(user: IrcUser, command: str) -> int:
+    return sum(1 for line in user.lines if split_line(line)[1] == command)
