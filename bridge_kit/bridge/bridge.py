@@ -88,13 +88,13 @@ class Bridge(BridgeCore):
         """A portal's alias: create the portal's room (with that alias) if the chat exists."""
         localpart = alias[1:].partition(":")[0]
         key = self.connector.portal_for_alias(localpart)
-        if key is None:
+        if key is None or self.portals.creating(key):
             return False
         try:
             info = await self.connector.get_chat_info(key)
             if info is None:
                 return False
-            await self.portals.ensure_room(key, info)
+            await self.portals.ensure_room(key, info, members_later=True)
         except UnknownChat:
             return False
         except BridgeKitError as exc:
@@ -140,6 +140,7 @@ class Bridge(BridgeCore):
                 self._connector_started = False
                 await self.connector.stop()
         finally:
+            await self.portals.close()
             await self.logins.close_all()
 
     async def __aenter__(self) -> Bridge:

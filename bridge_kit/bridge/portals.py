@@ -51,6 +51,14 @@ class Portals:
         # One creation per portal at a time in this process; the store and the alias
         # guard against other processes.
         self._locks: dict[PortalKey, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def creating(self, key: PortalKey) -> bool:
+        """Whether this process is making ``key``'s room right now. The homeserver
+        asks us about the alias while we create the room with it: the answer
+        must be "not yet", not a second creation waiting for the first."""
+        lock = self._locks.get(key)
+        return lock is not None and lock.locked()
 
     async def get(self, key: PortalKey) -> PortalRecord | None:
         return await self.app.store.portal(key)
@@ -62,9 +70,13 @@ class Portals:
         localpart = self.connector.alias_localpart(key)
         return None if localpart is None else f"#{localpart}:{self.app.puppets.domain}"
 
-    async def ensure_room(self, key: PortalKey, info: ChatInfo | None = None) -> PortalRecord:
+    async def ensure_room(
+        self, key: PortalKey, info: ChatInfo | None = None, *, members_later: bool = False
+    ) -> PortalRecord:
         """The portal of ``key`` with its room, created (with its members) if needed.
 
+        ``members_later``: return once the room exists, and join the members in
+        the background (an alias query must be answered soon).
         Raises :class:`UnknownChat` when the connector has no info on the chat.
         """
         record = await self.get(key)
@@ -79,10 +91,10 @@ class Portals:
                 info = await self.connector.get_chat_info(key)
             if info is None:
                 raise UnknownChat(f"the {self.connector.display_name} chat {key} is not known")
-            return await self._create(key, info, record)
+            return await self._create(key, info, record, members_later)
 
     async def _create(
-        self, key: PortalKey, info: ChatInfo, old: PortalRecord | None
+        self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
         # No alias lookup first: the alias is in the bridge's own namespace, so the
         # homeserver would ask this very bridge about it (an alias query), which
@@ -106,8 +118,26 @@ class Portals:
         await self.app.store.put_portal(record)
         if won == room_id and made:
             log.info("portal %s: created room %s", key, won)
-        await self.sync_members(record, info.members)
+        if members_later:
+            task = asyncio.create_task(self._sync_in_background(record, info.members))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            await self.sync_members(record, info.members)
         return record
+
+    async def _sync_in_background(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
+        try:
+            await self.sync_members(portal, members)
+        except Exception as exc:  # logged: the next sync command or message tries again
+            log.warning("portal %s: joining its members failed: %s", portal.key, exc)
+
+    async def close(self) -> None:
+        """Cancel member syncs still running in the background."""
+        tasks, self._background = self._background, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _existing_alias_room(self, key: PortalKey) -> str | None:
         alias = self.alias(key)

@@ -88,10 +88,10 @@ def checked_key(value: str, what: str) -> str:
     return value
 
 
-def checked_bytes(value: bytes) -> bytes:
+def checked_bytes(value: bytes, what: str = "crypto values") -> bytes:
     """``value`` as :class:`bytes`; :class:`TypeError` for anything that is not bytes-like."""
     if not isinstance(value, bytes | bytearray | memoryview):
-        raise TypeError(f"crypto values are bytes, not {type(value).__name__}")
+        raise TypeError(f"{what} are bytes, not {type(value).__name__}")
     return bytes(value)
 
 
@@ -266,7 +266,7 @@ def storable_login(record: LoginRecord) -> LoginRecord:
         user_id=checked_key(record.user_id, "user ID"),
         remote_name=storable_text(record.remote_name),
         state=LoginState(record.state),
-        credentials=None if credentials is None else checked_bytes(credentials),
+        credentials=None if credentials is None else checked_bytes(credentials, "credentials"),
         metadata=checked_metadata(record.metadata),
     )
 

@@ -44,7 +44,7 @@ class Store(
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 5
+    SCHEMA_VERSION: int = 6
 
     @abc.abstractmethod
     async def open(self) -> None:

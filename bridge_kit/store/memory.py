@@ -618,7 +618,7 @@ class MemoryStore(Store):
         bridge = self._bridge
         if record.event_id in bridge.messages:
             return False
-        if not record.pending and _part_of(record) in bridge.message_parts:
+        if not record.pending and bridge.mapped_event(record) is not None:
             return False
         bridge.put_message(record)
         return True
@@ -660,8 +660,8 @@ class MemoryStore(Store):
             del self._bridge.reactions[reaction_key]
 
 
-#: A message part's place in the map: (portal, remote id, part).
-_PartKey = tuple[PortalKey, str, str]
+#: A remote message's place in the map: (portal, remote id).
+_RemoteKey = tuple[PortalKey, str]
 #: A reaction's place: (portal, remote id, part, sender, key).
 _ReactionKey = tuple[PortalKey, str, str, str, str]
 
@@ -680,8 +680,8 @@ def _fresh_or_none(record: _WithMetadata | None) -> _WithMetadata | None:
     return None if record is None else _fresh(record)
 
 
-def _part_of(message: MessageRecord) -> _PartKey:
-    return (message.portal, message.remote_id, message.part)
+def _remote_of(message: MessageRecord) -> _RemoteKey:
+    return (message.portal, message.remote_id)
 
 
 def _reacted_to(reaction: ReactionRecord) -> _ReactionKey:
@@ -698,7 +698,8 @@ class _BridgeRecords:
     ghosts: dict[str, GhostRecord] = attrs.field(factory=dict)
     logins: dict[str, LoginRecord] = attrs.field(factory=dict)
     messages: dict[str, MessageRecord] = attrs.field(factory=dict)  # by event id
-    message_parts: dict[_PartKey, str] = attrs.field(factory=dict)  # not pending -> event id
+    # The parts that are not pending: (portal, remote id) -> part -> event id.
+    remote_parts: dict[_RemoteKey, dict[str, str]] = attrs.field(factory=dict)
     reactions: dict[_ReactionKey, ReactionRecord] = attrs.field(factory=dict)
     reaction_events: dict[str, _ReactionKey] = attrs.field(factory=dict)
 
@@ -723,11 +724,12 @@ class _BridgeRecords:
             self.delete_reaction(reaction)
 
     def messages_of(self, portal: PortalKey, remote_id: str) -> list[MessageRecord]:
-        return [
-            message
-            for message in self.messages.values()
-            if message.portal == portal and message.remote_id == remote_id and not message.pending
-        ]
+        parts = self.remote_parts.get((portal, remote_id), {})
+        return [self.messages[event_id] for event_id in parts.values()]
+
+    def mapped_event(self, record: MessageRecord) -> str | None:
+        """The event the remote part of ``record`` maps to, if any."""
+        return self.remote_parts.get(_remote_of(record), {}).get(record.part)
 
     def put_message(self, record: MessageRecord) -> None:
         """Insert or replace by event id; a mapped part another event had is the new
@@ -736,16 +738,20 @@ class _BridgeRecords:
         if old is not None:
             self.delete_message(old)
         if not record.pending:
-            other = self.message_parts.get(_part_of(record))
+            other = self.mapped_event(record)
             if other is not None:
                 self.delete_message(self.messages[other])
-            self.message_parts[_part_of(record)] = record.event_id
+            self.remote_parts.setdefault(_remote_of(record), {})[record.part] = record.event_id
         self.messages[record.event_id] = record
 
     def delete_message(self, message: MessageRecord) -> None:
         del self.messages[message.event_id]
-        if not message.pending:
-            del self.message_parts[_part_of(message)]
+        if message.pending:
+            return
+        parts = self.remote_parts[_remote_of(message)]
+        del parts[message.part]
+        if not parts:
+            del self.remote_parts[_remote_of(message)]
 
     def delete_messages(self, portal: PortalKey, remote_id: str) -> None:
         """Every part of a remote message, and every reaction to one of its parts."""

@@ -22,6 +22,7 @@ from bridge_kit.inbox.records import (
 )
 from bridge_kit.store import (
     inbox_rows,
+    postgres_bridge,
     postgres_devices,
     postgres_inbox,
     postgres_parked,
@@ -104,6 +105,7 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
             *postgres_retention.V5_RETENTION,
             *_V5_TXN_DIGEST,
         ),
+        postgres_bridge.V6,
     )
 
     def __init__(

@@ -35,6 +35,7 @@ from bridge_kit.inbox.records import (
     NewInboxItem,
 )
 from bridge_kit.store import (
+    sqlite_bridge,
     sqlite_devices,
     sqlite_files,
     sqlite_inbox,
@@ -82,6 +83,7 @@ class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
             *sqlite_retention.V5_RETENTION,
             *sqlite_puppets.V5_TXN_DIGEST,
         ),
+        sqlite_bridge.V6,
     )
 
     def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:
