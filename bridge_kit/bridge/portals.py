@@ -96,12 +96,10 @@ class Portals:
     async def _create(
         self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
-        # No alias lookup first: the alias is in the bridge's own namespace, so the
-        # homeserver would ask this very bridge about it (an alias query), which
-        # waits for this portal's lock: 60 s until the homeserver gives up. A taken
-        # alias shows up as M_ROOM_IN_USE instead, and is resolved then (it exists,
-        # so the homeserver answers without asking).
-        room_id, made = await self._create_room(key, info)
+        room_id = await self._existing_alias_room(key)
+        made = False
+        if room_id is None:
+            room_id, made = await self._create_room(key, info)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
             log.info("portal %s: another daemon made its room first; leaving %s", key, room_id)
