@@ -16,7 +16,7 @@ from pathlib import Path
 # Run as a directory, this file is a script: make its package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from irc_bridge.connector import IrcConnector
+from irc_bridge.connector import IrcConfig, IrcConnector
 
 from bridge_kit import AppService, BridgeKitError, Config, configure_logging
 from bridge_kit.bridge.bridge import Bridge
@@ -28,7 +28,8 @@ def main() -> int:
     try:
         config = Config.load(parser.parse_args().config, sections=IrcConnector.config_sections)
         configure_logging(config.logging.level, config.logging.format)
-        return Bridge(AppService(config), IrcConnector()).run()
+        connector = IrcConnector(config.section(IrcConfig))
+        return Bridge(AppService(config), connector).run()
     except BridgeKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -153,7 +153,9 @@ class IrcConnector(NetworkConnector):
     alias_localpart_template = "irc_{id}"
     default_relay_login = RELAY
 
-    def __init__(self) -> None:
+    def __init__(self, config: IrcConfig) -> None:
+        # Given here, not read at start: stored logins are loaded before ``start``.
+        self.config = config
         self._bridge: BridgeContext | None = None
         self.clients: dict[str, IrcClient] = {}  # login id → its client
 
@@ -161,10 +163,6 @@ class IrcConnector(NetworkConnector):
     def bridge(self) -> BridgeContext:
         assert self._bridge is not None, "the connector has not started"
         return self._bridge
-
-    @property
-    def config(self) -> IrcConfig:
-        return self.bridge.config.section(IrcConfig)
 
     @property
     def relay(self) -> IrcClient | None:
