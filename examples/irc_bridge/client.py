@@ -24,6 +24,7 @@ __all__ = [
     "Names",
     "Renamed",
     "Said",
+    "Topic",
 ]
 
 log = logging.getLogger("irc_bridge.client")
@@ -78,6 +79,15 @@ class Names:
 
 
 @attrs.frozen
+class Topic:
+    """A channel's topic: on joining (``nick`` empty) or changed by ``nick``."""
+
+    channel: str
+    topic: str
+    nick: str = ""
+
+
+@attrs.frozen
 class Connected:
     nick: str
 
@@ -87,7 +97,7 @@ class Disconnected:
     reason: str
 
 
-IrcEvent = Said | Joined | Left | Renamed | Names | Connected | Disconnected
+IrcEvent = Said | Joined | Left | Renamed | Names | Topic | Connected | Disconnected
 Handler = Callable[["IrcConnection", IrcEvent], Awaitable[None]]
 
 
@@ -292,6 +302,12 @@ class IrcConnection:
         nicks = self._names.pop(fold(channel), set())
         self.members[fold(channel)] = nicks
         await self._emit(Names(channel, frozenset(nicks)))
+
+    async def _on_332(self, line: Line) -> None:
+        await self._emit(Topic(line.params[1], line.params[-1]))
+
+    async def _on_topic(self, line: Line) -> None:
+        await self._emit(Topic(line.params[0], line.params[-1], line.nick))
 
     async def _on_join(self, line: Line) -> None:
         channel = line.params[0]

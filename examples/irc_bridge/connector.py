@@ -33,6 +33,7 @@ from bridge_kit.bridge.connector import (
 from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
+    RemoteChatInfoChange,
     RemoteEvent,
     RemoteMembership,
     RemoteMessage,
@@ -53,6 +54,7 @@ from .client import (
     Names,
     Renamed,
     Said,
+    Topic,
     fold,
 )
 from .formatting import COLOUR, irc_colour, irc_to_html, strip_codes
@@ -158,6 +160,7 @@ class IrcConnector(NetworkConnector):
         self.config = config
         self._bridge: BridgeContext | None = None
         self.clients: dict[str, IrcClient] = {}  # login id → its client
+        self.topics: dict[str, str] = {}  # folded channel → its topic
 
     @property
     def bridge(self) -> BridgeContext:
@@ -197,7 +200,9 @@ class IrcConnector(NetworkConnector):
         relay = self.relay
         nicks = relay.connection.members.get(fold(channel), set()) if relay else set()
         return ChatInfo(
-            name=channel, members=[self.sender(n) for n in sorted(nicks) if not self.is_own(n)]
+            name=channel,
+            topic=self.topics.get(fold(channel)) or None,
+            members=[self.sender(n) for n in sorted(nicks) if not self.is_own(n)],
         )
 
     async def get_user_info(self, user_id: str) -> UserInfo | None:
@@ -239,6 +244,8 @@ class IrcConnector(NetworkConnector):
             await self._renamed(event)
         elif isinstance(event, Names):
             await self._names(event)
+        elif isinstance(event, Topic):
+            await self._topic(event)
 
     async def _said(self, event: Said) -> None:
         if not event.target.startswith("#") or self.is_own(event.nick):
@@ -298,6 +305,17 @@ class IrcConnector(NetworkConnector):
                 if not self.is_own(nick):
                     await self._membership(event.channel, nick, Membership.JOIN)
 
+    async def _topic(self, event: Topic) -> None:
+        """The topic on joining goes into a new room; a change by someone, to the room."""
+        self.topics[fold(event.channel)] = event.topic
+        if event.nick:
+            await self._remote(
+                RemoteChatInfoChange(
+                    portal=portal_of(event.channel), sender=self.sender(event.nick),
+                    id=uuid.uuid4().hex, topic=event.topic,
+                )
+            )  # fmt: skip
+
     async def _remote(self, event: RemoteEvent) -> None:
         await self.bridge.handle_remote(event)
 
@@ -337,6 +355,12 @@ class IrcClient(NetworkClient):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    async def logout(self) -> None:
+        """Quit IRC; her nick is nobody's now (the relay mirrors whoever takes it)."""
+        if self.connector.clients.get(self.login.id) is self:
+            del self.connector.clients[self.login.id]
+        await self.disconnect()
 
     async def _on_event(self, connection: IrcConnection, event: IrcEvent) -> None:
         if isinstance(event, Connected):

@@ -210,6 +210,11 @@ async def test_irc_users_are_puppets_with_their_nick_and_their_comings_and_going
     await alice.membership(room_id, puppet("dee"), "join")
     await dee.quit("off to bed")
     await alice.membership(room_id, puppet("dee"), "leave")
+    await early[0].send("TOPIC #members :bridged now")
+    await alice.wait(
+        room_id, "the new topic",
+        lambda e: e["type"] == "m.room.topic" and e["content"].get("topic") == "bridged now",
+    )  # fmt: skip
 
 
 async def test_irc_lines_arrive_in_order_as_text_emotes_and_html(
