@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pytest
+from aiohttp import web
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
 from bridge_kit.bridge.bridge import Bridge
@@ -22,6 +24,7 @@ from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
     RemoteEdit,
+    RemoteMedia,
     RemoteMembership,
     RemoteMessage,
     RemoteReaction,
@@ -31,10 +34,11 @@ from bridge_kit.bridge.events import (
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.config import BridgeConfig
-from bridge_kit.store import Store
+from bridge_kit.store import Store, open_store
 from bridge_kit.store.memory import MemoryStore
+from bridge_kit.testing.synapse import free_port
 from bridge_kit.types import Event
-from tests.conftest import TestHomeserver, _running_homeserver
+from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
 from tests.helpers.toy_network import ToyConfig, ToyConnector, ToyNetwork
 
 T = TypeVar("T")
@@ -46,13 +50,6 @@ DOMAIN = "test.local"
 async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
     async with _running_homeserver(tmp_path_factory.mktemp("bridge")) as hs:
         yield hs
-
-
-class KeptMemoryStore(MemoryStore):
-    """A memory store that survives its app's stop: a restart within one test."""
-
-    async def close(self) -> None:
-        return None
 
 
 class Registrations(ClientObserver):
@@ -69,17 +66,25 @@ class Registrations(ClientObserver):
 
 
 def make_bridge(
-    hs: TestHomeserver, store: Store, network: ToyNetwork, chats: tuple[str, ...] = ()
+    hs: TestHomeserver,
+    store: Store,
+    network: ToyNetwork,
+    chats: tuple[str, ...] = (),
+    *,
+    port: int | None = None,
 ) -> Bridge:
+    """A bridge on the toy network; ``port``: a second daemon, which the homeserver
+    does not push to (only the registration's port is pinged)."""
     config = Config(
         homeserver=HomeserverConfig(url=hs.url),
         appservice=AppServiceConfig(
-            registration=str(hs.registration_path), port=hs.appservice_port
+            registration=str(hs.registration_path), port=port or hs.appservice_port
         ),
         bridge=BridgeConfig(permissions={DOMAIN: "user"}),
         extra_sections={"toy": ToyConfig(chats=list(chats))},
     )
-    return Bridge(AppService(config, store=store), ToyConnector(network))
+    app = AppService(config, store=store, ping=port is None)
+    return Bridge(app, ToyConnector(network))
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
@@ -393,15 +398,19 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
         assert kicked["content"]["reason"] == "by Bob: spam"
 
 
-async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, unique: str) -> None:
+async def test_a_restart_reuses_portals_and_ghosts(
+    homeserver: TestHomeserver, unique: str, tmp_path: Path
+) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)
-    store = KeptMemoryStore()
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    store = open_store(url)
     async with make_bridge(homeserver, store, network) as bridge:
         await remote_says(bridge, chat, "1", "before")
         await mapped(bridge, chat, "1")
         room_before = (await store.portal(PortalKey(chat))).room_id  # type: ignore[union-attr]
     registrations = Registrations()
+    store = open_store(url)  # a new process would open the file again
     bridge = make_bridge(homeserver, store, network)
     bridge.app.client.observers.append(registrations)
     async with bridge, human(homeserver, f"h{unique}") as alice:
@@ -419,3 +428,60 @@ async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, u
         assert bodies.count("before") == 1 and bodies.count("after") == 1
         assert network.connects.count("relay") == 2  # once per run: the login was reloaded
     assert registrations.count == 0
+
+
+@pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "claimed"])
+async def test_two_bridges_on_one_postgresql_make_one_room(
+    homeserver: TestHomeserver, unique: str, receiver: str
+) -> None:
+    """Two daemons sharing a store race to create a portal: one room. With an alias
+    the homeserver refuses the second; without one the store's claim decides."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, receiver)
+    async with scratch_database() as dsn:
+        first = make_bridge(homeserver, open_store(dsn), network)
+        second = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        async with first, second:
+            rooms = await asyncio.gather(first.ensure_portal(key), second.ensure_portal(key))
+            assert rooms[0] == rooms[1]
+            record = await first.app.store.portal(key)
+            assert record is not None and record.room_id == rooms[0]
+
+
+@contextlib.asynccontextmanager
+async def file_server(data: bytes) -> AsyncIterator[str]:
+    """The remote network's file server: ``GET /f.png`` gives ``data``."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/f.png", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/f.png"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_remote_file_is_uploaded(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    data = b"\x89PNG not really" * 100
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice, file_server(data) as url:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        media = RemoteMedia(url, name="f.png")
+        await remote_says(bridge, chat, "img", "a picture", kind=MessageKind.IMAGE, media=media)
+        image = await alice.find(room_id, body_is("a picture"), "the image")
+        content = image["content"]
+        assert content["msgtype"] == "m.image" and content["url"].startswith("mxc://")
+        assert content["info"] == {"mimetype": "image/png", "size": len(data)}
+        gone = RemoteMedia(url.replace("f.png", "gone.png"), name="gone.png")
+        await remote_says(bridge, chat, "img2", "lost", kind=MessageKind.IMAGE, media=gone)
+        link = await alice.find(room_id, body_is(f"lost\n{gone.url}"), "the link instead")
+        assert link["content"]["msgtype"] == "m.text"

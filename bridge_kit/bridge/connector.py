@@ -396,7 +396,7 @@ class NetworkConnector(abc.ABC):
 
 # -- localpart escaping ----------------------------------------------------------
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-/")
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-/")
 
 
 def escape_localpart(remote_id: str) -> str:

@@ -96,10 +96,11 @@ class Portals:
     async def _create(
         self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
-        room_id = await self._existing_alias_room(key)
-        made = False
-        if room_id is None:
-            room_id, made = await self._create_room(key, info)
+        # No alias lookup first: the alias is in the bridge's own namespace, so the
+        # homeserver would ask this very bridge about it (an alias query; see
+        # creating()). A taken alias shows up as M_ROOM_IN_USE instead, and is
+        # resolved then (it exists, so the homeserver answers without asking).
+        room_id, made = await self._create_room(key, info)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
             log.info("portal %s: another daemon made its room first; leaving %s", key, room_id)
@@ -162,7 +163,10 @@ class Portals:
         try:
             return await self.app.bot.create_room(request), True
         except MatrixRequestError as exc:
-            if exc.errcode != "M_ROOM_IN_USE" or localpart is None:
+            # M_ROOM_IN_USE: the alias was taken before; 409: while Synapse made
+            # our room (which it leaves without the alias: nobody is in it but the bot).
+            taken = exc.errcode == "M_ROOM_IN_USE" or exc.status == 409
+            if not taken or localpart is None:
                 raise
         room_id = await self._existing_alias_room(key)
         if room_id is None:

@@ -29,9 +29,10 @@ from bridge_kit.bridge.events import (
     event_from_payload,
 )
 from bridge_kit.bridge.ghosts import Ghosts
+from bridge_kit.bridge.media import upload_url
 from bridge_kit.bridge.portals import Portals
 from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
-from bridge_kit.errors import MatrixRequestError
+from bridge_kit.errors import MatrixRequestError, MediaError
 from bridge_kit.inbox.items import RemoteItem
 
 __all__ = ["RemoteHandler", "message_content"]
@@ -126,16 +127,23 @@ class RemoteHandler:
     ) -> dict[str, Any]:
         media = event.media
         assert media is not None
-        mxc = media.url
+        mxc, mimetype, size = media.url, media.mimetype, media.size
         if not mxc.startswith("mxc://"):
-            # Not uploaded: the link, as text (the connector may upload it first).
-            text = f"{event.text}\n{media.url}" if event.text else media.url
-            return {"msgtype": "m.text", "body": text}
+            try:
+                uploaded = await upload_url(
+                    intent, media.url, content_type=media.mimetype, filename=media.name
+                )
+            except MediaError as exc:
+                # Too large, or gone: the link still says what was sent.
+                log.info("remote file %s not uploaded: %s", media.url, exc)
+                text = f"{event.text}\n{media.url}" if event.text else media.url
+                return {"msgtype": "m.text", "body": text}
+            mxc, mimetype, size = uploaded.mxc, uploaded.content_type, uploaded.size
         info: dict[str, Any] = {}
-        if media.mimetype:
-            info["mimetype"] = media.mimetype
-        if media.size is not None:
-            info["size"] = media.size
+        if mimetype:
+            info["mimetype"] = mimetype
+        if size is not None:
+            info["size"] = size
         body = event.text or media.name
         return content | {"body": body, "url": mxc, "info": info, "filename": media.name}
 
