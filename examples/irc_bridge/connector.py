@@ -161,6 +161,7 @@ class IrcConnector(NetworkConnector):
         self._bridge: BridgeContext | None = None
         self.clients: dict[str, IrcClient] = {}  # login id → its client
         self.topics: dict[str, str] = {}  # folded channel → its topic
+        self._opening: set[asyncio.Task[None]] = set()
 
     @property
     def bridge(self) -> BridgeContext:
@@ -177,6 +178,9 @@ class IrcConnector(NetworkConnector):
         await bridge.add_login(bridge.app.bot.user_id, info)
 
     async def stop(self) -> None:
+        for task in list(self._opening):
+            task.cancel()
+        await asyncio.gather(*self._opening, return_exceptions=True)
         for client in list(self.clients.values()):
             await client.disconnect()
 
@@ -294,16 +298,27 @@ class IrcConnector(NetworkConnector):
                 await self._membership(channel, event.new, Membership.JOIN)
 
     async def _names(self, event: Names) -> None:
-        """The relay is in a channel: its portal exists, with every member in the room."""
+        """The relay is in a channel: its portal is opened in the background, so a
+        big channel's members joining does not hold up what the relay reads (its
+        events wait in the portal's lane meanwhile, in order)."""
+        task = asyncio.create_task(self._open(event), name=f"open {event.channel}")
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open(self, event: Names) -> None:
         key = portal_of(event.channel)
-        existed = await self.bridge.app.store.portal(key)
-        await self.bridge.ensure_portal(key)
-        if existed is not None and existed.room_id is not None:
+        try:
+            existed = await self.bridge.app.store.portal(key)
+            await self.bridge.ensure_portal(key)
+            if existed is None or existed.room_id is None:
+                return  # made just now, with the members (join_many)
             # Made before (a restart, a reconnect): whoever is here now joins; the
             # layer skips a ghost that is in the room already.
             for nick in sorted(event.nicks):
                 if not self.is_own(nick):
                     await self._membership(event.channel, nick, Membership.JOIN)
+        except Exception as exc:  # a background task: logged, and the next NAMES tries again
+            log.warning("could not open %s: %s: %s", event.channel, type(exc).__name__, exc)
 
     async def _topic(self, event: Topic) -> None:
         """The topic on joining goes into a new room; a change by someone, to the room."""

@@ -19,7 +19,7 @@ from tests.helpers.daemons import Daemon, room_events
 from tests.helpers.irc_bridge import IrcHomeserver, irc_bridge, write_irc_config
 from tests.helpers.ircd import IrcUser, Miniircd, split_line
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.synapse]
 
 TIMEOUT = 60.0
 HTML = "org.matrix.custom.html"
