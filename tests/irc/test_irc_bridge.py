@@ -1,5 +1,5 @@
 """The IRC bridge example end to end: a real Synapse, a real miniircd, IRC users on
-raw sockets and Matrix users on the client-server API; the bridge runs as a process
+raw sockets and Matrix users on matrix-nio; the bridge runs as a process
 (``python examples/irc_bridge -c config.yaml``), as a deployment runs it."""
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import nio
 import pytest
 
-from bridge_kit import HomeserverClient, Intent
-from bridge_kit.client.homeserver import quote_segment
 from bridge_kit.testing.synapse import synapse_installed
 from tests.conftest import SERVER_NAME, missing_service
-from tests.helpers.daemons import Daemon, room_events
+from tests.helpers.daemons import Daemon
 from tests.helpers.irc_bridge import IrcHomeserver, irc_bridge, write_irc_config
 from tests.helpers.ircd import IrcUser, Miniircd, split_line
 
@@ -94,17 +93,57 @@ async def irc_users(ircd: Miniircd) -> AsyncIterator[Callable[..., Any]]:
 
 
 class MatrixUser:
-    """A person on Matrix: a real account on the homeserver, its client and intent."""
+    """A person on Matrix: a real account on the homeserver, with matrix-nio as her client."""
 
-    def __init__(self, client: HomeserverClient, intent: Intent) -> None:
-        self.client, self.intent = client, intent
+    def __init__(self, client: nio.AsyncClient) -> None:
+        self.client = client
 
     @property
     def user_id(self) -> str:
-        return self.intent.user_id
+        return str(self.client.user_id)
+
+    async def join(self, room: str) -> str:
+        reply = await self.client.join(room)
+        assert isinstance(reply, nio.JoinResponse), reply
+        return str(reply.room_id)
+
+    async def send(self, room_id: str, content: dict[str, Any]) -> str:
+        reply = await self.client.room_send(room_id, "m.room.message", content)
+        assert isinstance(reply, nio.RoomSendResponse), reply
+        return str(reply.event_id)
+
+    async def text(
+        self, room_id: str, body: str, *, html: str | None = None, reply_to: str | None = None
+    ) -> str:
+        content: dict[str, Any] = {"msgtype": "m.text", "body": body}
+        if html is not None:
+            content |= {"format": HTML, "formatted_body": html}
+        if reply_to is not None:
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+        return await self.send(room_id, content)
+
+    async def emote(self, room_id: str, body: str) -> str:
+        return await self.send(room_id, {"msgtype": "m.emote", "body": body})
+
+    async def edit(self, room_id: str, event_id: str, body: str) -> str:
+        new = {"msgtype": "m.text", "body": body}
+        return await self.send(
+            room_id,
+            {
+                **new, "body": f"* {body}", "m.new_content": new,
+                "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+            },
+        )  # fmt: skip
+
+    async def dm(self, user_id: str) -> str:
+        reply = await self.client.room_create(is_direct=True, invite=[user_id])
+        assert isinstance(reply, nio.RoomCreateResponse), reply
+        return str(reply.room_id)
 
     async def events(self, room_id: str) -> list[dict[str, Any]]:
-        return [dict(e) for e in await room_events(self.client, room_id, limit=500)]
+        reply = await self.client.room_messages(room_id, limit=500)
+        assert isinstance(reply, nio.RoomMessagesResponse), reply
+        return [dict(event.source) for event in reversed(reply.chunk)]
 
     async def wait(
         self, room_id: str, what: str, match: Callable[[dict[str, Any]], bool]
@@ -132,22 +171,30 @@ class MatrixUser:
         )  # fmt: skip
 
     async def joined(self, room_id: str) -> dict[str, str | None]:
-        path = f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/joined_members"
-        reply = await self.client.request("GET", path)
-        return {user: info.get("display_name") for user, info in reply["joined"].items()}
+        reply = await self.client.joined_members(room_id)
+        assert isinstance(reply, nio.JoinedMembersResponse), reply
+        return {member.user_id: member.display_name for member in reply.members}
+
+    async def state(self, room_id: str, event_type: str) -> dict[str, Any]:
+        reply = await self.client.room_get_state_event(room_id, event_type)
+        assert isinstance(reply, nio.RoomGetStateEventResponse), reply
+        return dict(reply.content)
 
 
 @pytest.fixture
 async def matrix_user(hs: IrcHomeserver, unique: str) -> AsyncIterator[Callable[..., Any]]:
-    clients: list[HomeserverClient] = []
+    clients: list[nio.AsyncClient] = []
 
     async def make(name: str) -> MatrixUser:
-        token = await hs.create_user(f"{name}{unique}")
-        client = HomeserverClient(hs.url, token)
+        localpart = f"{name}{unique}"
+        await hs.create_user(localpart)
+        client = nio.AsyncClient(hs.url, f"@{localpart}:{SERVER_NAME}")
         clients.append(client)
-        intent = Intent(client, f"@{name}{unique}:{SERVER_NAME}", None)
-        await intent.set_displayname(name.capitalize())
-        return MatrixUser(client, intent)
+        assert isinstance(await client.login("pw"), nio.LoginResponse)
+        assert isinstance(
+            await client.set_displayname(name.capitalize()), nio.ProfileSetDisplayNameResponse
+        )
+        return MatrixUser(client)
 
     yield make
     for client in clients:
@@ -163,7 +210,7 @@ def alias(channel: str) -> str:
 
 
 async def join_portal(user: MatrixUser, channel: str) -> str:
-    return await user.intent.join_room(alias(channel))
+    return await user.join(alias(channel))
 
 
 async def wait_said(user: IrcUser, nick: str, target: str, text: str, start: int = 0) -> None:
@@ -178,10 +225,7 @@ async def test_a_configured_channel_is_a_portal_a_matrix_user_joins_by_its_alias
 ) -> None:
     alice = await matrix_user("alice")
     room_id = await join_portal(alice, "#lobby")
-    state = await alice.client.request(
-        "GET", f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/state/m.room.name"
-    )
-    assert state["name"] == "#lobby"
+    assert (await alice.state(room_id, "m.room.name"))["name"] == "#lobby"
     assert alice.user_id in await alice.joined(room_id)
 
 
@@ -253,18 +297,18 @@ async def test_matrix_messages_reach_irc_through_the_relay_with_replies_and_ment
     room_id = await join_portal(alice, "#relay")
     fay = await irc_users("fay", "#relay")
     await alice.membership(room_id, puppet("fay"), "join")
-    await alice.intent.send_text(room_id, "hello irc")
+    await alice.text(room_id, "hello irc")
     await fay.said(RELAY_NICK, "#relay", "<Alice> hello irc")
-    await alice.intent.send_text(room_id, "very bold", html="<b>very</b> bold")
+    await alice.text(room_id, "very bold", html="<b>very</b> bold")
     await fay.said(RELAY_NICK, "#relay", "<Alice> \x02very\x02 bold")
-    await alice.intent.send_emote(room_id, "dances")
+    await alice.emote(room_id, "dances")
     await fay.said(RELAY_NICK, "#relay", "* Alice dances")
     pill = f'<a href="https://matrix.to/#/{puppet("fay")}">fay</a>'
-    await alice.intent.send_text(room_id, "fay: look", html=f"{pill}: look")
+    await alice.text(room_id, "fay: look", html=f"{pill}: look")
     await fay.said(RELAY_NICK, "#relay", "<Alice> fay: look")
     await fay.say("#relay", "what is up")
     original = await alice.message(room_id, puppet("fay"), "what is up")
-    await alice.intent.send_text(room_id, "not much", reply_to=original["event_id"])
+    await alice.text(room_id, "not much", reply_to=original["event_id"])
     await fay.said(RELAY_NICK, "#relay", "<Alice> fay: not much")
 
 
@@ -275,9 +319,9 @@ async def test_an_edit_goes_out_again_marked_as_a_correction(
     room_id = await join_portal(alice, "#edits")
     gus = await irc_users("gus", "#edits")
     await alice.membership(room_id, puppet("gus"), "join")
-    event_id = await alice.intent.send_text(room_id, "teh typo")
+    event_id = await alice.text(room_id, "teh typo")
     await gus.said(RELAY_NICK, "#edits", "<Alice> teh typo")
-    await alice.intent.edit_message(room_id, event_id, "the typo")
+    await alice.edit(room_id, event_id, "the typo")
     await gus.said(RELAY_NICK, "#edits", "<Alice> * the typo")
 
 
@@ -289,15 +333,15 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     room_id = await join_portal(alice, "#login")
     hal = await irc_users("hal", "#login")
     await alice.membership(room_id, puppet("hal"), "join")
-    management = await alice.intent.create_room(invite=[hs.bot], is_direct=True)
+    management = await alice.dm(hs.bot)
     await alice.membership(management, hs.bot, "join")
     nick = f"al{unique[:6]}"
     start = len(hal.lines)
-    await alice.intent.send_text(management, f"login {nick}")
+    await alice.text(management, f"login {nick}")
     await hal.wait_for(
         lambda n, c, p: n == nick and c == "JOIN" and p[0] == "#login", "her join", start=start
     )
-    await alice.intent.send_text(room_id, "it is me")
+    await alice.text(room_id, "it is me")
     await hal.said(nick, "#login", "it is me")
     await hal.say("#login", f"{nick}: welcome")
     await alice.message(room_id, puppet("hal"), f"{nick}: welcome")
@@ -315,7 +359,7 @@ async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twi
     await alice.membership(room_id, puppet("ivy"), "join")
     await ivy.say("#restart", "before")
     await alice.message(room_id, puppet("ivy"), "before")
-    await alice.intent.send_text(room_id, "from matrix")
+    await alice.text(room_id, "from matrix")
     await ivy.said(RELAY_NICK, "#restart", "<Alice> from matrix")
     users_before = await hs.count_users("irc_")
     await bridge.stop()
@@ -325,7 +369,7 @@ async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twi
     start = len(ivy.lines)
     await ivy.say("#restart", "after")
     await alice.message(room_id, puppet("ivy"), "after")
-    await alice.intent.send_text(room_id, "again")
+    await alice.text(room_id, "again")
     await ivy.said(RELAY_NICK, "#restart", "<Alice> again", start=start)
     bodies = [
         e["content"].get("body")
