@@ -9,6 +9,7 @@ not mirrored back as a ghost, and what she says is not bridged twice.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import re
 import uuid
@@ -39,7 +40,7 @@ from bridge_kit.bridge.events import (
     RemoteMessage,
     Sender,
 )
-from bridge_kit.bridge.formatting import Formatter
+from bridge_kit.bridge.formatting import Formatter, pill
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.config import Section
 from bridge_kit.errors import InvalidInput
@@ -66,6 +67,8 @@ log = logging.getLogger("irc_bridge")
 RELAY = "relay"
 #: What IRC servers take as a nick (RFC 2812, with the usual longer length).
 NICK = re.compile(r"^[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}$")
+#: How IRC users address someone: ``nick: text`` or ``nick, text``.
+ADDRESSED = re.compile(r"^([^\s:,\x00-\x1f]+)([:,] )")
 #: Seconds ``connect`` waits for the server's welcome before the layer retries.
 CONNECT_WAIT = 30.0
 
@@ -254,23 +257,40 @@ class IrcConnector(NetworkConnector):
     async def _said(self, event: Said) -> None:
         if not event.target.startswith("#") or self.is_own(event.nick):
             return  # private messages are not bridged; our own lines are on Matrix already
-        kind = (
-            MessageKind.EMOTE
-            if event.action
-            else MessageKind.NOTICE
-            if event.notice
-            else MessageKind.TEXT
-        )
+        kind = MessageKind.EMOTE if event.action else MessageKind.TEXT
+        kind = MessageKind.NOTICE if event.notice else kind
         await self._remote(
             RemoteMessage(
                 portal=portal_of(event.target),
                 sender=self.sender(event.nick),
                 id=uuid.uuid4().hex,
                 text=strip_codes(event.text),
-                html=irc_to_html(event.text),
+                html=self._html(event.target, event.text),
                 kind=kind,
             )
         )
+
+    def _html(self, channel: str, text: str) -> str | None:
+        """The HTML of an IRC line: its formatting, and the nick it addresses as a pill."""
+        match = ADDRESSED.match(text)
+        user_id = self.user_of(channel, match.group(1)) if match else None
+        if match is None or user_id is None:
+            return irc_to_html(text)
+        rest = text[match.end() :]
+        body = irc_to_html(rest) or html.escape(rest, quote=False)
+        return pill(user_id, match.group(1)) + match.group(2) + body
+
+    def user_of(self, channel: str, nick: str) -> str | None:
+        """The Matrix user behind a nick in ``channel``: a logged-in user, or a ghost."""
+        folded = fold(nick)
+        for client in self.clients.values():
+            if client.login.id != RELAY and fold(client.connection.nick) == folded:
+                return client.login.user_id
+        relay = self.relay
+        members = relay.connection.members.get(fold(channel), set()) if relay else set()
+        if self.is_own(nick) or not any(fold(m) == folded for m in members):
+            return None
+        return f"@{self.ghost_localpart(folded)}:{self.bridge.app.puppets.domain}"
 
     async def _membership(
         self, channel: str, nick: str, membership: Membership, reason: str = "", *, by: str = ""

@@ -344,7 +344,11 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     await alice.text(room_id, "it is me")
     await hal.said(nick, "#login", "it is me")
     await hal.say("#login", f"{nick}: welcome")
-    await alice.message(room_id, puppet("hal"), f"{nick}: welcome")
+    welcome = await alice.message(room_id, puppet("hal"), f"{nick}: welcome")
+    # Addressed by her nick on IRC, she gets a pill (her client highlights it).
+    assert welcome["content"]["formatted_body"] == (
+        f'<a href="https://matrix.to/#/{alice.user_id}">{nick}</a>: welcome'
+    )
     # Her own nick is no puppet: the relay knows it is the bridge's.
     assert puppet(nick) not in await alice.joined(room_id)
 

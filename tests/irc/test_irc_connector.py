@@ -4,6 +4,7 @@ covered end to end in test_irc_bridge."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[RemoteEvent] = []
+        self.app = SimpleNamespace(puppets=SimpleNamespace(domain="x"))
 
     async def handle_remote(self, event: RemoteEvent) -> bool:
         self.events.append(event)
@@ -107,3 +109,20 @@ async def test_a_topic_change_changes_the_room_topic(
     await irc.on_relay_event(Topic("#c", "new topic", "bob"))
     (event,) = seen.events
     assert isinstance(event, RemoteChatInfoChange) and event.topic == "new topic"
+
+
+async def test_a_line_addressing_a_nick_pills_its_matrix_user(
+    connector: tuple[IrcConnector, Recorder],
+) -> None:
+    irc, seen = connector
+    relay = irc.relay
+    assert relay is not None
+    relay.connection.members["#c"] = {"relay", "Alice", "bob", "cy"}
+    await irc.on_relay_event(Said("#c", "cy", "alice: hi \x02there\x02"))
+    await irc.on_relay_event(Said("#c", "cy", "Bob, <yo>"))
+    await irc.on_relay_event(Said("#c", "cy", "nobody: here"))
+    assert [e.html for e in seen.events if isinstance(e, RemoteMessage)] == [
+        '<a href="https://matrix.to/#/@alice:x">alice</a>: hi <b>there</b>',
+        '<a href="https://matrix.to/#/@irc_bob:x">Bob</a>, &lt;yo&gt;',
+        None,
+    ]
