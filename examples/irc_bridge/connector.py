@@ -329,16 +329,31 @@ class IrcConnector(NetworkConnector):
         key = portal_of(event.channel)
         try:
             existed = await self.bridge.app.store.portal(key)
-            await self.bridge.ensure_portal(key)
-            if existed is None or existed.room_id is None:
-                return  # made just now, with the members (join_many)
-            # Made before (a restart, a reconnect): whoever is here now joins; the
-            # layer skips a ghost that is in the room already.
-            for nick in sorted(event.nicks):
-                if not self.is_own(nick):
-                    await self._membership(event.channel, nick, Membership.JOIN)
+            room_id = await self.bridge.ensure_portal(key)
+            if existed is not None and existed.room_id is not None:
+                await self._resync(event, room_id)
+            # else: made just now, with the members (join_many)
         except Exception as exc:  # a background task: logged, and the next NAMES tries again
             log.warning("could not open %s: %s: %s", event.channel, type(exc).__name__, exc)
+
+    async def _resync(self, event: Names, room_id: str) -> None:
+        """A portal made before (a restart, a reconnect): ghosts of nicks gone meanwhile
+        leave, and whoever is here now joins (the layer skips ghosts already in)."""
+        present = {fold(nick) for nick in event.nicks}
+        domain = f":{self.bridge.app.puppets.domain}"
+        for user_id, member in (await self.bridge.app.bot.get_joined_members(room_id)).items():
+            remote_id = self.ghost_for_localpart(user_id[1:].removesuffix(domain))
+            if user_id.endswith(domain) and remote_id is not None and remote_id not in present:
+                ghost = Sender(remote_id, name=member.displayname or remote_id)
+                await self._remote(
+                    RemoteMembership(
+                        portal=portal_of(event.channel), sender=ghost, id=uuid.uuid4().hex,
+                        target=ghost, membership=Membership.LEAVE, reason="not in the channel",
+                    )
+                )  # fmt: skip
+        for nick in sorted(event.nicks):
+            if not self.is_own(nick):
+                await self._membership(event.channel, nick, Membership.JOIN)
 
     async def _topic(self, event: Topic) -> None:
         """The topic on joining goes into a new room; a change by someone, to the room."""

@@ -360,7 +360,9 @@ async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twi
     alice = await matrix_user("alice")
     room_id = await join_portal(alice, "#restart")
     ivy = await irc_users("ivy", "#restart")
+    jon = await irc_users("jon", "#restart")
     await alice.membership(room_id, puppet("ivy"), "join")
+    await alice.membership(room_id, puppet("jon"), "join")
     await ivy.say("#restart", "before")
     await alice.message(room_id, puppet("ivy"), "before")
     await alice.text(room_id, "from matrix")
@@ -368,11 +370,16 @@ async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twi
     users_before = await hs.count_users("irc_")
     await bridge.stop()
     await ivy.say("#restart", "while away")  # nobody bridges it: IRC has no history
+    await jon.quit("gone while the bridge was down")
+    await irc_users("kim", "#restart")
     await bridge.start()
     assert await join_portal(alice, "#restart") == room_id
     start = len(ivy.lines)
     await ivy.say("#restart", "after")
     await alice.message(room_id, puppet("ivy"), "after")
+    # Who came and went meanwhile is mirrored from the channel's member list.
+    await alice.membership(room_id, puppet("jon"), "leave")
+    await alice.membership(room_id, puppet("kim"), "join")
     await alice.text(room_id, "again")
     await ivy.said(RELAY_NICK, "#restart", "<Alice> again", start=start)
     bodies = [
@@ -383,5 +390,6 @@ async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twi
     assert bodies.count("before") == bodies.count("after") == 1
     relayed = [split_line(line)[2][1] for line in ivy.lines if split_line(line)[1] == "PRIVMSG"]
     assert relayed.count("<Alice> from matrix") == relayed.count("<Alice> again") == 1
-    assert await hs.count_users("irc_") == users_before  # no registration on restart
+    # kim is new; nobody else was registered again
+    assert await hs.count_users("irc_") == users_before + 1
     assert [m for m in bridge.messages(this_run=True) if "created room" in m] == []
