@@ -20,9 +20,8 @@ from bridge_kit.bridge.builtin_commands import add_builtin_commands
 from bridge_kit.bridge.connector import NetworkConnector
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
 from bridge_kit.bridge.matrix import MatrixHandler
-from bridge_kit.bridge.portals import UnknownChat
 from bridge_kit.bridge.remote import RemoteHandler
-from bridge_kit.errors import BridgeKitError, MatrixRequestError
+from bridge_kit.errors import BridgeKitError, MatrixRequestError, UnknownChat
 from bridge_kit.inbox.items import RemoteItem
 from bridge_kit.inbox.records import ItemKind
 from bridge_kit.logs import configure_logging

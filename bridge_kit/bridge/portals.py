@@ -26,7 +26,7 @@ from bridge_kit.bridge.connector import ChatInfo, NetworkConnector
 from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.records import PortalKey, PortalRecord
-from bridge_kit.errors import InvalidInput, MatrixRequestError, NotFound
+from bridge_kit.errors import MatrixRequestError, NotFound, UnknownChat
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
 __all__ = ["BRIDGE_STATE_TYPES", "Portals", "UnknownChat"]
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 #: The bridge-info state types: MSC2346's, and the one clients read before it settled.
 BRIDGE_STATE_TYPES = ("m.bridge", "uk.half-shot.bridge")
-
-
-class UnknownChat(InvalidInput):
-    """The connector does not know the remote chat a portal was asked for."""
 
 
 class Portals:
