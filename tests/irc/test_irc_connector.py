@@ -4,6 +4,7 @@ covered end to end in test_irc_bridge."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from irc_bridge.client import Joined, Left, Renamed, Said, Topic
 from irc_bridge.connector import RELAY, IrcConfig, IrcConnector, portal_of
 
+from bridge_kit import Config
 from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
@@ -20,6 +22,7 @@ from bridge_kit.bridge.events import (
     RemoteMessage,
     Sender,
 )
+from tests.helpers.daemons import ROOT
 
 
 class Handle:
@@ -126,3 +129,18 @@ async def test_a_line_addressing_a_nick_pills_its_matrix_user(
         '<a href="https://matrix.to/#/@irc_bob:x">Bob</a>, &lt;yo&gt;',
         None,
     ]
+
+
+def test_the_config_example_loads(tmp_path: Path) -> None:
+    example = ROOT / "examples" / "irc_bridge" / "config.yaml.example"
+    (tmp_path / "registration.yaml").write_text((ROOT / "registration.yaml.example").read_text())
+    config = Config.load(_copy(example, tmp_path), sections=IrcConnector.config_sections)
+    assert config.section(IrcConfig) == IrcConfig(
+        server="127.0.0.1:6667", nick="bkrelay", channels=["#lobby"]
+    )
+
+
+def _copy(source: Path, directory: Path) -> Path:
+    target = directory / "config.yaml"
+    target.write_text(source.read_text())
+    return target
