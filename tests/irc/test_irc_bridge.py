@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.synapse]
 TIMEOUT = 60.0
 HTML = "org.matrix.custom.html"
 #: The configured channels; each test has its own.
-CHANNELS = ["#lobby", "#members", "#fmt", "#relay", "#login", "#edits", "#restart"]
+CHANNELS = ["#lobby", "#members", "#fmt", "#flood", "#relay", "#login", "#edits", "#restart"]
 RELAY_NICK = "bkrelay"
 STORE = "sqlite:///irc.db"
 
@@ -288,6 +288,32 @@ async def test_irc_lines_arrive_in_order_as_text_emotes_and_html(
         '<b>bold</b> <i>italic</i> <font data-mx-color="#ff0000">red</font>'
     )
     assert [c["body"] for c in said[3:]] == [f"line {n}" for n in range(20)]
+
+
+async def test_a_flood_from_several_irc_users_arrives_whole_and_in_order(
+    bridge: Daemon, matrix_user: Callable[..., Any], irc_users: Callable[..., Any]
+) -> None:
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#flood")
+    senders = [await irc_users(f"fl{n}", "#flood") for n in range(4)]
+    for user in senders:
+        await alice.membership(room_id, puppet(user.nick), "join")
+    lines = 25
+    await asyncio.gather(
+        *(
+            user.send("\r\n".join(f"PRIVMSG #flood :{user.nick} {n}" for n in range(lines)))
+            for user in senders
+        )
+    )
+    for user in senders:
+        await alice.message(room_id, puppet(user.nick), f"{user.nick} {lines - 1}")
+    said = [
+        (e["sender"], e["content"]["body"]) for e in await alice.events(room_id)
+        if e["type"] == "m.room.message"
+    ]  # fmt: skip
+    for user in senders:
+        mine = [body for sender, body in said if sender == puppet(user.nick)]
+        assert mine == [f"{user.nick} {n}" for n in range(lines)]  # none lost, twice or late
 
 
 async def test_matrix_messages_reach_irc_through_the_relay_with_replies_and_mentions(
