@@ -424,34 +424,52 @@ class IrcClient(NetworkClient):
     # -- Matrix → IRC ------------------------------------------------------------------
 
     async def send_message(self, message: MatrixMessage) -> SentMessage:
-        text = message.text
-        if message.reply_to is not None:
-            text = _with_reply(text, self._nick_for_reply(message), message)
-        await self._say(
-            message.portal.key, text, message.relayed, message.sender_name, message.kind
+        prefix = self._relay_prefix(
+            message.text, message.relayed, message.sender_name, message.sender_mxid
         )
+        text = message.text[len(prefix) :]
+        if message.reply_to is not None:
+            text = f"{self._nick_for_reply(message)}: {text}"  # as IRC users answer
+        action = message.kind is MessageKind.EMOTE
+        if action and message.relayed:
+            text, prefix, action = (
+                f"* {message.sender_name} {text}",
+                "",
+                False,
+            )  # as IRC shows a /me
+        notice = message.kind is MessageKind.NOTICE
+        await self._say(message.portal.key, prefix, text, action=action, notice=notice)
         return SentMessage(remote_id=f"{self.connection.nick}:{uuid.uuid4().hex}")
 
     async def send_edit(self, edit: MatrixEdit) -> None:
         """IRC has no edits: the new text goes out again, marked as IRC users do (``* ``)."""
-        prefix = _relay_prefix(edit.text, edit.sender_name) if edit.relayed else ""
-        await self._say(
-            edit.portal.key, prefix + "* " + edit.text[len(prefix) :], False, "", MessageKind.TEXT
-        )
+        prefix = self._relay_prefix(edit.text, edit.relayed, edit.sender_name, edit.sender_mxid)
+        await self._say(edit.portal.key, prefix, "* " + edit.text[len(prefix) :])
+
+    def _relay_prefix(self, text: str, relayed: bool, name: str, mxid: str) -> str:
+        """What the relay template put before the message in a relayed ``text``
+        (``<name> `` with the default template), or ""."""
+        if not relayed:
+            return ""
+        template = self.connector.bridge.config.bridge.relay_template
+        prefix = template.format(displayname=name, message="\0", mxid=mxid).partition("\0")[0]
+        return prefix if text.startswith(prefix) else ""
 
     async def _say(
-        self, portal: PortalKey, text: str, relayed: bool, name: str, kind: MessageKind
+        self,
+        portal: PortalKey,
+        prefix: str,
+        text: str,
+        *,
+        action: bool = False,
+        notice: bool = False,
     ) -> None:
-        channel = channel_of(portal)
-        prefix = _relay_prefix(text, name) if relayed else ""
-        if relayed and kind is MessageKind.EMOTE and prefix:
-            text, prefix = f"* {name} {text[len(prefix) :]}", ""  # as IRC shows a /me
-        first, *more = text.split("\n")
-        for line in [first, *(prefix + line for line in more if line.strip())]:
-            await self.connection.say(
-                channel, line, action=kind is MessageKind.EMOTE and not relayed,
-                notice=kind is MessageKind.NOTICE,
-            )  # fmt: skip
+        """``text`` to the channel, each of its lines after ``prefix``."""
+        for line in text.split("\n"):
+            if line.strip():
+                await self.connection.say(
+                    channel_of(portal), prefix + line, action=action, notice=notice
+                )
 
     def _nick_for_reply(self, message: MatrixMessage) -> str:
         assert message.reply_to is not None
@@ -463,16 +481,3 @@ class IrcClient(NetworkClient):
 
 def _username(login: LoginHandle) -> str:
     return "bkrelay" if login.id == RELAY else "matrix"
-
-
-def _relay_prefix(text: str, name: str) -> str:
-    """The part of a relayed text that the relay template put before the message
-    (``<name> `` with the default one), or ""."""
-    prefix = f"<{name}> "
-    return prefix if name and text.startswith(prefix) else ""
-
-
-def _with_reply(text: str, nick: str, message: MatrixMessage) -> str:
-    """A reply as IRC users write one: ``nick: text`` (after the relay prefix)."""
-    prefix = _relay_prefix(text, message.sender_name) if message.relayed else ""
-    return f"{prefix}{nick}: {text[len(prefix) :]}"

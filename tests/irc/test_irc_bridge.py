@@ -329,6 +329,9 @@ async def test_matrix_messages_reach_irc_through_the_relay_with_replies_and_ment
     await fay.said(RELAY_NICK, "#relay", "<Alice> \x02very\x02 bold")
     await alice.emote(room_id, "dances")
     await fay.said(RELAY_NICK, "#relay", "* Alice dances")
+    await alice.text(room_id, "two\nlines")
+    await fay.said(RELAY_NICK, "#relay", "<Alice> two")
+    await fay.said(RELAY_NICK, "#relay", "<Alice> lines")
     pill = f'<a href="https://matrix.to/#/{puppet("fay")}">fay</a>'
     await alice.text(room_id, "fay: look", html=f"{pill}: look")
     await fay.said(RELAY_NICK, "#relay", "<Alice> fay: look")
@@ -369,6 +372,8 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     )
     await alice.text(room_id, "it is me")
     await hal.said(nick, "#login", "it is me")
+    await alice.emote(room_id, "waves")
+    await hal.said(nick, "#login", "\x01ACTION waves\x01")
     await hal.say("#login", f"{nick}: welcome")
     welcome = await alice.message(room_id, puppet("hal"), f"{nick}: welcome")
     # Addressed by her nick on IRC, she gets a pill (her client highlights it).
