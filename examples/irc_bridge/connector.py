@@ -114,6 +114,11 @@ def channel_of(portal: PortalKey) -> str:
     return "#" + portal.id
 
 
+def target_of(portal: PortalKey) -> str:
+    """Where a portal's messages go on IRC: its channel, or the nick of a private chat."""
+    return portal.id if portal.receiver else channel_of(portal)
+
+
 class IrcFormatter(Formatter):
     """Matrix HTML as IRC formatting codes; pills as the nick IRC users know."""
 
@@ -201,6 +206,12 @@ class IrcConnector(NetworkConnector):
         return LoginInfo(id=user_id, remote_name=args[0])
 
     async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
+        if portal.receiver:  # a private chat of a logged-in user with a nick
+            client = self.clients.get(portal.receiver)
+            if client is None:
+                return None
+            them = Sender(portal.id)
+            return ChatInfo(members=[them], is_direct=True, invite=[client.login.user_id])
         channel = channel_of(portal)
         if fold(channel) not in {fold(c) for c in self.config.channels}:
             return None  # only configured channels are bridged
@@ -291,6 +302,21 @@ class IrcConnector(NetworkConnector):
         if self.is_own(nick) or not any(fold(m) == folded for m in members):
             return None
         return f"@{self.ghost_localpart(folded)}:{self.bridge.app.puppets.domain}"
+
+    async def on_private(self, client: IrcClient, event: Said) -> None:
+        """A private message to a logged-in user: her private chat with that nick."""
+        if self.is_own(event.nick):
+            return
+        await self._remote(
+            RemoteMessage(
+                portal=PortalKey(fold(event.nick), receiver=client.login.id),
+                sender=self.sender(event.nick),
+                id=uuid.uuid4().hex,
+                text=strip_codes(event.text),
+                html=irc_to_html(event.text),
+                kind=MessageKind.EMOTE if event.action else MessageKind.TEXT,
+            )
+        )
 
     async def _membership(
         self, channel: str, nick: str, membership: Membership, reason: str = "", *, by: str = ""
@@ -420,6 +446,8 @@ class IrcClient(NetworkClient):
                 await self.login.set_state(LoginState.TRANSIENT_DISCONNECT, event.reason)
         elif self.is_relay:
             await self.connector.on_relay_event(event)
+        elif isinstance(event, Said) and fold(event.target) == fold(connection.nick):
+            await self.connector.on_private(self, event)
 
     # -- Matrix → IRC ------------------------------------------------------------------
 
@@ -468,7 +496,7 @@ class IrcClient(NetworkClient):
         for line in text.split("\n"):
             if line.strip():
                 await self.connection.say(
-                    channel_of(portal), prefix + line, action=action, notice=notice
+                    target_of(portal), prefix + line, action=action, notice=notice
                 )
 
     def _nick_for_reply(self, message: MatrixMessage) -> str:

@@ -140,6 +140,16 @@ class MatrixUser:
         assert isinstance(reply, nio.RoomCreateResponse), reply
         return str(reply.room_id)
 
+    async def invite(self, what: str) -> str:
+        """The room of the first invite she gets (synced for, until it comes)."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            reply = await self.client.sync(timeout=1000)
+            assert isinstance(reply, nio.SyncResponse), reply
+            if reply.rooms.invite:
+                return str(next(iter(reply.rooms.invite)))
+        raise AssertionError(f"{what} never came")
+
     async def events(self, room_id: str) -> list[dict[str, Any]]:
         reply = await self.client.room_messages(room_id, limit=500)
         assert isinstance(reply, nio.RoomMessagesResponse), reply
@@ -382,6 +392,14 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     )
     # Her own nick is no puppet: the relay knows it is the bridge's.
     assert puppet(nick) not in await alice.joined(room_id)
+    # A private message to her nick is a direct chat with the sender's puppet.
+    await alice.client.sync(timeout=0)  # what came before is no invite of this
+    await hal.say(nick, "psst")
+    private = await alice.invite("the private chat")
+    await alice.join(private)
+    await alice.message(private, puppet("hal"), "psst")
+    await alice.text(private, "hi hal")
+    await hal.said(nick, "hal", "hi hal")
 
 
 async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twice(
