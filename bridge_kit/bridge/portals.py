@@ -190,6 +190,22 @@ class Portals:
             "channel": channel,
         }
 
+    async def sync_info(self, portal: PortalRecord, info: ChatInfo) -> PortalRecord:
+        """Give the room the chat's name and topic where they differ (the bot sets them)."""
+        room_id = portal.room_id
+        if room_id is None:
+            return portal
+        changed = portal
+        if info.name is not None and info.name != portal.name:
+            await self.app.bot.set_room_name(room_id, info.name)
+            changed = attrs.evolve(changed, name=info.name)
+        if info.topic is not None and info.topic != portal.topic:
+            await self.app.bot.set_room_topic(room_id, info.topic)
+            changed = attrs.evolve(changed, topic=info.topic)
+        if changed != portal:
+            await self.app.store.put_portal(changed)
+        return changed
+
     async def sync_members(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
         """Make the ghosts of ``members`` (profiles first) and join them to the room."""
         if portal.room_id is None or not members:

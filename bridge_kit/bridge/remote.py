@@ -32,7 +32,7 @@ from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.media import upload_url
 from bridge_kit.bridge.portals import Portals
 from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
-from bridge_kit.errors import MatrixRequestError, MediaError
+from bridge_kit.errors import LimitExceeded, MatrixRequestError, MediaError, UnknownChat
 from bridge_kit.inbox.items import RemoteItem
 
 __all__ = ["RemoteHandler", "message_content"]
@@ -65,6 +65,21 @@ class RemoteHandler:
 
     async def __call__(self, item: RemoteItem) -> None:
         event = event_from_payload(item.type, item.content)
+        try:
+            await self._handle(event)
+        except UnknownChat as exc:
+            log.warning("remote %s %s dropped: %s", event.type, event.id or "(no id)", exc)
+        except MatrixRequestError as exc:
+            # A 4xx other than 429 comes again however often it is sent (the ghost
+            # may not speak, the room is gone): the event is done with.
+            if isinstance(exc, LimitExceeded) or not 400 <= exc.status < 500:
+                raise
+            log.warning(
+                "could not act on remote %s %s in %s: %s",
+                event.type, event.id or "(no id)", event.portal, exc,
+            )  # fmt: skip
+
+    async def _handle(self, event: RemoteEvent) -> None:
         if isinstance(event, RemoteMessage):
             await self.message(event)
             return
