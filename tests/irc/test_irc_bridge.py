@@ -442,3 +442,22 @@ async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twi
     # kim is new; nobody else was registered again
     assert await hs.count_users("irc_") == users_before + 1
     assert [m for m in bridge.messages(this_run=True) if "created room" in m] == []
+
+
+async def test_after_the_irc_server_restarts_the_relay_is_back_in_the_same_rooms(
+    bridge: Daemon, ircd: Miniircd, matrix_user: Callable[..., Any],
+    irc_users: Callable[..., Any], early: list[IrcUser],
+) -> None:  # fmt: skip
+    """Last in this module: every IRC connection of it is cut."""
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#members")
+    await alice.membership(room_id, puppet("ann"), "join")
+    await ircd.stop()
+    await ircd.start()  # the same port: the relay comes back after its backoff
+    zed = await irc_users("zed", "#members")
+    await zed.wait_for(lambda n, c, p: n == RELAY_NICK and c == "JOIN", "the relay's return")
+    await zed.say("#members", "anyone here?")
+    await alice.message(room_id, puppet("zed"), "anyone here?")
+    # ann's connection died with the server: the channel's new member list says so.
+    await alice.membership(room_id, puppet("ann"), "leave")
+    assert await join_portal(alice, "#members") == room_id
