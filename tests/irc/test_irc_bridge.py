@@ -400,6 +400,11 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     await alice.message(private, puppet("hal"), "psst")
     await alice.text(private, "hi hal")
     await hal.said(nick, "hal", "hi hal")
+    # After logout her connection quits and the relay speaks for her again.
+    await alice.text(management, "logout")
+    await hal.wait_for(lambda n, c, p: n == nick and c == "QUIT", "her quit")
+    await alice.text(room_id, "relayed again")
+    await hal.said(RELAY_NICK, "#login", "<Alice> relayed again")
 
 
 async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twice(
