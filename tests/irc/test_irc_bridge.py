@@ -374,6 +374,12 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     await alice.membership(room_id, puppet("hal"), "join")
     management = await alice.dm(hs.bot)
     await alice.membership(management, hs.bot, "join")
+    await alice.text(management, "login 9 lives")  # no nick: one clear line, no traceback
+    refusal = await alice.wait(
+        management, "the refusal",
+        lambda e: e["sender"] == hs.bot and "usage: login <nick>" in e["content"].get("body", ""),
+    )  # fmt: skip
+    assert "Traceback" not in refusal["content"]["body"]
     nick = f"al{unique[:6]}"
     start = len(hal.lines)
     await alice.text(management, f"login {nick}")
