@@ -34,6 +34,9 @@ __all__ = ["RELAY_OFF", "Bridge", "remote_lane"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds an alias query waits for its portal's room (Synapse gives up at 60 s).
+ALIAS_QUERY_WAIT = 20.0
+
 
 class Bridge(BridgeCore):
     """The bridge layer on ``app`` for the network ``connector``.
@@ -114,17 +117,27 @@ class Bridge(BridgeCore):
             log.warning("%s could not join %s: %s", user_id, room_id, exc)
 
     async def on_alias_query(self, alias: str) -> bool:
-        """A portal's alias: create the portal's room (with that alias) if the chat exists."""
+        """A portal's alias: create the portal's room (with that alias) if the chat exists.
+
+        A query while this process makes that room (a user joins the alias as the
+        bridge creates it) waits for the room, a while at most: the bridge never
+        asks about its own alias, but should the homeserver ask during our
+        ``createRoom``, a bounded wait turns a deadlock into a slow "no".
+        """
         localpart = alias[1:].partition(":")[0]
         key = self.connector.portal_for_alias(localpart)
-        if key is None or self.portals.creating(key):
+        if key is None:
             return False
         try:
-            info = await self.connector.get_chat_info(key)
-            if info is None:
-                return False
-            await self.portals.ensure_room(key, info, members_later=True)
+            async with asyncio.timeout(ALIAS_QUERY_WAIT):
+                info = await self.connector.get_chat_info(key)
+                if info is None:
+                    return False
+                await self.portals.ensure_room(key, info, members_later=True)
         except UnknownChat:
+            return False
+        except TimeoutError:
+            log.warning("the room of %s took more than %g s: answered no", alias, ALIAS_QUERY_WAIT)
             return False
         except BridgeKitError as exc:
             log.warning("could not make the room of %s: %s", alias, exc)

@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 
 import attrs
 
-from bridge_kit.bridge.formatting import markdown_to_html
+from bridge_kit.bridge.formatting import markdown_html_or_none
 from bridge_kit.bridge.permissions import Level, Permissions
 from bridge_kit.errors import BridgeKitError, CommandError
 
@@ -74,8 +74,9 @@ class CommandContext(Generic[T]):
     _reply: Reply
 
     async def reply(self, text: str, *, markdown: bool = True) -> None:
-        """Reply in the room; ``text`` is markdown unless ``markdown=False``."""
-        html = markdown_to_html(text) if markdown else None
+        """Reply in the room; ``text`` is markdown unless ``markdown=False`` (HTML
+        is sent only when the markdown formats something)."""
+        html = markdown_html_or_none(text) if markdown else None
         await self._reply(text, html)
 
     def usage(self) -> str:
@@ -328,7 +329,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _reply_markdown(reply: Reply, text: str) -> None:
-    await reply(text, markdown_to_html(text))
+    await reply(text, markdown_html_or_none(text))
 
 
 class _NoticeSender(Protocol):

@@ -173,6 +173,12 @@ class BridgeContext(Protocol):
         """The room of ``portal``, created with its members if it has none yet."""
         ...
 
+    def sync_members(
+        self, portal: PortalKey, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> Awaitable[None]:
+        """Join ``members``' ghosts in bulk; ``exclusive``: the other ghosts leave."""
+        ...
+
 
 # -- what the layer asks a client to send ----------------------------------------
 
@@ -199,6 +205,8 @@ class MatrixMessage:
     relayed: bool = False
     #: The event's content as it came (for what the layer does not carry over).
     content: Mapping[str, Any] = attrs.field(factory=dict)
+    #: ``text`` before the relay template (the same as ``text`` when not relayed).
+    plain_text: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -213,6 +221,8 @@ class MatrixEdit:
     text: str
     html: str | None = None
     relayed: bool = False
+    #: ``text`` before the relay template (the same as ``text`` when not relayed).
+    plain_text: str = ""
 
 
 @attrs.frozen(kw_only=True)

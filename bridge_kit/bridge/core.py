@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Sequence
 
 import attrs
 
@@ -17,7 +18,7 @@ from bridge_kit._json import json_text
 from bridge_kit.app.service import AppService
 from bridge_kit.bridge.commands import CommandRegistry, Reply, notice_reply
 from bridge_kit.bridge.connector import LoginInfo, NetworkConnector
-from bridge_kit.bridge.events import RemoteEvent, event_payload
+from bridge_kit.bridge.events import RemoteEvent, Sender, event_payload
 from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.logins import Login, Logins
 from bridge_kit.bridge.permissions import Permissions
@@ -108,6 +109,15 @@ class BridgeCore:
         record = await self.portals.ensure_room(portal)
         assert record.room_id is not None
         return record.room_id
+
+    async def sync_members(
+        self, portal: PortalKey, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> None:
+        """Join the ghosts of ``members`` to the portal's room (which must exist), in
+        bulk; with ``exclusive`` the room's other ghosts leave. Call it from the
+        portal's lane (a remote event's handling) or knowing no event of it runs."""
+        record = await self.portals.ensure_room(portal)
+        await self.portals.sync_members(record, members, exclusive=exclusive)
 
     def relay_login(self, portal: PortalRecord) -> Login | None:
         """The login relaying in ``portal``, if any (and loaded)."""

@@ -9,9 +9,11 @@ mention of whom (:attr:`Formatter.mention_pattern`,
 :meth:`Formatter.remote_mention`). The default renders plain text;
 :class:`MarkdownFormatter` renders and reads markdown.
 
-HTML is read with the standard library's :mod:`html.parser` (lenient, as
-received HTML needs); markdown with ``markdown-it-py`` (CommonMark), raw HTML
-disabled so that remote text can never inject markup.
+HTML is read with the standard library's ``html.parser`` (lenient, as
+received HTML needs, and in linear time whatever it is sent); markdown with
+``markdown-it-py`` (CommonMark), raw HTML disabled so that remote text can never
+inject markup. Markdown written for a network escapes whatever in the text the
+network would read as markup (``*``, a ``- `` starting a line...).
 
 The helpers below handle what every bridge meets in received events: reply
 fallbacks (:func:`strip_reply_fallback`) and edits (:func:`parse_edit`,
@@ -20,12 +22,13 @@ fallbacks (:func:`strip_reply_fallback`) and edits (:func:`parse_edit`,
 
 from __future__ import annotations
 
+import asyncio
 import html as html_lib
 import re
 import urllib.parse
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from html.parser import HTMLParser
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 from markdown_it import MarkdownIt
@@ -44,6 +47,7 @@ __all__ = [
     "edit_message",
     "html_to_markdown",
     "html_to_text",
+    "markdown_html_or_none",
     "markdown_to_html",
     "parse_edit",
     "pill",
@@ -59,6 +63,15 @@ MATRIX_TO = "https://matrix.to/#/"
 #: suggests clients limit nesting to 100; it also bounds the renderer's recursion).
 MAX_DEPTH = 100
 
+#: Remote text longer than this is not read as markdown: hostile markdown costs
+#: markdown-it-py up to 1 s of CPU per 16 kB (and most networks cap messages at 4 kB).
+MAX_MARKDOWN = 16 * 1024
+#: The most distinct mentions of one message that are looked up (pills of a Matrix
+#: message, would-be mentions of a remote one).
+MAX_MENTIONS = 100
+#: Remote markdown longer than this is parsed in a thread.
+MARKDOWN_IN_THREAD = 4 * 1024
+
 _VOID = frozenset({"br", "hr", "img", "wbr", "input", "col", "area", "source", "meta", "link"})
 # mx-reply is the reply fallback (removed in Matrix v1.13); the rest is never text.
 _DROPPED = frozenset({"mx-reply", "script", "style", "head", "title", "template"})
@@ -67,6 +80,9 @@ _HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 _PARAGRAPHS = frozenset({"p", "pre", "blockquote", "hr", "table", "details"} | _HEADINGS)
 _LINES = frozenset({"div", "ul", "ol", "li", "tr", "thead", "tbody", "summary", "dl", "dt", "dd"})
 _BLOCKS = _PARAGRAPHS | _LINES
+# What markdown reads differently from its plain text: a backslash escape, an entity.
+_MARKDOWN_ESCAPE = re.compile(r"\\[!-/:-@\[-`{-~]")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _WHITESPACE = re.compile(r"[ \t\r\n\f]+")
 _SPACED_NEWLINE = re.compile(r" *\n *")
 
@@ -155,17 +171,50 @@ class _TreeBuilder(HTMLParser):
 
 def _parse_html(html: str) -> _Element:
     builder = _TreeBuilder()
-    builder.feed(html)
+    builder.feed(_defused(html))
     builder.close()
     return builder.root
+
+
+def _defused(html: str) -> str:
+    """``html`` made safe for :class:`HTMLParser` in linear time.
+
+    The parser rescans the rest of the text for each ``<`` that does not end in a
+    tag, and for each unterminated comment or declaration: quadratic, a minute
+    of CPU for 60 kB of ``<a href="x" `` (a Matrix event may be 64 kB). Comments
+    are removed here (an unterminated one runs to the end, as in HTML); a ``<``
+    with no ``>`` before the next ``<``, and any ``<!``/``<?`` (declarations,
+    CDATA: never in Matrix HTML), become the text ``&lt;``.
+    """
+    html = _without_comments(html)
+    first, *rest = html.split("<")
+    parts = [first]
+    for part in rest:
+        opens_a_tag = ">" in part and not part.startswith(("!", "?"))
+        parts.append(("<" if opens_a_tag else "&lt;") + part)
+    return "".join(parts)
+
+
+def _without_comments(html: str) -> str:
+    kept = []
+    position = 0
+    while (start := html.find("<!--", position)) != -1:
+        kept.append(html[position:start])
+        end = html.find("-->", start + 4)
+        if end == -1:
+            return "".join(kept)
+        position = end + 3
+    kept.append(html[position:])
+    return "".join(kept)
 
 
 class _Blocks:
     """Joins rendered children: inline runs and blocks, each block set apart by its
     break (the larger of two neighbours' breaks wins)."""
 
-    def __init__(self, preformatted: bool) -> None:
+    def __init__(self, preformatted: bool, line_start: Callable[[str], str]) -> None:
         self._preformatted = preformatted
+        self._line_start = line_start
         self._pieces: list[tuple[str, str]] = []
         self._run: list[str] = []
 
@@ -179,20 +228,22 @@ class _Blocks:
 
     def text(self) -> str:
         self._flush()
-        out = ""
+        out: list[str] = []
         previous = ""
         for text, separator in self._pieces:
             if out:
-                out += max(previous, separator, key=len)
-            out += text
+                out.append(max(previous, separator, key=len))
+            out.append(text)
             previous = separator
-        return out
+        return "".join(out)
 
     def _flush(self) -> None:
         run = "".join(self._run)
         self._run = []
         if not self._preformatted:
-            run = _SPACED_NEWLINE.sub("\n", run).strip(" ")
+            # A line break at the edge of a block adds nothing to the block's break.
+            run = _SPACED_NEWLINE.sub("\n", run).strip(" \n")
+            run = "\n".join(self._line_start(line) for line in run.split("\n"))
         if run.strip():
             self._pieces.append((run, "\n"))
 
@@ -247,11 +298,11 @@ class Formatter:
     """
 
     #: Where remote text mentions someone (``None``: the network has no mentions).
-    mention_pattern: ClassVar[re.Pattern[str] | None] = None
+    mention_pattern: re.Pattern[str] | None = None
     #: Whether remote text is markdown (see :class:`MarkdownFormatter`).
-    reads_markdown: ClassVar[bool] = False
+    reads_markdown: bool = False
     #: What sets paragraphs apart in remote text.
-    paragraph_break: ClassVar[str] = "\n\n"
+    paragraph_break: str = "\n\n"
 
     # -- hooks: Matrix → remote ------------------------------------------------------
 
@@ -265,6 +316,11 @@ class Formatter:
     def escape(self, text: str) -> str:
         """Received text as remote text (a network with markup escapes its markers)."""
         return text
+
+    def escape_line_start(self, line: str) -> str:
+        """A line of received text, where a network's markup reads a line's start
+        as structure (``- `` a list, ``# `` a heading): escaped there."""
+        return line
 
     def bold(self, text: str) -> str:
         return text
@@ -339,11 +395,14 @@ class Formatter:
     async def html_to_remote(self, html: str) -> str:
         """Matrix HTML as remote text, pills through :meth:`matrix_mention`."""
         tree = _parse_html(html)
-        mentions = {}
+        mentions: dict[tuple[str, str], str] = {}
         for element in tree.walk():
             target = pill_target(element.attributes.get("href", "")) if element.tag == "a" else None
-            if target is not None:
-                text = _WHITESPACE.sub(" ", element.text()).strip()
+            if target is None:
+                continue
+            text = _WHITESPACE.sub(" ", element.text()).strip()
+            if (target, text) not in mentions and len(mentions) < MAX_MENTIONS:
+                # Past the limit a pill shows its text: a flood of pills is no flood of lookups.
                 mentions[target, text] = await self.matrix_mention(target, text)
         return _Renderer(self, mentions).render(tree)
 
@@ -357,7 +416,13 @@ class Formatter:
         """Remote text as a Matrix message, mentions as pills (and ``m.mentions``)."""
         mentions = await self._resolve_mentions(text)
         body = self._replace_mentions(text, mentions, lambda m: m.name, lambda s: s)
-        if self.reads_markdown:
+        html: str | None
+        markdown = self.reads_markdown and len(text) <= MAX_MARKDOWN
+        if markdown and len(text) > MARKDOWN_IN_THREAD:
+            # Up to 0.25 s per 4 kB of hostile input: a thread keeps the event
+            # loop answering meanwhile.
+            html = await asyncio.to_thread(_render_markdown, text, mentions, self.mention_pattern)
+        elif markdown:
             html = _render_markdown(text, mentions, self.mention_pattern)
         elif mentions:
             html = self._replace_mentions(
@@ -372,9 +437,13 @@ class Formatter:
         if self.mention_pattern is None:
             return {}
         found: dict[str, Mention] = {}
+        asked: set[str] = set()
         for match in self.mention_pattern.finditer(text):
             token = match.group(0)
-            if token and token not in found:
+            if len(asked) >= MAX_MENTIONS:
+                break  # a flood of would-be mentions is not a flood of lookups
+            if token and token not in asked:
+                asked.add(token)
                 mention = await self.remote_mention(token)
                 if mention is not None:
                     found[token] = mention
@@ -391,17 +460,30 @@ class Formatter:
         other stretch of text by ``other(stretch)``."""
         if not mentions or self.mention_pattern is None:
             return str(other(text))
-        return _split_mentions(text, mentions, self.mention_pattern, mention, other)
+        return _split_mentions(
+            text, mentions, self.mention_pattern, mention, other, self.reads_markdown
+        )
+
+
+_CODE_SPAN = re.compile(r"(`+).+?\1", re.DOTALL)
 
 
 def _split_mentions(
-    text: str, mentions: Mapping[str, Mention], pattern: re.Pattern[str], mention: Any, other: Any
+    text: str,
+    mentions: Mapping[str, Mention],
+    pattern: re.Pattern[str],
+    mention: Any,
+    other: Any,
+    skip_code: bool,
 ) -> str:
+    # In markdown, code is shown as written: a mention in it stays text (roughly
+    # found: backtick runs, which is also what markdown-it leaves unpilled).
+    code = [span.span() for span in _CODE_SPAN.finditer(text)] if skip_code else []
     out = []
     position = 0
     for match in pattern.finditer(text):
         resolved = mentions.get(match.group(0))
-        if resolved is None:
+        if resolved is None or any(start <= match.start() < end for start, end in code):
             continue
         out.append(other(text[position : match.start()]))
         out.append(mention(resolved))
@@ -416,8 +498,29 @@ class MarkdownFormatter(Formatter):
     reads_markdown = True
     _ESCAPED = re.compile(r"([\\`*_\[\]~])")
 
+    # An entity (&amp;) and an autolink (<https://x>) would be read, not shown.
+    _ENTITY_OR_AUTOLINK = re.compile(rf"(&)(?={_ENTITY.pattern[1:]})|(<)(?=[^\s<>]+>)")
+
     def escape(self, text: str) -> str:
-        return self._ESCAPED.sub(r"\\\1", text)
+        text = self._ESCAPED.sub(r"\\\1", text)
+        return self._ENTITY_OR_AUTOLINK.sub(lambda m: "\\" + m.group(0), text)
+
+    # A quote, a list item or heading, a numbered item.
+    _BLOCK_START = re.compile(r"^(\s*)(?:>|(?:[-+]|#{1,6})(?=\s|$)|(\d{1,9})[.)](?=\s|$))")
+
+    def escape_line_start(self, line: str) -> str:
+        stripped = line.strip()
+        indent = line[: len(line) - len(line.lstrip())]
+        # "---", "- - -" (a rule, or a heading's underline, as "===" is).
+        if stripped and (set(stripped) <= {"-", " ", "\t"} or set(stripped) == {"="}):
+            return f"{indent}\\{line[len(indent) :]}"
+        match = self._BLOCK_START.match(line)
+        if match is None:
+            return line
+        if match.group(2) is not None:  # "1. " → "1\. "
+            end = len(match.group(1)) + len(match.group(2))
+            return f"{line[:end]}\\{line[end:]}"
+        return f"{indent}\\{line[len(indent) :]}"
 
     def bold(self, text: str) -> str:
         return _wrap(text, "**")
@@ -475,7 +578,7 @@ class _Renderer:
         return self._children(tree, preformatted=False).strip("\n")
 
     def _children(self, element: _Element, preformatted: bool) -> str:
-        blocks = _Blocks(preformatted)
+        blocks = _Blocks(preformatted, self.formatter.escape_line_start)
         for child in element.children:
             if isinstance(child, str):
                 blocks.inline(child if preformatted else self._text(child))
@@ -508,6 +611,8 @@ class _Renderer:
             return self._list(element)
         if tag == "a":
             return self._link(element, preformatted)
+        if tag == "tr" and not preformatted:
+            return self._row(element)
         inner = self._children(element, preformatted)
         return self._styled(element, inner)
 
@@ -565,6 +670,15 @@ class _Renderer:
             number += 1
         return "\n".join(item for item in items if item)
 
+    def _row(self, element: _Element) -> str:
+        """A table row: its cells on one line, set apart by ``|``."""
+        cells = [
+            self._children(cell, preformatted=False).replace("\n", " ").strip()
+            for cell in element.children
+            if isinstance(cell, _Element) and cell.tag in ("td", "th")
+        ]
+        return " | ".join(cells)
+
     def _link(self, element: _Element, preformatted: bool) -> str:
         href = element.attributes.get("href", "")
         target = pill_target(href)
@@ -581,6 +695,12 @@ class _Renderer:
 def markdown_to_html(text: str) -> str:
     """Markdown (CommonMark, ``~~strike~~``) as Matrix HTML; raw HTML in it is escaped."""
     return _render_markdown(text, {}, None) or text_to_html(text)
+
+
+def markdown_html_or_none(text: str) -> str | None:
+    """:func:`markdown_to_html`, or ``None`` when ``text`` has no formatting at all
+    (the ``formatted_body`` to leave out)."""
+    return _render_markdown(text, {}, None)
 
 
 def text_to_html(text: str) -> str:
@@ -613,8 +733,8 @@ _PLAIN_INLINE = frozenset({"text", "softbreak"})
 
 def _plain(tokens: list[Token], text: str) -> bool:
     """Whether markdown ``text`` says nothing more than its plain reading: only
-    paragraphs of text, and no escapes or entities (which change the text)."""
-    if "\\" in text or "&" in text:
+    paragraphs of text, and no backslash escapes or entities (which change it)."""
+    if _MARKDOWN_ESCAPE.search(text) or _ENTITY.search(text):
         return False
     for token in tokens:
         if token.type not in _PLAIN_BLOCKS:

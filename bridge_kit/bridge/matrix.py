@@ -125,10 +125,9 @@ class MatrixHandler:
         reply_to = await self.store.message_by_event(replied) if replied else None
         if reply_to is not None:
             content = strip_reply_fallback(content)
-        text = await self.bridge.formatter.matrix_to_remote(content)
+        plain = await self.bridge.formatter.matrix_to_remote(content)
         name = await self._displayname(event.room_id, event.sender)
-        if via.relayed:
-            text = self.bridge.relay_text(event.sender, name, text)
+        text = self.bridge.relay_text(event.sender, name, plain) if via.relayed else plain
         message = MatrixMessage(
             portal=portal,
             event_id=event.event_id,
@@ -141,6 +140,7 @@ class MatrixHandler:
             media=_media(content, kind),
             relayed=via.relayed,
             content=event.content,
+            plain_text=plain,
         )
         sent = await self._releasing(event, portal, via.client.send_message(message))
         record = MessageRecord(
@@ -193,9 +193,8 @@ class MatrixHandler:
         if via is None or not await self._claim(event, portal):
             return
         name = await self._displayname(event.room_id, event.sender)
-        text = await self.bridge.formatter.matrix_to_remote(new)
-        if via.relayed:
-            text = self.bridge.relay_text(event.sender, name, text)
+        plain = await self.bridge.formatter.matrix_to_remote(new)
+        text = self.bridge.relay_text(event.sender, name, plain) if via.relayed else plain
         edit = MatrixEdit(
             portal=portal,
             event_id=event.event_id,
@@ -205,8 +204,12 @@ class MatrixHandler:
             text=text,
             html=_html(new),
             relayed=via.relayed,
+            plain_text=plain,
         )
         await self._releasing(event, portal, via.client.send_edit(edit))
+        # An edit maps to no remote message: its claim is dropped rather than kept
+        # pending forever (only a crash right here could send it twice).
+        await self.store.release_event(event.event_id)
 
     # -- reactions and redactions ------------------------------------------------------
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import aiohttp
 import attrs
 
-from bridge_kit.errors import MediaTooLarge, MediaUnavailable
+from bridge_kit.errors import HomeserverUnreachable, MediaTooLarge, MediaUnavailable
 from bridge_kit.intent import Intent
+from bridge_kit.types.media import MediaInfo
 
 __all__ = ["UploadedMedia", "download", "download_stream", "upload_stream", "upload_url"]
 
@@ -43,6 +44,11 @@ class UploadedMedia:
     size: int
     content_type: str
     filename: str | None = None
+
+    def info(self) -> MediaInfo:
+        """The ``info`` of a media message sending it (``intent.send_file(room, up.mxc,
+        up.info())``); add ``w``/``h`` for an image with ``attrs.evolve``."""
+        return MediaInfo(mimetype=self.content_type, size=self.size)
 
 
 async def upload_limit(intent: Intent, max_size: int | None) -> int | None:
@@ -82,7 +88,7 @@ async def upload_url(
     broken transfer, not an http(s) URL).
     """
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise MediaUnavailable(f"{url!r}: not an http(s) URL")
+        raise MediaUnavailable(f"{_shown(url)!r}: not an http(s) URL")
     limit = await upload_limit(intent, max_size)
     if session is None:
         async with aiohttp.ClientSession() as own_session:
@@ -101,6 +107,7 @@ async def _upload_url(
     filename: str | None,
     fetch_timeout: float,
 ) -> UploadedMedia:
+    shown = _shown(url)
     with tempfile.TemporaryDirectory(prefix="bridge_kit_media_") as tmp:
         spooled = Path(tmp) / "file"
         try:
@@ -109,17 +116,18 @@ async def _upload_url(
             ) as response:
                 if response.status >= 300:
                     raise MediaUnavailable(
-                        f"{url}: HTTP {response.status} {response.reason or ''}".rstrip()
+                        f"{shown}: HTTP {response.status} {response.reason or ''}".rstrip()
                     )
                 declared = response.content_length
                 if limit is not None and declared is not None and declared > limit:
-                    raise _too_large(declared, limit, f"the file at {url}")
+                    raise _too_large(declared, limit, f"the file at {shown}")
                 content_type = content_type or response.content_type or DEFAULT_CONTENT_TYPE
                 filename = filename or _filename(response, url)
                 chunks = response.content.iter_chunked(CHUNK_SIZE)
-                size = await _spool(chunks, spooled, limit, f"the file at {url}")
+                size = await _spool(chunks, spooled, limit, f"the file at {shown}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise MediaUnavailable(f"{url}: {_describe(exc)}") from exc
+            # Not chained: the cause's text may hold the whole URL (see _shown).
+            raise MediaUnavailable(f"{shown}: {_describe(exc).replace(url, shown)}") from None
         mxc = await intent.upload_media(spooled, content_type, filename)
     return UploadedMedia(mxc, size, content_type, filename)
 
@@ -144,12 +152,14 @@ async def upload_stream(
     if size is not None:
         if limit is not None and size > limit:
             raise _too_large(size, limit, "the stream")
-        mxc = await intent.upload_media(
-            _capped(chunks, size, "the stream (longer than its stated size)"),
-            content_type,
-            filename,
-            size=size,
-        )
+        source = _ExactSize(chunks, size)
+        try:
+            mxc = await intent.upload_media(source.chunks(), content_type, filename, size=size)
+        except HomeserverUnreachable:
+            # The client reports a failing body as a broken connection: say why instead.
+            if source.failure is not None:
+                raise source.failure from None
+            raise
         return UploadedMedia(mxc, size, content_type, filename)
     with tempfile.TemporaryDirectory(prefix="bridge_kit_media_") as tmp:
         spooled = Path(tmp) / "file"
@@ -181,6 +191,32 @@ async def download(intent: Intent, mxc: str, *, max_size: int | None = None) -> 
     return b"".join(parts)
 
 
+class _ExactSize:
+    """A stream that must hold ``size`` bytes: one more, or the end before them,
+    stops the upload; :attr:`failure` keeps why (or the stream's own error)."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], size: int) -> None:
+        self._chunks = chunks
+        self._size = size
+        self.failure: BaseException | None = None
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            seen = 0
+            async for chunk in _capped(
+                self._chunks, self._size, "the stream (longer than its stated size)"
+            ):
+                seen += len(chunk)
+                yield chunk
+            if seen < self._size:
+                raise MediaUnavailable(
+                    f"the stream ended after {seen} bytes, short of its stated size {self._size}"
+                )
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+
 async def _capped(
     chunks: AsyncIterable[bytes], limit: int | None, what: str
 ) -> AsyncGenerator[bytes, None]:
@@ -205,6 +241,21 @@ async def _spool(chunks: AsyncIterable[bytes], path: Path, limit: int | None, wh
             # A thread, as a slow disk must not stall the event loop.
             await asyncio.to_thread(file.write, chunk)
     return written
+
+
+def _shown(url: str) -> str:
+    """``url`` for messages and logs: without a password or a query (signed URLs
+    carry their secret there)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc += f":{port}" if port is not None else ""
+    query = "?…" if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + query
 
 
 def _filename(response: aiohttp.ClientResponse, url: str) -> str | None:

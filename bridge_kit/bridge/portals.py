@@ -49,13 +49,6 @@ class Portals:
         self._locks: dict[PortalKey, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    def creating(self, key: PortalKey) -> bool:
-        """Whether this process is making ``key``'s room right now. The homeserver
-        asks us about the alias while we create the room with it: the answer
-        must be "not yet", not a second creation waiting for the first."""
-        lock = self._locks.get(key)
-        return lock is not None and lock.locked()
-
     async def get(self, key: PortalKey) -> PortalRecord | None:
         return await self.app.store.portal(key)
 
@@ -93,9 +86,9 @@ class Portals:
         self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
         # No alias lookup first: the alias is in the bridge's own namespace, so the
-        # homeserver would ask this very bridge about it (an alias query; see
-        # creating()). A taken alias shows up as M_ROOM_IN_USE instead, and is
-        # resolved then (it exists, so the homeserver answers without asking).
+        # homeserver would ask this very bridge about it (an alias query, which
+        # waits for this very creation). A taken alias shows up as M_ROOM_IN_USE
+        # instead, and is resolved then (it exists: the homeserver does not ask).
         room_id, made = await self._create_room(key, info)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
@@ -206,12 +199,21 @@ class Portals:
             await self.app.store.put_portal(changed)
         return changed
 
-    async def sync_members(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
-        """Make the ghosts of ``members`` (profiles first) and join them to the room."""
-        if portal.room_id is None or not members:
+    async def sync_members(
+        self, portal: PortalRecord, members: Sequence[Sender], *, exclusive: bool = False
+    ) -> None:
+        """Make the ghosts of ``members`` (profiles first) and join them to the room;
+        with ``exclusive``, the room's other ghosts leave (the chat's full member list
+        after a reconnect: who left meanwhile)."""
+        room_id = portal.room_id
+        if room_id is None:
+            return
+        if exclusive:
+            await self._leave_others(portal, room_id, members)
+        if not members:
             return
         await self.ghosts.ensure(members)
-        pairs = [(self.ghosts.localpart(member.id), portal.room_id) for member in members]
+        pairs = [(self.ghosts.localpart(member.id), room_id) for member in members]
         result = await self.app.puppets.join_many(
             pairs, concurrency=self.app.config.puppets.concurrency
         )
@@ -220,6 +222,30 @@ class Portals:
                 "portal %s: %d of %d members did not join: %s",
                 portal.key, result.failed, len(pairs), result.failures,
             )  # fmt: skip
+
+    async def _leave_others(
+        self, portal: PortalRecord, room_id: str, members: Sequence[Sender]
+    ) -> None:
+        staying = {self.ghosts.user_id(member.id) for member in members}
+        joined = await self.app.room_state.get_members(room_id)
+        bot = self.app.bot.user_id
+        leaving = [
+            user_id
+            for user_id in joined
+            if user_id not in staying and user_id != bot and self.ghosts.is_ghost(user_id)
+        ]
+        limit = asyncio.Semaphore(self.app.config.puppets.concurrency)
+
+        async def leave(user_id: str) -> None:
+            remote_id = self.connector.ghost_for_localpart(user_id[1:].partition(":")[0])
+            if remote_id is None:
+                return
+            async with limit:
+                await self.ghosts.intent(remote_id).leave_room(room_id)
+
+        await asyncio.gather(*(leave(user_id) for user_id in leaving))
+        if leaving:
+            log.info("portal %s: %d ghosts left (gone from the chat)", portal.key, len(leaving))
 
 
 def _mxc(url: str | None) -> str | None:

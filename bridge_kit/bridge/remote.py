@@ -52,6 +52,8 @@ def message_content(
         content |= {"format": HTML, "formatted_body": event.html}
     if reply_to is not None:
         content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    if isinstance(event, RemoteMessage) and event.mentions:
+        content["m.mentions"] = {"user_ids": list(event.mentions)}
     return content
 
 
@@ -115,7 +117,8 @@ class RemoteHandler:
     async def message(self, event: RemoteMessage) -> None:
         if event.id and await self.app.store.messages(event.portal, event.id):
             return  # bridged before: the message map is the long-term dedup
-        portal = await self.portals.ensure_room(event.portal)
+        # Members in the background: a big chat takes longer than a handler may run.
+        portal = await self.portals.ensure_room(event.portal, members_later=True)
         room_id = portal.room_id
         assert room_id is not None  # ensure_room made it
         intent = await self._ghost_in_room(event, room_id)

@@ -79,6 +79,9 @@ class ToyNetwork:
         self.refused: set[str] = set()
         #: Messages sent from Matrix that fail (before reaching the network).
         self.failing_sends = 0
+        #: While set, the first chat-info request waits for it (a slow network).
+        self.hold_first_chat_info: asyncio.Event | None = None
+        self.chat_info_calls = 0
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
 
@@ -91,6 +94,10 @@ class ToyNetwork:
             self.received.append(Received(login, what, item))
             self._changed.notify_all()
         return f"toy{next(self._ids)}"
+
+    async def wait_for_chat_info_calls(self, count: int) -> None:
+        async with asyncio.timeout(TIMEOUT), self._changed:
+            await self._changed.wait_for(lambda: self.chat_info_calls >= count)
 
     def of(self, what: str) -> list[Received]:
         return [r for r in self.received if r.what == what]
@@ -181,6 +188,12 @@ class ToyConnector(NetworkConnector):
         return LoginInfo(id=args[0], remote_name=args[0], credentials=b"secret-" + args[0].encode())
 
     async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
+        network = self.network
+        async with network._changed:
+            network.chat_info_calls += 1
+            network._changed.notify_all()
+        if network.chat_info_calls == 1 and network.hold_first_chat_info is not None:
+            await network.hold_first_chat_info.wait()
         chat = self.network.chats.get(portal.id)
         if chat is None:
             return None
