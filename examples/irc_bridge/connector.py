@@ -270,26 +270,29 @@ class IrcConnector(NetworkConnector):
             return  # private messages are not bridged; our own lines are on Matrix already
         kind = MessageKind.EMOTE if event.action else MessageKind.TEXT
         kind = MessageKind.NOTICE if event.notice else kind
+        formatted, mentions = self._html(event.target, event.text)
         await self._remote(
             RemoteMessage(
                 portal=portal_of(event.target),
                 sender=self.sender(event.nick),
                 id=uuid.uuid4().hex,
                 text=strip_codes(event.text),
-                html=self._html(event.target, event.text),
+                html=formatted,
+                mentions=mentions,
                 kind=kind,
             )
         )
 
-    def _html(self, channel: str, text: str) -> str | None:
-        """The HTML of an IRC line: its formatting, and the nick it addresses as a pill."""
+    def _html(self, channel: str, text: str) -> tuple[str | None, tuple[str, ...]]:
+        """The HTML of an IRC line (its formatting, and the nick it addresses as a
+        pill) and the Matrix user it mentions that way."""
         match = ADDRESSED.match(text)
         user_id = self.user_of(channel, match.group(1)) if match else None
         if match is None or user_id is None:
-            return irc_to_html(text)
+            return irc_to_html(text), ()
         rest = text[match.end() :]
         body = irc_to_html(rest) or html.escape(rest, quote=False)
-        return pill(user_id, match.group(1)) + match.group(2) + body
+        return pill(user_id, match.group(1)) + match.group(2) + body, (user_id,)
 
     def user_of(self, channel: str, nick: str) -> str | None:
         """The Matrix user behind a nick in ``channel``: a logged-in user, or a ghost."""

@@ -396,6 +396,7 @@ async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
     assert welcome["content"]["formatted_body"] == (
         f'<a href="https://matrix.to/#/{alice.user_id}">{nick}</a>: welcome'
     )
+    assert welcome["content"]["m.mentions"] == {"user_ids": [alice.user_id]}
     # Her own nick is no puppet: the relay knows it is the bridge's.
     assert puppet(nick) not in await alice.joined(room_id)
     # A private message to her nick is a direct chat with the sender's puppet.

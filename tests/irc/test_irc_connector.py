@@ -129,6 +129,9 @@ async def test_a_line_addressing_a_nick_pills_its_matrix_user(
         '<a href="https://matrix.to/#/@irc_bob:x">Bob</a>, &lt;yo&gt;',
         None,
     ]
+    assert [e.mentions for e in seen.events if isinstance(e, RemoteMessage)] == [
+        ("@alice:x",), ("@irc_bob:x",), (),
+    ]  # fmt: skip
 
 
 def test_the_config_example_loads(tmp_path: Path) -> None:
