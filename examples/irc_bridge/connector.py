@@ -368,9 +368,15 @@ class IrcConnector(NetworkConnector):
     async def _resync(self, event: Names, room_id: str) -> None:
         """A portal made before (a restart, a reconnect): ghosts of nicks gone meanwhile
         leave, and whoever is here now joins (the layer skips ghosts already in)."""
-        present = {fold(nick) for nick in event.nicks}
+        joined = await self.bridge.app.bot.get_joined_members(room_id)
+        # The member list as of now (after reading the room), not as of the NAMES reply:
+        # a nick that joined since has its own join queued or done, and stays.
+        relay = self.relay
+        members = relay.connection.members.get(fold(event.channel)) if relay else None
+        nicks = sorted(event.nicks if members is None else members)
+        present = {fold(nick) for nick in nicks}
         domain = f":{self.bridge.app.puppets.domain}"
-        for user_id, member in (await self.bridge.app.bot.get_joined_members(room_id)).items():
+        for user_id, member in joined.items():
             remote_id = self.ghost_for_localpart(user_id[1:].removesuffix(domain))
             if user_id.endswith(domain) and remote_id is not None and remote_id not in present:
                 ghost = Sender(remote_id, name=member.displayname or remote_id)
@@ -380,7 +386,7 @@ class IrcConnector(NetworkConnector):
                         target=ghost, membership=Membership.LEAVE, reason="not in the channel",
                     )
                 )  # fmt: skip
-        for nick in sorted(event.nicks):
+        for nick in nicks:
             if not self.is_own(nick):
                 await self._membership(event.channel, nick, Membership.JOIN)
 
