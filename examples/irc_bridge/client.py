@@ -179,11 +179,12 @@ class IrcConnection:
             reason = "closed"
             try:
                 reason = await self._session()
-                delay = BACKOFF_FIRST  # it was up: the next loss starts the backoff afresh
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 reason = str(exc) or type(exc).__name__
+            if self.connected.is_set():
+                delay = BACKOFF_FIRST  # it was up: the next loss starts the backoff afresh
             self._lost()
-            await self.handler(self, Disconnected(reason))
+            await self._emit(Disconnected(reason))
             if self.closing:
                 return
             wait = delay * random.uniform(0.8, 1.2)
@@ -278,7 +279,10 @@ class IrcConnection:
             await handle(line)
 
     async def _emit(self, event: IrcEvent) -> None:
-        await self.handler(self, event)
+        try:
+            await self.handler(self, event)
+        except Exception:  # the handler's failure must not cut the connection
+            log.exception("IRC %s: handling %s failed", self.wanted, event)
 
     async def _on_ping(self, line: Line) -> None:
         await self._write(Line("PONG", line.params[-1:]))

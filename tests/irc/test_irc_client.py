@@ -210,3 +210,31 @@ async def test_a_kick_is_reported_with_the_kicker_and_a_kicked_bridge_rejoins() 
                 await asyncio.sleep(0.01)
     assert joins == [b"JOIN #k", b"JOIN #k"]
     assert "#k" not in conn.members  # until the server says it is back in
+
+
+async def test_a_failing_handler_does_not_cut_the_connection(
+    ircd: Miniircd, unique: str, users: list[IrcUser]
+) -> None:
+    channel = f"#fail{unique}"
+    seen = Recorder()
+
+    async def handler(connection: IrcConnection, event: IrcEvent) -> None:
+        if isinstance(event, Said) and event.text == "boom":
+            raise RuntimeError("the bridge failed on this one")
+        await seen(connection, event)
+
+    conn = IrcConnection("127.0.0.1", ircd.port, f"hf{unique}", handler, channels={channel})
+    task = asyncio.create_task(conn.run())
+    try:
+        await seen.wait_for(Names(channel, frozenset({f"hf{unique}"})))
+        speaker = await IrcUser(f"sp{unique}").connect(ircd.port)
+        users.append(speaker)
+        await speaker.join(channel)
+        await speaker.say(channel, "boom")
+        await speaker.say(channel, "after")
+        await seen.wait_for(Said(channel, f"sp{unique}", "after"))
+    finally:
+        await conn.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
