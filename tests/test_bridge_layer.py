@@ -50,7 +50,8 @@ DOMAIN = "test.local"
 
 @pytest.fixture(scope="module")
 async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
-    async with _running_homeserver(tmp_path_factory.mktemp("bridge")) as hs:
+    # devices=True: the registration also asks for ephemeral events (typing).
+    async with _running_homeserver(tmp_path_factory.mktemp("bridge"), devices=True) as hs:
         yield hs
 
 
@@ -597,3 +598,19 @@ async def test_joining_the_alias_while_the_portal_is_made_gets_its_room(
         await network.wait_for_chat_info_calls(2)  # the homeserver asked about the alias
         network.hold_first_chat_info.set()
         assert await making == await joining
+
+
+async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await bridge.add_login(alice.user_id, LoginInfo(id="alice", remote_name="alice"))
+        await eventually(_connected(bridge, "alice"), "alice's login connected")
+        path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(alice.user_id, safe='')}"
+        await alice.call("PUT", path, {"typing": True, "timeout": 30000})
+        started = await network.wait_for("typing", lambda r: r.item.typing)
+        assert started.login == "alice" and started.item.portal.key == PortalKey(chat)
+        await alice.call("PUT", path, {"typing": False})
+        await network.wait_for("typing", lambda r: not r.item.typing)
