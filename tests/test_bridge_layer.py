@@ -470,6 +470,22 @@ async def test_two_bridges_on_one_postgresql_make_one_room(
             assert rooms[0] == rooms[1]
             record = await first.app.store.portal(key)
             assert record is not None and record.room_id == rooms[0]
+            # The same remote message handed to both daemons: accepted once, posted once.
+            event = RemoteMessage(portal=key, sender=Sender("bob", "Bob"), id="m1", text="once")
+            accepted = await asyncio.gather(first.handle_remote(event), second.handle_remote(event))
+            assert sorted(accepted) == [False, True]
+
+            async def posted() -> list[Any] | None:
+                return await first.app.store.messages(key, "m1") or None
+
+            assert len(await eventually(posted, "the message posted")) == 1
+            events = await first.app.bot.client.request(
+                "GET",
+                f"/_matrix/client/v3/rooms/{quote(rooms[0], safe='')}/messages",
+                query={"dir": "b", "limit": "50"},
+            )
+            bodies = [e["content"].get("body") for e in events["chunk"]]
+            assert bodies.count("once") == 1
 
 
 @contextlib.asynccontextmanager
