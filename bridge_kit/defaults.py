@@ -32,6 +32,9 @@ PROVISION_ON_QUERY: Final = True
 #: Puppets registered because the homeserver asked about them (GET /users), per minute at
 #: most; each one may count against the homeserver's monthly-active-user quota.
 PROVISION_PER_MINUTE: Final = 60
+#: ... and per day at most (a rolling day): at 60 a minute, anyone could otherwise make
+#: the bridge register 86,400 accounts a day against that quota.
+PROVISION_PER_DAY: Final = 1000
 
 LOG_LEVEL: Final = "INFO"
 LOG_FORMAT: Final = "text"

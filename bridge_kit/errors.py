@@ -16,9 +16,7 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
-    │   ├── RemoteRefused            a bridge's remote network refused or does not know it
-    │   │   ├── LoginRefused         a login's credentials (wrong or expired)
-    │   │   └── UnknownChat          the remote chat a portal was asked for
+    │   ├── PowerLevelRefused        a power-level change bridge_kit will not try
     │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
     │   └── MediaError               media that cannot be bridged
     │       ├── MediaTooLarge        over the homeserver's size limit (or the bridge's), refused
@@ -28,6 +26,7 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── UnexpectedReply          a 2xx reply of the wrong shape
     │   ├── DoublePuppetError        the homeserver would not let us log in as a real user
     │   ├── RegistrationAborted      a bulk registration run stopped at once
+    │   ├── PowerLevelConflict       another writer kept replacing our power-level change
     │   └── MatrixRequestError       the homeserver answered with an error (by errcode:)
     │       ├── UserInUse            M_USER_IN_USE
     │       ├── Exclusive            M_EXCLUSIVE
@@ -35,18 +34,24 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │       ├── UnknownToken         M_UNKNOWN_TOKEN
     │       ├── MissingToken         M_MISSING_TOKEN
     │       ├── Forbidden            M_FORBIDDEN
+    │       │   └── Banned           a puppet banned from a room: bridge_kit will not unban it
     │       ├── ResourceLimitExceeded  M_RESOURCE_LIMIT_EXCEEDED
     │       ├── NotFound             M_NOT_FOUND
-    │       └── UnknownDevice        M_UNKNOWN_DEVICE
+    │       ├── UnknownDevice        M_UNKNOWN_DEVICE
+    │       └── AppserviceLoginUnsupported  M_APPSERVICE_LOGIN_UNSUPPORTED (spec v1.17)
     ├── ServiceError                 the appservice could not start, serve or stop as asked
     │   ├── LifecycleError           start() or stop() called in the wrong state
     │   ├── ClientClosed             a request on a closed HomeserverClient
     │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
     │   ├── ListenError              the HTTP server could not listen
     │   └── RemoteError              the remote network of a bridge failed (worth a retry)
+    │       └── RemoteRefused        ... or refused, or does not know it (not worth one)
+    │           ├── LoginRefused     a login's credentials (wrong or expired)
+    │           └── UnknownChat      the remote chat a portal was asked for
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
+        ├── CrossSigningFailed       the homeserver refused a cross-signing key or signature
         ├── WrongPickleKey           stored crypto state does not open with this pickle key
         └── UndecryptableEvent       an encrypted event bridge_kit cannot (or will not) decrypt
             └── NoRoomKey            its Megolm room key has not arrived (yet)
@@ -65,10 +70,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 __all__ = [
+    "AppserviceLoginUnsupported",
+    "Banned",
     "BridgeKitError",
     "ClientClosed",
     "CommandError",
     "ConfigError",
+    "CrossSigningFailed",
     "CryptoError",
     "DevicesUnavailable",
     "DoublePuppetError",
@@ -92,6 +100,8 @@ __all__ = [
     "NoRoomKey",
     "NotFound",
     "NotInNamespace",
+    "PowerLevelConflict",
+    "PowerLevelRefused",
     "RegistrationAborted",
     "RegistrationError",
     "RemoteError",
@@ -189,10 +199,11 @@ class ListenError(ServiceError):
 
 class RemoteError(ServiceError):
     """A bridge's remote network failed or could not be reached; trying again may work
-    (the inbox retries the event, the layer reconnects the login with backoff)."""
+    (the inbox retries the event, the layer reconnects the login with backoff). Its
+    subclass :class:`RemoteRefused` is the network's "no", which will not."""
 
 
-class RemoteRefused(InvalidInput):
+class RemoteRefused(RemoteError):
     """A bridge's remote network refused something, or does not know it: sending it
     again unchanged fails again."""
 
@@ -232,6 +243,19 @@ class RegistrationAborted(HomeserverError):
         self.diagnosis = diagnosis
         self.cause = cause
         super().__init__(diagnosis)
+
+
+class PowerLevelConflict(HomeserverError):
+    """A power-level change did not stay: each time it was written, a re-read found
+    the room's power levels replaced by another writer (outside this process)."""
+
+    def __init__(self, room_id: str, user_id: str, attempts: int) -> None:
+        self.room_id = room_id
+        self.user_id = user_id
+        super().__init__(
+            f"the power level of {user_id} in {room_id} did not stay: another writer "
+            f"replaced m.room.power_levels after each of {attempts} writes"
+        )
 
 
 class UnexpectedReply(HomeserverError):
@@ -312,6 +336,19 @@ class MediaTooLarge(MediaError):
         )
 
 
+class PowerLevelRefused(InvalidInput):
+    """A power-level change bridge_kit will not try, for it cannot be right: the user
+    is a room creator (room version 12+, above every level), or ranks at or above the
+    one who would change it, or the new level is above that one's own. Nothing was sent.
+    """
+
+    def __init__(self, room_id: str, user_id: str, reason: str) -> None:
+        self.room_id = room_id
+        self.user_id = user_id
+        self.reason = reason
+        super().__init__(f"not changing the power level of {user_id} in {room_id}: {reason}")
+
+
 class MediaUnavailable(MediaError):
     """A remote file that could not be fetched (an error status, no answer, a broken
     transfer); the message names the URL and what went wrong."""
@@ -324,6 +361,10 @@ class DoublePuppetError(HomeserverError):
 
 class CryptoError(BridgeKitError):
     """End-to-end encryption failed; the subclasses say how."""
+
+
+class CrossSigningFailed(CryptoError):
+    """The homeserver did not take a cross-signing key or a device's signature."""
 
 
 class EncryptionUnavailable(CryptoError, ConfigError):
@@ -486,6 +527,32 @@ class Forbidden(MatrixRequestError):
     """``M_FORBIDDEN``: the request is not allowed (e.g. masquerading outside the namespace)."""
 
 
+class Banned(Forbidden):
+    """``user_id`` is banned from ``room_id``; bridge_kit does not lift a ban unless asked.
+
+    Raised by ``Intent.ensure_joined`` (without ``unban=True``) and counted by
+    ``join_many`` (``JoinResult.banned``). ``banner`` is who banned it and ``reason``
+    the reason they gave (``None`` when they gave none). Moderators decide who is in
+    a room: a bridge tells the remote side instead of unbanning.
+    """
+
+    def __init__(
+        self,
+        room_id: str,
+        user_id: str,
+        banner: str | None,
+        reason: str | None,
+        body: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.room_id = room_id
+        self.user_id = user_id
+        self.banner = banner
+        self.reason = reason
+        by = f" by {banner}" if banner else ""
+        why = f" ({reason})" if reason else ""
+        super().__init__(403, "M_FORBIDDEN", f"{user_id} is banned from {room_id}{by}{why}", body)
+
+
 @errcode("M_RESOURCE_LIMIT_EXCEEDED")
 class ResourceLimitExceeded(MatrixRequestError):
     """``M_RESOURCE_LIMIT_EXCEEDED``: e.g. the homeserver's monthly-active-user limit."""
@@ -499,3 +566,25 @@ class NotFound(MatrixRequestError):
 @errcode("M_UNKNOWN_DEVICE")
 class UnknownDevice(MatrixRequestError):
     """``M_UNKNOWN_DEVICE``: an asserted ``device_id`` the homeserver does not know."""
+
+
+@errcode("M_APPSERVICE_LOGIN_UNSUPPORTED")
+@errcode("IO.ELEMENT.MSC4190.M_APPSERVICE_LOGIN_UNSUPPORTED")
+class AppserviceLoginUnsupported(MatrixRequestError):
+    """``M_APPSERVICE_LOGIN_UNSUPPORTED`` (spec v1.17; MSC4190's unstable name too): the
+    homeserver refuses ``m.login.application_service`` logins for this appservice."""
+
+    def __init__(
+        self,
+        status: int,
+        errcode: str | None,
+        message: str,
+        body: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(status, errcode, message, body)
+        # The one-line message says what to do, not only what the homeserver said.
+        self.args = (
+            f"{self.args[0]} (the registration has io.element.msc4190: true, or the "
+            "homeserver uses OAuth 2.0 (MSC3861): it logs no appservice user in; create "
+            "devices with Intent.create_device instead)",
+        )

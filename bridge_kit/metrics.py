@@ -93,7 +93,8 @@ class Metrics(ClientObserver):
         self.provisioning_refused = self._counter(
             namespace,
             "provisioning_refused",
-            "User queries answered 'no such user' because puppets.provision_per_minute was reached",
+            "User queries answered 'no such user' because puppets.provision_per_minute or "
+            "puppets.provision_per_day was reached",
         )
         self.retries = Counter(
             "retries",

@@ -22,7 +22,13 @@ from signedjson.key import decode_verify_key_base64, encode_verify_key_base64, g
 from signedjson.sign import sign_json, verify_signed_json
 
 from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy, quote_segment
-from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, UnknownDevice, UserInUse
+from bridge_kit.errors import (
+    AppserviceLoginUnsupported,
+    DevicesUnavailable,
+    MatrixRequestError,
+    UnknownDevice,
+    UserInUse,
+)
 from bridge_kit.intent import Intent
 from bridge_kit.intent.state_store import RoomStateStore
 from bridge_kit.store import MemoryStore
@@ -347,7 +353,7 @@ async def recording_proxy(target: str) -> AsyncIterator[tuple[str, list[yarl.URL
         await runner.cleanup()
 
 
-async def test_every_request_as_a_device_carries_both_device_parameters(
+async def test_every_request_as_a_device_carries_the_stable_device_parameter(
     synapse_devices: TestHomeserver, unique: str, human: Human
 ) -> None:
     async with (
@@ -366,10 +372,14 @@ async def test_every_request_as_a_device_carries_both_device_parameters(
         await as_device.keys_upload(one_time_keys={"curve25519:W": random_key()})
         await as_device.send_to_device("org.example.t", {human.user_id: {"*": {}}})
     assert len(seen) >= 7
+    unstable = {"/_matrix/client/v3/keys/upload", "/_matrix/client/v3/sendToDevice"}
     for url in seen:
         assert url.query.get("user_id") == puppet.user_id, url
-        assert url.query.get("device_id") == "BKWIRE", url
-        assert url.query.get("org.matrix.msc3202.device_id") == "BKWIRE", url
+        assert url.query.get("device_id") == "BKWIRE", url  # spec v1.17 (MSC4326)
+        # MSC3202's name only where the device matters, for homeservers before v1.17.
+        wanted = "BKWIRE" if url.path.startswith(tuple(unstable)) else None
+        assert url.query.get("org.matrix.msc3202.device_id") == wanted, url
+    assert {path for path in unstable if any(url.path.startswith(path) for url in seen)} == unstable
 
 
 # -- without MSC4190 -------------------------------------------------------------------------
@@ -473,3 +483,21 @@ def test_device_ids_are_checked_before_anything_is_sent() -> None:
         with pytest.raises(ValueError, match="device ID"):
             intent.with_device(bad)
     assert repr(intent.with_device("D")) == "<Intent @_bk_x:test.local device D>"
+
+
+async def test_an_appservice_login_under_msc4190_is_a_clear_error(
+    synapse_devices: TestHomeserver, unique: str
+) -> None:
+    """Spec v1.17's M_APPSERVICE_LOGIN_UNSUPPORTED maps to its own error, which says why."""
+    localpart = f"_bk_login_{unique}"
+    body = {
+        "type": "m.login.application_service",
+        "identifier": {"type": "m.id.user", "user": f"@{localpart}:{synapse_devices.server_name}"},
+    }
+    async with HomeserverClient(synapse_devices.url, synapse_devices.as_token) as client:
+        await client.register(RegisterRequest.for_puppet(localpart))
+        with pytest.raises(AppserviceLoginUnsupported) as caught:
+            await client.request("POST", f"{CLIENT}/login", body=body, resend=False)
+    assert caught.value.errcode == "M_APPSERVICE_LOGIN_UNSUPPORTED"
+    assert "io.element.msc4190: true" in str(caught.value)
+    assert "Intent.create_device" in str(caught.value)

@@ -299,6 +299,34 @@ async def test_every_example_event_is_accepted_as_valid(
     assert (await store.inbox_stats()).depth == len(by_type["events"]) + 3
 
 
+#: A room ID of room version 12 (MSC4291): the create event's hash, no server name.
+V12_ROOM_ID = "!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM"
+
+
+async def test_the_example_events_of_a_version_12_room_are_accepted_too(
+    server: tuple[str, Hooks, Store],
+) -> None:
+    base, _, store = server
+    client_event = resolve_schema(
+        load(SPEC / "api" / "client-server" / "definitions" / "client_event.yaml"),
+        SPEC / "api" / "client-server" / "definitions",
+    )
+    events = [
+        {**copy.deepcopy(event), "room_id": V12_ROOM_ID}
+        for event in example_events().values()
+        if isinstance(event, dict) and "event_id" in event and "room_id" in event
+    ]
+    for event in events:
+        validate(event, client_event)
+    assert len(events) >= 50
+    status, reply = await call(base, "PUT", "/transactions/v12", {"events": events}, HS_TOKEN)
+    assert (status, reply) == (200, {})
+    assert await store.dead_letters() == []
+    assert (await store.inbox_stats()).depth == len(events)
+    # The room's lane is its ID, server name or not.
+    assert len(await store.lane_items(V12_ROOM_ID, limit=1000)) == len(events)
+
+
 def test_generated_registrations_match_the_spec_schema() -> None:
     schema = resolve_schema(
         load(APPSERVICE / "definitions" / "registration.yaml"), APPSERVICE / "definitions"

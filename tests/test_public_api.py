@@ -111,18 +111,17 @@ ERROR_GROUPS = {
         errors.WrongType,
         errors.YamlError,
         errors.MediaTooLarge,
+        errors.PowerLevelRefused,
         errors.CommandError,
         errors.MediaError,
         errors.MediaUnavailable,
-        errors.RemoteRefused,
-        errors.LoginRefused,
-        errors.UnknownChat,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,
         errors.UnexpectedReply,
         errors.DoublePuppetError,
         errors.RegistrationAborted,
+        errors.PowerLevelConflict,
         errors.MatrixRequestError,
         errors.UserInUse,
         errors.Exclusive,
@@ -133,6 +132,8 @@ ERROR_GROUPS = {
         errors.ResourceLimitExceeded,
         errors.NotFound,
         errors.UnknownDevice,
+        errors.AppserviceLoginUnsupported,
+        errors.Banned,
     ),
     errors.ServiceError: (
         errors.LifecycleError,
@@ -140,9 +141,13 @@ ERROR_GROUPS = {
         errors.StartupCheckFailed,
         errors.ListenError,
         errors.RemoteError,
+        errors.RemoteRefused,
+        errors.LoginRefused,
+        errors.UnknownChat,
     ),
     errors.CryptoError: (
         errors.EncryptionUnavailable,
+        errors.CrossSigningFailed,
         errors.WrongPickleKey,
         errors.UndecryptableEvent,
         errors.NoRoomKey,
@@ -152,6 +157,8 @@ ERROR_GROUPS = {
 
 def _an_instance(cls: type[errors.BridgeKitError]) -> errors.BridgeKitError:
     """One ``cls`` built with plausible arguments, as bridge_kit raises it."""
+    if cls is errors.Banned:
+        return errors.Banned("!r", "@p:example.org", "@mod:example.org", "spam")
     if issubclass(cls, errors.MatrixRequestError):
         return cls(400, cls.errcode_handled, "refused")
     made_with = {
@@ -162,6 +169,8 @@ def _an_instance(cls: type[errors.BridgeKitError]) -> errors.BridgeKitError:
         errors.WrongType: lambda: errors.WrongType("a string", 3),
         errors.YamlError: lambda: errors.YamlError("not YAML", 1, 2),
         errors.MediaTooLarge: lambda: errors.MediaTooLarge(10, 5),
+        errors.PowerLevelRefused: lambda: errors.PowerLevelRefused("!r", "@u:x", "a creator"),
+        errors.PowerLevelConflict: lambda: errors.PowerLevelConflict("!r", "@u:x", 3),
         errors.RegistrationAborted: lambda: errors.RegistrationAborted("the token is wrong"),
         errors.UnexpectedReply: lambda: errors.UnexpectedReply(200, "no user_id"),
         errors.DevicesUnavailable: lambda: errors.DevicesUnavailable("MSC4190 is off"),

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import pytest
 
-from bridge_kit import AppService
+from bridge_kit import AppService, Banned
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_intent_api import CLIENT, Human, q
@@ -94,7 +94,7 @@ async def test_ensure_joined_has_the_bot_invite_the_puppet(
 
 
 @pytest.mark.synapse
-async def test_ensure_joined_unbans_a_banned_puppet(
+async def test_ensure_joined_unbans_a_banned_puppet_only_when_asked(
     app: AppService, human: Human, unique: str
 ) -> None:
     room = await invite_only_room(
@@ -110,7 +110,10 @@ async def test_ensure_joined_unbans_a_banned_puppet(
     )
     assert status == 200, body
 
-    await puppet.ensure_joined(room)
+    with pytest.raises(Banned):
+        await puppet.ensure_joined(room)
+    assert puppet.user_id not in await joined(human, room)
+    await puppet.ensure_joined(room, unban=True)
 
     assert puppet.user_id in await joined(human, room)
 

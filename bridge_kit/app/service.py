@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_DAY = 86_400.0
+
 
 class AppLifecycle(enum.Enum):
     """Where an :class:`AppService` is in its life; it runs once, in this order."""
@@ -145,6 +147,9 @@ class AppService:
         """The events set aside: ``list()``, ``replay(ids)``, ``drop(ids)``."""
         self.provisioning = TokenBucket(config.puppets.provision_per_minute, 60.0)
         """The limit on puppets registered because of user queries (replaceable, e.g. in tests)."""
+        self.provisioning_daily = TokenBucket(config.puppets.provision_per_day, _DAY)
+        """The daily cap on those registrations (a rolling day; replaceable like the above)."""
+        self._provision_approval: QueryHook | None = None
         self._refusing = False  # refused the last query: log only the first of a burst
         self._user_query: QueryHook | None = None
         self._alias_query: QueryHook | None = None
@@ -204,6 +209,19 @@ class AppService:
         with a valid localpart reach the hook.
         """
         self._user_query = hook
+        return hook
+
+    def on_provision_approval(self, hook: QueryHook) -> QueryHook:
+        """Decorate ``async (user_id) -> bool``: may this new puppet be registered?
+
+        Asked before provisioning on query registers a puppet the store does not
+        know, after the namespace, ``on_user_query`` and the limits
+        (``puppets.provision_per_minute`` and ``provision_per_day``) let it through;
+        a no answers the homeserver "no such user". For a policy (an allow-list, an
+        operator's approval), where ``on_user_query`` says whether the remote user
+        exists. An error in the hook counts as a no, and is logged.
+        """
+        self._provision_approval = hook
         return hook
 
     def on_alias_query(self, hook: QueryHook) -> QueryHook:
@@ -468,26 +486,51 @@ class AppService:
         return True
 
     async def _may_provision(self, user_id: str) -> bool:
-        """Take a token for a new registration; a puppet the store knows costs none.
+        """Take a token for a new registration, then ask the approval hook; a puppet
+        the store knows costs none.
 
-        The limit holds whether or not a hook said yes: anyone on the homeserver
-        can make it ask about any ID in our namespace, by inviting it.
+        The limits hold whether or not a hook said yes: anyone on the homeserver
+        can make it ask about any ID in our namespace, by inviting it. They come
+        before the approval hook, so that a flood of queries never reaches it.
         """
         if await self.store.is_registered(user_id):
             return True
-        if self.provisioning.try_take():
-            self._refusing = False
-            return True
+        limit = self._provision_limit_reached()
+        if limit is not None:
+            self._refuse_provisioning(user_id, limit)
+            return False
+        self._refusing = False
+        return await self._approved(user_id)
+
+    def _provision_limit_reached(self) -> str | None:
+        """Which limit refuses one more registration now (None: neither; a token taken)."""
+        puppets = self.config.puppets
+        if not self.provisioning.try_take():
+            return f"puppets.provision_per_minute ({puppets.provision_per_minute})"
+        if not self.provisioning_daily.try_take():
+            return f"puppets.provision_per_day ({puppets.provision_per_day})"
+        return None
+
+    def _refuse_provisioning(self, user_id: str, limit: str) -> None:
         self.metrics.count_provisioning_refused()
         if not self._refusing:
             self._refusing = True
             log.warning(
-                "provisioning on query refused for %s and what follows: more than "
-                "puppets.provision_per_minute (%d) new puppets a minute were asked for",
+                "provisioning on query refused for %s and what follows: more new puppets "
+                "were asked for than %s allows",
                 user_id,
-                self.config.puppets.provision_per_minute,
+                limit,
             )
-        return False
+
+    async def _approved(self, user_id: str) -> bool:
+        if self._provision_approval is None:
+            return True
+        try:
+            return await self._provision_approval(user_id)
+        except Exception:
+            # The homeserver asked and must get an answer; "no such user" is the safe one.
+            log.exception("the on_provision_approval hook failed for %s: refused", user_id)
+            return False
 
     def _provisionable_localpart(self, user_id: str) -> str | None:
         try:

@@ -19,7 +19,12 @@ from typing import Any, Final
 from bridge_kit._yaml import YamlError
 from bridge_kit._yaml import load as load_yaml
 from bridge_kit.client.homeserver import HomeserverClient
-from bridge_kit.errors import DevicesUnavailable, MatrixRequestError, StartupCheckFailed
+from bridge_kit.errors import (
+    AppserviceLoginUnsupported,
+    DevicesUnavailable,
+    MatrixRequestError,
+    StartupCheckFailed,
+)
 from bridge_kit.intent import Intent
 from bridge_kit.registration import Registration
 
@@ -81,7 +86,7 @@ async def _login_probe(bot: Intent) -> str:
     try:
         reply = await bot.client.request("POST", _LOGIN, body=body, resend=False)
     except MatrixRequestError as exc:
-        if exc.errcode == "M_APPSERVICE_LOGIN_UNSUPPORTED":
+        if isinstance(exc, AppserviceLoginUnsupported):
             return "ok: the homeserver loaded io.element.msc4190 (it refuses appservice logins)"
         return f"note: cannot tell whether the homeserver loaded io.element.msc4190 ({exc})"
     leftover = await _remove_login(bot, reply.get("device_id"))

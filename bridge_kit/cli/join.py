@@ -49,7 +49,9 @@ cancelled by SIGINT/SIGTERM.
 _JOIN_EPILOG = """\
 PAIRS_TSV holds one pair a line: localpart<TAB>room_id_or_alias. Aliases are
 resolved once each. A join the room refuses is retried after the appservice's
-bot invites the puppet (the bot must be in the room and allowed to invite).
+bot invites the puppet, when it has no membership in a room entered by invite
+(the bot must be in the room and allowed to invite). A banned puppet fails and
+stays banned: moderators decide who is in a room.
 """ + _COMMON.format(family="joins")
 
 _PROFILES_EPILOG = """\

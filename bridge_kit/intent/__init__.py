@@ -104,8 +104,9 @@ class Intent:
     def with_device(self, device_id: str | None) -> Intent:
         """This user acting as its device ``device_id`` (``None``: as no device).
 
-        Every request of the returned intent carries ``device_id`` and
-        ``org.matrix.msc3202.device_id``: key uploads, to-device messages and
+        Every request of the returned intent carries ``device_id`` (key uploads and
+        to-device messages also MSC3202's ``org.matrix.msc3202.device_id``, for
+        homeservers from before spec v1.17): key uploads, to-device messages and
         everything else then come from that device, which must exist (see
         :meth:`create_device`); otherwise the homeserver answers
         :class:`~bridge_kit.errors.UnknownDevice`.
@@ -150,16 +151,21 @@ class Intent:
         says it is set already, as for :meth:`set_displayname`)."""
         await convenience.set_profile(self, "avatar_url", AvatarUrlUpdate(mxc))
 
-    async def ensure_joined(self, room_id: str) -> None:
+    async def ensure_joined(self, room_id: str, *, unban: bool = False) -> None:
         """Make sure this user is in the room: no request when the room-state store
-        says it is joined; otherwise join, and if that is forbidden, have the
-        appservice's bot invite it (unbanning it first if it was banned) and join again.
+        says it is joined; otherwise join. If the join is refused (403), the
+        appservice's bot looks at why: a user with no membership in a room entered
+        by invite is invited and joins again; a banned one raises
+        :class:`~bridge_kit.errors.Banned` (room, banner, reason), since moderators
+        decide who is in a room, unless ``unban=True`` (the bot then lifts the ban);
+        any other refusal (a server ACL, a spam checker) is raised as it came.
         """
-        await convenience.ensure_joined(self, self.room_state, room_id)
+        await convenience.ensure_joined(self, self.room_state, room_id, unban)
 
     async def ensure_power_level(self, room_id: str, user_id: str, level: int) -> None:
         """Give ``user_id`` power ``level`` unless the room's power levels already do
-        (read from the room-state store when there is one)."""
+        (read from the room-state store when there is one). A room creator (room
+        version 12+) ranks above every level and is left alone."""
         await convenience.ensure_power_level(self, self.room_state, room_id, user_id, level)
 
     async def join_room(
@@ -405,8 +411,13 @@ class Intent:
     async def set_power_level(self, room_id: str, user_id: str, level: int) -> str:
         """Set one user's power level (read, change, write back ``m.room.power_levels``).
 
-        Returns the new power-levels event's ID. Two concurrent writers can lose
-        one another's change: serialise them per room.
+        Returns the new power-levels event's ID. Writers in this process take
+        turns per room; after writing, the power levels are read back, and the
+        change is written again (three times at most, then
+        :class:`~bridge_kit.errors.PowerLevelConflict`) if another writer replaced
+        it. Raises :class:`~bridge_kit.errors.PowerLevelRefused`, sending nothing,
+        for a change the spec's rules forbid this user: a level above its own, a
+        user at or above its own level, or a room creator (room version 12+).
         """
         return await rooms.set_power_level(self, room_id, user_id, level)
 
@@ -554,6 +565,16 @@ class Intent:
         """Claim one-time keys: ``{user_id: {device_id: algorithm}}``."""
         return await devices.keys_claim(self, claims, timeout_ms)
 
+    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+        """Upload this user's cross-signing keys (``/keys/device_signing/upload``:
+        ``master_key``, ``self_signing_key``, ``user_signing_key``, signed JSON)."""
+        await devices.upload_signing_keys(self, body)
+
+    async def upload_signatures(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Upload signatures of keys (``/keys/signatures/upload``); the reply, with
+        ``failures`` by user and key."""
+        return await devices.upload_signatures(self, body)
+
     async def send_to_device(
         self,
         event_type: str,
@@ -584,7 +605,7 @@ class Intent:
             method,
             path,
             body=body,
-            query={**(query or {}), **device_query(self._device_id)},
+            query={**(query or {}), **device_query(self._device_id, endpoint)},
             user_id=self.user_id,
             endpoint=_CLIENT + endpoint,
             resend=resend,

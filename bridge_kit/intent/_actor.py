@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 
@@ -67,15 +67,28 @@ class Actor(Protocol):
     ) -> str: ...
 
 
-def device_query(device_id: str | None) -> dict[str, str]:
-    """The query parameters that make a request act as ``device_id`` (none for ``None``).
+#: The endpoints (under ``/_matrix/client/v3``) whose effect depends on the device
+#: they come from: its keys, the to-device messages it sends. Only these carry the
+#: unstable name of the device parameter as well (see :func:`device_query`).
+UNSTABLE_DEVICE_ENDPOINTS: Final = frozenset({"/keys/upload", "/sendToDevice/{eventType}/{txnId}"})
+#: MSC3202's name for the ``device_id`` query parameter, before MSC4326 made it stable.
+UNSTABLE_DEVICE_ID: Final = "org.matrix.msc3202.device_id"
 
-    ``device_id`` is MSC4190's name for it, ``org.matrix.msc3202.device_id``
-    MSC3202's; homeservers know one or the other, so both are sent.
+
+def device_query(device_id: str | None, endpoint: str = "") -> dict[str, str]:
+    """The query parameters that make a request to ``endpoint`` act as ``device_id``
+    (none for ``None``).
+
+    ``device_id`` is the stable name (spec v1.17, MSC4326), the only one Synapse
+    reads today. Homeservers from before it was stable read only MSC3202's
+    ``org.matrix.msc3202.device_id``: it goes along on the requests where acting
+    as the wrong device would matter (:data:`UNSTABLE_DEVICE_ENDPOINTS`), and only there.
     """
     if device_id is None:
         return {}
-    return {"device_id": device_id, "org.matrix.msc3202.device_id": device_id}
+    if endpoint in UNSTABLE_DEVICE_ENDPOINTS:
+        return {"device_id": device_id, UNSTABLE_DEVICE_ID: device_id}
+    return {"device_id": device_id}
 
 
 def room_path(room_id: str) -> str:

@@ -3,22 +3,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from bridge_kit.client.homeserver import quote_segment
-from bridge_kit.errors import MatrixRequestError
-from bridge_kit.intent._actor import CLIENT
+from bridge_kit.client.homeserver import quote_segment, structure_reply
+from bridge_kit.errors import Banned, MatrixRequestError, NotFound
+from bridge_kit.intent._actor import CLIENT, room_path
 from bridge_kit.intent.state_store import RoomStateStore, membership_event
+from bridge_kit.types.events import Event
 from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate
 from bridge_kit.types.room_state import Member
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent
 
+_STATE_ENDPOINT: Final = "/rooms/{roomId}/state/{eventType}/{stateKey}"
 
-async def ensure_joined(intent: Intent, state: RoomStateStore[Intent] | None, room_id: str) -> None:
-    """Join unless the store says the intent is joined; on Forbidden, have the bot
-    invite it (unbanning it first when it is banned) and join again."""
+
+#: Join rules under which an invite is the way in for a user with no membership.
+_INVITE_RULES: Final = frozenset({"invite", "knock", "restricted", "knock_restricted"})
+#: Memberships a refused join may be "not invited" for (a kick leaves ``leave``).
+_OUTSIDE: Final = frozenset({"leave", "knock"})
+
+
+async def ensure_joined(
+    intent: Intent, state: RoomStateStore[Intent] | None, room_id: str, unban: bool
+) -> None:
+    """Join unless the store says the intent is joined; on a 403, let the bot find out
+    why (see :func:`let_in`) and, when an invite is the way in, invite and join again."""
     if state is None:  # an Intent built by hand: no store, no bot
         await intent.join_room(room_id)
         return
@@ -30,42 +41,92 @@ async def ensure_joined(intent: Intent, state: RoomStateStore[Intent] | None, ro
         return
     except MatrixRequestError as error:
         bot = state.bot()
-        if not _refused(error) or bot.user_id == intent.user_id:
+        if error.status != 403 or bot.user_id == intent.user_id:
             raise  # not a matter of permission, or nobody above the bot to let it in
-        await _let_in(bot, room_id, intent.user_id, stored)
+        await let_in(bot, room_id, intent.user_id, error, unban=unban)
     await intent.join_room(room_id)
 
 
-def _refused(error: MatrixRequestError) -> bool:
-    """A 403: M_FORBIDDEN (not invited), or Synapse's M_BAD_STATE for a banned user."""
-    return error.status == 403
+async def let_in(
+    bot: Intent, room_id: str, user_id: str, refusal: MatrixRequestError, *, unban: bool
+) -> None:
+    """After ``user_id``'s join was refused with ``refusal`` (a 403), have the bot open
+    the way when the refusal means "not invited"; raise otherwise.
 
+    The bot reads the user's membership and the room's join rule:
 
-async def _let_in(bot: Intent, room_id: str, user_id: str, stored: Member | None) -> None:
-    """The bot invites ``user_id``, unbanning it first if it is (or turns out to be) banned."""
-    if stored is not None and stored.membership == "ban":
+    - banned: :class:`~bridge_kit.errors.Banned` (room moderators decide who is in),
+      unless ``unban``; then the bot lifts the ban first;
+    - no membership (or left, or knocking) in a room one enters by invite: the bot
+      invites it;
+    - anything else (an open room that still refused it: a server ACL, a spam
+      checker; a pending invite): ``refusal`` itself, nothing changed.
+    """
+    member = await _member_event(bot, room_id, user_id, refusal)
+    membership = None if member is None else member.content.get("membership")
+    unbanned = False
+    if member is not None and membership == "ban":
+        if not unban:
+            raise _banned(room_id, user_id, member, refusal) from refusal
         await bot.unban(room_id, user_id)
+        unbanned = True
+    elif membership is not None and membership not in _OUTSIDE:
+        raise refusal
+    if await _invite_only(bot, room_id, refusal):
         await bot.invite(room_id, user_id)
-        return
+    elif not unbanned:
+        raise refusal  # an open room refused it: not a matter of an invite
+
+
+async def _member_event(
+    bot: Intent, room_id: str, user_id: str, refusal: MatrixRequestError
+) -> Event | None:
+    """``user_id``'s ``m.room.member`` event as the bot sees it; None for no membership.
+    A bot that cannot see the room cannot let anyone in: then ``refusal`` stands."""
+    path = f"{room_path(room_id)}/state/m.room.member/{quote_segment(user_id)}"
     try:
-        await bot.invite(room_id, user_id)
+        reply = await bot._request(
+            "GET", path, _STATE_ENDPOINT, body=None, query={"format": "event"}
+        )
+    except NotFound:
+        return None
     except MatrixRequestError as error:
-        if not _refused(error):
-            raise
-        # A ban the store did not know of also refuses the invite: lift it, try again.
-        await bot.unban(room_id, user_id)
-        await bot.invite(room_id, user_id)
+        raise refusal from error
+    return structure_reply(reply, Event, "m.room.member")
+
+
+async def _invite_only(bot: Intent, room_id: str, refusal: MatrixRequestError) -> bool:
+    """Whether the room's join rule makes an invite the way in (no rule: ``invite``)."""
+    try:
+        rules = await bot.get_state_event(room_id, "m.room.join_rules")
+    except NotFound:
+        return True  # the spec's default join rule
+    except MatrixRequestError as error:
+        raise refusal from error
+    return rules.get("join_rule") in _INVITE_RULES
+
+
+def _banned(room_id: str, user_id: str, member: Event, refusal: MatrixRequestError) -> Banned:
+    reason = member.content.get("reason")
+    return Banned(
+        room_id,
+        user_id,
+        banner=member.sender,
+        reason=reason if isinstance(reason, str) and reason else None,
+        body=refusal.body,
+    )
 
 
 async def ensure_power_level(
     intent: Intent, state: RoomStateStore[Intent] | None, room_id: str, user_id: str, level: int
 ) -> None:
-    """Set ``user_id``'s level unless the (stored) power levels already give it ``level``."""
+    """Set ``user_id``'s level unless the (stored) power levels already give it ``level``;
+    a room creator (room version 12+) is above every level: left alone."""
     if state is None:
         levels = await intent.get_power_levels(room_id)
     else:
         levels = await state.get_power_levels(room_id, intent)
-    if levels.user_level(user_id) != level:
+    if user_id not in levels.creators and levels.user_level(user_id) != level:
         await intent.set_power_level(room_id, user_id, level)
 
 

@@ -2,8 +2,9 @@
 
 With ``io.element.msc4190: true`` in its registration, an appservice creates
 its users' devices itself (``PUT /devices/{deviceId}?user_id=...``) and deletes
-them without interactive auth. A request that also carries ``device_id`` (and
-MSC3202's ``org.matrix.msc3202.device_id``) acts as that device: that is how
+them without interactive auth. A request that also carries ``device_id`` (spec
+v1.17, MSC4326; key uploads and to-device messages also carry MSC3202's
+``org.matrix.msc3202.device_id`` for older homeservers) acts as that device: that is how
 keys are uploaded for it. No cryptography happens here; the keys are the
 encryption library's.
 """
@@ -216,6 +217,23 @@ async def keys_claim_json(
     request = KeysClaimRequest(one_time_keys=wanted, timeout=timeout_ms)
     # A repeat after a lost reply claims a second key; the first is simply never used.
     return await intent._request("POST", f"{CLIENT}/keys/claim", "/keys/claim", body=request)
+
+
+async def upload_signing_keys(intent: Intent, body: Mapping[str, Any]) -> None:
+    """``POST /keys/device_signing/upload``: the user's cross-signing keys, as the
+    encryption layer signed them. An appservice needs no interactive auth for it
+    (spec v1.17; Synapse 1.163 asks none of an appservice's users)."""
+    await intent._request(
+        "POST", f"{CLIENT}/keys/device_signing/upload", "/keys/device_signing/upload",
+        body=dict(body),
+    )  # fmt: skip
+
+
+async def upload_signatures(intent: Intent, body: Mapping[str, Any]) -> dict[str, Any]:
+    """``POST /keys/signatures/upload``; the reply (its ``failures``) unchecked."""
+    return await intent._request(
+        "POST", f"{CLIENT}/keys/signatures/upload", "/keys/signatures/upload", body=dict(body)
+    )
 
 
 # -- to-device ---------------------------------------------------------------------------

@@ -27,7 +27,12 @@ from bridge_kit.client.homeserver import (
     _Reply,
     structure_reply,
 )
-from bridge_kit.errors import DoublePuppetError, MatrixRequestError, UnknownToken
+from bridge_kit.errors import (
+    AppserviceLoginUnsupported,
+    DoublePuppetError,
+    MatrixRequestError,
+    UnknownToken,
+)
 from bridge_kit.store import Store
 
 __all__ = ["LOGIN_ENDPOINT", "TOKEN_FIELD", "DoublePuppetClient"]
@@ -37,11 +42,6 @@ LOGIN_ENDPOINT: Final = "/_matrix/client/v3/login"
 #: The per-user field of the store's profile table that holds the access token (a
 #: stored key, not a module path: it keeps the name earlier releases stored it under).
 TOKEN_FIELD: Final = "bridge_kit.double_puppet.access_token"  # noqa: S105 - a field name
-
-#: What Synapse answers an appservice login with when MSC4190 is on (and its old name).
-_MSC4190_ERRCODES: Final = frozenset(
-    {"M_APPSERVICE_LOGIN_UNSUPPORTED", "IO.ELEMENT.MSC4190.M_APPSERVICE_LOGIN_UNSUPPORTED"}
-)
 
 
 @attrs.frozen
@@ -157,7 +157,7 @@ class DoublePuppetClient(HomeserverClient):
 
 
 def _login_error(user_id: str, exc: MatrixRequestError) -> BaseException:
-    if exc.errcode in _MSC4190_ERRCODES:
+    if isinstance(exc, AppserviceLoginUnsupported):
         return DoublePuppetError(
             f"the homeserver refused to log the appservice in as {user_id} "
             f"({exc.errcode}): the double-puppet registration has MSC4190 on "

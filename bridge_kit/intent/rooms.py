@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import cattrs
 
-from bridge_kit.client.homeserver import quote_segment, structure_reply
-from bridge_kit.errors import MatrixRequestError, UnexpectedReply, json_type
+from bridge_kit.client.homeserver import HomeserverClient, quote_segment, structure_reply
+from bridge_kit.errors import (
+    MatrixRequestError,
+    PowerLevelConflict,
+    PowerLevelRefused,
+    UnexpectedReply,
+    json_type,
+)
 from bridge_kit.intent._actor import CLIENT, Actor, content_json, device_query, room_path
 from bridge_kit.types.converter import converter, describe_error
 from bridge_kit.types.events import Event
@@ -96,6 +104,11 @@ async def get_state(actor: Actor, room_id: str) -> list[Event]:
 
 
 async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
+    return (await _read_power_levels(actor, room_id))[1]
+
+
+async def _read_power_levels(actor: Actor, room_id: str) -> tuple[dict[str, Any], PowerLevels]:
+    """The power-levels content as it is, and as :class:`PowerLevels` with the creators."""
     content = await get_state_event(actor, room_id, POWER_LEVELS, "")
     levels = structure_reply(content, PowerLevels, "power levels")
     reply = await actor._request(
@@ -105,19 +118,68 @@ async def get_power_levels(actor: Actor, room_id: str) -> PowerLevels:
         body=None,
         query={"format": "event"},
     )
-    return with_creators(levels, structure_reply(reply, Event, "m.room.create"))
+    return content, with_creators(levels, structure_reply(reply, Event, "m.room.create"))
+
+
+#: Writes of one change at most, when a re-read finds another writer (another process,
+#: a moderator's client) replaced the power levels between our read and our write.
+_POWER_ATTEMPTS: Final = 3
+#: One lock per client and room: this process's writers never read the same power
+#: levels and write back over one another. A lock goes when nobody holds or awaits it.
+_power_locks: weakref.WeakKeyDictionary[
+    HomeserverClient, weakref.WeakValueDictionary[str, asyncio.Lock]
+] = weakref.WeakKeyDictionary()
+
+
+def _power_lock(actor: Actor, room_id: str) -> asyncio.Lock:
+    locks = _power_locks.setdefault(actor.client, weakref.WeakValueDictionary())
+    lock = locks.get(room_id)
+    if lock is None:
+        lock = locks[room_id] = asyncio.Lock()
+    return lock
 
 
 async def set_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:
+    async with _power_lock(actor, room_id):
+        for _ in range(_POWER_ATTEMPTS):
+            event_id = await _write_power_level(actor, room_id, user_id, level)
+            # Read back: a writer outside this process may have replaced our event.
+            # (Creators are refused above, so the content alone says the level.)
+            after = await get_state_event(actor, room_id, POWER_LEVELS, "")
+            if structure_reply(after, PowerLevels, "power levels").user_level(user_id) == level:
+                return event_id
+    raise PowerLevelConflict(room_id, user_id, _POWER_ATTEMPTS)
+
+
+async def _write_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:
     # Read-modify-write of the content as it is: every other key goes back untouched.
-    content = await get_state_event(actor, room_id, POWER_LEVELS, "")
-    default = structure_reply(content, PowerLevels, "power levels").users_default
+    content, levels = await _read_power_levels(actor, room_id)
+    check_power_change(levels, actor.user_id, room_id, user_id, level)
     users = dict(content.get("users") or {})
-    if level == default:
+    if level == levels.users_default:
         users.pop(user_id, None)
     else:
         users[user_id] = level
     return await actor.send_state(room_id, POWER_LEVELS, {**content, "users": users})
+
+
+def check_power_change(
+    levels: PowerLevels, changer: str, room_id: str, user_id: str, level: int
+) -> None:
+    """Raise :class:`~bridge_kit.errors.PowerLevelRefused` unless ``changer`` may give
+    ``user_id`` ``level`` (the spec's rules: never above one's own level, never for
+    someone at or above it; a room version 12 creator has no level to change)."""
+    if user_id in levels.creators:
+        raise PowerLevelRefused(
+            room_id, user_id, "it is a creator of the room (room version 12+), above every level"
+        )
+    own, current = levels.user_level(changer), levels.user_level(user_id)
+    if level > own:
+        raise PowerLevelRefused(room_id, user_id, f"{level} is above {changer}'s own {own}")
+    if user_id != changer and current != level and current >= own:
+        raise PowerLevelRefused(
+            room_id, user_id, f"its level {current} is not below {changer}'s {own}"
+        )
 
 
 def _alias_path(alias: str) -> str:

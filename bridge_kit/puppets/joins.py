@@ -8,9 +8,11 @@ answer is kept for the run), asks the store which pairs are joined already
 rest through two stages, each with its own AIMD limiter: ``register`` (only
 for puppets neither the store nor this run registered) and ``join``. A join the
 homeserver refuses with 403 falls back to what ``Intent.ensure_joined`` does:
-the appservice's bot invites the puppet (unbanning it first if it is banned)
-and the puppet joins again. Every confirmed join is recorded in the room-state
-store in batches, so a re-run sends nothing for it.
+when the puppet has no membership in a room entered by invite, the appservice's
+bot invites it and it joins again; a banned puppet fails with the ban
+(``JoinResult.banned``) and is never unbanned unless the run was asked to.
+Every confirmed join is recorded in the room-state store in batches, so a
+re-run sends nothing for it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from bridge_kit.client.homeserver import REGISTER_ENDPOINT, HomeserverClient, quote_segment
 from bridge_kit.errors import (
+    Banned,
     MatrixRequestError,
     NotFound,
     UnexpectedReply,
     UnknownToken,
 )
-from bridge_kit.intent.convenience import _let_in as let_in
+from bridge_kit.intent.convenience import let_in
 from bridge_kit.intent.state_store import membership_event
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
@@ -116,7 +119,7 @@ class _Join(Stage):
             if error.status != 403 or run.bot is None:
                 run.failed(item.key, describe_failure(error))
                 return False
-            if not await self._let_in_and_join(item):
+            if not await self._let_in_and_join(item, error):
                 return False
             result.invited += 1
         except UnexpectedReply as error:
@@ -137,15 +140,18 @@ class _Join(Stage):
             endpoint=_JOIN_ENDPOINT,
         )
 
-    async def _let_in_and_join(self, item: _Pair) -> bool:
+    async def _let_in_and_join(self, item: _Pair, refusal: MatrixRequestError) -> bool:
         run = self._run
         assert run.bot is not None  # checked by the caller
         bot = run.bot()
         try:
-            await let_in(bot, item.room_id, item.user_id, None)
+            await let_in(bot, item.room_id, item.user_id, refusal, unban=run.unban)
             await self._join(item)
         except UnknownToken:
             raise
+        except Banned as ban:
+            run.banned(item.key, ban)
+            return False
         except (MatrixRequestError, UnexpectedReply) as error:
             reason = (
                 f"not allowed to join, and the bot could not let it in: {describe_failure(error)}"
@@ -160,6 +166,7 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
 
     ``bot`` returns the appservice's bot (resolving aliases, letting refused
     puppets in); without it a refused join fails and aliases cannot be used.
+    ``unban``: the bot lifts a puppet's ban (off by default: moderators decide).
     """
 
     def __init__(
@@ -174,8 +181,10 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         progress: Callable[[RunProgress], None] | None,
         total: int | None,
         on_problem: ProblemCallback | None = None,
+        unban: bool = False,
     ) -> None:
         self.client = client
+        self.unban = unban
         self.store = store
         self.registration = registration
         self.domain = domain
@@ -201,6 +210,11 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         self.result.add_failure(key, reason)
         if self.on_problem is not None:
             self.on_problem("failed", key, reason)
+
+    def banned(self, key: str, ban: Banned) -> None:
+        """Count a pair whose puppet is banned from the room: failed, with the ban."""
+        self.result.add_ban(ban)
+        self.failed(key, f"banned, not unbanned: {ban.message}")
 
     def _invalid(self, key: str, reason: str) -> None:
         self.result.add_invalid(key, reason)

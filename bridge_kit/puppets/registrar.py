@@ -183,13 +183,17 @@ class PuppetRegistrar:
         progress: Callable[[RunProgress], None] | None = None,
         total: int | None = None,
         on_problem: ProblemCallback | None = None,
+        unban: bool = False,
     ) -> JoinResult:
         """Join puppets to rooms, streaming ``(localpart, room_id_or_alias)`` pairs.
 
         Pairs the room-state store knows as joined are skipped without a request;
         a puppet neither the store nor this run registered is registered first;
         a join refused with 403 is retried after the appservice's bot invites the
-        puppet (unbanning it first), as :meth:`Intent.ensure_joined` does. Each
+        puppet when it has no membership in a room entered by invite, as
+        :meth:`Intent.ensure_joined` does. A banned puppet fails with the ban
+        (counted in ``result.banned``, the errors in ``result.bans``) unless
+        ``unban=True``; any other refusal fails as it came. Each
         alias is resolved once per run. Every join is recorded in the store, so a
         re-run, or a resume after a crash, sends nothing for work already done.
 
@@ -210,6 +214,7 @@ class PuppetRegistrar:
             progress=progress,
             total=_length(pairs, total),
             on_problem=on_problem,
+            unban=unban,
         )
         await self._execute(run, pairs)
         return run.result

@@ -22,6 +22,7 @@ from typing import Any, Final, Literal
 import attrs
 
 from bridge_kit.errors import (
+    Banned,
     Exclusive,
     Forbidden,
     HomeserverUnreachable,
@@ -35,6 +36,7 @@ from bridge_kit.types.converter import converter
 
 __all__ = [
     "KEPT_PROBLEMS",
+    "Ban",
     "BulkProgress",
     "BulkResult",
     "JoinResult",
@@ -372,6 +374,16 @@ class RunResult(_CountsProblems):
         return data
 
 
+@attrs.frozen
+class Ban:
+    """A puppet ``join_many`` found banned from a room, and left so."""
+
+    room_id: str
+    user_id: str
+    banner: str | None
+    reason: str | None
+
+
 @attrs.define
 class JoinResult(RunResult):
     """What a ``join_many`` run did, per distinct (puppet, room) pair.
@@ -382,6 +394,10 @@ class JoinResult(RunResult):
     reason in ``failures``, keyed ``"localpart room"``) partition the pairs.
     ``unresolved_aliases`` counts the distinct aliases that did not resolve (their
     reasons in ``alias_failures``); each of their pairs counts as failed.
+    ``banned`` counts the failed pairs whose puppet is banned from the room (not
+    unbanned: moderators decide); ``bans`` keeps the first of them as :class:`Ban`
+    (room, puppet, banner, reason: what :class:`~bridge_kit.errors.Banned` says),
+    for telling the remote side.
     """
 
     joined: int = 0
@@ -389,6 +405,14 @@ class JoinResult(RunResult):
     skipped_known: int = 0
     unresolved_aliases: int = 0
     alias_failures: dict[str, str] = attrs.field(factory=dict)
+    banned: int = 0
+    bans: list[Ban] = attrs.field(factory=list)
+
+    def add_ban(self, ban: Banned) -> None:
+        """Count a puppet banned from a room; keep the ban up to the limit."""
+        self.banned += 1
+        if len(self.bans) < KEPT_PROBLEMS:
+            self.bans.append(Ban(ban.room_id, ban.user_id, ban.banner, ban.reason))
 
     def add_alias_failure(self, alias: str, reason: str) -> None:
         """Count an alias that did not resolve; keep its reason up to the limit."""
@@ -406,6 +430,7 @@ class JoinResult(RunResult):
     def detail_rows(self) -> Rows:
         return [
             ("joined after the bot's invite", self.invited),
+            ("banned (not unbanned)", self.banned),
             ("aliases not resolved", self.unresolved_aliases),
             *super().detail_rows(),
         ]

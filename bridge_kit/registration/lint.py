@@ -155,6 +155,13 @@ def _lint_regex(report: Report, path: KeyPath, regex: str, kind: str, sigil: str
             f"event; repeat once, e.g. '^{sigil}_prefix_.*:example\\.org$'",
         )
     if kind == "rooms":
+        if ":" in regex:
+            report.warn(
+                path,
+                "names a server (':'), but rooms of version 12 and later have IDs without "
+                "one (MSC4291, e.g. '!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM'): it "
+                "never matches them",
+            )
         return
     if not regex.endswith("$") or regex.endswith("\\$"):
         report.warn(
