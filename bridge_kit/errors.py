@@ -17,10 +17,6 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
     │   ├── PowerLevelRefused        a power-level change bridge_kit will not try
-
-    │   ├── RemoteRefused            a bridge's remote network refused or does not know it
-    │   │   ├── LoginRefused         a login's credentials (wrong or expired)
-    │   │   └── UnknownChat          the remote chat a portal was asked for
     │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
     │   │   └── LoginError           a login (by command or provisioning) that cannot go on
     │   │       ├── UnknownLogin (LookupError)  no such login flow, login process or login
@@ -52,7 +48,10 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
     │   ├── ListenError              the HTTP server could not listen
     │   └── RemoteError              the remote network of a bridge failed (worth a retry)
-    │       └── SendFailed           the remote network did not take a Matrix event (says why)
+    │       ├── SendFailed           the remote network did not take a Matrix event (says why)
+    │       └── RemoteRefused        ... or refused, or does not know it (not worth one)
+    │           ├── LoginRefused     a login's credentials (wrong or expired)
+    │           └── UnknownChat      the remote chat a portal was asked for
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
@@ -208,7 +207,8 @@ class ListenError(ServiceError):
 
 class RemoteError(ServiceError):
     """A bridge's remote network failed or could not be reached; trying again may work
-    (the inbox retries the event, the layer reconnects the login with backoff)."""
+    (the inbox retries the event, the layer reconnects the login with backoff). Its
+    subclass :class:`RemoteRefused` is the network's "no", which will not."""
 
 
 class SendFailed(RemoteError):
@@ -227,7 +227,7 @@ class SendFailed(RemoteError):
         self.transient = transient
 
 
-class RemoteRefused(InvalidInput):
+class RemoteRefused(RemoteError):
     """A bridge's remote network refused something, or does not know it: sending it
     again unchanged fails again."""
 

@@ -50,7 +50,8 @@ DOMAIN = "test.local"
 
 @pytest.fixture(scope="module")
 async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
-    async with _running_homeserver(tmp_path_factory.mktemp("bridge")) as hs:
+    # devices=True: the registration also asks for ephemeral events (typing).
+    async with _running_homeserver(tmp_path_factory.mktemp("bridge"), devices=True) as hs:
         yield hs
 
 
@@ -469,6 +470,22 @@ async def test_two_bridges_on_one_postgresql_make_one_room(
             assert rooms[0] == rooms[1]
             record = await first.app.store.portal(key)
             assert record is not None and record.room_id == rooms[0]
+            # The same remote message handed to both daemons: accepted once, posted once.
+            event = RemoteMessage(portal=key, sender=Sender("bob", "Bob"), id="m1", text="once")
+            accepted = await asyncio.gather(first.handle_remote(event), second.handle_remote(event))
+            assert sorted(accepted) == [False, True]
+
+            async def posted() -> list[Any] | None:
+                return await first.app.store.messages(key, "m1") or None
+
+            assert len(await eventually(posted, "the message posted")) == 1
+            events = await first.app.bot.client.request(
+                "GET",
+                f"/_matrix/client/v3/rooms/{quote(rooms[0], safe='')}/messages",
+                query={"dir": "b", "limit": "50"},
+            )
+            bodies = [e["content"].get("body") for e in events["chunk"]]
+            assert bodies.count("once") == 1
 
 
 @contextlib.asynccontextmanager
@@ -597,3 +614,19 @@ async def test_joining_the_alias_while_the_portal_is_made_gets_its_room(
         await network.wait_for_chat_info_calls(2)  # the homeserver asked about the alias
         network.hold_first_chat_info.set()
         assert await making == await joining
+
+
+async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await bridge.add_login(alice.user_id, LoginInfo(id="alice", remote_name="alice"))
+        await eventually(_connected(bridge, "alice"), "alice's login connected")
+        path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(alice.user_id, safe='')}"
+        await alice.call("PUT", path, {"typing": True, "timeout": 30000})
+        started = await network.wait_for("typing", lambda r: r.item.typing)
+        assert started.login == "alice" and started.item.portal.key == PortalKey(chat)
+        await alice.call("PUT", path, {"typing": False})
+        await network.wait_for("typing", lambda r: not r.item.typing)

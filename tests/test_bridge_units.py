@@ -31,6 +31,7 @@ from bridge_kit.bridge.events import (
 )
 from bridge_kit.bridge.logins import Sealer
 from bridge_kit.bridge.records import PortalKey
+from bridge_kit.bridge.remote import message_content
 from bridge_kit.config import Config, Section
 from bridge_kit.errors import ConfigError, WrongPickleKey
 from bridge_kit.ids import localpart_problem
@@ -132,6 +133,7 @@ def test_templates_map_both_ways() -> None:
             kind=MessageKind.EMOTE,
             reply_to="0",
             media=RemoteMedia("https://x/y.png", "y.png", "image/png", 3),
+            mentions=("@a:example.org",),
             timestamp=1.5,
         ),
         RemoteMembership(
@@ -186,3 +188,11 @@ def test_credentials_are_sealed_with_the_pickle_key() -> None:
 def test_a_connector_needs_its_abstract_methods() -> None:
     with pytest.raises(TypeError):
         NetworkConnector()  # type: ignore[abstract]
+
+
+def test_a_remote_message_says_whom_it_mentions() -> None:
+    event = RemoteMessage(
+        portal=PortalKey("c"), sender=Sender("b"), text="a: hi", mentions=("@a:example.org",)
+    )
+    assert message_content(event)["m.mentions"] == {"user_ids": ["@a:example.org"]}
+    assert "m.mentions" not in message_content(attrs.evolve(event, mentions=()))

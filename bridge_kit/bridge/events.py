@@ -105,8 +105,9 @@ class RemoteMessage(RemoteEvent):
 
     ``reply_to`` is the remote id of the message it answers (found through the
     message map). ``media`` makes it a file of ``kind`` IMAGE, FILE, AUDIO or
-    VIDEO, with ``text`` as its caption. ``id`` is required: it keys the message
-    map for later edits, replies, reactions and redactions.
+    VIDEO, with ``text`` as its caption. ``mentions`` are the Matrix user IDs it
+    mentions (``m.mentions``; a formatter's ``MatrixText.mentions``). ``id`` keys
+    the message map for later edits, replies, reactions and redactions.
     """
 
     type: ClassVar[str] = "message"
@@ -116,6 +117,7 @@ class RemoteMessage(RemoteEvent):
     kind: MessageKind = MessageKind.TEXT
     reply_to: str | None = None
     media: RemoteMedia | None = None
+    mentions: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)

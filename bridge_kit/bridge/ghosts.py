@@ -46,6 +46,9 @@ class Ghosts:
         localpart, _, domain = user_id[1:].partition(":")
         if domain != self.app.puppets.domain:
             return False
+        # Only in our exclusive namespace: a loose template never takes a real user.
+        if not self.app.registration.is_user_in_namespace(user_id, exclusive_only=True):
+            return False
         return self.connector.ghost_for_localpart(localpart) is not None
 
     async def ensure(self, senders: Iterable[Sender]) -> dict[str, GhostRecord]:

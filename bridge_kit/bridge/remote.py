@@ -52,6 +52,8 @@ def message_content(
         content |= {"format": HTML, "formatted_body": event.html}
     if reply_to is not None:
         content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    if isinstance(event, RemoteMessage) and event.mentions:
+        content["m.mentions"] = {"user_ids": list(event.mentions)}
     return content
 
 
