@@ -18,7 +18,7 @@ from bridge_kit.bridge.send_status import (
     StatusReason,
 )
 from bridge_kit.config import AppServiceConfig, Config, HomeserverConfig
-from bridge_kit.errors import InvalidInput, SendFailed
+from bridge_kit.errors import InvalidInput, SendFailed, UnknownChat
 from bridge_kit.store import MemoryStore
 from tests.conftest import TestHomeserver, _running_homeserver
 
@@ -160,6 +160,22 @@ async def test_a_failure_that_stays_transient_ends_retriable(app: AppService, ro
     assert [s["status"] for s in room.statuses(events)] == ["PENDING", "FAIL_RETRIABLE"]
     (notice,) = room.notices(events)
     assert "may not have been bridged: network down" in notice["body"]
+
+
+async def test_a_refusal_by_the_network_is_permanent_and_not_retried(
+    app: AppService, room: Room
+) -> None:
+    reporter = SendStatusReporter(app.bot, "flownet", retries=3, sleep=no_wait)
+    tries: list[int] = []
+
+    async def send() -> None:
+        tries.append(1)
+        raise UnknownChat("no such channel #gone")
+
+    outcome, _ = await reporter.deliver(room.room_id, room.event_id, send)
+    assert (outcome.status, outcome.attempts, len(tries)) == (SendStatus.FAIL_PERMANENT, 1, 1)
+    events = await room.events()
+    assert [s["status"] for s in room.statuses(events)] == ["FAIL_PERMANENT"]
 
 
 async def test_notice_mode_sends_only_the_notice_and_off_sends_nothing(

@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import attrs
 
-from bridge_kit.errors import InvalidInput, RemoteError, SendFailed
+from bridge_kit.errors import InvalidInput, RemoteError, RemoteRefused, SendFailed
 from bridge_kit.inbox.signals import NotReady, Park
 
 __all__ = [
@@ -216,6 +216,9 @@ def _as_failure(exc: Exception) -> SendFailed:
         return exc
     if isinstance(exc, InvalidInput):
         return SendFailed(str(exc), reason=StatusReason.UNSUPPORTED)
+    if isinstance(exc, RemoteRefused):
+        # The network's "no": sending it again unchanged gets the same answer.
+        return SendFailed(_one_line(exc))
     if isinstance(exc, RemoteError | OSError | TimeoutError | aiohttp.ClientError):
         # The network or the connection to it failed: worth another try.
         return SendFailed(_one_line(exc), transient=True)
