@@ -13,7 +13,7 @@ import html
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import attrs
@@ -41,6 +41,13 @@ from bridge_kit.bridge.events import (
     Sender,
 )
 from bridge_kit.bridge.formatting import Formatter, pill
+from bridge_kit.bridge.login_flows import (
+    FieldType,
+    InputField,
+    LoginFlow,
+    LoginProcess,
+    LoginStep,
+)
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.config import Section
 from bridge_kit.errors import InvalidInput
@@ -201,9 +208,16 @@ class IrcConnector(NetworkConnector):
         return client
 
     async def login(self, user_id: str, args: Sequence[str]) -> LoginInfo:
-        if len(args) != 1 or not NICK.match(args[0]):
-            raise InvalidInput("usage: login <nick> (an IRC nick: letters, digits, -[]\\`_^{|})")
-        return LoginInfo(id=user_id, remote_name=args[0])
+        if len(args) != 1:
+            raise InvalidInput("usage: login <nick>")
+        return nick_login(user_id, args[0], "")
+
+    # The same login, step by step: what the provisioning API and `login` drive.
+    def login_flows(self) -> Sequence[LoginFlow]:
+        return [LoginFlow("nick", "Nick", "Your own IRC connection, with the nick you choose")]
+
+    async def create_login(self, user_id: str, flow_id: str) -> LoginProcess[LoginInfo] | None:
+        return NickLogin(user_id) if flow_id == "nick" else None
 
     async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
         if portal.receiver:  # a private chat of a logged-in user with a nick
@@ -405,6 +419,31 @@ class IrcConnector(NetworkConnector):
         await self.bridge.handle_remote(event)
 
 
+def nick_login(user_id: str, nick: str, password: str) -> LoginInfo:
+    """A Matrix user's own IRC connection as ``nick`` (with the server's password)."""
+    if not NICK.match(nick):
+        raise InvalidInput("not an IRC nick: letters, digits and -[]\\`_^{|}, 30 at most")
+    return LoginInfo(id=user_id, remote_name=nick, credentials=password.encode() or None)
+
+
+class NickLogin(LoginProcess[LoginInfo]):
+    """The ``nick`` flow: one ``user_input`` step, a nick and an optional server password."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+
+    async def start(self) -> LoginStep[LoginInfo]:
+        fields = [
+            InputField(FieldType.USERNAME, "nick", "Nick", pattern=NICK.pattern),
+            InputField(FieldType.PASSWORD, "password", "Server password", optional=True),
+        ]
+        return LoginStep.user_input("irc.nick", fields, "Choose your IRC nick")
+
+    async def submit_user_input(self, values: Mapping[str, str]) -> LoginStep[LoginInfo]:
+        info = nick_login(self.user_id, values.get("nick", ""), values.get("password", ""))
+        return LoginStep.complete("irc.connected", info, f"Connecting as {info.remote_name}")
+
+
 class IrcClient(NetworkClient):
     """One login's IRC connection: the relay's, or a Matrix user's own."""
 
@@ -416,6 +455,7 @@ class IrcClient(NetworkClient):
         self.connection = IrcConnection(
             host, port, login.remote_name or config.nick, self._on_event,
             channels=set(config.channels), username=_username(login),
+            password=(login.credentials or b"").decode() or None,
         )  # fmt: skip
         self.connection.pacer.burst, self.connection.pacer.interval = config.burst, config.interval
         self._task: asyncio.Task[None] | None = None
