@@ -260,6 +260,16 @@ class EncryptionConfig(_Section):
     """Seconds a Megolm replay record (message index -> event) is kept."""
     sealed_payloads_max_age: float = _checked(defaults.SEALED_PAYLOADS_MAX_AGE, _check_seconds)
     """Seconds a decrypted to-device payload is kept for retries, unless still needed."""
+    self_sign: bool = _checked(False)
+    """The bot gets a cross-signing identity that signs its device (clients show no
+    red shield on its messages, and strict clients share room keys with it)."""
+    puppet_devices: bool = _checked(False)
+    """Each puppet that sends into an encrypted room gets its own device, Megolm
+    session and cross-signing identity (no red shield on puppets' messages)."""
+    msc4350: bool = _checked(False)
+    """Puppets without their own device name the bot's device as their impersonator
+    (MSC4350, unstable ``fi.mau.msc4350.impersonator``), for the servers and clients
+    that adopt it."""
 
 
 _SECTIONS: Final[dict[str, type[_Section]]] = {

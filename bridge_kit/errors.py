@@ -40,6 +40,7 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
+        ├── CrossSigningFailed       the homeserver refused a cross-signing key or signature
         ├── WrongPickleKey           stored crypto state does not open with this pickle key
         └── UndecryptableEvent       an encrypted event bridge_kit cannot (or will not) decrypt
             └── NoRoomKey            its Megolm room key has not arrived (yet)
@@ -61,6 +62,7 @@ __all__ = [
     "BridgeKitError",
     "ClientClosed",
     "ConfigError",
+    "CrossSigningFailed",
     "CryptoError",
     "DevicesUnavailable",
     "DoublePuppetError",
@@ -273,6 +275,10 @@ class DoublePuppetError(HomeserverError):
 
 class CryptoError(BridgeKitError):
     """End-to-end encryption failed; the subclasses say how."""
+
+
+class CrossSigningFailed(CryptoError):
+    """The homeserver did not take a cross-signing key or a device's signature."""
 
 
 class EncryptionUnavailable(CryptoError, ConfigError):

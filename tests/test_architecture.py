@@ -52,7 +52,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
     "puppets": frozenset({"client", "errors", "ids", "intent", "registration", "store", "types"}),
     "crypto": frozenset(
-        {"_deprecated", "_json", "config", "errors", "inbox", "inbox.records", "intent"}
+        {"_deprecated", "_json", "config", "errors", "ids", "inbox", "inbox.records", "intent"}
         | {"registration", "store", "types"}
     ),
     "server": frozenset(

@@ -136,6 +136,7 @@ ERROR_GROUPS = {
     ),
     errors.CryptoError: (
         errors.EncryptionUnavailable,
+        errors.CrossSigningFailed,
         errors.WrongPickleKey,
         errors.UndecryptableEvent,
         errors.NoRoomKey,

@@ -18,7 +18,7 @@ from pathlib import Path
 from bridge_kit import defaults
 from bridge_kit._version import __version__
 from bridge_kit.app.runner import ExitCode, report_error
-from bridge_kit.cli import check, dead_letters, demo, join, register, run
+from bridge_kit.cli import check, dead_letters, demo, encryption, join, register, run
 from bridge_kit.errors import BridgeKitError, UsageError
 from bridge_kit.registration import Registration, generate_registration
 
@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     join.add_parsers(subcommands)
     run.add_parser(subcommands)
     dead_letters.add_parser(subcommands)
+    encryption.add_parser(subcommands)
     demo.add_parser(subcommands)
     return parser
 

@@ -27,23 +27,26 @@ once instead of after ``key_wait``, as it could by dropping the key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-import secrets
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto.account import SIGNED_CURVE25519
+from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys
 from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
-from bridge_kit.crypto.vault import derive_pickle_key
+from bridge_kit.crypto.puppet_devices import DEVICE_NAME, PuppetDevices, device_id_for
+from bridge_kit.crypto.vault import CryptoVault, derive_pickle_key
 from bridge_kit.crypto.withheld import WITHHELD_TYPES, WithheldNotice
-from bridge_kit.errors import NoRoomKey, UndecryptableEvent
+from bridge_kit.errors import MatrixRequestError, NoRoomKey, UndecryptableEvent
+from bridge_kit.ids import split_user_id
 from bridge_kit.inbox.records import InboxItem, ItemKind
 from bridge_kit.inbox.signals import NotReady, Park
 from bridge_kit.intent import devices
@@ -57,13 +60,10 @@ if TYPE_CHECKING:
     from bridge_kit.registration import Registration
     from bridge_kit.store import Store
 
-__all__ = ["BridgeEncryption", "EncryptionHost"]
+__all__ = ["BridgeEncryption", "EncryptionHost", "bot_identity_keys"]
 
 log = logging.getLogger(__name__)
 
-_BRIDGE_KIND: Final = "bridge"
-_DEVICE_KEY: Final = "device_id"
-_DEVICE_NAME: Final = "bridge_kit"
 #: Decrypted to-device events kept by inbox record id: Olm decrypts a message once,
 #: and a retried item (a later handler failed) must not be decrypted again.
 _DECRYPTED_CACHE: Final = 1024
@@ -114,6 +114,38 @@ class _IntentKeys:
     ) -> None:
         await self.device.send_to_device(event_type, messages)
 
+    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+        await self.device.upload_signing_keys(body)
+
+    async def upload_signatures(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return await self.device.upload_signatures(body)
+
+
+def pickle_key_of(settings: EncryptionConfig, registration: Registration) -> bytes:
+    """The key the crypto state is sealed with: from ``pickle_key``, else the as_token."""
+    return derive_pickle_key(settings.pickle_key or registration.as_token)
+
+
+async def bot_identity_keys(
+    store: Store, bot_user_id: str, settings: EncryptionConfig, registration: Registration
+) -> CrossSigningKeys | None:
+    """The bot's cross-signing keys as stored (for the recovery-key export)."""
+    vault = CryptoVault(store, bot_user_id, pickle_key_of(settings, registration))
+    return await CrossSigning(vault, bot_user_id, _NoApi()).stored()
+
+
+class _NoApi:
+    """For an identity only read from the store: it makes no homeserver calls."""
+
+    async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
+        raise RuntimeError("offline")
+
+    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+        raise RuntimeError("offline")
+
+    async def upload_signatures(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        raise RuntimeError("offline")
+
 
 class EncryptionHost(Protocol):
     """What the encryption uses of the :class:`~bridge_kit.AppService` it runs in.
@@ -132,6 +164,7 @@ class EncryptionHost(Protocol):
     def handlers(self) -> HandlerRegistry: ...
     @property
     def room_state(self) -> RoomStateStore[Intent]: ...
+    def intent(self, localpart: str) -> Intent: ...
 
 
 class BridgeEncryption:
@@ -140,14 +173,16 @@ class BridgeEncryption:
     def __init__(self, app: EncryptionHost, settings: EncryptionConfig) -> None:
         self.app = app
         self.settings = settings
-        secret = settings.pickle_key or app.registration.as_token
-        self._pickle_key = derive_pickle_key(secret)
+        self._pickle_key = pickle_key_of(settings, app.registration)
         self._machine: CryptoMachine | None = None
         self._decrypted: OrderedDict[int, ToDeviceEvent] = OrderedDict()
         # Users outside the namespace that sent with our sessions (double puppets):
         # their events come back in transactions and must decrypt like the puppets'.
         self._other_senders: set[str] = set()
         self._withheld: OrderedDict[_Waiting, str] = OrderedDict()
+        self.puppets = PuppetDevices(
+            app.store, self._intent_of, self._make_machine, self._identity_of
+        )
 
     @property
     def machine(self) -> CryptoMachine:
@@ -163,8 +198,8 @@ class BridgeEncryption:
         """Make (or find) the bot's device, load or create its keys, upload what the
         homeserver lacks, and add the inbox seams. Before the inbox starts."""
         bot = self.app.bot
-        device_id = await self._device_id(bot.user_id)
-        await bot.create_device(device_id, _DEVICE_NAME)
+        device_id = await device_id_for(self.app.store, bot.user_id)
+        await bot.create_device(device_id, DEVICE_NAME)
         device = bot.with_device(device_id)
         self._machine = CryptoMachine(
             self.app.store,
@@ -173,6 +208,7 @@ class BridgeEncryption:
             self._pickle_key,
             _IntentKeys(device),
             ours=self._is_our_user,
+            bridge_users=self._bridge_users(),
         )
         await self._machine.start()
         log.info(
@@ -180,24 +216,73 @@ class BridgeEncryption:
             device_id,
             self._machine.account.ed25519,
         )
+        if self.settings.self_sign:
+            await self._self_sign(self._machine, _IntentKeys(device))
         inbox, handlers = self.app.inbox, self.app.handlers
         inbox.add_preprocessor(ItemKind.TO_DEVICE, self.decrypt_to_device)
         inbox.add_preprocessor(ItemKind.EVENT, self.decrypt_event)
         handlers.add_internal(ItemKind.TO_DEVICE, self.on_room_key, ROOM_KEY)
         for withheld in WITHHELD_TYPES:
             handlers.add_internal(ItemKind.TO_DEVICE, self.on_withheld, withheld)
+        handlers.add_internal(ItemKind.EVENT, self.on_member, "m.room.member")
         handlers.add_internal(ItemKind.DEVICE_LISTS, self.on_device_lists)
         handlers.add_internal(ItemKind.OTK_COUNTS, self.on_otk_counts)
 
-    async def _device_id(self, bot_user_id: str) -> str:
-        """The bot's device id: made once, then kept in the store."""
-        store = self.app.store
-        stored = await store.crypto_get(bot_user_id, _BRIDGE_KIND, _DEVICE_KEY)
-        if stored is not None:
-            return stored.decode("utf-8")
-        device_id = "BK" + secrets.token_hex(5).upper()
-        await store.crypto_put(bot_user_id, _BRIDGE_KIND, _DEVICE_KEY, device_id.encode("utf-8"))
-        return device_id
+    def _identity_of(self, device: Intent, user_id: str) -> CrossSigning:
+        """The cross-signing identity of one of our users, kept in the store."""
+        vault = CryptoVault(self.app.store, user_id, self._pickle_key)
+        return CrossSigning(vault, user_id, _IntentKeys(device))
+
+    async def _self_sign(self, machine: CryptoMachine, api: _IntentKeys) -> None:
+        identity = self._identity_of(api.device, machine.user_id)
+        keys = await identity.ensure(machine.account.device_keys())
+        log.info(
+            "encryption: %s's device %s is signed by its cross-signing identity %s",
+            machine.user_id, machine.device_id, keys.master_public,
+        )  # fmt: skip
+
+    def _intent_of(self, user_id: str) -> Intent:
+        return self.app.intent(split_user_id(user_id)[0])
+
+    async def _make_machine(self, device: Intent, device_id: str) -> CryptoMachine:
+        """A started machine for a puppet's device, sharing the bot's tracked devices
+        and inbound room keys."""
+        machine = CryptoMachine(
+            self.app.store,
+            device.user_id,
+            device_id,
+            self._pickle_key,
+            _IntentKeys(device),
+            shared_with=self.machine,
+            bridge_users=self._bridge_users(),
+        )
+        await machine.start()
+        return machine
+
+    def _bridge_users(self) -> Callable[[str], bool] | None:
+        """With puppet devices, the users whose devices are all the bridge's: no room
+        key is shared with them (every device of the bridge reads the same keys)."""
+        return self._is_bridge_user if self.settings.puppet_devices else None
+
+    def _is_bridge_user(self, user_id: str) -> bool:
+        if user_id == self.app.bot.user_id:
+            return True
+        return self.app.registration.is_user_in_namespace(user_id, exclusive_only=True)
+
+    def _speaks_from_own_device(self, user_id: str) -> bool:
+        return (
+            self.settings.puppet_devices
+            and user_id != self.app.bot.user_id
+            and self._is_bridge_user(user_id)
+        )
+
+    async def _machine_for(self, user_id: str, device_id: str) -> CryptoMachine | None:
+        """The machine of one of the bridge's devices, or None if it is not one."""
+        if self._is_ours(user_id, device_id):
+            return self.machine
+        if self._speaks_from_own_device(user_id):
+            return await self.puppets.for_device(user_id, device_id)
+        return None
 
     def _is_our_user(self, user_id: str) -> bool:
         """The bot, the puppets and the double puppets that sent: the users that send
@@ -215,16 +300,19 @@ class BridgeEncryption:
     async def decrypt_to_device(self, event: ToDeviceEvent, record: InboxItem) -> ToDeviceEvent:
         """An Olm ``m.room.encrypted`` to the bot's device becomes the event inside it
         (a room key is taken in on the way); anything else passes unchanged."""
-        if event.type != ENCRYPTED or not self._is_ours(event.to_user_id, event.to_device_id):
+        if event.type != ENCRYPTED:
+            return event
+        machine = await self._machine_for(event.to_user_id, event.to_device_id)
+        if machine is None:
             return event
         cached = self._decrypted.get(record.id)
         if cached is not None:
             return cached
         # Knowing the sender's devices lets the payload's ed25519 key be checked, and
         # the room events this key opens be attributed to their device.
-        await self.machine.refresh_devices([event.sender])
+        await machine.refresh_devices([event.sender])
         try:
-            payload = await self.machine.decrypt_to_device(event.sender, event.content)
+            payload = await machine.decrypt_to_device(event.sender, event.content)
         except UndecryptableEvent as exc:
             raise NotReady(exc.reason, retry_after=_KEY_POLL, give_up_after=0) from None
         decrypted = attrs.evolve(event, type=payload.type, content=payload.content)
@@ -290,7 +378,7 @@ class BridgeEncryption:
     async def on_withheld(self, event: ToDeviceEvent) -> None:
         """An ``m.room_key.withheld``: the events waiting for that session's key become
         dead letters naming the code and reason, now and when they arrive later."""
-        if not self._is_ours(event.to_user_id, event.to_device_id):
+        if await self._machine_for(event.to_user_id, event.to_device_id) is None:
             return
         notice = WithheldNotice.from_content(event.content)
         if notice is None:
@@ -312,13 +400,51 @@ class BridgeEncryption:
             self._withheld.popitem(last=False)
         await self.app.inbox.give_up_parked(_park_key(waiting), error)
 
+    async def on_member(self, event: Event) -> None:
+        """A puppet joined an encrypted room: people's clients share room keys with the
+        room's devices, so the bridge needs one there. With ``puppet_devices`` the
+        puppet's own device is made now (before anyone sends); without, the puppet
+        brings the bot in (invite and join)."""
+        user_id, room_id = event.state_key, event.room_id
+        if user_id is None or room_id is None or event.content.get("membership") != "join":
+            return
+        if user_id == self.app.bot.user_id or not self._is_bridge_user(user_id):
+            return
+        puppet = self._intent_of(user_id)
+        if not await self.app.room_state.is_encrypted(room_id, puppet):
+            return
+        if self.settings.puppet_devices:
+            await self.puppets.for_sending(user_id)
+        else:
+            await self._bring_the_bot(room_id, puppet)
+
+    async def _bring_the_bot(self, room_id: str, puppet: Intent) -> None:
+        bot = self.app.bot
+        if await self.app.room_state.is_joined(room_id, bot.user_id, puppet):
+            return
+        with contextlib.suppress(MatrixRequestError):  # invited already, or the bot may join
+            await puppet.invite(room_id, bot.user_id)
+        try:
+            await bot.join_room(room_id)
+        except MatrixRequestError as exc:
+            # Not for retrying: the room's power levels decide, and they rarely change.
+            log.warning(
+                "encryption: %s joined the encrypted room %s, but could not bring the bot "
+                "in (%s); the bridge gets no room keys there", puppet.user_id, room_id, exc,
+            )  # fmt: skip
+            return
+        log.info(
+            "encryption: %s brought the bot into the encrypted room %s", puppet.user_id, room_id
+        )
+
     async def on_device_lists(self, update: DeviceListUpdate) -> None:
         await self.machine.on_device_lists(update.changed, update.left)
 
     async def on_otk_counts(self, counts: OtkCounts) -> None:
-        if self._is_ours(counts.user_id, counts.device_id):
+        machine = await self._machine_for(counts.user_id, counts.device_id)
+        if machine is not None:
             count = counts.counts.get(SIGNED_CURVE25519, 0)
-            await self.machine.on_key_counts(count, counts.unused_fallback_key_types)
+            await machine.on_key_counts(count, counts.unused_fallback_key_types)
 
     # -- outgoing ----------------------------------------------------------------
 
@@ -335,7 +461,10 @@ class BridgeEncryption:
         members = await room_state.get_members(room_id, intent)
         setting = await self.app.store.state_event(room_id, "m.room.encryption")
         rotation = RotationSettings.from_content(None if setting is None else setting.content)
-        encrypted = await self.machine.encrypt_room_event(
+        machine = self.machine
+        if self._speaks_from_own_device(intent.user_id):
+            machine = await self.puppets.for_sending(intent.user_id)
+        encrypted = await machine.encrypt_room_event(
             room_id, event_type, content, list(members), rotation
         )
         return ENCRYPTED, encrypted

@@ -91,6 +91,9 @@ class DeviceTracker:
         self._loaded = False
 
     async def load(self) -> None:
+        """Read the stored devices (once: machines sharing this tracker each ask)."""
+        if self._loaded:
+            return
         for user_id, record in (await self.vault.records(_KIND, UserDevicesRecord)).items():
             self._devices[user_id] = {
                 device_id: TrackedDevice.from_record(user_id, device_id, entry)

@@ -75,15 +75,29 @@ class CryptoMachine:
         pickle_key: bytes,
         api: KeysApi,
         ours: Callable[[str], bool] | None = None,
+        *,
+        shared_with: CryptoMachine | None = None,
+        bridge_users: Callable[[str], bool] | None = None,
     ) -> None:
         """``ours(user_id)``: whether a user sends with this device's Megolm sessions
-        (the bridge's puppets), so that their events can be read back."""
+        (the bridge's puppets), so that their events can be read back.
+
+        ``shared_with``: another machine of the same bridge (the bot's) whose tracked
+        devices and inbound room keys this one uses too, so a room key that reached any
+        of the bridge's devices opens the room's events, and each user's devices are
+        queried once. ``bridge_users(user_id)``: users whose devices are all the
+        bridge's own (the bot, the puppets): room keys are not shared with them, since
+        every device of the bridge reads the same inbound keys."""
         self.user_id = user_id
         self.device_id = device_id
         self.api = api
         self.vault = CryptoVault(store, owner_of(user_id, device_id), pickle_key)
-        self.tracker = DeviceTracker(self.vault)
-        self.inbound = InboundGroupSessions(self.vault, ours)
+        if shared_with is None:
+            self.tracker = DeviceTracker(self.vault)
+            self.inbound = InboundGroupSessions(self.vault, ours)
+        else:
+            self.tracker, self.inbound = shared_with.tracker, shared_with.inbound
+        self._bridge_users = bridge_users
         self._account: OlmAccount | None = None
         self._olm: OlmSessions | None = None
         self._outbound: OutboundGroupSessions | None = None
@@ -227,6 +241,8 @@ class CryptoMachine:
     def _room_devices(self, members: Collection[str]) -> list[TrackedDevice]:
         devices = []
         for user_id in sorted(set(members)):
+            if self._bridge_users is not None and self._bridge_users(user_id):
+                continue
             for device in self.tracker.devices(user_id).values():
                 ours = user_id == self.user_id and device.device_id == self.device_id
                 supports = (

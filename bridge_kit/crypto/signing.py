@@ -14,6 +14,7 @@ import vodozemac
 __all__ = [
     "canonical_json",
     "sign_json",
+    "signable",
     "signature_of",
     "unpadded_b64decode",
     "unpadded_b64encode",
@@ -45,7 +46,7 @@ def unpadded_b64decode(text: str) -> bytes:
         raise ValueError(f"not valid base64: {exc}") from None
 
 
-def _signable(value: Mapping[str, Any]) -> bytes:
+def signable(value: Mapping[str, Any]) -> bytes:
     """What a signature covers: the object without its ``signatures`` and ``unsigned``."""
     return canonical_json({k: v for k, v in value.items() if k not in ("signatures", "unsigned")})
 
@@ -54,7 +55,7 @@ def sign_json(
     value: Mapping[str, Any], account: vodozemac.Account, user_id: str, key_id: str
 ) -> dict[str, Any]:
     """A copy of ``value`` with ``signatures[user_id]["ed25519:" + key_id]`` added."""
-    signature = account.sign(_signable(value)).to_base64()
+    signature = account.sign(signable(value)).to_base64()
     signed = dict(value)
     signatures = {user: dict(keys) for user, keys in value.get("signatures", {}).items()}
     signatures.setdefault(user_id, {})[f"ed25519:{key_id}"] = signature
@@ -82,7 +83,7 @@ def verify_json(value: Mapping[str, Any], user_id: str, key_id: str, ed25519_key
         return False
     try:
         key = vodozemac.Ed25519PublicKey.from_base64(ed25519_key)
-        key.verify_signature(_signable(value), vodozemac.Ed25519Signature.from_base64(signature))
+        key.verify_signature(signable(value), vodozemac.Ed25519Signature.from_base64(signature))
     except (ValueError, TypeError):
         return False
     return True

@@ -554,6 +554,16 @@ class Intent:
         """Claim one-time keys: ``{user_id: {device_id: algorithm}}``."""
         return await devices.keys_claim(self, claims, timeout_ms)
 
+    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+        """Upload this user's cross-signing keys (``/keys/device_signing/upload``:
+        ``master_key``, ``self_signing_key``, ``user_signing_key``, signed JSON)."""
+        await devices.upload_signing_keys(self, body)
+
+    async def upload_signatures(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Upload signatures of keys (``/keys/signatures/upload``); the reply, with
+        ``failures`` by user and key."""
+        return await devices.upload_signatures(self, body)
+
     async def send_to_device(
         self,
         event_type: str,

@@ -218,6 +218,23 @@ async def keys_claim_json(
     return await intent._request("POST", f"{CLIENT}/keys/claim", "/keys/claim", body=request)
 
 
+async def upload_signing_keys(intent: Intent, body: Mapping[str, Any]) -> None:
+    """``POST /keys/device_signing/upload``: the user's cross-signing keys, as the
+    encryption layer signed them. An appservice needs no interactive auth for it
+    (spec v1.17; Synapse 1.163 asks none of an appservice's users)."""
+    await intent._request(
+        "POST", f"{CLIENT}/keys/device_signing/upload", "/keys/device_signing/upload",
+        body=dict(body),
+    )  # fmt: skip
+
+
+async def upload_signatures(intent: Intent, body: Mapping[str, Any]) -> dict[str, Any]:
+    """``POST /keys/signatures/upload``; the reply (its ``failures``) unchecked."""
+    return await intent._request(
+        "POST", f"{CLIENT}/keys/signatures/upload", "/keys/signatures/upload", body=dict(body)
+    )
+
+
 # -- to-device ---------------------------------------------------------------------------
 
 

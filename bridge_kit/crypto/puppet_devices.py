@@ -1,0 +1,120 @@
+"""``encryption.puppet_devices``: each puppet that sends into an encrypted room gets
+a device of its own, so clients see its messages come from its own device.
+
+A puppet's device is made the first time the puppet must encrypt (MSC4190), with
+its own Olm account, its own Megolm session per room, and a cross-signing identity
+of its own that signs the device: clients then show its messages like those of
+any person whose identity they did not verify (no shield), and strict clients
+(MSC4153) share room keys with it. The device id is kept in the store, so a
+restart (or a second daemon) finds the same device; making it again is a no-op
+on the homeserver.
+
+Every device of the bridge reads the same inbound room keys and tracked devices
+(the bot's machine holds them): a key that reached a puppet's device opens the
+room's events for the whole bridge, and the bot need not be in the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, overload
+
+from bridge_kit.crypto.cross_signing import CrossSigning
+from bridge_kit.crypto.machine import CryptoMachine
+
+if TYPE_CHECKING:
+    from bridge_kit.intent import Intent
+    from bridge_kit.store import Store
+
+__all__ = ["DEVICE_NAME", "PuppetDevices", "device_id_for", "stored_device_id"]
+
+log = logging.getLogger(__name__)
+
+DEVICE_NAME: Final = "bridge_kit"
+_BRIDGE_KIND: Final = "bridge"
+_DEVICE_KEY: Final = "device_id"
+
+
+async def stored_device_id(store: Store, user_id: str) -> str | None:
+    """``user_id``'s bridge device id, if one was made."""
+    stored = await store.crypto_get(user_id, _BRIDGE_KIND, _DEVICE_KEY)
+    return None if stored is None else stored.decode("utf-8")
+
+
+async def device_id_for(store: Store, user_id: str) -> str:
+    """``user_id``'s bridge device id: made once, then kept in the store."""
+    stored = await stored_device_id(store, user_id)
+    if stored is not None:
+        return stored
+    device_id = "BK" + secrets.token_hex(5).upper()
+    await store.crypto_put(user_id, _BRIDGE_KIND, _DEVICE_KEY, device_id.encode("utf-8"))
+    return device_id
+
+
+#: Makes the machine of a user's device: (the device's intent, device id) -> started machine.
+MachineFactory = Callable[["Intent", str], Awaitable[CryptoMachine]]
+_Find = Callable[["Store", str], Awaitable[str | None]]
+_Make = Callable[["Store", str], Awaitable[str]]
+#: The cross-signing identity of a user, acting as one of its devices.
+IdentityFactory = Callable[["Intent", str], CrossSigning]
+
+
+class PuppetDevices:
+    """The puppets' devices and machines, made on first need, one at a time per puppet."""
+
+    def __init__(
+        self,
+        store: Store,
+        intent_of: Callable[[str], Intent],
+        make_machine: MachineFactory,
+        identity_of: IdentityFactory,
+    ) -> None:
+        self.store = store
+        self.intent_of = intent_of
+        self.make_machine = make_machine
+        self.identity_of = identity_of
+        self._machines: dict[str, CryptoMachine] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def loaded(self) -> list[CryptoMachine]:
+        return list(self._machines.values())
+
+    async def for_sending(self, user_id: str) -> CryptoMachine:
+        """The puppet's machine, its device made, keyed and cross-signed if it was not."""
+        return await self._machine(user_id, device_id_for)
+
+    async def for_device(self, user_id: str, device_id: str) -> CryptoMachine | None:
+        """The machine of one of our puppets' devices (to-device messages and key
+        counts addressed to it), or None if it is not one the bridge made."""
+        machine = await self._machine(user_id, stored_device_id)
+        return machine if machine is not None and machine.device_id == device_id else None
+
+    @overload
+    async def _machine(self, user_id: str, find: _Make) -> CryptoMachine: ...
+    @overload
+    async def _machine(self, user_id: str, find: _Find) -> CryptoMachine | None: ...
+    async def _machine(self, user_id: str, find: _Find) -> CryptoMachine | None:
+        """The puppet's machine; ``find`` gives its device id (or makes one)."""
+        if user_id in self._machines:
+            return self._machines[user_id]
+        async with self._locks[user_id]:
+            if user_id in self._machines:
+                return self._machines[user_id]
+            device_id = await find(self.store, user_id)
+            if device_id is None:
+                return None
+            intent = self.intent_of(user_id)
+            # Idempotent on the homeserver: after a crash between the store and the PUT,
+            # or on a second daemon, the same device.
+            await intent.create_device(device_id, DEVICE_NAME)
+            machine = await self.make_machine(intent.with_device(device_id), device_id)
+            await self.identity_of(intent.with_device(device_id), user_id).ensure(
+                machine.account.device_keys()
+            )
+            log.info("encryption: %s speaks from its own device %s", user_id, device_id)
+            self._machines[user_id] = machine
+            return machine
