@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverConfig
 from bridge_kit.config import EncryptionConfig
-from bridge_kit.crypto.signing import unpadded_b64encode
+from bridge_kit.crypto.impersonation import IMPERSONATOR
+from bridge_kit.crypto.signing import unpadded_b64encode, verify_json
 from bridge_kit.intent import devices
 from bridge_kit.types import ToDeviceEvent
 from tests.conftest import TestHomeserver
@@ -239,3 +240,26 @@ async def test_a_puppet_keeps_its_device_and_identity_across_a_restart(
             assert (await seen.wait("still there?")).encrypted
     assert after["master_keys"] == before["master_keys"]
     assert after["device_keys"] == before["device_keys"]
+
+
+async def test_msc4350_puppets_name_the_bots_device_as_impersonator(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    """Behind encryption.msc4350 (an open proposal): the puppet's keyless device names
+    the bot's, signed by it. No client implements it yet: js-sdk's shield is unchanged."""
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True, msc4350=True)
+    async with js_human(hs.url, f"jshuman{unique}") as human, app:
+        room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        await puppet.send_text(room_id, "from the puppet")
+        from_puppet = await human.until_message(room_id, "from the puppet")
+        assert shield(from_puppet) == ("RED", "MISMATCHED_SENDER")
+        answer = await devices.keys_query_json(app.bot, [puppet.user_id], None)
+        bot = app.encryption.machine.account
+    listed = answer["device_keys"][puppet.user_id][bot.device_id]
+    assert listed["keys"] == {} and listed["algorithms"] == []
+    impersonator = listed[IMPERSONATOR]
+    assert impersonator["user_id"] == app.bot.user_id
+    assert impersonator["keys"][f"ed25519:{bot.device_id}"] == bot.ed25519
+    assert verify_json(listed, app.bot.user_id, bot.device_id, bot.ed25519)

@@ -40,6 +40,7 @@ import attrs
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto.account import SIGNED_CURVE25519
 from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys
+from bridge_kit.crypto.impersonation import Impersonation
 from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
 from bridge_kit.crypto.puppet_devices import DEVICE_NAME, PuppetDevices, device_id_for
@@ -180,6 +181,7 @@ class BridgeEncryption:
         # their events come back in transactions and must decrypt like the puppets'.
         self._other_senders: set[str] = set()
         self._withheld: OrderedDict[_Waiting, str] = OrderedDict()
+        self._impersonation: Impersonation | None = None
         self.puppets = PuppetDevices(
             app.store, self._intent_of, self._make_machine, self._identity_of
         )
@@ -218,6 +220,8 @@ class BridgeEncryption:
         )
         if self.settings.self_sign:
             await self._self_sign(self._machine, _IntentKeys(device))
+        if self.settings.msc4350 and not self.settings.puppet_devices:
+            self._impersonation = Impersonation(self.app.store, self._machine.account)
         inbox, handlers = self.app.inbox, self.app.handlers
         inbox.add_preprocessor(ItemKind.TO_DEVICE, self.decrypt_to_device)
         inbox.add_preprocessor(ItemKind.EVENT, self.decrypt_event)
@@ -260,21 +264,22 @@ class BridgeEncryption:
         return machine
 
     def _bridge_users(self) -> Callable[[str], bool] | None:
-        """With puppet devices, the users whose devices are all the bridge's: no room
-        key is shared with them (every device of the bridge reads the same keys)."""
-        return self._is_bridge_user if self.settings.puppet_devices else None
+        """With puppet devices (or MSC4350's keyless ones), the users whose devices are
+        all the bridge's: no room key is shared with them (every device of the bridge
+        reads the same keys)."""
+        settings = self.settings
+        return self._is_bridge_user if settings.puppet_devices or settings.msc4350 else None
 
     def _is_bridge_user(self, user_id: str) -> bool:
         if user_id == self.app.bot.user_id:
             return True
         return self.app.registration.is_user_in_namespace(user_id, exclusive_only=True)
 
+    def _is_puppet(self, user_id: str) -> bool:
+        return user_id != self.app.bot.user_id and self._is_bridge_user(user_id)
+
     def _speaks_from_own_device(self, user_id: str) -> bool:
-        return (
-            self.settings.puppet_devices
-            and user_id != self.app.bot.user_id
-            and self._is_bridge_user(user_id)
-        )
+        return self.settings.puppet_devices and self._is_puppet(user_id)
 
     async def _machine_for(self, user_id: str, device_id: str) -> CryptoMachine | None:
         """The machine of one of the bridge's devices, or None if it is not one."""
@@ -464,6 +469,8 @@ class BridgeEncryption:
         machine = self.machine
         if self._speaks_from_own_device(intent.user_id):
             machine = await self.puppets.for_sending(intent.user_id)
+        elif self._impersonation is not None and self._is_puppet(intent.user_id):
+            await self._impersonation.ensure(intent.with_device(None))
         encrypted = await machine.encrypt_room_event(
             room_id, event_type, content, list(members), rotation
         )
