@@ -445,10 +445,12 @@ async def test_room_keys_and_room_events_that_are_garbage_are_refused_with_a_rea
         ({**base, "algorithm": "m.other"}, "algorithm"),
         ({**base, "ciphertext": 5}, "ciphertext"),
         ({**base, "ciphertext": "AAAA"}, "cannot decrypt"),
-        ({**base, "sender_key": "someone else"}, "sender_key"),
+        ({**base, "sender_key": 5}, "sender_key"),
     ]:
         with pytest.raises(UndecryptableEvent, match=reason):
             await inbound.decrypt(ROOM, "$x", ALICE, content)
+    with pytest.raises(NoRoomKey):  # the session as another device shares it: not here yet
+        await inbound.decrypt(ROOM, "$x", ALICE, {**base, "sender_key": "someone else"})
     wrong_room = json.dumps({"type": "m.room.message", "content": {}, "room_id": "!elsewhere:x"})
     with pytest.raises(UndecryptableEvent, match="another room"):
         await inbound.decrypt(ROOM, "$y", ALICE, {**base, "ciphertext": group.encrypt(wrong_room)})

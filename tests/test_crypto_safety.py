@@ -7,20 +7,25 @@ from __future__ import annotations
 import asyncio
 import json
 
+import olm
 import pytest
+import vodozemac
 
 from bridge_kit.crypto import (
     CryptoMachine,
     CryptoVault,
     DeviceTracker,
+    InboundGroupSessions,
     OlmAccount,
+    OlmPayload,
     OlmSessions,
     derive_pickle_key,
 )
 from bridge_kit.crypto.olm import MAX_SESSIONS_PER_KEY
-from bridge_kit.errors import StoreError, UndecryptableEvent
+from bridge_kit.crypto.records import InboundSessionRecord
+from bridge_kit.errors import NoRoomKey, StoreError, UndecryptableEvent
 from bridge_kit.store import PostgresStore, Store, open_store
-from tests.helpers.crypto_peers import KeyDirectory, OlmPeer
+from tests.helpers.crypto_peers import KeyDirectory, OlmPeer, megolm_content
 
 BOT = "@bot:test.local"
 ALICE = "@alice:test.local"
@@ -165,3 +170,89 @@ async def test_sessions_per_device_are_capped_to_the_newest_and_pruned_on_load()
         kept = await store.crypto_items(OWNER, "olm_sessions")
         assert len(kept) == MAX_SESSIONS_PER_KEY == reloaded.count(curve)
         assert set(kept) == set(flooded)  # the oldest went, the newest stayed
+
+
+# -- room keys by (room, sender key, session id) -------------------------------------------
+
+
+async def _room_key(
+    account: OlmAccount, sessions: OlmSessions, peer: OlmPeer, group: olm.OutboundGroupSession
+) -> OlmPayload:
+    """``group``'s key sent by ``peer``'s device over a new Olm session, decrypted."""
+    upload = await account.keys_to_upload(0)
+    await account.mark_published()
+    one_time = next(iter(upload.one_time_keys.values()))
+    peer.start_session(account.curve25519, one_time["key"])
+    room_key = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": ROOM,
+        "session_id": group.id,
+        "session_key": group.session_key,
+    }
+    content = peer.encrypt_to(BOT, account.curve25519, account.ed25519, "m.room_key", room_key)
+    return await sessions.decrypt(peer.user_id, content)
+
+
+async def test_a_copy_of_a_room_key_from_another_device_does_not_block_the_real_one() -> None:
+    store = open_store("memory://")
+    async with store:
+        account, sessions = await _loaded(store)
+        inbound = InboundGroupSessions(sessions.vault)
+        alice, mallory = OlmPeer(ALICE, "ALICEDEV"), OlmPeer("@mallory:test.local", "MALDEV")
+        group = olm.OutboundGroupSession()  # Alice's; Mallory, in the room, got its key
+        assert await inbound.add_room_key(await _room_key(account, sessions, mallory, group))
+        assert await inbound.add_room_key(await _room_key(account, sessions, alice, group))
+        event = megolm_content(group, alice, ROOM, "m.room.message", {"body": "hi"})
+        decrypted = await inbound.decrypt(ROOM, "$one", ALICE, event)
+        assert (decrypted.content, decrypted.sender_key) == ({"body": "hi"}, alice.curve25519)
+        # Without a sender_key (the spec deprecates it), the sender's own copy opens it.
+        later = megolm_content(group, alice, ROOM, "m.room.message", {"body": "two"})
+        del later["sender_key"]
+        decrypted = await inbound.decrypt(ROOM, "$two", ALICE, later)
+        assert decrypted.sender_key == alice.curve25519
+        # Mallory's copy does not make Alice's events hers.
+        forged = megolm_content(group, alice, ROOM, "m.room.message", {"body": "three"})
+        forged["sender_key"] = mallory.curve25519
+        with pytest.raises(UndecryptableEvent, match="another user"):
+            await inbound.decrypt(ROOM, "$three", ALICE, forged)
+        stored = await store.crypto_items(OWNER, "megolm_inbound")
+        assert set(stored) == {
+            f"{ROOM}|{alice.curve25519}|{group.id}",
+            f"{ROOM}|{mallory.curve25519}|{group.id}",
+        }
+
+
+async def test_room_keys_stored_by_room_and_session_move_to_their_sender_key() -> None:
+    store = open_store("memory://")
+    async with store:
+        _, sessions = await _loaded(store)
+        vault = sessions.vault
+        alice = OlmPeer(ALICE, "ALICEDEV")
+        groups = [olm.OutboundGroupSession() for _ in range(3)]
+        for group in groups:  # as an earlier release kept them
+            session = vodozemac.InboundGroupSession(vodozemac.SessionKey(group.session_key))
+            record = InboundSessionRecord(
+                vault.seal(session).decode("ascii"), ALICE, alice.curve25519, alice.ed25519
+            )
+            await vault.put_record("megolm_inbound", f"{ROOM}|{group.id}", record)
+        inbound = InboundGroupSessions(vault)
+        named = megolm_content(groups[0], alice, ROOM, "m.room.message", {"n": 0})
+        unnamed = megolm_content(groups[1], alice, ROOM, "m.room.message", {"n": 1})
+        del unnamed["sender_key"]
+        assert (await inbound.decrypt(ROOM, "$0", ALICE, named)).content == {"n": 0}
+        assert (await inbound.decrypt(ROOM, "$1", ALICE, unnamed)).content == {"n": 1}
+        # A copy from another device of a session still under its old key leaves it be.
+        other = megolm_content(groups[2], alice, ROOM, "m.room.message", {"n": 2})
+        other["sender_key"] = "another device"
+        with pytest.raises(NoRoomKey):
+            await inbound.decrypt(ROOM, "$2", ALICE, other)
+        stored = set(await store.crypto_items(OWNER, "megolm_inbound"))
+        assert stored == {
+            f"{ROOM}|{alice.curve25519}|{groups[0].id}",
+            f"{ROOM}|{alice.curve25519}|{groups[1].id}",
+            f"{ROOM}|{groups[2].id}",
+        }
+        # A fresh reader (a restart) finds the moved ones under their new keys.
+        again = InboundGroupSessions(vault)
+        assert (await again.decrypt(ROOM, "$0", ALICE, named)).content == {"n": 0}
+        assert (await again.decrypt(ROOM, "$1", ALICE, unnamed)).content == {"n": 1}
