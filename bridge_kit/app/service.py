@@ -280,6 +280,8 @@ class AppService:
                 user_id,
                 self.store,
                 retry=self.client.retry,
+                # The stored token is sealed like the crypto state.
+                sealing_secret=self.config.encryption.pickle_key or self.registration.as_token,
             )
             client.observers.append(self.metrics)
             intent = Intent(client, user_id, None, self.room_state)
