@@ -13,9 +13,6 @@ import hmac
 import secrets
 from typing import Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 __all__ = ["NONCE_SIZE", "SealBroken", "Sealer", "hkdf_sha256"]
 
 #: The AES-GCM nonce that opens a sealed value, in bytes.
@@ -44,7 +41,13 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise ValueError("a sealing key must be 32 bytes")
+        # Imported on first use: bridge_kit imports (and says what is missing, see
+        # bridge_kit.checks) without it.
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(key)
+        self._invalid: type[Exception] = InvalidTag
 
     def __repr__(self) -> str:  # never show the key
         return "Sealer()"
@@ -58,5 +61,5 @@ class Sealer:
         """What :meth:`seal` sealed with this key and ``bound_to``; else :class:`SealBroken`."""
         try:
             return self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], bound_to)
-        except InvalidTag:
+        except self._invalid:
             raise SealBroken("the sealed value does not open with this key") from None

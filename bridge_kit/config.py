@@ -296,6 +296,9 @@ class Config:
     encryption: EncryptionConfig = attrs.field(factory=EncryptionConfig)
     source: Path | None = None
     """The file this was loaded from, if any."""
+    secrets_in_file: tuple[str, ...] = attrs.field(default=(), eq=False)
+    """The secret keys the file itself sets (``encryption.pickle_key``), not the
+    environment: its mode is checked when it holds one."""
 
     @property
     def registration_path(self) -> Path:
@@ -357,10 +360,15 @@ class Config:
             logging=LoggingConfig(**sections["logging"]),
             encryption=EncryptionConfig(**sections["encryption"]),
             source=None if source is None else Path(source),
+            secrets_in_file=loader.secrets_in_file(sections),
         )
 
 
 # -- loading --------------------------------------------------------------------
+
+
+#: The keys whose value is a secret, as (section, key).
+_SECRET_KEYS: Final = (("encryption", "pickle_key"),)
 
 
 class _Loader:
@@ -391,6 +399,15 @@ class _Loader:
         for path, value in wanted:
             if isinstance(value, str) and value and not Path(value).is_file():
                 self._problem(path, f"{path} names a file that does not exist: {value}")
+
+    def secrets_in_file(self, sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+        """The secret keys set (not null) by the text, and not by the environment."""
+        found = []
+        for section, key in _SECRET_KEYS:
+            path = f"{section}.{key}"
+            if sections[section].get(key) is not None and path not in self.origins:
+                found.append(path)
+        return tuple(found)
 
     def raise_problems(self) -> None:
         if self.problems:
