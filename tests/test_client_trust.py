@@ -263,3 +263,47 @@ async def test_msc4350_puppets_name_the_bots_device_as_impersonator(
     assert impersonator["user_id"] == app.bot.user_id
     assert impersonator["keys"][f"ed25519:{bot.device_id}"] == bot.ed25519
     assert verify_json(listed, app.bot.user_id, bot.device_id, bot.ed25519)
+
+
+async def until_dead_letter(app: AppService, fragment: str) -> str:
+    """The error of the first dead letter that mentions ``fragment``."""
+    found: list[str] = []
+
+    async def buried() -> bool:
+        found[:] = [x.error for x in await app.dead_letters.list() if fragment in x.error]
+        return bool(found)
+
+    await eventually_async(buried, f"a dead letter mentions {fragment!r}")
+    return found[0]
+
+
+@pytest.mark.parametrize("self_sign", [False, True], ids=["neither", "self_sign"])
+async def test_strict_mode_without_puppet_devices(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str, self_sign: bool
+) -> None:
+    """What strict mode does to the bridge without its options: her key is withheld
+    from an unsigned bot device, and nothing from an unsigned or other user's device
+    decrypts for her."""
+    hs = synapse_devices
+    token = await hs.create_user(f"jshuman{unique}")
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=self_sign)
+    seen = Seen(app)
+    async with js_human(hs.url, f"jshuman{unique}", strict=True) as human, app:
+        room_id, puppet = await bridged_room(hs, app, human, token, f"_bk_js{unique}")
+        await human.send(room_id, "hello bridge")
+        if self_sign:
+            assert (await seen.wait("hello bridge")).encrypted
+        else:
+            error = await until_dead_letter(app, "withheld")
+            assert error.startswith("the room key was withheld (m.unverified)")
+        await puppet.send_text(room_id, "from the puppet")
+        await app.bot.send_text(room_id, "from the bot")
+        failures = await human.until_failed(room_id, 1 if self_sign else 2)
+        if self_sign:
+            assert shield(await human.until_message(room_id, "from the bot")) == ("NONE", None)
+    # UNKNOWN_ERROR: the SDK's code for "trust requirement not satisfied: the sender of
+    # the event does not match the owner of the device that created the Megolm session".
+    expected = {puppet.user_id: "UNKNOWN_ERROR"}
+    if not self_sign:
+        expected[app.bot.user_id] = "UNSIGNED_SENDER_DEVICE"
+    assert failures == expected

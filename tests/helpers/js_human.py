@@ -138,6 +138,21 @@ class JsHuman:
                 raise AssertionError(f"{body!r} never decrypted; encrypted events: {failed}")
             await asyncio.sleep(0.2)
 
+    async def until_failed(
+        self, room_id: str, count: int, timeout: float = TIMEOUT
+    ) -> dict[str, str]:
+        """The decryption failure reason (the SDK's ``DecryptionFailureCode``) of the
+        room's events by sender, once there are ``count`` failed events."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = await self.events(room_id)
+            failed = [e for e in events if e["decryption_failure"]]
+            if len(failed) >= count:
+                return {e["sender"]: e["decryption_failure"] for e in failed}
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{count} failures expected; events: {events}")
+            await asyncio.sleep(0.2)
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.call("stop", timeout=5)
