@@ -13,14 +13,12 @@ import hmac
 import secrets
 from typing import Final
 
-__all__ = ["NONCE_SIZE", "SealBroken", "Sealer", "hkdf_sha256"]
+from bridge_kit.errors import WrongPickleKey
+
+__all__ = ["NONCE_SIZE", "Sealer", "hkdf_sha256"]
 
 #: The AES-GCM nonce that opens a sealed value, in bytes.
 NONCE_SIZE: Final = 12
-
-
-class SealBroken(ValueError):
-    """A sealed value does not open: another key sealed it, or it was changed or moved."""
 
 
 def hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
@@ -58,8 +56,10 @@ class Sealer:
         return nonce + self._aead.encrypt(nonce, data, bound_to)
 
     def open(self, sealed: bytes, bound_to: bytes) -> bytes:
-        """What :meth:`seal` sealed with this key and ``bound_to``; else :class:`SealBroken`."""
+        """What :meth:`seal` sealed with this key and ``bound_to``; else
+        :class:`~bridge_kit.errors.WrongPickleKey` (another key sealed it, or it was
+        changed or moved)."""
         try:
             return self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], bound_to)
         except self._invalid:
-            raise SealBroken("the sealed value does not open with this key") from None
+            raise WrongPickleKey("the sealed value does not open with this key") from None

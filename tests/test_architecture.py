@@ -27,7 +27,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "_deprecated": frozenset(),
     "_extras": frozenset(),
     "_version": frozenset(),
-    "_sealing": frozenset(),
+    "_sealing": frozenset({"errors"}),
     "defaults": frozenset(),
     "_json": frozenset({"errors"}),
     "_yaml": frozenset({"errors"}),

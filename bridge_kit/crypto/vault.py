@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 import cattrs
 
 from bridge_kit._json import decode_json
-from bridge_kit._sealing import SealBroken, Sealer
+from bridge_kit._sealing import Sealer
 from bridge_kit._sealing import hkdf_sha256 as _hkdf_sha256
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.errors import StoreError, WrongPickleKey
@@ -109,7 +109,7 @@ class CryptoVault:
             return None
         try:
             return self._sealing.open(stored, self._bound_to(kind, key))
-        except SealBroken:
+        except WrongPickleKey:
             raise WrongPickleKey(
                 f"a sealed {kind} record of {self.owner} does not open with this pickle key; "
                 "was encryption.pickle_key or the as_token changed?"

@@ -28,7 +28,7 @@ from typing import Final
 
 import attrs
 
-from bridge_kit._sealing import SealBroken, Sealer, hkdf_sha256
+from bridge_kit._sealing import Sealer, hkdf_sha256
 from bridge_kit.client import Raw
 from bridge_kit.client.homeserver import (
     HomeserverClient,
@@ -37,7 +37,7 @@ from bridge_kit.client.homeserver import (
     _Reply,
     structure_reply,
 )
-from bridge_kit.errors import DoublePuppetError, MatrixRequestError, UnknownToken
+from bridge_kit.errors import DoublePuppetError, MatrixRequestError, UnknownToken, WrongPickleKey
 from bridge_kit.store import Store
 
 __all__ = ["LOGIN_ENDPOINT", "SEALED_PREFIX", "TOKEN_FIELD", "DoublePuppetClient", "token_sealer"]
@@ -172,7 +172,7 @@ class DoublePuppetClient(HomeserverClient):
         try:
             sealed = base64.b64decode(stored.removeprefix(SEALED_PREFIX), validate=True)
             return self._sealer.open(sealed, self._bound_to()).decode("utf-8")
-        except (binascii.Error, SealBroken, UnicodeDecodeError):
+        except (binascii.Error, WrongPickleKey, UnicodeDecodeError):
             _log.warning(
                 "the stored access token of %s does not open with this secret "
                 "(encryption.pickle_key or the as_token changed?): logging in again",
