@@ -22,7 +22,7 @@ from bridge_kit.types import ToDeviceEvent
 from tests.conftest import TestHomeserver
 from tests.helpers.cli import run_cli_subprocess
 from tests.helpers.js_human import JsHuman, js_human
-from tests.test_cross_signing import decode_recovery_key
+from tests.test_cross_signing import decode_recovery_key, only_key
 from tests.test_e2ee_synapse import (
     PICKLE_KEY,
     PING,
@@ -307,3 +307,29 @@ async def test_strict_mode_without_puppet_devices(
     if not self_sign:
         expected[app.bot.user_id] = "UNSIGNED_SENDER_DEVICE"
     assert failures == expected
+
+
+async def test_puppet_devices_made_in_bulk_once_each(
+    synapse_devices: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    hs = synapse_devices
+    app = trust_app(hs, tmp_path / "bk.db", self_sign=True, puppet_devices=True)
+    async with app:
+        intents = [app.intent(f"_bk_bulk{unique}_{n}") for n in range(6)]
+        for intent in intents:
+            await intent.ensure_registered()
+        users = [intent.user_id for intent in intents]
+        await app.encryption.puppets.prepare(users + users, concurrency=3)
+        await app.encryption.puppets.prepare(users)  # made already: nothing new
+        answer = await devices.keys_query_json(app.bot, users, None)
+        for intent in intents:
+            (device,) = await intent.list_devices()
+            listed = answer["device_keys"][intent.user_id][device.device_id]
+            (master,) = answer["master_keys"][intent.user_id]["keys"].values()
+            self_signing = only_key(answer["self_signing_keys"][intent.user_id])
+            assert verify_json(
+                answer["self_signing_keys"][intent.user_id], intent.user_id, master, master
+            )
+            assert verify_json(listed, intent.user_id, self_signing, self_signing)
+        with pytest.raises(ValueError, match="concurrency"):
+            await app.encryption.puppets.prepare(users, concurrency=0)

@@ -15,7 +15,7 @@ from bridge_kit.crypto import OlmAccount
 from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys, recovery_key
 from bridge_kit.crypto.signing import verify_json
 from bridge_kit.crypto.vault import CryptoVault, derive_pickle_key
-from bridge_kit.errors import CrossSigningFailed
+from bridge_kit.errors import CrossSigningFailed, MatrixRequestError
 from bridge_kit.store import Store, open_store
 
 BOT = "@bot:test.local"
@@ -143,3 +143,15 @@ def test_the_recovery_key_holds_the_master_seed() -> None:
     groups = text.split(" ")
     assert all(len(group) == 4 for group in groups[:-1]) and 0 < len(groups[-1]) <= 4
     assert decode_recovery_key(text) == keys.seeds()[:32]
+
+
+async def test_a_homeserver_asking_for_interactive_auth_is_one_clear_error() -> None:
+    class Uia(FakeHomeserver):
+        async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
+            flows = {"flows": [{"stages": ["m.login.password"]}]}
+            raise MatrixRequestError(401, None, "", flows)
+
+    store = await memory_store()
+    identity = CrossSigning(CryptoVault(store, BOT, KEY), BOT, Uia())
+    with pytest.raises(CrossSigningFailed, match=r"refused the cross-signing keys of .* \(401"):
+        await identity.ensure(await device_keys(store))

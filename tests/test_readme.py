@@ -17,6 +17,7 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -44,7 +45,8 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 MARKER = re.compile(r"<!-- test: ([\w-]+) -->")
 CHECKED = {
-    "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip"
+    "puppet-greets", "greets-with-calls", "bulk-register", "config", "config-reference", "skip",
+    "bridge-tools",
 }  # fmt: skip
 
 
@@ -109,6 +111,16 @@ def test_the_configuration_page_shows_every_key_and_it_loads(tmp_path: Path) -> 
             continue
         keys = {field.name for field in attrs.fields(type(getattr(config, section.name)))}
         assert set(shown[section.name]) == keys, section.name
+
+
+def test_the_bridge_tools_page_runs_as_written(tmp_path: Path) -> None:
+    # Self-contained (no homeserver): commands and formatting with their asserts.
+    (tmp_path / "tools.py").write_text(block("bridge-tools"))
+    result = subprocess.run(
+        [sys.executable, "tools.py"], cwd=tmp_path, env=child_env(), capture_output=True,
+        text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_fragments_not_run_are_valid_python() -> None:

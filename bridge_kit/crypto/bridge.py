@@ -39,7 +39,7 @@ import attrs
 
 from bridge_kit.config import EncryptionConfig
 from bridge_kit.crypto.account import SIGNED_CURVE25519
-from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys
+from bridge_kit.crypto.cross_signing import CrossSigning, CrossSigningKeys, stored_identity
 from bridge_kit.crypto.impersonation import Impersonation
 from bridge_kit.crypto.machine import ENCRYPTED, ROOM_KEY, CryptoMachine
 from bridge_kit.crypto.megolm import RotationSettings
@@ -132,20 +132,7 @@ async def bot_identity_keys(
 ) -> CrossSigningKeys | None:
     """The bot's cross-signing keys as stored (for the recovery-key export)."""
     vault = CryptoVault(store, bot_user_id, pickle_key_of(settings, registration))
-    return await CrossSigning(vault, bot_user_id, _NoApi()).stored()
-
-
-class _NoApi:
-    """For an identity only read from the store: it makes no homeserver calls."""
-
-    async def query_keys(self, user_ids: Collection[str]) -> Mapping[str, Any]:
-        raise RuntimeError("offline")
-
-    async def upload_signing_keys(self, body: Mapping[str, Any]) -> None:
-        raise RuntimeError("offline")
-
-    async def upload_signatures(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        raise RuntimeError("offline")
+    return await stored_identity(vault)
 
 
 class EncryptionHost(Protocol):
@@ -303,8 +290,9 @@ class BridgeEncryption:
     # -- the inbox seams ---------------------------------------------------------
 
     async def decrypt_to_device(self, event: ToDeviceEvent, record: InboxItem) -> ToDeviceEvent:
-        """An Olm ``m.room.encrypted`` to the bot's device becomes the event inside it
-        (a room key is taken in on the way); anything else passes unchanged."""
+        """An Olm ``m.room.encrypted`` to one of the bridge's devices (the bot's, a
+        puppet's) becomes the event inside it (a room key is taken in on the way, for
+        the whole bridge); anything else passes unchanged."""
         if event.type != ENCRYPTED:
             return event
         machine = await self._machine_for(event.to_user_id, event.to_device_id)

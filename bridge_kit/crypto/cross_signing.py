@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bridge_kit.crypto.signing import signable, unpadded_b64encode
 from bridge_kit.crypto.vault import CryptoVault
-from bridge_kit.errors import CrossSigningFailed, CryptoError
+from bridge_kit.errors import CrossSigningFailed, CryptoError, MatrixRequestError
 
-__all__ = ["CrossSigning", "CrossSigningKeys", "SigningApi", "recovery_key"]
+__all__ = ["CrossSigning", "CrossSigningKeys", "SigningApi", "recovery_key", "stored_identity"]
 
 _log = logging.getLogger(__name__)
 
@@ -140,7 +140,14 @@ class CrossSigning:
         published = await self.vault.get_record(_KIND, _PUBLISHED, _Published)
         if published == _Published(keys.master_public, device_id):
             return keys
-        await self.api.upload_signing_keys(keys.upload_body(self.user_id))
+        try:
+            await self.api.upload_signing_keys(keys.upload_body(self.user_id))
+        except MatrixRequestError as exc:
+            raise CrossSigningFailed(
+                f"the homeserver refused the cross-signing keys of {self.user_id} "
+                f"({exc.status} {exc.errcode or 'no errcode'}: {exc.message}); an appservice "
+                "may upload them without interactive auth since spec v1.17 (Synapse does)"
+            ) from exc
         reply = await self.api.upload_signatures(
             {self.user_id: {device_id: keys.sign_device(device_keys)}}
         )
@@ -156,8 +163,7 @@ class CrossSigning:
     async def stored(self) -> CrossSigningKeys | None:
         """The identity in the store, if one was made."""
         if self.keys is None:
-            seeds = await self.vault.get_sealed(_KIND, _SEEDS)
-            self.keys = None if seeds is None else CrossSigningKeys.from_seeds(seeds)
+            self.keys = await stored_identity(self.vault)
         return self.keys
 
     async def _load_or_create(self) -> CrossSigningKeys:
@@ -185,6 +191,12 @@ class CrossSigning:
         if isinstance(keys, Mapping):
             return next((str(v) for v in keys.values()), None)
         return None
+
+
+async def stored_identity(vault: CryptoVault) -> CrossSigningKeys | None:
+    """The identity sealed in ``vault`` (the user's own), if one was made."""
+    seeds = await vault.get_sealed(_KIND, _SEEDS)
+    return None if seeds is None else CrossSigningKeys.from_seeds(seeds)
 
 
 def recovery_key(key: Ed25519PrivateKey) -> str:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Final, overload
 
 from bridge_kit.crypto.cross_signing import CrossSigning
@@ -86,6 +86,20 @@ class PuppetDevices:
     async def for_sending(self, user_id: str) -> CryptoMachine:
         """The puppet's machine, its device made, keyed and cross-signed if it was not."""
         return await self._machine(user_id, device_id_for)
+
+    async def prepare(self, user_ids: Iterable[str], concurrency: int = 8) -> None:
+        """Make the devices of many puppets ahead of their first message (a portal
+        with many members), ``concurrency`` at a time; those made already cost nothing."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(user_id: str) -> None:
+            async with gate:
+                await self.for_sending(user_id)
+
+        # The first failure is raised as it is (the others still finish: each is idempotent).
+        await asyncio.gather(*(one(user_id) for user_id in dict.fromkeys(user_ids)))
 
     async def for_device(self, user_id: str, device_id: str) -> CryptoMachine | None:
         """The machine of one of our puppets' devices (to-device messages and key
