@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from pathlib import Path
 
 import olm
 import pytest
@@ -21,6 +23,7 @@ from bridge_kit.crypto import (
     OlmSessions,
     derive_pickle_key,
 )
+from bridge_kit.crypto.machine import RESERVED_INDEXES
 from bridge_kit.crypto.olm import MAX_SESSIONS_PER_KEY
 from bridge_kit.crypto.records import InboundSessionRecord
 from bridge_kit.errors import NoRoomKey, StoreError, UndecryptableEvent
@@ -256,3 +259,38 @@ async def test_room_keys_stored_by_room_and_session_move_to_their_sender_key() -
         again = InboundGroupSessions(vault)
         assert (await again.decrypt(ROOM, "$0", ALICE, named)).content == {"n": 0}
         assert (await again.decrypt(ROOM, "$1", ALICE, unnamed)).content == {"n": 1}
+
+
+# -- SQLite: the outbound session committed once per reservation ---------------------------
+
+
+async def test_a_crash_between_reservations_never_reuses_a_megolm_index(tmp_path: Path) -> None:
+    directory = KeyDirectory()
+    phone = directory.add(OlmPeer(ALICE, "PHONE"))
+    live, crashed = tmp_path / "live.db", tmp_path / "crashed.db"
+    sent = []
+    store = open_store(f"sqlite:///{live}")
+    async with store:
+        machine = CryptoMachine(store, BOT, "SQLDEV", KEY, directory)
+        await machine.start()
+        for n in range(10):
+            sent.append(await machine.encrypt_room_event(ROOM, "m.room.message", {"n": n}, [ALICE]))
+        shares = len(directory.sent)
+        # What the disk holds at this moment is what a crash leaves: the files, copied
+        # while the store is open (the ratchet on disk is not the one in memory).
+        for suffix in ("", "-wal"):
+            source = Path(f"{live}{suffix}")
+            if source.exists():
+                shutil.copyfile(source, f"{crashed}{suffix}")
+    assert shares == 1  # the room key went out once, before the first message
+    async with open_store(f"sqlite:///{crashed}") as store:
+        again = CryptoMachine(store, BOT, "SQLDEV", KEY, directory)
+        await again.start()
+        for n in range(10, 20):
+            sent.append(await again.encrypt_room_event(ROOM, "m.room.message", {"n": n}, [ALICE]))
+    directory.deliver(BOT)
+    indexes = [phone.decrypt_room(content)[1] for content in sent]
+    assert indexes[:10] == list(range(10))
+    assert indexes[10] >= RESERVED_INDEXES and indexes[10:] == sorted(set(indexes[10:]))
+    assert {content["session_id"] for content in sent} == {sent[0]["session_id"]}
+    assert [phone.decrypt_room(c)[0]["content"]["n"] for c in sent] == list(range(20))

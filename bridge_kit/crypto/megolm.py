@@ -22,7 +22,11 @@ from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OlmAccount
 from bridge_kit.crypto.olm import OlmPayload
 from bridge_kit.crypto.payloads import MegolmEncryptedContent, MegolmPlaintext, RoomKeyContent
-from bridge_kit.crypto.records import InboundSessionRecord, OutboundSessionRecord
+from bridge_kit.crypto.records import (
+    InboundSessionRecord,
+    OutboundSessionRecord,
+    ReservedIndexes,
+)
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
@@ -42,6 +46,10 @@ _INBOUND: Final = "megolm_inbound"
 _SHARERS: Final = "megolm_sharers"
 _SEEN: Final = REPLAY_RECORDS  # pruned by age (bridge_kit.store.retention)
 _OUTBOUND: Final = "megolm_outbound"
+_RESERVED: Final = "megolm_reserved"
+#: The longest jump over reserved indexes a loaded session makes; a record asking
+#: for more is not believed: the session rotates instead.
+_MAX_SKIP: Final = 10_000
 _RELATION: Final = "m.relates_to"
 #: Inbound sessions kept in memory (each a few hundred bytes of ratchet state).
 _CACHED_SESSIONS: Final = 10_000
@@ -252,8 +260,8 @@ class InboundGroupSessions:
         """Drop the replay records of a session's first ``count`` message indices: our
         own outbound session's, once it rotated (only our own users may send with it,
         so nobody else could replay its messages; a redelivery records them again)."""
-        for index in range(count):
-            await self.vault.delete(_SEEN, f"{room_id}|{session_id}|{index}")
+        keys = (f"{room_id}|{session_id}|{index}" for index in range(count))
+        await self.vault.delete_many(_SEEN, keys)
 
     @staticmethod
     def _inner_event(
@@ -323,6 +331,8 @@ class OutboundSession:
     created_ms: int
     shared_with: dict[str, dict[str, str]] = attrs.field(factory=dict)
     """user id -> device id -> curve25519 key of each device that got the key."""
+    reserved_until: int = 0
+    """The message indexes below this are reserved in the store (see ``reserve``)."""
 
     def expired(self, settings: RotationSettings, now_ms: int) -> bool:
         return (
@@ -333,12 +343,26 @@ class OutboundSession:
 
 class OutboundGroupSessions:
     """Our outbound session per room: created on demand, rotated by the room's
-    settings or on request (a member left), saved after every message."""
+    settings or on request (a member left).
 
-    def __init__(self, account: OlmAccount, vault: CryptoVault, inbound: InboundGroupSessions):
+    With ``reserve`` 1 the session is saved after every message. With more, the
+    store gets a promise first (:class:`ReservedIndexes`: the next ``reserve``
+    indexes) and the ratchet once per promise, not once per message; a session
+    loaded after a crash jumps past every index promised, so none is used twice
+    (recipients skip the gap, as Megolm allows). Only for a store one process
+    works on: a daemon sharing the store would jump on every turn."""
+
+    def __init__(
+        self,
+        account: OlmAccount,
+        vault: CryptoVault,
+        inbound: InboundGroupSessions,
+        reserve: int = 1,
+    ):
         self.account = account
         self.vault = vault
         self.inbound = inbound
+        self.reserve = reserve
         self._cache: dict[str, OutboundSession] = {}
 
     async def current(
@@ -358,6 +382,7 @@ class OutboundGroupSessions:
         rotated = self._cache.pop(room_id, None) or await self._load(room_id)
         self._cache.pop(room_id, None)
         await self.vault.delete(_OUTBOUND, room_id)
+        await self.vault.delete(_RESERVED, room_id)
         await self._forget_replays(rotated)
 
     async def _forget_replays(self, rotated: OutboundSession | None) -> None:
@@ -373,6 +398,14 @@ class OutboundGroupSessions:
         await self.vault.put_record(_OUTBOUND, session.room_id, record)
         self._cache[session.room_id] = session
 
+    async def _reserve(self, session: OutboundSession) -> None:
+        """Promise the next ``reserve`` indexes, then save the ratchet where it is."""
+        until = session.session.message_index + self.reserve
+        promise = ReservedIndexes(session.session.session_id, until)
+        await self.vault.put_record(_RESERVED, session.room_id, promise)
+        await self.save(session)
+        session.reserved_until = until
+
     async def _load(self, room_id: str) -> OutboundSession | None:
         record = await self.vault.get_record(_OUTBOUND, room_id, OutboundSessionRecord)
         if record is None:
@@ -380,6 +413,12 @@ class OutboundGroupSessions:
         group = self.vault.unseal(
             vodozemac.GroupSession.from_pickle, record.pickle.encode("ascii"), "Megolm session"
         )
+        reserved = await self.vault.get_record(_RESERVED, room_id, ReservedIndexes)
+        if reserved is not None and reserved.session_id == group.session_id:
+            if reserved.until - group.message_index > _MAX_SKIP:
+                return None  # not believable: a new session
+            while group.message_index < reserved.until:
+                group.encrypt(b"")  # indexes a crashed run may have sent: never again
         # Its own copy of shared_with: the session adds to it as it shares the key.
         shared_with = {user: dict(devices) for user, devices in record.shared_with.items()}
         session = OutboundSession(room_id, group, record.created_ms, shared_with)
@@ -412,11 +451,15 @@ class OutboundGroupSessions:
     async def encrypt(
         self, session: OutboundSession, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """The ``m.room.encrypted`` content for one room event; the session is saved
-        (its ratchet moved on) before the content is returned."""
+        """The ``m.room.encrypted`` content for one room event; its index is in the
+        store (the session saved with its ratchet moved on, or within the indexes
+        promised) before the content is returned."""
         plaintext = MegolmPlaintext(event_type, dict(content), session.room_id)
+        if self.reserve > 1 and session.session.message_index >= session.reserved_until:
+            await self._reserve(session)
         message = session.session.encrypt(canonical_json(converter.unstructure(plaintext)))
-        await self.save(session)
+        if self.reserve == 1:
+            await self.save(session)
         encrypted: dict[str, Any] = converter.unstructure(
             MegolmEncryptedContent(
                 algorithm=MEGOLM_ALGORITHM,

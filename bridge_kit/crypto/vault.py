@@ -19,7 +19,7 @@ indices) hold public keys, ids and counters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 import cattrs
@@ -138,6 +138,10 @@ class CryptoVault:
 
     async def delete(self, kind: str, key: str) -> None:
         await self.store.crypto_delete(self.owner, kind, key)
+
+    async def delete_many(self, kind: str, keys: Iterable[str]) -> None:
+        """Delete several records of one ``kind`` in one commit."""
+        await self.store.crypto_delete_many(self.owner, kind, keys)
 
     def _decoded(self, kind: str, key: str, raw: bytes, cls: type[Record]) -> Record:
         try:

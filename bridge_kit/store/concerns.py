@@ -572,6 +572,12 @@ class CryptoStore(abc.ABC):
         """Delete one value (nothing happens if there is none)."""
         await self._crypto_delete(*_crypto_scope(owner, kind), _crypto_key(key))
 
+    async def crypto_delete_many(self, owner: str, kind: str, keys: Iterable[str]) -> None:
+        """Delete several values of one owner and kind (those that exist), in one commit."""
+        scope, checked = _crypto_scope(owner, kind), [_crypto_key(key) for key in keys]
+        if checked:
+            await self._crypto_delete_many(*scope, checked)
+
     #: Whether another process may change the crypto state while this one runs
     #: (PostgreSQL, which several daemons share): what was read before
     #: :meth:`crypto_lock` was taken may be stale.
@@ -607,6 +613,12 @@ class CryptoStore(abc.ABC):
     @abc.abstractmethod
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
         """:meth:`crypto_delete` with checked keys."""
+
+    async def _crypto_delete_many(self, owner: str, kind: str, keys: list[str]) -> None:
+        """:meth:`crypto_delete_many` with checked keys (a non-empty list); by default
+        one :meth:`_crypto_delete` each (a store without commits: memory)."""
+        for key in keys:
+            await self._crypto_delete(owner, kind, key)
 
 
 def _crypto_scope(owner: str, kind: str) -> tuple[str, str]:

@@ -527,6 +527,10 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
         await self._crypto_query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
 
+    async def _crypto_delete_many(self, owner: str, kind: str, keys: list[str]) -> None:
+        # One executemany: atomic in asyncpg, on the locked connection if there is one.
+        await self._crypto_query(lambda q: _devices_sql.crypto_delete_many(q, owner, kind, keys))
+
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         now = time.time()
         held = self._held()
