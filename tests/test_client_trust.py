@@ -82,10 +82,11 @@ def shield(event: dict[str, Any]) -> tuple[str, str | None]:
     return event["shield"]["colour"], event["shield"]["reason"]
 
 
-async def test_default_mode_today(
+async def test_without_the_options_clients_show_red_shields(
     synapse_devices: TestHomeserver, tmp_path: Path, unique: str
 ) -> None:
-    """Without self-signing or puppet devices: what a default-mode client shows."""
+    """Without self_sign or puppet_devices, what a default-mode client shows (the
+    issue's report, kept as the baseline)."""
     hs = synapse_devices
     token = await hs.create_user(f"jshuman{unique}")
     app = trust_app(hs, tmp_path / "bk.db")
