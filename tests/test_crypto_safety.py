@@ -25,6 +25,7 @@ from bridge_kit.crypto import (
 )
 from bridge_kit.crypto.machine import RESERVED_INDEXES
 from bridge_kit.crypto.olm import MAX_SESSIONS_PER_KEY
+from bridge_kit.crypto.puppet_devices import device_id_for, stored_device_id
 from bridge_kit.crypto.records import InboundSessionRecord
 from bridge_kit.errors import NoRoomKey, StoreError, UndecryptableEvent
 from bridge_kit.store import PostgresStore, Store, open_store
@@ -294,3 +295,15 @@ async def test_a_crash_between_reservations_never_reuses_a_megolm_index(tmp_path
     assert indexes[10] >= RESERVED_INDEXES and indexes[10:] == sorted(set(indexes[10:]))
     assert {content["session_id"] for content in sent} == {sent[0]["session_id"]}
     assert [phone.decrypt_room(c)[0]["content"]["n"] for c in sent] == list(range(20))
+
+
+async def test_two_daemons_making_one_puppets_device_at_once_store_one_id(
+    postgres_dsn: str, unique: str
+) -> None:
+    puppet = f"@_bk_puppet{unique}:test.local"
+    async with open_store(postgres_dsn) as first, open_store(postgres_dsn) as second:
+        made = await asyncio.gather(
+            *(device_id_for(store, puppet) for store in (first, second, first, second))
+        )
+        assert len(set(made)) == 1
+        assert await stored_device_id(second, puppet) == made[0]
