@@ -46,7 +46,6 @@ _INBOUND: Final = "megolm_inbound"
 _SHARERS: Final = "megolm_sharers"
 _SEEN: Final = REPLAY_RECORDS  # pruned by age (bridge_kit.store.retention)
 _OUTBOUND: Final = "megolm_outbound"
-_RESERVED: Final = "megolm_reserved"
 #: The longest jump over reserved indexes a loaded session makes; a record asking
 #: for more is not believed: the session rotates instead.
 _MAX_SKIP: Final = 10_000
@@ -76,6 +75,12 @@ class _Inbound:
     sender_ed25519: str
     own: bool = False
     """Our own outbound session: any of our users (puppets) may have sent with it."""
+
+
+def _reserved_key(room_id: str) -> str:
+    """Where a room's promised indexes are kept: beside its outbound session (the same
+    kind, so both go in one commit), joined with ``|`` as every key here."""
+    return f"{room_id}|reserved"
 
 
 def _stored_key(room_id: str, sender_key: str, session_id: str) -> str:
@@ -381,8 +386,7 @@ class OutboundGroupSessions:
         """Rotate: the next message in ``room_id`` starts a new session."""
         rotated = self._cache.pop(room_id, None) or await self._load(room_id)
         self._cache.pop(room_id, None)
-        await self.vault.delete(_OUTBOUND, room_id)
-        await self.vault.delete(_RESERVED, room_id)
+        await self.vault.delete_many(_OUTBOUND, [room_id, _reserved_key(room_id)])
         await self._forget_replays(rotated)
 
     async def _forget_replays(self, rotated: OutboundSession | None) -> None:
@@ -392,18 +396,20 @@ class OutboundGroupSessions:
                 rotated.room_id, group.session_id, group.message_index
             )
 
-    async def save(self, session: OutboundSession) -> None:
+    async def save(self, session: OutboundSession, promise: ReservedIndexes | None = None) -> None:
+        """Store the session where its ratchet is (and ``promise``, in the same commit)."""
         pickle = self.vault.seal(session.session).decode("ascii")
         record = OutboundSessionRecord(pickle, session.created_ms, session.shared_with)
-        await self.vault.put_record(_OUTBOUND, session.room_id, record)
+        records: dict[str, Any] = {session.room_id: record}
+        if promise is not None:
+            records[_reserved_key(session.room_id)] = promise
+        await self.vault.put_records(_OUTBOUND, records)
         self._cache[session.room_id] = session
 
     async def _reserve(self, session: OutboundSession) -> None:
         """Promise the next ``reserve`` indexes, then save the ratchet where it is."""
         until = session.session.message_index + self.reserve
-        promise = ReservedIndexes(session.session.session_id, until)
-        await self.vault.put_record(_RESERVED, session.room_id, promise)
-        await self.save(session)
+        await self.save(session, ReservedIndexes(session.session.session_id, until))
         session.reserved_until = until
 
     async def _load(self, room_id: str) -> OutboundSession | None:
@@ -413,7 +419,7 @@ class OutboundGroupSessions:
         group = self.vault.unseal(
             vodozemac.GroupSession.from_pickle, record.pickle.encode("ascii"), "Megolm session"
         )
-        reserved = await self.vault.get_record(_RESERVED, room_id, ReservedIndexes)
+        reserved = await self.vault.get_record(_OUTBOUND, _reserved_key(room_id), ReservedIndexes)
         if reserved is not None and reserved.session_id == group.session_id:
             if reserved.until - group.message_index > _MAX_SKIP:
                 return None  # not believable: a new session
