@@ -84,11 +84,17 @@ STORE = "memory"
 SCRATCH = Path(tempfile.mkdtemp(prefix="bench_crypto_"))
 
 
+OPENED: list[Store] = []  # closed at the end, before the event loop is
+
+
 def new_store() -> Store:
     """A fresh store for each run: ``memory://`` or a new SQLite file."""
     if STORE == "memory":
-        return open_store("memory://")
-    return open_store(f"sqlite:///{SCRATCH / f'{time.time_ns()}.db'}")
+        store = open_store("memory://")
+    else:
+        store = open_store(f"sqlite:///{SCRATCH / f'{time.time_ns()}.db'}")
+    OPENED.append(store)
+    return store
 
 
 async def machine_for(peers: list[OlmPeer]) -> tuple[CryptoMachine, Directory]:
@@ -238,6 +244,8 @@ async def main() -> None:
     print(
         f"share    {args.devices} devices: bridge_kit {ours * 1000:.1f} ms, raw {raw * 1000:.1f} ms"
     )
+    for store in OPENED:
+        await store.close()
 
 
 if __name__ == "__main__":
