@@ -427,6 +427,10 @@ class Config:
             raise ConfigError(f"config section {cls.section} is a {type(found).__name__}")
         return found
 
+    secrets_in_file: tuple[str, ...] = attrs.field(default=(), eq=False)
+    """The secret keys the file itself sets (``encryption.pickle_key``), not the
+    environment: its mode is checked when it holds one."""
+
     @property
     def registration_path(self) -> Path:
         """The registration file (absolute when loaded from a file)."""
@@ -500,10 +504,15 @@ class Config:
             bridge=BridgeConfig(**parsed["bridge"]),
             source=None if source is None else Path(source),
             extra_sections={name: kind(**parsed[name]) for name, kind in extra.items()},
+            secrets_in_file=loader.secrets_in_file(parsed),
         )
 
 
 # -- loading --------------------------------------------------------------------
+
+
+#: The keys whose value is a secret, as (section, key).
+_SECRET_KEYS: Final = (("encryption", "pickle_key"),)
 
 
 class _Loader:
@@ -537,6 +546,15 @@ class _Loader:
         for path, value in wanted:
             if isinstance(value, str) and value and not Path(value).is_file():
                 self._problem(path, f"{path} names a file that does not exist: {value}")
+
+    def secrets_in_file(self, sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+        """The secret keys set (not null) by the text, and not by the environment."""
+        found = []
+        for section, key in _SECRET_KEYS:
+            path = f"{section}.{key}"
+            if sections[section].get(key) is not None and path not in self.origins:
+                found.append(path)
+        return tuple(found)
 
     def raise_problems(self) -> None:
         if self.problems:

@@ -27,6 +27,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "_deprecated": frozenset(),
     "_extras": frozenset(),
     "_version": frozenset(),
+    "_sealing": frozenset({"errors"}),
     "defaults": frozenset(),
     "_json": frozenset({"errors"}),
     "_yaml": frozenset({"errors"}),
@@ -48,12 +49,13 @@ ALLOWED: dict[str, frozenset[str]] = {
         {"_json", "defaults", "errors", "inbox.records", "logs", "metrics", "store", "types"}
     ),
     "intent": frozenset(
-        {"_deprecated", "client", "errors", "inbox", "inbox.records", "store", "types"}
+        {"_deprecated", "_sealing", "client", "errors", "inbox", "inbox.records", "store"}
+        | {"types"}
     ),
     "puppets": frozenset({"client", "errors", "ids", "intent", "registration", "store", "types"}),
     "crypto": frozenset(
-        {"_deprecated", "_json", "config", "errors", "ids", "inbox", "inbox.records", "intent"}
-        | {"registration", "store", "types"}
+        {"_deprecated", "_json", "_sealing", "config", "errors", "ids", "inbox", "inbox.records"}
+        | {"intent", "registration", "store", "types"}
     ),
     "server": frozenset(
         {"_json", "defaults", "errors", "inbox", "inbox.records", "metrics", "store", "types"}

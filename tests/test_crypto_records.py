@@ -104,13 +104,14 @@ async def test_inbound_sessions_read_and_write_the_old_bytes(own: bool | None) -
     old = _old_inbound(vault.seal(session).decode("ascii"), own=own)
     await store.crypto_put(OWNER, "megolm_inbound", f"{ROOM}|{session.session_id}", old)
     inbound = InboundGroupSessions(vault)
-    found = await inbound.get(ROOM, session.session_id)
+    found = await inbound.get(ROOM, "curveA", session.session_id)  # moves to its new key
     assert found is not None
     assert (found.sender, found.sender_key, found.sender_ed25519) == (ALICE, "curveA", "edA")
     assert found.own is bool(own)
     assert found.session.session_id == group.session_id
     await inbound.add(ROOM, found.session, ALICE, "curveA", "edA", own=bool(own))
-    written = await _stored(store, "megolm_inbound", f"{ROOM}|{session.session_id}")
+    assert await store.crypto_get(OWNER, "megolm_inbound", f"{ROOM}|{session.session_id}") is None
+    written = await _stored(store, "megolm_inbound", f"{ROOM}|curveA|{session.session_id}")
     pickle = json.loads(written)["pickle"]  # sealed again: vodozemac picks a new nonce
     assert written == _old_inbound(pickle, own=bool(own))
 

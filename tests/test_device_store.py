@@ -130,6 +130,20 @@ async def test_a_big_batch_is_one_call_and_reads_back(store: Store) -> None:
     assert await store.crypto_items(ALICE, "megolm_inbound") == batch
 
 
+async def test_delete_many_deletes_those_named_in_one_scope_only(store: Store) -> None:
+    await store.crypto_put_many(ALICE, "k", {f"v{n}": b"x" for n in range(5)})
+    await store.crypto_put(ALICE, "other", "v1", b"y")
+    await store.crypto_put(BOB, "k", "v1", b"z")
+    await store.crypto_delete_many(ALICE, "k", (f"v{n}" for n in (1, 3, 9)))  # 9: none
+    await store.crypto_delete_many(ALICE, "k", [])
+    assert set(await store.crypto_items(ALICE, "k")) == {"v0", "v2", "v4"}
+    assert await store.crypto_get(ALICE, "other", "v1") == b"y"
+    assert await store.crypto_get(BOB, "k", "v1") == b"z"
+    with pytest.raises(ValueError, match="crypto key holds NUL"):
+        await store.crypto_delete_many(ALICE, "k", ["v0", "b\x00d"])
+    assert await store.crypto_get(ALICE, "k", "v0") == b"x"  # refused whole, before any
+
+
 async def test_concurrent_puts_do_not_interfere(store: Store) -> None:
     await asyncio.gather(
         *(store.crypto_put(ALICE, "k", f"v{n}", str(n).encode()) for n in range(100))

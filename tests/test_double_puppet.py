@@ -8,6 +8,7 @@ a client observer and devices with Synapse's admin API.
 
 from __future__ import annotations
 
+import base64
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,9 +19,14 @@ import yaml
 
 from bridge_kit import ClientObserver, HomeserverClient
 from bridge_kit.client import RetryPolicy
-from bridge_kit.errors import DoublePuppetError
-from bridge_kit.intent.double_puppet import LOGIN_ENDPOINT, TOKEN_FIELD, DoublePuppetClient
-from bridge_kit.store import open_store
+from bridge_kit.errors import DoublePuppetError, HomeserverError
+from bridge_kit.intent.double_puppet import (
+    LOGIN_ENDPOINT,
+    SEALED_PREFIX,
+    TOKEN_FIELD,
+    DoublePuppetClient,
+)
+from bridge_kit.store import Store, open_store
 from tests.conftest import SERVER_NAME, TestHomeserver, missing_service
 from tests.test_appservice_e2e import make_app
 from tests.test_intent_api import CLIENT, Human, q
@@ -161,8 +167,7 @@ async def test_a_forgotten_token_is_replaced_by_one_new_login(
         puppet = app.double_puppet(alice.user_id, homeserver.dp_token)
         puppet.client.observers.append(counter)
         await puppet.join_room(room)
-        old = (await app.store.profile(alice.user_id))[TOKEN_FIELD]
-        assert old is not None
+        old = await puppet.client.access_token()  # type: ignore[attr-defined]
         status, body = await Human(homeserver, alice.user_id, old).call(
             "POST", f"{CLIENT}/logout", {}
         )
@@ -170,7 +175,7 @@ async def test_a_forgotten_token_is_replaced_by_one_new_login(
 
         event_id = await puppet.send_text(room, "after the logout")
 
-        new = (await app.store.profile(alice.user_id))[TOKEN_FIELD]
+        new = await puppet.client.access_token()  # type: ignore[attr-defined]
     assert counter.logins == 2
     assert new not in (None, old)
     assert (await bob.event(room, event_id))["sender"] == alice.user_id
@@ -225,3 +230,31 @@ async def test_a_token_stored_by_an_earlier_release_is_used(tmp_path: Path) -> N
             assert client.login_count == 0
         finally:
             await client.close()
+
+
+async def test_the_stored_token_is_sealed_and_opens_only_with_its_secret(tmp_path: Path) -> None:
+    alice = "@alice:test.local"
+
+    def client(store: Store, secret: str) -> DoublePuppetClient:
+        # Nothing listens on the discard port: a login attempt fails.
+        return DoublePuppetClient(
+            "http://127.0.0.1:9", "as_token", alice, store,
+            retry=RetryPolicy(max_attempts=1), sealing_secret=secret,
+        )  # fmt: skip
+
+    async with open_store(f"sqlite:///{tmp_path / 'bk.db'}") as store:
+        await store.set_profile(alice, TOKEN_FIELD, "syt_stored")  # in clear, as before
+        first = client(store, "the configured pickle key")
+        assert await first.access_token() == "syt_stored"
+        stored = (await store.profile(alice))[TOKEN_FIELD]
+        assert stored is not None and stored.startswith(SEALED_PREFIX)
+        assert b"syt_stored" not in base64.b64decode(stored.removeprefix(SEALED_PREFIX))
+        again = client(store, "the configured pickle key")
+        assert await again.access_token() == "syt_stored" and again.login_count == 0
+        # Another secret (pickle_key changed): the token does not open, a login replaces it.
+        other = client(store, "another pickle key!")
+        with pytest.raises(HomeserverError):
+            await other.access_token()
+        assert other.login_count == 1
+        for each in (first, again, other):
+            await each.close()

@@ -367,7 +367,7 @@ async def _dead_letter(app: AppService, words: str) -> Any:
 
 
 async def _has_session(machine: Any, room_id: str, session_id: str) -> bool:
-    return await machine.inbound.get(room_id, session_id) is not None
+    return await machine.inbound.find(room_id, session_id) is not None
 
 
 async def _otk_count(device: Any, target: int) -> bool:

@@ -34,7 +34,7 @@ from bridge_kit.app.ratelimit import TokenBucket
 from bridge_kit.checks.homeserver import homeserver_domain, ping_homeserver
 from bridge_kit.client.homeserver import HomeserverClient, RetryPolicy
 from bridge_kit.config import AppServiceConfig, Config
-from bridge_kit.errors import BridgeKitError, LifecycleError
+from bridge_kit.errors import BridgeKitError, ConfigError, LifecycleError
 from bridge_kit.ids import localpart_problem, split_user_id
 from bridge_kit.inbox.dead_letters import DeadLetters
 from bridge_kit.inbox.handlers import (
@@ -55,6 +55,7 @@ from bridge_kit.metrics import Metrics
 from bridge_kit.puppets import BulkProgress, BulkResult, PuppetRegistrar, localparts_from_lines
 from bridge_kit.puppets.progress import plain_line
 from bridge_kit.registration import Registration
+from bridge_kit.registration.files import secret_config_problem
 from bridge_kit.server.appservice_api import (
     PROCESSOR_KEY,
     QueryHook,
@@ -301,6 +302,8 @@ class AppService:
                 user_id,
                 self.store,
                 retry=self.client.retry,
+                # The stored token is sealed like the crypto state.
+                sealing_secret=self.config.encryption.pickle_key or self.registration.as_token,
             )
             client.observers.append(self.metrics)
             intent = Intent(client, user_id, None, self.room_state)
@@ -314,6 +317,19 @@ class AppService:
             await intent.client.close()
 
     # -- lifecycle -------------------------------------------------------------
+
+    def _check_config_mode(self) -> None:
+        """Refuse a config file every user may read when it holds a secret (the pickle
+        key opens the stored keys and tokens); warn when its group may."""
+        source = self.config.source
+        for key in self.config.secrets_in_file if source is not None else ():
+            problem = secret_config_problem(str(source), key)
+            if problem is None:
+                continue
+            world, message = problem
+            if world:
+                raise ConfigError(message)
+            log.warning("%s", message)
 
     async def __aenter__(self) -> AppService:
         await self.start()
@@ -349,6 +365,7 @@ class AppService:
 
     async def _start_steps(self, steps: contextlib.AsyncExitStack) -> None:
         steps.push_async_callback(self.client.close)
+        self._check_config_mode()
         await self.store.open()
         steps.push_async_callback(self.store.close)
         log.info("store: %s", self._store_label)

@@ -27,6 +27,7 @@ from bridge_kit.checks.homeserver import check_against_homeserver
 from bridge_kit.config import Config
 from bridge_kit.errors import ConfigError, RegistrationError
 from bridge_kit.registration import CheckResult, Registration, check_file
+from bridge_kit.registration.files import secret_config_problem
 from bridge_kit.registration.findings import Finding
 
 __all__ = ["add_parser", "check"]
@@ -85,6 +86,7 @@ def check(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(exc, file=sys.stderr)  # the config is what is being checked: found, not failed
             return ExitCode.FAILED
+    config_failed = config is not None and _print_config_exposure(config)
     path = args.registration or (
         str(config.registration_path) if config else defaults.REGISTRATION_FILE
     )
@@ -97,7 +99,7 @@ def check(args: argparse.Namespace) -> int:
         return ExitCode.FAILED
     _print_findings(path, result.findings)
     print(f"{path}: {_verdict(result)}")
-    failed = not result.ok
+    failed = not result.ok or config_failed
     if result.registration is not None:
         located = _doctor(args, config, path, result.registration)
         failed = _print_located(located) or failed
@@ -111,6 +113,21 @@ def check(args: argparse.Namespace) -> int:
         )
         print("\n".join(lines))
     return ExitCode.OK
+
+
+def _print_config_exposure(config: Config) -> bool:
+    """Say whether the config file is too open for the secrets it holds; True if every
+    user may read it (the daemon refuses to start then)."""
+    if config.source is None:
+        return False
+    refused = False
+    for key in config.secrets_in_file:
+        problem = secret_config_problem(str(config.source), key)
+        if problem is not None:
+            world, message = problem
+            print(f"{config.source}: {'error' if world else 'warning'}: {message}")
+            refused = refused or world
+    return refused
 
 
 def _doctor(

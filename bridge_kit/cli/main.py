@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,8 +173,12 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
         device_management=args.device_management,
         encryption=args.encryption,
     )
+    # A new bridge with encryption gets its pickle key here; a regenerated one keeps
+    # the key its config has (another would leave the stored state unreadable).
+    advice = _pickle_key_advice() if args.encryption and keep_from is None else ""
     if to_stdout:
         sys.stdout.write(registration.dump())
+        sys.stderr.write(advice)  # stdout is the registration file
         return ExitCode.OK
     # --keep-tokens exists to rewrite that very file, so it implies replacing it.
     registration.write(args.output, force=args.force or args.keep_tokens)
@@ -182,4 +187,18 @@ def _cmd_generate_registration(args: argparse.Namespace) -> int:
         f"wrote {args.output}{kept}; add its absolute path to app_service_config_files "
         "in homeserver.yaml and restart the homeserver"
     )
+    sys.stdout.write(advice)
     return ExitCode.OK
+
+
+def _pickle_key_advice() -> str:
+    """A fresh ``encryption.pickle_key``, as the lines to put in the daemon's config."""
+    return (
+        "put these lines in the daemon's config (config.yaml), which then holds a secret: "
+        "keep it mode 0600 (the daemon refuses one every user can read). Set the key "
+        "before the first start and never change it: the stored crypto state and "
+        "double-puppet tokens are sealed with it.\n"
+        "encryption:\n"
+        "  enabled: true\n"
+        f"  pickle_key: {secrets.token_hex(32)}\n"
+    )

@@ -3,6 +3,7 @@ signed one-time keys and the fallback key, and when to upload more."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from typing import Any, Final
 
@@ -86,11 +87,11 @@ class OlmAccount:
 
     # -- identity --------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def curve25519(self) -> str:
-        return self.account.curve25519_key.to_base64()
+        return self.account.curve25519_key.to_base64()  # identity keys never change
 
-    @property
+    @functools.cached_property
     def ed25519(self) -> str:
         return self.account.ed25519_key.to_base64()
 

@@ -391,8 +391,7 @@ class BridgeEncryption:
 
     async def _has_key(self, waiting: _Waiting) -> bool:
         room_id, session_id, sender = waiting
-        inbound = await self.machine.inbound.get(room_id, session_id)
-        return inbound is not None and inbound.sender == sender
+        return await self.machine.inbound.find(room_id, session_id, sender) is not None
 
     async def on_room_key(self, event: ToDeviceEvent) -> None:
         """A room key came (decrypted by :meth:`decrypt_to_device`, which stored it): the

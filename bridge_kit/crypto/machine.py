@@ -8,10 +8,11 @@ It talks to the homeserver through :class:`KeysApi` (the ``/keys`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
-from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, Final, Protocol
 
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
@@ -34,6 +35,12 @@ ROOM_KEY: Final = "m.room_key"
 ENCRYPTED: Final = "m.room.encrypted"
 #: Seconds before a device whose one-time key could not be claimed is tried again.
 CLAIM_RETRY: Final = 300.0
+#: Where a device's holder of the crypto lock leaves its mark (see CryptoMachine._locked).
+_LOCK_KIND: Final = "lock"
+_EPOCH: Final = "epoch"
+#: Megolm indexes promised per commit on a store one process works on (SQLite): a
+#: commit per 64 messages instead of one per message; a crash skips at most 64.
+RESERVED_INDEXES: Final = 64
 
 
 class KeysApi(Protocol):
@@ -101,21 +108,57 @@ class CryptoMachine:
         self._account: OlmAccount | None = None
         self._olm: OlmSessions | None = None
         self._outbound: OutboundGroupSessions | None = None
-        self._olm_lock = asyncio.Lock()  # the account and Olm sessions change on every use
-        self._room_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # The account, the Olm sessions and the room sessions change on every use:
+        # one user of them at a time, in this process and (the store's crypto lock)
+        # in every daemon sharing the store.
+        self._lock = asyncio.Lock()
+        self._epoch: bytes | None = None
         self._claim_failed: dict[tuple[str, str], float] = {}
 
     # -- start-up and keys ---------------------------------------------------
 
     async def start(self) -> None:
         """Load (or create) the account and sessions, then upload what the server lacks."""
-        self._account = await OlmAccount.load_or_create(self.vault, self.user_id, self.device_id)
-        self._olm = OlmSessions(self._account, self.vault, self.tracker)
-        self._outbound = OutboundGroupSessions(self._account, self.vault, self.inbound)
-        await self.tracker.load()
-        await self._olm.load()
+        if self.tracker.vault is self.vault:
+            await self.tracker.load()
+        async with self._locked():
+            await self._load()
         counts = await self.api.upload_keys(None, {}, {})
         await self.top_up(counts.get(SIGNED_CURVE25519, 0))
+
+    async def _load(self) -> None:
+        """(Re)read the device's account and sessions from the store."""
+        self._account = await OlmAccount.load_or_create(self.vault, self.user_id, self.device_id)
+        self._olm = OlmSessions(self._account, self.vault, self.tracker)
+        # A store other daemons share saves every message: the next holder of the
+        # lock goes on from the exact index instead of jumping a reservation.
+        reserve = 1 if self.vault.store.crypto_shared else RESERVED_INDEXES
+        self._outbound = OutboundGroupSessions(
+            self._account, self.vault, self.inbound, reserve=reserve
+        )
+        await self._olm.load()
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """Hold the device's state: this process's lock, then the store's crypto lock.
+
+        On a store other daemons share, each holder leaves a fresh epoch mark as it
+        takes the lock; a mark other than the one this machine left means another
+        daemon used the device since, and what is in memory is read again first."""
+        store = self.vault.store
+        if not store.crypto_shared:  # one process: this process's lock is the whole lock
+            async with self._lock:
+                yield
+            return
+        async with self._lock, store.crypto_lock(self.vault.owner):
+            found = await store.crypto_get(self.vault.owner, _LOCK_KIND, _EPOCH)
+            if found != self._epoch and self._account is not None:
+                _log.info("%s %s: another daemon used the device; reloading its state",
+                          self.user_id, self.device_id)  # fmt: skip
+                await self._load()
+            self._epoch = secrets.token_bytes(16)
+            await store.crypto_put(self.vault.owner, _LOCK_KIND, _EPOCH, self._epoch)
+            yield
 
     @property
     def account(self) -> OlmAccount:
@@ -143,7 +186,7 @@ class CryptoMachine:
     ) -> int:
         """Upload device keys (once), one-time keys up to the target and a fresh
         fallback key if the last was used; return the server's count afterwards."""
-        async with self._olm_lock:
+        async with self._locked():
             upload = await self.account.keys_to_upload(server_count, unused_fallback_types)
             if upload.empty:
                 return server_count
@@ -189,7 +232,7 @@ class CryptoMachine:
         """Decrypt a to-device ``m.room.encrypted``; an ``m.room_key`` in it becomes an
         inbound Megolm session (only when its sender is the device the Olm session
         is with, which is what Olm proves)."""
-        async with self._olm_lock:
+        async with self._locked():
             payload = await self.olm.decrypt(sender, content)
         if payload.type == ROOM_KEY:
             await self.inbound.add_room_key(payload)
@@ -215,8 +258,11 @@ class CryptoMachine:
     ) -> dict[str, Any]:
         """The ``m.room.encrypted`` content for one event, after the room key reached
         every device of ``members`` (the room's joined users) that lacks it."""
-        async with self._room_locks[room_id]:
-            session = await self.prepare_room(room_id, members, settings or RotationSettings())
+        await self.refresh_devices(members)
+        async with self._locked():
+            session = await self._prepare_room(room_id, members, settings or RotationSettings())
+            # Saved with its ratchet moved on before the lock is let go: the next
+            # holder, here or in another daemon, goes on from the next index.
             return await self.outbound.encrypt(session, event_type, content)
 
     async def prepare_room(
@@ -225,17 +271,22 @@ class CryptoMachine:
         """The room's outbound session, rotated if a device that had its key is no
         longer in the room, and shared with every member device that lacks it."""
         await self.refresh_devices(members)
+        async with self._locked():
+            return await self._prepare_room(room_id, members, settings)
+
+    async def _prepare_room(
+        self, room_id: str, members: Collection[str], settings: RotationSettings
+    ) -> OutboundSession:
         devices = self._room_devices(members)
         session = await self.outbound.current(room_id, settings)
         current = {(d.user_id, d.device_id, d.curve25519) for d in devices}
         if _shared_set(session) - current:
             await self.outbound.discard(room_id)
             session = await self.outbound.current(room_id, settings)
-        missing = [
-            d for d in devices if (d.user_id, d.device_id, d.curve25519) not in _shared_set(session)
-        ]
+        shared = _shared_set(session)
+        missing = [d for d in devices if (d.user_id, d.device_id, d.curve25519) not in shared]
         if missing:
-            await self.share_room_key(session, missing)
+            await self._share_room_key(session, missing)
         return session
 
     def _room_devices(self, members: Collection[str]) -> list[TrackedDevice]:
@@ -255,17 +306,20 @@ class CryptoMachine:
     async def share_room_key(self, session: OutboundSession, devices: list[TrackedDevice]) -> None:
         """Send ``m.room_key`` over Olm to ``devices``; the ones it reached are recorded
         in the session (the rest are tried again on the next message)."""
-        async with self._olm_lock:
-            await self._ensure_olm_sessions(devices)
-            room_key = self.outbound.room_key_content(session)
-            messages: dict[str, dict[str, Any]] = {}
-            reached: list[TrackedDevice] = []
-            for device in devices:
-                if not self.olm.has_session(device.curve25519):
-                    continue
-                content = await self.olm.encrypt(device, ROOM_KEY, room_key)
-                messages.setdefault(device.user_id, {})[device.device_id] = content
-                reached.append(device)
+        async with self._locked():
+            await self._share_room_key(session, devices)
+
+    async def _share_room_key(self, session: OutboundSession, devices: list[TrackedDevice]) -> None:
+        await self._ensure_olm_sessions(devices)
+        room_key = self.outbound.room_key_content(session)
+        messages: dict[str, dict[str, Any]] = {}
+        reached: list[TrackedDevice] = []
+        for device in devices:
+            if not self.olm.has_session(device.curve25519):
+                continue
+            content = await self.olm.encrypt(device, ROOM_KEY, room_key)
+            messages.setdefault(device.user_id, {})[device.device_id] = content
+            reached.append(device)
         if messages:
             await self.api.send_to_device(ENCRYPTED, messages)
         for device in reached:
@@ -303,7 +357,7 @@ class CryptoMachine:
 
     async def forget_room_session(self, room_id: str) -> None:
         """Rotate the room's session now (a member left, or the settings changed)."""
-        async with self._room_locks[room_id]:
+        async with self._locked():
             await self.outbound.discard(room_id)
 
 

@@ -1,5 +1,12 @@
 """Megolm room keys: inbound sessions from ``m.room_key`` to decrypt room events,
-and the outbound session of each room, with the room's rotation settings."""
+and the outbound session of each room, with the room's rotation settings.
+
+Inbound sessions are keyed by (room, sender key, session id), as the spec does:
+anyone who got a room key can share the same session as their own, and that copy
+(kept under its sender's key) neither replaces nor blocks the real sender's.
+Releases before kept them by (room, session id); such a record moves to its new
+key the first time it is looked up.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,11 @@ from bridge_kit._json import decode_json
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OlmAccount
 from bridge_kit.crypto.olm import OlmPayload
 from bridge_kit.crypto.payloads import MegolmEncryptedContent, MegolmPlaintext, RoomKeyContent
-from bridge_kit.crypto.records import InboundSessionRecord, OutboundSessionRecord
+from bridge_kit.crypto.records import (
+    InboundSessionRecord,
+    OutboundSessionRecord,
+    ReservedIndexes,
+)
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.crypto.vault import CryptoVault
 from bridge_kit.errors import NoRoomKey, UndecryptableEvent
@@ -31,8 +42,13 @@ __all__ = [
 ]
 
 _INBOUND: Final = "megolm_inbound"
+#: The sender keys that shared each (room, session id): for an event without a sender_key.
+_SHARERS: Final = "megolm_sharers"
 _SEEN: Final = REPLAY_RECORDS  # pruned by age (bridge_kit.store.retention)
 _OUTBOUND: Final = "megolm_outbound"
+#: The longest jump over reserved indexes a loaded session makes; a record asking
+#: for more is not believed: the session rotates instead.
+_MAX_SKIP: Final = 10_000
 _RELATION: Final = "m.relates_to"
 #: Inbound sessions kept in memory (each a few hundred bytes of ratchet state).
 _CACHED_SESSIONS: Final = 10_000
@@ -61,6 +77,16 @@ class _Inbound:
     """Our own outbound session: any of our users (puppets) may have sent with it."""
 
 
+def _reserved_key(room_id: str) -> str:
+    """Where a room's promised indexes are kept: beside its outbound session (the same
+    kind, so both go in one commit), joined with ``|`` as every key here."""
+    return f"{room_id}|reserved"
+
+
+def _stored_key(room_id: str, sender_key: str, session_id: str) -> str:
+    return f"{room_id}|{sender_key}|{session_id}"
+
+
 def _room_key_fields(content: Mapping[str, Any]) -> tuple[str, str, str]:
     if content.get("algorithm") != MEGOLM_ALGORITHM:
         raise UndecryptableEvent(f"room key of unsupported algorithm {content.get('algorithm')!r}")
@@ -71,7 +97,7 @@ def _room_key_fields(content: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 class InboundGroupSessions:
-    """Room keys others shared with us, by room and session id.
+    """Room keys others shared with us, by room, sender key and session id.
 
     ``ours(user_id)`` says whether a user sends with our own sessions (the bridge's
     puppets and bot); by default only the account's own user does.
@@ -81,30 +107,64 @@ class InboundGroupSessions:
         self.vault = vault
         self.ours = ours
         # The recently used sessions; the rest are read back from the store.
-        self._cache: OrderedDict[tuple[str, str], _Inbound] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], _Inbound] = OrderedDict()
 
-    async def get(self, room_id: str, session_id: str) -> _Inbound | None:
-        key = (room_id, session_id)
+    async def get(self, room_id: str, sender_key: str, session_id: str) -> _Inbound | None:
+        """The session ``session_id`` as the device of ``sender_key`` shared it."""
+        key = (room_id, sender_key, session_id)
         if key in self._cache:
             self._cache.move_to_end(key)
-        else:
-            record = await self.vault.get_record(
-                _INBOUND, f"{room_id}|{session_id}", InboundSessionRecord
-            )
-            if record is None:
-                return None
-            session = self.vault.unseal(
-                vodozemac.InboundGroupSession.from_pickle,
-                record.pickle.encode("ascii"),
-                "Megolm session",
-            )
-            self._remember(
-                key,
-                _Inbound(session, record.sender, record.sender_key, record.ed25519, record.own),
-            )
-        return self._cache[key]
+            return self._cache[key]
+        record = await self.vault.get_record(
+            _INBOUND, _stored_key(room_id, sender_key, session_id), InboundSessionRecord
+        )
+        if record is None:
+            record = await self._migrated(room_id, session_id, sender_key)
+        if record is None:
+            return None
+        session = self.vault.unseal(
+            vodozemac.InboundGroupSession.from_pickle,
+            record.pickle.encode("ascii"),
+            "Megolm session",
+        )
+        inbound = _Inbound(session, record.sender, record.sender_key, record.ed25519, record.own)
+        self._remember(key, inbound)
+        return inbound
 
-    def _remember(self, key: tuple[str, str], inbound: _Inbound) -> None:
+    async def find(
+        self, room_id: str, session_id: str, sender: str | None = None
+    ) -> _Inbound | None:
+        """The session ``session_id`` as one of ``sender``'s devices shared it (or our
+        own, for our users); any copy when ``sender`` is None. For an event that names
+        no sender key, and for the events waiting for a sender's key."""
+        sharers = await self._sharers(room_id, session_id)
+        if not sharers:
+            legacy = await self._migrated(room_id, session_id)
+            sharers = [] if legacy is None else [legacy.sender_key]
+        for sender_key in sharers:
+            inbound = await self.get(room_id, sender_key, session_id)
+            if inbound is not None and (sender is None or self._may_send(inbound, sender)):
+                return inbound
+        return None
+
+    async def _sharers(self, room_id: str, session_id: str) -> list[str]:
+        found = await self.vault.get_record(_SHARERS, f"{room_id}|{session_id}", list[str])
+        return found or []
+
+    async def _migrated(
+        self, room_id: str, session_id: str, sender_key: str | None = None
+    ) -> InboundSessionRecord | None:
+        """A session stored by (room, session id) only, by an earlier release, moved to
+        its (room, sender key, session id) key; None if there is none (for ``sender_key``)."""
+        legacy = f"{room_id}|{session_id}"
+        record = await self.vault.get_record(_INBOUND, legacy, InboundSessionRecord)
+        if record is None or sender_key not in (None, record.sender_key):
+            return None
+        await self._put(room_id, session_id, record)
+        await self.vault.delete(_INBOUND, legacy)
+        return record
+
+    def _remember(self, key: tuple[str, str, str], inbound: _Inbound) -> None:
         self._cache[key] = inbound
         self._cache.move_to_end(key)
         if len(self._cache) > _CACHED_SESSIONS:
@@ -112,7 +172,8 @@ class InboundGroupSessions:
 
     async def add_room_key(self, payload: OlmPayload) -> tuple[str, str] | None:
         """Take in an ``m.room_key`` that arrived over Olm; return its (room, session)
-        ids if it is new or starts at an earlier index than the one known."""
+        ids if it is new from its sender device, or starts at an earlier index than
+        the copy known from that device."""
         room_id, session_id, session_key = _room_key_fields(payload.content)
         try:
             session = vodozemac.InboundGroupSession(vodozemac.SessionKey(session_key))
@@ -120,12 +181,9 @@ class InboundGroupSessions:
             raise UndecryptableEvent(f"invalid room key: {exc}") from None
         if session.session_id != session_id:
             raise UndecryptableEvent("the room key's session_id does not match its key")
-        known = await self.get(room_id, session_id)
-        if known is not None:
-            if known.sender_key != payload.sender_key:
-                raise UndecryptableEvent("the room key was already shared by another device")
-            if known.session.first_known_index <= session.first_known_index:
-                return None
+        known = await self.get(room_id, payload.sender_key, session_id)
+        if known is not None and known.session.first_known_index <= session.first_known_index:
+            return None
         await self.add(room_id, session, payload.sender, payload.sender_key, payload.sender_ed25519)
         return room_id, session_id
 
@@ -141,11 +199,19 @@ class InboundGroupSessions:
     ) -> None:
         pickle = self.vault.seal(session).decode("ascii")
         record = InboundSessionRecord(pickle, sender, sender_key, sender_ed25519, own)
-        await self.vault.put_record(_INBOUND, f"{room_id}|{session.session_id}", record)
+        await self._put(room_id, session.session_id, record)
         self._remember(
-            (room_id, session.session_id),
+            (room_id, sender_key, session.session_id),
             _Inbound(session, sender, sender_key, sender_ed25519, own),
         )
+
+    async def _put(self, room_id: str, session_id: str, record: InboundSessionRecord) -> None:
+        key = _stored_key(room_id, record.sender_key, session_id)
+        await self.vault.put_record(_INBOUND, key, record)
+        sharers = await self._sharers(room_id, session_id)
+        if record.sender_key not in sharers:
+            sharers.append(record.sender_key)
+            await self.vault.put_record(_SHARERS, f"{room_id}|{session_id}", sharers)
 
     async def decrypt(
         self, room_id: str, event_id: str, sender: str, content: Mapping[str, Any]
@@ -157,14 +223,19 @@ class InboundGroupSessions:
         session_id, ciphertext = content.get("session_id"), content.get("ciphertext")
         if not isinstance(session_id, str) or not isinstance(ciphertext, str):
             raise UndecryptableEvent("no session_id or ciphertext")
-        inbound = await self.get(room_id, session_id)
+        # The spec deprecates sender_key in events: without one, the sender's copy.
+        claimed_key = content.get("sender_key")
+        if claimed_key is not None and not isinstance(claimed_key, str):
+            raise UndecryptableEvent("the sender_key is not a string")
+        inbound = (
+            await self.find(room_id, session_id, sender)
+            if claimed_key is None
+            else await self.get(room_id, claimed_key, session_id)
+        )
         if inbound is None:
             raise NoRoomKey(room_id, session_id)
         if not self._may_send(inbound, sender):
             raise UndecryptableEvent("the room key belongs to another user than the sender")
-        claimed_key = content.get("sender_key")
-        if claimed_key is not None and claimed_key != inbound.sender_key:
-            raise UndecryptableEvent("the sender_key is not the room key's sender device")
         try:
             decrypted = inbound.session.decrypt(vodozemac.MegolmMessage.from_base64(ciphertext))
         except ValueError as exc:
@@ -194,8 +265,8 @@ class InboundGroupSessions:
         """Drop the replay records of a session's first ``count`` message indices: our
         own outbound session's, once it rotated (only our own users may send with it,
         so nobody else could replay its messages; a redelivery records them again)."""
-        for index in range(count):
-            await self.vault.delete(_SEEN, f"{room_id}|{session_id}|{index}")
+        keys = (f"{room_id}|{session_id}|{index}" for index in range(count))
+        await self.vault.delete_many(_SEEN, keys)
 
     @staticmethod
     def _inner_event(
@@ -265,6 +336,8 @@ class OutboundSession:
     created_ms: int
     shared_with: dict[str, dict[str, str]] = attrs.field(factory=dict)
     """user id -> device id -> curve25519 key of each device that got the key."""
+    reserved_until: int = 0
+    """The message indexes below this are reserved in the store (see ``reserve``)."""
 
     def expired(self, settings: RotationSettings, now_ms: int) -> bool:
         return (
@@ -275,12 +348,26 @@ class OutboundSession:
 
 class OutboundGroupSessions:
     """Our outbound session per room: created on demand, rotated by the room's
-    settings or on request (a member left), saved after every message."""
+    settings or on request (a member left).
 
-    def __init__(self, account: OlmAccount, vault: CryptoVault, inbound: InboundGroupSessions):
+    With ``reserve`` 1 the session is saved after every message. With more, the
+    store gets a promise first (:class:`ReservedIndexes`: the next ``reserve``
+    indexes) and the ratchet once per promise, not once per message; a session
+    loaded after a crash jumps past every index promised, so none is used twice
+    (recipients skip the gap, as Megolm allows). Only for a store one process
+    works on: a daemon sharing the store would jump on every turn."""
+
+    def __init__(
+        self,
+        account: OlmAccount,
+        vault: CryptoVault,
+        inbound: InboundGroupSessions,
+        reserve: int = 1,
+    ):
         self.account = account
         self.vault = vault
         self.inbound = inbound
+        self.reserve = reserve
         self._cache: dict[str, OutboundSession] = {}
 
     async def current(
@@ -299,7 +386,7 @@ class OutboundGroupSessions:
         """Rotate: the next message in ``room_id`` starts a new session."""
         rotated = self._cache.pop(room_id, None) or await self._load(room_id)
         self._cache.pop(room_id, None)
-        await self.vault.delete(_OUTBOUND, room_id)
+        await self.vault.delete_many(_OUTBOUND, [room_id, _reserved_key(room_id)])
         await self._forget_replays(rotated)
 
     async def _forget_replays(self, rotated: OutboundSession | None) -> None:
@@ -309,11 +396,21 @@ class OutboundGroupSessions:
                 rotated.room_id, group.session_id, group.message_index
             )
 
-    async def save(self, session: OutboundSession) -> None:
+    async def save(self, session: OutboundSession, promise: ReservedIndexes | None = None) -> None:
+        """Store the session where its ratchet is (and ``promise``, in the same commit)."""
         pickle = self.vault.seal(session.session).decode("ascii")
         record = OutboundSessionRecord(pickle, session.created_ms, session.shared_with)
-        await self.vault.put_record(_OUTBOUND, session.room_id, record)
+        records: dict[str, Any] = {session.room_id: record}
+        if promise is not None:
+            records[_reserved_key(session.room_id)] = promise
+        await self.vault.put_records(_OUTBOUND, records)
         self._cache[session.room_id] = session
+
+    async def _reserve(self, session: OutboundSession) -> None:
+        """Promise the next ``reserve`` indexes, then save the ratchet where it is."""
+        until = session.session.message_index + self.reserve
+        await self.save(session, ReservedIndexes(session.session.session_id, until))
+        session.reserved_until = until
 
     async def _load(self, room_id: str) -> OutboundSession | None:
         record = await self.vault.get_record(_OUTBOUND, room_id, OutboundSessionRecord)
@@ -322,6 +419,12 @@ class OutboundGroupSessions:
         group = self.vault.unseal(
             vodozemac.GroupSession.from_pickle, record.pickle.encode("ascii"), "Megolm session"
         )
+        reserved = await self.vault.get_record(_OUTBOUND, _reserved_key(room_id), ReservedIndexes)
+        if reserved is not None and reserved.session_id == group.session_id:
+            if reserved.until - group.message_index > _MAX_SKIP:
+                return None  # not believable: a new session
+            while group.message_index < reserved.until:
+                group.encrypt(b"")  # indexes a crashed run may have sent: never again
         # Its own copy of shared_with: the session adds to it as it shares the key.
         shared_with = {user: dict(devices) for user, devices in record.shared_with.items()}
         session = OutboundSession(room_id, group, record.created_ms, shared_with)
@@ -354,11 +457,15 @@ class OutboundGroupSessions:
     async def encrypt(
         self, session: OutboundSession, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """The ``m.room.encrypted`` content for one room event; the session is saved
-        (its ratchet moved on) before the content is returned."""
+        """The ``m.room.encrypted`` content for one room event; its index is in the
+        store (the session saved with its ratchet moved on, or within the indexes
+        promised) before the content is returned."""
         plaintext = MegolmPlaintext(event_type, dict(content), session.room_id)
+        if self.reserve > 1 and session.session.message_index >= session.reserved_until:
+            await self._reserve(session)
         message = session.session.encrypt(canonical_json(converter.unstructure(plaintext)))
-        await self.save(session)
+        if self.reserve == 1:
+            await self.save(session)
         encrypted: dict[str, Any] = converter.unstructure(
             MegolmEncryptedContent(
                 algorithm=MEGOLM_ALGORITHM,

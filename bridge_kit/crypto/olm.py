@@ -8,6 +8,10 @@ runs decryption again on every attempt of an item and on a replayed dead letter
 sender and ciphertext: the same message decrypts to the same payload again,
 checked again. A homeserver sending a message twice therefore gets it handled
 twice, as with any at-least-once delivery.
+
+Anyone can start a session with our fallback key, one per message they send. So a
+new session (and the sealed plaintext) is kept only once its payload passed the
+checks, and at most :data:`MAX_SESSIONS_PER_KEY` per device, the newest.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ _KIND: Final = "olm_sessions"
 _DECRYPTED: Final = SEALED_PAYLOADS  # pruned by age (bridge_kit.store.retention)
 _PRE_KEY: Final = 0
 _NORMAL: Final = 1
+#: Olm sessions kept per device (curve25519 key), the newest: anyone can start
+#: sessions with our fallback key, as many as they send messages.
+MAX_SESSIONS_PER_KEY: Final = 10
 
 
 @attrs.frozen
@@ -96,19 +103,35 @@ class OlmSessions:
         self._sessions: dict[str, list[tuple[str, vodozemac.Session]]] = {}
 
     async def load(self) -> None:
+        """Read the sessions back, pruning each device's beyond the newest
+        :data:`MAX_SESSIONS_PER_KEY` (a flood kept by an earlier release)."""
         stored = await self.vault.store.crypto_items(self.vault.owner, _KIND)
         for key in sorted(stored):
             curve = key.split("|", 1)[0]
             session = self.vault.unseal(vodozemac.Session.from_pickle, stored[key], "Olm session")
             self._sessions.setdefault(curve, []).append((key, session))
+        for curve in list(self._sessions):
+            await self._prune(curve)
 
     def has_session(self, curve25519: str) -> bool:
         return bool(self._sessions.get(curve25519))
+
+    def count(self, curve25519: str) -> int:
+        """How many sessions with the device of ``curve25519`` are kept."""
+        return len(self._sessions.get(curve25519, ()))
 
     async def _add(self, curve25519: str, session: vodozemac.Session) -> None:
         key = f"{curve25519}|{time.time_ns():020d}|{session.session_id}"
         self._sessions.setdefault(curve25519, []).append((key, session))
         await self.vault.put_pickle(_KIND, key, session)
+        await self._prune(curve25519)
+
+    async def _prune(self, curve25519: str) -> None:
+        """Forget the oldest sessions with a device beyond the cap."""
+        sessions = self._sessions[curve25519]
+        while len(sessions) > MAX_SESSIONS_PER_KEY:
+            key, _ = sessions.pop(0)
+            await self.vault.delete(_KIND, key)
 
     # -- incoming --------------------------------------------------------------
 
@@ -117,17 +140,25 @@ class OlmSessions:
         :class:`UndecryptableEvent` with the reason for anything else."""
         sender_key, message = _olm_message(content, self.account.curve25519)
         digest = _digest(sender, sender_key, message)
-        plaintext = await self.vault.get_sealed(_DECRYPTED, digest)
-        if plaintext is None:
-            plaintext = await self._plaintext(sender_key, message)
-            await self.vault.put_sealed(_DECRYPTED, digest, plaintext)
-        try:
-            payload = decode_json(plaintext.decode("utf-8"))
-        except ValueError:
-            raise UndecryptableEvent("the plaintext is not JSON") from None
-        return self._checked_payload(sender, sender_key, payload)
+        kept = await self.vault.get_sealed(_DECRYPTED, digest)
+        if kept is not None:
+            return self._checked_payload(sender, sender_key, kept)
+        plaintext, new_session = await self._plaintext(sender_key, message)
+        # Checked before anything is kept: a message that fails leaves no session and
+        # no sealed payload behind (else one garbage message on our fallback key, which
+        # anyone can claim, would store one of each).
+        payload = self._checked_payload(sender, sender_key, plaintext)
+        if new_session is not None:
+            await self._add(sender_key, new_session)
+            await self.account.save()  # the one-time key it used is gone from the account
+        await self.vault.put_sealed(_DECRYPTED, digest, plaintext)
+        return payload
 
-    async def _plaintext(self, sender_key: str, message: vodozemac.AnyOlmMessage) -> bytes:
+    async def _plaintext(
+        self, sender_key: str, message: vodozemac.AnyOlmMessage
+    ) -> tuple[bytes, vodozemac.Session | None]:
+        """The plaintext, and the new inbound session if a pre-key message started
+        one (not kept yet: the payload is checked first)."""
         pre_key = message.to_pre_key()
         for key, session in reversed(self._sessions.get(sender_key, [])):
             if pre_key is not None and not session.session_matches(pre_key):
@@ -136,27 +167,26 @@ class OlmSessions:
                 plaintext = session.decrypt(message)
             except ValueError:
                 continue
+            # Its ratchet moved on in memory: kept, whatever the payload holds.
             await self.vault.store.crypto_put(
                 self.vault.owner, _KIND, key, self.vault.seal(session)
             )
-            return plaintext
+            return plaintext, None
         if pre_key is None:
             raise UndecryptableEvent("no Olm session with the sender decrypts it")
-        return await self._new_inbound(sender_key, pre_key)
-
-    async def _new_inbound(self, sender_key: str, pre_key: vodozemac.PreKeyMessage) -> bytes:
         try:
             identity = vodozemac.Curve25519PublicKey.from_base64(sender_key)
             session, plaintext = self.account.account.create_inbound_session(identity, pre_key)
         except ValueError as exc:
             raise UndecryptableEvent(f"cannot start an Olm session: {exc}") from None
-        # The one-time key it used is gone from the account: save both together.
-        await self._add(sender_key, session)
-        await self.account.save()
-        return plaintext
+        return plaintext, session
 
-    def _checked_payload(self, sender: str, sender_key: str, payload: Any) -> OlmPayload:
+    def _checked_payload(self, sender: str, sender_key: str, plaintext: bytes) -> OlmPayload:
         """The spec's checks of a decrypted Olm payload against its envelope."""
+        try:
+            payload = decode_json(plaintext.decode("utf-8"))
+        except ValueError:
+            raise UndecryptableEvent("the plaintext is not JSON") from None
         if not isinstance(payload, Mapping):
             raise UndecryptableEvent("the plaintext is not a JSON object")
         if payload.get("sender") != sender:

@@ -56,9 +56,15 @@ async def device_id_for(store: Store, user_id: str) -> str:
     stored = await stored_device_id(store, user_id)
     if stored is not None:
         return stored
-    device_id = "BK" + secrets.token_hex(5).upper()
-    await store.crypto_put(user_id, _BRIDGE_KIND, _DEVICE_KEY, device_id.encode("utf-8"))
-    return device_id
+    # Under the user's crypto lock: a second daemon making it at the same moment
+    # finds this one's instead of storing another.
+    async with store.crypto_lock(user_id):
+        stored = await stored_device_id(store, user_id)
+        if stored is not None:
+            return stored
+        device_id = "BK" + secrets.token_hex(5).upper()
+        await store.crypto_put(user_id, _BRIDGE_KIND, _DEVICE_KEY, device_id.encode("utf-8"))
+        return device_id
 
 
 #: Makes the machine of a user's device: (the device's intent, device id) -> started machine.
@@ -192,7 +198,9 @@ class PuppetDevices:
         """The puppet's machine; ``find`` gives its device id (or makes one)."""
         if user_id in self._machines:
             return self._machines[user_id]
-        async with self._locks[user_id]:
+        # The user's crypto lock too: two daemons setting the same puppet up at once
+        # would each make a cross-signing identity, and the homeserver keep one.
+        async with self._locks[user_id], self.store.crypto_lock(user_id):
             if user_id in self._machines:
                 return self._machines[user_id]
             device_id = await find(self.store, user_id)

@@ -18,6 +18,7 @@ __all__ = [
     "DeviceRecord",
     "InboundSessionRecord",
     "OutboundSessionRecord",
+    "ReservedIndexes",
     "SealedEnvelope",
     "UserDevicesRecord",
 ]
@@ -72,6 +73,16 @@ class OutboundSessionRecord:
     created_ms: int
     shared_with: dict[str, dict[str, str]] = attrs.field(factory=dict)
     """user id -> device id -> curve25519 key of each device that got the key."""
+
+
+@attrs.frozen
+class ReservedIndexes:
+    """Message indexes of a room's outbound session that may be in use: every index
+    below ``until`` counts as used after a restart, whatever the saved ratchet says
+    (the store saves the ratchet once per reservation, not once per message)."""
+
+    session_id: str
+    until: int
 
 
 @attrs.frozen

@@ -19,17 +19,14 @@ indices) hold public keys, ids and counters.
 
 from __future__ import annotations
 
-import hmac
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 import cattrs
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bridge_kit._json import decode_json
-from bridge_kit.crypto.records import NONCE_SIZE, SealedEnvelope
+from bridge_kit._sealing import Sealer
+from bridge_kit._sealing import hkdf_sha256 as _hkdf_sha256
 from bridge_kit.crypto.signing import canonical_json
 from bridge_kit.errors import StoreError, WrongPickleKey
 from bridge_kit.store.concerns import CryptoStore
@@ -40,18 +37,6 @@ __all__ = ["CryptoStore", "CryptoVault", "derive_pickle_key"]
 _SALT: Final = b"bridge_kit e2ee pickle key"
 _INFO: Final = b"vodozemac pickle v1"
 _SEALED_INFO: Final = b"sealed records v1"
-
-
-def _hkdf_sha256(secret: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
-    """RFC 5869 HKDF with SHA-256 (extract, then expand)."""
-    prk = hmac.digest(salt, secret, "sha256")
-    out, block = b"", b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
-        out += block
-        counter += 1
-    return out[:length]
 
 
 def derive_pickle_key(secret: str) -> bytes:
@@ -74,7 +59,7 @@ class CryptoVault:
         self.owner = owner
         self._pickle_key = pickle_key
         # A key of its own for sealed records: never the same key for two ciphers.
-        self._sealing = AESGCM(_hkdf_sha256(pickle_key, _SALT, _SEALED_INFO))
+        self._sealing = Sealer(_hkdf_sha256(pickle_key, _SALT, _SEALED_INFO))
 
     def __repr__(self) -> str:  # never show the key
         return f"CryptoVault(owner={self.owner!r})"
@@ -114,21 +99,17 @@ class CryptoVault:
 
     async def put_sealed(self, kind: str, key: str, data: bytes) -> None:
         """Store ``data`` (secret bytes) encrypted and authenticated."""
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        sealed = SealedEnvelope(
-            nonce, self._sealing.encrypt(nonce, data, self._bound_to(kind, key))
-        )
-        await self.store.crypto_put(self.owner, kind, key, sealed.to_bytes())
+        sealed = self._sealing.seal(data, self._bound_to(kind, key))
+        await self.store.crypto_put(self.owner, kind, key, sealed)
 
     async def get_sealed(self, kind: str, key: str) -> bytes | None:
         """What :meth:`put_sealed` stored there; :class:`WrongPickleKey` if it does not open."""
         stored = await self.store.crypto_get(self.owner, kind, key)
         if stored is None:
             return None
-        sealed = SealedEnvelope.from_bytes(stored)
         try:
-            return self._sealing.decrypt(sealed.nonce, sealed.ciphertext, self._bound_to(kind, key))
-        except InvalidTag:
+            return self._sealing.open(stored, self._bound_to(kind, key))
+        except WrongPickleKey:
             raise WrongPickleKey(
                 f"a sealed {kind} record of {self.owner} does not open with this pickle key; "
                 "was encryption.pickle_key or the as_token changed?"
@@ -157,6 +138,10 @@ class CryptoVault:
 
     async def delete(self, kind: str, key: str) -> None:
         await self.store.crypto_delete(self.owner, kind, key)
+
+    async def delete_many(self, kind: str, keys: Iterable[str]) -> None:
+        """Delete several records of one ``kind`` in one commit."""
+        await self.store.crypto_delete_many(self.owner, kind, keys)
 
     def _decoded(self, kind: str, key: str, raw: bytes, cls: type[Record]) -> Record:
         try:

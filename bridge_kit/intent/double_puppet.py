@@ -7,6 +7,12 @@ token it gives is kept in the store, per user, so that a restart logs in no
 more (each login makes a new device). A token the homeserver no longer knows
 (``M_UNKNOWN_TOKEN``: logged out, device deleted) is replaced by one new login.
 
+The stored token is sealed (AES-256-GCM, see :mod:`bridge_kit._sealing`) with a
+key derived from ``encryption.pickle_key``, or the registration's as_token when
+that is unset, as the crypto state is: a copy of the database alone does not act
+as the user. A token stored in clear by an earlier release is sealed on first
+use; one that no longer opens (the secret changed) is replaced by one new login.
+
 :class:`DoublePuppetClient` is a :class:`~bridge_kit.client.homeserver.HomeserverClient`
 that sends the user's token and no ``?user_id=`` assertion; wrap it in an
 :class:`~bridge_kit.intent.Intent` (``app.double_puppet(user_id, as_token)`` does).
@@ -15,10 +21,14 @@ that sends the user's token and no ``?user_id=`` assertion; wrap it in an
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import logging
 from typing import Final
 
 import attrs
 
+from bridge_kit._sealing import Sealer, hkdf_sha256
 from bridge_kit.client import Raw
 from bridge_kit.client.homeserver import (
     HomeserverClient,
@@ -32,16 +42,29 @@ from bridge_kit.errors import (
     DoublePuppetError,
     MatrixRequestError,
     UnknownToken,
+    WrongPickleKey,
 )
 from bridge_kit.store import Store
 
-__all__ = ["LOGIN_ENDPOINT", "TOKEN_FIELD", "DoublePuppetClient"]
+__all__ = ["LOGIN_ENDPOINT", "SEALED_PREFIX", "TOKEN_FIELD", "DoublePuppetClient", "token_sealer"]
 
 #: The login route (the endpoint name observers see for it).
 LOGIN_ENDPOINT: Final = "/_matrix/client/v3/login"
 #: The per-user field of the store's profile table that holds the access token (a
 #: stored key, not a module path: it keeps the name earlier releases stored it under).
 TOKEN_FIELD: Final = "bridge_kit.double_puppet.access_token"  # noqa: S105 - a field name
+
+#: How a sealed token starts in the store (a token from an earlier release does not).
+SEALED_PREFIX: Final = "sealed:v1:"
+_SALT: Final = b"bridge_kit sealed secrets"
+_INFO: Final = b"double-puppet access tokens v1"
+
+_log = logging.getLogger(__name__)
+
+
+def token_sealer(secret: str) -> Sealer:
+    """What seals the stored access tokens, for ``encryption.pickle_key`` or an as_token."""
+    return Sealer(hkdf_sha256(secret.encode("utf-8"), _SALT, _INFO))
 
 
 @attrs.frozen
@@ -56,7 +79,9 @@ class DoublePuppetClient(HomeserverClient):
 
     The token comes from the store, or else from one appservice login with
     ``as_token`` (the token of the registration whose namespace holds the user);
-    it is stored for the next start. The login happens before the first request.
+    it is stored, sealed, for the next start. The login happens before the first
+    request. ``sealing_secret``: what the stored token is sealed with
+    (``encryption.pickle_key`` or the bridge's as_token; ``as_token`` if None).
     """
 
     def __init__(
@@ -67,6 +92,7 @@ class DoublePuppetClient(HomeserverClient):
         store: Store,
         *,
         retry: RetryPolicy | None = None,
+        sealing_secret: str | None = None,
     ) -> None:
         retry = retry or RetryPolicy()
         super().__init__(base_url, "", retry=retry)
@@ -78,6 +104,7 @@ class DoublePuppetClient(HomeserverClient):
         self._login.observers = self.observers  # one set of observers sees both
         self._token: str | None = None
         self._lock = asyncio.Lock()
+        self._sealer = token_sealer(sealing_secret or as_token)
 
     def __repr__(self) -> str:
         return f"<DoublePuppetClient {self.user_id}>"
@@ -95,7 +122,8 @@ class DoublePuppetClient(HomeserverClient):
         async with self._lock:
             if self._token is None:
                 stored = (await self.store.profile(self.user_id)).get(TOKEN_FIELD)
-                self._use(stored if stored else await self._log_in())
+                token = await self._opened(stored) if stored else None
+                self._use(token or await self._log_in())
             assert self._token is not None
             return self._token
 
@@ -125,8 +153,32 @@ class DoublePuppetClient(HomeserverClient):
             raise DoublePuppetError(
                 f"logging in as {self.user_id} gave a token for {login.user_id}"
             )
-        await self.store.set_profile(self.user_id, TOKEN_FIELD, login.access_token)
+        await self._keep(login.access_token)
         return login.access_token
+
+    def _bound_to(self) -> bytes:
+        return f"{self.user_id}\0{TOKEN_FIELD}".encode("utf-8", "surrogatepass")
+
+    async def _keep(self, token: str) -> None:
+        sealed = self._sealer.seal(token.encode("utf-8"), self._bound_to())
+        stored = SEALED_PREFIX + base64.b64encode(sealed).decode("ascii")
+        await self.store.set_profile(self.user_id, TOKEN_FIELD, stored)
+
+    async def _opened(self, stored: str) -> str | None:
+        """The stored token, or None if it does not open (then a login replaces it)."""
+        if not stored.startswith(SEALED_PREFIX):
+            await self._keep(stored)  # in clear, from an earlier release: sealed now
+            return stored
+        try:
+            sealed = base64.b64decode(stored.removeprefix(SEALED_PREFIX), validate=True)
+            return self._sealer.open(sealed, self._bound_to()).decode("utf-8")
+        except (binascii.Error, WrongPickleKey, UnicodeDecodeError):
+            _log.warning(
+                "the stored access token of %s does not open with this secret "
+                "(encryption.pickle_key or the as_token changed?): logging in again",
+                self.user_id,
+            )
+            return None
 
     async def _send_with_retries(
         self,

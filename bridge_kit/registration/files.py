@@ -16,7 +16,14 @@ from pathlib import Path
 
 from bridge_kit.errors import RegistrationError
 
-__all__ = ["MAX_FILE_BYTES", "os_reason", "permission_problem", "read_text", "write_private"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "os_reason",
+    "permission_problem",
+    "read_text",
+    "secret_config_problem",
+    "write_private",
+]
 
 MAX_FILE_BYTES = 1024 * 1024
 """Registration files are a few hundred bytes; anything over this is refused unread."""
@@ -145,6 +152,31 @@ def permission_problem(source: str) -> str | None:
             f"the file is {verb} by its group {_group_name(info.st_gid)} ({shown}) and holds "
             "the tokens: fine if only the homeserver's user is in that group (and the group "
             "cannot write), otherwise chmod 600 it"
+        )
+    return None
+
+
+def secret_config_problem(source: str, key: str) -> tuple[bool, str] | None:
+    """Why the config file ``source``, which holds the secret ``key``, is too open:
+    (whether every user may read or write it, the message), or ``None``."""
+    try:
+        info = os.stat(source)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    shown = f"mode {mode:04o}"
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        verb = "readable" if mode & stat.S_IROTH else "writable"
+        return True, (
+            f"{source} is {verb} by every user of this machine ({shown}) and holds {key}, "
+            "which unlocks the stored keys and tokens: chmod 600 it"
+        )
+    if mode & (stat.S_IRGRP | stat.S_IWGRP):
+        verb = "writable" if mode & stat.S_IWGRP else "readable"
+        return False, (
+            f"{source} is {verb} by its group {_group_name(info.st_gid)} ({shown}) and holds "
+            f"{key}, which unlocks the stored keys and tokens: chmod 600 it unless only the "
+            "bridge's user is in that group"
         )
     return None
 

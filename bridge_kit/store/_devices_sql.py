@@ -58,3 +58,10 @@ async def crypto_delete(q: Query, owner: str, kind: str, key: str) -> None:
         kind,
         key,
     )
+
+
+async def crypto_delete_many(q: Query, owner: str, kind: str, keys: list[str]) -> None:
+    await q.many(
+        "DELETE FROM bridge_kit_crypto_state WHERE owner = $1 AND kind = $2 AND key = $3",
+        [(owner, kind, key) for key in keys],
+    )

@@ -74,3 +74,8 @@ class SharedSQLHooks(abc.ABC):
 
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
         await self._query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
+
+    async def _crypto_delete_many(self, owner: str, kind: str, keys: list[str]) -> None:
+        await self._query_in_transaction(
+            lambda q: _devices_sql.crypto_delete_many(q, owner, kind, keys)
+        )

@@ -12,7 +12,9 @@ drift apart on what they store.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import ClassVar
 
 import cattrs
 
@@ -570,6 +572,32 @@ class CryptoStore(abc.ABC):
         """Delete one value (nothing happens if there is none)."""
         await self._crypto_delete(*_crypto_scope(owner, kind), _crypto_key(key))
 
+    async def crypto_delete_many(self, owner: str, kind: str, keys: Iterable[str]) -> None:
+        """Delete several values of one owner and kind (those that exist), in one commit."""
+        scope, checked = _crypto_scope(owner, kind), [_crypto_key(key) for key in keys]
+        if checked:
+            await self._crypto_delete_many(*scope, checked)
+
+    #: Whether another process may change the crypto state while this one runs
+    #: (PostgreSQL, which several daemons share): what was read before
+    #: :meth:`crypto_lock` was taken may be stale.
+    crypto_shared: ClassVar[bool] = False
+
+    def crypto_lock(self, owner: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold ``owner``'s crypto lock for the ``async with`` block: a second process
+        that takes it waits until the block ends. The state of one device (its
+        account, Olm and Megolm sessions) changes only under its lock, so two
+        daemons never encrypt with one ratchet state (a reused Megolm message index).
+
+        A store that one process works on (SQLite, which
+        :meth:`~bridge_kit.store.Store.lock_for_daemon` keeps to one daemon; memory)
+        has nothing to wait for."""
+        return self._crypto_lock(_clean.checked_key(owner, "crypto owner"))
+
+    def _crypto_lock(self, owner: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """:meth:`crypto_lock` with a checked owner; by default no lock at all."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
         """:meth:`crypto_get` with checked keys."""
@@ -585,6 +613,12 @@ class CryptoStore(abc.ABC):
     @abc.abstractmethod
     async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
         """:meth:`crypto_delete` with checked keys."""
+
+    async def _crypto_delete_many(self, owner: str, kind: str, keys: list[str]) -> None:
+        """:meth:`crypto_delete_many` with checked keys (a non-empty list); by default
+        one :meth:`_crypto_delete` each (a store without commits: memory)."""
+        for key in keys:
+            await self._crypto_delete(owner, kind, key)
 
 
 def _crypto_scope(owner: str, kind: str) -> tuple[str, str]:

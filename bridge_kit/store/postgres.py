@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import hashlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from bridge_kit._extras import install_extra
 from bridge_kit.errors import StoreError
@@ -21,6 +32,7 @@ from bridge_kit.inbox.records import (
     Parking,
 )
 from bridge_kit.store import (
+    _devices_sql,
     inbox_rows,
     postgres_bridge,
     postgres_devices,
@@ -42,6 +54,31 @@ _LOOKUP_CHUNK = 10_000
 
 #: Serialises migrations of one database between processes starting at once.
 _MIGRATION_LOCK_KEY = 0x6272_6B73  # "brks"
+
+
+class _HeldLock(NamedTuple):
+    """A crypto lock held by one task of one store, on the connection that holds it."""
+
+    store: PostgresStore
+    task: asyncio.Task[Any] | None
+    conn: Any
+
+
+#: The crypto lock the running task holds: its crypto reads and writes go through the
+#: locked connection, so a locked block needs no second connection of the pool (ten
+#: blocks at once would otherwise wait forever for an eleventh).
+_HELD: contextvars.ContextVar[_HeldLock | None] = contextvars.ContextVar(
+    "bridge_kit_crypto_lock", default=None
+)
+
+
+def crypto_lock_key(owner: str) -> int:
+    """The advisory lock number of one owner's crypto state (64 bits, signed)."""
+    digest = hashlib.blake2b(
+        owner.encode("utf-8", "surrogatepass"), digest_size=8, person=b"bk-crypto-lock"
+    )
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
 
 _V1 = (
     "CREATE TABLE bridge_kit_puppets (user_id TEXT PRIMARY KEY)",
@@ -116,9 +153,14 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
         max_connections: int = 10,
         connect_timeout: float = 10.0,
         command_timeout: float = 30.0,
+        crypto_lock_wait: float = 120.0,
     ) -> None:
+        """``crypto_lock_wait``: the longest wait for a device's crypto lock that
+        another daemon holds (it holds it while encrypting, homeserver calls
+        included), after which the call fails with a :class:`StoreError`."""
         self.dsn = dsn
         self.command_timeout = command_timeout
+        self.crypto_lock_wait = crypto_lock_wait
         # command_timeout bounds every statement: a database that stops answering (or a
         # lock held elsewhere) fails the call with a StoreError instead of hanging it;
         # asyncpg cancels the statement on the server too.
@@ -412,11 +454,89 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
 
     # -- devices and crypto state (SQL in _devices_sql and postgres_devices) ---------
 
+    crypto_shared: ClassVar[bool] = True
+
+    @contextlib.asynccontextmanager
+    async def _crypto_lock(self, owner: str) -> AsyncIterator[None]:
+        """A session advisory lock on a connection of its own, released when the
+        block ends (or the connection drops: a daemon that dies frees the lock)."""
+        held = self._held()
+        if held is not None:  # nested in a block of this task: the same connection
+            await self._lock_on(held.conn, owner)
+            try:
+                yield
+            finally:
+                await self._unlock_on(held.conn, owner)
+            return
+        pool = self._connected()
+        with self._errors():
+            conn = await pool.acquire()
+        try:
+            await self._lock_on(conn, owner)
+            token = _HELD.set(_HeldLock(self, asyncio.current_task(), conn))
+            try:
+                yield
+            finally:
+                _HELD.reset(token)
+                await self._unlock_on(conn, owner)
+        finally:
+            await pool.release(conn)
+
+    async def _lock_on(self, conn: Any, owner: str) -> None:
+        try:
+            with self._errors():
+                await conn.execute(
+                    "SELECT pg_advisory_lock($1)",
+                    crypto_lock_key(owner),
+                    timeout=self.crypto_lock_wait,
+                )
+        except StoreError as error:
+            if isinstance(error.__cause__, TimeoutError):
+                raise StoreError(
+                    f"PostgreSQL store {redact_store_url(self.dsn)}: the crypto lock of "
+                    f"{owner} was held elsewhere for over {self.crypto_lock_wait:g} s "
+                    "(another daemon encrypting as that device)"
+                ) from error
+            raise
+
+    async def _unlock_on(self, conn: Any, owner: str) -> None:
+        # A broken connection took the lock with it; the pool replaces it on release.
+        with contextlib.suppress(*self._failures):
+            await conn.execute("SELECT pg_advisory_unlock($1)", crypto_lock_key(owner))
+
+    def _held(self) -> _HeldLock | None:
+        """The crypto lock this task holds on this store, if any."""
+        held = _HELD.get()
+        if held is None or held.store is not self or held.task is not asyncio.current_task():
+            return None  # another store's, or a task started inside a block
+        return held
+
+    async def _crypto_query(self, operation: Callable[[Query], Awaitable[_T]]) -> _T:
+        held = self._held()
+        if held is None:
+            return await self._query(operation)
+        with self._errors():
+            return await operation(PostgresQuery(held.conn))
+
+    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        return await self._crypto_query(lambda q: _devices_sql.crypto_get(q, owner, kind, key))
+
+    async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
+        return await self._crypto_query(lambda q: _devices_sql.crypto_items(q, owner, kind))
+
+    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        await self._crypto_query(lambda q: _devices_sql.crypto_delete(q, owner, kind, key))
+
+    async def _crypto_delete_many(self, owner: str, kind: str, keys: list[str]) -> None:
+        # One executemany: atomic in asyncpg, on the locked connection if there is one.
+        await self._crypto_query(lambda q: _devices_sql.crypto_delete_many(q, owner, kind, keys))
+
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         now = time.time()
-        await self._run(
-            lambda pool: postgres_devices.crypto_put_many(pool, owner, kind, items, now)
-        )
+        held = self._held()
+        target = self._connected() if held is None else held.conn
+        with self._errors():
+            await postgres_devices.crypto_put_many(target, owner, kind, items, now)
 
 
 def _txn_key(txn_id: str) -> bytes:
