@@ -250,7 +250,10 @@ class BridgeEncryption:
 
     async def _self_sign(self, machine: CryptoMachine, api: _IntentKeys) -> None:
         identity = self._identity_of(api.device, machine.user_id)
-        keys = await identity.ensure(machine.account.device_keys())
+        # Under the bot's crypto lock: two daemons starting at once would each make an
+        # identity, and the homeserver keep only one of them.
+        async with self.app.store.crypto_lock(machine.user_id):
+            keys = await identity.ensure(machine.account.device_keys())
         log.info(
             "encryption: %s's device %s is signed by its cross-signing identity %s",
             machine.user_id, machine.device_id, keys.master_public,
