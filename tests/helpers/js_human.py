@@ -54,8 +54,13 @@ def installed_sdk() -> Path:
             )
             if done.returncode != 0:
                 missing_service(f"npm ci of matrix-js-sdk failed: {done.stderr.strip()[-500:]}")
-        # The script is copied every time: it resolves the SDK from its own folder.
-        shutil.copy(SOURCE / "human.mjs", target / "human.mjs")
+        # The script is copied when it changed (it resolves the SDK from its own
+        # folder), and atomically: another worker's node may be reading it right now,
+        # and a copy in place would show it a truncated file.
+        script = (SOURCE / "human.mjs").read_bytes()
+        if not (target / "human.mjs").exists() or (target / "human.mjs").read_bytes() != script:
+            (target / "human.mjs.new").write_bytes(script)
+            os.replace(target / "human.mjs.new", target / "human.mjs")
     return target
 
 
