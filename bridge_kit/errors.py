@@ -219,15 +219,21 @@ class RegistrationAborted(HomeserverError):
 
 class PowerLevelConflict(HomeserverError):
     """A power-level change did not stay: each time it was written, a re-read found
-    the room's power levels replaced by another writer (outside this process)."""
+    the room's power levels replaced by another writer (outside this process); or,
+    when ``theirs`` is set, that writer gave the user that level after ours, on
+    purpose (not a stale copy written back), and theirs stands."""
 
-    def __init__(self, room_id: str, user_id: str, attempts: int) -> None:
+    def __init__(
+        self, room_id: str, user_id: str, attempts: int, theirs: int | float | None = None
+    ) -> None:
         self.room_id = room_id
         self.user_id = user_id
-        super().__init__(
-            f"the power level of {user_id} in {room_id} did not stay: another writer "
-            f"replaced m.room.power_levels after each of {attempts} writes"
-        )
+        self.theirs = theirs
+        if theirs is None:
+            why = f"another writer replaced m.room.power_levels after each of {attempts} writes"
+        else:
+            why = f"after write {attempts}, another writer set it to {theirs}; theirs stands"
+        super().__init__(f"the power level of {user_id} in {room_id} did not stay: {why}")
 
 
 class UnexpectedReply(HomeserverError):

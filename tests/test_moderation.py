@@ -257,6 +257,35 @@ async def test_concurrent_power_level_changes_in_one_room_all_stay(
     assert {user: stored.get(user) for user in users} == users
 
 
+async def test_writers_with_their_own_clients_take_turns_in_one_room(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str
+) -> None:
+    """The lock is per room, not per client: a double puppet (here the admin, with its
+    own token and client) and the bot write in turn, so nobody writes twice."""
+    overrides = {"invite": 50, "events": {POWER_LEVELS: 99}, "users": {app.bot.user_id: 99}}
+    room = await moderated_room(app, human, power_level_content_override=overrides)
+    by_bot = {f"@_bk_pb{n}_{unique}:test.local": 10 + n for n in range(4)}
+    by_admin = {f"@_bk_pa{n}_{unique}:test.local": 20 + n for n in range(4)}
+    counted = Requests()
+
+    async with HomeserverClient(homeserver.url, human.token) as own_client:
+        admin = Intent(own_client, human.user_id)
+        for client in (app.client, own_client):
+            client.observers.append(counted)
+        try:
+            await asyncio.gather(
+                *(app.bot.set_power_level(room, u, lvl) for u, lvl in by_bot.items()),
+                *(admin.set_power_level(room, u, lvl) for u, lvl in by_admin.items()),
+            )
+        finally:
+            app.client.observers.remove(counted)
+
+    stored = (await power_levels(human, room))["users"]
+    wanted = by_bot | by_admin
+    assert {user: stored.get(user) for user in wanted} == wanted
+    assert counted.seen[STATE_PUT] == len(wanted)  # each change written once
+
+
 # -- room version 12 -------------------------------------------------------------------------
 
 
@@ -454,6 +483,35 @@ async def rival_writer(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}", writes
     finally:
         await runner.cleanup()
+
+
+async def test_a_level_a_moderator_set_after_ours_stands(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str
+) -> None:
+    """The read-back writes again only over a stale copy of the levels; a moderator who
+    gave the user another level after our write keeps it (moderators win)."""
+    overrides = {"invite": 50, "events": {POWER_LEVELS: 99}, "users": {app.bot.user_id: 99}}
+    room = await moderated_room(app, human, power_level_content_override=overrides)
+    target = f"@_bk_demoted_{unique}:test.local"
+
+    async def moderator() -> None:
+        levels = await power_levels(human, room)
+        path = f"{CLIENT}/rooms/{q(room)}/state/{POWER_LEVELS}/"
+        content = {**levels, "users": {**levels["users"], target: 7}}
+        status, body = await human.call("PUT", path, content)
+        assert status == 200, body
+
+    async with (
+        rival_writer(homeserver.url, moderator, 1) as (url, writes),
+        HomeserverClient(url, homeserver.as_token) as proxied,
+    ):
+        bot = Intent(proxied, app.bot.user_id)
+        with pytest.raises(PowerLevelConflict, match="set it to 7; theirs stands") as caught:
+            await bot.set_power_level(room, target, 42)
+
+    assert caught.value.theirs == 7
+    assert (await power_levels(human, room))["users"][target] == 7
+    assert len(writes) == 1
 
 
 @pytest.mark.parametrize("rival_writes", [1, 3])
