@@ -360,7 +360,7 @@ async def test_invites_provision_within_the_daily_cap_and_with_approval(
     @app.on_provision_approval
     async def approve(user_id: str) -> bool:
         asked.append(user_id)
-        return "_no_" not in user_id
+        return "_bk_no" not in user_id
 
     async def invite(localpart: str) -> int:
         """The human invites a puppet the homeserver does not know yet."""
@@ -372,15 +372,18 @@ async def test_invites_provision_within_the_daily_cap_and_with_approval(
         status, reply = await human.call("POST", f"{CLIENT}/createRoom", {})
         assert status == 200, reply
         room = reply["room_id"]
-        names = [f"_bk_yes1_{unique}", f"_bk_no_{unique}", f"_bk_yes2_{unique}"]
-        for name in [*names, f"_bk_yes3_{unique}"]:
+        # Refused names first: they must not use up the day's three registrations.
+        names = [f"_bk_no1_{unique}", f"_bk_no2_{unique}", f"_bk_no3_{unique}"]
+        names += [f"_bk_yes1_{unique}", f"_bk_yes2_{unique}", f"_bk_yes3_{unique}"]
+        for name in [*names, f"_bk_yes4_{unique}"]:
             # Synapse asks the appservice about an unknown invitee (and invites it anyway).
             assert await invite(name) == 200
 
         registered = [await app.store.is_registered(f"@{n}:test.local") for n in names]
-        assert registered == [True, False, True]
-        assert not await app.store.is_registered(f"@_bk_yes3_{unique}:test.local")
-        # The cap comes first, so a flood never reaches the hook: yes3 was not asked about.
+        assert registered == [False] * 3 + [True] * 3
+        assert not await app.store.is_registered(f"@_bk_yes4_{unique}:test.local")
+        # The cap is looked at first, so past it nothing reaches the hook: yes4 was not
+        # asked about.
         assert asked == [f"@{name}:test.local" for name in names]
         assert app.provisioning_daily.available < 1
 
