@@ -169,6 +169,21 @@ async def test_join_many_counts_a_ban_as_failed_and_lifts_it_only_when_asked(
     assert banned_id in await joined(human, room)
 
 
+async def test_an_unban_in_a_room_anyone_may_join_is_not_counted_as_an_invite(
+    app: AppService, human: Human, unique: str
+) -> None:
+    room = await moderated_room(app, human, preset="public_chat")
+    banned = f"_bk_pub_{unique}"
+    banned_id = f"@{banned}:{app.puppets.domain}"
+    await app.puppets.ensure_registered(banned)
+    await ban(human, room, banned_id, "testing")
+
+    lifted = await app.puppets.join_many([(banned, room)], unban=True)
+
+    assert (lifted.joined, lifted.invited, lifted.banned, lifted.failed) == (1, 0, 0, 0)
+    assert banned_id in await joined(human, room)
+
+
 async def test_a_refusal_that_is_not_about_an_invite_gets_no_invite(
     app: AppService, human: Human, unique: str
 ) -> None:
@@ -340,6 +355,31 @@ async def test_a_version_12_room_id_without_a_server_name_is_taken_everywhere(
     assert app.bot.user_id not in (await power_levels(human, room))["users"]
     await app.bot.set_power_level(room, puppet.user_id, 100)  # a creator outranks 100
     assert (await power_levels(human, room))["users"][puppet.user_id] == 100
+
+
+async def test_creators_of_an_unstable_version_10_or_11_room_have_no_special_power(
+    app: AppService, human: Human
+) -> None:
+    """Synapse still creates MSC3757's rooms (built on versions 10 and 11, before
+    MSC4289): their creator is an ordinary user of level 100, whom a bot at 50 cannot
+    change, for its level, not for being a creator."""
+    for version in ("org.matrix.msc3757.10", "org.matrix.msc3757.11"):
+        # Before MSC4289, the creator must be listed in the override's users.
+        users = {human.user_id: 100, app.bot.user_id: 50}
+        overrides = {"invite": 50, "users": users}
+        room = await invite_only_room(
+            human, app.bot.user_id, room_version=version, power_level_content_override=overrides
+        )
+        await app.bot.join_room(room)
+
+        for levels in (
+            await app.bot.get_power_levels(room),
+            await app.room_state.get_power_levels(room),
+        ):
+            assert levels.creators == frozenset(), version
+            assert levels.user_level(human.user_id) == 100
+        with pytest.raises(PowerLevelRefused, match="its level 100 is not below"):
+            await app.bot.set_power_level(room, human.user_id, 0)
 
 
 # -- provisioning on query: a daily cap and an approval hook ------------------------------

@@ -49,9 +49,10 @@ async def ensure_joined(
 
 async def let_in(
     bot: Intent, room_id: str, user_id: str, refusal: MatrixRequestError, *, unban: bool
-) -> None:
+) -> bool:
     """After ``user_id``'s join was refused with ``refusal`` (a 403), have the bot open
-    the way when the refusal means "not invited"; raise otherwise.
+    the way when the refusal means "not invited"; raise otherwise. True when the bot
+    invited it (False: only unbanned, in a room anyone may join).
 
     The bot reads the user's membership and the room's join rule:
 
@@ -74,8 +75,10 @@ async def let_in(
         raise refusal
     if await _invite_only(bot, room_id, refusal):
         await bot.invite(room_id, user_id)
-    elif not unbanned:
+        return True
+    if not unbanned:
         raise refusal  # an open room refused it: not a matter of an invite
+    return False
 
 
 async def _member_event(
