@@ -441,6 +441,18 @@ def test_a_rooms_namespace_that_names_a_server_is_flagged_for_version_12() -> No
     assert "version 12" in finding.message and "never matches" in finding.message
 
 
+def test_a_rooms_namespace_with_groups_but_no_server_is_not_flagged() -> None:
+    """The ':' of a non-capturing group or inline flags is the regex's, not a server's."""
+    registration = generate_registration("bk", None, "test.local", "_bk_")
+    regexes = [r"^!(?:bridged|portal)_.*", r"^!(?i:Bridged).*", r"^!(?:a|b)(?:c)?.*"]
+    namespaces = attrs.evolve(
+        registration.namespaces, rooms=[Namespace(regex, False) for regex in regexes]
+    )
+    findings = attrs.evolve(registration, namespaces=namespaces).lint()
+
+    assert [f for f in findings if "version 12" in f.message] == []
+
+
 async def test_the_approval_hook_of_the_configuration_page_runs_as_written(
     homeserver: TestHomeserver, tmp_path: Path
 ) -> None:
