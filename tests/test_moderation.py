@@ -28,6 +28,7 @@ from bridge_kit import (
     Forbidden,
     HomeserverClient,
     Intent,
+    MatrixRequestError,
     PowerLevelConflict,
     PowerLevelRefused,
     PuppetsConfig,
@@ -202,6 +203,33 @@ async def test_a_refusal_that_is_not_about_an_invite_gets_no_invite(
     assert await membership(human, room, puppet.user_id) is None  # never invited
     assert (result.failed, result.invited, result.banned) == (1, 0, 0)
     assert await membership(human, room, f"@_bk_outsider2_{unique}:test.local") is None
+
+
+async def test_a_refusal_about_the_account_not_the_room_gets_no_invite(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str
+) -> None:
+    """A suspended puppet's join is refused with 403 M_USER_SUSPENDED: no invite
+    lets it in, so the bot must not invite it (nor read the room to find out)."""
+    room = await moderated_room(app, human)
+    localparts = [f"_bk_susp_{unique}", f"_bk_susp2_{unique}"]
+    admin = {"Authorization": f"Bearer {await homeserver.admin_token()}"}
+    for localpart in localparts:
+        await app.puppets.ensure_registered(localpart)
+        user_id = f"@{localpart}:{app.puppets.domain}"
+        url = f"{homeserver.url}/_synapse/admin/v1/suspend/{q(user_id)}"
+        async with homeserver.http.put(url, json={"suspend": True}, headers=admin) as reply:
+            assert reply.status == 200, await reply.text()
+    puppet = app.intent(localparts[0])
+
+    with pytest.raises(MatrixRequestError) as caught:
+        await puppet.ensure_joined(room)
+    result = await app.puppets.join_many([(localparts[1], room)])
+
+    assert caught.value.errcode == "M_USER_SUSPENDED"
+    assert (result.failed, result.invited, result.banned) == (1, 0, 0)
+    assert "M_USER_SUSPENDED" in result.failures[f"{localparts[1]} {room}"]
+    for localpart in localparts:
+        assert await membership(human, room, f"@{localpart}:{app.puppets.domain}") is None
 
 
 async def test_a_kicked_puppet_is_invited_again(app: AppService, human: Human, unique: str) -> None:

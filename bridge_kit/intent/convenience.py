@@ -41,10 +41,19 @@ async def ensure_joined(
         return
     except MatrixRequestError as error:
         bot = state.bot()
-        if error.status != 403 or bot.user_id == intent.user_id:
-            raise  # not a matter of permission, or nobody above the bot to let it in
+        if not about_the_room(error) or bot.user_id == intent.user_id:
+            raise  # not a matter of the room's rules, or nobody above the bot to let it in
         await let_in(bot, room_id, intent.user_id, error, unban=unban)
     await intent.join_room(room_id)
+
+
+def about_the_room(refusal: MatrixRequestError) -> bool:
+    """Whether a refused join may be about the room's membership rules: a 403
+    ``M_FORBIDDEN`` (not invited, banned, or a rule such as a server ACL). A 403 with
+    another errcode is about the user or the homeserver (a suspended account,
+    ``M_USER_SUSPENDED``; the user limit, ``M_RESOURCE_LIMIT_EXCEEDED``;
+    consent not given): no invite helps, so the bot neither looks nor invites."""
+    return refusal.status == 403 and refusal.errcode == "M_FORBIDDEN"
 
 
 async def let_in(

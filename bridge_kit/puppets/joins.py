@@ -29,7 +29,7 @@ from bridge_kit.errors import (
     UnexpectedReply,
     UnknownToken,
 )
-from bridge_kit.intent.convenience import let_in
+from bridge_kit.intent.convenience import about_the_room, let_in
 from bridge_kit.intent.state_store import membership_event
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
@@ -116,7 +116,7 @@ class _Join(Stage):
         except UnknownToken:
             raise
         except MatrixRequestError as error:
-            if error.status != 403 or run.bot is None:
+            if not about_the_room(error) or run.bot is None:
                 run.failed(item.key, describe_failure(error))
                 return False
             invited = await self._let_in_and_join(item, error)
