@@ -47,13 +47,19 @@ async def ensure_joined(
     await intent.join_room(room_id)
 
 
+#: The errcodes of a 403 that may be about the room's membership rules: not invited, a
+#: rule such as a server ACL (``M_FORBIDDEN``), or a ban (Synapse: ``M_BAD_STATE``,
+#: "Cannot join user who was banned").
+_ROOM_REFUSALS: Final = frozenset({"M_FORBIDDEN", "M_BAD_STATE"})
+
+
 def about_the_room(refusal: MatrixRequestError) -> bool:
-    """Whether a refused join may be about the room's membership rules: a 403
-    ``M_FORBIDDEN`` (not invited, banned, or a rule such as a server ACL). A 403 with
-    another errcode is about the user or the homeserver (a suspended account,
-    ``M_USER_SUSPENDED``; the user limit, ``M_RESOURCE_LIMIT_EXCEEDED``;
-    consent not given): no invite helps, so the bot neither looks nor invites."""
-    return refusal.status == 403 and refusal.errcode == "M_FORBIDDEN"
+    """Whether a refused join may be about the room's membership rules (a 403 with
+    one of :data:`_ROOM_REFUSALS`). A 403 with another errcode is about the user or
+    the homeserver (a suspended account, ``M_USER_SUSPENDED``; the user limit,
+    ``M_RESOURCE_LIMIT_EXCEEDED``; consent not given): no invite helps, so the bot
+    neither looks nor invites."""
+    return refusal.status == 403 and refusal.errcode in _ROOM_REFUSALS
 
 
 async def let_in(
