@@ -317,7 +317,8 @@ class MediaTooLarge(MediaError):
 class PowerLevelRefused(InvalidInput):
     """A power-level change bridge_kit will not try, for it cannot be right: the user
     is a room creator (room version 12+, above every level), or ranks at or above the
-    one who would change it, or the new level is above that one's own. Nothing was sent.
+    one who would change it, or the new level is above that one's own, or that one
+    may not send ``m.room.power_levels`` at all. Nothing was sent.
     """
 
     def __init__(self, room_id: str, user_id: str, reason: str) -> None:

@@ -287,6 +287,26 @@ async def test_the_bot_never_changes_whom_it_cannot_outrank(
     assert (await power_levels(human, room))["users"][below] == 40
 
 
+async def test_a_writer_below_the_power_levels_own_level_sends_nothing(
+    app: AppService, human: Human, requests: Requests, unique: str
+) -> None:
+    """m.room.power_levels needs its level in events (else state_default) to be sent
+    at all: a bot below it is refused before anything is sent."""
+    below = f"@_bk_pl_{unique}:test.local"
+    users = {app.bot.user_id: 50}
+    for overrides in (
+        {"invite": 50, "users": users, "events": {POWER_LEVELS: 100}},
+        {"invite": 50, "users": users, "state_default": 75, "events": {}},
+    ):
+        room = await moderated_room(app, human, power_level_content_override=overrides)
+        requests.seen.clear()
+
+        with pytest.raises(PowerLevelRefused, match=f"sending {POWER_LEVELS} needs"):
+            await app.bot.set_power_level(room, below, 10)
+
+        assert requests.seen[STATE_PUT] == 0
+
+
 async def test_concurrent_power_level_changes_in_one_room_all_stay(
     app: AppService, human: Human, unique: str
 ) -> None:

@@ -175,13 +175,19 @@ def check_power_change(
     levels: PowerLevels, changer: str, room_id: str, user_id: str, level: int
 ) -> None:
     """Raise :class:`~bridge_kit.errors.PowerLevelRefused` unless ``changer`` may give
-    ``user_id`` ``level`` (the spec's rules: never above one's own level, never for
-    someone at or above it; a room version 12 creator has no level to change)."""
+    ``user_id`` ``level`` (the spec's rules: the level to send the power levels at
+    all, never above one's own level, never for someone at or above it; a room
+    version 12 creator has no level to change)."""
     if user_id in levels.creators:
         raise PowerLevelRefused(
             room_id, user_id, "it is a creator of the room (room version 12+), above every level"
         )
     own, current = levels.user_level(changer), levels.user_level(user_id)
+    needed = levels.event_level(POWER_LEVELS, state=True)  # events, else state_default
+    if own < needed:
+        raise PowerLevelRefused(
+            room_id, user_id, f"sending {POWER_LEVELS} needs {needed}, {changer} has {own}"
+        )
     if level > own:
         raise PowerLevelRefused(room_id, user_id, f"{level} is above {changer}'s own {own}")
     if user_id != changer and current != level and current >= own:
