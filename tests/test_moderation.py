@@ -414,7 +414,7 @@ async def test_creators_of_an_unstable_version_10_or_11_room_have_no_special_pow
     for version in ("org.matrix.msc3757.10", "org.matrix.msc3757.11"):
         # Before MSC4289, the creator must be listed in the override's users.
         users = {human.user_id: 100, app.bot.user_id: 50}
-        overrides = {"invite": 50, "users": users}
+        overrides = {"invite": 50, "users": users, "events": {POWER_LEVELS: 50}}
         room = await invite_only_room(
             human, app.bot.user_id, room_version=version, power_level_content_override=overrides
         )
