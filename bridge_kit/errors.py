@@ -271,15 +271,21 @@ class RegistrationAborted(HomeserverError):
 
 class PowerLevelConflict(HomeserverError):
     """A power-level change did not stay: each time it was written, a re-read found
-    the room's power levels replaced by another writer (outside this process)."""
+    the room's power levels replaced by another writer (outside this process); or,
+    when ``theirs`` is set, that writer gave the user that level after ours, on
+    purpose (not a stale copy written back), and theirs stands."""
 
-    def __init__(self, room_id: str, user_id: str, attempts: int) -> None:
+    def __init__(
+        self, room_id: str, user_id: str, attempts: int, theirs: int | float | None = None
+    ) -> None:
         self.room_id = room_id
         self.user_id = user_id
-        super().__init__(
-            f"the power level of {user_id} in {room_id} did not stay: another writer "
-            f"replaced m.room.power_levels after each of {attempts} writes"
-        )
+        self.theirs = theirs
+        if theirs is None:
+            why = f"another writer replaced m.room.power_levels after each of {attempts} writes"
+        else:
+            why = f"after write {attempts}, another writer set it to {theirs}; theirs stands"
+        super().__init__(f"the power level of {user_id} in {room_id} did not stay: {why}")
 
 
 class UnexpectedReply(HomeserverError):
@@ -375,7 +381,8 @@ class MediaTooLarge(MediaError):
 class PowerLevelRefused(InvalidInput):
     """A power-level change bridge_kit will not try, for it cannot be right: the user
     is a room creator (room version 12+, above every level), or ranks at or above the
-    one who would change it, or the new level is above that one's own. Nothing was sent.
+    one who would change it, or the new level is above that one's own, or that one
+    may not send ``m.room.power_levels`` at all. Nothing was sent.
     """
 
     def __init__(self, room_id: str, user_id: str, reason: str) -> None:

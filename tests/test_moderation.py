@@ -28,6 +28,7 @@ from bridge_kit import (
     Forbidden,
     HomeserverClient,
     Intent,
+    MatrixRequestError,
     PowerLevelConflict,
     PowerLevelRefused,
     PuppetsConfig,
@@ -169,6 +170,21 @@ async def test_join_many_counts_a_ban_as_failed_and_lifts_it_only_when_asked(
     assert banned_id in await joined(human, room)
 
 
+async def test_an_unban_in_a_room_anyone_may_join_is_not_counted_as_an_invite(
+    app: AppService, human: Human, unique: str
+) -> None:
+    room = await moderated_room(app, human, preset="public_chat")
+    banned = f"_bk_pub_{unique}"
+    banned_id = f"@{banned}:{app.puppets.domain}"
+    await app.puppets.ensure_registered(banned)
+    await ban(human, room, banned_id, "testing")
+
+    lifted = await app.puppets.join_many([(banned, room)], unban=True)
+
+    assert (lifted.joined, lifted.invited, lifted.banned, lifted.failed) == (1, 0, 0, 0)
+    assert banned_id in await joined(human, room)
+
+
 async def test_a_refusal_that_is_not_about_an_invite_gets_no_invite(
     app: AppService, human: Human, unique: str
 ) -> None:
@@ -187,6 +203,33 @@ async def test_a_refusal_that_is_not_about_an_invite_gets_no_invite(
     assert await membership(human, room, puppet.user_id) is None  # never invited
     assert (result.failed, result.invited, result.banned) == (1, 0, 0)
     assert await membership(human, room, f"@_bk_outsider2_{unique}:test.local") is None
+
+
+async def test_a_refusal_about_the_account_not_the_room_gets_no_invite(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str
+) -> None:
+    """A suspended puppet's join is refused with 403 M_USER_SUSPENDED: no invite
+    lets it in, so the bot must not invite it (nor read the room to find out)."""
+    room = await moderated_room(app, human)
+    localparts = [f"_bk_susp_{unique}", f"_bk_susp2_{unique}"]
+    admin = {"Authorization": f"Bearer {await homeserver.admin_token()}"}
+    for localpart in localparts:
+        await app.puppets.ensure_registered(localpart)
+        user_id = f"@{localpart}:{app.puppets.domain}"
+        url = f"{homeserver.url}/_synapse/admin/v1/suspend/{q(user_id)}"
+        async with homeserver.http.put(url, json={"suspend": True}, headers=admin) as reply:
+            assert reply.status == 200, await reply.text()
+    puppet = app.intent(localparts[0])
+
+    with pytest.raises(MatrixRequestError) as caught:
+        await puppet.ensure_joined(room)
+    result = await app.puppets.join_many([(localparts[1], room)])
+
+    assert caught.value.errcode == "M_USER_SUSPENDED"
+    assert (result.failed, result.invited, result.banned) == (1, 0, 0)
+    assert "M_USER_SUSPENDED" in result.failures[f"{localparts[1]} {room}"]
+    for localpart in localparts:
+        assert await membership(human, room, f"@{localpart}:{app.puppets.domain}") is None
 
 
 async def test_a_kicked_puppet_is_invited_again(app: AppService, human: Human, unique: str) -> None:
@@ -244,6 +287,26 @@ async def test_the_bot_never_changes_whom_it_cannot_outrank(
     assert (await power_levels(human, room))["users"][below] == 40
 
 
+async def test_a_writer_below_the_power_levels_own_level_sends_nothing(
+    app: AppService, human: Human, requests: Requests, unique: str
+) -> None:
+    """m.room.power_levels needs its level in events (else state_default) to be sent
+    at all: a bot below it is refused before anything is sent."""
+    below = f"@_bk_pl_{unique}:test.local"
+    users = {app.bot.user_id: 50}
+    for overrides in (
+        {"invite": 50, "users": users, "events": {POWER_LEVELS: 100}},
+        {"invite": 50, "users": users, "state_default": 75, "events": {}},
+    ):
+        room = await moderated_room(app, human, power_level_content_override=overrides)
+        requests.seen.clear()
+
+        with pytest.raises(PowerLevelRefused, match=f"sending {POWER_LEVELS} needs"):
+            await app.bot.set_power_level(room, below, 10)
+
+        assert requests.seen[STATE_PUT] == 0
+
+
 async def test_concurrent_power_level_changes_in_one_room_all_stay(
     app: AppService, human: Human, unique: str
 ) -> None:
@@ -255,6 +318,35 @@ async def test_concurrent_power_level_changes_in_one_room_all_stay(
 
     stored = (await power_levels(human, room))["users"]
     assert {user: stored.get(user) for user in users} == users
+
+
+async def test_writers_with_their_own_clients_take_turns_in_one_room(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str
+) -> None:
+    """The lock is per room, not per client: a double puppet (here the admin, with its
+    own token and client) and the bot write in turn, so nobody writes twice."""
+    overrides = {"invite": 50, "events": {POWER_LEVELS: 99}, "users": {app.bot.user_id: 99}}
+    room = await moderated_room(app, human, power_level_content_override=overrides)
+    by_bot = {f"@_bk_pb{n}_{unique}:test.local": 10 + n for n in range(4)}
+    by_admin = {f"@_bk_pa{n}_{unique}:test.local": 20 + n for n in range(4)}
+    counted = Requests()
+
+    async with HomeserverClient(homeserver.url, human.token) as own_client:
+        admin = Intent(own_client, human.user_id)
+        for client in (app.client, own_client):
+            client.observers.append(counted)
+        try:
+            await asyncio.gather(
+                *(app.bot.set_power_level(room, u, lvl) for u, lvl in by_bot.items()),
+                *(admin.set_power_level(room, u, lvl) for u, lvl in by_admin.items()),
+            )
+        finally:
+            app.client.observers.remove(counted)
+
+    stored = (await power_levels(human, room))["users"]
+    wanted = by_bot | by_admin
+    assert {user: stored.get(user) for user in wanted} == wanted
+    assert counted.seen[STATE_PUT] == len(wanted)  # each change written once
 
 
 # -- room version 12 -------------------------------------------------------------------------
@@ -313,6 +405,31 @@ async def test_a_version_12_room_id_without_a_server_name_is_taken_everywhere(
     assert (await power_levels(human, room))["users"][puppet.user_id] == 100
 
 
+async def test_creators_of_an_unstable_version_10_or_11_room_have_no_special_power(
+    app: AppService, human: Human
+) -> None:
+    """Synapse still creates MSC3757's rooms (built on versions 10 and 11, before
+    MSC4289): their creator is an ordinary user of level 100, whom a bot at 50 cannot
+    change, for its level, not for being a creator."""
+    for version in ("org.matrix.msc3757.10", "org.matrix.msc3757.11"):
+        # Before MSC4289, the creator must be listed in the override's users.
+        users = {human.user_id: 100, app.bot.user_id: 50}
+        overrides = {"invite": 50, "users": users, "events": {POWER_LEVELS: 50}}
+        room = await invite_only_room(
+            human, app.bot.user_id, room_version=version, power_level_content_override=overrides
+        )
+        await app.bot.join_room(room)
+
+        for levels in (
+            await app.bot.get_power_levels(room),
+            await app.room_state.get_power_levels(room),
+        ):
+            assert levels.creators == frozenset(), version
+            assert levels.user_level(human.user_id) == 100
+        with pytest.raises(PowerLevelRefused, match="its level 100 is not below"):
+            await app.bot.set_power_level(room, human.user_id, 0)
+
+
 # -- provisioning on query: a daily cap and an approval hook ------------------------------
 
 
@@ -331,7 +448,7 @@ async def test_invites_provision_within_the_daily_cap_and_with_approval(
     @app.on_provision_approval
     async def approve(user_id: str) -> bool:
         asked.append(user_id)
-        return "_no_" not in user_id
+        return "_bk_no" not in user_id
 
     async def invite(localpart: str) -> int:
         """The human invites a puppet the homeserver does not know yet."""
@@ -343,15 +460,18 @@ async def test_invites_provision_within_the_daily_cap_and_with_approval(
         status, reply = await human.call("POST", f"{CLIENT}/createRoom", {})
         assert status == 200, reply
         room = reply["room_id"]
-        names = [f"_bk_yes1_{unique}", f"_bk_no_{unique}", f"_bk_yes2_{unique}"]
-        for name in [*names, f"_bk_yes3_{unique}"]:
+        # Refused names first: they must not use up the day's three registrations.
+        names = [f"_bk_no1_{unique}", f"_bk_no2_{unique}", f"_bk_no3_{unique}"]
+        names += [f"_bk_yes1_{unique}", f"_bk_yes2_{unique}", f"_bk_yes3_{unique}"]
+        for name in [*names, f"_bk_yes4_{unique}"]:
             # Synapse asks the appservice about an unknown invitee (and invites it anyway).
             assert await invite(name) == 200
 
         registered = [await app.store.is_registered(f"@{n}:test.local") for n in names]
-        assert registered == [True, False, True]
-        assert not await app.store.is_registered(f"@_bk_yes3_{unique}:test.local")
-        # The cap comes first, so a flood never reaches the hook: yes3 was not asked about.
+        assert registered == [False] * 3 + [True] * 3
+        assert not await app.store.is_registered(f"@_bk_yes4_{unique}:test.local")
+        # The cap is looked at first, so past it nothing reaches the hook: yes4 was not
+        # asked about.
         assert asked == [f"@{name}:test.local" for name in names]
         assert app.provisioning_daily.available < 1
 
@@ -367,6 +487,18 @@ def test_a_rooms_namespace_that_names_a_server_is_flagged_for_version_12() -> No
     [finding] = [f for f in findings if f.field and f.field.startswith("namespaces.rooms")]
     assert finding.field == "namespaces.rooms[0].regex"
     assert "version 12" in finding.message and "never matches" in finding.message
+
+
+def test_a_rooms_namespace_with_groups_but_no_server_is_not_flagged() -> None:
+    """The ':' of a non-capturing group or inline flags is the regex's, not a server's."""
+    registration = generate_registration("bk", None, "test.local", "_bk_")
+    regexes = [r"^!(?:bridged|portal)_.*", r"^!(?i:Bridged).*", r"^!(?:a|b)(?:c)?.*"]
+    namespaces = attrs.evolve(
+        registration.namespaces, rooms=[Namespace(regex, False) for regex in regexes]
+    )
+    findings = attrs.evolve(registration, namespaces=namespaces).lint()
+
+    assert [f for f in findings if "version 12" in f.message] == []
 
 
 async def test_the_approval_hook_of_the_configuration_page_runs_as_written(
@@ -454,6 +586,35 @@ async def rival_writer(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}", writes
     finally:
         await runner.cleanup()
+
+
+async def test_a_level_a_moderator_set_after_ours_stands(
+    app: AppService, homeserver: TestHomeserver, human: Human, unique: str
+) -> None:
+    """The read-back writes again only over a stale copy of the levels; a moderator who
+    gave the user another level after our write keeps it (moderators win)."""
+    overrides = {"invite": 50, "events": {POWER_LEVELS: 99}, "users": {app.bot.user_id: 99}}
+    room = await moderated_room(app, human, power_level_content_override=overrides)
+    target = f"@_bk_demoted_{unique}:test.local"
+
+    async def moderator() -> None:
+        levels = await power_levels(human, room)
+        path = f"{CLIENT}/rooms/{q(room)}/state/{POWER_LEVELS}/"
+        content = {**levels, "users": {**levels["users"], target: 7}}
+        status, body = await human.call("PUT", path, content)
+        assert status == 200, body
+
+    async with (
+        rival_writer(homeserver.url, moderator, 1) as (url, writes),
+        HomeserverClient(url, homeserver.as_token) as proxied,
+    ):
+        bot = Intent(proxied, app.bot.user_id)
+        with pytest.raises(PowerLevelConflict, match="set it to 7; theirs stands") as caught:
+            await bot.set_power_level(room, target, 42)
+
+    assert caught.value.theirs == 7
+    assert (await power_levels(human, room))["users"][target] == 7
+    assert len(writes) == 1
 
 
 @pytest.mark.parametrize("rival_writes", [1, 3])

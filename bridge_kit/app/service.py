@@ -221,9 +221,11 @@ class AppService:
         Asked before provisioning on query registers a puppet the store does not
         know, after the namespace, ``on_user_query`` and the limits
         (``puppets.provision_per_minute`` and ``provision_per_day``) let it through;
-        a no answers the homeserver "no such user". For a policy (an allow-list, an
-        operator's approval), where ``on_user_query`` says whether the remote user
-        exists. An error in the hook counts as a no, and is logged.
+        a no answers the homeserver "no such user" and costs none of the day's
+        registrations (a query it refuses still counts towards the minute's). For a
+        policy (an allow-list, an operator's approval), where ``on_user_query`` says
+        whether the remote user exists. An error in the hook counts as a no, and is
+        logged.
         """
         self._provision_approval = hook
         return hook
@@ -512,26 +514,35 @@ class AppService:
         the store knows costs none.
 
         The limits hold whether or not a hook said yes: anyone on the homeserver
-        can make it ask about any ID in our namespace, by inviting it. They come
-        before the approval hook, so that a flood of queries never reaches it.
+        can make it ask about any ID in our namespace, by inviting it. The
+        per-minute limit comes before the approval hook, so that a flood of queries
+        never reaches it; the daily cap counts only the puppets the hook let
+        through, so that queries it refuses cannot use up the day's registrations.
         """
         if await self.store.is_registered(user_id):
             return True
         limit = self._provision_limit_reached()
-        if limit is not None:
-            self._refuse_provisioning(user_id, limit)
-            return False
-        self._refusing = False
-        return await self._approved(user_id)
+        if limit is None:
+            self._refusing = False
+            if not await self._approved(user_id):
+                return False
+            if self.provisioning_daily.try_take():
+                return True
+            limit = self._daily_limit()  # taken meanwhile by queries approved concurrently
+        self._refuse_provisioning(user_id, limit)
+        return False
 
     def _provision_limit_reached(self) -> str | None:
-        """Which limit refuses one more registration now (None: neither; a token taken)."""
-        puppets = self.config.puppets
+        """Which limit refuses one more registration now (None: neither; a token of
+        the per-minute limit taken, the daily one only looked at)."""
+        if self.provisioning_daily.available < 1:
+            return self._daily_limit()
         if not self.provisioning.try_take():
-            return f"puppets.provision_per_minute ({puppets.provision_per_minute})"
-        if not self.provisioning_daily.try_take():
-            return f"puppets.provision_per_day ({puppets.provision_per_day})"
+            return f"puppets.provision_per_minute ({self.config.puppets.provision_per_minute})"
         return None
+
+    def _daily_limit(self) -> str:
+        return f"puppets.provision_per_day ({self.config.puppets.provision_per_day})"
 
     def _refuse_provisioning(self, user_id: str, limit: str) -> None:
         self.metrics.count_provisioning_refused()

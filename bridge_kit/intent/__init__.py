@@ -412,12 +412,14 @@ class Intent:
         """Set one user's power level (read, change, write back ``m.room.power_levels``).
 
         Returns the new power-levels event's ID. Writers in this process take
-        turns per room; after writing, the power levels are read back, and the
-        change is written again (three times at most, then
-        :class:`~bridge_kit.errors.PowerLevelConflict`) if another writer replaced
-        it. Raises :class:`~bridge_kit.errors.PowerLevelRefused`, sending nothing,
-        for a change the spec's rules forbid this user: a level above its own, a
-        user at or above its own level, or a room creator (room version 12+).
+        turns per room, whatever their client (double puppets included); after
+        writing, the power levels are read back, and the change is written again
+        (three times at most, then :class:`~bridge_kit.errors.PowerLevelConflict`)
+        if another writer put back the user's level from before. A level another
+        writer gave the user after ours stands: ``PowerLevelConflict`` at once.
+        Raises :class:`~bridge_kit.errors.PowerLevelRefused`, sending nothing, for
+        a change the spec's rules forbid this user: a level above its own, a user
+        at or above its own level, or a room creator (room version 12+).
         """
         return await rooms.set_power_level(self, room_id, user_id, level)
 

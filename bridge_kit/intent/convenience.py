@@ -41,17 +41,33 @@ async def ensure_joined(
         return
     except MatrixRequestError as error:
         bot = state.bot()
-        if error.status != 403 or bot.user_id == intent.user_id:
-            raise  # not a matter of permission, or nobody above the bot to let it in
+        if not about_the_room(error) or bot.user_id == intent.user_id:
+            raise  # not a matter of the room's rules, or nobody above the bot to let it in
         await let_in(bot, room_id, intent.user_id, error, unban=unban)
     await intent.join_room(room_id)
 
 
+#: The errcodes of a 403 that may be about the room's membership rules: not invited, a
+#: rule such as a server ACL (``M_FORBIDDEN``), or a ban (Synapse: ``M_BAD_STATE``,
+#: "Cannot join user who was banned").
+_ROOM_REFUSALS: Final = frozenset({"M_FORBIDDEN", "M_BAD_STATE"})
+
+
+def about_the_room(refusal: MatrixRequestError) -> bool:
+    """Whether a refused join may be about the room's membership rules (a 403 with
+    one of :data:`_ROOM_REFUSALS`). A 403 with another errcode is about the user or
+    the homeserver (a suspended account, ``M_USER_SUSPENDED``; the user limit,
+    ``M_RESOURCE_LIMIT_EXCEEDED``; consent not given): no invite helps, so the bot
+    neither looks nor invites."""
+    return refusal.status == 403 and refusal.errcode in _ROOM_REFUSALS
+
+
 async def let_in(
     bot: Intent, room_id: str, user_id: str, refusal: MatrixRequestError, *, unban: bool
-) -> None:
+) -> bool:
     """After ``user_id``'s join was refused with ``refusal`` (a 403), have the bot open
-    the way when the refusal means "not invited"; raise otherwise.
+    the way when the refusal means "not invited"; raise otherwise. True when the bot
+    invited it (False: only unbanned, in a room anyone may join).
 
     The bot reads the user's membership and the room's join rule:
 
@@ -74,8 +90,10 @@ async def let_in(
         raise refusal
     if await _invite_only(bot, room_id, refusal):
         await bot.invite(room_id, user_id)
-    elif not unbanned:
+        return True
+    if not unbanned:
         raise refusal  # an open room refused it: not a matter of an invite
+    return False
 
 
 async def _member_event(

@@ -10,7 +10,7 @@ from typing import Any, Final
 import attrs
 import cattrs
 
-from bridge_kit.client.homeserver import HomeserverClient, quote_segment, structure_reply
+from bridge_kit.client.homeserver import quote_segment, structure_reply
 from bridge_kit.errors import (
     MatrixRequestError,
     PowerLevelConflict,
@@ -124,34 +124,41 @@ async def _read_power_levels(actor: Actor, room_id: str) -> tuple[dict[str, Any]
 #: Writes of one change at most, when a re-read finds another writer (another process,
 #: a moderator's client) replaced the power levels between our read and our write.
 _POWER_ATTEMPTS: Final = 3
-#: One lock per client and room: this process's writers never read the same power
-#: levels and write back over one another. A lock goes when nobody holds or awaits it.
-_power_locks: weakref.WeakKeyDictionary[
-    HomeserverClient, weakref.WeakValueDictionary[str, asyncio.Lock]
-] = weakref.WeakKeyDictionary()
+#: One lock per room, whichever client writes: the bot and the puppets share one
+#: client, but each double puppet has its own, and all of them read and write back the
+#: same power levels. A lock goes when nobody holds or awaits it. (Room IDs are
+#: unique across homeservers, so two apps in one process at worst take turns.)
+_power_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
-def _power_lock(actor: Actor, room_id: str) -> asyncio.Lock:
-    locks = _power_locks.setdefault(actor.client, weakref.WeakValueDictionary())
-    lock = locks.get(room_id)
+def _power_lock(room_id: str) -> asyncio.Lock:
+    lock = _power_locks.get(room_id)
     if lock is None:
-        lock = locks[room_id] = asyncio.Lock()
+        lock = _power_locks[room_id] = asyncio.Lock()
     return lock
 
 
 async def set_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:
-    async with _power_lock(actor, room_id):
-        for _ in range(_POWER_ATTEMPTS):
-            event_id = await _write_power_level(actor, room_id, user_id, level)
+    async with _power_lock(room_id):
+        for attempt in range(1, _POWER_ATTEMPTS + 1):
+            event_id, before = await _write_power_level(actor, room_id, user_id, level)
             # Read back: a writer outside this process may have replaced our event.
             # (Creators are refused above, so the content alone says the level.)
             after = await get_state_event(actor, room_id, POWER_LEVELS, "")
-            if structure_reply(after, PowerLevels, "power levels").user_level(user_id) == level:
+            now = structure_reply(after, PowerLevels, "power levels").user_level(user_id)
+            if now == level:
                 return event_id
+            if now != before:
+                # Not a stale copy of the levels written back over ours: someone set
+                # this user's level on purpose after us (a moderator). Theirs stands.
+                raise PowerLevelConflict(room_id, user_id, attempt, theirs=now)
     raise PowerLevelConflict(room_id, user_id, _POWER_ATTEMPTS)
 
 
-async def _write_power_level(actor: Actor, room_id: str, user_id: str, level: int) -> str:
+async def _write_power_level(
+    actor: Actor, room_id: str, user_id: str, level: int
+) -> tuple[str, int | float]:
+    """Write ``user_id``'s new level; the event's ID, and the level it had before."""
     # Read-modify-write of the content as it is: every other key goes back untouched.
     content, levels = await _read_power_levels(actor, room_id)
     check_power_change(levels, actor.user_id, room_id, user_id, level)
@@ -160,20 +167,27 @@ async def _write_power_level(actor: Actor, room_id: str, user_id: str, level: in
         users.pop(user_id, None)
     else:
         users[user_id] = level
-    return await actor.send_state(room_id, POWER_LEVELS, {**content, "users": users})
+    event_id = await actor.send_state(room_id, POWER_LEVELS, {**content, "users": users})
+    return event_id, levels.user_level(user_id)
 
 
 def check_power_change(
     levels: PowerLevels, changer: str, room_id: str, user_id: str, level: int
 ) -> None:
     """Raise :class:`~bridge_kit.errors.PowerLevelRefused` unless ``changer`` may give
-    ``user_id`` ``level`` (the spec's rules: never above one's own level, never for
-    someone at or above it; a room version 12 creator has no level to change)."""
+    ``user_id`` ``level`` (the spec's rules: the level to send the power levels at
+    all, never above one's own level, never for someone at or above it; a room
+    version 12 creator has no level to change)."""
     if user_id in levels.creators:
         raise PowerLevelRefused(
             room_id, user_id, "it is a creator of the room (room version 12+), above every level"
         )
     own, current = levels.user_level(changer), levels.user_level(user_id)
+    needed = levels.event_level(POWER_LEVELS, state=True)  # events, else state_default
+    if own < needed:
+        raise PowerLevelRefused(
+            room_id, user_id, f"sending {POWER_LEVELS} needs {needed}, {changer} has {own}"
+        )
     if level > own:
         raise PowerLevelRefused(room_id, user_id, f"{level} is above {changer}'s own {own}")
     if user_id != changer and current != level and current >= own:

@@ -29,7 +29,7 @@ from bridge_kit.errors import (
     UnexpectedReply,
     UnknownToken,
 )
-from bridge_kit.intent.convenience import let_in
+from bridge_kit.intent.convenience import about_the_room, let_in
 from bridge_kit.intent.state_store import membership_event
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
@@ -116,12 +116,14 @@ class _Join(Stage):
         except UnknownToken:
             raise
         except MatrixRequestError as error:
-            if error.status != 403 or run.bot is None:
+            if not about_the_room(error) or run.bot is None:
                 run.failed(item.key, describe_failure(error))
                 return False
-            if not await self._let_in_and_join(item, error):
+            invited = await self._let_in_and_join(item, error)
+            if invited is None:
                 return False
-            result.invited += 1
+            if invited:
+                result.invited += 1
         except UnexpectedReply as error:
             run.failed(item.key, describe_failure(error))
             return False
@@ -140,25 +142,26 @@ class _Join(Stage):
             endpoint=_JOIN_ENDPOINT,
         )
 
-    async def _let_in_and_join(self, item: _Pair, refusal: MatrixRequestError) -> bool:
+    async def _let_in_and_join(self, item: _Pair, refusal: MatrixRequestError) -> bool | None:
+        """Whether the bot invited the puppet before it joined; None: it did not join."""
         run = self._run
         assert run.bot is not None  # checked by the caller
         bot = run.bot()
         try:
-            await let_in(bot, item.room_id, item.user_id, refusal, unban=run.unban)
+            invited = await let_in(bot, item.room_id, item.user_id, refusal, unban=run.unban)
             await self._join(item)
         except UnknownToken:
             raise
         except Banned as ban:
             run.banned(item.key, ban)
-            return False
+            return None
         except (MatrixRequestError, UnexpectedReply) as error:
             reason = (
                 f"not allowed to join, and the bot could not let it in: {describe_failure(error)}"
             )
             run.failed(item.key, reason)
-            return False
-        return True
+            return None
+        return invited
 
 
 class JoinRun(BulkJob[tuple[str, str], JoinResult]):

@@ -137,6 +137,10 @@ def _warnings(reg: Lintable, source_map: SourceMap, domain: str | None) -> list[
     return report.findings
 
 
+#: The ':' of a regex's own syntax (``(?:``, ``(?i:``), not a server name's.
+_GROUP_SYNTAX = re.compile(r"\(\?[aiLmsux-]*:")
+
+
 def _lint_regex(report: Report, path: KeyPath, regex: str, kind: str, sigil: str) -> None:
     noun = {"users": "user", "aliases": "alias", "rooms": "room"}[kind]
     if not _can_start_with(regex, sigil):
@@ -155,7 +159,7 @@ def _lint_regex(report: Report, path: KeyPath, regex: str, kind: str, sigil: str
             f"event; repeat once, e.g. '^{sigil}_prefix_.*:example\\.org$'",
         )
     if kind == "rooms":
-        if ":" in regex:
+        if ":" in _GROUP_SYNTAX.sub("", regex):
             report.warn(
                 path,
                 "names a server (':'), but rooms of version 12 and later have IDs without "

@@ -114,8 +114,12 @@ class PowerLevels:
 
 
 # Room versions before 12 give creators no special power; later ones (and MSC4289's
-# unstable versions) give them an infinite level.
-_LEGACY_ROOM_VERSIONS = frozenset(str(n) for n in range(1, 12))
+# unstable versions) give them an infinite level. The unstable versions homeservers
+# still create that are built on version 10 or 11 without MSC4289 (Synapse 1.163
+# knows MSC3757's) are legacy too.
+_LEGACY_ROOM_VERSIONS = frozenset(
+    [str(n) for n in range(1, 12)] + ["org.matrix.msc3757.10", "org.matrix.msc3757.11"]
+)
 
 
 def with_creators(levels: PowerLevels, create: Event) -> PowerLevels:
