@@ -421,6 +421,45 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
         assert ghosts == {f"@_bk_toy_bob:{DOMAIN}"}
 
 
+async def test_a_banned_ghost_stays_out_and_the_network_hears_of_it(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    bob = f"@_bk_toy_bob:{DOMAIN}"
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        assert await remote_says(bridge, chat, "m1", "before the ban")
+        await alice.find(room_id, body_is("before the ban"), "bob's message")
+        # A moderator (the bot is the room's admin) bans bob's ghost.
+        await bridge.app.bot.ban(room_id, bob, reason="spam")
+        assert await remote_says(bridge, chat, "m2", "after the ban")
+        report = await network.wait_for("ban")
+        portal, ghost_id, ban = report.item
+        assert (portal, ghost_id) == (PortalKey(chat), "bob")
+        assert (ban.room_id, ban.user_id, ban.banner, ban.reason) == (
+            room_id, bob, bridge.app.bot.user_id, "spam"
+        )  # fmt: skip
+        # Carol's message comes after bob's in the portal's lane: once it is in the
+        # room, bob's was handled, and dropped.
+        carol = Sender("carol", "Carol")
+        assert await remote_says(bridge, chat, "m3", "from carol", sender=carol)
+        await alice.find(room_id, body_is("from carol"), "carol's message")
+        assert not [e for e in await alice.events(room_id) if body_is("after the ban")(e)]
+        member = await alice.call(
+            "GET", f"/rooms/{quote(room_id, safe='')}/state/m.room.member/{bob}"
+        )
+        assert member["membership"] == "ban"  # never unbanned
+        # A member sync after a reconnect leaves the ban alone too, and reports it.
+        await bridge.sync_members(PortalKey(chat), [Sender("bob", "Bob"), carol])
+        assert len(network.of("ban")) == 2
+        member = await alice.call(
+            "GET", f"/rooms/{quote(room_id, safe='')}/state/m.room.member/{bob}"
+        )
+        assert member["membership"] == "ban"
+
+
 async def test_a_restart_reuses_portals_and_ghosts(
     homeserver: TestHomeserver, unique: str, tmp_path: Path
 ) -> None:

@@ -38,6 +38,7 @@ from bridge_kit.bridge.records import (
 if TYPE_CHECKING:
     from bridge_kit.app.service import AppService
     from bridge_kit.config import Config, Section
+    from bridge_kit.puppets.results import Ban
 
 __all__ = [
     "BridgeContext",
@@ -382,6 +383,13 @@ class NetworkConnector(abc.ABC):
         (a DM started from Matrix): the portal that room becomes, or ``None`` to
         leave the invite alone (the default). The ghost joins; the room is claimed
         for the portal unless the portal has a room already."""
+        return None
+
+    async def ghost_banned(self, portal: PortalKey, ghost_id: str, ban: Ban) -> None:
+        """A Matrix moderator banned remote user ``ghost_id``'s ghost from ``portal``'s
+        room: the layer does not lift the ban, and drops what the ghost would have
+        said there. Act on the remote side if the network can (mute, kick, tell the
+        user). Default: nothing."""
         return None
 
     def formatter(self) -> Formatter:

@@ -26,7 +26,8 @@ from bridge_kit.bridge.connector import ChatInfo, NetworkConnector
 from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.records import PortalKey, PortalRecord
-from bridge_kit.errors import MatrixRequestError, NotFound, UnknownChat
+from bridge_kit.errors import Banned, MatrixRequestError, NotFound, UnknownChat
+from bridge_kit.puppets.results import Ban
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
 __all__ = ["BRIDGE_STATE_TYPES", "Portals", "UnknownChat"]
@@ -231,11 +232,28 @@ class Portals:
         result = await self.app.puppets.join_many(
             pairs, concurrency=self.app.config.puppets.concurrency
         )
+        for ban in result.bans:
+            await self._report_ban(portal.key, ban)
         if result.failed:
             log.warning(
                 "portal %s: %d of %d members did not join: %s",
                 portal.key, result.failed, len(pairs), result.failures,
             )  # fmt: skip
+
+    async def ghost_banned(self, portal: PortalKey, banned: Banned) -> None:
+        """Tell the connector that a ghost was found banned from ``portal``'s room."""
+        ban = Ban(banned.room_id, banned.user_id, banned.banner, banned.reason)
+        await self._report_ban(portal, ban)
+
+    async def _report_ban(self, portal: PortalKey, ban: Ban) -> None:
+        ghost_id = self.connector.ghost_for_localpart(ban.user_id[1:].partition(":")[0])
+        if ghost_id is None:
+            return
+        try:
+            await self.connector.ghost_banned(portal, ghost_id, ban)
+        except Exception:
+            # The connector's reaction is its own: the ban holds whatever it does.
+            log.exception("portal %s: the connector failed on the ban of %s", portal, ghost_id)
 
     async def _leave_others(
         self, portal: PortalRecord, room_id: str, members: Sequence[Sender]

@@ -32,7 +32,13 @@ from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.media import upload_url
 from bridge_kit.bridge.portals import Portals
 from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
-from bridge_kit.errors import LimitExceeded, MatrixRequestError, MediaError, UnknownChat
+from bridge_kit.errors import (
+    Banned,
+    LimitExceeded,
+    MatrixRequestError,
+    MediaError,
+    UnknownChat,
+)
 from bridge_kit.inbox.items import RemoteItem
 
 __all__ = ["RemoteHandler", "message_content"]
@@ -71,6 +77,10 @@ class RemoteHandler:
             await self._handle(event)
         except UnknownChat as exc:
             log.warning("remote %s %s dropped: %s", event.type, event.id or "(no id)", exc)
+        except Banned as exc:
+            # Moderators win: the ghost stays out, its event is dropped, the network hears.
+            log.info("remote %s %s dropped: %s", event.type, event.id or "(no id)", exc)
+            await self.portals.ghost_banned(event.portal, exc)
         except MatrixRequestError as exc:
             # A 4xx other than 429 comes again however often it is sent (the ghost
             # may not speak, the room is gone): the event is done with.

@@ -36,6 +36,7 @@ from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.config import Section
 from bridge_kit.errors import InvalidInput, LoginRefused, RemoteError
+from bridge_kit.puppets.results import Ban
 
 TIMEOUT = 30.0
 
@@ -203,3 +204,6 @@ class ToyConnector(NetworkConnector):
     async def get_user_info(self, user_id: str) -> UserInfo | None:
         name = self.network.users.get(user_id)
         return None if name is None else UserInfo(name=name)
+
+    async def ghost_banned(self, portal: PortalKey, ghost_id: str, ban: Ban) -> None:
+        await self.network.record("", "ban", (portal, ghost_id, ban))
