@@ -25,7 +25,7 @@ import os
 import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Final, get_args, get_type_hints
+from typing import Any, ClassVar, Final, TypeVar, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import attrs
@@ -45,11 +45,13 @@ from bridge_kit.store.url import (
 __all__ = [
     "ENV_PREFIX",
     "AppServiceConfig",
+    "BridgeConfig",
     "Config",
     "EncryptionConfig",
     "HomeserverConfig",
     "LoggingConfig",
     "PuppetsConfig",
+    "Section",
 ]
 
 ENV_PREFIX: Final = "BRIDGE_KIT__"
@@ -156,8 +158,16 @@ def _checked(default: Any = attrs.NOTHING, check: Check | None = None, **kwargs:
 # -- the sections ---------------------------------------------------------------
 
 
-class _Section:
-    """Validates its fields on construction, naming them as ``<section>.<key>``."""
+class Section:
+    """A config section: an attrs class whose fields are its keys. Validates its
+    fields on construction, naming them as ``<section>.<key>``.
+
+    A bridge declares a section of its own by subclassing it (``@attrs.frozen``,
+    ``section: ClassVar[str] = "irc"``) and loading with
+    ``Config.load(path, sections=(IrcConfig,))``; ``config.section(IrcConfig)``
+    then gives it, checked key by key like bridge_kit's own. A field's ``metadata``
+    may hold ``{"check": fn}``, ``fn(value) -> problem or None``.
+    """
 
     section: ClassVar[str]
 
@@ -172,7 +182,7 @@ class _Section:
 
 
 @attrs.frozen
-class HomeserverConfig(_Section):
+class HomeserverConfig(Section):
     """``homeserver``: where the homeserver is and (optionally) its server name."""
 
     section: ClassVar[str] = "homeserver"
@@ -183,7 +193,7 @@ class HomeserverConfig(_Section):
 
 
 @attrs.frozen
-class AppServiceConfig(_Section):
+class AppServiceConfig(Section):
     """``appservice``: the registration, where to listen, and the store."""
 
     section: ClassVar[str] = "appservice"
@@ -222,7 +232,7 @@ class AppServiceConfig(_Section):
 
 
 @attrs.frozen
-class PuppetsConfig(_Section):
+class PuppetsConfig(Section):
     """``puppets``: bulk registration and provisioning on ``/users`` queries."""
 
     section: ClassVar[str] = "puppets"
@@ -236,7 +246,7 @@ class PuppetsConfig(_Section):
 
 
 @attrs.frozen
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """``logging``: level and ``text`` or ``json`` lines."""
 
     section: ClassVar[str] = "logging"
@@ -246,7 +256,7 @@ class LoggingConfig(_Section):
 
 
 @attrs.frozen
-class EncryptionConfig(_Section):
+class EncryptionConfig(Section):
     """``encryption``: end-to-end encryption in encrypted rooms (the ``e2ee`` extra)."""
 
     section: ClassVar[str] = "encryption"
@@ -262,12 +272,58 @@ class EncryptionConfig(_Section):
     """Seconds a decrypted to-device payload is kept for retries, unless still needed."""
 
 
-_SECTIONS: Final[dict[str, type[_Section]]] = {
+def _check_prefix(value: str) -> str | None:
+    if not value or any(char.isspace() for char in value):
+        return "must be a non-empty word without spaces"
+    return None
+
+
+PERMISSION_LEVELS: Final = ("none", "relay", "user", "admin")
+"""The ``bridge.permissions`` levels, each allowing what the one before does and more."""
+
+
+def _check_permissions(value: dict[str, str]) -> str | None:
+    for who, level in value.items():
+        if level not in PERMISSION_LEVELS:
+            return f"{who!r}: level must be one of {', '.join(PERMISSION_LEVELS)}, got {level!r}"
+        if not (
+            who == "*" or (who.startswith("@") and ":" in who) or server_name_problem(who) is None
+        ):
+            return f"{who!r}: must be '*', a user ID or a server name"
+    return None
+
+
+def _check_relay_template(value: str) -> str | None:
+    try:
+        value.format(displayname="", message="", mxid="")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"must use only {{displayname}}, {{message}} and {{mxid}}: {exc}"
+    return None
+
+
+@attrs.frozen
+class BridgeConfig(Section):
+    """``bridge``: the bridge layer (:mod:`bridge_kit.bridge`): commands, permissions, relaying."""
+
+    section: ClassVar[str] = "bridge"
+
+    command_prefix: str = _checked("!bridge", _check_prefix)
+    """What starts a command in a portal room (in the management room none is needed)."""
+    permissions: dict[str, str] = attrs.field(factory=dict, metadata={"check": _check_permissions})
+    """Who may do what: ``"*"``, a server name or a user ID -> ``relay``, ``user`` or
+    ``admin``; the most precise entry wins. Nobody listed: no access."""
+    relay_template: str = _checked("<{displayname}> {message}", _check_relay_template)
+    """How a relayed message reads on the remote side."""
+    bot_displayname: str | None = _checked(None, _check_non_empty)
+
+
+_SECTIONS: Final[dict[str, type[Section]]] = {
     "homeserver": HomeserverConfig,
     "appservice": AppServiceConfig,
     "puppets": PuppetsConfig,
     "logging": LoggingConfig,
     "encryption": EncryptionConfig,
+    "bridge": BridgeConfig,
 }
 
 
@@ -284,8 +340,30 @@ class Config:
     puppets: PuppetsConfig = attrs.field(factory=PuppetsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     encryption: EncryptionConfig = attrs.field(factory=EncryptionConfig)
+    bridge: BridgeConfig = attrs.field(factory=BridgeConfig)
     source: Path | None = None
     """The file this was loaded from, if any."""
+    extra_sections: dict[str, Section] = attrs.field(factory=dict)
+    """The sections a bridge declared (``sections=`` of :meth:`load`), by name."""
+
+    def section(self, cls: type[S]) -> S:
+        """The bridge's own section ``cls``, as loaded (its defaults if it was absent).
+
+        Raises :class:`ConfigError` when ``cls`` was not passed to :meth:`load` and
+        has required keys.
+        """
+        found = self.extra_sections.get(cls.section)
+        if found is None:
+            try:
+                return cls()  # a Config built in code, or a section with defaults only
+            except TypeError:
+                raise ConfigError(
+                    f"config section {cls.section} was not loaded: "
+                    f"Config.load(path, sections=({cls.__name__},))"
+                ) from None
+        if not isinstance(found, cls):
+            raise ConfigError(f"config section {cls.section} is a {type(found).__name__}")
+        return found
 
     @property
     def registration_path(self) -> Path:
@@ -305,8 +383,12 @@ class Config:
         environ: Mapping[str, str] = os.environ,
         *,
         check_files: bool = True,
+        sections: Iterable[type[Section]] = (),
     ) -> Config:
         """Read, override from ``environ``, check and resolve a config file.
+
+        ``sections`` are a bridge's own :class:`Section` classes, read and checked
+        like bridge_kit's (their keys may be overridden from the environment too).
 
         Raises :class:`ConfigError` for a missing or unreadable file and for
         every problem in it. With ``check_files``, the registration and
@@ -320,7 +402,12 @@ class Config:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {source}: {exc}") from None
         return cls.loads(
-            text, source.absolute().parent, environ, source=source, check_files=check_files
+            text,
+            source.absolute().parent,
+            environ,
+            source=source,
+            check_files=check_files,
+            sections=sections,
         )
 
     @classmethod
@@ -332,21 +419,25 @@ class Config:
         *,
         source: str | os.PathLike[str] | None = None,
         check_files: bool = True,
+        sections: Iterable[type[Section]] = (),
     ) -> Config:
         """Like :meth:`load`, for YAML text; relative paths are relative to ``base_dir``."""
         label = str(source) if source is not None else "<config>"
-        loader = _Loader(label, Path(base_dir).absolute())
-        sections = loader.parse(text, environ)
+        extra = _extra_sections(sections)
+        loader = _Loader(label, Path(base_dir).absolute(), _SECTIONS | extra)
+        parsed = loader.parse(text, environ)
         if check_files:
-            loader.check_files(sections)
+            loader.check_files(parsed)
         loader.raise_problems()
         return cls(
-            homeserver=HomeserverConfig(**sections["homeserver"]),
-            appservice=AppServiceConfig(**sections["appservice"]),
-            puppets=PuppetsConfig(**sections["puppets"]),
-            logging=LoggingConfig(**sections["logging"]),
-            encryption=EncryptionConfig(**sections["encryption"]),
+            homeserver=HomeserverConfig(**parsed["homeserver"]),
+            appservice=AppServiceConfig(**parsed["appservice"]),
+            puppets=PuppetsConfig(**parsed["puppets"]),
+            logging=LoggingConfig(**parsed["logging"]),
+            encryption=EncryptionConfig(**parsed["encryption"]),
+            bridge=BridgeConfig(**parsed["bridge"]),
             source=None if source is None else Path(source),
+            extra_sections={name: kind(**parsed[name]) for name, kind in extra.items()},
         )
 
 
@@ -356,7 +447,10 @@ class Config:
 class _Loader:
     """Collects every problem of one config text, then raises them together."""
 
-    def __init__(self, label: str, base_dir: Path) -> None:
+    def __init__(
+        self, label: str, base_dir: Path, sections: Mapping[str, type[Section]] = _SECTIONS
+    ) -> None:
+        self.sections = sections
         self.label = label
         self.base_dir = base_dir
         self.lines: dict[str, int] = {}
@@ -367,9 +461,9 @@ class _Loader:
         data = self._read_yaml(text)
         self._apply_environment(data, environ)
         for name in data:
-            if name not in _SECTIONS:
-                self._problem(str(name), _unknown_key(str(name), str(name), _SECTIONS))
-        sections = {name: self._section(name, data.get(name)) for name in _SECTIONS}
+            if name not in self.sections:
+                self._problem(str(name), _unknown_key(str(name), str(name), self.sections))
+        sections = {name: self._section(name, data.get(name)) for name in self.sections}
         self._resolve_paths(sections)
         return sections
 
@@ -429,18 +523,18 @@ class _Loader:
         section, key = parts
         path = f"{section}.{key}"
         self.origins[path] = f"environment variable {name}"
-        if section not in _SECTIONS:
-            self._problem(path, _unknown_key(section, section, _SECTIONS))
+        if section not in self.sections:
+            self._problem(path, _unknown_key(section, section, self.sections))
             return
-        if key not in _field_names(_SECTIONS[section]):
-            self._problem(path, _unknown_key(path, key, _field_names(_SECTIONS[section])))
+        if key not in _field_names(self.sections[section]):
+            self._problem(path, _unknown_key(path, key, _field_names(self.sections[section])))
             return
         target = data.setdefault(section, {})
         if isinstance(target, dict):
             target[key] = _yaml_scalar(raw)
 
     def _section(self, name: str, raw: Any) -> dict[str, Any]:
-        cls = _SECTIONS[name]
+        cls = self.sections[name]
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -484,19 +578,35 @@ class _Loader:
 
 _UNPLACED: Final = 1 << 62
 
+S = TypeVar("S", bound=Section)
+
+
+def _extra_sections(sections: Iterable[type[Section]]) -> dict[str, type[Section]]:
+    """A bridge's sections by name; a name bridge_kit uses, or two of one name, is a
+    mistake in the bridge (not in the config file), said at once."""
+    extra: dict[str, type[Section]] = {}
+    for cls in sections:
+        name = getattr(cls, "section", None)
+        if getattr(cls, "__attrs_attrs__", None) is None or not isinstance(name, str) or not name:
+            raise ConfigError(f"{cls.__name__} is not a config section (Section, attrs, section=)")
+        if name in _SECTIONS or name in extra:
+            raise ConfigError(f"config section {name!r} is declared twice")
+        extra[name] = cls
+    return extra
+
 
 # -- helpers --------------------------------------------------------------------
 
 
-def _field_names(cls: type[_Section]) -> tuple[str, ...]:
+def _field_names(cls: type[Section]) -> tuple[str, ...]:
     return tuple(f.name for f in attrs.fields(cls))  # type: ignore[arg-type]
 
 
-def _required_names(cls: type[_Section]) -> set[str]:
+def _required_names(cls: type[Section]) -> set[str]:
     return {f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING}  # type: ignore[arg-type]
 
 
-def _value_problems(cls: type[_Section], values: Mapping[str, Any]) -> dict[str, str]:
+def _value_problems(cls: type[Section], values: Mapping[str, Any]) -> dict[str, str]:
     """What is wrong with each given value of a section: its type, then its check."""
     hints = get_type_hints(cls)
     problems: dict[str, str] = {}
@@ -528,12 +638,33 @@ def _type_problem(hint: Any, value: Any) -> str | None:
             return None
     elif any(_is_instance(value, t) for t in allowed if t is not type(None)):
         return None
-    names = [_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed]
+    names = [_type_name(t) for t in allowed]
     names = ["null" if t is type(None) else n for t, n in zip(allowed, names, strict=True)]
     return f"must be {' or '.join(names)}, got {describe(value, typed=True)}"
 
 
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        key, item = (_type_name(t).removeprefix("a ").removeprefix("an ") for t in get_args(hint))
+        return f"a mapping of {key}s to {item}s"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def _is_instance(value: Any, cls: Any) -> bool:
+    origin = get_origin(cls)
+    if origin in (list, tuple):
+        (item,) = get_args(cls)[:1]
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if origin is dict:
+        key, item = get_args(cls)
+        return isinstance(value, dict) and all(
+            _is_instance(k, key) and _is_instance(v, item) for k, v in value.items()
+        )
+    if cls is Any:
+        return True
     if cls in (int, float) and isinstance(value, bool):
         return False
     if cls is float and isinstance(value, int):

@@ -16,7 +16,11 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
-    │   └── MediaTooLarge            an upload over the homeserver's size limit, refused unsent
+    │   ├── LoginRefused             the remote network refused a bridge login (credentials)
+    │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
+    │   └── MediaError               media that cannot be bridged
+    │       ├── MediaTooLarge        over the homeserver's size limit (or the bridge's), refused
+    │       └── MediaUnavailable     a remote file that could not be fetched
     ├── HomeserverError              anything from the homeserver
     │   ├── HomeserverUnreachable    no HTTP reply from the homeserver, even after retries
     │   ├── UnexpectedReply          a 2xx reply of the wrong shape
@@ -36,7 +40,8 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── LifecycleError           start() or stop() called in the wrong state
     │   ├── ClientClosed             a request on a closed HomeserverClient
     │   ├── StartupCheckFailed       whoami or the ping failed at start-up, with a diagnosis
-    │   └── ListenError              the HTTP server could not listen
+    │   ├── ListenError              the HTTP server could not listen
+    │   └── RemoteError              the remote network of a bridge failed (worth a retry)
     ├── StoreError                   the store could not be opened or used
     └── CryptoError                  end-to-end encryption failed (bridge_kit.crypto)
         ├── EncryptionUnavailable (ConfigError)  (see SetupError)
@@ -60,6 +65,7 @@ from typing import Any, ClassVar, TypeVar
 __all__ = [
     "BridgeKitError",
     "ClientClosed",
+    "CommandError",
     "ConfigError",
     "CryptoError",
     "DevicesUnavailable",
@@ -75,14 +81,18 @@ __all__ = [
     "LifecycleError",
     "LimitExceeded",
     "ListenError",
+    "LoginRefused",
     "MatrixRequestError",
+    "MediaError",
     "MediaTooLarge",
+    "MediaUnavailable",
     "MissingToken",
     "NoRoomKey",
     "NotFound",
     "NotInNamespace",
     "RegistrationAborted",
     "RegistrationError",
+    "RemoteError",
     "ResourceLimitExceeded",
     "ServiceError",
     "SetupError",
@@ -173,6 +183,16 @@ class ListenError(ServiceError):
     """The appservice could not listen on its host and port."""
 
 
+class RemoteError(ServiceError):
+    """A bridge's remote network failed or could not be reached; trying again may work
+    (the inbox retries the event, the layer reconnects the login with backoff)."""
+
+
+class LoginRefused(InvalidInput):
+    """The remote network refused a bridge login: wrong or expired credentials. The
+    layer stops reconnecting it (``BAD_CREDENTIALS``) until the user logs in again."""
+
+
 class LifecycleError(ServiceError):
     """An :class:`~bridge_kit.AppService` was started or used in the wrong state."""
 
@@ -254,16 +274,34 @@ class YamlError(InvalidInput):
         return f"line {self.line}{column}: {self.reason}"
 
 
-class MediaTooLarge(InvalidInput):
-    """An upload larger than the homeserver's ``m.upload.size``; nothing was sent."""
+class CommandError(InvalidInput):
+    """A bridge command that cannot run as typed; the message is the reply to the user."""
 
-    def __init__(self, size: int, limit: int) -> None:
+
+class MediaError(InvalidInput):
+    """Media that cannot be bridged: too large, or not to be had from the remote side."""
+
+
+class MediaTooLarge(MediaError):
+    """Media larger than a limit: the homeserver's ``m.upload.size`` unless the
+    message names another; nothing was sent (or the transfer stopped there).
+
+    ``size`` is the size in bytes, or how much had been read when the transfer stopped.
+    """
+
+    def __init__(self, size: int, limit: int, message: str | None = None) -> None:
         self.size = size
         self.limit = limit
         super().__init__(
-            f"the upload is {size} bytes, over the homeserver's limit of {limit} bytes "
+            message
+            or f"the upload is {size} bytes, over the homeserver's limit of {limit} bytes "
             "(m.upload.size in /_matrix/client/v1/media/config); not sent"
         )
+
+
+class MediaUnavailable(MediaError):
+    """A remote file that could not be fetched (an error status, no answer, a broken
+    transfer); the message names the URL and what went wrong."""
 
 
 class DoublePuppetError(HomeserverError):

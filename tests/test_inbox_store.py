@@ -467,7 +467,7 @@ async def test_a_version_4_database_gets_a_row_per_lane(durable_url: str) -> Non
         add_lease.format("!d:x", later),
     )
     async with open_store(durable_url) as store:
-        assert await store.schema_version() == store.SCHEMA_VERSION == 5
+        assert await store.schema_version() == store.SCHEMA_VERSION
         assert await store.claim_lanes("w1", LEASE, limit=5) == [A]
         assert await store.renew_lanes("old", [C], LEASE) == {C}
     rows = await run_sql(

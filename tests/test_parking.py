@@ -390,7 +390,7 @@ async def test_unparked_items_go_to_the_end_of_their_lanes(any_store: Store) -> 
     assert await any_store.parked_items() == []
 
 
-async def test_a_version_4_database_is_migrated_to_5_with_its_inbox(
+async def test_a_version_4_database_is_migrated_up_with_its_inbox(
     durable_backend: str,
 ) -> None:
     url = await emptied(durable_backend)
@@ -405,12 +405,12 @@ async def test_a_version_4_database_is_migrated_to_5_with_its_inbox(
         " VALUES ('!a:test.local', 'event', '{}', 1.0)",
     )
     async with open_store(url) as store:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == cls.SCHEMA_VERSION
         (item,) = await store.lane_items(A, 10)
         parking = Parking(KEY, "no room key", time.time() + 60, time.time())
         assert await store.park_item(item.id, parking)
         assert len(await store.parked_items(key=KEY)) == 1
-    assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(5,)]
+    assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(cls.SCHEMA_VERSION,)]
 
 
 async def test_an_item_whose_completion_is_committed_is_not_parked(any_store: Store) -> None:

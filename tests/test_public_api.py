@@ -111,6 +111,9 @@ ERROR_GROUPS = {
         errors.WrongType,
         errors.YamlError,
         errors.MediaTooLarge,
+        errors.CommandError,
+        errors.MediaError,
+        errors.MediaUnavailable,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,

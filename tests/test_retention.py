@@ -404,7 +404,7 @@ async def test_a_version_4_database_is_migrated_to_5(durable_backend: str) -> No
     )
     migrated_at = time.time()
     async with open_store(url) as store:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == cls.SCHEMA_VERSION
         [old] = await store.dead_letters()
         assert (old.done_handlers, old.received_at, old.handler) == ((), None, "h")
         # A letter without an arrival time holds every sealed payload back.
@@ -415,7 +415,7 @@ async def test_a_version_4_database_is_migrated_to_5(durable_backend: str) -> No
         assert await store.replay_dead_letters() == 1
         [item] = await store.lane_items("!r", 1)
         assert item.done_handlers == () and item.received_at >= migrated_at - 1
-    assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(5,)]
+    assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(cls.SCHEMA_VERSION,)]
 
 
 # -- appservice.store_sync ------------------------------------------------------------------

@@ -31,7 +31,8 @@ BK_TABLES = (
     "bridge_kit_puppets, bridge_kit_transactions, bridge_kit_schema, bridge_kit_extra,"
     " bridge_kit_inbox, bridge_kit_dead_letters, bridge_kit_lanes, bridge_kit_members,"
     " bridge_kit_room_state, bridge_kit_rooms, bridge_kit_profiles, bridge_kit_devices,"
-    " bridge_kit_crypto_state, bridge_kit_parked"
+    " bridge_kit_crypto_state, bridge_kit_parked, bridge_kit_portals, bridge_kit_ghosts,"
+    " bridge_kit_logins, bridge_kit_messages, bridge_kit_reactions"
 )
 
 
@@ -287,7 +288,7 @@ async def test_recent_transactions_survive_pruning_of_a_refilled_table(store: St
 
 
 async def test_schema_version_is_current(store: Store) -> None:
-    assert await store.schema_version() == Store.SCHEMA_VERSION == 5
+    assert await store.schema_version() == Store.SCHEMA_VERSION == 6
 
 
 async def test_a_closed_store_refuses_work(url: str) -> None:

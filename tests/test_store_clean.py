@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bridge_kit.bridge.records import LoginRecord, LoginState, PortalKey
 from bridge_kit.inbox.records import ItemKind, NewDeadLetter, NewInboxItem
 from bridge_kit.store import _clean
 from bridge_kit.store._sql import sqlite_marks
@@ -57,3 +58,39 @@ def test_records_are_cleaned_field_by_field_and_kept_when_clean() -> None:
 def test_sqlite_marks_numbers_sqlite_parameters_as_postgresql_does() -> None:
     sql = "SELECT a FROM t WHERE b = $1 AND c = $2 OR d = $12"
     assert sqlite_marks(sql) == "SELECT a FROM t WHERE b = ?1 AND c = ?2 OR d = ?12"
+
+
+def test_a_portal_key_is_checked_in_both_parts() -> None:
+    key = PortalKey("#chan", receiver="login")
+    assert _clean.checked_portal_key(key) is key
+    with pytest.raises(ValueError, match="portal receiver holds NUL"):
+        _clean.checked_portal_key(PortalKey("#chan", receiver=HOSTILE))
+
+
+def test_metadata_is_json_text_with_what_no_database_takes_escaped() -> None:
+    text = _clean.metadata_json({"name": HOSTILE, "é": [1, 2.5, None]})
+    assert "\x00" not in text and "\ud800" not in text and "é" in text
+    assert json.loads(text) == {"name": HOSTILE, "é": [1, 2.5, None]}
+    assert _clean.checked_metadata({"t": (1, 2), 3: "x"}) == {"t": [1, 2], "3": "x"}
+    for bad, why in (({"n": float("nan")}, "not JSON"), ([1], "must be a JSON object")):
+        with pytest.raises(ValueError, match=why):
+            _clean.metadata_json(bad)  # type: ignore[arg-type]
+
+
+def test_a_timestamp_is_a_finite_float() -> None:
+    assert _clean.checked_timestamp(3) == 3.0
+    with pytest.raises(ValueError, match="finite number, not inf"):
+        _clean.checked_timestamp(float("inf"))
+
+
+def test_a_login_is_stored_with_its_state_and_credentials_normalised() -> None:
+    login = LoginRecord(
+        "l",
+        "@a:x",
+        state="CONNECTED",
+        credentials=bytearray(b"c"),  # type: ignore[arg-type]
+    )
+    cleaned = _clean.storable_login(login)
+    assert cleaned.state is LoginState.CONNECTED and cleaned.credentials == b"c"
+    with pytest.raises(TypeError, match="credentials are bytes, not str"):
+        _clean.storable_login(LoginRecord("l", "@a:x", credentials="c"))  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ kind               handlers get          routed by
 ``TO_DEVICE``      :class:`ToDeviceEvent`  its ``type``
 ``DEVICE_LISTS``   :class:`DeviceListUpdate`  (every handler of the kind)
 ``OTK_COUNTS``     :class:`OtkCounts`    (every handler of the kind)
+``REMOTE``         :class:`RemoteItem`   its ``type``
 =================  ====================  =======================================
 """
 
@@ -16,15 +17,32 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import attrs
+
 from bridge_kit._json import decode_item
 from bridge_kit.inbox.records import ItemKind
 from bridge_kit.types import DeviceListUpdate, Event, OtkCounts, ToDeviceEvent
 from bridge_kit.types.converter import converter
 
-__all__ = ["Item", "describe_item", "item_event_id", "item_type", "parse_item"]
+__all__ = ["Item", "RemoteItem", "describe_item", "item_event_id", "item_type", "parse_item"]
+
+
+@attrs.frozen
+class RemoteItem:
+    """An event of a remote network, as a bridge (:mod:`bridge_kit.bridge`) stored it.
+
+    ``type`` routes it to handlers; ``key`` names it for good (it keys the sends'
+    transaction IDs, so a handler run twice posts once); ``content`` is the
+    bridge's record of it, as JSON.
+    """
+
+    type: str
+    key: str
+    content: dict[str, Any]
+
 
 #: What a handler gets: the parsed inbox item.
-Item = Event | ToDeviceEvent | DeviceListUpdate | OtkCounts
+Item = Event | ToDeviceEvent | DeviceListUpdate | OtkCounts | RemoteItem
 
 MODELS: Final[dict[ItemKind, type[Item]]] = {
     ItemKind.EVENT: Event,
@@ -32,6 +50,7 @@ MODELS: Final[dict[ItemKind, type[Item]]] = {
     ItemKind.TO_DEVICE: ToDeviceEvent,
     ItemKind.DEVICE_LISTS: DeviceListUpdate,
     ItemKind.OTK_COUNTS: OtkCounts,
+    ItemKind.REMOTE: RemoteItem,
 }
 
 
@@ -48,11 +67,13 @@ def parse_item(kind: ItemKind, event_json: str) -> Item:
 
 def item_type(item: Item) -> str | None:
     """The event type handlers are chosen by; ``None`` for the kinds without one."""
-    return item.type if isinstance(item, Event | ToDeviceEvent) else None
+    return item.type if isinstance(item, Event | ToDeviceEvent | RemoteItem) else None
 
 
 def item_event_id(item: Item) -> str | None:
-    """The event ID, for the kinds that have one."""
+    """The event ID, for the kinds that have one (a remote item's key)."""
+    if isinstance(item, RemoteItem):
+        return item.key
     return item.event_id if isinstance(item, Event) else None
 
 
@@ -62,6 +83,8 @@ def describe_item(item: Item) -> str:
         return item.event_id or item.type
     if isinstance(item, ToDeviceEvent):
         return f"{item.type} from {item.sender}"
+    if isinstance(item, RemoteItem):
+        return f"remote {item.type} {item.key}"
     if isinstance(item, OtkCounts):
         return f"one-time-key counts of {item.user_id}|{item.device_id}"
     return "device-list changes"

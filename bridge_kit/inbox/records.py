@@ -40,6 +40,9 @@ class ItemKind(enum.Enum):
     TO_DEVICE = "to_device"  # to_device: one item per message
     DEVICE_LISTS = "device_lists"  # device_lists: one item per transaction
     OTK_COUNTS = "otk_counts"  # one-time-key counts: one item per (user, device)
+    # Not from the homeserver: an event of the remote network a bridge accepted
+    # (bridge_kit.bridge), in a lane per remote chat.
+    REMOTE = "remote"
 
 
 class Acceptance(enum.IntEnum):

@@ -1,5 +1,6 @@
-"""Where bridge_kit remembers registered puppets, processed transactions and the
-events waiting in the durable inbox.
+"""Where bridge_kit remembers registered puppets, processed transactions, the
+events waiting in the durable inbox, and the bridge layer's records (portals,
+ghosts, logins and the message map).
 
 Pick a backend by URL with :func:`open_store`::
 
@@ -9,7 +10,8 @@ Pick a backend by URL with :func:`open_store`::
 A :class:`Store` is composed of one interface per concern (:class:`PuppetStore`,
 :class:`InboxStore`, :class:`DeadLetterStore`, :class:`ParkingStore`,
 :class:`RetentionStore`, :class:`RoomRecordStore`, :class:`DeviceStore`,
-:class:`CryptoStore`); code that needs one concern is typed with it.
+:class:`CryptoStore`, :class:`BridgeRecordStore`); code that needs one concern is
+typed with it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from bridge_kit import defaults
 from bridge_kit.store.base import Store
 from bridge_kit.store.concerns import (
+    BridgeRecordStore,
     CryptoStore,
     DeadLetterStore,
     DeviceStore,
@@ -34,6 +37,7 @@ from bridge_kit.store.sqlite import SQLiteStore
 from bridge_kit.store.url import StoreURL, parse_store_url, redact_store_url
 
 __all__ = [
+    "BridgeRecordStore",
     "CryptoStore",
     "DeadLetterStore",
     "DeviceStore",

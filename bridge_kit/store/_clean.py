@@ -13,17 +13,31 @@ for the same input and none of them cleans on its own. One helper per rule:
 - :func:`checked_user_ids` / :func:`storable_user_ids`: the same for puppets'
   user IDs, refused on write and skipped on lookup;
 - :func:`checked_bytes`: crypto values are bytes;
-- :func:`checked_count`: a row count is not negative.
+- :func:`checked_count`: a row count is not negative;
+- :func:`checked_portal_key`, :func:`checked_metadata`, :func:`checked_timestamp` and
+  the ``storable_*`` record rules after them: the bridge layer's records (ids checked,
+  names cleaned, metadata as the JSON it will be read back as).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
+from bridge_kit.bridge.records import (
+    GhostRecord,
+    LoginRecord,
+    LoginState,
+    MessageRecord,
+    PortalKey,
+    PortalRecord,
+    ReactionRecord,
+)
 from bridge_kit.inbox.records import NewDeadLetter, NewInboxItem, Parking
 
 #: What neither database takes in a text column: NUL (PostgreSQL) and lone surrogates,
@@ -74,10 +88,10 @@ def checked_key(value: str, what: str) -> str:
     return value
 
 
-def checked_bytes(value: bytes) -> bytes:
+def checked_bytes(value: bytes, what: str = "crypto values") -> bytes:
     """``value`` as :class:`bytes`; :class:`TypeError` for anything that is not bytes-like."""
     if not isinstance(value, bytes | bytearray | memoryview):
-        raise TypeError(f"crypto values are bytes, not {type(value).__name__}")
+        raise TypeError(f"{what} are bytes, not {type(value).__name__}")
     return bytes(value)
 
 
@@ -170,3 +184,134 @@ def storable_profile_rows(
         (storable_text(user), storable_text(field), optional_storable_text(value))
         for user, field, value in values
     ]
+
+
+# -- the bridge layer's records ---------------------------------------------------
+
+
+def optional_checked_key(value: str | None, what: str) -> str | None:
+    """:func:`checked_key`, passing ``None`` through."""
+    return None if value is None else checked_key(value, what)
+
+
+def checked_portal_key(key: PortalKey) -> PortalKey:
+    """``key``, or :class:`ValueError` if its id or receiver could not be a key."""
+    checked_key(key.id, "portal ID")
+    checked_key(key.receiver, "portal receiver")
+    return key
+
+
+def metadata_json(metadata: Mapping[str, Any]) -> str:
+    """``metadata`` as the JSON text the SQL stores keep (compact, NUL and lone
+    surrogates escaped); :class:`ValueError` for what is no JSON object."""
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as error:
+        raise ValueError(f"metadata is not JSON: {error}") from None
+    return escaped_json(text)
+
+
+def checked_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` as it reads back from any store: through JSON (a tuple becomes a
+    list, an int key a string), and a copy, so the caller's dict stays the caller's."""
+    loaded: dict[str, Any] = json.loads(metadata_json(metadata))
+    return loaded
+
+
+def checked_timestamp(timestamp: float) -> float:
+    """``timestamp`` as a float, or :class:`ValueError` if it is not finite (a NaN
+    would sort differently in each database)."""
+    value = float(timestamp)
+    if not math.isfinite(value):
+        raise ValueError(f"timestamp must be a finite number, not {timestamp!r}")
+    return value
+
+
+def storable_portal(record: PortalRecord) -> PortalRecord:
+    """``record`` with its ids checked, its texts cleaned and its metadata as JSON."""
+    return attrs.evolve(
+        record,
+        key=checked_portal_key(record.key),
+        room_id=optional_checked_key(record.room_id, "room ID"),
+        name=optional_storable_text(record.name),
+        topic=optional_storable_text(record.topic),
+        avatar_mxc=optional_storable_text(record.avatar_mxc),
+        is_direct=bool(record.is_direct),
+        relay_login=optional_checked_key(record.relay_login, "login ID"),
+        metadata=checked_metadata(record.metadata),
+    )
+
+
+def storable_ghost(record: GhostRecord) -> GhostRecord:
+    """``record`` with its ids checked, its texts cleaned and its metadata as JSON."""
+    return attrs.evolve(
+        record,
+        id=checked_key(record.id, "ghost ID"),
+        user_id=checked_key(record.user_id, "user ID"),
+        name=optional_storable_text(record.name),
+        avatar_mxc=optional_storable_text(record.avatar_mxc),
+        metadata=checked_metadata(record.metadata),
+    )
+
+
+def storable_login(record: LoginRecord) -> LoginRecord:
+    """``record`` with its ids checked, its state a :class:`LoginState`, its
+    credentials bytes and its metadata as JSON."""
+    credentials = record.credentials
+    return attrs.evolve(
+        record,
+        id=checked_key(record.id, "login ID"),
+        user_id=checked_key(record.user_id, "user ID"),
+        remote_name=storable_text(record.remote_name),
+        state=LoginState(record.state),
+        credentials=None if credentials is None else checked_bytes(credentials, "credentials"),
+        metadata=checked_metadata(record.metadata),
+    )
+
+
+def storable_message(record: MessageRecord) -> MessageRecord:
+    """``record`` with its ids checked and its timestamp a finite float."""
+    return attrs.evolve(
+        record,
+        portal=checked_portal_key(record.portal),
+        remote_id=checked_key(record.remote_id, "remote message ID"),
+        event_id=checked_key(record.event_id, "event ID"),
+        room_id=checked_key(record.room_id, "room ID"),
+        part=checked_key(record.part, "message part"),
+        sender=checked_key(record.sender, "remote sender"),
+        sender_mxid=checked_key(record.sender_mxid, "sender's user ID"),
+        timestamp=checked_timestamp(record.timestamp),
+        pending=bool(record.pending),
+    )
+
+
+def storable_reaction(record: ReactionRecord) -> ReactionRecord:
+    """``record`` with its ids (the reaction's key too) checked and its timestamp a
+    finite float."""
+    return attrs.evolve(
+        record,
+        portal=checked_portal_key(record.portal),
+        remote_id=checked_key(record.remote_id, "remote message ID"),
+        sender=checked_key(record.sender, "remote sender"),
+        key=checked_key(record.key, "reaction key"),
+        event_id=checked_key(record.event_id, "event ID"),
+        room_id=checked_key(record.room_id, "room ID"),
+        part=checked_key(record.part, "message part"),
+        sender_mxid=checked_key(record.sender_mxid, "sender's user ID"),
+        timestamp=checked_timestamp(record.timestamp),
+    )
+
+
+def is_storable_key(value: str) -> bool:
+    """Whether ``value`` could be a stored key (see :func:`checked_key`): a lookup
+    skips one that could not, as nothing can be stored under it."""
+    return _UNSTORABLE.search(value) is None
+
+
+def storable_ghosts(records: Iterable[GhostRecord]) -> list[GhostRecord]:
+    """``records`` cleaned (see :func:`storable_ghost`), the last of each id kept, so a
+    batch writes each ghost once."""
+    by_id = {record.id: storable_ghost(record) for record in records}
+    return list(by_id.values())

@@ -7,8 +7,10 @@ import abc
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
+from bridge_kit.bridge.records import PortalKey
 from bridge_kit.errors import StoreError
 from bridge_kit.store.concerns import (
+    BridgeRecordStore,
     CryptoStore,
     DeadLetterStore,
     DeviceStore,
@@ -31,6 +33,7 @@ class Store(
     RoomRecordStore,
     DeviceStore,
     CryptoStore,
+    BridgeRecordStore,
     abc.ABC,
 ):
     """Persistent state of one appservice: every concern of
@@ -41,7 +44,7 @@ class Store(
     """
 
     #: The schema version this code writes; :meth:`open` migrates older ones up to it.
-    SCHEMA_VERSION: int = 5
+    SCHEMA_VERSION: int = 6
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -112,6 +115,11 @@ def pending_migrations(found: int, latest: int, where: str) -> range:
             f"supports ({latest}); upgrade bridge_kit"
         )
     return range(found, latest)
+
+
+def room_taken(room_id: str, owner: PortalKey) -> StoreError:
+    """What every backend raises when a portal is given a room another portal has."""
+    return StoreError(f"room {room_id} is already the room of portal {owner}")
 
 
 def unique_chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

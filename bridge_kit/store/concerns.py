@@ -600,14 +600,21 @@ class BridgeRecordStore(abc.ABC):
     ghosts, logins, and the message map of messages and reactions.
 
     Upserts replace the whole record. Ids holding NUL or a lone surrogate are
-    refused with :class:`ValueError` (:func:`~bridge_kit.store._clean.checked_key`).
+    refused with :class:`ValueError` (:func:`~bridge_kit.store._clean.checked_key`),
+    names have them replaced (:func:`~bridge_kit.store._clean.storable_text`), and
+    metadata must be a JSON object: it reads back as JSON does (a tuple as a list).
+
+    A *pending* message (a Matrix event claimed with :meth:`claim_event`, not yet
+    sent) has no remote id yet: it is found by its event id only, and
+    :meth:`messages`, :meth:`latest_messages` and :meth:`delete_messages` leave it
+    out, so many can wait at once in one portal.
     """
 
     # -- portals ----------------------------------------------------------------
 
     async def portal(self, key: PortalKey) -> PortalRecord | None:
         """The portal of remote chat ``key``, or ``None``."""
-        return await self._portal(key)
+        return await self._portal(_clean.checked_portal_key(key))
 
     async def portal_by_room(self, room_id: str) -> PortalRecord | None:
         """The portal whose room is ``room_id``, or ``None``."""
@@ -619,51 +626,59 @@ class BridgeRecordStore(abc.ABC):
 
     async def put_portal(self, record: PortalRecord) -> None:
         """Insert or replace the portal of ``record.key`` (its ``room_id`` included)."""
-        await self._put_portal(record)
+        await self._put_portal(_clean.storable_portal(record))
 
     async def claim_portal_room(self, key: PortalKey, room_id: str) -> str:
         """Make ``room_id`` the room of ``key`` unless it has one already, in one
         atomic step (two daemons may race); return the room that won. A portal
-        record for ``key`` is created if there is none."""
-        return await self._claim_portal_room(key, _clean.checked_key(room_id, "room ID"))
+        record for ``key`` is created if there is none.
+
+        A room that is already another portal's is refused with
+        :class:`~bridge_kit.errors.StoreError`."""
+        return await self._claim_portal_room(
+            _clean.checked_portal_key(key), _clean.checked_key(room_id, "room ID")
+        )
 
     async def delete_portal(self, key: PortalKey) -> None:
-        """Forget a portal and its message map."""
-        await self._delete_portal(key)
+        """Forget a portal and its message map (messages and reactions)."""
+        await self._delete_portal(_clean.checked_portal_key(key))
 
     # -- ghosts -----------------------------------------------------------------
 
     async def ghosts_among(self, ids: Iterable[str]) -> dict[str, GhostRecord]:
         """The known ghosts among remote user ``ids``, by id."""
-        return await self._ghosts_among(list(dict.fromkeys(ids)))
+        storable = (ghost_id for ghost_id in ids if _clean.is_storable_key(ghost_id))
+        return await self._ghosts_among(list(dict.fromkeys(storable)))
 
     async def put_ghosts(self, records: Iterable[GhostRecord]) -> None:
         """Insert or replace ghosts, in one commit."""
-        await self._put_ghosts(list(records))
+        await self._put_ghosts(_clean.storable_ghosts(records))
 
     # -- logins -----------------------------------------------------------------
 
     async def login(self, login_id: str) -> LoginRecord | None:
         """The login ``login_id``, or ``None``."""
-        return await self._login(login_id)
+        return await self._login(_clean.checked_key(login_id, "login ID"))
 
     async def logins(self, user_id: str | None = None) -> list[LoginRecord]:
         """Every login (of Matrix user ``user_id`` only, when given), by id."""
-        return await self._logins(user_id)
+        return await self._logins(_clean.optional_checked_key(user_id, "user ID"))
 
     async def put_login(self, record: LoginRecord) -> None:
         """Insert or replace a login (its sealed credentials included)."""
-        await self._put_login(record)
+        await self._put_login(_clean.storable_login(record))
 
     async def delete_login(self, login_id: str) -> None:
         """Forget a login (nothing happens if it is not known)."""
-        await self._delete_login(login_id)
+        await self._delete_login(_clean.checked_key(login_id, "login ID"))
 
     # -- the message map --------------------------------------------------------
 
     async def messages(self, portal: PortalKey, remote_id: str) -> list[MessageRecord]:
         """Every part of remote message ``remote_id`` in ``portal``, by part."""
-        return await self._messages(portal, remote_id)
+        return await self._messages(
+            _clean.checked_portal_key(portal), _clean.checked_key(remote_id, "remote message ID")
+        )
 
     async def message_by_event(self, event_id: str) -> MessageRecord | None:
         """The message (part) bridged as or from Matrix event ``event_id``."""
@@ -671,27 +686,37 @@ class BridgeRecordStore(abc.ABC):
 
     async def put_messages(self, records: Iterable[MessageRecord]) -> None:
         """Insert or replace message parts (keyed by event id), in one commit."""
-        await self._put_messages(list(records))
+        await self._put_messages([_clean.storable_message(record) for record in records])
 
     async def claim_event(self, record: MessageRecord) -> bool:
         """Insert ``record`` (a Matrix event about to go to the remote side, with
         ``pending`` set) unless its event id is in the map already; return whether
         it was inserted. A handler that runs twice sends only once."""
-        return await self._claim_event(record)
+        return await self._claim_event(_clean.storable_message(record))
 
     async def delete_messages(self, portal: PortalKey, remote_id: str) -> None:
         """Forget every part of a remote message (and the reactions to it)."""
-        await self._delete_messages(portal, remote_id)
+        await self._delete_messages(
+            _clean.checked_portal_key(portal), _clean.checked_key(remote_id, "remote message ID")
+        )
 
     async def latest_messages(self, portal: PortalKey, limit: int) -> list[MessageRecord]:
         """The ``limit`` newest messages of ``portal`` by timestamp, oldest first."""
-        return await self._latest_messages(portal, _clean.checked_count(limit))
+        return await self._latest_messages(
+            _clean.checked_portal_key(portal), _clean.checked_count(limit)
+        )
 
     async def reaction(
         self, portal: PortalKey, remote_id: str, part: str, sender: str, key: str
     ) -> ReactionRecord | None:
         """``sender``'s reaction ``key`` to a message part, or ``None``."""
-        return await self._reaction(portal, remote_id, part, sender, key)
+        return await self._reaction(
+            _clean.checked_portal_key(portal),
+            _clean.checked_key(remote_id, "remote message ID"),
+            _clean.checked_key(part, "message part"),
+            _clean.checked_key(sender, "remote sender"),
+            _clean.checked_key(key, "reaction key"),
+        )
 
     async def reaction_by_event(self, event_id: str) -> ReactionRecord | None:
         """The reaction bridged as or from Matrix event ``event_id``."""
@@ -699,7 +724,7 @@ class BridgeRecordStore(abc.ABC):
 
     async def put_reaction(self, record: ReactionRecord) -> None:
         """Insert or replace a reaction (keyed by message part, sender and key)."""
-        await self._put_reaction(record)
+        await self._put_reaction(_clean.storable_reaction(record))
 
     async def delete_reaction(self, event_id: str) -> None:
         """Forget the reaction of Matrix event ``event_id``."""

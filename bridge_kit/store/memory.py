@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Collection, Iterable, Sequence
+from typing import TypeVar
 
 import attrs
 
+from bridge_kit.bridge.records import (
+    GhostRecord,
+    LoginRecord,
+    MessageRecord,
+    PortalKey,
+    PortalRecord,
+    ReactionRecord,
+)
 from bridge_kit.errors import StoreError
 from bridge_kit.inbox.records import (
     Acceptance,
@@ -20,7 +30,7 @@ from bridge_kit.inbox.records import (
     ParkedItem,
     Parking,
 )
-from bridge_kit.store.base import Store, state_event_from
+from bridge_kit.store.base import Store, room_taken, state_event_from
 from bridge_kit.store.state_records import MemberRow, StateRow
 from bridge_kit.types.events import Event
 from bridge_kit.types.room_state import Member
@@ -54,6 +64,7 @@ class MemoryStore(Store):
         self._devices: dict[str, dict[str, str | None]] = {}  # user -> device -> name
         self._crypto: dict[tuple[str, str], dict[str, bytes]] = {}  # (owner, kind) -> key -> value
         self._crypto_written: dict[tuple[str, str, str], float] = {}  # (owner, kind, key) -> time
+        self._bridge = _BridgeRecords()
         self._open = False
 
     def __repr__(self) -> str:
@@ -78,6 +89,7 @@ class MemoryStore(Store):
         self._devices.clear()
         self._crypto.clear()
         self._crypto_written.clear()
+        self._bridge = _BridgeRecords()
 
     def _check_open(self) -> None:
         if not self._open:
@@ -526,3 +538,239 @@ class MemoryStore(Store):
             if who in wanted:
                 profiles.setdefault(who, {})[field] = value
         return profiles
+
+    # -- the bridge layer's records ------------------------------------------------
+
+    async def _portal(self, key: PortalKey) -> PortalRecord | None:
+        self._check_open()
+        return _fresh_or_none(self._bridge.portals.get(key))
+
+    async def _portal_by_room(self, room_id: str) -> PortalRecord | None:
+        self._check_open()
+        key = self._bridge.portal_rooms.get(room_id)
+        return None if key is None else _fresh(self._bridge.portals[key])
+
+    async def _portals(self) -> list[PortalRecord]:
+        self._check_open()
+        return [_fresh(self._bridge.portals[key]) for key in sorted(self._bridge.portals)]
+
+    async def _put_portal(self, record: PortalRecord) -> None:
+        self._check_open()
+        self._bridge.put_portal(record)
+
+    async def _claim_portal_room(self, key: PortalKey, room_id: str) -> str:
+        self._check_open()
+        portal = self._bridge.portals.get(key)
+        if portal is not None and portal.room_id is not None:
+            return portal.room_id
+        self._bridge.put_portal(attrs.evolve(portal or PortalRecord(key), room_id=room_id))
+        return room_id
+
+    async def _delete_portal(self, key: PortalKey) -> None:
+        self._check_open()
+        self._bridge.delete_portal(key)
+
+    async def _ghosts_among(self, ids: list[str]) -> dict[str, GhostRecord]:
+        self._check_open()
+        ghosts = self._bridge.ghosts
+        return {ghost_id: _fresh(ghosts[ghost_id]) for ghost_id in ids if ghost_id in ghosts}
+
+    async def _put_ghosts(self, records: list[GhostRecord]) -> None:
+        self._check_open()
+        self._bridge.ghosts.update((record.id, record) for record in records)
+
+    async def _login(self, login_id: str) -> LoginRecord | None:
+        self._check_open()
+        return _fresh_or_none(self._bridge.logins.get(login_id))
+
+    async def _logins(self, user_id: str | None) -> list[LoginRecord]:
+        self._check_open()
+        logins = self._bridge.logins
+        return [
+            _fresh(logins[login_id])
+            for login_id in sorted(logins)
+            if user_id is None or logins[login_id].user_id == user_id
+        ]
+
+    async def _put_login(self, record: LoginRecord) -> None:
+        self._check_open()
+        self._bridge.logins[record.id] = record
+
+    async def _delete_login(self, login_id: str) -> None:
+        self._check_open()
+        self._bridge.logins.pop(login_id, None)
+
+    async def _messages(self, portal: PortalKey, remote_id: str) -> list[MessageRecord]:
+        self._check_open()
+        return sorted(self._bridge.messages_of(portal, remote_id), key=lambda m: m.part)
+
+    async def _message_by_event(self, event_id: str) -> MessageRecord | None:
+        self._check_open()
+        return self._bridge.messages.get(event_id)
+
+    async def _put_messages(self, records: list[MessageRecord]) -> None:
+        self._check_open()
+        for record in records:
+            self._bridge.put_message(record)
+
+    async def _claim_event(self, record: MessageRecord) -> bool:
+        self._check_open()
+        bridge = self._bridge
+        if record.event_id in bridge.messages:
+            return False
+        if not record.pending and bridge.mapped_event(record) is not None:
+            return False
+        bridge.put_message(record)
+        return True
+
+    async def _delete_messages(self, portal: PortalKey, remote_id: str) -> None:
+        self._check_open()
+        self._bridge.delete_messages(portal, remote_id)
+
+    async def _latest_messages(self, portal: PortalKey, limit: int) -> list[MessageRecord]:
+        self._check_open()
+        mapped = (
+            message
+            for message in self._bridge.messages.values()
+            if message.portal == portal and not message.pending
+        )
+        # Newest first, ties broken by event id as the SQL stores do, then oldest first.
+        newest = sorted(mapped, key=lambda m: (m.timestamp, m.event_id), reverse=True)[:limit]
+        return newest[::-1]
+
+    async def _reaction(
+        self, portal: PortalKey, remote_id: str, part: str, sender: str, key: str
+    ) -> ReactionRecord | None:
+        self._check_open()
+        return self._bridge.reactions.get((portal, remote_id, part, sender, key))
+
+    async def _reaction_by_event(self, event_id: str) -> ReactionRecord | None:
+        self._check_open()
+        reaction_key = self._bridge.reaction_events.get(event_id)
+        return None if reaction_key is None else self._bridge.reactions[reaction_key]
+
+    async def _put_reaction(self, record: ReactionRecord) -> None:
+        self._check_open()
+        self._bridge.put_reaction(record)
+
+    async def _delete_reaction(self, event_id: str) -> None:
+        self._check_open()
+        reaction_key = self._bridge.reaction_events.pop(event_id, None)
+        if reaction_key is not None:
+            del self._bridge.reactions[reaction_key]
+
+
+#: A remote message's place in the map: (portal, remote id).
+_RemoteKey = tuple[PortalKey, str]
+#: A reaction's place: (portal, remote id, part, sender, key).
+_ReactionKey = tuple[PortalKey, str, str, str, str]
+
+_WithMetadata = TypeVar("_WithMetadata", PortalRecord, GhostRecord, LoginRecord)
+
+
+def _fresh(record: _WithMetadata) -> _WithMetadata:
+    """``record`` with its own copy of the metadata, so a caller changing it does not
+    change the store (the SQL stores hand out fresh dicts too)."""
+    if not record.metadata:
+        return record
+    return attrs.evolve(record, metadata=copy.deepcopy(record.metadata))
+
+
+def _fresh_or_none(record: _WithMetadata | None) -> _WithMetadata | None:
+    return None if record is None else _fresh(record)
+
+
+def _remote_of(message: MessageRecord) -> _RemoteKey:
+    return (message.portal, message.remote_id)
+
+
+def _reacted_to(reaction: ReactionRecord) -> _ReactionKey:
+    return (reaction.portal, reaction.remote_id, reaction.part, reaction.sender, reaction.key)
+
+
+@attrs.define
+class _BridgeRecords:
+    """The bridge layer's records and their indexes, each kept in step with the
+    others as the SQL stores' unique indexes keep their tables."""
+
+    portals: dict[PortalKey, PortalRecord] = attrs.field(factory=dict)
+    portal_rooms: dict[str, PortalKey] = attrs.field(factory=dict)
+    ghosts: dict[str, GhostRecord] = attrs.field(factory=dict)
+    logins: dict[str, LoginRecord] = attrs.field(factory=dict)
+    messages: dict[str, MessageRecord] = attrs.field(factory=dict)  # by event id
+    # The parts that are not pending: (portal, remote id) -> part -> event id.
+    remote_parts: dict[_RemoteKey, dict[str, str]] = attrs.field(factory=dict)
+    reactions: dict[_ReactionKey, ReactionRecord] = attrs.field(factory=dict)
+    reaction_events: dict[str, _ReactionKey] = attrs.field(factory=dict)
+
+    def put_portal(self, record: PortalRecord) -> None:
+        owner = self.portal_rooms.get(record.room_id) if record.room_id is not None else None
+        if owner is not None and owner != record.key:
+            raise room_taken(record.room_id or "", owner)
+        old = self.portals.get(record.key)
+        if old is not None and old.room_id is not None:
+            del self.portal_rooms[old.room_id]
+        self.portals[record.key] = record
+        if record.room_id is not None:
+            self.portal_rooms[record.room_id] = record.key
+
+    def delete_portal(self, key: PortalKey) -> None:
+        old = self.portals.pop(key, None)
+        if old is not None and old.room_id is not None:
+            del self.portal_rooms[old.room_id]
+        for message in [m for m in self.messages.values() if m.portal == key]:
+            self.delete_message(message)
+        for reaction in [r for r in self.reactions.values() if r.portal == key]:
+            self.delete_reaction(reaction)
+
+    def messages_of(self, portal: PortalKey, remote_id: str) -> list[MessageRecord]:
+        parts = self.remote_parts.get((portal, remote_id), {})
+        return [self.messages[event_id] for event_id in parts.values()]
+
+    def mapped_event(self, record: MessageRecord) -> str | None:
+        """The event the remote part of ``record`` maps to, if any."""
+        return self.remote_parts.get(_remote_of(record), {}).get(record.part)
+
+    def put_message(self, record: MessageRecord) -> None:
+        """Insert or replace by event id; a mapped part another event had is the new
+        event's now (the SQL stores' unique index on parts that are not pending)."""
+        old = self.messages.get(record.event_id)
+        if old is not None:
+            self.delete_message(old)
+        if not record.pending:
+            other = self.mapped_event(record)
+            if other is not None:
+                self.delete_message(self.messages[other])
+            self.remote_parts.setdefault(_remote_of(record), {})[record.part] = record.event_id
+        self.messages[record.event_id] = record
+
+    def delete_message(self, message: MessageRecord) -> None:
+        del self.messages[message.event_id]
+        if message.pending:
+            return
+        parts = self.remote_parts[_remote_of(message)]
+        del parts[message.part]
+        if not parts:
+            del self.remote_parts[_remote_of(message)]
+
+    def delete_messages(self, portal: PortalKey, remote_id: str) -> None:
+        """Every part of a remote message, and every reaction to one of its parts."""
+        for message in self.messages_of(portal, remote_id):
+            self.delete_message(message)
+        for reaction in list(self.reactions.values()):
+            if reaction.portal == portal and reaction.remote_id == remote_id:
+                self.delete_reaction(reaction)
+
+    def put_reaction(self, record: ReactionRecord) -> None:
+        old_key = self.reaction_events.get(record.event_id)
+        if old_key is not None:
+            del self.reactions[old_key]
+        old = self.reactions.get(_reacted_to(record))
+        if old is not None:
+            del self.reaction_events[old.event_id]
+        self.reactions[_reacted_to(record)] = record
+        self.reaction_events[record.event_id] = _reacted_to(record)
+
+    def delete_reaction(self, reaction: ReactionRecord) -> None:
+        del self.reactions[_reacted_to(reaction)]
+        del self.reaction_events[reaction.event_id]

@@ -22,12 +22,14 @@ from bridge_kit.inbox.records import (
 )
 from bridge_kit.store import (
     inbox_rows,
+    postgres_bridge,
     postgres_devices,
     postgres_inbox,
     postgres_parked,
     postgres_retention,
     postgres_state,
 )
+from bridge_kit.store._bridge_sql import BridgeSQLHooks
 from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import PostgresQuery, Query
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
@@ -83,7 +85,7 @@ def _driver_errors(asyncpg: Any) -> tuple[type[BaseException], ...]:
     return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-class PostgresStore(SharedSQLHooks, Store):
+class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
     """A :class:`Store` in a PostgreSQL database (``postgresql://user@host:port/db``).
 
     The tables are prefixed ``bridge_kit_`` so the database can be shared with
@@ -103,6 +105,7 @@ class PostgresStore(SharedSQLHooks, Store):
             *postgres_retention.V5_RETENTION,
             *_V5_TXN_DIGEST,
         ),
+        postgres_bridge.V6,
     )
 
     def __init__(

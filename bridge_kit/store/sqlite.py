@@ -35,6 +35,7 @@ from bridge_kit.inbox.records import (
     NewInboxItem,
 )
 from bridge_kit.store import (
+    sqlite_bridge,
     sqlite_devices,
     sqlite_files,
     sqlite_inbox,
@@ -42,6 +43,7 @@ from bridge_kit.store import (
     sqlite_retention,
     sqlite_state,
 )
+from bridge_kit.store._bridge_sql import BridgeSQLHooks
 from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import Query, SQLiteQuery
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY = 100
 
 
-class SQLiteStore(SQLiteParkedItems, SharedSQLHooks, Store):
+class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
     """A :class:`Store` in one SQLite file (WAL journal, one connection).
 
     ``path`` is relative to the current directory unless absolute; the file is
@@ -81,6 +83,7 @@ class SQLiteStore(SQLiteParkedItems, SharedSQLHooks, Store):
             *sqlite_retention.V5_RETENTION,
             *sqlite_puppets.V5_TXN_DIGEST,
         ),
+        sqlite_bridge.V6,
     )
 
     def __init__(self, path: str | os.PathLike[str], *, sync: str = defaults.STORE_SYNC) -> None:

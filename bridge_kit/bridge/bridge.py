@@ -1,0 +1,170 @@
+"""The bridge: an :class:`~bridge_kit.AppService` and a network connector, tied together.
+
+::
+
+    config = Config.load("config.yaml", sections=MyConnector.config_sections)
+    bridge = Bridge(AppService(config), MyConnector())
+    raise SystemExit(bridge.run())
+
+or ``async with bridge:`` (tests, or a program with its own loop).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from bridge_kit.app.runner import StopSignals, run_app
+from bridge_kit.app.service import AppService
+from bridge_kit.bridge.builtin_commands import add_builtin_commands
+from bridge_kit.bridge.connector import NetworkConnector
+from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
+from bridge_kit.bridge.matrix import MatrixHandler
+from bridge_kit.bridge.portals import UnknownChat
+from bridge_kit.bridge.remote import RemoteHandler
+from bridge_kit.errors import BridgeKitError, MatrixRequestError
+from bridge_kit.inbox.items import RemoteItem
+from bridge_kit.inbox.records import ItemKind
+from bridge_kit.logs import configure_logging
+from bridge_kit.types import Event
+
+__all__ = ["RELAY_OFF", "Bridge", "remote_lane"]
+
+log = logging.getLogger(__name__)
+
+
+class Bridge(BridgeCore):
+    """The bridge layer on ``app`` for the network ``connector``.
+
+    Build it before the app starts: the constructor registers the app's handlers
+    (Matrix events, remote events, the alias and user queries) and the built-in
+    commands. :meth:`start` starts the app, then loads and connects the stored
+    logins, then the connector.
+    """
+
+    def __init__(self, app: AppService, connector: NetworkConnector) -> None:
+        super().__init__(app, connector)
+        self.matrix = MatrixHandler(self)
+        self.remote = RemoteHandler(app, self.portals, self.ghosts)
+        app.on_event("m.room.message")(self.matrix.on_message)
+        app.on_event("m.reaction")(self.matrix.on_reaction)
+        app.on_event("m.room.redaction")(self.matrix.on_redaction)
+        app.on_event("m.room.member")(self.on_member)
+        app.on_ephemeral("m.typing")(self.matrix.on_typing)
+        app.handlers.decorator(ItemKind.REMOTE)(self.on_remote)
+        app.on_alias_query(self.on_alias_query)
+        app.on_user_query(self.on_user_query)
+        add_builtin_commands(self.commands)
+        self._connector_started = False
+
+    # -- handlers -----------------------------------------------------------------------
+
+    async def on_remote(self, item: RemoteItem) -> None:
+        """A remote event from a portal's lane."""
+        await self.remote(item)
+
+    async def on_member(self, event: Event) -> None:
+        """The bot joins a room it is invited to: a DM with it is a management room."""
+        bot = self.app.bot.user_id
+        if event.state_key != bot or event.room_id is None:
+            return
+        if event.content.get("membership") != "invite" or event.sender is None:
+            return
+        try:
+            await self.app.bot.join_room(event.room_id)
+        except MatrixRequestError as exc:
+            if not 400 <= exc.status < 500 or exc.status == 429:
+                raise
+            log.warning("could not join %s on %s's invite: %s", event.room_id, event.sender, exc)
+            return
+        if event.content.get("is_direct"):
+            name = self.connector.display_name
+            await self.app.bot.send_notice(
+                event.room_id,
+                f"This is your room for the {name} bridge. Send `help` for the commands.",
+            )
+
+    async def on_alias_query(self, alias: str) -> bool:
+        """A portal's alias: create the portal's room (with that alias) if the chat exists."""
+        localpart = alias[1:].partition(":")[0]
+        key = self.connector.portal_for_alias(localpart)
+        if key is None or self.portals.creating(key):
+            return False
+        try:
+            info = await self.connector.get_chat_info(key)
+            if info is None:
+                return False
+            await self.portals.ensure_room(key, info, members_later=True)
+        except UnknownChat:
+            return False
+        except BridgeKitError as exc:
+            log.warning("could not make the room of %s: %s", alias, exc)
+            return False
+        return True
+
+    async def on_user_query(self, user_id: str) -> bool:
+        """A ghost's user ID: it exists if the connector knows the remote user."""
+        localpart = user_id[1:].partition(":")[0]
+        remote_id = self.connector.ghost_for_localpart(localpart)
+        if remote_id is None:
+            return False
+        return await self.connector.get_user_info(remote_id) is not None
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the app, load and connect the stored logins, start the connector."""
+        await self.app.start()
+        try:
+            name = self.config.bridge.bot_displayname
+            if name:
+                await self.app.bot.set_displayname(name)
+            await self.logins.load_all()
+            await self.connector.start(self)
+            self._connector_started = True
+        except BaseException:
+            await self._stop_parts()
+            await self.app.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop the connector, disconnect the logins, stop the app."""
+        try:
+            await self._stop_parts()
+        finally:
+            await self.app.stop()
+
+    async def _stop_parts(self) -> None:
+        try:
+            if self._connector_started:
+                self._connector_started = False
+                await self.connector.stop()
+        finally:
+            await self.portals.close()
+            await self.logins.close_all()
+
+    async def __aenter__(self) -> Bridge:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, like :func:`~bridge_kit.run_app`; the exit status
+        (a :class:`~bridge_kit.errors.BridgeKitError` is one ``error:`` line and 2)."""
+        if not logging.getLogger().handlers:
+            configure_logging(self.config.logging.level, self.config.logging.format)
+        return run_app(self._serve)
+
+    async def _serve(self, stop: StopSignals) -> int:
+        async with self:
+            log.info("%s bridge is ready as %s", self.connector.display_name, self.app.bot.user_id)
+            await stop.wait()
+            log.info("stopping: finishing in-flight work and flushing the store")
+        return 0

@@ -1,0 +1,104 @@
+"""The built-in commands: ``login``, ``logout``, ``logins``, ``set-relay``,
+``unset-relay`` and ``sync`` (``help`` comes with the command framework)."""
+
+from __future__ import annotations
+
+from bridge_kit.bridge.commands import CommandContext, CommandRegistry
+from bridge_kit.bridge.core import RELAY_OFF, BridgeCore
+from bridge_kit.bridge.logins import Login
+from bridge_kit.bridge.permissions import Level
+from bridge_kit.bridge.records import PortalRecord
+from bridge_kit.errors import CommandError
+
+__all__ = ["add_builtin_commands"]
+
+Context = CommandContext[BridgeCore]
+
+
+def add_builtin_commands(registry: CommandRegistry[BridgeCore]) -> None:
+    """Add the built-in commands to ``registry``."""
+    network = "the remote network"
+    registry.command("login", help=f"Log in to {network}", usage="<arguments>")(login)
+    registry.command("logout", help="Log out", usage="[login]")(logout)
+    registry.command("logins", help="List your logins and their states")(logins)
+    registry.command(
+        "set-relay", help="Relay this room's users without a login through your login"
+    )(set_relay)
+    registry.command("unset-relay", help="Stop relaying in this room")(unset_relay)
+    registry.command(
+        "sync", help="Fetch this room's chat info and members again", level=Level.ADMIN
+    )(sync)
+
+
+async def login(ctx: Context) -> None:
+    bridge = ctx.state
+    info = await bridge.connector.login(ctx.sender, ctx.args)
+    room = ctx.room_id if ctx.management else None
+    await bridge.add_login(ctx.sender, info, management_room=room)
+    await ctx.reply(f"Logging in as **{info.remote_name or info.id}**…")
+
+
+async def logout(ctx: Context) -> None:
+    ctx.require_args(0, 1)
+    bridge = ctx.state
+    found = _own_logins(ctx)
+    if ctx.args:
+        found = [login for login in found if login.id == ctx.args[0]]
+        if not found:
+            raise CommandError(f"You have no login `{ctx.args[0]}`.")
+    elif len(found) > 1:
+        raise ctx.usage_error("You have several logins: name one")
+    await bridge.logins.remove(found[0])
+    await ctx.reply(f"Logged out of **{found[0].remote_name or found[0].id}**.")
+
+
+async def logins(ctx: Context) -> None:
+    found = ctx.state.logins.of_user(ctx.sender)
+    if not found:
+        await ctx.reply("You have no logins. Send `login` to add one.")
+        return
+    lines = [f"* `{login.id}` ({login.remote_name}): {_state(login)}" for login in found]
+    await ctx.reply("\n".join(lines))
+
+
+async def set_relay(ctx: Context) -> None:
+    portal = await _portal(ctx)
+    own = _own_logins(ctx)
+    if not own:
+        raise CommandError("You need a login to relay through: send `login` first.")
+    await ctx.state.set_relay(portal.key, own[0].id)
+    await ctx.reply(f"Messages of users without a login are relayed through `{own[0].id}`.")
+
+
+async def unset_relay(ctx: Context) -> None:
+    portal = await _portal(ctx)
+    await ctx.state.set_relay(portal.key, RELAY_OFF)
+    await ctx.reply("Relaying is off in this room.")
+
+
+async def sync(ctx: Context) -> None:
+    bridge = ctx.state
+    portal = await _portal(ctx)
+    info = await bridge.connector.get_chat_info(portal.key)
+    if info is None:
+        raise CommandError("The remote network does not know this chat any more.")
+    await bridge.portals.sync_members(portal, info.members)
+    await ctx.reply(f"Synced {len(info.members)} members.")
+
+
+def _own_logins(ctx: Context) -> list[Login]:
+    found = ctx.state.logins.of_user(ctx.sender)
+    if not found:
+        raise CommandError("You are not logged in.")
+    return found
+
+
+async def _portal(ctx: Context) -> PortalRecord:
+    portal = await ctx.state.portals.by_room(ctx.room_id)
+    if portal is None:
+        raise CommandError(f"`{ctx.command.name}` works in a bridged room only.")
+    return portal
+
+
+def _state(login: Login) -> str:
+    return login.state.name.lower().replace("_", " ")

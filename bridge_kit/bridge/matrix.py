@@ -1,0 +1,343 @@
+"""Matrix -> remote: the handlers of Matrix events in portals and management rooms.
+
+A message goes out through its sender's login, or, for a sender without one,
+through the portal's relay login with the relay template applied. Before a
+message is sent, its event is claimed in the message map
+(:meth:`~bridge_kit.store.Store.claim_event`): a handler the inbox runs twice
+finds it claimed and sends nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import attrs
+
+from bridge_kit.bridge.connector import (
+    MatrixEdit,
+    MatrixMessage,
+    MatrixReaction,
+    MatrixReactionRemove,
+    MatrixRedaction,
+    MatrixTyping,
+    NetworkClient,
+)
+from bridge_kit.bridge.core import BridgeCore
+from bridge_kit.bridge.events import MessageKind, RemoteMedia
+from bridge_kit.bridge.formatting import parse_edit, reply_target, strip_reply_fallback
+from bridge_kit.bridge.permissions import Level
+from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
+from bridge_kit.inbox.signals import NotReady
+from bridge_kit.store import Store
+from bridge_kit.types import Event
+
+__all__ = ["MatrixHandler"]
+
+log = logging.getLogger(__name__)
+
+_KINDS = {kind.value: kind for kind in MessageKind}
+#: How long an event waits for its login's client to connect before it is retried.
+_CONNECT_WAIT = 5.0
+#: And how long at most: then the event becomes a dead letter (replayable).
+_GIVE_UP = 3600.0
+
+
+@attrs.frozen
+class _Sender:
+    """Who sends a Matrix event to the remote side: a login's client, and whether
+    it relays for someone without a login."""
+
+    client: NetworkClient
+    relayed: bool
+
+
+class MatrixHandler:
+    """The bridge's Matrix event handlers (registered on the app by the bridge)."""
+
+    def __init__(self, bridge: BridgeCore) -> None:
+        self.bridge = bridge
+        self._typing: dict[str, set[str]] = {}
+
+    @property
+    def store(self) -> Store:
+        return self.bridge.app.store
+
+    # -- m.room.message ---------------------------------------------------------------
+
+    async def on_message(self, event: Event) -> None:
+        room_id, sender = event.room_id, event.sender
+        if room_id is None or sender is None or event.event_id is None:
+            return
+        if self.bridge.ghosts.is_ghost(sender):
+            return  # never bridge our own puppets back
+        portal = await self.bridge.portals.by_room(room_id)
+        if await self._command(event, portal):
+            return
+        if portal is None:
+            return
+        edit = parse_edit(event.content)
+        if edit is not None:
+            await self._edit(event, portal, edit.target, edit.content)
+            return
+        await self._send_message(event, portal)
+
+    async def _command(self, event: Event, portal: PortalRecord | None) -> bool:
+        body = event.content.get("body")
+        if event.content.get("msgtype") != "m.text" or not isinstance(body, str):
+            return False
+        assert event.room_id is not None and event.sender is not None
+        management = portal is None and await self.bridge.is_management_room(event.room_id)
+        if portal is None and not management:
+            return False
+        return await self.bridge.commands.handle(
+            sender=event.sender,
+            room_id=event.room_id,
+            body=body,
+            reply=self.bridge.reply_to(event.room_id, event.event_id),
+            state=self.bridge,
+            management=management,
+            event_id=event.event_id,
+        )
+
+    async def _send_message(self, event: Event, portal: PortalRecord) -> None:
+        assert event.room_id is not None and event.sender is not None
+        assert event.event_id is not None
+        kind = _KINDS.get(str(event.content.get("msgtype")))
+        if kind is None:
+            return
+        via = await self._sender(event, portal)
+        if via is None:
+            return
+        if not await self._claim(event, portal):
+            return
+        content = event.content
+        replied = reply_target(content)
+        reply_to = await self.store.message_by_event(replied) if replied else None
+        if reply_to is not None:
+            content = strip_reply_fallback(content)
+        text = await self.bridge.formatter.matrix_to_remote(content)
+        name = await self._displayname(event.room_id, event.sender)
+        if via.relayed:
+            text = self.bridge.relay_text(event.sender, name, text)
+        message = MatrixMessage(
+            portal=portal,
+            event_id=event.event_id,
+            sender_mxid=event.sender,
+            sender_name=name,
+            kind=kind,
+            text=text,
+            html=_html(content),
+            reply_to=reply_to,
+            media=_media(content, kind),
+            relayed=via.relayed,
+        )
+        sent = await via.client.send_message(message)
+        record = MessageRecord(
+            portal.key,
+            sent.remote_id,
+            event.event_id,
+            event.room_id,
+            sender_mxid=event.sender,
+            timestamp=sent.timestamp or time.time(),
+        )
+        await self.store.put_messages([record])
+
+    async def _claim(self, event: Event, portal: PortalRecord) -> bool:
+        assert event.room_id is not None and event.event_id is not None
+        claim = MessageRecord(
+            portal.key,
+            event.event_id,  # a placeholder until the remote id is known
+            event.event_id,
+            event.room_id,
+            sender_mxid=event.sender or "",
+            timestamp=time.time(),
+            pending=True,
+        )
+        claimed: bool = await self.store.claim_event(claim)
+        if not claimed:
+            log.debug("%s was claimed before: not sent again", event.event_id)
+        return claimed
+
+    async def _edit(
+        self, event: Event, portal: PortalRecord, target_id: str, new: dict[str, Any]
+    ) -> None:
+        assert event.room_id is not None and event.sender is not None
+        assert event.event_id is not None
+        target = await self.store.message_by_event(target_id)
+        if target is None or target.pending or not self.bridge.connector.capabilities.edits:
+            return
+        via = await self._sender(event, portal)
+        if via is None or not await self._claim(event, portal):
+            return
+        name = await self._displayname(event.room_id, event.sender)
+        text = await self.bridge.formatter.matrix_to_remote(new)
+        if via.relayed:
+            text = self.bridge.relay_text(event.sender, name, text)
+        edit = MatrixEdit(
+            portal=portal,
+            event_id=event.event_id,
+            sender_mxid=event.sender,
+            sender_name=name,
+            target=target,
+            text=text,
+            html=_html(new),
+            relayed=via.relayed,
+        )
+        await via.client.send_edit(edit)
+
+    # -- reactions and redactions ------------------------------------------------------
+
+    async def on_reaction(self, event: Event) -> None:
+        room_id, sender = event.room_id, event.sender
+        if room_id is None or sender is None or event.event_id is None:
+            return
+        relation = event.content.get("m.relates_to")
+        if self.bridge.ghosts.is_ghost(sender) or not isinstance(relation, dict):
+            return
+        target_id, key = relation.get("event_id"), relation.get("key")
+        if not isinstance(target_id, str) or not isinstance(key, str):
+            return
+        if not self.bridge.connector.capabilities.reactions:
+            return
+        portal = await self.bridge.portals.by_room(room_id)
+        target = await self.store.message_by_event(target_id)
+        if portal is None or target is None or target.pending:
+            return
+        if await self.store.reaction_by_event(event.event_id) is not None:
+            return  # sent before
+        via = await self._sender(event, portal, relay=False)
+        if via is None:
+            return
+        reaction = MatrixReaction(
+            portal=portal, event_id=event.event_id, sender_mxid=sender, target=target, key=key
+        )
+        remote_id = await via.client.send_reaction(reaction)
+        await self.store.put_reaction(
+            ReactionRecord(
+                portal.key,
+                target.remote_id,
+                remote_id or sender,
+                key,
+                event.event_id,
+                room_id,
+                part=target.part,
+                sender_mxid=sender,
+                timestamp=time.time(),
+            )
+        )
+
+    async def on_redaction(self, event: Event) -> None:
+        room_id, sender = event.room_id, event.sender
+        if room_id is None or sender is None or event.event_id is None:
+            return
+        if self.bridge.ghosts.is_ghost(sender):
+            return
+        redacts = event.content.get("redacts") or event.extra.get("redacts")
+        if not isinstance(redacts, str):
+            return
+        portal = await self.bridge.portals.by_room(room_id)
+        if portal is None or not self.bridge.connector.capabilities.redactions:
+            return
+        message = await self.store.message_by_event(redacts)
+        if message is not None and not message.pending:
+            via = await self._sender(event, portal, relay=False)
+            if via is not None:
+                redaction = MatrixRedaction(
+                    portal=portal, event_id=event.event_id, sender_mxid=sender, target=message
+                )
+                await via.client.send_redaction(redaction)
+            await self.store.delete_messages(portal.key, message.remote_id)
+            return
+        reaction = await self.store.reaction_by_event(redacts)
+        if reaction is not None:
+            via = await self._sender(event, portal, relay=False)
+            if via is not None:
+                removal = MatrixReactionRemove(
+                    portal=portal, event_id=event.event_id, sender_mxid=sender, target=reaction
+                )
+                await via.client.send_reaction_remove(removal)
+            await self.store.delete_reaction(redacts)
+
+    # -- typing -------------------------------------------------------------------------
+
+    async def on_typing(self, event: Event) -> None:
+        room_id = event.room_id
+        user_ids = event.content.get("user_ids")
+        if room_id is None or not isinstance(user_ids, list):
+            return
+        if not self.bridge.connector.capabilities.typing:
+            return
+        now = {u for u in user_ids if isinstance(u, str) and not self.bridge.ghosts.is_ghost(u)}
+        before = self._typing.get(room_id, set())
+        self._typing[room_id] = now
+        if now == before:
+            return
+        portal = await self.bridge.portals.by_room(room_id)
+        if portal is None:
+            return
+        for user_id in now ^ before:
+            logins = self.bridge.logins.of_user(user_id)
+            if logins and logins[0].connected and logins[0].client is not None:
+                typing = MatrixTyping(portal=portal, sender_mxid=user_id, typing=user_id in now)
+                await logins[0].client.send_typing(typing)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _sender(
+        self, event: Event, portal: PortalRecord, *, relay: bool = True
+    ) -> _Sender | None:
+        """The client that sends ``event`` to the remote side, or None (and a notice)."""
+        assert event.sender is not None
+        for login in self.bridge.logins.of_user(event.sender):
+            if login.client is not None:
+                if not login.connected:
+                    raise NotReady(
+                        f"login {login.id} is not connected",
+                        retry_after=_CONNECT_WAIT,
+                        give_up_after=_GIVE_UP,
+                    )
+                return _Sender(login.client, relayed=False)
+        relay_login = self.bridge.relay_login(portal) if relay else None
+        if relay_login is None or not self.bridge.permissions.allows(event.sender, Level.RELAY):
+            return None
+        if relay_login.client is None or not relay_login.connected:
+            raise NotReady(
+                f"relay login {relay_login.id} is not connected",
+                retry_after=_CONNECT_WAIT,
+                give_up_after=_GIVE_UP,
+            )
+        return _Sender(relay_login.client, relayed=True)
+
+    async def _displayname(self, room_id: str, user_id: str) -> str:
+        members = await self.bridge.app.room_state.get_members(room_id)
+        member = members.get(user_id)
+        if member is not None and member.displayname:
+            return member.displayname
+        return user_id[1:].partition(":")[0]
+
+
+def _html(content: dict[str, Any]) -> str | None:
+    html = content.get("formatted_body")
+    if content.get("format") == "org.matrix.custom.html" and isinstance(html, str):
+        return html
+    return None
+
+
+def _media(content: dict[str, Any], kind: MessageKind) -> RemoteMedia | None:
+    url = content.get("url")
+    if kind not in (MessageKind.IMAGE, MessageKind.FILE, MessageKind.AUDIO, MessageKind.VIDEO):
+        return None
+    if not isinstance(url, str):
+        return None
+    info = content.get("info") if isinstance(content.get("info"), dict) else {}
+    name = content.get("filename") or content.get("body") or "file"
+    mimetype = info.get("mimetype") if isinstance(info, dict) else None
+    size = info.get("size") if isinstance(info, dict) else None
+    return RemoteMedia(
+        url,
+        name=str(name),
+        mimetype=mimetype if isinstance(mimetype, str) else None,
+        size=size if isinstance(size, int) else None,
+    )

@@ -1,0 +1,210 @@
+"""Portals: a remote chat and its room, created on demand, never twice.
+
+A portal's room is made by the bridge's bot with the chat's name, topic and
+``m.bridge`` / ``uk.half-shot.bridge`` state (MSC2346); its members' ghosts get
+their profiles first and then join in bulk (``join_many``), so each join event
+carries the right name and a big chat is mirrored at the homeserver's speed.
+
+Two guards keep one room per chat, across restarts and across daemons sharing a
+PostgreSQL store: the store's ``claim_portal_room`` (the first room claimed wins;
+a loser leaves the room it made), and for a portal with an alias the alias
+itself (the homeserver refuses a second room with it: M_ROOM_IN_USE, and the
+alias names the winner's room).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from bridge_kit.app.service import AppService
+from bridge_kit.bridge.connector import ChatInfo, NetworkConnector
+from bridge_kit.bridge.events import Sender
+from bridge_kit.bridge.ghosts import Ghosts
+from bridge_kit.bridge.records import PortalKey, PortalRecord
+from bridge_kit.errors import InvalidInput, MatrixRequestError, NotFound
+from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
+
+__all__ = ["BRIDGE_STATE_TYPES", "Portals", "UnknownChat"]
+
+log = logging.getLogger(__name__)
+
+#: The bridge-info state types: MSC2346's, and the one clients read before it settled.
+BRIDGE_STATE_TYPES = ("m.bridge", "uk.half-shot.bridge")
+
+
+class UnknownChat(InvalidInput):
+    """The connector does not know the remote chat a portal was asked for."""
+
+
+class Portals:
+    """The portals of one bridge."""
+
+    def __init__(self, app: AppService, connector: NetworkConnector, ghosts: Ghosts) -> None:
+        self.app = app
+        self.connector = connector
+        self.ghosts = ghosts
+        # One creation per portal at a time in this process; the store and the alias
+        # guard against other processes.
+        self._locks: dict[PortalKey, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def creating(self, key: PortalKey) -> bool:
+        """Whether this process is making ``key``'s room right now. The homeserver
+        asks us about the alias while we create the room with it: the answer
+        must be "not yet", not a second creation waiting for the first."""
+        lock = self._locks.get(key)
+        return lock is not None and lock.locked()
+
+    async def get(self, key: PortalKey) -> PortalRecord | None:
+        return await self.app.store.portal(key)
+
+    async def by_room(self, room_id: str) -> PortalRecord | None:
+        return await self.app.store.portal_by_room(room_id)
+
+    def alias(self, key: PortalKey) -> str | None:
+        localpart = self.connector.alias_localpart(key)
+        return None if localpart is None else f"#{localpart}:{self.app.puppets.domain}"
+
+    async def ensure_room(
+        self, key: PortalKey, info: ChatInfo | None = None, *, members_later: bool = False
+    ) -> PortalRecord:
+        """The portal of ``key`` with its room, created (with its members) if needed.
+
+        ``members_later``: return once the room exists, and join the members in
+        the background (an alias query must be answered soon).
+        Raises :class:`UnknownChat` when the connector has no info on the chat.
+        """
+        record = await self.get(key)
+        if record is not None and record.room_id is not None:
+            return record
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            record = await self.get(key)
+            if record is not None and record.room_id is not None:
+                return record
+            if info is None:
+                info = await self.connector.get_chat_info(key)
+            if info is None:
+                raise UnknownChat(f"the {self.connector.display_name} chat {key} is not known")
+            return await self._create(key, info, record, members_later)
+
+    async def _create(
+        self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
+    ) -> PortalRecord:
+        room_id = await self._existing_alias_room(key)
+        made = False
+        if room_id is None:
+            room_id, made = await self._create_room(key, info)
+        won = await self.app.store.claim_portal_room(key, room_id)
+        if won != room_id and made:
+            log.info("portal %s: another daemon made its room first; leaving %s", key, room_id)
+            await self.app.bot.leave_room(room_id)
+        base = old or PortalRecord(key)
+        record = attrs.evolve(
+            base,
+            room_id=won,
+            name=info.name,
+            topic=info.topic,
+            avatar_mxc=_mxc(info.avatar_url),
+            is_direct=info.is_direct,
+        )
+        await self.app.store.put_portal(record)
+        if won == room_id and made:
+            log.info("portal %s: created room %s", key, won)
+        if members_later:
+            task = asyncio.create_task(self._sync_in_background(record, info.members))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            await self.sync_members(record, info.members)
+        return record
+
+    async def _sync_in_background(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
+        try:
+            await self.sync_members(portal, members)
+        except Exception as exc:  # logged: the next sync command or message tries again
+            log.warning("portal %s: joining its members failed: %s", portal.key, exc)
+
+    async def close(self) -> None:
+        """Cancel member syncs still running in the background."""
+        tasks, self._background = self._background, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _existing_alias_room(self, key: PortalKey) -> str | None:
+        alias = self.alias(key)
+        if alias is None:
+            return None
+        try:
+            return (await self.app.bot.resolve_alias(alias)).room_id
+        except NotFound:
+            return None
+
+    async def _create_room(self, key: PortalKey, info: ChatInfo) -> tuple[str, bool]:
+        """Make the room; ``(room, True)``, or the alias's room and False when the
+        alias was taken meanwhile (another daemon made it first)."""
+        localpart = self.connector.alias_localpart(key)
+        request = CreateRoomRequest(
+            preset=RoomPreset.PRIVATE_CHAT if localpart is None else RoomPreset.PUBLIC_CHAT,
+            name=info.name or None,
+            topic=info.topic or None,
+            invite=list(info.invite),
+            is_direct=info.is_direct,
+            room_alias_name=localpart,
+            initial_state=self._bridge_state(key, info),
+        )
+        try:
+            return await self.app.bot.create_room(request), True
+        except MatrixRequestError as exc:
+            if exc.errcode != "M_ROOM_IN_USE" or localpart is None:
+                raise
+        room_id = await self._existing_alias_room(key)
+        if room_id is None:
+            raise UnknownChat(f"the alias of portal {key} is taken but names no room")
+        return room_id, False
+
+    def _bridge_state(self, key: PortalKey, info: ChatInfo) -> list[StateEventInput]:
+        content = self.bridge_info(key, info.name)
+        state_key = f"bridge_kit://{self.connector.network_id}/{key}"
+        return [StateEventInput(kind, content, state_key) for kind in BRIDGE_STATE_TYPES]
+
+    def bridge_info(self, key: PortalKey, name: str | None) -> dict[str, Any]:
+        """The ``m.bridge`` content of a portal (MSC2346)."""
+        bot = self.app.bot.user_id
+        channel: dict[str, Any] = {"id": str(key)}
+        if name:
+            channel["displayname"] = name
+        return {
+            "bridgebot": bot,
+            "creator": bot,
+            "protocol": {
+                "id": self.connector.network_id,
+                "displayname": self.connector.display_name,
+            },
+            "channel": channel,
+        }
+
+    async def sync_members(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
+        """Make the ghosts of ``members`` (profiles first) and join them to the room."""
+        if portal.room_id is None or not members:
+            return
+        await self.ghosts.ensure(members)
+        pairs = [(self.ghosts.localpart(member.id), portal.room_id) for member in members]
+        result = await self.app.puppets.join_many(
+            pairs, concurrency=self.app.config.puppets.concurrency
+        )
+        if result.failed:
+            log.warning(
+                "portal %s: %d of %d members did not join: %s",
+                portal.key, result.failed, len(pairs), result.failures,
+            )  # fmt: skip
+
+
+def _mxc(url: str | None) -> str | None:
+    return url if url and url.startswith("mxc://") else None

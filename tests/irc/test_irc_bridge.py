@@ -1,0 +1,334 @@
+"""The IRC bridge example end to end: a real Synapse, a real miniircd, IRC users on
+raw sockets and Matrix users on the client-server API; the bridge runs as a process
+(``python examples/irc_bridge -c config.yaml``), as a deployment runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from bridge_kit import HomeserverClient, Intent
+from bridge_kit.client.homeserver import quote_segment
+from bridge_kit.testing.synapse import synapse_installed
+from tests.conftest import SERVER_NAME, missing_service
+from tests.helpers.daemons import Daemon, room_events
+from tests.helpers.irc_bridge import IrcHomeserver, irc_bridge, write_irc_config
+from tests.helpers.ircd import IrcUser, Miniircd, split_line
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 60.0
+HTML = "org.matrix.custom.html"
+#: The configured channels; each test has its own.
+CHANNELS = ["#lobby", "#members", "#fmt", "#relay", "#login", "#edits", "#restart"]
+RELAY_NICK = "bkrelay"
+STORE = "sqlite:///irc.db"
+
+
+@pytest.fixture(scope="module")
+async def hs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[IrcHomeserver]:
+    if not synapse_installed():
+        missing_service("matrix-synapse is not installed (pip install -e '.[test]')")
+    async with IrcHomeserver(tmp_path_factory.mktemp("irc-synapse")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def early(ircd: Miniircd) -> AsyncIterator[list[IrcUser]]:
+    """IRC users in #members before the bridge starts."""
+    users = [await IrcUser(nick).connect(ircd.port) for nick in ("ann", "Bob")]
+    for user in users:
+        await user.join("#members")
+    yield users
+    for user in users:
+        await user.close()
+
+
+@pytest.fixture(scope="module")
+async def bridge(
+    hs: IrcHomeserver,
+    ircd: Miniircd,
+    early: list[IrcUser],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Daemon]:
+    directory = tmp_path_factory.mktemp("irc-bridge")
+    irc = {"server": ircd.address, "nick": RELAY_NICK, "channels": CHANNELS, "interval": 0.05}
+    daemon = irc_bridge(write_irc_config(hs, directory, irc, store=STORE))
+    async with daemon:
+        await portals_made(daemon)
+        yield daemon
+
+
+async def portals_made(daemon: Daemon) -> None:
+    """Wait until the bridge made every configured channel's room (it does at start,
+    one after the other: a Matrix user joining a portal while its room is being
+    made is refused, and the tests are not about that race)."""
+    wanted = {f"portal {channel[1:]}: created room" for channel in CHANNELS}
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        made = {m.split(" !")[0] for m in daemon.messages() if "created room" in m}
+        if wanted <= made:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"rooms never made: {sorted(wanted - made)}")
+
+
+@pytest.fixture
+async def irc_users(ircd: Miniircd) -> AsyncIterator[Callable[..., Any]]:
+    made: list[IrcUser] = []
+
+    async def make(nick: str, *channels: str) -> IrcUser:
+        user = await IrcUser(nick).connect(ircd.port)
+        made.append(user)
+        for channel in channels:
+            await user.join(channel)
+        return user
+
+    yield make
+    for user in made:
+        await user.close()
+
+
+class MatrixUser:
+    """A person on Matrix: a real account on the homeserver, its client and intent."""
+
+    def __init__(self, client: HomeserverClient, intent: Intent) -> None:
+        self.client, self.intent = client, intent
+
+    @property
+    def user_id(self) -> str:
+        return self.intent.user_id
+
+    async def events(self, room_id: str) -> list[dict[str, Any]]:
+        return [dict(e) for e in await room_events(self.client, room_id, limit=500)]
+
+    async def wait(
+        self, room_id: str, what: str, match: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            for event in await self.events(room_id):
+                if match(event):
+                    return event
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{what} never showed up in {room_id}")
+
+    async def message(self, room_id: str, sender: str, body: str) -> dict[str, Any]:
+        return await self.wait(
+            room_id, f"{sender}: {body!r}",
+            lambda e: e["type"] == "m.room.message" and e["sender"] == sender
+            and e["content"].get("body") == body,
+        )  # fmt: skip
+
+    async def membership(self, room_id: str, user_id: str, membership: str) -> dict[str, Any]:
+        return await self.wait(
+            room_id, f"{user_id} {membership}",
+            lambda e: e["type"] == "m.room.member" and e["state_key"] == user_id
+            and e["content"].get("membership") == membership,
+        )  # fmt: skip
+
+    async def joined(self, room_id: str) -> dict[str, str | None]:
+        path = f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/joined_members"
+        reply = await self.client.request("GET", path)
+        return {user: info.get("display_name") for user, info in reply["joined"].items()}
+
+
+@pytest.fixture
+async def matrix_user(hs: IrcHomeserver, unique: str) -> AsyncIterator[Callable[..., Any]]:
+    clients: list[HomeserverClient] = []
+
+    async def make(name: str) -> MatrixUser:
+        token = await hs.create_user(f"{name}{unique}")
+        client = HomeserverClient(hs.url, token)
+        clients.append(client)
+        intent = Intent(client, f"@{name}{unique}:{SERVER_NAME}", None)
+        await intent.set_displayname(name.capitalize())
+        return MatrixUser(client, intent)
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+def puppet(nick: str) -> str:
+    return f"@irc_{nick.lower()}:{SERVER_NAME}"
+
+
+def alias(channel: str) -> str:
+    return f"#irc_{channel[1:]}:{SERVER_NAME}"
+
+
+async def join_portal(user: MatrixUser, channel: str) -> str:
+    return await user.intent.join_room(alias(channel))
+
+
+async def wait_said(user: IrcUser, nick: str, target: str, text: str, start: int = 0) -> None:
+    await user.said(nick, target, text, start=start)
+
+
+# -- what must hold ----------------------------------------------------------------------
+
+
+async def test_a_configured_channel_is_a_portal_a_matrix_user_joins_by_its_alias(
+    bridge: Daemon, matrix_user: Callable[..., Any]
+) -> None:
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#lobby")
+    state = await alice.client.request(
+        "GET", f"/_matrix/client/v3/rooms/{quote_segment(room_id)}/state/m.room.name"
+    )
+    assert state["name"] == "#lobby"
+    assert alice.user_id in await alice.joined(room_id)
+
+
+async def test_irc_users_are_puppets_with_their_nick_and_their_comings_and_goings_mirrored(
+    bridge: Daemon, matrix_user: Callable[..., Any], irc_users: Callable[..., Any],
+    early: list[IrcUser],
+) -> None:  # fmt: skip
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#members")
+    await alice.membership(room_id, puppet("Bob"), "join")
+    await alice.membership(room_id, puppet("ann"), "join")
+    joined = await alice.joined(room_id)
+    assert joined[puppet("ann")] == "ann"
+    assert joined[puppet("Bob")] == "Bob"
+    assert puppet(RELAY_NICK) not in joined  # the relay is the bridge, not a person
+    cid = await irc_users("cid", "#members")
+    await alice.membership(room_id, puppet("cid"), "join")
+    await cid.send("NICK cyd")
+    await alice.membership(room_id, puppet("cid"), "leave")
+    joined_event = await alice.membership(room_id, puppet("cyd"), "join")
+    assert joined_event["content"]["displayname"] == "cyd"
+    await cid.send("PART #members :later")
+    left = await alice.membership(room_id, puppet("cyd"), "leave")
+    assert left["content"].get("reason", "") in ("later", "")
+    dee = await irc_users("dee", "#members")
+    await alice.membership(room_id, puppet("dee"), "join")
+    await dee.quit("off to bed")
+    await alice.membership(room_id, puppet("dee"), "leave")
+
+
+async def test_irc_lines_arrive_in_order_as_text_emotes_and_html(
+    bridge: Daemon, matrix_user: Callable[..., Any], irc_users: Callable[..., Any]
+) -> None:
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#fmt")
+    eve = await irc_users("eve", "#fmt")
+    await alice.membership(room_id, puppet("eve"), "join")
+    await eve.say("#fmt", "plain <b>not html</b>")
+    await eve.say("#fmt", "\x01ACTION waves\x01")
+    await eve.say("#fmt", "\x02bold\x02 \x1ditalic\x1d \x0304red\x03")
+    for n in range(20):
+        await eve.say("#fmt", f"line {n}")
+    await alice.message(room_id, puppet("eve"), "line 19")
+    said = [
+        e["content"] for e in await alice.events(room_id)
+        if e["type"] == "m.room.message" and e["sender"] == puppet("eve")
+    ]  # fmt: skip
+    assert said[0] == {"msgtype": "m.text", "body": "plain <b>not html</b>"} | (
+        {"m.mentions": said[0]["m.mentions"]} if "m.mentions" in said[0] else {}
+    )
+    assert (said[1]["msgtype"], said[1]["body"]) == ("m.emote", "waves")
+    assert said[2]["body"] == "bold italic red"
+    assert said[2]["format"] == HTML
+    assert said[2]["formatted_body"] == (
+        '<b>bold</b> <i>italic</i> <font data-mx-color="#ff0000">red</font>'
+    )
+    assert [c["body"] for c in said[3:]] == [f"line {n}" for n in range(20)]
+
+
+async def test_matrix_messages_reach_irc_through_the_relay_with_replies_and_mentions(
+    bridge: Daemon, matrix_user: Callable[..., Any], irc_users: Callable[..., Any]
+) -> None:
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#relay")
+    fay = await irc_users("fay", "#relay")
+    await alice.membership(room_id, puppet("fay"), "join")
+    await alice.intent.send_text(room_id, "hello irc")
+    await fay.said(RELAY_NICK, "#relay", "<Alice> hello irc")
+    await alice.intent.send_text(room_id, "very bold", html="<b>very</b> bold")
+    await fay.said(RELAY_NICK, "#relay", "<Alice> \x02very\x02 bold")
+    await alice.intent.send_emote(room_id, "dances")
+    await fay.said(RELAY_NICK, "#relay", "* Alice dances")
+    pill = f'<a href="https://matrix.to/#/{puppet("fay")}">fay</a>'
+    await alice.intent.send_text(room_id, "fay: look", html=f"{pill}: look")
+    await fay.said(RELAY_NICK, "#relay", "<Alice> fay: look")
+    await fay.say("#relay", "what is up")
+    original = await alice.message(room_id, puppet("fay"), "what is up")
+    await alice.intent.send_text(room_id, "not much", reply_to=original["event_id"])
+    await fay.said(RELAY_NICK, "#relay", "<Alice> fay: not much")
+
+
+async def test_an_edit_goes_out_again_marked_as_a_correction(
+    bridge: Daemon, matrix_user: Callable[..., Any], irc_users: Callable[..., Any]
+) -> None:
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#edits")
+    gus = await irc_users("gus", "#edits")
+    await alice.membership(room_id, puppet("gus"), "join")
+    event_id = await alice.intent.send_text(room_id, "teh typo")
+    await gus.said(RELAY_NICK, "#edits", "<Alice> teh typo")
+    await alice.intent.edit_message(room_id, event_id, "the typo")
+    await gus.said(RELAY_NICK, "#edits", "<Alice> * the typo")
+
+
+async def test_after_login_a_matrix_user_speaks_with_her_own_nick(
+    bridge: Daemon, hs: IrcHomeserver, matrix_user: Callable[..., Any],
+    irc_users: Callable[..., Any], unique: str,
+) -> None:  # fmt: skip
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#login")
+    hal = await irc_users("hal", "#login")
+    await alice.membership(room_id, puppet("hal"), "join")
+    management = await alice.intent.create_room(invite=[hs.bot], is_direct=True)
+    await alice.membership(management, hs.bot, "join")
+    nick = f"al{unique[:6]}"
+    start = len(hal.lines)
+    await alice.intent.send_text(management, f"login {nick}")
+    await hal.wait_for(
+        lambda n, c, p: n == nick and c == "JOIN" and p[0] == "#login", "her join", start=start
+    )
+    await alice.intent.send_text(room_id, "it is me")
+    await hal.said(nick, "#login", "it is me")
+    await hal.say("#login", f"{nick}: welcome")
+    await alice.message(room_id, puppet("hal"), f"{nick}: welcome")
+    # Her own nick is no puppet: the relay knows it is the bridge's.
+    assert puppet(nick) not in await alice.joined(room_id)
+
+
+async def test_a_restart_reuses_the_portal_and_the_puppets_and_posts_nothing_twice(
+    bridge: Daemon, hs: IrcHomeserver, matrix_user: Callable[..., Any],
+    irc_users: Callable[..., Any],
+) -> None:  # fmt: skip
+    alice = await matrix_user("alice")
+    room_id = await join_portal(alice, "#restart")
+    ivy = await irc_users("ivy", "#restart")
+    await alice.membership(room_id, puppet("ivy"), "join")
+    await ivy.say("#restart", "before")
+    await alice.message(room_id, puppet("ivy"), "before")
+    await alice.intent.send_text(room_id, "from matrix")
+    await ivy.said(RELAY_NICK, "#restart", "<Alice> from matrix")
+    users_before = await hs.count_users("irc_")
+    await bridge.stop()
+    await ivy.say("#restart", "while away")  # nobody bridges it: IRC has no history
+    await bridge.start()
+    assert await join_portal(alice, "#restart") == room_id
+    start = len(ivy.lines)
+    await ivy.say("#restart", "after")
+    await alice.message(room_id, puppet("ivy"), "after")
+    await alice.intent.send_text(room_id, "again")
+    await ivy.said(RELAY_NICK, "#restart", "<Alice> again", start=start)
+    bodies = [
+        e["content"].get("body")
+        for e in await alice.events(room_id)
+        if e["type"] == "m.room.message"
+    ]
+    assert bodies.count("before") == bodies.count("after") == 1
+    relayed = [split_line(line)[2][1] for line in ivy.lines if split_line(line)[1] == "PRIVMSG"]
+    assert relayed.count("<Alice> from matrix") == relayed.count("<Alice> again") == 1
+    assert await hs.count_users("irc_") == users_before  # no registration on restart
+    assert [m for m in bridge.messages(this_run=True) if "created room" in m] == []

@@ -1,0 +1,421 @@
+"""The bridge layer on real Synapse, driven by a tiny in-process network (the toy).
+
+A real Matrix user (the project's own client with a user token) plays the human;
+the tests play the toy network's users by handing remote events to the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import pytest
+
+from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
+from bridge_kit.bridge.bridge import Bridge
+from bridge_kit.bridge.connector import LoginInfo
+from bridge_kit.bridge.events import (
+    Membership,
+    MessageKind,
+    RemoteEdit,
+    RemoteMembership,
+    RemoteMessage,
+    RemoteReaction,
+    RemoteRedaction,
+    Sender,
+)
+from bridge_kit.bridge.records import LoginState, PortalKey
+from bridge_kit.client.homeserver import ClientObserver
+from bridge_kit.config import BridgeConfig
+from bridge_kit.store import Store
+from bridge_kit.store.memory import MemoryStore
+from bridge_kit.types import Event
+from tests.conftest import TestHomeserver, _running_homeserver
+from tests.helpers.toy_network import ToyConfig, ToyConnector, ToyNetwork
+
+T = TypeVar("T")
+TIMEOUT = 60.0
+DOMAIN = "test.local"
+
+
+@pytest.fixture(scope="module")
+async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
+    async with _running_homeserver(tmp_path_factory.mktemp("bridge")) as hs:
+        yield hs
+
+
+class KeptMemoryStore(MemoryStore):
+    """A memory store that survives its app's stop: a restart within one test."""
+
+    async def close(self) -> None:
+        return None
+
+
+class Registrations(ClientObserver):
+    """Counts registration requests (a restart must send none)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_response(
+        self, method: str, endpoint: str, status: int, errcode: str | None, seconds: float
+    ) -> None:
+        if endpoint.endswith("/register"):
+            self.count += 1
+
+
+def make_bridge(
+    hs: TestHomeserver, store: Store, network: ToyNetwork, chats: tuple[str, ...] = ()
+) -> Bridge:
+    config = Config(
+        homeserver=HomeserverConfig(url=hs.url),
+        appservice=AppServiceConfig(
+            registration=str(hs.registration_path), port=hs.appservice_port
+        ),
+        bridge=BridgeConfig(permissions={DOMAIN: "user"}),
+        extra_sections={"toy": ToyConfig(chats=list(chats))},
+    )
+    return Bridge(AppService(config, store=store), ToyConnector(network))
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
+    """``probe()``'s first true result; fails after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class Human:
+    """A real Matrix user on the homeserver."""
+
+    def __init__(self, client: HomeserverClient, user_id: str) -> None:
+        self.client = client
+        self.user_id = user_id
+        self._txn = 0
+
+    async def call(self, method: str, path: str, body: Any = None, **query: str) -> dict[str, Any]:
+        return await self.client.request(
+            method, f"/_matrix/client/v3{path}", body=body, query=query or None
+        )
+
+    async def join(self, room: str) -> str:
+        reply = await self.call("POST", f"/join/{quote(room, safe='')}", {})
+        return str(reply["room_id"])
+
+    async def send(
+        self, room_id: str, content: dict[str, Any], kind: str = "m.room.message"
+    ) -> str:
+        self._txn += 1
+        path = f"/rooms/{quote(room_id, safe='')}/send/{kind}/h{time.monotonic_ns()}{self._txn}"
+        return str((await self.call("PUT", path, content))["event_id"])
+
+    async def say(self, room_id: str, text: str) -> str:
+        return await self.send(room_id, {"msgtype": "m.text", "body": text})
+
+    async def events(self, room_id: str) -> list[dict[str, Any]]:
+        path = f"/rooms/{quote(room_id, safe='')}/messages"
+        reply = await self.call("GET", path, dir="b", limit="100")
+        return list(reversed(reply["chunk"]))
+
+    async def find(
+        self, room_id: str, match: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            return next((e for e in await self.events(room_id) if match(e)), None)
+
+        return await eventually(probe, what)
+
+    async def dm_with(self, user_id: str) -> str:
+        reply = await self.call(
+            "POST",
+            "/createRoom",
+            {"invite": [user_id], "is_direct": True, "preset": "trusted_private_chat"},
+        )
+        return str(reply["room_id"])
+
+
+@contextlib.asynccontextmanager
+async def human(hs: TestHomeserver, name: str) -> AsyncIterator[Human]:
+    token = await hs.create_user(name)
+    async with HomeserverClient(hs.url, token) as client:
+        yield Human(client, f"@{name}:{DOMAIN}")
+
+
+def body_is(text: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("type") == "m.room.message" and e["content"].get("body") == text
+
+
+def lobby(network: ToyNetwork, chat: str) -> None:
+    network.add_chat(chat, f"Lobby {chat}", {"bob": "Bob", "carol": "Carol"})
+
+
+async def remote_says(bridge: Bridge, chat: str, msg_id: str, text: str, **kw: Any) -> bool:
+    sender = kw.pop("sender", Sender("bob", "Bob"))
+    event = RemoteMessage(portal=PortalKey(chat), sender=sender, id=msg_id, text=text, **kw)
+    return await bridge.handle_remote(event)
+
+
+async def mapped(bridge: Bridge, chat: str, msg_id: str) -> str:
+    async def probe() -> str | None:
+        parts = await bridge.app.store.messages(PortalKey(chat), msg_id)
+        return parts[0].event_id if parts else None
+
+    return await eventually(probe, f"remote message {msg_id} bridged")
+
+
+# -- the tests ------------------------------------------------------------------------
+
+
+async def test_remote_message_creates_the_portal_with_its_members(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network)
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        assert await remote_says(bridge, chat, "1", "hello **there**", html="hello <b>there</b>")
+        assert not await remote_says(bridge, chat, "1", "hello **there**")  # redelivered: dropped
+        event_id = await mapped(bridge, chat, "1")
+        portal = await bridge.app.store.portal(PortalKey(chat))
+        assert portal is not None and portal.room_id is not None
+        # The human joins through the portal's alias: the same room.
+        assert await alice.join(f"#_bk_toy_{chat}:{DOMAIN}") == portal.room_id
+        message = await alice.find(portal.room_id, body_is("hello **there**"), "the message")
+        assert message["event_id"] == event_id
+        assert message["sender"] == f"@_bk_toy_bob:{DOMAIN}"
+        assert message["content"]["formatted_body"] == "hello <b>there</b>"
+        state = await alice.client.request_json(
+            "GET", f"/_matrix/client/v3/rooms/{quote(portal.room_id, safe='')}/state"
+        )
+        members = {
+            e["state_key"]: e["content"].get("displayname")
+            for e in state
+            if e["type"] == "m.room.member" and e["content"]["membership"] == "join"
+        }
+        assert members[f"@_bk_toy_bob:{DOMAIN}"] == "Bob"
+        assert members[f"@_bk_toy_carol:{DOMAIN}"] == "Carol"
+        kinds = {e["type"] for e in state}
+        assert {"m.bridge", "uk.half-shot.bridge"} <= kinds
+        bridge_info = next(e["content"] for e in state if e["type"] == "m.bridge")
+        assert bridge_info["protocol"]["id"] == "toy"
+        assert bridge_info["channel"]["id"] == chat
+        # Emotes and notices keep their kind.
+        await remote_says(bridge, chat, "2", "waves", kind=MessageKind.EMOTE)
+        emote = await alice.find(portal.room_id, body_is("waves"), "the emote")
+        assert emote["content"]["msgtype"] == "m.emote"
+
+
+async def test_matrix_messages_are_relayed_then_sent_through_the_login(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await alice.say(room_id, f"hi from matrix {unique}")
+        got = await network.wait_for("message", lambda r: unique in r.item.text)
+        assert got.login == "relay"
+        assert got.item.relayed
+        assert got.item.text == f"<h{unique}> hi from matrix {unique}"
+        # In the management room (a DM with the bot) she logs in.
+        dm = await alice.dm_with(bridge.app.bot.user_id)
+        await alice.find(dm, lambda e: e.get("sender") == bridge.app.bot.user_id, "the welcome")
+        await alice.say(dm, "login alice")
+        await alice.find(
+            dm, lambda e: "Logging in" in e.get("content", {}).get("body", ""), "reply"
+        )
+        login = await eventually(_connected(bridge, "alice"), "alice's login connected")
+        assert login.user_id == alice.user_id
+        stored = await bridge.app.store.login("alice")
+        assert stored is not None and stored.credentials == b"secret-alice"
+        await alice.say(room_id, f"now as me {unique}")
+        own = await network.wait_for("message", lambda r: r.item.text == f"now as me {unique}")
+        assert own.login == "alice" and not own.item.relayed
+        # A command in the portal needs the prefix.
+        await alice.say(room_id, "!bridge logins")
+        await alice.find(
+            room_id, lambda e: "`alice`" in e.get("content", {}).get("body", ""), "logins"
+        )
+
+
+def _connected(bridge: Bridge, login_id: str) -> Callable[[], Awaitable[Any]]:
+    async def probe() -> Any:
+        login = bridge.logins.get(login_id)
+        return login if login is not None and login.state is LoginState.CONNECTED else None
+
+    return probe
+
+
+async def test_a_handler_run_twice_sends_once(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        event_id = await alice.say(room_id, f"once {unique}")
+        await network.wait_for("message", lambda r: unique in r.item.text)
+        event = Event(
+            type="m.room.message",
+            content={"msgtype": "m.text", "body": f"once {unique}"},
+            room_id=room_id,
+            sender=alice.user_id,
+            event_id=event_id,
+        )
+        await bridge.matrix.on_message(event)  # the inbox ran it once; this is the second run
+        assert len([r for r in network.of("message") if unique in r.item.text]) == 1
+
+
+async def test_edits_replies_reactions_and_redactions_both_ways(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    portal = PortalKey(chat)
+    bob = Sender("bob", "Bob")
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        # Reactions and redactions are not relayed: she has a login of her own.
+        await bridge.add_login(alice.user_id, LoginInfo(id="alice", remote_name="alice"))
+        await eventually(_connected(bridge, "alice"), "alice's login connected")
+        await remote_says(bridge, chat, "r1", "original")
+        original = await mapped(bridge, chat, "r1")
+        # remote -> Matrix
+        await bridge.handle_remote(
+            RemoteEdit(portal=portal, sender=bob, id="e1", target="r1", text="edited")
+        )
+        edit = await alice.find(room_id, body_is("* edited"), "the edit")
+        assert edit["content"]["m.relates_to"] == {"rel_type": "m.replace", "event_id": original}
+        await bridge.handle_remote(
+            RemoteReaction(portal=portal, sender=bob, id="x1", target="r1", key="👍")
+        )
+        reaction = await alice.find(room_id, lambda e: e["type"] == "m.reaction", "the reaction")
+        assert reaction["content"]["m.relates_to"]["event_id"] == original
+        await remote_says(bridge, chat, "r2", "answer", reply_to="r1")
+        answer = await alice.find(room_id, body_is("answer"), "the reply")
+        assert answer["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == original
+        # Matrix -> remote
+        reply_id = await alice.send(
+            room_id,
+            {
+                "msgtype": "m.text",
+                "body": "> <@x:test.local> original\n\nmy reply",
+                "m.relates_to": {"m.in_reply_to": {"event_id": original}},
+            },
+        )
+        got = await network.wait_for("message", lambda r: r.item.event_id == reply_id)
+        assert got.item.reply_to is not None and got.item.reply_to.remote_id == "r1"
+        assert got.item.text.endswith("my reply") and "original" not in got.item.text
+        remote_reply = await bridge.app.store.message_by_event(reply_id)
+        assert remote_reply is not None and not remote_reply.pending
+        await alice.send(
+            room_id,
+            {
+                "msgtype": "m.text",
+                "body": "* my edited reply",
+                "m.new_content": {"msgtype": "m.text", "body": "my edited reply"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": reply_id},
+            },
+        )
+        medit = await network.wait_for("edit")
+        assert medit.item.target.remote_id == remote_reply.remote_id
+        assert medit.item.text.endswith("my edited reply")
+        await alice.send(
+            room_id,
+            {"m.relates_to": {"rel_type": "m.annotation", "event_id": original, "key": "🎉"}},
+            kind="m.reaction",
+        )
+        mreaction = await network.wait_for("reaction")
+        assert mreaction.item.target.remote_id == "r1" and mreaction.item.key == "🎉"
+        await alice.call(
+            "PUT",
+            f"/rooms/{quote(room_id, safe='')}/redact/{quote(reply_id, safe='')}/t{unique}",
+            {},
+        )
+        mredaction = await network.wait_for("redaction")
+        assert mredaction.item.target.remote_id == remote_reply.remote_id
+        # remote redaction
+        await bridge.handle_remote(RemoteRedaction(portal=portal, sender=bob, id="d1", target="r1"))
+
+        async def redacted() -> bool:
+            events = await alice.events(room_id)
+            return any(e["event_id"] == original and not e["content"] for e in events)
+
+        await eventually(redacted, "the remote redaction")
+        assert await bridge.app.store.messages(portal, "r1") == []
+
+
+async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    network.users["dave"] = "Dave"
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    portal = PortalKey(chat)
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        dave = Sender("dave", "Dave")
+        await bridge.handle_remote(
+            RemoteMembership(portal=portal, sender=dave, target=dave, membership=Membership.JOIN)
+        )
+        joined = await alice.find(
+            room_id,
+            lambda e: (
+                e.get("state_key") == f"@_bk_toy_dave:{DOMAIN}"
+                and e["content"].get("membership") == "join"
+            ),
+            "dave's join",
+        )
+        assert joined["content"]["displayname"] == "Dave"
+        bob = Sender("bob", "Bob")
+        await bridge.handle_remote(
+            RemoteMembership(
+                portal=portal, sender=bob, target=dave, membership=Membership.KICK, reason="spam"
+            )
+        )
+        kicked = await alice.find(
+            room_id,
+            lambda e: (
+                e.get("state_key") == f"@_bk_toy_dave:{DOMAIN}"
+                and e["content"].get("membership") == "leave"
+            ),
+            "dave's kick",
+        )
+        assert kicked["content"]["reason"] == "by Bob: spam"
+
+
+async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    store = KeptMemoryStore()
+    async with make_bridge(homeserver, store, network) as bridge:
+        await remote_says(bridge, chat, "1", "before")
+        await mapped(bridge, chat, "1")
+        room_before = (await store.portal(PortalKey(chat))).room_id  # type: ignore[union-attr]
+    registrations = Registrations()
+    bridge = make_bridge(homeserver, store, network)
+    bridge.app.client.observers.append(registrations)
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        assert not await remote_says(bridge, chat, "1", "before")
+        await remote_says(bridge, chat, "2", "after")
+        await mapped(bridge, chat, "2")
+        portal = await store.portal(PortalKey(chat))
+        assert portal is not None and portal.room_id == room_before
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        bodies = [
+            e["content"].get("body")
+            for e in await alice.events(room_id)
+            if e["type"] == "m.room.message"
+        ]
+        assert bodies.count("before") == 1 and bodies.count("after") == 1
+        assert network.connects.count("relay") == 2  # once per run: the login was reloaded
+    assert registrations.count == 0
