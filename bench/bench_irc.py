@@ -295,11 +295,15 @@ class MatrixUser:
                 Seen(room_id, source["sender"], content["body"], content.get("msgtype", ""), now)
             )
 
-    async def join(self, room: str) -> str:
-        reply = await self.client.join(room)
-        if not isinstance(reply, nio.JoinResponse):
-            raise BenchError(f"Matrix user could not join {room}: {reply}")
-        return str(reply.room_id)
+    async def join(self, room: str, retry_for: float = 0.0) -> str:
+        deadline = time.monotonic() + retry_for
+        while True:
+            reply = await self.client.join(room)
+            if isinstance(reply, nio.JoinResponse):
+                return str(reply.room_id)
+            if time.monotonic() > deadline:
+                raise BenchError(f"Matrix user could not join {room}: {reply}")
+            await asyncio.sleep(0.2)
 
     async def send(self, room_id: str, body: str) -> None:
         content = {"msgtype": "m.text", "body": body}
@@ -697,7 +701,7 @@ async def run_heisenbridge(
 
 
 def bridge_kit_config(hs: SynapseServer, irc_port: int, port: int, registration: Path,
-                      work: Path, channels: list[str]) -> Path:  # fmt: skip
+                      work: Path, channels: list[str], log_level: str) -> Path:  # fmt: skip
     """The daemon's config plus ``irc``, as examples/irc_bridge/config.yaml.example has it."""
     config = {
         "homeserver": {"url": hs.url, "domain": SERVER},
@@ -707,7 +711,7 @@ def bridge_kit_config(hs: SynapseServer, irc_port: int, port: int, registration:
             "port": port,
             "store": f"sqlite:///{work / 'irc_bridge.db'}",
         },
-        "logging": {"level": "WARNING"},
+        "logging": {"level": log_level},
         "bridge": {"permissions": {"*": "relay", SERVER: "user"}},
         "irc": {"server": f"127.0.0.1:{irc_port}", "nick": "bkrelay", "channels": channels},
     }
@@ -729,7 +733,8 @@ async def run_bridge_kit(
         irc_nick="bkrelay", irc_text=lambda text: f"<{DISPLAYNAME}> {text}",
     )  # fmt: skip
     # It bridges the channels of its config, from its start: both are there.
-    bridge_kit_config(hs, irc_port, bk_port, bk_registration, work, ["#bkbig", side.lobby])
+    bridge_kit_config(hs, irc_port, bk_port, bk_registration, work, ["#bkbig", side.lobby],
+                      args.log_level)  # fmt: skip
 
     async def open_channel(channel: str, watcher: IrcUser) -> str:
         """Start the bridge (once); join the channel's alias once the relay is in it."""
@@ -741,7 +746,9 @@ async def run_bridge_kit(
         )
         # The relay's NAMES makes the portal; an alias query first would make it empty.
         await asyncio.sleep(1.0)
-        return await matrix.join(f"#{BK_PREFIX}{channel.lstrip('#')}:{SERVER}")
+        alias = f"#{BK_PREFIX}{channel.lstrip('#')}:{SERVER}"
+        # A join while the bridge is still making the room is refused: try again.
+        return await matrix.join(alias, retry_for=args.mirror_timeout)
 
     try:
         await measure(args, hs, matrix, irc_port, base, work, figures, side, open_channel)
@@ -974,6 +981,7 @@ def main() -> None:
         help="also write the figures to this file",
     )  # fmt: skip
     parser.add_argument("--keep-logs", type=Path, help="copy the bridges' logs here")
+    parser.add_argument("--log-level", default="WARNING", help="bridge_kit's bridge's logging")
     args = parser.parse_args()
     unknown = set(args.bridges) - {"heisenbridge", "bridge_kit"}
     if unknown:
