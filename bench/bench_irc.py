@@ -41,11 +41,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,7 +175,7 @@ class IrcUser:
             ln.command == command and (param is None or param in ln.params) for ln in self.lines
         )
 
-    async def until(self, check: Callable[[], T], what: str, seconds: float = WAIT) -> T:
+    async def until(self, check: Callable[[], T | None], what: str, seconds: float = WAIT) -> T:
         deadline = time.monotonic() + seconds
         while True:
             tick = self._tick
@@ -289,7 +291,9 @@ class MatrixUser:
     def _take(self, room_id: str, source: dict[str, Any], now: float) -> None:
         content = source.get("content") or {}
         if source.get("type") == "m.room.member":
-            self.members.setdefault(room_id, {})[source["state_key"]] = content.get("membership")
+            self.members.setdefault(room_id, {})[source["state_key"]] = str(
+                content.get("membership")
+            )
         elif source.get("type") == "m.room.message" and isinstance(content.get("body"), str):
             self.messages.append(
                 Seen(room_id, source["sender"], content["body"], content.get("msgtype", ""), now)
@@ -311,7 +315,7 @@ class MatrixUser:
         if not isinstance(reply, nio.RoomSendResponse):
             raise BenchError(f"Matrix user could not send to {room_id}: {reply}")
 
-    async def until(self, check: Callable[[], T], what: str, seconds: float = WAIT) -> T:
+    async def until(self, check: Callable[[], T | None], what: str, seconds: float = WAIT) -> T:
         deadline = time.monotonic() + seconds
         while True:
             tick = self._tick
@@ -847,7 +851,7 @@ async def measure(
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("IRC -> Matrix p50 / p95 (ms)", lambda f: "{:.0f} / {:.0f}".format(
             f["irc_to_matrix"]["p50_ms"], f["irc_to_matrix"]["p95_ms"])),
         ("Matrix -> IRC p50 / p95 (ms)", lambda f: "{:.0f} / {:.0f}".format(
@@ -875,6 +879,22 @@ def table(results: dict[str, Any]) -> str:
                 cells.append(f"{'error' if 'error' in figures else 'n/a':>14}")
         lines.append(f"| {label:<{width}} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def versions(args: argparse.Namespace) -> dict[str, str]:
+    """What was measured: the commit of this checkout, Synapse's and heisenbridge's versions."""
+    found = {"synapse": importlib.metadata.version("matrix-synapse")}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found["bridge_kit_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    if "heisenbridge" in args.bridges:
+        found["heisenbridge"] = subprocess.run(
+            [str(args.heisenbridge), "-m", "heisenbridge", "--version"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.strip()  # fmt: skip
+    return found
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -913,6 +933,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "messages": args.messages,
             "gap_s": args.gap,
             "line_size": LINE_SIZE,
+            "versions": versions(args),
+            "load_average_at_start": os.getloadavg(),
         }
         async with (
             SynapseServer(
@@ -926,7 +948,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             matrix = await MatrixUser.start(hs)
             try:
                 for name in args.bridges:
-                    results[name] = figures = {}
+                    figures: dict[str, Any] = {}
+                    results[name] = figures
                     try:
                         if name == "heisenbridge":
                             await run_heisenbridge(
@@ -943,6 +966,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         figures["error"] = str(error)
             finally:
                 await matrix.close()
+            results["load_average_at_end"] = os.getloadavg()
             if args.keep_logs:
                 shutil.copytree(work, args.keep_logs, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("*.db*", "media_store"))  # fmt: skip
