@@ -865,7 +865,7 @@ def table(results: dict[str, Any]) -> str:
         ("mirror speed vs join_many", lambda f: "{:.2f}x".format(f["mirror"]["ratio"])),
         ("peak RSS of the bridge (MB)", lambda f: "{:.0f}".format(f["peak_rss_mb"])),
     ]  # fmt: skip
-    names = [n for n in results if isinstance(results[n], dict)]
+    names = [n for n in ("heisenbridge", "bridge_kit") if n in results]
     width = max(len(label) for label, _ in rows)
     lines = [f"| {'':<{width}} | " + " | ".join(f"{n:>14}" for n in names) + " |"]
     lines.append(f"|{'-' * (width + 2)}|" + "|".join("-" * 16 for _ in names) + "|")
