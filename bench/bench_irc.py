@@ -5,10 +5,11 @@ loaded from the start, so both see the same homeserver configuration) and miniir
 free port, then runs each bridge in turn as a subprocess and measures, with IRC users on
 raw asyncio sockets and a Matrix user on matrix-nio (``/sync``):
 
-1. mirror: the time from asking for a channel that already holds ``--members`` IRC
-   users until the Matrix user sees all of them joined as puppets; the baseline is a
-   bare ``PuppetRegistrar.join_many`` of as many fresh puppets into a public room,
-   measured right before each bridge's mirror (ratio = baseline / bridge, target >= 0.85);
+1. mirror: a channel already holds ``--members`` IRC users; the time from the bridge's
+   own JOIN on IRC until the Matrix user sees all of them joined as puppets. Baselines,
+   measured right before each bridge's mirror, as many fresh puppets into a public room:
+   a bare ``PuppetRegistrar.join_many`` (ratio = baseline / bridge, target >= 0.85), and
+   ``sync_profiles`` (register, set the display name) then ``join_many``;
 2. IRC -> Matrix latency: one IRC user sends ``--messages`` lines, one at a time; each is
    timed until the Matrix user's /sync returns it (p50, p95);
 3. Matrix -> IRC latency: the Matrix user sends as many messages, one at a time; each is
@@ -434,26 +435,37 @@ async def wait_for_port(port: int, what: str, process: Process, seconds: float =
 # -- the baseline: a bare join_many --------------------------------------------------------
 
 
-async def baseline_join_many(
+async def baselines(
     hs: SynapseServer, registration: Registration, count: int, tag: str, work: Path
-) -> float:
-    """Seconds for join_many to put ``count`` fresh puppets into a fresh public room."""
+) -> tuple[float, float]:
+    """Seconds for ``count`` fresh puppets to join a fresh public room: with a bare
+    ``join_many`` (it registers them first), and with ``sync_profiles`` (register and
+    set the display name) before it, which is what a mirror must send at least."""
     token = await hs.create_user(f"base_owner_{tag}")
     async with HomeserverClient(hs.url, token) as owner:
         body = {"preset": "public_chat"}
         room = (await owner.request("POST", "/_matrix/client/v3/createRoom", body=body))["room_id"]
-    pairs = [(f"{BASE_PREFIX}{tag}_{i:04d}", room) for i in range(count)]
     async with (
         HomeserverClient(hs.url, registration.as_token) as client,
         SQLiteStore(work / f"baseline-{tag}.db") as store,
     ):
         registrar = PuppetRegistrar(client, store, registration, SERVER)
+        bare = [f"{BASE_PREFIX}{tag}_{i:04d}" for i in range(count)]
         started = time.perf_counter()
-        result = await registrar.join_many(pairs)
-        elapsed = time.perf_counter() - started
-    if result.joined != count:
-        raise BenchError(f"baseline join_many: {result.summary()}")
-    return elapsed
+        joined = await registrar.join_many([(lp, room) for lp in bare])
+        bare_seconds = time.perf_counter() - started
+        named = [f"{BASE_PREFIX}{tag}p_{i:04d}" for i in range(count)]
+        started = time.perf_counter()
+        profiles = await registrar.sync_profiles([(lp, f"nick{i}", None) for i, lp in
+                                                  enumerate(named)])  # fmt: skip
+        joined_named = await registrar.join_many([(lp, room) for lp in named])
+        named_seconds = time.perf_counter() - started
+    for what, result in (("join_many", joined), ("after sync_profiles", joined_named)):
+        if result.joined != count:
+            raise BenchError(f"baseline {what}: {result.summary()}")
+    if profiles.failed:
+        raise BenchError(f"baseline sync_profiles: {profiles.summary()}")
+    return bare_seconds, named_seconds
 
 
 # -- the measurements, common to both bridges ----------------------------------------------
@@ -778,7 +790,7 @@ async def measure(
     print(f"   {args.members} IRC users join {big}; the bare join_many ...", flush=True)
     crowd = await irc_crowd(irc_port, [f"{side.tag}m{i:03d}" for i in range(args.members)], big)
     try:
-        baseline = await baseline_join_many(hs, base, args.members, side.tag, work)
+        baseline, with_profiles = await baselines(hs, base, args.members, side.tag, work)
         print(f"   {name} bridges {big} ...", flush=True)
         asked = time.perf_counter()
         room = await within(
@@ -804,11 +816,14 @@ async def measure(
         "seconds_from_request": done - asked,
         "baseline_join_many_seconds": baseline,
         "ratio": baseline / mirror,
+        "baseline_profiles_then_join_seconds": with_profiles,
+        "ratio_to_profiles_then_join": with_profiles / mirror,
     }
     print(
         f"   mirror: {mirror:.2f} s from the bridge's JOIN on IRC ({done - asked:.2f} s from "
-        f"asking); bare join_many {baseline:.2f} s; ratio {baseline / mirror:.2f} "
-        "(target >= 0.85)",
+        f"asking); bare join_many {baseline:.2f} s, ratio {baseline / mirror:.2f} "
+        f"(target >= 0.85); sync_profiles + join_many {with_profiles:.2f} s, ratio "
+        f"{with_profiles / mirror:.2f}",
         flush=True,
     )
 
@@ -863,6 +878,10 @@ def table(results: dict[str, Any]) -> str:
         ("bare join_many, same count (s)", lambda f: "{:.2f}".format(
             f["mirror"]["baseline_join_many_seconds"])),
         ("mirror speed vs join_many", lambda f: "{:.2f}x".format(f["mirror"]["ratio"])),
+        ("sync_profiles + join_many (s)", lambda f: "{:.2f}".format(
+            f["mirror"]["baseline_profiles_then_join_seconds"])),
+        ("mirror speed vs those two", lambda f: "{:.2f}x".format(
+            f["mirror"]["ratio_to_profiles_then_join"])),
         ("peak RSS of the bridge (MB)", lambda f: "{:.0f}".format(f["peak_rss_mb"])),
     ]  # fmt: skip
     names = [n for n in ("heisenbridge", "bridge_kit") if n in results]
