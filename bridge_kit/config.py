@@ -307,7 +307,7 @@ class BridgeConfig(Section):
 
     section: ClassVar[str] = "bridge"
 
-    command_prefix: str = _checked("!bridge", _check_prefix)
+    command_prefix: str = _checked("!bk", _check_prefix)
     """What starts a command in a portal room (in the management room none is needed)."""
     permissions: dict[str, str] = attrs.field(factory=dict, metadata={"check": _check_permissions})
     """Who may do what: ``"*"``, a server name or a user ID -> ``relay``, ``user`` or

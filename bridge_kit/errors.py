@@ -16,7 +16,9 @@ can catch a whole kind (``except HomeserverError``: anything from the homeserver
     │   ├── InvalidMxc (ValueError)  a media URI that is not ``mxc://server/media_id``
     │   ├── WrongType (TypeError)    a JSON value of the wrong type in a wire model
     │   ├── YamlError                text that is not one valid YAML document
-    │   ├── LoginRefused             the remote network refused a bridge login (credentials)
+    │   ├── RemoteRefused            a bridge's remote network refused or does not know it
+    │   │   ├── LoginRefused         a login's credentials (wrong or expired)
+    │   │   └── UnknownChat          the remote chat a portal was asked for
     │   ├── CommandError             a bridge command that cannot run as typed (the reply says why)
     │   └── MediaError               media that cannot be bridged
     │       ├── MediaTooLarge        over the homeserver's size limit (or the bridge's), refused
@@ -93,6 +95,7 @@ __all__ = [
     "RegistrationAborted",
     "RegistrationError",
     "RemoteError",
+    "RemoteRefused",
     "ResourceLimitExceeded",
     "ServiceError",
     "SetupError",
@@ -100,6 +103,7 @@ __all__ = [
     "StoreError",
     "UndecryptableEvent",
     "UnexpectedReply",
+    "UnknownChat",
     "UnknownDevice",
     "UnknownToken",
     "UsageError",
@@ -188,9 +192,18 @@ class RemoteError(ServiceError):
     (the inbox retries the event, the layer reconnects the login with backoff)."""
 
 
-class LoginRefused(InvalidInput):
+class RemoteRefused(InvalidInput):
+    """A bridge's remote network refused something, or does not know it: sending it
+    again unchanged fails again."""
+
+
+class LoginRefused(RemoteRefused):
     """The remote network refused a bridge login: wrong or expired credentials. The
     layer stops reconnecting it (``BAD_CREDENTIALS``) until the user logs in again."""
+
+
+class UnknownChat(RemoteRefused):
+    """A bridge's connector does not know the remote chat a portal was asked for."""
 
 
 class LifecycleError(ServiceError):

@@ -1,5 +1,5 @@
-"""A complete, tiny bridge: a puppet invited to a room joins it and echoes what
-real users say there.
+"""A complete, tiny bridge on the bridge layer: a puppet invited to a room joins it
+and echoes what real users say there.
 
 Run it with the daemon's config (it replaces ``bridge-kit run``: both serve the
 registration's port, so run one or the other)::
@@ -11,168 +11,144 @@ works) to a room: the homeserver asks the bridge whether the user exists, the
 bridge registers the puppet, the puppet joins, and it echoes every ``m.text``
 and ``m.emote`` message, formatting included.
 
-It is written the way a real bridge should be:
+The "remote network" here is an echo service in this process, and the bridge is
+written the way any bridge on :mod:`bridge_kit.bridge` is: a connector, and a
+client per login. The layer does the rest, which is what a real bridge needs:
 
-- **It survives restarts.** It keeps nothing in memory that it cannot get back.
-  Which puppet echoes in which room is written to the homeserver, as room
-  account data of the bridge's bot (which needs no membership in the room), and
-  read back into a bounded cache for a room not seen since the start.
-- **It is idempotent.** The inbox runs a handler again after a failure or a
-  crash. Joining twice or writing the same account data twice changes nothing,
-  and an echo sent again from the same event carries the same transaction ID,
-  so the homeserver posts it once.
+- **It survives restarts.** The invited room becomes a *portal* in the store (a
+  remote chat and its room), so a new process knows which puppet echoes where.
+- **It posts nothing twice.** A Matrix message is claimed in the message map
+  before it is sent to the echo service, and an echo is a remote event with an
+  id derived from the message's, accepted once and posted with a transaction ID
+  derived from it, whatever crashes in between.
 - **It logs what retrying cannot fix** (the homeserver refuses: the puppet was
   kicked or may not speak) and moves on; other failures (the homeserver is
-  unreachable) raise, so the inbox retries the event later.
-- **It uses only the public API** (``from bridge_kit import ...``).
+  unreachable) are retried by the inbox.
+- **It uses only the public API** of bridge_kit and its bridge layer.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections import OrderedDict
-from collections.abc import Awaitable
-from typing import Any
-from urllib.parse import quote
+from collections.abc import Sequence
 
-from bridge_kit import (
-    AppService,
-    BridgeKitError,
-    Config,
-    Event,
-    LimitExceeded,
-    MatrixRequestError,
-    NotFound,
-    configure_logging,
-    run_app,
-    split_user_id,
+import attrs
+
+from bridge_kit import AppService, BridgeKitError, Config, InvalidInput, configure_logging
+from bridge_kit.bridge.bridge import Bridge
+from bridge_kit.bridge.connector import (
+    BridgeContext,
+    LoginHandle,
+    LoginInfo,
+    MatrixMessage,
+    NetworkClient,
+    NetworkConnector,
+    SentMessage,
+    UserInfo,
 )
+from bridge_kit.bridge.events import MessageKind, RemoteMessage, Sender
+from bridge_kit.bridge.records import LoginState, PortalKey, PortalRecord
 
-log = logging.getLogger("echo_bridge")
-
-#: The bot's room account data that names the room's echo puppet.
-ECHOER_TYPE = "org.bridge_kit.example.echoer"
-#: Rooms whose echo puppet is remembered in memory; the rest are asked for again.
-CACHE_SIZE = 10_000
-#: Message types that are echoed. Never m.notice: bots answer notices with
-#: notices, and two of them would talk forever.
-ECHOED = frozenset({"m.text", "m.emote"})
-HTML = "org.matrix.custom.html"
+#: What is echoed. Never m.notice: bots answer notices with notices, and two of
+#: them would talk forever.
+ECHOED = (MessageKind.TEXT, MessageKind.EMOTE)
+#: The portal metadata key naming the room's echo puppet (its remote id).
+ECHOER = "echoer"
 
 
-class EchoBridge:
-    """The handlers, and where each room's echo puppet is kept."""
+class EchoClient(NetworkClient):
+    """The one login: the echo service, which answers each message at once."""
+
+    def __init__(self, connector: EchoConnector, login: LoginHandle) -> None:
+        self.connector = connector
+        self.login = login
+
+    async def connect(self) -> None:
+        await self.login.set_state(LoginState.CONNECTED)
+
+    async def disconnect(self) -> None:
+        return None
+
+    async def send_message(self, message: MatrixMessage) -> SentMessage:
+        remote_id = f"in:{message.event_id}"
+        echoer = message.portal.metadata.get(ECHOER)
+        body = message.content.get("body")
+        if message.kind in ECHOED and isinstance(echoer, str) and isinstance(body, str):
+            await self.connector.echo(message, echoer, body)
+        return SentMessage(remote_id)
+
+
+class EchoConnector(NetworkConnector):
+    """The echo network: every localpart in the registration's namespace is an echoer."""
+
+    network_id = "echo"
+    display_name = "Echo"
+    default_relay_login = "echo"
 
     def __init__(self, app: AppService) -> None:
         self.app = app
-        self._echoers: OrderedDict[str, str | None] = OrderedDict()
+        self.bridge: BridgeContext | None = None
 
-    def is_ours(self, user_id: str | None) -> bool:
-        """A puppet of this bridge, or its bot."""
-        if user_id is None:
-            return False
-        return user_id == self.app.bot.user_id or self.app.registration.is_user_in_namespace(
-            user_id
+    async def start(self, bridge: BridgeContext) -> None:
+        self.bridge = bridge
+        await bridge.add_login(bridge.app.bot.user_id, LoginInfo(id="echo", remote_name="echo"))
+
+    def load_login(self, login: LoginHandle) -> NetworkClient:
+        return EchoClient(self, login)
+
+    async def login(self, user_id: str, args: Sequence[str]) -> LoginInfo:
+        raise InvalidInput("the echo bridge has no logins: everyone is relayed")
+
+    # A puppet's localpart is the echoer's remote id: any name in the namespace.
+    def ghost_localpart(self, user_id: str) -> str:
+        return user_id
+
+    def ghost_for_localpart(self, localpart: str) -> str | None:
+        user_id = f"@{localpart}:{self.app.domain}"
+        return localpart if self.app.registration.is_user_in_namespace(user_id) else None
+
+    async def get_user_info(self, user_id: str) -> UserInfo | None:
+        return UserInfo()  # every echoer exists; no profile to set
+
+    async def portal_for_invite(
+        self, room_id: str, inviter: str, ghost_id: str
+    ) -> PortalKey | None:
+        """An invited room is a portal of its own, echoed by the invited puppet."""
+        assert self.bridge is not None
+        key = PortalKey(room_id)
+        await self.bridge.app.store.put_portal(
+            attrs.evolve(
+                await self.bridge.app.store.portal(key) or PortalRecord(key),
+                metadata={ECHOER: ghost_id},
+            )
+        )
+        return key
+
+    async def echo(self, message: MatrixMessage, echoer: str, body: str) -> None:
+        """The echo service's answer, as a remote event (stored, then posted in order)."""
+        assert self.bridge is not None
+        html = f"echo: {message.html}" if message.html is not None else None
+        await self.bridge.handle_remote(
+            RemoteMessage(
+                portal=message.portal.key,
+                sender=Sender(echoer),
+                id=f"echo:{message.event_id}",
+                text=f"echo: {body}",
+                html=html,
+                kind=message.kind,
+            )
         )
 
-    async def on_member(self, event: Event) -> None:
-        """A puppet invited to a room joins it; one that left stops echoing there."""
-        puppet, room_id = event.state_key, event.room_id
-        if room_id is None or puppet is None or puppet == self.app.bot.user_id:
-            return
-        if not self.app.registration.is_user_in_namespace(puppet):
-            return
-        membership = event.content.get("membership")
-        if membership == "invite":
-            localpart, _ = split_user_id(puppet)
-            if await self._refused(self.app.intent(localpart).join_room(room_id), event):
-                return
-            await self._set_echoer(room_id, puppet)
-        elif membership in ("leave", "ban") and await self.echoer(room_id) == puppet:
-            await self._set_echoer(room_id, None)
 
-    async def on_message(self, event: Event) -> None:
-        """Echo a real user's message as the room's echo puppet."""
-        if event.room_id is None or self.is_ours(event.sender):
-            return  # never answer a puppet, or two echo puppets would talk forever
-        content = echo_content(event.content)
-        puppet = await self.echoer(event.room_id) if content else None
-        if content is None or puppet is None:
-            return
-        localpart, _ = split_user_id(puppet)
-        send = self.app.intent(localpart).send_event(event.room_id, "m.room.message", content)
-        await self._refused(send, event)
-
-    async def echoer(self, room_id: str) -> str | None:
-        """The room's echo puppet: from the cache, else from the homeserver."""
-        if room_id in self._echoers:
-            self._echoers.move_to_end(room_id)
-            return self._echoers[room_id]
-        try:
-            data = await self.app.client.request("GET", self._account_data_path(room_id))
-        except NotFound:
-            data = {}
-        puppet = data.get("puppet")
-        self._remember(room_id, puppet if isinstance(puppet, str) else None)
-        return self._echoers[room_id]
-
-    async def _set_echoer(self, room_id: str, puppet: str | None) -> None:
-        await self.app.client.request(
-            "PUT", self._account_data_path(room_id), body={"puppet": puppet}
+def build(config: Config) -> Bridge:
+    """The echo bridge; everyone may be relayed unless ``bridge.permissions`` says otherwise."""
+    if not config.bridge.permissions:
+        config = attrs.evolve(
+            config, bridge=attrs.evolve(config.bridge, permissions={"*": "relay"})
         )
-        self._remember(room_id, puppet)
-
-    def _remember(self, room_id: str, puppet: str | None) -> None:
-        self._echoers[room_id] = puppet
-        self._echoers.move_to_end(room_id)
-        if len(self._echoers) > CACHE_SIZE:
-            self._echoers.popitem(last=False)
-
-    def _account_data_path(self, room_id: str) -> str:
-        bot, room = quote(self.app.bot.user_id, safe=""), quote(room_id, safe="")
-        return f"/_matrix/client/v3/user/{bot}/rooms/{room}/account_data/{ECHOER_TYPE}"
-
-    @staticmethod
-    async def _refused(request: Awaitable[object], event: Event) -> bool:
-        """Await ``request``; True (and a log line) if the homeserver refused it for good.
-
-        A 4xx other than 429 will be refused again however often it is sent, so
-        the event is done with. Everything else raises: the inbox retries it.
-        """
-        try:
-            await request
-        except MatrixRequestError as exc:
-            if isinstance(exc, LimitExceeded) or not 400 <= exc.status < 500:
-                raise
-            log.warning("could not act on %s in %s: %s", event.event_id, event.room_id, exc)
-            return True
-        return False
-
-
-def echo_content(content: dict[str, Any]) -> dict[str, Any] | None:
-    """The echo of a message's content (formatting kept), or None for what is not echoed."""
-    msgtype, body = content.get("msgtype"), content.get("body")
-    if msgtype not in ECHOED or not isinstance(body, str):
-        return None
-    relation = content.get("m.relates_to")
-    if isinstance(relation, dict) and relation.get("rel_type") == "m.replace":
-        return None  # an edit: its original was echoed already
-    echo: dict[str, Any] = {"msgtype": msgtype, "body": f"echo: {body}"}
-    html = content.get("formatted_body")
-    if content.get("format") == HTML and isinstance(html, str):
-        echo |= {"format": HTML, "formatted_body": f"echo: {html}"}
-    return echo
-
-
-def build(config: Config) -> AppService:
-    """The app with the echo bridge's handlers registered."""
     app = AppService(config)
-    bridge = EchoBridge(app)
-    app.on_event("m.room.member")(bridge.on_member)
-    app.on_event("m.room.message")(bridge.on_message)
-    return app
+    return Bridge(app, EchoConnector(app))
 
 
 def main() -> int:
@@ -181,7 +157,7 @@ def main() -> int:
     try:
         config = Config.load(parser.parse_args().config)
         configure_logging(config.logging.level, config.logging.format)
-        return run_app(build(config))
+        return build(config).run()
     except BridgeKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

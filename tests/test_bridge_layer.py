@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pytest
+from aiohttp import web
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
 from bridge_kit.bridge.bridge import Bridge
@@ -21,20 +23,24 @@ from bridge_kit.bridge.connector import LoginInfo
 from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
+    RemoteChatInfoChange,
     RemoteEdit,
+    RemoteMedia,
     RemoteMembership,
     RemoteMessage,
+    RemoteProfileChange,
     RemoteReaction,
     RemoteRedaction,
     Sender,
 )
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.client.homeserver import ClientObserver
-from bridge_kit.config import BridgeConfig
-from bridge_kit.store import Store
+from bridge_kit.config import BridgeConfig, EncryptionConfig
+from bridge_kit.store import Store, open_store
 from bridge_kit.store.memory import MemoryStore
+from bridge_kit.testing.synapse import free_port
 from bridge_kit.types import Event
-from tests.conftest import TestHomeserver, _running_homeserver
+from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
 from tests.helpers.toy_network import ToyConfig, ToyConnector, ToyNetwork
 
 T = TypeVar("T")
@@ -46,13 +52,6 @@ DOMAIN = "test.local"
 async def homeserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestHomeserver]:
     async with _running_homeserver(tmp_path_factory.mktemp("bridge")) as hs:
         yield hs
-
-
-class KeptMemoryStore(MemoryStore):
-    """A memory store that survives its app's stop: a restart within one test."""
-
-    async def close(self) -> None:
-        return None
 
 
 class Registrations(ClientObserver):
@@ -69,17 +68,28 @@ class Registrations(ClientObserver):
 
 
 def make_bridge(
-    hs: TestHomeserver, store: Store, network: ToyNetwork, chats: tuple[str, ...] = ()
+    hs: TestHomeserver,
+    store: Store,
+    network: ToyNetwork,
+    chats: tuple[str, ...] = (),
+    *,
+    port: int | None = None,
+    pickle_key: str | None = None,
+    level: str = "user",
 ) -> Bridge:
+    """A bridge on the toy network; ``port``: a second daemon, which the homeserver
+    does not push to (only the registration's port is pinged)."""
     config = Config(
         homeserver=HomeserverConfig(url=hs.url),
         appservice=AppServiceConfig(
-            registration=str(hs.registration_path), port=hs.appservice_port
+            registration=str(hs.registration_path), port=port or hs.appservice_port
         ),
-        bridge=BridgeConfig(permissions={DOMAIN: "user"}),
+        bridge=BridgeConfig(permissions={DOMAIN: level}),
+        encryption=EncryptionConfig(pickle_key=pickle_key),
         extra_sections={"toy": ToyConfig(chats=list(chats))},
     )
-    return Bridge(AppService(config, store=store), ToyConnector(network))
+    app = AppService(config, store=store, ping=port is None)
+    return Bridge(app, ToyConnector(network))
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
@@ -242,7 +252,7 @@ async def test_matrix_messages_are_relayed_then_sent_through_the_login(
         own = await network.wait_for("message", lambda r: r.item.text == f"now as me {unique}")
         assert own.login == "alice" and not own.item.relayed
         # A command in the portal needs the prefix.
-        await alice.say(room_id, "!bridge logins")
+        await alice.say(room_id, "!bk logins")
         await alice.find(
             room_id, lambda e: "`alice`" in e.get("content", {}).get("body", ""), "logins"
         )
@@ -273,6 +283,11 @@ async def test_a_handler_run_twice_sends_once(homeserver: TestHomeserver, unique
         )
         await bridge.matrix.on_message(event)  # the inbox ran it once; this is the second run
         assert len([r for r in network.of("message") if unique in r.item.text]) == 1
+        # A send that failed is not a send: the inbox's retry sends it, once.
+        network.failing_sends = 1
+        await alice.say(room_id, f"retried {unique}")
+        await network.wait_for("message", lambda r: r.item.text.endswith(f"retried {unique}"))
+        assert len([r for r in network.of("message") if f"retried {unique}" in r.item.text]) == 1
 
 
 async def test_edits_replies_reactions_and_redactions_both_ways(
@@ -393,15 +408,19 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
         assert kicked["content"]["reason"] == "by Bob: spam"
 
 
-async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, unique: str) -> None:
+async def test_a_restart_reuses_portals_and_ghosts(
+    homeserver: TestHomeserver, unique: str, tmp_path: Path
+) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)
-    store = KeptMemoryStore()
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    store = open_store(url)
     async with make_bridge(homeserver, store, network) as bridge:
         await remote_says(bridge, chat, "1", "before")
         await mapped(bridge, chat, "1")
         room_before = (await store.portal(PortalKey(chat))).room_id  # type: ignore[union-attr]
     registrations = Registrations()
+    store = open_store(url)  # a new process would open the file again
     bridge = make_bridge(homeserver, store, network)
     bridge.app.client.observers.append(registrations)
     async with bridge, human(homeserver, f"h{unique}") as alice:
@@ -419,3 +438,134 @@ async def test_a_restart_reuses_portals_and_ghosts(homeserver: TestHomeserver, u
         assert bodies.count("before") == 1 and bodies.count("after") == 1
         assert network.connects.count("relay") == 2  # once per run: the login was reloaded
     assert registrations.count == 0
+
+
+@pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "claimed"])
+async def test_two_bridges_on_one_postgresql_make_one_room(
+    homeserver: TestHomeserver, unique: str, receiver: str
+) -> None:
+    """Two daemons sharing a store race to create a portal: one room. With an alias
+    the homeserver refuses the second; without one the store's claim decides."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, receiver)
+    async with scratch_database() as dsn:
+        first = make_bridge(homeserver, open_store(dsn), network)
+        second = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        async with first, second:
+            rooms = await asyncio.gather(first.ensure_portal(key), second.ensure_portal(key))
+            assert rooms[0] == rooms[1]
+            record = await first.app.store.portal(key)
+            assert record is not None and record.room_id == rooms[0]
+
+
+@contextlib.asynccontextmanager
+async def file_server(data: bytes) -> AsyncIterator[str]:
+    """The remote network's file server: ``GET /f.png`` gives ``data``."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/f.png", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/f.png"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_remote_file_is_uploaded(homeserver: TestHomeserver, unique: str) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    data = b"\x89PNG not really" * 100
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice, file_server(data) as url:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        media = RemoteMedia(url, name="f.png")
+        await remote_says(bridge, chat, "img", "a picture", kind=MessageKind.IMAGE, media=media)
+        image = await alice.find(room_id, body_is("a picture"), "the image")
+        content = image["content"]
+        assert content["msgtype"] == "m.image" and content["url"].startswith("mxc://")
+        assert content["info"] == {"mimetype": "image/png", "size": len(data)}
+        gone = RemoteMedia(url.replace("f.png", "gone.png"), name="gone.png")
+        await remote_says(bridge, chat, "img2", "lost", kind=MessageKind.IMAGE, media=gone)
+        link = await alice.find(room_id, body_is(f"lost\n{gone.url}"), "the link instead")
+        assert link["content"]["msgtype"] == "m.text"
+
+
+def notice_with(text: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("type") == "m.room.message" and text in e["content"].get("body", "")
+
+
+async def test_logins_reconnect_and_say_so_in_the_management_room(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    network.failing_connects["alice"] = 2
+    network.refused.add("mallory")
+    bridge = make_bridge(homeserver, MemoryStore(), network, pickle_key="k" * 32)
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        dm = await alice.dm_with(bridge.app.bot.user_id)
+        await alice.find(dm, lambda e: e.get("sender") == bridge.app.bot.user_id, "the welcome")
+        await alice.say(dm, "login alice")
+        await alice.find(dm, notice_with("alice: connected"), "the connected notice")
+        assert network.connects.count("alice") == 3  # two hiccups, then connected
+        stored = await bridge.app.store.login("alice")
+        assert stored is not None and stored.state is LoginState.CONNECTED
+        # Sealed with the pickle key: the store does not hold the secret in the clear.
+        assert stored.credentials is not None and b"secret-alice" not in stored.credentials
+        assert bridge.logins.get("alice").credentials == b"secret-alice"  # type: ignore[union-attr]
+        await alice.say(dm, "login mallory")
+        await alice.find(dm, notice_with("mallory: bad credentials"), "the refusal")
+        assert network.connects.count("mallory") == 1  # not tried again
+        await alice.say(dm, "logins")
+        await alice.find(dm, notice_with("`mallory` (mallory): bad credentials"), "the list")
+        await alice.say(dm, "logout mallory")
+        await alice.find(dm, notice_with("Logged out of"), "the logout")
+        assert await bridge.app.store.login("mallory") is None
+
+
+async def test_profiles_chat_info_and_unknown_chats(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,), level="admin")
+    portal, bob = PortalKey(chat), Sender("bob", "Bob")
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await bridge.handle_remote(RemoteProfileChange(portal=portal, sender=bob, name="Robert"))
+        await alice.find(
+            room_id,
+            lambda e: (
+                e.get("state_key") == f"@_bk_toy_bob:{DOMAIN}"
+                and e["content"].get("displayname") == "Robert"
+            ),
+            "bob's new name",
+        )
+        await bridge.handle_remote(
+            RemoteChatInfoChange(portal=portal, sender=bob, topic="new topic")
+        )
+        await alice.find(
+            room_id,
+            lambda e: e.get("type") == "m.room.topic" and e["content"].get("topic") == "new topic",
+            "the topic",
+        )
+        # An admin's sync fetches the chat again: its new name and a new member.
+        network.chats[chat].name = "Renamed"
+        network.chats[chat].members["erin"] = "Erin"
+        await alice.say(room_id, "!bk sync")
+        await alice.find(room_id, notice_with("Synced the name, topic and 3 members"), "sync")
+        events = await alice.events(room_id)
+        assert any(e["type"] == "m.room.name" and e["content"]["name"] == "Renamed" for e in events)
+        assert any(e.get("state_key") == f"@_bk_toy_erin:{DOMAIN}" for e in events)
+        # A message for a chat the network does not know is dropped, not retried forever.
+        await remote_says(bridge, f"nochat{unique}", "1", "lost")
+        await remote_says(bridge, chat, "after", "after the lost one")
+        await mapped(bridge, chat, "after")
+        assert await bridge.app.store.portal(PortalKey(f"nochat{unique}")) is None

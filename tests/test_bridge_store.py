@@ -191,6 +191,21 @@ async def test_a_matrix_event_is_claimed_once_and_completed_by_put(store: Store)
     assert not await store.claim_event(pending)
 
 
+async def test_a_released_claim_can_be_claimed_again_a_completed_one_stays(
+    store: Store,
+) -> None:
+    pending = MessageRecord(CHAT, "$m", "$m", ROOM, pending=True)
+    assert await store.claim_event(pending)
+    await store.release_event("$m")
+    assert await store.message_by_event("$m") is None
+    assert await store.claim_event(pending)
+    done = attrs.evolve(pending, remote_id="r1", pending=False)
+    await store.put_messages([done])
+    await store.release_event("$m")
+    await store.release_event("$never")
+    assert await store.messages(CHAT, "r1") == [done]
+
+
 async def test_a_claim_of_a_mapped_remote_part_is_refused(store: Store) -> None:
     await store.put_messages([message("m1", "$e1")])
     assert not await store.claim_event(message("m1", "$e2"))

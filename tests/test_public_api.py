@@ -114,6 +114,9 @@ ERROR_GROUPS = {
         errors.CommandError,
         errors.MediaError,
         errors.MediaUnavailable,
+        errors.RemoteRefused,
+        errors.LoginRefused,
+        errors.UnknownChat,
     ),
     errors.HomeserverError: (
         errors.HomeserverUnreachable,
@@ -136,6 +139,7 @@ ERROR_GROUPS = {
         errors.ClientClosed,
         errors.StartupCheckFailed,
         errors.ListenError,
+        errors.RemoteError,
     ),
     errors.CryptoError: (
         errors.EncryptionUnavailable,

@@ -105,7 +105,7 @@ def test_the_configuration_page_shows_every_key_and_it_loads(tmp_path: Path) -> 
     config = Config.loads(text, base_dir=tmp_path)
     shown = yaml.safe_load(text)
     for section in attrs.fields(Config):
-        if section.name == "source":
+        if section.name in ("source", "extra_sections"):
             continue
         keys = {field.name for field in attrs.fields(type(getattr(config, section.name)))}
         assert set(shown[section.name]) == keys, section.name
@@ -164,6 +164,42 @@ async def test_a_library_snippet_on_a_taken_port_says_why_in_one_line_and_exits_
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, stderr
     assert f"cannot listen on 127.0.0.1:{synapse.appservice_port}" in errors[0]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("name", ["puppet-greets", "greets-with-calls"])
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        ("no-registration", "appservice.registration names a file that does not exist"),
+        ("unknown-key", "unknown key appservice.prot"),
+    ],
+)
+async def test_a_library_snippet_with_a_bad_config_says_why_in_one_line_and_exits_2(
+    tmp_path: Path, name: str, spoil: str, says: str
+) -> None:
+    registration = tmp_path / "registration.yaml"
+    config = {
+        "homeserver": {"url": "http://127.0.0.1:9"},
+        "appservice": {"registration": str(registration)},
+    }
+    if spoil == "unknown-key":
+        generate_registration("echo", "http://127.0.0.1:29333", "example.org", "_echo_").write(
+            registration
+        )
+        config["appservice"]["prot"] = 8009
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "bridge.py").write_text(block(name))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "bridge.py", cwd=tmp_path, env=child_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    stderr = err.decode()
+    assert process.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    # One error line (a config error lists its problems under it, as the daemon does).
+    assert len(errors) == 1 and says in stderr, stderr
     assert "Traceback" not in stderr
 
 

@@ -3,10 +3,17 @@
 :func:`run_app` does for an :class:`~bridge_kit.AppService` what
 ``aiohttp.web.run_app`` does for a web application::
 
-    app = AppService(Config.load("config.yaml"))
-    raise SystemExit(run_app(app))
+    async def build() -> AppService:
+        app = AppService(Config.load("config.yaml"))
+        ...  # handlers
+        return app
 
-It starts the app, serves until the first SIGTERM or SIGINT, then stops it
+    raise SystemExit(run_app(build()))
+
+Like aiohttp's app factories, the app may be given as an awaitable that builds
+it, so that a bad config or a missing registration file is reported like a
+failed start, rather than as a traceback from the script's first lines. It
+starts the app, serves until the first SIGTERM or SIGINT, then stops it
 cleanly. A signal during start-up cancels the start. A second signal exits at
 once. Like ``bridge-kit run``, it logs as the config's ``logging`` section says
 (unless the script configured logging itself), and a
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import signal
@@ -117,24 +125,31 @@ class StopSignals:
 Job = Callable[[StopSignals], Awaitable[int]]
 
 
-def run_app(app: AppService | Job) -> int:
+def run_app(app: AppService | Awaitable[AppService] | Job) -> int:
     """Run ``app`` in a new event loop until it is done; return the exit status.
 
-    An :class:`~bridge_kit.AppService` is started, served until SIGTERM or
-    SIGINT, and stopped (exit status 0); its logs go to stderr as its config's
-    ``logging`` section says, unless the root logger already has a handler. A
-    job ``async (stop) -> int`` runs to its end and its return value is the
-    status. A :class:`~bridge_kit.errors.BridgeKitError` is reported on stderr
-    (:func:`report_error`) and gives :attr:`ExitCode.SETUP`; other errors
-    propagate, as from :func:`asyncio.run`.
+    An :class:`~bridge_kit.AppService`, or an awaitable that builds one (an app
+    factory's coroutine, as ``aiohttp.web.run_app`` takes), is started, served
+    until SIGTERM or SIGINT, and stopped (exit status 0); its logs go to stderr
+    as its config's ``logging`` section says, unless the root logger already
+    has a handler. A job ``async (stop) -> int`` runs to its end and its return
+    value is the status. A :class:`~bridge_kit.errors.BridgeKitError`, from the
+    factory too, is reported on stderr (:func:`report_error`) and gives
+    :attr:`ExitCode.SETUP`; other errors propagate, as from :func:`asyncio.run`.
     """
-    if isinstance(app, AppService) and not logging.getLogger().handlers:
-        configure_logging(app.config.logging.level, app.config.logging.format)
     try:
-        return asyncio.run(serve(app))
+        return asyncio.run(_built_and_served(app))
     except BridgeKitError as exc:
         report_error(exc)
         return ExitCode.SETUP
+
+
+async def _built_and_served(app: AppService | Awaitable[AppService] | Job) -> int:
+    if inspect.isawaitable(app):
+        app = await app
+    if isinstance(app, AppService) and not logging.getLogger().handlers:
+        configure_logging(app.config.logging.level, app.config.logging.format)
+    return await serve(app)
 
 
 def report_error(exc: BridgeKitError) -> None:

@@ -11,6 +11,8 @@ or ``async with bridge:`` (tests, or a program with its own loop).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from types import TracebackType
 
@@ -19,10 +21,10 @@ from bridge_kit.app.service import AppService
 from bridge_kit.bridge.builtin_commands import add_builtin_commands
 from bridge_kit.bridge.connector import NetworkConnector
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
+from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.matrix import MatrixHandler
-from bridge_kit.bridge.portals import UnknownChat
 from bridge_kit.bridge.remote import RemoteHandler
-from bridge_kit.errors import BridgeKitError, MatrixRequestError
+from bridge_kit.errors import BridgeKitError, MatrixRequestError, UnknownChat
 from bridge_kit.inbox.items import RemoteItem
 from bridge_kit.inbox.records import ItemKind
 from bridge_kit.logs import configure_logging
@@ -64,25 +66,52 @@ class Bridge(BridgeCore):
         await self.remote(item)
 
     async def on_member(self, event: Event) -> None:
-        """The bot joins a room it is invited to: a DM with it is a management room."""
+        """The bot joins a room it is invited to (a DM with it is a management room);
+        a ghost invited by a Matrix user joins if the connector makes the room a portal."""
         bot = self.app.bot.user_id
-        if event.state_key != bot or event.room_id is None:
+        invited, room_id, inviter = event.state_key, event.room_id, event.sender
+        if invited is None or room_id is None or inviter is None:
             return
-        if event.content.get("membership") != "invite" or event.sender is None:
+        if event.content.get("membership") != "invite" or self.ghosts.is_ghost(inviter):
+            return
+        if invited != bot:
+            if self.ghosts.is_ghost(invited):
+                await self._ghost_invited(room_id, inviter, invited)
             return
         try:
-            await self.app.bot.join_room(event.room_id)
+            await self.app.bot.join_room(room_id)
         except MatrixRequestError as exc:
             if not 400 <= exc.status < 500 or exc.status == 429:
                 raise
-            log.warning("could not join %s on %s's invite: %s", event.room_id, event.sender, exc)
+            log.warning("could not join %s on %s's invite: %s", room_id, inviter, exc)
             return
         if event.content.get("is_direct"):
             name = self.connector.display_name
             await self.app.bot.send_notice(
-                event.room_id,
+                room_id,
                 f"This is your room for the {name} bridge. Send `help` for the commands.",
             )
+
+    async def _ghost_invited(self, room_id: str, inviter: str, user_id: str) -> None:
+        remote_id = self.connector.ghost_for_localpart(user_id[1:].partition(":")[0])
+        if remote_id is None:
+            return
+        key = await self.connector.portal_for_invite(room_id, inviter, remote_id)
+        if key is None:
+            return
+        won = await self.app.store.claim_portal_room(key, room_id)
+        if won != room_id:
+            log.info(
+                "%s invited %s to %s, but portal %s is %s", inviter, user_id, room_id, key, won
+            )
+            return
+        await self.ghosts.ensure([Sender(remote_id)])
+        try:
+            await self.ghosts.intent(remote_id).join_room(room_id)
+        except MatrixRequestError as exc:
+            if not 400 <= exc.status < 500 or exc.status == 429:
+                raise
+            log.warning("%s could not join %s: %s", user_id, room_id, exc)
 
     async def on_alias_query(self, alias: str) -> bool:
         """A portal's alias: create the portal's room (with that alias) if the chat exists."""
@@ -163,8 +192,23 @@ class Bridge(BridgeCore):
         return run_app(self._serve)
 
     async def _serve(self, stop: StopSignals) -> int:
-        async with self:
+        # A stop asked for while starting (the homeserver does not answer) cancels the start.
+        started = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not started.done():
+            started.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+            return 0
+        started.result()  # a failed start raises here
+        try:
             log.info("%s bridge is ready as %s", self.connector.display_name, self.app.bot.user_id)
             await stop.wait()
             log.info("stopping: finishing in-flight work and flushing the store")
+        finally:
+            await self.stop()
         return 0

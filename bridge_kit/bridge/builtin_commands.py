@@ -82,8 +82,9 @@ async def sync(ctx: Context) -> None:
     info = await bridge.connector.get_chat_info(portal.key)
     if info is None:
         raise CommandError("The remote network does not know this chat any more.")
+    await bridge.portals.sync_info(portal, info)
     await bridge.portals.sync_members(portal, info.members)
-    await ctx.reply(f"Synced {len(info.members)} members.")
+    await ctx.reply(f"Synced the name, topic and {len(info.members)} members.")
 
 
 def _own_logins(ctx: Context) -> list[Login]:

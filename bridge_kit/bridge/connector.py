@@ -11,7 +11,7 @@ A bridge writes two classes:
   do (messages, edits, reactions, redactions, typing) to the remote side.
 
 Remote events go the other way, through
-:meth:`~bridge_kit.bridge.bridge.Bridge.handle_remote` (see
+:meth:`~bridge_kit.bridge.core.BridgeCore.handle_remote` (see
 :mod:`bridge_kit.bridge.events`). Everything else (rooms, puppets, the message
 map, relaying, commands, retries, restarts) is the layer's work.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
@@ -197,6 +197,8 @@ class MatrixMessage:
     reply_to: MessageRecord | None = None
     media: RemoteMedia | None = None
     relayed: bool = False
+    #: The event's content as it came (for what the layer does not carry over).
+    content: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -363,6 +365,15 @@ class NetworkConnector(abc.ABC):
         """A remote user's profile; ``None``: no such user. Default: the id as name."""
         return UserInfo(name=user_id)
 
+    async def portal_for_invite(
+        self, room_id: str, inviter: str, ghost_id: str
+    ) -> PortalKey | None:
+        """A Matrix user invited the ghost of remote user ``ghost_id`` to ``room_id``
+        (a DM started from Matrix): the portal that room becomes, or ``None`` to
+        leave the invite alone (the default). The ghost joins; the room is claimed
+        for the portal unless the portal has a room already."""
+        return None
+
     def formatter(self) -> Formatter:
         """How Matrix messages become the network's text (and mentions): override
         with a :class:`~bridge_kit.bridge.formatting.Formatter` subclass. Default:
@@ -396,7 +407,7 @@ class NetworkConnector(abc.ABC):
 
 # -- localpart escaping ----------------------------------------------------------
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-/")
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-/")
 
 
 def escape_localpart(remote_id: str) -> str:

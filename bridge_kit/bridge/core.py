@@ -24,6 +24,7 @@ from bridge_kit.bridge.permissions import Permissions
 from bridge_kit.bridge.portals import Portals
 from bridge_kit.bridge.records import PortalKey, PortalRecord
 from bridge_kit.config import Config
+from bridge_kit.errors import MatrixRequestError
 from bridge_kit.inbox.records import ItemKind, NewInboxItem
 
 __all__ = ["RELAY_OFF", "BridgeCore", "remote_lane"]
@@ -124,7 +125,10 @@ class BridgeCore:
 
     async def is_management_room(self, room_id: str) -> bool:
         """A room the bot shares with one user only, that is no portal: a DM with the bot."""
-        members = await self.app.room_state.get_members(room_id)
+        try:
+            members = await self.app.room_state.get_members(room_id)
+        except MatrixRequestError:
+            return False  # the bot may not even look: not its room
         return self.app.bot.user_id in members and len(members) <= 2
 
     def reply_to(self, room_id: str, event_id: str | None) -> Reply:

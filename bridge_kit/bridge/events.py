@@ -1,7 +1,7 @@
 """Remote events: what happened on the remote network, as a connector tells the layer.
 
 A connector builds one of these and hands it to
-:meth:`~bridge_kit.bridge.bridge.Bridge.handle_remote`. The layer stores it in the
+:meth:`~bridge_kit.bridge.core.BridgeCore.handle_remote`. The layer stores it in the
 durable inbox (lane ``remote:<portal key>``) before that call returns, then
 handles each portal's events one at a time, in order, with the inbox's retries
 and dead letters. An event with an ``id`` is accepted once: the same id for the
@@ -76,8 +76,8 @@ class Sender:
 
 @attrs.frozen
 class RemoteMedia:
-    """A file on the remote network: fetched from ``url`` (or the connector's
-    :meth:`~bridge_kit.bridge.connector.NetworkConnector.download`) and uploaded."""
+    """A file on the remote network: fetched from ``url`` (``http(s)``) and uploaded
+    as the sender's ghost, or an ``mxc://`` URI the connector uploaded itself."""
 
     url: str
     name: str = "file"

@@ -26,7 +26,7 @@ import attrs
 from bridge_kit.app.service import AppService
 from bridge_kit.bridge.connector import LoginInfo, NetworkClient, NetworkConnector
 from bridge_kit.bridge.records import LoginRecord, LoginState
-from bridge_kit.errors import BridgeKitError, LoginRefused, WrongPickleKey
+from bridge_kit.errors import BridgeKitError, ConfigError, LoginRefused, WrongPickleKey
 
 __all__ = ["Login", "Logins", "Sealer"]
 
@@ -47,8 +47,14 @@ class Sealer:
         self._key: bytes | None = None
         if pickle_key:
             # Only with a pickle key: the e2ee extra provides cryptography.
-            from bridge_kit.crypto.vault import derive_pickle_key
-
+            try:
+                from bridge_kit.crypto.vault import derive_pickle_key
+            except ImportError:
+                raise ConfigError(
+                    "encryption.pickle_key seals bridge logins' credentials, which needs "
+                    "the e2ee extra (pip install 'bridge_kit[e2ee]')"
+                ) from None
+            # A key of its own (not the crypto store's): the prefix separates them.
             self._key = derive_pickle_key("bridge logins\0" + pickle_key)
 
     def seal(self, login_id: str, data: bytes | None) -> bytes | None:

@@ -3,7 +3,7 @@
 A message goes out through its sender's login, or, for a sender without one,
 through the portal's relay login with the relay template applied. Before a
 message is sent, its event is claimed in the message map
-(:meth:`~bridge_kit.store.Store.claim_event`): a handler the inbox runs twice
+(:meth:`~bridge_kit.store.BridgeRecordStore.claim_event`): a handler the inbox runs twice
 finds it claimed and sends nothing the second time.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import attrs
 
@@ -27,13 +28,16 @@ from bridge_kit.bridge.connector import (
 from bridge_kit.bridge.core import BridgeCore
 from bridge_kit.bridge.events import MessageKind, RemoteMedia
 from bridge_kit.bridge.formatting import parse_edit, reply_target, strip_reply_fallback
+from bridge_kit.bridge.logins import Login
 from bridge_kit.bridge.permissions import Level
-from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
+from bridge_kit.bridge.records import LoginState, MessageRecord, PortalRecord, ReactionRecord
 from bridge_kit.inbox.signals import NotReady
 from bridge_kit.store import Store
 from bridge_kit.types import Event
 
 __all__ = ["MatrixHandler"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _CONNECT_WAIT = 5.0
 #: And how long at most: then the event becomes a dead letter (replayable).
 _GIVE_UP = 3600.0
+#: Login states that only the user can end: their events do not wait for them.
+_NEEDS_THE_USER = frozenset(
+    {LoginState.BAD_CREDENTIALS, LoginState.LOGGED_OUT, LoginState.UNKNOWN_ERROR}
+)
 
 
 @attrs.frozen
@@ -132,8 +140,9 @@ class MatrixHandler:
             reply_to=reply_to,
             media=_media(content, kind),
             relayed=via.relayed,
+            content=event.content,
         )
-        sent = await via.client.send_message(message)
+        sent = await self._releasing(event, portal, via.client.send_message(message))
         record = MessageRecord(
             portal.key,
             sent.remote_id,
@@ -145,6 +154,8 @@ class MatrixHandler:
         await self.store.put_messages([record])
 
     async def _claim(self, event: Event, portal: PortalRecord) -> bool:
+        """Claim ``event`` for sending; False when it was claimed (and maybe sent) before
+        (a claim released by a failed send, :meth:`_releasing`, is gone: claimed again)."""
         assert event.room_id is not None and event.event_id is not None
         claim = MessageRecord(
             portal.key,
@@ -155,10 +166,20 @@ class MatrixHandler:
             timestamp=time.time(),
             pending=True,
         )
-        claimed: bool = await self.store.claim_event(claim)
-        if not claimed:
-            log.debug("%s was claimed before: not sent again", event.event_id)
-        return claimed
+        if await self.store.claim_event(claim):
+            return True
+        log.debug("%s was claimed before: not sent again", event.event_id)
+        return False
+
+    async def _releasing(self, event: Event, portal: PortalRecord, send: Awaitable[T]) -> T:
+        """Await ``send``; if it fails, release the event's claim, so that the retry
+        sends it (only a crash in the middle leaves it claimed: sent at most once)."""
+        try:
+            return await send
+        except Exception:  # not a cancellation: the send may have gone out
+            assert event.event_id is not None
+            await self.store.release_event(event.event_id)
+            raise
 
     async def _edit(
         self, event: Event, portal: PortalRecord, target_id: str, new: dict[str, Any]
@@ -185,7 +206,7 @@ class MatrixHandler:
             html=_html(new),
             relayed=via.relayed,
         )
-        await via.client.send_edit(edit)
+        await self._releasing(event, portal, via.client.send_edit(edit))
 
     # -- reactions and redactions ------------------------------------------------------
 
@@ -288,34 +309,41 @@ class MatrixHandler:
     async def _sender(
         self, event: Event, portal: PortalRecord, *, relay: bool = True
     ) -> _Sender | None:
-        """The client that sends ``event`` to the remote side, or None (and a notice)."""
+        """The client that sends ``event`` to the remote side, or None.
+
+        The sender's own login first (waited for while it connects); a login that
+        needs the user (bad credentials, logged out) is passed over, so such a user
+        is relayed like one without a login.
+        """
         assert event.sender is not None
         for login in self.bridge.logins.of_user(event.sender):
-            if login.client is not None:
-                if not login.connected:
-                    raise NotReady(
-                        f"login {login.id} is not connected",
-                        retry_after=_CONNECT_WAIT,
-                        give_up_after=_GIVE_UP,
-                    )
-                return _Sender(login.client, relayed=False)
+            if login.client is None or login.state in _NEEDS_THE_USER:
+                continue
+            _wait_for(login)
+            return _Sender(login.client, relayed=False)
         relay_login = self.bridge.relay_login(portal) if relay else None
         if relay_login is None or not self.bridge.permissions.allows(event.sender, Level.RELAY):
             return None
-        if relay_login.client is None or not relay_login.connected:
-            raise NotReady(
-                f"relay login {relay_login.id} is not connected",
-                retry_after=_CONNECT_WAIT,
-                give_up_after=_GIVE_UP,
-            )
+        if relay_login.client is None or relay_login.state in _NEEDS_THE_USER:
+            return None
+        _wait_for(relay_login)
         return _Sender(relay_login.client, relayed=True)
 
     async def _displayname(self, room_id: str, user_id: str) -> str:
-        members = await self.bridge.app.room_state.get_members(room_id)
-        member = members.get(user_id)
+        # From the stored member event (the sender's event came to us, so its join
+        # did too): no request, and none that the bot, maybe not in the room, may not make.
+        member = await self.store.membership(room_id, user_id)
         if member is not None and member.displayname:
             return member.displayname
         return user_id[1:].partition(":")[0]
+
+
+def _wait_for(login: Login) -> None:
+    """Raise NotReady (the event waits in its lane) unless ``login`` is connected."""
+    if not login.connected:
+        raise NotReady(
+            f"login {login.id} is not connected", retry_after=_CONNECT_WAIT, give_up_after=_GIVE_UP
+        )
 
 
 def _html(content: dict[str, Any]) -> str | None:

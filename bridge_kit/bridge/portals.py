@@ -26,7 +26,7 @@ from bridge_kit.bridge.connector import ChatInfo, NetworkConnector
 from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.records import PortalKey, PortalRecord
-from bridge_kit.errors import InvalidInput, MatrixRequestError, NotFound
+from bridge_kit.errors import MatrixRequestError, NotFound, UnknownChat
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
 __all__ = ["BRIDGE_STATE_TYPES", "Portals", "UnknownChat"]
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 #: The bridge-info state types: MSC2346's, and the one clients read before it settled.
 BRIDGE_STATE_TYPES = ("m.bridge", "uk.half-shot.bridge")
-
-
-class UnknownChat(InvalidInput):
-    """The connector does not know the remote chat a portal was asked for."""
 
 
 class Portals:
@@ -96,10 +92,11 @@ class Portals:
     async def _create(
         self, key: PortalKey, info: ChatInfo, old: PortalRecord | None, members_later: bool
     ) -> PortalRecord:
-        room_id = await self._existing_alias_room(key)
-        made = False
-        if room_id is None:
-            room_id, made = await self._create_room(key, info)
+        # No alias lookup first: the alias is in the bridge's own namespace, so the
+        # homeserver would ask this very bridge about it (an alias query; see
+        # creating()). A taken alias shows up as M_ROOM_IN_USE instead, and is
+        # resolved then (it exists, so the homeserver answers without asking).
+        room_id, made = await self._create_room(key, info)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
             log.info("portal %s: another daemon made its room first; leaving %s", key, room_id)
@@ -162,7 +159,10 @@ class Portals:
         try:
             return await self.app.bot.create_room(request), True
         except MatrixRequestError as exc:
-            if exc.errcode != "M_ROOM_IN_USE" or localpart is None:
+            # M_ROOM_IN_USE: the alias was taken before; 409: while Synapse made
+            # our room (which it leaves without the alias: nobody is in it but the bot).
+            taken = exc.errcode == "M_ROOM_IN_USE" or exc.status == 409
+            if not taken or localpart is None:
                 raise
         room_id = await self._existing_alias_room(key)
         if room_id is None:
@@ -189,6 +189,22 @@ class Portals:
             },
             "channel": channel,
         }
+
+    async def sync_info(self, portal: PortalRecord, info: ChatInfo) -> PortalRecord:
+        """Give the room the chat's name and topic where they differ (the bot sets them)."""
+        room_id = portal.room_id
+        if room_id is None:
+            return portal
+        changed = portal
+        if info.name is not None and info.name != portal.name:
+            await self.app.bot.set_room_name(room_id, info.name)
+            changed = attrs.evolve(changed, name=info.name)
+        if info.topic is not None and info.topic != portal.topic:
+            await self.app.bot.set_room_topic(room_id, info.topic)
+            changed = attrs.evolve(changed, topic=info.topic)
+        if changed != portal:
+            await self.app.store.put_portal(changed)
+        return changed
 
     async def sync_members(self, portal: PortalRecord, members: Sequence[Sender]) -> None:
         """Make the ghosts of ``members`` (profiles first) and join them to the room."""

@@ -87,7 +87,7 @@ class LoginRecord:
     user_id: str
     remote_name: str = ""
     state: LoginState = LoginState.CONNECTING
-    credentials: bytes | None = None
+    credentials: bytes | None = attrs.field(default=None, repr=False)  # never in a log line
     metadata: dict[str, Any] = attrs.field(factory=dict)
 
 

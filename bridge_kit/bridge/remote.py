@@ -29,9 +29,10 @@ from bridge_kit.bridge.events import (
     event_from_payload,
 )
 from bridge_kit.bridge.ghosts import Ghosts
+from bridge_kit.bridge.media import upload_url
 from bridge_kit.bridge.portals import Portals
 from bridge_kit.bridge.records import MessageRecord, PortalRecord, ReactionRecord
-from bridge_kit.errors import MatrixRequestError
+from bridge_kit.errors import LimitExceeded, MatrixRequestError, MediaError, UnknownChat
 from bridge_kit.inbox.items import RemoteItem
 
 __all__ = ["RemoteHandler", "message_content"]
@@ -64,6 +65,21 @@ class RemoteHandler:
 
     async def __call__(self, item: RemoteItem) -> None:
         event = event_from_payload(item.type, item.content)
+        try:
+            await self._handle(event)
+        except UnknownChat as exc:
+            log.warning("remote %s %s dropped: %s", event.type, event.id or "(no id)", exc)
+        except MatrixRequestError as exc:
+            # A 4xx other than 429 comes again however often it is sent (the ghost
+            # may not speak, the room is gone): the event is done with.
+            if isinstance(exc, LimitExceeded) or not 400 <= exc.status < 500:
+                raise
+            log.warning(
+                "could not act on remote %s %s in %s: %s",
+                event.type, event.id or "(no id)", event.portal, exc,
+            )  # fmt: skip
+
+    async def _handle(self, event: RemoteEvent) -> None:
         if isinstance(event, RemoteMessage):
             await self.message(event)
             return
@@ -126,16 +142,23 @@ class RemoteHandler:
     ) -> dict[str, Any]:
         media = event.media
         assert media is not None
-        mxc = media.url
+        mxc, mimetype, size = media.url, media.mimetype, media.size
         if not mxc.startswith("mxc://"):
-            # Not uploaded: the link, as text (the connector may upload it first).
-            text = f"{event.text}\n{media.url}" if event.text else media.url
-            return {"msgtype": "m.text", "body": text}
+            try:
+                uploaded = await upload_url(
+                    intent, media.url, content_type=media.mimetype, filename=media.name
+                )
+            except MediaError as exc:
+                # Too large, or gone: the link still says what was sent.
+                log.info("remote file %s not uploaded: %s", media.url, exc)
+                text = f"{event.text}\n{media.url}" if event.text else media.url
+                return {"msgtype": "m.text", "body": text}
+            mxc, mimetype, size = uploaded.mxc, uploaded.content_type, uploaded.size
         info: dict[str, Any] = {}
-        if media.mimetype:
-            info["mimetype"] = media.mimetype
-        if media.size is not None:
-            info["size"] = media.size
+        if mimetype:
+            info["mimetype"] = mimetype
+        if size is not None:
+            info["size"] = size
         body = event.text or media.name
         return content | {"body": body, "url": mxc, "info": info, "filename": media.name}
 

@@ -243,6 +243,10 @@ class BridgeSQLHooks(abc.ABC):
         rows = await self._query(lambda q: q.rows(_CLAIM_EVENT, *_message_row(record)))
         return bool(rows)
 
+    async def _release_event(self, event_id: str) -> None:
+        sql = "DELETE FROM bridge_kit_messages WHERE event_id = $1 AND pending"
+        await self._query(lambda q: q.run(sql, event_id))
+
     async def _delete_messages(self, portal: PortalKey, remote_id: str) -> None:
         async def delete(q: Query) -> None:
             key = (portal.id, portal.receiver, remote_id)

@@ -625,7 +625,9 @@ class BridgeRecordStore(abc.ABC):
         return await self._portals()
 
     async def put_portal(self, record: PortalRecord) -> None:
-        """Insert or replace the portal of ``record.key`` (its ``room_id`` included)."""
+        """Insert or replace the portal of ``record.key`` (its ``room_id`` included);
+        a room that is already another portal's is refused with
+        :class:`~bridge_kit.errors.StoreError`."""
         await self._put_portal(_clean.storable_portal(record))
 
     async def claim_portal_room(self, key: PortalKey, room_id: str) -> str:
@@ -685,14 +687,22 @@ class BridgeRecordStore(abc.ABC):
         return await self._message_by_event(_clean.checked_key(event_id, "event ID"))
 
     async def put_messages(self, records: Iterable[MessageRecord]) -> None:
-        """Insert or replace message parts (keyed by event id), in one commit."""
+        """Insert or replace message parts (keyed by event id), in one commit. A remote
+        part that another event stood for is the new event's: the older mapping goes."""
         await self._put_messages([_clean.storable_message(record) for record in records])
 
     async def claim_event(self, record: MessageRecord) -> bool:
         """Insert ``record`` (a Matrix event about to go to the remote side, with
         ``pending`` set) unless its event id is in the map already; return whether
-        it was inserted. A handler that runs twice sends only once."""
+        it was inserted. A handler that runs twice sends only once. (A record that
+        is not pending is not inserted either when its remote part is mapped.)"""
         return await self._claim_event(_clean.storable_message(record))
+
+    async def release_event(self, event_id: str) -> None:
+        """Forget the claim of Matrix event ``event_id`` while it is still pending (its
+        send failed: the inbox's retry of the handler may claim and send it again); a
+        mapping completed by :meth:`put_messages` stays."""
+        await self._release_event(_clean.checked_key(event_id, "event ID"))
 
     async def delete_messages(self, portal: PortalKey, remote_id: str) -> None:
         """Forget every part of a remote message (and the reactions to it)."""
@@ -779,6 +789,9 @@ class BridgeRecordStore(abc.ABC):
 
     @abc.abstractmethod
     async def _claim_event(self, record: MessageRecord) -> bool: ...
+
+    @abc.abstractmethod
+    async def _release_event(self, event_id: str) -> None: ...
 
     @abc.abstractmethod
     async def _delete_messages(self, portal: PortalKey, remote_id: str) -> None: ...

@@ -623,6 +623,12 @@ class MemoryStore(Store):
         bridge.put_message(record)
         return True
 
+    async def _release_event(self, event_id: str) -> None:
+        self._check_open()
+        claim = self._bridge.messages.get(event_id)
+        if claim is not None and claim.pending:
+            self._bridge.delete_message(claim)
+
     async def _delete_messages(self, portal: PortalKey, remote_id: str) -> None:
         self._check_open()
         self._bridge.delete_messages(portal, remote_id)

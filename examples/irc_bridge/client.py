@@ -24,6 +24,7 @@ __all__ = [
     "Names",
     "Renamed",
     "Said",
+    "Topic",
 ]
 
 log = logging.getLogger("irc_bridge.client")
@@ -78,6 +79,15 @@ class Names:
 
 
 @attrs.frozen
+class Topic:
+    """A channel's topic: on joining (``nick`` empty) or changed by ``nick``."""
+
+    channel: str
+    topic: str
+    nick: str = ""
+
+
+@attrs.frozen
 class Connected:
     nick: str
 
@@ -87,8 +97,16 @@ class Disconnected:
     reason: str
 
 
-IrcEvent = Said | Joined | Left | Renamed | Names | Connected | Disconnected
+IrcEvent = Said | Joined | Left | Renamed | Names | Topic | Connected | Disconnected
 Handler = Callable[["IrcConnection", IrcEvent], Awaitable[None]]
+
+
+def _another_nick(taken: str) -> str:
+    """A nick to try when ``taken`` is: with ``_`` while short, else with random digits
+    (servers limit nick length, often to 9 or 16)."""
+    if len(taken) < 9:
+        return taken + "_"
+    return taken[:5] + str(random.randint(1000, 9999))
 
 
 def fold(name: str) -> str:
@@ -273,10 +291,10 @@ class IrcConnection:
             await self.send("JOIN", channel)
 
     async def _on_433(self, line: Line) -> None:
-        """Nick in use: while registering, try the next one (``nick_``, ``nick__``...)."""
+        """Nick in use: while registering, try another (``nick_``, then random digits)."""
         if not self.connected.is_set():
             taken = line.params[1] if len(line.params) > 1 else self.nick
-            self.nick = taken + "_"
+            self.nick = _another_nick(taken)
             await self._write(Line("NICK", (self.nick,)))
 
     async def _on_432(self, line: Line) -> None:
@@ -292,6 +310,12 @@ class IrcConnection:
         nicks = self._names.pop(fold(channel), set())
         self.members[fold(channel)] = nicks
         await self._emit(Names(channel, frozenset(nicks)))
+
+    async def _on_332(self, line: Line) -> None:
+        await self._emit(Topic(line.params[1], line.params[-1]))
+
+    async def _on_topic(self, line: Line) -> None:
+        await self._emit(Topic(line.params[0], line.params[-1], line.nick))
 
     async def _on_join(self, line: Line) -> None:
         channel = line.params[0]
@@ -322,6 +346,8 @@ class IrcConnection:
         members.difference_update({n for n in members if fold(n) == fold(event.nick)})
         if fold(event.nick) == fold(self.nick):
             self.members.pop(fold(event.channel), None)
+            if event.kind == "kick" and event.channel in self.channels:
+                await self.send("JOIN", event.channel)  # a bridged channel is not given up
         await self._emit(event)
 
     async def _on_nick(self, line: Line) -> None:

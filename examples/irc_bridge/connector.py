@@ -9,6 +9,7 @@ not mirrored back as a ghost, and what she says is not bridged twice.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import re
 import uuid
@@ -33,12 +34,13 @@ from bridge_kit.bridge.connector import (
 from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
+    RemoteChatInfoChange,
     RemoteEvent,
     RemoteMembership,
     RemoteMessage,
     Sender,
 )
-from bridge_kit.bridge.formatting import Formatter
+from bridge_kit.bridge.formatting import Formatter, pill
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.config import Section
 from bridge_kit.errors import InvalidInput
@@ -53,6 +55,7 @@ from .client import (
     Names,
     Renamed,
     Said,
+    Topic,
     fold,
 )
 from .formatting import COLOUR, irc_colour, irc_to_html, strip_codes
@@ -64,6 +67,8 @@ log = logging.getLogger("irc_bridge")
 RELAY = "relay"
 #: What IRC servers take as a nick (RFC 2812, with the usual longer length).
 NICK = re.compile(r"^[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}$")
+#: How IRC users address someone: ``nick: text`` or ``nick, text``.
+ADDRESSED = re.compile(r"^([^\s:,\x00-\x1f]+)([:,] )")
 #: Seconds ``connect`` waits for the server's welcome before the layer retries.
 CONNECT_WAIT = 30.0
 
@@ -107,6 +112,11 @@ def portal_of(channel: str) -> PortalKey:
 
 def channel_of(portal: PortalKey) -> str:
     return "#" + portal.id
+
+
+def target_of(portal: PortalKey) -> str:
+    """Where a portal's messages go on IRC: its channel, or the nick of a private chat."""
+    return portal.id if portal.receiver else channel_of(portal)
 
 
 class IrcFormatter(Formatter):
@@ -158,6 +168,8 @@ class IrcConnector(NetworkConnector):
         self.config = config
         self._bridge: BridgeContext | None = None
         self.clients: dict[str, IrcClient] = {}  # login id → its client
+        self.topics: dict[str, str] = {}  # folded channel → its topic
+        self._opening: set[asyncio.Task[None]] = set()
 
     @property
     def bridge(self) -> BridgeContext:
@@ -174,6 +186,9 @@ class IrcConnector(NetworkConnector):
         await bridge.add_login(bridge.app.bot.user_id, info)
 
     async def stop(self) -> None:
+        for task in list(self._opening):
+            task.cancel()
+        await asyncio.gather(*self._opening, return_exceptions=True)
         for client in list(self.clients.values()):
             await client.disconnect()
 
@@ -191,13 +206,21 @@ class IrcConnector(NetworkConnector):
         return LoginInfo(id=user_id, remote_name=args[0])
 
     async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
+        if portal.receiver:  # a private chat of a logged-in user with a nick
+            client = self.clients.get(portal.receiver)
+            if client is None:
+                return None
+            them = Sender(portal.id)
+            return ChatInfo(members=[them], is_direct=True, invite=[client.login.user_id])
         channel = channel_of(portal)
         if fold(channel) not in {fold(c) for c in self.config.channels}:
             return None  # only configured channels are bridged
         relay = self.relay
         nicks = relay.connection.members.get(fold(channel), set()) if relay else set()
         return ChatInfo(
-            name=channel, members=[self.sender(n) for n in sorted(nicks) if not self.is_own(n)]
+            name=channel,
+            topic=self.topics.get(fold(channel)) or None,
+            members=[self.sender(n) for n in sorted(nicks) if not self.is_own(n)],
         )
 
     async def get_user_info(self, user_id: str) -> UserInfo | None:
@@ -239,25 +262,59 @@ class IrcConnector(NetworkConnector):
             await self._renamed(event)
         elif isinstance(event, Names):
             await self._names(event)
+        elif isinstance(event, Topic):
+            await self._topic(event)
 
     async def _said(self, event: Said) -> None:
         if not event.target.startswith("#") or self.is_own(event.nick):
             return  # private messages are not bridged; our own lines are on Matrix already
-        kind = (
-            MessageKind.EMOTE
-            if event.action
-            else MessageKind.NOTICE
-            if event.notice
-            else MessageKind.TEXT
-        )
+        kind = MessageKind.EMOTE if event.action else MessageKind.TEXT
+        kind = MessageKind.NOTICE if event.notice else kind
         await self._remote(
             RemoteMessage(
                 portal=portal_of(event.target),
                 sender=self.sender(event.nick),
                 id=uuid.uuid4().hex,
                 text=strip_codes(event.text),
-                html=irc_to_html(event.text),
+                html=self._html(event.target, event.text),
                 kind=kind,
+            )
+        )
+
+    def _html(self, channel: str, text: str) -> str | None:
+        """The HTML of an IRC line: its formatting, and the nick it addresses as a pill."""
+        match = ADDRESSED.match(text)
+        user_id = self.user_of(channel, match.group(1)) if match else None
+        if match is None or user_id is None:
+            return irc_to_html(text)
+        rest = text[match.end() :]
+        body = irc_to_html(rest) or html.escape(rest, quote=False)
+        return pill(user_id, match.group(1)) + match.group(2) + body
+
+    def user_of(self, channel: str, nick: str) -> str | None:
+        """The Matrix user behind a nick in ``channel``: a logged-in user, or a ghost."""
+        folded = fold(nick)
+        for client in self.clients.values():
+            if client.login.id != RELAY and fold(client.connection.nick) == folded:
+                return client.login.user_id
+        relay = self.relay
+        members = relay.connection.members.get(fold(channel), set()) if relay else set()
+        if self.is_own(nick) or not any(fold(m) == folded for m in members):
+            return None
+        return f"@{self.ghost_localpart(folded)}:{self.bridge.app.puppets.domain}"
+
+    async def on_private(self, client: IrcClient, event: Said) -> None:
+        """A private message to a logged-in user: her private chat with that nick."""
+        if self.is_own(event.nick):
+            return
+        await self._remote(
+            RemoteMessage(
+                portal=PortalKey(fold(event.nick), receiver=client.login.id),
+                sender=self.sender(event.nick),
+                id=uuid.uuid4().hex,
+                text=strip_codes(event.text),
+                html=irc_to_html(event.text),
+                kind=MessageKind.EMOTE if event.action else MessageKind.TEXT,
             )
         )
 
@@ -287,16 +344,53 @@ class IrcConnector(NetworkConnector):
                 await self._membership(channel, event.new, Membership.JOIN)
 
     async def _names(self, event: Names) -> None:
-        """The relay is in a channel: its portal exists, with every member in the room."""
+        """The relay is in a channel: its portal is opened in the background, so a
+        big channel's members joining does not hold up what the relay reads (its
+        events wait in the portal's lane meanwhile, in order)."""
+        task = asyncio.create_task(self._open(event), name=f"open {event.channel}")
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open(self, event: Names) -> None:
         key = portal_of(event.channel)
-        existed = await self.bridge.app.store.portal(key)
-        await self.bridge.ensure_portal(key)
-        if existed is not None and existed.room_id is not None:
-            # Made before (a restart, a reconnect): whoever is here now joins; the
-            # layer skips a ghost that is in the room already.
-            for nick in sorted(event.nicks):
-                if not self.is_own(nick):
-                    await self._membership(event.channel, nick, Membership.JOIN)
+        try:
+            existed = await self.bridge.app.store.portal(key)
+            room_id = await self.bridge.ensure_portal(key)
+            if existed is not None and existed.room_id is not None:
+                await self._resync(event, room_id)
+            # else: made just now, with the members (join_many)
+        except Exception as exc:  # a background task: logged, and the next NAMES tries again
+            log.warning("could not open %s: %s: %s", event.channel, type(exc).__name__, exc)
+
+    async def _resync(self, event: Names, room_id: str) -> None:
+        """A portal made before (a restart, a reconnect): ghosts of nicks gone meanwhile
+        leave, and whoever is here now joins (the layer skips ghosts already in)."""
+        present = {fold(nick) for nick in event.nicks}
+        domain = f":{self.bridge.app.puppets.domain}"
+        for user_id, member in (await self.bridge.app.bot.get_joined_members(room_id)).items():
+            remote_id = self.ghost_for_localpart(user_id[1:].removesuffix(domain))
+            if user_id.endswith(domain) and remote_id is not None and remote_id not in present:
+                ghost = Sender(remote_id, name=member.displayname or remote_id)
+                await self._remote(
+                    RemoteMembership(
+                        portal=portal_of(event.channel), sender=ghost, id=uuid.uuid4().hex,
+                        target=ghost, membership=Membership.LEAVE, reason="not in the channel",
+                    )
+                )  # fmt: skip
+        for nick in sorted(event.nicks):
+            if not self.is_own(nick):
+                await self._membership(event.channel, nick, Membership.JOIN)
+
+    async def _topic(self, event: Topic) -> None:
+        """The topic on joining goes into a new room; a change by someone, to the room."""
+        self.topics[fold(event.channel)] = event.topic
+        if event.nick:
+            await self._remote(
+                RemoteChatInfoChange(
+                    portal=portal_of(event.channel), sender=self.sender(event.nick),
+                    id=uuid.uuid4().hex, topic=event.topic,
+                )
+            )  # fmt: skip
 
     async def _remote(self, event: RemoteEvent) -> None:
         await self.bridge.handle_remote(event)
@@ -338,6 +432,12 @@ class IrcClient(NetworkClient):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    async def logout(self) -> None:
+        """Quit IRC; her nick is nobody's now (the relay mirrors whoever takes it)."""
+        if self.connector.clients.get(self.login.id) is self:
+            del self.connector.clients[self.login.id]
+        await self.disconnect()
+
     async def _on_event(self, connection: IrcConnection, event: IrcEvent) -> None:
         if isinstance(event, Connected):
             await self.login.set_state(LoginState.CONNECTED, f"connected as {event.nick}")
@@ -346,38 +446,58 @@ class IrcClient(NetworkClient):
                 await self.login.set_state(LoginState.TRANSIENT_DISCONNECT, event.reason)
         elif self.is_relay:
             await self.connector.on_relay_event(event)
+        elif isinstance(event, Said) and fold(event.target) == fold(connection.nick):
+            await self.connector.on_private(self, event)
 
     # -- Matrix → IRC ------------------------------------------------------------------
 
     async def send_message(self, message: MatrixMessage) -> SentMessage:
-        text = message.text
-        if message.reply_to is not None:
-            text = _with_reply(text, self._nick_for_reply(message), message)
-        await self._say(
-            message.portal.key, text, message.relayed, message.sender_name, message.kind
+        prefix = self._relay_prefix(
+            message.text, message.relayed, message.sender_name, message.sender_mxid
         )
+        text = message.text[len(prefix) :]
+        if message.reply_to is not None:
+            text = f"{self._nick_for_reply(message)}: {text}"  # as IRC users answer
+        action = message.kind is MessageKind.EMOTE
+        if action and message.relayed:
+            text, prefix, action = (
+                f"* {message.sender_name} {text}",
+                "",
+                False,
+            )  # as IRC shows a /me
+        notice = message.kind is MessageKind.NOTICE
+        await self._say(message.portal.key, prefix, text, action=action, notice=notice)
         return SentMessage(remote_id=f"{self.connection.nick}:{uuid.uuid4().hex}")
 
     async def send_edit(self, edit: MatrixEdit) -> None:
         """IRC has no edits: the new text goes out again, marked as IRC users do (``* ``)."""
-        prefix = _relay_prefix(edit.text, edit.sender_name) if edit.relayed else ""
-        await self._say(
-            edit.portal.key, prefix + "* " + edit.text[len(prefix) :], False, "", MessageKind.TEXT
-        )
+        prefix = self._relay_prefix(edit.text, edit.relayed, edit.sender_name, edit.sender_mxid)
+        await self._say(edit.portal.key, prefix, "* " + edit.text[len(prefix) :])
+
+    def _relay_prefix(self, text: str, relayed: bool, name: str, mxid: str) -> str:
+        """What the relay template put before the message in a relayed ``text``
+        (``<name> `` with the default template), or ""."""
+        if not relayed:
+            return ""
+        template = self.connector.bridge.config.bridge.relay_template
+        prefix = template.format(displayname=name, message="\0", mxid=mxid).partition("\0")[0]
+        return prefix if text.startswith(prefix) else ""
 
     async def _say(
-        self, portal: PortalKey, text: str, relayed: bool, name: str, kind: MessageKind
+        self,
+        portal: PortalKey,
+        prefix: str,
+        text: str,
+        *,
+        action: bool = False,
+        notice: bool = False,
     ) -> None:
-        channel = channel_of(portal)
-        prefix = _relay_prefix(text, name) if relayed else ""
-        if relayed and kind is MessageKind.EMOTE and prefix:
-            text, prefix = f"* {name} {text[len(prefix) :]}", ""  # as IRC shows a /me
-        first, *more = text.split("\n")
-        for line in [first, *(prefix + line for line in more if line.strip())]:
-            await self.connection.say(
-                channel, line, action=kind is MessageKind.EMOTE and not relayed,
-                notice=kind is MessageKind.NOTICE,
-            )  # fmt: skip
+        """``text`` to the channel, each of its lines after ``prefix``."""
+        for line in text.split("\n"):
+            if line.strip():
+                await self.connection.say(
+                    target_of(portal), prefix + line, action=action, notice=notice
+                )
 
     def _nick_for_reply(self, message: MatrixMessage) -> str:
         assert message.reply_to is not None
@@ -389,16 +509,3 @@ class IrcClient(NetworkClient):
 
 def _username(login: LoginHandle) -> str:
     return "bkrelay" if login.id == RELAY else "matrix"
-
-
-def _relay_prefix(text: str, name: str) -> str:
-    """The part of a relayed text that the relay template put before the message
-    (``<name> `` with the default one), or ""."""
-    prefix = f"<{name}> "
-    return prefix if name and text.startswith(prefix) else ""
-
-
-def _with_reply(text: str, nick: str, message: MatrixMessage) -> str:
-    """A reply as IRC users write one: ``nick: text`` (after the relay prefix)."""
-    prefix = _relay_prefix(text, message.sender_name) if message.relayed else ""
-    return f"{prefix}{nick}: {text[len(prefix) :]}"

@@ -35,7 +35,7 @@ from bridge_kit.bridge.connector import (
 from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.config import Section
-from bridge_kit.errors import InvalidInput
+from bridge_kit.errors import InvalidInput, LoginRefused, RemoteError
 
 TIMEOUT = 30.0
 
@@ -73,6 +73,12 @@ class ToyNetwork:
         self.users: dict[str, str] = {}
         self.received: list[Received] = []
         self.connects: list[str] = []
+        #: Connects of a login that fail (a network hiccup) before one succeeds.
+        self.failing_connects: dict[str, int] = {}
+        #: Logins whose credentials the network refuses.
+        self.refused: set[str] = set()
+        #: Messages sent from Matrix that fail (before reaching the network).
+        self.failing_sends = 0
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
 
@@ -110,13 +116,22 @@ class ToyClient(NetworkClient):
         self.login = login
 
     async def connect(self) -> None:
-        self.network.connects.append(self.login.id)
+        login_id = self.login.id
+        self.network.connects.append(login_id)
+        if login_id in self.network.refused:
+            raise LoginRefused(f"{login_id}: wrong password")
+        if self.network.failing_connects.get(login_id, 0) > 0:
+            self.network.failing_connects[login_id] -= 1
+            raise RemoteError("the toy network hiccuped")
         await self.login.set_state(LoginState.CONNECTED)
 
     async def disconnect(self) -> None:
         return None
 
     async def send_message(self, message: MatrixMessage) -> SentMessage:
+        if self.network.failing_sends > 0:
+            self.network.failing_sends -= 1
+            raise RemoteError("the toy network dropped the message")
         remote_id = await self.network.record(self.login.id, "message", message)
         return SentMessage(remote_id)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -104,13 +105,18 @@ async def test_the_events_of_a_channel_come_out_in_order(
     ]
 
 
-async def test_a_taken_nick_gets_an_underscore(
+async def test_a_taken_nick_gets_an_underscore_or_digits(
     ircd: Miniircd, unique: str, users: list[IrcUser]
 ) -> None:
-    users.append(await IrcUser(f"taken{unique}").connect(ircd.port))
-    async with connection(ircd.port, f"taken{unique}") as (conn, seen):
-        assert conn.nick == f"taken{unique}_"
-        assert Connected(f"taken{unique}_") in seen.events
+    short, long = f"t{unique[:4]}", f"taken{unique}"
+    for nick in (short, long):
+        users.append(await IrcUser(nick).connect(ircd.port))
+    async with connection(ircd.port, short) as (conn, seen):
+        assert conn.nick == f"{short}_"
+        assert Connected(f"{short}_") in seen.events
+    async with connection(ircd.port, long) as (conn, seen):
+        # Servers limit a nick's length: a long one is cut and given digits instead.
+        assert re.fullmatch(f"{long[:5]}[0-9]{{4}}", conn.nick), conn.nick
 
 
 async def test_a_long_message_is_split_into_lines_irc_accepts(
@@ -177,22 +183,30 @@ async def test_it_reconnects_and_rejoins_after_the_server_went_away(
         assert conn.connected.is_set()
 
 
-async def test_a_kick_is_reported_with_the_kicker() -> None:
-    """miniircd has no KICK: a scripted server sends one."""
+async def test_a_kick_is_reported_with_the_kicker_and_a_kicked_bridge_rejoins() -> None:
+    """miniircd has no KICK: a scripted server sends them."""
+    joins: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readline()  # NICK
         await reader.readline()  # USER
         for line in (
             ":srv 001 kb :welcome", ":kb!u@h JOIN #k", ":srv 353 kb = #k :@op kb pat",
-            ":srv 366 kb #k :end", ":op!u@h KICK #k pat :behave",
+            ":srv 366 kb #k :end", ":op!u@h KICK #k pat :behave", ":op!u@h KICK #k kb :you too",
         ):  # fmt: skip
             writer.write(line.encode() + b"\r\n")
         await writer.drain()
-        await reader.read()
+        while line := await reader.readline():
+            if line.startswith(b"JOIN"):
+                joins.append(line.strip())
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server, connection(port, "kb", "#k") as (conn, seen):
         await seen.wait_for(Left("#k", "pat", "kick", "behave", by="op"))
-        assert conn.members["#k"] == {"op", "kb"}
+        await seen.wait_for(Left("#k", "kb", "kick", "you too", by="op"))
+        async with asyncio.timeout(TIMEOUT):
+            while len(joins) < 2:  # the JOIN after the welcome, and the one after the kick
+                await asyncio.sleep(0.01)
+    assert joins == [b"JOIN #k", b"JOIN #k"]
+    assert "#k" not in conn.members  # until the server says it is back in
