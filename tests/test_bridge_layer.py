@@ -248,6 +248,8 @@ async def test_matrix_messages_are_relayed_then_sent_through_the_login(
         # In the management room (a DM with the bot) she logs in.
         dm = await alice.dm_with(bridge.app.bot.user_id)
         await alice.find(dm, lambda e: e.get("sender") == bridge.app.bot.user_id, "the welcome")
+        await alice.say(dm, "logout")  # no login yet: one clear line
+        await alice.find(dm, notice_with("You are not logged in."), "the logout refusal")
         await alice.say(dm, "login alice")
         await alice.find(
             dm, lambda e: "Logging in" in e.get("content", {}).get("body", ""), "reply"
