@@ -77,8 +77,6 @@ async def logout(ctx: Context) -> None:
             raise CommandError(f"You have no login `{ctx.args[0]}`.")
     elif len(found) > 1:
         raise ctx.usage_error("You have several logins: name one")
-    if not found:
-        raise CommandError("You are not logged in.")
     await bridge.logins.remove(found[0])
     await ctx.reply(f"Logged out of **{found[0].remote_name or found[0].id}**.")
 
