@@ -38,7 +38,7 @@ from bridge_kit.errors import SendFailed
 from bridge_kit.store import MemoryStore
 from bridge_kit.testing.synapse import free_port
 from tests.conftest import TestHomeserver, _running_homeserver
-from tests.helpers.provisioning_schema import check_reply
+from tests.helpers.provisioning_schema import provision as call_provisioning
 from tests.helpers.toy_network import ToyClient, ToyConfig, ToyConnector, ToyNetwork
 from tests.test_bridge_layer import DOMAIN, Human, body_is, eventually, lobby
 
@@ -154,15 +154,7 @@ async def provision(
 ) -> tuple[int, Any]:
     """Call the bridge's provisioning API as a client written from the file would."""
     port = bridge.config.bridge.provisioning_port or bridge.config.appservice.port
-    url = f"http://127.0.0.1:{port}{PREFIX}{path or route}"
-    headers = {"Authorization": f"Bearer {token}"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, headers=headers, **kw) as response,
-    ):
-        status, body = response.status, await response.json()
-    check_reply(method, route, status, body)
-    return status, body
+    return await call_provisioning(port, token, method, route, path, **kw)
 
 
 async def test_a_provisioning_client_logs_in_lists_and_logs_out(

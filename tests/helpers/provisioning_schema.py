@@ -16,8 +16,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import yaml
+
+from bridge_kit.bridge.provisioning import PREFIX
 
 OPENAPI_ENV = "BRIDGE_KIT_PROVISIONING_OPENAPI"
 
@@ -227,6 +230,25 @@ def check_reply(method: str, route: str, status: int, body: Any) -> None:
     upstream = _upstream_schema(method.lower(), route, status)
     if upstream is not None:
         jsonschema.validate(body, upstream)
+
+
+async def provision(
+    port: int, token: str, method: str, route: str, path: str | None = None,
+    *, checked: bool = True, **kw: Any,
+) -> tuple[int, Any]:  # fmt: skip
+    """Call the provisioning API on ``port`` as a client written from the file would
+    (``path``: ``route`` with its parameters filled in), and with ``checked``, fail
+    unless the answer is what the file says."""
+    url = f"http://127.0.0.1:{port}{PREFIX}{path or route}"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers, **kw) as response,
+    ):
+        status, body = response.status, await response.json()
+    if checked:
+        check_reply(method, route, status, body)
+    return status, body
 
 
 def upstream_file() -> Path | None:

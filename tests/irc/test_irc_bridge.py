@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import nio
 import pytest
 
@@ -18,7 +17,7 @@ from tests.conftest import SERVER_NAME, missing_service
 from tests.helpers.daemons import Daemon
 from tests.helpers.irc_bridge import IrcHomeserver, irc_bridge, write_irc_config
 from tests.helpers.ircd import IrcUser, Miniircd, split_line
-from tests.helpers.provisioning_schema import check_reply
+from tests.helpers.provisioning_schema import provision as call_provisioning
 
 pytestmark = [pytest.mark.slow, pytest.mark.synapse]
 
@@ -481,20 +480,11 @@ async def test_after_the_irc_server_restarts_the_relay_is_back_in_the_same_rooms
 
 async def provision(
     hs: IrcHomeserver, user: MatrixUser, method: str, route: str, path: str | None = None,
-    *, checked: bool = True, **kw: Any,
+    **kw: Any,
 ) -> tuple[int, Any]:  # fmt: skip
-    """Call the bridge's provisioning API with the user's own access token, and check
-    the answer against the provisioning API's schemas."""
-    url = f"http://127.0.0.1:{hs.appservice_port}/_matrix/provision{path or route}"
-    headers = {"Authorization": f"Bearer {user.client.access_token}"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, headers=headers, **kw) as response,
-    ):
-        status, body = response.status, await response.json()
-    if checked:
-        check_reply(method, route, status, body)
-    return status, body
+    """Call the bridge's provisioning API with the user's own access token."""
+    token = user.client.access_token
+    return await call_provisioning(hs.appservice_port, token, method, route, path, **kw)
 
 
 async def test_a_provisioning_client_logs_a_matrix_user_into_irc_with_the_nick_flow(
