@@ -9,6 +9,8 @@ extra) the tests skip locally and fail under CI.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -58,22 +60,41 @@ def test_the_license_is_the_apache_license_named_in_pyproject() -> None:
     assert "Copyright [yyyy] [name of copyright owner]" in text
 
 
+#: What a copy of the checkout for a build leaves out: the environments, the caches and
+#: what earlier builds left behind (setuptools' own staging folder among them).
+_NOT_SOURCE = (".git", ".venv*", "node_modules", "*.egg-info", "build", "dist", "site")
+_NOT_SOURCE += (".*_cache", "__pycache__", ".hypothesis", "bridge_kit-*")
+
+
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The sdist and the wheel that ``python -m build`` makes of this checkout."""
+    """The sdist and the wheel that ``python -m build`` makes of this checkout.
+
+    scripts/test builds them before the suite and names their folder in
+    ``BK_TEST_DISTS``; without it they are built here, from a copy of the checkout,
+    because setuptools stages an sdist in the source folder and two builds of one
+    folder at once break each other.
+    """
     if importlib.util.find_spec("build") is None or importlib.util.find_spec("twine") is None:
         missing_service("build and twine are not installed (pip install -e '.[test]')")
-    outdir = tmp_path_factory.mktemp("dist")
+    outdir = Path(os.environ.get("BK_TEST_DISTS") or _build(tmp_path_factory))
+    (sdist,) = outdir.glob("*.tar.gz")
+    (wheel,) = outdir.glob("*.whl")
+    return sdist, wheel
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("release")
+    source, outdir = base / "src", base / "dist"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", str(outdir), str(ROOT)],
+        [sys.executable, "-m", "build", "--outdir", str(outdir), str(source)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    (sdist,) = outdir.glob("*.tar.gz")
-    (wheel,) = outdir.glob("*.whl")
-    return sdist, wheel
+    return outdir
 
 
 @pytest.mark.slow
