@@ -254,12 +254,11 @@ class InboundGroupSessions:
         """A message index decrypts once: the same ciphertext under another event id
         is a replay (the spec's check; the same event again is a redelivery)."""
         key = f"{room_id}|{session_id}|{index}"
-        # A replay record is the bare event ID, as a JSON string.
-        seen = await self.vault.get_record(_SEEN, key, str)
+        # A replay record is the bare event ID, as a JSON string. One step, not a read
+        # then a write: two events of one index decrypted at once cannot both pass.
+        seen = await self.vault.put_new_record(_SEEN, key, event_id, str)
         if seen is not None and seen != event_id:
             raise UndecryptableEvent(f"replayed message index {index} (first in {seen})")
-        if seen is None:
-            await self.vault.put_record(_SEEN, key, event_id)
 
     async def forget_replays(self, room_id: str, session_id: str, count: int) -> None:
         """Drop the replay records of a session's first ``count`` message indices: our
