@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import olm
@@ -30,6 +31,11 @@ from bridge_kit.crypto.records import InboundSessionRecord
 from bridge_kit.errors import NoRoomKey, StoreError, UndecryptableEvent
 from bridge_kit.store import PostgresStore, Store, open_store
 from tests.helpers.crypto_peers import KeyDirectory, OlmPeer, megolm_content
+from tests.helpers.decrypt_crasher import OWNER as CRASHER_OWNER
+from tests.helpers.decrypt_crasher import PICKLE_KEY as CRASHER_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+DECRYPT_CRASHER = ROOT / "tests" / "helpers" / "decrypt_crasher.py"
 
 BOT = "@bot:test.local"
 ALICE = "@alice:test.local"
@@ -295,6 +301,59 @@ async def test_a_crash_between_reservations_never_reuses_a_megolm_index(tmp_path
     assert indexes[10] >= RESERVED_INDEXES and indexes[10:] == sorted(set(indexes[10:]))
     assert {content["session_id"] for content in sent} == {sent[0]["session_id"]}
     assert [phone.decrypt_room(c)[0]["content"]["n"] for c in sent] == list(range(20))
+
+
+# -- SQLite: replay records committed before the plaintext is handed out -------------------
+
+
+async def test_after_a_sigkill_every_decrypted_index_is_still_refused_under_another_id(
+    tmp_path: Path,
+) -> None:
+    """A real crash right after the last decryption returned: the next process refuses
+    each index that was decrypted under any other event ID (a replay), and decrypts
+    each event again under its own ID (a redelivery: the inbox runs again an event
+    whose handling the crash cut short, and its plaintext must not be lost)."""
+    url = f"sqlite:///{tmp_path / 'bk.db'}"
+    group = vodozemac.GroupSession()
+    session_key = group.session_key.to_base64()  # from index 0
+    events = []
+    for n in range(30):
+        plaintext = json.dumps({"type": "m.room.message", "content": {"n": n}, "room_id": ROOM})
+        content = {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "sender_key": "alice's curve",
+            "ciphertext": group.encrypt(plaintext.encode()).to_base64(),
+            "session_id": group.session_id,
+        }
+        events.append((f"$event{n}", content))
+    given = tmp_path / "events.json"
+    given.write_text(
+        json.dumps(
+            {
+                "room": ROOM,
+                "sender": ALICE,
+                "sender_key": "alice's curve",
+                "session_key": session_key,
+                "events": events,
+            }
+        )
+    )
+    crasher = await asyncio.create_subprocess_exec(
+        sys.executable, str(DECRYPT_CRASHER), url, str(given),
+        env={"PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, _ = await crasher.communicate()
+    assert crasher.returncode == -9  # SIGKILL, not a clean exit
+    assert out.decode().split() == [event_id for event_id, _ in events]
+
+    async with open_store(url) as store:
+        inbound = InboundGroupSessions(CryptoVault(store, CRASHER_OWNER, CRASHER_KEY))
+        for n, (event_id, content) in enumerate(events):
+            with pytest.raises(UndecryptableEvent, match=f"replayed message index {n} "):
+                await inbound.decrypt(ROOM, f"$replay{n}", ALICE, content)
+            again = await inbound.decrypt(ROOM, event_id, ALICE, content)
+            assert (again.content, again.message_index) == ({"n": n}, n)
 
 
 async def test_two_daemons_making_one_puppets_device_at_once_store_one_id(
