@@ -104,6 +104,57 @@ async def test_ten_locked_blocks_at_once_need_no_second_connection(
     assert results == [str(n).encode() for n in range(10)]
 
 
+def _room_key_payload(group: vodozemac.GroupSession) -> OlmPayload:
+    """Alice's ``m.room_key`` for ``group`` from its current index, as Olm hands it over."""
+    content = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": ROOM,
+        "session_id": group.session_id,
+        "session_key": group.session_key.to_base64(),
+    }
+    return OlmPayload(ALICE, "alice's curve", "alice's ed25519", "m.room_key", content)
+
+
+def _alice_event(group: vodozemac.GroupSession, n: int) -> dict:
+    plaintext = json.dumps({"type": "m.room.message", "content": {"n": n}, "room_id": ROOM})
+    return {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "alice's curve",
+        "ciphertext": group.encrypt(plaintext.encode()).to_base64(),
+        "session_id": group.session_id,
+    }
+
+
+async def test_a_better_room_key_another_daemon_took_in_replaces_the_cached_one(
+    postgres_dsn: str, unique: str
+) -> None:
+    """Each daemon caches the room keys it uses; one that reached the other daemon
+    from an earlier index opens the early events here too, and only when the cached
+    copy cannot: then the stored copy is read again."""
+    owner = f"{BOT}|CACHE{unique}"
+    group = vodozemac.GroupSession()
+    from_start = _room_key_payload(group)
+    early = [_alice_event(group, n) for n in range(5)]
+    late_key = _room_key_payload(group)  # from index 5
+    late = _alice_event(group, 5)
+    async with open_store(postgres_dsn) as first_store, open_store(postgres_dsn) as second_store:
+        first = InboundGroupSessions(CryptoVault(first_store, owner, KEY))
+        second = InboundGroupSessions(CryptoVault(second_store, owner, KEY))
+        assert await first.add_room_key(late_key) == (ROOM, group.session_id)
+        assert (await first.decrypt(ROOM, "$5", ALICE, late)).content == {"n": 5}  # cached
+        with pytest.raises(UndecryptableEvent, match="unknown message index"):
+            await first.decrypt(ROOM, "$0", ALICE, early[0])
+        assert await second.add_room_key(from_start) == (ROOM, group.session_id)
+        for n, content in enumerate(early):
+            assert (await first.decrypt(ROOM, f"${n}", ALICE, content)).content == {"n": n}
+        # The worse copy is gone from the cache too, and garbage stays garbage.
+        cached = await first.get(ROOM, "alice's curve", group.session_id)
+        assert cached is not None and cached.session.first_known_index == 0
+        broken = {**late, "ciphertext": late["ciphertext"][:-8] + "AAAAAAAA"}
+        with pytest.raises(UndecryptableEvent, match="cannot decrypt"):
+            await first.decrypt(ROOM, "$broken", ALICE, broken)
+
+
 # -- a flood of Olm messages on the fallback key ----------------------------------------
 
 

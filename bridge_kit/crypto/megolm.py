@@ -237,11 +237,32 @@ class InboundGroupSessions:
         if not self._may_send(inbound, sender):
             raise UndecryptableEvent("the room key belongs to another user than the sender")
         try:
-            decrypted = inbound.session.decrypt(vodozemac.MegolmMessage.from_base64(ciphertext))
+            message = vodozemac.MegolmMessage.from_base64(ciphertext)
         except ValueError as exc:
             raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
+        try:
+            decrypted = inbound.session.decrypt(message)
+        except ValueError as exc:
+            fresher = await self._fresher(room_id, session_id, inbound)
+            if fresher is None:
+                raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
+            inbound, decrypted = fresher, _decrypted(fresher, message)
         await self._refuse_replay(room_id, session_id, decrypted.message_index, event_id)
         return self._inner_event(room_id, content, inbound, session_id, decrypted)
+
+    async def _fresher(self, room_id: str, session_id: str, cached: _Inbound) -> _Inbound | None:
+        """The stored copy of a session, if it knows earlier indexes than ``cached``: on
+        a store daemons share, another one may have taken in a better copy of the key
+        since this one cached its own (in one process, :meth:`add` replaces it here)."""
+        if not self.vault.store.crypto_shared:
+            return None
+        key = (room_id, cached.sender_key, session_id)
+        self._cache.pop(key, None)
+        stored = await self.get(room_id, cached.sender_key, session_id)
+        first = cached.session.first_known_index
+        if stored is None or stored.session.first_known_index >= first:
+            return None
+        return stored
 
     def _may_send(self, inbound: _Inbound, sender: str) -> bool:
         if sender == inbound.sender:
@@ -295,6 +316,13 @@ class InboundGroupSessions:
             session_id,
             decrypted.message_index,
         )
+
+
+def _decrypted(inbound: _Inbound, message: vodozemac.MegolmMessage) -> Any:
+    try:
+        return inbound.session.decrypt(message)
+    except ValueError as exc:
+        raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
 
 
 _WEEK_MS: Final = 604_800_000
