@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 #: Commits on the event loop's connection between two checkpoints on the thread.
 _CHECKPOINT_EVERY = 100
+#: The most crypto values written on the event loop's connection in one commit; a
+#: bigger batch (a device list query's answer for many users) goes to the thread.
+_LOOP_CRYPTO_BATCH = 64
 
 
 class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
@@ -570,7 +573,8 @@ class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
             sqlite_devices.crypto_put_many_now, owner=owner, kind=kind, items=items, now=now
         )
         # One row is one statement, which commits on its own; more need a transaction.
-        if self._on_loop(write, transaction=len(items) > 1) is None:
+        small = len(items) <= _LOOP_CRYPTO_BATCH
+        if not small or self._on_loop(write, transaction=len(items) > 1) is None:
             await self._in_transaction(
                 lambda conn: sqlite_devices.crypto_put_many(conn, owner, kind, items, now)
             )
