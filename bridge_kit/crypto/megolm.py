@@ -243,18 +243,21 @@ class InboundGroupSessions:
         try:
             decrypted = inbound.session.decrypt(message)
         except ValueError as exc:
-            fresher = await self._fresher(room_id, session_id, inbound)
+            fresher = await self._fresher(room_id, session_id, inbound, message.message_index())
             if fresher is None:
                 raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
             inbound, decrypted = fresher, _decrypted(fresher, message)
         await self._refuse_replay(room_id, session_id, decrypted.message_index, event_id)
         return self._inner_event(room_id, content, inbound, session_id, decrypted)
 
-    async def _fresher(self, room_id: str, session_id: str, cached: _Inbound) -> _Inbound | None:
-        """The stored copy of a session, if it knows earlier indexes than ``cached``: on
-        a store daemons share, another one may have taken in a better copy of the key
-        since this one cached its own (in one process, :meth:`add` replaces it here)."""
-        if not self.vault.store.crypto_shared:
+    async def _fresher(
+        self, room_id: str, session_id: str, cached: _Inbound, index: int
+    ) -> _Inbound | None:
+        """The stored copy of a session, if ``cached`` starts after ``index`` and the
+        stored one starts earlier: on a store daemons share, another one may have taken
+        in a better copy of the key since this one cached its own (in one process,
+        :meth:`add` replaces it here). Garbage at a known index reads nothing."""
+        if not self.vault.store.crypto_shared or index >= cached.session.first_known_index:
             return None
         key = (room_id, cached.sender_key, session_id)
         self._cache.pop(key, None)
