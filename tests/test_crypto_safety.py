@@ -283,6 +283,34 @@ async def test_a_copy_of_a_room_key_from_another_device_does_not_block_the_real_
         }
 
 
+async def test_events_without_a_sender_key_keep_opening_with_their_senders_copy() -> None:
+    """find() remembers whose copy fitted a sender: a copy another user's device
+    shares later neither takes over the sender's events nor is refused its own."""
+    store = open_store("memory://")
+    async with store:
+        account, sessions = await _loaded(store)
+        inbound = InboundGroupSessions(sessions.vault)
+        alice, mallory = OlmPeer(ALICE, "ALICEDEV"), OlmPeer("@mallory:test.local", "MALDEV")
+        group = olm.OutboundGroupSession()
+        assert await inbound.add_room_key(await _room_key(account, sessions, alice, group))
+        for n in range(3):
+            event = megolm_content(group, alice, ROOM, "m.room.message", {"n": n})
+            del event["sender_key"]
+            decrypted = await inbound.decrypt(ROOM, f"${n}", ALICE, event)
+            assert (decrypted.content, decrypted.sender_key) == ({"n": n}, alice.curve25519)
+        assert await inbound.add_room_key(await _room_key(account, sessions, mallory, group))
+        later = megolm_content(group, alice, ROOM, "m.room.message", {"n": 3})
+        del later["sender_key"]
+        assert (await inbound.decrypt(ROOM, "$3", ALICE, later)).sender_key == alice.curve25519
+        # Mallory holds the key too: what she sends with it is hers, from her copy.
+        hers = megolm_content(group, mallory, ROOM, "m.room.message", {"n": 4})
+        del hers["sender_key"]
+        decrypted = await inbound.decrypt(ROOM, "$4", "@mallory:test.local", hers)
+        assert decrypted.sender_key == mallory.curve25519
+        unknown = await inbound.find(ROOM, group.id, "@nobody:test.local")
+        assert unknown is None
+
+
 async def test_room_keys_stored_by_room_and_session_move_to_their_sender_key() -> None:
     store = open_store("memory://")
     async with store:

@@ -108,6 +108,9 @@ class InboundGroupSessions:
         self.ours = ours
         # The recently used sessions; the rest are read back from the store.
         self._cache: OrderedDict[tuple[str, str, str], _Inbound] = OrderedDict()
+        # Whose copy :meth:`find` last found, by (room, session, sender): a session's
+        # list of sharers only grows, so the first copy that fits stays the first.
+        self._found: OrderedDict[tuple[str, str, str | None], str] = OrderedDict()
 
     async def get(self, room_id: str, sender_key: str, session_id: str) -> _Inbound | None:
         """The session ``session_id`` as the device of ``sender_key`` shared it."""
@@ -137,6 +140,13 @@ class InboundGroupSessions:
         """The session ``session_id`` as one of ``sender``'s devices shared it (or our
         own, for our users); any copy when ``sender`` is None. For an event that names
         no sender key, and for the events waiting for a sender's key."""
+        found_key = (room_id, session_id, sender)
+        known = self._found.get(found_key)
+        if known is not None:
+            inbound = await self.get(room_id, known, session_id)
+            if inbound is not None and (sender is None or self._may_send(inbound, sender)):
+                self._found.move_to_end(found_key)
+                return inbound
         sharers = await self._sharers(room_id, session_id)
         if not sharers:
             legacy = await self._migrated(room_id, session_id)
@@ -144,6 +154,9 @@ class InboundGroupSessions:
         for sender_key in sharers:
             inbound = await self.get(room_id, sender_key, session_id)
             if inbound is not None and (sender is None or self._may_send(inbound, sender)):
+                self._found[found_key] = sender_key
+                if len(self._found) > _CACHED_SESSIONS:
+                    self._found.popitem(last=False)
                 return inbound
         return None
 
