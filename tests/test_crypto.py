@@ -33,6 +33,7 @@ from tests.helpers.crypto_peers import KeyDirectory, OlmPeer, megolm_content
 BOT = "@bot:test.local"
 DEVICE = "BRIDGEDEV"
 ALICE = "@alice:test.local"
+BOB = "@bob:test.local"
 ROOM = "!room:test.local"
 KEY = derive_pickle_key("a configured pickle key")
 
@@ -565,6 +566,38 @@ async def test_the_machine_uploads_keys_and_shares_room_keys_with_every_device()
     await machine.on_device_lists(changed=[ALICE], left=[])
     fifth = await machine.encrypt_room_event(ROOM, "m.room.message", {"body": "five"}, [ALICE, BOT])
     assert fifth["session_id"] != fourth["session_id"]
+
+
+async def test_a_settled_room_still_shares_with_a_joiner_whose_devices_are_known() -> None:
+    """Once every device of a room has the key, the next messages skip the device
+    check; a member who joins (their devices known from another room, so the device
+    list did not change) must still get the key before the next message."""
+    store, directory = await memory_store(), KeyDirectory()
+    machine = await _machine(store, directory)
+    phone, bob = directory.add(OlmPeer(ALICE, "PHONE")), directory.add(OlmPeer(BOB, "BOB"))
+    other_room = "!other:test.local"
+    await machine.encrypt_room_event(other_room, "m.room.message", {"n": 0}, [BOB, BOT])
+    sent = [
+        await machine.encrypt_room_event(ROOM, "m.room.message", {"n": n}, [ALICE, BOT])
+        for n in range(3)
+    ]
+    directory.deliver(BOT)
+    queries = len(directory.queries)
+    joined = await machine.encrypt_room_event(ROOM, "m.room.message", {"n": 3}, [ALICE, BOB, BOT])
+    assert len(directory.queries) == queries  # Bob's devices were known: no query
+    directory.deliver(BOT)
+    assert bob.decrypt_room(joined)[0]["content"] == {"n": 3}
+    assert {c["session_id"] for c in [*sent, joined]} == {sent[0]["session_id"]}
+    assert [phone.decrypt_room(c)[0]["content"]["n"] for c in [*sent, joined]] == [0, 1, 2, 3]
+    # Settled again; a device the tracker learns of without a device-list push (a
+    # query made for another room) also gets the key before the next message.
+    await machine.encrypt_room_event(ROOM, "m.room.message", {"n": 4}, [ALICE, BOB, BOT])
+    directory.deliver(BOT)
+    tablet = directory.add(OlmPeer(ALICE, "TABLET"))
+    await machine.tracker.apply_query(await directory.query_keys([ALICE]))
+    later = await machine.encrypt_room_event(ROOM, "m.room.message", {"n": 5}, [ALICE, BOB, BOT])
+    directory.deliver(BOT)
+    assert tablet.decrypt_room(later)[0]["content"] == {"n": 5}
 
 
 async def test_a_stale_pushed_key_count_uploads_no_keys_the_server_has() -> None:

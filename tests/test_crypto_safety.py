@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import olm
@@ -30,6 +31,11 @@ from bridge_kit.crypto.records import InboundSessionRecord
 from bridge_kit.errors import NoRoomKey, StoreError, UndecryptableEvent
 from bridge_kit.store import PostgresStore, Store, open_store
 from tests.helpers.crypto_peers import KeyDirectory, OlmPeer, megolm_content
+from tests.helpers.decrypt_crasher import OWNER as CRASHER_OWNER
+from tests.helpers.decrypt_crasher import PICKLE_KEY as CRASHER_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+DECRYPT_CRASHER = ROOT / "tests" / "helpers" / "decrypt_crasher.py"
 
 BOT = "@bot:test.local"
 ALICE = "@alice:test.local"
@@ -96,6 +102,57 @@ async def test_ten_locked_blocks_at_once_need_no_second_connection(
 
         results = await asyncio.wait_for(asyncio.gather(*(block(n) for n in range(10))), 30)
     assert results == [str(n).encode() for n in range(10)]
+
+
+def _room_key_payload(group: vodozemac.GroupSession) -> OlmPayload:
+    """Alice's ``m.room_key`` for ``group`` from its current index, as Olm hands it over."""
+    content = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": ROOM,
+        "session_id": group.session_id,
+        "session_key": group.session_key.to_base64(),
+    }
+    return OlmPayload(ALICE, "alice's curve", "alice's ed25519", "m.room_key", content)
+
+
+def _alice_event(group: vodozemac.GroupSession, n: int) -> dict:
+    plaintext = json.dumps({"type": "m.room.message", "content": {"n": n}, "room_id": ROOM})
+    return {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "alice's curve",
+        "ciphertext": group.encrypt(plaintext.encode()).to_base64(),
+        "session_id": group.session_id,
+    }
+
+
+async def test_a_better_room_key_another_daemon_took_in_replaces_the_cached_one(
+    postgres_dsn: str, unique: str
+) -> None:
+    """Each daemon caches the room keys it uses; one that reached the other daemon
+    from an earlier index opens the early events here too, and only when the cached
+    copy cannot: then the stored copy is read again."""
+    owner = f"{BOT}|CACHE{unique}"
+    group = vodozemac.GroupSession()
+    from_start = _room_key_payload(group)
+    early = [_alice_event(group, n) for n in range(5)]
+    late_key = _room_key_payload(group)  # from index 5
+    late = _alice_event(group, 5)
+    async with open_store(postgres_dsn) as first_store, open_store(postgres_dsn) as second_store:
+        first = InboundGroupSessions(CryptoVault(first_store, owner, KEY))
+        second = InboundGroupSessions(CryptoVault(second_store, owner, KEY))
+        assert await first.add_room_key(late_key) == (ROOM, group.session_id)
+        assert (await first.decrypt(ROOM, "$5", ALICE, late)).content == {"n": 5}  # cached
+        with pytest.raises(UndecryptableEvent, match="unknown message index"):
+            await first.decrypt(ROOM, "$0", ALICE, early[0])
+        assert await second.add_room_key(from_start) == (ROOM, group.session_id)
+        for n, content in enumerate(early):
+            assert (await first.decrypt(ROOM, f"${n}", ALICE, content)).content == {"n": n}
+        # The worse copy is gone from the cache too, and garbage stays garbage.
+        cached = await first.get(ROOM, "alice's curve", group.session_id)
+        assert cached is not None and cached.session.first_known_index == 0
+        broken = {**late, "ciphertext": late["ciphertext"][:-8] + "AAAAAAAA"}
+        with pytest.raises(UndecryptableEvent, match="cannot decrypt"):
+            await first.decrypt(ROOM, "$broken", ALICE, broken)
 
 
 # -- a flood of Olm messages on the fallback key ----------------------------------------
@@ -226,6 +283,34 @@ async def test_a_copy_of_a_room_key_from_another_device_does_not_block_the_real_
         }
 
 
+async def test_events_without_a_sender_key_keep_opening_with_their_senders_copy() -> None:
+    """find() remembers whose copy fitted a sender: a copy another user's device
+    shares later neither takes over the sender's events nor is refused its own."""
+    store = open_store("memory://")
+    async with store:
+        account, sessions = await _loaded(store)
+        inbound = InboundGroupSessions(sessions.vault)
+        alice, mallory = OlmPeer(ALICE, "ALICEDEV"), OlmPeer("@mallory:test.local", "MALDEV")
+        group = olm.OutboundGroupSession()
+        assert await inbound.add_room_key(await _room_key(account, sessions, alice, group))
+        for n in range(3):
+            event = megolm_content(group, alice, ROOM, "m.room.message", {"n": n})
+            del event["sender_key"]
+            decrypted = await inbound.decrypt(ROOM, f"${n}", ALICE, event)
+            assert (decrypted.content, decrypted.sender_key) == ({"n": n}, alice.curve25519)
+        assert await inbound.add_room_key(await _room_key(account, sessions, mallory, group))
+        later = megolm_content(group, alice, ROOM, "m.room.message", {"n": 3})
+        del later["sender_key"]
+        assert (await inbound.decrypt(ROOM, "$3", ALICE, later)).sender_key == alice.curve25519
+        # Mallory holds the key too: what she sends with it is hers, from her copy.
+        hers = megolm_content(group, mallory, ROOM, "m.room.message", {"n": 4})
+        del hers["sender_key"]
+        decrypted = await inbound.decrypt(ROOM, "$4", "@mallory:test.local", hers)
+        assert decrypted.sender_key == mallory.curve25519
+        unknown = await inbound.find(ROOM, group.id, "@nobody:test.local")
+        assert unknown is None
+
+
 async def test_room_keys_stored_by_room_and_session_move_to_their_sender_key() -> None:
     store = open_store("memory://")
     async with store:
@@ -295,6 +380,59 @@ async def test_a_crash_between_reservations_never_reuses_a_megolm_index(tmp_path
     assert indexes[10] >= RESERVED_INDEXES and indexes[10:] == sorted(set(indexes[10:]))
     assert {content["session_id"] for content in sent} == {sent[0]["session_id"]}
     assert [phone.decrypt_room(c)[0]["content"]["n"] for c in sent] == list(range(20))
+
+
+# -- SQLite: replay records committed before the plaintext is handed out -------------------
+
+
+async def test_after_a_sigkill_every_decrypted_index_is_still_refused_under_another_id(
+    tmp_path: Path,
+) -> None:
+    """A real crash right after the last decryption returned: the next process refuses
+    each index that was decrypted under any other event ID (a replay), and decrypts
+    each event again under its own ID (a redelivery: the inbox runs again an event
+    whose handling the crash cut short, and its plaintext must not be lost)."""
+    url = f"sqlite:///{tmp_path / 'bk.db'}"
+    group = vodozemac.GroupSession()
+    session_key = group.session_key.to_base64()  # from index 0
+    events = []
+    for n in range(30):
+        plaintext = json.dumps({"type": "m.room.message", "content": {"n": n}, "room_id": ROOM})
+        content = {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "sender_key": "alice's curve",
+            "ciphertext": group.encrypt(plaintext.encode()).to_base64(),
+            "session_id": group.session_id,
+        }
+        events.append((f"$event{n}", content))
+    given = tmp_path / "events.json"
+    given.write_text(
+        json.dumps(
+            {
+                "room": ROOM,
+                "sender": ALICE,
+                "sender_key": "alice's curve",
+                "session_key": session_key,
+                "events": events,
+            }
+        )
+    )
+    crasher = await asyncio.create_subprocess_exec(
+        sys.executable, str(DECRYPT_CRASHER), url, str(given),
+        env={"PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, _ = await crasher.communicate()
+    assert crasher.returncode == -9  # SIGKILL, not a clean exit
+    assert out.decode().split() == [event_id for event_id, _ in events]
+
+    async with open_store(url) as store:
+        inbound = InboundGroupSessions(CryptoVault(store, CRASHER_OWNER, CRASHER_KEY))
+        for n, (event_id, content) in enumerate(events):
+            with pytest.raises(UndecryptableEvent, match=f"replayed message index {n} "):
+                await inbound.decrypt(ROOM, f"$replay{n}", ALICE, content)
+            again = await inbound.decrypt(ROOM, event_id, ALICE, content)
+            assert (again.content, again.message_index) == ({"n": n}, n)
 
 
 async def test_two_daemons_making_one_puppets_device_at_once_store_one_id(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -149,6 +150,66 @@ async def test_concurrent_puts_do_not_interfere(store: Store) -> None:
         *(store.crypto_put(ALICE, "k", f"v{n}", str(n).encode()) for n in range(100))
     )
     assert await store.crypto_items(ALICE, "k") == {f"v{n}": str(n).encode() for n in range(100)}
+
+
+async def test_put_new_stores_the_first_value_and_then_answers_it(store: Store) -> None:
+    assert await store.crypto_put_new(ALICE, "seen", "i0", b"first") is None
+    assert await store.crypto_put_new(ALICE, "seen", "i0", b"second") == b"first"
+    assert await store.crypto_get(ALICE, "seen", "i0") == b"first"
+    # Another owner or kind is another key.
+    assert await store.crypto_put_new(BOB, "seen", "i0", b"bob's") is None
+    assert await store.crypto_put_new(ALICE, "other", "i0", bytearray(b"x")) is None
+    assert await store.crypto_get(ALICE, "other", "i0") == b"x"
+    with pytest.raises(ValueError, match="crypto key holds NUL"):
+        await store.crypto_put_new(ALICE, "seen", "i\x00", b"v")
+    with pytest.raises(TypeError, match="crypto values are bytes, not str"):
+        await store.crypto_put_new(ALICE, "seen", "i1", "text")  # type: ignore[arg-type]
+    assert await store.crypto_items(ALICE, "seen") == {"i0": b"first"}
+
+
+async def test_put_new_of_one_key_at_once_lets_exactly_one_in(store: Store) -> None:
+    """The replay check's step: of many writers of one key at once, one stores its
+    value and every other is told that value."""
+    answers = await asyncio.gather(
+        *(store.crypto_put_new(ALICE, "seen", "i0", f"${n}".encode()) for n in range(20))
+    )
+    winners = [n for n, answer in enumerate(answers) if answer is None]
+    assert len(winners) == 1
+    stored = await store.crypto_get(ALICE, "seen", "i0")
+    assert stored == f"${winners[0]}".encode()
+    assert all(answer == stored for answer in answers if answer is not None)
+
+
+async def test_sqlite_crypto_reads_and_writes_wait_for_another_writer(tmp_path: Path) -> None:
+    """Crypto values go through the loop's connection, which never waits: while another
+    connection holds the write lock they take the store's thread, and wait there."""
+    path = tmp_path / "busy.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.crypto_put(ALICE, "k", "before", b"0")
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute(
+                "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value, written_at)"
+                " VALUES (?, 'k', 'theirs', x'01', 0)",
+                (ALICE,),
+            )
+            writes = asyncio.gather(
+                store.crypto_put(ALICE, "k", "one", b"1"),
+                store.crypto_put_many(ALICE, "k", {"two": b"2", "three": b"3"}),
+                store.crypto_put_new(ALICE, "k", "theirs", b"mine"),
+            )
+            # A read does not wait: it sees what was committed.
+            assert await store.crypto_get(ALICE, "k", "before") == b"0"
+            assert await store.crypto_get(ALICE, "k", "theirs") is None
+            await asyncio.sleep(0.2)
+            assert not writes.done()  # waiting on the thread, not failed, not on the loop
+            other.execute("COMMIT")
+            assert (await writes)[2] == b"\x01"  # theirs, committed first, stays
+        finally:
+            other.close()
+        items = await store.crypto_items(ALICE, "k")
+        assert items == {"before": b"0", "theirs": b"\x01", "one": b"1", "two": b"2", "three": b"3"}
 
 
 # -- durability and migration ----------------------------------------------------------------

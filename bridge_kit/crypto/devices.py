@@ -89,6 +89,9 @@ class DeviceTracker:
         self._devices: dict[str, dict[str, TrackedDevice]] = {}
         self._outdated: set[str] = set()
         self._loaded = False
+        self.version = 0
+        """Changes with every change to the devices known: a check of a room's devices
+        made at one version holds while it is the same."""
 
     async def load(self) -> None:
         """Read the stored devices (once: machines sharing this tracker each ask)."""
@@ -102,6 +105,7 @@ class DeviceTracker:
             if record.outdated:
                 self._outdated.add(user_id)
         self._loaded = True
+        self.version += 1
 
     def devices(self, user_id: str) -> dict[str, TrackedDevice]:
         """The known devices of ``user_id`` (empty if never queried)."""
@@ -121,10 +125,12 @@ class DeviceTracker:
         """Device lists changed: query these users again before trusting their list."""
         changed = {u for u in user_ids if u in self._devices and u not in self._outdated}
         self._outdated |= changed
+        self.version += 1
         await self._save(changed)
 
     async def forget(self, user_ids: Iterable[str]) -> None:
         """We no longer share a room with these users: drop their devices."""
+        self.version += 1
         for user_id in user_ids:
             if self._devices.pop(user_id, None) is not None:
                 await self.vault.delete(_KIND, user_id)
@@ -150,6 +156,7 @@ class DeviceTracker:
                 added[user_id] = new
             self._devices[user_id] = devices
             self._outdated.discard(user_id)
+        self.version += 1
         await self._save(set(device_keys) & self._devices.keys())
         return added
 

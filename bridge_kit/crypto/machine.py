@@ -15,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, Final, Protocol
 
+import attrs
+
 from bridge_kit.crypto.account import MEGOLM_ALGORITHM, OLM_ALGORITHM, SIGNED_CURVE25519, OlmAccount
 from bridge_kit.crypto.devices import DeviceTracker, TrackedDevice
 from bridge_kit.crypto.megolm import (
@@ -114,6 +116,7 @@ class CryptoMachine:
         self._lock = asyncio.Lock()
         self._epoch: bytes | None = None
         self._claim_failed: dict[tuple[str, str], float] = {}
+        self._settled: dict[str, _Settled] = {}
 
     # -- start-up and keys ---------------------------------------------------
 
@@ -277,8 +280,14 @@ class CryptoMachine:
     async def _prepare_room(
         self, room_id: str, members: Collection[str], settings: RotationSettings
     ) -> OutboundSession:
-        devices = self._room_devices(members)
         session = await self.outbound.current(room_id, settings)
+        # The steady state: nothing changed since every device in the room had the
+        # key. Checking the devices again costs per device, each message.
+        check = _Settled(session, self.tracker.version, frozenset(members))
+        settled = self._settled.get(room_id)
+        if settled is not None and settled.holds_for(check):
+            return session
+        devices = self._room_devices(members)
         current = {(d.user_id, d.device_id, d.curve25519) for d in devices}
         if _shared_set(session) - current:
             await self.outbound.discard(room_id)
@@ -286,7 +295,10 @@ class CryptoMachine:
         shared = _shared_set(session)
         missing = [d for d in devices if (d.user_id, d.device_id, d.curve25519) not in shared]
         if missing:
+            self._settled.pop(room_id, None)
             await self._share_room_key(session, missing)
+        elif session is check.session:
+            self._settled[room_id] = check
         return session
 
     def _room_devices(self, members: Collection[str]) -> list[TrackedDevice]:
@@ -358,7 +370,23 @@ class CryptoMachine:
     async def forget_room_session(self, room_id: str) -> None:
         """Rotate the room's session now (a member left, or the settings changed)."""
         async with self._locked():
+            self._settled.pop(room_id, None)
             await self.outbound.discard(room_id)
+
+
+@attrs.frozen
+class _Settled:
+    """What a room's check of its devices saw when every device had the key: the
+    room's session, the tracker's version and the members."""
+
+    session: OutboundSession = attrs.field(eq=False)
+    devices_version: int
+    members: frozenset[str]
+
+    def holds_for(self, check: _Settled) -> bool:
+        # The session itself, not an equal copy: one read again after another daemon
+        # used the device is another object, and is checked again.
+        return self.session is check.session and self == check
 
 
 def _shared_set(session: OutboundSession) -> set[tuple[str, str, str]]:

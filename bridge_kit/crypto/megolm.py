@@ -108,6 +108,9 @@ class InboundGroupSessions:
         self.ours = ours
         # The recently used sessions; the rest are read back from the store.
         self._cache: OrderedDict[tuple[str, str, str], _Inbound] = OrderedDict()
+        # Whose copy :meth:`find` last found, by (room, session, sender): a session's
+        # list of sharers only grows, so the first copy that fits stays the first.
+        self._found: OrderedDict[tuple[str, str, str | None], str] = OrderedDict()
 
     async def get(self, room_id: str, sender_key: str, session_id: str) -> _Inbound | None:
         """The session ``session_id`` as the device of ``sender_key`` shared it."""
@@ -137,6 +140,13 @@ class InboundGroupSessions:
         """The session ``session_id`` as one of ``sender``'s devices shared it (or our
         own, for our users); any copy when ``sender`` is None. For an event that names
         no sender key, and for the events waiting for a sender's key."""
+        found_key = (room_id, session_id, sender)
+        known = self._found.get(found_key)
+        if known is not None:
+            inbound = await self.get(room_id, known, session_id)
+            if inbound is not None and (sender is None or self._may_send(inbound, sender)):
+                self._found.move_to_end(found_key)
+                return inbound
         sharers = await self._sharers(room_id, session_id)
         if not sharers:
             legacy = await self._migrated(room_id, session_id)
@@ -144,6 +154,9 @@ class InboundGroupSessions:
         for sender_key in sharers:
             inbound = await self.get(room_id, sender_key, session_id)
             if inbound is not None and (sender is None or self._may_send(inbound, sender)):
+                self._found[found_key] = sender_key
+                if len(self._found) > _CACHED_SESSIONS:
+                    self._found.popitem(last=False)
                 return inbound
         return None
 
@@ -237,11 +250,35 @@ class InboundGroupSessions:
         if not self._may_send(inbound, sender):
             raise UndecryptableEvent("the room key belongs to another user than the sender")
         try:
-            decrypted = inbound.session.decrypt(vodozemac.MegolmMessage.from_base64(ciphertext))
+            message = vodozemac.MegolmMessage.from_base64(ciphertext)
         except ValueError as exc:
             raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
+        try:
+            decrypted = inbound.session.decrypt(message)
+        except ValueError as exc:
+            fresher = await self._fresher(room_id, session_id, inbound, message.message_index())
+            if fresher is None:
+                raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
+            inbound, decrypted = fresher, _decrypted(fresher, message)
         await self._refuse_replay(room_id, session_id, decrypted.message_index, event_id)
         return self._inner_event(room_id, content, inbound, session_id, decrypted)
+
+    async def _fresher(
+        self, room_id: str, session_id: str, cached: _Inbound, index: int
+    ) -> _Inbound | None:
+        """The stored copy of a session, if ``cached`` starts after ``index`` and the
+        stored one starts earlier: on a store daemons share, another one may have taken
+        in a better copy of the key since this one cached its own (in one process,
+        :meth:`add` replaces it here). Garbage at a known index reads nothing."""
+        if not self.vault.store.crypto_shared or index >= cached.session.first_known_index:
+            return None
+        key = (room_id, cached.sender_key, session_id)
+        self._cache.pop(key, None)
+        stored = await self.get(room_id, cached.sender_key, session_id)
+        first = cached.session.first_known_index
+        if stored is None or stored.session.first_known_index >= first:
+            return None
+        return stored
 
     def _may_send(self, inbound: _Inbound, sender: str) -> bool:
         if sender == inbound.sender:
@@ -254,12 +291,11 @@ class InboundGroupSessions:
         """A message index decrypts once: the same ciphertext under another event id
         is a replay (the spec's check; the same event again is a redelivery)."""
         key = f"{room_id}|{session_id}|{index}"
-        # A replay record is the bare event ID, as a JSON string.
-        seen = await self.vault.get_record(_SEEN, key, str)
+        # A replay record is the bare event ID, as a JSON string. One step, not a read
+        # then a write: two events of one index decrypted at once cannot both pass.
+        seen = await self.vault.put_new_record(_SEEN, key, event_id, str)
         if seen is not None and seen != event_id:
             raise UndecryptableEvent(f"replayed message index {index} (first in {seen})")
-        if seen is None:
-            await self.vault.put_record(_SEEN, key, event_id)
 
     async def forget_replays(self, room_id: str, session_id: str, count: int) -> None:
         """Drop the replay records of a session's first ``count`` message indices: our
@@ -296,6 +332,13 @@ class InboundGroupSessions:
             session_id,
             decrypted.message_index,
         )
+
+
+def _decrypted(inbound: _Inbound, message: vodozemac.MegolmMessage) -> Any:
+    try:
+        return inbound.session.decrypt(message)
+    except ValueError as exc:
+        raise UndecryptableEvent(f"cannot decrypt: {exc}") from None
 
 
 _WEEK_MS: Final = 604_800_000

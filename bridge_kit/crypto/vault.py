@@ -126,6 +126,14 @@ class CryptoVault:
         encoded = {key: _encoded(record) for key, record in records.items()}
         await self.store.crypto_put_many(self.owner, kind, encoded)
 
+    async def put_new_record(
+        self, kind: str, key: str, record: Any, cls: type[Record]
+    ) -> Record | None:
+        """Store ``record`` unless a record is there, in one step no other writer comes
+        between: ``None`` if it is stored now, else the one there, as a ``cls``."""
+        found = await self.store.crypto_put_new(self.owner, kind, key, _encoded(record))
+        return None if found is None else self._decoded(kind, key, found, cls)
+
     async def get_record(self, kind: str, key: str, cls: type[Record]) -> Record | None:
         """The record stored there, as a ``cls``; :class:`StoreError` if it is not one."""
         raw = await self.store.crypto_get(self.owner, kind, key)

@@ -564,6 +564,13 @@ class CryptoStore(abc.ABC):
         if batch:
             await self._crypto_put_many(*scope, batch)
 
+    async def crypto_put_new(self, owner: str, kind: str, key: str, value: bytes) -> bytes | None:
+        """Store ``value`` unless a value is there already, in one step that no other
+        writer comes between: ``None`` if ``value`` is stored now (committed), else
+        the value found, which stays as it was."""
+        scope, checked = _crypto_scope(owner, kind), _crypto_key(key)
+        return await self._crypto_put_new(*scope, checked, _clean.checked_bytes(value))
+
     async def crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:
         """Every value of this owner and kind, by key."""
         return await self._crypto_items(*_crypto_scope(owner, kind))
@@ -605,6 +612,15 @@ class CryptoStore(abc.ABC):
     @abc.abstractmethod
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
         """:meth:`crypto_put_many` with checked keys and a non-empty batch of bytes."""
+
+    async def _crypto_put_new(self, owner: str, kind: str, key: str, value: bytes) -> bytes | None:
+        """:meth:`crypto_put_new` with checked keys and bytes; by default a read, then a
+        write if nothing was there: one step only in a store whose methods never wait
+        (memory), so a store with a database does it in one statement of its own."""
+        found = await self._crypto_get(owner, kind, key)
+        if found is None:
+            await self._crypto_put_many(owner, kind, {key: value})
+        return found
 
     @abc.abstractmethod
     async def _crypto_items(self, owner: str, kind: str) -> dict[str, bytes]:

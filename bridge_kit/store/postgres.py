@@ -538,6 +538,13 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
         with self._errors():
             await postgres_devices.crypto_put_many(target, owner, kind, items, now)
 
+    async def _crypto_put_new(self, owner: str, kind: str, key: str, value: bytes) -> bytes | None:
+        now = time.time()
+        held = self._held()
+        target = self._connected() if held is None else held.conn
+        with self._errors():
+            return await postgres_devices.crypto_put_new(target, owner, kind, key, value, now)
+
 
 def _txn_key(txn_id: str) -> bytes:
     """How a txnId is stored: its UTF-8 bytes, so a NUL in it is no error.

@@ -39,3 +39,30 @@ async def crypto_put_many(
         list(items.values()),
         now,
     )
+
+
+async def crypto_put_new(
+    pool: Any, owner: str, kind: str, key: str, value: bytes, now: float
+) -> bytes | None:
+    """Insert the value unless the key has one: ``None`` if inserted, else the value there."""
+    while True:  # again only if the row that stopped the insert was deleted before the read
+        inserted = await pool.fetchval(
+            "INSERT INTO bridge_kit_crypto_state (owner, kind, key, value, written_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, kind, key) DO NOTHING"
+            " RETURNING 1",
+            owner,
+            kind,
+            key,
+            value,
+            now,
+        )
+        if inserted is not None:
+            return None
+        found = await pool.fetchval(
+            "SELECT value FROM bridge_kit_crypto_state WHERE owner = $1 AND kind = $2 AND key = $3",
+            owner,
+            kind,
+            key,
+        )
+        if found is not None:
+            return bytes(found)

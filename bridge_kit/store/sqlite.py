@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 #: Commits on the event loop's connection between two checkpoints on the thread.
 _CHECKPOINT_EVERY = 100
+#: The most crypto values written on the event loop's connection in one commit; a
+#: bigger batch (a device list query's answer for many users) goes to the thread.
+_LOOP_CRYPTO_BATCH = 64
 
 
 class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
@@ -551,7 +554,40 @@ class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
 
     # -- devices and crypto state (SQL in _devices_sql and sqlite_devices) ----------
 
+    # Crypto values are read and written on the loop's connection, like the inbox's
+    # accepts: a lookup by primary key or a small upsert committed into the WAL takes
+    # microseconds, and each trip to aiosqlite's thread costs more than that (decrypting
+    # a room event reads and commits its replay record; one trip each way was most of
+    # its cost). Each write still commits before it returns: nothing is deferred.
+
+    async def _crypto_get(self, owner: str, kind: str, key: str) -> bytes | None:
+        read = functools.partial(sqlite_devices.crypto_value_now, owner=owner, kind=kind, key=key)
+        rows = self._on_loop(read, transaction=False, write=False)
+        if rows is None:  # busy: the thread's connection, which waits its turn
+            return await super()._crypto_get(owner, kind, key)
+        return bytes(rows[0][0]) if rows else None
+
     async def _crypto_put_many(self, owner: str, kind: str, items: dict[str, bytes]) -> None:
-        await self._in_transaction(
-            lambda conn: sqlite_devices.crypto_put_many(conn, owner, kind, items, time.time())
+        now = time.time()
+        write = functools.partial(
+            sqlite_devices.crypto_put_many_now, owner=owner, kind=kind, items=items, now=now
+        )
+        # One row is one statement, which commits on its own; more need a transaction.
+        small = len(items) <= _LOOP_CRYPTO_BATCH
+        if not small or self._on_loop(write, transaction=len(items) > 1) is None:
+            await self._in_transaction(
+                lambda conn: sqlite_devices.crypto_put_many(conn, owner, kind, items, now)
+            )
+
+    async def _crypto_put_new(self, owner: str, kind: str, key: str, value: bytes) -> bytes | None:
+        now = time.time()
+        # The insert and the read of what stopped it, in one transaction: nothing in between.
+        add = functools.partial(
+            sqlite_devices.crypto_put_new_now, owner=owner, kind=kind, key=key, value=value, now=now
+        )
+        found = self._on_loop(add)
+        if found is not None:
+            return found[0] if found else None
+        return await self._in_transaction(
+            lambda conn: sqlite_devices.crypto_put_new(conn, owner, kind, key, value, now)
         )
