@@ -9,7 +9,10 @@ are answered by the puppet named in ``BK_TEST_PUPPET``; a body starting with
 ``crash`` is answered and then, the first time, the process kills itself (SIGKILL)
 before its event is marked done. A body starting with ``fail`` raises until
 a file RECORD_FILE with the suffix ``.fixed`` exists. ``BK_TEST_DELAY`` is the seconds each
-handler sleeps; ``BK_TEST_NAME`` names the process in the record.
+handler sleeps; ``BK_TEST_NAME`` names the process in the record. With
+``BK_TEST_STALL_AFTER=N`` the handler that records the N-th line never returns, so a
+kill finds that event running and every later one still in the inbox, however busy
+the machine is.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ def build(config: Config, record: Path) -> AppService:
     name = os.environ.get("BK_TEST_NAME", "bridge")
     delay = float(os.environ.get("BK_TEST_DELAY", "0"))
     puppet = os.environ.get("BK_TEST_PUPPET", "")
+    stall_after = int(os.environ.get("BK_TEST_STALL_AFTER", "0"))
     crash_marker = record.with_suffix(".crashed")
+    recorded = 0
 
     @app.on_event("m.room.message")
     async def on_message(event: Event) -> None:
+        nonlocal recorded
         if app.registration.is_user_in_namespace(event.sender or ""):
             return
         body = str(event.content.get("body", ""))
@@ -43,6 +49,9 @@ def build(config: Config, record: Path) -> AppService:
             os.write(fd, line)
         finally:
             os.close(fd)
+        recorded += 1
+        if recorded == stall_after:
+            await asyncio.Event().wait()  # until the test kills this process
         if body.startswith(("echo", "crash")):
             await app.intent(puppet).send_text(event.room_id or "", f"re: {body}")
         if body.startswith("crash") and not crash_marker.exists():
