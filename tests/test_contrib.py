@@ -185,7 +185,9 @@ def copy_build_context(destination: Path) -> None:
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain venv with the Dockerfile's RUN steps done in it, from a copy of the checkout."""
     base = tmp_path_factory.mktemp("image")
-    venv.create(base / "venv", with_pip=True)
+    # pip itself comes from this environment (``pip --python``): ensurepip would take
+    # longer than the install, and the image's own pip is not what is tested.
+    venv.create(base / "venv", with_pip=False)
     source = base / "src"
     [copy] = instruction("COPY")
     assert copy == ". /src"
@@ -196,9 +198,8 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if program == "useradd":
             continue  # needs root, and a venv has no users
         assert program == "pip", f"a RUN step this test does not know how to run: {step}"
-        subprocess.run(
-            [str(base / "venv" / "bin" / "pip"), *argv], cwd=source, check=True, timeout=600
-        )
+        pip = [sys.executable, "-m", "pip", "--python", str(base / "venv" / "bin" / "python")]
+        subprocess.run([*pip, *argv], cwd=source, check=True, timeout=600)
     return base / "venv"
 
 
