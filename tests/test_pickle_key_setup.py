@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge_kit import AppService
+from bridge_kit import AppService, RetryPolicy
 from bridge_kit.config import Config
 from bridge_kit.errors import ConfigError, StartupCheckFailed
 from bridge_kit.registration import Registration
@@ -95,7 +95,8 @@ async def test_the_daemon_refuses_a_config_every_user_can_read_that_holds_the_ke
     # (on the discard port: nothing there, a failure of its own).
     os.chmod(config_file, 0o640)
     nowhere = {"BRIDGE_KIT__HOMESERVER__URL": "http://127.0.0.1:9"}
-    app = AppService(Config.load(config_file, environ=nowhere))
+    # One attempt: the retries of an unreachable homeserver are not what is tested.
+    app = AppService(Config.load(config_file, environ=nowhere), retry=RetryPolicy(max_attempts=1))
     with pytest.raises(StartupCheckFailed, match="cannot reach the homeserver"):
         await app.start()
     assert "readable by its group" in caplog.text
