@@ -40,6 +40,7 @@ from bridge_kit.registration import Namespace, generate_registration
 from bridge_kit.store import Store, open_store
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
+from tests.test_bulk_cli import bridge_kit as bridge_kit_cli
 from tests.test_bulk_joins import Requests
 from tests.test_intent_api import CLIENT, Human, q
 from tests.test_readme import block
@@ -168,6 +169,31 @@ async def test_join_many_counts_a_ban_as_failed_and_lifts_it_only_when_asked(
 
     assert (lifted.joined, lifted.banned, lifted.failed) == (1, 0, 0)
     assert banned_id in await joined(human, room)
+
+
+async def test_the_join_command_lifts_a_ban_only_when_given_unban(
+    app: AppService, human: Human, homeserver: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    room = await moderated_room(app, human)
+    puppet = f"_bk_cli_{unique}"
+    puppet_id = f"@{puppet}:{app.puppets.domain}"
+    await app.puppets.ensure_registered(puppet)
+    await ban(human, room, puppet_id, "flooding")
+    (tmp_path / "pairs.tsv").write_text(f"{puppet}\t{room}\n")
+    args = ["join", "-r", str(homeserver.registration_path), "--homeserver", homeserver.url,
+            "--from-file", "pairs.tsv", "--store", "sqlite:///cli.db", "--no-progress"]  # fmt: skip
+
+    refused = await bridge_kit_cli(*args, cwd=tmp_path)
+
+    assert refused.status == 1, refused
+    assert "banned (not unbanned)" in refused.stdout
+    still = await membership(human, room, puppet_id)
+    assert still is not None and still["content"]["membership"] == "ban"
+
+    lifted = await bridge_kit_cli(*args, "--unban", cwd=tmp_path)
+
+    assert lifted.status == 0, lifted
+    assert puppet_id in await joined(human, room)
 
 
 async def test_an_unban_in_a_room_anyone_may_join_is_not_counted_as_an_invite(

@@ -51,7 +51,8 @@ PAIRS_TSV holds one pair a line: localpart<TAB>room_id_or_alias. Aliases are
 resolved once each. A join the room refuses is retried after the appservice's
 bot invites the puppet, when it has no membership in a room entered by invite
 (the bot must be in the room and allowed to invite). A banned puppet fails and
-stays banned: moderators decide who is in a room.
+stays banned: moderators decide who is in a room. --unban overrides them: the bot
+lifts each such ban (it needs the power to) and the puppet joins.
 """ + _COMMON.format(family="joins")
 
 _PROFILES_EPILOG = """\
@@ -71,6 +72,11 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(join, "pairs.tsv", "join requests")
+    join.add_argument(
+        "--unban",
+        action="store_true",
+        help="lift the ban of a banned puppet and join it (off: a ban stands)",
+    )
     join.set_defaults(command=run_join)
     profiles = subparsers.add_parser(
         "sync-profiles",
@@ -138,7 +144,11 @@ async def _join(
     report: ReportWriter | None,
 ) -> RunResult:
     return await registrar.join_many(
-        pairs, concurrency=args.concurrency, progress=reporter, on_problem=report
+        pairs,
+        concurrency=args.concurrency,
+        progress=reporter,
+        on_problem=report,
+        unban=args.unban,
     )
 
 
