@@ -323,6 +323,13 @@ def _check_not_negative(value: int) -> str | None:
     return None if value >= 0 else f"must be 0 or more, got {value}"
 
 
+def _check_interval(value: float) -> str | None:
+    """Seconds between two runs of something, 0 for never."""
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        return f"must be a number of seconds, or 0 for never, got {value}"
+    return None
+
+
 def _check_optional_port(value: int | None) -> str | None:
     return None if value is None else _check_port(value)
 
@@ -377,6 +384,9 @@ class BridgeConfig(Section):
     """Accept users' own Matrix access tokens and OpenID tokens."""
     provisioning_per_minute: int = _checked(60, _check_positive)
     """Requests each user may make per minute (bursts up to as many)."""
+    ping_interval: float = _checked(defaults.BRIDGE_PING_INTERVAL, _check_interval)
+    """Seconds between two pings of the bridge by the homeserver; a failed one makes
+    the bridge's state ``BRIDGE_UNREACHABLE`` until one succeeds (0: never)."""
 
 
 _SECTIONS: Final[dict[str, type[Section]]] = {

@@ -116,3 +116,6 @@ SEALED_PAYLOADS_MAX_AGE: Final = 7 * 86_400.0
 #: SQLite's synchronous pragma: "normal" (WAL, fast; a power cut can lose the last
 #: commits) or "full" (every commit synced).
 STORE_SYNC: Final = "normal"
+
+#: Seconds between two homeserver pings of a running bridge (``bridge.ping_interval``).
+BRIDGE_PING_INTERVAL: Final = 60.0

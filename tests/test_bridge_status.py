@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from bridge_kit import HomeserverClient, RetryPolicy
+from bridge_kit.bridge.reachability import ReachabilityWatch
 from bridge_kit.bridge.records import LoginState
 from bridge_kit.bridge.status import BridgeState, StateEvent, StatusReporter, describe
 from bridge_kit.metrics import Metrics
 from bridge_kit.testing.synapse import free_port
+from tests.conftest import TestHomeserver
+from tests.test_appservice_e2e import make_app
 
 TIMEOUT = 10.0
 
@@ -177,3 +182,78 @@ async def test_a_login_state_is_not_the_bridges() -> None:
         await status.set_bridge(StateEvent.CONNECTED)
     with pytest.raises(ValueError, match="not a login's state"):
         await status.set_login("@a:x.org", "1", StateEvent.RUNNING)
+
+
+# -- BRIDGE_UNREACHABLE: the homeserver's ping, on a real Synapse --------------------------
+
+
+async def test_a_failed_ping_makes_the_bridge_unreachable_until_one_succeeds(
+    synapse: TestHomeserver,
+    receiver: tuple[Receiver, str],
+    reporter: StatusReporter,
+    tmp_path: Path,
+) -> None:
+    endpoint, _ = receiver
+    await reporter.set_bridge(StateEvent.RUNNING)
+    once = RetryPolicy(max_attempts=1)
+    async with HomeserverClient(synapse.url, synapse.as_token, retry=once) as client:
+        watch = ReachabilityWatch(client, synapse.appservice_id, reporter, interval=0)
+
+        await watch.check()  # nothing listens on the registration's URL
+
+        unreachable = reporter.bridge
+        assert unreachable.state_event is StateEvent.BRIDGE_UNREACHABLE
+        assert unreachable.message.startswith("the homeserver cannot reach the bridge")
+        assert "M_CONNECTION_FAILED" in unreachable.message
+        await watch.check()  # the same news is not posted twice
+
+        async with make_app(synapse, tmp_path / "bk.db"):
+            await watch.check()
+
+        assert reporter.bridge.state_event is StateEvent.RUNNING
+    posted = await endpoint.wait_for(3)
+    assert [body["state_event"] for body in posted] == [
+        "RUNNING",
+        "BRIDGE_UNREACHABLE",
+        "RUNNING",
+    ]
+    assert posted[1]["stateEvent"] == "BRIDGE_UNREACHABLE"  # bridgev2's legacy key
+
+
+async def test_a_bridge_that_cannot_reach_the_homeserver_is_unreachable(
+    reporter: StatusReporter,
+) -> None:
+    await reporter.set_bridge(StateEvent.RUNNING)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with HomeserverClient(nowhere, "token", retry=RetryPolicy(max_attempts=1)) as client:
+        await ReachabilityWatch(client, "bridge", reporter, interval=0).check()
+    assert reporter.bridge.state_event is StateEvent.BRIDGE_UNREACHABLE
+    assert reporter.bridge.message.startswith("the bridge cannot reach the homeserver")
+
+
+async def test_a_starting_bridge_is_left_to_its_start(reporter: StatusReporter) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with HomeserverClient(nowhere, "token", retry=RetryPolicy(max_attempts=1)) as client:
+        await ReachabilityWatch(client, "bridge", reporter, interval=0).check()
+    assert reporter.bridge.state_event is StateEvent.STARTING
+
+
+async def test_the_watch_pings_every_interval_until_closed(reporter: StatusReporter) -> None:
+    await reporter.set_bridge(StateEvent.RUNNING)
+    waits: list[float] = []
+    second_wait = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) > 1:
+            second_wait.set()
+            await asyncio.Event().wait()  # until closed
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with HomeserverClient(nowhere, "token", retry=RetryPolicy(max_attempts=1)) as client:
+        watch = ReachabilityWatch(client, "bridge", reporter, interval=7.5, sleep=sleep)
+        watch.start()
+        await asyncio.wait_for(second_wait.wait(), TIMEOUT)
+        await watch.close()
+    assert waits == [7.5, 7.5]
+    assert reporter.bridge.state_event is StateEvent.BRIDGE_UNREACHABLE

@@ -441,6 +441,14 @@ def test_inbox_settings_are_checked(config_dir: Path, addition: str, expected: s
     assert expected in load_error(config_dir, MINIMAL + addition)
 
 
+@pytest.mark.parametrize("value", ["-1", ".nan", ".inf"])
+def test_the_bridges_ping_interval_is_seconds_or_0_for_never(config_dir: Path, value: str) -> None:
+    error = load_error(config_dir, MINIMAL + f"bridge:\n  ping_interval: {value}\n")
+    assert "bridge.ping_interval must be a number of seconds, or 0 for never" in error
+    never = Config.loads(MINIMAL + "bridge:\n  ping_interval: 0\n", config_dir, {})
+    assert never.bridge.ping_interval == 0
+
+
 def test_inbox_settings_take_whole_numbers_and_environment_overrides(config_dir: Path) -> None:
     config = Config.load(
         write(config_dir, MINIMAL + "  retry_backoff: 2\n"),

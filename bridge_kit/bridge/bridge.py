@@ -178,6 +178,7 @@ class Bridge(BridgeCore):
             await self.connector.start(self)
             self._connector_started = True
             await self.status.set_bridge(StateEvent.RUNNING)
+            self.reachability.start()
         except BaseException:
             await self._stop_parts()
             await self.app.stop()
@@ -212,6 +213,7 @@ class Bridge(BridgeCore):
                 self._connector_started = False
                 await self.connector.stop()
         finally:
+            await self.reachability.close()
             await self.backfill.close()
             await self.login_sessions.close()
             await self.portals.close()

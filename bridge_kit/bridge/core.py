@@ -27,6 +27,7 @@ from bridge_kit.bridge.permissions import Permissions
 from bridge_kit.bridge.portals import Portals
 from bridge_kit.bridge.provisioning import PREFIX as PROVISIONING_PREFIX
 from bridge_kit.bridge.provisioning import AppHost, ProvisioningAPI, ProvisioningSettings
+from bridge_kit.bridge.reachability import ReachabilityWatch
 from bridge_kit.bridge.records import LoginRecord, LoginState, PortalKey, PortalRecord
 from bridge_kit.bridge.send_status import NoticeMode, SendStatusReporter
 from bridge_kit.bridge.status import StatusReporter
@@ -73,6 +74,10 @@ class BridgeCore:
         """The bridge's state and each login's, in bridgev2's shape: shown by the
         provisioning API's ``whoami``, posted to ``bridge.status_endpoint``, counted
         in the metrics."""
+        self.reachability = ReachabilityWatch(
+            app.client, app.registration.id, self.status, section.ping_interval
+        )
+        """Keeps the bridge's state ``BRIDGE_UNREACHABLE`` while the homeserver's pings fail."""
         self.logins.observers.append(self._report_login_state)
         self.backfill = Backfill(
             app.store,
