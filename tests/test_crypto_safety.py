@@ -72,6 +72,30 @@ async def test_two_daemons_encrypting_at_once_never_reuse_a_megolm_index(
     assert bodies == list(range(41))
 
 
+async def test_a_device_list_change_told_to_one_daemon_reaches_the_other(
+    postgres_dsn: str, unique: str
+) -> None:
+    directory = KeyDirectory()
+    phone = directory.add(OlmPeer(ALICE, "PHONE"))
+    device = f"LISTS{unique}"
+    async with open_store(postgres_dsn) as first_store, open_store(postgres_dsn) as second_store:
+        told = CryptoMachine(first_store, BOT, device, KEY, directory)
+        other = CryptoMachine(second_store, BOT, device, KEY, directory)
+        await told.start()
+        await other.start()
+        await told.encrypt_room_event(ROOM, "m.room.message", {"n": 0}, [ALICE])
+        await other.encrypt_room_event(ROOM, "m.room.message", {"n": 1}, [ALICE])
+        laptop = directory.add(OlmPeer(ALICE, "LAPTOP"))
+        # The homeserver tells one daemon (the one its transaction reached).
+        await told.on_device_lists([ALICE], [])
+
+        sent = await other.encrypt_room_event(ROOM, "m.room.message", {"n": 2}, [ALICE])
+
+    directory.deliver(BOT)
+    assert laptop.decrypt_room(sent)[0]["content"] == {"n": 2}
+    assert phone.decrypt_room(sent)[0]["content"] == {"n": 2}
+
+
 async def test_the_crypto_lock_makes_a_second_store_wait_and_names_the_owner(
     postgres_dsn: str, unique: str
 ) -> None:

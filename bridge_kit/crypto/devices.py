@@ -5,12 +5,13 @@ when the homeserver says a user's device list changed."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import attrs
 
-from bridge_kit.crypto.records import DeviceRecord, UserDevicesRecord
+from bridge_kit.crypto.records import DeviceListsStamp, DeviceRecord, UserDevicesRecord
 from bridge_kit.crypto.signing import verify_json
 from bridge_kit.crypto.vault import CryptoVault
 
@@ -19,6 +20,8 @@ __all__ = ["DeviceTracker", "TrackedDevice", "verified_device"]
 _log = logging.getLogger(__name__)
 
 _KIND: Final = "devices"
+_STAMP_KIND: Final = "device_lists"
+_STAMP_KEY: Final = "stamp"
 
 
 @attrs.frozen
@@ -82,6 +85,10 @@ class DeviceTracker:
 
     A user is *outdated* until a ``/keys/query`` answer for them was applied, and
     again after a device-list change; :meth:`outdated_among` says whom to query.
+
+    On a store several daemons share (``crypto_shared``), the homeserver tells one
+    of them of a change; every change therefore writes a new stamp, and
+    :meth:`catch_up` reads the lists again when the stamp is not the one last read.
     """
 
     def __init__(self, vault: CryptoVault) -> None:
@@ -89,6 +96,7 @@ class DeviceTracker:
         self._devices: dict[str, dict[str, TrackedDevice]] = {}
         self._outdated: set[str] = set()
         self._loaded = False
+        self._stamp: str | None = None
         self.version = 0
         """Changes with every change to the devices known: a check of a room's devices
         made at one version holds while it is the same."""
@@ -97,14 +105,36 @@ class DeviceTracker:
         """Read the stored devices (once: machines sharing this tracker each ask)."""
         if self._loaded:
             return
+        await self._read(await self._stored_stamp())
+        self._loaded = True
+
+    async def catch_up(self) -> None:
+        """On a shared store, read the device lists again if another daemon (or this
+        one) changed them since they were read; elsewhere nothing to do."""
+        if not self.vault.store.crypto_shared:
+            return
+        # The stamp before the lists: a change made in between is caught next time.
+        stamp = await self._stored_stamp()
+        if stamp != self._stamp:
+            await self._read(stamp)
+
+    async def _stored_stamp(self) -> str | None:
+        if not self.vault.store.crypto_shared:
+            return None
+        stamp = await self.vault.get_record(_STAMP_KIND, _STAMP_KEY, DeviceListsStamp)
+        return stamp.token if stamp is not None else None
+
+    async def _read(self, stamp: str | None = None) -> None:
+        devices: dict[str, dict[str, TrackedDevice]] = {}
+        outdated: set[str] = set()
         for user_id, record in (await self.vault.records(_KIND, UserDevicesRecord)).items():
-            self._devices[user_id] = {
+            devices[user_id] = {
                 device_id: TrackedDevice.from_record(user_id, device_id, entry)
                 for device_id, entry in record.devices.items()
             }
             if record.outdated:
-                self._outdated.add(user_id)
-        self._loaded = True
+                outdated.add(user_id)
+        self._devices, self._outdated, self._stamp = devices, outdated, stamp
         self.version += 1
 
     def devices(self, user_id: str) -> dict[str, TrackedDevice]:
@@ -131,10 +161,14 @@ class DeviceTracker:
     async def forget(self, user_ids: Iterable[str]) -> None:
         """We no longer share a room with these users: drop their devices."""
         self.version += 1
+        forgotten = False
         for user_id in user_ids:
             if self._devices.pop(user_id, None) is not None:
                 await self.vault.delete(_KIND, user_id)
+                forgotten = True
             self._outdated.discard(user_id)
+        if forgotten:
+            await self._stamp_change()
 
     async def apply_query(self, answer: Mapping[str, Any]) -> dict[str, list[str]]:
         """Take in a ``/keys/query`` answer; return the devices new since the last one.
@@ -191,3 +225,11 @@ class DeviceTracker:
         }
         if records:
             await self.vault.put_records(_KIND, records)
+            await self._stamp_change()
+
+    async def _stamp_change(self) -> None:
+        # Not taken as the stamp last read: a change another daemon made just before
+        # this one would be missed. The next catch_up reads everything again.
+        if self.vault.store.crypto_shared:
+            stamp = DeviceListsStamp(secrets.token_hex(16))
+            await self.vault.put_record(_STAMP_KIND, _STAMP_KEY, stamp)

@@ -224,7 +224,9 @@ class CryptoMachine:
         await self.tracker.forget(left)
 
     async def refresh_devices(self, user_ids: Collection[str]) -> None:
-        """``/keys/query`` the users whose device list is unknown or changed."""
+        """``/keys/query`` the users whose device list is unknown or changed (here, or
+        in another daemon on a shared store)."""
+        await self.tracker.catch_up()
         outdated = self.tracker.outdated_among(user_ids)
         if outdated:
             await self.tracker.apply_query(await self.api.query_keys(outdated))

@@ -53,6 +53,14 @@ class UserDevicesRecord:
 
 
 @attrs.frozen
+class DeviceListsStamp:
+    """Made anew by every change to the stored device lists, so that another daemon
+    on the same store knows to read them again."""
+
+    token: str
+
+
+@attrs.frozen
 class InboundSessionRecord:
     """A Megolm room key we received (or our own copy of one we send with)."""
 
