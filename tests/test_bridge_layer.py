@@ -494,6 +494,58 @@ async def test_a_restart_reuses_portals_and_ghosts(
     assert registrations.count == 0
 
 
+class Crash(Exception):
+    """The daemon dying at this point (its store and the homeserver keep what was done)."""
+
+
+async def rooms_marked_for(bridge: Bridge, key: PortalKey) -> list[str]:
+    """The bot's rooms with the ``m.bridge`` state of portal ``key``."""
+    state_key = f"bridge_kit://toy/{key}"
+    found = []
+    for room_id in await bridge.app.bot.joined_rooms():
+        state = await bridge.app.bot.get_state(room_id)
+        if any(e.type == "m.bridge" and e.state_key == state_key for e in state):
+            found.append(room_id)
+    return found
+
+
+@pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "unaliased"])
+async def test_a_crash_between_making_a_room_and_recording_it_makes_no_second_room(
+    homeserver: TestHomeserver, unique: str, tmp_path: Path, receiver: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, receiver)
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    made: list[str] = []
+
+    async def crash(portal: PortalKey, room_id: str) -> str:
+        made.append(room_id)
+        raise Crash(f"killed after making {room_id}")
+
+    store = open_store(url)
+    async with make_bridge(homeserver, store, network) as bridge:
+        store.claim_portal_room = crash  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            await bridge.ensure_portal(key)
+    assert len(made) == 1
+    bridge = make_bridge(homeserver, open_store(url), network)  # the restarted daemon
+    created: list[str | None] = []
+
+    async def on_created(portal: Any) -> None:
+        created.append(portal.room_id)
+
+    bridge.portals.on_created.append(on_created)
+    async with bridge:
+        assert await bridge.ensure_portal(key) == made[0]
+        assert await rooms_marked_for(bridge, key) == made
+        # Its new-room work (backfill) was never done: done now, once.
+        assert created == made
+        portal = await bridge.app.store.portal(key)
+        assert portal is not None and portal.room_id == made[0] and not portal.metadata
+        assert not bridge.portals._locks  # no lock kept per chat once it is made
+
+
 @pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "claimed"])
 async def test_two_bridges_on_one_postgresql_make_one_room(
     homeserver: TestHomeserver, unique: str, receiver: str

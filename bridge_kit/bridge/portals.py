@@ -10,12 +10,20 @@ PostgreSQL store: the store's ``claim_portal_room`` (the first room claimed wins
 a loser leaves the room it made), and for a portal with an alias the alias
 itself (the homeserver refuses a second room with it: M_ROOM_IN_USE, and the
 alias names the winner's room).
+
+A crash (or a cancelled alias query) between ``createRoom`` and the claim would
+leave a room nobody knows, and make a second one next time. So the portal is
+marked first (:data:`CREATING_ROOM` in its metadata, written only while it has no
+room); a portal found so marked is looked for among the bot's rooms first: one
+the bot created with this portal's ``m.bridge`` state is claimed, not made again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -28,14 +36,17 @@ from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.records import PortalKey, PortalRecord
 from bridge_kit.errors import Banned, MatrixRequestError, NotFound, UnknownChat
 from bridge_kit.puppets.results import Ban
+from bridge_kit.types import Event
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
-__all__ = ["BRIDGE_STATE_TYPES", "Portals", "UnknownChat"]
+__all__ = ["BRIDGE_STATE_TYPES", "CREATING_ROOM", "Portals", "UnknownChat"]
 
 log = logging.getLogger(__name__)
 
 #: The bridge-info state types: MSC2346's, and the one clients read before it settled.
 BRIDGE_STATE_TYPES = ("m.bridge", "uk.half-shot.bridge")
+#: The metadata key of a portal whose room is being made (the time it began).
+CREATING_ROOM = "bridge_kit.creating_room"
 
 
 class Portals:
@@ -46,8 +57,10 @@ class Portals:
         self.connector = connector
         self.ghosts = ghosts
         # One creation per portal at a time in this process; the store and the alias
-        # guard against other processes.
-        self._locks: dict[PortalKey, asyncio.Lock] = {}
+        # guard against other processes. A lock goes when nobody holds or awaits it.
+        self._locks: weakref.WeakValueDictionary[PortalKey, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._background: set[asyncio.Task[None]] = set()
         self.on_created: list[Callable[[PortalRecord], Awaitable[None]]] = []
         """Awaited when this process made a portal's room, before its members join
@@ -75,7 +88,9 @@ class Portals:
         record = await self.get(key)
         if record is not None and record.room_id is not None:
             return record
-        lock = self._locks.setdefault(key, asyncio.Lock())
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
         async with lock:
             record = await self.get(key)
             if record is not None and record.room_id is not None:
@@ -93,7 +108,7 @@ class Portals:
         # homeserver would ask this very bridge about it (an alias query, which
         # waits for this very creation). A taken alias shows up as M_ROOM_IN_USE
         # instead, and is resolved then (it exists: the homeserver does not ask).
-        room_id, made = await self._create_room(key, info)
+        room_id, made = await self._room_for(key, info, old)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
             log.info("portal %s: another daemon made its room first; leaving %s", key, room_id)
@@ -101,6 +116,7 @@ class Portals:
         base = old or PortalRecord(key)
         record = attrs.evolve(
             base,
+            metadata=_without_mark(base.metadata),
             room_id=won,
             name=info.name,
             topic=info.topic,
@@ -142,6 +158,46 @@ class Portals:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _room_for(
+        self, key: PortalKey, info: ChatInfo, old: PortalRecord | None
+    ) -> tuple[str, bool]:
+        """The room made before a crash, or a new one: ``(room, made by us)``."""
+        if old is not None and CREATING_ROOM in old.metadata:
+            found = await self._room_made_before(key)
+            if found is not None:
+                log.info("portal %s: found its room %s, made before a restart", key, found)
+                return found, True
+        base = old or PortalRecord(key)
+        marked = attrs.evolve(base, metadata={**base.metadata, CREATING_ROOM: time.time()})
+        if not await self.app.store.put_roomless_portal(marked):
+            claimed = await self.get(key)  # another daemon's room, claimed meanwhile
+            if claimed is not None and claimed.room_id is not None:
+                return claimed.room_id, False
+        return await self._create_room(key, info)
+
+    async def _room_made_before(self, key: PortalKey) -> str | None:
+        """A room of the bot's that no portal has, made by the bot for ``key``."""
+        state_key = self._state_key(key)
+        for room_id in await self.app.bot.joined_rooms():
+            if await self.by_room(room_id) is not None:
+                continue
+            try:
+                state = await self.app.bot.get_state(room_id)
+            except MatrixRequestError as exc:
+                log.debug("portal %s: could not read the state of %s: %s", key, room_id, exc)
+                continue
+            if self._made_for(state, state_key):
+                return room_id
+        return None
+
+    def _made_for(self, state: Sequence[Event], state_key: str) -> bool:
+        # Made by the bot, not merely joined: anyone may invite the bot to a room
+        # with such state, and a room they made is theirs to control.
+        bot = self.app.bot.user_id
+        by_bot = any(e.type == "m.room.create" and e.sender == bot for e in state)
+        marked = any(e.type == BRIDGE_STATE_TYPES[0] and e.state_key == state_key for e in state)
+        return by_bot and marked
+
     async def _existing_alias_room(self, key: PortalKey) -> str | None:
         alias = self.alias(key)
         if alias is None:
@@ -179,8 +235,11 @@ class Portals:
 
     def _bridge_state(self, key: PortalKey, info: ChatInfo) -> list[StateEventInput]:
         content = self.bridge_info(key, info.name)
-        state_key = f"bridge_kit://{self.connector.network_id}/{key}"
+        state_key = self._state_key(key)
         return [StateEventInput(kind, content, state_key) for kind in BRIDGE_STATE_TYPES]
+
+    def _state_key(self, key: PortalKey) -> str:
+        return f"bridge_kit://{self.connector.network_id}/{key}"
 
     def bridge_info(self, key: PortalKey, name: str | None) -> dict[str, Any]:
         """The ``m.bridge`` content of a portal (MSC2346)."""
@@ -278,6 +337,10 @@ class Portals:
         await asyncio.gather(*(leave(user_id) for user_id in leaving))
         if leaving:
             log.info("portal %s: %d ghosts left (gone from the chat)", portal.key, len(leaving))
+
+
+def _without_mark(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in metadata.items() if name != CREATING_ROOM}
 
 
 def _mxc(url: str | None) -> str | None:
