@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import attrs
 import pytest
 from aiohttp import web
 
@@ -298,6 +299,44 @@ async def test_a_handler_run_twice_sends_once(homeserver: TestHomeserver, unique
         await alice.say(room_id, f"retried {unique}")
         await network.wait_for("message", lambda r: r.item.text.endswith(f"retried {unique}"))
         assert len([r for r in network.of("message") if f"retried {unique}" in r.item.text]) == 1
+
+
+async def test_a_send_cut_short_by_a_crash_is_not_sent_again_and_the_room_is_told(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """At most once: the run that claimed the event died while sending it (its claim
+    is still pending); the inbox's next run sends nothing, but says so."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        event_id = await alice.say(room_id, f"cut {unique}")
+        await network.wait_for("message", lambda r: unique in r.item.text)
+        # The store as the crash left it: the event claimed, its send never recorded.
+        sent = await bridge.app.store.message_by_event(event_id)
+        assert sent is not None and not sent.pending
+        await bridge.app.store.delete_messages(sent.portal, sent.remote_id)
+        claim = attrs.evolve(sent, remote_id=event_id, pending=True)
+        assert await bridge.app.store.claim_event(claim)
+        event = Event(
+            type="m.room.message",
+            content={"msgtype": "m.text", "body": f"cut {unique}"},
+            room_id=room_id,
+            sender=alice.user_id,
+            event_id=event_id,
+        )
+        await bridge.matrix.on_message(event)  # the inbox's run after the restart
+        assert len([r for r in network.of("message") if unique in r.item.text]) == 1
+
+        def warns(e: dict[str, Any]) -> bool:
+            content = e.get("content", {})
+            replied = content.get("m.relates_to", {}).get("m.in_reply_to", {})
+            return replied.get("event_id") == event_id and "may not have been" in content.get(
+                "body", ""
+            )
+
+        await alice.find(room_id, warns, "the notice that the message may be lost")
 
 
 async def test_edits_replies_reactions_and_redactions_both_ways(

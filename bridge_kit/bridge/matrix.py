@@ -4,7 +4,11 @@ A message goes out through its sender's login, or, for a sender without one,
 through the portal's relay login with the relay template applied. Before a
 message is sent, its event is claimed in the message map
 (:meth:`~bridge_kit.store.BridgeRecordStore.claim_event`): a handler the inbox runs twice
-finds it claimed and sends nothing the second time.
+finds it claimed and sends nothing the second time. So a message (or edit) is sent
+at most once: a crash while it is being sent leaves its claim pending, and the
+next run, which cannot know whether it went out, sends nothing and tells the room
+that it may not have been bridged. Reactions and redactions are sent at least once
+(a crash after the send and before it is recorded sends it again).
 """
 
 from __future__ import annotations
@@ -163,7 +167,7 @@ class MatrixHandler:
         )
         await self.store.put_messages([record])
 
-    async def _claim(self, event: Event, portal: PortalRecord) -> bool:
+    async def _claim(self, event: Event, portal: PortalRecord, what: str = "message") -> bool:
         """Claim ``event`` for sending; False when it was claimed (and maybe sent) before
         (a claim released by a failed send, :meth:`_releasing`, is gone: claimed again)."""
         assert event.room_id is not None and event.event_id is not None
@@ -178,6 +182,20 @@ class MatrixHandler:
         )
         if await self.store.claim_event(claim):
             return True
+        earlier = await self.store.message_by_event(event.event_id)
+        if earlier is not None and earlier.pending:
+            # Claimed and never completed nor released: the run that claimed it died
+            # while sending. Sending again might post it twice; never silently.
+            log.warning("%s: its send was cut short by a restart: not sent again", event.event_id)
+            failure = SendFailed(
+                "the bridge restarted while sending it; send it again if it did not arrive",
+                reason=StatusReason.BRIDGE_UNAVAILABLE,
+                transient=True,
+            )
+            await self.bridge.send_status.report_failure(
+                event.room_id, event.event_id, failure, what=what
+            )
+            return False
         log.debug("%s was claimed before: not sent again", event.event_id)
         return False
 
@@ -217,7 +235,7 @@ class MatrixHandler:
         if target is None or target.pending or not self.bridge.connector.capabilities.edits:
             return
         via = await self._sender(event, portal)
-        if via is None or not await self._claim(event, portal):
+        if via is None or not await self._claim(event, portal, "edit"):
             return
         name = await self._displayname(event.room_id, event.sender)
         plain = await self.bridge.formatter.matrix_to_remote(new)
