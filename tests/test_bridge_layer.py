@@ -21,6 +21,7 @@ from aiohttp import web
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
 from bridge_kit.bridge.bridge import Bridge
 from bridge_kit.bridge.connector import LoginInfo
+from bridge_kit.bridge.core import RELAY_OFF
 from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
@@ -267,6 +268,73 @@ async def test_matrix_messages_are_relayed_then_sent_through_the_login(
         await alice.find(
             room_id, lambda e: "`alice`" in e.get("content", {}).get("body", ""), "logins"
         )
+
+
+async def test_only_its_owner_or_an_admin_changes_a_portals_relay(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A user may not take over, nor turn off, the relay another user set up: the
+    other users' messages would go out through their account, or not at all."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    alias = f"#_bk_toy_{chat}:{DOMAIN}"
+    async with (
+        bridge,
+        human(homeserver, f"ra{unique}") as alice,
+        human(homeserver, f"rb{unique}") as eve,
+    ):
+        room_id = await alice.join(alias)
+        await eve.join(alias)
+        for who, login_id in ((alice, f"la{unique}"), (eve, f"le{unique}")):
+            dm = await who.dm_with(bridge.app.bot.user_id)
+            await who.find(dm, lambda e: e.get("sender") == bridge.app.bot.user_id, "welcome")
+            await who.say(dm, f"login {login_id}")
+            await eventually(_connected(bridge, login_id), f"{login_id} connected")
+
+        async def relay() -> str | None:
+            portal = await bridge.app.store.portal(PortalKey(chat))
+            assert portal is not None
+            return portal.relay_login
+
+        async def answered(who: Human, command: str, words: str) -> None:
+            event_id = await who.say(room_id, command)
+
+            def answer(e: dict[str, Any]) -> bool:
+                content = e.get("content", {})
+                replied = content.get("m.relates_to", {}).get("m.in_reply_to", {})
+                return replied.get("event_id") == event_id and words in content.get("body", "")
+
+            await who.find(room_id, answer, f"the answer to {command}")
+
+        await answered(alice, "!bk set-relay", f"`la{unique}`")
+        assert await relay() == f"la{unique}"
+        await answered(eve, "!bk set-relay", "Only a bridge admin")
+        await answered(eve, "!bk unset-relay", "Only a bridge admin")
+        assert await relay() == f"la{unique}"
+        await answered(alice, "!bk unset-relay", "Relaying is off")
+        assert await relay() == RELAY_OFF
+
+
+async def test_a_login_typed_in_a_portal_is_refused_and_removed(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """Credentials typed in a shared room: refused (everyone there reads them), and
+    the message redacted."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        event_id = await alice.say(room_id, f"!bk login secret{unique}")
+        await alice.find(room_id, notice_with("management room"), "the refusal")
+
+        async def redacted() -> bool:
+            event = await alice.call("GET", f"/rooms/{quote(room_id, safe='')}/event/{event_id}")
+            return "body" not in event["content"]
+
+        await eventually(redacted, "the command redacted")
+        assert bridge.logins.get(f"secret{unique}") is None
 
 
 def _connected(bridge: Bridge, login_id: str) -> Callable[[], Awaitable[Any]]:
