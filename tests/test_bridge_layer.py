@@ -830,3 +830,4 @@ async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique:
         assert started.login == "alice" and started.item.portal.key == PortalKey(chat)
         await alice.call("PUT", path, {"typing": False})
         await network.wait_for("typing", lambda r: not r.item.typing)
+        assert room_id not in bridge.matrix._typing  # nobody types: nothing kept per room

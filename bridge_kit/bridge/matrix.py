@@ -343,7 +343,10 @@ class MatrixHandler:
             return
         now = {u for u in user_ids if isinstance(u, str) and not self.bridge.ghosts.is_ghost(u)}
         before = self._typing.get(room_id, set())
-        self._typing[room_id] = now
+        if now:
+            self._typing[room_id] = now
+        else:
+            self._typing.pop(room_id, None)  # a room nobody types in costs nothing
         if now == before:
             return
         portal = await self.bridge.portals.by_room(room_id)
