@@ -5,9 +5,10 @@ sent before its members join (:meth:`Backfill.new_room`).
 
 When a login connects (or reconnects), :class:`Backfill` asks a connector that
 keeps history (:class:`FetchesHistory`) for each portal's latest messages (but
-another login's private chats), at most ``bridge.backfill_max_catchup``, and hands the ones the room lacks to the
-portal's lane, oldest first: they are bridged in order, each with its remote
-timestamp as ``origin_server_ts`` (``ts`` on ``PUT /send``, for appservices).
+another login's private chats), at most ``bridge.backfill_max_catchup``, and
+hands the ones the room lacks to the portal's lane, oldest first: they are
+bridged in order, each with its remote timestamp as ``origin_server_ts``
+(``ts`` on ``PUT /send``, for appservices).
 A message the message map already has is skipped, and one already accepted
 (by the live path or a catch-up running beside) is dropped by the lane's
 deduplication, so a second catch-up sends nothing.
