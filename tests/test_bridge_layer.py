@@ -816,6 +816,28 @@ async def test_joining_the_alias_while_the_portal_is_made_gets_its_room(
         assert await making == await joining
 
 
+async def test_a_login_kept_past_its_users_level_is_not_used(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A user whose level is now below ``user`` (the admin lowered it) speaks through
+    the relay, not through the login she made before; typing is not sent for her."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,), level="relay")
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await bridge.add_login(alice.user_id, LoginInfo(id=f"a{unique}", remote_name="alice"))
+        await eventually(_connected(bridge, f"a{unique}"), "her old login connected")
+        await alice.say(room_id, f"demoted {unique}")
+        got = await network.wait_for("message", lambda r: unique in r.item.text)
+        assert got.login == "relay" and got.item.relayed
+        path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(alice.user_id, safe='')}"
+        await alice.call("PUT", path, {"typing": True, "timeout": 30000})
+        await alice.say(room_id, f"after typing {unique}")
+        await network.wait_for("message", lambda r: f"after typing {unique}" in r.item.text)
+        assert not [r for r in network.of("typing") if r.login == f"a{unique}"]
+
+
 async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique: str) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)

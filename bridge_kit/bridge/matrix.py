@@ -353,7 +353,7 @@ class MatrixHandler:
         if portal is None:
             return
         for user_id in now ^ before:
-            logins = self.bridge.logins.of_user(user_id)
+            logins = self._own_logins(user_id)
             if logins and logins[0].connected and logins[0].client is not None:
                 typing = MatrixTyping(portal=portal, sender_mxid=user_id, typing=user_id in now)
                 await logins[0].client.send_typing(typing)
@@ -375,7 +375,7 @@ class MatrixHandler:
         is relayed like one without a login.
         """
         assert event.sender is not None
-        for login in self.bridge.logins.of_user(event.sender):
+        for login in self._own_logins(event.sender):
             if login.client is None or login.state in _NEEDS_THE_USER:
                 continue
             _wait_for(login)
@@ -387,6 +387,13 @@ class MatrixHandler:
             return None
         _wait_for(relay_login)
         return _Sender(relay_login.client, relayed=True)
+
+    def _own_logins(self, user_id: str) -> list[Login]:
+        """``user_id``'s logins, while their level lets them use one: a login kept
+        after an admin lowered the level (or made before it) is not used."""
+        if not self.bridge.permissions.allows(user_id, Level.USER):
+            return []
+        return self.bridge.logins.of_user(user_id)
 
     async def _displayname(self, room_id: str, user_id: str) -> str:
         # From the stored member event (the sender's event came to us, so its join
