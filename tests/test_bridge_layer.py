@@ -79,6 +79,7 @@ def make_bridge(
     port: int | None = None,
     pickle_key: str | None = None,
     level: str = "user",
+    connector: ToyConnector | None = None,
 ) -> Bridge:
     """A bridge on the toy network; ``port``: a second daemon, which the homeserver
     does not push to (only the registration's port is pinged)."""
@@ -92,7 +93,7 @@ def make_bridge(
         extra_sections={"toy": ToyConfig(chats=list(chats))},
     )
     app = AppService(config, store=store, ping=port is None)
-    return Bridge(app, ToyConnector(network))
+    return Bridge(app, connector or ToyConnector(network))
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
@@ -836,6 +837,57 @@ async def test_a_login_kept_past_its_users_level_is_not_used(
         await alice.say(room_id, f"after typing {unique}")
         await network.wait_for("message", lambda r: f"after typing {unique}" in r.item.text)
         assert not [r for r in network.of("typing") if r.login == f"a{unique}"]
+
+
+class InvitableToy(ToyConnector):
+    """The toy, where inviting a ghost to a room makes it a DM portal of the inviter."""
+
+    async def portal_for_invite(
+        self, room_id: str, inviter: str, ghost_id: str
+    ) -> PortalKey | None:
+        return PortalKey(ghost_id, receiver=inviter)
+
+
+async def test_a_user_inviting_a_ghost_makes_the_room_a_portal(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network = ToyNetwork()
+    network.users["bob"] = "Bob"
+    bridge = make_bridge(homeserver, MemoryStore(), network, connector=InvitableToy(network))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.dm_with(f"@_bk_toy_bob:{DOMAIN}")
+
+        async def portal() -> Any:
+            return await bridge.app.store.portal(PortalKey("bob", receiver=alice.user_id))
+
+        assert (await eventually(portal, "the DM portal")).room_id == room_id
+
+
+async def test_invites_from_users_who_may_not_use_the_bridge_are_refused(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A user without a level (here: none for the whole server) makes the bot join no
+    room, and no room of theirs a portal, by inviting the bot or a ghost."""
+    network = ToyNetwork()
+    network.users["bob"] = "Bob"
+    connector = InvitableToy(network)
+    bridge = make_bridge(homeserver, MemoryStore(), network, level="none", connector=connector)
+    async with bridge, human(homeserver, f"h{unique}") as mallory:
+        bot, ghost = bridge.app.bot.user_id, f"@_bk_toy_bob:{DOMAIN}"
+        with_bot = await mallory.dm_with(bot)
+        with_ghost = await mallory.dm_with(ghost)
+
+        def membership(room_id: str, user_id: str) -> Callable[[], Awaitable[str | None]]:
+            async def probe() -> str | None:
+                path = f"/rooms/{quote(room_id, safe='')}/state/m.room.member/{user_id}"
+                content = await mallory.call("GET", path)
+                return None if content["membership"] == "invite" else content["membership"]
+
+            return probe
+
+        assert await eventually(membership(with_bot, bot), "the bot's answer") == "leave"
+        assert await eventually(membership(with_ghost, ghost), "the ghost's answer") == "leave"
+        assert await bridge.app.store.portal(PortalKey("bob", receiver=mallory.user_id)) is None
 
 
 async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique: str) -> None:
