@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from bridge_kit.bridge.commands import CommandContext, CommandRegistry
+from bridge_kit.bridge.commands import CommandContext, CommandRegistry, code
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore
 from bridge_kit.bridge.login_flows import LoginFlow, OffersLoginFlows, StepType, login_with_args
 from bridge_kit.bridge.logins import Login
@@ -80,7 +80,7 @@ async def logout(ctx: Context) -> None:
     if ctx.args:
         found = [login for login in found if login.id == ctx.args[0]]
         if not found:
-            raise CommandError(f"You have no login `{ctx.args[0]}`.")
+            raise CommandError(f"You have no login {code(ctx.args[0])}.")
     elif len(found) > 1:
         raise ctx.usage_error("You have several logins: name one")
     await bridge.logins.remove(found[0])

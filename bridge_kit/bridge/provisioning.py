@@ -191,22 +191,14 @@ class ProvisioningHost(Protocol):
 
 def _error_response(error: ErrorReply, **extra: Any) -> web.Response:
     body = {"errcode": error.errcode, "error": error.message, **extra}
-    if isinstance(error, _Limited):
-        body["retry_after_ms"] = error.retry_after_ms
     return web.json_response(body, status=error.status, dumps=json_text, headers=_CORS)
 
 
-class _Limited(ErrorReply):
-    """429 M_LIMIT_EXCEEDED, with the wait its body tells."""
-
-    def __init__(self, retry_after_ms: int) -> None:
-        super().__init__(429, "M_LIMIT_EXCEEDED", "Too many requests")
-        self.retry_after_ms = retry_after_ms
-
-
-def _limited(bucket: TokenBucket) -> _Limited:
+def _limited(request: web.Request, bucket: TokenBucket) -> ErrorReply:
+    """429 M_LIMIT_EXCEEDED; the wait goes into the body (``retry_after_ms``)."""
     wait_ms = math.ceil((1 - bucket.available) * bucket.period / bucket.rate * 1000)
-    return _Limited(max(wait_ms, 1))
+    request[_RETRY_AFTER_MS] = max(wait_ms, 1)
+    return ErrorReply(429, "M_LIMIT_EXCEEDED", "Too many requests")
 
 
 def _bucket_in(
@@ -225,6 +217,7 @@ def _bucket_in(
 
 _USER = web.RequestKey("bridge_kit.provisioning.user", str)
 _CLIENT = web.RequestKey("bridge_kit.provisioning.client", str)
+_RETRY_AFTER_MS = web.RequestKey("bridge_kit.provisioning.retry_after_ms", int)
 
 
 class ProvisioningAPI:
@@ -442,7 +435,8 @@ class ProvisioningAPI:
         try:
             response = await handler(request)
         except ErrorReply as exc:
-            return _error_response(exc)
+            wait = request.get(_RETRY_AFTER_MS)
+            return _error_response(exc, **({} if wait is None else {"retry_after_ms": wait}))
         except InvalidInput as exc:
             # The connector refused the input (a wrong password): the login is over.
             return _error_response(ErrorReply(400, "M_INVALID_PARAM", str(exc)))
@@ -471,7 +465,7 @@ class ProvisioningAPI:
             raise ErrorReply(403, "M_FORBIDDEN", "User does not have login permissions")
         bucket = _bucket_in(self._limits, user_id, self.settings.per_minute, self._clock)
         if not bucket.try_take():
-            raise _limited(bucket)
+            raise _limited(request, bucket)
         request[_USER] = user_id
         return await handler(request)
 
@@ -502,7 +496,7 @@ class ProvisioningAPI:
         address: 429 once its budget is spent."""
         bucket = _bucket_in(self._lookups, request[_CLIENT], self.settings.per_minute, self._clock)
         if not bucket.try_take():
-            raise _limited(bucket)
+            raise _limited(request, bucket)
 
     async def _check_access_token(
         self, token: str, claimed: str | None, request: web.Request
