@@ -654,6 +654,40 @@ async def test_a_crash_between_making_a_room_and_recording_it_makes_no_second_ro
         assert not bridge.portals._locks  # no lock kept per chat once it is made
 
 
+async def test_a_room_another_daemon_is_claiming_is_not_adopted(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A daemon finding a marked portal while another daemon, alive, made its room and
+    is about to claim it: the room is the other's; its new-room work runs once."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, "someone")
+    made = asyncio.Event()
+    created: list[str | None] = []
+
+    async def on_created(portal: Any) -> None:
+        created.append(portal.room_id)
+
+    async with scratch_database() as dsn:
+        first = make_bridge(homeserver, open_store(dsn), network)
+        second = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        for bridge in (first, second):
+            bridge.portals.on_created.append(on_created)
+        claim = first.app.store.claim_portal_room
+
+        async def slow_claim(portal: PortalKey, room_id: str) -> str:
+            made.set()
+            await asyncio.sleep(0.5)  # well within the grace the other daemon gives
+            return await claim(portal, room_id)
+
+        first.app.store.claim_portal_room = slow_claim  # type: ignore[method-assign]
+        async with first, second:
+            making = asyncio.ensure_future(first.ensure_portal(key))
+            await made.wait()
+            assert await second.ensure_portal(key) == await making
+            assert created == [await making]
+
+
 @pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "claimed"])
 async def test_two_bridges_on_one_postgresql_make_one_room(
     homeserver: TestHomeserver, unique: str, receiver: str

@@ -15,7 +15,8 @@ A crash (or a cancelled alias query) between ``createRoom`` and the claim would
 leave a room nobody knows, and make a second one next time. So the portal is
 marked first (:data:`CREATING_ROOM` in its metadata, written only while it has no
 room); a portal found so marked is looked for among the bot's rooms first: one
-the bot created with this portal's ``m.bridge`` state is claimed, not made again.
+the bot created with this portal's ``m.bridge`` state is claimed, not made again
+(after :data:`ADOPTION_GRACE`, in which a live daemon that made it claims it).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from bridge_kit.puppets.results import Ban
 from bridge_kit.types import Event
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
-__all__ = ["BRIDGE_STATE_TYPES", "CREATING_ROOM", "Portals", "UnknownChat"]
+__all__ = ["ADOPTION_GRACE", "BRIDGE_STATE_TYPES", "CREATING_ROOM", "Portals", "UnknownChat"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 BRIDGE_STATE_TYPES = ("m.bridge", "uk.half-shot.bridge")
 #: The metadata key of a portal whose room is being made (the time it began).
 CREATING_ROOM = "bridge_kit.creating_room"
+#: Seconds a room found for a marked portal is left to a daemon that may be
+#: claiming it right now, before this one adopts it (after a crash: once).
+ADOPTION_GRACE = 2.0
 
 
 class Portals:
@@ -165,6 +169,12 @@ class Portals:
         if old is not None and CREATING_ROOM in old.metadata:
             found = await self._room_made_before(key)
             if found is not None:
+                # The mark may be a live daemon's, which claims the room it made
+                # moments after making it: then the room is its, not ours to adopt.
+                await asyncio.sleep(ADOPTION_GRACE)
+                claimed = await self.get(key)
+                if claimed is not None and claimed.room_id is not None:
+                    return claimed.room_id, False
                 log.info("portal %s: found its room %s, made before a restart", key, found)
                 return found, True
         base = old or PortalRecord(key)
