@@ -20,7 +20,7 @@ from aiohttp import web
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
 from bridge_kit.bridge.bridge import Bridge
-from bridge_kit.bridge.connector import LoginInfo
+from bridge_kit.bridge.connector import ChatInfo, LoginInfo
 from bridge_kit.bridge.core import RELAY_OFF
 from bridge_kit.bridge.events import (
     Membership,
@@ -35,9 +35,11 @@ from bridge_kit.bridge.events import (
     RemoteRedaction,
     Sender,
 )
+from bridge_kit.bridge.portals import CREATING_ROOM
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.config import BridgeConfig, EncryptionConfig
+from bridge_kit.errors import MatrixRequestError
 from bridge_kit.store import Store, open_store
 from bridge_kit.store.memory import MemoryStore
 from bridge_kit.testing.synapse import free_port
@@ -652,6 +654,30 @@ async def test_a_crash_between_making_a_room_and_recording_it_makes_no_second_ro
         portal = await bridge.app.store.portal(key)
         assert portal is not None and portal.room_id == made[0] and not portal.metadata
         assert not bridge.portals._locks  # no lock kept per chat once it is made
+
+
+class RefusedToy(ToyConnector):
+    """The toy, whose chats invite a user the homeserver refuses to invite."""
+
+    async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
+        info = await super().get_chat_info(portal)
+        return None if info is None else attrs.evolve(info, invite=["not a user id"])
+
+
+async def test_a_room_the_homeserver_refused_to_make_is_not_looked_for(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, "someone")
+    bridge = make_bridge(homeserver, MemoryStore(), network, connector=RefusedToy(network))
+    async with bridge:
+        with pytest.raises(MatrixRequestError) as refused:
+            await bridge.ensure_portal(key)
+        assert 400 <= refused.value.status < 500
+        portal = await bridge.app.store.portal(key)
+        assert portal is not None and portal.room_id is None
+        assert CREATING_ROOM not in portal.metadata
 
 
 async def test_a_room_another_daemon_is_claiming_is_not_adopted(

@@ -183,7 +183,14 @@ class Portals:
             claimed = await self.get(key)  # another daemon's room, claimed meanwhile
             if claimed is not None and claimed.room_id is not None:
                 return claimed.room_id, False
-        return await self._create_room(key, info)
+        try:
+            return await self._create_room(key, info)
+        except MatrixRequestError as exc:
+            if 400 <= exc.status < 500:
+                # Refused: no room was made, so the next try need not look for one.
+                unmarked = attrs.evolve(base, metadata=_without_mark(base.metadata))
+                await self.app.store.put_roomless_portal(unmarked)
+            raise
 
     async def _room_made_before(self, key: PortalKey) -> str | None:
         """A room of the bot's that no portal has, made by the bot for ``key``."""
