@@ -490,6 +490,37 @@ async def test_edits_replies_reactions_and_redactions_both_ways(
         assert await bridge.app.store.messages(portal, "r1") == []
 
 
+async def test_only_its_sender_edits_a_message(homeserver: TestHomeserver, unique: str) -> None:
+    """Matrix shows an edit only from the message's sender; the network must not take
+    another user's (through the relay, which sent both, it could)."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    alias = f"#_bk_toy_{chat}:{DOMAIN}"
+    async with (
+        bridge,
+        human(homeserver, f"ea{unique}") as alice,
+        human(homeserver, f"ee{unique}") as eve,
+    ):
+        room_id = await alice.join(alias)
+        await eve.join(alias)
+        original = await alice.say(room_id, f"mine {unique}")
+        await network.wait_for("message", lambda r: unique in r.item.text)
+
+        def edit(text: str) -> dict[str, Any]:
+            return {
+                "msgtype": "m.text",
+                "body": f"* {text}",
+                "m.new_content": {"msgtype": "m.text", "body": text},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": original},
+            }
+
+        await eve.send(room_id, edit(f"forged {unique}"))
+        await alice.send(room_id, edit(f"fixed {unique}"))
+        await network.wait_for("edit", lambda r: f"fixed {unique}" in r.item.text)
+        assert not [r for r in network.of("edit") if f"forged {unique}" in r.item.text]
+
+
 async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique: str) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)

@@ -234,6 +234,11 @@ class MatrixHandler:
         target = await self.store.message_by_event(target_id)
         if target is None or target.pending or not self.bridge.connector.capabilities.edits:
             return
+        if target.sender_mxid != event.sender:
+            # Matrix shows an edit from its message's sender only; through the relay,
+            # which sent both, the network would take anyone's.
+            log.info("%s: an edit of another user's message, not sent", event.event_id)
+            return
         via = await self._sender(event, portal)
         if via is None or not await self._claim(event, portal, "edit"):
             return
