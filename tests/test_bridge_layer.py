@@ -924,9 +924,12 @@ async def test_a_login_kept_past_its_users_level_is_not_used(
         got = await network.wait_for("message", lambda r: unique in r.item.text)
         assert got.login == "relay" and got.item.relayed
         path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(alice.user_id, safe='')}"
-        await alice.call("PUT", path, {"typing": True, "timeout": 30000})
-        await alice.say(room_id, f"after typing {unique}")
-        await network.wait_for("message", lambda r: f"after typing {unique}" in r.item.text)
+        for typing, text in ((True, "typing"), (False, "stopped")):
+            # The message after it shows the typing was handled (and no typing is left
+            # for the homeserver to push once this bridge is gone).
+            await alice.call("PUT", path, {"typing": typing, "timeout": 30000})
+            await alice.say(room_id, f"{text} {unique}")
+            await network.wait_for("message", lambda r, t=text: f"{t} {unique}" in r.item.text)
         assert not [r for r in network.of("typing") if r.login == f"a{unique}"]
 
 

@@ -80,8 +80,8 @@ class Bridge(BridgeCore):
     async def on_member(self, event: Event) -> None:
         """The bot joins a room it is invited to (a DM with it is a management room);
         a ghost invited by a Matrix user joins if the connector makes the room a portal.
-        An invite from a user below the level this needs (``relay`` for the bot,
-        ``user`` for a ghost) is rejected."""
+        An invite from a user who may not use the bridge (below ``relay``) is
+        rejected; whether a ghost's invite makes a portal is the connector's call."""
         bot = self.app.bot.user_id
         invited, room_id, inviter = event.state_key, event.room_id, event.sender
         if invited is None or room_id is None or inviter is None:
@@ -91,7 +91,7 @@ class Bridge(BridgeCore):
         if invited != bot:
             if not self.ghosts.is_ghost(invited):
                 return
-            if self.permissions.allows(inviter, Level.USER):
+            if self.permissions.allows(inviter, Level.RELAY):
                 await self._ghost_invited(room_id, inviter, invited)
             else:
                 await self._refuse_invite(room_id, inviter, invited)
