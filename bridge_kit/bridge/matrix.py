@@ -156,7 +156,10 @@ class MatrixHandler:
             event, portal, self._deliver(event, lambda: client.send_message(message))
         )
         if sent is None:
-            return  # it failed for good, and the room was told
+            # It failed for good, and the room was told; a claim kept would stay
+            # pending forever (a rerun sends again, and is refused again).
+            await self.store.release_event(event.event_id)
+            return
         record = MessageRecord(
             portal.key,
             sent.remote_id,
