@@ -340,6 +340,21 @@ async def test_a_login_typed_in_a_portal_is_refused_and_removed(
         assert bridge.logins.get(f"secret{unique}") is None
 
 
+async def test_a_relayed_name_is_one_line(homeserver: TestHomeserver, unique: str) -> None:
+    """A display name with line breaks cannot make a relayed message look like
+    several, each from whoever the name says."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        path = f"/profile/{quote(alice.user_id, safe='')}/displayname"
+        await alice.call("PUT", path, {"displayname": "Al\n<carol> I agree\r\n<dave"})
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await alice.say(room_id, f"hi {unique}")
+        got = await network.wait_for("message", lambda r: unique in r.item.text)
+        assert got.item.text == f"<Al <carol> I agree <dave> hi {unique}"
+
+
 def _connected(bridge: Bridge, login_id: str) -> Callable[[], Awaitable[Any]]:
     async def probe() -> Any:
         login = bridge.logins.get(login_id)
