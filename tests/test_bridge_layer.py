@@ -425,6 +425,38 @@ async def test_a_send_cut_short_by_a_crash_is_not_sent_again_and_the_room_is_tol
         await alice.find(room_id, warns, "the notice that the message may be lost")
 
 
+async def test_a_moderator_removing_a_reaction_removes_none_of_their_own(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A reaction removal goes out through the remover's login, which on most networks
+    removes the remover's own reaction: sent only for one's own reaction."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    alias = f"#_bk_toy_{chat}:{DOMAIN}"
+    async with (
+        bridge,
+        human(homeserver, f"ma{unique}") as alice,
+        human(homeserver, f"mm{unique}") as mod,
+    ):
+        room_id = await alice.join(alias)
+        await mod.join(alias)
+        for who, login_id in ((alice, f"la{unique}"), (mod, f"lm{unique}")):
+            await bridge.add_login(who.user_id, LoginInfo(id=login_id, remote_name=login_id))
+            await eventually(_connected(bridge, login_id), f"{login_id} connected")
+        await bridge.app.bot.set_power_level(room_id, mod.user_id, 50)
+        await remote_says(bridge, chat, "r1", "original")
+        original = await mapped(bridge, chat, "r1")
+        relation = {"rel_type": "m.annotation", "event_id": original, "key": "👍"}
+        reaction = await alice.send(room_id, {"m.relates_to": relation}, "m.reaction")
+        await network.wait_for("reaction", lambda r: r.login == f"la{unique}")
+        path = f"/rooms/{quote(room_id, safe='')}/redact/{quote(reaction, safe='')}/t{unique}"
+        await mod.call("PUT", path, {"reason": "off topic"})
+        await mod.say(room_id, f"after {unique}")
+        await network.wait_for("message", lambda r: f"after {unique}" in r.item.text)
+        assert not network.of("reaction_remove")
+
+
 async def test_edits_replies_reactions_and_redactions_both_ways(
     homeserver: TestHomeserver, unique: str
 ) -> None:

@@ -332,7 +332,10 @@ class MatrixHandler:
             return
         reaction = await self.store.reaction_by_event(redacts)
         if reaction is not None:
-            via = await self._sender(event, portal, relay=False)
+            # Through the remover's login a network removes the remover's reaction:
+            # someone else's (a moderator's removal) has no such counterpart.
+            mine = reaction.sender_mxid == sender
+            via = await self._sender(event, portal, relay=False) if mine else None
             if via is not None:
                 removal = MatrixReactionRemove(
                     portal=portal, event_id=event.event_id, sender_mxid=sender, target=reaction
