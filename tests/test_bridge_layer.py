@@ -317,6 +317,9 @@ async def test_only_its_owner_or_an_admin_changes_a_portals_relay(
         assert await relay() == f"la{unique}"
         await answered(alice, "!bk unset-relay", "Relaying is off")
         assert await relay() == RELAY_OFF
+        # Off is nobody's relay: a user may relay through her own login again.
+        await answered(eve, "!bk set-relay", f"`le{unique}`")
+        assert await relay() == f"le{unique}"
 
 
 async def test_a_login_typed_in_a_portal_is_refused_and_removed(

@@ -101,7 +101,7 @@ async def set_relay(ctx: Context) -> None:
     own = _own_logins(ctx)
     if not own:
         raise CommandError("You need a login to relay through: send `login` first.")
-    if portal.relay_login is not None:
+    if portal.relay_login:  # another login relays here (not: the default, or off)
         _check_relay_owner(ctx, portal, own, "replace the relay")
     await ctx.state.set_relay(portal.key, own[0].id)
     await ctx.reply(f"Messages of users without a login are relayed through `{own[0].id}`.")
