@@ -36,7 +36,7 @@ from bridge_kit.bridge.events import (
     Sender,
 )
 from bridge_kit.bridge.portals import CREATING_ROOM
-from bridge_kit.bridge.records import LoginState, PortalKey
+from bridge_kit.bridge.records import LoginState, PortalKey, PortalRecord
 from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.config import BridgeConfig, EncryptionConfig
 from bridge_kit.errors import MatrixRequestError
@@ -743,6 +743,31 @@ class RefusedToy(ToyConnector):
     async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
         info = await super().get_chat_info(portal)
         return None if info is None else attrs.evolve(info, invite=["not a user id"])
+
+
+async def test_a_users_room_posing_as_a_portals_is_not_adopted(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """Anyone may invite the bot to a room with a portal's ``m.bridge`` state: only a
+    room the bot made itself is taken as the one a crash left behind."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, "someone")
+    bridge = make_bridge(homeserver, MemoryStore(), network)
+    async with bridge, human(homeserver, f"h{unique}") as mallory:
+        bot = bridge.app.bot.user_id
+        state = {"type": "m.bridge", "state_key": f"bridge_kit://toy/{key}", "content": {}}
+        reply = await mallory.call(
+            "POST", "/createRoom", {"invite": [bot], "initial_state": [state]}
+        )
+        posing = str(reply["room_id"])
+        await eventually(lambda: _joined(bridge, posing), "the bot in her room")
+        await bridge.app.store.put_roomless_portal(PortalRecord(key, metadata={CREATING_ROOM: 1}))
+        assert await bridge.ensure_portal(key) != posing
+
+
+async def _joined(bridge: Bridge, room_id: str) -> bool:
+    return room_id in await bridge.app.bot.joined_rooms()
 
 
 async def test_a_room_the_homeserver_refused_to_make_is_not_looked_for(

@@ -37,7 +37,6 @@ from bridge_kit.bridge.ghosts import Ghosts
 from bridge_kit.bridge.records import PortalKey, PortalRecord
 from bridge_kit.errors import Banned, MatrixRequestError, NotFound, UnknownChat
 from bridge_kit.puppets.results import Ban
-from bridge_kit.types import Event
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
 __all__ = ["ADOPTION_GRACE", "BRIDGE_STATE_TYPES", "CREATING_ROOM", "Portals", "UnknownChat"]
@@ -193,27 +192,35 @@ class Portals:
             raise
 
     async def _room_made_before(self, key: PortalKey) -> str | None:
-        """A room of the bot's that no portal has, made by the bot for ``key``."""
+        """A room of the bot's that no portal has, made by the bot for ``key``
+        (rooms looked at a few at a time: a big bridge's bot has many)."""
         state_key = self._state_key(key)
-        for room_id in await self.app.bot.joined_rooms():
-            if await self.by_room(room_id) is not None:
-                continue
-            try:
-                state = await self.app.bot.get_state(room_id)
-            except MatrixRequestError as exc:
-                log.debug("portal %s: could not read the state of %s: %s", key, room_id, exc)
-                continue
-            if self._made_for(state, state_key):
-                return room_id
-        return None
+        candidates = [
+            room_id
+            for room_id in await self.app.bot.joined_rooms()
+            if await self.by_room(room_id) is None
+        ]
+        limit = asyncio.Semaphore(self.app.config.puppets.concurrency)
 
-    def _made_for(self, state: Sequence[Event], state_key: str) -> bool:
+        async def made_for(room_id: str) -> bool:
+            async with limit:
+                return await self._made_for(room_id, state_key)
+
+        found = await asyncio.gather(*(made_for(room_id) for room_id in candidates))
+        return next((room_id for room_id, ok in zip(candidates, found, strict=True) if ok), None)
+
+    async def _made_for(self, room_id: str, state_key: str) -> bool:
+        bot = self.app.bot
+        try:
+            # Most rooms lack the state: one small request each says so.
+            await bot.get_state_event(room_id, BRIDGE_STATE_TYPES[0], state_key)
+            state = await bot.get_state(room_id)
+        except MatrixRequestError as exc:  # NotFound included: not this portal's room
+            log.debug("portal room search: %s is not it: %s", room_id, exc)
+            return False
         # Made by the bot, not merely joined: anyone may invite the bot to a room
         # with such state, and a room they made is theirs to control.
-        bot = self.app.bot.user_id
-        by_bot = any(e.type == "m.room.create" and e.sender == bot for e in state)
-        marked = any(e.type == BRIDGE_STATE_TYPES[0] and e.state_key == state_key for e in state)
-        return by_bot and marked
+        return any(e.type == "m.room.create" and e.sender == bot.user_id for e in state)
 
     async def _existing_alias_room(self, key: PortalKey) -> str | None:
         alias = self.alias(key)
