@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
+import attrs
 import pytest
 
 from bridge_kit import AppService
 from bridge_kit.bridge.bridge import Bridge
-from bridge_kit.bridge.connector import LoginHandle
+from bridge_kit.bridge.connector import LoginHandle, LoginInfo
 from bridge_kit.bridge.events import RemoteMessage, Sender
 from bridge_kit.bridge.records import LoginState, PortalKey
 from bridge_kit.config import AppServiceConfig, BridgeConfig, Config, HomeserverConfig
@@ -167,6 +169,43 @@ async def test_a_new_room_gets_its_last_messages_before_its_members(
             if e["type"] == "m.room.member" and e["state_key"] == carol
         )
         assert carol_joined > max(position[e["event_id"]] for e in messages)
+
+
+class KeyTrustingToy(HistoryToy):
+    """A connector that reads a chat's history by its id alone and files what it
+    finds under the portal it was asked about (an easy one to write)."""
+
+    async def fetch_messages(
+        self, portal: PortalKey, login: LoginHandle | None, limit: int
+    ) -> Sequence[RemoteMessage]:
+        found = await super().fetch_messages(portal, login, limit)
+        return [attrs.evolve(message, portal=portal) for message in found]
+
+
+async def test_a_login_catches_up_no_other_logins_private_chats(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """Another login's DM portal is not the catching-up login's to read, whatever
+    the connector would give: its history would land in someone else's room."""
+    network, chat = ToyNetwork(), f"d{unique}"
+    lobby(network, chat)
+    connector = KeyTrustingToy(network)
+    bridge = make_bridge(homeserver, connector, None)
+    theirs = PortalKey(chat, receiver=f"other{unique}")
+    async with bridge:
+        room_id = await bridge.ensure_portal(theirs)
+        connector.said(chat, "p1", f"private {unique}", ago=60)
+        login = await bridge.add_login(f"@a{unique}:{DOMAIN}", LoginInfo(id=f"a{unique}"))
+        await eventually(lambda: _connected(bridge, f"a{unique}"), "her login")
+        assert await bridge.backfill.catch_up(login) == 0
+        assert (chat, f"a{unique}", MAX_CATCHUP) not in connector.fetches
+        assert not await bridge.app.store.messages(theirs, "p1")
+        events = await bridge.app.bot.client.request(
+            "GET",
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages",
+            query={"dir": "b", "limit": "50"},
+        )
+        assert not texts(events["chunk"], unique)
 
 
 async def test_no_catch_up_without_history_or_when_off(

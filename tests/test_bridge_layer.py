@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import attrs
 import pytest
 from aiohttp import web
 
 from bridge_kit import AppService, AppServiceConfig, Config, HomeserverClient, HomeserverConfig
 from bridge_kit.bridge.bridge import Bridge
-from bridge_kit.bridge.connector import LoginInfo
+from bridge_kit.bridge.connector import ChatInfo, LoginInfo
+from bridge_kit.bridge.core import RELAY_OFF
 from bridge_kit.bridge.events import (
     Membership,
     MessageKind,
@@ -33,9 +35,11 @@ from bridge_kit.bridge.events import (
     RemoteRedaction,
     Sender,
 )
-from bridge_kit.bridge.records import LoginState, PortalKey
+from bridge_kit.bridge.portals import CREATING_ROOM
+from bridge_kit.bridge.records import LoginState, PortalKey, PortalRecord
 from bridge_kit.client.homeserver import ClientObserver
 from bridge_kit.config import BridgeConfig, EncryptionConfig
+from bridge_kit.errors import MatrixRequestError
 from bridge_kit.store import Store, open_store
 from bridge_kit.store.memory import MemoryStore
 from bridge_kit.testing.synapse import free_port
@@ -77,6 +81,7 @@ def make_bridge(
     port: int | None = None,
     pickle_key: str | None = None,
     level: str = "user",
+    connector: ToyConnector | None = None,
 ) -> Bridge:
     """A bridge on the toy network; ``port``: a second daemon, which the homeserver
     does not push to (only the registration's port is pinged)."""
@@ -90,7 +95,7 @@ def make_bridge(
         extra_sections={"toy": ToyConfig(chats=list(chats))},
     )
     app = AppService(config, store=store, ping=port is None)
-    return Bridge(app, ToyConnector(network))
+    return Bridge(app, connector or ToyConnector(network))
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
@@ -268,6 +273,91 @@ async def test_matrix_messages_are_relayed_then_sent_through_the_login(
         )
 
 
+async def test_only_its_owner_or_an_admin_changes_a_portals_relay(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A user may not take over, nor turn off, the relay another user set up: the
+    other users' messages would go out through their account, or not at all."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    alias = f"#_bk_toy_{chat}:{DOMAIN}"
+    async with (
+        bridge,
+        human(homeserver, f"ra{unique}") as alice,
+        human(homeserver, f"rb{unique}") as eve,
+    ):
+        room_id = await alice.join(alias)
+        await eve.join(alias)
+        for who, login_id in ((alice, f"la{unique}"), (eve, f"le{unique}")):
+            dm = await who.dm_with(bridge.app.bot.user_id)
+            await who.find(dm, lambda e: e.get("sender") == bridge.app.bot.user_id, "welcome")
+            await who.say(dm, f"login {login_id}")
+            await eventually(_connected(bridge, login_id), f"{login_id} connected")
+
+        async def relay() -> str | None:
+            portal = await bridge.app.store.portal(PortalKey(chat))
+            assert portal is not None
+            return portal.relay_login
+
+        async def answered(who: Human, command: str, words: str) -> None:
+            event_id = await who.say(room_id, command)
+
+            def answer(e: dict[str, Any]) -> bool:
+                content = e.get("content", {})
+                replied = content.get("m.relates_to", {}).get("m.in_reply_to", {})
+                return replied.get("event_id") == event_id and words in content.get("body", "")
+
+            await who.find(room_id, answer, f"the answer to {command}")
+
+        await answered(alice, "!bk set-relay", f"`la{unique}`")
+        assert await relay() == f"la{unique}"
+        await answered(eve, "!bk set-relay", "Only a bridge admin")
+        await answered(eve, "!bk unset-relay", "Only a bridge admin")
+        assert await relay() == f"la{unique}"
+        await answered(alice, "!bk unset-relay", "Relaying is off")
+        assert await relay() == RELAY_OFF
+        # Off is nobody's relay: a user may relay through her own login again.
+        await answered(eve, "!bk set-relay", f"`le{unique}`")
+        assert await relay() == f"le{unique}"
+
+
+async def test_a_login_typed_in_a_portal_is_refused_and_removed(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """Credentials typed in a shared room: refused (everyone there reads them), and
+    the message redacted."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        event_id = await alice.say(room_id, f"!bk login secret{unique}")
+        await alice.find(room_id, notice_with("management room"), "the refusal")
+
+        async def redacted() -> bool:
+            event = await alice.call("GET", f"/rooms/{quote(room_id, safe='')}/event/{event_id}")
+            return "body" not in event["content"]
+
+        await eventually(redacted, "the command redacted")
+        assert bridge.logins.get(f"secret{unique}") is None
+
+
+async def test_a_relayed_name_is_one_line(homeserver: TestHomeserver, unique: str) -> None:
+    """A display name with line breaks cannot make a relayed message look like
+    several, each from whoever the name says."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        path = f"/profile/{quote(alice.user_id, safe='')}/displayname"
+        await alice.call("PUT", path, {"displayname": "Al\n<carol> I agree\r\n<dave"})
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await alice.say(room_id, f"hi {unique}")
+        got = await network.wait_for("message", lambda r: unique in r.item.text)
+        assert got.item.text == f"<Al <carol> I agree <dave> hi {unique}"
+
+
 def _connected(bridge: Bridge, login_id: str) -> Callable[[], Awaitable[Any]]:
     async def probe() -> Any:
         login = bridge.logins.get(login_id)
@@ -298,6 +388,76 @@ async def test_a_handler_run_twice_sends_once(homeserver: TestHomeserver, unique
         await alice.say(room_id, f"retried {unique}")
         await network.wait_for("message", lambda r: r.item.text.endswith(f"retried {unique}"))
         assert len([r for r in network.of("message") if f"retried {unique}" in r.item.text]) == 1
+
+
+async def test_a_send_cut_short_by_a_crash_is_not_sent_again_and_the_room_is_told(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """At most once: the run that claimed the event died while sending it (its claim
+    is still pending); the inbox's next run sends nothing, but says so."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        event_id = await alice.say(room_id, f"cut {unique}")
+        await network.wait_for("message", lambda r: unique in r.item.text)
+        # The store as the crash left it: the event claimed, its send never recorded.
+        sent = await bridge.app.store.message_by_event(event_id)
+        assert sent is not None and not sent.pending
+        await bridge.app.store.delete_messages(sent.portal, sent.remote_id)
+        claim = attrs.evolve(sent, remote_id=event_id, pending=True)
+        assert await bridge.app.store.claim_event(claim)
+        event = Event(
+            type="m.room.message",
+            content={"msgtype": "m.text", "body": f"cut {unique}"},
+            room_id=room_id,
+            sender=alice.user_id,
+            event_id=event_id,
+        )
+        await bridge.matrix.on_message(event)  # the inbox's run after the restart
+        assert len([r for r in network.of("message") if unique in r.item.text]) == 1
+
+        def warns(e: dict[str, Any]) -> bool:
+            content = e.get("content", {})
+            replied = content.get("m.relates_to", {}).get("m.in_reply_to", {})
+            return replied.get("event_id") == event_id and "may not have been" in content.get(
+                "body", ""
+            )
+
+        await alice.find(room_id, warns, "the notice that the message may be lost")
+
+
+async def test_a_moderator_removing_a_reaction_removes_none_of_their_own(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A reaction removal goes out through the remover's login, which on most networks
+    removes the remover's own reaction: sent only for one's own reaction."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    alias = f"#_bk_toy_{chat}:{DOMAIN}"
+    async with (
+        bridge,
+        human(homeserver, f"ma{unique}") as alice,
+        human(homeserver, f"mm{unique}") as mod,
+    ):
+        room_id = await alice.join(alias)
+        await mod.join(alias)
+        for who, login_id in ((alice, f"la{unique}"), (mod, f"lm{unique}")):
+            await bridge.add_login(who.user_id, LoginInfo(id=login_id, remote_name=login_id))
+            await eventually(_connected(bridge, login_id), f"{login_id} connected")
+        await bridge.app.bot.set_power_level(room_id, mod.user_id, 50)
+        await remote_says(bridge, chat, "r1", "original")
+        original = await mapped(bridge, chat, "r1")
+        relation = {"rel_type": "m.annotation", "event_id": original, "key": "👍"}
+        reaction = await alice.send(room_id, {"m.relates_to": relation}, "m.reaction")
+        await network.wait_for("reaction", lambda r: r.login == f"la{unique}")
+        path = f"/rooms/{quote(room_id, safe='')}/redact/{quote(reaction, safe='')}/t{unique}"
+        await mod.call("PUT", path, {"reason": "off topic"})
+        await mod.say(room_id, f"after {unique}")
+        await network.wait_for("message", lambda r: f"after {unique}" in r.item.text)
+        assert not network.of("reaction_remove")
 
 
 async def test_edits_replies_reactions_and_redactions_both_ways(
@@ -378,6 +538,37 @@ async def test_edits_replies_reactions_and_redactions_both_ways(
 
         await eventually(redacted, "the remote redaction")
         assert await bridge.app.store.messages(portal, "r1") == []
+
+
+async def test_only_its_sender_edits_a_message(homeserver: TestHomeserver, unique: str) -> None:
+    """Matrix shows an edit only from the message's sender; the network must not take
+    another user's (through the relay, which sent both, it could)."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    alias = f"#_bk_toy_{chat}:{DOMAIN}"
+    async with (
+        bridge,
+        human(homeserver, f"ea{unique}") as alice,
+        human(homeserver, f"ee{unique}") as eve,
+    ):
+        room_id = await alice.join(alias)
+        await eve.join(alias)
+        original = await alice.say(room_id, f"mine {unique}")
+        await network.wait_for("message", lambda r: unique in r.item.text)
+
+        def edit(text: str) -> dict[str, Any]:
+            return {
+                "msgtype": "m.text",
+                "body": f"* {text}",
+                "m.new_content": {"msgtype": "m.text", "body": text},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": original},
+            }
+
+        await eve.send(room_id, edit(f"forged {unique}"))
+        await alice.send(room_id, edit(f"fixed {unique}"))
+        await network.wait_for("edit", lambda r: f"fixed {unique}" in r.item.text)
+        assert not [r for r in network.of("edit") if f"forged {unique}" in r.item.text]
 
 
 async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique: str) -> None:
@@ -492,6 +683,141 @@ async def test_a_restart_reuses_portals_and_ghosts(
         assert bodies.count("before") == 1 and bodies.count("after") == 1
         assert network.connects.count("relay") == 2  # once per run: the login was reloaded
     assert registrations.count == 0
+
+
+class Crash(Exception):
+    """The daemon dying at this point (its store and the homeserver keep what was done)."""
+
+
+async def rooms_marked_for(bridge: Bridge, key: PortalKey) -> list[str]:
+    """The bot's rooms with the ``m.bridge`` state of portal ``key``."""
+    state_key = f"bridge_kit://toy/{key}"
+    found = []
+    for room_id in await bridge.app.bot.joined_rooms():
+        state = await bridge.app.bot.get_state(room_id)
+        if any(e.type == "m.bridge" and e.state_key == state_key for e in state):
+            found.append(room_id)
+    return found
+
+
+@pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "unaliased"])
+async def test_a_crash_between_making_a_room_and_recording_it_makes_no_second_room(
+    homeserver: TestHomeserver, unique: str, tmp_path: Path, receiver: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, receiver)
+    url = f"sqlite:///{tmp_path / 'bridge.db'}"
+    made: list[str] = []
+
+    async def crash(portal: PortalKey, room_id: str) -> str:
+        made.append(room_id)
+        raise Crash(f"killed after making {room_id}")
+
+    store = open_store(url)
+    async with make_bridge(homeserver, store, network) as bridge:
+        store.claim_portal_room = crash  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            await bridge.ensure_portal(key)
+    assert len(made) == 1
+    bridge = make_bridge(homeserver, open_store(url), network)  # the restarted daemon
+    created: list[str | None] = []
+
+    async def on_created(portal: Any) -> None:
+        created.append(portal.room_id)
+
+    bridge.portals.on_created.append(on_created)
+    async with bridge:
+        assert await bridge.ensure_portal(key) == made[0]
+        assert await rooms_marked_for(bridge, key) == made
+        # Its new-room work (backfill) was never done: done now, once.
+        assert created == made
+        portal = await bridge.app.store.portal(key)
+        assert portal is not None and portal.room_id == made[0] and not portal.metadata
+        assert not bridge.portals._locks  # no lock kept per chat once it is made
+
+
+class RefusedToy(ToyConnector):
+    """The toy, whose chats invite a user the homeserver refuses to invite."""
+
+    async def get_chat_info(self, portal: PortalKey) -> ChatInfo | None:
+        info = await super().get_chat_info(portal)
+        return None if info is None else attrs.evolve(info, invite=["not a user id"])
+
+
+async def test_a_users_room_posing_as_a_portals_is_not_adopted(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """Anyone may invite the bot to a room with a portal's ``m.bridge`` state: only a
+    room the bot made itself is taken as the one a crash left behind."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, "someone")
+    bridge = make_bridge(homeserver, MemoryStore(), network)
+    async with bridge, human(homeserver, f"h{unique}") as mallory:
+        bot = bridge.app.bot.user_id
+        state = {"type": "m.bridge", "state_key": f"bridge_kit://toy/{key}", "content": {}}
+        reply = await mallory.call(
+            "POST", "/createRoom", {"invite": [bot], "initial_state": [state]}
+        )
+        posing = str(reply["room_id"])
+        await eventually(lambda: _joined(bridge, posing), "the bot in her room")
+        await bridge.app.store.put_roomless_portal(PortalRecord(key, metadata={CREATING_ROOM: 1}))
+        assert await bridge.ensure_portal(key) != posing
+
+
+async def _joined(bridge: Bridge, room_id: str) -> bool:
+    return room_id in await bridge.app.bot.joined_rooms()
+
+
+async def test_a_room_the_homeserver_refused_to_make_is_not_looked_for(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, "someone")
+    bridge = make_bridge(homeserver, MemoryStore(), network, connector=RefusedToy(network))
+    async with bridge:
+        with pytest.raises(MatrixRequestError) as refused:
+            await bridge.ensure_portal(key)
+        assert 400 <= refused.value.status < 500
+        portal = await bridge.app.store.portal(key)
+        assert portal is not None and portal.room_id is None
+        assert CREATING_ROOM not in portal.metadata
+
+
+async def test_a_room_another_daemon_is_claiming_is_not_adopted(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A daemon finding a marked portal while another daemon, alive, made its room and
+    is about to claim it: the room is the other's; its new-room work runs once."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    key = PortalKey(chat, "someone")
+    made = asyncio.Event()
+    created: list[str | None] = []
+
+    async def on_created(portal: Any) -> None:
+        created.append(portal.room_id)
+
+    async with scratch_database() as dsn:
+        first = make_bridge(homeserver, open_store(dsn), network)
+        second = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        for bridge in (first, second):
+            bridge.portals.on_created.append(on_created)
+        claim = first.app.store.claim_portal_room
+
+        async def slow_claim(portal: PortalKey, room_id: str) -> str:
+            made.set()
+            await asyncio.sleep(0.5)  # well within the grace the other daemon gives
+            return await claim(portal, room_id)
+
+        first.app.store.claim_portal_room = slow_claim  # type: ignore[method-assign]
+        async with first, second:
+            making = asyncio.ensure_future(first.ensure_portal(key))
+            await made.wait()
+            assert await second.ensure_portal(key) == await making
+            assert created == [await making]
 
 
 @pytest.mark.parametrize("receiver", ["", "someone"], ids=["aliased", "claimed"])
@@ -657,6 +983,82 @@ async def test_joining_the_alias_while_the_portal_is_made_gets_its_room(
         assert await making == await joining
 
 
+async def test_a_login_kept_past_its_users_level_is_not_used(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A user whose level is now below ``user`` (the admin lowered it) speaks through
+    the relay, not through the login she made before; typing is not sent for her."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,), level="relay")
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+        await bridge.add_login(alice.user_id, LoginInfo(id=f"a{unique}", remote_name="alice"))
+        await eventually(_connected(bridge, f"a{unique}"), "her old login connected")
+        await alice.say(room_id, f"demoted {unique}")
+        got = await network.wait_for("message", lambda r: unique in r.item.text)
+        assert got.login == "relay" and got.item.relayed
+        path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(alice.user_id, safe='')}"
+        for typing, text in ((True, "typing"), (False, "stopped")):
+            # The message after it shows the typing was handled (and no typing is left
+            # for the homeserver to push once this bridge is gone).
+            await alice.call("PUT", path, {"typing": typing, "timeout": 30000})
+            await alice.say(room_id, f"{text} {unique}")
+            await network.wait_for("message", lambda r, t=text: f"{t} {unique}" in r.item.text)
+        assert not [r for r in network.of("typing") if r.login == f"a{unique}"]
+
+
+class InvitableToy(ToyConnector):
+    """The toy, where inviting a ghost to a room makes it a DM portal of the inviter."""
+
+    async def portal_for_invite(
+        self, room_id: str, inviter: str, ghost_id: str
+    ) -> PortalKey | None:
+        return PortalKey(ghost_id, receiver=inviter)
+
+
+async def test_a_user_inviting_a_ghost_makes_the_room_a_portal(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    network = ToyNetwork()
+    network.users["bob"] = "Bob"
+    bridge = make_bridge(homeserver, MemoryStore(), network, connector=InvitableToy(network))
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.dm_with(f"@_bk_toy_bob:{DOMAIN}")
+
+        async def portal() -> Any:
+            return await bridge.app.store.portal(PortalKey("bob", receiver=alice.user_id))
+
+        assert (await eventually(portal, "the DM portal")).room_id == room_id
+
+
+async def test_invites_from_users_who_may_not_use_the_bridge_are_refused(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """A user without a level (here: none for the whole server) makes the bot join no
+    room, and no room of theirs a portal, by inviting the bot or a ghost."""
+    network = ToyNetwork()
+    network.users["bob"] = "Bob"
+    connector = InvitableToy(network)
+    bridge = make_bridge(homeserver, MemoryStore(), network, level="none", connector=connector)
+    async with bridge, human(homeserver, f"h{unique}") as mallory:
+        bot, ghost = bridge.app.bot.user_id, f"@_bk_toy_bob:{DOMAIN}"
+        with_bot = await mallory.dm_with(bot)
+        with_ghost = await mallory.dm_with(ghost)
+
+        def membership(room_id: str, user_id: str) -> Callable[[], Awaitable[str | None]]:
+            async def probe() -> str | None:
+                path = f"/rooms/{quote(room_id, safe='')}/state/m.room.member/{user_id}"
+                content = await mallory.call("GET", path)
+                return None if content["membership"] == "invite" else content["membership"]
+
+            return probe
+
+        assert await eventually(membership(with_bot, bot), "the bot's answer") == "leave"
+        assert await eventually(membership(with_ghost, ghost), "the ghost's answer") == "leave"
+        assert await bridge.app.store.portal(PortalKey("bob", receiver=mallory.user_id)) is None
+
+
 async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique: str) -> None:
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)
@@ -671,3 +1073,4 @@ async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique:
         assert started.login == "alice" and started.item.portal.key == PortalKey(chat)
         await alice.call("PUT", path, {"typing": False})
         await network.wait_for("typing", lambda r: not r.item.typing)
+        assert room_id not in bridge.matrix._typing  # nobody types: nothing kept per room

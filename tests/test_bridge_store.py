@@ -108,6 +108,18 @@ async def test_claiming_a_room_keeps_the_first_and_returns_the_winner(store: Sto
     assert await store.portal(DM) == PortalRecord(DM, OTHER_ROOM, name="Alice", metadata={"k": 1})
 
 
+async def test_a_roomless_put_never_erases_a_claimed_room(store: Store) -> None:
+    # What a daemon read before another claimed the room must not undo the claim.
+    assert await store.put_roomless_portal(PortalRecord(CHAT, metadata={"a": 1}))
+    assert await store.put_roomless_portal(PortalRecord(CHAT, name="x", metadata={"a": 2}))
+    assert await store.portal(CHAT) == PortalRecord(CHAT, name="x", metadata={"a": 2})
+    assert await store.claim_portal_room(CHAT, ROOM) == ROOM
+    assert not await store.put_roomless_portal(PortalRecord(CHAT, name="stale"))
+    assert await store.portal(CHAT) == PortalRecord(CHAT, ROOM, name="x", metadata={"a": 2})
+    with pytest.raises(ValueError, match="without a room"):
+        await store.put_roomless_portal(PortalRecord(DM, ROOM))
+
+
 async def test_deleting_a_portal_deletes_its_message_map(store: Store) -> None:
     await store.put_portal(PortalRecord(CHAT, ROOM))
     await store.put_messages([message("m1", "$e1"), message("d1", "$d1", portal=DM)])

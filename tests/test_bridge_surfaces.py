@@ -245,6 +245,12 @@ async def test_a_refused_message_shows_its_status(
             room_id, lambda e: "was not bridged" in _body(e), "the failure notice"
         )
         assert notice["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id
+
+        # No claim is left behind for it: one per refused message would pile up.
+        async def released() -> bool:
+            return await bridge.app.store.message_by_event(event_id) is None
+
+        await eventually(released, "the refused message's claim released")
         # An ordinary message still goes through (the relay) and gets no status.
         await alice.say(room_id, f"fine {unique}")
         await network.wait_for("message", lambda r: f"fine {unique}" in r.item.text)

@@ -260,6 +260,34 @@ async def test_each_user_has_a_rate_limit(hs: TestHomeserver, tmp_path: Path) ->
         ] == 200
 
 
+async def test_made_up_tokens_are_asked_about_within_a_budget_per_address(
+    hs: TestHomeserver, tmp_path: Path, unique: str
+) -> None:
+    """Each unknown token costs a request to a server (the homeserver's whoami, or
+    any server named in an OpenID user ID): a client flooding made-up ones gets 429s,
+    not one outgoing request each."""
+    clock = Clock()
+    async with running_bridge(hs, tmp_path / "b.db", per_minute=2, clock=clock) as bridge:
+        _, token = await a_user(hs, f"flood{unique}")
+        assert (await bridge.call("GET", "/v3/logins", token=token))[0] == 200  # one lookup
+        status, body = await bridge.call("GET", "/v3/logins", token=f"made-up-1{unique}")
+        assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+        for made_up in (f"made-up-2{unique}", f"openid:made-up-3{unique}"):
+            status, body = await bridge.raw(
+                "GET", "/v3/logins", token=made_up, user_id=f"@x:{unique}.example"
+            )
+            assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+            assert body["retry_after_ms"] > 0
+        # A token known already, or the shared secret, asks nobody: still answered.
+        assert (await bridge.call("GET", "/v3/logins", token=token))[0] == 200
+        assert (await bridge.call("GET", "/v3/logins", token=SECRET, user_id="@a:test.local"))[
+            0
+        ] == 200
+        clock.now += 60
+        status, body = await bridge.call("GET", "/v3/logins", token=f"made-up-4{unique}")
+        assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+
+
 async def test_cors_for_web_clients(bridge: Bridge) -> None:
     async with (
         aiohttp.ClientSession() as session,

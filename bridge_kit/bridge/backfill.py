@@ -4,10 +4,11 @@ A portal's new room gets the chat's last ``bridge.backfill_initial`` messages,
 sent before its members join (:meth:`Backfill.new_room`).
 
 When a login connects (or reconnects), :class:`Backfill` asks a connector that
-keeps history (:class:`FetchesHistory`) for each portal's latest messages, at
-most ``bridge.backfill_max_catchup``, and hands the ones the room lacks to the
-portal's lane, oldest first: they are bridged in order, each with its remote
-timestamp as ``origin_server_ts`` (``ts`` on ``PUT /send``, for appservices).
+keeps history (:class:`FetchesHistory`) for each portal's latest messages (but
+another login's private chats), at most ``bridge.backfill_max_catchup``, and
+hands the ones the room lacks to the portal's lane, oldest first: they are
+bridged in order, each with its remote timestamp as ``origin_server_ts``
+(``ts`` on ``PUT /send``, for appservices).
 A message the message map already has is skipped, and one already accepted
 (by the live path or a catch-up running beside) is dropped by the lane's
 deduplication, so a second catch-up sends nothing.
@@ -85,7 +86,9 @@ class Backfill:
             return 0
         sent = 0
         for portal in await self.store.portals():
-            if portal.room_id is not None:
+            # Another login's private chat is not this login's to read.
+            theirs = portal.key.receiver and portal.key.receiver != login.id
+            if portal.room_id is not None and not theirs:
                 sent += await self.portal(portal.key, login)
         return sent
 
@@ -95,8 +98,10 @@ class Backfill:
         fetched = await self.connector.fetch_messages(key, login, self.max_catchup)
         sent = 0
         for message in list(fetched)[-self.max_catchup :]:
-            if not message.id or await self.store.messages(key, message.id):
-                continue  # no id cannot be deduplicated; a mapped one is in the room
+            if message.portal != key or not message.id:
+                continue  # another chat's; or no id, which cannot be deduplicated
+            if await self.store.messages(key, message.id):
+                continue  # in the room already
             if await self.handle_remote(message):
                 sent += 1
         if sent:

@@ -25,6 +25,7 @@ from bridge_kit.bridge.connector import NetworkConnector
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore, remote_lane
 from bridge_kit.bridge.events import Sender
 from bridge_kit.bridge.matrix import MatrixHandler
+from bridge_kit.bridge.permissions import Level
 from bridge_kit.bridge.provisioning import PREFIX as PROVISIONING_PREFIX
 from bridge_kit.bridge.records import PortalRecord
 from bridge_kit.bridge.remote import RemoteHandler
@@ -78,7 +79,9 @@ class Bridge(BridgeCore):
 
     async def on_member(self, event: Event) -> None:
         """The bot joins a room it is invited to (a DM with it is a management room);
-        a ghost invited by a Matrix user joins if the connector makes the room a portal."""
+        a ghost invited by a Matrix user joins if the connector makes the room a portal.
+        An invite from a user who may not use the bridge (below ``relay``) is
+        rejected; whether a ghost's invite makes a portal is the connector's call."""
         bot = self.app.bot.user_id
         invited, room_id, inviter = event.state_key, event.room_id, event.sender
         if invited is None or room_id is None or inviter is None:
@@ -86,8 +89,15 @@ class Bridge(BridgeCore):
         if event.content.get("membership") != "invite" or self.ghosts.is_ghost(inviter):
             return
         if invited != bot:
-            if self.ghosts.is_ghost(invited):
+            if not self.ghosts.is_ghost(invited):
+                return
+            if self.permissions.allows(inviter, Level.RELAY):
                 await self._ghost_invited(room_id, inviter, invited)
+            else:
+                await self._refuse_invite(room_id, inviter, invited)
+            return
+        if not self.permissions.allows(inviter, Level.RELAY):
+            await self._refuse_invite(room_id, inviter, bot)
             return
         try:
             await self.app.bot.join_room(room_id)
@@ -102,6 +112,24 @@ class Bridge(BridgeCore):
                 room_id,
                 f"This is your room for the {name} bridge. Send `help` for the commands.",
             )
+
+    async def _refuse_invite(self, room_id: str, inviter: str, invited: str) -> None:
+        """Reject an invite from a user whose level does not let them use the bridge."""
+        log.info(
+            "%s may not use the bridge: %s rejects the invite to %s", inviter, invited, room_id
+        )
+        intent = self.app.bot
+        if invited != intent.user_id:
+            remote_id = self.connector.ghost_for_localpart(invited[1:].partition(":")[0])
+            if remote_id is None:
+                return
+            intent = self.ghosts.intent(remote_id)
+        try:
+            await intent.leave_room(room_id, "You may not use this bridge.")
+        except MatrixRequestError as exc:
+            if not 400 <= exc.status < 500 or exc.status == 429:
+                raise
+            log.warning("%s could not reject the invite to %s: %s", invited, room_id, exc)
 
     async def _ghost_invited(self, room_id: str, inviter: str, user_id: str) -> None:
         remote_id = self.connector.ghost_for_localpart(user_id[1:].partition(":")[0])

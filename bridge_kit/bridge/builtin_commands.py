@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
-from bridge_kit.bridge.commands import CommandContext, CommandRegistry
+from bridge_kit.bridge.commands import CommandContext, CommandRegistry, code
 from bridge_kit.bridge.core import RELAY_OFF, BridgeCore
 from bridge_kit.bridge.login_flows import LoginFlow, OffersLoginFlows, StepType, login_with_args
 from bridge_kit.bridge.logins import Login
 from bridge_kit.bridge.permissions import Level
 from bridge_kit.bridge.records import PortalRecord
-from bridge_kit.errors import CommandError
+from bridge_kit.errors import CommandError, MatrixRequestError
 
 __all__ = ["add_builtin_commands"]
+
+log = logging.getLogger(__name__)
 
 Context = CommandContext[BridgeCore]
 
@@ -35,7 +38,10 @@ def add_builtin_commands(registry: CommandRegistry[BridgeCore]) -> None:
 
 async def login(ctx: Context) -> None:
     bridge = ctx.state
-    room = ctx.room_id if ctx.management else None
+    if not ctx.management:
+        await _refuse_login_here(ctx)
+        return
+    room = ctx.room_id
     if isinstance(bridge.connector, OffersLoginFlows):
         await _login_by_flow(ctx, bridge.connector.login_flows(), room)
         return
@@ -74,7 +80,7 @@ async def logout(ctx: Context) -> None:
     if ctx.args:
         found = [login for login in found if login.id == ctx.args[0]]
         if not found:
-            raise CommandError(f"You have no login `{ctx.args[0]}`.")
+            raise CommandError(f"You have no login {code(ctx.args[0])}.")
     elif len(found) > 1:
         raise ctx.usage_error("You have several logins: name one")
     await bridge.logins.remove(found[0])
@@ -95,12 +101,15 @@ async def set_relay(ctx: Context) -> None:
     own = _own_logins(ctx)
     if not own:
         raise CommandError("You need a login to relay through: send `login` first.")
+    if portal.relay_login:  # another login relays here (not: the default, or off)
+        _check_relay_owner(ctx, portal, own, "replace the relay")
     await ctx.state.set_relay(portal.key, own[0].id)
     await ctx.reply(f"Messages of users without a login are relayed through `{own[0].id}`.")
 
 
 async def unset_relay(ctx: Context) -> None:
     portal = await _portal(ctx)
+    _check_relay_owner(ctx, portal, ctx.state.logins.of_user(ctx.sender), "turn off the relay")
     await ctx.state.set_relay(portal.key, RELAY_OFF)
     await ctx.reply("Relaying is off in this room.")
 
@@ -114,6 +123,32 @@ async def sync(ctx: Context) -> None:
     await bridge.portals.sync_info(portal, info)
     await bridge.portals.sync_members(portal, info.members)
     await ctx.reply(f"Synced the name, topic and {len(info.members)} members.")
+
+
+def _check_relay_owner(ctx: Context, portal: PortalRecord, own: Sequence[Login], what: str) -> None:
+    """Refuse a user who is not a bridge admin to change a relay that is not theirs
+    (another user's, turned off, or the bridge's default): everyone's messages there
+    would go out through their account, or not at all."""
+    if ctx.level >= Level.ADMIN:
+        return
+    if portal.relay_login and portal.relay_login in {login.id for login in own}:
+        return
+    raise CommandError(f"Only a bridge admin may {what} that another user or the bridge set here.")
+
+
+async def _refuse_login_here(ctx: Context) -> None:
+    """A login typed in a shared room: everyone there can read its credentials."""
+    if ctx.args and ctx.event_id is not None:
+        try:
+            await ctx.state.app.bot.redact(
+                ctx.room_id, ctx.event_id, "credentials in a shared room"
+            )
+        except MatrixRequestError as exc:
+            log.warning("could not redact a login typed in %s: %s", ctx.room_id, exc)
+    raise CommandError(
+        "Log in in your management room (a DM with the bridge bot), not here: everyone "
+        "in this room can read what you type. Change any password you typed here."
+    )
 
 
 def _own_logins(ctx: Context) -> list[Login]:

@@ -17,6 +17,7 @@ handler's error becomes a reply with its message, never a traceback.
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
@@ -33,6 +34,7 @@ __all__ = [
     "CommandContext",
     "CommandRegistry",
     "Reply",
+    "code",
     "notice_reply",
     "parse_command",
 ]
@@ -268,7 +270,9 @@ class CommandRegistry(Generic[T]):
             return True
         command = self.get(name)
         if command is None:
-            text = f"Unknown command `{name}`. Send `{prefix}help` for the commands you may run."
+            text = (
+                f"Unknown command {code(name)}. Send `{prefix}help` for the commands you may run."
+            )
             await _reply_markdown(reply, text)
             return True
         if level < command.level:
@@ -301,7 +305,7 @@ class CommandRegistry(Generic[T]):
         if ctx.args:
             command = self.get(ctx.args[0])
             if command is None or ctx.level < command.level:
-                raise CommandError(f"No command `{ctx.args[0]}` you may run.")
+                raise CommandError(f"No command {code(ctx.args[0])} you may run.")
             aliases = f" (also: {', '.join(command.aliases)})" if command.aliases else ""
             usage = self.usage_of(command, prefix=prefix.strip())
             await ctx.reply(f"`{usage}`{aliases}: {command.help or 'no description'}")
@@ -313,6 +317,15 @@ class CommandRegistry(Generic[T]):
         ]
         where = "" if ctx.management else f" (in a portal, start with `{self.prefix}`)"
         await ctx.reply(f"Commands you may run{where}:\n\n" + "\n".join(lines))
+
+
+def code(text: str) -> str:
+    """``text`` as a markdown code span, whatever backticks it holds: what a user typed,
+    repeated in a reply, renders as typed (never as a link or a pill)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _split_args(raw_args: str) -> tuple[str, ...]:

@@ -173,7 +173,9 @@ class BridgeCore:
     def relay_text(self, mxid: str, displayname: str, text: str) -> str:
         """A relayed message's text as ``bridge.relay_template`` says."""
         template = self.app.config.bridge.relay_template
-        return template.format(displayname=displayname, message=text, mxid=mxid)
+        # One line: a name with line breaks would pass for more messages, by others.
+        name = " ".join("".join(c if c.isprintable() else " " for c in displayname).split())
+        return template.format(displayname=name, message=text, mxid=mxid)
 
     async def is_management_room(self, room_id: str) -> bool:
         """A room the bot shares with one user only, that is no portal: a DM with the bot."""

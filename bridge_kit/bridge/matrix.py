@@ -4,7 +4,11 @@ A message goes out through its sender's login, or, for a sender without one,
 through the portal's relay login with the relay template applied. Before a
 message is sent, its event is claimed in the message map
 (:meth:`~bridge_kit.store.BridgeRecordStore.claim_event`): a handler the inbox runs twice
-finds it claimed and sends nothing the second time.
+finds it claimed and sends nothing the second time. So a message (or edit) is sent
+at most once: a crash while it is being sent leaves its claim pending, and the
+next run, which cannot know whether it went out, sends nothing and tells the room
+that it may not have been bridged. Reactions and redactions are sent at least once
+(a crash after the send and before it is recorded sends it again).
 """
 
 from __future__ import annotations
@@ -152,7 +156,10 @@ class MatrixHandler:
             event, portal, self._deliver(event, lambda: client.send_message(message))
         )
         if sent is None:
-            return  # it failed for good, and the room was told
+            # It failed for good, and the room was told; a claim kept would stay
+            # pending forever (a rerun sends again, and is refused again).
+            await self.store.release_event(event.event_id)
+            return
         record = MessageRecord(
             portal.key,
             sent.remote_id,
@@ -163,7 +170,7 @@ class MatrixHandler:
         )
         await self.store.put_messages([record])
 
-    async def _claim(self, event: Event, portal: PortalRecord) -> bool:
+    async def _claim(self, event: Event, portal: PortalRecord, what: str = "message") -> bool:
         """Claim ``event`` for sending; False when it was claimed (and maybe sent) before
         (a claim released by a failed send, :meth:`_releasing`, is gone: claimed again)."""
         assert event.room_id is not None and event.event_id is not None
@@ -178,6 +185,20 @@ class MatrixHandler:
         )
         if await self.store.claim_event(claim):
             return True
+        earlier = await self.store.message_by_event(event.event_id)
+        if earlier is not None and earlier.pending:
+            # Claimed and never completed nor released: the run that claimed it died
+            # while sending. Sending again might post it twice; never silently.
+            log.warning("%s: its send was cut short by a restart: not sent again", event.event_id)
+            failure = SendFailed(
+                "the bridge restarted while sending it; send it again if it did not arrive",
+                reason=StatusReason.BRIDGE_UNAVAILABLE,
+                transient=True,
+            )
+            await self.bridge.send_status.report_failure(
+                event.room_id, event.event_id, failure, what=what
+            )
+            return False
         log.debug("%s was claimed before: not sent again", event.event_id)
         return False
 
@@ -216,8 +237,13 @@ class MatrixHandler:
         target = await self.store.message_by_event(target_id)
         if target is None or target.pending or not self.bridge.connector.capabilities.edits:
             return
+        if target.sender_mxid != event.sender:
+            # Matrix shows an edit from its message's sender only; through the relay,
+            # which sent both, the network would take anyone's.
+            log.info("%s: an edit of another user's message, not sent", event.event_id)
+            return
         via = await self._sender(event, portal)
-        if via is None or not await self._claim(event, portal):
+        if via is None or not await self._claim(event, portal, "edit"):
             return
         name = await self._displayname(event.room_id, event.sender)
         plain = await self.bridge.formatter.matrix_to_remote(new)
@@ -306,7 +332,10 @@ class MatrixHandler:
             return
         reaction = await self.store.reaction_by_event(redacts)
         if reaction is not None:
-            via = await self._sender(event, portal, relay=False)
+            # Through the remover's login a network removes the remover's reaction:
+            # someone else's (a moderator's removal) has no such counterpart.
+            mine = reaction.sender_mxid == sender
+            via = await self._sender(event, portal, relay=False) if mine else None
             if via is not None:
                 removal = MatrixReactionRemove(
                     portal=portal, event_id=event.event_id, sender_mxid=sender, target=reaction
@@ -325,14 +354,17 @@ class MatrixHandler:
             return
         now = {u for u in user_ids if isinstance(u, str) and not self.bridge.ghosts.is_ghost(u)}
         before = self._typing.get(room_id, set())
-        self._typing[room_id] = now
+        if now:
+            self._typing[room_id] = now
+        else:
+            self._typing.pop(room_id, None)  # a room nobody types in costs nothing
         if now == before:
             return
         portal = await self.bridge.portals.by_room(room_id)
         if portal is None:
             return
         for user_id in now ^ before:
-            logins = self.bridge.logins.of_user(user_id)
+            logins = self._own_logins(user_id)
             if logins and logins[0].connected and logins[0].client is not None:
                 typing = MatrixTyping(portal=portal, sender_mxid=user_id, typing=user_id in now)
                 await logins[0].client.send_typing(typing)
@@ -354,7 +386,7 @@ class MatrixHandler:
         is relayed like one without a login.
         """
         assert event.sender is not None
-        for login in self.bridge.logins.of_user(event.sender):
+        for login in self._own_logins(event.sender):
             if login.client is None or login.state in _NEEDS_THE_USER:
                 continue
             _wait_for(login)
@@ -366,6 +398,13 @@ class MatrixHandler:
             return None
         _wait_for(relay_login)
         return _Sender(relay_login.client, relayed=True)
+
+    def _own_logins(self, user_id: str) -> list[Login]:
+        """``user_id``'s logins, while their level lets them use one: a login kept
+        after an admin lowered the level (or made before it) is not used."""
+        if not self.bridge.permissions.allows(user_id, Level.USER):
+            return []
+        return self.bridge.logins.of_user(user_id)
 
     async def _displayname(self, room_id: str, user_id: str) -> str:
         # From the stored member event (the sender's event came to us, so its join

@@ -10,12 +10,21 @@ PostgreSQL store: the store's ``claim_portal_room`` (the first room claimed wins
 a loser leaves the room it made), and for a portal with an alias the alias
 itself (the homeserver refuses a second room with it: M_ROOM_IN_USE, and the
 alias names the winner's room).
+
+A crash (or a cancelled alias query) between ``createRoom`` and the claim would
+leave a room nobody knows, and make a second one next time. So the portal is
+marked first (:data:`CREATING_ROOM` in its metadata, written only while it has no
+room); a portal found so marked is looked for among the bot's rooms first: one
+the bot created with this portal's ``m.bridge`` state is claimed, not made again
+(after :data:`ADOPTION_GRACE`, in which a live daemon that made it claims it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -30,12 +39,17 @@ from bridge_kit.errors import Banned, MatrixRequestError, NotFound, UnknownChat
 from bridge_kit.puppets.results import Ban
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
 
-__all__ = ["BRIDGE_STATE_TYPES", "Portals", "UnknownChat"]
+__all__ = ["ADOPTION_GRACE", "BRIDGE_STATE_TYPES", "CREATING_ROOM", "Portals", "UnknownChat"]
 
 log = logging.getLogger(__name__)
 
 #: The bridge-info state types: MSC2346's, and the one clients read before it settled.
 BRIDGE_STATE_TYPES = ("m.bridge", "uk.half-shot.bridge")
+#: The metadata key of a portal whose room is being made (the time it began).
+CREATING_ROOM = "bridge_kit.creating_room"
+#: Seconds a room found for a marked portal is left to a daemon that may be
+#: claiming it right now, before this one adopts it (after a crash: once).
+ADOPTION_GRACE = 2.0
 
 
 class Portals:
@@ -46,8 +60,10 @@ class Portals:
         self.connector = connector
         self.ghosts = ghosts
         # One creation per portal at a time in this process; the store and the alias
-        # guard against other processes.
-        self._locks: dict[PortalKey, asyncio.Lock] = {}
+        # guard against other processes. A lock goes when nobody holds or awaits it.
+        self._locks: weakref.WeakValueDictionary[PortalKey, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._background: set[asyncio.Task[None]] = set()
         self.on_created: list[Callable[[PortalRecord], Awaitable[None]]] = []
         """Awaited when this process made a portal's room, before its members join
@@ -75,7 +91,9 @@ class Portals:
         record = await self.get(key)
         if record is not None and record.room_id is not None:
             return record
-        lock = self._locks.setdefault(key, asyncio.Lock())
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
         async with lock:
             record = await self.get(key)
             if record is not None and record.room_id is not None:
@@ -93,7 +111,7 @@ class Portals:
         # homeserver would ask this very bridge about it (an alias query, which
         # waits for this very creation). A taken alias shows up as M_ROOM_IN_USE
         # instead, and is resolved then (it exists: the homeserver does not ask).
-        room_id, made = await self._create_room(key, info)
+        room_id, made = await self._room_for(key, info, old)
         won = await self.app.store.claim_portal_room(key, room_id)
         if won != room_id and made:
             log.info("portal %s: another daemon made its room first; leaving %s", key, room_id)
@@ -101,6 +119,7 @@ class Portals:
         base = old or PortalRecord(key)
         record = attrs.evolve(
             base,
+            metadata=_without_mark(base.metadata),
             room_id=won,
             name=info.name,
             topic=info.topic,
@@ -142,6 +161,67 @@ class Portals:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _room_for(
+        self, key: PortalKey, info: ChatInfo, old: PortalRecord | None
+    ) -> tuple[str, bool]:
+        """The room made before a crash, or a new one: ``(room, made by us)``."""
+        if old is not None and CREATING_ROOM in old.metadata:
+            found = await self._room_made_before(key)
+            if found is not None:
+                # The mark may be a live daemon's, which claims the room it made
+                # moments after making it: then the room is its, not ours to adopt.
+                await asyncio.sleep(ADOPTION_GRACE)
+                claimed = await self.get(key)
+                if claimed is not None and claimed.room_id is not None:
+                    return claimed.room_id, False
+                log.info("portal %s: found its room %s, made before a restart", key, found)
+                return found, True
+        base = old or PortalRecord(key)
+        marked = attrs.evolve(base, metadata={**base.metadata, CREATING_ROOM: time.time()})
+        if not await self.app.store.put_roomless_portal(marked):
+            claimed = await self.get(key)  # another daemon's room, claimed meanwhile
+            if claimed is not None and claimed.room_id is not None:
+                return claimed.room_id, False
+        try:
+            return await self._create_room(key, info)
+        except MatrixRequestError as exc:
+            if 400 <= exc.status < 500:
+                # Refused: no room was made, so the next try need not look for one.
+                unmarked = attrs.evolve(base, metadata=_without_mark(base.metadata))
+                await self.app.store.put_roomless_portal(unmarked)
+            raise
+
+    async def _room_made_before(self, key: PortalKey) -> str | None:
+        """A room of the bot's that no portal has, made by the bot for ``key``
+        (rooms looked at a few at a time: a big bridge's bot has many)."""
+        state_key = self._state_key(key)
+        candidates = [
+            room_id
+            for room_id in await self.app.bot.joined_rooms()
+            if await self.by_room(room_id) is None
+        ]
+        limit = asyncio.Semaphore(self.app.config.puppets.concurrency)
+
+        async def made_for(room_id: str) -> bool:
+            async with limit:
+                return await self._made_for(room_id, state_key)
+
+        found = await asyncio.gather(*(made_for(room_id) for room_id in candidates))
+        return next((room_id for room_id, ok in zip(candidates, found, strict=True) if ok), None)
+
+    async def _made_for(self, room_id: str, state_key: str) -> bool:
+        bot = self.app.bot
+        try:
+            # Most rooms lack the state: one small request each says so.
+            await bot.get_state_event(room_id, BRIDGE_STATE_TYPES[0], state_key)
+            state = await bot.get_state(room_id)
+        except MatrixRequestError as exc:  # NotFound included: not this portal's room
+            log.debug("portal room search: %s is not it: %s", room_id, exc)
+            return False
+        # Made by the bot, not merely joined: anyone may invite the bot to a room
+        # with such state, and a room they made is theirs to control.
+        return any(e.type == "m.room.create" and e.sender == bot.user_id for e in state)
+
     async def _existing_alias_room(self, key: PortalKey) -> str | None:
         alias = self.alias(key)
         if alias is None:
@@ -179,8 +259,11 @@ class Portals:
 
     def _bridge_state(self, key: PortalKey, info: ChatInfo) -> list[StateEventInput]:
         content = self.bridge_info(key, info.name)
-        state_key = f"bridge_kit://{self.connector.network_id}/{key}"
+        state_key = self._state_key(key)
         return [StateEventInput(kind, content, state_key) for kind in BRIDGE_STATE_TYPES]
+
+    def _state_key(self, key: PortalKey) -> str:
+        return f"bridge_kit://{self.connector.network_id}/{key}"
 
     def bridge_info(self, key: PortalKey, name: str | None) -> dict[str, Any]:
         """The ``m.bridge`` content of a portal (MSC2346)."""
@@ -278,6 +361,10 @@ class Portals:
         await asyncio.gather(*(leave(user_id) for user_id in leaving))
         if leaving:
             log.info("portal %s: %d ghosts left (gone from the chat)", portal.key, len(leaving))
+
+
+def _without_mark(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in metadata.items() if name != CREATING_ROOM}
 
 
 def _mxc(url: str | None) -> str | None:

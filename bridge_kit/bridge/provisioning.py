@@ -20,7 +20,9 @@ Who is asking is told by ``Authorization: Bearer``:
 
 Missing or wrong credentials get ``401`` (``M_MISSING_TOKEN`` or
 ``M_UNKNOWN_TOKEN``), a user without the ``user`` permission ``403
-M_FORBIDDEN``; each user has a request rate limit (``429 M_LIMIT_EXCEEDED``).
+M_FORBIDDEN``; each user has a request rate limit (``429 M_LIMIT_EXCEEDED``), and
+so has each client address for the tokens the bridge must ask a server about
+(a flood of made-up tokens would otherwise be one request to a server each).
 Every answer carries CORS headers, so a web client may call it.
 """
 
@@ -192,7 +194,30 @@ def _error_response(error: ErrorReply, **extra: Any) -> web.Response:
     return web.json_response(body, status=error.status, dumps=json_text, headers=_CORS)
 
 
+def _limited(request: web.Request, bucket: TokenBucket) -> ErrorReply:
+    """429 M_LIMIT_EXCEEDED; the wait goes into the body (``retry_after_ms``)."""
+    wait_ms = math.ceil((1 - bucket.available) * bucket.period / bucket.rate * 1000)
+    request[_RETRY_AFTER_MS] = max(wait_ms, 1)
+    return ErrorReply(429, "M_LIMIT_EXCEEDED", "Too many requests")
+
+
+def _bucket_in(
+    buckets: OrderedDict[str, TokenBucket], key: str, per_minute: int, clock: Callable[[], float]
+) -> TokenBucket:
+    """``key``'s bucket in ``buckets`` (made on first use; the least recently used
+    go beyond :data:`_CACHE_SIZE`)."""
+    bucket = buckets.get(key)
+    if bucket is None:
+        bucket = buckets[key] = TokenBucket(per_minute, 60.0, clock=clock)
+    buckets.move_to_end(key)
+    while len(buckets) > _CACHE_SIZE:
+        buckets.popitem(last=False)
+    return bucket
+
+
 _USER = web.RequestKey("bridge_kit.provisioning.user", str)
+_CLIENT = web.RequestKey("bridge_kit.provisioning.client", str)
+_RETRY_AFTER_MS = web.RequestKey("bridge_kit.provisioning.retry_after_ms", int)
 
 
 class ProvisioningAPI:
@@ -219,6 +244,7 @@ class ProvisioningAPI:
         self._secret = settings.shared_secret or ""
         self._token_cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._limits: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lookups: OrderedDict[str, TokenBucket] = OrderedDict()
         self._http: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
@@ -409,7 +435,8 @@ class ProvisioningAPI:
         try:
             response = await handler(request)
         except ErrorReply as exc:
-            return _error_response(exc)
+            wait = request.get(_RETRY_AFTER_MS)
+            return _error_response(exc, **({} if wait is None else {"retry_after_ms": wait}))
         except InvalidInput as exc:
             # The connector refused the input (a wrong password): the login is over.
             return _error_response(ErrorReply(400, "M_INVALID_PARAM", str(exc)))
@@ -436,15 +463,14 @@ class ProvisioningAPI:
         user_id = await self._authenticate(request)
         if not self.host.may_log_in(user_id):
             raise ErrorReply(403, "M_FORBIDDEN", "User does not have login permissions")
-        bucket = self._bucket(user_id)
+        bucket = _bucket_in(self._limits, user_id, self.settings.per_minute, self._clock)
         if not bucket.try_take():
-            wait_ms = math.ceil((1 - bucket.available) * bucket.period / bucket.rate * 1000)
-            refused = ErrorReply(429, "M_LIMIT_EXCEEDED", "Too many requests")
-            return _error_response(refused, retry_after_ms=max(wait_ms, 1))
+            raise _limited(request, bucket)
         request[_USER] = user_id
         return await handler(request)
 
     async def _authenticate(self, request: web.Request) -> str:
+        request[_CLIENT] = request.remote or ""
         token = _bearer(request)
         if not token:
             raise ErrorReply(401, "M_MISSING_TOKEN", "Missing auth token")
@@ -462,15 +488,25 @@ class ProvisioningAPI:
         if token.startswith("openid:"):
             if claimed is None:
                 raise ErrorReply(400, "M_MISSING_PARAM", "user_id is required with an OpenID token")
-            return await self._check_openid(token.removeprefix("openid:"), claimed)
-        return await self._check_access_token(token, claimed)
+            return await self._check_openid(token.removeprefix("openid:"), claimed, request)
+        return await self._check_access_token(token, claimed, request)
 
-    async def _check_access_token(self, token: str, claimed: str | None) -> str:
+    def _take_lookup(self, request: web.Request) -> None:
+        """Count a token the bridge must ask a server about against the client's
+        address: 429 once its budget is spent."""
+        bucket = _bucket_in(self._lookups, request[_CLIENT], self.settings.per_minute, self._clock)
+        if not bucket.try_take():
+            raise _limited(request, bucket)
+
+    async def _check_access_token(
+        self, token: str, claimed: str | None, request: web.Request
+    ) -> str:
         key = "token:" + _digest(token)  # the cache keeps no token, only its digest
         user_id = self._cached(key)
         if user_id == _REFUSED:
             raise _invalid_token()
         if user_id is None:
+            self._take_lookup(request)
             client = HomeserverClient(self.host.homeserver_url, token)
             try:
                 user_id = (await client.whoami()).user_id
@@ -488,13 +524,14 @@ class ProvisioningAPI:
             raise _invalid_token()
         return user_id
 
-    async def _check_openid(self, token: str, claimed: str) -> str:
+    async def _check_openid(self, token: str, claimed: str, request: web.Request) -> str:
         server = split_user_id(claimed)[1]
         key = f"openid:{server}:{_digest(token)}"
         user_id = self._cached(key)
         if user_id == _REFUSED:
             raise _invalid_token()
         if user_id is None:
+            self._take_lookup(request)
             try:
                 user_id = await self._openid_subject(server, token)
             except ErrorReply:
@@ -547,16 +584,6 @@ class ProvisioningAPI:
         self._token_cache.move_to_end(key)
         while len(self._token_cache) > _CACHE_SIZE:
             self._token_cache.popitem(last=False)
-
-    def _bucket(self, user_id: str) -> TokenBucket:
-        bucket = self._limits.get(user_id)
-        if bucket is None:
-            bucket = TokenBucket(self.settings.per_minute, 60.0, clock=self._clock)
-            self._limits[user_id] = bucket
-        self._limits.move_to_end(user_id)
-        while len(self._limits) > _CACHE_SIZE:
-            self._limits.popitem(last=False)
-        return bucket
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:

@@ -392,6 +392,10 @@ class Intent:
         """
         return await rooms.get_members(self, room_id, membership)
 
+    async def joined_rooms(self) -> list[str]:
+        """The IDs of the rooms this user is joined to."""
+        return await rooms.joined_rooms(self)
+
     # -- state --------------------------------------------------------------------
 
     async def get_state_event(

@@ -25,6 +25,7 @@ from bridge_kit.types.room import CreateRoomRequest, CreateRoomResponse, RoomVis
 from bridge_kit.types.room_state import (
     DirectoryVisibilityRequest,
     JoinedMembersResponse,
+    JoinedRoomsResponse,
     Member,
     MembersResponse,
     PowerLevels,
@@ -60,6 +61,11 @@ async def get_joined_members(actor: Actor, room_id: str) -> dict[str, Member]:
         user_id: Member(displayname=m.display_name, avatar_url=m.avatar_url)
         for user_id, m in joined.items()
     }
+
+
+async def joined_rooms(actor: Actor) -> list[str]:
+    reply = await actor._request("GET", f"{CLIENT}/joined_rooms", "/joined_rooms", body=None)
+    return structure_reply(reply, JoinedRoomsResponse, "joined_rooms").joined_rooms
 
 
 async def get_members(actor: Actor, room_id: str, membership: str | None) -> dict[str, Member]:

@@ -53,6 +53,17 @@ _UPSERT_PORTAL: Final = (
     " avatar_mxc = excluded.avatar_mxc, is_direct = excluded.is_direct,"
     " relay_login = excluded.relay_login, metadata = excluded.metadata"
 )
+# As _UPSERT_PORTAL, but a portal that has a room keeps its row (no row comes back).
+_PUT_ROOMLESS_PORTAL: Final = (
+    f"INSERT INTO bridge_kit_portals ({_PORTAL_COLUMNS})"  # noqa: S608 (constants only)
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " ON CONFLICT (portal_id, receiver) DO UPDATE SET"
+    " name = excluded.name, topic = excluded.topic,"
+    " avatar_mxc = excluded.avatar_mxc, is_direct = excluded.is_direct,"
+    " relay_login = excluded.relay_login, metadata = excluded.metadata"
+    " WHERE bridge_kit_portals.room_id IS NULL"
+    " RETURNING portal_id"
+)
 # The WHERE keeps a room once set: the loser of a race gets no row back, and reads the winner's.
 _CLAIM_ROOM: Final = (
     "INSERT INTO bridge_kit_portals (portal_id, receiver, room_id, is_direct, metadata)"
@@ -157,6 +168,10 @@ class BridgeSQLHooks(abc.ABC):
             return str((await q.rows(sql, key.id, key.receiver))[0][0])
 
         return await self._query_in_transaction(claim)
+
+    async def _put_roomless_portal(self, record: PortalRecord) -> bool:
+        row = _portal_row(record)
+        return bool(await self._query(lambda q: q.rows(_PUT_ROOMLESS_PORTAL, *row)))
 
     async def _delete_portal(self, key: PortalKey) -> None:
         async def delete(q: Query) -> None:

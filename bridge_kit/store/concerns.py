@@ -691,6 +691,14 @@ class BridgeRecordStore(abc.ABC):
             _clean.checked_portal_key(key), _clean.checked_key(room_id, "room ID")
         )
 
+    async def put_roomless_portal(self, record: PortalRecord) -> bool:
+        """Insert or replace the portal of ``record.key`` (a record without a room)
+        unless it has a room by now, in one atomic step; return whether it was
+        written. A room another daemon claimed meanwhile is never erased."""
+        if record.room_id is not None:
+            raise ValueError("put_roomless_portal takes a record without a room")
+        return await self._put_roomless_portal(_clean.storable_portal(record))
+
     async def delete_portal(self, key: PortalKey) -> None:
         """Forget a portal and its message map (messages and reactions)."""
         await self._delete_portal(_clean.checked_portal_key(key))
@@ -806,6 +814,9 @@ class BridgeRecordStore(abc.ABC):
 
     @abc.abstractmethod
     async def _claim_portal_room(self, key: PortalKey, room_id: str) -> str: ...
+
+    @abc.abstractmethod
+    async def _put_roomless_portal(self, record: PortalRecord) -> bool: ...
 
     @abc.abstractmethod
     async def _delete_portal(self, key: PortalKey) -> None: ...

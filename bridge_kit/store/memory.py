@@ -566,6 +566,14 @@ class MemoryStore(Store):
         self._bridge.put_portal(attrs.evolve(portal or PortalRecord(key), room_id=room_id))
         return room_id
 
+    async def _put_roomless_portal(self, record: PortalRecord) -> bool:
+        self._check_open()
+        portal = self._bridge.portals.get(record.key)
+        if portal is not None and portal.room_id is not None:
+            return False
+        self._bridge.put_portal(record)
+        return True
+
     async def _delete_portal(self, key: PortalKey) -> None:
         self._check_open()
         self._bridge.delete_portal(key)

@@ -52,6 +52,13 @@ class JoinedMembersResponse:
 
 
 @attrs.frozen
+class JoinedRoomsResponse:
+    """The reply of ``GET /joined_rooms``."""
+
+    joined_rooms: list[str]
+
+
+@attrs.frozen
 class MembersResponse:
     """The reply of ``GET /rooms/{roomId}/members``: ``m.room.member`` state events."""
 

@@ -186,6 +186,20 @@ async def test_an_unknown_command_says_how_to_get_help(registry: CommandRegistry
     ]
 
 
+@pytest.mark.parametrize(
+    "typed",
+    ["x`[click](https://evil.example)`", "``<a/href='https://evil.example'>x</a>", "`@room`"],
+)
+async def test_what_a_user_typed_is_quoted_back_as_code_only(
+    registry: CommandRegistry[Bridge], typed: str
+) -> None:
+    """A command name (or help topic) the bot repeats cannot make it post a link."""
+    for body in (typed, f"help {typed}"):
+        _, replies = await run(registry, body)
+        html = replies.sent[0][1]
+        assert html is not None and "<a" not in html, html
+
+
 async def test_a_level_too_low_is_refused_without_running(
     registry: CommandRegistry[Bridge],
 ) -> None:
