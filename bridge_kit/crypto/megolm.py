@@ -277,6 +277,9 @@ class InboundGroupSessions:
         stored = await self.get(room_id, cached.sender_key, session_id)
         first = cached.session.first_known_index
         if stored is None or stored.session.first_known_index >= first:
+            # Another daemon may have stored a worse copy over ours (it compared with
+            # its own cached one): ours still opens what it opened.
+            self._remember(key, cached)
             return None
         return stored
 
