@@ -227,7 +227,11 @@ async def test_sqlite_a_later_crypto_write_is_not_overtaken_by_an_earlier_one(
             await asyncio.sleep(0.1)
             assert not older.done()  # waiting on the thread for the write lock
             other.execute("COMMIT")
-            # Right after the other writer let go, before the waiting write got in.
+            # Right after the other writer let go, before the waiting write got in: a
+            # write of another key commits on the loop at once, one of the same key
+            # queues behind the waiting one.
+            await store.crypto_put(ALICE, "devices", "@v", b"other key")
+            assert not older.done()
             newer = asyncio.create_task(store.crypto_put(ALICE, "devices", "@u", b"newer"))
             await asyncio.gather(older, newer)
         finally:
