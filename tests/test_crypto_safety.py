@@ -179,6 +179,55 @@ async def test_a_better_room_key_another_daemon_took_in_replaces_the_cached_one(
             await first.decrypt(ROOM, "$broken", ALICE, broken)
 
 
+async def test_a_worse_stored_copy_does_not_take_the_place_of_a_better_cached_one(
+    postgres_dsn: str, unique: str
+) -> None:
+    """An event before the cached copy's first index reads the stored copy again; when
+    that one is no better (two daemons taking in copies at once each compare with what
+    they read, and the worse may be written last), the better cached copy stays in use."""
+    owner = f"{BOT}|WORSE{unique}"
+    group = vodozemac.GroupSession()
+    before = [_alice_event(group, n) for n in range(2)]
+    from_two = _room_key_payload(group)
+    events = {n: _alice_event(group, n) for n in range(2, 5)}
+    from_five = vodozemac.InboundGroupSession(group.session_key)
+    async with open_store(postgres_dsn) as first_store, open_store(postgres_dsn) as second_store:
+        first = InboundGroupSessions(CryptoVault(first_store, owner, KEY))
+        second = InboundGroupSessions(CryptoVault(second_store, owner, KEY))
+        assert await first.add_room_key(from_two) is not None
+        await second.add(ROOM, from_five, ALICE, "alice's curve", "alice's ed25519")
+        with pytest.raises(UndecryptableEvent, match="unknown message index"):
+            await first.decrypt(ROOM, "$1", ALICE, before[1])
+        for n, content in events.items():
+            assert (await first.decrypt(ROOM, f"${n}", ALICE, content)).content == {"n": n}
+
+
+async def test_a_daemon_with_an_older_cached_copy_does_not_store_a_worse_one(
+    postgres_dsn: str, unique: str
+) -> None:
+    """A room key compares with the stored copy on a store daemons share, not only with
+    this daemon's cached one: another daemon may have stored a better copy since."""
+    owner = f"{BOT}|STALE{unique}"
+    group = vodozemac.GroupSession()
+    _alice_event(group, 0), _alice_event(group, 1)
+    from_two = _room_key_payload(group)
+    events = {n: _alice_event(group, n) for n in range(2, 5)}
+    from_five = _room_key_payload(group)
+    for n in range(5, 10):
+        _alice_event(group, n)
+    from_ten = _room_key_payload(group)
+    async with open_store(postgres_dsn) as first_store, open_store(postgres_dsn) as second_store:
+        first = InboundGroupSessions(CryptoVault(first_store, owner, KEY))
+        second = InboundGroupSessions(CryptoVault(second_store, owner, KEY))
+        assert await second.add_room_key(from_ten) is not None
+        assert await first.add_room_key(from_two) is not None
+        assert await second.add_room_key(from_five) is None  # the stored copy is better
+        restarted = InboundGroupSessions(CryptoVault(second_store, owner, KEY))
+        for n, content in events.items():
+            assert (await restarted.decrypt(ROOM, f"${n}", ALICE, content)).content == {"n": n}
+            assert (await second.decrypt(ROOM, f"${n}", ALICE, content)).content == {"n": n}
+
+
 # -- a flood of Olm messages on the fallback key ----------------------------------------
 
 

@@ -212,6 +212,58 @@ async def test_sqlite_crypto_reads_and_writes_wait_for_another_writer(tmp_path: 
         assert items == {"before": b"0", "theirs": b"\x01", "one": b"1", "two": b"2", "three": b"3"}
 
 
+async def test_sqlite_a_later_crypto_write_is_not_overtaken_by_an_earlier_one(
+    tmp_path: Path,
+) -> None:
+    """A write that had to wait on the thread (the file was busy) still lands before
+    a write of the same key made after it: the later one, on the loop, must not
+    commit first and then be overwritten by the older value."""
+    path = tmp_path / "order.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            older = asyncio.create_task(store.crypto_put(ALICE, "devices", "@u", b"older"))
+            await asyncio.sleep(0.1)
+            assert not older.done()  # waiting on the thread for the write lock
+            other.execute("COMMIT")
+            # Right after the other writer let go, before the waiting write got in: a
+            # write of another key commits on the loop at once, one of the same key
+            # queues behind the waiting one.
+            await store.crypto_put(ALICE, "devices", "@v", b"other key")
+            assert not older.done()
+            newer = asyncio.create_task(store.crypto_put(ALICE, "devices", "@u", b"newer"))
+            await asyncio.gather(older, newer)
+        finally:
+            other.close()
+        assert await store.crypto_get(ALICE, "devices", "@u") == b"newer"
+        # put_new after a waiting write of the same key sees that write.
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            waiting = asyncio.create_task(store.crypto_put(ALICE, "seen", "i0", b"$first"))
+            await asyncio.sleep(0.1)
+            other.execute("COMMIT")
+            second = asyncio.create_task(store.crypto_put_new(ALICE, "seen", "i0", b"$second"))
+            await waiting
+            assert await second == b"$first"
+        finally:
+            other.close()
+        assert await store.crypto_get(ALICE, "seen", "i0") == b"$first"
+        # A write after a waiting delete of the same key stays.
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            deleting = asyncio.create_task(store.crypto_delete(ALICE, "devices", "@u"))
+            await asyncio.sleep(0.1)
+            other.execute("COMMIT")
+            rewrite = asyncio.create_task(store.crypto_put(ALICE, "devices", "@u", b"again"))
+            await asyncio.gather(deleting, rewrite)
+        finally:
+            other.close()
+        assert await store.crypto_get(ALICE, "devices", "@u") == b"again"
+
+
 # -- durability and migration ----------------------------------------------------------------
 
 

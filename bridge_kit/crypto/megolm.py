@@ -194,6 +194,10 @@ class InboundGroupSessions:
             raise UndecryptableEvent(f"invalid room key: {exc}") from None
         if session.session_id != session_id:
             raise UndecryptableEvent("the room key's session_id does not match its key")
+        if self.vault.store.crypto_shared:
+            # Another daemon may have stored a better copy than the one cached here,
+            # which this one must not write over.
+            self._cache.pop((room_id, payload.sender_key, session_id), None)
         known = await self.get(room_id, payload.sender_key, session_id)
         if known is not None and known.session.first_known_index <= session.first_known_index:
             return None
@@ -277,6 +281,9 @@ class InboundGroupSessions:
         stored = await self.get(room_id, cached.sender_key, session_id)
         first = cached.session.first_known_index
         if stored is None or stored.session.first_known_index >= first:
+            # Another daemon may have stored a worse copy over ours (it compared with
+            # its own cached one): ours still opens what it opened.
+            self._remember(key, cached)
             return None
         return stored
 

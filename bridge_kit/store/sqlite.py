@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -98,6 +99,8 @@ class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
         self._daemon_lock: int | None = None  # the lock file's descriptor, see lock_for_daemon
         self._loop_commits = 0
         self._checkpoint_task: asyncio.Task[None] | None = None
+        # The crypto keys written or deleted on aiosqlite's thread, waiting or under way.
+        self._crypto_on_thread: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -574,7 +577,10 @@ class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
         )
         # One row is one statement, which commits on its own; more need a transaction.
         small = len(items) <= _LOOP_CRYPTO_BATCH
-        if not small or self._on_loop(write, transaction=len(items) > 1) is None:
+        on_loop = small and self._crypto_loop_free(owner, kind, items)
+        if on_loop and self._on_loop(write, transaction=len(items) > 1) is not None:
+            return
+        with self._crypto_thread_write(owner, kind, items):
             await self._in_transaction(
                 lambda conn: sqlite_devices.crypto_put_many(conn, owner, kind, items, now)
             )
@@ -585,9 +591,42 @@ class SQLiteStore(SQLiteParkedItems, BridgeSQLHooks, SharedSQLHooks, Store):
         add = functools.partial(
             sqlite_devices.crypto_put_new_now, owner=owner, kind=kind, key=key, value=value, now=now
         )
-        found = self._on_loop(add)
+        found = self._on_loop(add) if self._crypto_loop_free(owner, kind, [key]) else None
         if found is not None:
             return found[0] if found else None
-        return await self._in_transaction(
-            lambda conn: sqlite_devices.crypto_put_new(conn, owner, kind, key, value, now)
-        )
+        with self._crypto_thread_write(owner, kind, [key]):
+            return await self._in_transaction(
+                lambda conn: sqlite_devices.crypto_put_new(conn, owner, kind, key, value, now)
+            )
+
+    async def _crypto_delete(self, owner: str, kind: str, key: str) -> None:
+        with self._crypto_thread_write(owner, kind, [key]):
+            await super()._crypto_delete(owner, kind, key)
+
+    async def _crypto_delete_many(self, owner: str, kind: str, keys: list[str]) -> None:
+        with self._crypto_thread_write(owner, kind, keys):
+            await super()._crypto_delete_many(owner, kind, keys)
+
+    # A crypto write that waits for the thread (the file was busy, or a big batch)
+    # commits when its turn comes there; a later write of the same key committed on
+    # the loop meanwhile would be overwritten by the older value (a device list
+    # marked outdated, then saved as up to date). So while one waits, the later
+    # ones of the same keys queue behind it on the thread, in order (the others,
+    # such as the next messages' replay records, still commit on the loop).
+
+    def _crypto_loop_free(self, owner: str, kind: str, keys: Iterable[str]) -> bool:
+        waiting = self._crypto_on_thread
+        return not waiting or all((owner, kind, key) not in waiting for key in keys)
+
+    @contextlib.contextmanager
+    def _crypto_thread_write(self, owner: str, kind: str, keys: Iterable[str]) -> Iterator[None]:
+        scoped = [(owner, kind, key) for key in keys]
+        waiting = self._crypto_on_thread
+        waiting.update(scoped)
+        try:
+            yield
+        finally:
+            for one in scoped:
+                waiting[one] -= 1
+                if waiting[one] <= 0:
+                    del waiting[one]
