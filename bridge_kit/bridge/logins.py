@@ -326,7 +326,10 @@ class Logins:
             log.warning("login %s: could not take its lease (trying later): %s", login.id, exc)
             return False
         if lease is None:
-            log.info("login %s: another daemon holds it; on standby here", login.id)
+            # Said once: a standby login is tried again every lease_retry seconds.
+            (log.debug if taking_over else log.info)(
+                "login %s: another daemon holds it; on standby here", login.id
+            )
             return False
         login.lease = lease
         if taking_over and login.state is LoginState.CONNECTED:
