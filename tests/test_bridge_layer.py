@@ -938,6 +938,34 @@ async def test_two_daemons_connect_each_login_once_and_the_standby_takes_over(
                 await holder.stop()
 
 
+async def test_a_login_another_daemon_just_added_is_used_not_the_relay(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """The daemon handling a user's message has not looked at the store since another
+    daemon added the user's login: it finds the login then, and the message goes out
+    through it (from the daemon holding it), not relayed."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    async with scratch_database() as dsn, human(homeserver, f"h{unique}") as alice:
+        # `pushed` gets the homeserver's pushes and holds the relay login.
+        pushed = make_bridge(homeserver, open_store(dsn), network)
+        pushed.logins.lease_retry = 600.0  # no look of its own during the test
+        other = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        async with pushed, other:
+            assert pushed.logins.get("relay").connected  # type: ignore[union-attr]
+            info = LoginInfo(id="alice", remote_name="alice", credentials=b"secret-alice")
+            await other.add_login(alice.user_id, info)
+            await eventually(_connected_here(other, "alice"), "alice connected")
+            assert pushed.logins.get("alice") is None
+            room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+            await alice.say(room_id, f"mine {unique}")
+            got = await network.wait_for("message", lambda r: unique in r.item.text)
+            assert got.login == "alice" and not got.item.relayed
+            found = pushed.logins.get("alice")
+            assert found is not None and found.standby
+            assert network.connects.count("alice") == 1
+
+
 async def test_a_lost_lease_connection_puts_its_logins_on_standby(
     homeserver: TestHomeserver,
 ) -> None:

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import attrs
@@ -383,13 +383,31 @@ class Logins:
                     if not await self._reload_credentials(login):
                         continue
                     await self._connect_if_free(login, taking_over=True)
-            for record in stored.values():
-                if record.id in self._loaded or record.state is LoginState.LOGGED_OUT:
-                    continue
-                login = Login(self, record, None)
-                if await self._reload_credentials(login):
-                    self._loaded[login.id] = login
-                    await self._connect_if_free(login, taking_over=True)
+            await self._load_new(stored.values())
+
+    async def discover(self, user_id: str) -> bool:
+        """On a shared store, load the logins of ``user_id`` that another daemon added
+        since the last :meth:`sync` (connected here if their lease is free); whether
+        there were any. For a Matrix event of a user with no login loaded here."""
+        if not self.shared:
+            return False
+        async with self._changing:
+            if self.stopping:
+                return False
+            return await self._load_new(await self.app.store.logins(user_id))
+
+    async def _load_new(self, records: Iterable[LoginRecord]) -> bool:
+        """Load the records not loaded yet (nor logged out); whether there were any."""
+        found = False
+        for record in records:
+            if record.id in self._loaded or record.state is LoginState.LOGGED_OUT:
+                continue
+            login = Login(self, record, None)
+            if await self._reload_credentials(login):
+                self._loaded[login.id] = login
+                await self._connect_if_free(login, taking_over=True)
+                found = True
+        return found
 
     async def _reload_credentials(self, login: Login) -> bool:
         try:

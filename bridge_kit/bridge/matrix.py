@@ -395,7 +395,13 @@ class MatrixHandler:
         is relayed like one without a login.
         """
         assert event.sender is not None
-        for login in self._own_logins(event.sender):
+        own = self._own_logins(event.sender)
+        # A login another daemon added since this one last looked is the user's own:
+        # used (here or by its holder), not passed over for the relay.
+        allowed = self.bridge.permissions.allows(event.sender, Level.USER)
+        if not own and allowed and await self.bridge.logins.discover(event.sender):
+            own = self._own_logins(event.sender)
+        for login in own:
             if login.state in _NEEDS_THE_USER:
                 continue
             _not_elsewhere(login)
