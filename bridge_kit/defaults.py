@@ -117,5 +117,10 @@ SEALED_PAYLOADS_MAX_AGE: Final = 7 * 86_400.0
 #: commits) or "full" (every commit synced).
 STORE_SYNC: Final = "normal"
 
+#: Seconds (jittered by a quarter either way) between two looks of a daemon on a shared
+#: store at its bridge logins' leases: how soon a standby daemon connects a login
+#: whose holder died or let go.
+LOGIN_LEASE_RETRY: Final = 10.0
+
 #: Seconds between two homeserver pings of a running bridge (``bridge.ping_interval``).
 BRIDGE_PING_INTERVAL: Final = 60.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ from bridge_kit.testing.synapse import free_port
 from bridge_kit.types import Event
 from tests.conftest import TestHomeserver, _running_homeserver, scratch_database
 from tests.helpers.toy_network import ToyConfig, ToyConnector, ToyNetwork
+from tests.test_store import run_sql
 
 T = TypeVar("T")
 TIMEOUT = 60.0
@@ -853,6 +855,153 @@ async def test_two_bridges_on_one_postgresql_make_one_room(
             )
             bodies = [e["content"].get("body") for e in events["chunk"]]
             assert bodies.count("once") == 1
+
+
+def _connected_here(bridge: Bridge, login_id: str) -> Callable[[], Awaitable[Any]]:
+    async def probe() -> Any:
+        login = bridge.logins.get(login_id)
+        return login if login is not None and login.connected else None
+
+    return probe
+
+
+def _loaded(bridge: Bridge, login_id: str) -> Callable[[], Awaitable[Any]]:
+    async def probe() -> Any:
+        return bridge.logins.get(login_id)
+
+    return probe
+
+
+async def test_two_daemons_connect_each_login_once_and_the_standby_takes_over(
+    homeserver: TestHomeserver, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two daemons on one PostgreSQL store: each login is connected by the daemon that
+    holds its lease only; a Matrix message the other daemon's inbox takes goes out
+    through the holder; when the holder stops, the standby connects its logins."""
+    caplog.set_level(logging.DEBUG, "bridge_kit.inbox.lanes")
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    other_user = f"@o{unique}:{DOMAIN}"
+    async with scratch_database() as dsn, human(homeserver, f"h{unique}") as alice:
+        # The homeserver pushes to `standby` (the registration's port) only: its inbox
+        # is the first to take each Matrix event.
+        holder = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        standby = make_bridge(homeserver, open_store(dsn), network)
+        for bridge in (holder, standby):
+            bridge.logins.lease_retry = 0.3
+        await holder.start()
+        holder_running = True
+        try:
+            info = LoginInfo(id="alice", remote_name="alice", credentials=b"secret-alice")
+            await holder.add_login(alice.user_id, info)
+            await eventually(_connected(holder, "alice"), "alice connected by the holder")
+            await standby.start()
+            try:
+                for login_id in ("relay", "alice"):
+                    mine = standby.logins.get(login_id)
+                    assert mine is not None and mine.standby and mine.client is None
+                # A login the holder adds later: the standby finds it, and leaves it.
+                await holder.add_login(other_user, LoginInfo(id="other", remote_name="other"))
+                found = await eventually(_loaded(standby, "other"), "the new login found")
+                assert found.standby
+                room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+                texts = [f"m{n} {unique}" for n in range(3)]
+                for text in texts:
+                    await alice.say(room_id, text)
+                for text in texts:
+                    got = await network.wait_for("message", lambda r, t=text: r.item.text == t)
+                    assert got.login == "alice" and not got.item.relayed
+                assert [r.item.text for r in network.of("message")] == texts  # once each
+                assert any("connected by another daemon" in r.message for r in caplog.records)
+                for login_id in ("relay", "alice", "other"):
+                    assert network.connects.count(login_id) == 1, network.connects
+                    assert not standby.logins.get(login_id).connected  # type: ignore[union-attr]
+                # The holder stops: the standby connects each of its logins.
+                holder_running = False
+                await holder.stop()
+                stopped = time.monotonic()
+                for login_id in ("relay", "alice", "other"):
+                    await eventually(_connected_here(standby, login_id), f"{login_id} taken over")
+                assert time.monotonic() - stopped < 10 * standby.logins.lease_retry + 5
+                for login_id in ("relay", "alice", "other"):
+                    assert network.connects.count(login_id) == 2, network.connects
+                    stored = await standby.app.store.login(login_id)
+                    assert stored is not None and stored.state is LoginState.CONNECTED
+                await alice.say(room_id, f"after {unique}")
+                got = await network.wait_for("message", lambda r: unique in r.item.text and
+                                             r.item.text.startswith("after"))  # fmt: skip
+                assert got.login == "alice"
+            finally:
+                await standby.stop()
+        finally:
+            if holder_running:
+                await holder.stop()
+
+
+async def test_a_login_another_daemon_just_added_is_used_not_the_relay(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """The daemon handling a user's message has not looked at the store since another
+    daemon added the user's login: it finds the login then, and the message goes out
+    through it (from the daemon holding it), not relayed."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    async with scratch_database() as dsn, human(homeserver, f"h{unique}") as alice:
+        # `pushed` gets the homeserver's pushes and holds the relay login.
+        pushed = make_bridge(homeserver, open_store(dsn), network)
+        pushed.logins.lease_retry = 600.0  # no look of its own during the test
+        other = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        async with pushed, other:
+            assert pushed.logins.get("relay").connected  # type: ignore[union-attr]
+            info = LoginInfo(id="alice", remote_name="alice", credentials=b"secret-alice")
+            await other.add_login(alice.user_id, info)
+            await eventually(_connected_here(other, "alice"), "alice connected")
+            assert pushed.logins.get("alice") is None
+            room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+            await alice.say(room_id, f"mine {unique}")
+            got = await network.wait_for("message", lambda r: unique in r.item.text)
+            assert got.login == "alice" and not got.item.relayed
+            found = pushed.logins.get("alice")
+            assert found is not None and found.standby
+            assert network.connects.count("alice") == 1
+
+
+async def test_a_lost_lease_connection_puts_its_logins_on_standby(
+    homeserver: TestHomeserver,
+) -> None:
+    """The database ends the session holding a daemon's login leases (a restart): the
+    daemon disconnects those logins, since another may connect them now, and connects
+    them again once it gets their leases back."""
+    network = ToyNetwork()
+    async with scratch_database() as dsn:
+        bridge = make_bridge(homeserver, open_store(dsn), network, port=free_port())
+        bridge.logins.lease_retry = 1.0
+        rival = open_store(dsn)
+        async with bridge, rival:
+            await eventually(_connected(bridge, "relay"), "the relay login connected")
+            ended = await run_sql(
+                dsn,
+                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE locktype = 'advisory' AND objsubid = 2 AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            assert ended == [(True,)]
+            deadline = time.monotonic() + TIMEOUT
+            while (taken := await rival.take_login_lease("relay")) is None:
+                assert time.monotonic() < deadline, "the lease was never free"
+                await asyncio.sleep(0.01)
+
+            async def on_standby() -> bool:
+                login = bridge.logins.get("relay")
+                return login is not None and login.standby and login.client is None
+
+            await eventually(on_standby, "the relay login disconnected")
+            assert network.connects.count("relay") == 1
+            assert not bridge.logins.get("relay").connected  # type: ignore[union-attr]
+            await taken.release()
+
+            await eventually(_connected_here(bridge, "relay"), "the relay login connected again")
+            assert network.connects.count("relay") == 2
 
 
 @contextlib.asynccontextmanager

@@ -395,3 +395,89 @@ async def test_a_version_5_database_is_migrated_to_6_with_its_data(durable_backe
         assert await reopened.messages(CHAT, "m1") == [message("m1", "$e1")]
         assert await reopened.reaction_by_event("$r1") == reaction("m1", "$r1")
     assert await run_sql(url, "SELECT version FROM bridge_kit_schema") == [(6,)]
+
+
+# -- login leases --------------------------------------------------------------------
+
+
+async def test_a_login_lease_is_held_once_until_released(store: Store) -> None:
+    lease = await store.take_login_lease("login-1")
+    assert lease is not None and lease.held and lease.login_id == "login-1"
+    # Held here already: not granted twice, even by a store that grants every lease.
+    assert await store.take_login_lease("login-1") is None
+    other = await store.take_login_lease("login-2")
+    assert other is not None and other.held
+    await lease.release()
+    assert not lease.held and other.held
+    await lease.release()  # twice: nothing happens, the next holder keeps it
+    again = await store.take_login_lease("login-1")
+    assert again is not None and again.held
+    await lease.release()
+    assert again.held
+    with pytest.raises(ValueError):
+        await store.take_login_lease(HOSTILE)
+
+
+async def test_only_postgresql_shares_login_leases(any_backend: str) -> None:
+    async with open_store(await emptied(any_backend)) as opened:
+        assert opened.login_leases_shared is any_backend.startswith("postgresql")
+        await opened.check_login_leases()  # nothing held: nothing to find lost
+
+
+async def test_two_postgresql_stores_hold_each_login_lease_once(postgres_dsn: str) -> None:
+    url = await emptied(postgres_dsn)
+    async with open_store(url) as first, open_store(url) as second:
+        held = await first.take_login_lease("login-1")
+        assert held is not None
+        assert await second.take_login_lease("login-1") is None  # the other daemon's
+        theirs = await second.take_login_lease("login-2")
+        assert theirs is not None and await first.take_login_lease("login-2") is None
+        await held.release()
+        taken = await second.take_login_lease("login-1")
+        assert taken is not None and taken.held
+        assert await first.take_login_lease("login-1") is None
+        # A closed store (a stopped daemon) lets go of every lease it held.
+        await second.close()
+        assert not taken.held
+        for login_id in ("login-1", "login-2"):
+            lease = await first.take_login_lease(login_id)
+            assert lease is not None and lease.held
+
+
+async def test_a_login_lease_is_apart_from_the_crypto_lock_of_the_same_name(
+    postgres_dsn: str,
+) -> None:
+    url = await emptied(postgres_dsn)
+    first, second = open_store(url), open_store(url)
+    async with first, second, first.crypto_lock("@same:test.local"):
+        lease = await second.take_login_lease("@same:test.local")
+        assert lease is not None and lease.held
+
+
+async def test_a_dropped_lease_connection_loses_its_leases(postgres_dsn: str) -> None:
+    """The database ends the leases' session (a restart, a cut network): the store finds
+    them lost, another daemon takes them, and the first takes new ones on a new session."""
+    url = await emptied(postgres_dsn)
+    async with open_store(url) as first, open_store(url) as second:
+        lease = await first.take_login_lease("login-1")
+        assert lease is not None
+        ended = await run_sql(
+            url,
+            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND objsubid = 2 AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        assert ended == [(True,)]
+        taken = None
+        for _ in range(100):  # the server ends the session a moment after it says so
+            taken = await second.take_login_lease("login-1")
+            if taken is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert taken is not None
+        assert lease.held  # the first store does not know yet...
+        await first.check_login_leases()
+        assert not lease.held  # ...until it checks
+        assert await first.take_login_lease("login-1") is None
+        fresh = await first.take_login_lease("login-3")
+        assert fresh is not None and fresh.held

@@ -28,6 +28,7 @@ from bridge_kit.inbox.delivery import next_txn_id
 from bridge_kit.inbox.handlers import EventHandler
 from bridge_kit.inbox.lanes import HandlerRoute, Inbox, InboxSettings, handler_name
 from bridge_kit.inbox.records import ItemKind
+from bridge_kit.inbox.signals import NotHere
 from bridge_kit.inbox.transactions import TransactionProcessor, split_transaction
 from bridge_kit.metrics import Metrics
 from bridge_kit.store import MemoryStore, PostgresStore, Store, open_store
@@ -734,6 +735,42 @@ async def test_two_processes_share_one_postgresql_inbox(postgres_dsn: str) -> No
     assert all(log.numbers(room) == list(range(10)) for room in rooms)
     assert log.overlaps == 0
     assert log.workers() == {"one", "other"}  # 5 lanes each at most: both had work
+
+
+async def test_a_lane_not_here_is_left_to_the_process_that_can_handle_it(
+    postgres_dsn: str,
+) -> None:
+    """One process cannot handle any item (NotHere: what it needs is another's): the
+    other process, started later, gets every lane and handles each item once, in order.
+
+    The first retries each item long before the next poll: without setting its lanes
+    aside it would claim each again the moment it is due, and the other (which only
+    polls) would almost never find one free and due."""
+    dsn = await emptied(postgres_dsn)
+    settings = attrs.evolve(SETTINGS, poll=0.5)
+    rooms = rooms_of(4)
+    log = SharedLog()
+    refused: list[str] = []
+
+    async def not_here(event: Event) -> None:
+        assert event.event_id is not None
+        refused.append(event.event_id)
+        raise NotHere("not this process", retry_after=0.05, give_up_after=WAIT * 4)
+
+    async with PostgresStore(dsn) as one_store, PostgresStore(dsn) as other_store:
+        await accept_rooms(one_store, rooms, 5)
+        async with running(one_store, route_to(not_here), settings):
+            await until(lambda: len(set(refused)) == len(rooms))  # each lane tried here
+            before = len(refused)
+            async with running(other_store, route_to(log.handler("other")), settings):
+                await until(lambda: log.total() == 20)
+                await drained(one_store)
+            # Set aside, each lane is tried here again once at most while the other has it
+            # (without it: dozens of times).
+            assert len(refused) - before <= len(rooms)
+        assert await one_store.dead_letters() == []
+    assert all(log.numbers(room) == list(range(5)) for room in rooms)
+    assert log.overlaps == 0 and log.workers() == {"other"}
 
 
 class DyingStore(PostgresStore):

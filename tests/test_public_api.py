@@ -59,6 +59,7 @@ def test_the_package_docstring_names_every_public_module() -> None:
 #: BridgeKitError`` must not swallow it.
 SIGNALS = {
     signals.NotReady: "tells the inbox to try an item again later",
+    signals.NotHere: "tells the inbox to leave an item to another daemon for a while",
     signals.Park: "tells the inbox to move an item out of its lane until it may go on",
     signals.ErrorReply: "tells the appservice API what to answer the homeserver",
     signals.TransactionFailed: "tells the appservice API a transaction was not stored",

@@ -7,6 +7,15 @@ The layer connects each stored login at start and again after a
 or ``LOGGED_OUT`` it waits for the user. Each change is stored and, for a login
 made in a management room, told to its user there.
 
+A login is connected only while this daemon holds its lease
+(:meth:`~bridge_kit.store.concerns.LoginLeaseStore.take_login_lease`), so daemons
+sharing a PostgreSQL store connect each login once. A login another daemon holds
+is on *standby* here: loaded, without a client. Every ``LOGIN_LEASE_RETRY``
+seconds (jittered) a daemon on a shared store checks its leases (a lost one
+disconnects its login), loads the logins other daemons added, forgets those they
+logged out, and tries to take each standby login's lease: the first daemon to
+get it after the holder died or let go connects it, with its stored credentials.
+
 Credentials are sealed (AES-256-GCM, a key derived from ``encryption.pickle_key``)
 before they are stored when a pickle key is configured; never logged.
 """
@@ -18,15 +27,23 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import attrs
 
+from bridge_kit import defaults
 from bridge_kit.app.service import AppService
 from bridge_kit.bridge.connector import LoginInfo, NetworkClient, NetworkConnector
 from bridge_kit.bridge.records import LoginRecord, LoginState
-from bridge_kit.errors import BridgeKitError, ConfigError, LoginRefused, WrongPickleKey
+from bridge_kit.errors import (
+    BridgeKitError,
+    ConfigError,
+    LoginRefused,
+    StoreError,
+    WrongPickleKey,
+)
+from bridge_kit.store.login_leases import LoginLease
 
 __all__ = ["Login", "Logins", "Sealer"]
 
@@ -93,6 +110,7 @@ class Login:
         self.record = record
         self._credentials = credentials
         self.client: NetworkClient | None = None
+        self.lease: LoginLease | None = None
         self._connecting: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the credentials
@@ -125,6 +143,11 @@ class Login:
     @property
     def connected(self) -> bool:
         return self.client is not None and self.state is LoginState.CONNECTED
+
+    @property
+    def standby(self) -> bool:
+        """Loaded without its lease: another daemon connects it (or will)."""
+        return self.lease is None
 
     async def set_state(self, state: LoginState, message: str = "") -> None:
         if state is self.state and not message:
@@ -160,17 +183,27 @@ class Login:
             backoff = min(_BACKOFF_MAX, backoff * 2)
 
     async def close(self) -> None:
+        """Disconnect, then let go of the lease (never the other way round: two daemons
+        would be connected at once)."""
         task, self._connecting = self._connecting, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         client, self.client = self.client, None
-        if client is not None:
-            try:
-                await client.disconnect()
-            except Exception as exc:
-                log.warning("login %s: disconnecting failed: %s", self.id, _reason(exc))
+        try:
+            if client is not None:
+                try:
+                    await client.disconnect()
+                except Exception as exc:
+                    log.warning("login %s: disconnecting failed: %s", self.id, _reason(exc))
+        finally:
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                try:
+                    await lease.release()
+                except StoreError as exc:
+                    log.warning("login %s: releasing its lease failed: %s", self.id, exc)
 
 
 StateObserver = Callable[["Login", LoginState, str], Awaitable[None]]
@@ -189,7 +222,13 @@ class Logins:
         self.connector = connector
         self.sealer = Sealer(app.config.encryption.pickle_key)
         self.stopping = False
+        #: Seconds between two looks at the leases on a shared store (jittered).
+        self.lease_retry = defaults.LOGIN_LEASE_RETRY
         self._loaded: dict[str, Login] = {}
+        # add, remove and the sync with the store take turns: the sync must not
+        # read a login list that an add or a remove is changing.
+        self._changing = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
         self._tell = tell
         self.observers: list[StateObserver] = []
         """Awaited with each new state of a login, ``LOGGED_OUT`` on removal included
@@ -206,18 +245,33 @@ class Logins:
     def all(self) -> list[Login]:
         return list(self._loaded.values())
 
+    @property
+    def shared(self) -> bool:
+        """Whether other daemons share the store's logins (PostgreSQL)."""
+        return self.app.store.login_leases_shared
+
     async def load_all(self) -> None:
-        """Load every stored login (except the logged-out) and connect each."""
-        for record in await self.app.store.logins():
-            if record.state is LoginState.LOGGED_OUT:
-                continue
-            credentials = self.sealer.unseal(record.id, record.credentials)
-            self._start(Login(self, record, credentials))
+        """Load every stored login (except the logged-out) and connect each whose lease
+        this daemon gets; on a shared store, start watching the others."""
+        async with self._changing:
+            for record in await self.app.store.logins():
+                if record.state is LoginState.LOGGED_OUT:
+                    continue
+                credentials = self.sealer.unseal(record.id, record.credentials)
+                await self._start(Login(self, record, credentials))
+        if self.shared and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="bridge_kit login leases")
 
     async def add(
         self, user_id: str, info: LoginInfo, *, management_room: str | None = None
     ) -> Login:
-        """Store a new login (replacing one with its id) and connect it."""
+        """Store a new login (replacing one with its id) and connect it (if another
+        daemon holds its lease, that daemon keeps it connected, with the credentials
+        it loaded, until it lets go)."""
+        async with self._changing:
+            return await self._add(user_id, info, management_room)
+
+    async def _add(self, user_id: str, info: LoginInfo, management_room: str | None) -> Login:
         old = self._loaded.pop(info.id, None)
         if old is not None:
             await old.close()
@@ -234,11 +288,17 @@ class Logins:
         )
         login = Login(self, record, info.credentials)
         await self.stored(login)
-        self._start(login)
+        await self._start(login)
         return login
 
     async def remove(self, login: Login, *, remote_logout: bool = True) -> None:
-        """Log out: disconnect (and log out remotely) and forget the login."""
+        """Log out: disconnect (and log out remotely) and forget the login. A login on
+        standby here is logged out remotely by the daemon holding it, which finds
+        its record gone."""
+        async with self._changing:
+            await self._remove(login, remote_logout=remote_logout)
+
+    async def _remove(self, login: Login, *, remote_logout: bool) -> None:
         self._loaded.pop(login.id, None)
         client = login.client
         if remote_logout and client is not None:
@@ -250,10 +310,125 @@ class Logins:
         await self.app.store.delete_login(login.id)
         await self._observe(login, LoginState.LOGGED_OUT, "")
 
-    def _start(self, login: Login) -> None:
-        login.client = self.connector.load_login(login)
+    async def _start(self, login: Login) -> None:
+        """Load ``login``; connect it if its lease is this daemon's, else keep it on standby."""
         self._loaded[login.id] = login
+        await self._connect_if_free(login)
+
+    async def _connect_if_free(self, login: Login, *, taking_over: bool = False) -> bool:
+        """Take the lease and connect; ``taking_over``: the stored state is the last
+        holder's, so a CONNECTED one reads CONNECTING until this daemon's client connects."""
+        try:
+            lease = await self.app.store.take_login_lease(login.id)
+        except StoreError as exc:
+            if not self.shared:
+                raise
+            log.warning("login %s: could not take its lease (trying later): %s", login.id, exc)
+            return False
+        if lease is None:
+            # Said once: a standby login is tried again every lease_retry seconds.
+            (log.debug if taking_over else log.info)(
+                "login %s: another daemon holds it; on standby here", login.id
+            )
+            return False
+        login.lease = lease
+        if taking_over and login.state is LoginState.CONNECTED:
+            login.record = attrs.evolve(login.record, state=LoginState.CONNECTING)
+        login.client = self.connector.load_login(login)
         login.reconnect()
+        return True
+
+    # -- on a store other daemons share ---------------------------------------------------
+
+    async def _watch(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(random.uniform(0.75, 1.25) * self.lease_retry)
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except StoreError as exc:  # an outage: one line, tried again next time
+                log.warning("could not look at the login leases (trying later): %s", exc)
+            except Exception:
+                log.exception("could not look at the login leases; trying later")
+
+    async def sync(self) -> None:
+        """Catch up with the other daemons: drop the logins whose lease was lost, follow
+        the stored logins (added or logged out elsewhere), connect the standby logins
+        whose lease is free now. The watcher calls it every ``lease_retry`` seconds."""
+        async with self._changing:
+            if self.stopping:
+                return
+            await self.app.store.check_login_leases()
+            for login in self.all():
+                if login.lease is not None and not login.lease.held:
+                    log.warning(
+                        "login %s: its lease was lost (the store's connection failed); "
+                        "disconnected, on standby here",
+                        login.id,
+                    )
+                    await login.close()
+                    # Not stored: the login is another daemon's to report on now.
+                    state = LoginState.TRANSIENT_DISCONNECT
+                    login.record = attrs.evolve(login.record, state=state)
+            stored = {record.id: record for record in await self.app.store.logins()}
+            for login in self.all():
+                record = stored.get(login.id)
+                if record is None:
+                    await self._logged_out_elsewhere(login)
+                elif login.standby and record.state is LoginState.LOGGED_OUT:
+                    self._loaded.pop(login.id, None)  # as load_all leaves it
+                elif login.standby:
+                    login.record = record
+                    if not await self._reload_credentials(login):
+                        continue
+                    await self._connect_if_free(login, taking_over=True)
+            await self._load_new(stored.values())
+
+    async def discover(self, user_id: str) -> bool:
+        """On a shared store, load the logins of ``user_id`` that another daemon added
+        since the last :meth:`sync` (connected here if their lease is free); whether
+        there were any. For a Matrix event of a user with no login loaded here."""
+        if not self.shared:
+            return False
+        async with self._changing:
+            if self.stopping:
+                return False
+            return await self._load_new(await self.app.store.logins(user_id))
+
+    async def _load_new(self, records: Iterable[LoginRecord]) -> bool:
+        """Load the records not loaded yet (nor logged out); whether there were any."""
+        found = False
+        for record in records:
+            if record.id in self._loaded or record.state is LoginState.LOGGED_OUT:
+                continue
+            login = Login(self, record, None)
+            if await self._reload_credentials(login):
+                self._loaded[login.id] = login
+                await self._connect_if_free(login, taking_over=True)
+                found = True
+        return found
+
+    async def _reload_credentials(self, login: Login) -> bool:
+        try:
+            login._credentials = self.sealer.unseal(login.id, login.record.credentials)
+        except WrongPickleKey as exc:
+            log.warning("login %s: cannot load it: %s", login.id, exc)
+            return False
+        return True
+
+    async def _logged_out_elsewhere(self, login: Login) -> None:
+        """Another daemon logged ``login`` out (its record is gone): forget it here, and
+        log it out remotely if this daemon holds it (the other could not)."""
+        self._loaded.pop(login.id, None)
+        client = login.client
+        if client is not None and login.lease is not None:
+            log.info("login %s: logged out by another daemon; logging out here", login.id)
+            try:
+                await client.logout()
+            except Exception as exc:
+                log.warning("login %s: remote logout failed: %s", login.id, _reason(exc))
+        await login.close()
 
     async def stored(self, login: Login) -> None:
         record = attrs.evolve(
@@ -283,6 +458,11 @@ class Logins:
 
     async def close_all(self) -> None:
         self.stopping = True
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         logins, self._loaded = list(self._loaded.values()), {}
         for login in logins:
             await login.close()

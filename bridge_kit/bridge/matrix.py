@@ -9,6 +9,13 @@ at most once: a crash while it is being sent leaves its claim pending, and the
 next run, which cannot know whether it went out, sends nothing and tells the room
 that it may not have been bridged. Reactions and redactions are sent at least once
 (a crash after the send and before it is recorded sends it again).
+
+On a store several daemons share, an event may be handled by a daemon whose
+login for it is on standby (another daemon holds its lease and its live client):
+the handler raises :class:`~bridge_kit.inbox.signals.NotHere`, the item waits a
+moment, and this daemon leaves the portal's lane to the others, so the holder's
+inbox claims it and sends it (typing notices are not passed on: they go only
+through a login connected in the daemon that handles them).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from bridge_kit.bridge.permissions import Level
 from bridge_kit.bridge.records import LoginState, MessageRecord, PortalRecord, ReactionRecord
 from bridge_kit.bridge.send_status import SendStatus, StatusReason
 from bridge_kit.errors import RemoteError, SendFailed
-from bridge_kit.inbox.signals import NotReady
+from bridge_kit.inbox.signals import NotHere, NotReady
 from bridge_kit.store import Store
 from bridge_kit.types import Event
 
@@ -52,6 +59,8 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _CONNECT_WAIT = 5.0
 #: And how long at most: then the event becomes a dead letter (replayable).
 _GIVE_UP = 3600.0
+#: How long an event for a login another daemon holds waits before one looks again.
+_ELSEWHERE_WAIT = 1.0
 #: Login states that only the user can end: their events do not wait for them.
 _NEEDS_THE_USER = frozenset(
     {LoginState.BAD_CREDENTIALS, LoginState.LOGGED_OUT, LoginState.UNKNOWN_ERROR}
@@ -386,15 +395,27 @@ class MatrixHandler:
         is relayed like one without a login.
         """
         assert event.sender is not None
-        for login in self._own_logins(event.sender):
-            if login.client is None or login.state in _NEEDS_THE_USER:
+        own = self._own_logins(event.sender)
+        # A login another daemon added since this one last looked is the user's own:
+        # used (here or by its holder), not passed over for the relay.
+        allowed = self.bridge.permissions.allows(event.sender, Level.USER)
+        if not own and allowed and await self.bridge.logins.discover(event.sender):
+            own = self._own_logins(event.sender)
+        for login in own:
+            if login.state in _NEEDS_THE_USER:
+                continue
+            _not_elsewhere(login)
+            if login.client is None:
                 continue
             _wait_for(login)
             return _Sender(login.client, relayed=False)
         relay_login = self.bridge.relay_login(portal) if relay else None
         if relay_login is None or not self.bridge.permissions.allows(event.sender, Level.RELAY):
             return None
-        if relay_login.client is None or relay_login.state in _NEEDS_THE_USER:
+        if relay_login.state in _NEEDS_THE_USER:
+            return None
+        _not_elsewhere(relay_login)
+        if relay_login.client is None:
             return None
         _wait_for(relay_login)
         return _Sender(relay_login.client, relayed=True)
@@ -413,6 +434,16 @@ class MatrixHandler:
         if member is not None and member.displayname:
             return member.displayname
         return user_id[1:].partition(":")[0]
+
+
+def _not_elsewhere(login: Login) -> None:
+    """Raise NotHere (the daemon holding ``login`` handles the event) if it is on standby."""
+    if login.standby:
+        raise NotHere(
+            f"login {login.id} is connected by another daemon",
+            retry_after=_ELSEWHERE_WAIT,
+            give_up_after=_GIVE_UP,
+        )
 
 
 def _wait_for(login: Login) -> None:

@@ -70,7 +70,7 @@ from bridge_kit.inbox.delivery import handling
 from bridge_kit.inbox.items import MODELS, Item, describe_item, item_event_id, item_type, parse_item
 from bridge_kit.inbox.parking import ParkedItems, dead_letter
 from bridge_kit.inbox.records import InboxItem, InboxStats, ItemKind
-from bridge_kit.inbox.signals import NotReady, Park
+from bridge_kit.inbox.signals import NotHere, NotReady, Park
 from bridge_kit.metrics import Metrics
 from bridge_kit.store.base import Store
 from bridge_kit.types import describe_error
@@ -181,6 +181,8 @@ class Inbox:
         self._event_types = event_types
         self._lanes: dict[str, _Lane] = {}
         self._cooling: dict[str, tuple[float, int]] = {}
+        #: Lanes left to another process (an item raised NotHere): when to look again.
+        self._set_aside: dict[str, float] = {}
         self._wakeup = asyncio.Event()
         #: Wake-ups at the retry times of failed or deferred items, so a lane is
         #: looked at again when its item is due, not at the next poll.
@@ -299,7 +301,8 @@ class Inbox:
             return
         now = time.monotonic()
         self._cooling = {k: v for k, v in self._cooling.items() if v[0] > now}
-        exclude = (*self._lanes, *self._cooling)
+        self._set_aside = {k: v for k, v in self._set_aside.items() if v > now}
+        exclude = (*self._lanes, *self._cooling, *self._set_aside)
         claimed_at = time.monotonic()
         lanes = await self.store.claim_lanes(self.owner, self.settings.lease, free, exclude)
         held_until = claimed_at + self.settings.lease * _LEASE_SHARE
@@ -553,6 +556,10 @@ class Inbox:
             describe_item(parsed), item.lane, name, not_ready.reason, delay,
         )  # fmt: skip
         await self.store.fail_item(item.id, done, now + delay, count_attempt=False)
+        if isinstance(not_ready, NotHere):
+            # Past the item's due time by two polls: another process polling finds it
+            # due and free; if none takes it by then, this one tries again.
+            self._set_aside[item.lane] = time.monotonic() + delay + 2 * self.settings.poll
         self._wake_after(delay)
         return False
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-__all__ = ["ErrorReply", "NotReady", "Park", "TransactionFailed"]
+__all__ = ["ErrorReply", "NotHere", "NotReady", "Park", "TransactionFailed"]
 
 
 class NotReady(Exception):
@@ -37,6 +37,14 @@ class NotReady(Exception):
         self.retry_after = retry_after
         self.give_up_after = give_up_after
         super().__init__(reason)
+
+
+class NotHere(NotReady):
+    """A :class:`NotReady` for what another daemon on the shared store has and this one
+    has not (a bridge login's live client, which only the daemon holding its lease
+    keeps): the item is deferred like any not-ready item, and this process leaves
+    its lane alone for a while after, so the daemon that can handle it claims it.
+    """
 
 
 class Park(Exception):

@@ -10,8 +10,8 @@ Pick a backend by URL with :func:`open_store`::
 A :class:`Store` is composed of one interface per concern (:class:`PuppetStore`,
 :class:`InboxStore`, :class:`DeadLetterStore`, :class:`ParkingStore`,
 :class:`RetentionStore`, :class:`RoomRecordStore`, :class:`DeviceStore`,
-:class:`CryptoStore`, :class:`BridgeRecordStore`); code that needs one concern is
-typed with it.
+:class:`CryptoStore`, :class:`BridgeRecordStore`, :class:`LoginLeaseStore`); code
+that needs one concern is typed with it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from bridge_kit.store.concerns import (
     DeadLetterStore,
     DeviceStore,
     InboxStore,
+    LoginLeaseStore,
     ParkingStore,
     PuppetStore,
     RetentionStore,
@@ -42,6 +43,7 @@ __all__ = [
     "DeadLetterStore",
     "DeviceStore",
     "InboxStore",
+    "LoginLeaseStore",
     "MemoryStore",
     "ParkingStore",
     "PostgresStore",

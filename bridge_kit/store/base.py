@@ -15,6 +15,7 @@ from bridge_kit.store.concerns import (
     DeadLetterStore,
     DeviceStore,
     InboxStore,
+    LoginLeaseStore,
     ParkingStore,
     PuppetStore,
     RetentionStore,
@@ -34,6 +35,7 @@ class Store(
     DeviceStore,
     CryptoStore,
     BridgeRecordStore,
+    LoginLeaseStore,
     abc.ABC,
 ):
     """Persistent state of one appservice: every concern of

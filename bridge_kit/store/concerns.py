@@ -37,6 +37,7 @@ from bridge_kit.inbox.records import (
     Parking,
 )
 from bridge_kit.store import _clean
+from bridge_kit.store.login_leases import LocalLeases, LoginLease
 from bridge_kit.store.state_records import CREATE, MemberRow, StateRow, known_room, rows_of
 from bridge_kit.types.converter import converter
 from bridge_kit.types.events import Event
@@ -48,6 +49,7 @@ __all__ = [
     "DeadLetterStore",
     "DeviceStore",
     "InboxStore",
+    "LoginLeaseStore",
     "ParkingStore",
     "PuppetStore",
     "RetentionStore",
@@ -643,6 +645,42 @@ def _crypto_scope(owner: str, kind: str) -> tuple[str, str]:
 
 def _crypto_key(key: str) -> str:
     return _clean.checked_key(key, "crypto key")
+
+
+class LoginLeaseStore:
+    """Which daemon connects each bridge login: the one holding its lease.
+
+    Several daemons on one store (PostgreSQL) would otherwise each connect every
+    login. A lease is taken without waiting; a daemon that does not get it leaves
+    the login to the holder and tries again later (the bridge layer's
+    :class:`~bridge_kit.bridge.logins.Logins`).
+    """
+
+    #: Whether other daemons may hold leases of this store (PostgreSQL). A store one
+    #: daemon works on (memory; SQLite, which
+    #: :meth:`~bridge_kit.store.Store.lock_for_daemon` keeps to one) grants each
+    #: lease that this process does not hold already.
+    login_leases_shared: ClassVar[bool] = False
+
+    async def take_login_lease(self, login_id: str) -> LoginLease | None:
+        """The lease of ``login_id``, taken now, or ``None`` if someone holds it: another
+        daemon, or a lease of this process not released yet."""
+        return await self._take_login_lease(_clean.checked_key(login_id, "login ID"))
+
+    async def check_login_leases(self) -> None:
+        """Make sure the held leases still hold: a lease whose database connection
+        died (a PostgreSQL restart, a dropped network) is lost, its
+        :attr:`~bridge_kit.store.login_leases.LoginLease.held` False from now on,
+        since another daemon may have taken it. Nothing to check by default."""
+
+    async def _take_login_lease(self, login_id: str) -> LoginLease | None:
+        """:meth:`take_login_lease` with a checked id; by default granted unless held here."""
+        leases: LocalLeases | None = getattr(self, "_local_login_leases", None)
+        if leases is None:
+            leases = LocalLeases()
+            # A mixin has no __init__ of its own; the leases live on the store.
+            self._local_login_leases = leases
+        return leases.take(login_id)
 
 
 class BridgeRecordStore(abc.ABC):

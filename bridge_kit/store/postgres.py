@@ -37,6 +37,7 @@ from bridge_kit.store import (
     postgres_bridge,
     postgres_devices,
     postgres_inbox,
+    postgres_leases,
     postgres_parked,
     postgres_retention,
     postgres_state,
@@ -45,6 +46,7 @@ from bridge_kit.store._bridge_sql import BridgeSQLHooks
 from bridge_kit.store._shared_sql import SharedSQLHooks
 from bridge_kit.store._sql import PostgresQuery, Query
 from bridge_kit.store.base import Store, pending_migrations, profiles_of, unique_chunks
+from bridge_kit.store.login_leases import LoginLease
 from bridge_kit.store.url import redact_store_url, scrub_password, store_url_problem
 
 _T = TypeVar("_T")
@@ -172,6 +174,10 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
         }
         self._pool: Any = None
         self._failures: tuple[type[BaseException], ...] = ()  # set by open()
+        self._connect_timeout = connect_timeout
+        self._leases = postgres_leases.PostgresLeases(
+            self._lease_connection, self._errors, command_timeout
+        )
 
     def __repr__(self) -> str:
         return f"PostgresStore({redact_store_url(self.dsn)!r})"
@@ -205,6 +211,7 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
             raise
 
     async def close(self) -> None:
+        await self._leases.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -451,6 +458,23 @@ class PostgresStore(BridgeSQLHooks, SharedSQLHooks, Store):
     async def _profiles_among(self, user_ids: list[str]) -> dict[str, dict[str, str | None]]:
         rows = await self._run(lambda pool: postgres_state.profiles_among(pool, user_ids))
         return profiles_of(rows)
+
+    # -- login leases (postgres_leases) ---------------------------------------------
+
+    login_leases_shared: ClassVar[bool] = True
+
+    async def _take_login_lease(self, login_id: str) -> LoginLease | None:
+        self._connected()
+        return await self._leases.take(login_id)
+
+    async def check_login_leases(self) -> None:
+        await self._leases.check()
+
+    async def _lease_connection(self) -> Any:
+        """A connection of the leases' own, outside the pool: it lives as long as they do."""
+        return await _driver().connect(
+            self.dsn, timeout=self._connect_timeout, command_timeout=self.command_timeout
+        )
 
     # -- devices and crypto state (SQL in _devices_sql and postgres_devices) ---------
 
