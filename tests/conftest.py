@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -49,6 +50,10 @@ DEVICE_FLAGS = {
 _SYNAPSE_MODULES = frozenset({"test_appservice_e2e", "test_cli_online", "test_examples"})
 
 
+# tryfirst: xdist's worker turns each xdist_group mark into a suffix of the node ID in
+# a hook of its own, registered after this file; run later, the marks would go unseen
+# and a module's tests would be spread over workers, each setting up its fixtures.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that starts Synapse or PostgreSQL, so ``-m "not synapse"`` is quick,
     and keep each module with a module-wide fixture on one xdist worker."""
@@ -62,14 +67,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(module))
     # Under --dist loadgroup the groups and the slow tests are the long units of work:
-    # handed out first, they run beside the short tests instead of after them.
-    items.sort(key=_long_first)
+    # handed out first, they run beside the short tests instead of after them. A
+    # module's items stay together (the sort is stable and ranks whole modules): a
+    # worker that ran another module's test in between would tear down this module's
+    # fixtures (its own Synapse, a bridge) and set them up again.
+    slow_modules = {_module(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: _long_first(item, slow_modules))
 
 
-def _long_first(item: pytest.Item) -> tuple[bool, bool]:
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail at once if xdist did not take the groups (a pytest it does not fit): each
+    worker would set up every module's Synapse again, and the suite take twice as long."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not session.config.getvalue("loadgroup"):
+        return
+    ungrouped = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if ungrouped:
+        message = (
+            f"pytest-xdist ignored the xdist_group of {ungrouped[0]} (and "
+            f"{len(ungrouped) - 1} more): this pytest and pytest-xdist do not fit together"
+        )
+        print(f"error: {message}", file=sys.__stderr__, flush=True)  # a worker's own words
+        raise pytest.UsageError(message)
+
+
+def _module(item: pytest.Item) -> str:
+    return item.module.__name__ if item.module else ""
+
+
+def _long_first(item: pytest.Item, slow_modules: set[str]) -> tuple[bool, bool]:
     return (
         item.get_closest_marker("xdist_group") is None,
-        item.get_closest_marker("slow") is None,
+        _module(item) not in slow_modules,
     )
 
 
