@@ -1215,7 +1215,8 @@ async def test_typing_goes_through_the_login(homeserver: TestHomeserver, unique:
     async with bridge, human(homeserver, f"h{unique}") as alice:
         room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
         await bridge.add_login(alice.user_id, LoginInfo(id="alice", remote_name="alice"))
-        await eventually(_connected(bridge, "alice"), "alice's login connected")
+        # Its client, not only its state: typing is passed on by the client.
+        await eventually(_connected_here(bridge, "alice"), "alice's login connected")
         path = f"/rooms/{quote(room_id, safe='')}/typing/{quote(alice.user_id, safe='')}"
         await alice.call("PUT", path, {"typing": True, "timeout": 30000})
         started = await network.wait_for("typing", lambda r: r.item.typing)

@@ -452,7 +452,11 @@ async def test_a_start_that_fails_after_listening_frees_the_port(
     with pytest.raises(ConfigError, match=r"lacks io\.element\.msc4190"):
         await app.start()
     with socket.socket() as probe:
+        # As a listener binds (aiohttp too): a connection the homeserver made to the
+        # closed listener may linger in TIME_WAIT; only a listening socket fails this.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", synapse.appservice_port))
+        probe.listen()
 
 
 class _DoublePuppetDevicesHomeserver(TestHomeserver):

@@ -363,20 +363,35 @@ class MatrixHandler:
             return
         now = {u for u in user_ids if isinstance(u, str) and not self.bridge.ghosts.is_ghost(u)}
         before = self._typing.get(room_id, set())
-        if now:
-            self._typing[room_id] = now
-        else:
-            self._typing.pop(room_id, None)  # a room nobody types in costs nothing
         if now == before:
             return
+        # Only what was passed on is remembered: a user whose login could not take it
+        # (not connected yet) is tried again at the homeserver's next typing event.
+        passed = before - now
+        self._remember_typing(room_id, before & now)
         portal = await self.bridge.portals.by_room(room_id)
         if portal is None:
             return
-        for user_id in now ^ before:
-            logins = self._own_logins(user_id)
-            if logins and logins[0].connected and logins[0].client is not None:
-                typing = MatrixTyping(portal=portal, sender_mxid=user_id, typing=user_id in now)
-                await logins[0].client.send_typing(typing)
+        for user_id in now - before:
+            if await self._send_typing(portal, user_id, typing=True):
+                self._remember_typing(room_id, self._typing.get(room_id, set()) | {user_id})
+        for user_id in passed:
+            await self._send_typing(portal, user_id, typing=False)
+
+    def _remember_typing(self, room_id: str, user_ids: set[str]) -> None:
+        if user_ids:
+            self._typing[room_id] = user_ids
+        else:
+            self._typing.pop(room_id, None)  # a room nobody types in costs nothing
+
+    async def _send_typing(self, portal: PortalRecord, user_id: str, *, typing: bool) -> bool:
+        """Pass one user's typing on through their login; whether it was."""
+        logins = self._own_logins(user_id)
+        if not logins or not logins[0].connected or logins[0].client is None:
+            return False
+        typing_item = MatrixTyping(portal=portal, sender_mxid=user_id, typing=typing)
+        await logins[0].client.send_typing(typing_item)
+        return True
 
     # -- helpers -------------------------------------------------------------------------
 
