@@ -8,8 +8,12 @@ raw asyncio sockets and a Matrix user on matrix-nio (``/sync``):
 1. mirror: a channel already holds ``--members`` IRC users; the time from the bridge's
    own JOIN on IRC until the Matrix user sees all of them joined as puppets. Baselines,
    measured right before each bridge's mirror, as many fresh puppets into a public room:
-   a bare ``PuppetRegistrar.join_many`` (ratio = baseline / bridge, target >= 0.85), and
-   ``sync_profiles`` (register, set the display name) then ``join_many``;
+   a bare ``PuppetRegistrar.join_many`` (ratio = baseline / bridge, target >= 0.85),
+   ``sync_profiles`` (register, set the display name) then ``join_many``, and a bare
+   ``join_many`` into a room the Matrix user is in, of an appservice the homeserver
+   pushes the joins to (the bench answers it), timed until the Matrix user sees them:
+   the homeserver's own work for a watched mirror. Also counted: how many puppets joined
+   with their nick as display name;
 2. IRC -> Matrix latency: one IRC user sends ``--messages`` lines, one at a time; each is
    timed until the Matrix user's /sync returns it (p50, p95);
 3. Matrix -> IRC latency: the Matrix user sends as many messages, one at a time; each is
@@ -17,7 +21,10 @@ raw asyncio sockets and a Matrix user on matrix-nio (``/sync``):
 4. flood: ``--flood-users`` IRC users send ``--flood-lines`` lines in all, as fast as
    the socket takes them; lost, duplicated and out-of-order lines per sender are counted
    from what the Matrix user receives (heisenbridge merges a sender's consecutive lines
-   into one event: bodies are split on newlines);
+   into one event: bodies are split on newlines). Its fair baseline, while the IRC users
+   are still there: the same lines as the same puppets into the same room, one event per
+   line in the flood's order, one request at a time from a bare aiohttp loop, timed the
+   same way (ratio = baseline / bridge);
 5. peak RSS (``VmHWM``) of the bridge process at the end of its run.
 
 How the two differ (what the table cannot say): heisenbridge is a bouncer, driven by its
