@@ -427,8 +427,9 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
 async def test_members_join_once_with_their_names_and_get_their_profiles(
     homeserver: TestHomeserver, unique: str
 ) -> None:
-    """The mirror's joins carry the names (no profile request holds them up); the
-    global profiles set after them add no second member event; a rename still shows."""
+    """The mirror's joins carry the names, each ghost's global profile is set (before
+    its join: one member event each, no second one from the profile); a rename still
+    shows."""
     network, chat = ToyNetwork(), f"c{unique}"
     lobby(network, chat)
     bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
