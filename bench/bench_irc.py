@@ -8,8 +8,12 @@ raw asyncio sockets and a Matrix user on matrix-nio (``/sync``):
 1. mirror: a channel already holds ``--members`` IRC users; the time from the bridge's
    own JOIN on IRC until the Matrix user sees all of them joined as puppets. Baselines,
    measured right before each bridge's mirror, as many fresh puppets into a public room:
-   a bare ``PuppetRegistrar.join_many`` (ratio = baseline / bridge, target >= 0.85), and
-   ``sync_profiles`` (register, set the display name) then ``join_many``;
+   a bare ``PuppetRegistrar.join_many`` (ratio = baseline / bridge, target >= 0.85),
+   ``sync_profiles`` (register, set the display name) then ``join_many``, and a bare
+   ``join_many`` into a room the Matrix user is in, of an appservice the homeserver
+   pushes the joins to (the bench answers it), timed until the Matrix user sees them:
+   the homeserver's own work for a watched mirror. Also counted: how many puppets joined
+   with their nick as display name;
 2. IRC -> Matrix latency: one IRC user sends ``--messages`` lines, one at a time; each is
    timed until the Matrix user's /sync returns it (p50, p95);
 3. Matrix -> IRC latency: the Matrix user sends as many messages, one at a time; each is
@@ -17,7 +21,10 @@ raw asyncio sockets and a Matrix user on matrix-nio (``/sync``):
 4. flood: ``--flood-users`` IRC users send ``--flood-lines`` lines in all, as fast as
    the socket takes them; lost, duplicated and out-of-order lines per sender are counted
    from what the Matrix user receives (heisenbridge merges a sender's consecutive lines
-   into one event: bodies are split on newlines);
+   into one event: bodies are split on newlines). Its fair baseline, while the IRC users
+   are still there: the same lines as the same puppets into the same room, one event per
+   line in the flood's order, one request at a time from a bare aiohttp loop, timed the
+   same way (ratio = baseline / bridge);
 5. peak RSS (``VmHWM``) of the bridge process at the end of its run.
 
 How the two differ (what the table cannot say): heisenbridge is a bouncer, driven by its
@@ -52,14 +59,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import nio
 import yaml
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,6 +82,7 @@ from bridge_kit.testing.synapse import SynapseServer, free_port  # noqa: E402
 
 SERVER = "bench.local"
 BASE_PREFIX = "_base_"
+WATCH_PREFIX = "_watch_"  # the watched baseline's puppets, of an appservice the bench serves
 HB_PREFIX = "hb_"  # heisenbridge's puppets: @hb_<network>_<nick>
 HB_NETWORK = "bench"
 BK_PREFIX = "irc_"  # bridge_kit's: @irc_<nick>
@@ -245,6 +256,7 @@ class MatrixUser:
     client: nio.AsyncClient
     messages: list[Seen] = field(default_factory=list)
     members: dict[str, dict[str, str]] = field(default_factory=dict)  # room -> user -> membership
+    names: dict[str, dict[str, str]] = field(default_factory=dict)  # room -> user -> displayname
     invites: list[str] = field(default_factory=list)  # in the order they came
     joined: set[str] = field(default_factory=set)
     _tick: asyncio.Event = field(default_factory=asyncio.Event)
@@ -295,6 +307,9 @@ class MatrixUser:
             self.members.setdefault(room_id, {})[source["state_key"]] = str(
                 content.get("membership")
             )
+            self.names.setdefault(room_id, {})[source["state_key"]] = str(
+                content.get("displayname") or ""
+            )
         elif source.get("type") == "m.room.message" and isinstance(content.get("body"), str):
             self.messages.append(
                 Seen(room_id, source["sender"], content["body"], content.get("msgtype", ""), now)
@@ -330,9 +345,9 @@ class MatrixUser:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(tick.wait(), remaining)
 
-    def joined_with(self, room_id: str, prefix: str) -> int:
+    def joined_with(self, room_id: str, users: list[str]) -> int:
         members = self.members.get(room_id, {})
-        return sum(1 for u, m in members.items() if m == "join" and u.startswith(prefix))
+        return sum(1 for user in users if members.get(user) == "join")
 
     def notices_after(self, room_id: str, start: int) -> list[str]:
         return [m.body for m in self.messages[start:] if m.room_id == room_id]
@@ -435,6 +450,55 @@ async def wait_for_port(port: int, what: str, process: Process, seconds: float =
 # -- the baseline: a bare join_many --------------------------------------------------------
 
 
+async def watched_baseline(
+    hs: SynapseServer, registration: Registration, matrix: MatrixUser, count: int, tag: str,
+    work: Path,
+) -> float:  # fmt: skip
+    """Seconds until the Matrix user sees ``count`` fresh puppets joined to a room she is
+    in, by a bare ``join_many`` of an appservice that the homeserver pushes their joins
+    to (the bench answers it): the homeserver's work for a mirror, without a bridge."""
+    token = await hs.create_user(f"watch_owner_{tag}")
+    async with HomeserverClient(hs.url, token) as owner:
+        body = {"preset": "public_chat"}
+        room = (await owner.request("POST", "/_matrix/client/v3/createRoom", body=body))["room_id"]
+    await matrix.join(room)
+    await matrix.until(lambda: room in matrix.joined, "the Matrix user in the watched room")
+    puppets = [f"{WATCH_PREFIX}{tag}_{i:04d}" for i in range(count)]
+    users = [f"@{lp}:{SERVER}" for lp in puppets]
+    async with (
+        HomeserverClient(hs.url, registration.as_token) as client,
+        SQLiteStore(work / f"watched-{tag}.db") as store,
+    ):
+        registrar = PuppetRegistrar(client, store, registration, SERVER)
+        started = time.perf_counter()
+        joined = await registrar.join_many([(lp, room) for lp in puppets])
+        await matrix.until(
+            lambda: matrix.joined_with(room, users) >= count, "the watched baseline's joins"
+        )
+        seconds = time.perf_counter() - started
+    if joined.joined != count:
+        raise BenchError(f"watched baseline join_many: {joined.summary()}")
+    return seconds
+
+
+@contextlib.asynccontextmanager
+async def answering_appservice(port: int) -> AsyncIterator[None]:
+    """An appservice that takes every transaction (the watched baseline's)."""
+
+    async def accept(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", accept)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def baselines(
     hs: SynapseServer, registration: Registration, count: int, tag: str, work: Path
 ) -> tuple[float, float]:
@@ -484,6 +548,8 @@ class Side:
     irc_nick: str  # the bridge's own IRC connection (heisenbridge: the owner's)
     # how a Matrix line looks on IRC, so it can be found by its text
     irc_text: Callable[[str], str]
+    homeserver: str = ""  # for the flood's bare baseline: as the bridge's puppets
+    as_token: str = ""
 
     def puppet(self, nick: str) -> str:
         return f"{self.puppet_prefix}{nick.lower()}:{SERVER}"
@@ -562,57 +628,95 @@ async def flood(
             f"{side.name}: the flood users' puppets in the room",
         )
         per_user = lines // users
-        expected = {(n, s) for n in nicks for s in range(per_user)}
         start = len(matrix.messages)
         sent = time.perf_counter()
         for seq in range(per_user):  # interleaved, as a busy channel is
             for user in crowd:
                 user.privmsg(side.lobby, padded(f"flood {user.nick} {seq:04d}"))
         await asyncio.gather(*(user.drain() for user in crowd))
-
-        def received() -> list[tuple[str, int, float]]:
-            found = []
-            for m in matrix.messages[start:]:
-                if m.room_id != side.lobby_room:
-                    continue
-                for part in m.body.split("\n"):
-                    words = part.split()
-                    if len(words) >= 3 and words[0] == "flood" and words[1] in nicks:
-                        found.append((words[1], int(words[2]), m.at))
-            return found
-
-        last_count, last_change = -1, time.monotonic()
-        while True:
-            got = received()
-            if {(n, s) for n, s, _ in got} >= expected:
-                break
-            if len(got) != last_count:
-                last_count, last_change = len(got), time.monotonic()
-            elif time.monotonic() - last_change > settle:
-                break  # nothing new for a while: what is missing is lost
-            side.process.check_alive()
-            await asyncio.sleep(0.2)
-        got = received()
-        counts = Counter((n, s) for n, s, _ in got)
-        out_of_order, highest = 0, dict.fromkeys(nicks, -1)
-        for nick, seq, _ in got:
-            if seq < highest[nick]:
-                out_of_order += 1
-            highest[nick] = max(highest[nick], seq)
-        seconds = max((at for _, _, at in got), default=sent) - sent
-        return {
-            "lines": len(expected),
-            "users": users,
-            "lost": len(expected - set(counts)),
-            "duplicated": sum(c - 1 for c in counts.values()),
-            "out_of_order": out_of_order,
-            "seconds": seconds,
-            "lines_per_s": len(counts) / seconds if seconds > 0 else 0.0,
-            "matrix_events": sum(1 for m in matrix.messages[start:]
-                                 if m.room_id == side.lobby_room),
-        }  # fmt: skip
+        figures = await lines_on_matrix(side, matrix, "flood", nicks, per_user, start, sent, settle)
+        # While the IRC users are there: their quits would take the puppets out of the room.
+        bare = await bare_flood(side, matrix, nicks, per_user, settle)
     finally:
         await asyncio.gather(*(user.close() for user in crowd))
+    figures["bare_seconds"] = bare["seconds"]
+    figures["bare_events"] = bare["matrix_events"]
+    figures["ratio_to_bare"] = bare["seconds"] / figures["seconds"] if figures["seconds"] else 0.0
+    return figures
+
+
+async def bare_flood(
+    side: Side, matrix: MatrixUser, nicks: list[str], per_user: int, settle: float
+) -> dict[str, Any]:
+    """The flood's fair baseline: the same lines as the same puppets into the same room,
+    one event per line in the flood's order, one request at a time from a bare aiohttp
+    loop (no store, no inbox); timed, as the flood, until the Matrix user has them all."""
+    room = urllib.parse.quote(side.lobby_room, safe="")
+    url = f"{side.homeserver}/_matrix/client/v3/rooms/{room}/send/m.room.message"
+    headers = {"Authorization": f"Bearer {side.as_token}"}
+    start = len(matrix.messages)
+    sent = time.perf_counter()
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for seq in range(per_user):
+            for nick in nicks:
+                content = {"msgtype": "m.text", "body": padded(f"bare {nick} {seq:04d}")}
+                query = {"user_id": side.puppet(nick)}
+                txn = f"bare-{nick}-{seq}-{secrets.token_hex(4)}"
+                async with session.put(f"{url}/{txn}", params=query, json=content) as reply:
+                    if reply.status != 200:
+                        raise BenchError(f"bare flood: {reply.status} {await reply.text()}")
+    return await lines_on_matrix(side, matrix, "bare", nicks, per_user, start, sent, settle)
+
+
+async def lines_on_matrix(
+    side: Side, matrix: MatrixUser, word: str, nicks: list[str], per_user: int, start: int,
+    sent: float, settle: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Wait until the Matrix user has ``word <nick> <seq>`` for every nick and seq (or
+    nothing new came for ``settle`` seconds), and count what came."""
+    expected = {(n, s) for n in nicks for s in range(per_user)}
+
+    def received() -> list[tuple[str, int, float]]:
+        found = []
+        for m in matrix.messages[start:]:
+            if m.room_id != side.lobby_room:
+                continue
+            for part in m.body.split("\n"):
+                words = part.split()
+                if len(words) >= 3 and words[0] == word and words[1] in nicks:
+                    found.append((words[1], int(words[2]), m.at))
+        return found
+
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        got = received()
+        if {(n, s) for n, s, _ in got} >= expected:
+            break
+        if len(got) != last_count:
+            last_count, last_change = len(got), time.monotonic()
+        elif time.monotonic() - last_change > settle:
+            break  # nothing new for a while: what is missing is lost
+        side.process.check_alive()
+        await asyncio.sleep(0.2)
+    got = received()
+    counts = Counter((n, s) for n, s, _ in got)
+    out_of_order, highest = 0, dict.fromkeys(nicks, -1)
+    for nick, seq, _ in got:
+        if seq < highest[nick]:
+            out_of_order += 1
+        highest[nick] = max(highest[nick], seq)
+    seconds = max((at for _, _, at in got), default=sent) - sent
+    return {
+        "lines": len(expected),
+        "users": len(nicks),
+        "lost": len(expected - set(counts)),
+        "duplicated": sum(c - 1 for c in counts.values()),
+        "out_of_order": out_of_order,
+        "seconds": seconds,
+        "lines_per_s": len(counts) / seconds if seconds > 0 else 0.0,
+        "matrix_events": sum(1 for m in matrix.messages[start:]
+                             if m.room_id == side.lobby_room and m.body.startswith(word)),
+    }  # fmt: skip
 
 
 # -- heisenbridge --------------------------------------------------------------------------
@@ -692,6 +796,7 @@ class Heisenbridge:
 async def run_heisenbridge(
     args: argparse.Namespace, hs: SynapseServer, matrix: MatrixUser, irc_port: int,
     base: Registration, work: Path, hb_port: int, hb_registration: Path, figures: dict[str, Any],
+    watch: Registration,
 ) -> None:  # fmt: skip
     command = [
         str(args.heisenbridge), "-m", "heisenbridge", "-c", str(hb_registration),
@@ -700,7 +805,8 @@ async def run_heisenbridge(
     process = Process("heisenbridge", command, work / "heisenbridge.log", work)
     side = Side(
         "heisenbridge", "hb", f"@{HB_PREFIX}{HB_NETWORK}_", "#hblobby", "", process,
-        irc_nick="hbowner", irc_text=lambda text: text,
+        irc_nick="hbowner", irc_text=lambda text: text, homeserver=hs.url,
+        as_token=Registration.load(hb_registration).as_token,
     )  # fmt: skip
     async with running(process):
         await wait_for_port(hb_port, "heisenbridge", process)
@@ -710,7 +816,7 @@ async def run_heisenbridge(
         async def open_channel(channel: str, watcher: IrcUser) -> str:
             return await bridge.join_channel(channel)
 
-        await measure(args, hs, matrix, irc_port, base, work, figures, side, open_channel)
+        await measure(args, hs, matrix, irc_port, base, work, figures, side, open_channel, watch)
 
 
 # -- bridge_kit's IRC bridge ------------------------------------------------------------------
@@ -739,6 +845,7 @@ def bridge_kit_config(hs: SynapseServer, irc_port: int, port: int, registration:
 async def run_bridge_kit(
     args: argparse.Namespace, hs: SynapseServer, matrix: MatrixUser, irc_port: int,
     base: Registration, work: Path, bk_port: int, bk_registration: Path, figures: dict[str, Any],
+    watch: Registration,
 ) -> None:  # fmt: skip
     command = [sys.executable, str(ROOT / "examples" / "irc_bridge"), "-c", "irc_bridge.yaml"]
     # this checkout's bridge_kit, not whichever one the virtualenv has installed
@@ -746,7 +853,8 @@ async def run_bridge_kit(
     process = Process("bridge_kit irc_bridge", command, work / "irc_bridge.log", work, env)
     side = Side(
         "bridge_kit", "bk", f"@{BK_PREFIX}", "#bklobby", "", process,
-        irc_nick="bkrelay", irc_text=lambda text: f"<{DISPLAYNAME}> {text}",
+        irc_nick="bkrelay", irc_text=lambda text: f"<{DISPLAYNAME}> {text}", homeserver=hs.url,
+        as_token=Registration.load(bk_registration).as_token,
     )  # fmt: skip
     # It bridges the channels of its config, from its start: both are there.
     bridge_kit_config(hs, irc_port, bk_port, bk_registration, work, ["#bkbig", side.lobby],
@@ -767,7 +875,7 @@ async def run_bridge_kit(
         return await matrix.join(alias, retry_for=args.mirror_timeout)
 
     try:
-        await measure(args, hs, matrix, irc_port, base, work, figures, side, open_channel)
+        await measure(args, hs, matrix, irc_port, base, work, figures, side, open_channel, watch)
     finally:
         await process.stop()
 
@@ -778,7 +886,7 @@ async def run_bridge_kit(
 async def measure(
     args: argparse.Namespace, hs: SynapseServer, matrix: MatrixUser, irc_port: int,
     base: Registration, work: Path, figures: dict[str, Any], side: Side,
-    open_channel: Callable[[str, IrcUser], Awaitable[str]],
+    open_channel: Callable[[str, IrcUser], Awaitable[str]], watch: Registration,
 ) -> None:  # fmt: skip
     """All figures of one bridge; ``open_channel`` has it bridge a channel (starting the
     bridge first, if that is how it learns its channels) and returns the room."""
@@ -791,17 +899,23 @@ async def measure(
     crowd = await irc_crowd(irc_port, [f"{side.tag}m{i:03d}" for i in range(args.members)], big)
     try:
         baseline, with_profiles = await baselines(hs, base, args.members, side.tag, work)
+        watched = await watched_baseline(hs, watch, matrix, args.members, side.tag, work)
         print(f"   {name} bridges {big} ...", flush=True)
         asked = time.perf_counter()
         room = await within(
             args.mirror_timeout, f"{name}: opening {big}", open_channel(big, crowd[0])
         )
+        # The crowd's puppets, by name: the bridge's bot may share their prefix.
+        puppets = [side.puppet(user.nick) for user in crowd]
         await matrix.until(
-            lambda: matrix.joined_with(room, side.puppet_prefix) >= args.members,
+            lambda: matrix.joined_with(room, puppets) >= args.members,
             f"{name}: {args.members} puppets in the room of {big}",
             seconds=args.mirror_timeout,
         )
         done = time.perf_counter()
+        # Before the crowd quits (their leaves carry no name).
+        names = matrix.names.get(room, {})
+        named = sum(1 for user in crowd if names.get(side.puppet(user.nick)) == user.nick)
         bridge_joined = next(
             (ln.at for ln in crowd[0].lines
              if ln.command == "JOIN" and ln.prefix_nick == side.irc_nick),
@@ -818,12 +932,16 @@ async def measure(
         "ratio": baseline / mirror,
         "baseline_profiles_then_join_seconds": with_profiles,
         "ratio_to_profiles_then_join": with_profiles / mirror,
+        "joined_with_their_nick": named,
+        "baseline_watched_seconds": watched,
+        "ratio_to_watched": watched / mirror,
     }
     print(
         f"   mirror: {mirror:.2f} s from the bridge's JOIN on IRC ({done - asked:.2f} s from "
         f"asking); bare join_many {baseline:.2f} s, ratio {baseline / mirror:.2f} "
         f"(target >= 0.85); sync_profiles + join_many {with_profiles:.2f} s, ratio "
-        f"{with_profiles / mirror:.2f}",
+        f"{with_profiles / mirror:.2f}; join_many into a watched room {watched:.2f} s, ratio "
+        f"{watched / mirror:.2f}; {named} of {args.members} joined with their nick as name",
         flush=True,
     )
 
@@ -855,6 +973,14 @@ async def measure(
         figures["flood"] = await flood(
             side, matrix, irc_port, args.flood_users, args.flood_lines, args.settle
         )
+        fl = figures["flood"]
+        print(
+            f"   flood: {fl['seconds']:.1f} s ({fl['matrix_events']} events; lost / dup / out of "
+            f"order {fl['lost']} / {fl['duplicated']} / {fl['out_of_order']}); the bare loop "
+            f"{fl['bare_seconds']:.1f} s ({fl['bare_events']} events), ratio "
+            f"{fl['ratio_to_bare']:.2f}",
+            flush=True,
+        )
     finally:
         await talker.close()
         await listener.close()
@@ -874,6 +1000,10 @@ def table(results: dict[str, Any]) -> str:
         ("flood lost / dup / out of order", lambda f: "{} / {} / {}".format(
             f["flood"]["lost"], f["flood"]["duplicated"], f["flood"]["out_of_order"])),
         ("flood: all lines on Matrix (s)", lambda f: "{:.1f}".format(f["flood"]["seconds"])),
+        ("bare loop, same events in order (s)", lambda f: "{:.1f}".format(
+            f["flood"]["bare_seconds"])),
+        ("flood speed vs the bare loop", lambda f: "{:.2f}x".format(
+            f["flood"]["ratio_to_bare"])),
         ("mirror of a channel (s)", lambda f: "{:.2f}".format(f["mirror"]["seconds"])),
         ("bare join_many, same count (s)", lambda f: "{:.2f}".format(
             f["mirror"]["baseline_join_many_seconds"])),
@@ -882,6 +1012,11 @@ def table(results: dict[str, Any]) -> str:
             f["mirror"]["baseline_profiles_then_join_seconds"])),
         ("mirror speed vs those two", lambda f: "{:.2f}x".format(
             f["mirror"]["ratio_to_profiles_then_join"])),
+        ("join_many, watched room (s)", lambda f: "{:.2f}".format(
+            f["mirror"]["baseline_watched_seconds"])),
+        ("mirror speed vs that", lambda f: "{:.2f}x".format(f["mirror"]["ratio_to_watched"])),
+        ("mirror: puppets named as their nick", lambda f: "{}".format(
+            f["mirror"]["joined_with_their_nick"])),
         ("peak RSS of the bridge (MB)", lambda f: "{:.0f}".format(f["peak_rss_mb"])),
     ]  # fmt: skip
     names = [n for n in ("heisenbridge", "bridge_kit") if n in results]
@@ -930,6 +1065,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         base = generate_registration("bench_base", None, SERVER, BASE_PREFIX)
         base_registration = work / "base-registration.yaml"
         base.write(base_registration)
+        watch_port = free_port()
+        watch = generate_registration(
+            "bench_watch", f"http://127.0.0.1:{watch_port}", SERVER, WATCH_PREFIX
+        )
+        watch_registration = work / "watch-registration.yaml"
+        watch.write(watch_registration)
         irc_port = free_port()
         ircd = Process(
             "miniircd",
@@ -958,10 +1099,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         async with (
             SynapseServer(
                 work / "synapse",
-                registrations=[hb_registration, bk_registration, base_registration],
+                registrations=[
+                    hb_registration,
+                    bk_registration,
+                    base_registration,
+                    watch_registration,
+                ],
                 server_name=SERVER,
             ) as hs,
             running(ircd),
+            answering_appservice(watch_port),
         ):
             await wait_for_port(irc_port, "miniircd", ircd)
             matrix = await MatrixUser.start(hs)
@@ -973,12 +1120,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         if name == "heisenbridge":
                             await run_heisenbridge(
                                 args, hs, matrix, irc_port, base, work, hb_port, hb_registration,
-                                figures,
+                                figures, watch,
                             )  # fmt: skip
                         else:
                             await run_bridge_kit(
                                 args, hs, matrix, irc_port, base, work, bk_port, bk_registration,
-                                figures,
+                                figures, watch,
                             )  # fmt: skip
                     except BenchError as error:
                         print(f"   error: {error}", flush=True)

@@ -616,6 +616,60 @@ async def test_remote_membership_is_mirrored(homeserver: TestHomeserver, unique:
         assert ghosts == {f"@_bk_toy_bob:{DOMAIN}"}
 
 
+async def test_members_join_once_with_their_names_and_get_their_profiles(
+    homeserver: TestHomeserver, unique: str
+) -> None:
+    """The mirror's joins carry the names, each ghost's global profile is set (before
+    its join: one member event each, no second one from the profile); a rename still
+    shows."""
+    network, chat = ToyNetwork(), f"c{unique}"
+    lobby(network, chat)
+    bridge = make_bridge(homeserver, MemoryStore(), network, chats=(chat,))
+    portal = PortalKey(chat)
+    ghosts = {f"@_bk_toy_bob:{DOMAIN}": "Bob", f"@_bk_toy_carol:{DOMAIN}": "Carol"}
+    async with bridge, human(homeserver, f"h{unique}") as alice:
+        room_id = await alice.join(f"#_bk_toy_{chat}:{DOMAIN}")
+
+        async def profiles() -> dict[str, str] | None:
+            names = {}
+            for user_id in ghosts:
+                try:
+                    reply = await alice.call("GET", f"/profile/{quote(user_id, safe='')}")
+                except MatrixRequestError:
+                    return None  # not registered yet
+                names[user_id] = reply.get("displayname")
+            return names if names == ghosts else None
+
+        await eventually(profiles, "the ghosts' global profiles")
+
+        def member_names(events: list[dict[str, Any]], user_id: str) -> list[str | None]:
+            return [
+                e["content"].get("displayname")
+                for e in events
+                if e["type"] == "m.room.member" and e["state_key"] == user_id
+            ]
+
+        events = await alice.events(room_id)
+        for user_id, name in ghosts.items():
+            assert member_names(events, user_id) == [name]
+        stored = await bridge.app.store.ghosts_among(["bob", "carol"])
+        assert {record.name for record in stored.values()} == {"Bob", "Carol"}
+        # A member known under a new name: the same ghost, renamed in the room.
+        renamed = Sender("bob", "Bobby")
+        await bridge.handle_remote(
+            RemoteMembership(
+                portal=portal, sender=renamed, target=renamed, membership=Membership.JOIN
+            )
+        )
+        bob = f"@_bk_toy_bob:{DOMAIN}"
+
+        async def bobby() -> list[str | None] | None:
+            names = member_names(await alice.events(room_id), bob)
+            return names if names[-1:] == ["Bobby"] else None
+
+        assert await eventually(bobby, "bob's new name") == ["Bob", "Bobby"]
+
+
 async def test_a_banned_ghost_stays_out_and_the_network_hears_of_it(
     homeserver: TestHomeserver, unique: str
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from bridge_kit import AppService
 from bridge_kit.client.homeserver import REGISTER_ENDPOINT, ClientObserver
+from bridge_kit.types.room_state import Member
 from tests.conftest import TestHomeserver, _running_homeserver
 from tests.test_appservice_e2e import make_app
 from tests.test_intent_api import CLIENT, Human, q
@@ -164,6 +165,49 @@ async def test_sync_profiles_sets_what_a_real_user_reads_and_a_rerun_sends_nothi
     assert (changed.updated, changed.skipped_known, requests.total - before) == (1, 29, 1)
     reply = await human.get(f"{CLIENT}/profile/{q(f'@{puppets[0]}:{homeserver.server_name}')}")
     assert reply.get("displayname") == "Renamed"
+
+
+async def test_join_many_sets_member_profiles_first_and_the_joins_carry_them(
+    app: AppService, homeserver: TestHomeserver, human: Human, requests: Requests, unique: str
+) -> None:
+    server = homeserver.server_name
+    room_id = await public_room(human)
+    puppets = [f"_bk_m{unique}_{i}" for i in range(4)]
+    avatar = f"mxc://{server}/avatar{unique}"
+    # One with a name the store knows as set already: no profile request for it.
+    await app.puppets.sync_profiles([(puppets[3], "Known", None)])
+    profiles = {
+        puppets[0]: Member("Zero", None),
+        puppets[1]: Member("One", avatar),
+        puppets[3]: Member("Known", None),
+    }  # puppets[2]: none given, joins with its global profile
+    before = Counter(requests.seen)
+
+    result = await app.puppets.join_many(
+        [(lp, room_id) for lp in puppets], concurrency=4, member_profiles=profiles
+    )
+
+    assert (result.joined, result.failed) == (4, 0), result.summary()
+    sent = requests.seen - before
+    assert sent["PUT", CLIENT + "/profile/{userId}/displayname"] == 2
+    assert sent["PUT", CLIENT + "/profile/{userId}/avatar_url"] == 1
+    state = await human.get(f"{CLIENT}/rooms/{q(room_id)}/state")
+    members = {e["state_key"]: e["content"] for e in state if e["type"] == "m.room.member"}
+    assert members[f"@{puppets[0]}:{server}"].get("displayname") == "Zero"
+    assert members[f"@{puppets[1]}:{server}"].get("avatar_url") == avatar
+    assert members[f"@{puppets[2]}:{server}"].get("displayname") == puppets[2]
+    assert members[f"@{puppets[3]}:{server}"].get("displayname") == "Known"
+    for lp, name in ((puppets[0], "Zero"), (puppets[1], "One")):
+        reply = await human.get(f"{CLIENT}/profile/{q(f'@{lp}:{server}')}")
+        assert reply.get("displayname") == name  # the global profile, set before the join
+    # Stored: a sync of the same profiles sends nothing, and the room-state store
+    # knows each member's name.
+    again = await app.puppets.sync_profiles(
+        [(puppets[0], "Zero", None), (puppets[1], "One", avatar)]
+    )
+    assert (again.skipped_known, again.updated) == (2, 0)
+    member = await app.store.membership(room_id, f"@{puppets[0]}:{server}")
+    assert member is not None and member.displayname == "Zero"
 
 
 async def test_a_room_named_by_alias_and_by_id_is_joined_once(

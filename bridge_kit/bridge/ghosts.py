@@ -58,6 +58,17 @@ class Ghosts:
         connector's ``get_user_info`` once. Only new ghosts and changed names
         are sent to the homeserver, in one bulk run.
         """
+        known, changed = await self.changes(senders)
+        if changed:
+            await self.sync(changed)
+            known |= {record.id: record for record in changed}
+        return known
+
+    async def changes(
+        self, senders: Iterable[Sender]
+    ) -> tuple[dict[str, GhostRecord], list[GhostRecord]]:
+        """The stored ghosts of ``senders``, and the records of those that are new or
+        renamed, not sent yet (:meth:`sync` sends and stores them)."""
         wanted = {sender.id: sender for sender in senders}
         known = await self.app.store.ghosts_among(wanted)
         changed: list[GhostRecord] = []
@@ -66,10 +77,7 @@ class Ghosts:
             update = await self._update(remote_id, sender, record)
             if update is not None:
                 changed.append(update)
-        if changed:
-            await self._sync(changed)
-            known |= {record.id: record for record in changed}
-        return known
+        return known, changed
 
     async def _update(
         self, remote_id: str, sender: Sender, record: GhostRecord | None
@@ -103,9 +111,11 @@ class Ghosts:
             metadata=record.metadata,
         )
         if new != record or remote_id not in known:
-            await self._sync([new])
+            await self.sync([new])
 
-    async def _sync(self, records: list[GhostRecord]) -> None:
+    async def sync(self, records: list[GhostRecord]) -> None:
+        """Register the ghosts and set their profiles (what the store says is set
+        already costs no request); then store the records."""
         items = [(self.localpart(r.id), r.name, r.avatar_mxc) for r in records]
         result = await self.app.puppets.sync_profiles(items)
         if result.failed:

@@ -1,9 +1,10 @@
 """Portals: a remote chat and its room, created on demand, never twice.
 
 A portal's room is made by the bridge's bot with the chat's name, topic and
-``m.bridge`` / ``uk.half-shot.bridge`` state (MSC2346); its members' ghosts get
-their profiles first and then join in bulk (``join_many``), so each join event
-carries the right name and a big chat is mirrored at the homeserver's speed.
+``m.bridge`` / ``uk.half-shot.bridge`` state (MSC2346); its members' ghosts
+join in bulk (``join_many``), each one's profile set right before its join, so
+each join event carries the right name and the joins do not wait for all the
+profiles.
 
 Two guards keep one room per chat, across restarts and across daemons sharing a
 PostgreSQL store: the store's ``claim_portal_room`` (the first room claimed wins;
@@ -38,6 +39,7 @@ from bridge_kit.bridge.records import PortalKey, PortalRecord
 from bridge_kit.errors import Banned, MatrixRequestError, NotFound, UnknownChat
 from bridge_kit.puppets.results import Ban
 from bridge_kit.types.room import CreateRoomRequest, RoomPreset, StateEventInput
+from bridge_kit.types.room_state import Member
 
 __all__ = ["ADOPTION_GRACE", "BRIDGE_STATE_TYPES", "CREATING_ROOM", "Portals", "UnknownChat"]
 
@@ -310,11 +312,21 @@ class Portals:
             await self._leave_others(portal, room_id, members)
         if not members:
             return
-        await self.ghosts.ensure(members)
+        _, changed = await self.ghosts.changes(members)
+        # A new or renamed ghost's profile is set in the same bulk run as the joins,
+        # each ghost's right before its join (not all profiles before the first join),
+        # and its join carries the name too. Before, not after: a profile change of a
+        # member makes the homeserver "join" it again, which brings back a ghost that
+        # left meanwhile.
+        named = {self.ghosts.localpart(r.id): Member(r.name, r.avatar_mxc) for r in changed}
         pairs = [(self.ghosts.localpart(member.id), room_id) for member in members]
         result = await self.app.puppets.join_many(
-            pairs, concurrency=self.app.config.puppets.concurrency
+            pairs, concurrency=self.app.config.puppets.concurrency, member_profiles=named
         )
+        if changed:
+            # Stores the records. What the run set costs no request; a ghost in the room
+            # already (renamed) gets its profile here, and a refused one is tried again.
+            await self.ghosts.sync(changed)
         for ban in result.bans:
             await self._report_ban(portal.key, ban)
         if result.failed:

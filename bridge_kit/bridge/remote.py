@@ -8,6 +8,7 @@ was written is deduplicated by the homeserver.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -119,20 +120,31 @@ class RemoteHandler:
             await self.chat_info(event, portal, room_id)
 
     async def _ghost_in_room(self, event: RemoteEvent, room_id: str) -> Any:
-        await self.ghosts.ensure([event.sender])
         intent = self.ghosts.intent(event.sender.id)
-        await intent.ensure_joined(room_id)
+        # Both reads at once: a known ghost in the room (nearly every message) costs
+        # one round trip to the store, not two.
+        (_, changed), member = await asyncio.gather(
+            self.ghosts.changes([event.sender]), self.app.store.membership(room_id, intent.user_id)
+        )
+        if changed:
+            await self.ghosts.sync(changed)
+        if member is None or member.membership != "join":
+            await intent.ensure_joined(room_id)
         return intent
 
     async def message(self, event: RemoteMessage) -> None:
-        if event.id and await self.app.store.messages(event.portal, event.id):
+        # The two reads at once: a portal's lane sends one message after the other,
+        # so each store round trip it waits for is on every message's path.
+        bridged, portal = await asyncio.gather(self._bridged(event), self.portals.get(event.portal))
+        if bridged:
             return  # bridged before: the message map is the long-term dedup
-        # Members in the background: a big chat takes longer than a handler may run.
-        portal = await self.portals.ensure_room(event.portal, members_later=True)
+        if portal is None or portal.room_id is None:
+            # Members in the background: a big chat takes longer than a handler may run.
+            portal = await self.portals.ensure_room(event.portal, members_later=True)
+            if await self._bridged(event):
+                return  # a new room's backfill brought it just now
         room_id = portal.room_id
         assert room_id is not None  # ensure_room made it
-        if event.id and await self.app.store.messages(event.portal, event.id):
-            return  # a new room's backfill brought it just now
         intent = await self._ghost_in_room(event, room_id)
         reply_to = await self._event_of(event, event.reply_to)
         content = message_content(event, reply_to)
@@ -151,6 +163,9 @@ class RemoteHandler:
                 timestamp=event.timestamp or time.time(),
             )
             await self.app.store.put_messages([record])
+
+    async def _bridged(self, event: RemoteMessage) -> bool:
+        return bool(event.id) and bool(await self.app.store.messages(event.portal, event.id))
 
     async def _media_content(
         self, intent: Any, event: RemoteMessage, content: dict[str, Any]

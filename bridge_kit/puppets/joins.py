@@ -34,6 +34,7 @@ from bridge_kit.intent.state_store import membership_event
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
 from bridge_kit.puppets.engine import BulkEngine, BulkJob, Dispatch, Stage
+from bridge_kit.puppets.profiles import PROFILE, PROFILE_ENDPOINTS, profile_body
 from bridge_kit.puppets.results import JoinResult, ProblemCallback, RunProgress, describe_failure
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
@@ -100,6 +101,36 @@ class _Resolved(NamedTuple):
     reason: str | None
 
 
+class _Profile(Stage):
+    """Set the puppet's profile fields that differ from the store's, right before its join."""
+
+    family = PROFILE
+
+    def __init__(self, run: JoinRun) -> None:
+        self._run = run
+        self._request = run.client.request
+
+    async def send(self, item: _Pair) -> bool:
+        run = self._run
+        path = f"{_CLIENT}/profile/{quote_segment(item.user_id)}"
+        for field, value in run.profile_fields.pop(item.user_id, ()):
+            try:
+                await self._request(
+                    "PUT",
+                    f"{path}/{field}",
+                    body=profile_body(field, value),
+                    user_id=item.user_id,
+                    endpoint=PROFILE_ENDPOINTS[field],
+                )
+            except UnknownToken:
+                raise
+            except (MatrixRequestError, UnexpectedReply) as error:
+                run.failed(item.key, f"setting {field}: {describe_failure(error)}")
+                return False
+            run.profiles_set.append((item.user_id, field, value))
+        return True
+
+
 class _Join(Stage):
     """Join as the puppet; on 403, have the bot let it in and join again."""
 
@@ -133,10 +164,16 @@ class _Join(Stage):
 
     async def _join(self, item: _Pair) -> None:
         query = {"via": list(item.via), "server_name": list(item.via)} if item.via else None
+        profile = self._run.member_profiles.get(item.localpart)
+        body = (
+            MembershipRequest()
+            if profile is None
+            else MembershipRequest(displayname=profile.displayname, avatar_url=profile.avatar_url)
+        )
         await self._request(
             "POST",
             f"{_CLIENT}/join/{quote_segment(item.room_id)}",
-            body=MembershipRequest(),
+            body=body,
             query=query,
             user_id=item.user_id,
             endpoint=_JOIN_ENDPOINT,
@@ -170,6 +207,9 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
     ``bot`` returns the appservice's bot (resolving aliases, letting refused
     puppets in); without it a refused join fails and aliases cannot be used.
     ``unban``: the bot lifts a puppet's ban (off by default: moderators decide).
+    ``member_profiles``: the name and avatar a puppet (by localpart) joins with; the
+    fields the store does not know as set are set as its global profile first (a
+    stage between registering and joining), and its member event carries them.
     """
 
     def __init__(
@@ -185,9 +225,11 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         total: int | None,
         on_problem: ProblemCallback | None = None,
         unban: bool = False,
+        member_profiles: Mapping[str, Member] | None = None,
     ) -> None:
         self.client = client
         self.unban = unban
+        self.member_profiles: Mapping[str, Member] = member_profiles or {}
         self.store = store
         self.registration = registration
         self.domain = domain
@@ -196,12 +238,16 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         self.on_problem = on_problem
         self.result = JoinResult()
         self.confirmed: list[tuple[str, str]] = []  # (room_id, user_id) joined, not yet stored
+        #: The profile fields to set per puppet (user ID), and those set, not yet stored.
+        self.profile_fields: dict[str, tuple[tuple[str, str], ...]] = {}
+        self.profiles_set: list[tuple[str, str, str | None]] = []
         self._seen = SeenSet()
         self._aliases: dict[str, _Resolved] = {}
         self._puppet_problems: dict[str, str | None] = {}
         self._room_problems: dict[str, str | None] = {}
         self._registering = RegisterStage(client, store, self._puppet_refused)
-        self._stages = (self._registering, _Join(self))
+        profile = (_Profile(self),) if self.member_profiles else ()
+        self._stages: tuple[Stage, ...] = (self._registering, *profile, _Join(self))
         self.engine = BulkEngine(client, self, concurrency=concurrency, progress=progress)
 
     @property
@@ -248,10 +294,27 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
         if not waiting:
             return
         registered = await self.store.registered_among({p.user_id for p in waiting})
+        if self.member_profiles:
+            await self._profile_changes(waiting)
         registering = self._registering
         for pair in waiting:
             known = pair.user_id in registered or registering.knows(pair.user_id)
-            await dispatch(1 if known else 0, pair)
+            # A registered puppet with no profile to set goes straight to its join.
+            profile = pair.user_id in self.profile_fields
+            await dispatch(0 if not known else 1 if profile else len(self._stages) - 1, pair)
+
+    async def _profile_changes(self, waiting: list[_Pair]) -> None:
+        """Note the profile fields of ``waiting``'s puppets that the store does not know
+        as set (once per puppet: its first pair sets them)."""
+        given = self.member_profiles
+        users = {p.user_id: given[p.localpart] for p in waiting if p.localpart in given}
+        stored = await self.store.profiles_among(users)
+        for user_id, member in users.items():
+            have = stored.get(user_id, {})
+            wanted = (("displayname", member.displayname), ("avatar_url", member.avatar_url))
+            fields = tuple((f, v) for f, v in wanted if v and have.get(f) != v)
+            if fields and user_id not in self.profile_fields:
+                self.profile_fields[user_id] = fields
 
     def _screen(self, chunk: list[tuple[str, str]]) -> tuple[list[tuple[str, str, str]], list[str]]:
         """The new, valid pairs of ``chunk`` as (user_id, localpart, room), and the aliases
@@ -348,6 +411,14 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
 
     async def flush(self) -> None:
         await self._registering.flush()
+        profiles = self.profiles_set[:]
+        del self.profiles_set[:]
+        if profiles:
+            try:
+                await self.store.set_profiles(profiles)
+            except BaseException:
+                self.profiles_set.extend(profiles)
+                raise
         batch = self.confirmed[:]
         del self.confirmed[:]
         if not batch:
@@ -360,14 +431,18 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
 
     async def _record(self, batch: list[tuple[str, str]]) -> None:
         """Record the joins in the room-state store, with the profile this bridge set
-        (as ``Intent.join_room`` does: the homeserver puts it in the member event)."""
-        profiles = await self.store.profiles_among({user for _, user in batch})
+        (as ``Intent.join_room`` does: the homeserver puts it in the member event), or
+        the one the join gave."""
+        given = {f"@{lp}:{self.domain}": member for lp, member in self.member_profiles.items()}
+        profiles = await self.store.profiles_among({u for _, u in batch if u not in given})
         by_room: dict[str, list[str]] = {}
         for room_id, user_id in batch:
             by_room.setdefault(room_id, []).append(user_id)
         for room_id, users in by_room.items():
             events = [
-                membership_event(room_id, user, user, "join", _member(profiles.get(user)))
+                membership_event(
+                    room_id, user, user, "join", given.get(user) or _member(profiles.get(user))
+                )
                 for user in users
             ]
             await self.store.apply_state(room_id, events)
@@ -375,6 +450,8 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
     def family_of(self, method: str, endpoint: str) -> str | None:
         if endpoint == REGISTER_ENDPOINT:
             return REGISTER
+        if self.member_profiles and method == "PUT" and endpoint in PROFILE_ENDPOINTS.values():
+            return PROFILE
         return JOIN if method == "POST" and endpoint in _JOIN_FAMILY else None
 
     def snapshot(self, elapsed: float, limiters: Mapping[str, AimdLimiter]) -> RunProgress:

@@ -29,7 +29,7 @@ from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate
 
-__all__ = ["PROFILE", "ProfileRun"]
+__all__ = ["PROFILE", "PROFILE_ENDPOINTS", "ProfileRun", "profile_body"]
 
 #: The endpoint family of profile updates.
 PROFILE: Final = "profile"
@@ -38,6 +38,15 @@ _ENDPOINTS: Final = {
     "displayname": _CLIENT + "/profile/{userId}/displayname",
     "avatar_url": _CLIENT + "/profile/{userId}/avatar_url",
 }
+#: The profile endpoints, by field (``displayname``, ``avatar_url``).
+PROFILE_ENDPOINTS: Final = _ENDPOINTS
+
+
+def profile_body(field: str, value: str) -> DisplaynameUpdate | AvatarUrlUpdate:
+    """The body of a ``PUT`` of one profile field."""
+    return DisplaynameUpdate(value) if field == "displayname" else AvatarUrlUpdate(value)
+
+
 _MAX_FIELD_BYTES: Final = 65_536  # no profile field comes near this; a bigger one is a mistake
 
 #: (localpart, displayname, avatar_mxc): the input items.
@@ -65,7 +74,7 @@ class _SetProfile(Stage):
         run, result = self._run, self._run.result
         path = f"{_CLIENT}/profile/{quote_segment(item.user_id)}"
         for field, value in item.fields:
-            body = DisplaynameUpdate(value) if field == "displayname" else AvatarUrlUpdate(value)
+            body = profile_body(field, value)
             try:
                 await self._request(
                     "PUT",

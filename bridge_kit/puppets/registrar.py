@@ -11,7 +11,7 @@ through :meth:`~PuppetRegistrar.register_many`, which hands them to a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Callable, Iterable, Sized
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sized
 from typing import TYPE_CHECKING, Any
 
 from bridge_kit.client.homeserver import HomeserverClient
@@ -40,6 +40,7 @@ from bridge_kit.puppets.results import (
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.register import RegisterRequest
+from bridge_kit.types.room_state import Member
 
 if TYPE_CHECKING:
     from bridge_kit.intent import Intent
@@ -184,6 +185,7 @@ class PuppetRegistrar:
         total: int | None = None,
         on_problem: ProblemCallback | None = None,
         unban: bool = False,
+        member_profiles: Mapping[str, Member] | None = None,
     ) -> JoinResult:
         """Join puppets to rooms, streaming ``(localpart, room_id_or_alias)`` pairs.
 
@@ -193,7 +195,11 @@ class PuppetRegistrar:
         puppet when it has no membership in a room entered by invite, as
         :meth:`Intent.ensure_joined` does. A banned puppet fails with the ban
         (counted in ``result.banned``, the errors in ``result.bans``) unless
-        ``unban=True``; any other refusal fails as it came. Each
+        ``unban=True``; any other refusal fails as it came. A puppet in
+        ``member_profiles`` (localpart → :class:`Member`) gets that name and avatar
+        as its global profile right before its join (only the fields the store does
+        not know as set; a ``profile`` stage with its own limit), and its member
+        event carries them. Each
         alias is resolved once per run. Every join is recorded in the store, so a
         re-run, or a resume after a crash, sends nothing for work already done.
 
@@ -215,6 +221,7 @@ class PuppetRegistrar:
             total=_length(pairs, total),
             on_problem=on_problem,
             unban=unban,
+            member_profiles=member_profiles,
         )
         await self._execute(run, pairs)
         return run.result

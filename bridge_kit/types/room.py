@@ -100,9 +100,13 @@ class SendEventResponse:
 
 @attrs.frozen
 class MembershipRequest:
-    """The body of ``/leave`` and ``/join``: an optional ``reason``."""
+    """The body of ``/leave`` and ``/join``: an optional ``reason``; a join's
+    ``displayname`` and ``avatar_url`` go into its member event (Synapse puts the
+    global profile there only for what the body leaves out)."""
 
     reason: str | None = None
+    displayname: str | None = None
+    avatar_url: str | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
 
