@@ -172,7 +172,23 @@ async def serve(app: AppService | Job) -> int:
 
 
 async def _serve_app(app: AppService, stop: StopSignals) -> int:
-    started = asyncio.ensure_future(app.start())
+    return await serve_until_stopped(
+        app.start,
+        app.stop,
+        stop,
+        lambda: log.info("%s is ready as %s", app.registration.id, app.bot.user_id),
+    )
+
+
+async def serve_until_stopped(
+    start: Callable[[], Awaitable[object]],
+    finish: Callable[[], Awaitable[object]],
+    stop: StopSignals,
+    ready: Callable[[], None],
+) -> int:
+    """Start, say ``ready``, serve until ``stop`` fires, then ``finish``: the daemon's
+    life, for an :class:`AppService` or anything built on one (a bridge)."""
+    started = asyncio.ensure_future(start())
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -187,9 +203,9 @@ async def _serve_app(app: AppService, stop: StopSignals) -> int:
         return ExitCode.OK
     started.result()  # a failed start raises here
     try:
-        log.info("%s is ready as %s", app.registration.id, app.bot.user_id)
+        ready()
         await stop.wait()
         log.info("stopping: finishing in-flight work and flushing the store")
     finally:
-        await app.stop()
+        await finish()
     return ExitCode.OK

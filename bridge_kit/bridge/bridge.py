@@ -12,13 +12,12 @@ or ``async with bridge:`` (tests, or a program with its own loop).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from types import TracebackType
 
 from aiohttp import web
 
-from bridge_kit.app.runner import StopSignals, run_app
+from bridge_kit.app.runner import StopSignals, run_app, serve_until_stopped
 from bridge_kit.app.service import AppService
 from bridge_kit.bridge.builtin_commands import add_builtin_commands
 from bridge_kit.bridge.connector import NetworkConnector
@@ -271,23 +270,8 @@ class Bridge(BridgeCore):
         return run_app(self._serve)
 
     async def _serve(self, stop: StopSignals) -> int:
-        # A stop asked for while starting (the homeserver does not answer) cancels the start.
-        started = asyncio.ensure_future(self.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not started.done():
-            started.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await started
-            return 0
-        started.result()  # a failed start raises here
-        try:
-            log.info("%s bridge is ready as %s", self.connector.display_name, self.app.bot.user_id)
-            await stop.wait()
-            log.info("stopping: finishing in-flight work and flushing the store")
-        finally:
-            await self.stop()
-        return 0
+        def ready() -> None:
+            name, bot = self.connector.display_name, self.app.bot.user_id
+            log.info("%s bridge is ready as %s", name, bot)
+
+        return await serve_until_stopped(self.start, self.stop, stop, ready)

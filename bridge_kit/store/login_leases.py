@@ -10,63 +10,61 @@ SQLite) grants every lease that this process does not hold already
 
 from __future__ import annotations
 
-import abc
+from typing import Protocol
 
-__all__ = ["LocalLeases", "LoginLease"]
+__all__ = ["LeaseKeeper", "LocalLeases", "LoginLease"]
 
 
-class LoginLease(abc.ABC):
+class LeaseKeeper(Protocol):
+    """What hands leases out (:class:`LocalLeases`, PostgreSQL's advisory locks)."""
+
+    def holds(self, lease: LoginLease) -> bool:
+        """Whether ``lease`` still holds."""
+
+    async def release(self, lease: LoginLease) -> None:
+        """Let ``lease`` go (nothing happens if it does not hold)."""
+
+
+class LoginLease:
     """The right to connect one login, held by this process until released or lost."""
 
-    def __init__(self, login_id: str) -> None:
+    def __init__(self, keeper: LeaseKeeper, login_id: str) -> None:
+        self._keeper = keeper
         self.login_id = login_id
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.login_id!r}, held={self.held})"
 
     @property
-    @abc.abstractmethod
     def held(self) -> bool:
         """False once released, or once the store found the lease lost (its database
         connection died: another daemon may hold it now)."""
+        return self._keeper.holds(self)
 
-    @abc.abstractmethod
     async def release(self) -> None:
         """Let go (nothing happens if it is not held any more)."""
+        await self._keeper.release(self)
 
 
 class LocalLeases:
     """Leases of a store one process works on: granted unless held here already."""
 
     def __init__(self) -> None:
-        self._held: dict[str, _LocalLease] = {}
+        self._held: dict[str, LoginLease] = {}
 
     def take(self, login_id: str) -> LoginLease | None:
         if login_id in self._held:
             return None
-        lease = self._held[login_id] = _LocalLease(self, login_id)
+        lease = self._held[login_id] = LoginLease(self, login_id)
         return lease
 
-    def holds(self, lease: _LocalLease) -> bool:
+    def holds(self, lease: LoginLease) -> bool:
         return self._held.get(lease.login_id) is lease
 
-    def drop(self, lease: _LocalLease) -> None:
+    async def release(self, lease: LoginLease) -> None:
         if self.holds(lease):
             del self._held[lease.login_id]
 
     def clear(self) -> None:
         """Every lease lets go (the store closed)."""
         self._held.clear()
-
-
-class _LocalLease(LoginLease):
-    def __init__(self, leases: LocalLeases, login_id: str) -> None:
-        super().__init__(login_id)
-        self._leases = leases
-
-    @property
-    def held(self) -> bool:
-        return self._leases.holds(self)
-
-    async def release(self) -> None:
-        self._leases.drop(self)

@@ -54,10 +54,10 @@ class PostgresLeases:
         self._errors = errors
         self._check_timeout = check_timeout
         self._conn: Any = None
-        self._held: dict[str, _PostgresLease] = {}
+        self._held: dict[str, LoginLease] = {}
         self._lock = asyncio.Lock()
 
-    def holds(self, lease: _PostgresLease) -> bool:
+    def holds(self, lease: LoginLease) -> bool:
         return self._held.get(lease.login_id) is lease
 
     async def take(self, login_id: str) -> LoginLease | None:
@@ -72,10 +72,10 @@ class PostgresLeases:
                 )
             if not taken:
                 return None
-            lease = self._held[login_id] = _PostgresLease(self, login_id)
+            lease = self._held[login_id] = LoginLease(self, login_id)
             return lease
 
-    async def release(self, lease: _PostgresLease) -> None:
+    async def release(self, lease: LoginLease) -> None:
         async with self._lock:
             if not self.holds(lease):
                 return
@@ -125,16 +125,3 @@ class PostgresLeases:
                 await asyncio.wait_for(conn.close(), self._check_timeout)
             except Exception:
                 conn.terminate()
-
-
-class _PostgresLease(LoginLease):
-    def __init__(self, leases: PostgresLeases, login_id: str) -> None:
-        super().__init__(login_id)
-        self._leases = leases
-
-    @property
-    def held(self) -> bool:
-        return self._leases.holds(self)
-
-    async def release(self) -> None:
-        await self._leases.release(self)
