@@ -34,7 +34,7 @@ from bridge_kit.intent.state_store import membership_event
 from bridge_kit.puppets._concurrency import AimdLimiter, SeenSet
 from bridge_kit.puppets.bulk import REGISTER, RegisterStage, puppet_problem
 from bridge_kit.puppets.engine import BulkEngine, BulkJob, Dispatch, Stage
-from bridge_kit.puppets.profiles import PROFILE, PROFILE_ENDPOINTS, profile_body
+from bridge_kit.puppets.profiles import PROFILE, is_profile_update, put_profile_field
 from bridge_kit.puppets.results import JoinResult, ProblemCallback, RunProgress, describe_failure
 from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
@@ -108,24 +108,13 @@ class _Profile(Stage):
 
     def __init__(self, run: JoinRun) -> None:
         self._run = run
-        self._request = run.client.request
 
     async def send(self, item: _Pair) -> bool:
         run = self._run
-        path = f"{_CLIENT}/profile/{quote_segment(item.user_id)}"
         for field, value in run.profile_fields.pop(item.user_id, ()):
-            try:
-                await self._request(
-                    "PUT",
-                    f"{path}/{field}",
-                    body=profile_body(field, value),
-                    user_id=item.user_id,
-                    endpoint=PROFILE_ENDPOINTS[field],
-                )
-            except UnknownToken:
-                raise
-            except (MatrixRequestError, UnexpectedReply) as error:
-                run.failed(item.key, f"setting {field}: {describe_failure(error)}")
+            failure = await put_profile_field(run.client, item.user_id, field, value)
+            if failure is not None:
+                run.failed(item.key, failure)
                 return False
             run.profiles_set.append((item.user_id, field, value))
         return True
@@ -450,7 +439,7 @@ class JoinRun(BulkJob[tuple[str, str], JoinResult]):
     def family_of(self, method: str, endpoint: str) -> str | None:
         if endpoint == REGISTER_ENDPOINT:
             return REGISTER
-        if self.member_profiles and method == "PUT" and endpoint in PROFILE_ENDPOINTS.values():
+        if self.member_profiles and is_profile_update(method, endpoint):
             return PROFILE
         return JOIN if method == "POST" and endpoint in _JOIN_FAMILY else None
 

@@ -29,7 +29,7 @@ from bridge_kit.registration import Registration
 from bridge_kit.store.base import Store
 from bridge_kit.types.room import AvatarUrlUpdate, DisplaynameUpdate
 
-__all__ = ["PROFILE", "PROFILE_ENDPOINTS", "ProfileRun", "profile_body"]
+__all__ = ["PROFILE", "ProfileRun", "is_profile_update", "put_profile_field"]
 
 #: The endpoint family of profile updates.
 PROFILE: Final = "profile"
@@ -38,13 +38,27 @@ _ENDPOINTS: Final = {
     "displayname": _CLIENT + "/profile/{userId}/displayname",
     "avatar_url": _CLIENT + "/profile/{userId}/avatar_url",
 }
-#: The profile endpoints, by field (``displayname``, ``avatar_url``).
-PROFILE_ENDPOINTS: Final = _ENDPOINTS
 
 
-def profile_body(field: str, value: str) -> DisplaynameUpdate | AvatarUrlUpdate:
-    """The body of a ``PUT`` of one profile field."""
-    return DisplaynameUpdate(value) if field == "displayname" else AvatarUrlUpdate(value)
+def is_profile_update(method: str, endpoint: str) -> bool:
+    """Whether a request (method, endpoint template) sets a profile field."""
+    return method == "PUT" and endpoint in _ENDPOINTS.values()
+
+
+async def put_profile_field(
+    client: HomeserverClient, user_id: str, field: str, value: str
+) -> str | None:
+    """``PUT`` one profile field (``displayname``, ``avatar_url``) as the puppet; what
+    went wrong, in a line, or None. :class:`UnknownToken` is raised: nothing can work."""
+    body = DisplaynameUpdate(value) if field == "displayname" else AvatarUrlUpdate(value)
+    path = f"{_CLIENT}/profile/{quote_segment(user_id)}/{field}"
+    try:
+        await client.request("PUT", path, body=body, user_id=user_id, endpoint=_ENDPOINTS[field])
+    except UnknownToken:
+        raise
+    except (MatrixRequestError, UnexpectedReply) as error:
+        return f"setting {field}: {describe_failure(error)}"
+    return None
 
 
 _MAX_FIELD_BYTES: Final = 65_536  # no profile field comes near this; a bigger one is a mistake
@@ -68,25 +82,13 @@ class _SetProfile(Stage):
 
     def __init__(self, run: ProfileRun) -> None:
         self._run = run
-        self._request = run.client.request
 
     async def send(self, item: _Change) -> bool:
         run, result = self._run, self._run.result
-        path = f"{_CLIENT}/profile/{quote_segment(item.user_id)}"
         for field, value in item.fields:
-            body = profile_body(field, value)
-            try:
-                await self._request(
-                    "PUT",
-                    f"{path}/{field}",
-                    body=body,
-                    user_id=item.user_id,
-                    endpoint=_ENDPOINTS[field],
-                )
-            except UnknownToken:
-                raise
-            except (MatrixRequestError, UnexpectedReply) as error:
-                run.failed(item.localpart, f"setting {field}: {describe_failure(error)}")
+            failure = await put_profile_field(run.client, item.user_id, field, value)
+            if failure is not None:
+                run.failed(item.localpart, failure)
                 return False
             if field == "displayname":
                 result.displaynames_set += 1
@@ -204,7 +206,7 @@ class ProfileRun(BulkJob[ProfileItem, ProfileResult]):
     def family_of(self, method: str, endpoint: str) -> str | None:
         if endpoint == REGISTER_ENDPOINT:
             return REGISTER
-        return PROFILE if method == "PUT" and endpoint in _ENDPOINTS.values() else None
+        return PROFILE if is_profile_update(method, endpoint) else None
 
     def snapshot(self, elapsed: float, limiters: Mapping[str, AimdLimiter]) -> RunProgress:
         result = self.result
